@@ -1,0 +1,55 @@
+# lorakit: dataset-to-LoRA build.
+#
+#   make demo                 run the whole flow on the bundled example (examples/tiny-dataset)
+#   make test                 build everything and run all tests
+#   make DATA=dir OUT=dir metadata   merge captions + tags and clean them for your folder
+#
+# Stage targets depend on the manifests the tools write (`<output>.manifest.json`), never on
+# one rule per image: the tools themselves decide per item what is up to date.
+
+SHELL      := /bin/bash
+CARGO      ?= cargo
+PROFILE    ?= debug
+BIN        := target/$(PROFILE)
+DATA       ?= $(OUT)/dataset
+OUT        ?= out/demo
+EXAMPLE    := examples/tiny-dataset
+FULL_PATH  ?= --full_path
+CAPTION_EXT ?= .caption
+TAG_EXT    ?= .txt
+
+CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)
+
+.PHONY: all build test demo metadata clean-out setup
+
+all: build
+
+build:
+	$(CARGO) build --workspace --bins $(CARGO_PROFILE_FLAG)
+
+test:
+	$(CARGO) build --workspace --bins
+	$(CARGO) test --workspace
+
+# The demo copies the bundled example into $(OUT)/dataset so the repository stays untouched.
+demo: build
+	@mkdir -p "$(OUT)"
+	@if [ ! -d "$(OUT)/dataset" ]; then mkdir -p "$(OUT)/dataset" && cp "$(EXAMPLE)"/* "$(OUT)/dataset/"; fi
+	$(MAKE) --no-print-directory metadata DATA="$(OUT)/dataset" OUT="$(OUT)"
+	@echo
+	@echo "demo finished: metadata in $(OUT)/meta_clean.json (manifest: $(OUT)/meta_clean.json.manifest.json)"
+
+metadata: $(OUT)/meta_clean.json
+
+$(OUT)/meta_cap.json: build
+	@mkdir -p "$(OUT)"
+	"$(BIN)/merge-captions" "$(DATA)" "$@" $(FULL_PATH) --caption_extension $(CAPTION_EXT)
+
+$(OUT)/meta_cap_dd.json: $(OUT)/meta_cap.json
+	"$(BIN)/merge-tags" "$(DATA)" "$@" --in_json "$<" $(FULL_PATH) --caption_extension $(TAG_EXT)
+
+$(OUT)/meta_clean.json: $(OUT)/meta_cap_dd.json
+	"$(BIN)/clean-captions" "$<" "$@"
+
+clean-out:
+	rm -rf "$(OUT)"

@@ -1,0 +1,80 @@
+//! Command-line pieces shared by every tool.
+
+use clap::Args;
+
+/// Output verbosity flags every tool accepts.
+#[derive(Debug, Clone, Default, Args)]
+#[command(rename_all = "snake_case")]
+pub struct LogArgs {
+    /// Print only errors (no progress, no summary lines from the library).
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+    /// Print detailed per-item logs.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
+}
+
+impl LogArgs {
+    /// Installs the `tracing` subscriber on stderr at the chosen level (`RUST_LOG` overrides).
+    pub fn init(&self) {
+        let level = if self.quiet {
+            "error"
+        } else if self.verbose {
+            "debug"
+        } else {
+            "info"
+        };
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .without_time()
+            .try_init();
+    }
+}
+
+/// Positional arguments and flags shared by `merge-captions` and `merge-tags`.
+#[derive(Debug, Clone, Args)]
+#[command(rename_all = "snake_case")]
+pub struct MergeArgs {
+    /// Folder of training images.
+    pub train_data_dir: std::path::PathBuf,
+    /// Metadata JSON to write.
+    pub out_json: std::path::PathBuf,
+    /// Metadata JSON to start from (default: OUT_JSON when it exists, updated in place).
+    #[arg(long)]
+    pub in_json: Option<std::path::PathBuf>,
+    /// Key images by their path (folder as given + file name) instead of their file stem.
+    #[arg(long)]
+    pub full_path: bool,
+    /// Also search subfolders (requires --full_path).
+    #[arg(long)]
+    pub recursive: bool,
+    /// Print every merged entry.
+    #[arg(long)]
+    pub debug: bool,
+}
+
+impl MergeArgs {
+    /// The library options for a merge of `field` from `extension` files.
+    pub fn into_options(
+        self,
+        caption_extension: String,
+        field: crate::merge::SidecarField,
+        quiet: bool,
+    ) -> crate::merge::MergeOptions {
+        crate::merge::MergeOptions {
+            train_data_dir: self.train_data_dir,
+            out_json: self.out_json,
+            in_json: self.in_json,
+            caption_extension,
+            full_path: self.full_path,
+            recursive: self.recursive,
+            debug: self.debug,
+            quiet,
+            field,
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! lorakit pipeline: the shared library behind every lorakit tool.
+//!
+//! Each executable under `tools/` parses its sd-scripts-style arguments and calls one `run`
+//! function here. Formats (metadata JSON, manifests, caches), image handling, models and training
+//! all live in this crate so that every format has exactly one implementation.
+
+pub mod clean;
+pub mod cli;
+pub mod dataset;
+pub mod error;
+pub mod fsio;
+pub mod hashing;
+pub mod manifest;
+pub mod merge;
+pub mod metadata;
+pub mod report;
+pub mod schema;
+
+pub use error::{Error, Result};

@@ -1,0 +1,28 @@
+//! `merge-tags`: tag files (`.txt`) → metadata JSON, as sd-scripts'
+//! `finetune/merge_dd_tags_to_metadata.py`.
+
+use clap::Parser;
+use lorakit_pipeline::cli::{LogArgs, MergeArgs};
+use lorakit_pipeline::merge::{merge_sidecars, SidecarField};
+
+/// Merge tag sidecar files into a metadata JSON (sd-scripts merge_dd_tags_to_metadata.py).
+#[derive(Parser)]
+#[command(version, rename_all = "snake_case")]
+struct Args {
+    #[command(flatten)]
+    merge: MergeArgs,
+    /// Extension of tag files.
+    #[arg(long, default_value = ".txt")]
+    caption_extension: String,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    args.log.init();
+    let options =
+        args.merge
+            .into_options(args.caption_extension, SidecarField::Tags, args.log.quiet);
+    lorakit_pipeline::report::run("merge-tags", || merge_sidecars(&options))
+}
