@@ -15,5 +15,6 @@ pub mod merge;
 pub mod metadata;
 pub mod report;
 pub mod schema;
+pub mod tokenize;
 
 pub use error::{Error, Result};
