@@ -92,6 +92,15 @@ impl TokenChunks {
         self.ids.len() / CHUNK_LEN
     }
 
+    /// Weights of the body positions in stitched order (`75n` values: positions 1..=75 of
+    /// each chunk), as multiplied into the stitched hidden states.
+    pub fn body_weights(&self) -> Vec<f32> {
+        self.weights
+            .chunks(CHUNK_LEN)
+            .flat_map(|chunk| chunk[1..CHUNK_LEN - 1].iter().copied())
+            .collect()
+    }
+
     /// True when every weight is 1 (plain captions).
     pub fn is_unweighted(&self) -> bool {
         self.weights.iter().all(|&w| w == 1.0)

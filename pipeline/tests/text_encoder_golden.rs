@@ -3,8 +3,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
-use lorakit_pipeline::tokenize::{ClipTokenizer, MaxTokenLength, Padding};
+use candle_core::{DType, Device, Tensor};
+use lorakit_pipeline::models::clip::{apply_weights, encode_sd};
+use lorakit_pipeline::models::text_encoders::{
+    load_text_encoders, TextEncoderFamily, TextEncoders,
+};
+use lorakit_pipeline::tokenize::{ClipTokenizer, MaxTokenLength, Padding, TokenChunks};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
@@ -72,6 +78,87 @@ fn token_ids_match_sd_scripts_for_every_caption() {
             let weights: Vec<f64> = weighted.weights.iter().map(|&w| f64::from(w)).collect();
             let (expected, _) = golden(&format!("{name}__weights_{length}"));
             assert_eq!(weights, expected, "weights of {name} at {length}");
+        }
+    }
+}
+
+fn encoders() -> &'static TextEncoders {
+    static ENCODERS: OnceLock<TextEncoders> = OnceLock::new();
+    ENCODERS.get_or_init(|| {
+        load_text_encoders(
+            &fixtures().join("sd15-tiny/model.safetensors"),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    })
+}
+
+fn ids_tensor(chunks: &TokenChunks) -> Tensor {
+    Tensor::from_vec(chunks.ids.clone(), (1, chunks.chunks(), 77), &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(actual: &Tensor, expected: &[f64]) -> f64 {
+    let actual: Vec<f32> = actual.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(actual.len(), expected.len());
+    actual
+        .iter()
+        .zip(expected)
+        .map(|(a, e)| (f64::from(*a) - e).abs())
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn hidden_states_match_sd_scripts() {
+    let encoders = encoders();
+    assert_eq!(encoders.family, TextEncoderFamily::Sd1);
+    let tokenizer = tokenizer();
+    let mut worst: f64 = 0.0;
+    for (name, caption) in captions() {
+        for length in [75, 225] {
+            let chunks = tokenizer
+                .tokenize(&caption, MaxTokenLength::new(length).unwrap())
+                .unwrap();
+            for clip_skip in [1, 2] {
+                let hidden =
+                    encode_sd(&encoders.encoders[0], &ids_tensor(&chunks), clip_skip).unwrap();
+                let (expected, shape) =
+                    golden(&format!("{name}__hidden_{length}_clipskip{clip_skip}"));
+                assert_eq!(hidden.dims()[1..], [shape[0] as usize, shape[1] as usize]);
+                let diff = max_abs_diff(&hidden, &expected);
+                assert!(
+                    diff <= 1e-4,
+                    "{name} L{length} skip{clip_skip}: max abs {diff}"
+                );
+                worst = worst.max(diff);
+            }
+        }
+    }
+    eprintln!("worst max abs difference: {worst:e}");
+}
+
+#[test]
+fn weighted_hidden_states_match_sd_scripts() {
+    let encoders = encoders();
+    let tokenizer = tokenizer();
+    let caption = &captions()["weighted"];
+    for length in [75, 225] {
+        let chunks = tokenizer
+            .tokenize_weighted(caption, MaxTokenLength::new(length).unwrap())
+            .unwrap();
+        for clip_skip in [1, 2] {
+            let hidden = encode_sd(&encoders.encoders[0], &ids_tensor(&chunks), clip_skip).unwrap();
+            let weights =
+                Tensor::from_vec(chunks.body_weights(), (1, length), &Device::Cpu).unwrap();
+            let weighted = apply_weights(&hidden, &weights).unwrap();
+            let (expected, _) = golden(&format!(
+                "weighted__weighted_hidden_{length}_clipskip{clip_skip}"
+            ));
+            let diff = max_abs_diff(&weighted, &expected);
+            assert!(
+                diff <= 1e-4,
+                "weighted L{length} skip{clip_skip}: max abs {diff}"
+            );
         }
     }
 }
