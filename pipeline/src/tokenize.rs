@@ -201,6 +201,11 @@ impl ClipTokenizer {
         &self.files_hash
     }
 
+    /// The id of EOS.
+    pub fn eos_id(&self) -> u32 {
+        self.eos
+    }
+
     /// The padding rule.
     pub fn padding(&self) -> Padding {
         self.padding
