@@ -4,6 +4,7 @@
 //! function here. Formats (metadata JSON, manifests, caches), image handling, models and training
 //! all live in this crate so that every format has exactly one implementation.
 
+pub mod caption_text;
 pub mod clean;
 pub mod cli;
 pub mod dataset;
@@ -13,8 +14,11 @@ pub mod hashing;
 pub mod manifest;
 pub mod merge;
 pub mod metadata;
+pub mod models;
 pub mod report;
 pub mod schema;
 pub mod shard;
+pub mod te_cache;
+pub mod tokenize;
 
 pub use error::{Error, Result};
