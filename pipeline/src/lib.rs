@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod error;
 pub mod fsio;
 pub mod hashing;
+pub mod imaging;
 pub mod manifest;
 pub mod merge;
 pub mod metadata;
