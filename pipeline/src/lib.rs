@@ -4,6 +4,7 @@
 //! function here. Formats (metadata JSON, manifests, caches), image handling, models and training
 //! all live in this crate so that every format has exactly one implementation.
 
+pub mod bucket;
 pub mod caption_text;
 pub mod clean;
 pub mod cli;
@@ -16,6 +17,7 @@ pub mod manifest;
 pub mod merge;
 pub mod metadata;
 pub mod models;
+pub mod npz;
 pub mod report;
 pub mod schema;
 pub mod shard;
