@@ -4,7 +4,7 @@
 //! function here. Formats (metadata JSON, manifests, caches), image handling, models and training
 //! all live in this crate so that every format has exactly one implementation.
 
-pub mod caption;
+pub mod caption_text;
 pub mod clean;
 pub mod cli;
 pub mod dataset;
@@ -17,6 +17,7 @@ pub mod metadata;
 pub mod models;
 pub mod report;
 pub mod schema;
+pub mod shard;
 pub mod te_cache;
 pub mod tokenize;
 

@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use serde_json::{json, Value};
 
-use crate::caption::{training_caption, CaptionAugmentation};
+use crate::caption_text::{training_caption, CaptionAugmentation};
 use crate::hashing::KeyBuilder;
 use crate::manifest::{InputRecord, Manifest};
 use crate::merge::load_input_metadata;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use lorakit_pipeline::caption::{CaptionAugmentation, DEFAULT_SEPARATOR};
+use lorakit_pipeline::caption_text::{CaptionAugmentation, DEFAULT_SEPARATOR};
 use lorakit_pipeline::cli::LogArgs;
 use lorakit_pipeline::te_cache::{cache_text_encoder_outputs, MixedPrecision, TeCacheOptions};
 use lorakit_pipeline::tokenize::MaxTokenLength;
