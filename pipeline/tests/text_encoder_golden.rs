@@ -1,12 +1,12 @@
 //! Parity of tokenisation and CLIP text encoding with the sd-scripts goldens
 //! (`tests/fixtures/golden/text_encoder`, see tests/fixtures/README.md §2e).
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
-use lorakit_pipeline::models::clip::{apply_weights, encode_sd};
+use lorakit_pipeline::models::clip::{apply_weights, encode_sd, encode_sdxl};
 use lorakit_pipeline::models::text_encoders::{
     load_text_encoders, TextEncoderFamily, TextEncoders,
 };
@@ -160,5 +160,195 @@ fn weighted_hidden_states_match_sd_scripts() {
                 "weighted L{length} skip{clip_skip}: max abs {diff}"
             );
         }
+    }
+}
+
+/// The tiny SD1 text encoder's tensors under their Hugging Face names.
+fn hf_tensors() -> HashMap<String, Tensor> {
+    let all = candle_core::safetensors::load(
+        fixtures().join("sd15-tiny/model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    all.into_iter()
+        .filter_map(|(name, t)| {
+            let hf = name.strip_prefix("cond_stage_model.transformer.")?;
+            (!hf.ends_with("position_ids")).then(|| (hf.to_string(), t))
+        })
+        .collect()
+}
+
+/// The same weights in OpenCLIP layout (fused q/k/v), under `prefix`, with `extra_layer`
+/// appended as a copy of the last one (SD2 files carry a 24th layer the model drops).
+fn open_clip_tensors(
+    hf: &HashMap<String, Tensor>,
+    prefix: &str,
+    extra_layer: bool,
+) -> HashMap<String, Tensor> {
+    let mut out = HashMap::new();
+    let layers = (0..)
+        .take_while(|i| {
+            hf.contains_key(&format!("text_model.encoder.layers.{i}.layer_norm1.weight"))
+        })
+        .count();
+    let put = |out: &mut HashMap<String, Tensor>, name: &str, t: &Tensor| {
+        out.insert(format!("{prefix}{name}"), t.clone());
+    };
+    put(
+        &mut out,
+        "token_embedding.weight",
+        &hf["text_model.embeddings.token_embedding.weight"],
+    );
+    put(
+        &mut out,
+        "positional_embedding",
+        &hf["text_model.embeddings.position_embedding.weight"],
+    );
+    for suffix in ["weight", "bias"] {
+        put(
+            &mut out,
+            &format!("ln_final.{suffix}"),
+            &hf[&format!("text_model.final_layer_norm.{suffix}")],
+        );
+    }
+    let copies = if extra_layer { layers + 1 } else { layers };
+    for target in 0..copies {
+        let source = target.min(layers - 1);
+        let src = |name: &str| hf[&format!("text_model.encoder.layers.{source}.{name}")].clone();
+        let dst = format!("transformer.resblocks.{target}.");
+        for suffix in ["weight", "bias"] {
+            for (hf_name, open) in [
+                ("layer_norm1", "ln_1"),
+                ("layer_norm2", "ln_2"),
+                ("mlp.fc1", "mlp.c_fc"),
+                ("mlp.fc2", "mlp.c_proj"),
+                ("self_attn.out_proj", "attn.out_proj"),
+            ] {
+                put(
+                    &mut out,
+                    &format!("{dst}{open}.{suffix}"),
+                    &src(&format!("{hf_name}.{suffix}")),
+                );
+            }
+            let fused = Tensor::cat(
+                &["q_proj", "k_proj", "v_proj"].map(|p| src(&format!("self_attn.{p}.{suffix}"))),
+                0,
+            )
+            .unwrap();
+            put(&mut out, &format!("{dst}attn.in_proj_{suffix}"), &fused);
+        }
+    }
+    out
+}
+
+fn write_model(dir: &Path, tensors: &HashMap<String, Tensor>, sections: &[&str]) -> PathBuf {
+    let path = dir.join("model.safetensors");
+    candle_core::safetensors::save(tensors, &path).unwrap();
+    let hints = serde_json::json!({"num_attention_heads": 4, "hidden_act": "quick_gelu"});
+    let arch: serde_json::Map<String, serde_json::Value> = sections
+        .iter()
+        .map(|s| (s.to_string(), hints.clone()))
+        .collect();
+    std::fs::write(dir.join("arch.json"), serde_json::to_vec(&arch).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn sd2_open_clip_layout_loads_to_the_same_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let tensors = open_clip_tensors(&hf_tensors(), "cond_stage_model.model.", true);
+    let model = write_model(dir.path(), &tensors, &["text_encoder"]);
+    let loaded = load_text_encoders(&model, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(loaded.family, TextEncoderFamily::Sd2);
+    assert_eq!(
+        loaded.encoders[0].config().num_hidden_layers,
+        12,
+        "the extra layer is dropped"
+    );
+    let chunks = tokenizer()
+        .tokenize(&captions()["t100"], MaxTokenLength::new(225).unwrap())
+        .unwrap();
+    let hidden = encode_sd(&loaded.encoders[0], &ids_tensor(&chunks), 2).unwrap();
+    let diff = max_abs_diff(&hidden, &golden("t100__hidden_225_clipskip2").0);
+    assert!(diff <= 1e-4, "max abs {diff}");
+}
+
+#[test]
+fn sdxl_single_file_encodes_both_encoders_and_pools_at_first_eos() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = hf_tensors();
+    let mut tensors = open_clip_tensors(&hf, "conditioner.embedders.1.model.", false);
+    for (name, t) in &hf {
+        tensors.insert(
+            format!("conditioner.embedders.0.transformer.{name}"),
+            t.clone(),
+        );
+    }
+    // A non-symmetric projection, so that a transposed use would be caught.
+    let projection = Tensor::arange(0f32, 64.0 * 64.0, &Device::Cpu)
+        .unwrap()
+        .reshape((64, 64))
+        .unwrap();
+    let projection = ((projection / 4096.0).unwrap().sin().unwrap() * 0.5).unwrap();
+    tensors.insert(
+        "conditioner.embedders.1.model.text_projection".into(),
+        projection.clone(),
+    );
+    let model = write_model(dir.path(), &tensors, &["text_encoder", "text_encoder_2"]);
+    let loaded = load_text_encoders(&model, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(loaded.family, TextEncoderFamily::Sdxl);
+
+    let tokenizer = tokenizer();
+    for (name, length) in [("short", 75), ("t200", 225)] {
+        let chunks = tokenizer
+            .tokenize(&captions()[name], MaxTokenLength::new(length).unwrap())
+            .unwrap();
+        let ids = ids_tensor(&chunks);
+        let out = encode_sdxl(
+            &loaded.encoders[0],
+            &loaded.encoders[1],
+            &ids,
+            &ids,
+            tokenizer.eos_id(),
+        )
+        .unwrap();
+        let penultimate = golden(&format!("{name}__hidden_{length}_clipskip2")).0;
+        for (label, hidden, encoder) in [
+            ("hidden_state1", &out.hidden_state1, 0),
+            ("hidden_state2", &out.hidden_state2, 1),
+        ] {
+            let normed = loaded.encoders[encoder].final_layer_norm(hidden).unwrap();
+            let diff = max_abs_diff(&normed, &penultimate);
+            assert!(diff <= 1e-4, "{name} {label}: max abs {diff}");
+        }
+        // pool2: last layer (final norm) at chunk 0's first EOS, times projectionᵀ (as sd-scripts
+        // uses the single-file matrix).
+        // Chunk 0 of any length is the 75-token encoding of the same caption.
+        let last = golden(&format!("{name}__hidden_75_clipskip1")).0;
+        let eos = chunks.ids[..77]
+            .iter()
+            .position(|&id| id == tokenizer.eos_id())
+            .unwrap();
+        let pooled = Tensor::from_vec(
+            last[eos * 64..(eos + 1) * 64]
+                .iter()
+                .map(|&v| v as f32)
+                .collect::<Vec<_>>(),
+            (1, 64),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let expected: Vec<f64> = pooled
+            .matmul(&projection.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let diff = max_abs_diff(&out.pool2, &expected);
+        assert!(diff <= 1e-4, "{name} pool2: max abs {diff}");
     }
 }
