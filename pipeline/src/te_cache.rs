@@ -32,6 +32,7 @@ use crate::models::clip::{apply_weights, encode_sd, encode_sdxl};
 use crate::models::text_encoders::{load_text_encoders, TextEncoderFamily, TextEncoders};
 use crate::report::{Progress, Summary};
 use crate::schema::{self, TE_CACHE_V1};
+use crate::shard::Shard;
 use crate::tokenize::{tokenizer_dir, ClipTokenizer, MaxTokenLength, TokenChunks, CHUNK_LEN};
 use crate::{fsio, Error, Result};
 
@@ -129,6 +130,8 @@ pub struct TeCacheOptions {
     pub seed: u64,
     /// Delete orphaned cache files.
     pub prune: bool,
+    /// `--shard i/n`: encode only this part of the entries.
+    pub shard: Shard,
     /// Hide progress.
     pub quiet: bool,
 }
@@ -305,30 +308,35 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
     let mut targets: HashMap<PathBuf, String> = HashMap::new();
     let mut without_text = 0usize;
     for (key, entry) in metadata.iter() {
-        let caption = match training_caption(entry, &options.caption_separator) {
-            Some(caption) => caption,
-            None => {
-                without_text += 1;
-                String::new()
-            }
-        };
+        let mine = options.shard.contains(key);
         let cache_path = match cache_path_for(key, options) {
             Ok(path) => path,
             Err(error) => {
-                summary.fail(Path::new(key), &error);
+                if mine {
+                    summary.fail(Path::new(key), &error);
+                }
                 continue;
             }
         };
         if let Some(first) = targets.insert(cache_path.clone(), key.clone()) {
-            summary.fail(
-                Path::new(key),
-                &Error::bad_file(
-                    &cache_path,
-                    format!("entries {first:?} and {key:?} would share this cache file (same image stem); use distinct file names or no --cache_dir"),
-                ),
-            );
+            if mine {
+                summary.fail(
+                    Path::new(key),
+                    &Error::bad_file(
+                        &cache_path,
+                        format!("entries {first:?} and {key:?} would share this cache file (same image stem); use distinct file names or no --cache_dir"),
+                    ),
+                );
+            }
             continue;
         }
+        if !mine {
+            continue;
+        }
+        let caption = training_caption(entry, &options.caption_separator).unwrap_or_else(|| {
+            without_text += 1;
+            String::new()
+        });
         let content_key = settings.clone().text("caption", &caption).finish();
         items.push(Item {
             key: key.clone(),
@@ -701,10 +709,17 @@ fn report_orphans(
 }
 
 /// Where the index of a run is written: `<in_json stem>_te_cache.json` in `--cache_dir`, else
-/// beside the metadata JSON.
-pub fn index_path(in_json: &Path, cache_dir: Option<&Path>) -> PathBuf {
+/// beside the metadata JSON; a sharded run writes `<in_json stem>_te_cache.shard-<i>-of-<n>.json`.
+pub fn index_path(in_json: &Path, cache_dir: Option<&Path>, shard: Shard) -> PathBuf {
     let mut name = in_json.file_stem().unwrap_or_default().to_os_string();
-    name.push("_te_cache.json");
+    if shard == Shard::ALL {
+        name.push("_te_cache.json");
+    } else {
+        name.push(format!(
+            "_te_cache.shard-{}-of-{}.json",
+            shard.index, shard.count
+        ));
+    }
     match cache_dir {
         Some(dir) => dir.join(name),
         None => in_json.with_file_name(name),
@@ -753,7 +768,11 @@ fn write_index(
     if let Err(problems) = schema::validate(TE_CACHE_V1, &index) {
         panic!("te_cache index does not follow its own schema: {problems}");
     }
-    let path = index_path(&options.in_json, options.cache_dir.as_deref());
+    let path = index_path(
+        &options.in_json,
+        options.cache_dir.as_deref(),
+        options.shard,
+    );
     let mut bytes = Vec::new();
     crate::metadata::write_python_json(&mut bytes, &index, 2, false).expect("writing to memory");
     bytes.push(b'\n');

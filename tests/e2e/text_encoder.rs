@@ -363,3 +363,28 @@ fn safetensors_with_one_tensor(name: &str) -> Vec<u8> {
     bytes.extend_from_slice(&1.0f32.to_le_bytes());
     bytes
 }
+
+#[test]
+fn shards_split_the_entries_without_seeing_each_other_as_orphans() {
+    let root = tempfile::tempdir().unwrap();
+    let meta = root.path().join("meta.json");
+    write_metadata(&meta, &golden_captions());
+    let mut done = 0;
+    for shard in ["0/2", "1/2"] {
+        let stderr = run_expect(
+            "cache-text-encoder",
+            args![meta, model(), "--cache_dir", root.path(), "--shard", shard],
+            0,
+        );
+        assert!(!stderr.contains("belong to no metadata entry"), "{stderr}");
+        let line = stderr.lines().find(|l| l.contains(" done, ")).unwrap();
+        done += line
+            .split(' ')
+            .nth(1)
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap();
+        let index = format!("meta_te_cache.shard-{}-of-2.json", &shard[..1]);
+        assert!(root.path().join(index).is_file());
+    }
+    assert_eq!(done, 8);
+}
