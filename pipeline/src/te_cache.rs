@@ -277,6 +277,13 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
         }
         (_, k) => k.unwrap_or(1),
     };
+    let layers = encoders.encoders[0].config().num_hidden_layers;
+    if clip_skip == 0 || clip_skip > layers {
+        return Err(Error::Usage(format!(
+            "--clip_skip must be between 1 and {layers} for this {}-layer text encoder, not {clip_skip}",
+            layers
+        )));
+    }
     let tokenizer_dirs = tokenizer_dirs(options, family)?;
     let tokenizers = family
         .paddings()
@@ -517,6 +524,101 @@ fn variant_seed(seed: u64, key: &str) -> u64 {
     u64::from_str_radix(&digest[..16], 16).expect("hex digest")
 }
 
+/// Names of the conditioning arrays of a cache file of `family`, in the order
+/// [`read_cache_file`] returns them.
+pub fn output_names(family: TextEncoderFamily) -> &'static [&'static str] {
+    match family {
+        TextEncoderFamily::Sdxl => &["hidden_state1", "hidden_state2", "pool2"],
+        _ => &["hidden_state"],
+    }
+}
+
+/// The text-encoder outputs of one cache file, as training consumes them.
+pub struct CachedTextOutputs {
+    /// The plain caption's arrays, named and ordered as [`output_names`] (float32 or float16).
+    pub arrays: Vec<Tensor>,
+    /// With `--variants N`: the same arrays with a leading axis of N.
+    pub variants: Option<Vec<Tensor>>,
+    /// The stored content key, when the file has one (files written by sd-scripts do not).
+    pub key: Option<String>,
+}
+
+/// Reads a `<stem>_te_outputs.npz` written by this stage (or, for SDXL, by sd-scripts).
+pub fn read_cache_file(
+    path: &Path,
+    family: TextEncoderFamily,
+    device: &Device,
+) -> Result<CachedTextOutputs> {
+    let mut archive = npyz::npz::NpzArchive::open(path).map_err(|e| {
+        Error::bad_file(
+            path,
+            format!("not a readable .npz ({e}); re-run cache-text-encoder"),
+        )
+    })?;
+    let names: Vec<String> = archive.array_names().map(str::to_string).collect();
+    let mut read = |name: &str| -> Result<Tensor> {
+        let array = archive
+            .by_name(name)
+            .map_err(|e| {
+                Error::bad_file(
+                    path,
+                    format!("array {name} unreadable ({e}); re-run cache-text-encoder"),
+                )
+            })?
+            .ok_or_else(|| {
+                Error::bad_file(
+                    path,
+                    format!(
+                        "no {name} array: not a {} text-encoder cache; re-run cache-text-encoder",
+                        family.name()
+                    ),
+                )
+            })?;
+        let shape: Vec<usize> = array.shape().iter().map(|&d| d as usize).collect();
+        let descr = array.dtype().descr();
+        let tensor = if descr.contains("f2") {
+            array
+                .into_vec::<half::f16>()
+                .map_err(|e| Error::bad_file(path, format!("{name}: {e}")))
+                .and_then(|v| {
+                    Tensor::from_vec(v, shape, device).map_err(|e| Error::Model(e.to_string()))
+                })
+        } else if descr.contains("f4") {
+            array
+                .into_vec::<f32>()
+                .map_err(|e| Error::bad_file(path, format!("{name}: {e}")))
+                .and_then(|v| {
+                    Tensor::from_vec(v, shape, device).map_err(|e| Error::Model(e.to_string()))
+                })
+        } else {
+            Err(Error::bad_file(
+                path,
+                format!("{name} has dtype {descr}, expected float32 or float16"),
+            ))
+        }?;
+        Ok(tensor)
+    };
+    let arrays = output_names(family)
+        .iter()
+        .map(|name| read(name))
+        .collect::<Result<Vec<_>>>()?;
+    let variants = if names.iter().any(|n| n.starts_with("variants_")) {
+        Some(
+            output_names(family)
+                .iter()
+                .map(|name| read(&format!("variants_{name}")))
+                .collect::<Result<Vec<_>>>()?,
+        )
+    } else {
+        None
+    };
+    Ok(CachedTextOutputs {
+        arrays,
+        variants,
+        key: stored_key(path),
+    })
+}
+
 /// Names of the token-id arrays per encoder.
 fn ids_names(family: TextEncoderFamily) -> &'static [&'static str] {
     match family {
@@ -736,10 +838,7 @@ fn write_index(
     summary: &Summary,
 ) -> Result<()> {
     let family = encoder.encoders.family;
-    let mut arrays: Vec<&str> = match family {
-        TextEncoderFamily::Sdxl => vec!["hidden_state1", "hidden_state2", "pool2"],
-        _ => vec!["hidden_state"],
-    };
+    let mut arrays = output_names(family).to_vec();
     arrays.extend(ids_names(family));
     let entries: serde_json::Map<String, Value> = items
         .iter()

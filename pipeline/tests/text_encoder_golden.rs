@@ -6,9 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
+use lorakit_pipeline::caption_text::CaptionAugmentation;
 use lorakit_pipeline::models::clip::{apply_weights, encode_sd, encode_sdxl};
 use lorakit_pipeline::models::text_encoders::{
     load_text_encoders, TextEncoderFamily, TextEncoders,
+};
+use lorakit_pipeline::shard::Shard;
+use lorakit_pipeline::te_cache::{
+    cache_text_encoder_outputs, read_cache_file, MixedPrecision, TeCacheOptions,
 };
 use lorakit_pipeline::tokenize::{ClipTokenizer, MaxTokenLength, Padding, TokenChunks};
 
@@ -349,6 +354,156 @@ fn sdxl_single_file_encodes_both_encoders_and_pools_at_first_eos() {
             .map(f64::from)
             .collect();
         let diff = max_abs_diff(&out.pool2, &expected);
+        assert!(diff <= 1e-4, "{name} pool2: max abs {diff}");
+    }
+}
+
+/// A diffusers-style model folder: `text_encoder/` (and `text_encoder_2/` with a projection)
+/// holding the tiny weights under Hugging Face names, plus `tokenizer/`.
+fn diffusers_folder(root: &Path, sdxl: bool) -> (PathBuf, Tensor) {
+    let model = root.join("model");
+    let hf = hf_tensors();
+    let config = serde_json::json!({"num_attention_heads": 4, "hidden_act": "quick_gelu"});
+    let projection = (Tensor::arange(0f32, 4096.0, &Device::Cpu)
+        .unwrap()
+        .reshape((64, 64))
+        .unwrap()
+        / 1000.0)
+        .unwrap()
+        .cos()
+        .unwrap();
+    let folders: &[&str] = if sdxl {
+        &["text_encoder", "text_encoder_2"]
+    } else {
+        &["text_encoder"]
+    };
+    for folder in folders {
+        let dir = model.join(folder);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut tensors = hf.clone();
+        if *folder == "text_encoder_2" {
+            tensors.insert("text_projection.weight".into(), projection.clone());
+        }
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    }
+    let tokenizer = model.join("tokenizer");
+    std::fs::create_dir_all(&tokenizer).unwrap();
+    for file in ["vocab.json", "merges.txt"] {
+        std::fs::copy(
+            fixtures().join("sd15-tiny/tokenizer").join(file),
+            tokenizer.join(file),
+        )
+        .unwrap();
+    }
+    (model, projection)
+}
+
+fn stage_options(root: &Path, model: PathBuf) -> TeCacheOptions {
+    let entries: serde_json::Map<String, serde_json::Value> = captions()
+        .into_iter()
+        .map(|(name, text)| (name, serde_json::json!({ "caption": text })))
+        .collect();
+    let meta = root.join("meta.json");
+    std::fs::write(&meta, serde_json::to_vec(&entries).unwrap()).unwrap();
+    TeCacheOptions {
+        in_json: meta,
+        model,
+        tokenizer: None,
+        train_data_dir: None,
+        full_path: false,
+        cache_dir: Some(root.to_path_buf()),
+        clip_skip: None,
+        max_token_length: MaxTokenLength::default(),
+        batch_size: 4,
+        mixed_precision: MixedPrecision::No,
+        require_sdxl: false,
+        weighted_captions: false,
+        caption_separator: ",".into(),
+        variants: 0,
+        augmentation: CaptionAugmentation {
+            shuffle: false,
+            keep_tokens: 0,
+            tag_dropout_rate: 0.0,
+            separator: ",".into(),
+        },
+        seed: 0,
+        prune: false,
+        quiet: true,
+        shard: Shard::ALL,
+    }
+}
+
+#[test]
+fn diffusers_sd1_folder_caches_sd_scripts_states() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, _) = diffusers_folder(root.path(), false);
+    let mut options = stage_options(root.path(), model);
+    options.clip_skip = Some(2);
+    let summary = cache_text_encoder_outputs(&options).unwrap();
+    assert_eq!((summary.done, summary.failures.len()), (8, 0));
+    for name in captions().keys() {
+        let file = root.path().join(format!("{name}_te_outputs.npz"));
+        let cached = read_cache_file(&file, TextEncoderFamily::Sd1, &Device::Cpu).unwrap();
+        assert_eq!(cached.arrays.len(), 1);
+        assert!(cached.key.is_some() && cached.variants.is_none());
+        let diff = max_abs_diff(
+            &cached.arrays[0],
+            &golden(&format!("{name}__hidden_75_clipskip2")).0,
+        );
+        assert!(diff <= 1e-4, "{name}: max abs {diff}");
+    }
+}
+
+#[test]
+fn diffusers_sdxl_folder_writes_sd_scripts_keys() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, projection) = diffusers_folder(root.path(), true);
+    let mut options = stage_options(root.path(), model.clone());
+    options.require_sdxl = true;
+    let summary = cache_text_encoder_outputs(&options).unwrap();
+    assert_eq!((summary.done, summary.failures.len()), (8, 0));
+    let loaded = load_text_encoders(&model, DType::F32, &Device::Cpu).unwrap();
+    let tokenizer = tokenizer();
+    for name in ["short", "t100", "empty"] {
+        let file = root.path().join(format!("{name}_te_outputs.npz"));
+        let cached = read_cache_file(&file, TextEncoderFamily::Sdxl, &Device::Cpu).unwrap();
+        let dims: Vec<Vec<usize>> = cached.arrays.iter().map(|t| t.dims().to_vec()).collect();
+        assert_eq!(dims, [vec![77, 64], vec![77, 64], vec![64]]);
+        let normed = loaded.encoders[0]
+            .final_layer_norm(&cached.arrays[0])
+            .unwrap();
+        let diff = max_abs_diff(&normed, &golden(&format!("{name}__hidden_75_clipskip2")).0);
+        assert!(diff <= 1e-4, "{name} hidden_state1: max abs {diff}");
+        // Encoder 2 pads with 0 after EOS; causal attention keeps the first EOS state equal.
+        let eos = tokenizer
+            .tokenize(&captions()[name], MaxTokenLength::default())
+            .unwrap()
+            .ids
+            .iter()
+            .position(|&id| id == tokenizer.eos_id())
+            .unwrap();
+        let last = golden(&format!("{name}__hidden_75_clipskip1")).0;
+        let pooled = Tensor::from_vec(
+            last[eos * 64..(eos + 1) * 64]
+                .iter()
+                .map(|&v| v as f32)
+                .collect::<Vec<_>>(),
+            (1, 64),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let expected: Vec<f64> = pooled
+            .matmul(&projection.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let diff = max_abs_diff(&cached.arrays[2], &expected);
         assert!(diff <= 1e-4, "{name} pool2: max abs {diff}");
     }
 }

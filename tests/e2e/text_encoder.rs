@@ -353,6 +353,21 @@ fn bad_inputs_fail_with_clear_messages() {
         args![meta, model(), "--sdxl", "--cache_dir", root.path()],
         2,
     );
+    for bad_skip in ["0", "13"] {
+        let stderr = run_expect(
+            "cache-text-encoder",
+            args![
+                meta,
+                model(),
+                "--clip_skip",
+                bad_skip,
+                "--cache_dir",
+                root.path()
+            ],
+            2,
+        );
+        assert!(stderr.contains("between 1 and 12"), "{stderr}");
+    }
 }
 
 /// A minimal .safetensors file holding one f32 scalar-vector tensor named `name`.
