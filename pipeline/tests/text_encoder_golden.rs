@@ -507,3 +507,27 @@ fn diffusers_sdxl_folder_writes_sd_scripts_keys() {
         assert!(diff <= 1e-4, "{name} pool2: max abs {diff}");
     }
 }
+
+#[test]
+fn zero_padding_applies_sd_scripts_chunk_fixups() {
+    let tokenizer =
+        ClipTokenizer::from_dir(&fixtures().join("sd15-tiny/tokenizer"), Padding::Zero).unwrap();
+    let (bos, eos) = (49406, tokenizer.eos_id());
+    let len = MaxTokenLength::new(150).unwrap();
+
+    // Short caption: chunk 0 ends in padding; the empty chunk 1 becomes BOS EOS 0...
+    let short = tokenizer.tokenize("a photo of a cat", len).unwrap();
+    assert_eq!(&short.ids[..8], &[bos, 320, 1125, 539, 320, 2368, eos, 0]);
+    assert_eq!(short.ids[76], 0);
+    assert_eq!(&short.ids[77..80], &[bos, eos, 0]);
+    assert_eq!(short.ids[153], 0);
+
+    // 100 tokens: text runs past chunk 0, so its last id becomes EOS; chunk 1 holds tokens
+    // 76..100, EOS, then zeros.
+    let long = tokenizer.tokenize(&captions()["t100"], len).unwrap();
+    let plain = tokenizer.body_ids(&captions()["t100"]).unwrap();
+    assert_eq!(long.ids[76], eos);
+    assert_eq!(&long.ids[78..103], &plain[75..100]);
+    assert_eq!(&long.ids[103..105], &[eos, 0]);
+    assert_eq!(long.ids[153], 0);
+}
