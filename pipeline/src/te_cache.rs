@@ -32,6 +32,7 @@ use crate::models::clip::{apply_weights, encode_sd, encode_sdxl};
 use crate::models::text_encoders::{load_text_encoders, TextEncoderFamily, TextEncoders};
 use crate::report::{Progress, Summary};
 use crate::schema::{self, TE_CACHE_V1};
+use crate::shard::Shard;
 use crate::tokenize::{tokenizer_dir, ClipTokenizer, MaxTokenLength, TokenChunks, CHUNK_LEN};
 use crate::{fsio, Error, Result};
 
@@ -129,6 +130,8 @@ pub struct TeCacheOptions {
     pub seed: u64,
     /// Delete orphaned cache files.
     pub prune: bool,
+    /// `--shard i/n`: encode only this part of the entries.
+    pub shard: Shard,
     /// Hide progress.
     pub quiet: bool,
 }
@@ -274,6 +277,13 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
         }
         (_, k) => k.unwrap_or(1),
     };
+    let layers = encoders.encoders[0].config().num_hidden_layers;
+    if clip_skip == 0 || clip_skip > layers {
+        return Err(Error::Usage(format!(
+            "--clip_skip must be between 1 and {layers} for this {}-layer text encoder, not {clip_skip}",
+            layers
+        )));
+    }
     let tokenizer_dirs = tokenizer_dirs(options, family)?;
     let tokenizers = family
         .paddings()
@@ -305,30 +315,35 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
     let mut targets: HashMap<PathBuf, String> = HashMap::new();
     let mut without_text = 0usize;
     for (key, entry) in metadata.iter() {
-        let caption = match training_caption(entry, &options.caption_separator) {
-            Some(caption) => caption,
-            None => {
-                without_text += 1;
-                String::new()
-            }
-        };
+        let mine = options.shard.contains(key);
         let cache_path = match cache_path_for(key, options) {
             Ok(path) => path,
             Err(error) => {
-                summary.fail(Path::new(key), &error);
+                if mine {
+                    summary.fail(Path::new(key), &error);
+                }
                 continue;
             }
         };
         if let Some(first) = targets.insert(cache_path.clone(), key.clone()) {
-            summary.fail(
-                Path::new(key),
-                &Error::bad_file(
-                    &cache_path,
-                    format!("entries {first:?} and {key:?} would share this cache file (same image stem); use distinct file names or no --cache_dir"),
-                ),
-            );
+            if mine {
+                summary.fail(
+                    Path::new(key),
+                    &Error::bad_file(
+                        &cache_path,
+                        format!("entries {first:?} and {key:?} would share this cache file (same image stem); use distinct file names or no --cache_dir"),
+                    ),
+                );
+            }
             continue;
         }
+        if !mine {
+            continue;
+        }
+        let caption = training_caption(entry, &options.caption_separator).unwrap_or_else(|| {
+            without_text += 1;
+            String::new()
+        });
         let content_key = settings.clone().text("caption", &caption).finish();
         items.push(Item {
             key: key.clone(),
@@ -507,6 +522,101 @@ fn variant_seed(seed: u64, key: &str) -> u64 {
         .text("key", key)
         .finish();
     u64::from_str_radix(&digest[..16], 16).expect("hex digest")
+}
+
+/// Names of the conditioning arrays of a cache file of `family`, in the order
+/// [`read_cache_file`] returns them.
+pub fn output_names(family: TextEncoderFamily) -> &'static [&'static str] {
+    match family {
+        TextEncoderFamily::Sdxl => &["hidden_state1", "hidden_state2", "pool2"],
+        _ => &["hidden_state"],
+    }
+}
+
+/// The text-encoder outputs of one cache file, as training consumes them.
+pub struct CachedTextOutputs {
+    /// The plain caption's arrays, named and ordered as [`output_names`] (float32 or float16).
+    pub arrays: Vec<Tensor>,
+    /// With `--variants N`: the same arrays with a leading axis of N.
+    pub variants: Option<Vec<Tensor>>,
+    /// The stored content key, when the file has one (files written by sd-scripts do not).
+    pub key: Option<String>,
+}
+
+/// Reads a `<stem>_te_outputs.npz` written by this stage (or, for SDXL, by sd-scripts).
+pub fn read_cache_file(
+    path: &Path,
+    family: TextEncoderFamily,
+    device: &Device,
+) -> Result<CachedTextOutputs> {
+    let mut archive = npyz::npz::NpzArchive::open(path).map_err(|e| {
+        Error::bad_file(
+            path,
+            format!("not a readable .npz ({e}); re-run cache-text-encoder"),
+        )
+    })?;
+    let names: Vec<String> = archive.array_names().map(str::to_string).collect();
+    let mut read = |name: &str| -> Result<Tensor> {
+        let array = archive
+            .by_name(name)
+            .map_err(|e| {
+                Error::bad_file(
+                    path,
+                    format!("array {name} unreadable ({e}); re-run cache-text-encoder"),
+                )
+            })?
+            .ok_or_else(|| {
+                Error::bad_file(
+                    path,
+                    format!(
+                        "no {name} array: not a {} text-encoder cache; re-run cache-text-encoder",
+                        family.name()
+                    ),
+                )
+            })?;
+        let shape: Vec<usize> = array.shape().iter().map(|&d| d as usize).collect();
+        let descr = array.dtype().descr();
+        let tensor = if descr.contains("f2") {
+            array
+                .into_vec::<half::f16>()
+                .map_err(|e| Error::bad_file(path, format!("{name}: {e}")))
+                .and_then(|v| {
+                    Tensor::from_vec(v, shape, device).map_err(|e| Error::Model(e.to_string()))
+                })
+        } else if descr.contains("f4") {
+            array
+                .into_vec::<f32>()
+                .map_err(|e| Error::bad_file(path, format!("{name}: {e}")))
+                .and_then(|v| {
+                    Tensor::from_vec(v, shape, device).map_err(|e| Error::Model(e.to_string()))
+                })
+        } else {
+            Err(Error::bad_file(
+                path,
+                format!("{name} has dtype {descr}, expected float32 or float16"),
+            ))
+        }?;
+        Ok(tensor)
+    };
+    let arrays = output_names(family)
+        .iter()
+        .map(|name| read(name))
+        .collect::<Result<Vec<_>>>()?;
+    let variants = if names.iter().any(|n| n.starts_with("variants_")) {
+        Some(
+            output_names(family)
+                .iter()
+                .map(|name| read(&format!("variants_{name}")))
+                .collect::<Result<Vec<_>>>()?,
+        )
+    } else {
+        None
+    };
+    Ok(CachedTextOutputs {
+        arrays,
+        variants,
+        key: stored_key(path),
+    })
 }
 
 /// Names of the token-id arrays per encoder.
@@ -701,10 +811,17 @@ fn report_orphans(
 }
 
 /// Where the index of a run is written: `<in_json stem>_te_cache.json` in `--cache_dir`, else
-/// beside the metadata JSON.
-pub fn index_path(in_json: &Path, cache_dir: Option<&Path>) -> PathBuf {
+/// beside the metadata JSON; a sharded run writes `<in_json stem>_te_cache.shard-<i>-of-<n>.json`.
+pub fn index_path(in_json: &Path, cache_dir: Option<&Path>, shard: Shard) -> PathBuf {
     let mut name = in_json.file_stem().unwrap_or_default().to_os_string();
-    name.push("_te_cache.json");
+    if shard == Shard::ALL {
+        name.push("_te_cache.json");
+    } else {
+        name.push(format!(
+            "_te_cache.shard-{}-of-{}.json",
+            shard.index, shard.count
+        ));
+    }
     match cache_dir {
         Some(dir) => dir.join(name),
         None => in_json.with_file_name(name),
@@ -721,10 +838,7 @@ fn write_index(
     summary: &Summary,
 ) -> Result<()> {
     let family = encoder.encoders.family;
-    let mut arrays: Vec<&str> = match family {
-        TextEncoderFamily::Sdxl => vec!["hidden_state1", "hidden_state2", "pool2"],
-        _ => vec!["hidden_state"],
-    };
+    let mut arrays = output_names(family).to_vec();
     arrays.extend(ids_names(family));
     let entries: serde_json::Map<String, Value> = items
         .iter()
@@ -753,7 +867,11 @@ fn write_index(
     if let Err(problems) = schema::validate(TE_CACHE_V1, &index) {
         panic!("te_cache index does not follow its own schema: {problems}");
     }
-    let path = index_path(&options.in_json, options.cache_dir.as_deref());
+    let path = index_path(
+        &options.in_json,
+        options.cache_dir.as_deref(),
+        options.shard,
+    );
     let mut bytes = Vec::new();
     crate::metadata::write_python_json(&mut bytes, &index, 2, false).expect("writing to memory");
     bytes.push(b'\n');
