@@ -17,5 +17,6 @@ pub mod metadata;
 pub mod report;
 pub mod schema;
 pub mod shard;
+pub mod tagger;
 
 pub use error::{Error, Result};
