@@ -21,6 +21,7 @@ pub mod npz;
 pub mod report;
 pub mod schema;
 pub mod shard;
+pub mod tagger;
 pub mod te_cache;
 pub mod tokenize;
 
