@@ -4,5 +4,6 @@
 //! from its diffusers/HF tensor names to the original LDM names (spec Appendix A).
 
 pub mod checkpoint;
+pub mod vae;
 
 pub use checkpoint::{Checkpoint, Component, ModelFamily};
