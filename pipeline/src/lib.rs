@@ -5,18 +5,23 @@
 //! all live in this crate so that every format has exactly one implementation.
 
 pub mod bucket;
+pub mod caption_text;
 pub mod clean;
 pub mod cli;
 pub mod dataset;
 pub mod error;
 pub mod fsio;
 pub mod hashing;
+pub mod imaging;
 pub mod manifest;
 pub mod merge;
 pub mod metadata;
+pub mod models;
 pub mod report;
 pub mod schema;
+pub mod shard;
+pub mod te_cache;
+pub mod tokenize;
 
 pub use error::{Error, Result};
-pub mod models;
 pub mod npz;
