@@ -15,6 +15,7 @@ pub mod hashing;
 pub mod imaging;
 pub mod manifest;
 pub mod merge;
+pub mod latents;
 pub mod metadata;
 pub mod models;
 pub mod report;
