@@ -5,6 +5,7 @@
 
 pub mod checkpoint;
 pub mod clip;
+pub mod conv;
 pub mod text_encoders;
 pub mod vae;
 

@@ -5,10 +5,11 @@
 //! read from tensor shapes, so the same code runs the narrow test model and a full SD VAE.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 use rayon::prelude::*;
 
 use super::checkpoint::{Checkpoint, Component};
+use super::conv::Conv2d;
 use crate::{Error, Result};
 
 /// Group count of every VAE group norm.
@@ -162,12 +163,8 @@ fn conv(vb: &VarBuilder, name: &str, stride: usize, padding: usize) -> Result<(C
     let bias = vb
         .get(dims[0], &format!("{name}.bias"))
         .map_err(candle_error)?;
-    let config = Conv2dConfig {
-        padding,
-        stride,
-        ..Default::default()
-    };
-    Ok((Conv2d::new(weight, Some(bias), config), dims[0]))
+    let layer = Conv2d::new(weight, bias, stride, padding).map_err(candle_error)?;
+    Ok((layer, dims[0]))
 }
 
 /// A VAE ResNet block.
