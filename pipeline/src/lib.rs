@@ -13,6 +13,7 @@ pub mod error;
 pub mod fsio;
 pub mod hashing;
 pub mod imaging;
+pub mod latents;
 pub mod manifest;
 pub mod merge;
 pub mod metadata;
