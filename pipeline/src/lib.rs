@@ -4,6 +4,7 @@
 //! function here. Formats (metadata JSON, manifests, caches), image handling, models and training
 //! all live in this crate so that every format has exactly one implementation.
 
+pub mod bucket;
 pub mod caption_text;
 pub mod clean;
 pub mod cli;
@@ -11,10 +12,12 @@ pub mod dataset;
 pub mod error;
 pub mod fsio;
 pub mod hashing;
+pub mod imaging;
 pub mod manifest;
 pub mod merge;
 pub mod metadata;
 pub mod models;
+pub mod npz;
 pub mod report;
 pub mod schema;
 pub mod shard;
