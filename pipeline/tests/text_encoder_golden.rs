@@ -8,9 +8,8 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor};
 use lorakit_pipeline::caption_text::CaptionAugmentation;
 use lorakit_pipeline::models::clip::{apply_weights, encode_sd, encode_sdxl, LinearHook};
-use lorakit_pipeline::models::text_encoders::{
-    load_text_encoders, TextEncoderFamily, TextEncoders,
-};
+use lorakit_pipeline::models::text_encoders::{load_text_encoders, TextEncoders};
+use lorakit_pipeline::models::ModelFamily;
 use lorakit_pipeline::shard::Shard;
 use lorakit_pipeline::te_cache::{
     cache_text_encoder_outputs, read_cache_file, MixedPrecision, TeCacheOptions,
@@ -121,7 +120,7 @@ fn max_abs_diff(actual: &Tensor, expected: &[f64]) -> f64 {
 #[test]
 fn hidden_states_match_sd_scripts() {
     let encoders = encoders();
-    assert_eq!(encoders.family, TextEncoderFamily::Sd1);
+    assert_eq!(encoders.family, ModelFamily::Sd1);
     let tokenizer = tokenizer();
     let mut worst: f64 = 0.0;
     for (name, caption) in captions() {
@@ -271,7 +270,7 @@ fn sd2_open_clip_layout_loads_to_the_same_encoder() {
     let tensors = open_clip_tensors(&hf_tensors(), "cond_stage_model.model.", true);
     let model = write_model(dir.path(), &tensors, &["text_encoder"]);
     let loaded = load_text_encoders(&model, DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(loaded.family, TextEncoderFamily::Sd2);
+    assert_eq!(loaded.family, ModelFamily::Sd2);
     assert_eq!(
         loaded.encoders[0].config().num_hidden_layers,
         12,
@@ -308,7 +307,7 @@ fn sdxl_single_file_encodes_both_encoders_and_pools_at_first_eos() {
     );
     let model = write_model(dir.path(), &tensors, &["text_encoder", "text_encoder_2"]);
     let loaded = load_text_encoders(&model, DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(loaded.family, TextEncoderFamily::Sdxl);
+    assert_eq!(loaded.family, ModelFamily::Sdxl);
 
     let tokenizer = tokenizer();
     for (name, length) in [("short", 75), ("t200", 225)] {
@@ -452,7 +451,7 @@ fn diffusers_sd1_folder_caches_sd_scripts_states() {
     assert_eq!((summary.done, summary.failures.len()), (8, 0));
     for name in captions().keys() {
         let file = root.path().join(format!("{name}_te_outputs.npz"));
-        let cached = read_cache_file(&file, TextEncoderFamily::Sd1, &Device::Cpu).unwrap();
+        let cached = read_cache_file(&file, ModelFamily::Sd1, &Device::Cpu).unwrap();
         assert_eq!(cached.arrays.len(), 1);
         assert!(cached.key.is_some() && cached.variants.is_none());
         let diff = max_abs_diff(
@@ -475,7 +474,7 @@ fn diffusers_sdxl_folder_writes_sd_scripts_keys() {
     let tokenizer = tokenizer();
     for name in ["short", "t100", "empty"] {
         let file = root.path().join(format!("{name}_te_outputs.npz"));
-        let cached = read_cache_file(&file, TextEncoderFamily::Sdxl, &Device::Cpu).unwrap();
+        let cached = read_cache_file(&file, ModelFamily::Sdxl, &Device::Cpu).unwrap();
         let dims: Vec<Vec<usize>> = cached.arrays.iter().map(|t| t.dims().to_vec()).collect();
         assert_eq!(dims, [vec![77, 64], vec![77, 64], vec![64]]);
         let normed = loaded.encoders[0]
