@@ -16,7 +16,6 @@
 //! lists every entry's cache file and key, with its sidecar manifest.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -28,8 +27,10 @@ use crate::hashing::KeyBuilder;
 use crate::manifest::{InputRecord, Manifest};
 use crate::merge::load_input_metadata;
 use crate::metadata::resolve_image;
+use crate::models::checkpoint::ModelFamily;
 use crate::models::clip::{apply_weights, encode_sd, encode_sdxl};
-use crate::models::text_encoders::{load_text_encoders, TextEncoderFamily, TextEncoders};
+use crate::models::text_encoders::{load_text_encoders, paddings, TextEncoders};
+use crate::npz::{store_key, stored_key, NpzReader, NpzWriter};
 use crate::report::{Progress, Summary};
 use crate::schema::{self, TE_CACHE_V1};
 use crate::shard::Shard;
@@ -40,8 +41,6 @@ use crate::{fsio, Error, Result};
 pub const FORMAT_VERSION: u32 = 1;
 /// Suffix of the cache file that replaces an image's extension (sd-scripts' name).
 pub const CACHE_SUFFIX: &str = "_te_outputs.npz";
-/// Name of the content-key array inside each cache file.
-pub const KEY_ARRAY: &str = "lorakit_key";
 const TOOL: &str = "cache-text-encoder";
 
 /// `--mixed_precision`: the dtype the encoders run in (and fp16 outputs are stored in).
@@ -201,15 +200,16 @@ impl Encoder {
             apply_weights(&hidden, &weights)
         };
         let named: Vec<(&'static str, Tensor)> = match self.encoders.family {
-            TextEncoderFamily::Sd1 | TextEncoderFamily::Sd2 => {
+            ModelFamily::Sd1 | ModelFamily::Sd2 => {
                 let hidden = encode_sd(
                     &self.encoders.encoders[0],
                     &self.ids_tensor(batch, 0)?,
                     self.clip_skip,
+                    None,
                 )?;
                 vec![("hidden_state", weights(0, hidden)?)]
             }
-            TextEncoderFamily::Sdxl => {
+            ModelFamily::Sdxl => {
                 let eos = self.tokenizers[1].eos_id();
                 let out = encode_sdxl(
                     &self.encoders.encoders[0],
@@ -217,6 +217,7 @@ impl Encoder {
                     &self.ids_tensor(batch, 0)?,
                     &self.ids_tensor(batch, 1)?,
                     eos,
+                    [None, None],
                 )?;
                 vec![
                     ("hidden_state1", weights(0, out.hidden_state1)?),
@@ -257,7 +258,7 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
         &device,
     )?;
     let family = encoders.family;
-    if options.require_sdxl && family != TextEncoderFamily::Sdxl {
+    if options.require_sdxl && family != ModelFamily::Sdxl {
         return Err(Error::Usage(format!(
             "--sdxl given, but {} holds {} text encoders",
             options.model.display(),
@@ -265,11 +266,11 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
         )));
     }
     let clip_skip = match (family, options.clip_skip) {
-        (TextEncoderFamily::Sdxl, Some(_)) => {
+        (ModelFamily::Sdxl, Some(_)) => {
             tracing::warn!("--clip_skip is ignored for SDXL (sd-scripts does the same)");
             1
         }
-        (TextEncoderFamily::Sd2, Some(k)) => {
+        (ModelFamily::Sd2, Some(k)) => {
             tracing::warn!(
                 "--clip_skip with an SD2 model: layer 23 already is SD2's penultimate layer"
             );
@@ -285,8 +286,7 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
         )));
     }
     let tokenizer_dirs = tokenizer_dirs(options, family)?;
-    let tokenizers = family
-        .paddings()
+    let tokenizers = paddings(family)
         .iter()
         .zip(&tokenizer_dirs)
         .map(|(&padding, dir)| ClipTokenizer::from_dir(dir, padding))
@@ -360,7 +360,7 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
 
     let stale: Vec<&Item> = items
         .iter()
-        .filter(|item| stored_key(&item.cache_path).as_deref() != Some(item.content_key.as_str()))
+        .filter(|item| key_of_file(&item.cache_path).as_deref() != Some(item.content_key.as_str()))
         .collect();
     summary.up_to_date = items.len() - stale.len();
 
@@ -435,9 +435,9 @@ fn check_options(options: &TeCacheOptions) -> Result<()> {
     Ok(())
 }
 
-fn tokenizer_dirs(options: &TeCacheOptions, family: TextEncoderFamily) -> Result<Vec<PathBuf>> {
+fn tokenizer_dirs(options: &TeCacheOptions, family: ModelFamily) -> Result<Vec<PathBuf>> {
     let first = tokenizer_dir(&options.model, options.tokenizer.as_deref())?;
-    if family != TextEncoderFamily::Sdxl {
+    if family != ModelFamily::Sdxl {
         return Ok(vec![first]);
     }
     // SDXL's second tokenizer has the same vocabulary; diffusers folders ship it as tokenizer_2/.
@@ -478,10 +478,8 @@ fn cache_path_for(key: &str, options: &TeCacheOptions) -> Result<PathBuf> {
 }
 
 /// The content key stored in an existing cache file, if it can be read.
-fn stored_key(path: &Path) -> Option<String> {
-    let mut archive = npyz::npz::NpzArchive::open(path).ok()?;
-    let array = archive.by_name(KEY_ARRAY).ok()??;
-    String::from_utf8(array.into_vec::<u8>().ok()?).ok()
+fn key_of_file(path: &Path) -> Option<String> {
+    stored_key(&mut NpzReader::open(path).ok()?)
 }
 
 /// Tokenises, encodes and writes one batch of items; returns how many captions were truncated.
@@ -526,9 +524,9 @@ fn variant_seed(seed: u64, key: &str) -> u64 {
 
 /// Names of the conditioning arrays of a cache file of `family`, in the order
 /// [`read_cache_file`] returns them.
-pub fn output_names(family: TextEncoderFamily) -> &'static [&'static str] {
+pub fn output_names(family: ModelFamily) -> &'static [&'static str] {
     match family {
-        TextEncoderFamily::Sdxl => &["hidden_state1", "hidden_state2", "pool2"],
+        ModelFamily::Sdxl => &["hidden_state1", "hidden_state2", "pool2"],
         _ => &["hidden_state"],
     }
 }
@@ -543,66 +541,31 @@ pub struct CachedTextOutputs {
     pub key: Option<String>,
 }
 
-/// Reads a `<stem>_te_outputs.npz` written by this stage (or, for SDXL, by sd-scripts).
+/// Reads a `<stem>_te_outputs.npz` written by this stage (or, for SDXL, by sd-scripts):
+/// float16 arrays stay float16, everything else is read as float32.
 pub fn read_cache_file(
     path: &Path,
-    family: TextEncoderFamily,
+    family: ModelFamily,
     device: &Device,
 ) -> Result<CachedTextOutputs> {
-    let mut archive = npyz::npz::NpzArchive::open(path).map_err(|e| {
-        Error::bad_file(
-            path,
-            format!("not a readable .npz ({e}); re-run cache-text-encoder"),
-        )
-    })?;
-    let names: Vec<String> = archive.array_names().map(str::to_string).collect();
+    let mut npz = NpzReader::open(path)?;
+    let has_variants = npz.contains(&format!("variants_{}", output_names(family)[0]));
+    let key = stored_key(&mut npz);
     let mut read = |name: &str| -> Result<Tensor> {
-        let array = archive
-            .by_name(name)
-            .map_err(|e| {
-                Error::bad_file(
-                    path,
-                    format!("array {name} unreadable ({e}); re-run cache-text-encoder"),
-                )
-            })?
-            .ok_or_else(|| {
-                Error::bad_file(
-                    path,
-                    format!(
-                        "no {name} array: not a {} text-encoder cache; re-run cache-text-encoder",
-                        family.name()
-                    ),
-                )
-            })?;
-        let shape: Vec<usize> = array.shape().iter().map(|&d| d as usize).collect();
-        let descr = array.dtype().descr();
-        let tensor = if descr.contains("f2") {
-            array
-                .into_vec::<half::f16>()
-                .map_err(|e| Error::bad_file(path, format!("{name}: {e}")))
-                .and_then(|v| {
-                    Tensor::from_vec(v, shape, device).map_err(|e| Error::Model(e.to_string()))
-                })
-        } else if descr.contains("f4") {
-            array
-                .into_vec::<f32>()
-                .map_err(|e| Error::bad_file(path, format!("{name}: {e}")))
-                .and_then(|v| {
-                    Tensor::from_vec(v, shape, device).map_err(|e| Error::Model(e.to_string()))
-                })
+        let tensor = if npz.dtype(name)? == "<f2" {
+            let (values, shape) = npz.read_f16(name)?;
+            Tensor::from_vec(values, shape, device)
         } else {
-            Err(Error::bad_file(
-                path,
-                format!("{name} has dtype {descr}, expected float32 or float16"),
-            ))
-        }?;
-        Ok(tensor)
+            let (values, shape) = npz.read_f32(name)?;
+            Tensor::from_vec(values, shape, device)
+        };
+        tensor.map_err(|e| Error::Model(format!("{}: {name}: {e}", path.display())))
     };
     let arrays = output_names(family)
         .iter()
         .map(|name| read(name))
         .collect::<Result<Vec<_>>>()?;
-    let variants = if names.iter().any(|n| n.starts_with("variants_")) {
+    let variants = if has_variants {
         Some(
             output_names(family)
                 .iter()
@@ -615,26 +578,27 @@ pub fn read_cache_file(
     Ok(CachedTextOutputs {
         arrays,
         variants,
-        key: stored_key(path),
+        key,
     })
 }
 
 /// Names of the token-id arrays per encoder.
-fn ids_names(family: TextEncoderFamily) -> &'static [&'static str] {
+fn ids_names(family: ModelFamily) -> &'static [&'static str] {
     match family {
-        TextEncoderFamily::Sdxl => &["input_ids1", "input_ids2"],
+        ModelFamily::Sdxl => &["input_ids1", "input_ids2"],
         _ => &["input_ids"],
     }
 }
 
-fn write_cache_file(item: &Item, outputs: &[Encoded], family: TextEncoderFamily) -> Result<()> {
-    let mut npz = CacheArrays::default();
+fn write_cache_file(item: &Item, outputs: &[Encoded], family: ModelFamily) -> Result<()> {
+    let mut npz = NpzWriter::new();
     let (plain, variants) = outputs.split_first().expect("at least the plain caption");
     for (name, tensor) in &plain.arrays {
-        npz.tensor(name, tensor)?;
+        npz.add_tensor(name, tensor)?;
     }
+    let as_i64 = |ids: &[u32]| ids.iter().map(|&id| i64::from(id)).collect::<Vec<_>>();
     for (name, ids) in ids_names(family).iter().zip(&plain.ids) {
-        npz.ids(name, &[ids.len() / CHUNK_LEN, CHUNK_LEN], ids);
+        npz.add_i64(name, as_i64(ids), &[ids.len() / CHUNK_LEN, CHUNK_LEN])?;
     }
     if !variants.is_empty() {
         for (index, (name, _)) in plain.arrays.iter().enumerate() {
@@ -646,7 +610,7 @@ fn write_cache_file(item: &Item, outputs: &[Encoded], family: TextEncoderFamily)
                 0,
             )
             .map_err(|e| Error::Model(format!("stacking variants: {e}")))?;
-            npz.tensor(&format!("variants_{name}"), &stacked)?;
+            npz.add_tensor(&format!("variants_{name}"), &stacked)?;
         }
         for (encoder, name) in ids_names(family).iter().enumerate() {
             let ids: Vec<u32> = variants
@@ -654,98 +618,19 @@ fn write_cache_file(item: &Item, outputs: &[Encoded], family: TextEncoderFamily)
                 .flat_map(|v| v.ids[encoder].iter().copied())
                 .collect();
             let chunks = plain.ids[encoder].len() / CHUNK_LEN;
-            npz.ids(
+            npz.add_i64(
                 &format!("variants_{name}"),
+                as_i64(&ids),
                 &[variants.len(), chunks, CHUNK_LEN],
-                &ids,
-            );
+            )?;
         }
     }
-    npz.key(&item.content_key);
+    store_key(&mut npz, &item.content_key)?;
     npz.write(&item.cache_path)
 }
 
-/// The arrays of one cache file, written as a plain (stored, uncompressed) `np.savez` zip.
-#[derive(Default)]
-struct CacheArrays {
-    arrays: Vec<(String, Vec<u64>, ArrayData)>,
-}
-
-enum ArrayData {
-    F32(Vec<f32>),
-    F16(Vec<half::f16>),
-    I64(Vec<i64>),
-    U8(Vec<u8>),
-}
-
-impl CacheArrays {
-    fn tensor(&mut self, name: &str, tensor: &Tensor) -> Result<()> {
-        let shape: Vec<u64> = tensor.dims().iter().map(|&d| d as u64).collect();
-        let flat = tensor
-            .flatten_all()
-            .map_err(|e| Error::Model(format!("{name}: {e}")))?;
-        let data = match tensor.dtype() {
-            DType::F16 => flat.to_vec1::<half::f16>().map(ArrayData::F16),
-            _ => flat
-                .to_dtype(DType::F32)
-                .and_then(|t| t.to_vec1::<f32>())
-                .map(ArrayData::F32),
-        }
-        .map_err(|e| Error::Model(format!("{name}: {e}")))?;
-        self.arrays.push((name.to_string(), shape, data));
-        Ok(())
-    }
-
-    fn ids(&mut self, name: &str, shape: &[usize], ids: &[u32]) {
-        let shape = shape.iter().map(|&d| d as u64).collect();
-        let data = ArrayData::I64(ids.iter().map(|&id| i64::from(id)).collect());
-        self.arrays.push((name.to_string(), shape, data));
-    }
-
-    fn key(&mut self, key: &str) {
-        let bytes = key.as_bytes().to_vec();
-        self.arrays.push((
-            KEY_ARRAY.to_string(),
-            vec![bytes.len() as u64],
-            ArrayData::U8(bytes),
-        ));
-    }
-
-    fn write(&self, path: &Path) -> Result<()> {
-        use npyz::WriterBuilder;
-        let build = || -> std::io::Result<Vec<u8>> {
-            let mut npz = npyz::npz::NpzWriter::new(Cursor::new(Vec::new()));
-            let options = npyz::zip::write::FileOptions::default()
-                .compression_method(npyz::zip::CompressionMethod::Stored);
-            for (name, shape, data) in &self.arrays {
-                macro_rules! put {
-                    ($ty:ty, $values:expr) => {{
-                        let mut writer = npz
-                            .array::<$ty>(name, options)?
-                            .default_dtype()
-                            .shape(shape)
-                            .begin_nd()?;
-                        writer.extend($values.iter().copied())?;
-                        writer.finish()?;
-                    }};
-                }
-                match data {
-                    ArrayData::F32(values) => put!(f32, values),
-                    ArrayData::F16(values) => put!(half::f16, values),
-                    ArrayData::I64(values) => put!(i64, values),
-                    ArrayData::U8(values) => put!(u8, values),
-                }
-            }
-            let cursor = npz.zip_writer().finish().map_err(std::io::Error::other)?;
-            Ok(cursor.into_inner())
-        };
-        let bytes = build().map_err(|e| Error::io(path, e))?;
-        fsio::write_atomic(path, &bytes)
-    }
-}
-
 /// Every parameter that changes the cache files' content.
-fn run_parameters(options: &TeCacheOptions, family: TextEncoderFamily, clip_skip: usize) -> Value {
+fn run_parameters(options: &TeCacheOptions, family: ModelFamily, clip_skip: usize) -> Value {
     json!({
         "family": family.name(),
         "clip_skip": clip_skip,

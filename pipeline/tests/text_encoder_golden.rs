@@ -7,10 +7,9 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 use lorakit_pipeline::caption_text::CaptionAugmentation;
-use lorakit_pipeline::models::clip::{apply_weights, encode_sd, encode_sdxl};
-use lorakit_pipeline::models::text_encoders::{
-    load_text_encoders, TextEncoderFamily, TextEncoders,
-};
+use lorakit_pipeline::models::clip::{apply_weights, encode_sd, encode_sdxl, LinearHook};
+use lorakit_pipeline::models::text_encoders::{load_text_encoders, TextEncoders};
+use lorakit_pipeline::models::ModelFamily;
 use lorakit_pipeline::shard::Shard;
 use lorakit_pipeline::te_cache::{
     cache_text_encoder_outputs, read_cache_file, MixedPrecision, TeCacheOptions,
@@ -34,10 +33,15 @@ fn captions() -> BTreeMap<String, String> {
         .collect()
 }
 
-/// One array of the golden npz as (values as f64, shape).
+/// One array of the text-encoder golden npz as (values as f64, shape).
 fn golden(name: &str) -> (Vec<f64>, Vec<u64>) {
-    let path = fixtures().join("golden/text_encoder/text_encoder.npz");
-    let mut archive = npyz::npz::NpzArchive::open(&path).expect("golden text_encoder.npz");
+    golden_in("golden/text_encoder/text_encoder.npz", name)
+}
+
+/// One array of a golden npz under `tests/fixtures` as (values as f64, shape).
+fn golden_in(file: &str, name: &str) -> (Vec<f64>, Vec<u64>) {
+    let path = fixtures().join(file);
+    let mut archive = npyz::npz::NpzArchive::open(&path).expect("golden npz");
     let array = archive
         .by_name(name)
         .unwrap()
@@ -116,7 +120,7 @@ fn max_abs_diff(actual: &Tensor, expected: &[f64]) -> f64 {
 #[test]
 fn hidden_states_match_sd_scripts() {
     let encoders = encoders();
-    assert_eq!(encoders.family, TextEncoderFamily::Sd1);
+    assert_eq!(encoders.family, ModelFamily::Sd1);
     let tokenizer = tokenizer();
     let mut worst: f64 = 0.0;
     for (name, caption) in captions() {
@@ -126,7 +130,8 @@ fn hidden_states_match_sd_scripts() {
                 .unwrap();
             for clip_skip in [1, 2] {
                 let hidden =
-                    encode_sd(&encoders.encoders[0], &ids_tensor(&chunks), clip_skip).unwrap();
+                    encode_sd(&encoders.encoders[0], &ids_tensor(&chunks), clip_skip, None)
+                        .unwrap();
                 let (expected, shape) =
                     golden(&format!("{name}__hidden_{length}_clipskip{clip_skip}"));
                 assert_eq!(hidden.dims()[1..], [shape[0] as usize, shape[1] as usize]);
@@ -152,7 +157,8 @@ fn weighted_hidden_states_match_sd_scripts() {
             .tokenize_weighted(caption, MaxTokenLength::new(length).unwrap())
             .unwrap();
         for clip_skip in [1, 2] {
-            let hidden = encode_sd(&encoders.encoders[0], &ids_tensor(&chunks), clip_skip).unwrap();
+            let hidden =
+                encode_sd(&encoders.encoders[0], &ids_tensor(&chunks), clip_skip, None).unwrap();
             let weights =
                 Tensor::from_vec(chunks.body_weights(), (1, length), &Device::Cpu).unwrap();
             let weighted = apply_weights(&hidden, &weights).unwrap();
@@ -264,7 +270,7 @@ fn sd2_open_clip_layout_loads_to_the_same_encoder() {
     let tensors = open_clip_tensors(&hf_tensors(), "cond_stage_model.model.", true);
     let model = write_model(dir.path(), &tensors, &["text_encoder"]);
     let loaded = load_text_encoders(&model, DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(loaded.family, TextEncoderFamily::Sd2);
+    assert_eq!(loaded.family, ModelFamily::Sd2);
     assert_eq!(
         loaded.encoders[0].config().num_hidden_layers,
         12,
@@ -273,7 +279,7 @@ fn sd2_open_clip_layout_loads_to_the_same_encoder() {
     let chunks = tokenizer()
         .tokenize(&captions()["t100"], MaxTokenLength::new(225).unwrap())
         .unwrap();
-    let hidden = encode_sd(&loaded.encoders[0], &ids_tensor(&chunks), 2).unwrap();
+    let hidden = encode_sd(&loaded.encoders[0], &ids_tensor(&chunks), 2, None).unwrap();
     let diff = max_abs_diff(&hidden, &golden("t100__hidden_225_clipskip2").0);
     assert!(diff <= 1e-4, "max abs {diff}");
 }
@@ -301,7 +307,7 @@ fn sdxl_single_file_encodes_both_encoders_and_pools_at_first_eos() {
     );
     let model = write_model(dir.path(), &tensors, &["text_encoder", "text_encoder_2"]);
     let loaded = load_text_encoders(&model, DType::F32, &Device::Cpu).unwrap();
-    assert_eq!(loaded.family, TextEncoderFamily::Sdxl);
+    assert_eq!(loaded.family, ModelFamily::Sdxl);
 
     let tokenizer = tokenizer();
     for (name, length) in [("short", 75), ("t200", 225)] {
@@ -315,6 +321,7 @@ fn sdxl_single_file_encodes_both_encoders_and_pools_at_first_eos() {
             &ids,
             &ids,
             tokenizer.eos_id(),
+            [None, None],
         )
         .unwrap();
         let penultimate = golden(&format!("{name}__hidden_{length}_clipskip2")).0;
@@ -444,7 +451,7 @@ fn diffusers_sd1_folder_caches_sd_scripts_states() {
     assert_eq!((summary.done, summary.failures.len()), (8, 0));
     for name in captions().keys() {
         let file = root.path().join(format!("{name}_te_outputs.npz"));
-        let cached = read_cache_file(&file, TextEncoderFamily::Sd1, &Device::Cpu).unwrap();
+        let cached = read_cache_file(&file, ModelFamily::Sd1, &Device::Cpu).unwrap();
         assert_eq!(cached.arrays.len(), 1);
         assert!(cached.key.is_some() && cached.variants.is_none());
         let diff = max_abs_diff(
@@ -467,7 +474,7 @@ fn diffusers_sdxl_folder_writes_sd_scripts_keys() {
     let tokenizer = tokenizer();
     for name in ["short", "t100", "empty"] {
         let file = root.path().join(format!("{name}_te_outputs.npz"));
-        let cached = read_cache_file(&file, TextEncoderFamily::Sdxl, &Device::Cpu).unwrap();
+        let cached = read_cache_file(&file, ModelFamily::Sdxl, &Device::Cpu).unwrap();
         let dims: Vec<Vec<usize>> = cached.arrays.iter().map(|t| t.dims().to_vec()).collect();
         assert_eq!(dims, [vec![77, 64], vec![77, 64], vec![64]]);
         let normed = loaded.encoders[0]
@@ -530,4 +537,59 @@ fn zero_padding_applies_sd_scripts_chunk_fixups() {
     assert_eq!(&long.ids[78..103], &plain[75..100]);
     assert_eq!(&long.ids[103..105], &[eos, 0]);
     assert_eq!(long.ids[153], 0);
+}
+
+/// The sd-scripts LoRA forward on the text encoder: `y = W0 x + up(down(x)) * alpha / rank`,
+/// with modules named `lora_te_<HF path with _>`.
+struct GoldenLora(HashMap<String, Tensor>);
+
+impl LinearHook for GoldenLora {
+    fn adjust(&self, module: &str, input: &Tensor, output: Tensor) -> candle_core::Result<Tensor> {
+        let name = format!("lora_te_{}", module.replace('.', "_"));
+        let (Some(down), Some(up), Some(alpha)) = (
+            self.0.get(&format!("{name}.lora_down.weight")),
+            self.0.get(&format!("{name}.lora_up.weight")),
+            self.0.get(&format!("{name}.alpha")),
+        ) else {
+            return Ok(output);
+        };
+        let rank = down.dim(0)? as f64;
+        let alpha = f64::from(alpha.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+        let delta = input
+            .broadcast_matmul(&down.t()?)?
+            .broadcast_matmul(&up.t()?)?;
+        output + (delta * (alpha / rank))?
+    }
+}
+
+#[test]
+fn linear_hook_reproduces_sd_scripts_text_encoder_lora() {
+    let tensors = candle_core::safetensors::load(
+        fixtures().join("golden/lora/trained_lora_dim4_alpha1.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let lora = GoldenLora(tensors);
+    let model = &encoders().encoders[0];
+    for length in [77, 227] {
+        let (ids, shape) = golden_in("golden/unet/unet.npz", &format!("input_ids_{length}"));
+        let ids: Vec<u32> = ids.into_iter().map(|v| v as u32).collect();
+        let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        let ids = Tensor::from_vec(ids, dims, &Device::Cpu).unwrap();
+        let base = encode_sd(model, &ids, 1, None).unwrap();
+        let expected = golden_in(
+            "golden/unet/unet.npz",
+            &format!("encoder_hidden_states_{length}"),
+        )
+        .0;
+        assert!(max_abs_diff(&base, &expected) <= 1e-4);
+        let with_lora = encode_sd(model, &ids, 1, Some(&lora)).unwrap();
+        let expected = golden_in(
+            "golden/unet/unet.npz",
+            &format!("encoder_hidden_states_{length}_lora"),
+        )
+        .0;
+        let diff = max_abs_diff(&with_lora, &expected);
+        assert!(diff <= 1e-4, "LoRA text states at {length}: max abs {diff}");
+    }
 }
