@@ -17,3 +17,5 @@ pub mod report;
 pub mod schema;
 
 pub use error::{Error, Result};
+pub mod lora;
+pub mod models;

@@ -1,0 +1,4 @@
+//! Model architectures and weight loading.
+
+pub mod frozen;
+pub mod unet;
