@@ -19,3 +19,4 @@ pub mod schema;
 pub use error::{Error, Result};
 pub mod lora;
 pub mod models;
+pub mod train;

@@ -135,8 +135,8 @@ impl LoraModule {
 
     /// The LoRA branch `up(down(x)) * scale` for a layer of `kind`.
     fn delta(&self, x: &Tensor, kind: FrozenKind) -> candle_core::Result<Tensor> {
-        let down = self.down.as_tensor();
-        let up = self.up.as_tensor();
+        let down = &self.down.as_tensor().to_dtype(x.dtype())?;
+        let up = &self.up.as_tensor().to_dtype(x.dtype())?;
         let hidden = match kind {
             FrozenKind::Linear => x.broadcast_matmul(&down.t()?)?,
             FrozenKind::Conv2d { stride, padding } => x.conv2d(down, padding, stride, 1, 1)?,
@@ -548,17 +548,14 @@ fn serialize_with_hashes(
     tensors: &[(String, Tensor)],
     metadata: &BTreeMap<String, String>,
 ) -> std::result::Result<Vec<u8>, String> {
-    let views = tensors
-        .iter()
-        .map(|(name, t)| Ok((name.clone(), TensorBytes::from_tensor(t)?)))
-        .collect::<std::result::Result<Vec<_>, String>>()?;
+    let views: Vec<(&str, &Tensor)> = tensors.iter().map(|(name, t)| (name.as_str(), t)).collect();
     let ss_only: HashMap<String, String> = metadata
         .iter()
         .filter(|(k, _)| k.starts_with("ss_"))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let hashing = safetensors::serialize(views.iter().map(|(n, v)| (n.as_str(), v)), Some(ss_only))
-        .map_err(|e| e.to_string())?;
+    let hashing =
+        safetensors::serialize(views.iter().copied(), Some(ss_only)).map_err(|e| e.to_string())?;
     let header_len =
         u64::from_le_bytes(hashing[..8].try_into().expect("8-byte header length")) as usize;
     let model_hash = sha256_hex(&hashing[8 + header_len..]);
@@ -574,77 +571,7 @@ fn serialize_with_hashes(
         .collect();
     full.insert("sshs_model_hash".into(), model_hash);
     full.insert("sshs_legacy_hash".into(), legacy_hash);
-    safetensors::serialize(views.iter().map(|(n, v)| (n.as_str(), v)), Some(full))
-        .map_err(|e| e.to_string())
-}
-
-/// Raw little-endian bytes of a tensor for safetensors serialisation.
-struct TensorBytes {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl TensorBytes {
-    fn from_tensor(t: &Tensor) -> std::result::Result<Self, String> {
-        let e = |e: candle_core::Error| e.to_string();
-        let flat = t.flatten_all().map_err(e)?;
-        let (dtype, data): (safetensors::Dtype, Vec<u8>) = match t.dtype() {
-            DType::F32 => (
-                safetensors::Dtype::F32,
-                flat.to_vec1::<f32>()
-                    .map_err(e)?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            DType::F16 => (
-                safetensors::Dtype::F16,
-                flat.to_vec1::<half::f16>()
-                    .map_err(e)?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            DType::BF16 => (
-                safetensors::Dtype::BF16,
-                flat.to_vec1::<half::bf16>()
-                    .map_err(e)?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            DType::I64 => (
-                safetensors::Dtype::I64,
-                flat.to_vec1::<i64>()
-                    .map_err(e)?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            other => return Err(format!("unsupported dtype {other:?}")),
-        };
-        Ok(Self {
-            dtype,
-            shape: t.dims().to_vec(),
-            data,
-        })
-    }
-}
-
-impl safetensors::View for &TensorBytes {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
+    safetensors::serialize(views.iter().copied(), Some(full)).map_err(|e| e.to_string())
 }
 
 /// Lower-case hex SHA-256 of `bytes`.
