@@ -27,3 +27,6 @@ pub mod te_cache;
 pub mod tokenize;
 
 pub use error::{Error, Result};
+pub mod lora;
+pub mod models;
+pub mod train;

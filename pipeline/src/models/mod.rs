@@ -7,7 +7,11 @@
 pub mod checkpoint;
 pub mod clip;
 pub mod conv;
+pub mod frozen;
 pub mod text_encoders;
+pub mod unet;
 pub mod vae;
 
 pub use checkpoint::{Checkpoint, Component, ModelFamily};
+//! Model architectures and weight loading.
+
