@@ -13,6 +13,7 @@ pub mod hashing;
 pub mod manifest;
 pub mod merge;
 pub mod metadata;
+pub mod models;
 pub mod report;
 pub mod schema;
 

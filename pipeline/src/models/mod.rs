@@ -1,0 +1,3 @@
+//! Neural network models run by the pipeline stages.
+
+pub mod blip;
