@@ -4,6 +4,7 @@
 //! function here. Formats (metadata JSON, manifests, caches), image handling, models and training
 //! all live in this crate so that every format has exactly one implementation.
 
+pub mod caption;
 pub mod clean;
 pub mod cli;
 pub mod dataset;

@@ -1,0 +1,514 @@
+//! BLIP caption generation as sd-scripts' `make_captions.py` runs it through transformers'
+//! `generate`: greedy search, beam search and nucleus sampling, with `max_length`/`min_length`
+//! counted over the whole decoder sequence including the 4 prompt tokens, stopping on `[SEP]`.
+
+use candle_core::Tensor;
+use rand::{Rng, SeedableRng};
+
+use crate::models::blip::BlipCaptioner;
+use crate::{Error, Result};
+
+/// Tokens kept before nucleus filtering (transformers' default `top_k`, also in effect in
+/// sd-scripts' sampling mode).
+pub const TOP_K: usize = 50;
+/// Repetition penalty of sd-scripts' sampling mode.
+pub const SAMPLING_REPETITION_PENALTY: f32 = 1.1;
+/// Score transformers gives to beams that must not be chosen.
+const DISCARDED: f32 = -1.0e9;
+
+/// How the caption tokens are chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoding {
+    /// sd-scripts `--beam_search`: greedy for 1 beam, beam search otherwise; no repetition penalty.
+    Beam {
+        /// Number of beams (`--num_beams`).
+        num_beams: usize,
+    },
+    /// sd-scripts' default: top-k 50, then nucleus (top-p) sampling with repetition penalty 1.1.
+    Nucleus {
+        /// Cumulative probability kept (`--top_p`).
+        top_p: f64,
+    },
+}
+
+/// Everything that decides which caption is generated for an image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationSettings {
+    /// Token selection.
+    pub decoding: Decoding,
+    /// Longest sequence, prompt tokens included (`--max_length`).
+    pub max_length: usize,
+    /// `[SEP]` is forbidden while the sequence is shorter than this (`--min_length`).
+    pub min_length: usize,
+}
+
+/// A generated token sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    /// All ids: the decoder prompt, the caption tokens and the final `[SEP]` when it stopped there.
+    pub ids: Vec<u32>,
+    /// Beam search only: sum of log-probabilities divided by the number of generated tokens.
+    pub score: Option<f32>,
+}
+
+/// Generates the token ids for one image (`image_embeds` `[1, N, width]` from
+/// [`BlipCaptioner::encode_images`]). `rng` drives sampling and is unused otherwise.
+pub fn generate(
+    model: &BlipCaptioner,
+    image_embeds: &Tensor,
+    settings: &GenerationSettings,
+    rng: &mut impl Rng,
+) -> Result<Generated> {
+    let prompt_length = model.prompt_ids().len();
+    if settings.max_length <= prompt_length {
+        return Err(Error::Usage(format!(
+            "--max_length {} leaves no room for a caption: it counts the {prompt_length} prompt \
+             tokens, so use at least {}",
+            settings.max_length,
+            prompt_length + 1
+        )));
+    }
+    match settings.decoding {
+        Decoding::Beam { num_beams: 0 } => {
+            Err(Error::Usage("--num_beams must be at least 1".into()))
+        }
+        Decoding::Beam { num_beams: 1 } => sample_or_greedy(model, image_embeds, settings, None),
+        Decoding::Beam { num_beams } => beam_search(model, image_embeds, settings, num_beams),
+        Decoding::Nucleus { top_p } => {
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                return Err(Error::Usage(format!(
+                    "--top_p must be in (0, 1], got {top_p}"
+                )));
+            }
+            sample_or_greedy(
+                model,
+                image_embeds,
+                settings,
+                Some((top_p, rng as &mut dyn rand::RngCore)),
+            )
+        }
+    }
+}
+
+/// One sequence decoded token by token: argmax, or a draw from the nucleus when `sampling`.
+fn sample_or_greedy(
+    model: &BlipCaptioner,
+    image_embeds: &Tensor,
+    settings: &GenerationSettings,
+    mut sampling: Option<(f64, &mut dyn rand::RngCore)>,
+) -> Result<Generated> {
+    let sep = model.sep_token_id();
+    let mut ids = model.prompt_ids().to_vec();
+    let mut cache = model.start(image_embeds, 1)?;
+    let mut feed = ids.clone();
+    while ids.len() < settings.max_length {
+        let mut logits = model.next_token_logits(&mut cache, &[feed])?.remove(0);
+        let next = match &mut sampling {
+            None => {
+                forbid_early_end(&mut logits, ids.len(), settings.min_length, sep);
+                argmax(&logits)
+            }
+            Some((top_p, rng)) => {
+                penalise_repetitions(&mut logits, &ids, SAMPLING_REPETITION_PENALTY);
+                forbid_early_end(&mut logits, ids.len(), settings.min_length, sep);
+                let nucleus = nucleus(&logits, TOP_K, *top_p);
+                draw(&nucleus, *rng)
+            }
+        };
+        ids.push(next);
+        if next == sep {
+            break;
+        }
+        feed = vec![next];
+    }
+    Ok(Generated { ids, score: None })
+}
+
+/// Sets the `[SEP]` logit to -inf while the sequence is shorter than `min_length`.
+fn forbid_early_end(logits: &mut [f32], length: usize, min_length: usize, sep: u32) {
+    if length < min_length {
+        if let Some(value) = logits.get_mut(sep as usize) {
+            *value = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// Index of the largest value (the first one on ties, as `torch.argmax`).
+fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (index, &value) in values.iter().enumerate() {
+        if value > values[best] {
+            best = index;
+        }
+    }
+    best as u32
+}
+
+/// transformers' repetition penalty: every id already in the sequence (prompt included) gets its
+/// logit divided by `penalty` when positive, multiplied when negative.
+fn penalise_repetitions(logits: &mut [f32], ids: &[u32], penalty: f32) {
+    let mut seen = std::collections::HashSet::new();
+    for &id in ids {
+        if seen.insert(id) {
+            if let Some(value) = logits.get_mut(id as usize) {
+                *value = if *value < 0.0 {
+                    *value * penalty
+                } else {
+                    *value / penalty
+                };
+            }
+        }
+    }
+}
+
+/// The tokens a top-k then top-p filter keeps, with their renormalised probabilities, most
+/// probable first.
+///
+/// Top-k keeps every logit not below the k-th largest. Top-p sorts the survivors by ascending
+/// probability and drops those whose cumulative probability is at most `1 - top_p`, always
+/// keeping the most probable one.
+pub fn nucleus(logits: &[f32], top_k: usize, top_p: f64) -> Vec<(u32, f32)> {
+    let mut order: Vec<u32> = (0..logits.len() as u32)
+        .filter(|&i| logits[i as usize] > f32::NEG_INFINITY)
+        .collect();
+    order.sort_by(|&a, &b| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    });
+    if let Some(&kth) = order.get(top_k.max(1) - 1) {
+        let threshold = logits[kth as usize];
+        order.retain(|&i| logits[i as usize] >= threshold);
+    }
+    let probabilities = softmax(order.iter().map(|&i| logits[i as usize]));
+    // transformers compares the float32 cumulative sum with `1 - top_p` as float32.
+    let dropped_mass = (1.0 - top_p) as f32;
+    let mut cut = order.len();
+    let mut cumulative = 0.0f64;
+    for position in (1..order.len()).rev() {
+        cumulative += f64::from(probabilities[position]);
+        if cumulative as f32 <= dropped_mass {
+            cut = position;
+        } else {
+            break;
+        }
+    }
+    let survivors = &order[..cut];
+    let renormalised = softmax(survivors.iter().map(|&i| logits[i as usize]));
+    survivors.iter().copied().zip(renormalised).collect()
+}
+
+/// Softmax of a sequence of logits, in float32 with a float64 sum.
+fn softmax(logits: impl Iterator<Item = f32> + Clone) -> Vec<f32> {
+    let max = logits.clone().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = logits.map(|x| (x - max).exp()).collect();
+    let total: f64 = exps.iter().map(|&e| f64::from(e)).sum();
+    exps.iter()
+        .map(|&e| (f64::from(e) / total) as f32)
+        .collect()
+}
+
+/// Draws one token from `(id, probability)` pairs.
+fn draw(choices: &[(u32, f32)], rng: &mut dyn rand::RngCore) -> u32 {
+    let total: f64 = choices.iter().map(|&(_, p)| f64::from(p)).sum();
+    let mut target = rng.random::<f64>() * total;
+    for &(id, p) in choices {
+        target -= f64::from(p);
+        if target < 0.0 {
+            return id;
+        }
+    }
+    choices.last().map_or(0, |&(id, _)| id)
+}
+
+/// A finished beam-search hypothesis.
+struct Hypothesis {
+    ids: Vec<u32>,
+    score: f32,
+}
+
+/// Beam search as transformers 4.54 runs it (length penalty 1, `early_stopping=False`).
+fn beam_search(
+    model: &BlipCaptioner,
+    image_embeds: &Tensor,
+    settings: &GenerationSettings,
+    num_beams: usize,
+) -> Result<Generated> {
+    let sep = model.sep_token_id();
+    let prompt = model.prompt_ids();
+    let vocab = model.vocab_size();
+    let candidates_kept = 2 * num_beams;
+    let mut running: Vec<Vec<u32>> = vec![prompt.to_vec(); num_beams];
+    let mut running_scores: Vec<f32> = (0..num_beams)
+        .map(|b| if b == 0 { 0.0 } else { DISCARDED })
+        .collect();
+    let mut finished: Vec<Hypothesis> = Vec::new();
+    let mut cache = model.start(image_embeds, num_beams)?;
+    let mut feed = running.clone();
+    let mut length = prompt.len();
+    loop {
+        let logits = model.next_token_logits(&mut cache, &feed)?;
+        // (accumulated score, beam, token) of every continuation, best first.
+        let mut candidates: Vec<(f32, usize, u32)> =
+            Vec::with_capacity(candidates_kept * num_beams);
+        for (beam, row) in logits.iter().enumerate() {
+            let mut log_probs = log_softmax(row);
+            forbid_early_end(&mut log_probs, length, settings.min_length, sep);
+            let mut best: Vec<(f32, usize, u32)> = log_probs
+                .iter()
+                .enumerate()
+                .map(|(token, &lp)| (lp + running_scores[beam], beam, token as u32))
+                .collect();
+            let keep = candidates_kept.min(best.len());
+            best.select_nth_unstable_by(keep - 1, |a, b| b.0.total_cmp(&a.0));
+            best.truncate(keep);
+            candidates.extend(best);
+        }
+        candidates.sort_by(|a, b| {
+            b.0.total_cmp(&a.0)
+                .then((a.1 * vocab + a.2 as usize).cmp(&(b.1 * vocab + b.2 as usize)))
+        });
+        candidates.truncate(candidates_kept);
+        let hits_stop =
+            |&(_, _, token): &(f32, usize, u32)| token == sep || length + 1 >= settings.max_length;
+        // Only the best `num_beams` candidates may enter the finished pool.
+        let generated = (length + 1 - prompt.len()) as f32;
+        for candidate in candidates.iter().take(num_beams).filter(|c| hits_stop(c)) {
+            let mut ids = running[candidate.1].clone();
+            ids.push(candidate.2);
+            finished.push(Hypothesis {
+                ids,
+                score: candidate.0 / generated,
+            });
+        }
+        finished.sort_by(|a, b| b.score.total_cmp(&a.score));
+        finished.truncate(num_beams);
+        // The best candidates that did not stop continue.
+        let mut next: Vec<(f32, usize, u32)> = candidates
+            .iter()
+            .copied()
+            .filter(|c| !hits_stop(c))
+            .collect();
+        next.truncate(num_beams);
+        length += 1;
+        if next.len() < num_beams {
+            break;
+        }
+        // transformers' early_stopping=False heuristic: stop once the best running beam, at its
+        // current length, cannot beat the worst finished hypothesis.
+        let best_running = next[0].0 / (length - prompt.len()) as f32;
+        let pool_full = finished.len() == num_beams;
+        if pool_full && best_running <= finished[num_beams - 1].score {
+            break;
+        }
+        let sources: Vec<usize> = next.iter().map(|c| c.1).collect();
+        running = next
+            .iter()
+            .map(|&(_, beam, token)| {
+                let mut ids = running[beam].clone();
+                ids.push(token);
+                ids
+            })
+            .collect();
+        running_scores = next.iter().map(|c| c.0).collect();
+        cache.reorder(&sources)?;
+        feed = next.iter().map(|&(_, _, token)| vec![token]).collect();
+    }
+    let best = finished
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Model("beam search finished without a hypothesis".into()))?;
+    Ok(Generated {
+        ids: best.ids,
+        score: Some(best.score),
+    })
+}
+
+/// `log_softmax` of one row, in float32 with a float64 sum.
+fn log_softmax(row: &[f32]) -> Vec<f32> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let total: f64 = row.iter().map(|&x| f64::from((x - max).exp())).sum();
+    let log_total = total.ln() as f32;
+    row.iter().map(|&x| x - max - log_total).collect()
+}
+
+/// The caption sd-scripts writes: the decoded text without its first `len(PROMPT)` characters.
+pub fn caption_text(model: &BlipCaptioner, ids: &[u32]) -> Result<String> {
+    let text = model.decode(ids)?;
+    let prompt_chars = crate::models::blip::PROMPT.chars().count();
+    Ok(text.chars().skip(prompt_chars).collect())
+}
+
+/// The sampling generator for one image: seeded from `--seed` and the image's content hash, so a
+/// caption does not depend on which other images are in the run.
+pub fn image_rng(seed: u64, image_hash: &str) -> rand::rngs::StdRng {
+    let key = crate::hashing::KeyBuilder::new("caption-sampling", 1)
+        .field("seed", &seed.to_le_bytes())
+        .text("image", image_hash)
+        .finish();
+    let mut bytes = [0u8; 32];
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&key[2 * i..2 * i + 2], 16).expect("hex key");
+    }
+    rand::rngs::StdRng::from_seed(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::blip::fixture;
+
+    fn golden_json() -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(fixture::dir().join("golden.json")).unwrap()).unwrap()
+    }
+
+    /// Row `image` of a padded golden id array, cut to its length.
+    fn golden_ids(name: &str, image: usize) -> Vec<u32> {
+        let (ids, shape) = fixture::i64_array(&format!("{name}_ids"));
+        let (lengths, _) = fixture::i64_array(&format!("{name}_len"));
+        let row = &ids[image * shape[1]..(image + 1) * shape[1]];
+        row[..lengths[image] as usize]
+            .iter()
+            .map(|&id| id as u32)
+            .collect()
+    }
+
+    fn embeds(image: usize) -> Tensor {
+        fixture::model()
+            .encode_images(&fixture::pixels(image))
+            .unwrap()
+    }
+
+    fn run(image: usize, decoding: Decoding, max_length: usize) -> Generated {
+        let settings = GenerationSettings {
+            decoding,
+            max_length,
+            min_length: 5,
+        };
+        let mut rng = image_rng(42, "x");
+        generate(fixture::model(), &embeds(image), &settings, &mut rng).unwrap()
+    }
+
+    #[test]
+    fn greedy_and_beam_ids_and_captions_match_golden() {
+        let model = fixture::model();
+        let golden = golden_json();
+        for image in 0..4 {
+            let cases = [
+                ("greedy30", Decoding::Beam { num_beams: 1 }, 30),
+                ("greedy75", Decoding::Beam { num_beams: 1 }, 75),
+                ("beam3", Decoding::Beam { num_beams: 3 }, 30),
+            ];
+            for (name, decoding, max_length) in cases {
+                let generated = run(image, decoding, max_length);
+                assert_eq!(
+                    generated.ids,
+                    golden_ids(name, image),
+                    "{name}, image {image}"
+                );
+                let expected = &golden["images"][image][name];
+                assert_eq!(
+                    caption_text(model, &generated.ids).unwrap(),
+                    expected["sd_scripts_caption"].as_str().unwrap(),
+                    "{name}, image {image}"
+                );
+                if name == "beam3" {
+                    let (scores, _) = fixture::f32_array("beam3_sequence_scores");
+                    let error = (generated.score.unwrap() - scores[image]).abs();
+                    eprintln!("beam3 score, image {image}: error {error:e}");
+                    assert!(
+                        error < 1e-4,
+                        "beam score of image {image} differs by {error}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn first_nucleus_step_keeps_the_golden_tokens() {
+        let model = fixture::model();
+        let (kept_ids, shape) = fixture::i64_array("nucleus_step1_kept_ids");
+        let (kept_probs, _) = fixture::f32_array("nucleus_step1_kept_probs");
+        for image in 0..4 {
+            let mut cache = model.start(&embeds(image), 1).unwrap();
+            let prompt = model.prompt_ids().to_vec();
+            let mut logits = model
+                .next_token_logits(&mut cache, &[prompt.clone()])
+                .unwrap()
+                .remove(0);
+            penalise_repetitions(&mut logits, &prompt, SAMPLING_REPETITION_PENALTY);
+            forbid_early_end(&mut logits, prompt.len(), 5, model.sep_token_id());
+            let kept = nucleus(&logits, TOP_K, 0.9);
+            let row = image * shape[1]..(image + 1) * shape[1];
+            let expected: Vec<(u32, f32)> = kept_ids[row.clone()]
+                .iter()
+                .zip(&kept_probs[row])
+                .filter(|(&id, _)| id >= 0)
+                .map(|(&id, &p)| (id as u32, p))
+                .collect();
+            let ids = |v: &[(u32, f32)]| v.iter().map(|p| p.0).collect::<Vec<_>>();
+            assert_eq!(ids(&kept), ids(&expected), "image {image}");
+            for ((_, actual), (_, wanted)) in kept.iter().zip(&expected) {
+                assert!(
+                    (actual - wanted).abs() < 1e-5,
+                    "image {image}: {actual} vs {wanted}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn sampling_is_reproducible_and_respects_the_limits() {
+        let sample = |seed| {
+            let settings = GenerationSettings {
+                decoding: Decoding::Nucleus { top_p: 0.9 },
+                max_length: 30,
+                min_length: 5,
+            };
+            let mut rng = image_rng(seed, "image-hash");
+            generate(fixture::model(), &embeds(3), &settings, &mut rng)
+                .unwrap()
+                .ids
+        };
+        let first = sample(42);
+        assert_eq!(first, sample(42));
+        assert_eq!(&first[..4], fixture::model().prompt_ids());
+        assert!(first.len() <= 30 && first.len() > 5);
+        assert!(first[4..first.len() - 1].iter().all(|&id| id != 102));
+        let others: Vec<_> = (0..4).map(|seed| sample(seed)).collect();
+        assert!(
+            others.iter().any(|ids| ids != &first),
+            "the seed changes nothing"
+        );
+    }
+
+    #[test]
+    fn nucleus_filter_rules() {
+        // top-k keeps ties with the k-th value; top-p keeps at least the best token.
+        let kept = nucleus(&[1.0, 3.0, 2.0, 2.0, f32::NEG_INFINITY], 2, 1.0);
+        assert_eq!(kept.iter().map(|p| p.0).collect::<Vec<_>>(), [1, 2, 3]);
+        let kept = nucleus(&[0.0, 10.0, 0.0], 50, 0.5);
+        assert_eq!(kept, [(1, 1.0)]);
+        let mut logits = vec![2.0, -2.0, 1.0];
+        penalise_repetitions(&mut logits, &[0, 1, 1], 2.0);
+        assert_eq!(logits, [1.0, -4.0, 1.0]);
+    }
+
+    #[test]
+    fn too_short_max_length_is_a_usage_error() {
+        let settings = GenerationSettings {
+            decoding: Decoding::Beam { num_beams: 1 },
+            max_length: 4,
+            min_length: 5,
+        };
+        let error = generate(
+            fixture::model(),
+            &embeds(0),
+            &settings,
+            &mut image_rng(1, "x"),
+        )
+        .unwrap_err();
+        assert!(matches!(error, Error::Usage(_)), "{error}");
+    }
+}
