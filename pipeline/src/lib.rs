@@ -17,5 +17,6 @@ pub mod metadata;
 pub mod models;
 pub mod report;
 pub mod schema;
+pub mod shard;
 
 pub use error::{Error, Result};
