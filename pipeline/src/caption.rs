@@ -2,11 +2,18 @@
 //! `generate`: greedy search, beam search and nucleus sampling, with `max_length`/`min_length`
 //! counted over the whole decoder sequence including the 4 prompt tokens, stopping on `[SEP]`.
 
-use candle_core::Tensor;
-use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 
-use crate::models::blip::BlipCaptioner;
-use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+
+use crate::hashing::{self, KeyBuilder};
+use crate::manifest::Manifest;
+use crate::models::blip::{BlipCaptioner, BlipFiles, IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD};
+use crate::report::{Progress, Summary};
+use crate::{dataset, fsio, imaging, Error, Result};
 
 /// Tokens kept before nucleus filtering (transformers' default `top_k`, also in effect in
 /// sd-scripts' sampling mode).
@@ -353,6 +360,326 @@ pub fn image_rng(seed: u64, image_hash: &str) -> rand::rngs::StdRng {
     rand::rngs::StdRng::from_seed(bytes)
 }
 
+/// Schema id of the caption index the stage writes next to the images.
+pub const CAPTION_INDEX_V1: &str = "lorakit.caption_index/v1";
+/// Version of the per-image content key; bump it when the same inputs give another caption.
+const KEY_VERSION: u32 = 1;
+
+/// Options of the caption stage (`caption-images`, sd-scripts' `make_captions.py`).
+#[derive(Debug, Clone)]
+pub struct CaptionOptions {
+    /// Folder of training images.
+    pub train_data_dir: PathBuf,
+    /// Hugging Face BLIP captioning folder (`--caption_weights`).
+    pub caption_weights: PathBuf,
+    /// Token selection and length limits.
+    pub generation: GenerationSettings,
+    /// Seed of the sampling mode (`--seed`).
+    pub seed: u64,
+    /// Images per vision-encoder batch (`--batch_size`).
+    pub batch_size: usize,
+    /// Extension of the caption files (`--caption_extension`, e.g. `.caption`).
+    pub caption_extension: String,
+    /// Also caption images in subfolders (`--recursive`).
+    pub recursive: bool,
+    /// Print every caption (`--debug`).
+    pub debug: bool,
+    /// Caption every image again, even when its caption is up to date (`--force`).
+    pub force: bool,
+    /// Hide the progress bar.
+    pub quiet: bool,
+}
+
+impl CaptionOptions {
+    /// The parameters that change captions, as recorded in the manifest and content keys.
+    fn parameters(&self) -> serde_json::Value {
+        let (mode, num_beams, top_p, repetition_penalty) = match self.generation.decoding {
+            Decoding::Beam { num_beams } => ("beam_search", Some(num_beams), None, 1.0),
+            Decoding::Nucleus { top_p } => (
+                "nucleus",
+                None,
+                Some(top_p),
+                f64::from(SAMPLING_REPETITION_PENALTY),
+            ),
+        };
+        serde_json::json!({
+            "mode": mode,
+            "num_beams": num_beams,
+            "top_p": top_p,
+            "top_k": if num_beams.is_none() { Some(TOP_K) } else { None },
+            "repetition_penalty": repetition_penalty,
+            "max_length": self.generation.max_length,
+            "min_length": self.generation.min_length,
+            "seed": if num_beams.is_none() { Some(self.seed) } else { None },
+            "prompt": crate::models::blip::PROMPT,
+            "caption_extension": self.caption_extension,
+        })
+    }
+
+    /// Checks the numbers before anything is loaded.
+    fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(Error::Usage("--batch_size must be at least 1".into()));
+        }
+        if let Decoding::Beam { num_beams: 0 } = self.generation.decoding {
+            return Err(Error::Usage("--num_beams must be at least 1".into()));
+        }
+        if let Decoding::Nucleus { top_p } = self.generation.decoding {
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                return Err(Error::Usage(format!(
+                    "--top_p must be in (0, 1], got {top_p}"
+                )));
+            }
+        }
+        if !self.caption_extension.starts_with('.') || self.caption_extension.contains(['/', '\\'])
+        {
+            return Err(Error::Usage(format!(
+                "--caption_extension must look like .caption, got {:?}",
+                self.caption_extension
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Path of the caption index of a run: `<train_data_dir>/caption-images<ext>.json` (a JSON
+/// object from image path, relative to the folder, to caption), with its manifest beside it.
+pub fn index_path(train_data_dir: &Path, caption_extension: &str) -> PathBuf {
+    train_data_dir.join(format!("caption-images{caption_extension}.json"))
+}
+
+/// One image waiting for its caption.
+struct PendingImage {
+    path: PathBuf,
+    item: String,
+    image_hash: String,
+    key: String,
+}
+
+/// Captions every image of `train_data_dir` that has no up-to-date caption file.
+///
+/// Writes `<stem><caption_extension>` per image (caption + newline, atomically), skips images
+/// whose content key (image bytes, model, parameters) matches the previous run's manifest and
+/// whose caption file still exists, and reports unreadable images as per-file failures.
+pub fn run(options: &CaptionOptions) -> Result<Summary> {
+    options.validate()?;
+    let files = BlipFiles::locate(&options.caption_weights)?;
+    let discovery = dataset::find_images(&options.train_data_dir, options.recursive)?;
+    let index = index_path(&options.train_data_dir, &options.caption_extension);
+    let parameters = options.parameters();
+    let previous = match Manifest::read_for(&index) {
+        Ok(manifest) => manifest.map(|m| m.items).unwrap_or_default(),
+        Err(error) => {
+            tracing::warn!("ignoring the previous run's manifest: {error}");
+            Default::default()
+        }
+    };
+    let model_hash = files.hash()?;
+    let mut summary = Summary::default();
+    for path in &discovery.not_files {
+        summary.fail(
+            path,
+            &Error::bad_file(path, "named like an image but not a regular file"),
+        );
+    }
+    let mut manifest = Manifest::new(
+        "caption-images",
+        &index,
+        CAPTION_INDEX_V1,
+        parameters.clone(),
+    );
+    manifest.add_input_file("model_config", &files.config)?;
+    manifest.inputs.push(crate::manifest::InputRecord {
+        role: "model".into(),
+        path: Some(options.caption_weights.display().to_string()),
+        blake3: model_hash.clone(),
+        items: None,
+    });
+    let mut captions: BTreeMap<String, String> = BTreeMap::new();
+    let mut pending = Vec::new();
+    let mut sidecar_owner: HashMap<PathBuf, PathBuf> = HashMap::new();
+    for path in &discovery.images {
+        let sidecar = dataset::sidecar_path(path, &options.caption_extension);
+        if let Some(first) = sidecar_owner.insert(sidecar.clone(), path.clone()) {
+            summary.fail(
+                path,
+                &Error::bad_file(
+                    path,
+                    format!(
+                        "would write the same caption file {} as {}; rename one of them",
+                        sidecar.display(),
+                        first.display()
+                    ),
+                ),
+            );
+            continue;
+        }
+        let item = relative_item(&options.train_data_dir, path);
+        let image_hash = match hashing::hash_file(path) {
+            Ok(hash) => hash,
+            Err(error) => {
+                summary.fail(path, &error);
+                continue;
+            }
+        };
+        let key = KeyBuilder::new("caption-images", KEY_VERSION)
+            .text("image", &image_hash)
+            .text("model", &model_hash)
+            .text("parameters", &parameters.to_string())
+            .finish();
+        if !options.force && previous.get(&item) == Some(&key) {
+            if let Ok(text) = dataset::read_sidecar(&sidecar) {
+                captions.insert(item.clone(), text);
+                manifest.items.insert(item, key);
+                summary.up_to_date += 1;
+                continue;
+            }
+        }
+        pending.push(PendingImage {
+            path: path.clone(),
+            item,
+            image_hash,
+            key,
+        });
+    }
+    if !pending.is_empty() {
+        let started = std::time::Instant::now();
+        let model = BlipCaptioner::load(&files, &Device::Cpu)?;
+        tracing::debug!("model loaded in {:.2} s", started.elapsed().as_secs_f64());
+        let progress = Progress::new("caption-images", pending.len(), options.quiet);
+        for batch in pending.chunks(options.batch_size) {
+            caption_batch(
+                &model,
+                options,
+                batch,
+                &mut summary,
+                &mut captions,
+                &mut manifest,
+                &progress,
+            )?;
+        }
+        progress.finish();
+    }
+    let mut bytes = Vec::new();
+    crate::metadata::write_python_json(
+        &mut bytes,
+        &serde_json::to_value(&captions).expect("map"),
+        2,
+        false,
+    )
+    .expect("writing to memory");
+    bytes.push(b'\n');
+    fsio::write_atomic(&index, &bytes)?;
+    manifest.summary = summary.clone();
+    manifest.write_for(&index)?;
+    Ok(summary)
+}
+
+/// Captions one batch: images decoded in parallel, one vision pass, then one decode per image.
+fn caption_batch(
+    model: &BlipCaptioner,
+    options: &CaptionOptions,
+    batch: &[PendingImage],
+    summary: &mut Summary,
+    captions: &mut BTreeMap<String, String>,
+    manifest: &mut Manifest,
+    progress: &Progress,
+) -> Result<()> {
+    let loaded: Vec<Result<Tensor>> = batch
+        .par_iter()
+        .map(|image| load_pixels(&image.path))
+        .collect();
+    let mut ready = Vec::with_capacity(batch.len());
+    let mut pixels = Vec::with_capacity(batch.len());
+    for (image, result) in batch.iter().zip(loaded) {
+        match result {
+            Ok(tensor) => {
+                ready.push(image);
+                pixels.push(tensor);
+            }
+            Err(error) => {
+                summary.fail(&image.path, &error);
+                progress.inc(1);
+            }
+        }
+    }
+    if ready.is_empty() {
+        return Ok(());
+    }
+    let pixels =
+        Tensor::stack(&pixels, 0).map_err(|e| Error::Model(format!("batching images: {e}")))?;
+    let started = std::time::Instant::now();
+    let embeds = model.encode_images(&pixels)?;
+    tracing::debug!(
+        "vision encoder: {} images in {:.2} s",
+        pixels.dim(0).unwrap_or(0),
+        started.elapsed().as_secs_f64()
+    );
+    for (row, image) in ready.into_iter().enumerate() {
+        let image_embeds = embeds
+            .narrow(0, row, 1)
+            .map_err(|e| Error::Model(format!("splitting the image batch: {e}")))?;
+        let mut rng = image_rng(options.seed, &image.image_hash);
+        let started = std::time::Instant::now();
+        let generated = generate(model, &image_embeds, &options.generation, &mut rng)?;
+        tracing::debug!(
+            "{}: {} tokens in {:.2} s",
+            image.path.display(),
+            generated.ids.len(),
+            started.elapsed().as_secs_f64()
+        );
+        let caption = caption_text(model, &generated.ids)?;
+        let sidecar = dataset::sidecar_path(&image.path, &options.caption_extension);
+        match fsio::write_atomic(&sidecar, format!("{caption}\n").as_bytes()) {
+            Ok(()) => {
+                if options.debug {
+                    println!("{} {caption}", image.path.display());
+                }
+                tracing::debug!("{}: {caption}", image.path.display());
+                captions.insert(image.item.clone(), caption);
+                manifest.items.insert(image.item.clone(), image.key.clone());
+                summary.done += 1;
+            }
+            Err(error) => summary.fail(&image.path, &error),
+        }
+        progress.inc(1);
+    }
+    Ok(())
+}
+
+/// The image path relative to the dataset folder, with `/` separators (the index/manifest key).
+fn relative_item(train_data_dir: &Path, image: &Path) -> String {
+    let relative = image.strip_prefix(train_data_dir).unwrap_or(image);
+    relative
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Decodes an image and turns it into BLIP's input `[3, 384, 384]`: RGB with any alpha channel
+/// dropped, resized to 384x384 with Pillow's bicubic filter ignoring the aspect ratio.
+fn load_pixels(path: &Path) -> Result<Tensor> {
+    let rgb = imaging::open(path)?.to_rgb8();
+    let resized = imaging::resize_bicubic(&rgb, IMAGE_SIZE, IMAGE_SIZE);
+    pixel_values(&resized)
+}
+
+/// Normalises a 384x384 RGB image with the CLIP mean/std into a `[3, H, W]` float32 tensor.
+pub fn pixel_values(image: &image::RgbImage) -> Result<Tensor> {
+    let (width, height) = image.dimensions();
+    let plane = (width * height) as usize;
+    let mut values = vec![0f32; 3 * plane];
+    for (index, pixel) in image.pixels().enumerate() {
+        for channel in 0..3 {
+            let unit = f32::from(pixel[channel]) / 255.0;
+            values[channel * plane + index] = (unit - PIXEL_MEAN[channel]) / PIXEL_STD[channel];
+        }
+    }
+    Tensor::from_vec(values, (3, height as usize, width as usize), &Device::Cpu)
+        .map_err(|e| Error::Model(format!("building the pixel tensor: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,6 +808,54 @@ mod tests {
             others.iter().any(|ids| ids != &first),
             "the seed changes nothing"
         );
+    }
+
+    #[test]
+    fn preprocessing_matches_golden_pixels() {
+        let (expected, _) = fixture::f32_array("pixel_values");
+        let images = fixture::dir().join("../images");
+        let size = 3 * 384 * 384;
+        for (index, name) in ["astronaut", "chelsea", "coins", "text"].iter().enumerate() {
+            let pixels = load_pixels(&images.join(format!("{name}.png"))).unwrap();
+            let actual: Vec<f32> = pixels.flatten_all().unwrap().to_vec1().unwrap();
+            let golden = &expected[index * size..(index + 1) * size];
+            let error = fixture::max_abs_diff(&actual, golden);
+            let differing = actual
+                .iter()
+                .zip(golden)
+                .filter(|(a, b)| (*a - *b).abs() > 1e-6)
+                .count();
+            assert!(
+                error < 1e-6,
+                "{name}: pixels differ by up to {error} ({differing} values)"
+            );
+        }
+    }
+
+    #[test]
+    fn normalisation_matches_golden_pixels() {
+        // The golden resized image is recoverable from its pixels; normalising it again must
+        // give the same values.
+        let (expected, _) = fixture::f32_array("pixel_values");
+        let plane = 384 * 384;
+        let golden = &expected[..3 * plane];
+        let bytes: Vec<u8> = (0..plane)
+            .flat_map(|i| {
+                (0..3).map(move |c| {
+                    let unit = golden[c * plane + i] * PIXEL_STD[c] + PIXEL_MEAN[c];
+                    (unit * 255.0).round() as u8
+                })
+            })
+            .collect();
+        let image = image::RgbImage::from_raw(384, 384, bytes).unwrap();
+        let actual: Vec<f32> = pixel_values(&image)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let error = fixture::max_abs_diff(&actual, golden);
+        assert!(error < 1e-6, "normalisation differs by {error}");
     }
 
     #[test]
