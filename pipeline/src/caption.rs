@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
@@ -58,14 +59,18 @@ pub struct Generated {
     pub score: Option<f32>,
 }
 
-/// Generates the token ids for one image (`image_embeds` `[1, N, width]` from
-/// [`BlipCaptioner::encode_images`]). `rng` drives sampling and is unused otherwise.
-pub fn generate(
+/// Generates the token ids for every image of `image_embeds` (`[B, N, width]` from
+/// [`BlipCaptioner::encode_images`]), in image order. `rngs` holds one generator per image and
+/// drives sampling; greedy and beam search do not use it.
+///
+/// Greedy and sampled sequences of all images are decoded side by side (finished ones leave the
+/// batch); beam search runs image by image, its beams side by side.
+pub fn generate_batch(
     model: &BlipCaptioner,
     image_embeds: &Tensor,
     settings: &GenerationSettings,
-    rng: &mut impl Rng,
-) -> Result<Generated> {
+    rngs: &mut [StdRng],
+) -> Result<Vec<Generated>> {
     let prompt_length = model.prompt_ids().len();
     if settings.max_length <= prompt_length {
         return Err(Error::Usage(format!(
@@ -75,60 +80,89 @@ pub fn generate(
             prompt_length + 1
         )));
     }
+    let images = image_embeds
+        .dim(0)
+        .map_err(|e| Error::Model(format!("image embeddings: {e}")))?;
+    if rngs.len() != images {
+        return Err(Error::Model(format!(
+            "{} generators for {images} images",
+            rngs.len()
+        )));
+    }
     match settings.decoding {
         Decoding::Beam { num_beams: 0 } => {
             Err(Error::Usage("--num_beams must be at least 1".into()))
         }
-        Decoding::Beam { num_beams: 1 } => sample_or_greedy(model, image_embeds, settings, None),
-        Decoding::Beam { num_beams } => beam_search(model, image_embeds, settings, num_beams),
+        Decoding::Beam { num_beams: 1 } => decode_side_by_side(model, image_embeds, settings, None),
+        Decoding::Beam { num_beams } => (0..images)
+            .map(|image| {
+                let one = image_embeds
+                    .narrow(0, image, 1)
+                    .map_err(|e| Error::Model(format!("image embeddings: {e}")))?;
+                beam_search(model, &one, settings, num_beams)
+            })
+            .collect(),
         Decoding::Nucleus { top_p } => {
             if !(top_p > 0.0 && top_p <= 1.0) {
                 return Err(Error::Usage(format!(
                     "--top_p must be in (0, 1], got {top_p}"
                 )));
             }
-            sample_or_greedy(
-                model,
-                image_embeds,
-                settings,
-                Some((top_p, rng as &mut dyn rand::RngCore)),
-            )
+            decode_side_by_side(model, image_embeds, settings, Some((top_p, rngs)))
         }
     }
 }
 
-/// One sequence decoded token by token: argmax, or a draw from the nucleus when `sampling`.
-fn sample_or_greedy(
+/// One sequence per image, decoded token by token: argmax, or a draw from the nucleus with the
+/// image's own generator when `sampling`.
+fn decode_side_by_side(
     model: &BlipCaptioner,
     image_embeds: &Tensor,
     settings: &GenerationSettings,
-    mut sampling: Option<(f64, &mut dyn rand::RngCore)>,
-) -> Result<Generated> {
+    mut sampling: Option<(f64, &mut [StdRng])>,
+) -> Result<Vec<Generated>> {
     let sep = model.sep_token_id();
-    let mut ids = model.prompt_ids().to_vec();
     let mut cache = model.start(image_embeds, 1)?;
-    let mut feed = ids.clone();
-    while ids.len() < settings.max_length {
-        let mut logits = model.next_token_logits(&mut cache, &[feed])?.remove(0);
-        let next = match &mut sampling {
-            None => {
-                forbid_early_end(&mut logits, ids.len(), settings.min_length, sep);
-                argmax(&logits)
+    let mut sequences = vec![model.prompt_ids().to_vec(); cache.sequences()];
+    // The image of every cache row still decoding.
+    let mut active: Vec<usize> = (0..sequences.len()).collect();
+    let mut feed = sequences.clone();
+    while !active.is_empty() {
+        let logits = model.next_token_logits(&mut cache, &feed)?;
+        let mut kept_rows = Vec::with_capacity(active.len());
+        for (row, (mut logits, &image)) in logits.into_iter().zip(&active).enumerate() {
+            let ids = &mut sequences[image];
+            let next = match &mut sampling {
+                None => {
+                    forbid_early_end(&mut logits, ids.len(), settings.min_length, sep);
+                    argmax(&logits)
+                }
+                Some((top_p, rngs)) => {
+                    penalise_repetitions(&mut logits, ids, SAMPLING_REPETITION_PENALTY);
+                    forbid_early_end(&mut logits, ids.len(), settings.min_length, sep);
+                    draw(&nucleus(&logits, TOP_K, *top_p), &mut rngs[image])
+                }
+            };
+            ids.push(next);
+            if next != sep && ids.len() < settings.max_length {
+                kept_rows.push(row);
             }
-            Some((top_p, rng)) => {
-                penalise_repetitions(&mut logits, &ids, SAMPLING_REPETITION_PENALTY);
-                forbid_early_end(&mut logits, ids.len(), settings.min_length, sep);
-                let nucleus = nucleus(&logits, TOP_K, *top_p);
-                draw(&nucleus, *rng)
-            }
-        };
-        ids.push(next);
-        if next == sep {
-            break;
         }
-        feed = vec![next];
+        if kept_rows.len() != active.len() {
+            active = kept_rows.iter().map(|&row| active[row]).collect();
+            if !active.is_empty() {
+                cache.reorder(&kept_rows)?;
+            }
+        }
+        feed = active
+            .iter()
+            .map(|&image| vec![*sequences[image].last().expect("non-empty")])
+            .collect();
     }
-    Ok(Generated { ids, score: None })
+    Ok(sequences
+        .into_iter()
+        .map(|ids| Generated { ids, score: None })
+        .collect())
 }
 
 /// Sets the `[SEP]` logit to -inf while the sequence is shorter than `min_length`.
@@ -216,7 +250,7 @@ fn softmax(logits: impl Iterator<Item = f32> + Clone) -> Vec<f32> {
 }
 
 /// Draws one token from `(id, probability)` pairs.
-fn draw(choices: &[(u32, f32)], rng: &mut dyn rand::RngCore) -> u32 {
+fn draw(choices: &[(u32, f32)], rng: &mut StdRng) -> u32 {
     let total: f64 = choices.iter().map(|&(_, p)| f64::from(p)).sum();
     let mut target = rng.random::<f64>() * total;
     for &(id, p) in choices {
@@ -348,7 +382,7 @@ pub fn caption_text(model: &BlipCaptioner, ids: &[u32]) -> Result<String> {
 
 /// The sampling generator for one image: seeded from `--seed` and the image's content hash, so a
 /// caption does not depend on which other images are in the run.
-pub fn image_rng(seed: u64, image_hash: &str) -> rand::rngs::StdRng {
+pub fn image_rng(seed: u64, image_hash: &str) -> StdRng {
     let key = crate::hashing::KeyBuilder::new("caption-sampling", 1)
         .field("seed", &seed.to_le_bytes())
         .text("image", image_hash)
@@ -357,7 +391,7 @@ pub fn image_rng(seed: u64, image_hash: &str) -> rand::rngs::StdRng {
     for (i, byte) in bytes.iter_mut().enumerate() {
         *byte = u8::from_str_radix(&key[2 * i..2 * i + 2], 16).expect("hex key");
     }
-    rand::rngs::StdRng::from_seed(bytes)
+    StdRng::from_seed(bytes)
 }
 
 /// Schema id of the caption index the stage writes next to the images.
@@ -615,19 +649,18 @@ fn caption_batch(
         pixels.dim(0).unwrap_or(0),
         started.elapsed().as_secs_f64()
     );
-    for (row, image) in ready.into_iter().enumerate() {
-        let image_embeds = embeds
-            .narrow(0, row, 1)
-            .map_err(|e| Error::Model(format!("splitting the image batch: {e}")))?;
-        let mut rng = image_rng(options.seed, &image.image_hash);
-        let started = std::time::Instant::now();
-        let generated = generate(model, &image_embeds, &options.generation, &mut rng)?;
-        tracing::debug!(
-            "{}: {} tokens in {:.2} s",
-            image.path.display(),
-            generated.ids.len(),
-            started.elapsed().as_secs_f64()
-        );
+    let mut rngs: Vec<StdRng> = ready
+        .iter()
+        .map(|image| image_rng(options.seed, &image.image_hash))
+        .collect();
+    let started = std::time::Instant::now();
+    let generated = generate_batch(model, &embeds, &options.generation, &mut rngs)?;
+    tracing::debug!(
+        "decoder: {} images in {:.2} s",
+        ready.len(),
+        started.elapsed().as_secs_f64()
+    );
+    for (image, generated) in ready.into_iter().zip(generated) {
         let caption = caption_text(model, &generated.ids)?;
         let sidecar = dataset::sidecar_path(&image.path, &options.caption_extension);
         match fsio::write_atomic(&sidecar, format!("{caption}\n").as_bytes()) {
@@ -712,8 +745,17 @@ mod tests {
             max_length,
             min_length: 5,
         };
-        let mut rng = image_rng(42, "x");
-        generate(fixture::model(), &embeds(image), &settings, &mut rng).unwrap()
+        let mut rngs = [image_rng(42, "x")];
+        generate_batch(fixture::model(), &embeds(image), &settings, &mut rngs)
+            .unwrap()
+            .remove(0)
+    }
+
+    /// The 4 golden images encoded as one batch.
+    fn all_embeds() -> Tensor {
+        let (pixels, _) = fixture::f32_array("pixel_values");
+        let pixels = Tensor::from_vec(pixels, (4, 3, 384, 384), &Device::Cpu).unwrap();
+        fixture::model().encode_images(&pixels).unwrap()
     }
 
     #[test]
@@ -749,6 +791,52 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn batches_decode_like_single_images() {
+        let model = fixture::model();
+        let embeds = all_embeds();
+        let greedy = GenerationSettings {
+            decoding: Decoding::Beam { num_beams: 1 },
+            max_length: 30,
+            min_length: 5,
+        };
+        let mut rngs: Vec<StdRng> = (0..4).map(|i| image_rng(42, &i.to_string())).collect();
+        let batch = generate_batch(model, &embeds, &greedy, &mut rngs).unwrap();
+        for (image, generated) in batch.iter().enumerate() {
+            assert_eq!(
+                generated.ids,
+                golden_ids("greedy30", image),
+                "image {image}"
+            );
+        }
+        let beams = GenerationSettings {
+            decoding: Decoding::Beam { num_beams: 3 },
+            ..greedy.clone()
+        };
+        let batch = generate_batch(model, &embeds, &beams, &mut rngs).unwrap();
+        for (image, generated) in batch.iter().enumerate() {
+            assert_eq!(generated.ids, golden_ids("beam3", image), "image {image}");
+        }
+        let sampling = GenerationSettings {
+            decoding: Decoding::Nucleus { top_p: 0.9 },
+            ..greedy
+        };
+        let mut rngs: Vec<StdRng> = (0..4).map(|i| image_rng(42, &i.to_string())).collect();
+        let batch = generate_batch(model, &embeds, &sampling, &mut rngs).unwrap();
+        for (image, generated) in batch.iter().enumerate() {
+            let mut rng = [image_rng(42, &image.to_string())];
+            let single = generate_batch(
+                model,
+                &embeds.narrow(0, image, 1).unwrap(),
+                &sampling,
+                &mut rng,
+            )
+            .unwrap()
+            .remove(0);
+            assert_eq!(generated.ids, single.ids, "image {image}");
         }
     }
 
@@ -793,9 +881,10 @@ mod tests {
                 max_length: 30,
                 min_length: 5,
             };
-            let mut rng = image_rng(seed, "image-hash");
-            generate(fixture::model(), &embeds(3), &settings, &mut rng)
+            let mut rngs = [image_rng(seed, "image-hash")];
+            generate_batch(fixture::model(), &embeds(3), &settings, &mut rngs)
                 .unwrap()
+                .remove(0)
                 .ids
         };
         let first = sample(42);
@@ -877,11 +966,11 @@ mod tests {
             max_length: 4,
             min_length: 5,
         };
-        let error = generate(
+        let error = generate_batch(
             fixture::model(),
             &embeds(0),
             &settings,
-            &mut image_rng(1, "x"),
+            &mut [image_rng(1, "x")],
         )
         .unwrap_err();
         assert!(matches!(error, Error::Usage(_)), "{error}");

@@ -7,6 +7,7 @@
 //! step. The BERT decoder with cross-attention therefore lives here, with a cache that holds
 //! the image keys/values once per image and the self-attention keys/values per beam.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
@@ -377,13 +378,15 @@ impl TextDecoder {
     }
 }
 
-/// Decoding state of the sequences (beams) of one image: the image keys/values of every layer,
-/// computed once, and the growing self-attention cache.
+/// Decoding state of sequences decoded side by side (the beams of one image, or one sequence
+/// per image of a batch): the image keys/values of every layer, computed once per image, and the
+/// growing self-attention cache.
 pub struct DecoderCache {
     image_keys_values: Vec<(Tensor, Tensor)>,
     self_keys_values: Vec<Option<(Tensor, Tensor)>>,
+    /// The image each row attends to.
+    row_images: Vec<usize>,
     length: usize,
-    sequences: usize,
 }
 
 impl DecoderCache {
@@ -399,30 +402,39 @@ impl DecoderCache {
 
     /// Number of sequences decoded side by side.
     pub fn sequences(&self) -> usize {
-        self.sequences
+        self.row_images.len()
     }
 
-    /// Keeps the sequences `sources` (in that order, repeats allowed): after a beam-search step,
-    /// row `i` of the cache becomes the former row `sources[i]`.
+    /// Keeps the sequences `sources` (in that order, repeats allowed): row `i` of the cache
+    /// becomes the former row `sources[i]` (beams after a beam-search step, or the unfinished
+    /// sequences of a batch).
     pub fn reorder(&mut self, sources: &[usize]) -> Result<()> {
         let failed = model_error("reordering the decoder cache");
+        if sources.iter().any(|&s| s >= self.row_images.len()) {
+            return Err(Error::Model(
+                "decoder cache reordered from a missing row".into(),
+            ));
+        }
         let device = self.image_keys_values[0].0.device().clone();
         let index =
             Tensor::from_iter(sources.iter().map(|&s| s as u32), &device).map_err(&failed)?;
-        for entry in self.self_keys_values.iter_mut().flatten() {
+        let select = |entry: &mut (Tensor, Tensor)| -> Result<()> {
             *entry = (
                 entry.0.index_select(&index, 0).map_err(&failed)?,
                 entry.1.index_select(&index, 0).map_err(&failed)?,
             );
+            Ok(())
+        };
+        for entry in self.self_keys_values.iter_mut().flatten() {
+            select(entry)?;
         }
-        if sources.len() != self.sequences {
+        let row_images: Vec<usize> = sources.iter().map(|&s| self.row_images[s]).collect();
+        // Beams of one image all attend to the same keys/values: no copy needed then.
+        if row_images != self.row_images {
             for entry in &mut self.image_keys_values {
-                *entry = (
-                    entry.0.index_select(&index, 0).map_err(&failed)?,
-                    entry.1.index_select(&index, 0).map_err(&failed)?,
-                );
+                select(entry)?;
             }
-            self.sequences = sources.len();
+            self.row_images = row_images;
         }
         Ok(())
     }
@@ -442,12 +454,7 @@ impl BlipCaptioner {
     /// Loads the model in `files` in float32 on `device`.
     pub fn load(files: &BlipFiles, device: &Device) -> Result<Self> {
         let config = BlipConfig::load(&files.config)?;
-        let mut tensors = candle_core::safetensors::load(&files.weights, device).map_err(|e| {
-            Error::bad_file(
-                &files.weights,
-                format!("cannot read the safetensors file: {e}"),
-            )
-        })?;
+        let mut tensors = load_tensors(&files.weights, device)?;
         // A tied LM head (as in the released checkpoints) may be stored only once.
         let head = "text_decoder.cls.predictions.";
         if !tensors.contains_key(&format!("{head}decoder.weight")) {
@@ -522,22 +529,38 @@ impl BlipCaptioner {
             .map_err(model_error("running the BLIP vision encoder"))
     }
 
-    /// Starts decoding `sequences` side by side for one image (`image_embeds` `[1, N, width]`).
-    pub fn start(&self, image_embeds: &Tensor, sequences: usize) -> Result<DecoderCache> {
+    /// Starts decoding `rows_per_image` sequences for each image of `image_embeds`
+    /// (`[B, N, width]`); rows are grouped by image, in image order.
+    pub fn start(&self, image_embeds: &Tensor, rows_per_image: usize) -> Result<DecoderCache> {
         let failed = model_error("preparing the BLIP decoder");
-        let image = image_embeds.repeat((sequences, 1, 1)).map_err(&failed)?;
+        let images = image_embeds.dim(0).map_err(&failed)?;
+        let row_images: Vec<usize> = (0..images)
+            .flat_map(|image| std::iter::repeat_n(image, rows_per_image))
+            .collect();
+        let index = Tensor::from_iter(row_images.iter().map(|&i| i as u32), &self.device)
+            .map_err(&failed)?;
         let image_keys_values = self
             .decoder
             .layers
             .iter()
-            .map(|layer| layer.cross_attention.keys_values(&image))
+            .map(|layer| {
+                let (keys, values) = layer.cross_attention.keys_values(image_embeds)?;
+                if rows_per_image == 1 {
+                    Ok((keys, values))
+                } else {
+                    Ok((
+                        keys.index_select(&index, 0)?,
+                        values.index_select(&index, 0)?,
+                    ))
+                }
+            })
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(&failed)?;
         Ok(DecoderCache {
             self_keys_values: vec![None; image_keys_values.len()],
             image_keys_values,
+            row_images,
             length: 0,
-            sequences,
         })
     }
 
@@ -546,12 +569,14 @@ impl BlipCaptioner {
     pub fn feed(&self, cache: &mut DecoderCache, tokens: &[Vec<u32>]) -> Result<Tensor> {
         let failed = model_error("running the BLIP text decoder");
         let count = tokens.first().map_or(0, Vec::len);
-        if tokens.len() != cache.sequences || count == 0 || tokens.iter().any(|t| t.len() != count)
+        if tokens.len() != cache.sequences()
+            || count == 0
+            || tokens.iter().any(|t| t.len() != count)
         {
             return Err(Error::Model(format!(
                 "decoder fed {} sequences of unequal or zero length, expected {}",
                 tokens.len(),
-                cache.sequences
+                cache.sequences()
             )));
         }
         let start = cache.length;
@@ -661,6 +686,25 @@ impl BlipCaptioner {
             .decode(ids, true)
             .map_err(|e| Error::Model(format!("decoding caption tokens: {e}")))
     }
+}
+
+/// Reads every tensor of a safetensors file through a memory map, so that only the tensors
+/// themselves (not a second copy of the file) are held in memory.
+fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let unreadable = |e: candle_core::Error| {
+        Error::bad_file(path, format!("cannot read the safetensors file: {e}"))
+    };
+    // SAFETY: the map is only read while loading, and lorakit never writes model files; as with
+    // every memory-mapped reader, the file must not be truncated by another program meanwhile.
+    let file =
+        unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(unreadable)?;
+    file.tensors()
+        .into_iter()
+        .map(|(name, _)| {
+            let tensor = file.load(&name, device).map_err(unreadable)?;
+            Ok((name, tensor))
+        })
+        .collect()
 }
 
 /// Tokenises [`PROMPT`] with the special tokens, puts `bos` first and drops the final `[SEP]`.
