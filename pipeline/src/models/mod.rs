@@ -4,6 +4,7 @@
 //! `checkpoint` opens weights in every supported layout; each network module owns the mapping
 //! from its diffusers/HF tensor names to the original LDM names (spec Appendix A).
 
+pub mod blip;
 pub mod checkpoint;
 pub mod clip;
 pub mod conv;
@@ -14,4 +15,6 @@ pub mod vae;
 
 pub use checkpoint::{Checkpoint, Component, ModelFamily};
 //! Model architectures and weight loading.
+
+//! Neural network models run by the pipeline stages.
 
