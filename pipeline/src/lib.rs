@@ -10,6 +10,7 @@ pub mod dataset;
 pub mod error;
 pub mod fsio;
 pub mod hashing;
+pub mod lint;
 pub mod manifest;
 pub mod merge;
 pub mod metadata;

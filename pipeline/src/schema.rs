@@ -18,6 +18,10 @@ pub const SCHEMAS: &[(&str, &str)] = &[
         MANIFEST_V1,
         include_str!("../../schemas/manifest.v1.schema.json"),
     ),
+    (
+        crate::lint::LINT_REPORT_V1,
+        include_str!("../../schemas/lint_report.v1.schema.json"),
+    ),
 ];
 
 /// The sd-scripts-compatible metadata JSON.
