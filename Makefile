@@ -53,3 +53,18 @@ $(OUT)/meta_clean.json: $(OUT)/meta_cap_dd.json
 
 clean-out:
 	rm -rf "$(OUT)"
+
+# Text-encoder output cache of the cleaned metadata (tiny fixture model unless MODEL is given).
+MODEL      ?= tests/fixtures/sd15-tiny/model.safetensors
+TE_FLAGS   ?=
+.PHONY: te-cache
+te-cache: $(OUT)/meta_clean_te_cache.json
+
+$(OUT)/meta_clean_te_cache.json: $(OUT)/meta_clean.json
+	"$(BIN)/cache-text-encoder" "$<" "$(MODEL)" --train_data_dir "$(DATA)" $(TE_FLAGS)
+
+# Dataset check before any expensive stage (exit code 3 when errors are found).
+LINT_FLAGS ?=
+.PHONY: lint
+lint: build
+	"$(BIN)/lint-dataset" "$(DATA)" $(LINT_FLAGS)

@@ -341,10 +341,18 @@ fn every_tool_survives_the_bad_input_corpus() {
         "corpus has {} items",
         corpus.items.len()
     );
+    eprintln!("corpus: {} items", corpus.items.len());
     let mut failures = Vec::new();
     for (index, row) in ROWS.iter().enumerate() {
         let out = root.path().join(format!("out{index}"));
-        if let Err(message) = run_row(&corpus, row, &out) {
+        let outcome = run_row(&corpus, row, &out);
+        eprintln!(
+            "{:<60} exit {} {}",
+            row.name,
+            row.code,
+            if outcome.is_ok() { "ok" } else { "FAILED" }
+        );
+        if let Err(message) = outcome {
             failures.push(message);
         }
     }

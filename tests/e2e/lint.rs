@@ -238,3 +238,68 @@ fn missing_folder_is_fatal_and_bad_flags_are_usage_errors() {
     assert!(message.contains("nope"), "{message}");
     run_expect("lint-dataset", args![root.path(), "--no_such_flag"], 2);
 }
+
+#[test]
+fn buckets_and_token_budget() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    copy_dir(&fixtures().join("images"), &data);
+    let long_caption = vec!["a very detailed photo"; 40].join(", ");
+    std::fs::write(data.join("astronaut.caption"), &long_caption).unwrap();
+    let tokenizer = fixtures().join("sd15-tiny/tokenizer");
+    let (report, code) = lint_json(
+        &data,
+        &[
+            "--resolution",
+            "512",
+            "--train_batch_size",
+            "2",
+            "--tokenizer",
+            tokenizer.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "warnings only");
+    let codes = codes_by_file(&report);
+    assert!(
+        codes["astronaut.caption"].contains("token_overflow"),
+        "{codes:?}"
+    );
+    assert!(!codes.contains_key("cell.caption"));
+    assert!(
+        codes["microaneurysms.png"].contains("upscaled"),
+        "102x102 into 512x512"
+    );
+    assert!(
+        !codes.contains_key("astronaut.png"),
+        "512x512 fits its bucket exactly"
+    );
+    let occupancy: Vec<(u64, u64, u64)> = report["bucket_occupancy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["width"].as_u64().unwrap(),
+                b["height"].as_u64().unwrap(),
+                b["images"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(occupancy.iter().map(|b| b.2).sum::<u64>(), 12);
+    assert!(occupancy.contains(&(512, 512, 5)), "{occupancy:?}");
+    let sparse: Vec<&str> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["code"] == "sparse_bucket")
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(sparse, ["bucket 448x576", "bucket 768x320"]);
+    assert!(report["skipped_checks"].as_array().unwrap().is_empty());
+
+    let (no_upscale, _) = lint_json(&data, &["--resolution", "512", "--bucket_no_upscale"]);
+    let codes = codes_by_file(&no_upscale);
+    assert!(!codes
+        .get("microaneurysms.png")
+        .is_some_and(|c| c.contains("upscaled")));
+}

@@ -82,6 +82,16 @@ pub enum Code {
     StaleCache,
     /// No caption or tag files at all.
     NoCaptions,
+    /// A caption or tag file longer than the `--max_token_length` budget.
+    TokenOverflow,
+    /// Smaller than its bucket: enlarged for training.
+    Upscaled,
+    /// Far larger than the largest bucket.
+    Oversized,
+    /// Smaller than one bucket step with `--bucket_no_upscale`.
+    BucketTooSmall,
+    /// A bucket with fewer images than the batch size.
+    SparseBucket,
 }
 
 /// One problem found in one file.
@@ -104,6 +114,17 @@ pub struct TagCount {
     pub tag: String,
     /// Number of images carrying it.
     pub count: usize,
+}
+
+/// One bucket of the occupancy histogram.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BucketCount {
+    /// Bucket width in pixels.
+    pub width: u32,
+    /// Bucket height in pixels.
+    pub height: u32,
+    /// Images placed in it (before repeats).
+    pub images: usize,
 }
 
 /// A check that did not run, and why.
@@ -147,6 +168,8 @@ pub struct LintReport {
     pub findings: Vec<Finding>,
     /// Tags by number of images, most frequent first.
     pub tag_frequency: Vec<TagCount>,
+    /// Images per bucket, by (width, height), with `--resolution`.
+    pub bucket_occupancy: Vec<BucketCount>,
     /// Checks that could not run.
     pub skipped_checks: Vec<SkippedCheck>,
 }
@@ -217,6 +240,23 @@ impl LintReport {
             );
             for tag in &self.tag_frequency[..shown] {
                 let _ = writeln!(out, "  {:>6}  {}", tag.count, tag.tag);
+            }
+        }
+        if !self.bucket_occupancy.is_empty() {
+            let _ = writeln!(out, "\nbucket occupancy (images per bucket):");
+            let most = self
+                .bucket_occupancy
+                .iter()
+                .map(|b| b.images)
+                .max()
+                .unwrap_or(1);
+            for bucket in &self.bucket_occupancy {
+                let bar = "#".repeat((bucket.images * 40).div_ceil(most));
+                let _ = writeln!(
+                    out,
+                    "  {:>5}x{:<5} {:>6}  {bar}",
+                    bucket.width, bucket.height, bucket.images
+                );
             }
         }
         for skipped in &self.skipped_checks {

@@ -13,13 +13,18 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-pub use findings::{Code, Counts, Finding, LintReport, Severity, SkippedCheck, TagCount};
+pub use findings::{
+    BucketCount, Code, Counts, Finding, LintReport, Severity, SkippedCheck, TagCount,
+};
 pub use header::{read_header, ImageHeader, StoredColor};
 pub use similar::{dhash, near_pairs};
 
+use crate::bucket::{BucketManager, BucketSettings};
 use crate::dataset::{has_image_extension, sidecar_path};
+use crate::imaging::{DecodeLimits, LoadedImage};
 use crate::metadata::{image_key, resolve_image};
 use crate::report::{Progress, Summary};
+use crate::tokenize::{ClipTokenizer, MaxTokenLength, Padding};
 use crate::{fsio, hashing, Error, Result};
 
 /// Schema id of the JSON report.
@@ -50,16 +55,19 @@ pub struct LintOptions {
     pub max_caption_bytes: u64,
     /// Tags shown in the text report.
     pub top_tags: usize,
+    /// Bucket settings to check image sizes and bucket occupancy against (`--resolution`).
+    pub buckets: Option<BucketSettings>,
+    /// Training batch size: buckets with fewer images get smaller batches.
+    pub batch_size: usize,
+    /// Folder of the CLIP tokenizer files, for the token-overflow check.
+    pub tokenizer: Option<PathBuf>,
+    /// `--max_token_length` the captions are checked against.
+    pub max_token_length: MaxTokenLength,
     /// Print the JSON report instead of the text report.
     pub json: bool,
     /// Hide progress.
     pub quiet: bool,
 }
-
-/// Default `--max_side`: larger images are almost certainly mistakes or decompression bombs.
-pub const DEFAULT_MAX_SIDE: u32 = 16384;
-/// Default `--max_pixels`: Pillow's decompression-bomb warning threshold (89.5 megapixels).
-pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
 
 /// Runs the checks, prints the report to stdout and returns the outcome: every image counts as
 /// done, every error-severity finding as a failure (exit code 3).
@@ -115,8 +123,11 @@ pub fn lint(options: &LintOptions) -> Result<LintReport> {
     }
     find_duplicates(&inspected, options, &mut findings);
     find_key_collisions(&listing.images, &mut findings);
-    let tags = check_sidecars(&listing, options, &mut findings);
-    let mut tag_frequency = tags;
+    let tokenizer = match &options.tokenizer {
+        Some(dir) => Some(ClipTokenizer::from_dir(dir, Padding::Eos)?),
+        None => None,
+    };
+    let mut tag_frequency = check_sidecars(&listing, options, tokenizer.as_ref(), &mut findings);
     if let Some(in_json) = &options.in_json {
         check_metadata(
             in_json,
@@ -127,6 +138,23 @@ pub fn lint(options: &LintOptions) -> Result<LintReport> {
         );
     }
     check_caches(&listing, &inspected, &mut findings);
+    let bucket_occupancy = match options.buckets {
+        Some(settings) => check_buckets(settings, options.batch_size, &inspected, &mut findings)?,
+        None => Vec::new(),
+    };
+    let mut skipped_checks = Vec::new();
+    if tokenizer.is_none() {
+        skipped_checks.push(SkippedCheck {
+            check: "token_overflow".into(),
+            reason: "give --tokenizer DIR (the folder with the CLIP vocab.json and merges.txt) to count caption tokens against --max_token_length".into(),
+        });
+    }
+    if options.buckets.is_none() {
+        skipped_checks.push(SkippedCheck {
+            check: "bucket_fit".into(),
+            reason: "give --resolution (and the bucket options used for training) to check image sizes against the buckets and see the bucket occupancy".into(),
+        });
+    }
 
     let mut report = LintReport {
         schema: LINT_REPORT_V1,
@@ -138,16 +166,8 @@ pub fn lint(options: &LintOptions) -> Result<LintReport> {
         counts: Counts::default(),
         findings,
         tag_frequency: sorted_tags(tag_frequency),
-        skipped_checks: vec![
-            SkippedCheck {
-                check: "token_overflow".into(),
-                reason: "counting CLIP tokens needs the tokenizer, which this build of lint-dataset does not load; captions longer than --max_token_length are truncated by training".into(),
-            },
-            SkippedCheck {
-                check: "bucket_fit".into(),
-                reason: "bucket assignment (small images upscaled, sparse buckets) is not checked by this build".into(),
-            },
-        ],
+        bucket_occupancy,
+        skipped_checks,
     };
     report.finalize();
     Ok(report)
@@ -311,7 +331,7 @@ fn inspect_image(path: &Path, options: &LintOptions) -> ImageFacts {
             Severity::Error,
             Code::TooLarge,
             format!(
-                "declares {width}x{height} ({:.1} megapixels), beyond the limits (--max_side {}, --max_pixels {}): a decompression bomb or a mistake; downscale it, or raise the limits if it is real",
+                "declares {width}x{height} ({:.1} megapixels), beyond the decompression-bomb limits every stage applies (--max_image_side {}, --max_image_pixels {}): a decompression bomb or a mistake; downscale it, or raise the limits if it is real",
                 pixels as f64 / 1e6,
                 options.max_side,
                 options.max_pixels
@@ -370,8 +390,8 @@ fn inspect_image(path: &Path, options: &LintOptions) -> ImageFacts {
         );
     }
     if options.decode && !too_large && !header.truncated {
-        match decode(path) {
-            Ok(image) => facts.perceptual_hash = Some(dhash(&image)),
+        match decode(path, options) {
+            Ok(image) => facts.perceptual_hash = Some(dhash(image.image())),
             Err(message) => report(
                 Severity::Error,
                 Code::DecodeFailed,
@@ -419,18 +439,12 @@ fn color_mode_message(header: &ImageHeader) -> Option<(Severity, String)> {
     }
 }
 
-/// Largest allocation a full decode may make (a 16-bit RGBA image of the default pixel limit).
-const DECODE_ALLOC_LIMIT: u64 = DEFAULT_MAX_PIXELS * 8;
-
-fn decode(path: &Path) -> std::result::Result<image::DynamicImage, String> {
-    let mut reader = image::ImageReader::open(path)
-        .map_err(|e| e.to_string())?
-        .with_guessed_format()
-        .map_err(|e| e.to_string())?;
-    let mut limits = image::Limits::default();
-    limits.max_alloc = Some(DECODE_ALLOC_LIMIT);
-    reader.limits(limits);
-    reader.decode().map_err(|e| e.to_string())
+fn decode(path: &Path, options: &LintOptions) -> std::result::Result<LoadedImage, String> {
+    let limits = DecodeLimits {
+        max_pixels: options.max_pixels,
+        max_side: options.max_side,
+    };
+    crate::imaging::open_with(path, &limits).map_err(|error| error_detail(&error))
 }
 
 /// Exact duplicates (same length, then same BLAKE3) and, after decoding, near-duplicates.
@@ -523,6 +537,7 @@ fn find_key_collisions(images: &[PathBuf], findings: &mut Vec<Finding>) {
 fn check_sidecars(
     listing: &Listing,
     options: &LintOptions,
+    tokenizer: Option<&ClipTokenizer>,
     findings: &mut Vec<Finding>,
 ) -> HashMap<String, usize> {
     let mut tags: HashMap<String, usize> = HashMap::new();
@@ -557,6 +572,15 @@ fn check_sidecars(
                 continue;
             }
             if let Some(text) = check_sidecar(sidecar, options.max_caption_bytes, findings) {
+                if let Some(tokenizer) = tokenizer {
+                    check_tokens(
+                        tokenizer,
+                        options.max_token_length,
+                        sidecar,
+                        &text,
+                        findings,
+                    );
+                }
                 if is_tags {
                     let unique: HashSet<&str> = text
                         .split(',')
@@ -810,6 +834,129 @@ fn check_caches(listing: &Listing, facts: &[ImageFacts], findings: &mut Vec<Find
             Some(None) => {}
         }
     }
+}
+
+/// Bytes of a caption tokenized: far more than 225 tokens of any real text.
+const TOKENIZE_BYTES: usize = 16 * 1024;
+
+/// Reports a caption/tag file whose CLIP token count exceeds the `--max_token_length` budget.
+fn check_tokens(
+    tokenizer: &ClipTokenizer,
+    budget: MaxTokenLength,
+    path: &Path,
+    text: &str,
+    findings: &mut Vec<Finding>,
+) {
+    let line = crate::dataset::first_line(text);
+    let mut end = line.len().min(TOKENIZE_BYTES);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    let Ok(ids) = tokenizer.body_ids(&line[..end]) else {
+        return;
+    };
+    if ids.len() > budget.tokens() {
+        findings.push(finding(
+            Severity::Warning,
+            Code::TokenOverflow,
+            path,
+            format!(
+                "{} CLIP tokens, more than --max_token_length {}: training silently drops the last {}; shorten it or train with --max_token_length {}",
+                ids.len(),
+                budget.tokens(),
+                ids.len() - budget.tokens(),
+                if budget.tokens() < 225 { "150 or 225" } else { "225 (the maximum)" }
+            ),
+        ));
+    }
+}
+
+/// Upscale factor from which an upscaled image is reported (10% enlargement is harmless).
+const UPSCALE_REPORT_FACTOR: f64 = 1.1;
+/// Pixel-count ratio to the largest bucket from which an image is reported as far too large.
+const OVERSIZE_REPORT_FACTOR: u64 = 16;
+
+/// Places every readable image in its bucket; reports upscaled, oversized and unplaceable
+/// images and sparse buckets; returns the bucket occupancy histogram.
+fn check_buckets(
+    settings: BucketSettings,
+    batch_size: usize,
+    facts: &[ImageFacts],
+    findings: &mut Vec<Finding>,
+) -> Result<Vec<BucketCount>> {
+    let mut manager = BucketManager::new(settings)?;
+    let largest_area = manager
+        .predefined()
+        .iter()
+        .map(|&(w, h)| u64::from(w) * u64::from(h))
+        .max()
+        .unwrap_or(u64::from(settings.max_resolution.0) * u64::from(settings.max_resolution.1));
+    let mut occupancy: BTreeMap<(u32, u32), usize> = BTreeMap::new();
+    for image in facts {
+        let Some(header) = &image.header else {
+            continue;
+        };
+        let size = header.upright_size();
+        if size.0 == 0 || size.1 == 0 {
+            continue;
+        }
+        let Some(placement) = manager.place(size) else {
+            findings.push(finding(
+                Severity::Error,
+                Code::BucketTooSmall,
+                &image.path,
+                format!(
+                    "{}x{} is smaller than one --bucket_reso_steps ({}): with --bucket_no_upscale it gets a zero-sized bucket; remove it or train without --bucket_no_upscale",
+                    size.0, size.1, settings.bucket_reso_steps
+                ),
+            ));
+            continue;
+        };
+        *occupancy.entry(placement.bucket).or_default() += 1;
+        let scale = f64::from(placement.resized.0) / f64::from(size.0);
+        if scale >= UPSCALE_REPORT_FACTOR {
+            findings.push(finding(
+                Severity::Warning,
+                Code::Upscaled,
+                &image.path,
+                format!(
+                    "{}x{} is smaller than its bucket {}x{}: enlarged {scale:.2}x (Lanczos), so it trains soft; use a larger original or --bucket_no_upscale",
+                    size.0, size.1, placement.bucket.0, placement.bucket.1
+                ),
+            ));
+        }
+        if u64::from(size.0) * u64::from(size.1) > OVERSIZE_REPORT_FACTOR * largest_area {
+            findings.push(finding(
+                Severity::Info,
+                Code::Oversized,
+                &image.path,
+                format!(
+                    "{}x{} is more than {OVERSIZE_REPORT_FACTOR}x the pixels of the largest bucket: every stage decodes and shrinks it ({:.2}x); pre-resizing the folder makes every stage faster",
+                    size.0, size.1, scale
+                ),
+            ));
+        }
+    }
+    let histogram: Vec<BucketCount> = occupancy
+        .into_iter()
+        .map(|((width, height), images)| BucketCount {
+            width,
+            height,
+            images,
+        })
+        .collect();
+    for bucket in histogram.iter().filter(|b| b.images < batch_size) {
+        findings.push(Finding {
+            severity: Severity::Warning,
+            code: Code::SparseBucket,
+            path: format!("bucket {}x{}", bucket.width, bucket.height),
+            message: format!(
+                "holds {} image(s), fewer than --train_batch_size {batch_size}: its batches are smaller than the others (each repeat gives one short batch); add images of this aspect ratio or crop them to a neighbouring one",
+                bucket.images
+            ),
+        });
+    }
+    Ok(histogram)
 }
 
 fn sorted_tags(tags: HashMap<String, usize>) -> Vec<TagCount> {
