@@ -70,3 +70,9 @@ CAPTION_FLAGS ?= --beam_search --num_beams 1
 .PHONY: captions
 captions: build
 	"$(BIN)/caption-images" "$(DATA)" --caption_weights "$(BLIP)" --caption_extension $(CAPTION_EXT) $(CAPTION_FLAGS)
+
+# Dataset check before any expensive stage (exit code 3 when errors are found).
+LINT_FLAGS ?=
+.PHONY: lint
+lint: build
+	"$(BIN)/lint-dataset" "$(DATA)" $(LINT_FLAGS)

@@ -15,6 +15,7 @@ pub mod fsio;
 pub mod hashing;
 pub mod imaging;
 pub mod latents;
+pub mod lint;
 pub mod lora;
 pub mod manifest;
 pub mod merge;

@@ -24,6 +24,10 @@ pub const SCHEMAS: &[(&str, &str)] = &[
         crate::caption::CAPTION_INDEX_V1,
         include_str!("../../schemas/caption_index.v1.schema.json"),
     ),
+    (
+        crate::lint::LINT_REPORT_V1,
+        include_str!("../../schemas/lint_report.v1.schema.json"),
+    ),
 ];
 
 /// The sd-scripts-compatible metadata JSON.
