@@ -1,4 +1,3 @@
-//! Stable Diffusion networks and the checkpoint loader they share.
 //! Stable Diffusion networks (candle) and the checkpoint loader they share.
 //!
 //! `checkpoint` opens weights in every supported layout; each network module owns the mapping
@@ -14,7 +13,3 @@ pub mod unet;
 pub mod vae;
 
 pub use checkpoint::{Checkpoint, Component, ModelFamily};
-//! Model architectures and weight loading.
-
-//! Neural network models run by the pipeline stages.
-
