@@ -28,12 +28,12 @@ all: build
 build:
 	$(CARGO) build --workspace --bins $(CARGO_PROFILE_FLAG)
 
-test:
+test: setup
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
 # The demo copies the bundled example into $(OUT)/dataset so the repository stays untouched.
-demo: build
+demo: setup build
 	@mkdir -p "$(OUT)"
 	@if [ ! -d "$(OUT)/dataset" ]; then mkdir -p "$(OUT)/dataset" && cp "$(EXAMPLE)"/* "$(OUT)/dataset/"; fi
 	$(MAKE) --no-print-directory metadata DATA="$(OUT)/dataset" OUT="$(OUT)"
@@ -54,6 +54,27 @@ $(OUT)/meta_clean.json: $(OUT)/meta_cap_dd.json
 
 clean-out:
 	rm -rf "$(OUT)"
+
+# ONNX Runtime shared library for tag-images, from the PyPI wheel into .local/onnxruntime/
+# (no root, no system package; a no-op once installed).
+setup:
+	@scripts/setup-onnxruntime.sh
+
+# WD14 tags (.txt next to each image) with the model in $(WD14_MODEL_DIR)/<owner>_<repo>/
+# (model.onnx + selected_tags.csv, as sd-scripts lays it out). WD14_MODEL=folder installs that
+# folder there first, e.g. WD14_MODEL=tests/fixtures/wd14-tiny (random weights: meaningless
+# tags, real code path).
+WD14_MODEL_DIR ?= wd14_tagger_model
+WD14_REPO_ID   ?= SmilingWolf/wd-v1-4-convnext-tagger-v2
+WD14_MODEL     ?=
+TAG_FLAGS      ?= --thresh 0.35 --batch_size 8
+.PHONY: tags
+tags: setup build
+	@if [ -n "$(WD14_MODEL)" ] && [ ! -d "$(WD14_MODEL_DIR)/$(subst /,_,$(WD14_REPO_ID))" ]; then \
+		mkdir -p "$(WD14_MODEL_DIR)/$(subst /,_,$(WD14_REPO_ID))" && \
+		cp "$(WD14_MODEL)"/model.onnx "$(WD14_MODEL)"/selected_tags.csv "$(WD14_MODEL_DIR)/$(subst /,_,$(WD14_REPO_ID))/"; fi
+	"$(BIN)/tag-images" "$(DATA)" --model_dir "$(WD14_MODEL_DIR)" --repo_id "$(WD14_REPO_ID)" \
+		--caption_extension $(TAG_EXT) $(TAG_FLAGS)
 
 # Text-encoder output cache of the cleaned metadata (tiny fixture model unless MODEL is given).
 MODEL      ?= tests/fixtures/sd15-tiny/model.safetensors

@@ -67,8 +67,18 @@ fn golden_probs() -> (Vec<String>, Vec<f32>) {
 fn golden_tag_files_probabilities_and_store() {
     let s = setup();
     let default = args![
-        s.images, "--model_dir", s.models, "--onnx", "--thresh", "0.35",
-        "--character_threshold", "1.01", "--caption_extension", ".txt", "--batch_size", "4"
+        s.images,
+        "--model_dir",
+        s.models,
+        "--onnx",
+        "--thresh",
+        "0.35",
+        "--character_threshold",
+        "1.01",
+        "--caption_extension",
+        ".txt",
+        "--batch_size",
+        "4"
     ];
     let stderr = run_expect("tag-images", default, 0);
     assert!(stderr.contains("CPUExecutionProvider"), "{stderr}");
@@ -88,22 +98,48 @@ fn golden_tag_files_probabilities_and_store() {
         let name = std::fs::read_dir(&s.images)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .find(|n| n.starts_with(&format!("{stem}.")) && !n.ends_with(".txt") && !n.ends_with(".caption"))
+            .find(|n| {
+                n.starts_with(&format!("{stem}."))
+                    && !n.ends_with(".txt")
+                    && !n.ends_with(".caption")
+            })
             .unwrap();
         let (_, probs) = store.get(&name).unwrap_or_else(|| panic!("{name} stored"));
-        let worst = if name.ends_with(".jpg") { &mut worst_jpeg } else { &mut worst_png };
+        let worst = if name.ends_with(".jpg") {
+            &mut worst_jpeg
+        } else {
+            &mut worst_png
+        };
         for (ours, reference) in probs.iter().zip(&golden[row * 44..(row + 1) * 44]) {
             *worst = worst.max((ours - reference).abs());
         }
     }
-    assert!(worst_png <= 1e-5, "max abs probability error (PNG) {worst_png}");
-    assert!(worst_jpeg <= 1e-3, "max abs probability error (JPEG) {worst_jpeg}");
+    assert!(
+        worst_png <= 1e-5,
+        "max abs probability error (PNG) {worst_png}"
+    );
+    assert!(
+        worst_jpeg <= 1e-3,
+        "max abs probability error (JPEG) {worst_jpeg}"
+    );
 
     // New thresholds and options are re-rendered from the store: no inference.
     let options = args![
-        s.images, "--model_dir", s.models, "--thresh", "0.35", "--character_threshold", "1.01",
-        "--remove_underscore", "--use_rating_tags", "--general_threshold", "0.3",
-        "--undesired_tags", "monochrome", "--always_first_tags", "solo,1girl"
+        s.images,
+        "--model_dir",
+        s.models,
+        "--thresh",
+        "0.35",
+        "--character_threshold",
+        "1.01",
+        "--remove_underscore",
+        "--use_rating_tags",
+        "--general_threshold",
+        "0.3",
+        "--undesired_tags",
+        "monochrome",
+        "--always_first_tags",
+        "solo,1girl"
     ];
     let stderr = run_expect("tag-images", options, 0);
     assert!(stderr.contains("0 done, 12 up to date"), "{stderr}");
@@ -125,14 +161,23 @@ fn golden_tag_files_probabilities_and_store() {
     let output = run(
         "tag-images",
         args![
-            s.images, "--model_dir", s.models, "--character_tags_first", "--from_store",
-            "--ort-lib", "/nonexistent/libonnxruntime.so", "--frequency_tags"
+            s.images,
+            "--model_dir",
+            s.models,
+            "--character_tags_first",
+            "--from_store",
+            "--ort-lib",
+            "/nonexistent/libonnxruntime.so",
+            "--frequency_tags"
         ],
     );
     assert_eq!(output.status.code(), Some(0));
     assert_tags_match(&s.images, "characters_first_intended");
     let stdout = String::from_utf8(output.stdout).unwrap();
-    assert!(stdout.starts_with("Tag frequencies:\nfood: 10\nlooking_at_viewer: 10\n"), "{stdout}");
+    assert!(
+        stdout.starts_with("Tag frequencies:\nfood: 10\nlooking_at_viewer: 10\n"),
+        "{stdout}"
+    );
 
     // A changed image is the only one inferred again.
     std::fs::copy(s.images.join("coins.png"), s.images.join("moon.png")).unwrap();
@@ -155,7 +200,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &byte in bytes {
         crc ^= u32::from(byte);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -179,7 +228,11 @@ fn bad_images_are_reported_and_skipped() {
     bomb[29..33].copy_from_slice(&crc.to_be_bytes());
     std::fs::write(bad.join("bomb.png"), bomb).unwrap();
 
-    let stderr = run_expect("tag-images", args![bad, "--model_dir", s.models, "--batch_size", "3"], 3);
+    let stderr = run_expect(
+        "tag-images",
+        args![bad, "--model_dir", s.models, "--batch_size", "3"],
+        3,
+    );
     for (name, reason) in [
         ("empty.png", "empty file"),
         ("truncated.jpg", "truncated"),
@@ -193,7 +246,10 @@ fn bad_images_are_reported_and_skipped() {
         assert!(line.contains(reason), "{line}");
         assert!(!bad.join(name).with_extension("txt").exists());
     }
-    assert!(stderr.contains("1 done, 0 up to date, 4 failed"), "{stderr}");
+    assert!(
+        stderr.contains("1 done, 0 up to date, 4 failed"),
+        "{stderr}"
+    );
     assert_eq!(
         std::fs::read(bad.join("good.txt")).unwrap(),
         std::fs::read(fixtures().join("golden/wd14/characters_intended/chelsea.txt")).unwrap()
@@ -205,7 +261,13 @@ fn missing_model_and_runtime_are_explained() {
     let s = setup();
     let stderr = run_expect(
         "tag-images",
-        args![s.images, "--model_dir", s.models, "--repo_id", "SmilingWolf/wd-vit-tagger-v3"],
+        args![
+            s.images,
+            "--model_dir",
+            s.models,
+            "--repo_id",
+            "SmilingWolf/wd-vit-tagger-v3"
+        ],
         1,
     );
     assert!(stderr.contains("SmilingWolf_wd-vit-tagger-v3"), "{stderr}");
@@ -213,10 +275,19 @@ fn missing_model_and_runtime_are_explained() {
 
     let stderr = run_expect(
         "tag-images",
-        args![s.images, "--model_dir", s.models, "--ort-lib", "/nonexistent/libonnxruntime.so"],
+        args![
+            s.images,
+            "--model_dir",
+            s.models,
+            "--ort-lib",
+            "/nonexistent/libonnxruntime.so"
+        ],
         1,
     );
-    assert!(stderr.contains("/nonexistent/libonnxruntime.so (--ort-lib): not found"), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/libonnxruntime.so (--ort-lib): not found"),
+        "{stderr}"
+    );
     assert!(stderr.contains("make setup"), "{stderr}");
     assert!(!s.images.join("astronaut.txt").exists());
 }

@@ -91,8 +91,13 @@ impl LabelSet {
     pub fn from_csv(path: &Path) -> Result<Self> {
         let text = crate::dataset::read_text(path)?;
         let rows = parse_csv(&text);
-        let header = rows.first().ok_or_else(|| Error::bad_file(path, "empty CSV"))?;
-        if header.len() < 3 || header[0] != "tag_id" || header[1] != "name" || header[2] != "category"
+        let header = rows
+            .first()
+            .ok_or_else(|| Error::bad_file(path, "empty CSV"))?;
+        if header.len() < 3
+            || header[0] != "tag_id"
+            || header[1] != "name"
+            || header[2] != "category"
         {
             return Err(Error::bad_file(
                 path,
@@ -196,7 +201,10 @@ impl LabelSet {
             if label.category != Category::Character || !label.name.ends_with(')') {
                 continue;
             }
-            let split = label.name.rfind('(').expect("a name ending in ')' is checked");
+            let split = label
+                .name
+                .rfind('(')
+                .expect("a name ending in ')' is checked");
             let head = &label.name[..split];
             let head = head.strip_suffix('_').unwrap_or(head);
             let series = label.name[split + 1..].replace(')', "");
@@ -264,7 +272,10 @@ fn split_escaped(text: &str, separator: char) -> Vec<String> {
     while let Some(c) = chars.next() {
         if c == '\\' && matches!(chars.peek(), Some(',') | Some(';')) {
             let escaped = chars.next().expect("peeked");
-            pieces.last_mut().expect("non-empty").extend(['\\', escaped]);
+            pieces
+                .last_mut()
+                .expect("non-empty")
+                .extend(['\\', escaped]);
         } else if c == separator {
             pieces.push(String::new());
         } else {
@@ -419,7 +430,10 @@ impl Selection {
     ) -> Option<&'a Label> {
         let mut best: Option<(&Label, f32)> = None;
         for label in labels.labels.iter().filter(|l| l.category == category) {
-            let p = probs.get(label.output).copied().unwrap_or(f32::NEG_INFINITY);
+            let p = probs
+                .get(label.output)
+                .copied()
+                .unwrap_or(f32::NEG_INFINITY);
             if best.is_none_or(|(_, q)| p > q) {
                 best = Some((label, p));
             }

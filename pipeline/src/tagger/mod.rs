@@ -116,7 +116,12 @@ impl ModelFiles {
                      `{model}` and `{labels}` of {repo_id} (from https://huggingface.co/{}) \
                      into {}",
                     path.display(),
-                    segments.iter().take(2).copied().collect::<Vec<_>>().join("/"),
+                    segments
+                        .iter()
+                        .take(2)
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join("/"),
                     folder.display()
                 )));
             }
@@ -149,9 +154,7 @@ pub fn preprocess(image: &LoadedImage, side: usize, layout: Layout) -> Vec<f32> 
         for (channel, value) in bgr.into_iter().enumerate() {
             match layout {
                 Layout::SmilingWolf => out[index * 3 + channel] = f32::from(value),
-                Layout::TagMapping => {
-                    out[channel * plane + index] = f32::from(value) / 127.5 - 1.0
-                }
+                Layout::TagMapping => out[channel * plane + index] = f32::from(value) / 127.5 - 1.0,
             }
         }
     }
@@ -502,7 +505,10 @@ fn write_tag_file(options: &TagOptions, image: &Path, tags: &[&str]) -> Result<(
     if options.append_tags {
         if let Some(bytes) = &existing {
             let content = String::from_utf8(bytes.clone()).map_err(|_| {
-                Error::bad_file(&path, "not UTF-8 text; fix or delete it before --append_tags")
+                Error::bad_file(
+                    &path,
+                    "not UTF-8 text; fix or delete it before --append_tags",
+                )
             })?;
             let stripped_separator = separator.trim();
             let old: Vec<&str> = content
@@ -595,4 +601,55 @@ fn write_manifest(
     manifest.items = store.keys();
     manifest.summary = summary.clone();
     manifest.write_for(store_path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preprocessing_matches_sd_scripts_inputs() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let golden = fixtures.join("golden/wd14/preprocessed_inputs.npz");
+        let mut archive = npyz::npz::NpzArchive::open(&golden).expect("golden npz present");
+        // Downscale (area), white padding (wide and tall), alpha on white, upscale (Lanczos).
+        for stem in [
+            "astronaut",
+            "cell",
+            "chelsea",
+            "logo",
+            "microaneurysms",
+            "text",
+        ] {
+            let image = imaging::open(&fixtures.join(format!("images/{stem}.png"))).unwrap();
+            let ours = preprocess(&image, 448, Layout::SmilingWolf);
+            let array = archive
+                .by_name(&format!("{stem}__bgr_uint8"))
+                .unwrap()
+                .expect("golden key");
+            let expected: Vec<f32> = array
+                .into_vec::<u8>()
+                .unwrap()
+                .into_iter()
+                .map(f32::from)
+                .collect();
+            assert_eq!(ours, expected, "{stem}");
+        }
+    }
+
+    #[test]
+    fn model_folder_layouts() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = ModelFiles::locate(dir.path(), DEFAULT_REPO_ID).unwrap_err();
+        assert!(error
+            .to_string()
+            .contains("SmilingWolf_wd-v1-4-convnext-tagger-v2"));
+        let nested = dir.path().join("owner_repo/sub");
+        std::fs::create_dir_all(&nested).unwrap();
+        std::fs::write(nested.join("model_optimized.onnx"), b"x").unwrap();
+        std::fs::write(nested.join("tag_mapping.json"), b"{}").unwrap();
+        let files = ModelFiles::locate(dir.path(), "owner/repo/sub").unwrap();
+        assert_eq!(files.layout, Layout::TagMapping);
+        assert_eq!(files.model, nested.join("model_optimized.onnx"));
+    }
 }

@@ -128,7 +128,9 @@ pub fn load_runtime(explicit: Option<&Path>) -> Result<&'static Runtime> {
             tried.join("\n")
         ))
     });
-    outcome.as_ref().map_err(|message| Error::Model(message.clone()))
+    outcome
+        .as_ref()
+        .map_err(|message| Error::Model(message.clone()))
 }
 
 /// Facts read from the model graph.
@@ -164,7 +166,9 @@ impl Tagger {
         };
         let mut builder = Session::builder(&runtime.environment).map_err(|e| failed(&e))?;
         if threads > 0 {
-            builder = builder.with_intra_threads(threads).map_err(|e| failed(&e))?;
+            builder = builder
+                .with_intra_threads(threads)
+                .map_err(|e| failed(&e))?;
         }
         let (builder, provider) = register_device(builder, device)?;
         let mut builder = builder;

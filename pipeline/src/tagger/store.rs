@@ -236,7 +236,10 @@ mod tests {
         store.save(&path).unwrap();
         let loaded = ProbabilityStore::load(&path).unwrap().unwrap();
         assert_eq!(loaded.model_hash(), "m");
-        assert_eq!(loaded.get("a/b.png").unwrap(), (&entry, &[0.25f32, 0.5, 1.0][..]));
+        assert_eq!(
+            loaded.get("a/b.png").unwrap(),
+            (&entry, &[0.25f32, 0.5, 1.0][..])
+        );
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 2]).unwrap();
         let error = ProbabilityStore::load(&path).unwrap_err().to_string();
