@@ -1,4 +1,5 @@
 //! Model architectures and weight loading.
 
+pub mod attention;
 pub mod frozen;
 pub mod unet;
