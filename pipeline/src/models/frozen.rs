@@ -29,14 +29,23 @@ pub enum FrozenKind {
 pub struct FrozenOp {
     weight: Tensor,
     kind: FrozenKind,
+    /// For stride-1 convolutions: the kernel with in/out swapped and spatially flipped, so the
+    /// input gradient is a plain (fast, im2col) convolution instead of a transposed one.
+    backward_kernel: Option<Tensor>,
 }
 
 impl FrozenOp {
     /// Wraps `weight` (detached from any graph) for operation `kind`.
     pub fn new(weight: Tensor, kind: FrozenKind) -> Self {
+        let weight = weight.detach();
+        let backward_kernel = match kind {
+            FrozenKind::Conv2d { stride: 1, .. } => flipped_transposed(&weight).ok(),
+            _ => None,
+        };
         Self {
-            weight: weight.detach(),
+            weight,
             kind,
+            backward_kernel,
         }
     }
 
@@ -52,12 +61,7 @@ impl FrozenOp {
 
     /// Applies the frozen operation to `x` (any layout; the result is contiguous).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = if x.is_contiguous() && x.layout().start_offset() == 0 {
-            x.clone()
-        } else {
-            x.copy()?
-        };
-        x.apply_op1(self.clone())
+        dense(x)?.apply_op1(self.clone())
     }
 
     /// Plain candle computation of the operation on a graph-free input.
@@ -82,24 +86,64 @@ impl FrozenOp {
 
     /// Runs [`Self::compute`] on a storage handed over by candle and returns the result storage.
     fn run_on(&self, storage: Storage, layout: &Layout) -> candle_core::Result<(Storage, Shape)> {
-        if !layout.is_contiguous() || layout.start_offset() != 0 {
-            candle_core::bail!("frozen op expects a contiguous input without offset")
-        }
-        let x = Tensor::from_storage(storage, layout.shape().clone(), BackpropOp::none(), false);
-        let y = self.compute(&x)?.contiguous()?;
-        let shape = y.shape().clone();
-        let (y_storage, y_layout) = y.storage_and_layout();
-        if y_layout.start_offset() != 0 {
-            candle_core::bail!("frozen op produced an offset result")
-        }
-        let owned = match &*y_storage {
-            Storage::Cpu(s) => Storage::Cpu(s.clone()),
-            Storage::Cuda(s) => Storage::Cuda(candle_core::backend::BackendStorage::try_clone(
-                s, y_layout,
-            )?),
-            Storage::Metal(_) => candle_core::bail!("frozen op: metal is not supported"),
-        };
-        Ok((owned, shape))
+        let x = tensor_from_storage(storage, layout)?;
+        into_storage(self.compute(&x)?)
+    }
+}
+
+/// `[out, in, kh, kw]` -> `[in, out, kh, kw]` flipped in both spatial dimensions.
+fn flipped_transposed(weight: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, _, kh, kw) = weight.dims4()?;
+    let device = weight.device();
+    let rows = Tensor::from_vec((0..kh as u32).rev().collect::<Vec<_>>(), kh, device)?;
+    let cols = Tensor::from_vec((0..kw as u32).rev().collect::<Vec<_>>(), kw, device)?;
+    weight
+        .transpose(0, 1)?
+        .index_select(&rows, 2)?
+        .index_select(&cols, 3)?
+        .contiguous()
+}
+
+/// Wraps a storage handed to a custom op's forward pass as a graph-free tensor.
+pub(crate) fn tensor_from_storage(
+    storage: Storage,
+    layout: &Layout,
+) -> candle_core::Result<Tensor> {
+    if !layout.is_contiguous() || layout.start_offset() != 0 {
+        candle_core::bail!("custom op expects contiguous inputs without offset")
+    }
+    Ok(Tensor::from_storage(
+        storage,
+        layout.shape().clone(),
+        BackpropOp::none(),
+        false,
+    ))
+}
+
+/// The storage of a computed tensor, as a custom op's forward pass returns it.
+pub(crate) fn into_storage(y: Tensor) -> candle_core::Result<(Storage, Shape)> {
+    let y = y.contiguous()?;
+    let shape = y.shape().clone();
+    let (y_storage, y_layout) = y.storage_and_layout();
+    if y_layout.start_offset() != 0 {
+        candle_core::bail!("custom op produced an offset result")
+    }
+    let owned = match &*y_storage {
+        Storage::Cpu(s) => Storage::Cpu(s.clone()),
+        Storage::Cuda(s) => Storage::Cuda(candle_core::backend::BackendStorage::try_clone(
+            s, y_layout,
+        )?),
+        Storage::Metal(_) => candle_core::bail!("custom op: metal is not supported"),
+    };
+    Ok((owned, shape))
+}
+
+/// `x` itself when contiguous without offset, else a contiguous copy (what the ops need).
+pub(crate) fn dense(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.is_contiguous() && x.layout().start_offset() == 0 {
+        Ok(x.clone())
+    } else {
+        x.copy()
     }
 }
 
@@ -145,6 +189,11 @@ impl CustomOp1 for FrozenOp {
                     .reshape((rows, out))?
                     .matmul(&self.weight)?
                     .reshape(arg.shape())?
+            }
+            FrozenKind::Conv2d { stride: 1, padding } if self.backward_kernel.is_some() => {
+                let kernel = self.backward_kernel.as_ref().expect("checked above");
+                let kernel_h = kernel.dim(2)?;
+                grad_res.conv2d(kernel, kernel_h - 1 - padding, 1, 1, 1)?
             }
             FrozenKind::Conv2d { stride, padding } => {
                 let (_, _, grad_h, _) = grad_res.dims4()?;

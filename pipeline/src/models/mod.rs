@@ -3,6 +3,7 @@
 //! `checkpoint` opens weights in every supported layout; each network module owns the mapping
 //! from its diffusers/HF tensor names to the original LDM names (spec Appendix A).
 
+pub mod attention;
 pub mod blip;
 pub mod checkpoint;
 pub mod clip;

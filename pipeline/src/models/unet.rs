@@ -1,7 +1,7 @@
 //! Stable Diffusion 1.x / 2.x UNet (`UNet2DConditionModel` topology), differentiable end to end.
 //!
-//! Built only from candle ops that have a backward pass (norms and softmax are composed from
-//! elementary ops), with per-sample timesteps, SD2 64-channel heads, and every linear / conv layer an
+//! Built only from candle ops that have a backward pass (norms are composed from elementary ops,
+//! attention is [`crate::models::attention::attention`] with its own exact backward), with per-sample timesteps, SD2 64-channel heads, and every linear / conv layer an
 //! [`AdaptableLayer`] so that LoRA modules can be attached. Base weights are frozen: their products
 //! run through [`crate::models::frozen::FrozenOp`], so no gradient is ever computed for them.
 //!
@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::lora::{Adaptable, AdaptableLayer, Container};
+use crate::models::attention::attention;
 use crate::models::frozen::FrozenKind;
 use crate::{Error, Result};
 
@@ -229,13 +230,6 @@ fn standardise(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     centred.broadcast_div(&(var + eps)?.sqrt()?)
 }
 
-/// Softmax over the last dimension from differentiable elementary ops.
-fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
 /// `ResnetBlock2D`.
 #[derive(Debug, Clone)]
 struct ResnetBlock {
@@ -333,14 +327,17 @@ impl Attention {
             let len = t.dim(1)?;
             t.reshape((b, len, self.heads, head_dim))?
                 .transpose(1, 2)?
-                .contiguous()
+                .contiguous()?
+                .reshape((b * self.heads, len, head_dim))
         };
         let q = split(self.to_q.forward(x)?)?;
         let k = split(self.to_k.forward(context)?)?;
         let v = split(self.to_v.forward(context)?)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (head_dim as f64).sqrt()))?;
-        let weights = softmax_last(&scores)?;
-        let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        let out = attention(&q, &k, &v, 1.0 / (head_dim as f64).sqrt())?;
+        let out = out
+            .reshape((b, self.heads, n, head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, n, c))?;
         self.to_out.forward(&out)
     }
 
