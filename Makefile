@@ -3,6 +3,7 @@
 #   make demo                 run the whole flow on the bundled example (examples/tiny-dataset)
 #   make test                 build everything and run all tests
 #   make DATA=dir OUT=dir metadata   merge captions + tags and clean them for your folder
+#   make DATA=dir BLIP=folder captions   BLIP captions (<stem>.caption) for your folder
 #
 # Stage targets depend on the manifests the tools write (`<output>.manifest.json`), never on
 # one rule per image: the tools themselves decide per item what is up to date.
@@ -62,3 +63,16 @@ te-cache: $(OUT)/meta_clean_te_cache.json
 
 $(OUT)/meta_clean_te_cache.json: $(OUT)/meta_clean.json
 	"$(BIN)/cache-text-encoder" "$<" "$(MODEL)" --train_data_dir "$(DATA)" $(TE_FLAGS)
+# BLIP captions: the tool itself skips images whose caption is up to date (content keys in
+# $(DATA)/caption-images$(CAPTION_EXT).json.manifest.json), so it can run every time.
+BLIP          ?= models/blip-image-captioning-large
+CAPTION_FLAGS ?= --beam_search --num_beams 1
+.PHONY: captions
+captions: build
+	"$(BIN)/caption-images" "$(DATA)" --caption_weights "$(BLIP)" --caption_extension $(CAPTION_EXT) $(CAPTION_FLAGS)
+
+# Dataset check before any expensive stage (exit code 3 when errors are found).
+LINT_FLAGS ?=
+.PHONY: lint
+lint: build
+	"$(BIN)/lint-dataset" "$(DATA)" $(LINT_FLAGS)
