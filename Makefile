@@ -55,6 +55,15 @@ $(OUT)/meta_clean.json: $(OUT)/meta_cap_dd.json
 clean-out:
 	rm -rf "$(OUT)"
 
+# Text-encoder output cache of the cleaned metadata (tiny fixture model unless MODEL is given).
+MODEL      ?= tests/fixtures/sd15-tiny/model.safetensors
+TE_FLAGS   ?=
+.PHONY: te-cache
+te-cache: $(OUT)/meta_clean_te_cache.json
+
+$(OUT)/meta_clean_te_cache.json: $(OUT)/meta_clean.json
+	"$(BIN)/cache-text-encoder" "$<" "$(MODEL)" --train_data_dir "$(DATA)" $(TE_FLAGS)
+
 # BLIP captions: the tool itself skips images whose caption is up to date (content keys in
 # $(DATA)/caption-images$(CAPTION_EXT).json.manifest.json), so it can run every time.
 BLIP          ?= models/blip-image-captioning-large

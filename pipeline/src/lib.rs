@@ -4,19 +4,25 @@
 //! function here. Formats (metadata JSON, manifests, caches), image handling, models and training
 //! all live in this crate so that every format has exactly one implementation.
 
+pub mod bucket;
 pub mod caption;
+pub mod caption_text;
 pub mod clean;
 pub mod cli;
 pub mod dataset;
 pub mod error;
 pub mod fsio;
 pub mod hashing;
+pub mod imaging;
 pub mod manifest;
 pub mod merge;
 pub mod metadata;
 pub mod models;
+pub mod npz;
 pub mod report;
 pub mod schema;
 pub mod shard;
+pub mod te_cache;
+pub mod tokenize;
 
 pub use error::{Error, Result};
