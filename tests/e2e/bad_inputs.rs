@@ -87,6 +87,23 @@ fn mergeable_images(corpus: &Corpus, extension: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The tiny SD1 fixture checkpoint.
+fn tiny_model() -> PathBuf {
+    common::fixtures().join("sd15-tiny/model.safetensors")
+}
+
+/// `cache-text-encoder` arguments writing into `out` (never beside the corpus images).
+fn te_args(corpus: &Corpus, metadata: &str, model: PathBuf, out: &Path) -> Vec<OsString> {
+    os(&[
+        &corpus.path(metadata),
+        &model,
+        &"--cache_dir",
+        &out,
+        &"--train_data_dir",
+        &corpus.images(),
+    ])
+}
+
 fn json(path: &Path) -> Value {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -212,6 +229,92 @@ const ROWS: &[Row] = &[
         check: |_, out, _| {
             let cleaned = json(&out.join("clean.json"));
             assert_eq!(cleaned.as_object().unwrap().len(), 2, "{cleaned}");
+        },
+    },
+    Row {
+        name: "cache-text-encoder with a corrupt safetensors header",
+        tool: "cache-text-encoder",
+        args: |c, out| {
+            te_args(
+                c,
+                "json/good.json",
+                c.path("models/corrupt_header.safetensors"),
+                out,
+            )
+        },
+        code: 1,
+        must_name: |_| vec!["models/corrupt_header.safetensors".into()],
+        check: nothing_written,
+    },
+    Row {
+        name: "cache-text-encoder with an oversized safetensors header length",
+        tool: "cache-text-encoder",
+        args: |c, out| {
+            te_args(
+                c,
+                "json/good.json",
+                c.path("models/header_length.safetensors"),
+                out,
+            )
+        },
+        code: 1,
+        must_name: |_| vec!["models/header_length.safetensors".into()],
+        check: nothing_written,
+    },
+    Row {
+        name: "cache-text-encoder with cut-off safetensors data",
+        tool: "cache-text-encoder",
+        args: |c, out| {
+            te_args(
+                c,
+                "json/good.json",
+                c.path("models/truncated.safetensors"),
+                out,
+            )
+        },
+        code: 1,
+        must_name: |_| vec!["models/truncated.safetensors".into()],
+        check: nothing_written,
+    },
+    Row {
+        name: "cache-text-encoder on truncated metadata",
+        tool: "cache-text-encoder",
+        args: |c, out| te_args(c, "json/truncated.json", tiny_model(), out),
+        code: 1,
+        must_name: |_| vec!["json/truncated.json".into()],
+        check: nothing_written,
+    },
+    Row {
+        name: "cache-text-encoder over damaged existing caches",
+        tool: "cache-text-encoder",
+        args: |c, out| {
+            for (damaged, image) in [("npz/truncated.npz", "good_1"), ("npz/nan.npz", "good_2")] {
+                std::fs::copy(c.path(damaged), out.join(format!("{image}_te_outputs.npz")))
+                    .unwrap();
+            }
+            te_args(c, "json/good.json", tiny_model(), out)
+        },
+        code: 0,
+        must_name: |_| Vec::new(),
+        check: |c, out, _| {
+            for (damaged, image) in [("npz/truncated.npz", "good_1"), ("npz/nan.npz", "good_2")] {
+                let cache = std::fs::read(out.join(format!("{image}_te_outputs.npz"))).unwrap();
+                assert_ne!(
+                    cache,
+                    std::fs::read(c.path(damaged)).unwrap(),
+                    "{image}: damaged cache kept"
+                );
+            }
+        },
+    },
+    Row {
+        name: "cache-text-encoder with a key without image",
+        tool: "cache-text-encoder",
+        args: |c, out| te_args(c, "json/dangling_key.json", tiny_model(), out),
+        code: 0,
+        must_name: |_| Vec::new(),
+        check: |_, out, _| {
+            assert!(out.join("good_1_te_outputs.npz").is_file());
         },
     },
     Row {

@@ -24,6 +24,9 @@ struct CrashRow {
     setup: fn(&Path) -> (Vec<OsString>, Vec<PathBuf>),
     /// Checks that an output file that exists after a kill is complete and valid.
     valid: fn(&Path) -> Result<(), String>,
+    /// Per-item outputs (cache files) under the row's folder, for per-item stages: each present
+    /// after a kill must be valid, and the re-run must count them as up to date.
+    items: Option<fn(&Path) -> Vec<PathBuf>>,
 }
 
 /// Number of images in the generated dataset: enough for a run of a few tens of milliseconds.
@@ -73,6 +76,7 @@ const ROWS: &[CrashRow] = &[
             )
         },
         valid: valid_metadata,
+        items: None,
     },
     CrashRow {
         tool: "clean-captions",
@@ -92,8 +96,72 @@ const ROWS: &[CrashRow] = &[
             )
         },
         valid: valid_metadata,
+        items: None,
+    },
+    CrashRow {
+        tool: "cache-text-encoder",
+        setup: |root| {
+            std::fs::create_dir_all(root.join("cache")).unwrap();
+            let entries: serde_json::Map<String, serde_json::Value> = (0..TE_ENTRIES)
+                .map(|i| {
+                    (
+                        format!("img{i:03}"),
+                        serde_json::json!({"caption": format!("a photo number {i} of a cat")}),
+                    )
+                })
+                .collect();
+            let metadata = root.join("meta.json");
+            std::fs::write(&metadata, serde_json::to_vec(&entries).unwrap()).unwrap();
+            let model = common::fixtures().join("sd15-tiny/model.safetensors");
+            let index = root.join("cache/meta_te_cache.json");
+            (
+                vec![
+                    metadata.into(),
+                    model.into(),
+                    "--cache_dir".into(),
+                    root.join("cache").into(),
+                    "--batch_size".into(),
+                    "1".into(),
+                ],
+                vec![index],
+            )
+        },
+        valid: |path| {
+            serde_json::from_slice::<serde_json::Value>(&std::fs::read(path).unwrap())
+                .map(|_| ())
+                .map_err(|e| format!("{}: {e}", path.display()))
+        },
+        items: Some(|root| {
+            let mut caches: Vec<PathBuf> = std::fs::read_dir(root.join("cache"))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.to_string_lossy().ends_with("_te_outputs.npz"))
+                .collect();
+            caches.sort();
+            caches
+        }),
     },
 ];
+
+/// Captions in the text-encoder row (a run of about a second with the tiny model).
+const TE_ENTRIES: usize = 40;
+
+/// The content key and hidden states of a cache file (zip timestamps aside).
+fn cache_content(path: &Path) -> (Option<String>, Vec<f32>) {
+    let mut reader = lorakit_pipeline::npz::NpzReader::open(path).unwrap();
+    let key = lorakit_pipeline::npz::stored_key(&mut reader);
+    (key, reader.read_f32("hidden_state").unwrap().0)
+}
+
+/// Checks that a cache file is a complete npz carrying its content key.
+fn valid_cache(path: &Path) -> Result<(), String> {
+    let reader = lorakit_pipeline::npz::NpzReader::open(path).map_err(|e| e.to_string())?;
+    if reader.contains("lorakit_key") {
+        Ok(())
+    } else {
+        Err(format!("{}: no lorakit_key", path.display()))
+    }
+}
 
 /// Small deterministic generator for kill delays.
 fn next_random(state: &mut u64) -> f64 {
@@ -143,10 +211,18 @@ fn killed_runs_leave_valid_outputs_and_resume() {
                     );
                 }
             }
-            let leftovers = temp_files(&dir);
+            let mut leftovers = temp_files(&dir);
+            if row.items.is_some() {
+                leftovers.extend(temp_files(&dir.join("cache")));
+            }
             if !leftovers.is_empty() {
                 let report = Command::new(tool("lint-dataset"))
-                    .args([dir.as_os_str(), "--json".as_ref(), "-q".as_ref()])
+                    .args([
+                        dir.as_os_str(),
+                        "--recursive".as_ref(),
+                        "--json".as_ref(),
+                        "-q".as_ref(),
+                    ])
                     .output()
                     .unwrap();
                 let text = String::from_utf8_lossy(&report.stdout);
@@ -155,14 +231,49 @@ fn killed_runs_leave_valid_outputs_and_resume() {
                     assert!(text.contains(name.as_ref()), "lint-dataset misses {name}");
                 }
             }
-            let status = Command::new(tool(row.tool)).args(&args).status().unwrap();
-            assert!(status.success(), "{} re-run after a kill failed", row.tool);
-            assert_eq!(
-                std::fs::read(&outputs[0]).unwrap(),
-                reference,
-                "{} re-run after a kill at {delay:?} differs from an uninterrupted run",
+            let finished_items = match row.items {
+                Some(items) => {
+                    let present = items(&dir);
+                    for item in &present {
+                        if let Err(problem) = valid_cache(item) {
+                            panic!("{} killed after {delay:?}: {problem}", row.tool);
+                        }
+                    }
+                    Some(present.len())
+                }
+                None => None,
+            };
+            let rerun = Command::new(tool(row.tool)).args(&args).output().unwrap();
+            let stderr = String::from_utf8_lossy(&rerun.stderr);
+            assert!(
+                rerun.status.success(),
+                "{} re-run after a kill failed:\n{stderr}",
                 row.tool
             );
+            if let Some(finished) = finished_items {
+                assert!(
+                    stderr.contains(&format!("{} up to date", finished)),
+                    "{}: {finished} caches were finished before the kill, the re-run says:\n{stderr}",
+                    row.tool
+                );
+                let items = row.items.expect("per-item row")(&dir);
+                let reference_items = row.items.expect("per-item row")(&reference_dir);
+                assert_eq!(items.len(), reference_items.len());
+                for (item, expected) in items.iter().zip(&reference_items) {
+                    assert!(
+                        cache_content(item) == cache_content(expected),
+                        "{} differs from an uninterrupted run",
+                        item.display()
+                    );
+                }
+            } else {
+                assert_eq!(
+                    std::fs::read(&outputs[0]).unwrap(),
+                    reference,
+                    "{} re-run after a kill at {delay:?} differs from an uninterrupted run",
+                    row.tool
+                );
+            }
             for output in &outputs {
                 (row.valid)(output).unwrap();
             }
