@@ -23,8 +23,6 @@ pub struct Conv2d {
     kernel: usize,
     stride: usize,
     padding: usize,
-    /// The Winograd form of 3×3, stride 1, padding 1 convolutions.
-    winograd: Option<Winograd>,
 }
 
 impl Conv2d {
@@ -45,8 +43,6 @@ impl Conv2d {
             .flatten_all()?
             .to_vec1()?;
         let bias_values = bias.to_dtype(DType::F32)?.to_vec1()?;
-        let winograd = (kh == 3 && stride == 1 && padding == 1)
-            .then(|| Winograd::new(&matrix, out_channels, in_channels));
         Ok(Conv2d {
             weight,
             matrix,
@@ -55,7 +51,6 @@ impl Conv2d {
             kernel: kh,
             stride,
             padding,
-            winograd,
         })
     }
 
@@ -88,7 +83,7 @@ impl Conv2d {
         }
         let pointwise = k == 1 && s == 1 && p == 0;
         let band_rows = (BAND_BUDGET / (rows * out_w).max(1)).clamp(1, out_h);
-        let mut col = if pointwise || self.winograd.is_some() {
+        let mut col = if pointwise {
             Vec::new()
         } else {
             vec![0f32; rows * band_rows * out_w]
@@ -97,10 +92,6 @@ impl Conv2d {
             let image = &input[b * channels * plane_in..(b + 1) * channels * plane_in];
             let out_image =
                 &mut output[b * out_channels * plane_out..(b + 1) * out_channels * plane_out];
-            if let Some(winograd) = &self.winograd {
-                winograd.run(image, (height, width), out_image, out_channels);
-                continue;
-            }
             let mut y0 = 0;
             while y0 < out_h {
                 let y1 = (y0 + band_rows).min(out_h);
@@ -129,158 +120,6 @@ impl Conv2d {
         }
         Tensor::from_vec(output, (batch, out_channels, out_h, out_w), x.device())
     }
-}
-
-/// Winograd F(2×2, 3×3) for 3×3, stride 1, padding 1 convolutions: each 2×2 output tile costs
-/// 16 multiplications per channel pair instead of 36, done as 16 GEMMs `[O, C] · [C, tiles]`.
-#[derive(Clone, Debug)]
-struct Winograd {
-    /// Transformed weights `G g Gᵀ`, laid out `[16][O][C]`.
-    weights: Vec<f32>,
-    in_channels: usize,
-}
-
-impl Winograd {
-    fn new(matrix: &[f32], out_channels: usize, in_channels: usize) -> Self {
-        let mut weights = vec![0f32; 16 * out_channels * in_channels];
-        for (pair, g) in matrix.chunks(9).enumerate() {
-            let rows = [
-                [g[0], g[1], g[2]],
-                [
-                    (g[0] + g[3] + g[6]) * 0.5,
-                    (g[1] + g[4] + g[7]) * 0.5,
-                    (g[2] + g[5] + g[8]) * 0.5,
-                ],
-                [
-                    (g[0] - g[3] + g[6]) * 0.5,
-                    (g[1] - g[4] + g[7]) * 0.5,
-                    (g[2] - g[5] + g[8]) * 0.5,
-                ],
-                [g[6], g[7], g[8]],
-            ];
-            for (i, [a, b, c]) in rows.into_iter().enumerate() {
-                let u = [a, (a + b + c) * 0.5, (a - b + c) * 0.5, c];
-                for (j, value) in u.into_iter().enumerate() {
-                    weights[(i * 4 + j) * out_channels * in_channels + pair] = value;
-                }
-            }
-        }
-        Winograd {
-            weights,
-            in_channels,
-        }
-    }
-
-    /// Convolves one image (`[C, H, W]`) into `output` (`[O, H, W]`, pre-filled with the bias).
-    fn run(
-        &self,
-        image: &[f32],
-        (height, width): (usize, usize),
-        output: &mut [f32],
-        out_channels: usize,
-    ) {
-        let channels = self.in_channels;
-        let (tiles_h, tiles_w) = (height.div_ceil(2), width.div_ceil(2));
-        let band_tile_rows =
-            (BAND_BUDGET / (16 * channels.max(out_channels) * tiles_w)).clamp(1, tiles_h);
-        let plane = height * width;
-        let mut transformed = vec![0f32; channels * 16 * band_tile_rows * tiles_w];
-        let mut products = vec![0f32; out_channels * 16 * band_tile_rows * tiles_w];
-        let mut t0 = 0;
-        while t0 < tiles_h {
-            let t1 = (t0 + band_tile_rows).min(tiles_h);
-            let tiles = (t1 - t0) * tiles_w;
-            let input_tiles = &mut transformed[..channels * 16 * tiles];
-            input_tiles
-                .par_chunks_mut(16 * tiles)
-                .enumerate()
-                .for_each(|(c, out)| {
-                    let source = &image[c * plane..(c + 1) * plane];
-                    let at = |y: isize, x: isize| {
-                        if y < 0 || x < 0 || y >= height as isize || x >= width as isize {
-                            0.0
-                        } else {
-                            source[y as usize * width + x as usize]
-                        }
-                    };
-                    for ty in t0..t1 {
-                        for tx in 0..tiles_w {
-                            let (y0, x0) = (2 * ty as isize - 1, 2 * tx as isize - 1);
-                            let mut d = [[0f32; 4]; 4];
-                            for (r, row) in d.iter_mut().enumerate() {
-                                for (q, value) in row.iter_mut().enumerate() {
-                                    *value = at(y0 + r as isize, x0 + q as isize);
-                                }
-                            }
-                            let t = (ty - t0) * tiles_w + tx;
-                            let rows = [
-                                sub4(d[0], d[2]),
-                                add4(d[1], d[2]),
-                                sub4(d[2], d[1]),
-                                sub4(d[1], d[3]),
-                            ];
-                            for (i, [a, b, c, e]) in rows.into_iter().enumerate() {
-                                let v = [a - c, b + c, c - b, b - e];
-                                for (j, value) in v.into_iter().enumerate() {
-                                    out[(i * 4 + j) * tiles + t] = value;
-                                }
-                            }
-                        }
-                    }
-                });
-            let products = &mut products[..out_channels * 16 * tiles];
-            products.fill(0.0);
-            let matrix = out_channels * channels;
-            for k in 0..16 {
-                matmul_accumulate(
-                    &mut products[k * tiles..],
-                    16 * tiles,
-                    &self.weights[k * matrix..(k + 1) * matrix],
-                    &input_tiles[k * tiles..],
-                    16 * tiles,
-                    (out_channels, tiles, channels),
-                );
-            }
-            output
-                .par_chunks_mut(plane)
-                .enumerate()
-                .for_each(|(o, out_plane)| {
-                    let m = &products[o * 16 * tiles..(o + 1) * 16 * tiles];
-                    for ty in t0..t1 {
-                        for tx in 0..tiles_w {
-                            let t = (ty - t0) * tiles_w + tx;
-                            let value = |i: usize, j: usize| m[(i * 4 + j) * tiles + t];
-                            let row =
-                                |i: usize| [value(i, 0), value(i, 1), value(i, 2), value(i, 3)];
-                            let s0 = add4(add4(row(0), row(1)), row(2));
-                            let s1 = sub4(sub4(row(1), row(2)), row(3));
-                            for (i, s) in [s0, s1].into_iter().enumerate() {
-                                let y = 2 * ty + i;
-                                if y >= height {
-                                    continue;
-                                }
-                                let pair = [s[0] + s[1] + s[2], s[1] - s[2] - s[3]];
-                                for (j, v) in pair.into_iter().enumerate() {
-                                    let x = 2 * tx + j;
-                                    if x < width {
-                                        out_plane[y * width + x] += v;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                });
-            t0 = t1;
-        }
-    }
-}
-
-fn add4(a: [f32; 4], b: [f32; 4]) -> [f32; 4] {
-    [a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]]
-}
-
-fn sub4(a: [f32; 4], b: [f32; 4]) -> [f32; 4] {
-    [a[0] - b[0], a[1] - b[1], a[2] - b[2], a[3] - b[3]]
 }
 
 /// `dst += lhs · rhs` for row-major `lhs` `[m, k]` (contiguous), `rhs` `[k, n]` with row stride
