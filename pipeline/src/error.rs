@@ -77,3 +77,10 @@ impl Error {
 
 /// Result alias used throughout the pipeline.
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<candle_core::Error> for Error {
+    /// A tensor-library failure is a model error.
+    fn from(e: candle_core::Error) -> Self {
+        Error::Model(e.to_string())
+    }
+}

@@ -181,12 +181,26 @@ pub fn decode(path: &Path, bytes: &[u8], limits: &DecodeLimits) -> Result<Loaded
     }
     let mut decoder = decoder_for(path, Cursor::new(bytes), limits)?;
     limits.check(path, decoder.dimensions())?;
+    if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(bytes) {
+        // The JPEG decoder fills missing data with grey instead of failing (Pillow refuses).
+        return Err(Error::bad_file(
+            path,
+            "truncated file (the JPEG data has no end marker after its last scan)",
+        ));
+    }
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| describe(path, e))?;
     image.apply_orientation(orientation);
     Ok(LoadedImage { image })
+}
+
+/// Whether a JPEG stream has an end-of-image marker after its last start-of-scan (markers
+/// cannot occur inside entropy-coded data, which stuffs every 0xFF byte).
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last = |marker: u8| bytes.windows(2).rposition(|w| w == [0xFF, marker]);
+    matches!((last(0xDA), last(0xD9)), (Some(scan), Some(end)) if end > scan)
 }
 
 /// `(width, height)` of `path` read from its header only, after EXIF orientation.

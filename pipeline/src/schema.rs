@@ -22,6 +22,14 @@ pub const SCHEMAS: &[(&str, &str)] = &[
         TE_CACHE_V1,
         include_str!("../../schemas/te_cache.v1.schema.json"),
     ),
+    (
+        crate::caption::CAPTION_INDEX_V1,
+        include_str!("../../schemas/caption_index.v1.schema.json"),
+    ),
+    (
+        crate::lint::LINT_REPORT_V1,
+        include_str!("../../schemas/lint_report.v1.schema.json"),
+    ),
 ];
 
 /// The sd-scripts-compatible metadata JSON.

@@ -16,7 +16,6 @@
 //! lists every entry's cache file and key, with its sidecar manifest.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -28,10 +27,13 @@ use crate::hashing::KeyBuilder;
 use crate::manifest::{InputRecord, Manifest};
 use crate::merge::load_input_metadata;
 use crate::metadata::resolve_image;
+use crate::models::checkpoint::ModelFamily;
 use crate::models::clip::{apply_weights, encode_sd, encode_sdxl};
-use crate::models::text_encoders::{load_text_encoders, TextEncoderFamily, TextEncoders};
+use crate::models::text_encoders::{load_text_encoders, paddings, TextEncoders};
+use crate::npz::{store_key, stored_key, NpzReader, NpzWriter};
 use crate::report::{Progress, Summary};
 use crate::schema::{self, TE_CACHE_V1};
+use crate::shard::Shard;
 use crate::tokenize::{tokenizer_dir, ClipTokenizer, MaxTokenLength, TokenChunks, CHUNK_LEN};
 use crate::{fsio, Error, Result};
 
@@ -39,8 +41,6 @@ use crate::{fsio, Error, Result};
 pub const FORMAT_VERSION: u32 = 1;
 /// Suffix of the cache file that replaces an image's extension (sd-scripts' name).
 pub const CACHE_SUFFIX: &str = "_te_outputs.npz";
-/// Name of the content-key array inside each cache file.
-pub const KEY_ARRAY: &str = "lorakit_key";
 const TOOL: &str = "cache-text-encoder";
 
 /// `--mixed_precision`: the dtype the encoders run in (and fp16 outputs are stored in).
@@ -129,6 +129,8 @@ pub struct TeCacheOptions {
     pub seed: u64,
     /// Delete orphaned cache files.
     pub prune: bool,
+    /// `--shard i/n`: encode only this part of the entries.
+    pub shard: Shard,
     /// Hide progress.
     pub quiet: bool,
 }
@@ -198,15 +200,16 @@ impl Encoder {
             apply_weights(&hidden, &weights)
         };
         let named: Vec<(&'static str, Tensor)> = match self.encoders.family {
-            TextEncoderFamily::Sd1 | TextEncoderFamily::Sd2 => {
+            ModelFamily::Sd1 | ModelFamily::Sd2 => {
                 let hidden = encode_sd(
                     &self.encoders.encoders[0],
                     &self.ids_tensor(batch, 0)?,
                     self.clip_skip,
+                    None,
                 )?;
                 vec![("hidden_state", weights(0, hidden)?)]
             }
-            TextEncoderFamily::Sdxl => {
+            ModelFamily::Sdxl => {
                 let eos = self.tokenizers[1].eos_id();
                 let out = encode_sdxl(
                     &self.encoders.encoders[0],
@@ -214,6 +217,7 @@ impl Encoder {
                     &self.ids_tensor(batch, 0)?,
                     &self.ids_tensor(batch, 1)?,
                     eos,
+                    [None, None],
                 )?;
                 vec![
                     ("hidden_state1", weights(0, out.hidden_state1)?),
@@ -254,7 +258,7 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
         &device,
     )?;
     let family = encoders.family;
-    if options.require_sdxl && family != TextEncoderFamily::Sdxl {
+    if options.require_sdxl && family != ModelFamily::Sdxl {
         return Err(Error::Usage(format!(
             "--sdxl given, but {} holds {} text encoders",
             options.model.display(),
@@ -262,11 +266,11 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
         )));
     }
     let clip_skip = match (family, options.clip_skip) {
-        (TextEncoderFamily::Sdxl, Some(_)) => {
+        (ModelFamily::Sdxl, Some(_)) => {
             tracing::warn!("--clip_skip is ignored for SDXL (sd-scripts does the same)");
             1
         }
-        (TextEncoderFamily::Sd2, Some(k)) => {
+        (ModelFamily::Sd2, Some(k)) => {
             tracing::warn!(
                 "--clip_skip with an SD2 model: layer 23 already is SD2's penultimate layer"
             );
@@ -274,9 +278,15 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
         }
         (_, k) => k.unwrap_or(1),
     };
+    let layers = encoders.encoders[0].config().num_hidden_layers;
+    if clip_skip == 0 || clip_skip > layers {
+        return Err(Error::Usage(format!(
+            "--clip_skip must be between 1 and {layers} for this {}-layer text encoder, not {clip_skip}",
+            layers
+        )));
+    }
     let tokenizer_dirs = tokenizer_dirs(options, family)?;
-    let tokenizers = family
-        .paddings()
+    let tokenizers = paddings(family)
         .iter()
         .zip(&tokenizer_dirs)
         .map(|(&padding, dir)| ClipTokenizer::from_dir(dir, padding))
@@ -305,30 +315,35 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
     let mut targets: HashMap<PathBuf, String> = HashMap::new();
     let mut without_text = 0usize;
     for (key, entry) in metadata.iter() {
-        let caption = match training_caption(entry, &options.caption_separator) {
-            Some(caption) => caption,
-            None => {
-                without_text += 1;
-                String::new()
-            }
-        };
+        let mine = options.shard.contains(key);
         let cache_path = match cache_path_for(key, options) {
             Ok(path) => path,
             Err(error) => {
-                summary.fail(Path::new(key), &error);
+                if mine {
+                    summary.fail(Path::new(key), &error);
+                }
                 continue;
             }
         };
         if let Some(first) = targets.insert(cache_path.clone(), key.clone()) {
-            summary.fail(
-                Path::new(key),
-                &Error::bad_file(
-                    &cache_path,
-                    format!("entries {first:?} and {key:?} would share this cache file (same image stem); use distinct file names or no --cache_dir"),
-                ),
-            );
+            if mine {
+                summary.fail(
+                    Path::new(key),
+                    &Error::bad_file(
+                        &cache_path,
+                        format!("entries {first:?} and {key:?} would share this cache file (same image stem); use distinct file names or no --cache_dir"),
+                    ),
+                );
+            }
             continue;
         }
+        if !mine {
+            continue;
+        }
+        let caption = training_caption(entry, &options.caption_separator).unwrap_or_else(|| {
+            without_text += 1;
+            String::new()
+        });
         let content_key = settings.clone().text("caption", &caption).finish();
         items.push(Item {
             key: key.clone(),
@@ -345,7 +360,7 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
 
     let stale: Vec<&Item> = items
         .iter()
-        .filter(|item| stored_key(&item.cache_path).as_deref() != Some(item.content_key.as_str()))
+        .filter(|item| key_of_file(&item.cache_path).as_deref() != Some(item.content_key.as_str()))
         .collect();
     summary.up_to_date = items.len() - stale.len();
 
@@ -420,9 +435,9 @@ fn check_options(options: &TeCacheOptions) -> Result<()> {
     Ok(())
 }
 
-fn tokenizer_dirs(options: &TeCacheOptions, family: TextEncoderFamily) -> Result<Vec<PathBuf>> {
+fn tokenizer_dirs(options: &TeCacheOptions, family: ModelFamily) -> Result<Vec<PathBuf>> {
     let first = tokenizer_dir(&options.model, options.tokenizer.as_deref())?;
-    if family != TextEncoderFamily::Sdxl {
+    if family != ModelFamily::Sdxl {
         return Ok(vec![first]);
     }
     // SDXL's second tokenizer has the same vocabulary; diffusers folders ship it as tokenizer_2/.
@@ -463,10 +478,8 @@ fn cache_path_for(key: &str, options: &TeCacheOptions) -> Result<PathBuf> {
 }
 
 /// The content key stored in an existing cache file, if it can be read.
-fn stored_key(path: &Path) -> Option<String> {
-    let mut archive = npyz::npz::NpzArchive::open(path).ok()?;
-    let array = archive.by_name(KEY_ARRAY).ok()??;
-    String::from_utf8(array.into_vec::<u8>().ok()?).ok()
+fn key_of_file(path: &Path) -> Option<String> {
+    stored_key(&mut NpzReader::open(path).ok()?)
 }
 
 /// Tokenises, encodes and writes one batch of items; returns how many captions were truncated.
@@ -509,22 +522,83 @@ fn variant_seed(seed: u64, key: &str) -> u64 {
     u64::from_str_radix(&digest[..16], 16).expect("hex digest")
 }
 
-/// Names of the token-id arrays per encoder.
-fn ids_names(family: TextEncoderFamily) -> &'static [&'static str] {
+/// Names of the conditioning arrays of a cache file of `family`, in the order
+/// [`read_cache_file`] returns them.
+pub fn output_names(family: ModelFamily) -> &'static [&'static str] {
     match family {
-        TextEncoderFamily::Sdxl => &["input_ids1", "input_ids2"],
+        ModelFamily::Sdxl => &["hidden_state1", "hidden_state2", "pool2"],
+        _ => &["hidden_state"],
+    }
+}
+
+/// The text-encoder outputs of one cache file, as training consumes them.
+pub struct CachedTextOutputs {
+    /// The plain caption's arrays, named and ordered as [`output_names`] (float32 or float16).
+    pub arrays: Vec<Tensor>,
+    /// With `--variants N`: the same arrays with a leading axis of N.
+    pub variants: Option<Vec<Tensor>>,
+    /// The stored content key, when the file has one (files written by sd-scripts do not).
+    pub key: Option<String>,
+}
+
+/// Reads a `<stem>_te_outputs.npz` written by this stage (or, for SDXL, by sd-scripts):
+/// float16 arrays stay float16, everything else is read as float32.
+pub fn read_cache_file(
+    path: &Path,
+    family: ModelFamily,
+    device: &Device,
+) -> Result<CachedTextOutputs> {
+    let mut npz = NpzReader::open(path)?;
+    let has_variants = npz.contains(&format!("variants_{}", output_names(family)[0]));
+    let key = stored_key(&mut npz);
+    let mut read = |name: &str| -> Result<Tensor> {
+        let tensor = if npz.dtype(name)? == "<f2" {
+            let (values, shape) = npz.read_f16(name)?;
+            Tensor::from_vec(values, shape, device)
+        } else {
+            let (values, shape) = npz.read_f32(name)?;
+            Tensor::from_vec(values, shape, device)
+        };
+        tensor.map_err(|e| Error::Model(format!("{}: {name}: {e}", path.display())))
+    };
+    let arrays = output_names(family)
+        .iter()
+        .map(|name| read(name))
+        .collect::<Result<Vec<_>>>()?;
+    let variants = if has_variants {
+        Some(
+            output_names(family)
+                .iter()
+                .map(|name| read(&format!("variants_{name}")))
+                .collect::<Result<Vec<_>>>()?,
+        )
+    } else {
+        None
+    };
+    Ok(CachedTextOutputs {
+        arrays,
+        variants,
+        key,
+    })
+}
+
+/// Names of the token-id arrays per encoder.
+fn ids_names(family: ModelFamily) -> &'static [&'static str] {
+    match family {
+        ModelFamily::Sdxl => &["input_ids1", "input_ids2"],
         _ => &["input_ids"],
     }
 }
 
-fn write_cache_file(item: &Item, outputs: &[Encoded], family: TextEncoderFamily) -> Result<()> {
-    let mut npz = CacheArrays::default();
+fn write_cache_file(item: &Item, outputs: &[Encoded], family: ModelFamily) -> Result<()> {
+    let mut npz = NpzWriter::new();
     let (plain, variants) = outputs.split_first().expect("at least the plain caption");
     for (name, tensor) in &plain.arrays {
-        npz.tensor(name, tensor)?;
+        npz.add_tensor(name, tensor)?;
     }
+    let as_i64 = |ids: &[u32]| ids.iter().map(|&id| i64::from(id)).collect::<Vec<_>>();
     for (name, ids) in ids_names(family).iter().zip(&plain.ids) {
-        npz.ids(name, &[ids.len() / CHUNK_LEN, CHUNK_LEN], ids);
+        npz.add_i64(name, as_i64(ids), &[ids.len() / CHUNK_LEN, CHUNK_LEN])?;
     }
     if !variants.is_empty() {
         for (index, (name, _)) in plain.arrays.iter().enumerate() {
@@ -536,7 +610,7 @@ fn write_cache_file(item: &Item, outputs: &[Encoded], family: TextEncoderFamily)
                 0,
             )
             .map_err(|e| Error::Model(format!("stacking variants: {e}")))?;
-            npz.tensor(&format!("variants_{name}"), &stacked)?;
+            npz.add_tensor(&format!("variants_{name}"), &stacked)?;
         }
         for (encoder, name) in ids_names(family).iter().enumerate() {
             let ids: Vec<u32> = variants
@@ -544,98 +618,19 @@ fn write_cache_file(item: &Item, outputs: &[Encoded], family: TextEncoderFamily)
                 .flat_map(|v| v.ids[encoder].iter().copied())
                 .collect();
             let chunks = plain.ids[encoder].len() / CHUNK_LEN;
-            npz.ids(
+            npz.add_i64(
                 &format!("variants_{name}"),
+                as_i64(&ids),
                 &[variants.len(), chunks, CHUNK_LEN],
-                &ids,
-            );
+            )?;
         }
     }
-    npz.key(&item.content_key);
+    store_key(&mut npz, &item.content_key)?;
     npz.write(&item.cache_path)
 }
 
-/// The arrays of one cache file, written as a plain (stored, uncompressed) `np.savez` zip.
-#[derive(Default)]
-struct CacheArrays {
-    arrays: Vec<(String, Vec<u64>, ArrayData)>,
-}
-
-enum ArrayData {
-    F32(Vec<f32>),
-    F16(Vec<half::f16>),
-    I64(Vec<i64>),
-    U8(Vec<u8>),
-}
-
-impl CacheArrays {
-    fn tensor(&mut self, name: &str, tensor: &Tensor) -> Result<()> {
-        let shape: Vec<u64> = tensor.dims().iter().map(|&d| d as u64).collect();
-        let flat = tensor
-            .flatten_all()
-            .map_err(|e| Error::Model(format!("{name}: {e}")))?;
-        let data = match tensor.dtype() {
-            DType::F16 => flat.to_vec1::<half::f16>().map(ArrayData::F16),
-            _ => flat
-                .to_dtype(DType::F32)
-                .and_then(|t| t.to_vec1::<f32>())
-                .map(ArrayData::F32),
-        }
-        .map_err(|e| Error::Model(format!("{name}: {e}")))?;
-        self.arrays.push((name.to_string(), shape, data));
-        Ok(())
-    }
-
-    fn ids(&mut self, name: &str, shape: &[usize], ids: &[u32]) {
-        let shape = shape.iter().map(|&d| d as u64).collect();
-        let data = ArrayData::I64(ids.iter().map(|&id| i64::from(id)).collect());
-        self.arrays.push((name.to_string(), shape, data));
-    }
-
-    fn key(&mut self, key: &str) {
-        let bytes = key.as_bytes().to_vec();
-        self.arrays.push((
-            KEY_ARRAY.to_string(),
-            vec![bytes.len() as u64],
-            ArrayData::U8(bytes),
-        ));
-    }
-
-    fn write(&self, path: &Path) -> Result<()> {
-        use npyz::WriterBuilder;
-        let build = || -> std::io::Result<Vec<u8>> {
-            let mut npz = npyz::npz::NpzWriter::new(Cursor::new(Vec::new()));
-            let options = npyz::zip::write::FileOptions::default()
-                .compression_method(npyz::zip::CompressionMethod::Stored);
-            for (name, shape, data) in &self.arrays {
-                macro_rules! put {
-                    ($ty:ty, $values:expr) => {{
-                        let mut writer = npz
-                            .array::<$ty>(name, options)?
-                            .default_dtype()
-                            .shape(shape)
-                            .begin_nd()?;
-                        writer.extend($values.iter().copied())?;
-                        writer.finish()?;
-                    }};
-                }
-                match data {
-                    ArrayData::F32(values) => put!(f32, values),
-                    ArrayData::F16(values) => put!(half::f16, values),
-                    ArrayData::I64(values) => put!(i64, values),
-                    ArrayData::U8(values) => put!(u8, values),
-                }
-            }
-            let cursor = npz.zip_writer().finish().map_err(std::io::Error::other)?;
-            Ok(cursor.into_inner())
-        };
-        let bytes = build().map_err(|e| Error::io(path, e))?;
-        fsio::write_atomic(path, &bytes)
-    }
-}
-
 /// Every parameter that changes the cache files' content.
-fn run_parameters(options: &TeCacheOptions, family: TextEncoderFamily, clip_skip: usize) -> Value {
+fn run_parameters(options: &TeCacheOptions, family: ModelFamily, clip_skip: usize) -> Value {
     json!({
         "family": family.name(),
         "clip_skip": clip_skip,
@@ -701,10 +696,17 @@ fn report_orphans(
 }
 
 /// Where the index of a run is written: `<in_json stem>_te_cache.json` in `--cache_dir`, else
-/// beside the metadata JSON.
-pub fn index_path(in_json: &Path, cache_dir: Option<&Path>) -> PathBuf {
+/// beside the metadata JSON; a sharded run writes `<in_json stem>_te_cache.shard-<i>-of-<n>.json`.
+pub fn index_path(in_json: &Path, cache_dir: Option<&Path>, shard: Shard) -> PathBuf {
     let mut name = in_json.file_stem().unwrap_or_default().to_os_string();
-    name.push("_te_cache.json");
+    if shard == Shard::ALL {
+        name.push("_te_cache.json");
+    } else {
+        name.push(format!(
+            "_te_cache.shard-{}-of-{}.json",
+            shard.index, shard.count
+        ));
+    }
     match cache_dir {
         Some(dir) => dir.join(name),
         None => in_json.with_file_name(name),
@@ -721,10 +723,7 @@ fn write_index(
     summary: &Summary,
 ) -> Result<()> {
     let family = encoder.encoders.family;
-    let mut arrays: Vec<&str> = match family {
-        TextEncoderFamily::Sdxl => vec!["hidden_state1", "hidden_state2", "pool2"],
-        _ => vec!["hidden_state"],
-    };
+    let mut arrays = output_names(family).to_vec();
     arrays.extend(ids_names(family));
     let entries: serde_json::Map<String, Value> = items
         .iter()
@@ -753,7 +752,11 @@ fn write_index(
     if let Err(problems) = schema::validate(TE_CACHE_V1, &index) {
         panic!("te_cache index does not follow its own schema: {problems}");
     }
-    let path = index_path(&options.in_json, options.cache_dir.as_deref());
+    let path = index_path(
+        &options.in_json,
+        options.cache_dir.as_deref(),
+        options.shard,
+    );
     let mut bytes = Vec::new();
     crate::metadata::write_python_json(&mut bytes, &index, 2, false).expect("writing to memory");
     bytes.push(b'\n');

@@ -126,15 +126,45 @@ fn open_clip_name(hf_name: &str) -> String {
     name.to_string()
 }
 
+/// Changes the output of the transformer's linear layers (a LoRA network, for instance).
+pub trait LinearHook: Sync {
+    /// The output of linear layer `module` (its Hugging Face path, e.g.
+    /// `text_model.encoder.layers.0.self_attn.q_proj`), given its input and its own output.
+    fn adjust(&self, module: &str, input: &Tensor, output: Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// A linear layer that knows its Hugging Face module path, for [`LinearHook`]s.
+struct NamedLinear {
+    path: String,
+    linear: Linear,
+}
+
+impl NamedLinear {
+    fn forward(&self, x: &Tensor, hook: Option<&dyn LinearHook>) -> candle_core::Result<Tensor> {
+        let output = self.linear.forward(x)?;
+        match hook {
+            Some(hook) => hook.adjust(&self.path, x, output),
+            None => Ok(output),
+        }
+    }
+}
+
+fn named(vb: &VarBuilder, linear: Linear) -> NamedLinear {
+    NamedLinear {
+        path: vb.prefix(),
+        linear,
+    }
+}
+
 fn model_error(context: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
     move |e| Error::Model(format!("{context}: {e}"))
 }
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    q_proj: NamedLinear,
+    k_proj: NamedLinear,
+    v_proj: NamedLinear,
+    out_proj: NamedLinear,
     heads: usize,
     head_dim: usize,
 }
@@ -149,31 +179,42 @@ impl Attention {
         let (q_proj, k_proj, v_proj) = if layout == WeightLayout::OpenClip {
             let weight = vb.get((3 * width, width), "in_proj_weight")?;
             let bias = vb.get(3 * width, "in_proj_bias")?;
-            let part = |i: usize| -> candle_core::Result<Linear> {
-                Ok(Linear::new(
+            let part = |i: usize, name: &str| -> candle_core::Result<NamedLinear> {
+                let linear = Linear::new(
                     weight.narrow(0, i * width, width)?.contiguous()?,
                     Some(bias.narrow(0, i * width, width)?.contiguous()?),
+                );
+                Ok(named(&vb.pp(name), linear))
+            };
+            (part(0, "q_proj")?, part(1, "k_proj")?, part(2, "v_proj")?)
+        } else {
+            let proj = |name: &str| -> candle_core::Result<NamedLinear> {
+                Ok(named(
+                    &vb.pp(name),
+                    candle_nn::linear(width, width, vb.pp(name))?,
                 ))
             };
-            (part(0)?, part(1)?, part(2)?)
-        } else {
-            (
-                candle_nn::linear(width, width, vb.pp("q_proj"))?,
-                candle_nn::linear(width, width, vb.pp("k_proj"))?,
-                candle_nn::linear(width, width, vb.pp("v_proj"))?,
-            )
+            (proj("q_proj")?, proj("k_proj")?, proj("v_proj")?)
         };
         Ok(Attention {
             q_proj,
             k_proj,
             v_proj,
-            out_proj: candle_nn::linear(width, width, vb.pp("out_proj"))?,
+            out_proj: named(
+                &vb.pp("out_proj"),
+                candle_nn::linear(width, width, vb.pp("out_proj"))?,
+            ),
             heads: config.num_attention_heads,
             head_dim: width / config.num_attention_heads,
         })
     }
 
-    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        causal_mask: &Tensor,
+        hook: Option<&dyn LinearHook>,
+    ) -> candle_core::Result<Tensor> {
         let (batch, len, width) = x.dims3()?;
         let split_heads = |t: Tensor| -> candle_core::Result<Tensor> {
             t.reshape((batch, len, self.heads, self.head_dim))?
@@ -181,9 +222,9 @@ impl Attention {
                 .contiguous()
         };
         let scale = (self.head_dim as f64).powf(-0.5);
-        let q = split_heads((self.q_proj.forward(x)? * scale)?)?;
-        let k = split_heads(self.k_proj.forward(x)?)?;
-        let v = split_heads(self.v_proj.forward(x)?)?;
+        let q = split_heads((self.q_proj.forward(x, hook)? * scale)?)?;
+        let k = split_heads(self.k_proj.forward(x, hook)?)?;
+        let v = split_heads(self.v_proj.forward(x, hook)?)?;
         let dtype = x.dtype();
         let scores = q
             .to_dtype(DType::F32)?
@@ -195,7 +236,7 @@ impl Attention {
             .to_dtype(dtype)?
             .transpose(1, 2)?
             .reshape((batch, len, width))?;
-        self.out_proj.forward(&out)
+        self.out_proj.forward(&out, hook)
     }
 }
 
@@ -203,8 +244,8 @@ struct EncoderLayer {
     layer_norm1: LayerNorm,
     attention: Attention,
     layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: NamedLinear,
+    fc2: NamedLinear,
     activation: ClipActivation,
 }
 
@@ -219,19 +260,30 @@ impl EncoderLayer {
             layer_norm1: candle_nn::layer_norm(width, LAYER_NORM_EPS, vb.pp("layer_norm1"))?,
             attention: Attention::load(vb.pp("self_attn"), config, layout)?,
             layer_norm2: candle_nn::layer_norm(width, LAYER_NORM_EPS, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(width, config.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(config.intermediate_size, width, vb.pp("mlp.fc2"))?,
+            fc1: named(
+                &vb.pp("mlp.fc1"),
+                candle_nn::linear(width, config.intermediate_size, vb.pp("mlp.fc1"))?,
+            ),
+            fc2: named(
+                &vb.pp("mlp.fc2"),
+                candle_nn::linear(config.intermediate_size, width, vb.pp("mlp.fc2"))?,
+            ),
             activation: config.activation,
         })
     }
 
-    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        causal_mask: &Tensor,
+        hook: Option<&dyn LinearHook>,
+    ) -> candle_core::Result<Tensor> {
         let attended = self
             .attention
-            .forward(&self.layer_norm1.forward(x)?, causal_mask)?;
+            .forward(&self.layer_norm1.forward(x)?, causal_mask, hook)?;
         let x = (x + attended)?;
-        let hidden = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
-        let mlp = self.fc2.forward(&self.activation.apply(&hidden)?)?;
+        let hidden = self.fc1.forward(&self.layer_norm2.forward(&x)?, hook)?;
+        let mlp = self.fc2.forward(&self.activation.apply(&hidden)?, hook)?;
         x + mlp
     }
 }
@@ -300,7 +352,13 @@ impl ClipTextModel {
 
     /// Hidden states of `ids` (`[B, 77]`, u32) after each of `after_layers` transformer layers
     /// (0 = the embeddings), in the order asked; layers past the deepest one asked are not run.
-    pub fn hidden_states(&self, ids: &Tensor, after_layers: &[usize]) -> Result<Vec<Tensor>> {
+    /// `hook` (e.g. a LoRA network) adjusts every linear layer's output.
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        after_layers: &[usize],
+        hook: Option<&dyn LinearHook>,
+    ) -> Result<Vec<Tensor>> {
         let run = || -> candle_core::Result<Vec<Tensor>> {
             let (_, len) = ids.dims2()?;
             let deepest = after_layers.iter().copied().max().unwrap_or(0);
@@ -313,7 +371,7 @@ impl ClipTextModel {
             let mut outputs: Vec<Option<Tensor>> = vec![None; after_layers.len()];
             for depth in 0..=deepest {
                 if depth > 0 {
-                    x = self.layers[depth - 1].forward(&x, &mask)?;
+                    x = self.layers[depth - 1].forward(&x, &mask, hook)?;
                 }
                 for (slot, &wanted) in outputs.iter_mut().zip(after_layers) {
                     if wanted == depth {
@@ -398,7 +456,12 @@ pub fn apply_weights(hidden: &Tensor, body_weights: &Tensor) -> Result<Tensor> {
 
 /// SD1.x/SD2.x conditioning (sd-scripts' `SdTextEncodingStrategy`): for ids `[B, n, 77]`,
 /// `hidden_states[-clip_skip]` with the final layer norm, chunks stitched → `[B, 75n + 2, D]`.
-pub fn encode_sd(model: &ClipTextModel, ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
+pub fn encode_sd(
+    model: &ClipTextModel,
+    ids: &Tensor,
+    clip_skip: usize,
+    hook: Option<&dyn LinearHook>,
+) -> Result<Tensor> {
     let layers = model.config().num_hidden_layers;
     if clip_skip == 0 || clip_skip > layers {
         return Err(Error::Usage(format!(
@@ -410,7 +473,7 @@ pub fn encode_sd(model: &ClipTextModel, ids: &Tensor, clip_skip: usize) -> Resul
         .reshape((batch * chunks, len))
         .map_err(model_error("token ids"))?;
     let hidden = model
-        .hidden_states(&flat, &[layers + 1 - clip_skip])?
+        .hidden_states(&flat, &[layers + 1 - clip_skip], hook)?
         .remove(0);
     stitch_chunks(&model.final_layer_norm(&hidden)?, chunks)
 }
@@ -425,13 +488,15 @@ pub struct SdxlConditioning {
     pub pool2: Tensor,
 }
 
-/// Runs both SDXL encoders on ids `[B, n, 77]` (one tensor per tokenizer).
+/// Runs both SDXL encoders on ids `[B, n, 77]` (one tensor per tokenizer); `hooks` adjust each
+/// encoder's linear layers.
 pub fn encode_sdxl(
     encoder1: &ClipTextModel,
     encoder2: &ClipTextModel,
     ids1: &Tensor,
     ids2: &Tensor,
     eos_id: u32,
+    hooks: [Option<&dyn LinearHook>; 2],
 ) -> Result<SdxlConditioning> {
     let (batch, chunks, len) = ids1.dims3().map_err(model_error("token ids"))?;
     let flat1 = ids1
@@ -440,9 +505,9 @@ pub fn encode_sdxl(
     let flat2 = ids2
         .reshape((batch * chunks, len))
         .map_err(model_error("token ids"))?;
-    let hidden1 = encoder1.hidden_states(&flat1, &[11])?.remove(0);
+    let hidden1 = encoder1.hidden_states(&flat1, &[11], hooks[0])?.remove(0);
     let depth2 = encoder2.config().num_hidden_layers;
-    let mut states2 = encoder2.hidden_states(&flat2, &[depth2 - 1, depth2])?;
+    let mut states2 = encoder2.hidden_states(&flat2, &[depth2 - 1, depth2], hooks[1])?;
     let last2 = encoder2.final_layer_norm(&states2.remove(1))?;
     let hidden2 = states2.remove(0);
 

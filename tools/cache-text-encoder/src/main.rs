@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use lorakit_pipeline::caption_text::{CaptionAugmentation, DEFAULT_SEPARATOR};
-use lorakit_pipeline::cli::LogArgs;
+use lorakit_pipeline::cli::{LogArgs, ShardArgs};
 use lorakit_pipeline::te_cache::{cache_text_encoder_outputs, MixedPrecision, TeCacheOptions};
 use lorakit_pipeline::tokenize::MaxTokenLength;
 
@@ -69,6 +69,8 @@ struct Args {
     #[arg(long)]
     prune: bool,
     #[command(flatten)]
+    shard: ShardArgs,
+    #[command(flatten)]
     log: LogArgs,
 }
 
@@ -99,6 +101,7 @@ fn main() -> std::process::ExitCode {
             variants: args.variants,
             seed: args.seed,
             prune: args.prune,
+            shard: args.shard.shard,
             quiet: args.log.quiet,
         };
         cache_text_encoder_outputs(&options)

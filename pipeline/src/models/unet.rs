@@ -1,0 +1,698 @@
+//! Stable Diffusion 1.x / 2.x UNet (`UNet2DConditionModel` topology), differentiable end to end.
+//!
+//! Built only from candle ops that have a backward pass (norms are composed from elementary ops,
+//! attention is [`crate::models::attention::attention`] with its own exact backward), with per-sample timesteps, SD2 64-channel heads, and every linear / conv layer an
+//! [`AdaptableLayer`] so that LoRA modules can be attached. Base weights are frozen: their products
+//! run through [`crate::models::frozen::FrozenOp`], so no gradient is ever computed for them.
+//!
+//! Layer paths are diffusers names (`down_blocks.1.attentions.0.proj_in`); [`ldm_name`] maps them to
+//! the original LDM names of single-file checkpoints (spec Appendix A.1).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::lora::{Adaptable, AdaptableLayer, Container};
+use crate::models::attention::attention;
+use crate::models::frozen::FrozenKind;
+use crate::{Error, Result};
+
+/// Number of resolution levels of SD1/SD2 UNets.
+const LEVELS: usize = 4;
+/// Resnets per down level (`layers_per_block`); up levels have one more.
+const LAYERS_PER_BLOCK: usize = 2;
+/// Group count of every GroupNorm.
+const NORM_GROUPS: usize = 32;
+
+/// How attention heads are sized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heads {
+    /// A fixed number of heads at every level (SD1: 8).
+    Count(usize),
+    /// A fixed head width (SD2: 64 channels per head).
+    Width(usize),
+}
+
+/// Architecture parameters read from the weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnetConfig {
+    /// Output channels of the four levels (SD1.5: 320, 640, 1280, 1280).
+    pub block_channels: Vec<usize>,
+    /// Text-context width (SD1: 768, SD2: 1024).
+    pub context_dim: usize,
+    /// Head sizing.
+    pub heads: Heads,
+    /// Latent channels in and out.
+    pub latent_channels: usize,
+}
+
+impl UnetConfig {
+    /// Whether this is the SD2 layout (64-channel heads, context 1024).
+    pub fn is_sd2(&self) -> bool {
+        matches!(self.heads, Heads::Width(_))
+    }
+
+    fn heads_at(&self, channels: usize) -> usize {
+        match self.heads {
+            Heads::Count(n) => n,
+            Heads::Width(w) => channels / w,
+        }
+    }
+}
+
+/// Maps a diffusers UNet tensor name to its LDM name (without `model.diffusion_model.`).
+pub fn ldm_name(name: &str) -> String {
+    let parts: Vec<&str> = name.split('.').collect();
+    let rest = |n: usize| parts[n..].join(".");
+    let resnet = |n: usize| {
+        let inner = rest(n);
+        let mapped = [
+            ("norm1", "in_layers.0"),
+            ("conv1", "in_layers.2"),
+            ("norm2", "out_layers.0"),
+            ("conv2", "out_layers.3"),
+            ("time_emb_proj", "emb_layers.1"),
+            ("conv_shortcut", "skip_connection"),
+        ]
+        .iter()
+        .find_map(|(from, to)| inner.strip_prefix(from).map(|tail| format!("{to}{tail}")));
+        mapped.unwrap_or(inner)
+    };
+    let index = |s: &str| s.parse::<usize>().unwrap_or(usize::MAX);
+    match parts.as_slice() {
+        ["time_embedding", "linear_1", ..] => format!("time_embed.0.{}", rest(2)),
+        ["time_embedding", "linear_2", ..] => format!("time_embed.2.{}", rest(2)),
+        ["conv_in", ..] => format!("input_blocks.0.0.{}", rest(1)),
+        ["conv_norm_out", ..] => format!("out.0.{}", rest(1)),
+        ["conv_out", ..] => format!("out.2.{}", rest(1)),
+        ["down_blocks", i, "resnets", j, ..] => {
+            format!(
+                "input_blocks.{}.0.{}",
+                3 * index(i) + index(j) + 1,
+                resnet(4)
+            )
+        }
+        ["down_blocks", i, "attentions", j, ..] => {
+            format!("input_blocks.{}.1.{}", 3 * index(i) + index(j) + 1, rest(4))
+        }
+        ["down_blocks", i, "downsamplers", "0", "conv", ..] => {
+            format!("input_blocks.{}.0.op.{}", 3 * (index(i) + 1), rest(5))
+        }
+        ["mid_block", "resnets", j, ..] => format!("middle_block.{}.{}", 2 * index(j), resnet(3)),
+        ["mid_block", "attentions", "0", ..] => format!("middle_block.1.{}", rest(3)),
+        ["up_blocks", i, "resnets", j, ..] => {
+            format!("output_blocks.{}.0.{}", 3 * index(i) + index(j), resnet(4))
+        }
+        ["up_blocks", i, "attentions", j, ..] => {
+            format!("output_blocks.{}.1.{}", 3 * index(i) + index(j), rest(4))
+        }
+        ["up_blocks", i, "upsamplers", "0", "conv", ..] => {
+            let i = index(i);
+            format!(
+                "output_blocks.{}.{}.conv.{}",
+                3 * i + 2,
+                if i == 0 { 1 } else { 2 },
+                rest(5)
+            )
+        }
+        _ => name.to_string(),
+    }
+}
+
+/// Opens the UNet of a single-file LDM `.safetensors` checkpoint (memory-mapped) as a
+/// [`VarBuilder`] with diffusers names.
+pub fn single_file_var_builder(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
+    // SAFETY: the file is mapped read-only; lorakit never writes model files it reads.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }.map_err(|e| Error::BadFile {
+        path: path.to_path_buf(),
+        message: format!("cannot open as a .safetensors checkpoint ({e}); convert .ckpt files to .safetensors first"),
+    })?;
+    Ok(vb.rename_f(|name| format!("model.diffusion_model.{}", ldm_name(name))))
+}
+
+/// Reads named UNet tensors and builds frozen layers from them.
+struct Loader<'a> {
+    vb: &'a VarBuilder<'static>,
+}
+
+impl Loader<'_> {
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.vb.get_unchecked(name).map_err(|e| {
+            Error::Model(format!(
+                "UNet weight {name} ({}) is missing or unreadable: {e}",
+                ldm_name(name)
+            ))
+        })
+    }
+
+    fn layer(
+        &self,
+        path: &str,
+        container: Container,
+        kind: FrozenKind,
+        bias: bool,
+    ) -> Result<AdaptableLayer> {
+        let mut weight = self.tensor(&format!("{path}.weight"))?;
+        if let FrozenKind::Conv2d { .. } = kind {
+            if weight.rank() == 2 {
+                weight = weight.unsqueeze(2)?.unsqueeze(3)?;
+            }
+        }
+        let bias = if bias {
+            Some(self.tensor(&format!("{path}.bias"))?)
+        } else {
+            None
+        };
+        Ok(AdaptableLayer::new(
+            path.to_string(),
+            container,
+            weight,
+            bias,
+            kind,
+        ))
+    }
+
+    fn conv3(&self, path: &str, container: Container, stride: usize) -> Result<AdaptableLayer> {
+        self.layer(
+            path,
+            container,
+            FrozenKind::Conv2d { stride, padding: 1 },
+            true,
+        )
+    }
+
+    fn norm(&self, path: &str, eps: f64) -> Result<Norm> {
+        Ok(Norm {
+            weight: self.tensor(&format!("{path}.weight"))?.detach(),
+            bias: self.tensor(&format!("{path}.bias"))?.detach(),
+            eps,
+        })
+    }
+}
+
+/// Affine normalisation parameters shared by GroupNorm and LayerNorm.
+#[derive(Debug, Clone)]
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl Norm {
+    /// GroupNorm over `[B, C, H, W]` with [`NORM_GROUPS`] groups.
+    fn group(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let grouped = x.reshape((b, NORM_GROUPS, (c / NORM_GROUPS) * h * w))?;
+        let normed = standardise(&grouped, self.eps)?.reshape((b, c, h, w))?;
+        normed
+            .broadcast_mul(&self.weight.reshape((c, 1, 1))?)?
+            .broadcast_add(&self.bias.reshape((c, 1, 1))?)
+    }
+
+    /// LayerNorm over the last dimension.
+    fn layer(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        standardise(x, self.eps)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// `(x - mean) / sqrt(var + eps)` over the last dimension (biased variance).
+fn standardise(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    centred.broadcast_div(&(var + eps)?.sqrt()?)
+}
+
+/// `ResnetBlock2D`.
+#[derive(Debug, Clone)]
+struct ResnetBlock {
+    norm1: Norm,
+    conv1: AdaptableLayer,
+    time_emb_proj: AdaptableLayer,
+    norm2: Norm,
+    conv2: AdaptableLayer,
+    conv_shortcut: Option<AdaptableLayer>,
+}
+
+impl ResnetBlock {
+    fn load(l: &Loader, path: &str, in_ch: usize, out_ch: usize) -> Result<Self> {
+        let c = Container::Resnet;
+        Ok(Self {
+            norm1: l.norm(&format!("{path}.norm1"), 1e-5)?,
+            conv1: l.conv3(&format!("{path}.conv1"), c, 1)?,
+            time_emb_proj: l.layer(
+                &format!("{path}.time_emb_proj"),
+                c,
+                FrozenKind::Linear,
+                true,
+            )?,
+            norm2: l.norm(&format!("{path}.norm2"), 1e-5)?,
+            conv2: l.conv3(&format!("{path}.conv2"), c, 1)?,
+            conv_shortcut: if in_ch != out_ch {
+                Some(l.layer(
+                    &format!("{path}.conv_shortcut"),
+                    c,
+                    FrozenKind::Conv2d {
+                        stride: 1,
+                        padding: 0,
+                    },
+                    true,
+                )?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor, temb: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.group(x)?.silu()?)?;
+        let t = self
+            .time_emb_proj
+            .forward(&temb.silu()?)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = self.conv2.forward(&self.norm2.group(&h)?.silu()?)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(x)?,
+            None => x.clone(),
+        };
+        shortcut + h
+    }
+
+    fn visit(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer)) {
+        f(&mut self.conv1);
+        f(&mut self.time_emb_proj);
+        f(&mut self.conv2);
+        if let Some(conv) = &mut self.conv_shortcut {
+            f(conv);
+        }
+    }
+}
+
+/// Multi-head attention (`attn1` self, `attn2` cross).
+#[derive(Debug, Clone)]
+struct Attention {
+    to_q: AdaptableLayer,
+    to_k: AdaptableLayer,
+    to_v: AdaptableLayer,
+    to_out: AdaptableLayer,
+    heads: usize,
+}
+
+impl Attention {
+    fn load(l: &Loader, path: &str, heads: usize) -> Result<Self> {
+        let t = Container::Transformer;
+        Ok(Self {
+            to_q: l.layer(&format!("{path}.to_q"), t, FrozenKind::Linear, false)?,
+            to_k: l.layer(&format!("{path}.to_k"), t, FrozenKind::Linear, false)?,
+            to_v: l.layer(&format!("{path}.to_v"), t, FrozenKind::Linear, false)?,
+            to_out: l.layer(&format!("{path}.to_out.0"), t, FrozenKind::Linear, true)?,
+            heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let context = context.unwrap_or(x);
+        let (b, n, c) = x.dims3()?;
+        let head_dim = c / self.heads;
+        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+            let len = t.dim(1)?;
+            t.reshape((b, len, self.heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * self.heads, len, head_dim))
+        };
+        let q = split(self.to_q.forward(x)?)?;
+        let k = split(self.to_k.forward(context)?)?;
+        let v = split(self.to_v.forward(context)?)?;
+        let out = attention(&q, &k, &v, 1.0 / (head_dim as f64).sqrt())?;
+        let out = out
+            .reshape((b, self.heads, n, head_dim))?
+            .transpose(1, 2)?
+            .reshape((b, n, c))?;
+        self.to_out.forward(&out)
+    }
+
+    fn visit(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer)) {
+        f(&mut self.to_q);
+        f(&mut self.to_k);
+        f(&mut self.to_v);
+        f(&mut self.to_out);
+    }
+}
+
+/// `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward.
+#[derive(Debug, Clone)]
+struct TransformerBlock {
+    norm1: Norm,
+    attn1: Attention,
+    norm2: Norm,
+    attn2: Attention,
+    norm3: Norm,
+    ff_in: AdaptableLayer,
+    ff_out: AdaptableLayer,
+}
+
+impl TransformerBlock {
+    fn load(l: &Loader, path: &str, heads: usize) -> Result<Self> {
+        let t = Container::Transformer;
+        Ok(Self {
+            norm1: l.norm(&format!("{path}.norm1"), 1e-5)?,
+            attn1: Attention::load(l, &format!("{path}.attn1"), heads)?,
+            norm2: l.norm(&format!("{path}.norm2"), 1e-5)?,
+            attn2: Attention::load(l, &format!("{path}.attn2"), heads)?,
+            norm3: l.norm(&format!("{path}.norm3"), 1e-5)?,
+            ff_in: l.layer(
+                &format!("{path}.ff.net.0.proj"),
+                t,
+                FrozenKind::Linear,
+                true,
+            )?,
+            ff_out: l.layer(&format!("{path}.ff.net.2"), t, FrozenKind::Linear, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.layer(x)?, None)? + x)?;
+        let x = (self.attn2.forward(&self.norm2.layer(&x)?, Some(context))? + &x)?;
+        let projected = self.ff_in.forward(&self.norm3.layer(&x)?)?;
+        let half = projected.dim(D::Minus1)? / 2;
+        let hidden = projected.narrow(D::Minus1, 0, half)?;
+        let gate = projected.narrow(D::Minus1, half, half)?.gelu_erf()?;
+        self.ff_out.forward(&(hidden * gate)?)? + x
+    }
+
+    fn visit(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer)) {
+        self.attn1.visit(f);
+        self.attn2.visit(f);
+        f(&mut self.ff_in);
+        f(&mut self.ff_out);
+    }
+}
+
+/// `Transformer2DModel` with one transformer block (SD1/SD2).
+#[derive(Debug, Clone)]
+struct SpatialTransformer {
+    norm: Norm,
+    proj_in: AdaptableLayer,
+    block: TransformerBlock,
+    proj_out: AdaptableLayer,
+}
+
+impl SpatialTransformer {
+    fn load(l: &Loader, path: &str, heads: usize) -> Result<Self> {
+        let t = Container::Transformer;
+        let pointwise = FrozenKind::Conv2d {
+            stride: 1,
+            padding: 0,
+        };
+        Ok(Self {
+            norm: l.norm(&format!("{path}.norm"), 1e-6)?,
+            proj_in: l.layer(&format!("{path}.proj_in"), t, pointwise, true)?,
+            block: TransformerBlock::load(l, &format!("{path}.transformer_blocks.0"), heads)?,
+            proj_out: l.layer(&format!("{path}.proj_out"), t, pointwise, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let hidden = self.proj_in.forward(&self.norm.group(x)?)?;
+        let tokens = hidden.flatten_from(2)?.transpose(1, 2)?;
+        let tokens = self.block.forward(&tokens, context)?;
+        let hidden = tokens.transpose(1, 2)?.reshape((b, c, h, w))?;
+        self.proj_out.forward(&hidden)? + x
+    }
+
+    fn visit(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer)) {
+        f(&mut self.proj_in);
+        self.block.visit(f);
+        f(&mut self.proj_out);
+    }
+}
+
+/// One down or up level.
+#[derive(Debug, Clone)]
+struct Level {
+    resnets: Vec<ResnetBlock>,
+    attentions: Vec<SpatialTransformer>,
+    resample: Option<AdaptableLayer>,
+}
+
+impl Level {
+    fn visit(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer)) {
+        for (i, resnet) in self.resnets.iter_mut().enumerate() {
+            resnet.visit(f);
+            if let Some(attn) = self.attentions.get_mut(i) {
+                attn.visit(f);
+            }
+        }
+        if let Some(conv) = &mut self.resample {
+            f(conv);
+        }
+    }
+}
+
+/// The SD1.x/SD2.x conditional UNet.
+#[derive(Debug, Clone)]
+pub struct Unet {
+    /// Architecture read from the weights.
+    pub config: UnetConfig,
+    time_linear_1: AdaptableLayer,
+    time_linear_2: AdaptableLayer,
+    conv_in: AdaptableLayer,
+    down: Vec<Level>,
+    mid_resnets: [ResnetBlock; 2],
+    mid_attention: SpatialTransformer,
+    up: Vec<Level>,
+    norm_out: Norm,
+    conv_out: AdaptableLayer,
+}
+
+impl Unet {
+    /// Reads the architecture from tensor shapes and loads the frozen weights (diffusers names).
+    pub fn load(vb: &VarBuilder<'static>) -> Result<Self> {
+        let l = Loader { vb };
+        let config = detect_config(&l)?;
+        let ch = config.block_channels.clone();
+        let other = Container::Other;
+        let time_linear_1 = l.layer("time_embedding.linear_1", other, FrozenKind::Linear, true)?;
+        let time_linear_2 = l.layer("time_embedding.linear_2", other, FrozenKind::Linear, true)?;
+        let conv_in = l.conv3("conv_in", other, 1)?;
+        let mut down = Vec::with_capacity(LEVELS);
+        let mut in_ch = ch[0];
+        for (i, &out_ch) in ch.iter().enumerate() {
+            let has_attention = i + 1 < LEVELS;
+            let mut level = Level {
+                resnets: Vec::new(),
+                attentions: Vec::new(),
+                resample: None,
+            };
+            for j in 0..LAYERS_PER_BLOCK {
+                let res_in = if j == 0 { in_ch } else { out_ch };
+                level.resnets.push(ResnetBlock::load(
+                    &l,
+                    &format!("down_blocks.{i}.resnets.{j}"),
+                    res_in,
+                    out_ch,
+                )?);
+                if has_attention {
+                    level.attentions.push(SpatialTransformer::load(
+                        &l,
+                        &format!("down_blocks.{i}.attentions.{j}"),
+                        config.heads_at(out_ch),
+                    )?);
+                }
+            }
+            if i + 1 < LEVELS {
+                level.resample = Some(l.conv3(
+                    &format!("down_blocks.{i}.downsamplers.0.conv"),
+                    Container::Downsample,
+                    2,
+                )?);
+            }
+            down.push(level);
+            in_ch = out_ch;
+        }
+        let last = ch[LEVELS - 1];
+        let mid_resnets = [
+            ResnetBlock::load(&l, "mid_block.resnets.0", last, last)?,
+            ResnetBlock::load(&l, "mid_block.resnets.1", last, last)?,
+        ];
+        let mid_attention =
+            SpatialTransformer::load(&l, "mid_block.attentions.0", config.heads_at(last))?;
+        let reversed: Vec<usize> = ch.iter().rev().copied().collect();
+        let mut up = Vec::with_capacity(LEVELS);
+        let mut prev_out = reversed[0];
+        for i in 0..LEVELS {
+            let out_ch = reversed[i];
+            let skip_in = reversed[(i + 1).min(LEVELS - 1)];
+            let has_attention = i > 0;
+            let mut level = Level {
+                resnets: Vec::new(),
+                attentions: Vec::new(),
+                resample: None,
+            };
+            for j in 0..=LAYERS_PER_BLOCK {
+                let skip = if j == LAYERS_PER_BLOCK {
+                    skip_in
+                } else {
+                    out_ch
+                };
+                let res_in = if j == 0 { prev_out } else { out_ch };
+                level.resnets.push(ResnetBlock::load(
+                    &l,
+                    &format!("up_blocks.{i}.resnets.{j}"),
+                    res_in + skip,
+                    out_ch,
+                )?);
+                if has_attention {
+                    level.attentions.push(SpatialTransformer::load(
+                        &l,
+                        &format!("up_blocks.{i}.attentions.{j}"),
+                        config.heads_at(out_ch),
+                    )?);
+                }
+            }
+            if i + 1 < LEVELS {
+                level.resample = Some(l.conv3(
+                    &format!("up_blocks.{i}.upsamplers.0.conv"),
+                    Container::Upsample,
+                    1,
+                )?);
+            }
+            up.push(level);
+            prev_out = out_ch;
+        }
+        Ok(Self {
+            norm_out: l.norm("conv_norm_out", 1e-5)?,
+            conv_out: l.conv3("conv_out", other, 1)?,
+            config,
+            time_linear_1,
+            time_linear_2,
+            conv_in,
+            down,
+            mid_resnets,
+            mid_attention,
+            up,
+        })
+    }
+
+    /// Predicts noise (or v) for latents `[B, 4, H, W]`, per-sample timesteps `[B]` (any numeric
+    /// dtype) and text context `[B, T, context_dim]`.
+    pub fn forward(
+        &self,
+        latents: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let temb = timestep_embedding(timesteps, self.config.block_channels[0])?
+            .to_dtype(latents.dtype())?;
+        let temb = self
+            .time_linear_2
+            .forward(&self.time_linear_1.forward(&temb)?.silu()?)?;
+        let mut x = self.conv_in.forward(latents)?;
+        let mut skips = vec![x.clone()];
+        for level in &self.down {
+            for (j, resnet) in level.resnets.iter().enumerate() {
+                x = resnet.forward(&x, &temb)?;
+                if let Some(attn) = level.attentions.get(j) {
+                    x = attn.forward(&x, context)?;
+                }
+                skips.push(x.clone());
+            }
+            if let Some(conv) = &level.resample {
+                x = conv.forward(&x)?;
+                skips.push(x.clone());
+            }
+        }
+        x = self.mid_resnets[0].forward(&x, &temb)?;
+        x = self.mid_attention.forward(&x, context)?;
+        x = self.mid_resnets[1].forward(&x, &temb)?;
+        for level in &self.up {
+            for (j, resnet) in level.resnets.iter().enumerate() {
+                let skip = skips
+                    .pop()
+                    .ok_or_else(|| candle_core::Error::Msg("UNet skip stack underflow".into()))?;
+                x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, &temb)?;
+                if let Some(attn) = level.attentions.get(j) {
+                    x = attn.forward(&x, context)?;
+                }
+            }
+            if let Some(conv) = &level.resample {
+                let (_, _, h, w) = x.dims4()?;
+                x = conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
+            }
+        }
+        self.conv_out.forward(&self.norm_out.group(&x)?.silu()?)
+    }
+}
+
+impl Adaptable for Unet {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer)) {
+        f(&mut self.time_linear_1);
+        f(&mut self.time_linear_2);
+        f(&mut self.conv_in);
+        for level in &mut self.down {
+            level.visit(f);
+        }
+        self.mid_resnets[0].visit(f);
+        self.mid_attention.visit(f);
+        self.mid_resnets[1].visit(f);
+        for level in &mut self.up {
+            level.visit(f);
+        }
+        f(&mut self.conv_out);
+    }
+}
+
+/// Sinusoidal timestep embedding `[cos, sin]` (diffusers `flip_sin_to_cos=True`, shift 0), f32.
+pub fn timestep_embedding(timesteps: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
+    let half = dim / 2;
+    let device = timesteps.device();
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32)
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), device)?;
+    let args = timesteps
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
+    Tensor::cat(&[args.cos()?, args.sin()?], 1)
+}
+
+fn detect_config(l: &Loader) -> Result<UnetConfig> {
+    let conv_in = l.tensor("conv_in.weight")?;
+    let latent_channels = conv_in.dim(1)?;
+    let mut block_channels = Vec::with_capacity(LEVELS);
+    for i in 0..LEVELS {
+        block_channels.push(
+            l.tensor(&format!("down_blocks.{i}.resnets.0.conv1.weight"))?
+                .dim(0)?,
+        );
+    }
+    let context_dim = l
+        .tensor("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight")?
+        .dim(1)?;
+    if block_channels.iter().any(|c| c % NORM_GROUPS != 0) {
+        return Err(Error::Model(format!("UNet channels {block_channels:?} are not multiples of {NORM_GROUPS}: not an SD1/SD2 UNet")));
+    }
+    let heads = if context_dim == 1024 {
+        Heads::Width(64)
+    } else {
+        Heads::Count(8)
+    };
+    Ok(UnetConfig {
+        block_channels,
+        context_dim,
+        heads,
+        latent_channels,
+    })
+}

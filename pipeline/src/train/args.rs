@@ -1,0 +1,174 @@
+//! Command-line options of `train-lora`, spelled like sd-scripts' `train_network.py`.
+
+use std::path::PathBuf;
+
+/// Train a UNet LoRA (kohya `networks.lora` format) for SD1.x/SD2.x from cached latents and cached
+/// text-encoder outputs.
+///
+/// Only the UNet is trained: the text encoder never runs (its outputs come from
+/// cache-text-encoder), exactly as sd-scripts behaves with cached text-encoder outputs
+/// (`--network_train_unet_only`). The VAE is never loaded either (latents come from
+/// prepare-latents).
+#[derive(Debug, Clone, clap::Args)]
+#[command(rename_all = "snake_case")]
+pub struct TrainArgs {
+    /// Base model: single-file SD1.x/SD2.x checkpoint (.safetensors).
+    #[arg(long)]
+    pub pretrained_model_name_or_path: PathBuf,
+    /// SD2.x base model (checked against the weights).
+    #[arg(long)]
+    pub v2: bool,
+    /// v-prediction model (SD2 768-v): the target is v instead of the noise.
+    #[arg(long)]
+    pub v_parameterization: bool,
+    /// Metadata JSON with the training images (keys absolute or relative to --train_data_dir).
+    #[arg(long)]
+    pub in_json: PathBuf,
+    /// Folder of the images (and their cache files) for relative metadata keys.
+    #[arg(long)]
+    pub train_data_dir: Option<PathBuf>,
+    /// Repeats of the dataset per epoch.
+    #[arg(long, default_value_t = 1)]
+    pub dataset_repeats: usize,
+    /// Must be networks.lora (the only network module).
+    #[arg(long, default_value = "networks.lora")]
+    pub network_module: String,
+    /// LoRA rank (default 4).
+    #[arg(long)]
+    pub network_dim: Option<usize>,
+    /// LoRA alpha (default integer 1, stored as int64 like sd-scripts).
+    #[arg(long)]
+    pub network_alpha: Option<f32>,
+    /// Network arguments key=value: conv_dim, conv_alpha.
+    #[arg(long, num_args = 1..)]
+    pub network_args: Vec<String>,
+    /// Start from these LoRA weights (kohya .safetensors; UNet modules are used).
+    #[arg(long)]
+    pub network_weights: Option<PathBuf>,
+    /// Accepted for compatibility: training is always UNet-only here.
+    #[arg(long)]
+    pub network_train_unet_only: bool,
+    /// Output folder (created if missing).
+    #[arg(long)]
+    pub output_dir: PathBuf,
+    /// Output file name without extension (default "last").
+    #[arg(long)]
+    pub output_name: Option<String>,
+    /// Only safetensors is written.
+    #[arg(long, default_value = "safetensors")]
+    pub save_model_as: String,
+    /// Cast saved tensors: float, fp16 or bf16 (default: as trained, integer alpha kept).
+    #[arg(long)]
+    pub save_precision: Option<String>,
+    /// Save every N epochs (`<name>-<epoch:06>.safetensors`).
+    #[arg(long)]
+    pub save_every_n_epochs: Option<usize>,
+    /// Save every N optimizer steps (`<name>-step<step:08>.safetensors`).
+    #[arg(long)]
+    pub save_every_n_steps: Option<usize>,
+    /// Keep only the last N epoch saves.
+    #[arg(long)]
+    pub save_last_n_epochs: Option<usize>,
+    /// Also save a resumable training state folder with every saved model.
+    #[arg(long)]
+    pub save_state: bool,
+    /// Resume from a state folder, or `latest` for the newest complete one in --output_dir.
+    #[arg(long)]
+    pub resume: Option<String>,
+    /// Write only the minimal metadata.
+    #[arg(long)]
+    pub no_metadata: bool,
+    /// Free text stored as ss_training_comment.
+    #[arg(long)]
+    pub training_comment: Option<String>,
+    /// Number of optimizer steps.
+    #[arg(long, default_value_t = 1600)]
+    pub max_train_steps: usize,
+    /// Number of epochs (overrides --max_train_steps).
+    #[arg(long)]
+    pub max_train_epochs: Option<usize>,
+    /// Batch size (one bucket per batch).
+    #[arg(long, default_value_t = 1)]
+    pub train_batch_size: usize,
+    /// Micro-batches summed per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub gradient_accumulation_steps: usize,
+    /// Random seed (random when unset; the value used is stored as ss_seed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Learning rate.
+    #[arg(long, default_value_t = 2e-6)]
+    pub learning_rate: f64,
+    /// UNet learning rate (overrides --learning_rate).
+    #[arg(long)]
+    pub unet_lr: Option<f64>,
+    /// AdamW (default) or Lion.
+    #[arg(long, default_value = "")]
+    pub optimizer_type: String,
+    /// Optimizer arguments key=value: weight_decay, betas=b1,b2, eps.
+    #[arg(long, num_args = 1..)]
+    pub optimizer_args: Vec<String>,
+    /// Clip the global gradient norm (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.
+    #[arg(long, default_value = "constant")]
+    pub lr_scheduler: String,
+    /// Warmup steps: a count, a fraction < 1 of the total, or N%.
+    #[arg(long, default_value = "0")]
+    pub lr_warmup_steps: String,
+    /// Cycles of cosine_with_restarts.
+    #[arg(long, default_value_t = 1.0)]
+    pub lr_scheduler_num_cycles: f64,
+    /// Power of the polynomial scheduler.
+    #[arg(long, default_value_t = 1.0)]
+    pub lr_scheduler_power: f64,
+    /// Noise offset.
+    #[arg(long)]
+    pub noise_offset: Option<f64>,
+    /// Scale the noise offset by U(0,1) per batch.
+    #[arg(long)]
+    pub noise_offset_random_strength: bool,
+    /// Add |mean latent| × this to the noise offset (needs --noise_offset).
+    #[arg(long)]
+    pub adaptive_noise_scale: Option<f64>,
+    /// Multi-resolution noise iterations.
+    #[arg(long)]
+    pub multires_noise_iterations: Option<usize>,
+    /// Multi-resolution noise discount.
+    #[arg(long, default_value_t = 0.3)]
+    pub multires_noise_discount: f64,
+    /// Smallest timestep (inclusive).
+    #[arg(long)]
+    pub min_timestep: Option<usize>,
+    /// Largest timestep (exclusive).
+    #[arg(long)]
+    pub max_timestep: Option<usize>,
+    /// Min-SNR weighting gamma (5 recommended).
+    #[arg(long)]
+    pub min_snr_gamma: Option<f32>,
+    /// Weight v-prediction loss like noise prediction.
+    #[arg(long)]
+    pub scale_v_pred_loss_like_noise_pred: bool,
+    /// Add a v-prediction-like loss term (noise prediction only).
+    #[arg(long)]
+    pub v_pred_like_loss: Option<f32>,
+    /// Debiased estimation loss weighting.
+    #[arg(long)]
+    pub debiased_estimation_loss: bool,
+    /// Rescale the schedule to zero terminal SNR.
+    #[arg(long)]
+    pub zero_terminal_snr: bool,
+    /// Compute precision of the frozen UNet: no (fp32), fp16 or bf16.
+    #[arg(long, default_value = "no")]
+    pub mixed_precision: String,
+    /// Compute device: cpu, or cuda (needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Write the loss log as JSON lines here (default `<output_dir>/<name>_loss.jsonl`).
+    #[arg(long)]
+    pub loss_log: Option<PathBuf>,
+    /// No progress display.
+    #[arg(skip)]
+    pub quiet: bool,
+}

@@ -1,0 +1,267 @@
+//! Training data from caches only: the metadata JSON (`--in_json`), the latent caches
+//! `<stem>_<WWWW>x<HHHH>_sd.npz` (spec §6.2) and the text-encoder caches `<stem>_te_outputs.npz`.
+//! Every entry is checked before training starts; all problems are reported together.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::dataset::IMAGE_EXTENSIONS;
+use crate::metadata::Metadata;
+use crate::{Error, Result};
+
+/// One training image as cached tensors.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Metadata key.
+    pub key: String,
+    /// Unscaled VAE latents `[4, h, w]` (f32, CPU).
+    pub latents: Tensor,
+    /// Text-encoder hidden states `[75n+2, D]` (f32, CPU).
+    pub context: Tensor,
+}
+
+/// The cached training set, grouped into buckets by latent size.
+#[derive(Debug, Clone)]
+pub struct CachedDataset {
+    /// All samples, in metadata order.
+    pub samples: Vec<Sample>,
+    /// Sample indices per bucket `(width, height)` in pixels.
+    pub buckets: BTreeMap<(usize, usize), Vec<usize>>,
+    /// Repeats per epoch (`--dataset_repeats`).
+    pub repeats: usize,
+    /// Tag counts from the metadata `tags` fields (lower-cased), for `ss_tag_frequency`.
+    pub tag_frequency: BTreeMap<String, usize>,
+    /// Width of the text context of every sample.
+    pub context_dim: usize,
+}
+
+impl CachedDataset {
+    /// Loads every entry of `in_json`; images are resolved like sd-scripts (absolute keys as they
+    /// are, relative keys under `train_data_dir`), and only their cache files are read.
+    pub fn load(in_json: &Path, train_data_dir: Option<&Path>, repeats: usize) -> Result<Self> {
+        let metadata = Metadata::load(in_json)?;
+        if metadata.is_empty() {
+            return Err(Error::bad_file(
+                in_json,
+                "the metadata file has no entries; nothing to train on",
+            ));
+        }
+        let mut samples = Vec::new();
+        let mut problems = Vec::new();
+        let mut tag_frequency = BTreeMap::new();
+        for (key, entry) in metadata.iter() {
+            let base = cache_base(key, train_data_dir);
+            match load_sample(key, &base, entry.get("train_resolution")) {
+                Ok(sample) => samples.push(sample),
+                Err(e) => problems.push(e.to_string()),
+            }
+            if let Some(tags) = entry.get("tags").and_then(|t| t.as_str()) {
+                for tag in tags
+                    .split(',')
+                    .map(|t| t.trim().to_lowercase())
+                    .filter(|t| !t.is_empty())
+                {
+                    *tag_frequency.entry(tag).or_insert(0) += 1;
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Error::bad_file(
+                in_json,
+                format!(
+                    "{} of {} entries cannot be trained on; run prepare-latents / cache-text-encoder for them (or remove them from the metadata):\n  {}",
+                    problems.len(),
+                    metadata.len(),
+                    problems.join("\n  ")
+                ),
+            ));
+        }
+        let lengths: std::collections::BTreeSet<(usize, usize)> = samples
+            .iter()
+            .map(|s| s.context.dims2())
+            .collect::<candle_core::Result<_>>()?;
+        if lengths.len() != 1 {
+            return Err(Error::bad_file(in_json, format!("text-encoder caches have different shapes {lengths:?}; re-run cache-text-encoder with one --max_token_length for all images")));
+        }
+        let context_dim = lengths.iter().next().map(|l| l.1).unwrap_or_default();
+        let mut buckets: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+        for (i, s) in samples.iter().enumerate() {
+            let (_, h, w) = s.latents.dims3()?;
+            buckets.entry((w * 8, h * 8)).or_default().push(i);
+        }
+        Ok(Self {
+            samples,
+            buckets,
+            repeats: repeats.max(1),
+            tag_frequency,
+            context_dim,
+        })
+    }
+
+    /// Training images × repeats.
+    pub fn num_train_images(&self) -> usize {
+        self.samples.len() * self.repeats
+    }
+
+    /// Number of batches in an epoch.
+    pub fn batches_per_epoch(&self, batch_size: usize) -> usize {
+        self.buckets
+            .values()
+            .map(|b| (b.len() * self.repeats).div_ceil(batch_size))
+            .sum()
+    }
+
+    /// The batches of `epoch` (1-based): each bucket's images × repeats shuffled and cut into
+    /// batches, then the batch order shuffled; deterministic in `(seed, epoch)`.
+    pub fn epoch_batches(&self, seed: u64, epoch: usize, batch_size: usize) -> Vec<Vec<usize>> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(mix(seed, 0x5eed_da7a, epoch as u64));
+        let mut batches = Vec::new();
+        for members in self.buckets.values() {
+            let mut items: Vec<usize> = members
+                .iter()
+                .flat_map(|&i| std::iter::repeat_n(i, self.repeats))
+                .collect();
+            items.shuffle(&mut rng);
+            batches.extend(items.chunks(batch_size).map(|c| c.to_vec()));
+        }
+        batches.shuffle(&mut rng);
+        batches
+    }
+
+    /// Stacks the latents and contexts of `batch` on `device`.
+    pub fn collate(&self, batch: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
+        let latents: Vec<&Tensor> = batch.iter().map(|&i| &self.samples[i].latents).collect();
+        let contexts: Vec<&Tensor> = batch.iter().map(|&i| &self.samples[i].context).collect();
+        Ok((
+            Tensor::stack(&latents, 0)?.to_device(device)?,
+            Tensor::stack(&contexts, 0)?.to_device(device)?,
+        ))
+    }
+}
+
+/// Mixes a seed with a stream id and a counter into an RNG seed.
+pub fn mix(seed: u64, stream: u64, counter: u64) -> u64 {
+    let mut z = seed ^ stream.rotate_left(17) ^ counter.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Image path without extension for a metadata key (the prefix of both cache files).
+fn cache_base(key: &str, train_data_dir: Option<&Path>) -> PathBuf {
+    let path = Path::new(key);
+    let full = match train_data_dir {
+        Some(dir) if !path.is_absolute() => dir.join(path),
+        _ => path.to_path_buf(),
+    };
+    let is_image = full
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
+    if is_image {
+        full.with_extension("")
+    } else {
+        full
+    }
+}
+
+/// The latent cache next to `base`: `<base>_<WWWW>x<HHHH>_sd.npz`, else legacy `<base>.npz`.
+pub fn find_latent_cache(base: &Path) -> Option<PathBuf> {
+    let dir = base.parent()?;
+    let stem = base.file_name()?.to_str()?;
+    let pattern = regex::Regex::new(&format!(
+        r"^{}_\d{{4}}x\d{{4}}_sd\.npz$",
+        regex::escape(stem)
+    ))
+    .ok()?;
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_str().is_some_and(|n| pattern.is_match(n)))
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    found.pop().or_else(|| {
+        let legacy = base.with_extension("npz");
+        legacy.is_file().then_some(legacy)
+    })
+}
+
+fn load_sample(
+    key: &str,
+    base: &Path,
+    train_resolution: Option<&serde_json::Value>,
+) -> Result<Sample> {
+    let latent_path = find_latent_cache(base).ok_or_else(|| {
+        Error::bad_file(
+            base,
+            format!(
+                "entry {key:?}: no latent cache {}_WWWWxHHHH_sd.npz",
+                base.display()
+            ),
+        )
+    })?;
+    let latents = read_npz_f32(&latent_path, "latents")?;
+    if latents.rank() != 3 || latents.dims()[0] != 4 {
+        return Err(Error::bad_file(
+            &latent_path,
+            format!(
+                "latents have shape {:?}, expected [4, h, w]",
+                latents.dims()
+            ),
+        ));
+    }
+    if let Some(res) = train_resolution.and_then(|v| v.as_array()) {
+        let want: Vec<u64> = res.iter().filter_map(|v| v.as_u64()).collect();
+        let have = [latents.dims()[2] as u64 * 8, latents.dims()[1] as u64 * 8];
+        if want.len() == 2 && want != have {
+            return Err(Error::bad_file(&latent_path, format!("latents are for {}x{} but the metadata train_resolution is {}x{}; re-run prepare-latents", have[0], have[1], want[0], want[1])));
+        }
+    }
+    let te_path = PathBuf::from(format!("{}_te_outputs.npz", base.display()));
+    if !te_path.is_file() {
+        return Err(Error::bad_file(
+            &te_path,
+            format!("entry {key:?}: text-encoder cache missing"),
+        ));
+    }
+    let context = read_npz_f32(&te_path, "hidden_state")?;
+    let ok = context.rank() == 2 && context.dims()[0] % 75 == 2;
+    if !ok {
+        return Err(Error::bad_file(
+            &te_path,
+            format!(
+                "hidden_state has shape {:?}, expected [75n+2, D]",
+                context.dims()
+            ),
+        ));
+    }
+    Ok(Sample {
+        key: key.to_string(),
+        latents,
+        context,
+    })
+}
+
+/// Reads a float32 array `name` from an `.npz` file as a CPU tensor.
+pub fn read_npz_f32(path: &Path, name: &str) -> Result<Tensor> {
+    let bad = |m: String| Error::bad_file(path, m);
+    let mut archive = npyz::npz::NpzArchive::open(path).map_err(|e| {
+        bad(format!(
+            "not a readable .npz ({e}); delete it and re-run the caching stage"
+        ))
+    })?;
+    let array = archive
+        .by_name(name)
+        .map_err(|e| bad(format!("array {name} is unreadable ({e})")))?
+        .ok_or_else(|| bad(format!("array {name} is missing")))?;
+    let shape: Vec<usize> = array.shape().iter().map(|&d| d as usize).collect();
+    let values = array
+        .into_vec::<f32>()
+        .map_err(|e| bad(format!("array {name} is not float32 ({e})")))?;
+    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+}

@@ -1,0 +1,524 @@
+//! LoRA training loop (`train_network.py` semantics, spec §9): cached data, seeded noise,
+//! loss weighting, AdamW/Lion, LR schedulers, gradient accumulation, periodic saves with sd-scripts
+//! naming and `ss_*` metadata, and exact resume from a saved state.
+
+pub mod args;
+pub mod data;
+pub mod metadata;
+pub mod noise;
+pub mod optim;
+pub mod schedule;
+pub mod state;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::lora::{Alpha, LoraConfig, LoraNetwork};
+use crate::models::unet::{self, Unet};
+use crate::report::{Progress, Summary};
+use crate::{Error, Result};
+pub use args::TrainArgs;
+use data::CachedDataset;
+use noise::{NoiseOptions, NoiseRng};
+use optim::{Optimizer, OptimizerKind};
+use schedule::{LossWeighting, LrScheduler, NoiseSchedule};
+
+/// VAE latent scale of SD1/SD2.
+pub const VAE_SCALE: f64 = 0.18215;
+
+/// What the loss of one micro-batch needs besides the model.
+pub struct LossContext<'a> {
+    /// The noise schedule.
+    pub schedule: &'a NoiseSchedule,
+    /// Noise / timestep options.
+    pub noise: NoiseOptions,
+    /// Per-sample weighting.
+    pub weighting: LossWeighting,
+    /// Run seed.
+    pub seed: u64,
+    /// Compute dtype of the UNet.
+    pub dtype: DType,
+}
+
+/// Loss of one micro-batch: unscaled cached `latents` `[B,4,h,w]` and `context` `[B,T,D]`; the
+/// noise stream is that of micro-batch `index`. Returns the batch-mean loss (f32 scalar tensor).
+pub fn micro_batch_loss(
+    unet: &Unet,
+    ctx: &LossContext,
+    latents: &Tensor,
+    context: &Tensor,
+    index: u64,
+) -> Result<Tensor> {
+    let x0 = (latents * VAE_SCALE)?;
+    let mut rng = NoiseRng::for_micro_batch(ctx.seed, index);
+    let (eps, timesteps) = noise::draw(&mut rng, &x0, &ctx.noise)?;
+    let device = x0.device();
+    let b = timesteps.len();
+    let (mut a, mut s) = (Vec::with_capacity(b), Vec::with_capacity(b));
+    for &t in &timesteps {
+        let (sa, sb) = ctx.schedule.coefficients(t);
+        a.push(sa);
+        s.push(sb);
+    }
+    let a = Tensor::from_vec(a, (b, 1, 1, 1), device)?;
+    let s = Tensor::from_vec(s, (b, 1, 1, 1), device)?;
+    let noisy = (x0.broadcast_mul(&a)? + eps.broadcast_mul(&s)?)?;
+    let target = if ctx.weighting.v_prediction {
+        (eps.broadcast_mul(&a)? - x0.broadcast_mul(&s)?)?
+    } else {
+        eps
+    };
+    let t_tensor = Tensor::from_vec(
+        timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+        b,
+        device,
+    )?;
+    let pred = unet
+        .forward(
+            &noisy.to_dtype(ctx.dtype)?,
+            &t_tensor,
+            &context.to_dtype(ctx.dtype)?,
+        )?
+        .to_dtype(DType::F32)?;
+    let per_sample = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
+    let weights: Vec<f32> = timesteps
+        .iter()
+        .map(|&t| ctx.weighting.weight(&ctx.schedule.all_snr, t))
+        .collect();
+    let weighted = (per_sample * Tensor::from_vec(weights, b, device)?)?;
+    Ok(weighted.mean_all()?)
+}
+
+/// Resolved run plan.
+struct Plan {
+    name: String,
+    total_steps: usize,
+    num_epochs: usize,
+    batches_per_epoch: usize,
+    seed: u64,
+    lr: f64,
+}
+
+/// Runs `train-lora`.
+pub fn run(args: &TrainArgs) -> Result<Summary> {
+    let started = Instant::now();
+    let started_unix = unix_time();
+    check_args(args)?;
+    let device = match args.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0).map_err(|e| {
+            Error::Usage(format!("--device cuda: {e} (build with --features cuda)"))
+        })?,
+        other => return Err(Error::Usage(format!("--device {other}: use cpu or cuda"))),
+    };
+    let dtype = match args.mixed_precision.as_str() {
+        "no" => DType::F32,
+        "fp16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => {
+            return Err(Error::Usage(format!(
+                "--mixed_precision {other}: use no, fp16 or bf16"
+            )))
+        }
+    };
+    let save_dtype = match args.save_precision.as_deref() {
+        None => None,
+        Some("float") => Some(DType::F32),
+        Some("fp16") => Some(DType::F16),
+        Some("bf16") => Some(DType::BF16),
+        Some(other) => {
+            return Err(Error::Usage(format!(
+                "--save_precision {other}: use float, fp16 or bf16"
+            )))
+        }
+    };
+    let lora_config = lora_config(args)?;
+    let optimizer_kind = OptimizerKind::parse(&args.optimizer_type, &args.optimizer_args)?;
+
+    let dataset = CachedDataset::load(
+        &args.in_json,
+        args.train_data_dir.as_deref(),
+        args.dataset_repeats,
+    )?;
+    let vb = unet::single_file_var_builder(&args.pretrained_model_name_or_path, dtype, &device)?;
+    let mut unet = Unet::load(&vb).map_err(|e| {
+        Error::bad_file(
+            &args.pretrained_model_name_or_path,
+            format!("not an SD1.x/SD2.x checkpoint with a UNet: {e}"),
+        )
+    })?;
+    if unet.config.is_sd2() != args.v2 {
+        return Err(Error::Usage(format!(
+            "{} is an {} UNet; {} --v2",
+            args.pretrained_model_name_or_path.display(),
+            if unet.config.is_sd2() {
+                "SD2.x"
+            } else {
+                "SD1.x"
+            },
+            if unet.config.is_sd2() {
+                "add"
+            } else {
+                "remove"
+            }
+        )));
+    }
+    if dataset.context_dim != unet.config.context_dim {
+        return Err(Error::bad_file(&args.in_json, format!(
+            "text-encoder caches have width {} but the UNet expects {}; re-run cache-text-encoder with this checkpoint",
+            dataset.context_dim, unet.config.context_dim
+        )));
+    }
+
+    let plan = plan(args, &dataset);
+    let network = match &args.network_weights {
+        Some(path) => {
+            let (network, report) = LoraNetwork::load(&mut unet, path, 1.0, &device)?;
+            tracing::info!(
+                "{}: {} UNet modules loaded, {} text-encoder modules ignored",
+                path.display(),
+                report.applied,
+                report.ignored_text_encoder
+            );
+            network
+        }
+        None => LoraNetwork::create(&mut unet, &lora_config, plan.seed, &device)?,
+    };
+    let vars = network.vars();
+    let mut optimizer = Optimizer::new(optimizer_kind, vars.clone())?;
+    let warmup = schedule::resolve_warmup(&args.lr_warmup_steps, plan.total_steps)?;
+    let scheduler = LrScheduler::new(
+        &args.lr_scheduler,
+        warmup,
+        plan.total_steps,
+        plan.lr,
+        args.lr_scheduler_num_cycles,
+        args.lr_scheduler_power,
+    )?;
+    let noise_schedule = NoiseSchedule::scaled_linear(args.zero_terminal_snr);
+    let loss_ctx = LossContext {
+        schedule: &noise_schedule,
+        noise: NoiseOptions {
+            noise_offset: args.noise_offset,
+            noise_offset_random_strength: args.noise_offset_random_strength,
+            adaptive_noise_scale: args.adaptive_noise_scale,
+            multires_noise_iterations: args.multires_noise_iterations,
+            multires_noise_discount: args.multires_noise_discount,
+            min_timestep: args.min_timestep.unwrap_or(0),
+            max_timestep: args.max_timestep.unwrap_or(schedule::TRAIN_TIMESTEPS),
+        },
+        weighting: LossWeighting {
+            min_snr_gamma: args.min_snr_gamma,
+            scale_v_pred_loss_like_noise_pred: args.scale_v_pred_loss_like_noise_pred,
+            v_pred_like_loss: args.v_pred_like_loss,
+            debiased_estimation: args.debiased_estimation_loss,
+            v_prediction: args.v_parameterization,
+        },
+        seed: plan.seed,
+        dtype,
+    };
+
+    std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
+    let mut progress_state = state::Progress::default();
+    if let Some(resume) = &args.resume {
+        let dir = state::resolve_resume(resume, &args.output_dir)?;
+        progress_state = state::load(&dir, &network, &mut optimizer)?;
+        tracing::info!(
+            "resumed from {} at step {}",
+            dir.display(),
+            progress_state.global_step
+        );
+    }
+    let meta_base = metadata::base_metadata(
+        args,
+        &dataset,
+        &plan_info(&plan),
+        started_unix,
+        &optimizer_kind,
+        unet.config.is_sd2(),
+    )?;
+    let saver = Saver {
+        args,
+        network: &network,
+        save_dtype,
+        meta_base,
+    };
+
+    let log_path = args
+        .loss_log
+        .clone()
+        .unwrap_or_else(|| args.output_dir.join(format!("{}_loss.jsonl", plan.name)));
+    let mut log_lines: Vec<String> = progress_state.log_lines.clone();
+    let progress = Progress::new("train-lora steps", plan.total_steps, args.quiet);
+    progress.inc(progress_state.global_step as u64);
+    let mut global_step = progress_state.global_step;
+    let mut recent: Vec<f32> = Vec::new();
+    let accum = args.gradient_accumulation_steps.max(1);
+    'epochs: for epoch in progress_state.epoch.max(1)..=plan.num_epochs {
+        let batches = dataset.epoch_batches(plan.seed, epoch, args.train_batch_size);
+        let skip = if epoch == progress_state.epoch {
+            progress_state.batches_done_in_epoch
+        } else {
+            0
+        };
+        let mut summed: Option<Vec<Tensor>> = None;
+        let mut group_losses = Vec::new();
+        for (bi, batch) in batches.iter().enumerate().skip(skip) {
+            let micro_index = ((epoch - 1) * plan.batches_per_epoch + bi) as u64;
+            let (latents, context) = dataset.collate(batch, &device)?;
+            let loss = micro_batch_loss(&unet, &loss_ctx, &latents, &context, micro_index)?;
+            let loss_value = loss.to_scalar::<f32>()?;
+            if !loss_value.is_finite() {
+                write_log(&log_path, &log_lines)?;
+                return Err(Error::Model(format!(
+                    "loss became {loss_value} at epoch {epoch}, step {}; training stopped and the files saved so far are intact; lower --learning_rate or check the caches",
+                    global_step + 1
+                )));
+            }
+            let grads = (loss / accum as f64)?.backward()?;
+            let grads = optim::collect_grads(&grads, &vars)?;
+            summed = Some(match summed {
+                None => grads,
+                Some(prev) => prev
+                    .iter()
+                    .zip(&grads)
+                    .map(|(a, b)| a + b)
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            });
+            group_losses.push(loss_value);
+            let closes_group = (bi + 1) % accum == 0 || bi + 1 == batches.len();
+            if !closes_group {
+                continue;
+            }
+            let mut grads = summed.take().expect("gradients of this group");
+            optim::clip_grad_norm(&mut grads, args.max_grad_norm)?;
+            let lr = plan.lr * scheduler.multiplier(global_step);
+            optimizer.step(&grads, lr)?;
+            global_step += 1;
+            progress.inc(1);
+            let step_loss = group_losses.iter().sum::<f32>() / group_losses.len() as f32;
+            group_losses.clear();
+            recent.push(step_loss);
+            let average = recent.iter().sum::<f32>() / recent.len() as f32;
+            log_lines.push(serde_json::json!({"step": global_step, "epoch": epoch, "loss": step_loss, "loss_average": average, "lr": lr}).to_string());
+            tracing::debug!("step {global_step}: loss {step_loss:.5} (avg {average:.5}) lr {lr:e}");
+            let position = state::Progress {
+                epoch,
+                batches_done_in_epoch: bi + 1,
+                global_step,
+                log_lines: log_lines.clone(),
+            };
+            if args
+                .save_every_n_steps
+                .is_some_and(|n| n > 0 && global_step % n == 0)
+                && global_step < plan.total_steps
+            {
+                let stem = format!("{}-step{:08}", plan.name, global_step);
+                saver.save(&stem, global_step, epoch - 1)?;
+                if args.save_state {
+                    state::save(
+                        &args.output_dir.join(format!("{stem}-state")),
+                        &network,
+                        &optimizer,
+                        &position,
+                    )?;
+                }
+                write_log(&log_path, &log_lines)?;
+            }
+            if global_step >= plan.total_steps {
+                if args.save_state {
+                    state::save(
+                        &args.output_dir.join(format!("{}-state", plan.name)),
+                        &network,
+                        &optimizer,
+                        &position,
+                    )?;
+                }
+                break 'epochs;
+            }
+        }
+        if let Some(n) = args.save_every_n_epochs.filter(|&n| n > 0) {
+            if epoch % n == 0 && epoch < plan.num_epochs {
+                let stem = format!("{}-{:06}", plan.name, epoch);
+                saver.save(&stem, global_step, epoch)?;
+                if args.save_state {
+                    let position = state::Progress {
+                        epoch: epoch + 1,
+                        batches_done_in_epoch: 0,
+                        global_step,
+                        log_lines: log_lines.clone(),
+                    };
+                    state::save(
+                        &args.output_dir.join(format!("{stem}-state")),
+                        &network,
+                        &optimizer,
+                        &position,
+                    )?;
+                }
+                if let Some(keep) = args.save_last_n_epochs.filter(|&k| k > 0) {
+                    if let Some(old) = epoch.checked_sub(n * keep).filter(|&e| e > 0) {
+                        let old_file = args
+                            .output_dir
+                            .join(format!("{}-{:06}.safetensors", plan.name, old));
+                        if old_file.is_file() {
+                            std::fs::remove_file(&old_file).map_err(|e| Error::io(&old_file, e))?;
+                        }
+                    }
+                }
+                write_log(&log_path, &log_lines)?;
+            }
+        }
+    }
+    progress.finish();
+    let final_path = saver.save(&plan.name, global_step, plan.num_epochs)?;
+    write_log(&log_path, &log_lines)?;
+    let first = recent.first().copied().unwrap_or(f32::NAN);
+    let last = recent.last().copied().unwrap_or(f32::NAN);
+    tracing::info!(
+        "{} steps in {:.1} s; loss {first:.4} -> {last:.4}; wrote {}",
+        global_step,
+        started.elapsed().as_secs_f64(),
+        final_path.display()
+    );
+    Ok(Summary {
+        done: 1,
+        ..Summary::default()
+    })
+}
+
+fn check_args(args: &TrainArgs) -> Result<()> {
+    if args.network_module != "networks.lora" {
+        return Err(Error::Usage(format!(
+            "--network_module {}: only networks.lora is supported",
+            args.network_module
+        )));
+    }
+    if args.save_model_as != "safetensors" {
+        return Err(Error::Usage(format!(
+            "--save_model_as {}: only safetensors is written",
+            args.save_model_as
+        )));
+    }
+    if args.train_batch_size == 0 || args.gradient_accumulation_steps == 0 {
+        return Err(Error::Usage(
+            "--train_batch_size and --gradient_accumulation_steps must be at least 1".into(),
+        ));
+    }
+    if args.adaptive_noise_scale.is_some() && args.noise_offset.is_none() {
+        return Err(Error::Usage(
+            "--adaptive_noise_scale requires --noise_offset".into(),
+        ));
+    }
+    if args.scale_v_pred_loss_like_noise_pred && !args.v_parameterization {
+        return Err(Error::Usage(
+            "--scale_v_pred_loss_like_noise_pred requires --v_parameterization".into(),
+        ));
+    }
+    if args.v_pred_like_loss.is_some() && args.v_parameterization {
+        return Err(Error::Usage(
+            "--v_pred_like_loss cannot be used with --v_parameterization".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// LoRA options from `--network_dim/--network_alpha/--network_args`.
+pub fn lora_config(args: &TrainArgs) -> Result<LoraConfig> {
+    let mut config = LoraConfig {
+        network_dim: args.network_dim.unwrap_or(4),
+        network_alpha: args
+            .network_alpha
+            .map(Alpha::Float)
+            .unwrap_or(Alpha::Int(1)),
+        ..LoraConfig::default()
+    };
+    if let Alpha::Float(a) = config.network_alpha {
+        if a == 0.0 {
+            config.network_alpha = Alpha::Float(config.network_dim as f32);
+        }
+    }
+    for arg in &args.network_args {
+        let (key, value) = arg
+            .split_once('=')
+            .ok_or_else(|| Error::Usage(format!("--network_args {arg:?}: expected key=value")))?;
+        let bad = || Error::Usage(format!("--network_args {arg:?}: bad number"));
+        match key.trim() {
+            "conv_dim" => config.conv_dim = Some(value.trim().parse().map_err(|_| bad())?),
+            "conv_alpha" => config.conv_alpha = value.trim().parse().map_err(|_| bad())?,
+            other => {
+                return Err(Error::Usage(format!(
+                    "--network_args {other}: not supported (supported: conv_dim, conv_alpha)"
+                )))
+            }
+        }
+    }
+    Ok(config)
+}
+
+fn plan(args: &TrainArgs, dataset: &CachedDataset) -> Plan {
+    let batches_per_epoch = dataset.batches_per_epoch(args.train_batch_size);
+    let steps_per_epoch = batches_per_epoch
+        .div_ceil(args.gradient_accumulation_steps.max(1))
+        .max(1);
+    let total_steps = match args.max_train_epochs {
+        Some(e) => e * steps_per_epoch,
+        None => args.max_train_steps,
+    };
+    Plan {
+        name: args.output_name.clone().unwrap_or_else(|| "last".into()),
+        total_steps,
+        num_epochs: total_steps.div_ceil(steps_per_epoch),
+        batches_per_epoch,
+        seed: args.seed.unwrap_or_else(|| rand::random::<u32>() as u64),
+        lr: args.unet_lr.unwrap_or(args.learning_rate),
+    }
+}
+
+fn plan_info(plan: &Plan) -> metadata::PlanInfo {
+    metadata::PlanInfo {
+        total_steps: plan.total_steps,
+        num_epochs: plan.num_epochs,
+        batches_per_epoch: plan.batches_per_epoch,
+        seed: plan.seed,
+    }
+}
+
+/// Writes model files with their metadata.
+struct Saver<'a> {
+    args: &'a TrainArgs,
+    network: &'a LoraNetwork,
+    save_dtype: Option<DType>,
+    meta_base: std::collections::BTreeMap<String, String>,
+}
+
+impl Saver<'_> {
+    fn save(&self, stem: &str, steps: usize, epoch: usize) -> Result<PathBuf> {
+        let path = self.args.output_dir.join(format!("{stem}.safetensors"));
+        let mut meta = self.meta_base.clone();
+        if !self.args.no_metadata {
+            meta.insert(
+                "ss_training_finished_at".into(),
+                metadata::py_float(unix_time()),
+            );
+            meta.insert("ss_steps".into(), steps.to_string());
+            meta.insert("ss_epoch".into(), epoch.to_string());
+        }
+        self.network.save(&path, self.save_dtype, &meta)?;
+        Ok(path)
+    }
+}
+
+fn write_log(path: &Path, lines: &[String]) -> Result<()> {
+    let mut text = lines.join("\n");
+    text.push('\n');
+    crate::fsio::write_atomic(path, text.as_bytes())
+}
+
+fn unix_time() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}

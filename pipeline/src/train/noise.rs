@@ -1,0 +1,121 @@
+//! Seeded noise and timesteps (spec §9.2) from a Rust RNG, so runs are reproducible and resumable:
+//! every micro-batch draws from its own stream `(seed, micro-batch index)`.
+
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::train::data::mix;
+use crate::Result;
+
+/// Noise options of `train_network.py`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoiseOptions {
+    /// `--noise_offset`.
+    pub noise_offset: Option<f64>,
+    /// `--noise_offset_random_strength`.
+    pub noise_offset_random_strength: bool,
+    /// `--adaptive_noise_scale`.
+    pub adaptive_noise_scale: Option<f64>,
+    /// `--multires_noise_iterations`.
+    pub multires_noise_iterations: Option<usize>,
+    /// `--multires_noise_discount` (default 0.3).
+    pub multires_noise_discount: f64,
+    /// `--min_timestep` (default 0).
+    pub min_timestep: usize,
+    /// `--max_timestep` (default 1000).
+    pub max_timestep: usize,
+}
+
+/// A seeded source of Gaussian and uniform draws.
+pub struct NoiseRng(StdRng);
+
+impl NoiseRng {
+    /// The stream of micro-batch `index` of a run seeded with `seed`.
+    pub fn for_micro_batch(seed: u64, index: u64) -> Self {
+        Self(StdRng::seed_from_u64(mix(seed, 0x0015_e000, index)))
+    }
+
+    /// A standard normal sample (Box–Muller).
+    pub fn normal(&mut self) -> f32 {
+        let u1: f64 = self.0.random_range(f64::EPSILON..1.0);
+        let u2: f64 = self.0.random();
+        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+    }
+
+    /// `N(0, 1)` tensor of `shape` on `device`.
+    pub fn normal_tensor(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let count = shape.iter().product();
+        let values: Vec<f32> = (0..count).map(|_| self.normal()).collect();
+        Ok(Tensor::from_vec(values, shape, device)?)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn uniform(&mut self) -> f64 {
+        self.0.random()
+    }
+
+    /// Uniform integer in `[low, high)` (or `low` when the range is empty).
+    pub fn int(&mut self, low: usize, high: usize) -> usize {
+        if high <= low {
+            low
+        } else {
+            self.0.random_range(low..high)
+        }
+    }
+}
+
+/// Draws `eps` for scaled latents `x0` `[B, C, H, W]` with offset / multi-resolution noise, and
+/// per-sample timesteps.
+pub fn draw(
+    rng: &mut NoiseRng,
+    x0: &Tensor,
+    options: &NoiseOptions,
+) -> Result<(Tensor, Vec<usize>)> {
+    let (b, c, h, w) = x0.dims4()?;
+    let device = x0.device();
+    let mut eps = rng.normal_tensor(&[b, c, h, w], device)?;
+    if let Some(offset) = options.noise_offset.filter(|o| *o != 0.0) {
+        let offset = if options.noise_offset_random_strength {
+            rng.uniform() * offset
+        } else {
+            offset
+        };
+        let per_channel = rng.normal_tensor(&[b, c, 1, 1], device)?;
+        let scaled = match options.adaptive_noise_scale {
+            Some(a) => {
+                let mean_abs = x0.mean_keepdim(3)?.mean_keepdim(2)?.abs()?;
+                let strength = ((mean_abs * a)? + offset)?.relu()?;
+                per_channel.mul(&strength)?
+            }
+            None => (per_channel * offset)?,
+        };
+        eps = eps.broadcast_add(&scaled)?;
+    }
+    if let Some(iterations) = options.multires_noise_iterations.filter(|&k| k > 0) {
+        for i in 0..iterations {
+            let r = 2.0 + 2.0 * rng.uniform();
+            let hi = ((h as f64 / r.powi(i as i32)) as usize).max(1);
+            let wi = ((w as f64 / r.powi(i as i32)) as usize).max(1);
+            let coarse = rng.normal_tensor(&[b, c, hi, wi], device)?;
+            let up = coarse.upsample_bilinear2d(h, w, false)?;
+            eps = (eps + (up * options.multires_noise_discount.powi(i as i32))?)?;
+            if hi == 1 || wi == 1 {
+                break;
+            }
+        }
+        let n = eps.elem_count() as f64;
+        let mean = eps.mean_all()?.to_scalar::<f32>()? as f64;
+        let var = eps
+            .broadcast_sub(&Tensor::new(mean as f32, device)?)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64
+            / (n - 1.0);
+        eps = (eps / var.sqrt())?;
+    }
+    let timesteps = (0..b)
+        .map(|_| rng.int(options.min_timestep, options.max_timestep))
+        .collect();
+    Ok((eps, timesteps))
+}

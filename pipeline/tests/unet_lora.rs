@@ -1,0 +1,159 @@
+//! UNet and LoRA parity with the sd-scripts goldens (tests/fixtures/golden/unet, golden/lora).
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+use lorakit_pipeline::lora::{Adaptable, Alpha, LoraConfig, LoraNetwork};
+use lorakit_pipeline::models::unet::{self, Unet};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn npz_f32(path: &PathBuf, name: &str) -> Tensor {
+    let mut archive = npyz::npz::NpzArchive::open(path).expect("open npz");
+    let array = archive
+        .by_name(name)
+        .expect("read npz")
+        .unwrap_or_else(|| panic!("{name} missing"));
+    let shape: Vec<usize> = array.shape().iter().map(|&d| d as usize).collect();
+    let values: Vec<f32> = match array.dtype() {
+        npyz::DType::Plain(t) if t.type_char() == npyz::TypeChar::Int => array
+            .into_vec::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|v| v as f32)
+            .collect(),
+        _ => array.into_vec::<f32>().unwrap(),
+    };
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
+fn base_unet() -> &'static Unet {
+    static UNET: OnceLock<Unet> = OnceLock::new();
+    UNET.get_or_init(|| {
+        let path = fixtures().join("sd15-tiny/model.safetensors");
+        let vb = unet::single_file_var_builder(&path, DType::F32, &Device::Cpu).unwrap();
+        Unet::load(&vb).unwrap()
+    })
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn golden() -> PathBuf {
+    fixtures().join("golden/unet/unet.npz")
+}
+
+#[test]
+fn unet_matches_sd_scripts_for_both_context_lengths() {
+    let unet = base_unet();
+    let latents = npz_f32(&golden(), "latents");
+    let timesteps = npz_f32(&golden(), "timesteps");
+    for tokens in ["77", "227"] {
+        let context = npz_f32(&golden(), &format!("encoder_hidden_states_{tokens}"));
+        let expected = npz_f32(&golden(), &format!("unet_out_{tokens}"));
+        let out = unet.forward(&latents, &timesteps, &context).unwrap();
+        let err = max_abs(&out, &expected);
+        eprintln!("unet_out_{tokens}: max abs error {err:e}");
+        assert!(err <= 1e-4, "unet_out_{tokens}: max abs error {err}");
+    }
+}
+
+#[test]
+fn trained_kohya_lora_reproduces_golden_output() {
+    let mut unet = base_unet().clone();
+    let path = fixtures().join("golden/lora/trained_lora_dim4_alpha1.safetensors");
+    let (network, report) = LoraNetwork::load(&mut unet, &path, 1.0, &Device::Cpu).unwrap();
+    assert_eq!(report.applied, 192);
+    assert_eq!(report.ignored_text_encoder, 72);
+    assert!(report.unknown.is_empty(), "{:?}", report.unknown);
+    assert_eq!(network.modules.len(), 192);
+    let latents = npz_f32(&golden(), "latents");
+    let timesteps = npz_f32(&golden(), "timesteps");
+    let context = npz_f32(&golden(), "encoder_hidden_states_77");
+    let expected = npz_f32(&golden(), "unet_out_77_lora_unet_only");
+    let base = npz_f32(&golden(), "unet_out_77");
+    let out = unet.forward(&latents, &timesteps, &context).unwrap();
+    let err = max_abs(&out, &expected);
+    let effect_err = max_abs(&(&out - &base).unwrap(), &(&expected - &base).unwrap());
+    eprintln!(
+        "unet_out_77_lora_unet_only: max abs error {err:e}, LoRA effect error {effect_err:e}"
+    );
+    assert!(err <= 1e-4 && effect_err <= 1e-4);
+}
+
+fn key_list(name: &str) -> Vec<(String, Vec<usize>, String)> {
+    let text = std::fs::read_to_string(fixtures().join(format!("golden/lora/{name}"))).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut keys: Vec<_> = json["keys"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.starts_with("lora_unet_"))
+        .map(|(k, v)| {
+            let shape = v["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            (k.clone(), shape, v["dtype"].as_str().unwrap().to_string())
+        })
+        .collect();
+    keys.sort();
+    keys
+}
+
+fn our_keys(config: &LoraConfig) -> Vec<(String, Vec<usize>, String)> {
+    let mut unet = base_unet().clone();
+    let network =
+        LoraNetwork::create(&mut unet as &mut dyn Adaptable, config, 1, &Device::Cpu).unwrap();
+    let mut keys: Vec<_> = network
+        .state_dict(None)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| {
+            let dtype = match t.dtype() {
+                DType::I64 => "int64",
+                _ => "float32",
+            };
+            (k, t.dims().to_vec(), dtype.to_string())
+        })
+        .collect();
+    keys.sort();
+    keys
+}
+
+#[test]
+fn lora_keys_match_sd_scripts_for_lierla_and_c3lier() {
+    assert_eq!(
+        our_keys(&LoraConfig::default()),
+        key_list("keys_unet_only_dim4_alpha1.json")
+    );
+    assert_eq!(
+        our_keys(&LoraConfig::default()),
+        key_list("keys_lierla_dim4_alpha1.json")
+    );
+    let c3lier = LoraConfig {
+        conv_dim: Some(4),
+        conv_alpha: 1.0,
+        ..LoraConfig::default()
+    };
+    assert_eq!(
+        our_keys(&c3lier),
+        key_list("keys_c3lier_dim4_alpha1_conv4_convalpha1.json")
+    );
+    assert_eq!(LoraConfig::default().network_alpha, Alpha::Int(1));
+}

@@ -1,0 +1,26 @@
+//! `train-lora`: UNet LoRA training from cached latents and cached text-encoder outputs, as
+//! sd-scripts' `train_network.py --network_module networks.lora --network_train_unet_only`.
+
+use clap::Parser;
+use lorakit_pipeline::cli::LogArgs;
+use lorakit_pipeline::train::TrainArgs;
+
+/// Train a UNet-only LoRA (kohya format) for SD1.x/SD2.x from cached latents and cached
+/// text-encoder outputs. The text encoder and the VAE are never loaded, so only the UNet is
+/// trained (like sd-scripts with cached text-encoder outputs). Exit codes: 0 ok, 1 fatal error,
+/// 2 usage error.
+#[derive(Parser)]
+#[command(version, rename_all = "snake_case")]
+struct Args {
+    #[command(flatten)]
+    train: TrainArgs,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+fn main() -> std::process::ExitCode {
+    let mut args = Args::parse();
+    args.log.init();
+    args.train.quiet = args.log.quiet;
+    lorakit_pipeline::report::run("train-lora", || lorakit_pipeline::train::run(&args.train))
+}
