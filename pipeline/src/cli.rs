@@ -78,3 +78,13 @@ impl MergeArgs {
         }
     }
 }
+
+/// `--shard i/n` for per-image stages (see [`crate::shard`]).
+#[derive(Debug, Clone, Args)]
+#[command(rename_all = "snake_case")]
+pub struct ShardArgs {
+    /// Process only shard i of n (0-based, e.g. 0/3); items are assigned by a hash of their
+    /// path, stable across machines. Join the shard outputs with `merge-shards`.
+    #[arg(long, default_value = "0/1")]
+    pub shard: crate::shard::Shard,
+}

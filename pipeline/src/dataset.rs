@@ -59,7 +59,9 @@ pub fn find_images(train_data_dir: &Path, recursive: bool) -> Result<Discovery> 
         if entry.file_name().as_encoded_bytes().starts_with(b"._") {
             continue;
         }
-        if entry.file_type().is_file() {
+        let is_file = entry.file_type().is_file()
+            || (entry.path_is_symlink() && std::fs::metadata(path).is_ok_and(|m| m.is_file()));
+        if is_file {
             found.images.push(path.to_path_buf());
         } else {
             found.not_files.push(path.to_path_buf());

@@ -14,7 +14,16 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 pub const TEMP_PREFIX: &str = ".lorakit-tmp-";
 
 /// Writes `bytes` to `path` atomically.
+///
+/// When `path` already holds exactly `bytes` it is left alone, so its modification time only
+/// changes when its content does: `make` then re-runs downstream stages only after a real change.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let unchanged = std::fs::metadata(path)
+        .is_ok_and(|m| m.is_file() && m.len() == bytes.len() as u64)
+        && std::fs::read(path).is_ok_and(|old| old == bytes);
+    if unchanged {
+        return Ok(());
+    }
     write_atomic_with(path, |w| w.write_all(bytes))
 }
 
@@ -108,6 +117,24 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("out.json")]);
+    }
+
+    #[test]
+    fn identical_content_is_not_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.json");
+        write_atomic(&target, b"same").unwrap();
+        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        File::options()
+            .write(true)
+            .open(&target)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        write_atomic(&target, b"same").unwrap();
+        assert_eq!(std::fs::metadata(&target).unwrap().modified().unwrap(), old);
+        write_atomic(&target, b"new!").unwrap();
+        assert_ne!(std::fs::metadata(&target).unwrap().modified().unwrap(), old);
     }
 
     #[test]

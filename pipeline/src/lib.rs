@@ -4,19 +4,30 @@
 //! function here. Formats (metadata JSON, manifests, caches), image handling, models and training
 //! all live in this crate so that every format has exactly one implementation.
 
+pub mod bucket;
+pub mod caption;
+pub mod caption_text;
 pub mod clean;
 pub mod cli;
 pub mod dataset;
 pub mod error;
 pub mod fsio;
 pub mod hashing;
+pub mod imaging;
+pub mod latents;
+pub mod lint;
+pub mod lora;
 pub mod manifest;
 pub mod merge;
 pub mod metadata;
+pub mod models;
+pub mod npz;
 pub mod report;
 pub mod schema;
+pub mod shard;
+pub mod tagger;
+pub mod te_cache;
+pub mod tokenize;
+pub mod train;
 
 pub use error::{Error, Result};
-pub mod lora;
-pub mod models;
-pub mod train;

@@ -4,14 +4,14 @@
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use crate::clean::{clean_caption, clean_tags, UserFilter};
 use crate::dataset::{find_images, read_sidecar, sidecar_path};
 use crate::manifest::{InputRecord, Manifest};
 use crate::metadata::{check_unique_keys, image_key, Metadata};
 use crate::report::{Progress, Summary};
-use crate::schema::{self, METADATA_V1};
+use crate::schema::METADATA_V1;
 use crate::{hashing, Error, Result};
 
 /// Which metadata field a merge fills from sidecar files.
@@ -64,14 +64,11 @@ pub struct MergeOptions {
     pub field: SidecarField,
 }
 
-/// Loads a metadata JSON a stage reads, checking its manifest (if any) and the schema.
+/// Loads a metadata JSON a stage reads: its manifest (if any) must declare
+/// `lorakit.metadata/v1`, and the document must follow that schema.
 pub fn load_input_metadata(path: &Path) -> Result<Metadata> {
     Manifest::check_input(path, METADATA_V1)?;
-    let metadata = Metadata::load(path)?;
-    schema::validate(METADATA_V1, &metadata.to_value()).map_err(|problems| {
-        Error::schema(path, format!("does not follow {METADATA_V1}:\n{problems}"))
-    })?;
-    Ok(metadata)
+    Metadata::load(path)
 }
 
 /// Runs `merge-captions` or `merge-tags`.
@@ -188,33 +185,14 @@ pub fn clean_metadata(options: &CleanOptions) -> Result<Summary> {
         .as_deref()
         .map(UserFilter::load)
         .transpose()?;
-    let mut summary = Summary::default();
-    for (key, entry) in metadata.iter_mut() {
-        match entry.get("tags").and_then(Value::as_str) {
-            Some(tags) => {
-                let mut cleaned = clean_tags(key, tags);
-                if let Some(filter) = &filter {
-                    cleaned = filter.apply_to_tags(&cleaned);
-                }
-                entry.insert("tags".into(), Value::String(cleaned));
-            }
-            None => tracing::info!("{key}: no tags"),
-        }
-        match entry.get("caption").and_then(Value::as_str) {
-            Some(caption) => {
-                let mut cleaned = clean_caption(caption);
-                if let Some(filter) = &filter {
-                    cleaned = filter.apply_to_caption(&cleaned);
-                }
-                entry.insert("caption".into(), Value::String(cleaned));
-            }
-            None => tracing::info!("{key}: no caption"),
-        }
-        if options.debug {
-            eprintln!("{key} {}", Value::Object(entry.clone()));
-        }
-        summary.done += 1;
-    }
+    let mut entries: Vec<_> = metadata.iter_mut().collect();
+    entries
+        .par_iter_mut()
+        .for_each(|(key, entry)| clean_entry(key, entry, filter.as_ref(), options.debug));
+    let summary = Summary {
+        done: entries.len(),
+        ..Summary::default()
+    };
     metadata.save(&options.out_json)?;
     let parameters = json!({ "filter": options.filter.as_ref().map(|p| p.display().to_string()) });
     let mut manifest = Manifest::new("clean-captions", &options.out_json, METADATA_V1, parameters);
@@ -225,4 +203,36 @@ pub fn clean_metadata(options: &CleanOptions) -> Result<Summary> {
     manifest.summary = summary.clone();
     manifest.write_for(&options.out_json)?;
     Ok(summary)
+}
+
+/// Cleans the `tags` and `caption` of one metadata entry in place (a missing field is logged).
+fn clean_entry(
+    key: &str,
+    entry: &mut Map<String, Value>,
+    filter: Option<&UserFilter>,
+    debug: bool,
+) {
+    match entry.get("tags").and_then(Value::as_str) {
+        Some(tags) => {
+            let mut cleaned = clean_tags(key, tags);
+            if let Some(filter) = filter {
+                cleaned = filter.apply_to_tags(&cleaned);
+            }
+            entry.insert("tags".into(), Value::String(cleaned));
+        }
+        None => tracing::info!("{key}: no tags"),
+    }
+    match entry.get("caption").and_then(Value::as_str) {
+        Some(caption) => {
+            let mut cleaned = clean_caption(caption);
+            if let Some(filter) = filter {
+                cleaned = filter.apply_to_caption(&cleaned);
+            }
+            entry.insert("caption".into(), Value::String(cleaned));
+        }
+        None => tracing::info!("{key}: no caption"),
+    }
+    if debug {
+        eprintln!("{key} {}", Value::Object(entry.clone()));
+    }
 }

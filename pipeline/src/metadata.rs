@@ -26,11 +26,24 @@ impl Metadata {
         Self::default()
     }
 
-    /// Reads and checks a metadata JSON file: it must be an object whose values are objects.
+    /// Reads a metadata JSON file and checks it against the `lorakit.metadata/v1` schema
+    /// (an object whose values are objects with well-typed known fields).
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = fsio::read(path)?;
         let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::bad_file(path, format!("not valid JSON ({e}); was the file cut short? regenerate it with the stage that wrote it"))
+            Error::bad_file(
+                path,
+                format!("not valid JSON ({e}); was the file cut short? regenerate it with the stage that wrote it"),
+            )
+        })?;
+        crate::schema::validate(crate::schema::METADATA_V1, &value).map_err(|problems| {
+            Error::schema(
+                path,
+                format!(
+                    "does not follow {}:\n{problems}",
+                    crate::schema::METADATA_V1
+                ),
+            )
         })?;
         Self::from_value(value).map_err(|message| Error::schema(path, message))
     }
@@ -92,11 +105,6 @@ impl Metadata {
         self.entries
             .iter_mut()
             .filter_map(|(k, v)| v.as_object_mut().map(|o| (k, o)))
-    }
-
-    /// The document as a JSON value.
-    pub fn to_value(&self) -> Value {
-        Value::Object(self.entries.clone())
     }
 
     /// Serialises exactly as sd-scripts does (`indent=2`, non-ASCII escaped, no final newline).

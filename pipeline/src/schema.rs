@@ -18,12 +18,27 @@ pub const SCHEMAS: &[(&str, &str)] = &[
         MANIFEST_V1,
         include_str!("../../schemas/manifest.v1.schema.json"),
     ),
+    (
+        TE_CACHE_V1,
+        include_str!("../../schemas/te_cache.v1.schema.json"),
+    ),
+    (
+        crate::caption::CAPTION_INDEX_V1,
+        include_str!("../../schemas/caption_index.v1.schema.json"),
+    ),
+    (
+        crate::lint::LINT_REPORT_V1,
+        include_str!("../../schemas/lint_report.v1.schema.json"),
+    ),
 ];
 
 /// The sd-scripts-compatible metadata JSON.
 pub const METADATA_V1: &str = "lorakit.metadata/v1";
 /// The sidecar manifest written next to every stage output.
 pub const MANIFEST_V1: &str = "lorakit.manifest/v1";
+
+/// The index of a text-encoder output cache (`cache-text-encoder`).
+pub const TE_CACHE_V1: &str = "lorakit.te_cache/v1";
 
 /// Splits `lorakit.metadata/v1` into `("lorakit.metadata", 1)`.
 pub fn parse_id(id: &str) -> Option<(&str, u32)> {

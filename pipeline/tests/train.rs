@@ -10,6 +10,7 @@ use clap::Parser;
 use lorakit_pipeline::lora::{Adaptable, LoraConfig, LoraFile, LoraNetwork};
 use lorakit_pipeline::models::frozen::{FrozenKind, FrozenOp};
 use lorakit_pipeline::models::unet::{self, Unet};
+use lorakit_pipeline::models::{Checkpoint, Component};
 use lorakit_pipeline::train::data::read_npz_f32;
 use lorakit_pipeline::train::noise::NoiseOptions;
 use lorakit_pipeline::train::optim::{collect_grads, Optimizer, OptimizerKind};
@@ -30,7 +31,10 @@ fn model_path() -> PathBuf {
 fn base_unet() -> &'static Unet {
     static UNET: OnceLock<Unet> = OnceLock::new();
     UNET.get_or_init(|| {
-        let vb = unet::single_file_var_builder(&model_path(), DType::F32, &Device::Cpu).unwrap();
+        let checkpoint = Checkpoint::open(&model_path()).unwrap();
+        let vb = checkpoint
+            .var_builder(Component::Unet, DType::F32, &Device::Cpu, &unet::ldm_name)
+            .unwrap();
         Unet::load(&vb).unwrap()
     })
 }

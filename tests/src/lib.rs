@@ -1,1 +1,4 @@
-//! End-to-end tests of the lorakit executables live in `e2e/`; this crate has no library code.
+//! Library of the end-to-end test crate: the bad-input corpus generator shared by the tests in
+//! `e2e/` (the tests themselves drive the built lorakit executables).
+
+pub mod corpus;

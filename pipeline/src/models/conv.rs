@@ -1,0 +1,270 @@
+//! 2-D convolution for CPU inference: im2col in row bands + one matrix product per band.
+//!
+//! candle's stock CPU convolution spends most of its time re-packing tiles; turning each band of
+//! output rows into a `[C·k·k, rows·W]` column matrix and multiplying it by the `[O, C·k·k]`
+//! weight matrix runs at the speed of candle's matmul instead. Output is NCHW like the input, and
+//! the bias is added while the band is copied out. Non-f32 inputs use candle's own convolution.
+
+use candle_core::{DType, Module, Tensor};
+use rayon::prelude::*;
+
+/// Floats of column matrix built per band (bounds the extra memory to ~64 MiB).
+const BAND_BUDGET: usize = 16 << 20;
+
+/// A convolution layer with square kernel, symmetric zero padding and bias.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    /// The original `[O, C, k, k]` weight (for the non-f32 path).
+    weight: Tensor,
+    /// The weight as a row-major `[O, C·k·k]` matrix in f32.
+    matrix: Vec<f32>,
+    bias: Tensor,
+    bias_values: Vec<f32>,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    /// A convolution from an `[O, C, k, k]` weight and `[O]` bias.
+    pub fn new(
+        weight: Tensor,
+        bias: Tensor,
+        stride: usize,
+        padding: usize,
+    ) -> candle_core::Result<Self> {
+        let (out_channels, in_channels, kh, kw) = weight.dims4()?;
+        if kh != kw {
+            candle_core::bail!("only square kernels are supported, got {kh}x{kw}");
+        }
+        let matrix = weight
+            .to_dtype(DType::F32)?
+            .reshape((out_channels, in_channels * kh * kw))?
+            .flatten_all()?
+            .to_vec1()?;
+        let bias_values = bias.to_dtype(DType::F32)?.to_vec1()?;
+        Ok(Conv2d {
+            weight,
+            matrix,
+            bias,
+            bias_values,
+            kernel: kh,
+            stride,
+            padding,
+        })
+    }
+
+    /// Number of output channels.
+    pub fn out_channels(&self) -> usize {
+        self.bias_values.len()
+    }
+
+    fn forward_f32(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (batch, channels, height, width) = x.dims4()?;
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        if height + 2 * p < k || width + 2 * p < k {
+            candle_core::bail!("input {height}x{width} is smaller than the {k}x{k} kernel");
+        }
+        let out_h = (height + 2 * p - k) / s + 1;
+        let out_w = (width + 2 * p - k) / s + 1;
+        let out_channels = self.out_channels();
+        let rows = channels * k * k;
+        if rows * out_channels != self.matrix.len() {
+            candle_core::bail!(
+                "convolution expects {} input channels, got {channels}",
+                self.matrix.len() / out_channels / (k * k)
+            );
+        }
+        let input = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let (plane_in, plane_out) = (height * width, out_h * out_w);
+        let mut output = vec![0f32; batch * out_channels * plane_out];
+        for (o, plane) in output.chunks_mut(plane_out).enumerate() {
+            plane.fill(self.bias_values[o % out_channels]);
+        }
+        let pointwise = k == 1 && s == 1 && p == 0;
+        let band_rows = (BAND_BUDGET / (rows * out_w).max(1)).clamp(1, out_h);
+        let mut col = if pointwise {
+            Vec::new()
+        } else {
+            vec![0f32; rows * band_rows * out_w]
+        };
+        for b in 0..batch {
+            let image = &input[b * channels * plane_in..(b + 1) * channels * plane_in];
+            let out_image =
+                &mut output[b * out_channels * plane_out..(b + 1) * out_channels * plane_out];
+            let mut y0 = 0;
+            while y0 < out_h {
+                let y1 = (y0 + band_rows).min(out_h);
+                let columns = (y1 - y0) * out_w;
+                let dst = &mut out_image[y0 * out_w..];
+                let shape = (out_channels, columns, rows);
+                if pointwise {
+                    // The input planes already form the [C, H·W] matrix (row stride = plane).
+                    let rhs = &image[y0 * out_w..];
+                    matmul_accumulate(dst, plane_out, &self.matrix, rhs, plane_in, shape);
+                } else {
+                    let col = &mut col[..rows * columns];
+                    col.par_chunks_mut(columns)
+                        .enumerate()
+                        .for_each(|(row, dst)| {
+                            let c = row / (k * k);
+                            let (ky, kx) = ((row / k) % k, row % k);
+                            let plane = &image[c * plane_in..(c + 1) * plane_in];
+                            let window = ((ky, kx), (s, p), (y0, y1));
+                            fill_row(dst, plane, (height, width), window, out_w);
+                        });
+                    matmul_accumulate(dst, plane_out, &self.matrix, col, columns, shape);
+                }
+                y0 = y1;
+            }
+        }
+        Tensor::from_vec(output, (batch, out_channels, out_h, out_w), x.device())
+    }
+}
+
+/// `dst += lhs · rhs` for row-major `lhs` `[m, k]` (contiguous), `rhs` `[k, n]` with row stride
+/// `rhs_stride` and `dst` `[m, n]` with row stride `dst_stride`, on the rayon pool.
+fn matmul_accumulate(
+    dst: &mut [f32],
+    dst_stride: usize,
+    lhs: &[f32],
+    rhs: &[f32],
+    rhs_stride: usize,
+    (m, n, k): (usize, usize, usize),
+) {
+    assert!(lhs.len() >= m * k, "weight matrix too small");
+    assert!(
+        m == 0 || dst.len() >= (m - 1) * dst_stride + n,
+        "output too small"
+    );
+    assert!(
+        k == 0 || rhs.len() >= (k - 1) * rhs_stride + n,
+        "column matrix too small"
+    );
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the assertions above keep every accessed element inside the three slices, and
+    // `dst` is borrowed mutably so it cannot alias `lhs` or `rhs`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_stride as isize,
+            true,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            1,
+            rhs_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Fills one im2col row (kernel tap `(ky, kx)` of one channel) for output rows `y0..y1`.
+fn fill_row(
+    dst: &mut [f32],
+    plane: &[f32],
+    (height, width): (usize, usize),
+    ((ky, kx), (stride, padding), (y0, y1)): ((usize, usize), (usize, usize), (usize, usize)),
+    out_w: usize,
+) {
+    for (y, segment) in (y0..y1).zip(dst.chunks_mut(out_w)) {
+        let iy = (y * stride + ky) as isize - padding as isize;
+        if iy < 0 || iy >= height as isize {
+            segment.fill(0.0);
+            continue;
+        }
+        let row = &plane[iy as usize * width..(iy as usize + 1) * width];
+        if stride == 1 {
+            // Output x reads input x + kx - padding: copy the valid span, zero the edges.
+            let shift = kx as isize - padding as isize;
+            let first = (-shift).max(0) as usize;
+            let last = ((width as isize - shift).min(out_w as isize)).max(first as isize) as usize;
+            segment[..first].fill(0.0);
+            segment[last..].fill(0.0);
+            let from = (first as isize + shift) as usize;
+            segment[first..last].copy_from_slice(&row[from..from + (last - first)]);
+        } else {
+            for (x, value) in segment.iter_mut().enumerate() {
+                let ix = (x * stride + kx) as isize - padding as isize;
+                *value = if ix < 0 || ix >= width as isize {
+                    0.0
+                } else {
+                    row[ix as usize]
+                };
+            }
+        }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if x.dtype() == DType::F32 {
+            return self.forward_f32(x);
+        }
+        let out = x.conv2d(
+            &self.weight.to_dtype(x.dtype())?,
+            self.padding,
+            self.stride,
+            1,
+            1,
+        )?;
+        let bias = self.bias.to_dtype(x.dtype())?.reshape((1, (), 1, 1))?;
+        out.broadcast_add(&bias)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn matches_candle_convolution() {
+        let device = Device::Cpu;
+        for (k, stride, padding, h, w) in [
+            (3, 1, 1, 9, 7),
+            (3, 2, 0, 9, 8),
+            (1, 1, 0, 5, 6),
+            (3, 1, 0, 6, 6),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (2, 5, h, w), &device).unwrap();
+            let weight = Tensor::randn(0f32, 1.0, (4, 5, k, k), &device).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, 4, &device).unwrap();
+            let ours = Conv2d::new(weight.clone(), bias.clone(), stride, padding)
+                .unwrap()
+                .forward(&x)
+                .unwrap();
+            let reference = x
+                .conv2d(&weight, padding, stride, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, 4, 1, 1)).unwrap())
+                .unwrap();
+            assert_eq!(ours.dims(), reference.dims());
+            let diff = (ours - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert!(
+                diff.to_scalar::<f32>().unwrap() < 1e-4,
+                "k{k} s{stride} p{padding}"
+            );
+        }
+    }
+}

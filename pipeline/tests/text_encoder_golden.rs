@@ -1,0 +1,595 @@
+//! Parity of tokenisation and CLIP text encoding with the sd-scripts goldens
+//! (`tests/fixtures/golden/text_encoder`, see tests/fixtures/README.md §2e).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+use lorakit_pipeline::caption_text::CaptionAugmentation;
+use lorakit_pipeline::models::clip::{apply_weights, encode_sd, encode_sdxl, LinearHook};
+use lorakit_pipeline::models::text_encoders::{load_text_encoders, TextEncoders};
+use lorakit_pipeline::models::ModelFamily;
+use lorakit_pipeline::shard::Shard;
+use lorakit_pipeline::te_cache::{
+    cache_text_encoder_outputs, read_cache_file, MixedPrecision, TeCacheOptions,
+};
+use lorakit_pipeline::tokenize::{ClipTokenizer, MaxTokenLength, Padding, TokenChunks};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+/// The golden captions, by name.
+fn captions() -> BTreeMap<String, String> {
+    let path = fixtures().join("golden/text_encoder/captions.json");
+    let text = std::fs::read_to_string(&path).expect("golden captions.json");
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    value["captions"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+        .collect()
+}
+
+/// One array of the text-encoder golden npz as (values as f64, shape).
+fn golden(name: &str) -> (Vec<f64>, Vec<u64>) {
+    golden_in("golden/text_encoder/text_encoder.npz", name)
+}
+
+/// One array of a golden npz under `tests/fixtures` as (values as f64, shape).
+fn golden_in(file: &str, name: &str) -> (Vec<f64>, Vec<u64>) {
+    let path = fixtures().join(file);
+    let mut archive = npyz::npz::NpzArchive::open(&path).expect("golden npz");
+    let array = archive
+        .by_name(name)
+        .unwrap()
+        .unwrap_or_else(|| panic!("golden array {name} missing"));
+    let shape = array.shape().to_vec();
+    let values = match array.dtype() {
+        npyz::DType::Plain(t) if t.type_char() == npyz::TypeChar::Int => array
+            .into_vec::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|v| v as f64)
+            .collect(),
+        _ => array
+            .into_vec::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect(),
+    };
+    (values, shape)
+}
+
+fn tokenizer() -> ClipTokenizer {
+    ClipTokenizer::from_dir(&fixtures().join("sd15-tiny/tokenizer"), Padding::Eos).unwrap()
+}
+
+#[test]
+fn token_ids_match_sd_scripts_for_every_caption() {
+    let tokenizer = tokenizer();
+    for (name, caption) in captions() {
+        for length in [75, 150, 225] {
+            let max_len = MaxTokenLength::new(length).unwrap();
+            let chunks = tokenizer.tokenize(&caption, max_len).unwrap();
+            let (expected, shape) = golden(&format!("{name}__ids_{length}"));
+            assert_eq!(shape, [max_len.chunks() as u64, 77], "{name} {length}");
+            let ids: Vec<f64> = chunks.ids.iter().map(|&i| i as f64).collect();
+            assert_eq!(ids, expected, "ids of {name} at {length}");
+
+            let weighted = tokenizer.tokenize_weighted(&caption, max_len).unwrap();
+            let ids: Vec<f64> = weighted.ids.iter().map(|&i| i as f64).collect();
+            let (expected, _) = golden(&format!("{name}__weighted_ids_{length}"));
+            assert_eq!(ids, expected, "weighted ids of {name} at {length}");
+            let weights: Vec<f64> = weighted.weights.iter().map(|&w| f64::from(w)).collect();
+            let (expected, _) = golden(&format!("{name}__weights_{length}"));
+            assert_eq!(weights, expected, "weights of {name} at {length}");
+        }
+    }
+}
+
+fn encoders() -> &'static TextEncoders {
+    static ENCODERS: OnceLock<TextEncoders> = OnceLock::new();
+    ENCODERS.get_or_init(|| {
+        load_text_encoders(
+            &fixtures().join("sd15-tiny/model.safetensors"),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    })
+}
+
+fn ids_tensor(chunks: &TokenChunks) -> Tensor {
+    Tensor::from_vec(chunks.ids.clone(), (1, chunks.chunks(), 77), &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(actual: &Tensor, expected: &[f64]) -> f64 {
+    let actual: Vec<f32> = actual.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(actual.len(), expected.len());
+    actual
+        .iter()
+        .zip(expected)
+        .map(|(a, e)| (f64::from(*a) - e).abs())
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn hidden_states_match_sd_scripts() {
+    let encoders = encoders();
+    assert_eq!(encoders.family, ModelFamily::Sd1);
+    let tokenizer = tokenizer();
+    let mut worst: f64 = 0.0;
+    for (name, caption) in captions() {
+        for length in [75, 225] {
+            let chunks = tokenizer
+                .tokenize(&caption, MaxTokenLength::new(length).unwrap())
+                .unwrap();
+            for clip_skip in [1, 2] {
+                let hidden =
+                    encode_sd(&encoders.encoders[0], &ids_tensor(&chunks), clip_skip, None)
+                        .unwrap();
+                let (expected, shape) =
+                    golden(&format!("{name}__hidden_{length}_clipskip{clip_skip}"));
+                assert_eq!(hidden.dims()[1..], [shape[0] as usize, shape[1] as usize]);
+                let diff = max_abs_diff(&hidden, &expected);
+                assert!(
+                    diff <= 1e-4,
+                    "{name} L{length} skip{clip_skip}: max abs {diff}"
+                );
+                worst = worst.max(diff);
+            }
+        }
+    }
+    eprintln!("worst max abs difference: {worst:e}");
+}
+
+#[test]
+fn weighted_hidden_states_match_sd_scripts() {
+    let encoders = encoders();
+    let tokenizer = tokenizer();
+    let caption = &captions()["weighted"];
+    for length in [75, 225] {
+        let chunks = tokenizer
+            .tokenize_weighted(caption, MaxTokenLength::new(length).unwrap())
+            .unwrap();
+        for clip_skip in [1, 2] {
+            let hidden =
+                encode_sd(&encoders.encoders[0], &ids_tensor(&chunks), clip_skip, None).unwrap();
+            let weights =
+                Tensor::from_vec(chunks.body_weights(), (1, length), &Device::Cpu).unwrap();
+            let weighted = apply_weights(&hidden, &weights).unwrap();
+            let (expected, _) = golden(&format!(
+                "weighted__weighted_hidden_{length}_clipskip{clip_skip}"
+            ));
+            let diff = max_abs_diff(&weighted, &expected);
+            assert!(
+                diff <= 1e-4,
+                "weighted L{length} skip{clip_skip}: max abs {diff}"
+            );
+        }
+    }
+}
+
+/// The tiny SD1 text encoder's tensors under their Hugging Face names.
+fn hf_tensors() -> HashMap<String, Tensor> {
+    let all = candle_core::safetensors::load(
+        fixtures().join("sd15-tiny/model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    all.into_iter()
+        .filter_map(|(name, t)| {
+            let hf = name.strip_prefix("cond_stage_model.transformer.")?;
+            (!hf.ends_with("position_ids")).then(|| (hf.to_string(), t))
+        })
+        .collect()
+}
+
+/// The same weights in OpenCLIP layout (fused q/k/v), under `prefix`, with `extra_layer`
+/// appended as a copy of the last one (SD2 files carry a 24th layer the model drops).
+fn open_clip_tensors(
+    hf: &HashMap<String, Tensor>,
+    prefix: &str,
+    extra_layer: bool,
+) -> HashMap<String, Tensor> {
+    let mut out = HashMap::new();
+    let layers = (0..)
+        .take_while(|i| {
+            hf.contains_key(&format!("text_model.encoder.layers.{i}.layer_norm1.weight"))
+        })
+        .count();
+    let put = |out: &mut HashMap<String, Tensor>, name: &str, t: &Tensor| {
+        out.insert(format!("{prefix}{name}"), t.clone());
+    };
+    put(
+        &mut out,
+        "token_embedding.weight",
+        &hf["text_model.embeddings.token_embedding.weight"],
+    );
+    put(
+        &mut out,
+        "positional_embedding",
+        &hf["text_model.embeddings.position_embedding.weight"],
+    );
+    for suffix in ["weight", "bias"] {
+        put(
+            &mut out,
+            &format!("ln_final.{suffix}"),
+            &hf[&format!("text_model.final_layer_norm.{suffix}")],
+        );
+    }
+    let copies = if extra_layer { layers + 1 } else { layers };
+    for target in 0..copies {
+        let source = target.min(layers - 1);
+        let src = |name: &str| hf[&format!("text_model.encoder.layers.{source}.{name}")].clone();
+        let dst = format!("transformer.resblocks.{target}.");
+        for suffix in ["weight", "bias"] {
+            for (hf_name, open) in [
+                ("layer_norm1", "ln_1"),
+                ("layer_norm2", "ln_2"),
+                ("mlp.fc1", "mlp.c_fc"),
+                ("mlp.fc2", "mlp.c_proj"),
+                ("self_attn.out_proj", "attn.out_proj"),
+            ] {
+                put(
+                    &mut out,
+                    &format!("{dst}{open}.{suffix}"),
+                    &src(&format!("{hf_name}.{suffix}")),
+                );
+            }
+            let fused = Tensor::cat(
+                &["q_proj", "k_proj", "v_proj"].map(|p| src(&format!("self_attn.{p}.{suffix}"))),
+                0,
+            )
+            .unwrap();
+            put(&mut out, &format!("{dst}attn.in_proj_{suffix}"), &fused);
+        }
+    }
+    out
+}
+
+fn write_model(dir: &Path, tensors: &HashMap<String, Tensor>, sections: &[&str]) -> PathBuf {
+    let path = dir.join("model.safetensors");
+    candle_core::safetensors::save(tensors, &path).unwrap();
+    let hints = serde_json::json!({"num_attention_heads": 4, "hidden_act": "quick_gelu"});
+    let arch: serde_json::Map<String, serde_json::Value> = sections
+        .iter()
+        .map(|s| (s.to_string(), hints.clone()))
+        .collect();
+    std::fs::write(dir.join("arch.json"), serde_json::to_vec(&arch).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn sd2_open_clip_layout_loads_to_the_same_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let tensors = open_clip_tensors(&hf_tensors(), "cond_stage_model.model.", true);
+    let model = write_model(dir.path(), &tensors, &["text_encoder"]);
+    let loaded = load_text_encoders(&model, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(loaded.family, ModelFamily::Sd2);
+    assert_eq!(
+        loaded.encoders[0].config().num_hidden_layers,
+        12,
+        "the extra layer is dropped"
+    );
+    let chunks = tokenizer()
+        .tokenize(&captions()["t100"], MaxTokenLength::new(225).unwrap())
+        .unwrap();
+    let hidden = encode_sd(&loaded.encoders[0], &ids_tensor(&chunks), 2, None).unwrap();
+    let diff = max_abs_diff(&hidden, &golden("t100__hidden_225_clipskip2").0);
+    assert!(diff <= 1e-4, "max abs {diff}");
+}
+
+#[test]
+fn sdxl_single_file_encodes_both_encoders_and_pools_at_first_eos() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = hf_tensors();
+    let mut tensors = open_clip_tensors(&hf, "conditioner.embedders.1.model.", false);
+    for (name, t) in &hf {
+        tensors.insert(
+            format!("conditioner.embedders.0.transformer.{name}"),
+            t.clone(),
+        );
+    }
+    // A non-symmetric projection, so that a transposed use would be caught.
+    let projection = Tensor::arange(0f32, 64.0 * 64.0, &Device::Cpu)
+        .unwrap()
+        .reshape((64, 64))
+        .unwrap();
+    let projection = ((projection / 4096.0).unwrap().sin().unwrap() * 0.5).unwrap();
+    tensors.insert(
+        "conditioner.embedders.1.model.text_projection".into(),
+        projection.clone(),
+    );
+    let model = write_model(dir.path(), &tensors, &["text_encoder", "text_encoder_2"]);
+    let loaded = load_text_encoders(&model, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(loaded.family, ModelFamily::Sdxl);
+
+    let tokenizer = tokenizer();
+    for (name, length) in [("short", 75), ("t200", 225)] {
+        let chunks = tokenizer
+            .tokenize(&captions()[name], MaxTokenLength::new(length).unwrap())
+            .unwrap();
+        let ids = ids_tensor(&chunks);
+        let out = encode_sdxl(
+            &loaded.encoders[0],
+            &loaded.encoders[1],
+            &ids,
+            &ids,
+            tokenizer.eos_id(),
+            [None, None],
+        )
+        .unwrap();
+        let penultimate = golden(&format!("{name}__hidden_{length}_clipskip2")).0;
+        for (label, hidden, encoder) in [
+            ("hidden_state1", &out.hidden_state1, 0),
+            ("hidden_state2", &out.hidden_state2, 1),
+        ] {
+            let normed = loaded.encoders[encoder].final_layer_norm(hidden).unwrap();
+            let diff = max_abs_diff(&normed, &penultimate);
+            assert!(diff <= 1e-4, "{name} {label}: max abs {diff}");
+        }
+        // pool2: last layer (final norm) at chunk 0's first EOS, times projectionᵀ (as sd-scripts
+        // uses the single-file matrix).
+        // Chunk 0 of any length is the 75-token encoding of the same caption.
+        let last = golden(&format!("{name}__hidden_75_clipskip1")).0;
+        let eos = chunks.ids[..77]
+            .iter()
+            .position(|&id| id == tokenizer.eos_id())
+            .unwrap();
+        let pooled = Tensor::from_vec(
+            last[eos * 64..(eos + 1) * 64]
+                .iter()
+                .map(|&v| v as f32)
+                .collect::<Vec<_>>(),
+            (1, 64),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let expected: Vec<f64> = pooled
+            .matmul(&projection.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let diff = max_abs_diff(&out.pool2, &expected);
+        assert!(diff <= 1e-4, "{name} pool2: max abs {diff}");
+    }
+}
+
+/// A diffusers-style model folder: `text_encoder/` (and `text_encoder_2/` with a projection)
+/// holding the tiny weights under Hugging Face names, plus `tokenizer/`.
+fn diffusers_folder(root: &Path, sdxl: bool) -> (PathBuf, Tensor) {
+    let model = root.join("model");
+    let hf = hf_tensors();
+    let config = serde_json::json!({"num_attention_heads": 4, "hidden_act": "quick_gelu"});
+    let projection = (Tensor::arange(0f32, 4096.0, &Device::Cpu)
+        .unwrap()
+        .reshape((64, 64))
+        .unwrap()
+        / 1000.0)
+        .unwrap()
+        .cos()
+        .unwrap();
+    let folders: &[&str] = if sdxl {
+        &["text_encoder", "text_encoder_2"]
+    } else {
+        &["text_encoder"]
+    };
+    for folder in folders {
+        let dir = model.join(folder);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut tensors = hf.clone();
+        if *folder == "text_encoder_2" {
+            tensors.insert("text_projection.weight".into(), projection.clone());
+        }
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    }
+    let tokenizer = model.join("tokenizer");
+    std::fs::create_dir_all(&tokenizer).unwrap();
+    for file in ["vocab.json", "merges.txt"] {
+        std::fs::copy(
+            fixtures().join("sd15-tiny/tokenizer").join(file),
+            tokenizer.join(file),
+        )
+        .unwrap();
+    }
+    (model, projection)
+}
+
+fn stage_options(root: &Path, model: PathBuf) -> TeCacheOptions {
+    let entries: serde_json::Map<String, serde_json::Value> = captions()
+        .into_iter()
+        .map(|(name, text)| (name, serde_json::json!({ "caption": text })))
+        .collect();
+    let meta = root.join("meta.json");
+    std::fs::write(&meta, serde_json::to_vec(&entries).unwrap()).unwrap();
+    TeCacheOptions {
+        in_json: meta,
+        model,
+        tokenizer: None,
+        train_data_dir: None,
+        full_path: false,
+        cache_dir: Some(root.to_path_buf()),
+        clip_skip: None,
+        max_token_length: MaxTokenLength::default(),
+        batch_size: 4,
+        mixed_precision: MixedPrecision::No,
+        require_sdxl: false,
+        weighted_captions: false,
+        caption_separator: ",".into(),
+        variants: 0,
+        augmentation: CaptionAugmentation {
+            shuffle: false,
+            keep_tokens: 0,
+            tag_dropout_rate: 0.0,
+            separator: ",".into(),
+        },
+        seed: 0,
+        prune: false,
+        quiet: true,
+        shard: Shard::ALL,
+    }
+}
+
+#[test]
+fn diffusers_sd1_folder_caches_sd_scripts_states() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, _) = diffusers_folder(root.path(), false);
+    let mut options = stage_options(root.path(), model);
+    options.clip_skip = Some(2);
+    let summary = cache_text_encoder_outputs(&options).unwrap();
+    assert_eq!((summary.done, summary.failures.len()), (8, 0));
+    for name in captions().keys() {
+        let file = root.path().join(format!("{name}_te_outputs.npz"));
+        let cached = read_cache_file(&file, ModelFamily::Sd1, &Device::Cpu).unwrap();
+        assert_eq!(cached.arrays.len(), 1);
+        assert!(cached.key.is_some() && cached.variants.is_none());
+        let diff = max_abs_diff(
+            &cached.arrays[0],
+            &golden(&format!("{name}__hidden_75_clipskip2")).0,
+        );
+        assert!(diff <= 1e-4, "{name}: max abs {diff}");
+    }
+}
+
+#[test]
+fn diffusers_sdxl_folder_writes_sd_scripts_keys() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, projection) = diffusers_folder(root.path(), true);
+    let mut options = stage_options(root.path(), model.clone());
+    options.require_sdxl = true;
+    let summary = cache_text_encoder_outputs(&options).unwrap();
+    assert_eq!((summary.done, summary.failures.len()), (8, 0));
+    let loaded = load_text_encoders(&model, DType::F32, &Device::Cpu).unwrap();
+    let tokenizer = tokenizer();
+    for name in ["short", "t100", "empty"] {
+        let file = root.path().join(format!("{name}_te_outputs.npz"));
+        let cached = read_cache_file(&file, ModelFamily::Sdxl, &Device::Cpu).unwrap();
+        let dims: Vec<Vec<usize>> = cached.arrays.iter().map(|t| t.dims().to_vec()).collect();
+        assert_eq!(dims, [vec![77, 64], vec![77, 64], vec![64]]);
+        let normed = loaded.encoders[0]
+            .final_layer_norm(&cached.arrays[0])
+            .unwrap();
+        let diff = max_abs_diff(&normed, &golden(&format!("{name}__hidden_75_clipskip2")).0);
+        assert!(diff <= 1e-4, "{name} hidden_state1: max abs {diff}");
+        // Encoder 2 pads with 0 after EOS; causal attention keeps the first EOS state equal.
+        let eos = tokenizer
+            .tokenize(&captions()[name], MaxTokenLength::default())
+            .unwrap()
+            .ids
+            .iter()
+            .position(|&id| id == tokenizer.eos_id())
+            .unwrap();
+        let last = golden(&format!("{name}__hidden_75_clipskip1")).0;
+        let pooled = Tensor::from_vec(
+            last[eos * 64..(eos + 1) * 64]
+                .iter()
+                .map(|&v| v as f32)
+                .collect::<Vec<_>>(),
+            (1, 64),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let expected: Vec<f64> = pooled
+            .matmul(&projection.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let diff = max_abs_diff(&cached.arrays[2], &expected);
+        assert!(diff <= 1e-4, "{name} pool2: max abs {diff}");
+    }
+}
+
+#[test]
+fn zero_padding_applies_sd_scripts_chunk_fixups() {
+    let tokenizer =
+        ClipTokenizer::from_dir(&fixtures().join("sd15-tiny/tokenizer"), Padding::Zero).unwrap();
+    let (bos, eos) = (49406, tokenizer.eos_id());
+    let len = MaxTokenLength::new(150).unwrap();
+
+    // Short caption: chunk 0 ends in padding; the empty chunk 1 becomes BOS EOS 0...
+    let short = tokenizer.tokenize("a photo of a cat", len).unwrap();
+    assert_eq!(&short.ids[..8], &[bos, 320, 1125, 539, 320, 2368, eos, 0]);
+    assert_eq!(short.ids[76], 0);
+    assert_eq!(&short.ids[77..80], &[bos, eos, 0]);
+    assert_eq!(short.ids[153], 0);
+
+    // 100 tokens: text runs past chunk 0, so its last id becomes EOS; chunk 1 holds tokens
+    // 76..100, EOS, then zeros.
+    let long = tokenizer.tokenize(&captions()["t100"], len).unwrap();
+    let plain = tokenizer.body_ids(&captions()["t100"]).unwrap();
+    assert_eq!(long.ids[76], eos);
+    assert_eq!(&long.ids[78..103], &plain[75..100]);
+    assert_eq!(&long.ids[103..105], &[eos, 0]);
+    assert_eq!(long.ids[153], 0);
+}
+
+/// The sd-scripts LoRA forward on the text encoder: `y = W0 x + up(down(x)) * alpha / rank`,
+/// with modules named `lora_te_<HF path with _>`.
+struct GoldenLora(HashMap<String, Tensor>);
+
+impl LinearHook for GoldenLora {
+    fn adjust(&self, module: &str, input: &Tensor, output: Tensor) -> candle_core::Result<Tensor> {
+        let name = format!("lora_te_{}", module.replace('.', "_"));
+        let (Some(down), Some(up), Some(alpha)) = (
+            self.0.get(&format!("{name}.lora_down.weight")),
+            self.0.get(&format!("{name}.lora_up.weight")),
+            self.0.get(&format!("{name}.alpha")),
+        ) else {
+            return Ok(output);
+        };
+        let rank = down.dim(0)? as f64;
+        let alpha = f64::from(alpha.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+        let delta = input
+            .broadcast_matmul(&down.t()?)?
+            .broadcast_matmul(&up.t()?)?;
+        output + (delta * (alpha / rank))?
+    }
+}
+
+#[test]
+fn linear_hook_reproduces_sd_scripts_text_encoder_lora() {
+    let tensors = candle_core::safetensors::load(
+        fixtures().join("golden/lora/trained_lora_dim4_alpha1.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let lora = GoldenLora(tensors);
+    let model = &encoders().encoders[0];
+    for length in [77, 227] {
+        let (ids, shape) = golden_in("golden/unet/unet.npz", &format!("input_ids_{length}"));
+        let ids: Vec<u32> = ids.into_iter().map(|v| v as u32).collect();
+        let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        let ids = Tensor::from_vec(ids, dims, &Device::Cpu).unwrap();
+        let base = encode_sd(model, &ids, 1, None).unwrap();
+        let expected = golden_in(
+            "golden/unet/unet.npz",
+            &format!("encoder_hidden_states_{length}"),
+        )
+        .0;
+        assert!(max_abs_diff(&base, &expected) <= 1e-4);
+        let with_lora = encode_sd(model, &ids, 1, Some(&lora)).unwrap();
+        let expected = golden_in(
+            "golden/unet/unet.npz",
+            &format!("encoder_hidden_states_{length}_lora"),
+        )
+        .0;
+        let diff = max_abs_diff(&with_lora, &expected);
+        assert!(diff <= 1e-4, "LoRA text states at {length}: max abs {diff}");
+    }
+}

@@ -1,0 +1,305 @@
+//! `lint-dataset` findings on the bad-input corpus and on small purpose-made datasets; the JSON
+//! report is validated against `schemas/lint_report.v1.schema.json`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use common::{copy_dir, fixtures, run, run_expect};
+use lorakit_pipeline::lint::LINT_REPORT_V1;
+use lorakit_tests::corpus::{self, jpeg_bytes, picture, png_bytes};
+use serde_json::Value;
+
+/// Runs `lint-dataset --json` with `extra` flags; returns the validated report and exit code.
+fn lint_json(dir: &Path, extra: &[&str]) -> (Value, i32) {
+    let mut args: Vec<&std::ffi::OsStr> = vec![dir.as_os_str(), "--json".as_ref(), "-q".as_ref()];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    let output = run("lint-dataset", &args);
+    let stdout = String::from_utf8(output.stdout).expect("UTF-8 report");
+    let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    lorakit_pipeline::schema::validate(LINT_REPORT_V1, &report).expect("report follows its schema");
+    (report, output.status.code().expect("exit code"))
+}
+
+/// File name → codes reported for it.
+fn codes_by_file(report: &Value) -> BTreeMap<String, BTreeSet<String>> {
+    let mut codes: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for finding in report["findings"].as_array().unwrap() {
+        let path = Path::new(finding["path"].as_str().unwrap());
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        codes
+            .entry(name)
+            .or_default()
+            .insert(finding["code"].as_str().unwrap().to_string());
+    }
+    codes
+}
+
+#[test]
+fn corpus_files_get_the_right_findings() {
+    let root = tempfile::tempdir().unwrap();
+    let corpus = corpus::generate(root.path()).unwrap();
+    let (report, code) = lint_json(&corpus.images(), &["--decode"]);
+    assert_eq!(code, 3, "errors found must give exit code 3");
+    let codes = codes_by_file(&report);
+    let expected = [
+        ("empty.png", "unreadable_image"),
+        ("truncated.png", "truncated_image"),
+        ("truncated.jpg", "truncated_image"),
+        ("random.png", "unreadable_image"),
+        ("random.webp", "unreadable_image"),
+        ("bomb.png", "too_large"),
+        ("cmyk.jpg", "color_mode"),
+        ("deep16.png", "color_mode"),
+        ("palette_transparent.png", "color_mode"),
+        ("gray_alpha.png", "color_mode"),
+        ("animated.webp", "animated"),
+        ("rotated.jpg", "exif_rotation"),
+        ("jpeg_named.png", "format_mismatch"),
+        ("._good_1.png", "apple_double"),
+        (".hidden.png", "hidden_file"),
+        ("folder.png", "not_a_file"),
+        ("cap_bad_utf8.caption", "sidecar_not_utf8"),
+        ("cap_bom.caption", "sidecar_bom"),
+        ("cap_empty.caption", "sidecar_empty"),
+        ("cap_crlf.caption", "sidecar_multiline"),
+        ("cap_long.caption", "sidecar_too_long"),
+        ("cap_long.txt", "sidecar_not_utf8"),
+        ("cap_missing.caption", "sidecar_missing"),
+    ];
+    for (file, code) in expected {
+        assert!(
+            codes.get(file).is_some_and(|c| c.contains(code)),
+            "{file}: expected {code}, got {:?}",
+            codes.get(file)
+        );
+    }
+    for good in [
+        "good_1.png",
+        "good_2.jpg",
+        "good with spaces.png",
+        "雪景 猫.png",
+    ] {
+        let about_good: Vec<&Value> = report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| Path::new(f["path"].as_str().unwrap()).file_name().unwrap() == good)
+            .collect();
+        assert!(about_good.is_empty(), "{good}: {about_good:?}");
+    }
+    let severity_of = |file: &str, code: &str| {
+        report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["path"].as_str().unwrap().ends_with(file) && f["code"] == code)
+            .map(|f| f["severity"].as_str().unwrap().to_string())
+    };
+    assert_eq!(
+        severity_of("deep16.png", "color_mode").as_deref(),
+        Some("info")
+    );
+    assert_eq!(
+        severity_of("cmyk.jpg", "color_mode").as_deref(),
+        Some("warning")
+    );
+    assert_eq!(
+        severity_of("bomb.png", "too_large").as_deref(),
+        Some("error")
+    );
+    let rotated = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["code"] == "exif_rotation")
+        .unwrap();
+    assert!(
+        rotated["message"].as_str().unwrap().contains("50x90"),
+        "{rotated}"
+    );
+    let tags: Vec<(&str, u64)> = report["tag_frequency"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["tag"].as_str().unwrap(), t["count"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        tags,
+        [
+            ("1girl", 5),
+            ("cat", 5),
+            ("indoors", 5),
+            ("outdoors", 5),
+            ("solo", 5)
+        ],
+        "tag files that are not UTF-8 are not counted"
+    );
+}
+
+#[test]
+fn clean_dataset_passes_with_exit_code_zero() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    copy_dir(&fixtures().join("images"), &data);
+    std::fs::remove_file(data.join("logo.png")).unwrap();
+    std::fs::remove_file(data.join("logo.caption")).unwrap();
+    let text = run_expect("lint-dataset", args![data], 0);
+    assert!(text.contains("11 done"), "{text}");
+    let (report, code) = lint_json(&data, &["--decode"]);
+    assert_eq!(code, 0);
+    assert_eq!(report["counts"]["errors"], 0);
+    assert_eq!(report["counts"]["warnings"], 0, "{report}");
+    assert_eq!(report["images"], 11);
+}
+
+#[test]
+fn duplicates_near_duplicates_caches_and_leftovers() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let original = picture(256, 192, 3);
+    std::fs::write(data.join("a.png"), png_bytes(&original)).unwrap();
+    std::fs::write(data.join("b.png"), png_bytes(&original)).unwrap();
+    let smaller =
+        image::imageops::resize(&original, 128, 96, image::imageops::FilterType::Triangle);
+    std::fs::write(data.join("c.jpg"), jpeg_bytes(&smaller, None)).unwrap();
+    std::fs::write(data.join("d.png"), png_bytes(&picture(256, 192, 9))).unwrap();
+    std::fs::write(data.join("a_0256x0192_sd.npz"), b"x").unwrap();
+    std::fs::write(data.join("d_0512x0512_sd.npz"), b"x").unwrap();
+    std::fs::write(data.join("gone_te_outputs.npz"), b"x").unwrap();
+    std::fs::write(data.join(".lorakit-tmp-1-0-meta.json"), b"{").unwrap();
+    for stem in ["a", "b", "c", "d"] {
+        std::fs::write(data.join(format!("{stem}.caption")), "a picture").unwrap();
+    }
+
+    let (report, code) = lint_json(&data, &[]);
+    assert_eq!(code, 0, "warnings only: {report}");
+    let codes = codes_by_file(&report);
+    assert!(codes["b.png"].contains("duplicate"), "{codes:?}");
+    assert!(
+        !codes.contains_key("c.jpg"),
+        "near-duplicates need --decode"
+    );
+    assert!(!codes.contains_key("a_0256x0192_sd.npz"), "{codes:?}");
+    assert!(codes["d_0512x0512_sd.npz"].contains("stale_cache"));
+    assert!(codes["gone_te_outputs.npz"].contains("orphaned_cache"));
+    assert!(codes[".lorakit-tmp-1-0-meta.json"].contains("leftover_temp_file"));
+
+    let (decoded, _) = lint_json(&data, &["--decode"]);
+    let codes = codes_by_file(&decoded);
+    assert!(codes["c.jpg"].contains("near_duplicate"), "{codes:?}");
+    assert!(!codes.contains_key("d.png"), "{codes:?}");
+    assert!(!codes["b.png"].contains("near_duplicate"));
+}
+
+#[test]
+fn metadata_is_compared_with_the_folder() {
+    let root = tempfile::tempdir().unwrap();
+    let corpus = corpus::generate(root.path()).unwrap();
+    let (report, _) = lint_json(
+        &corpus.images(),
+        &[
+            "--in_json",
+            corpus.path("json/dangling_key.json").to_str().unwrap(),
+        ],
+    );
+    let findings = report["findings"].as_array().unwrap();
+    let entry = findings
+        .iter()
+        .find(|f| f["code"] == "entry_without_image")
+        .unwrap();
+    assert!(entry["message"]
+        .as_str()
+        .unwrap()
+        .contains("does_not_exist.png"));
+    assert!(findings.iter().any(|f| f["code"] == "image_without_entry"
+        && f["path"].as_str().unwrap().ends_with("good_2.jpg")));
+    let (broken, code) = lint_json(
+        &corpus.images(),
+        &[
+            "--in_json",
+            corpus.path("json/truncated.json").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 3);
+    assert!(broken["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["code"] == "metadata_unreadable"));
+}
+
+#[test]
+fn missing_folder_is_fatal_and_bad_flags_are_usage_errors() {
+    let root = tempfile::tempdir().unwrap();
+    let message = run_expect("lint-dataset", args![root.path().join("nope")], 1);
+    assert!(message.contains("nope"), "{message}");
+    run_expect("lint-dataset", args![root.path(), "--no_such_flag"], 2);
+}
+
+#[test]
+fn buckets_and_token_budget() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    copy_dir(&fixtures().join("images"), &data);
+    let long_caption = vec!["a very detailed photo"; 40].join(", ");
+    std::fs::write(data.join("astronaut.caption"), &long_caption).unwrap();
+    let tokenizer = fixtures().join("sd15-tiny/tokenizer");
+    let (report, code) = lint_json(
+        &data,
+        &[
+            "--resolution",
+            "512",
+            "--train_batch_size",
+            "2",
+            "--tokenizer",
+            tokenizer.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "warnings only");
+    let codes = codes_by_file(&report);
+    assert!(
+        codes["astronaut.caption"].contains("token_overflow"),
+        "{codes:?}"
+    );
+    assert!(!codes.contains_key("cell.caption"));
+    assert!(
+        codes["microaneurysms.png"].contains("upscaled"),
+        "102x102 into 512x512"
+    );
+    assert!(
+        !codes.contains_key("astronaut.png"),
+        "512x512 fits its bucket exactly"
+    );
+    let occupancy: Vec<(u64, u64, u64)> = report["bucket_occupancy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["width"].as_u64().unwrap(),
+                b["height"].as_u64().unwrap(),
+                b["images"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(occupancy.iter().map(|b| b.2).sum::<u64>(), 12);
+    assert!(occupancy.contains(&(512, 512, 5)), "{occupancy:?}");
+    let sparse: Vec<&str> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["code"] == "sparse_bucket")
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(sparse, ["bucket 448x576", "bucket 768x320"]);
+    assert!(report["skipped_checks"].as_array().unwrap().is_empty());
+
+    let (no_upscale, _) = lint_json(&data, &["--resolution", "512", "--bucket_no_upscale"]);
+    let codes = codes_by_file(&no_upscale);
+    assert!(!codes
+        .get("microaneurysms.png")
+        .is_some_and(|c| c.contains("upscaled")));
+}

@@ -1,0 +1,405 @@
+//! End-to-end tests of `cache-text-encoder`: cache files against the sd-scripts text-encoder
+//! goldens (tests/fixtures/README.md §2e), incremental re-runs, variants and bad inputs.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{fixtures, run_expect};
+use serde_json::{json, Value};
+
+fn model() -> PathBuf {
+    fixtures().join("sd15-tiny/model.safetensors")
+}
+
+fn golden_captions() -> serde_json::Map<String, Value> {
+    let path = fixtures().join("golden/text_encoder/captions.json");
+    let value: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    value["captions"].as_object().unwrap().clone()
+}
+
+/// A metadata JSON keyed by the golden caption names, each caption in the `caption` field.
+fn write_metadata(path: &Path, captions: &serde_json::Map<String, Value>) {
+    let entries: serde_json::Map<String, Value> = captions
+        .iter()
+        .map(|(name, text)| (name.clone(), json!({ "caption": text })))
+        .collect();
+    std::fs::write(
+        path,
+        serde_json::to_vec_pretty(&Value::Object(entries)).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Reads one array of an npz file as f64 values with its shape and numpy dtype string.
+fn npz_array(path: &Path, name: &str) -> (Vec<f64>, Vec<u64>, String) {
+    let mut archive =
+        npyz::npz::NpzArchive::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let array = archive
+        .by_name(name)
+        .unwrap()
+        .unwrap_or_else(|| panic!("{} has no {name}", path.display()));
+    let shape = array.shape().to_vec();
+    let dtype = array.dtype().descr().trim_matches('\'').to_string();
+    let values = if dtype.contains("f4") {
+        array
+            .into_vec::<f32>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    } else if dtype.contains("f2") {
+        array
+            .into_vec::<half::f16>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    } else if dtype.contains("i8") {
+        array
+            .into_vec::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|v| v as f64)
+            .collect()
+    } else {
+        array
+            .into_vec::<u8>()
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    };
+    (values, shape, dtype)
+}
+
+fn golden(name: &str) -> Vec<f64> {
+    npz_array(
+        &fixtures().join("golden/text_encoder/text_encoder.npz"),
+        name,
+    )
+    .0
+}
+
+fn max_abs(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+fn cache_file(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}_te_outputs.npz"))
+}
+
+#[test]
+fn cache_files_match_sd_scripts_hidden_states_and_rerun_is_incremental() {
+    let root = tempfile::tempdir().unwrap();
+    let meta = root.path().join("meta.json");
+    let cache = root.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    let mut captions = golden_captions();
+    write_metadata(&meta, &captions);
+
+    for (length, clip_skip) in [("75", "2"), ("225", "1")] {
+        let stderr = run_expect(
+            "cache-text-encoder",
+            args![
+                meta,
+                model(),
+                "--cache_dir",
+                cache,
+                "--max_token_length",
+                length,
+                "--clip_skip",
+                clip_skip,
+                "--batch_size",
+                "3"
+            ],
+            0,
+        );
+        assert!(stderr.contains("8 done, 0 up to date"), "{stderr}");
+        let truncated = stderr.contains("2 caption(s) exceeded --max_token_length 75");
+        assert_eq!(
+            truncated,
+            length == "75",
+            "t100 and t200 are cut only at 75: {stderr}"
+        );
+        for name in captions.keys() {
+            let file = cache_file(&cache, name);
+            let (hidden, shape, dtype) = npz_array(&file, "hidden_state");
+            let expected_len = if length == "75" { 77 } else { 227 };
+            assert_eq!(shape, [expected_len, 64], "{name}");
+            assert_eq!(dtype, "<f4");
+            let diff = max_abs(
+                &hidden,
+                &golden(&format!("{name}__hidden_{length}_clipskip{clip_skip}")),
+            );
+            assert!(
+                diff <= 1e-4,
+                "{name} at {length}/{clip_skip}: max abs {diff}"
+            );
+            let (ids, _, dtype) = npz_array(&file, "input_ids");
+            assert_eq!(dtype, "<i8");
+            assert_eq!(ids, golden(&format!("{name}__ids_{length}")), "{name}");
+        }
+    }
+
+    // Unchanged: nothing re-encoded. One caption edited: only it is.
+    let stderr = run_expect(
+        "cache-text-encoder",
+        args![
+            meta,
+            model(),
+            "--cache_dir",
+            cache,
+            "--max_token_length",
+            "225"
+        ],
+        0,
+    );
+    assert!(stderr.contains("0 done, 8 up to date"), "{stderr}");
+    captions.insert("short".into(), json!("a photo of a dog"));
+    write_metadata(&meta, &captions);
+    let stderr = run_expect(
+        "cache-text-encoder",
+        args![
+            meta,
+            model(),
+            "--cache_dir",
+            cache,
+            "--max_token_length",
+            "225"
+        ],
+        0,
+    );
+    assert!(stderr.contains("1 done, 7 up to date"), "{stderr}");
+
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(cache.join("meta_te_cache.json")).unwrap()).unwrap();
+    assert_eq!(index["schema"], "lorakit.te_cache/v1");
+    assert_eq!(index["entries"].as_object().unwrap().len(), 8);
+    let key = index["entries"]["short"]["key"].as_str().unwrap();
+    let (stored, _, _) = npz_array(&cache_file(&cache, "short"), "lorakit_key");
+    assert_eq!(
+        stored.iter().map(|&b| b as u8 as char).collect::<String>(),
+        key
+    );
+    assert!(cache.join("meta_te_cache.json.manifest.json").is_file());
+
+    // An entry removed from the metadata leaves an orphan: reported, then pruned.
+    captions.remove("t100");
+    write_metadata(&meta, &captions);
+    let stderr = run_expect(
+        "cache-text-encoder",
+        args![
+            meta,
+            model(),
+            "--cache_dir",
+            cache,
+            "--max_token_length",
+            "225"
+        ],
+        0,
+    );
+    assert!(stderr.contains("belong to no metadata entry"), "{stderr}");
+    assert!(cache_file(&cache, "t100").is_file());
+    run_expect(
+        "cache-text-encoder",
+        args![
+            meta,
+            model(),
+            "--cache_dir",
+            cache,
+            "--max_token_length",
+            "225",
+            "--prune"
+        ],
+        0,
+    );
+    assert!(!cache_file(&cache, "t100").exists());
+}
+
+#[test]
+fn caches_beside_images_with_tags_weights_fp16_and_variants() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    for name in ["a.png", "b.png", "c.png"] {
+        std::fs::write(data.join(name), b"not decoded by this stage").unwrap();
+    }
+    let captions = golden_captions();
+    let meta = root.path().join("meta.json");
+    let entries = json!({
+        data.join("a.png").display().to_string(): {"caption": "a photo of a cat", "tags": "1girl, solo"},
+        "b": {"caption": captions["weighted"]},
+        "c.png": {"image_size": [64, 64]},
+        "missing": {"caption": "x"},
+    });
+    std::fs::write(&meta, serde_json::to_vec(&entries).unwrap()).unwrap();
+
+    let stderr = run_expect(
+        "cache-text-encoder",
+        args![
+            meta,
+            model(),
+            "--train_data_dir",
+            data,
+            "--weighted_captions",
+            "--mixed_precision",
+            "fp16"
+        ],
+        3,
+    );
+    assert!(
+        stderr.contains("missing") && stderr.contains("--train_data_dir"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("neither caption nor tags"), "{stderr}");
+    let (hidden, shape, dtype) = npz_array(&data.join("b_te_outputs.npz"), "hidden_state");
+    assert_eq!((shape, dtype.as_str()), (vec![77, 64], "<f2"));
+    let diff = max_abs(&hidden, &golden("weighted__weighted_hidden_75_clipskip1"));
+    assert!(diff <= 2e-2, "fp16 weighted caption: max abs {diff}");
+    let (_, _, _) = npz_array(&data.join("a_te_outputs.npz"), "hidden_state");
+    // An entry with neither caption nor tags is encoded as the empty caption.
+    let (hidden, _, _) = npz_array(&data.join("c_te_outputs.npz"), "hidden_state");
+    assert!(max_abs(&hidden, &golden("empty__hidden_75_clipskip1")) <= 2e-2);
+
+    // Variants: N augmented captions stacked beside the plain one, reproducible by seed.
+    let model = model();
+    let variant_args = args![
+        meta,
+        model,
+        "--train_data_dir",
+        data,
+        "--variants",
+        "3",
+        "--shuffle_caption",
+        "--keep_tokens",
+        "1",
+        "--seed",
+        "5"
+    ];
+    run_expect("cache-text-encoder", variant_args, 3);
+    let file = data.join("a_te_outputs.npz");
+    let (_, shape, _) = npz_array(&file, "variants_hidden_state");
+    assert_eq!(shape, [3, 77, 64]);
+    let (ids, shape, _) = npz_array(&file, "variants_input_ids");
+    assert_eq!(shape, [3, 1, 77]);
+    std::fs::remove_file(&file).unwrap();
+    run_expect("cache-text-encoder", variant_args, 3);
+    assert_eq!(npz_array(&file, "variants_input_ids").0, ids);
+}
+
+#[test]
+fn bad_inputs_fail_with_clear_messages() {
+    let root = tempfile::tempdir().unwrap();
+    let meta = root.path().join("meta.json");
+    write_metadata(&meta, &golden_captions());
+
+    // No tokenizer next to the model and none given.
+    let lone_model = root.path().join("model.safetensors");
+    std::fs::copy(model(), &lone_model).unwrap();
+    let stderr = run_expect(
+        "cache-text-encoder",
+        args![meta, lone_model, "--cache_dir", root.path()],
+        1,
+    );
+    assert!(stderr.contains("--tokenizer"), "{stderr}");
+    let empty_dir = root.path().join("empty");
+    std::fs::create_dir(&empty_dir).unwrap();
+    let stderr = run_expect(
+        "cache-text-encoder",
+        args![
+            meta,
+            model(),
+            "--cache_dir",
+            root.path(),
+            "--tokenizer",
+            empty_dir
+        ],
+        1,
+    );
+    assert!(stderr.contains("vocab.json"), "{stderr}");
+
+    // A checkpoint without a text encoder.
+    let unet_only = root.path().join("unet_only.safetensors");
+    std::fs::write(
+        &unet_only,
+        safetensors_with_one_tensor("model.diffusion_model.out.2.bias"),
+    )
+    .unwrap();
+    let stderr = run_expect(
+        "cache-text-encoder",
+        args![meta, unet_only, "--cache_dir", root.path()],
+        1,
+    );
+    assert!(stderr.contains("no text encoder"), "{stderr}");
+
+    // Usage errors.
+    run_expect(
+        "cache-text-encoder",
+        args![meta, model(), "--max_token_length", "100"],
+        2,
+    );
+    run_expect(
+        "cache-text-encoder",
+        args![meta, model(), "--shuffle_caption"],
+        2,
+    );
+    run_expect(
+        "cache-text-encoder",
+        args![meta, model(), "--sdxl", "--cache_dir", root.path()],
+        2,
+    );
+    for bad_skip in ["0", "13"] {
+        let stderr = run_expect(
+            "cache-text-encoder",
+            args![
+                meta,
+                model(),
+                "--clip_skip",
+                bad_skip,
+                "--cache_dir",
+                root.path()
+            ],
+            2,
+        );
+        assert!(stderr.contains("between 1 and 12"), "{stderr}");
+    }
+}
+
+/// A minimal .safetensors file holding one f32 scalar-vector tensor named `name`.
+fn safetensors_with_one_tensor(name: &str) -> Vec<u8> {
+    let header = format!(r#"{{"{name}":{{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}}}"#);
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&1.0f32.to_le_bytes());
+    bytes
+}
+
+#[test]
+fn shards_split_the_entries_without_seeing_each_other_as_orphans() {
+    let root = tempfile::tempdir().unwrap();
+    let meta = root.path().join("meta.json");
+    write_metadata(&meta, &golden_captions());
+    let mut done = 0;
+    for shard in ["0/2", "1/2"] {
+        let stderr = run_expect(
+            "cache-text-encoder",
+            args![meta, model(), "--cache_dir", root.path(), "--shard", shard],
+            0,
+        );
+        assert!(!stderr.contains("belong to no metadata entry"), "{stderr}");
+        let line = stderr.lines().find(|l| l.contains(" done, ")).unwrap();
+        done += line
+            .split(' ')
+            .nth(1)
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap();
+        let index = format!("meta_te_cache.shard-{}-of-2.json", &shard[..1]);
+        assert!(root.path().join(index).is_file());
+    }
+    assert_eq!(done, 8);
+}

@@ -1,0 +1,116 @@
+//! `lint-dataset`: per-file findings about a dataset folder (images, captions, tags, metadata,
+//! caches) before any expensive stage runs. Exit code 0: no errors; 3: errors found.
+
+use clap::Parser;
+use lorakit_pipeline::bucket::{parse_resolution, BucketSettings};
+use lorakit_pipeline::cli::LogArgs;
+use lorakit_pipeline::imaging::{DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE};
+use lorakit_pipeline::lint::{self, LintOptions};
+use lorakit_pipeline::tokenize::MaxTokenLength;
+
+/// Check a dataset folder before tagging, captioning, caching or training.
+///
+/// Reads only file headers unless --decode is given. Exit code 0 when no errors were found
+/// (warnings allowed), 3 when some were, 1 when the folder cannot be read, 2 for a bad command line.
+#[derive(Parser)]
+#[command(version, rename_all = "snake_case")]
+struct Args {
+    /// Folder of training images.
+    train_data_dir: std::path::PathBuf,
+    /// Also check subfolders.
+    #[arg(long)]
+    recursive: bool,
+    /// Metadata JSON to compare with the folder (entries without image, images without entry).
+    #[arg(long)]
+    in_json: Option<std::path::PathBuf>,
+    /// Extension of caption files.
+    #[arg(long, default_value = ".caption")]
+    caption_extension: String,
+    /// Extension of tag files.
+    #[arg(long, default_value = ".txt")]
+    tag_extension: String,
+    /// Decode every image (slower): catches damaged pixel data and finds near-duplicates.
+    #[arg(long)]
+    decode: bool,
+    /// Largest accepted image width or height (the stages' decompression-bomb limit).
+    #[arg(long, default_value_t = DEFAULT_MAX_SIDE)]
+    max_image_side: u32,
+    /// Largest accepted pixel count (the stages' decompression-bomb limit).
+    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
+    max_image_pixels: u64,
+    /// Training resolution `W,H` or `SIZE`: enables the bucket checks and occupancy histogram.
+    #[arg(long)]
+    resolution: Option<String>,
+    /// Smallest bucket side.
+    #[arg(long, default_value_t = 256)]
+    min_bucket_reso: u32,
+    /// Largest bucket side.
+    #[arg(long, default_value_t = 1024)]
+    max_bucket_reso: u32,
+    /// Bucket sides are multiples of this.
+    #[arg(long, default_value_t = 64)]
+    bucket_reso_steps: u32,
+    /// Per-image buckets without enlarging (as training with --bucket_no_upscale).
+    #[arg(long)]
+    bucket_no_upscale: bool,
+    /// Training batch size: buckets holding fewer images are reported.
+    #[arg(long, default_value_t = 1)]
+    train_batch_size: usize,
+    /// Folder with the CLIP vocab.json and merges.txt: enables the token-overflow check.
+    #[arg(long)]
+    tokenizer: Option<std::path::PathBuf>,
+    /// Token budget captions are checked against: 75, 150 or 225.
+    #[arg(long, default_value_t = 75)]
+    max_token_length: usize,
+    /// Largest perceptual-hash distance (of 64 bits) reported as a near-duplicate (with --decode).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(0..=32))]
+    near_duplicate_distance: u32,
+    /// Report caption/tag files longer than this many bytes.
+    #[arg(long, default_value_t = 16 * 1024)]
+    max_caption_bytes: u64,
+    /// Number of tags shown in the frequency table of the text report.
+    #[arg(long, default_value_t = 30)]
+    top_tags: usize,
+    /// Print the report as JSON (schema lorakit.lint_report/v1) instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    args.log.init();
+    lorakit_pipeline::report::run("lint-dataset", || {
+        let buckets = match &args.resolution {
+            Some(text) => Some(BucketSettings {
+                max_resolution: parse_resolution(text)?,
+                min_bucket_reso: args.min_bucket_reso,
+                max_bucket_reso: args.max_bucket_reso,
+                bucket_reso_steps: args.bucket_reso_steps,
+                no_upscale: args.bucket_no_upscale,
+            }),
+            None => None,
+        };
+        let options = LintOptions {
+            train_data_dir: args.train_data_dir,
+            recursive: args.recursive,
+            in_json: args.in_json,
+            caption_extension: args.caption_extension,
+            tag_extension: args.tag_extension,
+            decode: args.decode,
+            max_side: args.max_image_side,
+            max_pixels: args.max_image_pixels,
+            near_duplicate_distance: args.near_duplicate_distance,
+            max_caption_bytes: args.max_caption_bytes,
+            top_tags: args.top_tags,
+            buckets,
+            batch_size: args.train_batch_size,
+            tokenizer: args.tokenizer,
+            max_token_length: MaxTokenLength::new(args.max_token_length)?,
+            json: args.json,
+            quiet: args.log.quiet,
+        };
+        lint::run(&options)
+    })
+}
