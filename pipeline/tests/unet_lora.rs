@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 use candle_core::{DType, Device, Tensor};
 use lorakit_pipeline::lora::{Adaptable, Alpha, LoraConfig, LoraNetwork};
 use lorakit_pipeline::models::unet::{self, Unet};
+use lorakit_pipeline::models::{Checkpoint, Component};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
@@ -34,7 +35,10 @@ fn base_unet() -> &'static Unet {
     static UNET: OnceLock<Unet> = OnceLock::new();
     UNET.get_or_init(|| {
         let path = fixtures().join("sd15-tiny/model.safetensors");
-        let vb = unet::single_file_var_builder(&path, DType::F32, &Device::Cpu).unwrap();
+        let checkpoint = Checkpoint::open(&path).unwrap();
+        let vb = checkpoint
+            .var_builder(Component::Unet, DType::F32, &Device::Cpu, &unet::ldm_name)
+            .unwrap();
         Unet::load(&vb).unwrap()
     })
 }

@@ -6,11 +6,10 @@
 //! run through [`crate::models::frozen::FrozenOp`], so no gradient is ever computed for them.
 //!
 //! Layer paths are diffusers names (`down_blocks.1.attentions.0.proj_in`); [`ldm_name`] maps them to
-//! the original LDM names of single-file checkpoints (spec Appendix A.1).
+//! the original LDM names of single-file checkpoints (spec Appendix A.1). Weights come through
+//! [`crate::models::Checkpoint::var_builder`] with `Component::Unet` and [`ldm_name`].
 
-use std::path::Path;
-
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::lora::{Adaptable, AdaptableLayer, Container};
@@ -120,27 +119,12 @@ pub fn ldm_name(name: &str) -> String {
     }
 }
 
-/// Opens the UNet of a single-file LDM `.safetensors` checkpoint (memory-mapped) as a
-/// [`VarBuilder`] with diffusers names.
-pub fn single_file_var_builder(
-    path: &Path,
-    dtype: DType,
-    device: &Device,
-) -> Result<VarBuilder<'static>> {
-    // SAFETY: the file is mapped read-only; lorakit never writes model files it reads.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }.map_err(|e| Error::BadFile {
-        path: path.to_path_buf(),
-        message: format!("cannot open as a .safetensors checkpoint ({e}); convert .ckpt files to .safetensors first"),
-    })?;
-    Ok(vb.rename_f(|name| format!("model.diffusion_model.{}", ldm_name(name))))
-}
-
 /// Reads named UNet tensors and builds frozen layers from them.
-struct Loader<'a> {
-    vb: &'a VarBuilder<'static>,
+struct Loader<'a, 'b> {
+    vb: &'a VarBuilder<'b>,
 }
 
-impl Loader<'_> {
+impl Loader<'_, '_> {
     fn tensor(&self, name: &str) -> Result<Tensor> {
         self.vb.get_unchecked(name).map_err(|e| {
             Error::Model(format!(
@@ -478,7 +462,7 @@ pub struct Unet {
 
 impl Unet {
     /// Reads the architecture from tensor shapes and loads the frozen weights (diffusers names).
-    pub fn load(vb: &VarBuilder<'static>) -> Result<Self> {
+    pub fn load(vb: &VarBuilder<'_>) -> Result<Self> {
         let l = Loader { vb };
         let config = detect_config(&l)?;
         let ch = config.block_channels.clone();

@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::lora::{Alpha, LoraConfig, LoraNetwork};
 use crate::models::unet::{self, Unet};
+use crate::models::{Checkpoint, Component, ModelFamily};
 use crate::report::{Progress, Summary};
 use crate::{Error, Result};
 pub use args::TrainArgs;
@@ -142,7 +143,14 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         args.train_data_dir.as_deref(),
         args.dataset_repeats,
     )?;
-    let vb = unet::single_file_var_builder(&args.pretrained_model_name_or_path, dtype, &device)?;
+    let checkpoint = Checkpoint::open(&args.pretrained_model_name_or_path)?;
+    if checkpoint.family() == ModelFamily::Sdxl {
+        return Err(Error::Usage(format!(
+            "{} is an SDXL checkpoint; train-lora trains SD1.x/SD2.x LoRAs",
+            args.pretrained_model_name_or_path.display()
+        )));
+    }
+    let vb = checkpoint.var_builder(Component::Unet, dtype, &device, &unet::ldm_name)?;
     let mut unet = Unet::load(&vb).map_err(|e| {
         Error::bad_file(
             &args.pretrained_model_name_or_path,

@@ -1,0 +1,230 @@
+//! End-to-end tests of `train-lora`: a short run from caches, bad inputs and usage errors.
+
+mod common;
+
+use std::path::Path;
+
+use common::{fixtures, run_expect};
+use lorakit_pipeline::lora::LoraFile;
+use npyz::WriterBuilder;
+
+fn write_npz_f32(path: &Path, name: &str, values: Vec<f32>, shape: &[u64]) {
+    let mut npz = npyz::npz::NpzWriter::create(path).unwrap();
+    let mut writer = npz
+        .array::<f32>(name, Default::default())
+        .unwrap()
+        .default_dtype()
+        .shape(shape)
+        .begin_nd()
+        .unwrap();
+    writer.extend(values).unwrap();
+    writer.finish().unwrap();
+}
+
+/// Two images with 16x16 latents (crops of the golden latent cache) and golden text states.
+fn make_caches(dir: &Path) {
+    let golden = fixtures().join("golden/vae/astronaut_0512x0512_sd.npz");
+    let mut archive = npyz::npz::NpzArchive::open(&golden).unwrap();
+    let full: Vec<f32> = archive
+        .by_name("latents")
+        .unwrap()
+        .unwrap()
+        .into_vec()
+        .unwrap();
+    let crop: Vec<f32> = (0..4)
+        .flat_map(|c| (0..16).flat_map(move |y| (0..16).map(move |x| (c, y, x))))
+        .map(|(c, y, x)| full[c * 1024 + y * 32 + x])
+        .collect();
+    let mut unet = npyz::npz::NpzArchive::open(fixtures().join("golden/unet/unet.npz")).unwrap();
+    let states: Vec<f32> = unet
+        .by_name("encoder_hidden_states_77")
+        .unwrap()
+        .unwrap()
+        .into_vec()
+        .unwrap();
+    let mut meta = serde_json::Map::new();
+    for (i, stem) in ["one", "two"].iter().enumerate() {
+        write_npz_f32(
+            &dir.join(format!("{stem}_0512x0512_sd.npz")),
+            "latents",
+            crop.clone(),
+            &[4, 16, 16],
+        );
+        write_npz_f32(
+            &dir.join(format!("{stem}_te_outputs.npz")),
+            "hidden_state",
+            states[i * 77 * 64..(i + 1) * 77 * 64].to_vec(),
+            &[77, 64],
+        );
+        meta.insert(
+            format!("{stem}.png"),
+            serde_json::json!({"caption": "a cat", "tags": "cat", "train_resolution": [128, 128]}),
+        );
+    }
+    std::fs::write(
+        dir.join("meta_lat.json"),
+        serde_json::to_string(&meta).unwrap(),
+    )
+    .unwrap();
+}
+
+fn model() -> std::path::PathBuf {
+    fixtures().join("sd15-tiny/model.safetensors")
+}
+
+#[test]
+fn trains_and_writes_a_kohya_lora() {
+    let data = tempfile::tempdir().unwrap();
+    make_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            out.path(),
+            "--output_name",
+            "e2e",
+            "--max_train_steps",
+            "2",
+            "--train_batch_size",
+            "2",
+            "--learning_rate",
+            "1e-3",
+            "--lr_scheduler",
+            "cosine",
+            "--lr_warmup_steps",
+            "1",
+            "--min_snr_gamma",
+            "5",
+            "--seed",
+            "1",
+            "--save_precision",
+            "fp16",
+            "--quiet"
+        ],
+        0,
+    );
+    let file = LoraFile::read(&out.path().join("e2e.safetensors")).unwrap();
+    assert_eq!(file.module_names().count(), 192);
+    assert_eq!(file.metadata["ss_output_name"], "e2e");
+    assert_eq!(file.metadata["ss_min_snr_gamma"], "5.0");
+    assert_eq!(file.metadata["ss_lr_scheduler"], "cosine");
+    let log = std::fs::read_to_string(out.path().join("e2e_loss.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 2);
+    let bytes = std::fs::read(out.path().join("e2e.safetensors")).unwrap();
+    let tensors = safetensors_dtypes(&bytes);
+    assert!(
+        tensors.iter().all(|d| d == "F16"),
+        "--save_precision fp16 casts every tensor: {tensors:?}"
+    );
+}
+
+fn safetensors_dtypes(bytes: &[u8]) -> Vec<String> {
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(_, v)| v["dtype"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn missing_caches_are_listed_before_training_and_nothing_is_written() {
+    let data = tempfile::tempdir().unwrap();
+    make_caches(data.path());
+    std::fs::remove_file(data.path().join("two_te_outputs.npz")).unwrap();
+    std::fs::write(data.path().join("one_0512x0512_sd.npz"), b"not a zip").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let stderr = run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            out.path(),
+            "--quiet"
+        ],
+        1,
+    );
+    assert!(
+        stderr.contains("two_te_outputs.npz") && stderr.contains("one_0512x0512_sd.npz"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("2 of 2 entries"), "{stderr}");
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn usage_errors_exit_2_and_help_says_unet_only() {
+    let data = tempfile::tempdir().unwrap();
+    make_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let stderr = run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            out.path(),
+            "--lr_scheduler",
+            "constant",
+            "--lr_warmup_steps",
+            "3",
+            "--quiet"
+        ],
+        2,
+    );
+    assert!(stderr.contains("constant_with_warmup"), "{stderr}");
+    let help = std::process::Command::new(common::tool("train-lora"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("UNet") && help.contains("--network_dim") && help.contains("--in_json"),
+        "{help}"
+    );
+}
+
+#[test]
+fn a_checkpoint_without_a_unet_is_rejected() {
+    let data = tempfile::tempdir().unwrap();
+    make_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let stderr = run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            fixtures().join("golden/lora/trained_lora_dim4_alpha1.safetensors"),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            out.path(),
+            "--quiet"
+        ],
+        1,
+    );
+    assert!(
+        stderr.contains("trained_lora_dim4_alpha1.safetensors"),
+        "{stderr}"
+    );
+}
