@@ -6,17 +6,20 @@
 #
 #   scripts/setup-onnxruntime.sh [TARGET_DIR]
 #
-# Environment: ORT_VERSION (default 1.31.1, the version the `ort` crate targets), PYTHON
+# Environment: ORT_VERSION (default 1.31.1, the version the `ort` crate targets), ORT_PACKAGE
+# (default onnxruntime; onnxruntime-gpu for the CUDA build used by `--device cuda`), PYTHON
 # (default python3).
 set -euo pipefail
 
 version="${ORT_VERSION:-1.31.1}"
+package="${ORT_PACKAGE:-onnxruntime}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 target="${1:-$root/.local/onnxruntime}"
 python="${PYTHON:-python3}"
 
-if compgen -G "$target/libonnxruntime.so.$version" > /dev/null; then
-    echo "ONNX Runtime $version already installed in $target"
+stamp="$target/.installed"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$package==$version" ]; then
+    echo "ONNX Runtime ($package $version) already installed in $target"
     exit 0
 fi
 
@@ -32,11 +35,11 @@ esac
 
 download="$(mktemp -d)"
 trap 'rm -rf "$download"' EXIT
-echo "downloading onnxruntime==$version ($platform) from PyPI"
+echo "downloading $package==$version ($platform) from PyPI"
 "$python" -m pip download --quiet --no-deps --only-binary=:all: \
     --platform "$platform" --python-version 3.12 --implementation cp \
-    --dest "$download" "onnxruntime==$version"
-wheel="$(ls "$download"/onnxruntime-*.whl)"
+    --dest "$download" "$package==$version"
+wheel="$(ls "$download"/*.whl)"
 
 mkdir -p "$target"
 "$python" - "$wheel" "$target" <<'PY'
@@ -44,7 +47,8 @@ import os, sys, zipfile
 wheel, target = sys.argv[1], sys.argv[2]
 with zipfile.ZipFile(wheel) as archive:
     names = [n for n in archive.namelist()
-             if os.path.basename(n).startswith("libonnxruntime.so")]
+             if os.path.basename(n).startswith("libonnxruntime")
+             and ".so" in os.path.basename(n)]
     if not names:
         sys.exit(f"error: no libonnxruntime.so in {wheel}")
     for name in names:
@@ -57,4 +61,5 @@ with zipfile.ZipFile(wheel) as archive:
 PY
 lib="$(cd "$target" && ls libonnxruntime.so.* | head -n 1)"
 ln -sf "$lib" "$target/libonnxruntime.so"
-echo "ONNX Runtime $version ready: $target/$lib"
+echo "$package==$version" > "$stamp"
+echo "ONNX Runtime ($package $version) ready: $target/$lib"

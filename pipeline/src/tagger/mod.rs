@@ -335,6 +335,9 @@ impl Tagging<'_> {
         let limits = options.limits;
         let model_hash = self.model_hash.to_string();
         let progress = Progress::new("tag-images", pending.len(), options.quiet);
+        let started = std::time::Instant::now();
+        let mut session_time = std::time::Duration::ZERO;
+        let mut inferred = 0usize;
         let (sender, receiver) = mpsc::sync_channel::<Vec<(usize, Result<Prepared>)>>(2);
         std::thread::scope(|scope| -> Result<()> {
             scope.spawn(move || {
@@ -366,6 +369,7 @@ impl Tagging<'_> {
                 }
                 let count = entries.len();
                 if count > 0 {
+                    let session_started = std::time::Instant::now();
                     let rows = if tagger.shape.fixed_batch.is_some_and(|b| b > count) {
                         let fixed = batch_size;
                         input.resize(fixed * side * side * 3, 0.0);
@@ -373,6 +377,8 @@ impl Tagging<'_> {
                     } else {
                         tagger.run(input, count)?
                     };
+                    session_time += session_started.elapsed();
+                    inferred += count;
                     self.store_rows(layout, entries, rows)?;
                 }
                 progress.inc(count as u64);
@@ -380,6 +386,14 @@ impl Tagging<'_> {
             Ok(())
         })?;
         progress.finish();
+        let wall = started.elapsed().as_secs_f64();
+        let session = session_time.as_secs_f64();
+        tracing::info!(
+            "inference: {inferred} images in {wall:.2} s ({:.1} images/s); ONNX session {session:.2} s \
+             ({:.0}% of the time, the rest waits on decoding)",
+            inferred as f64 / wall.max(1e-9),
+            100.0 * session / wall.max(1e-9)
+        );
         Ok(())
     }
 
@@ -447,6 +461,7 @@ fn render(
     let mut frequencies: Vec<(String, usize)> = Vec::new();
     let mut frequency_index: HashMap<String, usize> = HashMap::new();
     let mut records: Vec<(String, String, (u32, u32))> = Vec::new();
+    let mut tag_files: Vec<(&Path, Vec<&str>)> = Vec::new();
     for item in items {
         let Some((entry, probs)) = store.get(&item.relative) else {
             continue;
@@ -470,11 +485,21 @@ fn render(
                 selected.tags.join(separator),
                 entry.image_size,
             ));
-            continue;
+        } else {
+            tag_files.push((&item.path, selected.tags));
         }
-        if let Err(e) = write_tag_file(options, &item.path, &selected.tags) {
-            summary.fail(&item.path, &e);
-        }
+    }
+    // Tag files are independent: write them in parallel (each write is synced to disk).
+    let failures: Vec<(&Path, Error)> = tag_files
+        .par_iter()
+        .filter_map(|(image, tags)| {
+            write_tag_file(options, image, tags)
+                .err()
+                .map(|e| (*image, e))
+        })
+        .collect();
+    for (image, error) in failures {
+        summary.fail(image, &error);
     }
     if let Some(output) = &options.output_path {
         write_output_file(output, &records)?;

@@ -44,8 +44,8 @@ impl std::str::FromStr for Device {
 
 /// Candidate library paths in resolution order. A library named explicitly is the only one
 /// tried: `--ort-lib`, else `ORT_DYLIB_PATH`. Otherwise the project-local install (found by
-/// walking up from the executable, else in the repository it was built from), then the folder
-/// of the executable.
+/// walking up from the executable, else from the working directory, else in the repository it
+/// was built from), then the folder of the executable.
 pub fn library_candidates(explicit: Option<&Path>) -> Vec<(String, PathBuf)> {
     if let Some(path) = explicit {
         return vec![("--ort-lib".to_string(), path.to_path_buf())];
@@ -57,12 +57,15 @@ pub fn library_candidates(explicit: Option<&Path>) -> Vec<(String, PathBuf)> {
     let executable = std::env::current_exe()
         .ok()
         .map(|exe| exe.canonicalize().unwrap_or(exe));
-    // The repository holding the executable (walking up from it), else the repository the
-    // binary was built from (a shared or out-of-tree target folder).
+    // The repository holding the executable (walking up from it), else the one holding the
+    // working directory, else the repository the binary was built from (for shared or
+    // out-of-tree target folders).
     let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).parent();
+    let working = std::env::current_dir().ok();
     let local = executable
         .iter()
         .flat_map(|exe| exe.ancestors().skip(1))
+        .chain(working.iter().flat_map(|dir| dir.ancestors()))
         .chain(built_from)
         .map(|folder| folder.join(PROJECT_LIBRARY_DIR).join(LIBRARY_NAME))
         .find(|path| path.exists());
