@@ -1,32 +1,63 @@
 # lorakit: dataset-to-LoRA build.
 #
-#   make demo                 run the whole flow on the bundled example (examples/tiny-dataset)
-#   make test                 build everything and run all tests
-#   make DATA=dir OUT=dir metadata   merge captions + tags and clean them for your folder
-#   make DATA=dir BLIP=folder captions   BLIP captions (<stem>.caption) for your folder
+#   make demo     run the whole flow on the bundled example (examples/tiny-dataset, tiny models)
+#   make test     install the ONNX Runtime library, build everything and run all tests
+#   make lora DATA=my/images OUT=runs/me MODEL=sd15.safetensors TAGGER_DIR=wd14_tagger_model \
+#             TAGGER=SmilingWolf/wd-v1-4-convnext-tagger-v2 BLIP=blip-large RES=512,512 STEPS=1600
 #
-# Stage targets depend on the manifests the tools write (`<output>.manifest.json`), never on
-# one rule per image: the tools themselves decide per item what is up to date.
+# Stages (one target each): lint tags captions metadata latents te-cache train; `lora` runs them
+# all in order. Every stage target runs its tool, and every tool checks per item, by content key,
+# what is already up to date: an unchanged dataset does no model work at all, one edited caption
+# re-encodes one text-encoder entry, one replaced image is re-tagged, re-captioned and re-encoded
+# alone. Outputs are rewritten only when their content changes, so their mtimes stay meaningful.
+# Stages are chained through their output files, which makes `make -j` safe.
 
-SHELL      := /bin/bash
-CARGO      ?= cargo
-PROFILE    ?= debug
-BIN        := target/$(PROFILE)
-DATA       ?= $(OUT)/dataset
-OUT        ?= out/demo
-EXAMPLE    := examples/tiny-dataset
-FULL_PATH  ?= --full_path
+SHELL       := /bin/bash
+CARGO       ?= cargo
+PROFILE     ?= debug
+BIN         ?= $(or $(CARGO_TARGET_DIR),target)/$(PROFILE)
+OUT         ?= out/demo
+DATA        ?= $(OUT)/dataset
+EXAMPLE     := examples/tiny-dataset
+MODEL       ?= tests/fixtures/sd15-tiny/model.safetensors
+TAGGER_DIR  ?= tests/fixtures
+TAGGER      ?= wd14-tiny
+BLIP        ?= tests/fixtures/blip-tiny
+RES         ?= 256,256
+MIN_BUCKET  ?= 128
+MAX_BUCKET  ?= 512
+BUCKET_STEP ?= 64
+STEPS       ?= 20
+DIM         ?= 4
+ALPHA       ?= 1
+LR          ?= 1e-4
+BATCH       ?= 2
+NAME        ?= lora
+SEED        ?= 42
 CAPTION_EXT ?= .caption
-TAG_EXT    ?= .txt
+TAG_EXT     ?= .txt
+TAG_FLAGS   ?= --thresh 0.35 --batch_size 4
+CAPTION_FLAGS ?= --beam_search --num_beams 1 --batch_size 4
+TE_FLAGS    ?=
+TRAIN_FLAGS ?=
+LINT_FLAGS  ?=
+QUIET       ?=
 
 CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)
+BUCKET_RANGE := --min_bucket_reso $(MIN_BUCKET) --max_bucket_reso $(MAX_BUCKET) --bucket_reso_steps $(BUCKET_STEP)
 
-.PHONY: all build test demo metadata clean-out setup
+.PHONY: all build test setup demo lora lint tags captions metadata latents te-cache train clean-out FORCE
 
 all: build
 
+# SKIP_BUILD=1 uses the tools already in $(BIN) (the end-to-end tests do).
 build:
-	$(CARGO) build --workspace --bins $(CARGO_PROFILE_FLAG)
+	$(if $(SKIP_BUILD),@true,$(CARGO) build --workspace --bins $(CARGO_PROFILE_FLAG))
+
+# ONNX Runtime shared library for tag-images, from the PyPI wheel into .local/onnxruntime/
+# (no root, no system package; a no-op once installed).
+setup:
+	@scripts/setup-onnxruntime.sh
 
 test: setup
 	$(CARGO) build --workspace --bins
@@ -34,66 +65,64 @@ test: setup
 
 # The demo copies the bundled example into $(OUT)/dataset so the repository stays untouched.
 demo: setup build
-	@mkdir -p "$(OUT)"
-	@if [ ! -d "$(OUT)/dataset" ]; then mkdir -p "$(OUT)/dataset" && cp "$(EXAMPLE)"/* "$(OUT)/dataset/"; fi
-	$(MAKE) --no-print-directory metadata DATA="$(OUT)/dataset" OUT="$(OUT)"
+	@if [ ! -d "$(OUT)/dataset" ]; then mkdir -p "$(OUT)/dataset" && cp "$(EXAMPLE)"/*.png "$(EXAMPLE)"/*.caption "$(OUT)/dataset/"; fi
+	@$(MAKE) -f $(firstword $(MAKEFILE_LIST)) --no-print-directory lora OUT="$(OUT)" DATA="$(OUT)/dataset"
 	@echo
-	@echo "demo finished: metadata in $(OUT)/meta_clean.json (manifest: $(OUT)/meta_clean.json.manifest.json)"
+	@echo "demo finished:"
+	@echo "  LoRA:        $(OUT)/lora/$(NAME).safetensors"
+	@echo "  loss plot:   $(OUT)/lora/$(NAME)_loss.svg (log: $(OUT)/lora/$(NAME)_loss.jsonl)"
+	@echo "  lint report: $(OUT)/lint.json"
+	@echo "  metadata:    $(OUT)/meta_lat.json (+ .manifest.json next to every output)"
+
+lora: train
+
+lint: $(OUT)/lint.json
+$(OUT)/lint.json: FORCE | build
+	@mkdir -p "$(OUT)"
+	@"$(BIN)/lint-dataset" "$(DATA)" --resolution $(RES) $(BUCKET_RANGE) --train_batch_size $(BATCH) --json $(LINT_FLAGS) > "$@.partial"; code=$$?; \
+		mv "$@.partial" "$@"; if [ $$code -ne 0 ] && [ $$code -ne 3 ]; then exit $$code; fi; \
+		echo "lint-dataset: report in $@ (exit code $$code)"
+
+# WD14 tags (.txt next to each image) from $(TAGGER_DIR)/<TAGGER with / as _>/ (model.onnx +
+# selected_tags.csv, sd-scripts' layout).
+tags: $(OUT)/.tags
+$(OUT)/.tags: $(OUT)/lint.json FORCE | setup
+	"$(BIN)/tag-images" "$(DATA)" --model_dir "$(TAGGER_DIR)" --repo_id "$(TAGGER)" \
+		--caption_extension $(TAG_EXT) $(TAG_FLAGS) $(QUIET)
+	@touch "$@"
+
+# BLIP captions (.caption next to each image) from a Hugging Face BLIP folder.
+captions: $(OUT)/.captions
+$(OUT)/.captions: $(OUT)/lint.json FORCE | build
+	"$(BIN)/caption-images" "$(DATA)" --caption_weights "$(BLIP)" --caption_extension $(CAPTION_EXT) \
+		--seed $(SEED) $(CAPTION_FLAGS) $(QUIET)
+	@touch "$@"
 
 metadata: $(OUT)/meta_clean.json
-
-$(OUT)/meta_cap.json: build
-	@mkdir -p "$(OUT)"
-	"$(BIN)/merge-captions" "$(DATA)" "$@" $(FULL_PATH) --caption_extension $(CAPTION_EXT)
-
-$(OUT)/meta_cap_dd.json: $(OUT)/meta_cap.json
-	"$(BIN)/merge-tags" "$(DATA)" "$@" --in_json "$<" $(FULL_PATH) --caption_extension $(TAG_EXT)
-
+$(OUT)/meta_cap.json: $(OUT)/.captions FORCE
+	"$(BIN)/merge-captions" "$(DATA)" "$@" --full_path --caption_extension $(CAPTION_EXT) $(QUIET)
+$(OUT)/meta_cap_dd.json: $(OUT)/meta_cap.json $(OUT)/.tags FORCE
+	"$(BIN)/merge-tags" "$(DATA)" "$@" --in_json "$<" --full_path --caption_extension $(TAG_EXT) $(QUIET)
 $(OUT)/meta_clean.json: $(OUT)/meta_cap_dd.json
-	"$(BIN)/clean-captions" "$<" "$@"
+	"$(BIN)/clean-captions" "$<" "$@" $(QUIET)
+
+latents: $(OUT)/meta_lat.json
+$(OUT)/meta_lat.json: $(OUT)/meta_clean.json FORCE
+	"$(BIN)/prepare-latents" "$(DATA)" "$<" "$@" "$(MODEL)" --max_resolution $(RES) $(BUCKET_RANGE) --batch_size 4 \
+		--full_path --seed $(SEED) $(QUIET)
+
+te-cache: $(OUT)/meta_lat_te_cache.json
+$(OUT)/meta_lat_te_cache.json: $(OUT)/meta_lat.json FORCE
+	"$(BIN)/cache-text-encoder" "$<" "$(MODEL)" --full_path $(TE_FLAGS) $(QUIET)
+
+train: $(OUT)/lora/$(NAME).safetensors
+$(OUT)/lora/$(NAME).safetensors: $(OUT)/meta_lat.json $(OUT)/meta_lat_te_cache.json FORCE
+	"$(BIN)/train-lora" --pretrained_model_name_or_path "$(MODEL)" --in_json "$<" \
+		--output_dir "$(OUT)/lora" --output_name $(NAME) --network_dim $(DIM) --network_alpha $(ALPHA) \
+		--learning_rate $(LR) --max_train_steps $(STEPS) --train_batch_size $(BATCH) --seed $(SEED) \
+		$(TRAIN_FLAGS) $(QUIET)
 
 clean-out:
 	rm -rf "$(OUT)"
 
-# ONNX Runtime shared library for tag-images, from the PyPI wheel into .local/onnxruntime/
-# (no root, no system package; a no-op once installed).
-setup:
-	@scripts/setup-onnxruntime.sh
-
-# WD14 tags (.txt next to each image) with the model in $(WD14_MODEL_DIR)/<owner>_<repo>/
-# (model.onnx + selected_tags.csv, as sd-scripts lays it out). WD14_MODEL=folder installs that
-# folder there first, e.g. WD14_MODEL=tests/fixtures/wd14-tiny (random weights: meaningless
-# tags, real code path).
-WD14_MODEL_DIR ?= wd14_tagger_model
-WD14_REPO_ID   ?= SmilingWolf/wd-v1-4-convnext-tagger-v2
-WD14_MODEL     ?=
-TAG_FLAGS      ?= --thresh 0.35 --batch_size 8
-.PHONY: tags
-tags: setup build
-	@if [ -n "$(WD14_MODEL)" ] && [ ! -d "$(WD14_MODEL_DIR)/$(subst /,_,$(WD14_REPO_ID))" ]; then \
-		mkdir -p "$(WD14_MODEL_DIR)/$(subst /,_,$(WD14_REPO_ID))" && \
-		cp "$(WD14_MODEL)"/model.onnx "$(WD14_MODEL)"/selected_tags.csv "$(WD14_MODEL_DIR)/$(subst /,_,$(WD14_REPO_ID))/"; fi
-	"$(BIN)/tag-images" "$(DATA)" --model_dir "$(WD14_MODEL_DIR)" --repo_id "$(WD14_REPO_ID)" \
-		--caption_extension $(TAG_EXT) $(TAG_FLAGS)
-
-# Text-encoder output cache of the cleaned metadata (tiny fixture model unless MODEL is given).
-MODEL      ?= tests/fixtures/sd15-tiny/model.safetensors
-TE_FLAGS   ?=
-.PHONY: te-cache
-te-cache: $(OUT)/meta_clean_te_cache.json
-
-$(OUT)/meta_clean_te_cache.json: $(OUT)/meta_clean.json
-	"$(BIN)/cache-text-encoder" "$<" "$(MODEL)" --train_data_dir "$(DATA)" $(TE_FLAGS)
-# BLIP captions: the tool itself skips images whose caption is up to date (content keys in
-# $(DATA)/caption-images$(CAPTION_EXT).json.manifest.json), so it can run every time.
-BLIP          ?= models/blip-image-captioning-large
-CAPTION_FLAGS ?= --beam_search --num_beams 1
-.PHONY: captions
-captions: build
-	"$(BIN)/caption-images" "$(DATA)" --caption_weights "$(BLIP)" --caption_extension $(CAPTION_EXT) $(CAPTION_FLAGS)
-
-# Dataset check before any expensive stage (exit code 3 when errors are found).
-LINT_FLAGS ?=
-.PHONY: lint
-lint: build
-	"$(BIN)/lint-dataset" "$(DATA)" $(LINT_FLAGS)
+FORCE:

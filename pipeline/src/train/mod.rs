@@ -7,6 +7,7 @@ pub mod data;
 pub mod metadata;
 pub mod noise;
 pub mod optim;
+pub mod plot;
 pub mod schedule;
 pub mod state;
 
@@ -16,6 +17,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 
 use crate::lora::{Alpha, LoraConfig, LoraNetwork};
+use crate::manifest::Manifest;
 use crate::models::unet::{self, Unet};
 use crate::models::{Checkpoint, Component, ModelFamily};
 use crate::report::{Progress, Summary};
@@ -181,6 +183,23 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
     }
 
     let plan = plan(args, &dataset);
+    let final_path = args.output_dir.join(format!("{}.safetensors", plan.name));
+    let sample_keys = dataset
+        .samples
+        .iter()
+        .map(|s| Ok((s.key.clone(), sample_key(s)?)))
+        .collect::<Result<std::collections::BTreeMap<String, String>>>()?;
+    let training_key = training_key(args, &checkpoint, &sample_keys)?;
+    if args.resume.is_none() && is_up_to_date(&final_path, &training_key) {
+        tracing::info!(
+            "{} is up to date: same caches, model and settings as the run that wrote it",
+            final_path.display()
+        );
+        return Ok(Summary {
+            up_to_date: 1,
+            ..Summary::default()
+        });
+    }
     let network = match &args.network_weights {
         Some(path) => {
             let (network, report) = LoraNetwork::load(&mut unet, path, 1.0, &device)?;
@@ -380,8 +399,29 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         }
     }
     progress.finish();
-    let final_path = saver.save(&plan.name, global_step, plan.num_epochs)?;
+    saver.save(&plan.name, global_step, plan.num_epochs)?;
     write_log(&log_path, &log_lines)?;
+    let losses: Vec<f32> = log_lines
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|value| value["loss"].as_f64().map(|l| l as f32))
+        .collect();
+    let plot_path = args.output_dir.join(format!("{}_loss.svg", plan.name));
+    crate::fsio::write_atomic(&plot_path, plot::loss_svg(&losses, &plan.name).as_bytes())?;
+    let summary = Summary {
+        done: 1,
+        ..Summary::default()
+    };
+    let mut manifest = Manifest::new(
+        "train-lora",
+        &final_path,
+        LORA_V1,
+        serde_json::json!({ "training_key": training_key, "arguments": format!("{args:?}") }),
+    );
+    manifest.add_input_file("in_json", &args.in_json)?;
+    manifest.items = sample_keys;
+    manifest.summary = summary.clone();
+    manifest.write_for(&final_path)?;
     let first = recent.first().copied().unwrap_or(f32::NAN);
     let last = recent.last().copied().unwrap_or(f32::NAN);
     tracing::info!(
@@ -390,10 +430,55 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         started.elapsed().as_secs_f64(),
         final_path.display()
     );
-    Ok(Summary {
-        done: 1,
-        ..Summary::default()
-    })
+    Ok(summary)
+}
+
+/// Schema id recorded in the manifest of a trained LoRA (`<name>.safetensors.manifest.json`).
+pub const LORA_V1: &str = "lorakit.lora/v1";
+
+/// Content key of a training run: every argument, the UNet weights, the starting network
+/// weights and every cached sample (`sample_keys`: metadata key → [`sample_key`]). The same key
+/// means the same LoRA would be trained again.
+fn training_key(
+    args: &TrainArgs,
+    checkpoint: &Checkpoint,
+    sample_keys: &std::collections::BTreeMap<String, String>,
+) -> Result<String> {
+    let mut key = crate::hashing::KeyBuilder::new("train-lora", 1);
+    let mut relevant = args.clone();
+    relevant.quiet = false;
+    key.text("arguments", &format!("{relevant:?}"));
+    key.text("unet", &checkpoint.component_hash(Component::Unet)?);
+    if let Some(path) = &args.network_weights {
+        key.text("network_weights", &crate::hashing::hash_file(path)?);
+    }
+    for (item, sample) in sample_keys {
+        key.text("item", item).text("sample", sample);
+    }
+    Ok(key.finish())
+}
+
+/// Content key of one cached sample: its metadata key, latents and text-encoder states.
+fn sample_key(sample: &data::Sample) -> Result<String> {
+    let mut key = crate::hashing::KeyBuilder::new("train-sample", 1);
+    key.text("key", &sample.key);
+    for tensor in [&sample.latents, &sample.context] {
+        let values = tensor.flatten_all()?.to_vec1::<f32>()?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        key.text("shape", &format!("{:?}", tensor.dims()));
+        key.field("data", &bytes);
+    }
+    Ok(key.finish())
+}
+
+/// True when `lora` exists and its manifest records `training_key`.
+fn is_up_to_date(lora: &Path, training_key: &str) -> bool {
+    lora.is_file()
+        && Manifest::read_for(lora).ok().flatten().is_some_and(|m| {
+            m.output_schema == LORA_V1
+                && m.parameters["training_key"].as_str() == Some(training_key)
+                && m.output_blake3.as_deref() == crate::hashing::hash_file(lora).ok().as_deref()
+        })
 }
 
 fn check_args(args: &TrainArgs) -> Result<()> {
