@@ -160,28 +160,12 @@ fn exif_orientation(value: u16) -> Vec<u8> {
     tiff
 }
 
-/// CRC-32 (IEEE, as PNG and zip use it).
-pub fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in bytes {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
     out.extend_from_slice(&(data.len() as u32).to_be_bytes());
     let start = out.len();
     out.extend_from_slice(kind);
     out.extend_from_slice(data);
-    let crc = crc32(&out[start..]);
+    let crc = crc32fast::hash(&out[start..]);
     out.extend_from_slice(&crc.to_be_bytes());
 }
 
@@ -705,7 +689,7 @@ fn npz(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
     for (name, data) in members {
         let file_name = format!("{name}.npy");
         let offset = out.len() as u32;
-        let crc = crc32(data);
+        let crc = crc32fast::hash(data);
         let mut common = Vec::new();
         common.extend_from_slice(&20u16.to_le_bytes());
         common.extend_from_slice(&0u16.to_le_bytes());
