@@ -11,14 +11,13 @@ use lorakit_pipeline::lora::{Adaptable, LoraConfig, LoraFile, LoraNetwork};
 use lorakit_pipeline::models::frozen::{FrozenKind, FrozenOp};
 use lorakit_pipeline::models::unet::{self, Unet};
 use lorakit_pipeline::models::{Checkpoint, Component};
-use lorakit_pipeline::train::data::read_npz_f32;
+use lorakit_pipeline::npz::{NpzReader, NpzWriter};
 use lorakit_pipeline::train::noise::NoiseOptions;
 use lorakit_pipeline::train::optim::{collect_grads, Optimizer, OptimizerKind};
 use lorakit_pipeline::train::schedule::{
     resolve_warmup, LossWeighting, LrScheduler, NoiseSchedule,
 };
 use lorakit_pipeline::train::{micro_batch_loss, LossContext, TrainArgs};
-use npyz::WriterBuilder;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
@@ -355,17 +354,15 @@ fn frozen_ops_pass_finite_difference_checks() {
     );
 }
 
-fn write_npz_f32(path: &Path, name: &str, values: Vec<f32>, shape: &[u64]) {
-    let mut npz = npyz::npz::NpzWriter::create(path).unwrap();
-    let mut writer = npz
-        .array::<f32>(name, Default::default())
-        .unwrap()
-        .default_dtype()
-        .shape(shape)
-        .begin_nd()
-        .unwrap();
-    writer.extend(values).unwrap();
-    writer.finish().unwrap();
+fn write_npz_f32(path: &Path, name: &str, values: Vec<f32>, shape: &[usize]) {
+    let mut npz = NpzWriter::new();
+    npz.add_f32(name, values, shape).unwrap();
+    npz.write(path).unwrap();
+}
+
+/// Reads float32 array `name` of the `.npz` file `path` as a CPU tensor.
+fn read_npz_f32(path: &Path, name: &str) -> lorakit_pipeline::Result<Tensor> {
+    NpzReader::open(path)?.read_tensor_f32(name, &Device::Cpu)
 }
 
 /// Cache folder built from the goldens: 4 small latent caches (crops of the golden latents, 16x16
@@ -395,7 +392,7 @@ fn make_caches(dir: &Path) -> PathBuf {
             &dir.join(cache),
             "latents",
             vec_f32(&latents),
-            &[4, 16, *width as u64],
+            &[4, 16, *width],
         );
         write_npz_f32(
             &dir.join(format!("{stem}_te_outputs.npz")),

@@ -6,41 +6,28 @@ use std::path::Path;
 
 use common::{fixtures, run_expect};
 use lorakit_pipeline::lora::LoraFile;
-use npyz::WriterBuilder;
+use lorakit_pipeline::npz::{NpzReader, NpzWriter};
 
-fn write_npz_f32(path: &Path, name: &str, values: Vec<f32>, shape: &[u64]) {
-    let mut npz = npyz::npz::NpzWriter::create(path).unwrap();
-    let mut writer = npz
-        .array::<f32>(name, Default::default())
-        .unwrap()
-        .default_dtype()
-        .shape(shape)
-        .begin_nd()
-        .unwrap();
-    writer.extend(values).unwrap();
-    writer.finish().unwrap();
+fn write_npz_f32(path: &Path, name: &str, values: Vec<f32>, shape: &[usize]) {
+    let mut npz = NpzWriter::new();
+    npz.add_f32(name, values, shape).unwrap();
+    npz.write(path).unwrap();
 }
 
 /// Two images with 16x16 latents (crops of the golden latent cache) and golden text states.
 fn make_caches(dir: &Path) {
     let golden = fixtures().join("golden/vae/astronaut_0512x0512_sd.npz");
-    let mut archive = npyz::npz::NpzArchive::open(&golden).unwrap();
-    let full: Vec<f32> = archive
-        .by_name("latents")
+    let (full, _) = NpzReader::open(&golden)
         .unwrap()
-        .unwrap()
-        .into_vec()
+        .read_f32("latents")
         .unwrap();
     let crop: Vec<f32> = (0..4)
         .flat_map(|c| (0..16).flat_map(move |y| (0..16).map(move |x| (c, y, x))))
         .map(|(c, y, x)| full[c * 1024 + y * 32 + x])
         .collect();
-    let mut unet = npyz::npz::NpzArchive::open(fixtures().join("golden/unet/unet.npz")).unwrap();
-    let states: Vec<f32> = unet
-        .by_name("encoder_hidden_states_77")
+    let (states, _) = NpzReader::open(&fixtures().join("golden/unet/unet.npz"))
         .unwrap()
-        .unwrap()
-        .into_vec()
+        .read_f32("encoder_hidden_states_77")
         .unwrap();
     let mut meta = serde_json::Map::new();
     for (i, stem) in ["one", "two"].iter().enumerate() {

@@ -5,12 +5,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use crate::dataset::IMAGE_EXTENSIONS;
 use crate::metadata::Metadata;
+use crate::models::ModelFamily;
+use crate::npz::NpzReader;
+use crate::te_cache;
 use crate::{Error, Result};
 
 /// One training image as cached tensors.
@@ -205,7 +208,7 @@ fn load_sample(
             ),
         )
     })?;
-    let latents = read_npz_f32(&latent_path, "latents")?;
+    let latents = NpzReader::open(&latent_path)?.read_tensor_f32("latents", &Device::Cpu)?;
     if latents.rank() != 3 || latents.dims()[0] != 4 {
         return Err(Error::bad_file(
             &latent_path,
@@ -229,7 +232,9 @@ fn load_sample(
             format!("entry {key:?}: text-encoder cache missing"),
         ));
     }
-    let context = read_npz_f32(&te_path, "hidden_state")?;
+    // SD 1.x and 2.x caches share one layout (a single `hidden_state`), so either family reads it.
+    let cached = te_cache::read_cache_file(&te_path, ModelFamily::Sd1, &Device::Cpu)?;
+    let context = cached.arrays[0].to_dtype(DType::F32)?;
     let ok = context.rank() == 2 && context.dims()[0] % 75 == 2;
     if !ok {
         return Err(Error::bad_file(
@@ -245,23 +250,4 @@ fn load_sample(
         latents,
         context,
     })
-}
-
-/// Reads a float32 array `name` from an `.npz` file as a CPU tensor.
-pub fn read_npz_f32(path: &Path, name: &str) -> Result<Tensor> {
-    let bad = |m: String| Error::bad_file(path, m);
-    let mut archive = npyz::npz::NpzArchive::open(path).map_err(|e| {
-        bad(format!(
-            "not a readable .npz ({e}); delete it and re-run the caching stage"
-        ))
-    })?;
-    let array = archive
-        .by_name(name)
-        .map_err(|e| bad(format!("array {name} is unreadable ({e})")))?
-        .ok_or_else(|| bad(format!("array {name} is missing")))?;
-    let shape: Vec<usize> = array.shape().iter().map(|&d| d as usize).collect();
-    let values = array
-        .into_vec::<f32>()
-        .map_err(|e| bad(format!("array {name} is not float32 ({e})")))?;
-    Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
 }
