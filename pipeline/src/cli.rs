@@ -88,3 +88,34 @@ pub struct ShardArgs {
     #[arg(long, default_value = "0/1")]
     pub shard: crate::shard::Shard,
 }
+
+/// The bucket flags shared by `prepare-latents` and `lint-dataset` (sd-scripts spellings).
+#[derive(Debug, Clone, Args)]
+#[command(rename_all = "snake_case")]
+pub struct BucketArgs {
+    /// Smallest bucket side.
+    #[arg(long, default_value_t = 256)]
+    pub min_bucket_reso: u32,
+    /// Largest bucket side.
+    #[arg(long, default_value_t = 1024)]
+    pub max_bucket_reso: u32,
+    /// Bucket sides are multiples of this.
+    #[arg(long, default_value_t = 64)]
+    pub bucket_reso_steps: u32,
+    /// Never enlarge images: one bucket per image size (ignores min/max bucket reso).
+    #[arg(long)]
+    pub bucket_no_upscale: bool,
+}
+
+impl BucketArgs {
+    /// The bucket settings for a maximum resolution given as `W,H` or `SIZE`.
+    pub fn settings(&self, max_resolution: &str) -> crate::Result<crate::bucket::BucketSettings> {
+        Ok(crate::bucket::BucketSettings {
+            max_resolution: crate::bucket::parse_resolution(max_resolution)?,
+            min_bucket_reso: self.min_bucket_reso,
+            max_bucket_reso: self.max_bucket_reso,
+            bucket_reso_steps: self.bucket_reso_steps,
+            no_upscale: self.bucket_no_upscale,
+        })
+    }
+}

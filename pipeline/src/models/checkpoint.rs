@@ -167,21 +167,7 @@ impl Checkpoint {
             }
             return Ok(Self::new(path, family, parts, None));
         }
-        let (component, naming) = classify_component(path, &names)?;
-        let family = match component {
-            Component::Unet => diffusers_unet_family(&tensors),
-            _ => ModelFamily::Sd1,
-        };
-        parts.insert(
-            component,
-            Part {
-                files,
-                tensors,
-                prefix: String::new(),
-                naming,
-            },
-        );
-        Ok(Self::new(path, family, parts, None))
+        Self::single_component(path, files, tensors, &names)
     }
 
     fn new(
@@ -231,21 +217,7 @@ impl Checkpoint {
             }
             let tensors = Arc::new(mmap_files(dir, &files)?);
             let names: Vec<String> = tensors.tensors().into_iter().map(|(n, _)| n).collect();
-            let (component, naming) = classify_component(dir, &names)?;
-            let family = match component {
-                Component::Unet => diffusers_unet_family(&tensors),
-                _ => ModelFamily::Sd1,
-            };
-            parts.insert(
-                component,
-                Part {
-                    files,
-                    tensors,
-                    prefix: String::new(),
-                    naming,
-                },
-            );
-            return Ok(Self::new(dir, family, parts, None));
+            return Self::single_component(dir, files, tensors, &names);
         }
         let family = if parts.contains_key(&Component::TextEncoder2) {
             ModelFamily::Sdxl
@@ -255,6 +227,33 @@ impl Checkpoint {
             ModelFamily::Sd1
         };
         Ok(Self::new(dir, family, parts, Some(dir.to_path_buf())))
+    }
+
+    /// A checkpoint holding one component's weights (a standalone file or folder), recognised
+    /// from its tensor names.
+    fn single_component(
+        path: &Path,
+        files: Vec<PathBuf>,
+        tensors: Arc<MmapedSafetensors>,
+        names: &[String],
+    ) -> Result<Checkpoint> {
+        let (component, naming) = classify_component(path, names)?;
+        let family = match component {
+            Component::Unet => diffusers_unet_family(&tensors),
+            _ => ModelFamily::Sd1,
+        };
+        let part = Part {
+            files,
+            tensors,
+            prefix: String::new(),
+            naming,
+        };
+        Ok(Self::new(
+            path,
+            family,
+            BTreeMap::from([(component, part)]),
+            None,
+        ))
     }
 
     /// The file or folder this checkpoint was opened from.

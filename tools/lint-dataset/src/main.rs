@@ -2,8 +2,7 @@
 //! caches) before any expensive stage runs. Exit code 0: no errors; 3: errors found.
 
 use clap::Parser;
-use lorakit_pipeline::bucket::{parse_resolution, BucketSettings};
-use lorakit_pipeline::cli::LogArgs;
+use lorakit_pipeline::cli::{BucketArgs, LogArgs};
 use lorakit_pipeline::imaging::{DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE};
 use lorakit_pipeline::lint::{self, LintOptions};
 use lorakit_pipeline::tokenize::MaxTokenLength;
@@ -41,18 +40,8 @@ struct Args {
     /// Training resolution `W,H` or `SIZE`: enables the bucket checks and occupancy histogram.
     #[arg(long)]
     resolution: Option<String>,
-    /// Smallest bucket side.
-    #[arg(long, default_value_t = 256)]
-    min_bucket_reso: u32,
-    /// Largest bucket side.
-    #[arg(long, default_value_t = 1024)]
-    max_bucket_reso: u32,
-    /// Bucket sides are multiples of this.
-    #[arg(long, default_value_t = 64)]
-    bucket_reso_steps: u32,
-    /// Per-image buckets without enlarging (as training with --bucket_no_upscale).
-    #[arg(long)]
-    bucket_no_upscale: bool,
+    #[command(flatten)]
+    buckets: BucketArgs,
     /// Training batch size: buckets holding fewer images are reported.
     #[arg(long, default_value_t = 1)]
     train_batch_size: usize,
@@ -83,13 +72,7 @@ fn main() -> std::process::ExitCode {
     args.log.init();
     lorakit_pipeline::report::run("lint-dataset", || {
         let buckets = match &args.resolution {
-            Some(text) => Some(BucketSettings {
-                max_resolution: parse_resolution(text)?,
-                min_bucket_reso: args.min_bucket_reso,
-                max_bucket_reso: args.max_bucket_reso,
-                bucket_reso_steps: args.bucket_reso_steps,
-                no_upscale: args.bucket_no_upscale,
-            }),
+            Some(text) => Some(args.buckets.settings(text)?),
             None => None,
         };
         let options = LintOptions {

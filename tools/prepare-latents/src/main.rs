@@ -5,8 +5,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use lorakit_pipeline::bucket::{parse_resolution, BucketSettings};
-use lorakit_pipeline::cli::LogArgs;
+use lorakit_pipeline::cli::{BucketArgs, LogArgs};
 use lorakit_pipeline::latents::{prepare_latents, LatentOptions, Precision};
 
 /// Bucket every image and cache its VAE latents.
@@ -36,18 +35,8 @@ struct Args {
     /// Maximum resolution "W,H" (or "S"): its area bounds every bucket.
     #[arg(long, default_value = "512,512")]
     max_resolution: String,
-    /// Smallest bucket side.
-    #[arg(long, default_value_t = 256)]
-    min_bucket_reso: u32,
-    /// Largest bucket side.
-    #[arg(long, default_value_t = 1024)]
-    max_bucket_reso: u32,
-    /// Bucket sides are multiples of this.
-    #[arg(long, default_value_t = 64)]
-    bucket_reso_steps: u32,
-    /// Never enlarge images: one bucket per image size (ignores min/max bucket reso).
-    #[arg(long)]
-    bucket_no_upscale: bool,
+    #[command(flatten)]
+    buckets: BucketArgs,
     /// VAE precision: no, fp16 or bf16.
     #[arg(long, default_value = "no")]
     mixed_precision: String,
@@ -97,13 +86,7 @@ fn main() -> std::process::ExitCode {
             out_json: args.out_json,
             model: args.model_name_or_path,
             vae: args.vae,
-            buckets: BucketSettings {
-                max_resolution: parse_resolution(&args.max_resolution)?,
-                min_bucket_reso: args.min_bucket_reso,
-                max_bucket_reso: args.max_bucket_reso,
-                bucket_reso_steps: args.bucket_reso_steps,
-                no_upscale: args.bucket_no_upscale,
-            },
+            buckets: args.buckets.settings(&args.max_resolution)?,
             batch_size: args.batch_size,
             precision,
             full_path: args.full_path,
