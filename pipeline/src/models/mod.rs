@@ -12,5 +12,6 @@ pub mod frozen;
 pub mod text_encoders;
 pub mod unet;
 pub mod vae;
+pub mod winograd;
 
 pub use checkpoint::{Checkpoint, Component, ModelFamily};
