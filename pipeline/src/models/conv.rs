@@ -7,7 +7,7 @@
 //! work of a VAE) use the Winograd transform of [`super::winograd`] instead, with 4x fewer
 //! multiplications. Non-f32 inputs use candle's own convolution.
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Module, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::winograd::Winograd;
@@ -72,13 +72,29 @@ impl Conv2d {
         }
         let out_h = (height + 2 * p - k) / s + 1;
         let out_w = (width + 2 * p - k) / s + 1;
-        let out_channels = self.out_channels();
-        let rows = channels * k * k;
         let expected = self.weight.dim(1)?;
         if channels != expected {
             candle_core::bail!("convolution expects {expected} input channels, got {channels}");
         }
-        let input = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        with_f32_slice(x, |input| {
+            self.forward_slice(input, (batch, channels, height, width), (out_h, out_w))
+        })
+        .and_then(|output| {
+            let shape = (batch, self.out_channels(), out_h, out_w);
+            Tensor::from_vec(output, shape, x.device())
+        })
+    }
+
+    /// The f32 forward pass on a contiguous NCHW `input`, returning the NCHW output.
+    fn forward_slice(
+        &self,
+        input: &[f32],
+        (batch, channels, height, width): (usize, usize, usize, usize),
+        (out_h, out_w): (usize, usize),
+    ) -> Vec<f32> {
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        let out_channels = self.out_channels();
+        let rows = channels * k * k;
         let (plane_in, plane_out) = (height * width, out_h * out_w);
         let mut output = vec![0f32; batch * out_channels * plane_out];
         let matrix = match &self.method {
@@ -89,7 +105,7 @@ impl Conv2d {
                 {
                     winograd.forward(image, out_image, &self.bias_values, (height, width));
                 }
-                return Tensor::from_vec(output, (batch, out_channels, out_h, out_w), x.device());
+                return output;
             }
             Method::Im2col(matrix) => matrix,
         };
@@ -133,7 +149,24 @@ impl Conv2d {
                 y0 = y1;
             }
         }
-        Tensor::from_vec(output, (batch, out_channels, out_h, out_w), x.device())
+        output
+    }
+}
+
+/// Runs `f` on the elements of an f32 CPU tensor, without a copy when it is contiguous.
+pub(crate) fn with_f32_slice<R>(
+    x: &Tensor,
+    f: impl FnOnce(&[f32]) -> R,
+) -> candle_core::Result<R> {
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("expected a CPU tensor");
+    };
+    let data = cpu.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(f(&data[start..end])),
+        None => candle_core::bail!("expected a contiguous tensor"),
     }
 }
 

@@ -50,23 +50,20 @@ impl Winograd {
     pub fn new(weight: &[f32], out_channels: usize, in_channels: usize) -> Self {
         assert_eq!(weight.len(), out_channels * in_channels * 9, "weight size");
         let pair_count = out_channels * in_channels;
+        let mut per_pair = vec![0f32; pair_count * POINTS];
+        per_pair
+            .par_chunks_mut(POINTS)
+            .zip(weight.par_chunks(9))
+            .for_each(|(points, g)| transform_kernel(g, points));
         let mut kernels = vec![0f32; POINTS * pair_count];
-        for (pair, g) in weight.chunks_exact(9).enumerate() {
-            let mut half = [[0f64; 3]; PATCH];
-            for (row, coefficients) in half.iter_mut().zip(&KERNEL_TRANSFORM) {
-                for (j, value) in row.iter_mut().enumerate() {
-                    *value = (0..3)
-                        .map(|k| coefficients[k] * f64::from(g[k * 3 + j]))
-                        .sum();
+        kernels
+            .par_chunks_mut(pair_count)
+            .enumerate()
+            .for_each(|(point, block)| {
+                for (value, points) in block.iter_mut().zip(per_pair.chunks_exact(POINTS)) {
+                    *value = points[point];
                 }
-            }
-            for (i, row) in half.iter().enumerate() {
-                for (j, coefficients) in KERNEL_TRANSFORM.iter().enumerate() {
-                    let value: f64 = (0..3).map(|k| row[k] * coefficients[k]).sum();
-                    kernels[(i * PATCH + j) * pair_count + pair] = value as f32;
-                }
-            }
-        }
+            });
         Winograd {
             kernels,
             out_channels,
@@ -158,6 +155,23 @@ impl Winograd {
                 );
             }
         });
+    }
+}
+
+/// `G g G^T` of one 3x3 kernel `g` (row-major) into its 36 `points`, computed in f64.
+fn transform_kernel(g: &[f32], points: &mut [f32]) {
+    let mut half = [[0f64; 3]; PATCH];
+    for (row, coefficients) in half.iter_mut().zip(&KERNEL_TRANSFORM) {
+        for (j, value) in row.iter_mut().enumerate() {
+            *value = (0..3)
+                .map(|k| coefficients[k] * f64::from(g[k * 3 + j]))
+                .sum();
+        }
+    }
+    for (i, row) in half.iter().enumerate() {
+        for (j, coefficients) in KERNEL_TRANSFORM.iter().enumerate() {
+            points[i * PATCH + j] = (0..3).map(|k| row[k] * coefficients[k]).sum::<f64>() as f32;
+        }
     }
 }
 
