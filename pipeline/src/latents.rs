@@ -21,7 +21,7 @@ use crate::hashing::{self, KeyBuilder};
 use crate::manifest::{InputRecord, Manifest};
 use crate::merge::load_input_metadata;
 use crate::metadata::{check_unique_keys, image_key};
-use crate::models::vae::VaeEncoder;
+use crate::models::vae::{keep_freed_memory, VaeEncoder};
 use crate::models::{Checkpoint, Component};
 use crate::npz::{self, NpzReader, NpzWriter};
 use crate::report::{Progress, Summary};
@@ -238,6 +238,7 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
         to_encode.len()
     );
     if !to_encode.is_empty() {
+        keep_freed_memory();
         let encoder = VaeEncoder::load(&vae_source, options.precision.dtype(), &Device::Cpu)?;
         let encoded = encode_all(options, &encoder, to_encode, &mut summary);
         summary.done += encoded.len();

@@ -154,10 +154,7 @@ impl Conv2d {
 }
 
 /// Runs `f` on the elements of an f32 CPU tensor, without a copy when it is contiguous.
-pub(crate) fn with_f32_slice<R>(
-    x: &Tensor,
-    f: impl FnOnce(&[f32]) -> R,
-) -> candle_core::Result<R> {
+pub(crate) fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let x = x.contiguous()?;
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
