@@ -6,7 +6,8 @@
 #      of the tiny VAE scaled x4 -> 128/256/512, timing does not depend on weight values), N
 #      fixture photos (default 4) at a 512x512 bucket, batch 1.
 # NO_BUILD=1 skips the cargo build (use the binary already in $CARGO_TARGET_DIR/$PROFILE).
-# Prints wall seconds, images/s and peak RSS per case.
+# Prints wall seconds, images/s, CPU seconds (user + sys; steadier than wall when other work shares
+# the cores) and peak RSS per case. RAYON_NUM_THREADS sets the number of threads.
 #
 #   bench/prepare-latents.sh [N] [WORKDIR]
 set -euo pipefail
@@ -61,10 +62,10 @@ fi
 measure() {
   local name=$1 images=$2; shift 2
   local log="$WORK/$name.time"
-  /usr/bin/time -f "%e %M" -o "$log" "$BIN" "$@" --force -q
-  read -r secs rss < "$log"
-  awk -v n="$name" -v items="$images" -v s="$secs" -v r="$rss" \
-    'BEGIN { printf "%-6s %4d images %8.2f s %8.2f images/s %8.0f MiB peak RSS\n", n, items, s, items / s, r / 1024 }'
+  /usr/bin/time -f "%e %U %S %M" -o "$log" "$BIN" "$@" --force -q
+  read -r secs user sys rss < "$log"
+  awk -v n="$name" -v items="$images" -v s="$secs" -v c="$user" -v k="$sys" -v r="$rss" \
+    'BEGIN { printf "%-6s %4d images %8.2f s %8.2f images/s %8.2f CPU s %8.0f MiB peak RSS\n", n, items, s, items / s, c + k, r / 1024 }'
 }
 
 measure tiny 12 "$WORK/tiny" "$WORK/tiny.json" "$WORK/tiny-out.json" "$FIX/sd15-tiny/model.safetensors" \
