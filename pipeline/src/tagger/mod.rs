@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use image::RgbImage;
 use rayon::prelude::*;
 
-use crate::imaging::{self, DecodeLimits, LoadedImage};
+use crate::imaging::{self, DecodeOptions, LoadedImage};
 use crate::report::{Progress, Summary};
 use crate::{Error, Result};
 use labels::{LabelOptions, LabelSet, Layout, Selection};
@@ -64,8 +64,8 @@ pub struct TagOptions {
     pub ort_lib: Option<PathBuf>,
     /// ONNX Runtime intra-op threads (0 = its default).
     pub threads: usize,
-    /// Decompression-bomb limits.
-    pub limits: DecodeLimits,
+    /// Decompression-bomb limits and EXIF handling.
+    pub decode: DecodeOptions,
     /// No progress display.
     pub quiet: bool,
 }
@@ -243,7 +243,12 @@ pub fn run(options: &TagOptions) -> Result<Summary> {
             Some((entry, _)) => {
                 entry.size != item.size
                     || entry.mtime_ns != item.mtime_ns
-                    || entry.key != ProbabilityStore::content_key(&model_hash, &entry.image_hash)
+                    || entry.key
+                        != ProbabilityStore::content_key(
+                            &model_hash,
+                            &entry.image_hash,
+                            &options.decode,
+                        )
             }
             None => true,
         })
@@ -332,7 +337,7 @@ impl Tagging<'_> {
         };
         let side = tagger.shape.input_size;
         let layout = files.layout;
-        let limits = options.limits;
+        let decode = options.decode;
         let model_hash = self.model_hash.to_string();
         let progress = Progress::new("tag-images", pending.len(), options.quiet);
         let started = std::time::Instant::now();
@@ -347,7 +352,7 @@ impl Tagging<'_> {
                         .enumerate()
                         .map(|(offset, item)| {
                             let index = chunk_index * batch_size + offset;
-                            (index, prepare(item, &model_hash, side, layout, &limits))
+                            (index, prepare(item, &model_hash, side, layout, &decode))
                         })
                         .collect();
                     if sender.send(prepared).is_err() {
@@ -430,18 +435,18 @@ fn prepare(
     model_hash: &str,
     side: usize,
     layout: Layout,
-    limits: &DecodeLimits,
+    decode: &DecodeOptions,
 ) -> Result<Prepared> {
     let bytes = std::fs::read(&item.path).map_err(|e| Error::io(&item.path, e))?;
     let image_hash = crate::hashing::hash_bytes(&bytes);
-    let image = imaging::decode(&item.path, &bytes, limits)?;
+    let image = imaging::decode(&item.path, &bytes, decode)?;
     let input = preprocess(&image, side, layout);
     Ok(Prepared {
         entry: Entry {
             path: item.relative.clone(),
             size: item.size,
             mtime_ns: item.mtime_ns,
-            key: ProbabilityStore::content_key(model_hash, &image_hash),
+            key: ProbabilityStore::content_key(model_hash, &image_hash, decode),
             image_hash,
             image_size: image.original_size(),
         },
@@ -646,7 +651,11 @@ mod tests {
             "microaneurysms",
             "text",
         ] {
-            let image = imaging::open(&fixtures.join(format!("images/{stem}.png"))).unwrap();
+            let image = imaging::open(
+                &fixtures.join(format!("images/{stem}.png")),
+                &DecodeOptions::default(),
+            )
+            .unwrap();
             let ours = preprocess(&image, 448, Layout::SmilingWolf);
             let array = archive
                 .by_name(&format!("{stem}__bgr_uint8"))
