@@ -527,12 +527,7 @@ pub fn run(options: &CaptionOptions) -> Result<Summary> {
         parameters.clone(),
     );
     manifest.add_input_file("model_config", &files.config)?;
-    manifest.inputs.push(crate::manifest::InputRecord {
-        role: "model".into(),
-        path: Some(options.caption_weights.display().to_string()),
-        blake3: model_hash.clone(),
-        items: None,
-    });
+    manifest.add_input_hash("model", &options.caption_weights, &model_hash);
     let mut captions: BTreeMap<String, String> = BTreeMap::new();
     let mut pending = Vec::new();
     let mut sidecar_owner: HashMap<PathBuf, PathBuf> = HashMap::new();

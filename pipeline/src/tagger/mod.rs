@@ -210,7 +210,10 @@ pub fn run(options: &TagOptions) -> Result<Summary> {
         .store_path
         .clone()
         .unwrap_or_else(|| options.train_data_dir.join(DEFAULT_STORE_NAME));
-    let model_hash = crate::hashing::hash_file(&files.model)?;
+    let model_hash =
+        crate::hashing::memoised(std::slice::from_ref(&files.model), "tagger-model", || {
+            crate::hashing::hash_file(&files.model)
+        })?;
     let mut store = match ProbabilityStore::load(&store_path)? {
         Some(store) if store.model_hash() == model_hash => store,
         Some(_) => {
@@ -626,7 +629,7 @@ fn write_manifest(
     });
     let mut manifest =
         crate::manifest::Manifest::new("tag-images", store_path, STORE_SCHEMA_ID, parameters);
-    manifest.add_input_file("model", &files.model)?;
+    manifest.add_input_hash("model", &files.model, store.model_hash());
     manifest.add_input_file("labels", &files.labels)?;
     manifest.items = store.keys();
     manifest.summary = summary.clone();
