@@ -45,6 +45,13 @@ unsafe impl<T> Send for SharedPtr<T> {}
 // SAFETY: as above.
 unsafe impl<T> Sync for SharedPtr<T> {}
 
+impl<T> SharedPtr<T> {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 impl Winograd {
     /// Transforms a row-major `[O, C, 3, 3]` weight.
     pub fn new(weight: &[f32], out_channels: usize, in_channels: usize) -> Self {
@@ -126,7 +133,6 @@ impl Winograd {
         assert_eq!(products.len(), m * POINTS * tiles);
         let dst = SharedPtr(products.as_mut_ptr());
         (0..POINTS).into_par_iter().for_each(|point| {
-            let dst = dst;
             // SAFETY: point `p` reads kernel block `p` ([m, k]) and the `[k, tiles]` matrix at
             // offset `p * tiles` with row stride `POINTS * tiles` inside `transformed`, and
             // writes the `[m, tiles]` matrix at the same offsets inside `products`; the sizes
@@ -136,7 +142,7 @@ impl Winograd {
                     m,
                     tiles,
                     k,
-                    dst.0.add(point * tiles),
+                    dst.get().add(point * tiles),
                     1,
                     (POINTS * tiles) as isize,
                     false,
