@@ -22,7 +22,7 @@ use crate::manifest::{InputRecord, Manifest};
 use crate::merge::load_input_metadata;
 use crate::metadata::{check_unique_keys, image_key};
 use crate::models::vae::VaeEncoder;
-use crate::models::{Checkpoint, Component};
+use crate::models::{Checkpoint, Component, ModelFamily};
 use crate::npz::{self, NpzReader, NpzWriter};
 use crate::report::{Progress, Summary};
 use crate::schema::METADATA_V1;
@@ -141,13 +141,7 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
     let mut metadata = load_input_metadata(&options.in_json)?;
     let discovery = find_images(&options.train_data_dir, options.recursive)?;
     check_unique_keys(&discovery.images, options.full_path)?;
-    let model = Checkpoint::open(&options.model)?;
-    let family = model.family();
-    let vae_source = match &options.vae {
-        Some(path) => Checkpoint::open(path)?,
-        None => model,
-    };
-    let vae_hash = vae_source.component_hash(Component::Vae)?;
+    let (family, vae_source, vae_hash) = open_vae(options)?;
     let mut summary = Summary::default();
     for path in &discovery.not_files {
         summary.fail(
@@ -282,6 +276,19 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
     Ok(summary)
 }
 
+/// The model's family (it names the cache files), the checkpoint the VAE is read from
+/// (`--vae` or the model) and the hash of the VAE weights that goes into every content key.
+pub fn open_vae(options: &LatentOptions) -> Result<(ModelFamily, Checkpoint, String)> {
+    let model = Checkpoint::open(&options.model)?;
+    let family = model.family();
+    let vae_source = match &options.vae {
+        Some(path) => Checkpoint::open(path)?,
+        None => model,
+    };
+    let vae_hash = vae_source.component_hash(Component::Vae)?;
+    Ok((family, vae_source, vae_hash))
+}
+
 /// Logs the bucket statistics sd-scripts prints (images per bucket, mean |aspect error|).
 fn report_buckets(manager: &BucketManager, placed: &[(PathBuf, String, Placement)]) {
     for bucket in manager.used_sorted() {
@@ -346,7 +353,33 @@ fn plan(
     key: String,
     placement: Placement,
 ) -> Result<(Planned, bool)> {
-    let image_hash = hashing::hash_file(&image)?;
+    let content_key = content_key(options, vae_hash, &hashing::hash_file(&image)?, &placement);
+    let cache_path = cache_path(
+        &image,
+        placement.original,
+        suffix,
+        &options.train_data_dir,
+        options.cache_dir.as_deref(),
+    );
+    let item = Planned {
+        key,
+        image,
+        placement,
+        cache_path,
+        content_key,
+    };
+    let up_to_date = !options.force && cache_is_current(options, &item);
+    Ok((item, up_to_date))
+}
+
+/// The content key of the cache file of an image whose bytes hash to `image_hash`, placed in
+/// its bucket as `placement`, encoded by the VAE whose weights hash to `vae_hash`.
+pub fn content_key(
+    options: &LatentOptions,
+    vae_hash: &str,
+    image_hash: &str,
+    placement: &Placement,
+) -> String {
     let crop = placement.crop_offset();
     let mut builder = KeyBuilder::new(STAGE, FORMAT_VERSION);
     builder
@@ -364,23 +397,7 @@ fn plan(
         .text("flip_aug", &options.flip_aug.to_string())
         .text("alpha_mask", &options.alpha_mask.to_string())
         .text("seed", &options.seed.to_string());
-    let content_key = builder.finish();
-    let cache_path = cache_path(
-        &image,
-        placement.original,
-        suffix,
-        &options.train_data_dir,
-        options.cache_dir.as_deref(),
-    );
-    let item = Planned {
-        key,
-        image,
-        placement,
-        cache_path,
-        content_key,
-    };
-    let up_to_date = !options.force && cache_is_current(options, &item);
-    Ok((item, up_to_date))
+    builder.finish()
 }
 
 /// Whether the cache file carries `item`'s key (or, with `--skip_existing`, passes sd-scripts'
