@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::{fixtures, make_training_caches, run_expect};
 use lorakit_pipeline::lora::LoraFile;
 
