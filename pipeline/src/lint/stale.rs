@@ -198,6 +198,7 @@ fn check_latents(
         alpha_mask: settings.alpha_mask,
         skip_existing: false,
         recursive: options.recursive,
+        decode: options.image,
         seed: settings.latent_seed,
         cache_dir: settings.cache_dir.clone(),
         force: false,
@@ -210,7 +211,7 @@ fn check_latents(
         stale: Vec::new(),
     };
     for image in images {
-        let Ok(size) = imaging::image_size(image) else {
+        let Ok(size) = imaging::image_size(image, options.image.exif_transpose) else {
             continue;
         };
         let Some(placement) = manager.place(size) else {
