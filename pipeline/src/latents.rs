@@ -386,7 +386,7 @@ pub fn content_key(
     let crop = placement.crop_offset();
     let mut builder = KeyBuilder::new(STAGE, FORMAT_VERSION);
     builder
-        .text("image", &image_hash)
+        .text("image", image_hash)
         .text("vae", vae_hash)
         .text("bucket", &format!("{:?}", placement.bucket))
         .text("resized", &format!("{:?}", placement.resized))
