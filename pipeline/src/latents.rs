@@ -23,7 +23,7 @@ use crate::manifest::{InputRecord, Manifest};
 use crate::merge::load_input_metadata;
 use crate::metadata::{check_unique_keys, image_key};
 use crate::models::vae::{keep_freed_memory, VaeEncoder};
-use crate::models::{Checkpoint, Component};
+use crate::models::{Checkpoint, Component, ModelFamily};
 use crate::npz::{self, NpzReader, NpzWriter};
 use crate::report::{Progress, Summary};
 use crate::schema::METADATA_V1;
@@ -144,13 +144,7 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
     let mut metadata = load_input_metadata(&options.in_json)?;
     let discovery = find_images(&options.train_data_dir, options.recursive)?;
     check_unique_keys(&discovery.images, options.full_path)?;
-    let model = Checkpoint::open(&options.model)?;
-    let family = model.family();
-    let vae_source = match &options.vae {
-        Some(path) => Checkpoint::open(path)?,
-        None => model,
-    };
-    let vae_hash = vae_source.component_hash(Component::Vae)?;
+    let (family, vae_source, vae_hash) = open_vae(options)?;
     let mut summary = Summary::default();
     for path in &discovery.not_files {
         summary.fail(
@@ -286,6 +280,19 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
     Ok(summary)
 }
 
+/// The model's family (it names the cache files), the checkpoint the VAE is read from
+/// (`--vae` or the model) and the hash of the VAE weights that goes into every content key.
+pub fn open_vae(options: &LatentOptions) -> Result<(ModelFamily, Checkpoint, String)> {
+    let model = Checkpoint::open(&options.model)?;
+    let family = model.family();
+    let vae_source = match &options.vae {
+        Some(path) => Checkpoint::open(path)?,
+        None => model,
+    };
+    let vae_hash = vae_source.component_hash(Component::Vae)?;
+    Ok((family, vae_source, vae_hash))
+}
+
 /// Logs the bucket statistics sd-scripts prints (images per bucket, mean |aspect error|).
 fn report_buckets(manager: &BucketManager, placed: &[(PathBuf, String, Placement)]) {
     for bucket in manager.used_sorted() {
@@ -350,25 +357,7 @@ fn plan(
     key: String,
     placement: Placement,
 ) -> Result<(Planned, bool)> {
-    let image_hash = hashing::hash_file(&image)?;
-    let crop = placement.crop_offset();
-    let mut builder = KeyBuilder::new(STAGE, FORMAT_VERSION);
-    builder
-        .text("image", &image_hash)
-        .text("vae", vae_hash)
-        .text("bucket", &format!("{:?}", placement.bucket))
-        .text("resized", &format!("{:?}", placement.resized))
-        .text("crop", &format!("{crop:?}"))
-        .text(
-            "resize_filter",
-            "sd-scripts: area when shrinking, else lanczos",
-        )
-        .text("decode", options.decode.key_text())
-        .text("dtype", options.precision.name())
-        .text("flip_aug", &options.flip_aug.to_string())
-        .text("alpha_mask", &options.alpha_mask.to_string())
-        .text("seed", &options.seed.to_string());
-    let content_key = builder.finish();
+    let content_key = content_key(options, vae_hash, &hashing::hash_file(&image)?, &placement);
     let cache_path = cache_path(
         &image,
         placement.original,
@@ -385,6 +374,34 @@ fn plan(
     };
     let up_to_date = !options.force && cache_is_current(options, &item);
     Ok((item, up_to_date))
+}
+
+/// The content key of the cache file of an image whose bytes hash to `image_hash`, placed in
+/// its bucket as `placement`, encoded by the VAE whose weights hash to `vae_hash`.
+pub fn content_key(
+    options: &LatentOptions,
+    vae_hash: &str,
+    image_hash: &str,
+    placement: &Placement,
+) -> String {
+    let crop = placement.crop_offset();
+    let mut builder = KeyBuilder::new(STAGE, FORMAT_VERSION);
+    builder
+        .text("image", image_hash)
+        .text("vae", vae_hash)
+        .text("bucket", &format!("{:?}", placement.bucket))
+        .text("resized", &format!("{:?}", placement.resized))
+        .text("crop", &format!("{crop:?}"))
+        .text(
+            "resize_filter",
+            "sd-scripts: area when shrinking, else lanczos",
+        )
+        .text("decode", options.decode.key_text())
+        .text("dtype", options.precision.name())
+        .text("flip_aug", &options.flip_aug.to_string())
+        .text("alpha_mask", &options.alpha_mask.to_string())
+        .text("seed", &options.seed.to_string());
+    builder.finish()
 }
 
 /// Whether the cache file carries `item`'s key (or, with `--skip_existing`, passes sd-scripts'

@@ -247,10 +247,34 @@ impl Encoder {
     }
 }
 
-/// Runs `cache-text-encoder`.
-pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
+/// A run's text encoder(s), tokenizer(s) and the part of every entry's content key that does
+/// not depend on the caption (weights, tokenizer files, every parameter).
+pub struct LoadedRun {
+    /// The loaded encoders (their family and weights hash included).
+    pub encoders: TextEncoders,
+    /// One tokenizer per encoder.
+    pub tokenizers: Vec<ClipTokenizer>,
+    /// Where each tokenizer was read from.
+    pub tokenizer_dirs: Vec<PathBuf>,
+    /// The effective `--clip_skip`.
+    pub clip_skip: usize,
+    /// Every parameter that changes the cache files' content.
+    pub parameters: Value,
+    /// The content key so far; [`LoadedRun::entry_key`] adds the caption.
+    settings: KeyBuilder,
+}
+
+impl LoadedRun {
+    /// The content key of the cache file of a caption.
+    pub fn entry_key(&self, caption: &str) -> String {
+        self.settings.clone().text("caption", caption).finish()
+    }
+}
+
+/// Checks `options`, loads the text encoder(s) and tokenizer(s) and derives the run's key
+/// settings; what `cache-text-encoder` does before encoding (and `lint-dataset` to find stale caches).
+pub fn load_run(options: &TeCacheOptions) -> Result<LoadedRun> {
     check_options(options)?;
-    let metadata = load_input_metadata(&options.in_json)?;
     let device = Device::Cpu;
     let encoders = load_text_encoders(
         &options.model,
@@ -296,19 +320,34 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
         .map(|t| t.files_hash().to_string())
         .collect::<Vec<_>>()
         .join("+");
-    tracing::info!(
-        "{} text encoder(s) of {}; {} metadata entries",
-        family.name(),
-        options.model.display(),
-        metadata.len()
-    );
-
     let parameters = run_parameters(options, family, clip_skip);
     let mut settings = KeyBuilder::new(TOOL, FORMAT_VERSION);
     settings
         .text("text_encoder_weights", &encoders.weights_hash)
         .text("tokenizer", &tokenizer_hash)
         .text("parameters", &parameters.to_string());
+    Ok(LoadedRun {
+        encoders,
+        tokenizers,
+        tokenizer_dirs,
+        clip_skip,
+        parameters,
+        settings,
+    })
+}
+
+/// Runs `cache-text-encoder`.
+pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
+    check_options(options)?;
+    let metadata = load_input_metadata(&options.in_json)?;
+    let run = load_run(options)?;
+    let family = run.encoders.family;
+    tracing::info!(
+        "{} text encoder(s) of {}; {} metadata entries",
+        family.name(),
+        options.model.display(),
+        metadata.len()
+    );
 
     let mut summary = Summary::default();
     let mut items = Vec::new();
@@ -344,7 +383,7 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
             without_text += 1;
             String::new()
         });
-        let content_key = settings.clone().text("caption", &caption).finish();
+        let content_key = run.entry_key(&caption);
         items.push(Item {
             key: key.clone(),
             cache_path,
@@ -364,6 +403,14 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
         .collect();
     summary.up_to_date = items.len() - stale.len();
 
+    let LoadedRun {
+        encoders,
+        tokenizers,
+        tokenizer_dirs,
+        clip_skip,
+        parameters,
+        ..
+    } = run;
     let encoder = Encoder {
         encoders,
         tokenizers,
@@ -371,7 +418,7 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
         max_len: options.max_token_length,
         weighted: options.weighted_captions,
         stored_dtype: options.mixed_precision.stored_dtype(),
-        device,
+        device: Device::Cpu,
     };
     let mut truncated = 0usize;
     let progress = Progress::new(TOOL, stale.len(), options.quiet);
@@ -449,7 +496,7 @@ fn tokenizer_dirs(options: &TeCacheOptions, family: ModelFamily) -> Result<Vec<P
 }
 
 /// Where the cache file of metadata entry `key` goes.
-fn cache_path_for(key: &str, options: &TeCacheOptions) -> Result<PathBuf> {
+pub fn cache_path_for(key: &str, options: &TeCacheOptions) -> Result<PathBuf> {
     let stem_name = |path: &Path| {
         let mut name = path.file_stem().unwrap_or_default().to_os_string();
         name.push(CACHE_SUFFIX);

@@ -147,6 +147,161 @@ fn lint_must_name(corpus: &Corpus) -> Vec<PathBuf> {
     names
 }
 
+/// Points `tag-images` at this checkout's ONNX Runtime (`make setup` installs it).
+fn use_project_runtime() {
+    let library = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../.local/onnxruntime")
+        .join(lorakit_pipeline::tagger::onnx::LIBRARY_NAME);
+    assert!(
+        library.is_file(),
+        "{} missing: run `make setup` (make test does)",
+        library.display()
+    );
+    std::env::set_var("ORT_DYLIB_PATH", library);
+}
+
+/// Copies a folder with everything in it (odd names, hidden files, sub-folders) to `to`.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// A copy of the corpus images in `out/images`, for the tools that write beside the images.
+fn image_copy(corpus: &Corpus, out: &Path) -> PathBuf {
+    let images = out.join("images");
+    copy_tree(&corpus.images(), &images);
+    images
+}
+
+/// Image files of the corpus that no tool can read, and the folder named like an image.
+fn bad_images(corpus: &Corpus) -> Vec<PathBuf> {
+    corpus
+        .items
+        .iter()
+        .filter(|i| i.path.starts_with("images") && i.expect == Expect::Bad)
+        .filter(|i| lorakit_pipeline::dataset::has_image_extension(&i.path))
+        .map(|i| i.path.clone())
+        .collect()
+}
+
+/// Readable, visible image files of the corpus (good and unusual).
+fn readable_images(corpus: &Corpus) -> Vec<PathBuf> {
+    corpus
+        .items
+        .iter()
+        .filter(|i| i.path.starts_with("images") && i.expect != Expect::Bad)
+        .filter(|i| lorakit_pipeline::dataset::has_image_extension(&i.path))
+        .filter(|i| {
+            !i.path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with('.')
+        })
+        .filter(|i| corpus.path(&i.path).is_file())
+        .map(|i| i.path.clone())
+        .collect()
+}
+
+/// Every readable image of the copy got its `extension` sidecar; no unreadable one did.
+fn check_sidecars_written(corpus: &Corpus, out: &Path, extension: &str) {
+    let images = out.join("images");
+    for image in readable_images(corpus) {
+        let sidecar = lorakit_pipeline::dataset::sidecar_path(
+            &images.join(image.strip_prefix("images").unwrap()),
+            extension,
+        );
+        assert!(sidecar.is_file(), "{} not written", sidecar.display());
+    }
+    for image in bad_images(corpus) {
+        let sidecar = lorakit_pipeline::dataset::sidecar_path(
+            &images.join(image.strip_prefix("images").unwrap()),
+            extension,
+        );
+        let had_one = corpus.path(lorakit_pipeline::dataset::sidecar_path(&image, extension));
+        assert!(
+            !sidecar.exists() || had_one.exists(),
+            "{} written for an unreadable image",
+            sidecar.display()
+        );
+    }
+}
+
+/// `prepare-latents` arguments over the corpus images, caches in `out/cache`.
+fn latent_args(corpus: &Corpus, model: PathBuf, out: &Path) -> Vec<OsString> {
+    os(&[
+        &corpus.images(),
+        &corpus.path("json/good.json"),
+        &out.join("meta_lat.json"),
+        &model,
+        &"--full_path",
+        &"--cache_dir",
+        &out.join("cache"),
+        &"--max_resolution",
+        &"64",
+        &"--min_bucket_reso",
+        &"64",
+        &"--max_bucket_reso",
+        &"128",
+        &"--bucket_reso_steps",
+        &"64",
+    ])
+}
+
+/// The latent cache name `prepare-latents` gives a corpus image.
+fn latent_name(corpus: &Corpus, image: &str) -> String {
+    let (w, h) = image::image_dimensions(corpus.path(format!("images/{image}.png"))).unwrap();
+    format!("{image}_{w:04}x{h:04}_sd.npz")
+}
+
+/// `train-lora` arguments on two good cached samples in `out/data`, one cache file replaced
+/// by the corpus file `damaged` (with the entry's `train_resolution` set to `resolution`).
+fn train_args(
+    corpus: &Corpus,
+    out: &Path,
+    model: PathBuf,
+    damaged: Option<(&str, &str, [u32; 2])>,
+) -> Vec<OsString> {
+    let data = out.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    common::make_training_caches(&data);
+    if let Some((file, target, resolution)) = damaged {
+        std::fs::copy(corpus.path(file), data.join(target)).unwrap();
+        let meta = data.join("meta_lat.json");
+        let mut value = json(&meta);
+        value["two.png"]["train_resolution"] = serde_json::json!(resolution);
+        std::fs::write(&meta, serde_json::to_vec(&value).unwrap()).unwrap();
+    }
+    os(&[
+        &"--pretrained_model_name_or_path",
+        &model,
+        &"--in_json",
+        &data.join("meta_lat.json"),
+        &"--train_data_dir",
+        &data,
+        &"--output_dir",
+        &out.join("lora"),
+        &"--max_train_steps",
+        &"1",
+        &"--quiet",
+    ])
+}
+
+fn no_lora_written(_: &Corpus, out: &Path, _: &str) {
+    assert!(
+        !out.join("lora").exists(),
+        "a failed training left an output folder behind"
+    );
+}
+
 const ROWS: &[Row] = &[
     Row {
         name: "merge-captions over the image folder",
@@ -357,6 +512,154 @@ const ROWS: &[Row] = &[
             assert!(findings.iter().any(|f| f["code"] == "entry_without_image"));
         },
     },
+    Row {
+        name: "tag-images over a copy of the image folder",
+        tool: "tag-images",
+        args: |c, out| {
+            use_project_runtime();
+            let models = out.join("models/SmilingWolf_wd-v1-4-convnext-tagger-v2");
+            copy_tree(&common::fixtures().join("wd14-tiny"), &models);
+            os(&[
+                &image_copy(c, out),
+                &"--model_dir",
+                &out.join("models"),
+                &"--onnx",
+                &"--batch_size",
+                &"4",
+            ])
+        },
+        code: 3,
+        must_name: bad_images,
+        check: |c, out, _| check_sidecars_written(c, out, ".txt"),
+    },
+    Row {
+        name: "caption-images over a copy of the image folder",
+        tool: "caption-images",
+        args: |c, out| {
+            os(&[
+                &image_copy(c, out),
+                &"--caption_weights",
+                &common::fixtures().join("blip-tiny"),
+                &"--batch_size",
+                &"4",
+            ])
+        },
+        code: 3,
+        must_name: bad_images,
+        check: |c, out, _| check_sidecars_written(c, out, ".caption"),
+    },
+    Row {
+        name: "prepare-latents over the image folder",
+        tool: "prepare-latents",
+        args: |c, out| latent_args(c, tiny_model(), out),
+        code: 3,
+        must_name: bad_images,
+        check: |c, out, _| {
+            for image in ["good_1", "good_2"] {
+                let name = if image == "good_1" {
+                    latent_name(c, image)
+                } else {
+                    let (w, h) = image::image_dimensions(c.path("images/good_2.jpg")).unwrap();
+                    format!("good_2_{w:04}x{h:04}_sd.npz")
+                };
+                assert!(out.join("cache").join(&name).is_file(), "{name} missing");
+            }
+            let metadata = json(&out.join("meta_lat.json"));
+            let key = c.path("images/good_1.png").display().to_string();
+            assert!(metadata[&key]["train_resolution"].is_array(), "{metadata}");
+        },
+    },
+    Row {
+        name: "prepare-latents over damaged existing caches",
+        tool: "prepare-latents",
+        args: |c, out| {
+            std::fs::create_dir_all(out.join("cache")).unwrap();
+            std::fs::copy(
+                c.path("npz/truncated.npz"),
+                out.join("cache").join(latent_name(c, "good_1")),
+            )
+            .unwrap();
+            latent_args(c, tiny_model(), out)
+        },
+        code: 3,
+        must_name: bad_images,
+        check: |c, out, _| {
+            let cache = out.join("cache").join(latent_name(c, "good_1"));
+            let mut reader = lorakit_pipeline::npz::NpzReader::open(&cache).unwrap();
+            assert!(lorakit_pipeline::npz::stored_key(&mut reader).is_some());
+        },
+    },
+    Row {
+        name: "prepare-latents with a corrupt safetensors header",
+        tool: "prepare-latents",
+        args: |c, out| latent_args(c, c.path("models/corrupt_header.safetensors"), out),
+        code: 1,
+        must_name: |_| vec!["models/corrupt_header.safetensors".into()],
+        check: nothing_written,
+    },
+    Row {
+        name: "train-lora with a corrupt safetensors header",
+        tool: "train-lora",
+        args: |c, out| train_args(c, out, c.path("models/corrupt_header.safetensors"), None),
+        code: 1,
+        must_name: |_| vec!["models/corrupt_header.safetensors".into()],
+        check: no_lora_written,
+    },
+    Row {
+        name: "train-lora with a latent cache without latents",
+        tool: "train-lora",
+        args: |c, out| {
+            let damaged = ("npz/wrong_keys.npz", "two_0512x0512_sd.npz", [128, 128]);
+            train_args(c, out, tiny_model(), Some(damaged))
+        },
+        code: 1,
+        must_name: |_| vec!["two_0512x0512_sd.npz".into()],
+        check: no_lora_written,
+    },
+    Row {
+        name: "train-lora with latents of another bucket",
+        tool: "train-lora",
+        args: |c, out| {
+            let damaged = ("npz/wrong_shape.npz", "two_0512x0512_sd.npz", [128, 128]);
+            train_args(c, out, tiny_model(), Some(damaged))
+        },
+        code: 1,
+        must_name: |_| vec!["two_0512x0512_sd.npz".into()],
+        check: no_lora_written,
+    },
+    Row {
+        name: "train-lora with NaN latents",
+        tool: "train-lora",
+        args: |c, out| {
+            let damaged = ("npz/nan.npz", "two_0512x0512_sd.npz", [96, 64]);
+            train_args(c, out, tiny_model(), Some(damaged))
+        },
+        code: 1,
+        must_name: |_| vec!["two_0512x0512_sd.npz".into()],
+        check: no_lora_written,
+    },
+    Row {
+        name: "train-lora with a truncated latent cache",
+        tool: "train-lora",
+        args: |c, out| {
+            let damaged = ("npz/truncated.npz", "two_0512x0512_sd.npz", [128, 128]);
+            train_args(c, out, tiny_model(), Some(damaged))
+        },
+        code: 1,
+        must_name: |_| vec!["two_0512x0512_sd.npz".into()],
+        check: no_lora_written,
+    },
+    Row {
+        name: "train-lora with an integer text-encoder cache",
+        tool: "train-lora",
+        args: |c, out| {
+            let damaged = ("npz/te_wrong_dtype.npz", "two_te_outputs.npz", [128, 128]);
+            train_args(c, out, tiny_model(), Some(damaged))
+        },
+        code: 1,
+        must_name: |_| vec!["two_te_outputs.npz".into()],
+        check: no_lora_written,
+    },
 ];
 
 /// Every file and folder under `root`, relative.
@@ -376,7 +679,21 @@ fn tree(root: &Path) -> BTreeSet<PathBuf> {
     found
 }
 
-fn run_row(corpus: &Corpus, row: &Row, out: &Path) -> Result<(), String> {
+/// The tool's closing summary line (`N done, N up to date, N failed`), or its error line.
+fn outcome_line(stderr: &str) -> String {
+    stderr
+        .lines()
+        .rev()
+        .find(|l| l.contains(" done, ") || l.contains("error"))
+        .map(|l| {
+            let line = l.split_once(": ").map_or(l, |(_, rest)| rest);
+            line.chars().take(70).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs one row; returns the tool's outcome line.
+fn run_row(corpus: &Corpus, row: &Row, out: &Path) -> Result<String, String> {
     std::fs::create_dir_all(out).unwrap();
     let before = tree(&corpus.root);
     let output = Command::new(tool(row.tool))
@@ -425,6 +742,7 @@ fn run_row(corpus: &Corpus, row: &Row, out: &Path) -> Result<(), String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         (row.check)(corpus, out, &stdout)
     }))
+    .map(|()| outcome_line(&stderr))
     .map_err(|panic| {
         let message = panic
             .downcast_ref::<String>()
@@ -450,10 +768,11 @@ fn every_tool_survives_the_bad_input_corpus() {
         let out = root.path().join(format!("out{index}"));
         let outcome = run_row(&corpus, row, &out);
         eprintln!(
-            "{:<60} exit {} {}",
+            "| {:<52} | {} | {:<6} | {} |",
             row.name,
             row.code,
-            if outcome.is_ok() { "ok" } else { "FAILED" }
+            if outcome.is_ok() { "ok" } else { "FAILED" },
+            outcome.as_deref().unwrap_or("")
         );
         if let Err(message) = outcome {
             failures.push(message);

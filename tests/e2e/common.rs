@@ -63,6 +63,56 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Writes an npz with one float32 array.
+pub fn write_npz_f32(path: &Path, name: &str, values: Vec<f32>, shape: &[usize]) {
+    let mut npz = lorakit_pipeline::npz::NpzWriter::new();
+    npz.add_f32(name, values, shape).unwrap();
+    npz.write(path).unwrap();
+}
+
+/// `train-lora` inputs in `dir`: `meta_lat.json` with two images with 16x16 latents (crops of
+/// the golden latent cache) and golden text states.
+pub fn make_training_caches(dir: &Path) {
+    let golden = fixtures().join("golden/vae/astronaut_0512x0512_sd.npz");
+    let (full, _) = lorakit_pipeline::npz::NpzReader::open(&golden)
+        .unwrap()
+        .read_f32("latents")
+        .unwrap();
+    let crop: Vec<f32> = (0..4)
+        .flat_map(|c| (0..16).flat_map(move |y| (0..16).map(move |x| (c, y, x))))
+        .map(|(c, y, x)| full[c * 1024 + y * 32 + x])
+        .collect();
+    let (states, _) =
+        lorakit_pipeline::npz::NpzReader::open(&fixtures().join("golden/unet/unet.npz"))
+            .unwrap()
+            .read_f32("encoder_hidden_states_77")
+            .unwrap();
+    let mut meta = serde_json::Map::new();
+    for (i, stem) in ["one", "two"].iter().enumerate() {
+        write_npz_f32(
+            &dir.join(format!("{stem}_0512x0512_sd.npz")),
+            "latents",
+            crop.clone(),
+            &[4, 16, 16],
+        );
+        write_npz_f32(
+            &dir.join(format!("{stem}_te_outputs.npz")),
+            "hidden_state",
+            states[i * 77 * 64..(i + 1) * 77 * 64].to_vec(),
+            &[77, 64],
+        );
+        meta.insert(
+            format!("{stem}.png"),
+            serde_json::json!({"caption": "a cat", "tags": "cat", "train_resolution": [128, 128]}),
+        );
+    }
+    std::fs::write(
+        dir.join("meta_lat.json"),
+        serde_json::to_string(&meta).unwrap(),
+    )
+    .unwrap();
+}
+
 /// Shorthand for building an argument list of mixed strings and paths.
 #[macro_export]
 macro_rules! args {

@@ -280,3 +280,144 @@ fn killed_runs_leave_valid_outputs_and_resume() {
         }
     }
 }
+
+/// `train-lora --save_state` arguments for a short run of the tiny model writing into `out`.
+fn train_args(data: &Path, out: &Path) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "--pretrained_model_name_or_path".into(),
+        common::fixtures()
+            .join("sd15-tiny/model.safetensors")
+            .into(),
+        "--in_json".into(),
+        data.join("meta_lat.json").into(),
+        "--train_data_dir".into(),
+        data.into(),
+        "--output_dir".into(),
+        out.into(),
+    ];
+    for flag in [
+        "--output_name=crash",
+        "--max_train_steps=8",
+        "--train_batch_size=1",
+        "--learning_rate=1e-3",
+        "--lr_scheduler=cosine",
+        "--lr_warmup_steps=2",
+        "--seed=3",
+        "--save_state",
+        "--save_every_n_steps=2",
+        "--quiet",
+    ] {
+        args.push(flag.into());
+    }
+    args
+}
+
+/// The tensor-data section of a safetensors file: everything after the JSON header (whose
+/// metadata holds the training timestamps).
+fn tensor_data(path: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + header..].to_vec()
+}
+
+#[test]
+fn killed_training_resumes_to_the_same_lora() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    common::make_training_caches(&data);
+    let reference = root.path().join("reference");
+    let started = Instant::now();
+    let status = Command::new(tool("train-lora"))
+        .args(train_args(&data, &reference))
+        .status()
+        .unwrap();
+    let duration = started.elapsed();
+    assert!(status.success(), "uninterrupted run failed");
+    let expected = tensor_data(&reference.join("crash.safetensors"));
+    let expected_log = std::fs::read_to_string(reference.join("crash_loss.jsonl")).unwrap();
+
+    for seed in 1..=3u64 {
+        let out = root.path().join(format!("run-{seed}"));
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let delay = duration.mul_f64(0.15 + 0.8 * next_random(&mut state));
+        let mut child = Command::new(tool("train-lora"))
+            .args(train_args(&data, &out))
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        child.wait().unwrap();
+        let states: Vec<PathBuf> = std::fs::read_dir(&out)
+            .map(|entries| {
+                entries
+                    .map(|e| e.unwrap().path())
+                    .filter(|p| p.to_string_lossy().ends_with("-state"))
+                    .filter(|p| {
+                        !p.file_name()
+                            .unwrap()
+                            .to_string_lossy()
+                            .starts_with(TEMP_PREFIX)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for dir in &states {
+            for file in [
+                "model.safetensors",
+                "optimizer.safetensors",
+                "train_state.json",
+            ] {
+                assert!(
+                    dir.join(file).is_file(),
+                    "killed after {delay:?}: {} lacks {file}",
+                    dir.display()
+                );
+            }
+        }
+        let mut args = train_args(&data, &out);
+        if !states.is_empty() {
+            args.extend(["--resume".into(), "latest".into()]);
+        }
+        let rerun = Command::new(tool("train-lora"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            rerun.status.success(),
+            "resume after a kill at {delay:?} ({} states) failed:\n{}",
+            states.len(),
+            String::from_utf8_lossy(&rerun.stderr)
+        );
+        assert!(
+            tensor_data(&out.join("crash.safetensors")) == expected,
+            "killed after {delay:?} with {} states saved: the resumed LoRA differs from an uninterrupted run's",
+            states.len()
+        );
+        assert_eq!(
+            std::fs::read_to_string(out.join("crash_loss.jsonl")).unwrap(),
+            expected_log,
+            "killed after {delay:?}: the loss log differs"
+        );
+        eprintln!(
+            "train-lora killed after {delay:?} ({} states): resumed LoRA identical",
+            states.len()
+        );
+    }
+
+    // Killed after the final state was saved but before the LoRA was written: the resume
+    // trains no further step.
+    std::fs::remove_file(reference.join("crash.safetensors")).unwrap();
+    let mut args = train_args(&data, &reference);
+    args.extend(["--resume".into(), "latest".into()]);
+    let rerun = Command::new(tool("train-lora"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert!(rerun.status.success());
+    assert!(tensor_data(&reference.join("crash.safetensors")) == expected);
+    assert_eq!(
+        std::fs::read_to_string(reference.join("crash_loss.jsonl")).unwrap(),
+        expected_log
+    );
+}

@@ -295,11 +295,173 @@ fn buckets_and_token_budget() {
         .map(|f| f["path"].as_str().unwrap())
         .collect();
     assert_eq!(sparse, ["bucket 448x576", "bucket 768x320"]);
-    assert!(report["skipped_checks"].as_array().unwrap().is_empty());
+    assert_eq!(
+        skipped(&report),
+        BTreeSet::from(["stale_caches".to_string()]),
+        "only the stale-cache check (no --model) is skipped"
+    );
 
     let (no_upscale, _) = lint_json(&data, &["--resolution", "512", "--bucket_no_upscale"]);
     let codes = codes_by_file(&no_upscale);
     assert!(!codes
         .get("microaneurysms.png")
         .is_some_and(|c| c.contains("upscaled")));
+}
+
+/// `(file name, code)` of every stale or orphaned cache finding, and the messages by file name.
+fn cache_findings(report: &Value) -> (BTreeSet<(String, String)>, BTreeMap<String, String>) {
+    let mut found = BTreeSet::new();
+    let mut messages = BTreeMap::new();
+    for finding in report["findings"].as_array().unwrap() {
+        let code = finding["code"].as_str().unwrap();
+        if code != "stale_cache" && code != "orphaned_cache" {
+            continue;
+        }
+        let path = Path::new(finding["path"].as_str().unwrap());
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        messages.insert(
+            name.clone(),
+            finding["message"].as_str().unwrap().to_string(),
+        );
+        found.insert((name, code.to_string()));
+    }
+    (found, messages)
+}
+
+fn skipped(report: &Value) -> BTreeSet<String> {
+    report["skipped_checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["check"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn stale_and_orphaned_caches_are_found_by_their_content_keys() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let stems = ["one", "two", "three"];
+    let mut entries = serde_json::Map::new();
+    for (index, stem) in stems.iter().enumerate() {
+        std::fs::write(
+            data.join(format!("{stem}.png")),
+            png_bytes(&picture(96, 64, index as u32)),
+        )
+        .unwrap();
+        entries.insert(
+            stem.to_string(),
+            serde_json::json!({"caption": format!("picture {stem}"), "tags": "1girl"}),
+        );
+    }
+    let meta = root.path().join("meta.json");
+    let write_meta = |entries: &serde_json::Map<String, Value>| {
+        std::fs::write(&meta, serde_json::to_vec_pretty(entries).unwrap()).unwrap()
+    };
+    write_meta(&entries);
+    let model = fixtures().join("sd15-tiny/model.safetensors");
+    let buckets = [
+        "--min_bucket_reso",
+        "64",
+        "--max_bucket_reso",
+        "64",
+        "--bucket_reso_steps",
+        "64",
+    ];
+    let out_json = root.path().join("meta_lat.json");
+    let mut latent_args: Vec<&std::ffi::OsStr> = vec![
+        data.as_os_str(),
+        meta.as_os_str(),
+        out_json.as_os_str(),
+        model.as_os_str(),
+        "--max_resolution".as_ref(),
+        "64".as_ref(),
+        "-q".as_ref(),
+    ];
+    latent_args.extend(buckets.iter().map(std::ffi::OsStr::new));
+    run_expect("prepare-latents", &latent_args, 0);
+    run_expect(
+        "cache-text-encoder",
+        args![meta, model, "--train_data_dir", data, "-q"],
+        0,
+    );
+
+    let model_text = model.display().to_string();
+    let meta_text = meta.display().to_string();
+    let mut flags = vec![
+        "--model",
+        model_text.as_str(),
+        "--in_json",
+        meta_text.as_str(),
+        "--resolution",
+        "64",
+    ];
+    flags.extend(buckets);
+
+    // Without --model the check is skipped with a note.
+    let (report, _) = lint_json(&data, &["--in_json", &meta_text]);
+    assert!(skipped(&report).contains("stale_caches"));
+
+    // Fresh caches: nothing stale, nothing orphaned, both checks ran.
+    let (report, code) = lint_json(&data, &flags);
+    let (found, _) = cache_findings(&report);
+    assert!(found.is_empty(), "fresh caches reported: {found:?}");
+    assert!(skipped(&report).iter().all(|s| !s.starts_with("stale")));
+    assert_eq!(code, 0, "{report}");
+
+    // One image's pixels and another entry's caption change: exactly their caches are stale.
+    std::fs::write(data.join("two.png"), png_bytes(&picture(96, 64, 7))).unwrap();
+    entries.insert(
+        "three".into(),
+        serde_json::json!({"caption": "picture three, edited", "tags": "1girl"}),
+    );
+    write_meta(&entries);
+    let (report, _) = lint_json(&data, &flags);
+    let (found, messages) = cache_findings(&report);
+    let expected: BTreeSet<(String, String)> = [
+        ("two_0096x0064_sd.npz", "stale_cache"),
+        ("three_te_outputs.npz", "stale_cache"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(found, expected);
+    assert!(
+        messages["two_0096x0064_sd.npz"].contains("its image changed"),
+        "{messages:?}"
+    );
+    assert!(
+        messages["three_te_outputs.npz"].contains("caption or tags"),
+        "{messages:?}"
+    );
+
+    // Another setting (--clip_skip 2) makes every text-encoder cache stale; an entry removed from
+    // the metadata leaves its cache orphaned, as does a cache whose image is gone.
+    entries.remove("one");
+    write_meta(&entries);
+    std::fs::copy(
+        data.join("two_te_outputs.npz"),
+        data.join("ghost_te_outputs.npz"),
+    )
+    .unwrap();
+    let mut clip_skip = flags.clone();
+    clip_skip.extend(["--clip_skip", "2"]);
+    let (report, _) = lint_json(&data, &clip_skip);
+    let (found, messages) = cache_findings(&report);
+    let expected: BTreeSet<(String, String)> = [
+        ("two_0096x0064_sd.npz", "stale_cache"),
+        ("two_te_outputs.npz", "stale_cache"),
+        ("three_te_outputs.npz", "stale_cache"),
+        ("one_te_outputs.npz", "orphaned_cache"),
+        ("ghost_te_outputs.npz", "orphaned_cache"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(found, expected);
+    assert!(
+        messages["two_te_outputs.npz"].contains("all 2 text-encoder caches are stale"),
+        "{messages:?}"
+    );
 }

@@ -2,58 +2,8 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::{fixtures, run_expect};
+use common::{fixtures, make_training_caches, run_expect};
 use lorakit_pipeline::lora::LoraFile;
-use lorakit_pipeline::npz::{NpzReader, NpzWriter};
-
-fn write_npz_f32(path: &Path, name: &str, values: Vec<f32>, shape: &[usize]) {
-    let mut npz = NpzWriter::new();
-    npz.add_f32(name, values, shape).unwrap();
-    npz.write(path).unwrap();
-}
-
-/// Two images with 16x16 latents (crops of the golden latent cache) and golden text states.
-fn make_caches(dir: &Path) {
-    let golden = fixtures().join("golden/vae/astronaut_0512x0512_sd.npz");
-    let (full, _) = NpzReader::open(&golden)
-        .unwrap()
-        .read_f32("latents")
-        .unwrap();
-    let crop: Vec<f32> = (0..4)
-        .flat_map(|c| (0..16).flat_map(move |y| (0..16).map(move |x| (c, y, x))))
-        .map(|(c, y, x)| full[c * 1024 + y * 32 + x])
-        .collect();
-    let (states, _) = NpzReader::open(&fixtures().join("golden/unet/unet.npz"))
-        .unwrap()
-        .read_f32("encoder_hidden_states_77")
-        .unwrap();
-    let mut meta = serde_json::Map::new();
-    for (i, stem) in ["one", "two"].iter().enumerate() {
-        write_npz_f32(
-            &dir.join(format!("{stem}_0512x0512_sd.npz")),
-            "latents",
-            crop.clone(),
-            &[4, 16, 16],
-        );
-        write_npz_f32(
-            &dir.join(format!("{stem}_te_outputs.npz")),
-            "hidden_state",
-            states[i * 77 * 64..(i + 1) * 77 * 64].to_vec(),
-            &[77, 64],
-        );
-        meta.insert(
-            format!("{stem}.png"),
-            serde_json::json!({"caption": "a cat", "tags": "cat", "train_resolution": [128, 128]}),
-        );
-    }
-    std::fs::write(
-        dir.join("meta_lat.json"),
-        serde_json::to_string(&meta).unwrap(),
-    )
-    .unwrap();
-}
 
 fn model() -> std::path::PathBuf {
     fixtures().join("sd15-tiny/model.safetensors")
@@ -62,7 +12,7 @@ fn model() -> std::path::PathBuf {
 #[test]
 fn trains_and_writes_a_kohya_lora() {
     let data = tempfile::tempdir().unwrap();
-    make_caches(data.path());
+    make_training_caches(data.path());
     let out = tempfile::tempdir().unwrap();
     run_expect(
         "train-lora",
@@ -127,7 +77,7 @@ fn safetensors_dtypes(bytes: &[u8]) -> Vec<String> {
 #[test]
 fn missing_caches_are_listed_before_training_and_nothing_is_written() {
     let data = tempfile::tempdir().unwrap();
-    make_caches(data.path());
+    make_training_caches(data.path());
     std::fs::remove_file(data.path().join("two_te_outputs.npz")).unwrap();
     std::fs::write(data.path().join("one_0512x0512_sd.npz"), b"not a zip").unwrap();
     let out = tempfile::tempdir().unwrap();
@@ -157,7 +107,7 @@ fn missing_caches_are_listed_before_training_and_nothing_is_written() {
 #[test]
 fn usage_errors_exit_2_and_help_says_unet_only() {
     let data = tempfile::tempdir().unwrap();
-    make_caches(data.path());
+    make_training_caches(data.path());
     let out = tempfile::tempdir().unwrap();
     let stderr = run_expect(
         "train-lora",
@@ -193,7 +143,7 @@ fn usage_errors_exit_2_and_help_says_unet_only() {
 #[test]
 fn a_checkpoint_without_a_unet_is_rejected() {
     let data = tempfile::tempdir().unwrap();
-    make_caches(data.path());
+    make_training_caches(data.path());
     let out = tempfile::tempdir().unwrap();
     let stderr = run_expect(
         "train-lora",

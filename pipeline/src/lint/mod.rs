@@ -7,6 +7,7 @@
 mod findings;
 mod header;
 mod similar;
+mod stale;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ pub use findings::{
 };
 pub use header::{read_header, ImageHeader, StoredColor};
 pub use similar::{dhash, near_pairs};
+pub use stale::CacheSettings;
 
 use crate::bucket::{BucketManager, BucketSettings};
 use crate::dataset::{has_image_extension, sidecar_path};
@@ -61,6 +63,8 @@ pub struct LintOptions {
     pub tokenizer: Option<PathBuf>,
     /// `--max_token_length` the captions are checked against.
     pub max_token_length: MaxTokenLength,
+    /// Model and cache-stage settings to recompute cache keys with (stale-cache check).
+    pub caches: Option<CacheSettings>,
     /// Print the JSON report instead of the text report.
     pub json: bool,
     /// Hide progress.
@@ -136,11 +140,25 @@ pub fn lint(options: &LintOptions) -> Result<LintReport> {
         );
     }
     check_caches(&listing, &inspected, &mut findings);
+    let mut skipped_checks = Vec::new();
+    let reported: HashSet<String> = findings
+        .iter()
+        .filter(|f| matches!(f.code, Code::OrphanedCache | Code::StaleCache))
+        .map(|f| f.path.clone())
+        .collect();
+    stale::check_stale(
+        options,
+        options.caches.as_ref(),
+        &listing.images,
+        &listing.caches,
+        &reported,
+        &mut findings,
+        &mut skipped_checks,
+    )?;
     let bucket_occupancy = match options.buckets {
         Some(settings) => check_buckets(settings, options, &inspected, &mut findings)?,
         None => Vec::new(),
     };
-    let mut skipped_checks = Vec::new();
     if tokenizer.is_none() {
         skipped_checks.push(SkippedCheck {
             check: "token_overflow".into(),

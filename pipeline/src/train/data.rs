@@ -194,6 +194,15 @@ pub fn find_latent_cache(base: &Path) -> Option<PathBuf> {
     })
 }
 
+/// Whether every value of a float32 tensor is finite (a NaN cache would turn the loss NaN).
+fn all_finite(tensor: &Tensor) -> Result<bool> {
+    Ok(tensor
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .all(|v| v.is_finite()))
+}
+
 fn load_sample(
     key: &str,
     base: &Path,
@@ -218,6 +227,12 @@ fn load_sample(
             ),
         ));
     }
+    if !all_finite(&latents)? {
+        return Err(Error::bad_file(
+            &latent_path,
+            "latents contain NaN or infinite values (a VAE run in fp16?); re-run prepare-latents with --mixed_precision no",
+        ));
+    }
     if let Some(res) = train_resolution.and_then(|v| v.as_array()) {
         let want: Vec<u64> = res.iter().filter_map(|v| v.as_u64()).collect();
         let have = [latents.dims()[2] as u64 * 8, latents.dims()[1] as u64 * 8];
@@ -235,6 +250,12 @@ fn load_sample(
     // SD 1.x and 2.x caches share one layout (a single `hidden_state`), so either family reads it.
     let cached = te_cache::read_cache_file(&te_path, ModelFamily::Sd1, &Device::Cpu)?;
     let context = cached.arrays[0].to_dtype(DType::F32)?;
+    if !all_finite(&context)? {
+        return Err(Error::bad_file(
+            &te_path,
+            "text-encoder outputs contain NaN or infinite values; re-run cache-text-encoder with --mixed_precision no",
+        ));
+    }
     let ok = context.rank() == 2 && context.dims()[0] % 75 == 2;
     if !ok {
         return Err(Error::bad_file(

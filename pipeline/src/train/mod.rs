@@ -281,7 +281,8 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
     let progress = Progress::new("train-lora steps", plan.total_steps, args.quiet);
     progress.inc(progress_state.global_step as u64);
     let mut global_step = progress_state.global_step;
-    let mut recent: Vec<f32> = Vec::new();
+    // The running average covers the steps before a resume too.
+    let mut recent: Vec<f32> = logged_losses(&log_lines);
     let accum = args.gradient_accumulation_steps.max(1);
     'epochs: for epoch in progress_state.epoch.max(1)..=plan.num_epochs {
         let batches = dataset.epoch_batches(plan.seed, epoch, args.train_batch_size);
@@ -293,6 +294,10 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         let mut summed: Option<Vec<Tensor>> = None;
         let mut group_losses = Vec::new();
         for (bi, batch) in batches.iter().enumerate().skip(skip) {
+            if global_step >= plan.total_steps {
+                // Resumed from the final state (killed before the LoRA was written).
+                break 'epochs;
+            }
             let micro_index = ((epoch - 1) * plan.batches_per_epoch + bi) as u64;
             let (latents, context) = dataset.collate(batch, &device)?;
             let loss = micro_batch_loss(&unet, &loss_ctx, &latents, &context, micro_index)?;
@@ -401,11 +406,7 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
     progress.finish();
     saver.save(&plan.name, global_step, plan.num_epochs)?;
     write_log(&log_path, &log_lines)?;
-    let losses: Vec<f32> = log_lines
-        .iter()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter_map(|value| value["loss"].as_f64().map(|l| l as f32))
-        .collect();
+    let losses = logged_losses(&log_lines);
     let plot_path = args.output_dir.join(format!("{}_loss.svg", plan.name));
     crate::fsio::write_atomic(&plot_path, plot::loss_svg(&losses, &plan.name).as_bytes())?;
     let summary = Summary {
@@ -601,6 +602,15 @@ impl Saver<'_> {
         self.network.save(&path, self.save_dtype, &meta)?;
         Ok(path)
     }
+}
+
+/// The step losses of the loss log's JSON lines (written from `f32`, so read back exactly).
+fn logged_losses(lines: &[String]) -> Vec<f32> {
+    lines
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|value| value["loss"].as_f64().map(|l| l as f32))
+        .collect()
 }
 
 fn write_log(path: &Path, lines: &[String]) -> Result<()> {

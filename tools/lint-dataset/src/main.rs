@@ -2,8 +2,11 @@
 //! caches) before any expensive stage runs. Exit code 0: no errors; 3: errors found.
 
 use clap::Parser;
+use lorakit_pipeline::caption_text::DEFAULT_SEPARATOR;
 use lorakit_pipeline::cli::{BucketArgs, ImageArgs, LogArgs};
-use lorakit_pipeline::lint::{self, LintOptions};
+use lorakit_pipeline::latents::Precision;
+use lorakit_pipeline::lint::{self, CacheSettings, LintOptions};
+use lorakit_pipeline::te_cache::MixedPrecision;
 use lorakit_pipeline::tokenize::MaxTokenLength;
 
 /// Check a dataset folder before tagging, captioning, caching or training.
@@ -55,6 +58,44 @@ struct Args {
     /// Number of tags shown in the frequency table of the text report.
     #[arg(long, default_value_t = 30)]
     top_tags: usize,
+    /// Model (checkpoint or diffusers folder) the caches were made with: enables the stale-cache
+    /// check, which recomputes every cache file's content key (latents need --resolution,
+    /// text-encoder outputs --in_json) with the flags below, spelled as in the cache stages.
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// Separate VAE given to prepare-latents.
+    #[arg(long)]
+    vae: Option<std::path::PathBuf>,
+    /// --cache_dir of prepare-latents / cache-text-encoder (default: caches beside the images).
+    #[arg(long)]
+    cache_dir: Option<std::path::PathBuf>,
+    /// Metadata keys are full image paths (--full_path of the stages).
+    #[arg(long)]
+    full_path: bool,
+    /// --mixed_precision of prepare-latents and cache-text-encoder: no, fp16 or bf16.
+    #[arg(long, default_value = "no")]
+    mixed_precision: String,
+    /// --flip_aug of prepare-latents.
+    #[arg(long)]
+    flip_aug: bool,
+    /// --alpha_mask of prepare-latents.
+    #[arg(long)]
+    alpha_mask: bool,
+    /// --seed of prepare-latents.
+    #[arg(long, default_value_t = 0)]
+    latent_seed: u64,
+    /// --clip_skip of cache-text-encoder.
+    #[arg(long)]
+    clip_skip: Option<usize>,
+    /// --weighted_captions of cache-text-encoder.
+    #[arg(long)]
+    weighted_captions: bool,
+    /// --caption_separator of cache-text-encoder.
+    #[arg(long, default_value = DEFAULT_SEPARATOR)]
+    caption_separator: String,
+    /// --seed of cache-text-encoder.
+    #[arg(long, default_value_t = 42)]
+    text_seed: u64,
     /// Print the report as JSON (schema lorakit.lint_report/v1) instead of text.
     #[arg(long)]
     json: bool,
@@ -85,6 +126,24 @@ fn main() -> std::process::ExitCode {
             batch_size: args.train_batch_size,
             tokenizer: args.tokenizer,
             max_token_length: MaxTokenLength::new(args.max_token_length)?,
+            caches: match args.model {
+                Some(model) => Some(CacheSettings {
+                    model,
+                    vae: args.vae,
+                    cache_dir: args.cache_dir,
+                    full_path: args.full_path,
+                    latent_precision: Precision::parse(&args.mixed_precision)?,
+                    text_precision: MixedPrecision::parse(&args.mixed_precision)?,
+                    flip_aug: args.flip_aug,
+                    alpha_mask: args.alpha_mask,
+                    latent_seed: args.latent_seed,
+                    clip_skip: args.clip_skip,
+                    weighted_captions: args.weighted_captions,
+                    caption_separator: args.caption_separator,
+                    text_seed: args.text_seed,
+                }),
+                None => None,
+            },
             json: args.json,
             quiet: args.log.quiet,
         };
