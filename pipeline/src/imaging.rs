@@ -466,7 +466,9 @@ mod area {
     }
 
     /// Non-integer factors: per destination row, accumulate `weight_y * row_sum` in f32 where
-    /// each row sum accumulates `pixel * weight_x` in f32, in OpenCV's order.
+    /// each row sum accumulates `pixel * weight_x` in f32, in OpenCV's order. Every source
+    /// row's horizontal sum is computed once (as OpenCV does) and shared by the destination
+    /// rows it covers.
     fn fractional(
         source: &Plane,
         width: usize,
@@ -483,20 +485,25 @@ mod area {
         }
         row_starts[height] = rows.len();
         let stride = width * channels;
-        let mut out = vec![0u8; stride * height];
-        out.par_chunks_mut(stride).enumerate().for_each(|(y, row)| {
-            let mut line = vec![0f32; stride];
-            let mut sum = vec![0f32; stride];
-            for tap in &rows[row_starts[y]..row_starts[y + 1]] {
-                let pixels = source.row(tap.source);
-                line.fill(0.0);
+        let mut horizontal = vec![0f32; stride * source.height];
+        horizontal
+            .par_chunks_mut(stride)
+            .enumerate()
+            .for_each(|(y, line)| {
+                let pixels = source.row(y);
                 for column in &columns {
                     for c in 0..channels {
                         line[column.destination + c] +=
                             f32::from(pixels[column.source + c]) * column.weight;
                     }
                 }
-                for (total, value) in sum.iter_mut().zip(&line) {
+            });
+        let mut out = vec![0u8; stride * height];
+        out.par_chunks_mut(stride).enumerate().for_each(|(y, row)| {
+            let mut sum = vec![0f32; stride];
+            for tap in &rows[row_starts[y]..row_starts[y + 1]] {
+                let line = &horizontal[tap.source * stride..(tap.source + 1) * stride];
+                for (total, value) in sum.iter_mut().zip(line) {
                     *total += tap.weight * value;
                 }
             }
