@@ -641,11 +641,18 @@ mod pillow {
 
     const HALF: i32 = 1 << (PRECISION_BITS - 1);
 
+    /// Most channels of an 8-bit `image` pixel type (RGBA).
+    const MAX_CHANNELS: usize = 4;
+
     pub(super) fn resize(source: &Plane, width: usize, height: usize, filter: Filter) -> Vec<u8> {
         if source.width == width && source.height == height {
             return source.data.to_vec();
         }
         let channels = source.channels;
+        assert!(
+            channels <= MAX_CHANNELS,
+            "8-bit pixels have at most 4 channels"
+        );
         let horizontal = Kernel::new(source.width, width, filter);
         let vertical = Kernel::new(source.height, height, filter);
 
@@ -660,14 +667,17 @@ mod pillow {
                 .enumerate()
                 .for_each(|(index, row)| {
                     let pixels = source.row(first_row + index);
-                    for x in 0..width {
+                    for (x, target) in row.chunks_exact_mut(channels).enumerate() {
                         let (first, weights) = horizontal.taps(x);
-                        for c in 0..channels {
-                            let mut sum = HALF;
-                            for (offset, &w) in weights.iter().enumerate() {
-                                sum += i32::from(pixels[(first + offset) * channels + c]) * w;
+                        let window = &pixels[first * channels..(first + weights.len()) * channels];
+                        let mut sums = [HALF; MAX_CHANNELS];
+                        for (pixel, &w) in window.chunks_exact(channels).zip(weights) {
+                            for (sum, &value) in sums.iter_mut().zip(pixel) {
+                                *sum += i32::from(value) * w;
                             }
-                            row[x * channels + c] = clip8(sum);
+                        }
+                        for (value, &sum) in target.iter_mut().zip(&sums) {
+                            *value = clip8(sum);
                         }
                     }
                 });
@@ -684,11 +694,15 @@ mod pillow {
         out.par_chunks_mut(stride).enumerate().for_each(|(y, row)| {
             let (first, weights) = vertical.taps(y);
             let first = first - first_row;
-            for (x, target) in row.iter_mut().enumerate() {
-                let mut sum = HALF;
-                for (offset, &w) in weights.iter().enumerate() {
-                    sum += i32::from(intermediate[(first + offset) * stride + x]) * w;
+            // Whole source rows at a time (integer sums: the order does not change the result).
+            let mut sums = vec![HALF; stride];
+            for (offset, &w) in weights.iter().enumerate() {
+                let line = &intermediate[(first + offset) * stride..(first + offset + 1) * stride];
+                for (sum, &value) in sums.iter_mut().zip(line) {
+                    *sum += i32::from(value) * w;
                 }
+            }
+            for (target, &sum) in row.iter_mut().zip(&sums) {
                 *target = clip8(sum);
             }
         });
