@@ -22,8 +22,8 @@
 #                 transformers' CLIPTextModel on the same captions and weights, batch by batch as
 #                 train_network.py encodes them when the text-encoder output is not cached.
 # Wall times include process start-up and model loading on both sides.
-# Environment: WORK (scratch folder, default a new temp folder), PROFILE (release), N_META,
-# N_TINY (512), N_FULL (64).
+# Environment: WORK (scratch folder, default a new temp folder), PROFILE (release), TAG_SIZES
+# ("20 2000"), N_META (100000), N_TINY (512), N_FULL (64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${SD_SCRIPTS:?set SD_SCRIPTS to an sd-scripts checkout}"
@@ -64,10 +64,11 @@ measure() {
 SD_RUN=(env -C "$SD_SCRIPTS" "PYTHONPATH=$SD_SCRIPTS${PYTHONPATH:+:$PYTHONPATH}" "$SD_PYTHON")
 
 stage_tag() {
-  local work="$WORK/tag" batch=8
-  WORK="$work" BATCH=$batch bench/tag-images.sh 20 2000
+  local work="$WORK/tag" batch=8 sizes
+  read -r -a sizes <<< "${TAG_SIZES:-20 2000}"
+  WORK="$work" BATCH=$batch bench/tag-images.sh "${sizes[@]}"
   local models="$work/models"
-  for n in 20 2000; do
+  for n in "${sizes[@]}"; do
     # --character_threshold 1.01 as in the fixture goldens: sd-scripts at 48d368f crashes in the
     # default output path as soon as a character tag passes its threshold.
     measure "sd-scripts wd14 tagger (batch $batch)" "$n" "${SD_RUN[@]}" finetune/tag_images_by_wd14_tagger.py \
