@@ -11,10 +11,11 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 use crate::hashing::{self, KeyBuilder};
+use crate::imaging::{self, DecodeOptions};
 use crate::manifest::Manifest;
 use crate::models::blip::{BlipCaptioner, BlipFiles, IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD};
 use crate::report::{Progress, Summary};
-use crate::{dataset, fsio, imaging, Error, Result};
+use crate::{dataset, fsio, Error, Result};
 
 /// Tokens kept before nucleus filtering (transformers' default `top_k`, also in effect in
 /// sd-scripts' sampling mode).
@@ -420,6 +421,8 @@ pub struct CaptionOptions {
     pub debug: bool,
     /// Caption every image again, even when its caption is up to date (`--force`).
     pub force: bool,
+    /// Decompression-bomb limits and EXIF handling.
+    pub decode: DecodeOptions,
     /// Hide the progress bar.
     pub quiet: bool,
 }
@@ -447,6 +450,7 @@ impl CaptionOptions {
             "seed": if num_beams.is_none() { Some(self.seed) } else { None },
             "prompt": crate::models::blip::PROMPT,
             "caption_extension": self.caption_extension,
+            "decode": self.decode.key_text(),
         })
     }
 
@@ -523,12 +527,7 @@ pub fn run(options: &CaptionOptions) -> Result<Summary> {
         parameters.clone(),
     );
     manifest.add_input_file("model_config", &files.config)?;
-    manifest.inputs.push(crate::manifest::InputRecord {
-        role: "model".into(),
-        path: Some(options.caption_weights.display().to_string()),
-        blake3: model_hash.clone(),
-        items: None,
-    });
+    manifest.add_input_hash("model", &options.caption_weights, &model_hash);
     let mut captions: BTreeMap<String, String> = BTreeMap::new();
     let mut pending = Vec::new();
     let mut sidecar_owner: HashMap<PathBuf, PathBuf> = HashMap::new();
@@ -621,7 +620,7 @@ fn caption_batch(
 ) -> Result<()> {
     let loaded: Vec<Result<Tensor>> = batch
         .par_iter()
-        .map(|image| load_pixels(&image.path))
+        .map(|image| load_pixels(&image.path, &options.decode))
         .collect();
     let mut ready = Vec::with_capacity(batch.len());
     let mut pixels = Vec::with_capacity(batch.len());
@@ -692,8 +691,8 @@ fn relative_item(train_data_dir: &Path, image: &Path) -> String {
 
 /// Decodes an image and turns it into BLIP's input `[3, 384, 384]`: RGB with any alpha channel
 /// dropped, resized to 384x384 with Pillow's bicubic filter ignoring the aspect ratio.
-fn load_pixels(path: &Path) -> Result<Tensor> {
-    let rgb = imaging::open(path)?.to_rgb8();
+fn load_pixels(path: &Path, decode: &DecodeOptions) -> Result<Tensor> {
+    let rgb = imaging::open(path, decode)?.to_rgb8();
     let resized = imaging::resize_bicubic(&rgb, IMAGE_SIZE, IMAGE_SIZE);
     pixel_values(&resized)
 }
@@ -905,7 +904,11 @@ mod tests {
         let images = fixture::dir().join("../images");
         let size = 3 * 384 * 384;
         for (index, name) in ["astronaut", "chelsea", "coins", "text"].iter().enumerate() {
-            let pixels = load_pixels(&images.join(format!("{name}.png"))).unwrap();
+            let pixels = load_pixels(
+                &images.join(format!("{name}.png")),
+                &DecodeOptions::default(),
+            )
+            .unwrap();
             let actual: Vec<f32> = pixels.flatten_all().unwrap().to_vec1().unwrap();
             let golden = &expected[index * size..(index + 1) * size];
             let error = fixture::max_abs_diff(&actual, golden);

@@ -119,3 +119,37 @@ impl BucketArgs {
         })
     }
 }
+
+/// The image-decoding flags shared by every stage that reads pixels.
+#[derive(Debug, Clone, Args)]
+#[command(rename_all = "snake_case")]
+pub struct ImageArgs {
+    /// Decompression-bomb limit: largest image decoded, in pixels.
+    #[arg(long, default_value_t = crate::imaging::DEFAULT_MAX_PIXELS)]
+    pub max_image_pixels: u64,
+    /// Decompression-bomb limit: longest image side decoded, in pixels.
+    #[arg(long, default_value_t = crate::imaging::DEFAULT_MAX_SIDE)]
+    pub max_image_side: u32,
+    /// Turn images upright by their EXIF orientation tag before use. Off by default, like
+    /// sd-scripts, which uses the stored pixels as they are.
+    #[arg(long)]
+    pub exif_transpose: bool,
+}
+
+impl ImageArgs {
+    /// The decode options these flags describe.
+    pub fn options(&self) -> crate::Result<crate::imaging::DecodeOptions> {
+        if self.max_image_pixels == 0 || self.max_image_side == 0 {
+            return Err(crate::Error::Usage(
+                "--max_image_pixels and --max_image_side must be positive".into(),
+            ));
+        }
+        Ok(crate::imaging::DecodeOptions {
+            limits: crate::imaging::DecodeLimits {
+                max_pixels: self.max_image_pixels,
+                max_side: self.max_image_side,
+            },
+            exif_transpose: self.exif_transpose,
+        })
+    }
+}

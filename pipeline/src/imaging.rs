@@ -1,8 +1,8 @@
 //! Image decoding and resampling: the one place where lorakit turns image files into pixels.
 //!
 //! * [`open`] / [`decode`] read PNG, JPEG, WebP, BMP (and GIF: first frame) with explicit
-//!   decompression-bomb limits, apply the EXIF orientation and report every failure as an
-//!   [`Error::BadFile`] naming the file.
+//!   decompression-bomb limits, apply the EXIF orientation only when asked ([`DecodeOptions`];
+//!   sd-scripts never does) and report every failure as an [`Error::BadFile`] naming the file.
 //! * [`LoadedImage`] converts any decoded mode (16-bit, grey, palette, CMYK JPEG, alpha) to the
 //!   8-bit RGB / RGBA buffers the stages use.
 //! * The resamplers reproduce, bit for bit, the two libraries sd-scripts resizes with:
@@ -41,6 +41,27 @@ impl Default for DecodeLimits {
         DecodeLimits {
             max_pixels: DEFAULT_MAX_PIXELS,
             max_side: DEFAULT_MAX_SIDE,
+        }
+    }
+}
+
+/// How the stages decode image files: the limits and whether EXIF orientation is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DecodeOptions {
+    /// Decompression-bomb limits.
+    pub limits: DecodeLimits,
+    /// Turn images upright by their EXIF orientation tag (Pillow's `exif_transpose`). Off by
+    /// default because sd-scripts reads the stored pixels as they are.
+    pub exif_transpose: bool,
+}
+
+impl DecodeOptions {
+    /// The part of the options that changes decoded pixels, as text for content keys.
+    pub fn key_text(&self) -> &'static str {
+        if self.exif_transpose {
+            "exif-transpose"
+        } else {
+            "stored-orientation"
         }
     }
 }
@@ -159,26 +180,22 @@ fn div255(value: u32) -> u8 {
     (((shifted >> 8) + shifted) >> 8) as u8
 }
 
-/// Reads and decodes `path` with the default [`DecodeLimits`].
-pub fn open(path: &Path) -> Result<LoadedImage> {
-    open_with(path, &DecodeLimits::default())
-}
-
-/// Reads and decodes `path` with explicit limits.
-pub fn open_with(path: &Path, limits: &DecodeLimits) -> Result<LoadedImage> {
+/// Reads and decodes `path`.
+pub fn open(path: &Path, options: &DecodeOptions) -> Result<LoadedImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode(path, &bytes, limits)
+    decode(path, &bytes, options)
 }
 
 /// Decodes the content `bytes` of the file `path` (named in errors): format guessed from the
-/// content, limits checked from the header, EXIF orientation applied.
-pub fn decode(path: &Path, bytes: &[u8], limits: &DecodeLimits) -> Result<LoadedImage> {
+/// content, limits checked from the header, EXIF orientation applied if the options say so.
+pub fn decode(path: &Path, bytes: &[u8], options: &DecodeOptions) -> Result<LoadedImage> {
     if bytes.is_empty() {
         return Err(Error::bad_file(
             path,
             "empty file (0 bytes); re-export or remove it",
         ));
     }
+    let limits = &options.limits;
     let mut decoder = decoder_for(path, Cursor::new(bytes), limits)?;
     limits.check(path, decoder.dimensions())?;
     if bytes.starts_with(&[0xFF, 0xD8]) && !jpeg_is_complete(bytes) {
@@ -188,12 +205,23 @@ pub fn decode(path: &Path, bytes: &[u8], limits: &DecodeLimits) -> Result<Loaded
             "truncated file (the JPEG data has no end marker after its last scan)",
         ));
     }
-    let orientation = decoder
-        .orientation()
-        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let orientation = stated_orientation(&mut decoder, options.exif_transpose);
     let mut image = DynamicImage::from_decoder(decoder).map_err(|e| describe(path, e))?;
     image.apply_orientation(orientation);
     Ok(LoadedImage { image })
+}
+
+/// The orientation to apply: the file's EXIF tag when `exif_transpose`, else none.
+fn stated_orientation(
+    decoder: &mut impl ImageDecoder,
+    exif_transpose: bool,
+) -> image::metadata::Orientation {
+    let stated = if exif_transpose {
+        decoder.orientation().ok()
+    } else {
+        None
+    };
+    stated.unwrap_or(image::metadata::Orientation::NoTransforms)
 }
 
 /// Whether a JPEG stream has an end-of-image marker after its last start-of-scan (markers
@@ -203,8 +231,9 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
     matches!((last(0xDA), last(0xD9)), (Some(scan), Some(end)) if end > scan)
 }
 
-/// `(width, height)` of `path` read from its header only, after EXIF orientation.
-pub fn image_size(path: &Path) -> Result<(u32, u32)> {
+/// `(width, height)` of `path` read from its header only, as [`decode`] with `exif_transpose`
+/// would return it.
+pub fn image_size(path: &Path, exif_transpose: bool) -> Result<(u32, u32)> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     if file.metadata().map_err(|e| Error::io(path, e))?.len() == 0 {
         return Err(Error::bad_file(
@@ -218,14 +247,13 @@ pub fn image_size(path: &Path) -> Result<(u32, u32)> {
     };
     let mut decoder = decoder_for(path, BufReader::new(file), &limits)?;
     let (width, height) = decoder.dimensions();
-    let orientation = decoder
-        .orientation()
-        .unwrap_or(image::metadata::Orientation::NoTransforms);
-    Ok(if swaps_axes(orientation) {
-        (height, width)
-    } else {
-        (width, height)
-    })
+    Ok(
+        if swaps_axes(stated_orientation(&mut decoder, exif_transpose)) {
+            (height, width)
+        } else {
+            (width, height)
+        },
+    )
 }
 
 /// Whether an EXIF orientation exchanges width and height.
@@ -739,7 +767,11 @@ mod tests {
     }
 
     fn image(name: &str) -> LoadedImage {
-        open(&fixtures().join("images").join(name)).expect("fixture image decodes")
+        open(
+            &fixtures().join("images").join(name),
+            &DecodeOptions::default(),
+        )
+        .expect("fixture image decodes")
     }
 
     /// Max abs difference and count of differing bytes.
@@ -778,15 +810,17 @@ mod tests {
 
     #[test]
     fn bad_files_are_per_file_errors() {
-        let limits = DecodeLimits::default();
+        let options = DecodeOptions::default();
         let path = Path::new("x.png");
-        assert!(message(decode(path, b"", &limits)).contains("empty file"));
-        assert!(message(decode(path, b"hello world, not an image", &limits))
-            .contains("not a recognised image format"));
+        assert!(message(decode(path, b"", &options)).contains("empty file"));
+        assert!(
+            message(decode(path, b"hello world, not an image", &options))
+                .contains("not a recognised image format")
+        );
 
         let good = png_bytes(&DynamicImage::new_rgb8(64, 64));
         let truncated = &good[..good.len() / 2];
-        assert!(decode(path, truncated, &limits).is_err());
+        assert!(decode(path, truncated, &options).is_err());
 
         // A valid header announcing 30000x30000 pixels is refused before decoding.
         let mut bomb = good.clone();
@@ -794,19 +828,22 @@ mod tests {
         bomb[20..24].copy_from_slice(&30000u32.to_be_bytes());
         let crc = crc32fast::hash(&bomb[12..29]);
         bomb[29..33].copy_from_slice(&crc.to_be_bytes());
-        let text = message(decode(path, &bomb, &limits));
+        let text = message(decode(path, &bomb, &options));
         assert!(text.contains("30000x30000"), "{text}");
         assert!(text.contains("decompression-bomb"), "{text}");
-        let tight = DecodeLimits {
-            max_pixels: 100,
-            max_side: 1000,
+        let tight = DecodeOptions {
+            limits: DecodeLimits {
+                max_pixels: 100,
+                max_side: 1000,
+            },
+            exif_transpose: false,
         };
         assert!(message(decode(path, &good, &tight)).contains("64x64"));
     }
 
     #[test]
     fn modes_convert_like_pillow() {
-        let limits = DecodeLimits::default();
+        let options = DecodeOptions::default();
         let path = Path::new("x.png");
         // 16-bit RGB keeps the high byte.
         let deep = image::ImageBuffer::<image::Rgb<u16>, _>::from_pixel(
@@ -814,16 +851,16 @@ mod tests {
             1,
             image::Rgb([0x12ff, 0x8000, 0xffff]),
         );
-        let loaded = decode(path, &png_bytes(&DynamicImage::ImageRgb16(deep)), &limits).unwrap();
+        let loaded = decode(path, &png_bytes(&DynamicImage::ImageRgb16(deep)), &options).unwrap();
         assert_eq!(loaded.to_rgb8().get_pixel(1, 0).0, [0x12, 0x80, 0xff]);
         assert!(!loaded.has_alpha());
         // Grey is replicated.
         let grey = image::GrayImage::from_pixel(1, 1, image::Luma([77]));
-        let loaded = decode(path, &png_bytes(&DynamicImage::ImageLuma8(grey)), &limits).unwrap();
+        let loaded = decode(path, &png_bytes(&DynamicImage::ImageLuma8(grey)), &options).unwrap();
         assert_eq!(loaded.to_rgb8().get_pixel(0, 0).0, [77, 77, 77]);
         // Alpha: dropped by to_rgb8, blended onto white by composite_on_white.
         let rgba = RgbaImage::from_pixel(1, 1, image::Rgba([0, 100, 200, 128]));
-        let loaded = decode(path, &png_bytes(&DynamicImage::ImageRgba8(rgba)), &limits).unwrap();
+        let loaded = decode(path, &png_bytes(&DynamicImage::ImageRgba8(rgba)), &options).unwrap();
         assert!(loaded.has_alpha());
         assert_eq!(loaded.to_rgb8().get_pixel(0, 0).0, [0, 100, 200]);
         // (255*127 + c*128 + 128) / 255 with Pillow's rounding.
@@ -838,11 +875,13 @@ mod tests {
         for name in ["chelsea.png", "hubble_deep_field.jpg", "text.png"] {
             let path = fixtures().join("images").join(name);
             assert_eq!(
-                image_size(&path).unwrap(),
-                open(&path).unwrap().original_size()
+                image_size(&path, false).unwrap(),
+                open(&path, &DecodeOptions::default())
+                    .unwrap()
+                    .original_size()
             );
         }
-        assert!(image_size(&fixtures().join("images/astronaut.caption")).is_err());
+        assert!(image_size(&fixtures().join("images/astronaut.caption"), false).is_err());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use crate::bucket::{BucketManager, BucketSettings, Placement};
 use crate::dataset::find_images;
 use crate::hashing::{self, KeyBuilder};
+use crate::imaging::{self, DecodeOptions};
 use crate::manifest::{InputRecord, Manifest};
 use crate::merge::load_input_metadata;
 use crate::metadata::{check_unique_keys, image_key};
@@ -26,7 +27,7 @@ use crate::models::{Checkpoint, Component};
 use crate::npz::{self, NpzReader, NpzWriter};
 use crate::report::{Progress, Summary};
 use crate::schema::METADATA_V1;
-use crate::{imaging, Error, Result};
+use crate::{Error, Result};
 
 /// Tool and content-key stage name.
 pub const STAGE: &str = "prepare-latents";
@@ -103,6 +104,8 @@ pub struct LatentOptions {
     pub skip_existing: bool,
     /// Search sub-folders.
     pub recursive: bool,
+    /// Decompression-bomb limits and EXIF handling.
+    pub decode: DecodeOptions,
     /// Seed of the latent samples.
     pub seed: u64,
     /// Write cache files here (keeping sub-folders) instead of beside the images.
@@ -162,7 +165,7 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
     let sizes: Vec<Result<(u32, u32)>> = discovery
         .images
         .par_iter()
-        .map(|image| imaging::image_size(image))
+        .map(|image| imaging::image_size(image, options.decode.exif_transpose))
         .collect();
     let mut manager = BucketManager::new(options.buckets)?;
     let mut placed = Vec::new();
@@ -359,7 +362,7 @@ fn plan(
             "resize_filter",
             "sd-scripts: area when shrinking, else lanczos",
         )
-        .text("exif_orientation", "applied")
+        .text("decode", options.decode.key_text())
         .text("dtype", options.precision.name())
         .text("flip_aug", &options.flip_aug.to_string())
         .text("alpha_mask", &options.alpha_mask.to_string())
@@ -504,7 +507,7 @@ fn encode_all(
 
 /// Decodes, resizes (area when shrinking, Lanczos otherwise) and centre-crops one image.
 fn prepare_pixels(options: &LatentOptions, item: &Planned) -> Result<Prepared> {
-    let loaded = imaging::open(&item.image)?;
+    let loaded = imaging::open(&item.image, &options.decode)?;
     let placement = &item.placement;
     if loaded.original_size() != placement.original {
         return Err(Error::bad_file(

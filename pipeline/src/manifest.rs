@@ -99,6 +99,17 @@ impl Manifest {
         Ok(())
     }
 
+    /// Records a file input whose content hash the caller already knows (large model files,
+    /// hashed once through [`crate::hashing::memoised`]).
+    pub fn add_input_hash(&mut self, role: &str, path: &Path, blake3: &str) {
+        self.inputs.push(InputRecord {
+            role: role.to_string(),
+            path: Some(path.display().to_string()),
+            blake3: blake3.to_string(),
+            items: None,
+        });
+    }
+
     /// Hashes the written `output` file and writes the manifest next to it (atomically).
     pub fn write_for(&mut self, output: &Path) -> Result<()> {
         self.output_blake3 = Some(hashing::hash_file(output)?);

@@ -146,7 +146,7 @@ fn golden_metadata_and_caches_then_incremental_reruns() {
 
     // One image's pixels change: exactly that image is encoded again.
     let edited = data.join("chelsea.png");
-    let mut pixels = lorakit_pipeline::imaging::open(&edited).unwrap().to_rgb8();
+    let mut pixels = image::open(&edited).unwrap().to_rgb8();
     let pixel = pixels.get_pixel_mut(10, 10);
     pixel.0[0] = pixel.0[0].wrapping_add(128);
     pixels.save(&edited).unwrap();
@@ -267,4 +267,53 @@ fn bad_images_are_skipped_per_file_and_bad_models_are_fatal() {
         &[data.as_os_str(), in_json.as_os_str()],
         2,
     );
+}
+
+#[test]
+fn exif_orientation_is_ignored_unless_asked_for() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // Stored 192 wide and 128 high; orientation 6 shows it 128 wide and 192 high.
+    let picture = image::RgbImage::from_fn(192, 128, |x, y| image::Rgb([x as u8, y as u8, 90]));
+    std::fs::write(
+        data.join("phone.jpg"),
+        lorakit_tests::corpus::jpeg_bytes(&picture, Some(6)),
+    )
+    .unwrap();
+    let in_json = root.path().join("in.json");
+    std::fs::write(&in_json, r#"{"phone": {"caption": "a phone photo"}}"#).unwrap();
+    let model = model();
+    for (extra, stored_name, resolution) in [
+        (None, "phone_0192x0128_sd.npz", [192, 128]),
+        (
+            Some("--exif_transpose"),
+            "phone_0128x0192_sd.npz",
+            [128, 192],
+        ),
+    ] {
+        let out_json = root.path().join("out.json");
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            data.as_os_str(),
+            in_json.as_os_str(),
+            out_json.as_os_str(),
+            model.as_os_str(),
+        ];
+        args.extend(
+            ["--max_resolution", "256,256", "--bucket_no_upscale"]
+                .iter()
+                .map(std::ffi::OsStr::new),
+        );
+        args.extend(extra.map(std::ffi::OsStr::new));
+        run_expect("prepare-latents", &args, 0);
+        assert!(
+            data.join(stored_name).is_file(),
+            "{extra:?}: no {stored_name}"
+        );
+        let entry = &json(&out_json)["phone"];
+        assert_eq!(entry["train_resolution"], serde_json::json!(resolution));
+        let mut latents = NpzReader::open(&data.join(stored_name)).unwrap();
+        let shape = latents.shape("latents").unwrap();
+        assert_eq!(shape, vec![4, resolution[1] / 8, resolution[0] / 8]);
+    }
 }

@@ -21,7 +21,7 @@ pub use similar::{dhash, near_pairs};
 
 use crate::bucket::{BucketManager, BucketSettings};
 use crate::dataset::{has_image_extension, sidecar_path};
-use crate::imaging::{DecodeLimits, LoadedImage};
+use crate::imaging::{DecodeOptions, LoadedImage};
 use crate::metadata::{image_key, resolve_image};
 use crate::report::{Progress, Summary};
 use crate::tokenize::{ClipTokenizer, MaxTokenLength, Padding};
@@ -45,10 +45,8 @@ pub struct LintOptions {
     pub tag_extension: String,
     /// Decode every image fully (slower; catches damaged pixel data, finds near-duplicates).
     pub decode: bool,
-    /// Largest accepted width or height.
-    pub max_side: u32,
-    /// Largest accepted pixel count (width x height).
-    pub max_pixels: u64,
+    /// The stages' decode options: decompression-bomb limits and EXIF handling.
+    pub image: DecodeOptions,
     /// Largest perceptual-hash distance (bits of 64) reported as a near-duplicate.
     pub near_duplicate_distance: u32,
     /// Caption/tag files larger than this many bytes are reported.
@@ -139,7 +137,7 @@ pub fn lint(options: &LintOptions) -> Result<LintReport> {
     }
     check_caches(&listing, &inspected, &mut findings);
     let bucket_occupancy = match options.buckets {
-        Some(settings) => check_buckets(settings, options.batch_size, &inspected, &mut findings)?,
+        Some(settings) => check_buckets(settings, options, &inspected, &mut findings)?,
         None => Vec::new(),
     };
     let mut skipped_checks = Vec::new();
@@ -324,8 +322,9 @@ fn inspect_image(path: &Path, options: &LintOptions) -> ImageFacts {
     };
     let (width, height) = (header.width, header.height);
     let pixels = u64::from(width) * u64::from(height);
+    let limits = &options.image.limits;
     let too_large =
-        width > options.max_side || height > options.max_side || pixels > options.max_pixels;
+        width > limits.max_side || height > limits.max_side || pixels > limits.max_pixels;
     if too_large {
         report(
             Severity::Error,
@@ -333,8 +332,8 @@ fn inspect_image(path: &Path, options: &LintOptions) -> ImageFacts {
             format!(
                 "declares {width}x{height} ({:.1} megapixels), beyond the decompression-bomb limits every stage applies (--max_image_side {}, --max_image_pixels {}): a decompression bomb or a mistake; downscale it, or raise the limits if it is real",
                 pixels as f64 / 1e6,
-                options.max_side,
-                options.max_pixels
+                limits.max_side,
+                limits.max_pixels
             ),
         );
     }
@@ -384,7 +383,7 @@ fn inspect_image(path: &Path, options: &LintOptions) -> ImageFacts {
             Severity::Warning,
             Code::ExifRotation,
             format!(
-                "EXIF orientation {orientation}: lorakit stages turn it upright ({w}x{h}); sd-scripts ignores EXIF and would train it {}; to be safe with every tool, save it already rotated",
+                "EXIF orientation {orientation}: the stages use the stored pixels, {}, like sd-scripts (with --exif_transpose they turn it upright, {w}x{h}); to be safe with every tool, save it already rotated",
                 if orientation >= 5 { "sideways" } else { "flipped" }
             ),
         );
@@ -440,11 +439,7 @@ fn color_mode_message(header: &ImageHeader) -> Option<(Severity, String)> {
 }
 
 fn decode(path: &Path, options: &LintOptions) -> std::result::Result<LoadedImage, String> {
-    let limits = DecodeLimits {
-        max_pixels: options.max_pixels,
-        max_side: options.max_side,
-    };
-    crate::imaging::open_with(path, &limits).map_err(|error| error_detail(&error))
+    crate::imaging::open(path, &options.image).map_err(|error| error_detail(&error))
 }
 
 /// Exact duplicates (same length, then same BLAKE3) and, after decoding, near-duplicates.
@@ -880,10 +875,11 @@ const OVERSIZE_REPORT_FACTOR: u64 = 16;
 /// images and sparse buckets; returns the bucket occupancy histogram.
 fn check_buckets(
     settings: BucketSettings,
-    batch_size: usize,
+    options: &LintOptions,
     facts: &[ImageFacts],
     findings: &mut Vec<Finding>,
 ) -> Result<Vec<BucketCount>> {
+    let batch_size = options.batch_size;
     let mut manager = BucketManager::new(settings)?;
     let largest_area = manager
         .predefined()
@@ -896,7 +892,11 @@ fn check_buckets(
         let Some(header) = &image.header else {
             continue;
         };
-        let size = header.upright_size();
+        let size = if options.image.exif_transpose {
+            header.upright_size()
+        } else {
+            (header.width, header.height)
+        };
         if size.0 == 0 || size.1 == 0 {
             continue;
         }

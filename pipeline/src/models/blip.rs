@@ -91,13 +91,17 @@ impl BlipFiles {
         Ok(files)
     }
 
-    /// BLAKE3 over the config, weights and tokenizer: identifies the model in content keys.
+    /// BLAKE3 over the config, weights and tokenizer: identifies the model in content keys
+    /// (memoised on disk, so the weights are hashed once per machine).
     pub fn hash(&self) -> Result<String> {
-        let mut key = hashing::KeyBuilder::new("blip-model", 1);
-        for file in [&self.config, &self.weights, &self.tokenizer] {
-            key.text("file", &hashing::hash_file(file)?);
-        }
-        Ok(key.finish())
+        let files = [&self.config, &self.weights, &self.tokenizer].map(|f| f.to_path_buf());
+        hashing::memoised(&files, "blip-model", || {
+            let mut key = hashing::KeyBuilder::new("blip-model", 1);
+            for file in &files {
+                key.text("file", &hashing::hash_file(file)?);
+            }
+            Ok(key.finish())
+        })
     }
 }
 

@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-use crate::{fsio, Error, Result};
+use crate::{Error, Result};
 
 /// The Stable Diffusion generation a checkpoint belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -383,15 +383,7 @@ impl Checkpoint {
         if let Some(hash) = memo.get(component.label()) {
             return Ok(hash.clone());
         }
-        let signature = file_signature(&part.files, &part.prefix)?;
-        let hash = match memo_lookup(&signature) {
-            Some(hash) => hash,
-            None => {
-                let hash = hash_part(part);
-                memo_store(&signature, &hash);
-                hash
-            }
-        };
+        let hash = crate::hashing::memoised(&part.files, &part.prefix, || Ok(hash_part(part)))?;
         memo.insert(component.label().to_string(), hash.clone());
         Ok(hash)
     }
@@ -625,67 +617,6 @@ fn hash_part(part: &Part) -> String {
         hasher.update(view.data());
     }
     hasher.finalize().to_hex().to_string()
-}
-
-/// Identity of a part's files for the hash memo: canonical paths, sizes, mtimes and prefix.
-fn file_signature(files: &[PathBuf], prefix: &str) -> Result<String> {
-    let mut signature = crate::hashing::KeyBuilder::new("weights-memo", 1);
-    signature.text("prefix", prefix);
-    for file in files {
-        let canonical = std::fs::canonicalize(file).map_err(|e| Error::io(file, e))?;
-        let meta = std::fs::metadata(file).map_err(|e| Error::io(file, e))?;
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        signature.text("file", &canonical.to_string_lossy());
-        signature.text("size", &meta.len().to_string());
-        signature.text("mtime", &mtime.to_string());
-    }
-    Ok(signature.finish())
-}
-
-/// The memo file: `$LORAKIT_CACHE_DIR`, else `$XDG_CACHE_HOME/lorakit`, else `~/.cache/lorakit`.
-fn memo_path() -> Option<PathBuf> {
-    let dir = if let Some(dir) = std::env::var_os("LORAKIT_CACHE_DIR") {
-        PathBuf::from(dir)
-    } else if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
-        PathBuf::from(dir).join("lorakit")
-    } else {
-        PathBuf::from(std::env::var_os("HOME")?)
-            .join(".cache")
-            .join("lorakit")
-    };
-    Some(dir.join("weights-hashes.json"))
-}
-
-fn memo_read(path: &Path) -> serde_json::Map<String, serde_json::Value> {
-    std::fs::read(path)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or_default()
-}
-
-fn memo_lookup(signature: &str) -> Option<String> {
-    let memo = memo_read(&memo_path()?);
-    memo.get(signature)?.as_str().map(str::to_string)
-}
-
-/// Records a hash in the memo (best effort: a read-only cache directory only costs a re-hash).
-fn memo_store(signature: &str, hash: &str) {
-    let Some(path) = memo_path() else { return };
-    if let Some(dir) = path.parent() {
-        if std::fs::create_dir_all(dir).is_err() {
-            return;
-        }
-    }
-    let mut memo = memo_read(&path);
-    memo.insert(signature.to_string(), serde_json::Value::from(hash));
-    if let Ok(bytes) = serde_json::to_vec_pretty(&memo) {
-        let _ = fsio::write_atomic(&path, &bytes);
-    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use image::RgbImage;
 use rayon::prelude::*;
 
-use crate::imaging::{self, DecodeLimits, LoadedImage};
+use crate::imaging::{self, DecodeOptions, LoadedImage};
 use crate::report::{Progress, Summary};
 use crate::{Error, Result};
 use labels::{LabelOptions, LabelSet, Layout, Selection};
@@ -64,8 +64,8 @@ pub struct TagOptions {
     pub ort_lib: Option<PathBuf>,
     /// ONNX Runtime intra-op threads (0 = its default).
     pub threads: usize,
-    /// Decompression-bomb limits.
-    pub limits: DecodeLimits,
+    /// Decompression-bomb limits and EXIF handling.
+    pub decode: DecodeOptions,
     /// No progress display.
     pub quiet: bool,
 }
@@ -210,7 +210,10 @@ pub fn run(options: &TagOptions) -> Result<Summary> {
         .store_path
         .clone()
         .unwrap_or_else(|| options.train_data_dir.join(DEFAULT_STORE_NAME));
-    let model_hash = crate::hashing::hash_file(&files.model)?;
+    let model_hash =
+        crate::hashing::memoised(std::slice::from_ref(&files.model), "tagger-model", || {
+            crate::hashing::hash_file(&files.model)
+        })?;
     let mut store = match ProbabilityStore::load(&store_path)? {
         Some(store) if store.model_hash() == model_hash => store,
         Some(_) => {
@@ -243,7 +246,12 @@ pub fn run(options: &TagOptions) -> Result<Summary> {
             Some((entry, _)) => {
                 entry.size != item.size
                     || entry.mtime_ns != item.mtime_ns
-                    || entry.key != ProbabilityStore::content_key(&model_hash, &entry.image_hash)
+                    || entry.key
+                        != ProbabilityStore::content_key(
+                            &model_hash,
+                            &entry.image_hash,
+                            &options.decode,
+                        )
             }
             None => true,
         })
@@ -332,7 +340,7 @@ impl Tagging<'_> {
         };
         let side = tagger.shape.input_size;
         let layout = files.layout;
-        let limits = options.limits;
+        let decode = options.decode;
         let model_hash = self.model_hash.to_string();
         let progress = Progress::new("tag-images", pending.len(), options.quiet);
         let started = std::time::Instant::now();
@@ -347,7 +355,7 @@ impl Tagging<'_> {
                         .enumerate()
                         .map(|(offset, item)| {
                             let index = chunk_index * batch_size + offset;
-                            (index, prepare(item, &model_hash, side, layout, &limits))
+                            (index, prepare(item, &model_hash, side, layout, &decode))
                         })
                         .collect();
                     if sender.send(prepared).is_err() {
@@ -430,18 +438,18 @@ fn prepare(
     model_hash: &str,
     side: usize,
     layout: Layout,
-    limits: &DecodeLimits,
+    decode: &DecodeOptions,
 ) -> Result<Prepared> {
     let bytes = std::fs::read(&item.path).map_err(|e| Error::io(&item.path, e))?;
     let image_hash = crate::hashing::hash_bytes(&bytes);
-    let image = imaging::decode(&item.path, &bytes, limits)?;
+    let image = imaging::decode(&item.path, &bytes, decode)?;
     let input = preprocess(&image, side, layout);
     Ok(Prepared {
         entry: Entry {
             path: item.relative.clone(),
             size: item.size,
             mtime_ns: item.mtime_ns,
-            key: ProbabilityStore::content_key(model_hash, &image_hash),
+            key: ProbabilityStore::content_key(model_hash, &image_hash, decode),
             image_hash,
             image_size: image.original_size(),
         },
@@ -621,7 +629,7 @@ fn write_manifest(
     });
     let mut manifest =
         crate::manifest::Manifest::new("tag-images", store_path, STORE_SCHEMA_ID, parameters);
-    manifest.add_input_file("model", &files.model)?;
+    manifest.add_input_hash("model", &files.model, store.model_hash());
     manifest.add_input_file("labels", &files.labels)?;
     manifest.items = store.keys();
     manifest.summary = summary.clone();
@@ -646,7 +654,11 @@ mod tests {
             "microaneurysms",
             "text",
         ] {
-            let image = imaging::open(&fixtures.join(format!("images/{stem}.png"))).unwrap();
+            let image = imaging::open(
+                &fixtures.join(format!("images/{stem}.png")),
+                &DecodeOptions::default(),
+            )
+            .unwrap();
             let ours = preprocess(&image, 448, Layout::SmilingWolf);
             let array = archive
                 .by_name(&format!("{stem}__bgr_uint8"))

@@ -22,6 +22,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::hashing::KeyBuilder;
+use crate::imaging::DecodeOptions;
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"LKTAGP01";
@@ -192,12 +193,13 @@ impl ProbabilityStore {
         self.rows.retain(|path, _| keep.contains(path));
     }
 
-    /// Content key of an image's probabilities under the model `model_hash` (the model also
-    /// fixes the input size and layout, so nothing else affects the row).
-    pub fn content_key(model_hash: &str, image_hash: &str) -> String {
+    /// Content key of an image's probabilities under the model `model_hash`, decoded with
+    /// `decode` (the model also fixes the input size and layout, so nothing else affects the row).
+    pub fn content_key(model_hash: &str, image_hash: &str, decode: &DecodeOptions) -> String {
         KeyBuilder::new("tag-probs", PREPROCESS_VERSION)
             .text("model", model_hash)
             .text("image", image_hash)
+            .text("decode", decode.key_text())
             .finish()
     }
 }
@@ -229,7 +231,7 @@ mod tests {
             size: 10,
             mtime_ns: 5,
             image_hash: "h".into(),
-            key: ProbabilityStore::content_key("m", "h"),
+            key: ProbabilityStore::content_key("m", "h", &DecodeOptions::default()),
             image_size: (4, 3),
         };
         store.insert(entry.clone(), vec![0.25, 0.5, 1.0]);

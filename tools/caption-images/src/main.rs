@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use lorakit_pipeline::caption::{self, CaptionOptions, Decoding, GenerationSettings};
-use lorakit_pipeline::cli::LogArgs;
+use lorakit_pipeline::cli::{ImageArgs, LogArgs};
 
 /// Caption images with BLIP (sd-scripts finetune/make_captions.py).
 #[derive(Parser)]
@@ -57,6 +57,8 @@ struct Args {
     #[arg(long)]
     force: bool,
     #[command(flatten)]
+    image: ImageArgs,
+    #[command(flatten)]
     log: LogArgs,
 }
 
@@ -73,21 +75,24 @@ fn main() -> std::process::ExitCode {
     } else {
         Decoding::Nucleus { top_p: args.top_p }
     };
-    let options = CaptionOptions {
-        train_data_dir: args.train_data_dir,
-        caption_weights: args.caption_weights,
-        generation: GenerationSettings {
-            decoding,
-            max_length: args.max_length,
-            min_length: args.min_length,
-        },
-        seed: args.seed,
-        batch_size: args.batch_size,
-        caption_extension: args.caption_extention.unwrap_or(args.caption_extension),
-        recursive: args.recursive,
-        debug: args.debug,
-        force: args.force,
-        quiet: args.log.quiet,
-    };
-    lorakit_pipeline::report::run("caption-images", || caption::run(&options))
+    lorakit_pipeline::report::run("caption-images", || {
+        let options = CaptionOptions {
+            train_data_dir: args.train_data_dir,
+            caption_weights: args.caption_weights,
+            generation: GenerationSettings {
+                decoding,
+                max_length: args.max_length,
+                min_length: args.min_length,
+            },
+            seed: args.seed,
+            batch_size: args.batch_size,
+            caption_extension: args.caption_extention.unwrap_or(args.caption_extension),
+            recursive: args.recursive,
+            debug: args.debug,
+            force: args.force,
+            decode: args.image.options()?,
+            quiet: args.log.quiet,
+        };
+        caption::run(&options)
+    })
 }

@@ -2,8 +2,7 @@
 //! caches) before any expensive stage runs. Exit code 0: no errors; 3: errors found.
 
 use clap::Parser;
-use lorakit_pipeline::cli::{BucketArgs, LogArgs};
-use lorakit_pipeline::imaging::{DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE};
+use lorakit_pipeline::cli::{BucketArgs, ImageArgs, LogArgs};
 use lorakit_pipeline::lint::{self, LintOptions};
 use lorakit_pipeline::tokenize::MaxTokenLength;
 
@@ -31,12 +30,8 @@ struct Args {
     /// Decode every image (slower): catches damaged pixel data and finds near-duplicates.
     #[arg(long)]
     decode: bool,
-    /// Largest accepted image width or height (the stages' decompression-bomb limit).
-    #[arg(long, default_value_t = DEFAULT_MAX_SIDE)]
-    max_image_side: u32,
-    /// Largest accepted pixel count (the stages' decompression-bomb limit).
-    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
-    max_image_pixels: u64,
+    #[command(flatten)]
+    image: ImageArgs,
     /// Training resolution `W,H` or `SIZE`: enables the bucket checks and occupancy histogram.
     #[arg(long)]
     resolution: Option<String>,
@@ -82,8 +77,7 @@ fn main() -> std::process::ExitCode {
             caption_extension: args.caption_extension,
             tag_extension: args.tag_extension,
             decode: args.decode,
-            max_side: args.max_image_side,
-            max_pixels: args.max_image_pixels,
+            image: args.image.options()?,
             near_duplicate_distance: args.near_duplicate_distance,
             max_caption_bytes: args.max_caption_bytes,
             top_tags: args.top_tags,

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use lorakit_pipeline::cli::{BucketArgs, LogArgs};
+use lorakit_pipeline::cli::{BucketArgs, ImageArgs, LogArgs};
 use lorakit_pipeline::latents::{prepare_latents, LatentOptions, Precision};
 
 /// Bucket every image and cache its VAE latents.
@@ -68,6 +68,8 @@ struct Args {
     #[arg(long)]
     force: bool,
     #[command(flatten)]
+    image: ImageArgs,
+    #[command(flatten)]
     log: LogArgs,
 }
 
@@ -96,6 +98,7 @@ fn main() -> std::process::ExitCode {
                 .is_some_and(|v| !v.is_empty() && v != "false"),
             skip_existing: args.skip_existing,
             recursive: args.recursive,
+            decode: args.image.options()?,
             seed: args.seed,
             cache_dir: args.cache_dir,
             force: args.force,

@@ -4,14 +4,13 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use lorakit_pipeline::cli::LogArgs;
-use lorakit_pipeline::imaging::{DecodeLimits, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE};
+use lorakit_pipeline::cli::{ImageArgs, LogArgs};
 use lorakit_pipeline::tagger::labels::{
     parse_replacements, LabelOptions, Placement, Selection, Thresholds,
 };
 use lorakit_pipeline::tagger::onnx::Device;
 use lorakit_pipeline::tagger::{run, TagOptions, DEFAULT_REPO_ID};
-use lorakit_pipeline::{Error, Result};
+use lorakit_pipeline::Result;
 
 /// Tag images with a WD14 tagger (sd-scripts tag_images_by_wd14_tagger.py, ONNX only).
 #[derive(Parser)]
@@ -133,9 +132,8 @@ struct Args {
     /// loads the model; images missing from the store are reported and skipped.
     #[arg(long)]
     from_store: bool,
-    /// Decompression-bomb limit: largest image decoded, in pixels.
-    #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
-    max_image_pixels: u64,
+    #[command(flatten)]
+    image: ImageArgs,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -168,9 +166,6 @@ impl Args {
             Some(text) => parse_replacements(text)?,
             None => Vec::new(),
         };
-        if self.max_image_pixels == 0 {
-            return Err(Error::Usage("--max_image_pixels must be positive".into()));
-        }
         Ok(TagOptions {
             train_data_dir: self.train_data_dir,
             model_dir: self.model_dir,
@@ -201,10 +196,7 @@ impl Args {
             device: self.device,
             ort_lib: self.ort_lib,
             threads: self.threads,
-            limits: DecodeLimits {
-                max_pixels: self.max_image_pixels,
-                max_side: DEFAULT_MAX_SIDE,
-            },
+            decode: self.image.options()?,
             quiet: self.log.quiet,
         })
     }
