@@ -4,10 +4,9 @@
 # folder holding model.onnx + selected_tags.csv for representative session times).
 # For each N it prints: cold run (inference) wall time and images/s, the ONNX session time
 # alone (the floor: the tool logs it), and a re-render from the tag-probability store.
-# With SD_SCRIPTS=/path/to/sd-scripts (and a Python with its requirements + onnxruntime), the
-# same images are also tagged by sd-scripts for comparison.
+# bench/compare-sd-scripts.sh runs this and then sd-scripts on the same folders.
 #
-#   bench/tag-images.sh [N...]        env: MODEL, BATCH (8), PROFILE (release), WORK, SD_SCRIPTS
+#   bench/tag-images.sh [N...]        env: MODEL, BATCH (8), PROFILE (release), WORK
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=("$@")
@@ -32,25 +31,16 @@ for n in "${SIZES[@]}"; do
     cp "$src" "$data/img_$(printf %06d "$i").${src##*.}"
   done
   log="$WORK/run-$n.log"
-  start=$(date +%s.%N)
-  "$BIN" "$data" --model_dir "$MODELS" --batch_size "$BATCH" 2> "$log"
-  end=$(date +%s.%N)
+  /usr/bin/time -f "%e %M" -o "$WORK/time-$n" "$BIN" "$data" --model_dir "$MODELS" --batch_size "$BATCH" 2> "$log"
+  read -r secs rss < "$WORK/time-$n"
   session=$(sed -n 's/.*ONNX session \([0-9.]*\) s.*/\1/p' "$log")
   provider=$(grep -o '[A-Za-z]*ExecutionProvider' "$log" | head -n 1)
-  awk -v n="$n" -v s="$(echo "$end - $start" | bc)" -v f="$session" -v p="$provider" 'BEGIN {
-    printf "tag-images  %6d images  %7.2f s  %8.1f images/s  session %6.2f s (%.1f images/s, %s)  overhead %+.0f%%\n",
-      n, s, n / s, f, n / (f > 0 ? f : 1e-9), p, 100 * (s - f) / (f > 0 ? f : 1e-9) }'
+  awk -v n="$n" -v s="$secs" -v r="$rss" -v f="$session" -v p="$provider" 'BEGIN {
+    printf "tag-images  %6d images  %7.2f s  %8.1f images/s  %5.0f MiB peak RSS  session %6.2f s (%.1f images/s, %s)  overhead %+.0f%%\n",
+      n, s, n / s, r / 1024, f, n / (f > 0 ? f : 1e-9), p, 100 * (s - f) / (f > 0 ? f : 1e-9) }'
   start=$(date +%s.%N)
   "$BIN" "$data" --model_dir "$MODELS" --batch_size "$BATCH" --from_store --thresh 0.5 -q 2> /dev/null
   end=$(date +%s.%N)
   awk -v n="$n" -v s="$(echo "$end - $start" | bc)" \
     'BEGIN { printf "re-render   %6d images  %7.2f s  %8.1f images/s  (--from_store, new threshold)\n", n, s, n / s }'
-  if [ -n "${SD_SCRIPTS:-}" ]; then
-    start=$(date +%s.%N)
-    (cd "$SD_SCRIPTS" && python finetune/tag_images_by_wd14_tagger.py "$data" --onnx \
-      --model_dir "$MODELS" --batch_size "$BATCH" > /dev/null 2>&1)
-    end=$(date +%s.%N)
-    awk -v n="$n" -v s="$(echo "$end - $start" | bc)" \
-      'BEGIN { printf "sd-scripts  %6d images  %7.2f s  %8.1f images/s\n", n, s, n / s }'
-  fi
 done

@@ -494,7 +494,9 @@ mod area {
     }
 
     /// Non-integer factors: per destination row, accumulate `weight_y * row_sum` in f32 where
-    /// each row sum accumulates `pixel * weight_x` in f32, in OpenCV's order.
+    /// each row sum accumulates `pixel * weight_x` in f32, in OpenCV's order. Every source
+    /// row's horizontal sum is computed once (as OpenCV does) and shared by the destination
+    /// rows it covers.
     fn fractional(
         source: &Plane,
         width: usize,
@@ -511,20 +513,25 @@ mod area {
         }
         row_starts[height] = rows.len();
         let stride = width * channels;
-        let mut out = vec![0u8; stride * height];
-        out.par_chunks_mut(stride).enumerate().for_each(|(y, row)| {
-            let mut line = vec![0f32; stride];
-            let mut sum = vec![0f32; stride];
-            for tap in &rows[row_starts[y]..row_starts[y + 1]] {
-                let pixels = source.row(tap.source);
-                line.fill(0.0);
+        let mut horizontal = vec![0f32; stride * source.height];
+        horizontal
+            .par_chunks_mut(stride)
+            .enumerate()
+            .for_each(|(y, line)| {
+                let pixels = source.row(y);
                 for column in &columns {
                     for c in 0..channels {
                         line[column.destination + c] +=
                             f32::from(pixels[column.source + c]) * column.weight;
                     }
                 }
-                for (total, value) in sum.iter_mut().zip(&line) {
+            });
+        let mut out = vec![0u8; stride * height];
+        out.par_chunks_mut(stride).enumerate().for_each(|(y, row)| {
+            let mut sum = vec![0f32; stride];
+            for tap in &rows[row_starts[y]..row_starts[y + 1]] {
+                let line = &horizontal[tap.source * stride..(tap.source + 1) * stride];
+                for (total, value) in sum.iter_mut().zip(line) {
                     *total += tap.weight * value;
                 }
             }
@@ -662,11 +669,18 @@ mod pillow {
 
     const HALF: i32 = 1 << (PRECISION_BITS - 1);
 
+    /// Most channels of an 8-bit `image` pixel type (RGBA).
+    const MAX_CHANNELS: usize = 4;
+
     pub(super) fn resize(source: &Plane, width: usize, height: usize, filter: Filter) -> Vec<u8> {
         if source.width == width && source.height == height {
             return source.data.to_vec();
         }
         let channels = source.channels;
+        assert!(
+            channels <= MAX_CHANNELS,
+            "8-bit pixels have at most 4 channels"
+        );
         let horizontal = Kernel::new(source.width, width, filter);
         let vertical = Kernel::new(source.height, height, filter);
 
@@ -681,14 +695,17 @@ mod pillow {
                 .enumerate()
                 .for_each(|(index, row)| {
                     let pixels = source.row(first_row + index);
-                    for x in 0..width {
+                    for (x, target) in row.chunks_exact_mut(channels).enumerate() {
                         let (first, weights) = horizontal.taps(x);
-                        for c in 0..channels {
-                            let mut sum = HALF;
-                            for (offset, &w) in weights.iter().enumerate() {
-                                sum += i32::from(pixels[(first + offset) * channels + c]) * w;
+                        let window = &pixels[first * channels..(first + weights.len()) * channels];
+                        let mut sums = [HALF; MAX_CHANNELS];
+                        for (pixel, &w) in window.chunks_exact(channels).zip(weights) {
+                            for (sum, &value) in sums.iter_mut().zip(pixel) {
+                                *sum += i32::from(value) * w;
                             }
-                            row[x * channels + c] = clip8(sum);
+                        }
+                        for (value, &sum) in target.iter_mut().zip(&sums) {
+                            *value = clip8(sum);
                         }
                     }
                 });
@@ -705,11 +722,15 @@ mod pillow {
         out.par_chunks_mut(stride).enumerate().for_each(|(y, row)| {
             let (first, weights) = vertical.taps(y);
             let first = first - first_row;
-            for (x, target) in row.iter_mut().enumerate() {
-                let mut sum = HALF;
-                for (offset, &w) in weights.iter().enumerate() {
-                    sum += i32::from(intermediate[(first + offset) * stride + x]) * w;
+            // Whole source rows at a time (integer sums: the order does not change the result).
+            let mut sums = vec![HALF; stride];
+            for (offset, &w) in weights.iter().enumerate() {
+                let line = &intermediate[(first + offset) * stride..(first + offset + 1) * stride];
+                for (sum, &value) in sums.iter_mut().zip(line) {
+                    *sum += i32::from(value) * w;
                 }
+            }
+            for (target, &sum) in row.iter_mut().zip(&sums) {
                 *target = clip8(sum);
             }
         });
