@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use lorakit_pipeline::caption::{self, CaptionOptions, Decoding, GenerationSettings};
-use lorakit_pipeline::cli::LogArgs;
+use lorakit_pipeline::cli::{LogArgs, ShardArgs};
 
 /// Caption images with BLIP (sd-scripts finetune/make_captions.py).
 #[derive(Parser)]
@@ -57,6 +57,8 @@ struct Args {
     #[arg(long)]
     force: bool,
     #[command(flatten)]
+    shard: ShardArgs,
+    #[command(flatten)]
     log: LogArgs,
 }
 
@@ -87,6 +89,7 @@ fn main() -> std::process::ExitCode {
         recursive: args.recursive,
         debug: args.debug,
         force: args.force,
+        shard: args.shard.shard,
         quiet: args.log.quiet,
     };
     lorakit_pipeline::report::run("caption-images", || caption::run(&options))

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use lorakit_pipeline::cli::LogArgs;
+use lorakit_pipeline::cli::{LogArgs, ShardArgs};
 use lorakit_pipeline::imaging::{DecodeLimits, DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE};
 use lorakit_pipeline::tagger::labels::{
     parse_replacements, LabelOptions, Placement, Selection, Thresholds,
@@ -40,7 +40,8 @@ struct Args {
     /// Accepted for compatibility; no effect.
     #[arg(long)]
     pin_memory: bool,
-    /// Write one JSON (or JSON Lines, for a .jsonl name) file instead of tag files.
+    /// Write one JSON (or JSON Lines, for a .jsonl name) file instead of tag files (with
+    /// --shard i/n: NAME.shard-i-of-n.json(l)).
     #[arg(long)]
     output_path: Option<PathBuf>,
     /// Extension of the tag files.
@@ -126,7 +127,8 @@ struct Args {
     /// ONNX Runtime threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Tag-probability store (default: <train_data_dir>/.lorakit-tag-probs.bin).
+    /// Tag-probability store (default: <train_data_dir>/.lorakit-tag-probs.bin; with --shard
+    /// i/n: .lorakit-tag-probs.shard-i-of-n.bin, joined by merge-shards).
     #[arg(long)]
     probs_store: Option<PathBuf>,
     /// Only re-render tag files from the store (new thresholds, undesired tags, ...): never
@@ -136,6 +138,8 @@ struct Args {
     /// Decompression-bomb limit: largest image decoded, in pixels.
     #[arg(long, default_value_t = DEFAULT_MAX_PIXELS)]
     max_image_pixels: u64,
+    #[command(flatten)]
+    shard: ShardArgs,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -205,6 +209,7 @@ impl Args {
                 max_pixels: self.max_image_pixels,
                 max_side: DEFAULT_MAX_SIDE,
             },
+            shard: self.shard.shard,
             quiet: self.log.quiet,
         })
     }
