@@ -15,6 +15,7 @@ use crate::imaging::{self, DecodeOptions};
 use crate::manifest::Manifest;
 use crate::models::blip::{BlipCaptioner, BlipFiles, IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD};
 use crate::report::{Progress, Summary};
+use crate::shard::Shard;
 use crate::{dataset, fsio, Error, Result};
 
 /// Tokens kept before nucleus filtering (transformers' default `top_k`, also in effect in
@@ -423,6 +424,9 @@ pub struct CaptionOptions {
     pub force: bool,
     /// Decompression-bomb limits and EXIF handling.
     pub decode: DecodeOptions,
+    /// `--shard i/n`: caption only this part of the images; the caption index gets a
+    /// shard-named path ([`Shard::output_path`]).
+    pub shard: Shard,
     /// Hide the progress bar.
     pub quiet: bool,
 }
@@ -503,7 +507,10 @@ pub fn run(options: &CaptionOptions) -> Result<Summary> {
     options.validate()?;
     let files = BlipFiles::locate(&options.caption_weights)?;
     let discovery = dataset::find_images(&options.train_data_dir, options.recursive)?;
-    let index = index_path(&options.train_data_dir, &options.caption_extension);
+    let index = options.shard.output_path(&index_path(
+        &options.train_data_dir,
+        &options.caption_extension,
+    ));
     let parameters = options.parameters();
     let previous = match Manifest::read_for(&index) {
         Ok(manifest) => manifest.map(|m| m.items).unwrap_or_default(),
@@ -514,7 +521,8 @@ pub fn run(options: &CaptionOptions) -> Result<Summary> {
     };
     let model_hash = files.hash()?;
     let mut summary = Summary::default();
-    for path in &discovery.not_files {
+    let mine = |path: &Path| options.shard.contains_image(&options.train_data_dir, path);
+    for path in discovery.not_files.iter().filter(|p| mine(p)) {
         summary.fail(
             path,
             &Error::bad_file(path, "named like an image but not a regular file"),
@@ -533,7 +541,11 @@ pub fn run(options: &CaptionOptions) -> Result<Summary> {
     let mut sidecar_owner: HashMap<PathBuf, PathBuf> = HashMap::new();
     for path in &discovery.images {
         let sidecar = dataset::sidecar_path(path, &options.caption_extension);
+        // Checked over every shard's images (names only), so each shard skips the same ones.
         if let Some(first) = sidecar_owner.insert(sidecar.clone(), path.clone()) {
+            if !mine(path) {
+                continue;
+            }
             summary.fail(
                 path,
                 &Error::bad_file(
@@ -547,7 +559,10 @@ pub fn run(options: &CaptionOptions) -> Result<Summary> {
             );
             continue;
         }
-        let item = relative_item(&options.train_data_dir, path);
+        if !mine(path) {
+            continue;
+        }
+        let item = dataset::relative_name(&options.train_data_dir, path);
         let image_hash = match hashing::hash_file(path) {
             Ok(hash) => hash,
             Err(error) => {
@@ -677,16 +692,6 @@ fn caption_batch(
         progress.inc(1);
     }
     Ok(())
-}
-
-/// The image path relative to the dataset folder, with `/` separators (the index/manifest key).
-fn relative_item(train_data_dir: &Path, image: &Path) -> String {
-    let relative = image.strip_prefix(train_data_dir).unwrap_or(image);
-    relative
-        .components()
-        .map(|c| c.as_os_str().to_string_lossy())
-        .collect::<Vec<_>>()
-        .join("/")
 }
 
 /// Decodes an image and turns it into BLIP's input `[3, 384, 384]`: RGB with any alpha channel

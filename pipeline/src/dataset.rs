@@ -73,6 +73,17 @@ pub fn find_images(train_data_dir: &Path, recursive: bool) -> Result<Discovery> 
     Ok(found)
 }
 
+/// `image` relative to the dataset folder `root`, `/`-separated: the name under which indexes,
+/// stores and manifests record an image, and its identity for `--shard`.
+pub fn relative_name(root: &Path, image: &Path) -> String {
+    let relative = image.strip_prefix(root).unwrap_or(image);
+    relative
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// The sidecar path of `image`: its extension replaced by `extension` (e.g. `.caption`).
 pub fn sidecar_path(image: &Path, extension: &str) -> PathBuf {
     let mut name = image.file_stem().unwrap_or_default().to_os_string();

@@ -27,6 +27,7 @@ use crate::models::{Checkpoint, Component, ModelFamily};
 use crate::npz::{self, NpzReader, NpzWriter};
 use crate::report::{Progress, Summary};
 use crate::schema::METADATA_V1;
+use crate::shard::Shard;
 use crate::{Error, Result};
 
 /// Tool and content-key stage name.
@@ -112,6 +113,9 @@ pub struct LatentOptions {
     pub cache_dir: Option<PathBuf>,
     /// Re-encode everything.
     pub force: bool,
+    /// `--shard i/n`: encode only this part of the images; the metadata JSON written holds this
+    /// shard's entries only, under a shard-named path ([`Shard::output_path`]).
+    pub shard: Shard,
     /// Hide progress.
     pub quiet: bool,
 }
@@ -142,8 +146,22 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
         return Err(Error::Usage("--batch_size must be at least 1".into()));
     }
     let mut metadata = load_input_metadata(&options.in_json)?;
-    let discovery = find_images(&options.train_data_dir, options.recursive)?;
+    let mut discovery = find_images(&options.train_data_dir, options.recursive)?;
     check_unique_keys(&discovery.images, options.full_path)?;
+    // Keys of every shard's images (names only): an entry without an image is not mistaken
+    // for one whose image another shard owns.
+    let found: HashSet<String> = discovery
+        .images
+        .iter()
+        .filter_map(|image| image_key(image, options.full_path).ok())
+        .collect();
+    let root = &options.train_data_dir;
+    discovery
+        .images
+        .retain(|image| options.shard.contains_image(root, image));
+    discovery
+        .not_files
+        .retain(|path| options.shard.contains_image(root, path));
     let (family, vae_source, vae_hash) = open_vae(options)?;
     let mut summary = Summary::default();
     for path in &discovery.not_files {
@@ -185,13 +203,10 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
     }
     report_buckets(&manager, &placed);
 
-    let found: HashSet<String> = discovery
-        .images
-        .iter()
-        .filter_map(|image| image_key(image, options.full_path).ok())
-        .collect();
+    // An entry without an image belongs to the shard of its key.
+    let orphan_here = |key: &str| !found.contains(key) && options.shard.contains(key);
     for (key, _) in metadata.iter() {
-        if !found.contains(key) {
+        if orphan_here(key) {
             summary.fail(
                 Path::new(key),
                 &Error::bad_file(
@@ -242,12 +257,21 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
         ready.extend(encoded);
     }
 
+    let out_json = options.shard.output_path(&options.out_json);
     let mut manifest = Manifest::new(
         STAGE,
-        &options.out_json,
+        &out_json,
         METADATA_V1,
         parameters(options, family.name()),
     );
+    if options.shard != Shard::ALL {
+        let mine: HashSet<String> = discovery
+            .images
+            .iter()
+            .filter_map(|image| image_key(image, options.full_path).ok())
+            .collect();
+        metadata.retain(|key| mine.contains(key) || orphan_here(key));
+    }
     ready.sort_by(|a, b| a.image.cmp(&b.image));
     for item in &ready {
         let (w, h) = item.placement.train_resolution();
@@ -258,8 +282,8 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
             .items
             .insert(item.key.clone(), item.content_key.clone());
     }
-    metadata.save(&options.out_json)?;
-    if options.in_json != options.out_json {
+    metadata.save(&out_json)?;
+    if options.in_json != out_json {
         manifest.add_input_file("in_json", &options.in_json)?;
     }
     manifest.inputs.push(InputRecord {
@@ -276,7 +300,7 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
         items: None,
     });
     manifest.summary = summary.clone();
-    manifest.write_for(&options.out_json)?;
+    manifest.write_for(&out_json)?;
     Ok(summary)
 }
 

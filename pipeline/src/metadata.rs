@@ -93,6 +93,11 @@ impl Metadata {
             .expect("metadata entries are objects (checked on load)")
     }
 
+    /// Keeps only the entries whose key passes `keep` (order unchanged).
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.entries.retain(|key, _| keep(key));
+    }
+
     /// Iterates over `(key, entry)` in document order.
     pub fn iter(&self) -> impl Iterator<Item = (&String, &Map<String, Value>)> {
         self.entries

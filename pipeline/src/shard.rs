@@ -1,20 +1,30 @@
 //! `--shard i/n`: split a per-image stage over `n` machines with a stable assignment.
 //!
-//! An item belongs to shard `i` when the BLAKE3 hash of its identity (the image path relative to
-//! the dataset folder, or its metadata key) modulo `n` equals `i`. The assignment depends only on
-//! the item itself, so every machine computes the same split without reading the other items,
-//! and adding images moves no existing image to another shard.
+//! An item belongs to shard `i` when the BLAKE3 hash of its identity modulo `n` equals `i`. The
+//! identity of an image is its path relative to the dataset folder (`tag-images`,
+//! `caption-images`, `prepare-latents`: one image lands on the same shard in every stage); a
+//! `cache-text-encoder` entry, which reads no image, is identified by its metadata key. The
+//! assignment is a function of the path alone, not of the image bytes or of the other items:
+//! deciding ownership reads nothing, so no machine opens an image it does not own, every machine
+//! computes the same split, and adding images moves no existing image to another shard.
+//!
+//! Per-image outputs (tag and caption files, latent and text-encoder caches) are written as in
+//! an unsharded run. A run's own files (metadata JSON, cache index, caption index,
+//! tag-probability store, `--output_path`) get a shard-named path ([`Shard::output_path`]) so
+//! shards sharing a folder never overwrite each other; [`merge_shard_outputs`] joins them.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde_json::{Map, Value};
 
+use crate::caption::CAPTION_INDEX_V1;
 use crate::manifest::Manifest;
 use crate::metadata::{write_python_json, Metadata};
 use crate::report::Summary;
 use crate::schema::METADATA_V1;
-use crate::{fsio, Error, Result};
+use crate::tagger::store::{ProbabilityStore, FORMAT as TAG_STORE_V1};
+use crate::{dataset, fsio, Error, Result};
 
 /// One part of a sharded run: shard `index` (0-based) of `count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +48,28 @@ impl Shard {
         let head = u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"));
         head % self.count == self.index
     }
+
+    /// True when `image`, found under the dataset folder `root`, belongs to this shard (its
+    /// identity is its path relative to `root`, see [`dataset::relative_name`]).
+    pub fn contains_image(&self, root: &Path, image: &Path) -> bool {
+        self.count == 1 || self.contains(&dataset::relative_name(root, image))
+    }
+
+    /// Where this shard writes a run output that would be `path` unsharded: `path` itself for
+    /// the whole dataset, else `.shard-<i>-of-<n>` before the extension
+    /// (`meta_lat.json` -> `meta_lat.shard-0-of-3.json`).
+    pub fn output_path(&self, path: &Path) -> PathBuf {
+        if *self == Shard::ALL {
+            return path.to_path_buf();
+        }
+        let mut name = path.file_stem().unwrap_or_default().to_os_string();
+        name.push(format!(".shard-{}-of-{}", self.index, self.count));
+        if let Some(extension) = path.extension() {
+            name.push(".");
+            name.push(extension);
+        }
+        path.with_file_name(name)
+    }
 }
 
 impl FromStr for Shard {
@@ -55,12 +87,15 @@ impl FromStr for Shard {
     }
 }
 
-/// Joins the JSON outputs of a sharded stage (and their manifests) into one output.
+/// Joins the run outputs of a sharded stage (and their manifests) into one output.
 ///
-/// Metadata JSON (`lorakit.metadata/v1`) is merged entry by entry; other stage documents merge
-/// their `entries` object, and every other field must be equal across shards. Entries keep the
-/// order of `order_like` (e.g. the stage's input metadata) when given, else sorted by key, which
-/// is the order an unsharded run writes. Returns the combined summary of the shard runs.
+/// By the schema id in the shards' manifests: metadata JSON (`lorakit.metadata/v1`, e.g.
+/// `prepare-latents` with `train_resolution`) is merged entry by entry; a caption index
+/// (`caption-images`) key by key; tag-probability stores (`tag-images`) row by row, refusing
+/// stores of another model; other stage documents (the `cache-text-encoder` index) merge their
+/// `entries` object, and every other field must be equal across shards. Metadata entries keep
+/// the order of `order_like` (e.g. the stage's input metadata) when given, else sorted by key,
+/// which is the order an unsharded run writes. Returns the combined summary of the shard runs.
 pub fn merge_shard_outputs(
     shards: &[PathBuf],
     output: &Path,
@@ -71,7 +106,7 @@ pub fn merge_shard_outputs(
             "give at least one shard output to merge".into(),
         ));
     };
-    let mut manifests = Vec::with_capacity(shards.len());
+    let mut manifests: Vec<Manifest> = Vec::with_capacity(shards.len());
     for shard in shards {
         let manifest = Manifest::read_for(shard)?.ok_or_else(|| {
             Error::bad_file(
@@ -79,24 +114,21 @@ pub fn merge_shard_outputs(
                 "has no manifest: only outputs of lorakit stages run with --shard can be merged",
             )
         })?;
-        if manifest.output_schema
-            != manifests
-                .first()
-                .map_or(&manifest, |m: &Manifest| m)
-                .output_schema
-        {
-            return Err(Error::schema(
-                shard,
-                format!(
-                    "is a {} document, unlike {}",
-                    manifest.output_schema,
-                    first.display()
-                ),
-            ));
+        if let Some(seen) = manifests.first() {
+            if manifest.output_schema != seen.output_schema {
+                return Err(Error::schema(
+                    shard,
+                    format!(
+                        "is a {} document, unlike {} ({})",
+                        manifest.output_schema,
+                        first.display(),
+                        seen.output_schema
+                    ),
+                ));
+            }
         }
         manifests.push(manifest);
     }
-    let schema_id = manifests[0].output_schema.clone();
     let order = match order_like {
         Some(path) => Some(
             Metadata::load(path)?
@@ -107,55 +139,12 @@ pub fn merge_shard_outputs(
         None => None,
     };
 
-    let combined = if schema_id == METADATA_V1 {
-        let mut entries = Map::new();
-        for shard in shards {
-            for (key, entry) in Metadata::load(shard)?.iter() {
-                entries.insert(key.clone(), Value::Object(entry.clone()));
-            }
-        }
-        Value::Object(reorder(entries, order.as_deref()))
-    } else {
-        let mut document: Option<Value> = None;
-        let mut entries = Map::new();
-        for shard in shards {
-            let mut value: Value = serde_json::from_slice(&fsio::read(shard)?)
-                .map_err(|e| Error::bad_file(shard, format!("not valid JSON ({e})")))?;
-            let Some(Value::Object(part)) = value.as_object_mut().and_then(|o| o.remove("entries"))
-            else {
-                return Err(Error::schema(shard, "has no \"entries\" object to merge"));
-            };
-            entries.extend(part);
-            match &document {
-                None => document = Some(value),
-                Some(seen) if *seen == value => {}
-                Some(_) => {
-                    return Err(Error::schema(
-                        shard,
-                        format!(
-                        "was made with other settings or models than {}; re-run the shards alike",
-                        first.display()
-                    ),
-                    ))
-                }
-            }
-        }
-        let mut document = document.expect("at least one shard");
-        document["entries"] = Value::Object(reorder(entries, order.as_deref()));
-        document
-    };
-
-    let bytes = if schema_id == METADATA_V1 {
-        Metadata::from_value(combined)
-            .map_err(|m| Error::schema(first, m))?
-            .to_bytes()
-    } else {
-        let mut bytes = Vec::new();
-        write_python_json(&mut bytes, &combined, 2, false).expect("writing to memory");
-        bytes.push(b'\n');
-        bytes
-    };
-    fsio::write_atomic(output, &bytes)?;
+    match manifests[0].output_schema.as_str() {
+        METADATA_V1 => fsio::write_atomic(output, &join_metadata(shards, order.as_deref())?)?,
+        CAPTION_INDEX_V1 => fsio::write_atomic(output, &join_caption_indexes(shards)?)?,
+        TAG_STORE_V1 => join_tag_stores(shards)?.save(output)?,
+        _ => fsio::write_atomic(output, &join_entry_documents(shards, order.as_deref())?)?,
+    }
 
     let mut manifest = manifests[0].clone();
     manifest.output = output
@@ -181,6 +170,94 @@ pub fn merge_shard_outputs(
     }
     manifest.write_for(output)?;
     Ok(manifest.summary)
+}
+
+/// Metadata JSON shards, entry by entry, written as sd-scripts writes metadata.
+fn join_metadata(shards: &[PathBuf], order: Option<&[String]>) -> Result<Vec<u8>> {
+    let mut entries = Map::new();
+    for shard in shards {
+        for (key, entry) in Metadata::load(shard)?.iter() {
+            entries.insert(key.clone(), Value::Object(entry.clone()));
+        }
+    }
+    Ok(Metadata::from_value(Value::Object(reorder(entries, order)))
+        .map_err(|m| Error::schema(&shards[0], m))?
+        .to_bytes())
+}
+
+/// Caption indexes (image -> caption objects), sorted by image as `caption-images` writes them.
+fn join_caption_indexes(shards: &[PathBuf]) -> Result<Vec<u8>> {
+    let mut entries = Map::new();
+    for shard in shards {
+        match read_json(shard)? {
+            Value::Object(part) => entries.extend(part),
+            _ => {
+                return Err(Error::schema(
+                    shard,
+                    "a caption index must be a JSON object",
+                ))
+            }
+        }
+    }
+    Ok(python_json_bytes(&Value::Object(reorder(entries, None))))
+}
+
+/// Tag-probability stores of one model, row by row.
+fn join_tag_stores(shards: &[PathBuf]) -> Result<ProbabilityStore> {
+    let mut joined: Option<ProbabilityStore> = None;
+    for shard in shards {
+        let store = ProbabilityStore::load(shard)?
+            .ok_or_else(|| Error::bad_file(shard, "tag-probability store not found"))?;
+        match &mut joined {
+            None => joined = Some(store),
+            Some(joined) => joined.absorb(store).map_err(|m| Error::schema(shard, m))?,
+        }
+    }
+    Ok(joined.expect("at least one shard"))
+}
+
+/// Documents with an `entries` object (the text-encoder cache index): entries joined, every
+/// other field equal across shards.
+fn join_entry_documents(shards: &[PathBuf], order: Option<&[String]>) -> Result<Vec<u8>> {
+    let mut document: Option<Value> = None;
+    let mut entries = Map::new();
+    for shard in shards {
+        let mut value = read_json(shard)?;
+        let Some(Value::Object(part)) = value.as_object_mut().and_then(|o| o.remove("entries"))
+        else {
+            return Err(Error::schema(shard, "has no \"entries\" object to merge"));
+        };
+        entries.extend(part);
+        match &document {
+            None => document = Some(value),
+            Some(seen) if *seen == value => {}
+            Some(_) => {
+                return Err(Error::schema(
+                    shard,
+                    format!(
+                        "was made with other settings or models than {}; re-run the shards alike",
+                        shards[0].display()
+                    ),
+                ))
+            }
+        }
+    }
+    let mut document = document.expect("at least one shard");
+    document["entries"] = Value::Object(reorder(entries, order));
+    Ok(python_json_bytes(&document))
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    serde_json::from_slice(&fsio::read(path)?)
+        .map_err(|e| Error::bad_file(path, format!("not valid JSON ({e})")))
+}
+
+/// `value` as the stages write their JSON documents (indent 2, UTF-8, final newline).
+fn python_json_bytes(value: &Value) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    write_python_json(&mut bytes, value, 2, false).expect("writing to memory");
+    bytes.push(b'\n');
+    bytes
 }
 
 /// Puts `entries` in the order of `order` (unknown keys last, sorted), or sorted by key.
@@ -253,6 +330,29 @@ mod tests {
         let summary = merge_shard_outputs(&paths, &out, None).unwrap();
         assert_eq!(summary.done, 20);
         assert_eq!(std::fs::read(&out).unwrap(), whole.to_bytes());
+    }
+
+    #[test]
+    fn shard_outputs_are_named_apart() {
+        let shard = Shard { index: 1, count: 3 };
+        assert_eq!(
+            shard.output_path(Path::new("out/meta_lat.json")),
+            Path::new("out/meta_lat.shard-1-of-3.json")
+        );
+        assert_eq!(
+            shard.output_path(Path::new("d/.lorakit-tag-probs.bin")),
+            Path::new("d/.lorakit-tag-probs.shard-1-of-3.bin")
+        );
+        assert_eq!(
+            Shard::ALL.output_path(Path::new("meta.json")),
+            Path::new("meta.json")
+        );
+        let root = Path::new("data");
+        let image = Path::new("data/sub/a.png");
+        assert_eq!(
+            shard.contains_image(root, image),
+            shard.contains("sub/a.png")
+        );
     }
 
     #[test]

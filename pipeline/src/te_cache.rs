@@ -746,18 +746,12 @@ fn report_orphans(
 /// beside the metadata JSON; a sharded run writes `<in_json stem>_te_cache.shard-<i>-of-<n>.json`.
 pub fn index_path(in_json: &Path, cache_dir: Option<&Path>, shard: Shard) -> PathBuf {
     let mut name = in_json.file_stem().unwrap_or_default().to_os_string();
-    if shard == Shard::ALL {
-        name.push("_te_cache.json");
-    } else {
-        name.push(format!(
-            "_te_cache.shard-{}-of-{}.json",
-            shard.index, shard.count
-        ));
-    }
-    match cache_dir {
+    name.push("_te_cache.json");
+    let whole = match cache_dir {
         Some(dir) => dir.join(name),
         None => in_json.with_file_name(name),
-    }
+    };
+    shard.output_path(&whole)
 }
 
 fn write_index(

@@ -202,6 +202,7 @@ fn check_latents(
         seed: settings.latent_seed,
         cache_dir: settings.cache_dir.clone(),
         force: false,
+        shard: crate::shard::Shard::ALL,
         quiet: true,
     };
     let (family, _, vae_hash) = latents::open_vae(&latent_options)?;

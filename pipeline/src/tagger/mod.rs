@@ -13,8 +13,10 @@ use std::sync::mpsc;
 use image::RgbImage;
 use rayon::prelude::*;
 
+use crate::dataset::relative_name;
 use crate::imaging::{self, DecodeOptions, LoadedImage};
 use crate::report::{Progress, Summary};
+use crate::shard::Shard;
 use crate::{Error, Result};
 use labels::{LabelOptions, LabelSet, Layout, Selection};
 use onnx::{Device, Tagger};
@@ -66,6 +68,9 @@ pub struct TagOptions {
     pub threads: usize,
     /// Decompression-bomb limits and EXIF handling.
     pub decode: DecodeOptions,
+    /// `--shard i/n`: tag only this part of the images; the store and `--output_path` get
+    /// shard-named paths ([`Shard::output_path`]).
+    pub shard: Shard,
     /// No progress display.
     pub quiet: bool,
 }
@@ -199,17 +204,21 @@ pub fn run(options: &TagOptions) -> Result<Summary> {
     }
     let files = ModelFiles::locate(&options.model_dir, &options.repo_id)?;
     let labels = files.load_labels(&options.label_options)?;
-    let discovery = crate::dataset::find_images(&options.train_data_dir, options.recursive)?;
+    let mut discovery = crate::dataset::find_images(&options.train_data_dir, options.recursive)?;
+    let root = &options.train_data_dir;
+    discovery
+        .images
+        .retain(|path| options.shard.contains_image(root, path));
+    discovery
+        .not_files
+        .retain(|path| options.shard.contains_image(root, path));
     let mut summary = Summary::default();
     for path in &discovery.not_files {
         summary.fail(path, &Error::bad_file(path, "not a regular file"));
     }
     tracing::info!("found {} images", discovery.images.len());
 
-    let store_path = options
-        .store_path
-        .clone()
-        .unwrap_or_else(|| options.train_data_dir.join(DEFAULT_STORE_NAME));
+    let store_path = store_path(options);
     let model_hash =
         crate::hashing::memoised(std::slice::from_ref(&files.model), "tagger-model", || {
             crate::hashing::hash_file(&files.model)
@@ -230,7 +239,7 @@ pub fn run(options: &TagOptions) -> Result<Summary> {
     for path in &discovery.images {
         match store::file_stamp(path) {
             Ok((size, mtime_ns)) => items.push(Item {
-                relative: relative_path(&options.train_data_dir, path),
+                relative: relative_name(&options.train_data_dir, path),
                 path: path.clone(),
                 size,
                 mtime_ns,
@@ -294,14 +303,14 @@ pub fn run(options: &TagOptions) -> Result<Summary> {
     Ok(summary)
 }
 
-/// `path` relative to the dataset folder, `/`-separated (the store's item name).
-fn relative_path(root: &Path, path: &Path) -> String {
-    let relative = path.strip_prefix(root).unwrap_or(path);
-    relative
-        .components()
-        .map(|c| c.as_os_str().to_string_lossy())
-        .collect::<Vec<_>>()
-        .join("/")
+/// The tag-probability store of a run: `--probs_store` or `<train_data_dir>/.lorakit-tag-probs.bin`,
+/// shard-named under `--shard`.
+pub fn store_path(options: &TagOptions) -> PathBuf {
+    let whole = options
+        .store_path
+        .clone()
+        .unwrap_or_else(|| options.train_data_dir.join(DEFAULT_STORE_NAME));
+    options.shard.output_path(&whole)
 }
 
 /// State of the inference part of a run.
@@ -510,7 +519,7 @@ fn render(
         summary.fail(image, &error);
     }
     if let Some(output) = &options.output_path {
-        write_output_file(output, &records)?;
+        write_output_file(&options.shard.output_path(output), &records)?;
     }
     if options.frequency_tags {
         // Stable sort: ties keep first-seen order, as Python's sorted().

@@ -188,6 +188,20 @@ impl ProbabilityStore {
             .collect()
     }
 
+    /// Adds every row of `other`, the store of another shard of the same dataset; refuses a
+    /// store computed with another model.
+    pub fn absorb(&mut self, other: ProbabilityStore) -> std::result::Result<(), String> {
+        if other.model_hash != self.model_hash || other.outputs != self.outputs {
+            return Err(format!(
+                "was computed with another tagger model ({} with {} outputs, not {} with {}); \
+                 re-run that shard with the same model",
+                other.model_hash, other.outputs, self.model_hash, self.outputs
+            ));
+        }
+        self.rows.extend(other.rows);
+        Ok(())
+    }
+
     /// Drops images no longer in the dataset.
     pub fn retain_paths(&mut self, keep: &std::collections::HashSet<String>) {
         self.rows.retain(|path, _| keep.contains(path));

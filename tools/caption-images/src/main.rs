@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use lorakit_pipeline::caption::{self, CaptionOptions, Decoding, GenerationSettings};
-use lorakit_pipeline::cli::{ImageArgs, LogArgs};
+use lorakit_pipeline::cli::{ImageArgs, LogArgs, ShardArgs};
 
 /// Caption images with BLIP (sd-scripts finetune/make_captions.py).
 #[derive(Parser)]
@@ -59,6 +59,8 @@ struct Args {
     #[command(flatten)]
     image: ImageArgs,
     #[command(flatten)]
+    shard: ShardArgs,
+    #[command(flatten)]
     log: LogArgs,
 }
 
@@ -91,6 +93,7 @@ fn main() -> std::process::ExitCode {
             debug: args.debug,
             force: args.force,
             decode: args.image.options()?,
+            shard: args.shard.shard,
             quiet: args.log.quiet,
         };
         caption::run(&options)

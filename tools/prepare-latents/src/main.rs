@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use lorakit_pipeline::cli::{BucketArgs, ImageArgs, LogArgs};
+use lorakit_pipeline::cli::{BucketArgs, ImageArgs, LogArgs, ShardArgs};
 use lorakit_pipeline::latents::{prepare_latents, LatentOptions, Precision};
 
 /// Bucket every image and cache its VAE latents.
@@ -70,6 +70,8 @@ struct Args {
     #[command(flatten)]
     image: ImageArgs,
     #[command(flatten)]
+    shard: ShardArgs,
+    #[command(flatten)]
     log: LogArgs,
 }
 
@@ -102,6 +104,7 @@ fn main() -> std::process::ExitCode {
             seed: args.seed,
             cache_dir: args.cache_dir,
             force: args.force,
+            shard: args.shard.shard,
             quiet: args.log.quiet,
         };
         prepare_latents(&options)

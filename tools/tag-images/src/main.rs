@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use lorakit_pipeline::cli::{ImageArgs, LogArgs};
+use lorakit_pipeline::cli::{ImageArgs, LogArgs, ShardArgs};
 use lorakit_pipeline::tagger::labels::{
     parse_replacements, LabelOptions, Placement, Selection, Thresholds,
 };
@@ -39,7 +39,8 @@ struct Args {
     /// Accepted for compatibility; no effect.
     #[arg(long)]
     pin_memory: bool,
-    /// Write one JSON (or JSON Lines, for a .jsonl name) file instead of tag files.
+    /// Write one JSON (or JSON Lines, for a .jsonl name) file instead of tag files (with
+    /// --shard i/n: NAME.shard-i-of-n.json(l)).
     #[arg(long)]
     output_path: Option<PathBuf>,
     /// Extension of the tag files.
@@ -125,7 +126,8 @@ struct Args {
     /// ONNX Runtime threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Tag-probability store (default: <train_data_dir>/.lorakit-tag-probs.bin).
+    /// Tag-probability store (default: <train_data_dir>/.lorakit-tag-probs.bin; with --shard
+    /// i/n: .lorakit-tag-probs.shard-i-of-n.bin, joined by merge-shards).
     #[arg(long)]
     probs_store: Option<PathBuf>,
     /// Only re-render tag files from the store (new thresholds, undesired tags, ...): never
@@ -134,6 +136,8 @@ struct Args {
     from_store: bool,
     #[command(flatten)]
     image: ImageArgs,
+    #[command(flatten)]
+    shard: ShardArgs,
     #[command(flatten)]
     log: LogArgs,
 }
@@ -197,6 +201,7 @@ impl Args {
             ort_lib: self.ort_lib,
             threads: self.threads,
             decode: self.image.options()?,
+            shard: self.shard.shard,
             quiet: self.log.quiet,
         })
     }
