@@ -317,3 +317,111 @@ fn exif_orientation_is_ignored_unless_asked_for() {
         assert_eq!(shape, vec![4, resolution[1] / 8, resolution[0] / 8]);
     }
 }
+
+/// Runs prepare-latents on `data` at 128x128 buckets with `extra` flags.
+fn encode_small(data: &Path, in_json: &Path, out_json: &Path, extra: &[&str]) {
+    let model = model();
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        data.as_os_str(),
+        in_json.as_os_str(),
+        out_json.as_os_str(),
+        model.as_os_str(),
+    ];
+    args.extend(
+        [
+            "--max_resolution",
+            "128,128",
+            "--min_bucket_reso",
+            "64",
+            "--force",
+        ]
+        .iter()
+        .chain(extra)
+        .map(std::ffi::OsStr::new),
+    );
+    run_expect("prepare-latents", &args, 0);
+}
+
+#[test]
+fn flip_aug_alpha_mask_and_half_precision() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // A photo and its mirror image: 512x512 shrinks to the 128x128 bucket by exact 4x4 area
+    // averages, so the mirror's latents equal the photo's flipped latents.
+    let photo = image::open(fixtures().join("images/astronaut.png"))
+        .unwrap()
+        .to_rgb8();
+    photo.save(data.join("photo.png")).unwrap();
+    image::imageops::flip_horizontal(&photo)
+        .save(data.join("mirror.png"))
+        .unwrap();
+    // An RGBA image whose right half is transparent.
+    let half = image::RgbaImage::from_fn(256, 256, |x, _| {
+        image::Rgba([200, 100, 50, if x < 128 { 255 } else { 0 }])
+    });
+    half.save(data.join("half.png")).unwrap();
+    let in_json = root.path().join("in.json");
+    std::fs::write(
+        &in_json,
+        r#"{"photo": {"caption": "a"}, "mirror": {"caption": "b"}, "half": {"caption": "c"}}"#,
+    )
+    .unwrap();
+    let out_json = root.path().join("out.json");
+    encode_small(&data, &in_json, &out_json, &["--flip_aug", "--alpha_mask"]);
+
+    let read = |stem: &str, key: &str| {
+        let name = std::fs::read_dir(&data)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .find(|n| n.starts_with(&format!("{stem}_")) && n.ends_with("_sd.npz"))
+            .unwrap_or_else(|| panic!("no latent cache for {stem}"));
+        NpzReader::open(&data.join(name))
+            .unwrap()
+            .read_f32(key)
+            .unwrap()
+    };
+    let (flipped, shape) = read("photo", "latents_flipped_mean");
+    let (mirror, mirror_shape) = read("mirror", "latents_mean");
+    assert_eq!(shape, vec![4, 16, 16]);
+    assert_eq!(shape, mirror_shape);
+    let gap = flipped
+        .iter()
+        .zip(&mirror)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        gap < 1e-4,
+        "flipped latents differ from the mirror's by {gap}"
+    );
+    let (unflipped, _) = read("photo", "latents_mean");
+    assert!(
+        unflipped
+            .iter()
+            .zip(&flipped)
+            .any(|(a, b)| (a - b).abs() > 1e-3),
+        "flipped latents equal the original"
+    );
+
+    // Alpha mask: bucket-sized, opaque left half 1, transparent right half 0; photos all 1.
+    let (mask, mask_shape) = read("half", "alpha_mask");
+    assert_eq!(mask_shape, vec![128, 128]);
+    assert!(mask.iter().step_by(128).all(|&v| v == 1.0));
+    assert!(mask.iter().skip(127).step_by(128).all(|&v| v == 0.0));
+    let (photo_mask, _) = read("photo", "alpha_mask");
+    assert!(photo_mask.iter().all(|&v| v == 1.0));
+
+    // Half precision encodes within a half-precision tolerance of float32.
+    encode_small(&data, &in_json, &out_json, &["--mixed_precision", "fp16"]);
+    let (half_mean, _) = read("photo", "latents_mean");
+    let scale = unflipped.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let gap = half_mean
+        .iter()
+        .zip(&unflipped)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        gap <= 1e-2 * scale.max(1.0),
+        "fp16 differs by {gap} (scale {scale})"
+    );
+}
