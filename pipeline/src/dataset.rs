@@ -25,6 +25,16 @@ pub struct Discovery {
     pub not_files: Vec<PathBuf>,
 }
 
+impl Discovery {
+    /// Keeps only the images (and non-files) that belong to `shard`, found under `root`.
+    pub fn retain_shard(&mut self, shard: &crate::shard::Shard, root: &Path) {
+        self.images
+            .retain(|image| shard.contains_image(root, image));
+        self.not_files
+            .retain(|path| shard.contains_image(root, path));
+    }
+}
+
 /// Lists the images of `train_data_dir` (and its subfolders with `recursive`), sorted by path.
 ///
 /// Paths start with `train_data_dir` exactly as given, so metadata keys made from them match

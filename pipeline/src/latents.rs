@@ -155,13 +155,7 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
         .iter()
         .filter_map(|image| image_key(image, options.full_path).ok())
         .collect();
-    let root = &options.train_data_dir;
-    discovery
-        .images
-        .retain(|image| options.shard.contains_image(root, image));
-    discovery
-        .not_files
-        .retain(|path| options.shard.contains_image(root, path));
+    discovery.retain_shard(&options.shard, &options.train_data_dir);
     let (family, vae_source, vae_hash) = open_vae(options)?;
     let mut summary = Summary::default();
     for path in &discovery.not_files {

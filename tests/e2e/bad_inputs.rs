@@ -147,19 +147,6 @@ fn lint_must_name(corpus: &Corpus) -> Vec<PathBuf> {
     names
 }
 
-/// Points `tag-images` at this checkout's ONNX Runtime (`make setup` installs it).
-fn use_project_runtime() {
-    let library = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../.local/onnxruntime")
-        .join(lorakit_pipeline::tagger::onnx::LIBRARY_NAME);
-    assert!(
-        library.is_file(),
-        "{} missing: run `make setup` (make test does)",
-        library.display()
-    );
-    std::env::set_var("ORT_DYLIB_PATH", library);
-}
-
 /// Copies a folder with everything in it (odd names, hidden files, sub-folders) to `to`.
 fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -516,7 +503,7 @@ const ROWS: &[Row] = &[
         name: "tag-images over a copy of the image folder",
         tool: "tag-images",
         args: |c, out| {
-            use_project_runtime();
+            common::use_project_runtime();
             let models = out.join("models/SmilingWolf_wd-v1-4-convnext-tagger-v2");
             copy_tree(&common::fixtures().join("wd14-tiny"), &models);
             os(&[

@@ -118,3 +118,17 @@ pub fn make_training_caches(dir: &Path) {
 macro_rules! args {
     ($($a:expr),* $(,)?) => { &[$(std::ffi::OsStr::new(&$a)),*] };
 }
+
+/// Points the tools at this repository's ONNX Runtime (`make setup` installs it), so a binary
+/// built from another checkout sharing the target folder still finds it.
+pub fn use_project_runtime() {
+    let library = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../.local/onnxruntime")
+        .join(lorakit_pipeline::tagger::onnx::LIBRARY_NAME);
+    assert!(
+        library.is_file(),
+        "{} missing: run `make setup` (make test does)",
+        library.display()
+    );
+    std::env::set_var("ORT_DYLIB_PATH", library);
+}

@@ -283,7 +283,6 @@ fn exif_orientation_is_ignored_unless_asked_for() {
     .unwrap();
     let in_json = root.path().join("in.json");
     std::fs::write(&in_json, r#"{"phone": {"caption": "a phone photo"}}"#).unwrap();
-    let model = model();
     for (extra, stored_name, resolution) in [
         (None, "phone_0192x0128_sd.npz", [192, 128]),
         (
@@ -293,19 +292,9 @@ fn exif_orientation_is_ignored_unless_asked_for() {
         ),
     ] {
         let out_json = root.path().join("out.json");
-        let mut args: Vec<&std::ffi::OsStr> = vec![
-            data.as_os_str(),
-            in_json.as_os_str(),
-            out_json.as_os_str(),
-            model.as_os_str(),
-        ];
-        args.extend(
-            ["--max_resolution", "256,256", "--bucket_no_upscale"]
-                .iter()
-                .map(std::ffi::OsStr::new),
-        );
-        args.extend(extra.map(std::ffi::OsStr::new));
-        run_expect("prepare-latents", &args, 0);
+        let mut flags = vec!["--max_resolution", "256,256", "--bucket_no_upscale"];
+        flags.extend(extra);
+        encode(&data, &in_json, &out_json, &flags);
         assert!(
             data.join(stored_name).is_file(),
             "{extra:?}: no {stored_name}"
@@ -318,8 +307,8 @@ fn exif_orientation_is_ignored_unless_asked_for() {
     }
 }
 
-/// Runs prepare-latents on `data` at 128x128 buckets with `extra` flags.
-fn encode_small(data: &Path, in_json: &Path, out_json: &Path, extra: &[&str]) {
+/// Runs prepare-latents on `data` with the tiny model and `flags`, expecting success.
+fn encode(data: &Path, in_json: &Path, out_json: &Path, flags: &[&str]) {
     let model = model();
     let mut args: Vec<&std::ffi::OsStr> = vec![
         data.as_os_str(),
@@ -327,19 +316,21 @@ fn encode_small(data: &Path, in_json: &Path, out_json: &Path, extra: &[&str]) {
         out_json.as_os_str(),
         model.as_os_str(),
     ];
-    args.extend(
-        [
-            "--max_resolution",
-            "128,128",
-            "--min_bucket_reso",
-            "64",
-            "--force",
-        ]
-        .iter()
-        .chain(extra)
-        .map(std::ffi::OsStr::new),
-    );
+    args.extend(flags.iter().map(std::ffi::OsStr::new));
     run_expect("prepare-latents", &args, 0);
+}
+
+/// Runs prepare-latents on `data` at 128x128 buckets with `extra` flags.
+fn encode_small(data: &Path, in_json: &Path, out_json: &Path, extra: &[&str]) {
+    let mut flags = vec![
+        "--max_resolution",
+        "128,128",
+        "--min_bucket_reso",
+        "64",
+        "--force",
+    ];
+    flags.extend(extra);
+    encode(data, in_json, out_json, &flags);
 }
 
 #[test]

@@ -16,22 +16,8 @@ struct Setup {
     images: PathBuf,
 }
 
-/// Points the tools at this repository's ONNX Runtime (`make setup` installs it), so a binary
-/// built from another checkout sharing the target folder still finds it.
-fn use_project_runtime() {
-    let library = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../.local/onnxruntime")
-        .join(lorakit_pipeline::tagger::onnx::LIBRARY_NAME);
-    assert!(
-        library.is_file(),
-        "{} missing: run `make setup` (make test does)",
-        library.display()
-    );
-    std::env::set_var("ORT_DYLIB_PATH", library);
-}
-
 fn setup() -> Setup {
-    use_project_runtime();
+    common::use_project_runtime();
     let root = tempfile::tempdir().unwrap();
     let models = root.path().join("models");
     copy_dir(

@@ -205,13 +205,7 @@ pub fn run(options: &TagOptions) -> Result<Summary> {
     let files = ModelFiles::locate(&options.model_dir, &options.repo_id)?;
     let labels = files.load_labels(&options.label_options)?;
     let mut discovery = crate::dataset::find_images(&options.train_data_dir, options.recursive)?;
-    let root = &options.train_data_dir;
-    discovery
-        .images
-        .retain(|path| options.shard.contains_image(root, path));
-    discovery
-        .not_files
-        .retain(|path| options.shard.contains_image(root, path));
+    discovery.retain_shard(&options.shard, &options.train_data_dir);
     let mut summary = Summary::default();
     for path in &discovery.not_files {
         summary.fail(path, &Error::bad_file(path, "not a regular file"));
