@@ -694,7 +694,8 @@ fn run_parameters(options: &TeCacheOptions, family: ModelFamily, clip_skip: usiz
 }
 
 /// Reports (and with `--prune` deletes) cache files in the output folders that no current
-/// metadata entry owns.
+/// metadata entry owns. Temporary files of an interrupted write are not caches; lint-dataset
+/// reports those.
 fn report_orphans(
     options: &TeCacheOptions,
     items: &[Item],
@@ -717,7 +718,7 @@ fn report_orphans(
             let is_cache = path
                 .file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.ends_with(CACHE_SUFFIX));
+                .is_some_and(|n| n.ends_with(CACHE_SUFFIX) && !n.starts_with(fsio::TEMP_PREFIX));
             if is_cache && !targets.contains_key(&path) {
                 orphans.push(path);
             }

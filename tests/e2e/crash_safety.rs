@@ -135,7 +135,10 @@ const ROWS: &[CrashRow] = &[
             let mut caches: Vec<PathBuf> = std::fs::read_dir(root.join("cache"))
                 .unwrap()
                 .map(|e| e.unwrap().path())
-                .filter(|p| p.to_string_lossy().ends_with("_te_outputs.npz"))
+                .filter(|p| {
+                    let name = p.file_name().unwrap().to_string_lossy();
+                    name.ends_with("_te_outputs.npz") && !name.starts_with(TEMP_PREFIX)
+                })
                 .collect();
             caches.sort();
             caches

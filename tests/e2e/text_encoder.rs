@@ -160,6 +160,21 @@ fn cache_files_match_sd_scripts_hidden_states_and_rerun_is_incremental() {
         0,
     );
     assert!(stderr.contains("0 done, 8 up to date"), "{stderr}");
+    // A temporary file left by a killed run is not a cache and so not an orphan either.
+    std::fs::write(cache.join(".lorakit-tmp-1-0-short_te_outputs.npz"), b"PK").unwrap();
+    let stderr = run_expect(
+        "cache-text-encoder",
+        args![
+            meta,
+            model(),
+            "--cache_dir",
+            cache,
+            "--max_token_length",
+            "225"
+        ],
+        0,
+    );
+    assert!(!stderr.contains("belong to no metadata entry"), "{stderr}");
     captions.insert("short".into(), json!("a photo of a dog"));
     write_metadata(&meta, &captions);
     let stderr = run_expect(
