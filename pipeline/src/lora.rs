@@ -137,13 +137,26 @@ impl LoraModule {
     fn delta(&self, x: &Tensor, kind: FrozenKind) -> candle_core::Result<Tensor> {
         let down = &self.down.as_tensor().to_dtype(x.dtype())?;
         let up = &self.up.as_tensor().to_dtype(x.dtype())?;
-        let hidden = match kind {
-            FrozenKind::Linear => x.broadcast_matmul(&down.t()?)?,
-            FrozenKind::Conv2d { stride, padding } => x.conv2d(down, padding, stride, 1, 1)?,
-        };
         let out = match kind {
-            FrozenKind::Linear => hidden.broadcast_matmul(&up.t()?)?,
-            FrozenKind::Conv2d { .. } => hidden.conv2d(up, 0, 1, 1, 1)?,
+            FrozenKind::Linear => x.broadcast_matmul(&down.t()?)?.broadcast_matmul(&up.t()?)?,
+            FrozenKind::Conv2d {
+                stride: 1,
+                padding: 0,
+            } if down.dim(2)? == 1 && down.dim(3)? == 1 => {
+                // A 1x1 convolution is a product over channels: `[r, C] · [C, H·W]` per image.
+                // Written as matrix products, its backward pass is two more products instead of
+                // candle's (slow) transposed convolution.
+                let (batch, channels, height, width) = x.dims4()?;
+                let down = down.reshape((down.dim(0)?, channels))?;
+                let up = up.reshape((up.dim(0)?, up.dim(1)?))?;
+                let pixels = x.reshape((batch, channels, height * width))?;
+                let hidden = down.broadcast_matmul(&pixels)?;
+                up.broadcast_matmul(&hidden)?
+                    .reshape((batch, up.dim(0)?, height, width))?
+            }
+            FrozenKind::Conv2d { stride, padding } => x
+                .conv2d(down, padding, stride, 1, 1)?
+                .conv2d(up, 0, 1, 1, 1)?,
         };
         out.affine(self.scale(), 0.0)
     }

@@ -153,6 +153,102 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// The gradient of a loss with respect to this layer's input (`[N, C, height, width]`),
+    /// given its gradient with respect to the output: the transposed convolution, computed as
+    /// one matrix product `Wᵀ · dY` per image followed by a scatter-add of the columns back onto
+    /// the input grid (col2im). Any stride and padding; f32 CPU tensors only.
+    pub fn input_gradient(
+        &self,
+        grad_output: &Tensor,
+        (height, width): (usize, usize),
+    ) -> candle_core::Result<Tensor> {
+        let Method::Im2col(matrix) = &self.method else {
+            candle_core::bail!("input_gradient needs an im2col layer (not 3x3/stride 1/padding 1)")
+        };
+        let (batch, out_channels, out_h, out_w) = grad_output.dims4()?;
+        if out_channels != self.out_channels() {
+            candle_core::bail!(
+                "gradient has {out_channels} channels, the layer {}",
+                self.out_channels()
+            );
+        }
+        let channels = self.weight.dim(1)?;
+        let k = self.kernel;
+        let rows = channels * k * k;
+        let plane_out = out_h * out_w;
+        let grad_input = with_f32_slice(grad_output, |grad| {
+            let mut grad_input = vec![0f32; batch * channels * height * width];
+            let mut columns = vec![0f32; rows * plane_out];
+            for (image_grad, input_grad) in grad
+                .chunks(out_channels * plane_out)
+                .zip(grad_input.chunks_mut(channels * height * width))
+            {
+                // columns [C·k·k, OH·OW] = Wᵀ [C·k·k, O] · dY [O, OH·OW]; Wᵀ is read in place.
+                let transposed = Operand {
+                    data: matrix,
+                    row_stride: 1,
+                    col_stride: rows,
+                };
+                let gradient = Operand::row_major(image_grad, plane_out);
+                gemm_into(
+                    &mut columns,
+                    plane_out,
+                    transposed,
+                    gradient,
+                    (rows, plane_out, out_channels),
+                    false,
+                );
+                input_grad
+                    .par_chunks_mut(height * width)
+                    .zip(columns.par_chunks(k * k * plane_out))
+                    .for_each(|(plane, taps)| {
+                        scatter_columns(
+                            plane,
+                            taps,
+                            (height, width),
+                            (out_h, out_w),
+                            (k, self.stride, self.padding),
+                        )
+                    });
+            }
+            grad_input
+        })?;
+        Tensor::from_vec(
+            grad_input,
+            (batch, channels, height, width),
+            grad_output.device(),
+        )
+    }
+}
+
+/// Adds every kernel tap's column row (`taps`: `[k·k, OH·OW]` for one input channel) onto the
+/// input positions it was read from (the inverse of [`fill_row`]).
+fn scatter_columns(
+    plane: &mut [f32],
+    taps: &[f32],
+    (height, width): (usize, usize),
+    (out_h, out_w): (usize, usize),
+    (k, stride, padding): (usize, usize, usize),
+) {
+    for (tap, values) in taps.chunks(out_h * out_w).enumerate() {
+        let (ky, kx) = (tap / k, tap % k);
+        for (y, row) in values.chunks(out_w).enumerate() {
+            let iy = (y * stride + ky) as isize - padding as isize;
+            if iy < 0 || iy >= height as isize {
+                continue;
+            }
+            let target = &mut plane[iy as usize * width..(iy as usize + 1) * width];
+            for (x, value) in row.iter().enumerate() {
+                let ix = (x * stride + kx) as isize - padding as isize;
+                if ix >= 0 && ix < width as isize {
+                    target[ix as usize] += value;
+                }
+            }
+        }
+    }
+}
+
 /// Runs `f` on the elements of an f32 CPU tensor, without a copy when it is contiguous.
 pub(crate) fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let x = x.contiguous()?;
@@ -176,6 +272,32 @@ enum Method {
     Im2col(Vec<f32>),
 }
 
+/// A read-only matrix operand: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Operand<'a> {
+    /// A row-major matrix whose rows start `row_stride` elements apart.
+    fn row_major(data: &'a [f32], row_stride: usize) -> Self {
+        Operand {
+            data,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+
+    /// Whether every element of a `rows` x `cols` matrix lies inside `data`.
+    fn covers(&self, rows: usize, cols: usize) -> bool {
+        rows == 0
+            || cols == 0
+            || self.data.len() > (rows - 1) * self.row_stride + (cols - 1) * self.col_stride
+    }
+}
+
 /// `dst += lhs · rhs` for row-major `lhs` `[m, k]` (contiguous), `rhs` `[k, n]` with row stride
 /// `rhs_stride` and `dst` `[m, n]` with row stride `dst_stride`, on the rayon pool.
 fn matmul_accumulate(
@@ -186,14 +308,28 @@ fn matmul_accumulate(
     rhs_stride: usize,
     (m, n, k): (usize, usize, usize),
 ) {
-    assert!(lhs.len() >= m * k, "weight matrix too small");
-    assert!(
-        m == 0 || dst.len() >= (m - 1) * dst_stride + n,
-        "output too small"
+    let (lhs, rhs) = (
+        Operand::row_major(lhs, k),
+        Operand::row_major(rhs, rhs_stride),
     );
+    gemm_into(dst, dst_stride, lhs, rhs, (m, n, k), true);
+}
+
+/// `dst = lhs · rhs` (or `dst += lhs · rhs` when `accumulate`) for `lhs` `[m, k]`, `rhs`
+/// `[k, n]` and a row-major `dst` `[m, n]` with row stride `dst_stride`, on the rayon pool.
+fn gemm_into(
+    dst: &mut [f32],
+    dst_stride: usize,
+    lhs: Operand,
+    rhs: Operand,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) {
+    assert!(lhs.covers(m, k), "left matrix too small");
+    assert!(rhs.covers(k, n), "right matrix too small");
     assert!(
-        k == 0 || rhs.len() >= (k - 1) * rhs_stride + n,
-        "column matrix too small"
+        Operand::row_major(dst, dst_stride).covers(m, n),
+        "output too small"
     );
     let threads = rayon::current_num_threads();
     let parallelism = if threads > 1 {
@@ -211,14 +347,14 @@ fn matmul_accumulate(
             dst.as_mut_ptr(),
             1,
             dst_stride as isize,
-            true,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            1,
-            rhs_stride as isize,
-            1.0,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,

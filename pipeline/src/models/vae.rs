@@ -448,20 +448,6 @@ impl VaeEncoder {
     }
 }
 
-/// Makes the C allocator keep freed memory for reuse instead of handing large blocks back to the
-/// system. The encoder allocates and frees activations of up to ~130 MB per layer; with glibc's
-/// defaults each is a fresh mapping whose pages the kernel zeroes again, which cost about a
-/// quarter of the CPU time at 512x512. No effect outside Linux/glibc.
-pub fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: `mallopt` only changes allocator parameters; memory already mapped is still
-    // released correctly when freed.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
 fn candle_error(e: candle_core::Error) -> Error {
     Error::Model(e.to_string())
 }

@@ -109,6 +109,7 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
     let started = Instant::now();
     let started_unix = unix_time();
     check_args(args)?;
+    crate::models::keep_freed_memory();
     let device = match args.device.as_str() {
         "cpu" => Device::Cpu,
         "cuda" => Device::new_cuda(0).map_err(|e| {
