@@ -10,6 +10,7 @@
 use candle_core::{DType, Module, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::kernels::{gemm_into, Operand, Threads};
 use super::winograd::Winograd;
 
 /// Floats of column matrix built per band (bounds the extra memory to ~64 MiB).
@@ -185,11 +186,7 @@ impl Conv2d {
                 .zip(grad_input.chunks_mut(channels * height * width))
             {
                 // columns [C·k·k, OH·OW] = Wᵀ [C·k·k, O] · dY [O, OH·OW]; Wᵀ is read in place.
-                let transposed = Operand {
-                    data: matrix,
-                    row_stride: 1,
-                    col_stride: rows,
-                };
+                let transposed = Operand::transposed(matrix, rows);
                 let gradient = Operand::row_major(image_grad, plane_out);
                 gemm_into(
                     &mut columns,
@@ -198,6 +195,7 @@ impl Conv2d {
                     gradient,
                     (rows, plane_out, out_channels),
                     false,
+                    Threads::Pool,
                 );
                 input_grad
                     .par_chunks_mut(height * width)
@@ -272,32 +270,6 @@ enum Method {
     Im2col(Vec<f32>),
 }
 
-/// A read-only matrix operand: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
-#[derive(Clone, Copy)]
-struct Operand<'a> {
-    data: &'a [f32],
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl<'a> Operand<'a> {
-    /// A row-major matrix whose rows start `row_stride` elements apart.
-    fn row_major(data: &'a [f32], row_stride: usize) -> Self {
-        Operand {
-            data,
-            row_stride,
-            col_stride: 1,
-        }
-    }
-
-    /// Whether every element of a `rows` x `cols` matrix lies inside `data`.
-    fn covers(&self, rows: usize, cols: usize) -> bool {
-        rows == 0
-            || cols == 0
-            || self.data.len() > (rows - 1) * self.row_stride + (cols - 1) * self.col_stride
-    }
-}
-
 /// `dst += lhs · rhs` for row-major `lhs` `[m, k]` (contiguous), `rhs` `[k, n]` with row stride
 /// `rhs_stride` and `dst` `[m, n]` with row stride `dst_stride`, on the rayon pool.
 fn matmul_accumulate(
@@ -312,56 +284,7 @@ fn matmul_accumulate(
         Operand::row_major(lhs, k),
         Operand::row_major(rhs, rhs_stride),
     );
-    gemm_into(dst, dst_stride, lhs, rhs, (m, n, k), true);
-}
-
-/// `dst = lhs · rhs` (or `dst += lhs · rhs` when `accumulate`) for `lhs` `[m, k]`, `rhs`
-/// `[k, n]` and a row-major `dst` `[m, n]` with row stride `dst_stride`, on the rayon pool.
-fn gemm_into(
-    dst: &mut [f32],
-    dst_stride: usize,
-    lhs: Operand,
-    rhs: Operand,
-    (m, n, k): (usize, usize, usize),
-    accumulate: bool,
-) {
-    assert!(lhs.covers(m, k), "left matrix too small");
-    assert!(rhs.covers(k, n), "right matrix too small");
-    assert!(
-        Operand::row_major(dst, dst_stride).covers(m, n),
-        "output too small"
-    );
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the assertions above keep every accessed element inside the three slices, and
-    // `dst` is borrowed mutably so it cannot alias `lhs` or `rhs`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_stride as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    gemm_into(dst, dst_stride, lhs, rhs, (m, n, k), true, Threads::Pool);
 }
 
 /// Fills one im2col row (kernel tap `(ky, kx)` of one channel) for output rows `y0..y1`.

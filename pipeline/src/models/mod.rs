@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod conv;
 pub mod frozen;
+pub(crate) mod kernels;
 pub mod text_encoders;
 pub mod unet;
 pub mod vae;

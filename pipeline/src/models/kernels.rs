@@ -1,0 +1,267 @@
+//! f32 CPU building blocks shared by the hand-written layers: matrix products on slices with
+//! arbitrary strides (the `gemm` crate candle itself uses) and a vectorised `exp` for softmax.
+
+/// A read-only matrix operand: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Operand<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Operand<'a> {
+    /// A row-major matrix whose rows start `row_stride` elements apart.
+    pub(crate) fn row_major(data: &'a [f32], row_stride: usize) -> Self {
+        Operand {
+            data,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of the row-major matrix in `data` whose rows are `row_stride` apart.
+    pub(crate) fn transposed(data: &'a [f32], row_stride: usize) -> Self {
+        Operand {
+            data,
+            row_stride: 1,
+            col_stride: row_stride,
+        }
+    }
+
+    /// Whether every element of a `rows` x `cols` matrix lies inside `data`.
+    fn covers(&self, rows: usize, cols: usize) -> bool {
+        rows == 0
+            || cols == 0
+            || self.data.len() > (rows - 1) * self.row_stride + (cols - 1) * self.col_stride
+    }
+}
+
+/// How a matrix product uses the rayon pool.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Threads {
+    /// Split the product over every rayon thread.
+    Pool,
+    /// Stay on the calling thread (the caller already runs products in parallel).
+    Current,
+}
+
+/// `dst = lhs · rhs`, or `dst += lhs · rhs` when `accumulate`, for `lhs` `[m, k]`, `rhs`
+/// `[k, n]` and a row-major `dst` `[m, n]` whose rows are `dst_stride` apart.
+pub(crate) fn gemm_into(
+    dst: &mut [f32],
+    dst_stride: usize,
+    lhs: Operand,
+    rhs: Operand,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    threads: Threads,
+) {
+    assert!(lhs.covers(m, k), "left matrix too small");
+    assert!(rhs.covers(k, n), "right matrix too small");
+    assert!(
+        Operand::row_major(dst, dst_stride).covers(m, n),
+        "output too small"
+    );
+    let pool = rayon::current_num_threads();
+    let parallelism = if threads == Threads::Pool && pool > 1 {
+        gemm::Parallelism::Rayon(pool)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the assertions above keep every accessed element inside the three slices, and
+    // `dst` is borrowed mutably so it cannot alias `lhs` or `rhs`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_stride as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Turns every row of `scores` (rows of length `row_len`) into `softmax(row * scale)`, in place.
+pub(crate) fn softmax_rows(scores: &mut [f32], row_len: usize, scale: f32) {
+    for row in scores.chunks_mut(row_len) {
+        let max = lane_fold(row, f32::NEG_INFINITY, f32::max);
+        for value in row.iter_mut() {
+            *value = (*value - max) * scale;
+        }
+        exp_in_place(row);
+        let inverse = 1.0 / lane_fold(row, 0.0, |a, b| a + b);
+        for value in row.iter_mut() {
+            *value *= inverse;
+        }
+    }
+}
+
+/// `Σ a_i b_i` accumulated in eight lanes (so the compiler can vectorise it).
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let (a_body, a_tail) = a.split_at(a.len() - a.len() % LANES);
+    for (a8, b8) in a_body.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
+        for lane in 0..LANES {
+            lanes[lane] += a8[lane] * b8[lane];
+        }
+    }
+    let tail: f32 = a_tail
+        .iter()
+        .zip(&b[a_body.len()..])
+        .map(|(x, y)| x * y)
+        .sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+const LANES: usize = 8;
+
+/// Folds `values` with `f` in eight independent lanes, then folds the lanes.
+fn lane_fold(values: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for lane in 0..LANES {
+            lanes[lane] = f(lanes[lane], chunk[lane]);
+        }
+    }
+    let partial = chunks.remainder().iter().fold(init, |acc, &x| f(acc, x));
+    lanes.into_iter().fold(partial, f)
+}
+
+/// `e^x` for every element, in place; within 2 ulp of the exact value for -87 <= x <= 88.3
+/// (smaller inputs give at most 1.2e-38 instead of their tiny true value, larger ones e^88.37).
+/// Uses AVX2 + FMA when the CPU has them.
+pub(crate) fn exp_in_place(values: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features this copy of the loop is compiled for.
+        unsafe { exp_in_place_avx2(values) };
+        return;
+    }
+    exp_loop(values);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_in_place_avx2(values: &mut [f32]) {
+    exp_loop(values);
+}
+
+#[inline(always)]
+fn exp_loop(values: &mut [f32]) {
+    let mut chunks = values.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        let lanes: &mut [f32; LANES] = chunk.try_into().expect("chunks of LANES");
+        for value in lanes.iter_mut() {
+            *value = exp_approx(*value);
+        }
+    }
+    for value in chunks.into_remainder() {
+        *value = exp_approx(*value);
+    }
+}
+
+/// Cephes-style `expf`: `x = n ln2 + r` with `|r| <= ln2 / 2`, a degree-6 polynomial for `e^r`,
+/// and `2^n` built in the exponent bits. Branch-free so that loops over it vectorise.
+#[inline(always)]
+fn exp_approx(x: f32) -> f32 {
+    // Adding 1.5 * 2^23 rounds to an integer held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    const LN2_HIGH: f32 = 0.693_359_4;
+    const LN2_LOW: f32 = -2.121_944_4e-4;
+    let x = x.max(-87.336_54).min(88.376_26);
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    let r = x - n * LN2_HIGH - n * LN2_LOW;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e_r = p * r * r + r + 1.0;
+    // The bits of `shifted` minus those of ROUND are n; wrapping ops keep the loop free of
+    // overflow checks (n + 127 is in 1..=254 after the clamp).
+    let biased = shifted
+        .to_bits()
+        .wrapping_sub(ROUND.to_bits())
+        .wrapping_add(127);
+    e_r * f32::from_bits(biased << 23)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_two_ulp_of_std() {
+        let mut inputs: Vec<f32> = (0..200_001)
+            .map(|i| -87.0 + 175.0 * i as f32 / 200_000.0)
+            .collect();
+        inputs.extend([0.0, -0.0, 1e-30, -1e-30, 88.3, -87.3]);
+        let mut ours = inputs.clone();
+        exp_in_place(&mut ours);
+        let mut portable = inputs.clone();
+        exp_loop(&mut portable);
+        for ((&x, &got), &plain) in inputs.iter().zip(&ours).zip(&portable) {
+            let exact = (x as f64).exp();
+            let ulp = (exact as f32).abs() * f32::EPSILON;
+            for value in [got, plain] {
+                let error = (value as f64 - exact).abs() / ulp as f64;
+                assert!(
+                    error <= 2.0,
+                    "exp({x}) = {value}, exact {exact}: {error} ulp"
+                );
+            }
+        }
+        let mut tiny = [-100.0f32, -1000.0];
+        exp_in_place(&mut tiny);
+        assert!(tiny.iter().all(|&v| (0.0..=1.2e-38).contains(&v)));
+    }
+
+    #[test]
+    fn softmax_rows_match_the_definition() {
+        let row_len = 37;
+        let scores: Vec<f32> = (0..3 * row_len)
+            .map(|i| ((i * 7919) % 113) as f32 / 9.0 - 6.0)
+            .collect();
+        let mut ours = scores.clone();
+        softmax_rows(&mut ours, row_len, 0.5);
+        for (row, got_row) in scores.chunks(row_len).zip(ours.chunks(row_len)) {
+            let exps: Vec<f64> = row.iter().map(|&s| (s as f64 * 0.5).exp()).collect();
+            let sum: f64 = exps.iter().sum();
+            for (e, &got) in exps.iter().zip(got_row) {
+                assert!((e / sum - got as f64).abs() < 1e-7, "{} vs {got}", e / sum);
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_reads_transposed_operands() {
+        // a [2, 3] row-major; b^T given as b [2, 3] read transposed: a · b^T is [2, 2].
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let b = [1.0, 0.0, -1.0, 2.0, 1.0, 0.0];
+        let mut out = [10.0f32; 4];
+        let shape = (2, 2, 3);
+        let (lhs, rhs) = (Operand::row_major(&a, 3), Operand::transposed(&b, 3));
+        gemm_into(&mut out, 2, lhs, rhs, shape, false, Threads::Current);
+        assert_eq!(out, [-2.0, 4.0, -2.0, 13.0]);
+        gemm_into(&mut out, 2, lhs, rhs, shape, true, Threads::Current);
+        assert_eq!(out, [-4.0, 8.0, -4.0, 26.0]);
+        assert_eq!(dot(&a, &b), 1.0 - 3.0 + 8.0 + 5.0);
+    }
+}
