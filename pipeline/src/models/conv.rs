@@ -31,23 +31,46 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    /// A convolution from an `[O, C, k, k]` weight and `[O]` bias.
+    /// A convolution from an `[O, C, k, k]` weight and `[O]` bias; 3x3/stride 1/padding 1
+    /// layers keep a Winograd-transformed copy of the weight (16/9 of its size) to run faster.
     pub fn new(
         weight: Tensor,
         bias: Tensor,
         stride: usize,
         padding: usize,
     ) -> candle_core::Result<Self> {
-        let (out_channels, in_channels, kh, kw) = weight.dims4()?;
+        let (out_channels, in_channels, kh, _) = weight.dims4()?;
+        let method = if (kh, stride, padding) == (3, 1, 1) {
+            let matrix: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            Method::Winograd(Winograd::new(&matrix, out_channels, in_channels))
+        } else {
+            Method::Im2col
+        };
+        Self::with_method(weight, bias, stride, padding, method)
+    }
+
+    /// A convolution that multiplies with the weight tensor itself (im2col for every shape):
+    /// no copy of the weights, and [`Self::input_gradient`] works for every layer.
+    pub fn im2col(
+        weight: Tensor,
+        bias: Tensor,
+        stride: usize,
+        padding: usize,
+    ) -> candle_core::Result<Self> {
+        Self::with_method(weight, bias, stride, padding, Method::Im2col)
+    }
+
+    fn with_method(
+        weight: Tensor,
+        bias: Tensor,
+        stride: usize,
+        padding: usize,
+        method: Method,
+    ) -> candle_core::Result<Self> {
+        let (_, _, kh, kw) = weight.dims4()?;
         if kh != kw {
             candle_core::bail!("only square kernels are supported, got {kh}x{kw}");
         }
-        let matrix: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let method = if (kh, stride, padding) == (3, 1, 1) {
-            Method::Winograd(Winograd::new(&matrix, out_channels, in_channels))
-        } else {
-            Method::Im2col(matrix)
-        };
         let bias_values = bias.to_dtype(DType::F32)?.to_vec1()?;
         Ok(Conv2d {
             weight,
@@ -58,6 +81,11 @@ impl Conv2d {
             stride,
             padding,
         })
+    }
+
+    /// The weight as a contiguous f32 tensor (the weight itself when it already is one).
+    fn weight_matrix(&self) -> candle_core::Result<Tensor> {
+        self.weight.to_dtype(DType::F32)?.contiguous()
     }
 
     /// Number of output channels.
@@ -77,19 +105,32 @@ impl Conv2d {
         if channels != expected {
             candle_core::bail!("convolution expects {expected} input channels, got {channels}");
         }
-        with_f32_slice(x, |input| {
-            self.forward_slice(input, (batch, channels, height, width), (out_h, out_w))
-        })
+        let matrix = match self.method {
+            Method::Winograd(_) => None,
+            Method::Im2col => Some(self.weight_matrix()?),
+        };
+        let run = |matrix: Option<&[f32]>| {
+            with_f32_slice(x, |input| {
+                let sizes = (batch, channels, height, width);
+                self.forward_slice(input, matrix, sizes, (out_h, out_w))
+            })
+        };
+        match &matrix {
+            Some(matrix) => with_f32_slice(matrix, |matrix| run(Some(matrix)))?,
+            None => run(None),
+        }
         .and_then(|output| {
             let shape = (batch, self.out_channels(), out_h, out_w);
             Tensor::from_vec(output, shape, x.device())
         })
     }
 
-    /// The f32 forward pass on a contiguous NCHW `input`, returning the NCHW output.
+    /// The f32 forward pass on a contiguous NCHW `input`, returning the NCHW output; `matrix`
+    /// is the `[O, C·k·k]` weight for im2col layers.
     fn forward_slice(
         &self,
         input: &[f32],
+        matrix: Option<&[f32]>,
         (batch, channels, height, width): (usize, usize, usize, usize),
         (out_h, out_w): (usize, usize),
     ) -> Vec<f32> {
@@ -108,7 +149,7 @@ impl Conv2d {
                 }
                 return output;
             }
-            Method::Im2col(matrix) => matrix,
+            Method::Im2col => matrix.expect("im2col layers pass their weight matrix"),
         };
         for (o, plane) in output.chunks_mut(plane_out).enumerate() {
             plane.fill(self.bias_values[o % out_channels]);
@@ -164,8 +205,8 @@ impl Conv2d {
         grad_output: &Tensor,
         (height, width): (usize, usize),
     ) -> candle_core::Result<Tensor> {
-        let Method::Im2col(matrix) = &self.method else {
-            candle_core::bail!("input_gradient needs an im2col layer (not 3x3/stride 1/padding 1)")
+        let Method::Im2col = &self.method else {
+            candle_core::bail!("input_gradient needs an im2col layer (Conv2d::im2col)")
         };
         let (batch, out_channels, out_h, out_w) = grad_output.dims4()?;
         if out_channels != self.out_channels() {
@@ -178,40 +219,43 @@ impl Conv2d {
         let k = self.kernel;
         let rows = channels * k * k;
         let plane_out = out_h * out_w;
-        let grad_input = with_f32_slice(grad_output, |grad| {
-            let mut grad_input = vec![0f32; batch * channels * height * width];
-            let mut columns = vec![0f32; rows * plane_out];
-            for (image_grad, input_grad) in grad
-                .chunks(out_channels * plane_out)
-                .zip(grad_input.chunks_mut(channels * height * width))
-            {
-                // columns [C·k·k, OH·OW] = Wᵀ [C·k·k, O] · dY [O, OH·OW]; Wᵀ is read in place.
-                let transposed = Operand::transposed(matrix, rows);
-                let gradient = Operand::row_major(image_grad, plane_out);
-                gemm_into(
-                    &mut columns,
-                    plane_out,
-                    transposed,
-                    gradient,
-                    (rows, plane_out, out_channels),
-                    false,
-                    Threads::Pool,
-                );
-                input_grad
-                    .par_chunks_mut(height * width)
-                    .zip(columns.par_chunks(k * k * plane_out))
-                    .for_each(|(plane, taps)| {
-                        scatter_columns(
-                            plane,
-                            taps,
-                            (height, width),
-                            (out_h, out_w),
-                            (k, self.stride, self.padding),
-                        )
-                    });
-            }
-            grad_input
-        })?;
+        let weight = self.weight_matrix()?;
+        let grad_input = with_f32_slice(&weight, |matrix| {
+            with_f32_slice(grad_output, |grad| {
+                let mut grad_input = vec![0f32; batch * channels * height * width];
+                let mut columns = vec![0f32; rows * plane_out];
+                for (image_grad, input_grad) in grad
+                    .chunks(out_channels * plane_out)
+                    .zip(grad_input.chunks_mut(channels * height * width))
+                {
+                    // columns [C·k·k, OH·OW] = Wᵀ [C·k·k, O] · dY [O, OH·OW]; Wᵀ is read in place.
+                    let transposed = Operand::transposed(matrix, rows);
+                    let gradient = Operand::row_major(image_grad, plane_out);
+                    gemm_into(
+                        &mut columns,
+                        plane_out,
+                        transposed,
+                        gradient,
+                        (rows, plane_out, out_channels),
+                        false,
+                        Threads::Pool,
+                    );
+                    input_grad
+                        .par_chunks_mut(height * width)
+                        .zip(columns.par_chunks(k * k * plane_out))
+                        .for_each(|(plane, taps)| {
+                            scatter_columns(
+                                plane,
+                                taps,
+                                (height, width),
+                                (out_h, out_w),
+                                (k, self.stride, self.padding),
+                            )
+                        });
+                }
+                grad_input
+            })
+        })??;
         Tensor::from_vec(
             grad_input,
             (batch, channels, height, width),
@@ -266,8 +310,8 @@ pub(crate) fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> cand
 enum Method {
     /// Winograd F(4x4, 3x3) (3x3 kernel, stride 1, padding 1).
     Winograd(Winograd),
-    /// Banded im2col with the weight as a row-major `[O, C·k·k]` matrix.
-    Im2col(Vec<f32>),
+    /// Banded im2col with the weight tensor as a row-major `[O, C·k·k]` matrix.
+    Im2col,
 }
 
 /// `dst += lhs · rhs` for row-major `lhs` `[m, k]` (contiguous), `rhs` `[k, n]` with row stride

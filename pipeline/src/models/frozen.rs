@@ -43,38 +43,28 @@ pub struct FrozenOp {
     cpu_kernels: Option<Arc<CpuConvKernels>>,
 }
 
-/// A frozen convolution's f32 CPU forward pass and input-gradient pass.
+/// A frozen convolution's f32 CPU forward pass and input-gradient pass, both im2col matrix
+/// products with the frozen weight itself (no transformed or flipped copy: at SD1.5 size a copy
+/// per pass would add gigabytes).
 #[derive(Debug)]
 struct CpuConvKernels {
-    forward: Conv2d,
-    /// Stride 1: the input gradient is the convolution with the flipped, transposed kernel.
-    /// Otherwise `None`, and [`Conv2d::input_gradient`] of `forward` computes it.
-    flipped: Option<Conv2d>,
+    conv: Conv2d,
 }
 
 impl CpuConvKernels {
     fn new(weight: &Tensor, stride: usize, padding: usize) -> candle_core::Result<Self> {
-        let zeros = |channels: usize| Tensor::zeros(channels, DType::F32, &Device::Cpu);
-        let (out_channels, in_channels, kernel, _) = weight.dims4()?;
-        let forward = Conv2d::new(weight.clone(), zeros(out_channels)?, stride, padding)?;
-        let flipped = if stride == 1 {
-            let kernel_weight = flipped_transposed(weight)?;
-            let padding = kernel - 1 - padding;
-            Some(Conv2d::new(kernel_weight, zeros(in_channels)?, 1, padding)?)
-        } else {
-            None
-        };
-        Ok(Self { forward, flipped })
+        let zeros = Tensor::zeros(weight.dim(0)?, DType::F32, &Device::Cpu)?;
+        let conv = Conv2d::im2col(weight.clone(), zeros, stride, padding)?;
+        Ok(Self { conv })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.conv.forward(x)
     }
 
     fn input_gradient(&self, grad: &Tensor, input_shape: &Shape) -> candle_core::Result<Tensor> {
-        match &self.flipped {
-            Some(flipped) => flipped.forward(grad),
-            None => {
-                let (_, _, height, width) = input_shape.dims4()?;
-                self.forward.input_gradient(grad, (height, width))
-            }
-        }
+        let (_, _, height, width) = input_shape.dims4()?;
+        self.conv.input_gradient(grad, (height, width))
     }
 }
 
@@ -138,7 +128,7 @@ impl FrozenOp {
                     .reshape(out_dims)
             }
             FrozenKind::Conv2d { stride, padding } => match self.fast_kernels(x) {
-                Some(kernels) => kernels.forward.forward(x),
+                Some(kernels) => kernels.forward(x),
                 None => x.conv2d(&self.weight, padding, stride, 1, 1),
             },
         }

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Benchmark of train-lora on a full-size SD1.5 UNet architecture with random weights (the tiny
+# fixture UNet with every width scaled x10: 320/640/1280 channels, 768-wide text context,
+# 860M parameters, 3.4 GB of float32), at 256 px (32x32 latents), batch 1, LoRA rank 8 on the
+# default kohya modules (attention projections, feed-forward, proj_in/proj_out), AdamW, fp32.
+# Runs 1 and 1 + STEPS training steps; the difference gives seconds per step without start-up.
+# Prints: run, steps, wall s, CPU s (user+sys), peak RSS.
+#
+#   bench/train-lora-full.sh [STEPS] [WORKDIR]     (PROFILE=release|debug, NO_BUILD=1)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STEPS=${1:-3}
+WORK=${2:-$(mktemp -d)}
+PROFILE=${PROFILE:-release}
+[ -n "${NO_BUILD:-}" ] || cargo build -p train-lora $([ "$PROFILE" = release ] && echo --release) -q
+BIN=${CARGO_TARGET_DIR:-target}/$PROFILE/train-lora
+mkdir -p "$WORK/data"
+
+if [ ! -f "$WORK/unet-full.safetensors" ]; then
+  python3 - tests/fixtures/sd15-tiny/model.safetensors "$WORK/unet-full.safetensors" <<'PY'
+import json, struct, sys
+import numpy as np
+src, dst = sys.argv[1], sys.argv[2]
+with open(src, "rb") as f:
+    header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+rng = np.random.default_rng(0)
+CONTEXT = 768  # CLIP ViT-L/14 width; the tiny model's context is 64 wide
+names = sorted(n for n in header if n.startswith("model.diffusion_model."))
+def full_shape(name, shape):
+    out = []
+    for axis, dim in enumerate(shape):
+        if axis == 1 and (".attn2.to_k." in name or ".attn2.to_v." in name):
+            out.append(CONTEXT)
+        elif axis < 2 and dim != 4:
+            out.append(dim * 10)
+        else:
+            out.append(dim)
+    return out
+shapes = {n: full_shape(n, header[n]["shape"]) for n in names}
+out_header, offset = {}, 0
+for name in names:
+    size = 4 * int(np.prod(shapes[name]))
+    out_header[name] = {"dtype": "F32", "shape": shapes[name], "data_offsets": [offset, offset + size]}
+    offset += size
+text = json.dumps(out_header).encode()
+text += b" " * (-len(text) % 8)
+with open(dst, "wb") as f:
+    f.write(struct.pack("<Q", len(text)) + text)
+    for name in names:
+        shape = shapes[name]
+        if "norm" in name and name.endswith(".weight"):
+            data = np.ones(shape, np.float32)
+        elif len(shape) == 1:
+            data = np.zeros(shape, np.float32)
+        else:
+            fan_in = int(np.prod(shape[1:]))
+            data = (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(fan_in)).astype(np.float32)
+        f.write(data.tobytes())
+PY
+  python3 - "$WORK/data" <<'PY'
+import json, sys
+import numpy as np
+data = sys.argv[1]
+rng = np.random.default_rng(1)
+meta = {}
+for i in range(2):
+    np.savez(f"{data}/img{i}_0256x0256_sd.npz", latents=rng.standard_normal((4, 32, 32), dtype=np.float32))
+    np.savez(f"{data}/img{i}_te_outputs.npz", hidden_state=rng.standard_normal((77, 768), dtype=np.float32))
+    meta[f"img{i}.png"] = {"caption": "a photo", "train_resolution": [256, 256]}
+json.dump(meta, open(f"{data}/meta_lat.json", "w"))
+PY
+fi
+
+run() {
+  local steps=$1
+  rm -rf "$WORK/out"
+  /usr/bin/time -f "%e %U %S %M" -o "$WORK/time.txt" "$BIN" \
+    --pretrained_model_name_or_path "$WORK/unet-full.safetensors" \
+    --in_json "$WORK/data/meta_lat.json" --train_data_dir "$WORK/data" \
+    --output_dir "$WORK/out" --output_name full --network_dim 8 --network_alpha 8 \
+    --optimizer_type AdamW --learning_rate 1e-4 --max_train_steps "$steps" --train_batch_size 1 \
+    --seed 1 --mixed_precision no --save_precision float -q
+  if grep -q "terminated" "$WORK/time.txt"; then
+    echo "train-lora was killed (out of memory?): $(cat "$WORK/time.txt")" >&2
+    exit 1
+  fi
+  read -r secs user sys rss < "$WORK/time.txt"
+  printf "%-6s %3d steps %9.2f s wall %9.2f CPU s %8.0f MiB peak RSS\n" "$2" "$steps" "$secs" \
+    "$(echo "$user + $sys" | bc)" "$((rss / 1024))"
+  echo "$secs"
+}
+
+first=$(run 1 start-up | tee /dev/stderr | tail -1)
+last=$(run $((STEPS + 1)) train | tee /dev/stderr | tail -1)
+echo "seconds per step: $(echo "($last - $first) / $STEPS" | bc -l | cut -c1-6)"
