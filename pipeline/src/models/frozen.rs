@@ -200,7 +200,7 @@ pub(crate) fn dense(x: &Tensor) -> candle_core::Result<Tensor> {
     if x.is_contiguous() && x.layout().start_offset() == 0 {
         Ok(x.clone())
     } else {
-        x.copy()
+        x.force_contiguous()
     }
 }
 

@@ -10,6 +10,7 @@ pub mod clip;
 pub mod conv;
 pub mod frozen;
 pub(crate) mod kernels;
+pub(crate) mod norm;
 pub mod text_encoders;
 pub mod unet;
 pub mod vae;

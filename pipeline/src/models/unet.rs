@@ -15,6 +15,7 @@ use candle_nn::VarBuilder;
 use crate::lora::{Adaptable, AdaptableLayer, Container};
 use crate::models::attention::attention;
 use crate::models::frozen::FrozenKind;
+use crate::models::norm::{AffineNorm, NormKind};
 use crate::{Error, Result};
 
 /// Number of resolution levels of SD1/SD2 UNets.
@@ -190,6 +191,12 @@ struct Norm {
 impl Norm {
     /// GroupNorm over `[B, C, H, W]` with [`NORM_GROUPS`] groups.
     fn group(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if is_f32_cpu(x) {
+            let kind = NormKind::Group {
+                groups: NORM_GROUPS,
+            };
+            return AffineNorm::new(&self.weight, &self.bias, kind, self.eps)?.forward(x);
+        }
         let (b, c, h, w) = x.dims4()?;
         let grouped = x.reshape((b, NORM_GROUPS, (c / NORM_GROUPS) * h * w))?;
         let normed = standardise(&grouped, self.eps)?.reshape((b, c, h, w))?;
@@ -200,10 +207,19 @@ impl Norm {
 
     /// LayerNorm over the last dimension.
     fn layer(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if is_f32_cpu(x) {
+            return AffineNorm::new(&self.weight, &self.bias, NormKind::Layer, self.eps)?
+                .forward(x);
+        }
         standardise(x, self.eps)?
             .broadcast_mul(&self.weight)?
             .broadcast_add(&self.bias)
     }
+}
+
+/// Whether `x` can take the fused f32 CPU kernels.
+fn is_f32_cpu(x: &Tensor) -> bool {
+    x.dtype() == DType::F32 && x.device().is_cpu()
 }
 
 /// `(x - mean) / sqrt(var + eps)` over the last dimension (biased variance).
