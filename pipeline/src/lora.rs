@@ -7,6 +7,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -120,6 +122,48 @@ pub struct LoraModule {
     pub alpha: Alpha,
     /// Multiplier (1.0 in training).
     pub multiplier: f64,
+    /// Dropout of the hidden units while training (`--network_dropout`).
+    pub dropout: Option<HiddenDropout>,
+}
+
+/// Dropout of a LoRA branch's hidden units (the output of `lora_down`), as `--network_dropout`
+/// in sd-scripts: each unit is zeroed with `probability` and the others scaled by
+/// `1 / (1 - probability)`. Masks come from a seeded RNG keyed by the current micro-batch stream
+/// (shared by every module of a network) and the module's index, so a run is reproducible and a
+/// resumed run draws the same masks. No stream set (outside training) means no dropout.
+#[derive(Debug, Clone)]
+pub struct HiddenDropout {
+    probability: f32,
+    index: u64,
+    stream: Arc<AtomicU64>,
+}
+
+/// Stream value meaning "not training": the branch is applied without dropout.
+const NO_DROPOUT_STREAM: u64 = 0;
+
+impl HiddenDropout {
+    /// `hidden` with dropout applied, or unchanged when no training stream is set.
+    fn apply(&self, hidden: Tensor) -> candle_core::Result<Tensor> {
+        let stream = self.stream.load(Ordering::Relaxed);
+        if stream == NO_DROPOUT_STREAM || self.probability <= 0.0 {
+            return Ok(hidden);
+        }
+        let seed = stream ^ (self.index + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let keep = 1.0 / (1.0 - self.probability);
+        let mask: Vec<f32> = (0..hidden.elem_count())
+            .map(|_| {
+                if rng.random::<f32>() < self.probability {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, hidden.shape(), hidden.device())?;
+        let mask = mask.to_dtype(hidden.dtype())?;
+        hidden * mask
+    }
 }
 
 impl LoraModule {
@@ -137,8 +181,14 @@ impl LoraModule {
     fn delta(&self, x: &Tensor, kind: FrozenKind) -> candle_core::Result<Tensor> {
         let down = &self.down.as_tensor().to_dtype(x.dtype())?;
         let up = &self.up.as_tensor().to_dtype(x.dtype())?;
+        let dropout = |hidden: Tensor| match &self.dropout {
+            Some(dropout) => dropout.apply(hidden),
+            None => Ok(hidden),
+        };
         let out = match kind {
-            FrozenKind::Linear => x.broadcast_matmul(&down.t()?)?.broadcast_matmul(&up.t()?)?,
+            FrozenKind::Linear => {
+                dropout(x.broadcast_matmul(&down.t()?)?)?.broadcast_matmul(&up.t()?)?
+            }
             FrozenKind::Conv2d {
                 stride: 1,
                 padding: 0,
@@ -150,13 +200,13 @@ impl LoraModule {
                 let down = down.reshape((down.dim(0)?, channels))?;
                 let up = up.reshape((up.dim(0)?, up.dim(1)?))?;
                 let pixels = x.reshape((batch, channels, height * width))?;
-                let hidden = down.broadcast_matmul(&pixels)?;
+                let hidden = dropout(down.broadcast_matmul(&pixels)?)?;
                 up.broadcast_matmul(&hidden)?
                     .reshape((batch, up.dim(0)?, height, width))?
             }
-            FrozenKind::Conv2d { stride, padding } => x
-                .conv2d(down, padding, stride, 1, 1)?
-                .conv2d(up, 0, 1, 1, 1)?,
+            FrozenKind::Conv2d { stride, padding } => {
+                dropout(x.conv2d(down, padding, stride, 1, 1)?)?.conv2d(up, 0, 1, 1, 1)?
+            }
         };
         out.affine(self.scale(), 0.0)
     }
@@ -230,9 +280,41 @@ pub trait Adaptable {
 pub struct LoraNetwork {
     /// Modules in model order.
     pub modules: Vec<LoraModule>,
+    /// The micro-batch stream shared by the modules' dropout ([`HiddenDropout`]).
+    dropout_stream: Arc<AtomicU64>,
 }
 
 impl LoraNetwork {
+    /// Turns on `--network_dropout` with `probability` for every module (in `model` too).
+    pub fn enable_dropout(&mut self, model: &mut dyn Adaptable, probability: f32) {
+        let make = |index: usize| HiddenDropout {
+            probability,
+            index: index as u64,
+            stream: self.dropout_stream.clone(),
+        };
+        let positions: HashMap<String, usize> = (self.modules.iter())
+            .enumerate()
+            .map(|(i, m)| (m.name.clone(), i))
+            .collect();
+        model.visit_layers(&mut |layer| {
+            if let Some(lora) = &mut layer.lora {
+                if let Some(&index) = positions.get(&lora.name) {
+                    lora.dropout = Some(make(index));
+                }
+            }
+        });
+        for (index, module) in self.modules.iter_mut().enumerate() {
+            module.dropout = Some(make(index));
+        }
+    }
+
+    /// Sets the dropout masks' stream for the next forward pass (`None`: no dropout). The
+    /// trainer passes a value derived from the seed and the micro-batch index.
+    pub fn set_dropout_stream(&self, stream: Option<u64>) {
+        let value = stream.map_or(NO_DROPOUT_STREAM, |s| s.max(1));
+        self.dropout_stream.store(value, Ordering::Relaxed);
+    }
+
     /// Creates and attaches fresh modules (down Kaiming-uniform, up zeros; spec §8.4) drawn from a
     /// seeded RNG.
     pub fn create(
@@ -271,7 +353,10 @@ impl LoraNetwork {
                 )));
             }
         }
-        Ok(Self { modules })
+        Ok(Self {
+            modules,
+            dropout_stream: Arc::default(),
+        })
     }
 
     /// Loads a kohya LoRA file and attaches its UNet modules to `model` (non-strict: text-encoder
@@ -317,7 +402,13 @@ impl LoraNetwork {
                 report.ignored_text_encoder += 1;
             }
         }
-        Ok((Self { modules }, report))
+        Ok((
+            Self {
+                modules,
+                dropout_stream: Arc::default(),
+            },
+            report,
+        ))
     }
 
     /// The trainable variables (down and up of each module, in module order).
@@ -413,6 +504,7 @@ fn new_module(
         up,
         alpha,
         multiplier: 1.0,
+        dropout: None,
     })
 }
 
@@ -468,6 +560,7 @@ fn module_from_file(
         up: Var::from_tensor(&up.to_dtype(DType::F32)?.to_device(device)?)?,
         alpha,
         multiplier,
+        dropout: None,
     })
 }
 
@@ -594,4 +687,38 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+#[cfg(test)]
+mod dropout_tests {
+    use super::*;
+
+    #[test]
+    fn hidden_dropout_zeroes_the_given_share_and_rescales_the_rest() {
+        let stream = Arc::new(AtomicU64::new(NO_DROPOUT_STREAM));
+        let dropout = HiddenDropout {
+            probability: 0.25,
+            index: 5,
+            stream: stream.clone(),
+        };
+        let hidden = Tensor::ones((4, 2500), DType::F32, &Device::Cpu).unwrap();
+        let values = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+
+        // No stream (not training): unchanged.
+        assert!(values(dropout.apply(hidden.clone()).unwrap())
+            .iter()
+            .all(|&v| v == 1.0));
+
+        stream.store(7, Ordering::Relaxed);
+        let first = values(dropout.apply(hidden.clone()).unwrap());
+        let zeros = first.iter().filter(|&&v| v == 0.0).count() as f32 / first.len() as f32;
+        assert!((zeros - 0.25).abs() < 0.02, "zeroed share {zeros}");
+        assert!(first
+            .iter()
+            .all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
+        assert_eq!(first, values(dropout.apply(hidden.clone()).unwrap()));
+
+        stream.store(8, Ordering::Relaxed);
+        assert_ne!(first, values(dropout.apply(hidden).unwrap()));
+    }
 }

@@ -165,3 +165,59 @@ fn a_checkpoint_without_a_unet_is_rejected() {
         "{stderr}"
     );
 }
+
+/// Trains 2 steps (learning rate high enough for dropout to show in the weights) and returns the
+/// LoRA file's tensor data (everything after the header) and its metadata.
+fn train_with(extra: &[&str]) -> (Vec<u8>, std::collections::BTreeMap<String, String>) {
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let (model, meta) = (model(), data.path().join("meta_lat.json"));
+    let (data_dir, out_dir) = (data.path(), out.path());
+    let mut args: Vec<&std::ffi::OsStr> = args![
+        "--pretrained_model_name_or_path",
+        model,
+        "--in_json",
+        meta,
+        "--train_data_dir",
+        data_dir,
+        "--output_dir",
+        out_dir,
+        "--output_name",
+        "drop",
+        "--max_train_steps",
+        "2",
+        "--train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--seed",
+        "3",
+        "--quiet"
+    ]
+    .to_vec();
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    run_expect("train-lora", &args, 0);
+    let path = out.path().join("drop.safetensors");
+    let metadata = LoraFile::read(&path).unwrap().metadata;
+    let bytes = std::fs::read(path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    (
+        bytes[8 + header_len..].to_vec(),
+        metadata.into_iter().collect(),
+    )
+}
+
+#[test]
+fn network_dropout_is_seeded_and_recorded() {
+    let (plain, plain_meta) = train_with(&[]);
+    let (dropped, meta) = train_with(&["--network_dropout", "0.5"]);
+    let (again, _) = train_with(&["--network_dropout", "0.5"]);
+    assert_eq!(plain_meta["ss_network_dropout"], "None");
+    assert_eq!(meta["ss_network_dropout"], "0.5");
+    assert!(
+        dropped == again,
+        "the same seed draws the same dropout masks"
+    );
+    assert!(dropped != plain, "dropout changes what is learned");
+}

@@ -42,6 +42,10 @@ pub struct TrainArgs {
     /// Network arguments key=value: conv_dim, conv_alpha.
     #[arg(long, num_args = 1..)]
     pub network_args: Vec<String>,
+    /// Dropout probability of the LoRA hidden units while training (sd-scripts'
+    /// `--network_dropout`; default none).
+    #[arg(long)]
+    pub network_dropout: Option<f32>,
     /// Start from these LoRA weights (kohya .safetensors; UNet modules are used).
     #[arg(long)]
     pub network_weights: Option<PathBuf>,

@@ -235,7 +235,10 @@ pub fn base_metadata(
     put(&mut m, "ss_max_train_steps", plan.total_steps.to_string());
     put(&mut m, "ss_lr_warmup_steps", args.lr_warmup_steps.clone());
     put(&mut m, "ss_lr_scheduler", args.lr_scheduler.clone());
-    put(&mut m, "ss_network_dropout", "None".into());
+    let dropout = args
+        .network_dropout
+        .map_or("None".into(), |p| p.to_string());
+    put(&mut m, "ss_network_dropout", dropout);
     put(&mut m, "ss_mixed_precision", args.mixed_precision.clone());
     put(&mut m, "ss_full_fp16", "False".into());
     put(&mut m, "ss_clip_skip", "None".into());

@@ -201,7 +201,7 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
             ..Summary::default()
         });
     }
-    let network = match &args.network_weights {
+    let mut network = match &args.network_weights {
         Some(path) => {
             let (network, report) = LoraNetwork::load(&mut unet, path, 1.0, &device)?;
             tracing::info!(
@@ -214,6 +214,9 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         }
         None => LoraNetwork::create(&mut unet, &lora_config, plan.seed, &device)?,
     };
+    if let Some(probability) = args.network_dropout {
+        network.enable_dropout(&mut unet, probability);
+    }
     let vars = network.vars();
     let mut optimizer = Optimizer::new(optimizer_kind, vars.clone())?;
     let warmup = schedule::resolve_warmup(&args.lr_warmup_steps, plan.total_steps)?;
@@ -301,6 +304,7 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
             }
             let micro_index = ((epoch - 1) * plan.batches_per_epoch + bi) as u64;
             let (latents, context) = dataset.collate(batch, &device)?;
+            network.set_dropout_stream(Some(NoiseRng::dropout_stream(plan.seed, micro_index)));
             let loss = micro_batch_loss(&unet, &loss_ctx, &latents, &context, micro_index)?;
             let loss_value = loss.to_scalar::<f32>()?;
             if !loss_value.is_finite() {
@@ -484,6 +488,13 @@ fn is_up_to_date(lora: &Path, training_key: &str) -> bool {
 }
 
 fn check_args(args: &TrainArgs) -> Result<()> {
+    if let Some(p) = args.network_dropout {
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::Usage(format!(
+                "--network_dropout {p}: must be at least 0 and below 1"
+            )));
+        }
+    }
     if args.network_module != "networks.lora" {
         return Err(Error::Usage(format!(
             "--network_module {}: only networks.lora is supported",

@@ -36,6 +36,12 @@ impl NoiseRng {
         Self(StdRng::seed_from_u64(mix(seed, 0x0015_e000, index)))
     }
 
+    /// The seed of the LoRA dropout masks of micro-batch `index` (a stream separate from the
+    /// noise's).
+    pub fn dropout_stream(seed: u64, index: u64) -> u64 {
+        mix(seed, 0x00d1_0e00, index)
+    }
+
     /// A standard normal sample (Box–Muller).
     pub fn normal(&mut self) -> f32 {
         let u1: f64 = self.0.random_range(f64::EPSILON..1.0);
