@@ -2,6 +2,8 @@
 #
 #   make demo     run the whole flow on the bundled example (examples/tiny-dataset, tiny models)
 #   make test     install the ONNX Runtime library, build everything and run all tests
+#   make bench    every stage's benchmark in one table (bench/all.sh; QUICK=1: tiny models only,
+#                 BIN_DIR=folder: prebuilt release binaries), also written to bench/results/latest.md
 #   make lora DATA=my/images OUT=runs/me MODEL=sd15.safetensors TAGGER_DIR=wd14_tagger_model \
 #             TAGGER=SmilingWolf/wd-v1-4-convnext-tagger-v2 BLIP=blip-large RES=512,512 STEPS=1600
 #
@@ -46,13 +48,17 @@ QUIET       ?=
 CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)
 BUCKET_RANGE := --min_bucket_reso $(MIN_BUCKET) --max_bucket_reso $(MAX_BUCKET) --bucket_reso_steps $(BUCKET_STEP)
 
-.PHONY: all build test setup demo lora lint tags captions metadata latents te-cache train clean-out FORCE
+.PHONY: all build test setup demo lora lint tags captions metadata latents te-cache train bench clean-out FORCE
 
 all: build
 
 # SKIP_BUILD=1 uses the tools already in $(BIN) (the end-to-end tests do).
 build:
 	$(if $(SKIP_BUILD),@true,$(CARGO) build --workspace --bins $(CARGO_PROFILE_FLAG))
+
+# Benchmarks of every stage (release build), one markdown table -> bench/results/latest.md.
+bench:
+	QUICK=$(QUICK) BIN_DIR=$(BIN_DIR) bench/all.sh
 
 # ONNX Runtime shared library for tag-images, from the PyPI wheel into .local/onnxruntime/
 # (no root, no system package; a no-op once installed).

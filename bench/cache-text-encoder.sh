@@ -4,15 +4,15 @@
 # random weights, at several --batch_size values (1 = one caption at a time). Every run starts
 # from an empty cache folder. Prints: model, batch size, captions, seconds, captions/s.
 #
-#   bench/cache-text-encoder.sh [N_TINY] [N_FULL] [WORKDIR]
+#   bench/cache-text-encoder.sh [N_TINY] [N_FULL] [WORKDIR]   (N_FULL=0 skips CLIP-L; env BATCHES, BIN_DIR)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N_TINY=${1:-512}
 N_FULL=${2:-64}
 WORK=${3:-$(mktemp -d)}
 PROFILE=${PROFILE:-release}
-cargo build -p cache-text-encoder $([ "$PROFILE" = release ] && echo --release) -q
-BIN=${CARGO_TARGET_DIR:-target}/$PROFILE/cache-text-encoder
+[ -n "${BIN_DIR:-}" ] || cargo build -p cache-text-encoder $([ "$PROFILE" = release ] && echo --release) -q
+BIN=${BIN_DIR:-${CARGO_TARGET_DIR:-target}/$PROFILE}/cache-text-encoder
 FIXTURES=tests/fixtures
 mkdir -p "$WORK"
 
@@ -80,17 +80,17 @@ run() {
   local label=$1 model=$2 meta=$3 n=$4 batch=$5
   local out="$WORK/cache-$label-$batch"
   rm -rf "$out" && mkdir -p "$out"
-  local start end
-  start=$(date +%s.%N)
-  "$BIN" "$meta" "$model" --tokenizer "$FIXTURES/sd15-tiny/tokenizer" --cache_dir "$out" --batch_size "$batch" -q
-  end=$(date +%s.%N)
-  awk -v l="$label" -v b="$batch" -v n="$n" -v s="$(echo "$end - $start" | bc)" \
-    'BEGIN { printf "%-8s batch %3d %6d captions %8.2f s %8.1f captions/s\n", l, b, n, s, n / s }'
+  /usr/bin/time -f "%e %M" -o "$WORK/time" \
+    "$BIN" "$meta" "$model" --tokenizer "$FIXTURES/sd15-tiny/tokenizer" --cache_dir "$out" --batch_size "$batch" -q
+  read -r secs rss < "$WORK/time"
+  awk -v l="$label" -v b="$batch" -v n="$n" -v s="$secs" -v r="$rss" \
+    'BEGIN { printf "%-8s batch %3d %6d captions %8.2f s %8.1f captions/s %7.0f MiB peak RSS\n", l, b, n, s, n / s, r / 1024 }'
 }
 
 make_meta "$WORK/meta_tiny.json" "$N_TINY"
+echo "cache-text-encoder, $(nproc) cores, profile $PROFILE (times include model loading)"
+for batch in ${BATCHES:-1 8 32}; do run tiny "$FIXTURES/sd15-tiny/model.safetensors" "$WORK/meta_tiny.json" "$N_TINY" "$batch"; done
+[ "$N_FULL" -gt 0 ] || exit 0
 make_meta "$WORK/meta_full.json" "$N_FULL"
 [ -f "$WORK/clip_l.safetensors" ] || make_clip_l "$WORK/clip_l.safetensors"
-echo "cache-text-encoder, $(nproc) cores, profile $PROFILE (times include model loading)"
-for batch in 1 8 32; do run tiny "$FIXTURES/sd15-tiny/model.safetensors" "$WORK/meta_tiny.json" "$N_TINY" "$batch"; done
-for batch in 1 8 32; do run clip-l "$WORK/clip_l.safetensors" "$WORK/meta_full.json" "$N_FULL" "$batch"; done
+for batch in ${BATCHES:-1 8 32}; do run clip-l "$WORK/clip_l.safetensors" "$WORK/meta_full.json" "$N_FULL" "$batch"; done

@@ -6,18 +6,24 @@
 # Prints one line per run: model, batch, images, wall seconds (model loading included),
 # images/s, peak RSS.
 #
-#   bench/caption-images.sh [N_IMAGES] [WORKDIR]      (PROFILE=debug|release, default release)
+#   bench/caption-images.sh [N_IMAGES] [WORKDIR]
+#   env: LARGE_MODEL=0 skips the BLIP-large run, LARGE_BATCHES (default "1 8"), BIN_DIR (prebuilt
+#   binaries, examples/ beside them; no cargo build)      (PROFILE=debug|release, default release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-8}
 WORK=${2:-$(mktemp -d)}
 PROFILE=${PROFILE:-release}
 FLAG=$([ "$PROFILE" = release ] && echo --release || true)
-cargo build -q -p caption-images $FLAG
-cargo build -q -p lorakit-pipeline --example blip_random_model $FLAG
-BIN=${CARGO_TARGET_DIR:-target}/$PROFILE
+if [ -z "${BIN_DIR:-}" ]; then
+  cargo build -q -p caption-images $FLAG
+  cargo build -q -p lorakit-pipeline --example blip_random_model $FLAG
+fi
+BIN=${BIN_DIR:-${CARGO_TARGET_DIR:-target}/$PROFILE}
 LARGE="$WORK/blip-large"
-[ -f "$LARGE/model.safetensors" ] || "$BIN/examples/blip_random_model" "$LARGE"
+if [ "${LARGE_MODEL:-1}" = 1 ] && [ ! -f "$LARGE/model.safetensors" ]; then
+  "$BIN/examples/blip_random_model" "$LARGE"
+fi
 IMAGES=(tests/fixtures/images/*.png tests/fixtures/images/*.jpg)
 measure() {
   local name=$1 model=$2 batch=$3
@@ -36,6 +42,7 @@ measure() {
 for batch in 1 8; do
   measure tiny tests/fixtures/blip-tiny "$batch"
 done
-for batch in 1 8; do
+[ "${LARGE_MODEL:-1}" = 1 ] || exit 0
+for batch in ${LARGE_BATCHES:-1 8}; do
   measure large "$LARGE" "$batch"
 done

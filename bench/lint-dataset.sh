@@ -11,8 +11,8 @@ cd "$(dirname "$0")/.."
 N=${1:-10000}
 WORK=${2:-$(mktemp -d)}
 PROFILE=${PROFILE:-release}
-cargo build -p lint-dataset $([ "$PROFILE" = release ] && echo --release) -q
-BIN=${CARGO_TARGET_DIR:-target}/$PROFILE
+[ -n "${BIN_DIR:-}" ] || cargo build -p lint-dataset $([ "$PROFILE" = release ] && echo --release) -q
+BIN=${BIN_DIR:-${CARGO_TARGET_DIR:-target}/$PROFILE}
 DATA="$WORK/data"
 if [ ! -f "$DATA/.complete-$N" ]; then
   rm -rf "$DATA" && mkdir -p "$DATA"

@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 N=${1:-100000}
 WORK=${2:-$(mktemp -d)}
 PROFILE=${PROFILE:-release}
-cargo build --workspace --bins $([ "$PROFILE" = release ] && echo --release) -q
-BIN=${CARGO_TARGET_DIR:-target}/$PROFILE
+[ -n "${BIN_DIR:-}" ] || cargo build --workspace --bins $([ "$PROFILE" = release ] && echo --release) -q
+BIN=${BIN_DIR:-${CARGO_TARGET_DIR:-target}/$PROFILE}
 DATA="$WORK/data"
 if [ ! -f "$DATA/.complete-$N" ]; then
   rm -rf "$DATA" && mkdir -p "$DATA"

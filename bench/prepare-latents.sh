@@ -9,14 +9,14 @@
 # Prints wall seconds, images/s, CPU seconds (user + sys; steadier than wall when other work shares
 # the cores) and peak RSS per case. RAYON_NUM_THREADS sets the number of threads.
 #
-#   bench/prepare-latents.sh [N] [WORKDIR]
+#   bench/prepare-latents.sh [N] [WORKDIR]      (N=0: tiny case only; BIN_DIR: prebuilt binaries)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-4}
 WORK=${2:-$(mktemp -d)}
 PROFILE=${PROFILE:-release}
-[ -n "${NO_BUILD:-}" ] || cargo build -p prepare-latents $([ "$PROFILE" = release ] && echo --release) -q
-BIN=${CARGO_TARGET_DIR:-target}/$PROFILE/prepare-latents
+[ -n "${NO_BUILD:-}${BIN_DIR:-}" ] || cargo build -p prepare-latents $([ "$PROFILE" = release ] && echo --release) -q
+BIN=${BIN_DIR:-${CARGO_TARGET_DIR:-target}/$PROFILE}/prepare-latents
 FIX=tests/fixtures
 
 mkdir -p "$WORK/tiny" "$WORK/full"
@@ -25,7 +25,7 @@ sed "s#{DATA}/#$WORK/tiny/#g" "$FIX/golden/metadata/meta_clean.json" > "$WORK/ti
 for f in $(ls "$FIX"/images/*.png | head -n "$N"); do cp "$f" "$WORK/full/"; done
 echo '{}' > "$WORK/full.json"
 
-if [ ! -f "$WORK/vae-full.safetensors" ]; then
+if [ "$N" -gt 0 ] && [ ! -f "$WORK/vae-full.safetensors" ]; then
   python3 - "$FIX/sd15-tiny/model.safetensors" "$WORK/vae-full.safetensors" <<'PY'
 import json, struct, sys
 import numpy as np
@@ -70,5 +70,6 @@ measure() {
 
 measure tiny 12 "$WORK/tiny" "$WORK/tiny.json" "$WORK/tiny-out.json" "$FIX/sd15-tiny/model.safetensors" \
   --batch_size 4 --max_resolution 256,256 --min_bucket_reso 128 --max_bucket_reso 512 --bucket_reso_steps 64 --full_path
+[ "$N" -gt 0 ] || exit 0
 measure full "$N" "$WORK/full" "$WORK/full.json" "$WORK/full-out.json" "$FIX/sd15-tiny/model.safetensors" \
   --vae "$WORK/vae-full.safetensors" --batch_size 1 --max_resolution 512,512 --min_bucket_reso 512 --max_bucket_reso 512

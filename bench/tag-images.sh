@@ -16,8 +16,8 @@ BATCH=${BATCH:-8}
 PROFILE=${PROFILE:-release}
 WORK=${WORK:-$(mktemp -d)}
 scripts/setup-onnxruntime.sh > /dev/null
-cargo build -p tag-images $([ "$PROFILE" = release ] && echo --release) -q
-BIN=${CARGO_TARGET_DIR:-target}/$PROFILE/tag-images
+[ -n "${BIN_DIR:-}" ] || cargo build -p tag-images $([ "$PROFILE" = release ] && echo --release) -q
+BIN=${BIN_DIR:-${CARGO_TARGET_DIR:-target}/$PROFILE}/tag-images
 MODELS="$WORK/models"
 mkdir -p "$MODELS/SmilingWolf_wd-v1-4-convnext-tagger-v2"
 cp "$MODEL/model.onnx" "$MODEL/selected_tags.csv" "$MODELS/SmilingWolf_wd-v1-4-convnext-tagger-v2/"

@@ -6,7 +6,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
-cargo build --release -q -p train-lora
+[ -n "${BIN_DIR:-}" ] || cargo build --release -q -p train-lora
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 python3 - "$root" "$work" <<'PY'
@@ -23,7 +23,7 @@ for i, (stem, size) in enumerate([("astronaut", "0512x0512"), ("cell", "0550x066
 json.dump(meta, open(f"{work}/meta_lat.json", "w"))
 PY
 export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-1}
-/usr/bin/time -v "$CARGO_TARGET_DIR/release/train-lora" \
+/usr/bin/time -v "${BIN_DIR:-$CARGO_TARGET_DIR/release}/train-lora" \
   --pretrained_model_name_or_path "$root/tests/fixtures/sd15-tiny/model.safetensors" \
   --in_json "$work/meta_lat.json" --train_data_dir "$work" --output_dir "$work/out" --output_name bench \
   --network_dim 4 --network_alpha 1 --optimizer_type AdamW --learning_rate 1e-4 --lr_scheduler constant \
