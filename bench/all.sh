@@ -11,11 +11,11 @@
 # env: BIN_DIR  folder of prebuilt release binaries (no cargo build; caption-images also wants
 #               examples/blip_random_model there for the BLIP-large case); default: build them.
 #      WORK     scratch folder (default: a new temporary folder, removed at the end).
-#      OUT      table file (default bench/results/latest.md).
+#      BENCH_OUT table file (default bench/results/latest.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=${QUICK:-0}
-OUT=${OUT:-bench/results/latest.md}
+OUT=${BENCH_OUT:-bench/results/latest.md}
 if [ -z "${WORK:-}" ]; then
   WORK=$(mktemp -d)
   trap 'rm -rf "$WORK"' EXIT
