@@ -146,49 +146,32 @@ fn cache_files_match_sd_scripts_hidden_states_and_rerun_is_incremental() {
         }
     }
 
-    // Unchanged: nothing re-encoded. One caption edited: only it is.
-    let stderr = run_expect(
-        "cache-text-encoder",
-        args![
+    // The incremental runs below all use the 225-token settings.
+    let model = model();
+    let encode_225 = |extra: &[&str]| {
+        let mut args: Vec<&std::ffi::OsStr> = args![
             meta,
-            model(),
+            model,
             "--cache_dir",
             cache,
             "--max_token_length",
             "225"
-        ],
-        0,
-    );
+        ]
+        .to_vec();
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        run_expect("cache-text-encoder", &args, 0)
+    };
+
+    // Unchanged: nothing re-encoded. One caption edited: only it is.
+    let stderr = encode_225(&[]);
     assert!(stderr.contains("0 done, 8 up to date"), "{stderr}");
     // A temporary file left by a killed run is not a cache and so not an orphan either.
     std::fs::write(cache.join(".lorakit-tmp-1-0-short_te_outputs.npz"), b"PK").unwrap();
-    let stderr = run_expect(
-        "cache-text-encoder",
-        args![
-            meta,
-            model(),
-            "--cache_dir",
-            cache,
-            "--max_token_length",
-            "225"
-        ],
-        0,
-    );
+    let stderr = encode_225(&[]);
     assert!(!stderr.contains("belong to no metadata entry"), "{stderr}");
     captions.insert("short".into(), json!("a photo of a dog"));
     write_metadata(&meta, &captions);
-    let stderr = run_expect(
-        "cache-text-encoder",
-        args![
-            meta,
-            model(),
-            "--cache_dir",
-            cache,
-            "--max_token_length",
-            "225"
-        ],
-        0,
-    );
+    let stderr = encode_225(&[]);
     assert!(stderr.contains("1 done, 7 up to date"), "{stderr}");
 
     let index: Value =
@@ -206,33 +189,10 @@ fn cache_files_match_sd_scripts_hidden_states_and_rerun_is_incremental() {
     // An entry removed from the metadata leaves an orphan: reported, then pruned.
     captions.remove("t100");
     write_metadata(&meta, &captions);
-    let stderr = run_expect(
-        "cache-text-encoder",
-        args![
-            meta,
-            model(),
-            "--cache_dir",
-            cache,
-            "--max_token_length",
-            "225"
-        ],
-        0,
-    );
+    let stderr = encode_225(&[]);
     assert!(stderr.contains("belong to no metadata entry"), "{stderr}");
     assert!(cache_file(&cache, "t100").is_file());
-    run_expect(
-        "cache-text-encoder",
-        args![
-            meta,
-            model(),
-            "--cache_dir",
-            cache,
-            "--max_token_length",
-            "225",
-            "--prune"
-        ],
-        0,
-    );
+    encode_225(&["--prune"]);
     assert!(!cache_file(&cache, "t100").exists());
 }
 

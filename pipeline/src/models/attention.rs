@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Stor
 use rayon::prelude::*;
 
 use crate::models::frozen::{dense, into_storage, tensor_from_storage};
-use crate::models::kernels::{dot, gemm_into, softmax_rows, Operand, Threads};
+use crate::models::kernels::{dot, f32_elements, gemm_into, softmax_rows, Operand, Threads};
 
 /// Score elements of one (batch, head) pair computed at a time by the f32 CPU kernel, per thread.
 const CPU_CHUNK_ELEMENTS: usize = 1 << 16;
@@ -217,12 +217,6 @@ impl ChunkedAttention {
     }
 }
 
-/// The elements of a contiguous f32 CPU storage without offset, if it is one.
-fn f32_elements<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> {
-    let (start, end) = layout.contiguous_offsets()?;
-    storage.as_slice::<f32>().ok().map(|data| &data[start..end])
-}
-
 /// A copy of the elements of an f32 CPU tensor, if it is one.
 fn f32_vec(x: &Tensor) -> Option<Vec<f32>> {
     let usable = x.dtype() == DType::F32 && x.device().is_cpu();
@@ -334,18 +328,8 @@ impl CustomOp3 for ChunkedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::test_support::relative_difference;
     use candle_core::{Device, Var};
-
-    fn relative_difference(ours: &Tensor, reference: &Tensor) -> f32 {
-        let peak = reference.abs().unwrap().max_all().unwrap();
-        let diff = (ours - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        diff.to_scalar::<f32>().unwrap() / peak.to_scalar::<f32>().unwrap()
-    }
 
     /// Plain candle ops, differentiated by candle's autograd.
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {

@@ -7,10 +7,10 @@
 //! work of a VAE) use the Winograd transform of [`super::winograd`] instead, with 4x fewer
 //! multiplications. Non-f32 inputs use candle's own convolution.
 
-use candle_core::{DType, Module, Storage, Tensor};
+use candle_core::{DType, Module, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::{gemm_into, Operand, Threads};
+use super::kernels::{gemm_into, with_f32_slice, Operand, Threads};
 use super::winograd::Winograd;
 
 /// Floats of column matrix built per band (bounds the extra memory to ~64 MiB).
@@ -291,20 +291,6 @@ fn scatter_columns(
     }
 }
 
-/// Runs `f` on the elements of an f32 CPU tensor, without a copy when it is contiguous.
-pub(crate) fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let x = x.contiguous()?;
-    let (storage, layout) = x.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("expected a CPU tensor");
-    };
-    let data = cpu.as_slice::<f32>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(f(&data[start..end])),
-        None => candle_core::bail!("expected a contiguous tensor"),
-    }
-}
-
 /// How a layer's f32 forward pass multiplies.
 #[derive(Clone, Debug)]
 enum Method {
@@ -388,6 +374,7 @@ impl Module for Conv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::test_support::relative_difference;
     use candle_core::Device;
 
     /// Max abs difference between our layer and candle's `conv2d` + bias, relative to the
@@ -413,14 +400,7 @@ mod tests {
             .broadcast_add(&bias.reshape((1, out_channels, 1, 1)).unwrap())
             .unwrap();
         assert_eq!(ours.dims(), reference.dims());
-        let peak = reference.abs().unwrap().max_all().unwrap();
-        let diff = (ours - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        diff.to_scalar::<f32>().unwrap() / peak.to_scalar::<f32>().unwrap()
+        relative_difference(&ours, &reference)
     }
 
     #[test]

@@ -38,52 +38,29 @@ pub struct FrozenOp {
     /// For stride-1 convolutions: the kernel with in/out swapped and spatially flipped, so the
     /// input gradient is a plain (fast, im2col) convolution instead of a transposed one.
     backward_kernel: Option<Tensor>,
-    /// The f32 CPU convolution kernels of [`super::conv`] (Winograd / im2col), much faster than
-    /// candle's stock convolution and transposed convolution.
-    cpu_kernels: Option<Arc<CpuConvKernels>>,
-}
-
-/// A frozen convolution's f32 CPU forward pass and input-gradient pass, both im2col matrix
-/// products with the frozen weight itself (no transformed or flipped copy: at SD1.5 size a copy
-/// per pass would add gigabytes).
-#[derive(Debug)]
-struct CpuConvKernels {
-    conv: Conv2d,
-}
-
-impl CpuConvKernels {
-    fn new(weight: &Tensor, stride: usize, padding: usize) -> candle_core::Result<Self> {
-        let zeros = Tensor::zeros(weight.dim(0)?, DType::F32, &Device::Cpu)?;
-        let conv = Conv2d::im2col(weight.clone(), zeros, stride, padding)?;
-        Ok(Self { conv })
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.conv.forward(x)
-    }
-
-    fn input_gradient(&self, grad: &Tensor, input_shape: &Shape) -> candle_core::Result<Tensor> {
-        let (_, _, height, width) = input_shape.dims4()?;
-        self.conv.input_gradient(grad, (height, width))
-    }
+    /// For f32 CPU convolutions: the im2col convolution of [`super::conv`] with the frozen weight
+    /// itself, for the forward pass and the input gradient (much faster than candle's stock
+    /// convolution and transposed convolution, and no transformed or flipped copy of the weight:
+    /// at SD1.5 size such copies would add gigabytes).
+    cpu_conv: Option<Arc<Conv2d>>,
 }
 
 impl FrozenOp {
     /// Wraps `weight` (detached from any graph) for operation `kind`.
     pub fn new(weight: Tensor, kind: FrozenKind) -> Self {
         let weight = weight.detach();
-        let cpu_kernels = match kind {
+        let cpu_conv = match kind {
             FrozenKind::Conv2d { stride, padding }
                 if weight.dtype() == DType::F32 && weight.device().is_cpu() =>
             {
-                CpuConvKernels::new(&weight, stride, padding)
+                bias_free_im2col(&weight, stride, padding)
                     .ok()
                     .map(Arc::new)
             }
             _ => None,
         };
         let backward_kernel = match kind {
-            FrozenKind::Conv2d { stride: 1, .. } if cpu_kernels.is_none() => {
+            FrozenKind::Conv2d { stride: 1, .. } if cpu_conv.is_none() => {
                 flipped_transposed(&weight).ok()
             }
             _ => None,
@@ -92,7 +69,7 @@ impl FrozenOp {
             weight,
             kind,
             backward_kernel,
-            cpu_kernels,
+            cpu_conv,
         }
     }
 
@@ -127,17 +104,17 @@ impl FrozenOp {
                     .matmul(&self.weight.t()?)?
                     .reshape(out_dims)
             }
-            FrozenKind::Conv2d { stride, padding } => match self.fast_kernels(x) {
-                Some(kernels) => kernels.forward(x),
+            FrozenKind::Conv2d { stride, padding } => match self.fast_conv(x) {
+                Some(conv) => conv.forward(x),
                 None => x.conv2d(&self.weight, padding, stride, 1, 1),
             },
         }
     }
 
-    /// The f32 CPU kernels, when they apply to `x`.
-    fn fast_kernels(&self, x: &Tensor) -> Option<&CpuConvKernels> {
+    /// The f32 CPU convolution, when it applies to `x`.
+    fn fast_conv(&self, x: &Tensor) -> Option<&Conv2d> {
         let applies = x.dtype() == DType::F32 && x.device().is_cpu();
-        self.cpu_kernels.as_deref().filter(|_| applies)
+        self.cpu_conv.as_deref().filter(|_| applies)
     }
 
     /// Runs [`Self::compute`] on a storage handed over by candle and returns the result storage.
@@ -145,6 +122,12 @@ impl FrozenOp {
         let x = tensor_from_storage(storage, layout)?;
         into_storage(self.compute(&x)?)
     }
+}
+
+/// The im2col convolution with `weight` and no bias.
+fn bias_free_im2col(weight: &Tensor, stride: usize, padding: usize) -> candle_core::Result<Conv2d> {
+    let zeros = Tensor::zeros(weight.dim(0)?, DType::F32, &Device::Cpu)?;
+    Conv2d::im2col(weight.clone(), zeros, stride, padding)
 }
 
 /// `[out, in, kh, kw]` -> `[in, out, kh, kw]` flipped in both spatial dimensions.
@@ -238,9 +221,10 @@ impl CustomOp1 for FrozenOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        if let Some(kernels) = self.fast_kernels(grad_res) {
+        if let Some(conv) = self.fast_conv(grad_res) {
+            let (_, _, height, width) = arg.dims4()?;
             return Ok(Some(
-                kernels.input_gradient(&dense(grad_res)?, arg.shape())?,
+                conv.input_gradient(&dense(grad_res)?, (height, width))?,
             ));
         }
         let grad = match self.kind {
@@ -272,19 +256,8 @@ impl CustomOp1 for FrozenOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::test_support::relative_difference;
     use candle_core::{Device, Var};
-
-    /// Largest absolute difference relative to the largest magnitude of `reference`.
-    fn relative_difference(ours: &Tensor, reference: &Tensor) -> f32 {
-        let peak = reference.abs().unwrap().max_all().unwrap();
-        let diff = (ours - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        diff.to_scalar::<f32>().unwrap() / peak.to_scalar::<f32>().unwrap()
-    }
 
     #[test]
     fn convolution_output_and_input_gradient_match_candle() {
@@ -304,10 +277,7 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (2, 5, h, w), &device).unwrap();
             let weight = Tensor::randn(0f32, 0.3, (4, 5, k, k), &device).unwrap();
             let op = FrozenOp::new(weight.clone(), FrozenKind::Conv2d { stride, padding });
-            assert!(
-                op.cpu_kernels.is_some(),
-                "f32 CPU layers use the fast kernels"
-            );
+            assert!(op.cpu_conv.is_some(), "f32 CPU layers use the fast kernels");
 
             let input = Var::from_tensor(&x).unwrap();
             let ours = op.forward(input.as_tensor()).unwrap();

@@ -1,5 +1,27 @@
-//! f32 CPU building blocks shared by the hand-written layers: matrix products on slices with
-//! arbitrary strides (the `gemm` crate candle itself uses) and a vectorised `exp` for softmax.
+//! f32 CPU building blocks shared by the hand-written layers: slice access to tensors, matrix
+//! products on slices with arbitrary strides (the `gemm` crate candle itself uses) and a
+//! vectorised `exp` for softmax.
+
+use candle_core::{CpuStorage, Layout, Storage, Tensor};
+
+/// The elements of a contiguous f32 CPU storage, if it is one.
+pub(crate) fn f32_elements<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> {
+    let (start, end) = layout.contiguous_offsets()?;
+    storage.as_slice::<f32>().ok().map(|data| &data[start..end])
+}
+
+/// Runs `f` on the elements of an f32 CPU tensor, without a copy when it is contiguous.
+pub(crate) fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("expected a CPU tensor");
+    };
+    match f32_elements(cpu, layout) {
+        Some(data) => Ok(f(data)),
+        None => candle_core::bail!("expected a contiguous f32 tensor"),
+    }
+}
 
 /// A read-only matrix operand: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
 #[derive(Clone, Copy)]

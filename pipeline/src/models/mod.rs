@@ -11,6 +11,8 @@ pub mod conv;
 pub mod frozen;
 pub(crate) mod kernels;
 pub(crate) mod norm;
+#[cfg(test)]
+mod test_support;
 pub mod text_encoders;
 pub mod unet;
 pub mod vae;

@@ -9,7 +9,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::models::kernels::dot;
+use crate::models::kernels::{dot, f32_elements, with_f32_slice};
 
 /// Which elements form one normalised row.
 #[derive(Debug, Clone, Copy)]
@@ -148,10 +148,9 @@ impl CustomOp1 for AffineNorm {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("affine norm: non-contiguous input".into()))?;
-        let input = &storage.as_slice::<f32>()?[start..end];
+        let input = f32_elements(storage, layout).ok_or_else(|| {
+            candle_core::Error::Msg("affine norm: expects a contiguous f32 input".into())
+        })?;
         let batch = layout.shape().dims().first().copied().unwrap_or(1);
         let rows = self.rows(input.len(), batch)?;
         Ok((
@@ -166,10 +165,10 @@ impl CustomOp1 for AffineNorm {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let input = arg.flatten_all()?.to_vec1::<f32>()?;
-        let grad = grad_res.flatten_all()?.to_vec1::<f32>()?;
-        let rows = self.rows(input.len(), arg.dim(0)?)?;
-        let grad_input = self.backward_rows(&input, &grad, rows);
+        let rows = self.rows(arg.elem_count(), arg.dim(0)?)?;
+        let grad_input = with_f32_slice(arg, |input| {
+            with_f32_slice(grad_res, |grad| self.backward_rows(input, grad, rows))
+        })??;
         Ok(Some(Tensor::from_vec(
             grad_input,
             arg.shape(),
@@ -181,6 +180,7 @@ impl CustomOp1 for AffineNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::test_support::max_difference;
     use candle_core::{DType, Device, Var, D};
 
     /// The same normalisation from elementary candle ops (differentiated by candle).
@@ -212,17 +212,6 @@ mod tests {
             .broadcast_mul(&weight)
             .unwrap()
             .broadcast_add(&bias)
-            .unwrap()
-    }
-
-    fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
             .unwrap()
     }
 

@@ -9,7 +9,8 @@ use candle_nn::{Linear, VarBuilder};
 use rayon::prelude::*;
 
 use super::checkpoint::{Checkpoint, Component};
-use super::conv::{with_f32_slice, Conv2d};
+use super::conv::Conv2d;
+use super::kernels::with_f32_slice;
 use crate::{Error, Result};
 
 /// Group count of every VAE group norm.
