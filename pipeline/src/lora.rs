@@ -83,8 +83,11 @@ impl AdaptableLayer {
                 }
             };
         }
-        match &self.lora {
-            Some(lora) => y + lora.delta(x, self.op.kind())?,
+        match self.lora.as_ref().map(|l| l.delta(x, self.op.kind())) {
+            Some(delta) => match delta? {
+                Some(delta) => y + delta,
+                None => Ok(y),
+            },
             None => Ok(y),
         }
     }
@@ -122,18 +125,37 @@ pub struct LoraModule {
     pub alpha: Alpha,
     /// Multiplier (1.0 in training).
     pub multiplier: f64,
-    /// Dropout of the hidden units while training (`--network_dropout`).
-    pub dropout: Option<HiddenDropout>,
+    /// Dropout while training (`--network_dropout`, `rank_dropout`, `module_dropout`).
+    pub dropout: Option<BranchDropout>,
 }
 
-/// Dropout of a LoRA branch's hidden units (the output of `lora_down`), as `--network_dropout`
-/// in sd-scripts: each unit is zeroed with `probability` and the others scaled by
-/// `1 / (1 - probability)`. Masks come from a seeded RNG keyed by the current micro-batch stream
-/// (shared by every module of a network) and the module's index, so a run is reproducible and a
-/// resumed run draws the same masks. No stream set (outside training) means no dropout.
+/// Dropout probabilities of a LoRA branch while training (spec §8.5).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DropoutRates {
+    /// Hidden units of `lora_down`'s output (`--network_dropout`): inverted dropout.
+    pub neuron: f32,
+    /// Whole ranks per sample (`rank_dropout`): the branch's scale grows by `1 / (1 - rank)`.
+    pub rank: f32,
+    /// The whole branch per forward pass (`module_dropout`).
+    pub module: f32,
+}
+
+impl DropoutRates {
+    /// True when any rate is above zero.
+    pub fn any(&self) -> bool {
+        self.neuron > 0.0 || self.rank > 0.0 || self.module > 0.0
+    }
+}
+
+/// Dropout of one LoRA branch while training, as sd-scripts' `networks.lora`: the branch may be
+/// skipped (`module_dropout`), its hidden units dropped (`--network_dropout`) and whole ranks of
+/// each sample masked (`rank_dropout`). Draws come from a seeded RNG keyed by the current
+/// micro-batch stream (shared by every module of a network) and the module's index, so a run is
+/// reproducible and a resumed run draws the same masks. No stream set (outside training) means
+/// no dropout.
 #[derive(Debug, Clone)]
-pub struct HiddenDropout {
-    probability: f32,
+pub struct BranchDropout {
+    rates: DropoutRates,
     index: u64,
     stream: Arc<AtomicU64>,
 }
@@ -141,28 +163,66 @@ pub struct HiddenDropout {
 /// Stream value meaning "not training": the branch is applied without dropout.
 const NO_DROPOUT_STREAM: u64 = 0;
 
-impl HiddenDropout {
-    /// `hidden` with dropout applied, or unchanged when no training stream is set.
-    fn apply(&self, hidden: Tensor) -> candle_core::Result<Tensor> {
+/// How one forward pass of a branch is perturbed.
+struct BranchDraw {
+    rng: rand::rngs::StdRng,
+    rates: DropoutRates,
+}
+
+impl BranchDropout {
+    /// The draws for this forward pass, or `None` when not training.
+    fn draw(&self) -> Option<BranchDraw> {
         let stream = self.stream.load(Ordering::Relaxed);
-        if stream == NO_DROPOUT_STREAM || self.probability <= 0.0 {
-            return Ok(hidden);
+        if stream == NO_DROPOUT_STREAM || !self.rates.any() {
+            return None;
         }
         let seed = stream ^ (self.index + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let keep = 1.0 / (1.0 - self.probability);
-        let mask: Vec<f32> = (0..hidden.elem_count())
-            .map(|_| {
-                if rng.random::<f32>() < self.probability {
-                    0.0
-                } else {
-                    keep
-                }
-            })
+        Some(BranchDraw {
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            rates: self.rates,
+        })
+    }
+}
+
+impl BranchDraw {
+    /// True when module dropout skips the branch this time (drawn first, as upstream).
+    fn skips_branch(&mut self) -> bool {
+        self.rates.module > 0.0 && self.rng.random::<f32>() < self.rates.module
+    }
+
+    /// `hidden` (the output of `lora_down`, ranks on axis `rank_axis`, samples on axis 0) with
+    /// neuron and rank dropout applied; returns it with the factor the branch scale gains.
+    fn apply(&mut self, hidden: Tensor, rank_axis: usize) -> candle_core::Result<(Tensor, f64)> {
+        let mut hidden = hidden;
+        let neuron = self.rates.neuron;
+        if neuron > 0.0 {
+            let keep = 1.0 / (1.0 - neuron);
+            let mask: Vec<f32> = (0..hidden.elem_count())
+                .map(|_| {
+                    if self.rng.random::<f32>() < neuron {
+                        0.0
+                    } else {
+                        keep
+                    }
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, hidden.shape(), hidden.device())?
+                .to_dtype(hidden.dtype())?;
+            hidden = (hidden * mask)?;
+        }
+        let rank = self.rates.rank;
+        if rank <= 0.0 {
+            return Ok((hidden, 1.0));
+        }
+        let (batch, ranks) = (hidden.dim(0)?, hidden.dim(rank_axis)?);
+        let mask: Vec<f32> = (0..batch * ranks)
+            .map(|_| f32::from(self.rng.random::<f32>() > rank))
             .collect();
-        let mask = Tensor::from_vec(mask, hidden.shape(), hidden.device())?;
-        let mask = mask.to_dtype(hidden.dtype())?;
-        hidden * mask
+        let mut shape = vec![1; hidden.rank()];
+        shape[0] = batch;
+        shape[rank_axis] = ranks;
+        let mask = Tensor::from_vec(mask, shape, hidden.device())?.to_dtype(hidden.dtype())?;
+        Ok((hidden.broadcast_mul(&mask)?, 1.0 / (1.0 - rank as f64)))
     }
 }
 
@@ -177,17 +237,29 @@ impl LoraModule {
         self.multiplier * self.alpha.value() / self.rank() as f64
     }
 
-    /// The LoRA branch `up(down(x)) * scale` for a layer of `kind`.
-    fn delta(&self, x: &Tensor, kind: FrozenKind) -> candle_core::Result<Tensor> {
+    /// The LoRA branch `up(down(x)) * scale` for a layer of `kind`, or `None` when module
+    /// dropout skips it for this forward pass.
+    fn delta(&self, x: &Tensor, kind: FrozenKind) -> candle_core::Result<Option<Tensor>> {
+        let mut draw = self.dropout.as_ref().and_then(BranchDropout::draw);
+        if draw.as_mut().is_some_and(BranchDraw::skips_branch) {
+            return Ok(None);
+        }
         let down = &self.down.as_tensor().to_dtype(x.dtype())?;
         let up = &self.up.as_tensor().to_dtype(x.dtype())?;
-        let dropout = |hidden: Tensor| match &self.dropout {
-            Some(dropout) => dropout.apply(hidden),
+        let mut extra_scale = 1.0;
+        let mut dropout = |hidden: Tensor, rank_axis: usize| match &mut draw {
+            Some(draw) => {
+                let (hidden, factor) = draw.apply(hidden, rank_axis)?;
+                extra_scale = factor;
+                Ok::<_, candle_core::Error>(hidden)
+            }
             None => Ok(hidden),
         };
         let out = match kind {
             FrozenKind::Linear => {
-                dropout(x.broadcast_matmul(&down.t()?)?)?.broadcast_matmul(&up.t()?)?
+                let hidden = x.broadcast_matmul(&down.t()?)?;
+                let rank_axis = hidden.rank() - 1;
+                dropout(hidden, rank_axis)?.broadcast_matmul(&up.t()?)?
             }
             FrozenKind::Conv2d {
                 stride: 1,
@@ -200,19 +272,19 @@ impl LoraModule {
                 let down = down.reshape((down.dim(0)?, channels))?;
                 let up = up.reshape((up.dim(0)?, up.dim(1)?))?;
                 let pixels = x.reshape((batch, channels, height * width))?;
-                let hidden = dropout(down.broadcast_matmul(&pixels)?)?;
+                let hidden = dropout(down.broadcast_matmul(&pixels)?, 1)?;
                 up.broadcast_matmul(&hidden)?
                     .reshape((batch, up.dim(0)?, height, width))?
             }
             FrozenKind::Conv2d { stride, padding } => {
-                dropout(x.conv2d(down, padding, stride, 1, 1)?)?.conv2d(up, 0, 1, 1, 1)?
+                dropout(x.conv2d(down, padding, stride, 1, 1)?, 1)?.conv2d(up, 0, 1, 1, 1)?
             }
         };
-        out.affine(self.scale(), 0.0)
+        Ok(Some(out.affine(self.scale() * extra_scale, 0.0)?))
     }
 }
 
-/// Which layers get a module and with what rank/alpha (spec §8.1, §8.8).
+/// Which layers get a module and with what rank/alpha (spec §8.1, §8.6, §8.8).
 #[derive(Debug, Clone)]
 pub struct LoraConfig {
     /// Rank for Linear and 1x1 conv layers (`--network_dim`, default 4).
@@ -223,6 +295,8 @@ pub struct LoraConfig {
     pub conv_dim: Option<usize>,
     /// Alpha for 3x3 convs (`conv_alpha`, default 1.0).
     pub conv_alpha: f32,
+    /// Per-block ranks and alphas; when set they replace the four values above.
+    pub blocks: Option<BlockDims>,
 }
 
 impl Default for LoraConfig {
@@ -232,14 +306,33 @@ impl Default for LoraConfig {
             network_alpha: Alpha::Int(1),
             conv_dim: None,
             conv_alpha: 1.0,
+            blocks: None,
         }
     }
+}
+
+/// Number of UNet blocks of SD1.x/SD2.x for per-block settings (spec §8.6).
+pub const SD_BLOCKS: usize = 25;
+
+/// Per-block ranks and alphas of the UNet (`block_dims`, `block_alphas`, `conv_block_dims`,
+/// `conv_block_alphas`), [`SD_BLOCKS`] entries each, indexed by [`sd_block_index`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockDims {
+    /// Rank of Linear and 1x1 conv layers per block (0: no module).
+    pub dims: Vec<usize>,
+    /// Alpha of those layers per block.
+    pub alphas: Vec<Alpha>,
+    /// Rank and alpha of 3x3 convolutions per block; `None`: no conv modules.
+    pub conv: Option<(Vec<usize>, Vec<Alpha>)>,
 }
 
 impl LoraConfig {
     /// Rank and alpha for a layer, or `None` when it gets no module.
     pub fn select(&self, layer: &AdaptableLayer) -> Option<(usize, Alpha)> {
-        let conv_enabled = self.conv_dim.is_some();
+        let conv_enabled = match &self.blocks {
+            Some(blocks) => blocks.conv.is_some(),
+            None => self.conv_dim.is_some(),
+        };
         let targeted = match layer.container {
             Container::Transformer => true,
             Container::Resnet | Container::Downsample | Container::Upsample => conv_enabled,
@@ -255,12 +348,44 @@ impl LoraConfig {
                 dims[2] == 1 && dims[3] == 1
             }
         };
-        let (rank, alpha) = if is_pointwise {
-            (self.network_dim, self.network_alpha)
-        } else {
-            (self.conv_dim?, Alpha::Float(self.conv_alpha))
+        let block = sd_block_index(&unet_lora_name(&layer.path));
+        let (rank, alpha) = match (&self.blocks, block) {
+            (Some(blocks), Some(block)) if is_pointwise => {
+                (blocks.dims[block], blocks.alphas[block])
+            }
+            (Some(blocks), Some(block)) => {
+                let (dims, alphas) = blocks.conv.as_ref()?;
+                (dims[block], alphas[block])
+            }
+            _ if is_pointwise => (self.network_dim, self.network_alpha),
+            _ => (self.conv_dim?, Alpha::Float(self.conv_alpha)),
         };
         (rank > 0).then_some((rank, alpha))
+    }
+}
+
+/// The SD1.x/SD2.x block (0..[`SD_BLOCKS`]) of a UNet LoRA module name (spec §8.6): down-block
+/// layers are 1..=11, the middle block 12, up-block layers 13..=24; `None` for other layers.
+pub fn sd_block_index(lora_name: &str) -> Option<usize> {
+    static PATTERN: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(
+            r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_",
+        )
+        .expect("valid block pattern")
+    });
+    if let Some(found) = PATTERN.captures(lora_name) {
+        let level: usize = found[2].parse().ok()?;
+        let layer: usize = found[4].parse().ok()?;
+        let within = match &found[3] {
+            "upsamplers" | "downsamplers" => 3 * level + 2,
+            _ => 3 * level + layer,
+        };
+        let first = if &found[1] == "down" { 1 } else { 13 };
+        Some(first + within).filter(|&b| b < SD_BLOCKS)
+    } else if lora_name.contains("mid_block_") {
+        Some(12)
+    } else {
+        None
     }
 }
 
@@ -280,15 +405,15 @@ pub trait Adaptable {
 pub struct LoraNetwork {
     /// Modules in model order.
     pub modules: Vec<LoraModule>,
-    /// The micro-batch stream shared by the modules' dropout ([`HiddenDropout`]).
+    /// The micro-batch stream shared by the modules' dropout ([`BranchDropout`]).
     dropout_stream: Arc<AtomicU64>,
 }
 
 impl LoraNetwork {
-    /// Turns on `--network_dropout` with `probability` for every module (in `model` too).
-    pub fn enable_dropout(&mut self, model: &mut dyn Adaptable, probability: f32) {
-        let make = |index: usize| HiddenDropout {
-            probability,
+    /// Turns on dropout at `rates` for every module (in `model` too).
+    pub fn enable_dropout(&mut self, model: &mut dyn Adaptable, rates: DropoutRates) {
+        let make = |index: usize| BranchDropout {
+            rates,
             index: index as u64,
             stream: self.dropout_stream.clone(),
         };
@@ -498,6 +623,12 @@ fn new_module(
         .collect();
     let down = Var::from_tensor(&Tensor::from_vec(values, down_shape, device)?)?;
     let up = Var::from_tensor(&Tensor::zeros(up_shape, DType::F32, device)?)?;
+    // An alpha of 0 means "no scaling": upstream stores the (integer) rank instead.
+    let alpha = if alpha.value() == 0.0 {
+        Alpha::Int(rank as i64)
+    } else {
+        alpha
+    };
     Ok(LoraModule {
         name: unet_lora_name(&layer.path),
         down,
@@ -693,32 +824,97 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 mod dropout_tests {
     use super::*;
 
-    #[test]
-    fn hidden_dropout_zeroes_the_given_share_and_rescales_the_rest() {
-        let stream = Arc::new(AtomicU64::new(NO_DROPOUT_STREAM));
-        let dropout = HiddenDropout {
-            probability: 0.25,
+    fn dropout(rates: DropoutRates, stream: &Arc<AtomicU64>) -> BranchDropout {
+        BranchDropout {
+            rates,
             index: 5,
             stream: stream.clone(),
-        };
-        let hidden = Tensor::ones((4, 2500), DType::F32, &Device::Cpu).unwrap();
-        let values = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        }
+    }
 
-        // No stream (not training): unchanged.
-        assert!(values(dropout.apply(hidden.clone()).unwrap())
-            .iter()
-            .all(|&v| v == 1.0));
+    /// The values of `hidden` after the draws of `dropout`, and the scale factor (`None` when
+    /// not training).
+    fn applied(dropout: &BranchDropout, hidden: &Tensor, axis: usize) -> Option<(Vec<f32>, f64)> {
+        let (out, factor) = dropout.draw()?.apply(hidden.clone(), axis).unwrap();
+        Some((out.flatten_all().unwrap().to_vec1::<f32>().unwrap(), factor))
+    }
+
+    #[test]
+    fn neuron_dropout_zeroes_the_given_share_and_rescales_the_rest() {
+        let stream = Arc::new(AtomicU64::new(NO_DROPOUT_STREAM));
+        let rates = DropoutRates {
+            neuron: 0.25,
+            ..DropoutRates::default()
+        };
+        let dropout = dropout(rates, &stream);
+        let hidden = Tensor::ones((4, 2500), DType::F32, &Device::Cpu).unwrap();
+        assert!(
+            applied(&dropout, &hidden, 1).is_none(),
+            "no stream: no dropout"
+        );
 
         stream.store(7, Ordering::Relaxed);
-        let first = values(dropout.apply(hidden.clone()).unwrap());
+        let (first, factor) = applied(&dropout, &hidden, 1).unwrap();
+        assert_eq!(factor, 1.0);
         let zeros = first.iter().filter(|&&v| v == 0.0).count() as f32 / first.len() as f32;
         assert!((zeros - 0.25).abs() < 0.02, "zeroed share {zeros}");
         assert!(first
             .iter()
             .all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
-        assert_eq!(first, values(dropout.apply(hidden.clone()).unwrap()));
+        assert_eq!(first, applied(&dropout, &hidden, 1).unwrap().0);
 
         stream.store(8, Ordering::Relaxed);
-        assert_ne!(first, values(dropout.apply(hidden).unwrap()));
+        assert_ne!(first, applied(&dropout, &hidden, 1).unwrap().0);
+    }
+
+    #[test]
+    fn rank_dropout_masks_whole_ranks_per_sample_and_raises_the_scale() {
+        let stream = Arc::new(AtomicU64::new(3));
+        let rates = DropoutRates {
+            rank: 0.4,
+            ..DropoutRates::default()
+        };
+        let dropout = dropout(rates, &stream);
+        // Linear activations [batch, tokens, rank]: one mask value per (sample, rank).
+        let (batch, tokens, ranks) = (3, 5, 400);
+        let hidden = Tensor::ones((batch, tokens, ranks), DType::F32, &Device::Cpu).unwrap();
+        let (values, factor) = applied(&dropout, &hidden, 2).unwrap();
+        assert!((factor - 1.0 / 0.6).abs() < 1e-6);
+        for b in 0..batch {
+            for r in 0..ranks {
+                let first = values[b * tokens * ranks + r];
+                assert!(first == 0.0 || first == 1.0);
+                for t in 1..tokens {
+                    assert_eq!(values[(b * tokens + t) * ranks + r], first);
+                }
+            }
+        }
+        let dropped = values.iter().filter(|&&v| v == 0.0).count() as f32 / values.len() as f32;
+        assert!((dropped - 0.4).abs() < 0.04, "dropped share {dropped}");
+        // Convolution activations [batch, rank, h, w]: constant over the pixels.
+        let hidden = Tensor::ones((2, 300, 2, 2), DType::F32, &Device::Cpu).unwrap();
+        let (values, _) = applied(&dropout, &hidden, 1).unwrap();
+        for pixel in values.chunks(4) {
+            assert!(pixel.iter().all(|&v| v == pixel[0]));
+        }
+    }
+
+    #[test]
+    fn module_dropout_skips_the_branch_at_the_given_rate() {
+        let stream = Arc::new(AtomicU64::new(NO_DROPOUT_STREAM));
+        let rates = DropoutRates {
+            module: 0.3,
+            ..DropoutRates::default()
+        };
+        let dropout = dropout(rates, &stream);
+        assert!(dropout.draw().is_none());
+        let skipped = (1..=4000u64)
+            .filter(|&s| {
+                stream.store(s, Ordering::Relaxed);
+                dropout.draw().unwrap().skips_branch()
+            })
+            .count() as f32
+            / 4000.0;
+        assert!((skipped - 0.3).abs() < 0.03, "skipped share {skipped}");
     }
 }

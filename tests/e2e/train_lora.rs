@@ -166,9 +166,16 @@ fn a_checkpoint_without_a_unet_is_rejected() {
     );
 }
 
-/// Trains 2 steps (learning rate high enough for dropout to show in the weights) and returns the
-/// LoRA file's tensor data (everything after the header) and its metadata.
-fn train_with(extra: &[&str]) -> (Vec<u8>, std::collections::BTreeMap<String, String>) {
+/// What [`train_with`] returns: the LoRA file's tensor data (everything after the header), its
+/// metadata and its module names.
+type Trained = (
+    Vec<u8>,
+    std::collections::BTreeMap<String, String>,
+    Vec<String>,
+);
+
+/// Trains 2 steps (learning rate high enough for dropout to show in the weights).
+fn train_with(extra: &[&str]) -> Trained {
     let data = tempfile::tempdir().unwrap();
     make_training_caches(data.path());
     let out = tempfile::tempdir().unwrap();
@@ -199,20 +206,22 @@ fn train_with(extra: &[&str]) -> (Vec<u8>, std::collections::BTreeMap<String, St
     args.extend(extra.iter().map(std::ffi::OsStr::new));
     run_expect("train-lora", &args, 0);
     let path = out.path().join("drop.safetensors");
-    let metadata = LoraFile::read(&path).unwrap().metadata;
+    let file = LoraFile::read(&path).unwrap();
+    let names = file.module_names().cloned().collect();
     let bytes = std::fs::read(path).unwrap();
     let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     (
         bytes[8 + header_len..].to_vec(),
-        metadata.into_iter().collect(),
+        file.metadata.into_iter().collect(),
+        names,
     )
 }
 
 #[test]
 fn network_dropout_is_seeded_and_recorded() {
-    let (plain, plain_meta) = train_with(&[]);
-    let (dropped, meta) = train_with(&["--network_dropout", "0.5"]);
-    let (again, _) = train_with(&["--network_dropout", "0.5"]);
+    let (plain, plain_meta, _) = train_with(&[]);
+    let (dropped, meta, _) = train_with(&["--network_dropout", "0.5"]);
+    let (again, _, _) = train_with(&["--network_dropout", "0.5"]);
     assert_eq!(plain_meta["ss_network_dropout"], "None");
     assert_eq!(meta["ss_network_dropout"], "0.5");
     assert!(
@@ -220,4 +229,48 @@ fn network_dropout_is_seeded_and_recorded() {
         "the same seed draws the same dropout masks"
     );
     assert!(dropped != plain, "dropout changes what is learned");
+}
+
+#[test]
+fn rank_and_module_dropout_are_seeded_and_recorded() {
+    let dropout = ["--network_args", "rank_dropout=0.3", "module_dropout=0.2"];
+    let (plain, _, _) = train_with(&[]);
+    let (dropped, meta, _) = train_with(&dropout);
+    let (again, _, _) = train_with(&dropout);
+    let args: serde_json::Value = serde_json::from_str(&meta["ss_network_args"]).unwrap();
+    assert_eq!(
+        args,
+        serde_json::json!({"rank_dropout": "0.3", "module_dropout": "0.2", "dropout": null})
+    );
+    assert!(dropped == again, "the same seed draws the same masks");
+    assert!(
+        dropped != plain,
+        "rank and module dropout change what is learned"
+    );
+}
+
+#[test]
+fn block_lr_weights_drop_blocks_and_loraplus_changes_training() {
+    let (plain, _, plain_names) = train_with(&[]);
+    // Up-block weights 0 (below the threshold): no module in any up block.
+    let (_, meta, names) = train_with(&[
+        "--network_args",
+        "up_lr_weight=zeros+0.05",
+        "block_lr_zero_threshold=0.1",
+    ]);
+    assert!(plain_names
+        .iter()
+        .any(|n| n.starts_with("lora_unet_up_blocks_")));
+    assert!(!names.iter().any(|n| n.starts_with("lora_unet_up_blocks_")));
+    assert_eq!(
+        names.len(),
+        plain_names
+            .iter()
+            .filter(|n| !n.starts_with("lora_unet_up_blocks_"))
+            .count()
+    );
+    assert!(meta["ss_network_args"].contains("up_lr_weight"));
+    let (plus, _, plus_names) = train_with(&["--network_args", "loraplus_lr_ratio=16"]);
+    assert_eq!(plus_names, plain_names);
+    assert!(plus != plain, "LoRA+ changes the learning rate of lora_up");
 }

@@ -39,7 +39,11 @@ pub struct TrainArgs {
     /// LoRA alpha (default integer 1, stored as int64 like sd-scripts).
     #[arg(long)]
     pub network_alpha: Option<f32>,
-    /// Network arguments key=value: conv_dim, conv_alpha.
+    /// Network arguments key=value: conv_dim, conv_alpha, block_dims, block_alphas,
+    /// conv_block_dims, conv_block_alphas, down_lr_weight, mid_lr_weight, up_lr_weight,
+    /// block_lr_zero_threshold, rank_dropout, module_dropout, loraplus_lr_ratio,
+    /// loraplus_unet_lr_ratio (loraplus_text_encoder_lr_ratio is accepted; no text encoder is
+    /// trained).
     #[arg(long, num_args = 1..)]
     pub network_args: Vec<String>,
     /// Dropout probability of the LoRA hidden units while training (sd-scripts'

@@ -125,7 +125,10 @@ pub fn base_metadata(
                 map.insert(k.trim().into(), json!(v.trim()));
             }
         }
-        map.insert("dropout".into(), serde_json::Value::Null);
+        // The trainer adds `--network_dropout` under "dropout" unless given (spec §8.8).
+        if !map.contains_key("dropout") {
+            map.insert("dropout".into(), json!(args.network_dropout));
+        }
         Some(serde_json::Value::Object(map).to_string())
     };
     let put = |m: &mut BTreeMap<String, String>, k: &str, v: String| {

@@ -5,6 +5,7 @@
 pub mod args;
 pub mod data;
 pub mod metadata;
+pub mod network_args;
 pub mod noise;
 pub mod optim;
 pub mod plot;
@@ -16,7 +17,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::lora::{Alpha, LoraConfig, LoraNetwork};
+use crate::lora::LoraNetwork;
 use crate::manifest::Manifest;
 use crate::models::unet::{self, Unet};
 use crate::models::{Checkpoint, Component, ModelFamily};
@@ -24,6 +25,7 @@ use crate::report::{Progress, Summary};
 use crate::{Error, Result};
 pub use args::TrainArgs;
 use data::CachedDataset;
+use network_args::NetworkOptions;
 use noise::{NoiseOptions, NoiseRng};
 use optim::{Optimizer, OptimizerKind};
 use schedule::{LossWeighting, LrScheduler, NoiseSchedule};
@@ -138,7 +140,7 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
             )))
         }
     };
-    let lora_config = lora_config(args)?;
+    let network_options = NetworkOptions::from_args(args)?;
     let optimizer_kind = OptimizerKind::parse(&args.optimizer_type, &args.optimizer_args)?;
 
     let dataset = CachedDataset::load(
@@ -212,13 +214,17 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
             );
             network
         }
-        None => LoraNetwork::create(&mut unet, &lora_config, plan.seed, &device)?,
+        None => LoraNetwork::create(&mut unet, &network_options.lora, plan.seed, &device)?,
     };
-    if let Some(probability) = args.network_dropout {
-        network.enable_dropout(&mut unet, probability);
+    if network_options.dropout.any() {
+        network.enable_dropout(&mut unet, network_options.dropout);
     }
-    let vars = network.vars();
-    let mut optimizer = Optimizer::new(optimizer_kind, vars.clone())?;
+    let (vars, lr_factors): (Vec<_>, Vec<_>) = (network.modules.iter())
+        .flat_map(|m| [(&m.down, &m.name, false), (&m.up, &m.name, true)])
+        .map(|(var, name, is_up)| (var.clone(), network_options.lr_factor(name, is_up)))
+        .filter(|(_, factor)| *factor > 0.0)
+        .unzip();
+    let mut optimizer = Optimizer::new(optimizer_kind, vars, lr_factors)?;
     let warmup = schedule::resolve_warmup(&args.lr_warmup_steps, plan.total_steps)?;
     let scheduler = LrScheduler::new(
         &args.lr_scheduler,
@@ -295,7 +301,7 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         } else {
             0
         };
-        let mut summed: Option<Vec<Tensor>> = None;
+        let mut summed: Option<Vec<Option<Tensor>>> = None;
         let mut group_losses = Vec::new();
         for (bi, batch) in batches.iter().enumerate().skip(skip) {
             if global_step >= plan.total_steps {
@@ -315,15 +321,11 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
                 )));
             }
             let grads = (loss / accum as f64)?.backward()?;
-            let grads = optim::collect_grads(&grads, &vars)?;
-            summed = Some(match summed {
-                None => grads,
-                Some(prev) => prev
-                    .iter()
-                    .zip(&grads)
-                    .map(|(a, b)| a + b)
-                    .collect::<candle_core::Result<Vec<_>>>()?,
-            });
+            let grads = optim::collect_grads(&grads, optimizer.vars());
+            match &mut summed {
+                None => summed = Some(grads),
+                Some(sum) => optim::accumulate(sum, grads)?,
+            }
             group_losses.push(loss_value);
             let closes_group = (bi + 1) % accum == 0 || bi + 1 == batches.len();
             if !closes_group {
@@ -488,13 +490,6 @@ fn is_up_to_date(lora: &Path, training_key: &str) -> bool {
 }
 
 fn check_args(args: &TrainArgs) -> Result<()> {
-    if let Some(p) = args.network_dropout {
-        if !(0.0..1.0).contains(&p) {
-            return Err(Error::Usage(format!(
-                "--network_dropout {p}: must be at least 0 and below 1"
-            )));
-        }
-    }
     if args.network_module != "networks.lora" {
         return Err(Error::Usage(format!(
             "--network_module {}: only networks.lora is supported",
@@ -528,39 +523,6 @@ fn check_args(args: &TrainArgs) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// LoRA options from `--network_dim/--network_alpha/--network_args`.
-pub fn lora_config(args: &TrainArgs) -> Result<LoraConfig> {
-    let mut config = LoraConfig {
-        network_dim: args.network_dim.unwrap_or(4),
-        network_alpha: args
-            .network_alpha
-            .map(Alpha::Float)
-            .unwrap_or(Alpha::Int(1)),
-        ..LoraConfig::default()
-    };
-    if let Alpha::Float(a) = config.network_alpha {
-        if a == 0.0 {
-            config.network_alpha = Alpha::Float(config.network_dim as f32);
-        }
-    }
-    for arg in &args.network_args {
-        let (key, value) = arg
-            .split_once('=')
-            .ok_or_else(|| Error::Usage(format!("--network_args {arg:?}: expected key=value")))?;
-        let bad = || Error::Usage(format!("--network_args {arg:?}: bad number"));
-        match key.trim() {
-            "conv_dim" => config.conv_dim = Some(value.trim().parse().map_err(|_| bad())?),
-            "conv_alpha" => config.conv_alpha = value.trim().parse().map_err(|_| bad())?,
-            other => {
-                return Err(Error::Usage(format!(
-                    "--network_args {other}: not supported (supported: conv_dim, conv_alpha)"
-                )))
-            }
-        }
-    }
-    Ok(config)
 }
 
 fn plan(args: &TrainArgs, dataset: &CachedDataset) -> Plan {

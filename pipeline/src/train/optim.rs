@@ -107,21 +107,31 @@ impl OptimizerKind {
     }
 }
 
-/// Optimizer state for a list of variables.
+/// Optimizer state for a list of variables, each with its own learning-rate factor (the
+/// parameter group it belongs to: block LR weights, LoRA+).
 pub struct Optimizer {
     kind: OptimizerKind,
     vars: Vec<Var>,
+    lr_factors: Vec<f64>,
     /// First moments (AdamW, Lion).
     pub exp_avg: Vec<Tensor>,
     /// Second moments (AdamW only; empty for Lion).
     pub exp_avg_sq: Vec<Tensor>,
-    /// Optimizer steps taken.
-    pub step: usize,
+    /// Updates applied to each variable (a variable without a gradient is not updated, as in
+    /// torch, so counts can differ under module dropout).
+    pub steps: Vec<usize>,
 }
 
 impl Optimizer {
-    /// Fresh state (zero moments) for `vars`.
-    pub fn new(kind: OptimizerKind, vars: Vec<Var>) -> Result<Self> {
+    /// Fresh state (zero moments) for `vars` with learning-rate factors `lr_factors`.
+    pub fn new(kind: OptimizerKind, vars: Vec<Var>, lr_factors: Vec<f64>) -> Result<Self> {
+        if vars.len() != lr_factors.len() {
+            return Err(Error::Model(format!(
+                "{} variables but {} learning-rate factors",
+                vars.len(),
+                lr_factors.len()
+            )));
+        }
         let zeros = |v: &Var| v.as_tensor().zeros_like();
         let exp_avg = vars
             .iter()
@@ -136,17 +146,27 @@ impl Optimizer {
         };
         Ok(Self {
             kind,
+            steps: vec![0; vars.len()],
             vars,
+            lr_factors,
             exp_avg,
             exp_avg_sq,
-            step: 0,
         })
     }
 
-    /// Applies one update with learning rate `lr` and the (already clipped) gradients.
-    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
-        self.step += 1;
+    /// The variables, in the order of [`Optimizer::step`]'s gradients.
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
+    /// Applies one update with base learning rate `lr` (times each variable's factor) and the
+    /// (already clipped) gradients; a variable without a gradient is left as it is.
+    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
         for (i, (var, grad)) in self.vars.iter().zip(grads).enumerate() {
+            let Some(grad) = grad else { continue };
+            self.steps[i] += 1;
+            let step = self.steps[i] as i32;
+            let lr = lr * self.lr_factors[i];
             let param = var.as_tensor();
             match self.kind {
                 OptimizerKind::AdamW {
@@ -157,8 +177,8 @@ impl Optimizer {
                 } => {
                     let m = ((&self.exp_avg[i] * beta1)? + (grad * (1.0 - beta1))?)?;
                     let v = ((&self.exp_avg_sq[i] * beta2)? + (grad.sqr()? * (1.0 - beta2))?)?;
-                    let bias1 = 1.0 - beta1.powi(self.step as i32);
-                    let bias2 = 1.0 - beta2.powi(self.step as i32);
+                    let bias1 = 1.0 - beta1.powi(step);
+                    let bias2 = 1.0 - beta2.powi(step);
                     let denom = ((v.sqrt()? / bias2.sqrt())? + eps)?;
                     let decayed = (param * (1.0 - lr * weight_decay))?;
                     var.set(&(decayed - (m.div(&denom)? * (lr / bias1))?)?)?;
@@ -181,21 +201,30 @@ impl Optimizer {
     }
 }
 
-/// Gradients of `vars` from `store` (zeros for a variable the loss does not reach).
-pub fn collect_grads(store: &GradStore, vars: &[Var]) -> Result<Vec<Tensor>> {
+/// Gradients of `vars` from `store` (`None` for a variable the loss did not reach, e.g. a
+/// module skipped by module dropout).
+pub fn collect_grads(store: &GradStore, vars: &[Var]) -> Vec<Option<Tensor>> {
     vars.iter()
-        .map(|v| match store.get(v.as_tensor()) {
-            Some(g) => Ok(g.clone()),
-            None => Ok(v.as_tensor().zeros_like()?),
-        })
+        .map(|v| store.get(v.as_tensor()).cloned())
         .collect()
+}
+
+/// Adds the gradients of another micro-batch into `sum` (gradient accumulation).
+pub fn accumulate(sum: &mut [Option<Tensor>], grads: Vec<Option<Tensor>>) -> Result<()> {
+    for (total, grad) in sum.iter_mut().zip(grads) {
+        *total = match (total.take(), grad) {
+            (Some(a), Some(b)) => Some((a + b)?),
+            (a, b) => a.or(b),
+        };
+    }
+    Ok(())
 }
 
 /// Scales `grads` in place so their global L2 norm is at most `max_norm` (torch
 /// `clip_grad_norm_`: coefficient `max_norm / (norm + 1e-6)`); returns the norm before clipping.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
     let mut total = 0f64;
-    for g in grads.iter() {
+    for g in grads.iter().flatten() {
         total += g
             .sqr()?
             .sum_all()?
@@ -206,7 +235,7 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     if max_norm > 0.0 {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
-            for g in grads.iter_mut() {
+            for g in grads.iter_mut().flatten() {
                 *g = (&*g * coef)?;
             }
         }

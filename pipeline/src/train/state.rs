@@ -69,7 +69,7 @@ pub fn save(
         "current_epoch": progress.epoch,
         "current_step": progress.global_step,
         "lorakit_batches_done_in_epoch": progress.batches_done_in_epoch,
-        "lorakit_optimizer_step": optimizer.step,
+        "lorakit_optimizer_steps": optimizer.steps,
         "lorakit_loss_log": progress.log_lines,
     });
     crate::fsio::write_atomic(
@@ -195,9 +195,21 @@ pub fn load(dir: &Path, network: &LoraNetwork, optimizer: &mut Optimizer) -> Res
             *slot = tensor.to_device(slot.device())?;
         }
     }
-    optimizer.step = value["lorakit_optimizer_step"]
-        .as_u64()
-        .unwrap_or(global_step as u64) as usize;
+    let steps = value["lorakit_optimizer_steps"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s.as_u64()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    if steps.len() != optimizer.steps.len() {
+        return Err(corrupt(
+            &state_path,
+            format!(
+                "lorakit_optimizer_steps has {} entries, this run trains {} tensors",
+                steps.len(),
+                optimizer.steps.len()
+            ),
+        ));
+    }
+    optimizer.steps = steps.into_iter().map(|s| s as usize).collect();
     let epoch = value["current_epoch"]
         .as_u64()
         .ok_or_else(|| corrupt(&state_path, "current_epoch is missing".into()))?
