@@ -536,6 +536,37 @@ impl LoraNetwork {
         ))
     }
 
+    /// Max-norm regularisation (`--scale_weight_norms`, spec §8.5): every module whose weight
+    /// change `scale · up · down` has a Frobenius norm above `limit` has both its matrices scaled
+    /// so the norm becomes `limit`.
+    pub fn apply_max_norm(&self, limit: f64) -> Result<MaxNormReport> {
+        let mut report = MaxNormReport::default();
+        let mut total = 0.0;
+        for module in &self.modules {
+            let rank = module.rank();
+            let down = module.down.as_tensor().reshape((rank, ()))?;
+            let up = module.up.as_tensor().reshape(((), rank))?;
+            // ‖U·D‖² = Σ (UᵀU) ∘ (D·Dᵀ): two rank×rank products instead of the full matrix.
+            let gram_up = up.t()?.matmul(&up)?;
+            let gram_down = down.matmul(&down.t()?)?;
+            let squared = (gram_up * gram_down)?.sum_all()?.to_scalar::<f32>()? as f64;
+            let norm = squared.max(0.0).sqrt() * module.alpha.value() / rank as f64;
+            let clamped = norm.max(limit / 2.0);
+            let ratio = clamped.min(limit) / clamped;
+            if ratio != 1.0 {
+                report.keys_scaled += 1;
+                let factor = ratio.sqrt();
+                module.up.set(&(module.up.as_tensor() * factor)?)?;
+                module.down.set(&(module.down.as_tensor() * factor)?)?;
+            }
+            let scaled = norm * ratio;
+            total += scaled;
+            report.max_norm = report.max_norm.max(scaled);
+        }
+        report.mean_norm = total / self.modules.len().max(1) as f64;
+        Ok(report)
+    }
+
     /// The trainable variables (down and up of each module, in module order).
     pub fn vars(&self) -> Vec<Var> {
         self.modules
@@ -587,6 +618,17 @@ impl LoraNetwork {
             .map_err(|e| Error::Model(format!("cannot serialise LoRA {}: {e}", path.display())))?;
         crate::fsio::write_atomic(path, &bytes)
     }
+}
+
+/// What [`LoraNetwork::apply_max_norm`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MaxNormReport {
+    /// Modules that were scaled down.
+    pub keys_scaled: usize,
+    /// Mean norm of the modules' weight changes after scaling.
+    pub mean_norm: f64,
+    /// Largest norm after scaling.
+    pub max_norm: f64,
 }
 
 /// What [`LoraNetwork::load`] did with the modules of a file.
@@ -916,5 +958,87 @@ mod dropout_tests {
             .count() as f32
             / 4000.0;
         assert!((skipped - 0.3).abs() < 0.03, "skipped share {skipped}");
+    }
+}
+
+#[cfg(test)]
+mod max_norm_tests {
+    use super::*;
+
+    fn module(name: &str, down: &[usize], up: &[usize], seed: u64) -> LoraModule {
+        let device = Device::Cpu;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut random = |shape: &[usize]| {
+            let values: Vec<f32> = (0..shape.iter().product())
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            Var::from_tensor(&Tensor::from_vec(values, shape, &device).unwrap()).unwrap()
+        };
+        LoraModule {
+            name: name.into(),
+            down: random(down),
+            up: random(up),
+            alpha: Alpha::Float(2.0),
+            multiplier: 1.0,
+            dropout: None,
+        }
+    }
+
+    /// ‖scale · up · down‖ computed from the full weight change.
+    fn change_norm(m: &LoraModule) -> f64 {
+        let rank = m.rank();
+        let down = m.down.as_tensor().reshape((rank, ())).unwrap();
+        let up = m.up.as_tensor().reshape(((), rank)).unwrap();
+        let delta = up.matmul(&down).unwrap();
+        let squared = delta
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        (squared as f64).sqrt() * m.alpha.value() / rank as f64
+    }
+
+    #[test]
+    fn max_norm_scales_only_modules_above_the_limit() {
+        let network = LoraNetwork {
+            modules: vec![
+                module("linear", &[4, 16], &[8, 4], 1),
+                module("conv", &[4, 3, 3, 3], &[5, 4, 1, 1], 2),
+            ],
+            dropout_stream: Arc::default(),
+        };
+        let before: Vec<f64> = network.modules.iter().map(change_norm).collect();
+        let limit = (before[0] + before[1]) / 2.0;
+        let (small, large) = if before[0] < before[1] {
+            (0, 1)
+        } else {
+            (1, 0)
+        };
+        let small_down = network.modules[small]
+            .down
+            .as_tensor()
+            .to_vec2::<f32>()
+            .ok();
+
+        let report = network.apply_max_norm(limit).unwrap();
+        let after: Vec<f64> = network.modules.iter().map(change_norm).collect();
+        assert_eq!(report.keys_scaled, 1);
+        assert!(
+            (after[large] - limit).abs() < 1e-4 * limit,
+            "{after:?} vs {limit}"
+        );
+        assert!((after[small] - before[small]).abs() < 1e-9);
+        assert_eq!(
+            network.modules[small]
+                .down
+                .as_tensor()
+                .to_vec2::<f32>()
+                .ok(),
+            small_down
+        );
+        assert!((report.max_norm - limit).abs() < 1e-9 * limit);
+        assert!((report.mean_norm - (limit + before[small]) / 2.0).abs() < 1e-4 * limit);
     }
 }

@@ -12,6 +12,7 @@ use lorakit_pipeline::models::frozen::{FrozenKind, FrozenOp};
 use lorakit_pipeline::models::unet::{self, Unet};
 use lorakit_pipeline::models::{Checkpoint, Component};
 use lorakit_pipeline::npz::{NpzReader, NpzWriter};
+use lorakit_pipeline::train::loss::LossFunction;
 use lorakit_pipeline::train::noise::NoiseOptions;
 use lorakit_pipeline::train::optim::{collect_grads, Optimizer, OptimizerKind};
 use lorakit_pipeline::train::schedule::{
@@ -187,6 +188,7 @@ fn loss_ctx(schedule: &NoiseSchedule) -> LossContext<'_> {
             multires_noise_discount: 0.3,
             ..Default::default()
         },
+        loss: LossFunction::default(),
         weighting: LossWeighting::default(),
         seed: 7,
         dtype: DType::F32,
@@ -593,4 +595,60 @@ fn copy_tree(from: &Path, to: &Path) {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
+}
+
+#[test]
+fn huber_loss_and_max_norm_regularisation_are_applied_and_recorded() {
+    let data = tempfile::tempdir().unwrap();
+    make_caches(data.path());
+    let plain = tempfile::tempdir().unwrap();
+    lorakit_pipeline::train::run(&train_args(
+        data.path(),
+        plain.path(),
+        &["--max_train_steps", "2"],
+    ))
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let limit = 1e-3;
+    let args = train_args(
+        data.path(),
+        out.path(),
+        &[
+            "--max_train_steps",
+            "2",
+            "--unet_lr",
+            "1e-2",
+            "--loss_type",
+            "huber",
+            "--huber_schedule",
+            "constant",
+            "--scale_weight_norms",
+            "0.001",
+        ],
+    );
+    lorakit_pipeline::train::run(&args).unwrap();
+
+    let log = std::fs::read_to_string(out.path().join("tiny_loss.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines[1]["keys_scaled"].as_u64().unwrap() > 0, "{log}");
+    assert!(lines[1]["max_key_norm"].as_f64().unwrap() <= limit * (1.0 + 1e-6));
+    // Same noise draws: the huber loss of a step is below the squared error of the plain run
+    // (2c(sqrt(d²+c²)-c) < d² for c = 0.1 and the errors of noise prediction, about 1).
+    let huber = losses(&out.path().join("tiny_loss.jsonl"));
+    let squared = losses(&plain.path().join("tiny_loss.jsonl"));
+    assert!(huber[0] < squared[0] * 0.5, "{huber:?} vs {squared:?}");
+
+    let lora = out.path().join("tiny.safetensors");
+    let file = LoraFile::read(&lora).unwrap();
+    assert_eq!(file.metadata["ss_loss_type"], "huber");
+    assert_eq!(file.metadata["ss_huber_schedule"], "constant");
+    assert_eq!(file.metadata["ss_scale_weight_norms"], "0.001");
+    let mut unet = base_unet().clone();
+    let (network, _) = LoraNetwork::load(&mut unet, &lora, 1.0, &Device::Cpu).unwrap();
+    let measured = network.apply_max_norm(f64::MAX).unwrap();
+    assert_eq!(measured.keys_scaled, 0);
+    assert!(measured.max_norm <= limit * (1.0 + 1e-4), "{measured:?}");
 }

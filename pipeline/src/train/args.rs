@@ -164,6 +164,22 @@ pub struct TrainArgs {
     /// Debiased estimation loss weighting.
     #[arg(long)]
     pub debiased_estimation_loss: bool,
+    /// Element-wise loss: l2, l1, huber or smooth_l1.
+    #[arg(long, default_value = "l2")]
+    pub loss_type: String,
+    /// Threshold schedule of the Huber losses: constant, exponential or snr.
+    #[arg(long, default_value = "snr")]
+    pub huber_schedule: String,
+    /// Huber threshold parameter (above 0, at most 1).
+    #[arg(long, default_value_t = 0.1)]
+    pub huber_c: f64,
+    /// Scale of the Huber threshold (constant and exponential schedules).
+    #[arg(long, default_value_t = 1.0)]
+    pub huber_scale: f64,
+    /// Max-norm regularisation: after every micro-batch, scale each module so the norm of its
+    /// weight change is at most this.
+    #[arg(long)]
+    pub scale_weight_norms: Option<f64>,
     /// Rescale the schedule to zero terminal SNR.
     #[arg(long)]
     pub zero_terminal_snr: bool,

@@ -296,7 +296,11 @@ pub fn base_metadata(
         "ss_min_snr_gamma",
         py_opt_f64(args.min_snr_gamma.map(f64::from)),
     );
-    put(&mut m, "ss_scale_weight_norms", "None".into());
+    put(
+        &mut m,
+        "ss_scale_weight_norms",
+        py_opt_f64(args.scale_weight_norms),
+    );
     put(&mut m, "ss_ip_noise_gamma", "None".into());
     put(&mut m, "ss_ip_noise_gamma_random_strength", "False".into());
     put(
@@ -309,10 +313,10 @@ pub fn base_metadata(
         "ss_debiased_estimation",
         py_bool(args.debiased_estimation_loss),
     );
-    put(&mut m, "ss_loss_type", "l2".into());
-    put(&mut m, "ss_huber_schedule", "snr".into());
-    put(&mut m, "ss_huber_scale", "1.0".into());
-    put(&mut m, "ss_huber_c", "0.1".into());
+    put(&mut m, "ss_loss_type", args.loss_type.clone());
+    put(&mut m, "ss_huber_schedule", args.huber_schedule.clone());
+    put(&mut m, "ss_huber_scale", py_float(args.huber_scale));
+    put(&mut m, "ss_huber_c", py_float(args.huber_c));
     put(&mut m, "ss_fp8_base", "False".into());
     put(&mut m, "ss_fp8_base_unet", "False".into());
     put(&mut m, "ss_validation_seed", "None".into());

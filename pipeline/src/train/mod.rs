@@ -4,6 +4,7 @@
 
 pub mod args;
 pub mod data;
+pub mod loss;
 pub mod metadata;
 pub mod network_args;
 pub mod noise;
@@ -25,6 +26,7 @@ use crate::report::{Progress, Summary};
 use crate::{Error, Result};
 pub use args::TrainArgs;
 use data::CachedDataset;
+use loss::LossFunction;
 use network_args::NetworkOptions;
 use noise::{NoiseOptions, NoiseRng};
 use optim::{Optimizer, OptimizerKind};
@@ -39,6 +41,8 @@ pub struct LossContext<'a> {
     pub schedule: &'a NoiseSchedule,
     /// Noise / timestep options.
     pub noise: NoiseOptions,
+    /// Element-wise loss.
+    pub loss: LossFunction,
     /// Per-sample weighting.
     pub weighting: LossWeighting,
     /// Run seed.
@@ -87,7 +91,10 @@ pub fn micro_batch_loss(
             &context.to_dtype(ctx.dtype)?,
         )?
         .to_dtype(DType::F32)?;
-    let per_sample = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
+    let per_sample = (ctx.loss)
+        .elementwise(&pred, &target, ctx.schedule, &timesteps)?
+        .flatten_from(1)?
+        .mean(1)?;
     let weights: Vec<f32> = timesteps
         .iter()
         .map(|&t| ctx.weighting.weight(&ctx.schedule.all_snr, t))
@@ -246,6 +253,12 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
             min_timestep: args.min_timestep.unwrap_or(0),
             max_timestep: args.max_timestep.unwrap_or(schedule::TRAIN_TIMESTEPS),
         },
+        loss: LossFunction::parse(
+            &args.loss_type,
+            &args.huber_schedule,
+            args.huber_c,
+            args.huber_scale,
+        )?,
         weighting: LossWeighting {
             min_snr_gamma: args.min_snr_gamma,
             scale_v_pred_loss_like_noise_pred: args.scale_v_pred_loss_like_noise_pred,
@@ -328,20 +341,32 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
             }
             group_losses.push(loss_value);
             let closes_group = (bi + 1) % accum == 0 || bi + 1 == batches.len();
+            let lr = plan.lr * scheduler.multiplier(global_step);
+            if closes_group {
+                let mut grads = summed.take().expect("gradients of this group");
+                optim::clip_grad_norm(&mut grads, args.max_grad_norm)?;
+                optimizer.step(&grads, lr)?;
+            }
+            let max_norm = match args.scale_weight_norms {
+                Some(limit) => Some(network.apply_max_norm(limit)?),
+                None => None,
+            };
             if !closes_group {
                 continue;
             }
-            let mut grads = summed.take().expect("gradients of this group");
-            optim::clip_grad_norm(&mut grads, args.max_grad_norm)?;
-            let lr = plan.lr * scheduler.multiplier(global_step);
-            optimizer.step(&grads, lr)?;
             global_step += 1;
             progress.inc(1);
             let step_loss = group_losses.iter().sum::<f32>() / group_losses.len() as f32;
             group_losses.clear();
             recent.push(step_loss);
             let average = recent.iter().sum::<f32>() / recent.len() as f32;
-            log_lines.push(serde_json::json!({"step": global_step, "epoch": epoch, "loss": step_loss, "loss_average": average, "lr": lr}).to_string());
+            let mut line = serde_json::json!({"step": global_step, "epoch": epoch, "loss": step_loss, "loss_average": average, "lr": lr});
+            if let Some(report) = max_norm {
+                line["keys_scaled"] = report.keys_scaled.into();
+                line["average_key_norm"] = report.mean_norm.into();
+                line["max_key_norm"] = report.max_norm.into();
+            }
+            log_lines.push(line.to_string());
             tracing::debug!("step {global_step}: loss {step_loss:.5} (avg {average:.5}) lr {lr:e}");
             let position = state::Progress {
                 epoch,
