@@ -559,6 +559,11 @@ fn short_run_learns_writes_a_loadable_lora_and_resumes_exactly() {
         assert!(diff == 0.0, "{k} differs after resume by {diff}");
     }
     assert_eq!(losses(&resumed.path().join("tiny_loss.jsonl")), full_losses);
+    // The whole log, running average included, continues as if never interrupted.
+    assert_eq!(
+        std::fs::read_to_string(resumed.path().join("tiny_loss.jsonl")).unwrap(),
+        std::fs::read_to_string(out.path().join("tiny_loss.jsonl")).unwrap()
+    );
 }
 
 #[test]

@@ -141,6 +141,34 @@ impl LossFunction {
     }
 }
 
+/// The logged `loss_average`, as sd-scripts' `loss/average`: during the first epoch the mean of
+/// every micro-batch loss so far; afterwards a window with one slot per micro-batch of an epoch,
+/// each holding the latest loss of that micro-batch.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LossAverage {
+    /// The window's slots.
+    pub slots: Vec<f32>,
+}
+
+impl LossAverage {
+    /// Records the loss of micro-batch `batch` (0-based) of 1-based `epoch`.
+    pub fn record(&mut self, epoch: usize, batch: usize, loss: f32) {
+        if epoch <= 1 {
+            self.slots.push(loss);
+            return;
+        }
+        if self.slots.len() <= batch {
+            self.slots.resize(batch + 1, 0.0);
+        }
+        self.slots[batch] = loss;
+    }
+
+    /// The current average (NaN before any loss).
+    pub fn value(&self) -> f32 {
+        self.slots.iter().sum::<f32>() / self.slots.len() as f32
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +193,19 @@ mod tests {
         assert!((loss_of("huber", "constant", 1.0, 0.0, 500) - huber).abs() < 1e-6);
         let smooth = 2.0 * ((1.0f32 + c * c).sqrt() - c);
         assert!((loss_of("smooth_l1", "constant", 1.0, 0.0, 500) - smooth).abs() < 1e-6);
+    }
+
+    #[test]
+    fn loss_average_is_cumulative_in_epoch_one_then_a_window() {
+        let mut average = LossAverage::default();
+        for (batch, loss) in [1.0, 2.0, 3.0].into_iter().enumerate() {
+            average.record(1, batch, loss);
+        }
+        assert_eq!(average.value(), 2.0);
+        average.record(2, 0, 4.0);
+        assert_eq!(average.value(), 3.0, "slot 0 replaced: (4 + 2 + 3) / 3");
+        average.record(2, 1, 5.0);
+        assert_eq!(average.slots, vec![4.0, 5.0, 3.0]);
     }
 
     #[test]

@@ -304,8 +304,8 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
     let progress = Progress::new("train-lora steps", plan.total_steps, args.quiet);
     progress.inc(progress_state.global_step as u64);
     let mut global_step = progress_state.global_step;
-    // The running average covers the steps before a resume too.
-    let mut recent: Vec<f32> = logged_losses(&log_lines);
+    // The running average covers the batches before a resume too.
+    let mut loss_average = progress_state.loss_average.clone();
     let accum = args.gradient_accumulation_steps.max(1);
     'epochs: for epoch in progress_state.epoch.max(1)..=plan.num_epochs {
         let batches = dataset.epoch_batches(plan.seed, epoch, args.train_batch_size);
@@ -340,6 +340,7 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
                 Some(sum) => optim::accumulate(sum, grads)?,
             }
             group_losses.push(loss_value);
+            loss_average.record(epoch, bi, loss_value);
             let closes_group = (bi + 1) % accum == 0 || bi + 1 == batches.len();
             let lr = plan.lr * scheduler.multiplier(global_step);
             if closes_group {
@@ -358,8 +359,7 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
             progress.inc(1);
             let step_loss = group_losses.iter().sum::<f32>() / group_losses.len() as f32;
             group_losses.clear();
-            recent.push(step_loss);
-            let average = recent.iter().sum::<f32>() / recent.len() as f32;
+            let average = loss_average.value();
             let mut line = serde_json::json!({"step": global_step, "epoch": epoch, "loss": step_loss, "loss_average": average, "lr": lr});
             if let Some(report) = max_norm {
                 line["keys_scaled"] = report.keys_scaled.into();
@@ -373,6 +373,7 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
                 batches_done_in_epoch: bi + 1,
                 global_step,
                 log_lines: log_lines.clone(),
+                loss_average: loss_average.clone(),
             };
             if args
                 .save_every_n_steps
@@ -413,6 +414,7 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
                         batches_done_in_epoch: 0,
                         global_step,
                         log_lines: log_lines.clone(),
+                        loss_average: loss_average.clone(),
                     };
                     state::save(
                         &args.output_dir.join(format!("{stem}-state")),
@@ -455,8 +457,8 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
     manifest.items = sample_keys;
     manifest.summary = summary.clone();
     manifest.write_for(&final_path)?;
-    let first = recent.first().copied().unwrap_or(f32::NAN);
-    let last = recent.last().copied().unwrap_or(f32::NAN);
+    let first = losses.first().copied().unwrap_or(f32::NAN);
+    let last = losses.last().copied().unwrap_or(f32::NAN);
     tracing::info!(
         "{} steps in {:.1} s; loss {first:.4} -> {last:.4}; wrote {}",
         global_step,

@@ -14,6 +14,7 @@ use candle_core::{Device, Tensor};
 use serde_json::json;
 
 use crate::lora::LoraNetwork;
+use crate::train::loss::LossAverage;
 use crate::train::optim::Optimizer;
 use crate::{Error, Result};
 
@@ -31,6 +32,8 @@ pub struct Progress {
     pub global_step: usize,
     /// JSON lines of the loss log so far.
     pub log_lines: Vec<String>,
+    /// The window behind the logged loss average.
+    pub loss_average: LossAverage,
 }
 
 /// Writes a state folder atomically.
@@ -71,6 +74,7 @@ pub fn save(
         "lorakit_batches_done_in_epoch": progress.batches_done_in_epoch,
         "lorakit_optimizer_steps": optimizer.steps,
         "lorakit_loss_log": progress.log_lines,
+        "lorakit_loss_window": progress.loss_average.slots,
     });
     crate::fsio::write_atomic(
         &staging.join(STATE_FILE),
@@ -227,5 +231,16 @@ pub fn load(dir: &Path, network: &LoraNetwork, optimizer: &mut Optimizer) -> Res
                     .collect()
             })
             .unwrap_or_default(),
+        loss_average: LossAverage {
+            slots: value["lorakit_loss_window"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_f64())
+                        .map(|v| v as f32)
+                        .collect()
+                })
+                .unwrap_or_default(),
+        },
     })
 }
