@@ -657,3 +657,81 @@ fn huber_loss_and_max_norm_regularisation_are_applied_and_recorded() {
     assert_eq!(measured.keys_scaled, 0);
     assert!(measured.max_norm <= limit * (1.0 + 1e-4), "{measured:?}");
 }
+
+/// Names in `dir` that start with `tiny-`, sorted.
+fn saved(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("tiny-") && !n.ends_with(".json"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn periodic_saves_rotate_models_and_states_separately() {
+    let data = tempfile::tempdir().unwrap();
+    make_caches(data.path());
+    // 8 steps, saves at steps 2, 4, 6 (8 is the final file); keep 3 steps of models and 1 of
+    // states: step 2's model goes at step 6 (6 - 3 - 1 = 2), each state at the next save.
+    let steps = tempfile::tempdir().unwrap();
+    lorakit_pipeline::train::run(&train_args(
+        data.path(),
+        steps.path(),
+        &[
+            "--max_train_steps",
+            "8",
+            "--save_every_n_steps",
+            "2",
+            "--save_last_n_steps",
+            "3",
+            "--save_last_n_steps_state",
+            "1",
+            "--save_state",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(
+        saved(steps.path()),
+        [
+            "tiny-state",
+            "tiny-step00000004.safetensors",
+            "tiny-step00000006-state",
+            "tiny-step00000006.safetensors",
+        ]
+    );
+
+    // 3 epochs of 2 batches; the ratio (3 saves in 3 epochs: every epoch) overrides
+    // --save_every_n_epochs 2. Keep 2 epoch models but 1 epoch state; the final state is
+    // written once.
+    let epochs = tempfile::tempdir().unwrap();
+    lorakit_pipeline::train::run(&train_args(
+        data.path(),
+        epochs.path(),
+        &[
+            "--max_train_epochs",
+            "3",
+            "--save_every_n_epochs",
+            "2",
+            "--save_n_epoch_ratio",
+            "3",
+            "--save_last_n_epochs",
+            "2",
+            "--save_last_n_epochs_state",
+            "1",
+            "--save_state",
+            "--save_state_on_train_end",
+        ],
+    ))
+    .unwrap();
+    assert_eq!(
+        saved(epochs.path()),
+        [
+            "tiny-000001.safetensors",
+            "tiny-000002-state",
+            "tiny-000002.safetensors",
+            "tiny-state",
+        ]
+    );
+}

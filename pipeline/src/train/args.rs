@@ -74,9 +74,26 @@ pub struct TrainArgs {
     /// Save every N optimizer steps (`<name>-step<step:08>.safetensors`).
     #[arg(long)]
     pub save_every_n_steps: Option<usize>,
+    /// Save about N times in the run: every floor(epochs / N) epochs (at least 1; overrides
+    /// --save_every_n_epochs).
+    #[arg(long)]
+    pub save_n_epoch_ratio: Option<usize>,
     /// Keep only the last N epoch saves.
     #[arg(long)]
     pub save_last_n_epochs: Option<usize>,
+    /// Keep only the epoch state folders of the last N epoch saves (default: as
+    /// --save_last_n_epochs).
+    #[arg(long)]
+    pub save_last_n_epochs_state: Option<usize>,
+    /// Keep only the step saves of the last N steps.
+    #[arg(long)]
+    pub save_last_n_steps: Option<usize>,
+    /// Keep only the step state folders of the last N steps (default: as --save_last_n_steps).
+    #[arg(long)]
+    pub save_last_n_steps_state: Option<usize>,
+    /// Save the final state folder (`<name>-state`) even without --save_state.
+    #[arg(long)]
+    pub save_state_on_train_end: bool,
     /// Also save a resumable training state folder with every saved model.
     #[arg(long)]
     pub save_state: bool,
@@ -164,6 +181,13 @@ pub struct TrainArgs {
     /// Debiased estimation loss weighting.
     #[arg(long)]
     pub debiased_estimation_loss: bool,
+    /// Input perturbation noise strength (0.1 recommended): the UNet sees `eps + gamma * N(0,1)`,
+    /// the target stays `eps`.
+    #[arg(long)]
+    pub ip_noise_gamma: Option<f64>,
+    /// Scale --ip_noise_gamma by a uniform random factor per micro-batch.
+    #[arg(long)]
+    pub ip_noise_gamma_random_strength: bool,
     /// Element-wise loss: l2, l1, huber or smooth_l1.
     #[arg(long, default_value = "l2")]
     pub loss_type: String,

@@ -301,8 +301,12 @@ pub fn base_metadata(
         "ss_scale_weight_norms",
         py_opt_f64(args.scale_weight_norms),
     );
-    put(&mut m, "ss_ip_noise_gamma", "None".into());
-    put(&mut m, "ss_ip_noise_gamma_random_strength", "False".into());
+    put(&mut m, "ss_ip_noise_gamma", py_opt_f64(args.ip_noise_gamma));
+    put(
+        &mut m,
+        "ss_ip_noise_gamma_random_strength",
+        py_bool(args.ip_noise_gamma_random_strength),
+    );
     put(
         &mut m,
         "ss_noise_offset_random_strength",

@@ -10,10 +10,11 @@ pub mod network_args;
 pub mod noise;
 pub mod optim;
 pub mod plot;
+pub mod saving;
 pub mod schedule;
 pub mod state;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -30,6 +31,7 @@ use loss::LossFunction;
 use network_args::NetworkOptions;
 use noise::{NoiseOptions, NoiseRng};
 use optim::{Optimizer, OptimizerKind};
+use saving::SavePoint;
 use schedule::{LossWeighting, LrScheduler, NoiseSchedule};
 
 /// VAE latent scale of SD1/SD2.
@@ -62,7 +64,11 @@ pub fn micro_batch_loss(
 ) -> Result<Tensor> {
     let x0 = (latents * VAE_SCALE)?;
     let mut rng = NoiseRng::for_micro_batch(ctx.seed, index);
-    let (eps, timesteps) = noise::draw(&mut rng, &x0, &ctx.noise)?;
+    let noise::NoiseDraw {
+        eps,
+        input_eps,
+        timesteps,
+    } = noise::draw(&mut rng, &x0, &ctx.noise)?;
     let device = x0.device();
     let b = timesteps.len();
     let (mut a, mut s) = (Vec::with_capacity(b), Vec::with_capacity(b));
@@ -73,7 +79,7 @@ pub fn micro_batch_loss(
     }
     let a = Tensor::from_vec(a, (b, 1, 1, 1), device)?;
     let s = Tensor::from_vec(s, (b, 1, 1, 1), device)?;
-    let noisy = (x0.broadcast_mul(&a)? + eps.broadcast_mul(&s)?)?;
+    let noisy = (x0.broadcast_mul(&a)? + input_eps.broadcast_mul(&s)?)?;
     let target = if ctx.weighting.v_prediction {
         (eps.broadcast_mul(&a)? - x0.broadcast_mul(&s)?)?
     } else {
@@ -111,6 +117,7 @@ struct Plan {
     batches_per_epoch: usize,
     seed: u64,
     lr: f64,
+    save_every_n_epochs: Option<usize>,
 }
 
 /// Runs `train-lora`.
@@ -252,6 +259,8 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
             multires_noise_discount: args.multires_noise_discount,
             min_timestep: args.min_timestep.unwrap_or(0),
             max_timestep: args.max_timestep.unwrap_or(schedule::TRAIN_TIMESTEPS),
+            ip_noise_gamma: args.ip_noise_gamma,
+            ip_noise_gamma_random_strength: args.ip_noise_gamma_random_strength,
         },
         loss: LossFunction::parse(
             &args.loss_type,
@@ -289,11 +298,13 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         &optimizer_kind,
         unet.config.is_sd2(),
     )?;
-    let saver = Saver {
+    let saver = saving::Saver {
         args,
         network: &network,
         save_dtype,
         meta_base,
+        name: plan.name.clone(),
+        every_n_epochs: plan.save_every_n_epochs,
     };
 
     let log_path = args
@@ -380,65 +391,32 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
                 .is_some_and(|n| n > 0 && global_step % n == 0)
                 && global_step < plan.total_steps
             {
-                let stem = format!("{}-step{:08}", plan.name, global_step);
-                saver.save(&stem, global_step, epoch - 1)?;
-                if args.save_state {
-                    state::save(
-                        &args.output_dir.join(format!("{stem}-state")),
-                        &network,
-                        &optimizer,
-                        &position,
-                    )?;
-                }
+                let at = SavePoint::Step(global_step);
+                saver.checkpoint(at, global_step, epoch - 1, &optimizer, &position)?;
                 write_log(&log_path, &log_lines)?;
             }
             if global_step >= plan.total_steps {
-                if args.save_state {
-                    state::save(
-                        &args.output_dir.join(format!("{}-state", plan.name)),
-                        &network,
-                        &optimizer,
-                        &position,
-                    )?;
-                }
+                saver.final_state(&optimizer, &position)?;
                 break 'epochs;
             }
         }
-        if let Some(n) = args.save_every_n_epochs.filter(|&n| n > 0) {
+        if let Some(n) = plan.save_every_n_epochs {
             if epoch % n == 0 && epoch < plan.num_epochs {
-                let stem = format!("{}-{:06}", plan.name, epoch);
-                saver.save(&stem, global_step, epoch)?;
-                if args.save_state {
-                    let position = state::Progress {
-                        epoch: epoch + 1,
-                        batches_done_in_epoch: 0,
-                        global_step,
-                        log_lines: log_lines.clone(),
-                        loss_average: loss_average.clone(),
-                    };
-                    state::save(
-                        &args.output_dir.join(format!("{stem}-state")),
-                        &network,
-                        &optimizer,
-                        &position,
-                    )?;
-                }
-                if let Some(keep) = args.save_last_n_epochs.filter(|&k| k > 0) {
-                    if let Some(old) = epoch.checked_sub(n * keep).filter(|&e| e > 0) {
-                        let old_file = args
-                            .output_dir
-                            .join(format!("{}-{:06}.safetensors", plan.name, old));
-                        if old_file.is_file() {
-                            std::fs::remove_file(&old_file).map_err(|e| Error::io(&old_file, e))?;
-                        }
-                    }
-                }
+                let position = state::Progress {
+                    epoch: epoch + 1,
+                    batches_done_in_epoch: 0,
+                    global_step,
+                    log_lines: log_lines.clone(),
+                    loss_average: loss_average.clone(),
+                };
+                let at = SavePoint::Epoch(epoch);
+                saver.checkpoint(at, global_step, epoch, &optimizer, &position)?;
                 write_log(&log_path, &log_lines)?;
             }
         }
     }
     progress.finish();
-    saver.save(&plan.name, global_step, plan.num_epochs)?;
+    saver.save_model(&plan.name, global_step, plan.num_epochs)?;
     write_log(&log_path, &log_lines)?;
     let losses = logged_losses(&log_lines);
     let plot_path = args.output_dir.join(format!("{}_loss.svg", plan.name));
@@ -561,13 +539,18 @@ fn plan(args: &TrainArgs, dataset: &CachedDataset) -> Plan {
         Some(e) => e * steps_per_epoch,
         None => args.max_train_steps,
     };
+    let num_epochs = total_steps.div_ceil(steps_per_epoch);
     Plan {
         name: args.output_name.clone().unwrap_or_else(|| "last".into()),
         total_steps,
-        num_epochs: total_steps.div_ceil(steps_per_epoch),
+        num_epochs,
         batches_per_epoch,
         seed: args.seed.unwrap_or_else(|| rand::random::<u32>() as u64),
         lr: args.unet_lr.unwrap_or(args.learning_rate),
+        save_every_n_epochs: match args.save_n_epoch_ratio {
+            Some(ratio) if ratio > 0 => Some((num_epochs / ratio).max(1)),
+            _ => args.save_every_n_epochs.filter(|&n| n > 0),
+        },
     }
 }
 
@@ -577,31 +560,6 @@ fn plan_info(plan: &Plan) -> metadata::PlanInfo {
         num_epochs: plan.num_epochs,
         batches_per_epoch: plan.batches_per_epoch,
         seed: plan.seed,
-    }
-}
-
-/// Writes model files with their metadata.
-struct Saver<'a> {
-    args: &'a TrainArgs,
-    network: &'a LoraNetwork,
-    save_dtype: Option<DType>,
-    meta_base: std::collections::BTreeMap<String, String>,
-}
-
-impl Saver<'_> {
-    fn save(&self, stem: &str, steps: usize, epoch: usize) -> Result<PathBuf> {
-        let path = self.args.output_dir.join(format!("{stem}.safetensors"));
-        let mut meta = self.meta_base.clone();
-        if !self.args.no_metadata {
-            meta.insert(
-                "ss_training_finished_at".into(),
-                metadata::py_float(unix_time()),
-            );
-            meta.insert("ss_steps".into(), steps.to_string());
-            meta.insert("ss_epoch".into(), epoch.to_string());
-        }
-        self.network.save(&path, self.save_dtype, &meta)?;
-        Ok(path)
     }
 }
 
@@ -620,6 +578,7 @@ fn write_log(path: &Path, lines: &[String]) -> Result<()> {
     crate::fsio::write_atomic(path, text.as_bytes())
 }
 
+/// Seconds since the Unix epoch.
 fn unix_time() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -25,6 +25,20 @@ pub struct NoiseOptions {
     pub min_timestep: usize,
     /// `--max_timestep` (default 1000).
     pub max_timestep: usize,
+    /// `--ip_noise_gamma`: input perturbation of the noise the UNet sees (not of the target).
+    pub ip_noise_gamma: Option<f64>,
+    /// `--ip_noise_gamma_random_strength`: the gamma times `U(0, 1)` per micro-batch.
+    pub ip_noise_gamma_random_strength: bool,
+}
+
+/// The draws of one micro-batch.
+pub struct NoiseDraw {
+    /// The noise `eps` (the target of eps-prediction).
+    pub eps: Tensor,
+    /// The noise added to the latents: `eps`, plus the input perturbation with `--ip_noise_gamma`.
+    pub input_eps: Tensor,
+    /// One timestep per sample.
+    pub timesteps: Vec<usize>,
 }
 
 /// A seeded source of Gaussian and uniform draws.
@@ -71,13 +85,9 @@ impl NoiseRng {
     }
 }
 
-/// Draws `eps` for scaled latents `x0` `[B, C, H, W]` with offset / multi-resolution noise, and
-/// per-sample timesteps.
-pub fn draw(
-    rng: &mut NoiseRng,
-    x0: &Tensor,
-    options: &NoiseOptions,
-) -> Result<(Tensor, Vec<usize>)> {
+/// Draws `eps` for scaled latents `x0` `[B, C, H, W]` with offset / multi-resolution noise,
+/// per-sample timesteps, and the input perturbation.
+pub fn draw(rng: &mut NoiseRng, x0: &Tensor, options: &NoiseOptions) -> Result<NoiseDraw> {
     let (b, c, h, w) = x0.dims4()?;
     let device = x0.device();
     let mut eps = rng.normal_tensor(&[b, c, h, w], device)?;
@@ -123,5 +133,58 @@ pub fn draw(
     let timesteps = (0..b)
         .map(|_| rng.int(options.min_timestep, options.max_timestep))
         .collect();
-    Ok((eps, timesteps))
+    let input_eps = match options.ip_noise_gamma.filter(|g| *g != 0.0) {
+        Some(gamma) => {
+            let strength = if options.ip_noise_gamma_random_strength {
+                rng.uniform() * gamma
+            } else {
+                gamma
+            };
+            (&eps + (rng.normal_tensor(&[b, c, h, w], device)? * strength)?)?
+        }
+        None => eps.clone(),
+    };
+    Ok(NoiseDraw {
+        eps,
+        input_eps,
+        timesteps,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    #[test]
+    fn input_perturbation_changes_only_what_the_unet_sees() {
+        let x0 = Tensor::zeros((2, 4, 32, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let plain_options = NoiseOptions {
+            max_timestep: 1000,
+            ..NoiseOptions::default()
+        };
+        let plain = draw(&mut NoiseRng::for_micro_batch(9, 3), &x0, &plain_options).unwrap();
+        assert_eq!(values(&plain.input_eps), values(&plain.eps));
+        let options = NoiseOptions {
+            ip_noise_gamma: Some(0.1),
+            ..plain_options
+        };
+        let perturbed = draw(&mut NoiseRng::for_micro_batch(9, 3), &x0, &options).unwrap();
+        assert_eq!(
+            values(&perturbed.eps),
+            values(&plain.eps),
+            "same target noise"
+        );
+        assert_eq!(perturbed.timesteps, plain.timesteps);
+        let difference: Vec<f32> = (values(&perturbed.input_eps).iter())
+            .zip(values(&plain.eps))
+            .map(|(a, b)| a - b)
+            .collect();
+        let n = difference.len() as f32;
+        let std = (difference.iter().map(|d| d * d).sum::<f32>() / n).sqrt();
+        assert!((std - 0.1).abs() < 0.01, "perturbation std {std}");
+    }
 }
