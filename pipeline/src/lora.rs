@@ -72,6 +72,15 @@ impl AdaptableLayer {
         self.op.kind()
     }
 
+    /// Adds `delta` (shaped like the weight) to the frozen weight.
+    pub fn merge_into_weight(&mut self, delta: &Tensor) -> candle_core::Result<()> {
+        let weight = self.op.weight();
+        let merged = (weight.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?
+            .to_dtype(weight.dtype())?;
+        self.op = FrozenOp::new(merged, self.op.kind());
+        Ok(())
+    }
+
     /// `W0 x + b (+ up(down(x)) * multiplier * alpha / rank)`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut y = self.op.forward(x)?;
@@ -230,6 +239,20 @@ impl LoraModule {
     /// Rank (dimension 0 of `lora_down`).
     pub fn rank(&self) -> usize {
         self.down.as_tensor().dims()[0]
+    }
+
+    /// The module's weight change `multiplier · scale · up · down`, shaped like the layer's
+    /// weight (`[out, in]` or `[out, in, kh, kw]`; for a conv the sum over ranks of
+    /// `up[o, r] · down[r, i, :, :]`).
+    pub fn weight_delta(&self) -> candle_core::Result<Tensor> {
+        let down = self.down.as_tensor();
+        let rank = self.rank();
+        let up = self.up.as_tensor().reshape(((), rank))?;
+        let mut shape = down.dims().to_vec();
+        shape[0] = up.dim(0)?;
+        up.matmul(&down.reshape((rank, ()))?)?
+            .reshape(shape)?
+            .affine(self.scale(), 0.0)
     }
 
     /// `multiplier * alpha / rank`.
@@ -517,16 +540,11 @@ impl LoraNetwork {
         if let Some(e) = failure {
             return Err(e);
         }
-        let mut report = LoadReport::default();
-        for name in file.modules.keys() {
-            if used.contains(name) {
-                report.applied += 1;
-            } else if name.starts_with("lora_unet_") {
-                report.unknown.push(name.clone());
-            } else {
-                report.ignored_text_encoder += 1;
-            }
-        }
+        let mut report = LoadReport {
+            applied: used.len(),
+            ..LoadReport::default()
+        };
+        report.count_unused(&file, &used);
         Ok((
             Self {
                 modules,
@@ -564,6 +582,40 @@ impl LoraNetwork {
             report.max_norm = report.max_norm.max(scaled);
         }
         report.mean_norm = total / self.modules.len().max(1) as f64;
+        Ok(report)
+    }
+
+    /// Merges the UNet modules of the kohya LoRA file `path`, at `multiplier`, into the frozen
+    /// weights of `model` (`--base_weights`); the report counts what was merged and skipped.
+    pub fn merge_file(
+        model: &mut dyn Adaptable,
+        path: &Path,
+        multiplier: f64,
+    ) -> Result<LoadReport> {
+        let file = LoraFile::read(path)?;
+        let mut report = LoadReport::default();
+        let mut used = std::collections::HashSet::new();
+        let mut failure: Option<Error> = None;
+        model.visit_layers(&mut |layer| {
+            let name = unet_lora_name(&layer.path);
+            let Some(entry) = file.modules.get(&name).filter(|_| failure.is_none()) else {
+                return;
+            };
+            used.insert(name.clone());
+            let merged = module_from_file(layer, &name, entry, multiplier, &Device::Cpu, path)
+                .and_then(|module| {
+                    let delta = module.weight_delta()?.to_device(layer.weight().device())?;
+                    Ok(layer.merge_into_weight(&delta)?)
+                });
+            match merged {
+                Ok(()) => report.applied += 1,
+                Err(e) => failure = Some(e),
+            }
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        report.count_unused(&file, &used);
         Ok(report)
     }
 
@@ -617,6 +669,19 @@ impl LoraNetwork {
         let bytes = serialize_with_hashes(&tensors, metadata)
             .map_err(|e| Error::Model(format!("cannot serialise LoRA {}: {e}", path.display())))?;
         crate::fsio::write_atomic(path, &bytes)
+    }
+}
+
+impl LoadReport {
+    /// Counts the modules of `file` not in `used`: unknown UNet names and text-encoder modules.
+    fn count_unused(&mut self, file: &LoraFile, used: &std::collections::HashSet<String>) {
+        for name in file.modules.keys().filter(|n| !used.contains(*n)) {
+            if name.starts_with("lora_unet_") {
+                self.unknown.push(name.clone());
+            } else {
+                self.ignored_text_encoder += 1;
+            }
+        }
     }
 }
 

@@ -735,3 +735,23 @@ fn periodic_saves_rotate_models_and_states_separately() {
         ]
     );
 }
+
+#[test]
+fn base_weights_are_merged_before_training() {
+    let data = tempfile::tempdir().unwrap();
+    make_caches(data.path());
+    let first_loss = |extra: &[&str]| {
+        let out = tempfile::tempdir().unwrap();
+        let mut argv = vec!["--max_train_steps", "1"];
+        argv.extend_from_slice(extra);
+        lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &argv)).unwrap();
+        losses(&out.path().join("tiny_loss.jsonl"))[0]
+    };
+    let lora = fixtures().join("golden/lora/trained_lora_dim4_alpha1.safetensors");
+    let lora = lora.to_str().unwrap();
+    let plain = first_loss(&[]);
+    let merged = first_loss(&["--base_weights", lora]);
+    let at_zero = first_loss(&["--base_weights", lora, "--base_weights_multiplier", "0"]);
+    assert!(merged != plain, "the merged LoRA changes the model");
+    assert!((at_zero - plain).abs() < 1e-6, "{at_zero} vs {plain}");
+}

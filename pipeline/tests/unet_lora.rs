@@ -162,6 +162,30 @@ fn lora_keys_match_sd_scripts_for_lierla_and_c3lier() {
     assert_eq!(LoraConfig::default().network_alpha, Alpha::Int(1));
 }
 
+#[test]
+fn merged_kohya_lora_equals_the_applied_one() {
+    let mut unet = base_unet().clone();
+    let path = fixtures().join("golden/lora/trained_lora_dim4_alpha1.safetensors");
+    let report = LoraNetwork::merge_file(&mut unet, &path, 1.0).unwrap();
+    assert_eq!(report.applied, 192);
+    assert_eq!(report.ignored_text_encoder, 72);
+    assert!(report.unknown.is_empty());
+    let latents = npz_f32(&golden(), "latents");
+    let timesteps = npz_f32(&golden(), "timesteps");
+    let context = npz_f32(&golden(), "encoder_hidden_states_77");
+    let expected = npz_f32(&golden(), "unet_out_77_lora_unet_only");
+    let base = npz_f32(&golden(), "unet_out_77");
+    let out = unet.forward(&latents, &timesteps, &context).unwrap();
+    let effect_err = max_abs(&(&out - &base).unwrap(), &(&expected - &base).unwrap());
+    eprintln!("merged LoRA: effect error {effect_err:e}");
+    assert!(effect_err <= 1e-4);
+    // At multiplier 0 nothing changes.
+    let mut unchanged = base_unet().clone();
+    LoraNetwork::merge_file(&mut unchanged, &path, 0.0).unwrap();
+    let out = unchanged.forward(&latents, &timesteps, &context).unwrap();
+    assert!(max_abs(&out, &base) <= 1e-4);
+}
+
 /// `train-lora`'s options as the command line gives them.
 #[derive(clap::Parser)]
 struct TrainCommand {

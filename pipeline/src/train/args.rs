@@ -53,6 +53,13 @@ pub struct TrainArgs {
     /// Start from these LoRA weights (kohya .safetensors; UNet modules are used).
     #[arg(long)]
     pub network_weights: Option<PathBuf>,
+    /// LoRA files merged into the base UNet before training (their text-encoder modules are not:
+    /// the text-encoder caches come from cache-text-encoder).
+    #[arg(long, num_args = 1..)]
+    pub base_weights: Vec<PathBuf>,
+    /// Multiplier of each --base_weights file (default 1.0 each).
+    #[arg(long, num_args = 1..)]
+    pub base_weights_multiplier: Vec<f64>,
     /// Accepted for compatibility: training is always UNet-only here.
     #[arg(long)]
     pub network_train_unet_only: bool,

@@ -217,6 +217,29 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
             ..Summary::default()
         });
     }
+    for (i, path) in args.base_weights.iter().enumerate() {
+        let multiplier = args.base_weights_multiplier.get(i).copied().unwrap_or(1.0);
+        let report = LoraNetwork::merge_file(&mut unet, path, multiplier)?;
+        tracing::info!(
+            "{}: {} UNet modules merged into the base model at {multiplier}",
+            path.display(),
+            report.applied
+        );
+        if report.ignored_text_encoder > 0 {
+            tracing::warn!(
+                "{}: {} text-encoder modules not merged (the text-encoder caches were made without them)",
+                path.display(),
+                report.ignored_text_encoder
+            );
+        }
+        if !report.unknown.is_empty() {
+            return Err(Error::bad_file(path, format!(
+                "{} UNet modules (e.g. {}) do not exist in this UNet; the file was made for another model family",
+                report.unknown.len(),
+                report.unknown[0]
+            )));
+        }
+    }
     let mut network = match &args.network_weights {
         Some(path) => {
             let (network, report) = LoraNetwork::load(&mut unet, path, 1.0, &device)?;
@@ -464,6 +487,9 @@ fn training_key(
     key.text("unet", &checkpoint.component_hash(Component::Unet)?);
     if let Some(path) = &args.network_weights {
         key.text("network_weights", &crate::hashing::hash_file(path)?);
+    }
+    for path in &args.base_weights {
+        key.text("base_weights", &crate::hashing::hash_file(path)?);
     }
     for (item, sample) in sample_keys {
         key.text("item", item).text("sample", sample);
