@@ -554,6 +554,70 @@ impl LoraNetwork {
         ))
     }
 
+    /// Loads the matching modules of the kohya LoRA file `path` into this network, attached to
+    /// `model` (`--network_weights` without `--dim_from_weights`): weights and alpha come from the
+    /// file, a module the file lacks keeps its fresh initialisation, and a module whose rank or
+    /// shape differs is an error.
+    pub fn load_weights(&mut self, model: &mut dyn Adaptable, path: &Path) -> Result<LoadReport> {
+        let file = LoraFile::read(path)?;
+        let mut used = std::collections::HashSet::new();
+        let mut alphas = HashMap::new();
+        let mut failure: Option<Error> = None;
+        model.visit_layers(&mut |layer| {
+            let Some(module) = layer.lora.as_ref().filter(|_| failure.is_none()) else {
+                return;
+            };
+            let Some(entry) = file.modules.get(&module.name) else {
+                return;
+            };
+            let loaded = module_from_file(
+                layer,
+                &module.name,
+                entry,
+                module.multiplier,
+                module.down.device(),
+                path,
+            )
+            .and_then(|loaded| {
+                if loaded.down.dims() != module.down.dims() {
+                    return Err(Error::bad_file(path, format!(
+                        "module {} has rank {} in the file but {} in this network; pass the file's --network_dim / network_args, or --dim_from_weights",
+                        module.name,
+                        loaded.rank(),
+                        module.rank()
+                    )));
+                }
+                module.down.set(loaded.down.as_tensor())?;
+                module.up.set(loaded.up.as_tensor())?;
+                Ok(loaded.alpha)
+            });
+            match loaded {
+                Ok(alpha) => {
+                    used.insert(module.name.clone());
+                    alphas.insert(module.name.clone(), alpha);
+                    if let Some(module) = &mut layer.lora {
+                        module.alpha = alpha;
+                    }
+                }
+                Err(e) => failure = Some(e),
+            }
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        for module in &mut self.modules {
+            if let Some(&alpha) = alphas.get(&module.name) {
+                module.alpha = alpha;
+            }
+        }
+        let mut report = LoadReport {
+            applied: used.len(),
+            ..LoadReport::default()
+        };
+        report.count_unused(&file, &used);
+        Ok(report)
+    }
+
     /// Max-norm regularisation (`--scale_weight_norms`, spec §8.5): every module whose weight
     /// change `scale · up · down` has a Frobenius norm above `limit` has both its matrices scaled
     /// so the norm becomes `limit`.

@@ -755,3 +755,83 @@ fn base_weights_are_merged_before_training() {
     assert!(merged != plain, "the merged LoRA changes the model");
     assert!((at_zero - plain).abs() < 1e-6, "{at_zero} vs {plain}");
 }
+
+#[test]
+fn network_weights_continue_a_run_with_or_without_dim_from_weights() {
+    let data = tempfile::tempdir().unwrap();
+    make_caches(data.path());
+    let first = tempfile::tempdir().unwrap();
+    lorakit_pipeline::train::run(&train_args(
+        data.path(),
+        first.path(),
+        &["--max_train_steps", "2"],
+    ))
+    .unwrap();
+    let trained = first.path().join("tiny.safetensors");
+    let weights = trained.to_str().unwrap();
+    let tensors = |path: &Path| candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let same = |a: &Tensor, b: &Tensor| {
+        a.dtype() == b.dtype()
+            && a.dims() == b.dims()
+            && vec_f32(&a.to_dtype(DType::F32).unwrap())
+                == vec_f32(&b.to_dtype(DType::F32).unwrap())
+    };
+
+    // No steps: the loaded weights (integer alpha included) are written back unchanged.
+    for extra in [&[][..], &["--dim_from_weights"][..]] {
+        let out = tempfile::tempdir().unwrap();
+        let mut argv = vec!["--max_train_steps", "0", "--network_weights", weights];
+        argv.extend_from_slice(extra);
+        lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &argv)).unwrap();
+        let (a, b) = (
+            tensors(&trained),
+            tensors(&out.path().join("tiny.safetensors")),
+        );
+        assert_eq!(a.len(), b.len());
+        assert!(a.iter().all(|(k, t)| same(t, &b[k])), "{extra:?}");
+    }
+
+    // A different rank is an error unless the network is built from the file.
+    let out = tempfile::tempdir().unwrap();
+    let mut args = [
+        "--max_train_steps",
+        "0",
+        "--network_weights",
+        weights,
+        "--network_dim",
+        "8",
+    ];
+    let err = lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &args))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--dim_from_weights"), "{err}");
+    args[5] = "4";
+    lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &args)).unwrap();
+
+    // Extra conv modules from network_args start fresh next to the loaded ones.
+    let out = tempfile::tempdir().unwrap();
+    let args = [
+        "--max_train_steps",
+        "0",
+        "--network_weights",
+        weights,
+        "--network_args",
+        "conv_dim=2",
+    ];
+    lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &args)).unwrap();
+    let (a, b) = (
+        tensors(&trained),
+        tensors(&out.path().join("tiny.safetensors")),
+    );
+    assert!(b.len() > a.len());
+    assert!(a.iter().all(|(k, t)| same(t, &b[k])));
+    let conv_up = b
+        .iter()
+        .find(|(k, _)| k.ends_with("resnets_0_conv1.lora_up.weight"))
+        .expect("a C3Lier module")
+        .1;
+    assert!(
+        vec_f32(conv_up).iter().all(|&v| v == 0.0),
+        "fresh lora_up is zero"
+    );
+}

@@ -50,9 +50,13 @@ pub struct TrainArgs {
     /// `--network_dropout`; default none).
     #[arg(long)]
     pub network_dropout: Option<f32>,
-    /// Start from these LoRA weights (kohya .safetensors; UNet modules are used).
+    /// Start from these LoRA weights (kohya .safetensors; UNet modules are used). Modules are
+    /// built from --network_dim / --network_args and must have the file's shapes.
     #[arg(long)]
     pub network_weights: Option<PathBuf>,
+    /// Build the network from the --network_weights file's modules, ranks and alphas instead.
+    #[arg(long)]
+    pub dim_from_weights: bool,
     /// LoRA files merged into the base UNet before training (their text-encoder modules are not:
     /// the text-encoder caches come from cache-text-encoder).
     #[arg(long, num_args = 1..)]

@@ -241,14 +241,16 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         }
     }
     let mut network = match &args.network_weights {
-        Some(path) => {
+        Some(path) if args.dim_from_weights => {
             let (network, report) = LoraNetwork::load(&mut unet, path, 1.0, &device)?;
-            tracing::info!(
-                "{}: {} UNet modules loaded, {} text-encoder modules ignored",
-                path.display(),
-                report.applied,
-                report.ignored_text_encoder
-            );
+            log_loaded(path, &report);
+            network
+        }
+        Some(path) => {
+            let mut network =
+                LoraNetwork::create(&mut unet, &network_options.lora, plan.seed, &device)?;
+            let report = network.load_weights(&mut unet, path)?;
+            log_loaded(path, &report);
             network
         }
         None => LoraNetwork::create(&mut unet, &network_options.lora, plan.seed, &device)?,
@@ -467,6 +469,24 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         final_path.display()
     );
     Ok(summary)
+}
+
+/// Reports what `--network_weights` contributed.
+fn log_loaded(path: &Path, report: &crate::lora::LoadReport) {
+    tracing::info!(
+        "{}: {} UNet modules loaded, {} text-encoder modules ignored",
+        path.display(),
+        report.applied,
+        report.ignored_text_encoder
+    );
+    if !report.unknown.is_empty() {
+        tracing::warn!(
+            "{}: {} UNet modules (e.g. {}) have no layer in this UNet",
+            path.display(),
+            report.unknown.len(),
+            report.unknown[0]
+        );
+    }
 }
 
 /// Schema id recorded in the manifest of a trained LoRA (`<name>.safetensors.manifest.json`).
