@@ -835,3 +835,59 @@ fn network_weights_continue_a_run_with_or_without_dim_from_weights() {
         "fresh lora_up is zero"
     );
 }
+
+#[test]
+fn validation_split_holds_out_images_and_logs_a_repeatable_loss() {
+    let data = tempfile::tempdir().unwrap();
+    make_caches(data.path());
+    let run = |extra: &[&str]| {
+        let out = tempfile::tempdir().unwrap();
+        let mut argv = vec![
+            "--max_train_steps",
+            "4",
+            "--validation_split",
+            "0.25",
+            "--validate_every_n_steps",
+            "1",
+        ];
+        argv.extend_from_slice(extra);
+        lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &argv)).unwrap();
+        let log = std::fs::read_to_string(out.path().join("tiny_loss.jsonl")).unwrap();
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let meta = LoraFile::read(&out.path().join("tiny.safetensors"))
+            .unwrap()
+            .metadata;
+        (lines, meta)
+    };
+    let values = |lines: &[serde_json::Value], key: &str| -> Vec<f64> {
+        lines.iter().filter_map(|l| l[key].as_f64()).collect()
+    };
+
+    let (lines, meta) = run(&[]);
+    assert_eq!(meta["ss_num_train_images"], "3");
+    assert_eq!(meta["ss_num_validation_images"], "1");
+    assert_eq!(meta["ss_validation_split"], "0.25");
+    // 3 images in 2 buckets: 2 batches per epoch, so 4 steps are 2 epochs.
+    assert_eq!(values(&lines, "loss").len(), 4);
+    let per_step = values(&lines, "validation_loss");
+    assert_eq!(per_step.len(), 4);
+    let per_epoch = values(&lines, "epoch_validation_loss");
+    assert_eq!(per_epoch.len(), 2);
+    assert_eq!(
+        per_epoch[1], per_step[3],
+        "same network, same noise, same value"
+    );
+    assert!(per_step.iter().all(|v| v.is_finite() && *v > 0.0));
+
+    // Without learning, every evaluation sees the same network and noise.
+    let (frozen, _) = run(&["--unet_lr", "0"]);
+    let frozen = values(&frozen, "validation_loss");
+    assert!(frozen.iter().all(|v| *v == frozen[0]), "{frozen:?}");
+    assert!(
+        per_step[3] != frozen[0],
+        "training changes the validation loss"
+    );
+}

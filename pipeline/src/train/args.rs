@@ -199,6 +199,21 @@ pub struct TrainArgs {
     /// Scale --ip_noise_gamma by a uniform random factor per micro-batch.
     #[arg(long)]
     pub ip_noise_gamma_random_strength: bool,
+    /// Share of the images held out for a validation loss (0 to below 1; default 0: none).
+    #[arg(long, default_value_t = 0.0)]
+    pub validation_split: f64,
+    /// Seed of the validation split and noise (default: --seed).
+    #[arg(long)]
+    pub validation_seed: Option<u64>,
+    /// Also validate every N optimizer steps.
+    #[arg(long)]
+    pub validate_every_n_steps: Option<usize>,
+    /// Validate at the end of every N epochs (default: every epoch, when there is a split).
+    #[arg(long)]
+    pub validate_every_n_epochs: Option<usize>,
+    /// Evaluate at most this many validation batches.
+    #[arg(long)]
+    pub max_validation_steps: Option<usize>,
     /// Element-wise loss: l2, l1, huber or smooth_l1.
     #[arg(long, default_value = "l2")]
     pub loss_type: String,

@@ -91,6 +91,16 @@ impl CachedDataset {
             return Err(Error::bad_file(in_json, format!("text-encoder caches have different shapes {lengths:?}; re-run cache-text-encoder with one --max_token_length for all images")));
         }
         let context_dim = lengths.iter().next().map(|l| l.1).unwrap_or_default();
+        Self::from_samples(samples, repeats, tag_frequency, context_dim)
+    }
+
+    /// A dataset of `samples` grouped into buckets.
+    fn from_samples(
+        samples: Vec<Sample>,
+        repeats: usize,
+        tag_frequency: BTreeMap<String, usize>,
+        context_dim: usize,
+    ) -> Result<Self> {
         let mut buckets: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
         for (i, s) in samples.iter().enumerate() {
             let (_, h, w) = s.latents.dims3()?;
@@ -103,6 +113,48 @@ impl CachedDataset {
             tag_frequency,
             context_dim,
         })
+    }
+
+    /// Splits off `fraction` of the images (rounded; chosen by a shuffle seeded with `seed`) as
+    /// a validation set without repeats (`--validation_split`). The two sets never share an
+    /// image; `None` when the fraction rounds to no image.
+    pub fn split_validation(self, fraction: f64, seed: u64) -> Result<(Self, Option<Self>)> {
+        let total = self.samples.len();
+        let count = (total as f64 * fraction).round() as usize;
+        if count == 0 {
+            return Ok((self, None));
+        }
+        if count >= total {
+            return Err(Error::Usage(format!(
+                "--validation_split {fraction}: leaves no training image of {total}"
+            )));
+        }
+        let mut order: Vec<usize> = (0..total).collect();
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix(
+            seed,
+            0x0da1_1da7,
+            0,
+        )));
+        let held_out: std::collections::BTreeSet<usize> =
+            order[total - count..].iter().copied().collect();
+        let (mut train, mut validation) = (Vec::new(), Vec::new());
+        for (i, sample) in self.samples.into_iter().enumerate() {
+            if held_out.contains(&i) {
+                validation.push(sample);
+            } else {
+                train.push(sample);
+            }
+        }
+        let context_dim = self.context_dim;
+        Ok((
+            Self::from_samples(train, self.repeats, self.tag_frequency, context_dim)?,
+            Some(Self::from_samples(
+                validation,
+                1,
+                BTreeMap::new(),
+                context_dim,
+            )?),
+        ))
     }
 
     /// Training images × repeats.

@@ -22,6 +22,8 @@ pub struct PlanInfo {
     pub batches_per_epoch: usize,
     /// Seed used.
     pub seed: u64,
+    /// Images held out for validation.
+    pub validation_images: usize,
 }
 
 /// Python `repr` of a float (`1.0`, `0.0001`, `1e-05`).
@@ -225,7 +227,11 @@ pub fn base_metadata(
         "ss_num_train_images",
         dataset.num_train_images().to_string(),
     );
-    put(&mut m, "ss_num_validation_images", "0".into());
+    put(
+        &mut m,
+        "ss_num_validation_images",
+        plan.validation_images.to_string(),
+    );
     put(&mut m, "ss_num_reg_images", "0".into());
     put(
         &mut m,
@@ -323,11 +329,33 @@ pub fn base_metadata(
     put(&mut m, "ss_huber_c", py_float(args.huber_c));
     put(&mut m, "ss_fp8_base", "False".into());
     put(&mut m, "ss_fp8_base_unet", "False".into());
-    put(&mut m, "ss_validation_seed", "None".into());
-    put(&mut m, "ss_validation_split", "0.0".into());
-    put(&mut m, "ss_max_validation_steps", "None".into());
-    put(&mut m, "ss_validate_every_n_epochs", "None".into());
-    put(&mut m, "ss_validate_every_n_steps", "None".into());
+    let py_opt_int = |v: Option<usize>| v.map_or("None".into(), |v| v.to_string());
+    put(
+        &mut m,
+        "ss_validation_seed",
+        args.validation_seed
+            .map_or("None".into(), |v| v.to_string()),
+    );
+    put(
+        &mut m,
+        "ss_validation_split",
+        py_float(args.validation_split),
+    );
+    put(
+        &mut m,
+        "ss_max_validation_steps",
+        py_opt_int(args.max_validation_steps),
+    );
+    put(
+        &mut m,
+        "ss_validate_every_n_epochs",
+        py_opt_int(args.validate_every_n_epochs),
+    );
+    put(
+        &mut m,
+        "ss_validate_every_n_steps",
+        py_opt_int(args.validate_every_n_steps),
+    );
     put(&mut m, "ss_resize_interpolation", "None".into());
     put(
         &mut m,

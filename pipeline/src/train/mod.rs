@@ -13,6 +13,7 @@ pub mod plot;
 pub mod saving;
 pub mod schedule;
 pub mod state;
+pub mod validation;
 
 use std::path::Path;
 use std::time::Instant;
@@ -33,6 +34,7 @@ use noise::{NoiseOptions, NoiseRng};
 use optim::{Optimizer, OptimizerKind};
 use saving::SavePoint;
 use schedule::{LossWeighting, LrScheduler, NoiseSchedule};
+use validation::Validation;
 
 /// VAE latent scale of SD1/SD2.
 pub const VAE_SCALE: f64 = 0.18215;
@@ -162,6 +164,14 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         args.train_data_dir.as_deref(),
         args.dataset_repeats,
     )?;
+    let sample_keys = dataset
+        .samples
+        .iter()
+        .map(|s| Ok((s.key.clone(), sample_key(s)?)))
+        .collect::<Result<std::collections::BTreeMap<String, String>>>()?;
+    let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+    let (dataset, held_out) =
+        dataset.split_validation(args.validation_split, args.validation_seed.unwrap_or(seed))?;
     let checkpoint = Checkpoint::open(&args.pretrained_model_name_or_path)?;
     if checkpoint.family() == ModelFamily::Sdxl {
         return Err(Error::Usage(format!(
@@ -199,13 +209,8 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         )));
     }
 
-    let plan = plan(args, &dataset);
+    let plan = plan(args, &dataset, seed);
     let final_path = args.output_dir.join(format!("{}.safetensors", plan.name));
-    let sample_keys = dataset
-        .samples
-        .iter()
-        .map(|s| Ok((s.key.clone(), sample_key(s)?)))
-        .collect::<Result<std::collections::BTreeMap<String, String>>>()?;
     let training_key = training_key(args, &checkpoint, &sample_keys)?;
     if args.resume.is_none() && is_up_to_date(&final_path, &training_key) {
         tracing::info!(
@@ -304,6 +309,15 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         dtype,
     };
 
+    let validation = held_out.map(|set| {
+        Validation::new(
+            set,
+            args.train_batch_size,
+            args.max_validation_steps,
+            args.validation_seed.unwrap_or(plan.seed),
+            &loss_ctx.noise,
+        )
+    });
     std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
     let mut progress_state = state::Progress::default();
     if let Some(resume) = &args.resume {
@@ -318,7 +332,7 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
     let meta_base = metadata::base_metadata(
         args,
         &dataset,
-        &plan_info(&plan),
+        &plan_info(&plan, validation.as_ref().map_or(0, Validation::images)),
         started_unix,
         &optimizer_kind,
         unet.config.is_sd2(),
@@ -397,6 +411,14 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
             group_losses.clear();
             let average = loss_average.value();
             let mut line = serde_json::json!({"step": global_step, "epoch": epoch, "loss": step_loss, "loss_average": average, "lr": lr});
+            let validate_now = args
+                .validate_every_n_steps
+                .is_some_and(|n| n > 0 && global_step % n == 0);
+            if let Some(validation) = validation.as_ref().filter(|_| validate_now) {
+                let value = validation.loss(&unet, &network, &loss_ctx, &device)?;
+                line["validation_loss"] = value.into();
+                line["validation_divergence"] = (value - average).into();
+            }
             if let Some(report) = max_norm {
                 line["keys_scaled"] = report.keys_scaled.into();
                 line["average_key_norm"] = report.mean_norm.into();
@@ -422,8 +444,16 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
             }
             if global_step >= plan.total_steps {
                 saver.final_state(&optimizer, &position)?;
-                break 'epochs;
+                // Last step: the end-of-epoch validation still runs.
+                break;
             }
+        }
+        let validate_epoch = args
+            .validate_every_n_epochs
+            .is_none_or(|n| n > 0 && epoch % n == 0);
+        if let Some(validation) = validation.as_ref().filter(|_| validate_epoch) {
+            let value = validation.loss(&unet, &network, &loss_ctx, &device)?;
+            log_lines.push(serde_json::json!({"step": global_step, "epoch": epoch, "epoch_validation_loss": value, "epoch_validation_divergence": value - loss_average.value()}).to_string());
         }
         if let Some(n) = plan.save_every_n_epochs {
             if epoch % n == 0 && epoch < plan.num_epochs {
@@ -438,6 +468,9 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
                 saver.checkpoint(at, global_step, epoch, &optimizer, &position)?;
                 write_log(&log_path, &log_lines)?;
             }
+        }
+        if global_step >= plan.total_steps {
+            break;
         }
     }
     progress.finish();
@@ -553,6 +586,12 @@ fn check_args(args: &TrainArgs) -> Result<()> {
             args.save_model_as
         )));
     }
+    if !(0.0..1.0).contains(&args.validation_split) {
+        return Err(Error::Usage(format!(
+            "--validation_split {}: must be at least 0 and below 1",
+            args.validation_split
+        )));
+    }
     if args.train_batch_size == 0 || args.gradient_accumulation_steps == 0 {
         return Err(Error::Usage(
             "--train_batch_size and --gradient_accumulation_steps must be at least 1".into(),
@@ -576,7 +615,7 @@ fn check_args(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn plan(args: &TrainArgs, dataset: &CachedDataset) -> Plan {
+fn plan(args: &TrainArgs, dataset: &CachedDataset, seed: u64) -> Plan {
     let batches_per_epoch = dataset.batches_per_epoch(args.train_batch_size);
     let steps_per_epoch = batches_per_epoch
         .div_ceil(args.gradient_accumulation_steps.max(1))
@@ -591,7 +630,7 @@ fn plan(args: &TrainArgs, dataset: &CachedDataset) -> Plan {
         total_steps,
         num_epochs,
         batches_per_epoch,
-        seed: args.seed.unwrap_or_else(|| rand::random::<u32>() as u64),
+        seed,
         lr: args.unet_lr.unwrap_or(args.learning_rate),
         save_every_n_epochs: match args.save_n_epoch_ratio {
             Some(ratio) if ratio > 0 => Some((num_epochs / ratio).max(1)),
@@ -600,12 +639,13 @@ fn plan(args: &TrainArgs, dataset: &CachedDataset) -> Plan {
     }
 }
 
-fn plan_info(plan: &Plan) -> metadata::PlanInfo {
+fn plan_info(plan: &Plan, validation_images: usize) -> metadata::PlanInfo {
     metadata::PlanInfo {
         total_steps: plan.total_steps,
         num_epochs: plan.num_epochs,
         batches_per_epoch: plan.batches_per_epoch,
         seed: plan.seed,
+        validation_images,
     }
 }
 
