@@ -13,11 +13,10 @@ use lorakit_pipeline::models::unet::{self, Unet};
 use lorakit_pipeline::models::{Checkpoint, Component};
 use lorakit_pipeline::npz::{NpzReader, NpzWriter};
 use lorakit_pipeline::train::loss::LossFunction;
+use lorakit_pipeline::train::lr::{resolve_steps, LrScheduler, ScheduleParams};
 use lorakit_pipeline::train::noise::NoiseOptions;
 use lorakit_pipeline::train::optim::{collect_grads, Optimizer, OptimizerKind};
-use lorakit_pipeline::train::schedule::{
-    resolve_warmup, LossWeighting, LrScheduler, NoiseSchedule,
-};
+use lorakit_pipeline::train::schedule::{LossWeighting, NoiseSchedule};
 use lorakit_pipeline::train::{micro_batch_loss, LossContext, TrainArgs};
 
 fn fixtures() -> PathBuf {
@@ -157,27 +156,68 @@ fn schedule_and_loss_weights_match_golden() {
 }
 
 #[test]
-fn lr_schedulers_follow_transformers_definitions() {
-    let m = |name: &str, w: usize, s: usize| {
-        LrScheduler::new(name, w, 100, 1e-4, 2.0, 2.0)
-            .unwrap()
-            .multiplier(s)
+fn lr_schedulers_match_sd_scripts_step_by_step() {
+    let text = std::fs::read_to_string(fixtures().join("golden/lr_schedules.json")).unwrap();
+    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let total = golden["max_train_steps"].as_u64().unwrap() as usize;
+    for case in golden["cases"].as_array().unwrap() {
+        let name = case["lr_scheduler"].as_str().unwrap();
+        let steps = |key: &str| {
+            let value = &case[key];
+            let text = value
+                .as_u64()
+                .map_or_else(|| value.to_string(), |v| v.to_string());
+            resolve_steps(key, &text, total).unwrap()
+        };
+        let params = ScheduleParams {
+            total,
+            warmup: steps("lr_warmup_steps"),
+            decay: steps("lr_decay_steps"),
+            base_lr: 1e-4,
+            cycles: case["lr_scheduler_num_cycles"].as_f64().unwrap(),
+            power: case["lr_scheduler_power"].as_f64().unwrap(),
+            timescale: case["lr_scheduler_timescale"].as_u64().map(|t| t as usize),
+            min_lr_ratio: case["lr_scheduler_min_lr_ratio"].as_f64(),
+            scheduler_args: (case["lr_scheduler_args"].as_array().unwrap().iter())
+                .map(|a| a.as_str().unwrap().to_string())
+                .collect(),
+        };
+        let scheduler = LrScheduler::new(name, params.clone()).unwrap();
+        for (s, expected) in case["multipliers"].as_array().unwrap().iter().enumerate() {
+            let expected = expected.as_f64().unwrap();
+            let ours = scheduler.multiplier(s);
+            assert!(
+                (ours - expected).abs() <= 1e-12 + 1e-9 * expected.abs(),
+                "{name} {params:?} step {s}: {ours} vs {expected}"
+            );
+        }
+    }
+}
+
+#[test]
+fn lr_scheduler_arguments_are_checked() {
+    let params = |warmup: usize| ScheduleParams {
+        total: 100,
+        warmup,
+        base_lr: 1e-4,
+        cycles: 1.0,
+        power: 1.0,
+        ..ScheduleParams::default()
     };
-    assert_eq!(m("constant", 0, 50), 1.0);
-    assert!(LrScheduler::new("constant", 5, 100, 1e-4, 1.0, 1.0).is_err());
-    assert_eq!(m("constant_with_warmup", 10, 5), 0.5);
-    assert_eq!(m("linear", 0, 25), 0.75);
-    assert!((m("cosine", 0, 50) - 0.5).abs() < 1e-12);
+    assert!(LrScheduler::new("constant", params(5)).is_err());
     assert!(
-        (m("cosine_with_restarts", 0, 50) - 1.0).abs() < 1e-12,
-        "second cycle restarts at 1"
+        LrScheduler::new("cosine_with_min_lr", params(0)).is_err(),
+        "needs a ratio"
     );
-    let poly = m("polynomial", 0, 50);
-    assert!((poly - ((1e-4 - 1e-7) * 0.25 + 1e-7) / 1e-4).abs() < 1e-12);
-    assert_eq!(resolve_warmup("10%", 200).unwrap(), 20);
-    assert_eq!(resolve_warmup("0.05", 200).unwrap(), 10);
-    assert_eq!(resolve_warmup("7", 200).unwrap(), 7);
-    assert!(resolve_warmup("abc", 200).is_err());
+    assert!(
+        LrScheduler::new("piecewise_constant", params(0)).is_err(),
+        "needs step_rules"
+    );
+    assert!(LrScheduler::new("cosine_annealing", params(0)).is_err());
+    assert_eq!(resolve_steps("--lr_warmup_steps", "10%", 200).unwrap(), 20);
+    assert_eq!(resolve_steps("--lr_warmup_steps", "0.05", 200).unwrap(), 10);
+    assert_eq!(resolve_steps("--lr_warmup_steps", "7", 200).unwrap(), 7);
+    assert!(resolve_steps("--lr_decay_steps", "abc", 200).is_err());
 }
 
 fn loss_ctx(schedule: &NoiseSchedule) -> LossContext<'_> {

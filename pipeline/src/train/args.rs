@@ -147,7 +147,8 @@ pub struct TrainArgs {
     /// Clip the global gradient norm (0 = off).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
-    /// constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.
+    /// constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial,
+    /// inverse_sqrt, cosine_with_min_lr, warmup_stable_decay, piecewise_constant.
     #[arg(long, default_value = "constant")]
     pub lr_scheduler: String,
     /// Warmup steps: a count, a fraction < 1 of the total, or N%.
@@ -156,6 +157,18 @@ pub struct TrainArgs {
     /// Cycles of cosine_with_restarts.
     #[arg(long, default_value_t = 1.0)]
     pub lr_scheduler_num_cycles: f64,
+    /// Decay steps of warmup_stable_decay: a count, a fraction < 1 of the total, or N%.
+    #[arg(long, default_value = "0")]
+    pub lr_decay_steps: String,
+    /// Timescale of inverse_sqrt (default: the warmup steps, or 10000 without warmup).
+    #[arg(long)]
+    pub lr_scheduler_timescale: Option<usize>,
+    /// Final LR ratio of cosine_with_min_lr (required) and warmup_stable_decay (default 0).
+    #[arg(long)]
+    pub lr_scheduler_min_lr_ratio: Option<f64>,
+    /// Scheduler arguments key=value: step_rules="1:100,0.1:200,0.01" of piecewise_constant.
+    #[arg(long, num_args = 1..)]
+    pub lr_scheduler_args: Vec<String>,
     /// Power of the polynomial scheduler.
     #[arg(long, default_value_t = 1.0)]
     pub lr_scheduler_power: f64,

@@ -5,6 +5,7 @@
 pub mod args;
 pub mod data;
 pub mod loss;
+pub mod lr;
 pub mod metadata;
 pub mod network_args;
 pub mod noise;
@@ -29,11 +30,12 @@ use crate::{Error, Result};
 pub use args::TrainArgs;
 use data::CachedDataset;
 use loss::LossFunction;
+use lr::{LrScheduler, ScheduleParams};
 use network_args::NetworkOptions;
 use noise::{NoiseOptions, NoiseRng};
 use optim::{Optimizer, OptimizerKind};
 use saving::SavePoint;
-use schedule::{LossWeighting, LrScheduler, NoiseSchedule};
+use schedule::{LossWeighting, NoiseSchedule};
 use validation::Validation;
 
 /// VAE latent scale of SD1/SD2.
@@ -269,14 +271,23 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         .filter(|(_, factor)| *factor > 0.0)
         .unzip();
     let mut optimizer = Optimizer::new(optimizer_kind, vars, lr_factors)?;
-    let warmup = schedule::resolve_warmup(&args.lr_warmup_steps, plan.total_steps)?;
     let scheduler = LrScheduler::new(
         &args.lr_scheduler,
-        warmup,
-        plan.total_steps,
-        plan.lr,
-        args.lr_scheduler_num_cycles,
-        args.lr_scheduler_power,
+        ScheduleParams {
+            total: plan.total_steps,
+            warmup: lr::resolve_steps(
+                "--lr_warmup_steps",
+                &args.lr_warmup_steps,
+                plan.total_steps,
+            )?,
+            decay: lr::resolve_steps("--lr_decay_steps", &args.lr_decay_steps, plan.total_steps)?,
+            base_lr: plan.lr,
+            cycles: args.lr_scheduler_num_cycles,
+            power: args.lr_scheduler_power,
+            timescale: args.lr_scheduler_timescale,
+            min_lr_ratio: args.lr_scheduler_min_lr_ratio,
+            scheduler_args: args.lr_scheduler_args.clone(),
+        },
     )?;
     let noise_schedule = NoiseSchedule::scaled_linear(args.zero_terminal_snr);
     let loss_ctx = LossContext {
