@@ -12,6 +12,7 @@ use lorakit_pipeline::models::frozen::{FrozenKind, FrozenOp};
 use lorakit_pipeline::models::unet::{self, Unet};
 use lorakit_pipeline::models::{Checkpoint, Component};
 use lorakit_pipeline::npz::{NpzReader, NpzWriter};
+use lorakit_pipeline::train::data::Batch;
 use lorakit_pipeline::train::loss::LossFunction;
 use lorakit_pipeline::train::lr::{resolve_steps, LrScheduler, ScheduleParams};
 use lorakit_pipeline::train::noise::NoiseOptions;
@@ -235,7 +236,7 @@ fn loss_ctx(schedule: &NoiseSchedule) -> LossContext<'_> {
     }
 }
 
-fn golden_batch() -> (Tensor, Tensor) {
+fn golden_batch() -> Batch {
     let npz = fixtures().join("golden/unet/unet.npz");
     let latents = read_npz_f32(&npz, "latents")
         .unwrap()
@@ -243,10 +244,11 @@ fn golden_batch() -> (Tensor, Tensor) {
         .unwrap()
         .narrow(3, 0, 16)
         .unwrap();
-    (
-        latents.contiguous().unwrap(),
-        read_npz_f32(&npz, "encoder_hidden_states_77").unwrap(),
-    )
+    Batch {
+        latents: latents.contiguous().unwrap(),
+        context: read_npz_f32(&npz, "encoder_hidden_states_77").unwrap(),
+        mask: None,
+    }
 }
 
 #[test]
@@ -268,7 +270,7 @@ fn gradients_reach_every_lora_tensor_and_never_the_frozen_weights() {
     let before: Vec<Vec<f32>> = frozen.iter().map(vec_f32).collect();
     let schedule = NoiseSchedule::scaled_linear(false);
     let ctx = loss_ctx(&schedule);
-    let (latents, context) = golden_batch();
+    let batch = golden_batch();
     let mut optimizer = Optimizer::new(
         OptimizerKind::parse("AdamW", &[]).unwrap(),
         vars.clone(),
@@ -276,7 +278,7 @@ fn gradients_reach_every_lora_tensor_and_never_the_frozen_weights() {
     )
     .unwrap();
     for step in 0..2u64 {
-        let loss = micro_batch_loss(&unet, &ctx, &latents, &context, step).unwrap();
+        let loss = micro_batch_loss(&unet, &ctx, &batch, step).unwrap();
         let store = loss.backward().unwrap();
         for w in &frozen {
             assert!(
@@ -613,7 +615,7 @@ fn training_on_one_batch_decreases_the_loss() {
     let vars = network.vars();
     let schedule = NoiseSchedule::scaled_linear(false);
     let ctx = loss_ctx(&schedule);
-    let (latents, context) = golden_batch();
+    let batch = golden_batch();
     let mut optimizer = Optimizer::new(
         OptimizerKind::parse("AdamW", &[]).unwrap(),
         vars.clone(),
@@ -623,7 +625,7 @@ fn training_on_one_batch_decreases_the_loss() {
     let mut history = Vec::new();
     for _ in 0..8 {
         // Same noise draw every step: the loss of that draw must go down.
-        let loss = micro_batch_loss(&unet, &ctx, &latents, &context, 0).unwrap();
+        let loss = micro_batch_loss(&unet, &ctx, &batch, 0).unwrap();
         history.push(loss.to_scalar::<f32>().unwrap());
         let grads = collect_grads(&loss.backward().unwrap(), &vars);
         optimizer.step(&grads, 1e-2).unwrap();
@@ -929,5 +931,77 @@ fn validation_split_holds_out_images_and_logs_a_repeatable_loss() {
     assert!(
         per_step[3] != frozen[0],
         "training changes the validation loss"
+    );
+}
+
+#[test]
+fn masked_loss_weights_each_element_by_the_mask() {
+    let unet = base_unet();
+    let schedule = NoiseSchedule::scaled_linear(false);
+    let ctx = loss_ctx(&schedule);
+    let plain = golden_batch();
+    let loss = |mask: Option<f32>| {
+        let (b, _, h, w) = plain.latents.dims4().unwrap();
+        let batch = Batch {
+            mask: mask.map(|m| Tensor::full(m, (b, 1, h, w), &Device::Cpu).unwrap()),
+            ..plain.clone()
+        };
+        micro_batch_loss(unet, &ctx, &batch, 4)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let full = loss(None);
+    assert_eq!(loss(Some(1.0)), full);
+    assert!((loss(Some(0.25)) - 0.25 * full).abs() < 1e-6 * full);
+    assert_eq!(loss(Some(0.0)), 0.0);
+}
+
+#[test]
+fn alpha_masks_come_from_the_latent_caches() {
+    let data = tempfile::tempdir().unwrap();
+    make_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let args = ["--max_train_steps", "1", "--alpha_mask"];
+    let err = lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &args))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("alpha_mask") && err.contains("_sd.npz"),
+        "{err}"
+    );
+
+    // Give every cache a mask: opaque left half, transparent right half.
+    for entry in std::fs::read_dir(data.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.to_string_lossy().ends_with("_sd.npz") {
+            continue;
+        }
+        let latents = read_npz_f32(&path, "latents").unwrap();
+        let (_, h, w) = latents.dims3().unwrap();
+        let (height, width) = (h * 8, w * 8);
+        let mask: Vec<f32> = (0..height * width)
+            .map(|i| if i % width < width / 2 { 1.0 } else { 0.0 })
+            .collect();
+        let mut npz = NpzWriter::new();
+        npz.add_f32("latents", vec_f32(&latents), &[4, h, w])
+            .unwrap();
+        npz.add_f32("alpha_mask", mask, &[height, width]).unwrap();
+        npz.write(&path).unwrap();
+    }
+    let plain = tempfile::tempdir().unwrap();
+    lorakit_pipeline::train::run(&train_args(
+        data.path(),
+        plain.path(),
+        &["--max_train_steps", "1"],
+    ))
+    .unwrap();
+    lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &args)).unwrap();
+    let masked = losses(&out.path().join("tiny_loss.jsonl"))[0];
+    let unmasked = losses(&plain.path().join("tiny_loss.jsonl"))[0];
+    // Half of every latent is masked out: about half the loss, same noise.
+    assert!(
+        (masked / unmasked - 0.5).abs() < 0.15,
+        "{masked} vs {unmasked}"
     );
 }

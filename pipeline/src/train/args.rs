@@ -227,6 +227,13 @@ pub struct TrainArgs {
     /// Evaluate at most this many validation batches.
     #[arg(long)]
     pub max_validation_steps: Option<usize>,
+    /// Weight the loss by each image's alpha (the `alpha_mask` that prepare-latents --alpha_mask
+    /// stores in the latent cache).
+    #[arg(long)]
+    pub alpha_mask: bool,
+    /// Masked loss: the same as --alpha_mask here (there are no conditioning images).
+    #[arg(long)]
+    pub masked_loss: bool,
     /// Element-wise loss: l2, l1, huber or smooth_l1.
     #[arg(long, default_value = "l2")]
     pub loss_type: String,

@@ -25,6 +25,19 @@ pub struct Sample {
     pub latents: Tensor,
     /// Text-encoder hidden states `[75n+2, D]` (f32, CPU).
     pub context: Tensor,
+    /// The image's alpha at latent resolution `[1, h, w]` (`--alpha_mask`), in `[0, 1]`.
+    pub mask: Option<Tensor>,
+}
+
+/// One batch on the training device.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Unscaled latents `[B, 4, h, w]`.
+    pub latents: Tensor,
+    /// Text-encoder hidden states `[B, T, D]`.
+    pub context: Tensor,
+    /// Loss masks `[B, 1, h, w]`, when the samples carry alpha masks.
+    pub mask: Option<Tensor>,
 }
 
 /// The cached training set, grouped into buckets by latent size.
@@ -44,8 +57,14 @@ pub struct CachedDataset {
 
 impl CachedDataset {
     /// Loads every entry of `in_json`; images are resolved like sd-scripts (absolute keys as they
-    /// are, relative keys under `train_data_dir`), and only their cache files are read.
-    pub fn load(in_json: &Path, train_data_dir: Option<&Path>, repeats: usize) -> Result<Self> {
+    /// are, relative keys under `train_data_dir`), and only their cache files are read. With
+    /// `alpha_mask`, every latent cache must hold the image's `alpha_mask`.
+    pub fn load(
+        in_json: &Path,
+        train_data_dir: Option<&Path>,
+        repeats: usize,
+        alpha_mask: bool,
+    ) -> Result<Self> {
         let metadata = Metadata::load(in_json)?;
         if metadata.is_empty() {
             return Err(Error::bad_file(
@@ -58,7 +77,7 @@ impl CachedDataset {
         let mut tag_frequency = BTreeMap::new();
         for (key, entry) in metadata.iter() {
             let base = cache_base(key, train_data_dir);
-            match load_sample(key, &base, entry.get("train_resolution")) {
+            match load_sample(key, &base, entry.get("train_resolution"), alpha_mask) {
                 Ok(sample) => samples.push(sample),
                 Err(e) => problems.push(e.to_string()),
             }
@@ -187,14 +206,22 @@ impl CachedDataset {
         batches
     }
 
-    /// Stacks the latents and contexts of `batch` on `device`.
-    pub fn collate(&self, batch: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
-        let latents: Vec<&Tensor> = batch.iter().map(|&i| &self.samples[i].latents).collect();
-        let contexts: Vec<&Tensor> = batch.iter().map(|&i| &self.samples[i].context).collect();
-        Ok((
-            Tensor::stack(&latents, 0)?.to_device(device)?,
-            Tensor::stack(&contexts, 0)?.to_device(device)?,
-        ))
+    /// Stacks the latents, contexts and masks of `batch` on `device`.
+    pub fn collate(&self, batch: &[usize], device: &Device) -> Result<Batch> {
+        let samples: Vec<&Sample> = batch.iter().map(|&i| &self.samples[i]).collect();
+        let stack = |part: fn(&Sample) -> &Tensor| -> Result<Tensor> {
+            let parts: Vec<&Tensor> = samples.iter().map(|s| part(s)).collect();
+            Ok(Tensor::stack(&parts, 0)?.to_device(device)?)
+        };
+        let masks: Option<Vec<&Tensor>> = samples.iter().map(|s| s.mask.as_ref()).collect();
+        Ok(Batch {
+            latents: stack(|s| &s.latents)?,
+            context: stack(|s| &s.context)?,
+            mask: match masks {
+                Some(masks) => Some(Tensor::stack(&masks, 0)?.to_device(device)?),
+                None => None,
+            },
+        })
     }
 }
 
@@ -259,6 +286,7 @@ fn load_sample(
     key: &str,
     base: &Path,
     train_resolution: Option<&serde_json::Value>,
+    alpha_mask: bool,
 ) -> Result<Sample> {
     let latent_path = find_latent_cache(base).ok_or_else(|| {
         Error::bad_file(
@@ -269,7 +297,8 @@ fn load_sample(
             ),
         )
     })?;
-    let latents = NpzReader::open(&latent_path)?.read_tensor_f32("latents", &Device::Cpu)?;
+    let mut cache = NpzReader::open(&latent_path)?;
+    let latents = cache.read_tensor_f32("latents", &Device::Cpu)?;
     if latents.rank() != 3 || latents.dims()[0] != 4 {
         return Err(Error::bad_file(
             &latent_path,
@@ -292,6 +321,11 @@ fn load_sample(
             return Err(Error::bad_file(&latent_path, format!("latents are for {}x{} but the metadata train_resolution is {}x{}; re-run prepare-latents", have[0], have[1], want[0], want[1])));
         }
     }
+    let mask = if alpha_mask {
+        Some(latent_mask(&mut cache, &latents)?)
+    } else {
+        None
+    };
     let te_path = PathBuf::from(format!("{}_te_outputs.npz", base.display()));
     if !te_path.is_file() {
         return Err(Error::bad_file(
@@ -322,5 +356,34 @@ fn load_sample(
         key: key.to_string(),
         latents,
         context,
+        mask,
     })
+}
+
+/// The cache's pixel-resolution `alpha_mask` `[8h, 8w]` averaged over each 8x8 block to the
+/// latents' `[1, h, w]` (the "area" resize sd-scripts applies to the loss mask).
+fn latent_mask(cache: &mut NpzReader, latents: &Tensor) -> Result<Tensor> {
+    let path = cache.path().to_path_buf();
+    if !cache.contains("alpha_mask") {
+        return Err(Error::bad_file(
+            &path,
+            "no alpha_mask in the latent cache; re-run prepare-latents with --alpha_mask",
+        ));
+    }
+    let mask = cache.read_tensor_f32("alpha_mask", &Device::Cpu)?;
+    let (_, h, w) = latents.dims3()?;
+    if mask.dims() != [h * 8, w * 8] {
+        return Err(Error::bad_file(
+            &path,
+            format!(
+                "alpha_mask has shape {:?} but the latents need {:?}; re-run prepare-latents --alpha_mask",
+                mask.dims(),
+                [h * 8, w * 8]
+            ),
+        ));
+    }
+    Ok(mask
+        .reshape((1, 1, h * 8, w * 8))?
+        .avg_pool2d(8)?
+        .reshape((1, h, w))?)
 }

@@ -28,7 +28,7 @@ use crate::models::{Checkpoint, Component, ModelFamily};
 use crate::report::{Progress, Summary};
 use crate::{Error, Result};
 pub use args::TrainArgs;
-use data::CachedDataset;
+use data::{Batch, CachedDataset};
 use loss::LossFunction;
 use lr::{LrScheduler, ScheduleParams};
 use network_args::NetworkOptions;
@@ -57,16 +57,16 @@ pub struct LossContext<'a> {
     pub dtype: DType,
 }
 
-/// Loss of one micro-batch: unscaled cached `latents` `[B,4,h,w]` and `context` `[B,T,D]`; the
-/// noise stream is that of micro-batch `index`. Returns the batch-mean loss (f32 scalar tensor).
+/// Loss of one micro-batch of cached latents and text-encoder states (and loss masks); the noise
+/// stream is that of micro-batch `index`. Returns the batch-mean loss (f32 scalar tensor).
 pub fn micro_batch_loss(
     unet: &Unet,
     ctx: &LossContext,
-    latents: &Tensor,
-    context: &Tensor,
+    batch: &Batch,
     index: u64,
 ) -> Result<Tensor> {
-    let x0 = (latents * VAE_SCALE)?;
+    let context = &batch.context;
+    let x0 = (&batch.latents * VAE_SCALE)?;
     let mut rng = NoiseRng::for_micro_batch(ctx.seed, index);
     let noise::NoiseDraw {
         eps,
@@ -101,10 +101,12 @@ pub fn micro_batch_loss(
             &context.to_dtype(ctx.dtype)?,
         )?
         .to_dtype(DType::F32)?;
-    let per_sample = (ctx.loss)
-        .elementwise(&pred, &target, ctx.schedule, &timesteps)?
-        .flatten_from(1)?
-        .mean(1)?;
+    let mut elementwise = (ctx.loss).elementwise(&pred, &target, ctx.schedule, &timesteps)?;
+    if let Some(mask) = &batch.mask {
+        // Masked loss: still the mean over every element, not over the mask's area.
+        elementwise = elementwise.broadcast_mul(mask)?;
+    }
+    let per_sample = elementwise.flatten_from(1)?.mean(1)?;
     let weights: Vec<f32> = timesteps
         .iter()
         .map(|&t| ctx.weighting.weight(&ctx.schedule.all_snr, t))
@@ -165,6 +167,7 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         &args.in_json,
         args.train_data_dir.as_deref(),
         args.dataset_repeats,
+        args.alpha_mask || args.masked_loss,
     )?;
     let sample_keys = dataset
         .samples
@@ -383,9 +386,9 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
                 break 'epochs;
             }
             let micro_index = ((epoch - 1) * plan.batches_per_epoch + bi) as u64;
-            let (latents, context) = dataset.collate(batch, &device)?;
+            let batch = dataset.collate(batch, &device)?;
             network.set_dropout_stream(Some(NoiseRng::dropout_stream(plan.seed, micro_index)));
-            let loss = micro_batch_loss(&unet, &loss_ctx, &latents, &context, micro_index)?;
+            let loss = micro_batch_loss(&unet, &loss_ctx, &batch, micro_index)?;
             let loss_value = loss.to_scalar::<f32>()?;
             if !loss_value.is_finite() {
                 write_log(&log_path, &log_lines)?;
@@ -565,7 +568,10 @@ fn training_key(
 fn sample_key(sample: &data::Sample) -> Result<String> {
     let mut key = crate::hashing::KeyBuilder::new("train-sample", 1);
     key.text("key", &sample.key);
-    for tensor in [&sample.latents, &sample.context] {
+    for tensor in [&sample.latents, &sample.context]
+        .into_iter()
+        .chain(&sample.mask)
+    {
         let values = tensor.flatten_all()?.to_vec1::<f32>()?;
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         key.text("shape", &format!("{:?}", tensor.dims()));

@@ -62,7 +62,7 @@ impl Validation {
         let mut total = 0.0;
         let mut count = 0;
         for (b, batch) in self.batches.iter().enumerate() {
-            let (latents, context) = self.dataset.collate(batch, device)?;
+            let batch = self.dataset.collate(batch, device)?;
             for (j, &t) in self.timesteps.iter().enumerate() {
                 let ctx = LossContext {
                     noise: NoiseOptions {
@@ -74,7 +74,7 @@ impl Validation {
                     ..*training
                 };
                 let index = (b * self.timesteps.len() + j) as u64;
-                let loss = micro_batch_loss(unet, &ctx, &latents, &context, index)?;
+                let loss = micro_batch_loss(unet, &ctx, &batch, index)?;
                 total += loss.to_scalar::<f32>()?;
                 count += 1;
             }
