@@ -1005,3 +1005,52 @@ fn alpha_masks_come_from_the_latent_caches() {
         "{masked} vs {unmasked}"
     );
 }
+
+#[test]
+fn flip_aug_trains_on_the_cached_mirror_images() {
+    let data = tempfile::tempdir().unwrap();
+    make_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let args = ["--max_train_steps", "2", "--flip_aug"];
+    let err = lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &args))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("latents_flipped"), "{err}");
+
+    // Mirror caches whose latents are far from the originals: the loss shows which one a step
+    // used.
+    for entry in std::fs::read_dir(data.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.to_string_lossy().ends_with("_sd.npz") {
+            continue;
+        }
+        let latents = read_npz_f32(&path, "latents").unwrap();
+        let dims = latents.dims().to_vec();
+        let mut npz = NpzWriter::new();
+        npz.add_f32("latents", vec_f32(&latents), &dims).unwrap();
+        let flipped = (latents * 40.0).unwrap();
+        npz.add_f32("latents_flipped", vec_f32(&flipped), &dims)
+            .unwrap();
+        npz.write(&path).unwrap();
+    }
+    let run = |extra: &[&str]| {
+        let out = tempfile::tempdir().unwrap();
+        let mut argv = vec!["--max_train_steps", "8", "--unet_lr", "0"];
+        argv.extend_from_slice(extra);
+        lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &argv)).unwrap();
+        let meta = LoraFile::read(&out.path().join("tiny.safetensors"))
+            .unwrap()
+            .metadata;
+        (losses(&out.path().join("tiny_loss.jsonl")), meta)
+    };
+    let (plain, _) = run(&[]);
+    let (flipped, meta) = run(&["--flip_aug"]);
+    let (again, _) = run(&["--flip_aug"]);
+    assert_eq!(meta["ss_flip_aug"], "True");
+    assert_eq!(flipped, again, "flips are seeded");
+    let changed = plain.iter().zip(&flipped).filter(|(a, b)| a != b).count();
+    assert!(
+        changed > 0 && changed < plain.len(),
+        "some steps flipped: {plain:?} {flipped:?}"
+    );
+}

@@ -231,6 +231,10 @@ pub struct TrainArgs {
     /// stores in the latent cache).
     #[arg(long)]
     pub alpha_mask: bool,
+    /// Train on each image or its mirror image at random (the `latents_flipped` that
+    /// prepare-latents --flip_aug caches).
+    #[arg(long)]
+    pub flip_aug: bool,
     /// Masked loss: the same as --alpha_mask here (there are no conditioning images).
     #[arg(long)]
     pub masked_loss: bool,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 
 use crate::dataset::IMAGE_EXTENSIONS;
 use crate::metadata::Metadata;
@@ -27,6 +27,8 @@ pub struct Sample {
     pub context: Tensor,
     /// The image's alpha at latent resolution `[1, h, w]` (`--alpha_mask`), in `[0, 1]`.
     pub mask: Option<Tensor>,
+    /// Latents of the horizontally flipped image (`--flip_aug`).
+    pub latents_flipped: Option<Tensor>,
 }
 
 /// One batch on the training device.
@@ -58,12 +60,12 @@ pub struct CachedDataset {
 impl CachedDataset {
     /// Loads every entry of `in_json`; images are resolved like sd-scripts (absolute keys as they
     /// are, relative keys under `train_data_dir`), and only their cache files are read. With
-    /// `alpha_mask`, every latent cache must hold the image's `alpha_mask`.
+    /// `options`, every latent cache must hold the image's `alpha_mask` / `latents_flipped`.
     pub fn load(
         in_json: &Path,
         train_data_dir: Option<&Path>,
         repeats: usize,
-        alpha_mask: bool,
+        options: CacheOptions,
     ) -> Result<Self> {
         let metadata = Metadata::load(in_json)?;
         if metadata.is_empty() {
@@ -77,7 +79,7 @@ impl CachedDataset {
         let mut tag_frequency = BTreeMap::new();
         for (key, entry) in metadata.iter() {
             let base = cache_base(key, train_data_dir);
-            match load_sample(key, &base, entry.get("train_resolution"), alpha_mask) {
+            match load_sample(key, &base, entry.get("train_resolution"), options) {
                 Ok(sample) => samples.push(sample),
                 Err(e) => problems.push(e.to_string()),
             }
@@ -206,23 +208,58 @@ impl CachedDataset {
         batches
     }
 
-    /// Stacks the latents, contexts and masks of `batch` on `device`.
-    pub fn collate(&self, batch: &[usize], device: &Device) -> Result<Batch> {
-        let samples: Vec<&Sample> = batch.iter().map(|&i| &self.samples[i]).collect();
-        let stack = |part: fn(&Sample) -> &Tensor| -> Result<Tensor> {
-            let parts: Vec<&Tensor> = samples.iter().map(|s| part(s)).collect();
-            Ok(Tensor::stack(&parts, 0)?.to_device(device)?)
-        };
-        let masks: Option<Vec<&Tensor>> = samples.iter().map(|s| s.mask.as_ref()).collect();
+    /// Stacks the latents, contexts and masks of `batch` on `device`; with `flip_seed`
+    /// (`--flip_aug`), each sample is flipped with probability 0.5 (its cached flipped latents
+    /// and its mirrored mask), drawn from that seed.
+    pub fn collate(
+        &self,
+        batch: &[usize],
+        device: &Device,
+        flip_seed: Option<u64>,
+    ) -> Result<Batch> {
+        let mut rng = flip_seed.map(rand::rngs::StdRng::seed_from_u64);
+        let (mut latents, mut contexts, mut masks) = (Vec::new(), Vec::new(), Vec::new());
+        for &i in batch {
+            let sample = &self.samples[i];
+            let flipped = match (&mut rng, &sample.latents_flipped) {
+                (Some(rng), Some(flipped)) => rng.random_bool(0.5).then_some(flipped),
+                _ => None,
+            };
+            latents.push(flipped.unwrap_or(&sample.latents).clone());
+            contexts.push(sample.context.clone());
+            masks.push(match (&sample.mask, flipped) {
+                (Some(mask), Some(_)) => Some(mirror(mask)?),
+                (mask, None) => mask.clone(),
+                (None, Some(_)) => None,
+            });
+        }
+        let masks: Option<Vec<Tensor>> = masks.into_iter().collect();
         Ok(Batch {
-            latents: stack(|s| &s.latents)?,
-            context: stack(|s| &s.context)?,
+            latents: Tensor::stack(&latents, 0)?.to_device(device)?,
+            context: Tensor::stack(&contexts, 0)?.to_device(device)?,
             mask: match masks {
                 Some(masks) => Some(Tensor::stack(&masks, 0)?.to_device(device)?),
                 None => None,
             },
         })
     }
+}
+
+/// `tensor` mirrored along its last (width) axis.
+fn mirror(tensor: &Tensor) -> Result<Tensor> {
+    let width = tensor.dim(tensor.rank() - 1)?;
+    let reversed: Vec<u32> = (0..width as u32).rev().collect();
+    let index = Tensor::from_vec(reversed, width, tensor.device())?;
+    Ok(tensor.index_select(&index, tensor.rank() - 1)?)
+}
+
+/// Which optional parts of the latent caches training reads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheOptions {
+    /// `alpha_mask` (`--alpha_mask`).
+    pub alpha_mask: bool,
+    /// `latents_flipped` (`--flip_aug`).
+    pub flip_aug: bool,
 }
 
 /// Mixes a seed with a stream id and a counter into an RNG seed.
@@ -286,7 +323,7 @@ fn load_sample(
     key: &str,
     base: &Path,
     train_resolution: Option<&serde_json::Value>,
-    alpha_mask: bool,
+    options: CacheOptions,
 ) -> Result<Sample> {
     let latent_path = find_latent_cache(base).ok_or_else(|| {
         Error::bad_file(
@@ -321,8 +358,13 @@ fn load_sample(
             return Err(Error::bad_file(&latent_path, format!("latents are for {}x{} but the metadata train_resolution is {}x{}; re-run prepare-latents", have[0], have[1], want[0], want[1])));
         }
     }
-    let mask = if alpha_mask {
+    let mask = if options.alpha_mask {
         Some(latent_mask(&mut cache, &latents)?)
+    } else {
+        None
+    };
+    let latents_flipped = if options.flip_aug {
+        Some(flipped_latents(&mut cache, &latents)?)
     } else {
         None
     };
@@ -357,7 +399,31 @@ fn load_sample(
         latents,
         context,
         mask,
+        latents_flipped,
     })
+}
+
+/// The cache's `latents_flipped`, which must match the latents' shape.
+fn flipped_latents(cache: &mut NpzReader, latents: &Tensor) -> Result<Tensor> {
+    let path = cache.path().to_path_buf();
+    if !cache.contains("latents_flipped") {
+        return Err(Error::bad_file(
+            &path,
+            "no latents_flipped in the latent cache; re-run prepare-latents with --flip_aug",
+        ));
+    }
+    let flipped = cache.read_tensor_f32("latents_flipped", &Device::Cpu)?;
+    if flipped.dims() != latents.dims() {
+        return Err(Error::bad_file(
+            &path,
+            format!(
+                "latents_flipped has shape {:?}, the latents {:?}; re-run prepare-latents --flip_aug",
+                flipped.dims(),
+                latents.dims()
+            ),
+        ));
+    }
+    Ok(flipped)
 }
 
 /// The cache's pixel-resolution `alpha_mask` `[8h, 8w]` averaged over each 8x8 block to the
@@ -386,4 +452,16 @@ fn latent_mask(cache: &mut NpzReader, latents: &Tensor) -> Result<Tensor> {
         .reshape((1, 1, h * 8, w * 8))?
         .avg_pool2d(8)?
         .reshape((1, h, w))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_reverses_the_width_axis() {
+        let mask = Tensor::new(&[[[1f32, 2.0, 3.0], [4.0, 5.0, 6.0]]], &Device::Cpu).unwrap();
+        let mirrored = mirror(&mask).unwrap().to_vec3::<f32>().unwrap();
+        assert_eq!(mirrored, [[[3.0, 2.0, 1.0], [6.0, 5.0, 4.0]]]);
+    }
 }

@@ -373,7 +373,7 @@ pub fn base_metadata(
         format!("({resolution}, {resolution})"),
     );
     put(&mut m, "ss_color_aug", "False".into());
-    put(&mut m, "ss_flip_aug", "False".into());
+    put(&mut m, "ss_flip_aug", py_bool(args.flip_aug));
     put(&mut m, "ss_random_crop", "False".into());
     put(&mut m, "ss_shuffle_caption", "False".into());
     put(&mut m, "ss_keep_tokens", "0".into());

@@ -167,7 +167,10 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         &args.in_json,
         args.train_data_dir.as_deref(),
         args.dataset_repeats,
-        args.alpha_mask || args.masked_loss,
+        data::CacheOptions {
+            alpha_mask: args.alpha_mask || args.masked_loss,
+            flip_aug: args.flip_aug,
+        },
     )?;
     let sample_keys = dataset
         .samples
@@ -386,7 +389,10 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
                 break 'epochs;
             }
             let micro_index = ((epoch - 1) * plan.batches_per_epoch + bi) as u64;
-            let batch = dataset.collate(batch, &device)?;
+            let flip_seed = args
+                .flip_aug
+                .then(|| NoiseRng::flip_stream(plan.seed, micro_index));
+            let batch = dataset.collate(batch, &device, flip_seed)?;
             network.set_dropout_stream(Some(NoiseRng::dropout_stream(plan.seed, micro_index)));
             let loss = micro_batch_loss(&unet, &loss_ctx, &batch, micro_index)?;
             let loss_value = loss.to_scalar::<f32>()?;
