@@ -76,7 +76,7 @@ demo: setup build
 	@echo
 	@echo "demo finished:"
 	@echo "  LoRA:        $(OUT)/lora/$(NAME).safetensors"
-	@echo "  loss plot:   $(OUT)/lora/$(NAME)_loss.svg (log: $(OUT)/lora/$(NAME)_loss.jsonl)"
+	@echo "  loss plot:   $(OUT)/lora/$(NAME)_loss.png (log: $(OUT)/lora/$(NAME)_loss.jsonl)"
 	@echo "  lint report: $(OUT)/lint.json"
 	@echo "  metadata:    $(OUT)/meta_lat.json (+ .manifest.json next to every output)"
 

@@ -86,7 +86,7 @@ fn incremental_rebuilds_redo_only_what_changed() {
     }
     assert_eq!(done(&first, "train-lora"), 1);
     let lora = out.join("lora/lora.safetensors");
-    assert!(lora.is_file() && out.join("lora/lora_loss.svg").is_file());
+    assert!(lora.is_file() && out.join("lora/lora_loss.png").is_file());
 
     let again = run_make(&out, &[]);
     for stage in [

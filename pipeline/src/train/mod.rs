@@ -496,9 +496,10 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
     progress.finish();
     saver.save_model(&plan.name, global_step, plan.num_epochs)?;
     write_log(&log_path, &log_lines)?;
-    let losses = logged_losses(&log_lines);
-    let plot_path = args.output_dir.join(format!("{}_loss.svg", plan.name));
-    crate::fsio::write_atomic(&plot_path, plot::loss_svg(&losses, &plan.name).as_bytes())?;
+    let losses = logged_values(&log_lines, "loss");
+    let plot_path = args.output_dir.join(format!("{}_loss.png", plan.name));
+    let averages = logged_values(&log_lines, "loss_average");
+    crate::fsio::write_atomic(&plot_path, &plot::loss_png(&losses, &averages, &plan.name)?)?;
     let summary = Summary {
         done: 1,
         ..Summary::default()
@@ -672,12 +673,13 @@ fn plan_info(plan: &Plan, validation_images: usize) -> metadata::PlanInfo {
     }
 }
 
-/// The step losses of the loss log's JSON lines (written from `f32`, so read back exactly).
-fn logged_losses(lines: &[String]) -> Vec<f32> {
+/// The values of `key` in the loss log's JSON lines that have it (written from `f32`, so read
+/// back exactly).
+fn logged_values(lines: &[String], key: &str) -> Vec<f32> {
     lines
         .iter()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter_map(|value| value["loss"].as_f64().map(|l| l as f32))
+        .filter_map(|value| value[key].as_f64().map(|l| l as f32))
         .collect()
 }
 

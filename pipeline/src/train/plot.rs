@@ -1,100 +1,159 @@
-//! The loss plot written next to a trained LoRA: a dependency-free SVG line chart.
+//! The loss plot written next to a trained LoRA: a PNG chart of the per-step loss and its
+//! running average, drawn with plotters. Text needs a TrueType font, looked up at run time in the
+//! usual system places; without one the chart is drawn without text.
 
-use std::fmt::Write;
+use std::sync::OnceLock;
 
-const WIDTH: f32 = 640.0;
-const HEIGHT: f32 = 360.0;
-const MARGIN: f32 = 48.0;
+use plotters::prelude::*;
 
-/// An SVG chart of the per-step `losses` (step 1 at the left) titled `title`.
-pub fn loss_svg(losses: &[f32], title: &str) -> String {
-    let finite: Vec<f32> = losses.iter().copied().filter(|l| l.is_finite()).collect();
-    let (low, high) = finite
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &l| {
-            (lo.min(l), hi.max(l))
-        });
-    let (low, high) = if finite.is_empty() {
-        (0.0, 1.0)
-    } else if high - low < 1e-6 {
-        (low - 0.5, high + 0.5)
-    } else {
-        (low, high)
+use crate::{Error, Result};
+
+const WIDTH: u32 = 800;
+const HEIGHT: u32 = 450;
+
+/// Font files tried, in order, for the chart's text.
+const FONT_PATHS: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/liberation/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/truetype/freefont/FreeSans.ttf",
+    "/System/Library/Fonts/Supplemental/Arial.ttf",
+    "C:\\Windows\\Fonts\\arial.ttf",
+];
+
+/// PNG bytes of a chart of the per-step `losses` and their running `averages` (step 1 at the
+/// left), titled with `title` and the step count.
+pub fn loss_png(losses: &[f32], averages: &[f32], title: &str) -> Result<Vec<u8>> {
+    let with_text = sans_serif_registered();
+    if !with_text {
+        tracing::warn!("no TrueType font found; the loss plot has no text");
+    }
+    render(losses, averages, title, with_text)
+}
+
+/// Registers the first font of [`FONT_PATHS`] that loads as "sans-serif" (once per process).
+fn sans_serif_registered() -> bool {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    *REGISTERED.get_or_init(|| {
+        FONT_PATHS.iter().any(|path| {
+            std::fs::read(path).is_ok_and(|bytes| {
+                // plotters keeps fonts for the whole process, so the bytes live as long.
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok()
+            })
+        })
+    })
+}
+
+fn render(losses: &[f32], averages: &[f32], title: &str, with_text: bool) -> Result<Vec<u8>> {
+    let failed =
+        |e: &dyn std::fmt::Display| Error::Model(format!("cannot draw the loss plot: {e}"));
+    let finite = || {
+        losses
+            .iter()
+            .chain(averages)
+            .copied()
+            .filter(|l| l.is_finite())
     };
-    let plot_w = WIDTH - 2.0 * MARGIN;
-    let plot_h = HEIGHT - 2.0 * MARGIN;
-    let x = |i: usize| MARGIN + plot_w * i as f32 / (losses.len().max(2) - 1) as f32;
-    let y = |l: f32| MARGIN + plot_h * (high - l) / (high - low);
-    let mut svg = String::new();
-    let _ = write!(
-        svg,
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" font-size="12">
-<rect width="100%" height="100%" fill="white"/>
-<text x="{MARGIN}" y="24" font-size="14">{} — loss per step ({} steps)</text>
-<line x1="{MARGIN}" y1="{}" x2="{}" y2="{}" stroke="black"/>
-<line x1="{MARGIN}" y1="{MARGIN}" x2="{MARGIN}" y2="{}" stroke="black"/>
-<text x="4" y="{}">{high:.4}</text>
-<text x="4" y="{}">{low:.4}</text>
-<text x="{}" y="{}" text-anchor="end">step {}</text>
-"##,
-        escape(title),
-        losses.len(),
-        HEIGHT - MARGIN,
-        WIDTH - MARGIN,
-        HEIGHT - MARGIN,
-        HEIGHT - MARGIN,
-        MARGIN + 4.0,
-        HEIGHT - MARGIN,
-        WIDTH - MARGIN,
-        HEIGHT - MARGIN + 16.0,
-        losses.len()
-    );
-    let points: Vec<String> = losses
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.is_finite())
-        .map(|(i, &l)| format!("{:.1},{:.1}", x(i), y(l)))
-        .collect();
-    let _ = writeln!(
-        svg,
-        r##"<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{}"/>"##,
-        points.join(" ")
-    );
-    svg.push_str("</svg>\n");
-    svg
+    let low = finite().fold(f32::INFINITY, f32::min);
+    let high = finite().fold(f32::NEG_INFINITY, f32::max);
+    let (low, high) = match (low.is_finite(), high - low) {
+        (false, _) => (0.0, 1.0),
+        (true, span) if span < 1e-6 => (low - 0.5, high + 0.5),
+        (true, span) => (low - 0.05 * span, high + 0.05 * span),
+    };
+    let last_step = losses.len().max(2) as f32;
+    let mut pixels = vec![0u8; (WIDTH * HEIGHT * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, (WIDTH, HEIGHT)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| failed(&e))?;
+        let mut builder = ChartBuilder::on(&root);
+        builder.margin(16);
+        if with_text {
+            builder
+                .caption(
+                    format!("{title}: loss per step ({} steps)", losses.len()),
+                    ("sans-serif", 20),
+                )
+                .x_label_area_size(40)
+                .y_label_area_size(64);
+        }
+        let mut chart = builder
+            .build_cartesian_2d(1f32..last_step, low..high)
+            .map_err(|e| failed(&e))?;
+        let mut mesh = chart.configure_mesh();
+        mesh.light_line_style(WHITE.mix(0.0));
+        if with_text {
+            mesh.x_desc("step")
+                .y_desc("loss")
+                .x_label_formatter(&|step| format!("{}", step.round()));
+        } else {
+            mesh.x_labels(0).y_labels(0);
+        }
+        mesh.draw().map_err(|e| failed(&e))?;
+        let series = |values: &[f32]| -> Vec<(f32, f32)> {
+            (values.iter().enumerate())
+                .filter(|(_, v)| v.is_finite())
+                .map(|(i, &v)| ((i + 1) as f32, v))
+                .collect()
+        };
+        chart
+            .draw_series(LineSeries::new(series(losses), LOSS_COLOUR.stroke_width(1)))
+            .map_err(|e| failed(&e))?;
+        chart
+            .draw_series(LineSeries::new(
+                series(averages),
+                AVERAGE_COLOUR.stroke_width(3),
+            ))
+            .map_err(|e| failed(&e))?;
+        root.present().map_err(|e| failed(&e))?;
+    }
+    let image = image::RgbImage::from_raw(WIDTH, HEIGHT, pixels)
+        .ok_or_else(|| Error::Model("loss plot buffer has the wrong size".into()))?;
+    let mut png = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut png, image::ImageFormat::Png)
+        .map_err(|e| failed(&e))?;
+    Ok(png.into_inner())
 }
 
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
+/// Colour of the per-step loss line.
+const LOSS_COLOUR: RGBColor = RGBColor(150, 190, 230);
+/// Colour of the running-average line.
+const AVERAGE_COLOUR: RGBColor = RGBColor(200, 60, 30);
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn decode(png: &[u8]) -> image::RgbImage {
+        image::load_from_memory(png).unwrap().to_rgb8()
+    }
+
+    fn count(image: &image::RgbImage, colour: RGBColor) -> usize {
+        let RGBColor(r, g, b) = colour;
+        image.pixels().filter(|p| p.0 == [r, g, b]).count()
+    }
+
     #[test]
-    fn plots_one_point_per_finite_loss_within_the_frame() {
-        let svg = loss_svg(&[1.2, 1.0, f32::NAN, 0.8], "a<b");
-        let points = svg
-            .split("points=\"")
-            .nth(1)
-            .unwrap()
-            .split('"')
-            .next()
-            .unwrap();
-        let coords: Vec<(f32, f32)> = points
-            .split(' ')
-            .map(|p| {
-                let (x, y) = p.split_once(',').unwrap();
-                (x.parse().unwrap(), y.parse().unwrap())
-            })
-            .collect();
-        assert_eq!(coords.len(), 3);
-        assert_eq!(coords[0].1, MARGIN);
-        assert_eq!(coords[2].1, HEIGHT - MARGIN);
-        assert!(coords.windows(2).all(|w| w[0].0 < w[1].0));
-        assert!(svg.contains("a&lt;b"));
+    fn draws_both_lines_with_or_without_text() {
+        let losses: Vec<f32> = (0..50).map(|i| 1.0 + ((i * 7) % 5) as f32 * 0.05).collect();
+        let averages: Vec<f32> = (0..50).map(|i| 1.1 - i as f32 * 0.002).collect();
+        for with_text in [false, true] {
+            if with_text && !sans_serif_registered() {
+                continue;
+            }
+            let image = decode(&render(&losses, &averages, "demo", with_text).unwrap());
+            assert_eq!(image.dimensions(), (WIDTH, HEIGHT));
+            assert!(count(&image, LOSS_COLOUR) > 100, "loss line drawn");
+            assert!(count(&image, AVERAGE_COLOUR) > 300, "average line drawn");
+        }
+        let flat = decode(&render(&[1.0; 50], &[1.0; 50], "demo", false).unwrap());
+        let varied = decode(&render(&losses, &averages, "demo", false).unwrap());
+        assert_ne!(flat, varied, "the picture follows the data");
+        let empty = decode(&render(&[], &[], "demo", false).unwrap());
+        assert_eq!(count(&empty, AVERAGE_COLOUR), 0);
     }
 }
