@@ -95,8 +95,13 @@ impl LrScheduler {
         };
         let without_warmup = matches!(shape, Shape::Constant | Shape::PiecewiseConstant { .. });
         if without_warmup && params.warmup > 0 {
+            let instead = if name == "constant" {
+                "; use constant_with_warmup"
+            } else {
+                ""
+            };
             return Err(Error::Usage(format!(
-                "--lr_scheduler {name} does not take --lr_warmup_steps"
+                "--lr_scheduler {name} does not take --lr_warmup_steps{instead}"
             )));
         }
         if !matches!(shape, Shape::PiecewiseConstant { .. }) && !params.scheduler_args.is_empty() {
