@@ -85,11 +85,12 @@ run() {
     exit 1
   fi
   read -r secs user sys rss < "$WORK/time.txt"
+  # The summary goes to stderr (appended, also when stderr is a file); the wall time to stdout.
   printf "%-6s %3d steps %9.2f s wall %9.2f CPU s %8.0f MiB peak RSS\n" "$2" "$steps" "$secs" \
-    "$(echo "$user + $sys" | bc)" "$((rss / 1024))"
+    "$(echo "$user + $sys" | bc)" "$((rss / 1024))" >&2
   echo "$secs"
 }
 
-first=$(run 1 start-up | tee /dev/stderr | tail -1)
-last=$(run $((STEPS + 1)) train | tee /dev/stderr | tail -1)
+first=$(run 1 start-up)
+last=$(run $((STEPS + 1)) train)
 echo "seconds per step: $(echo "($last - $first) / $STEPS" | bc -l | cut -c1-6)"
