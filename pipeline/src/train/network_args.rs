@@ -76,6 +76,11 @@ impl NetworkOptions {
             "loraplus_text_encoder_lr_ratio",
             take("loraplus_text_encoder_lr_ratio"),
         )?;
+        if take("dropout").is_some() {
+            tracing::warn!(
+                "--network_args dropout=... has no effect with networks.lora (as in sd-scripts); use --network_dropout"
+            );
+        }
         if let Some(key) = given.keys().next() {
             return Err(Error::Usage(format!(
                 "--network_args {key}: not supported by networks.lora (supported: conv_dim, conv_alpha, block_dims, block_alphas, conv_block_dims, conv_block_alphas, down_lr_weight, mid_lr_weight, up_lr_weight, block_lr_zero_threshold, rank_dropout, module_dropout, loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio)"
