@@ -17,6 +17,9 @@ pub(super) struct FileModule {
     pub(super) alpha: Option<Alpha>,
 }
 
+/// `lora_down`, `lora_up` and alpha of one module while a file is read.
+type PartialModule = (Option<Tensor>, Option<Tensor>, Option<Alpha>);
+
 /// The modules and metadata of a kohya LoRA `.safetensors` file.
 #[derive(Debug, Clone)]
 pub struct LoraFile {
@@ -44,8 +47,7 @@ impl LoraFile {
         let metadata = header.metadata().clone().unwrap_or_default();
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
             .map_err(|e| bad(format!("cannot read tensors ({e})")))?;
-        let mut parts: BTreeMap<String, (Option<Tensor>, Option<Tensor>, Option<Alpha>)> =
-            BTreeMap::new();
+        let mut parts: BTreeMap<String, PartialModule> = BTreeMap::new();
         for (key, tensor) in tensors {
             let (module, field) = if let Some(m) = key.strip_suffix(".lora_down.weight") {
                 (m, 0)

@@ -368,7 +368,7 @@ impl Checkpoint {
             return Ok(hash.clone());
         }
         let mut combined = crate::hashing::KeyBuilder::new("weights", 1);
-        for (component, _) in &self.parts {
+        for component in self.parts.keys() {
             combined.text(component.label(), &self.component_hash(*component)?);
         }
         Ok(self.all_hash.get_or_init(|| combined.finish()).clone())

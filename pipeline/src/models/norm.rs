@@ -69,7 +69,7 @@ impl AffineNorm {
                 (per_sample / groups.max(1), per_sample / channels.max(1))
             }
         };
-        if row_len == 0 || inner == 0 || elements % row_len != 0 {
+        if row_len == 0 || inner == 0 || !elements.is_multiple_of(row_len) {
             candle_core::bail!("affine norm: {elements} elements do not split into rows")
         }
         Ok((row_len, inner))

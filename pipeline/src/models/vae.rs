@@ -91,7 +91,7 @@ struct GroupNorm {
 
 impl GroupNorm {
     fn load(vb: &VarBuilder, channels: usize) -> Result<Self> {
-        if channels % GROUPS != 0 {
+        if !channels.is_multiple_of(GROUPS) {
             return Err(Error::Model(format!(
                 "VAE group norm `{}` has {channels} channels, not a multiple of {GROUPS}",
                 vb.prefix()

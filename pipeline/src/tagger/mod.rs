@@ -517,7 +517,7 @@ fn render(
     }
     if options.frequency_tags {
         // Stable sort: ties keep first-seen order, as Python's sorted().
-        frequencies.sort_by(|a, b| b.1.cmp(&a.1));
+        frequencies.sort_by_key(|&(_, count)| std::cmp::Reverse(count));
         let mut text = String::from("Tag frequencies:\n");
         for (tag, count) in &frequencies {
             text.push_str(&format!("{tag}: {count}\n"));
