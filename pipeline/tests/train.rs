@@ -1054,3 +1054,63 @@ fn flip_aug_trains_on_the_cached_mirror_images() {
         "some steps flipped: {plain:?} {flipped:?}"
     );
 }
+
+#[test]
+fn kohya_command_line_options_are_accepted_and_change_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    make_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let first = lorakit_pipeline::train::run(&train_args(
+        data.path(),
+        out.path(),
+        &["--max_train_steps", "1"],
+    ))
+    .unwrap();
+    assert_eq!(first.done, 1);
+    // As kohya_ss writes them; the cached run above is still up to date.
+    let kohya = [
+        "--max_train_steps",
+        "1",
+        "--cache_latents",
+        "--cache_latents_to_disk",
+        "--cache_text_encoder_outputs",
+        "--xformers",
+        "--gradient_checkpointing",
+        "--persistent_data_loader_workers",
+        "--max_data_loader_n_workers",
+        "0",
+        "--enable_bucket",
+        "--bucket_no_upscale",
+        "--resolution",
+        "512,512",
+        "--min_bucket_reso",
+        "256",
+        "--max_bucket_reso",
+        "2048",
+        "--bucket_reso_steps",
+        "64",
+        "--caption_extension",
+        ".txt",
+        "--clip_skip",
+        "1",
+        "--max_token_length",
+        "75",
+        "--logging_dir",
+        "logs",
+        "--log_with",
+        "tensorboard",
+    ];
+    let again = lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &kohya)).unwrap();
+    assert_eq!((again.done, again.up_to_date), (0, 1));
+
+    let mut longer = kohya.to_vec();
+    let at = longer.iter().position(|a| *a == "75").unwrap();
+    longer[at] = "150";
+    let err = lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &longer))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cache-text-encoder") && err.contains("77 tokens"),
+        "{err}"
+    );
+}

@@ -269,4 +269,93 @@ pub struct TrainArgs {
     /// No progress display.
     #[arg(skip)]
     pub quiet: bool,
+    /// Options of train_network.py that change nothing here.
+    #[command(flatten)]
+    pub compat: CompatArgs,
+}
+
+/// Options of sd-scripts' `train_network.py` that have no effect here, accepted so that command
+/// lines written for it (or by kohya_ss) run unchanged. Training always reads cached latents and
+/// text-encoder outputs, keeps its data in memory and uses its own attention kernel.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(
+    rename_all = "snake_case",
+    next_help_heading = "Accepted for compatibility with train_network.py (no effect)"
+)]
+pub struct CompatArgs {
+    /// Latents always come from the caches of prepare-latents.
+    #[arg(long)]
+    pub cache_latents: bool,
+    /// Latents always come from the caches of prepare-latents.
+    #[arg(long)]
+    pub cache_latents_to_disk: bool,
+    /// Text-encoder outputs always come from the caches of cache-text-encoder.
+    #[arg(long)]
+    pub cache_text_encoder_outputs: bool,
+    /// Text-encoder outputs always come from the caches of cache-text-encoder.
+    #[arg(long)]
+    pub cache_text_encoder_outputs_to_disk: bool,
+    /// Attention always runs on lorakit's own kernel.
+    #[arg(long)]
+    pub xformers: bool,
+    /// Attention always runs on lorakit's own kernel.
+    #[arg(long)]
+    pub sdpa: bool,
+    /// Attention always runs on lorakit's own kernel.
+    #[arg(long)]
+    pub mem_eff_attn: bool,
+    /// Activations are kept; the attention backward already recomputes its scores.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// The cached data are loaded into memory once.
+    #[arg(long)]
+    pub persistent_data_loader_workers: bool,
+    /// The cached data are loaded into memory once.
+    #[arg(long)]
+    pub max_data_loader_n_workers: Option<usize>,
+    /// Buckets come from the cached latents (prepare-latents decides them).
+    #[arg(long)]
+    pub enable_bucket: bool,
+    /// Buckets come from the cached latents (prepare-latents decides them).
+    #[arg(long)]
+    pub bucket_no_upscale: bool,
+    /// Buckets come from the cached latents (prepare-latents decides them).
+    #[arg(long)]
+    pub resolution: Option<String>,
+    /// Buckets come from the cached latents (prepare-latents decides them).
+    #[arg(long)]
+    pub min_bucket_reso: Option<usize>,
+    /// Buckets come from the cached latents (prepare-latents decides them).
+    #[arg(long)]
+    pub max_bucket_reso: Option<usize>,
+    /// Buckets come from the cached latents (prepare-latents decides them).
+    #[arg(long)]
+    pub bucket_reso_steps: Option<usize>,
+    /// Captions come from the text-encoder caches.
+    #[arg(long)]
+    pub caption_extension: Option<String>,
+    /// The VAE is never loaded (latents are cached).
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
+    /// The VAE is never loaded (latents are cached).
+    #[arg(long)]
+    pub no_half_vae: bool,
+    /// Set by cache-text-encoder --clip_skip when the captions are encoded.
+    #[arg(long)]
+    pub clip_skip: Option<usize>,
+    /// Set by cache-text-encoder --max_token_length; checked against the caches when given.
+    #[arg(long)]
+    pub max_token_length: Option<usize>,
+    /// The loss log is `<output_name>_loss.jsonl` (see --loss_log).
+    #[arg(long)]
+    pub logging_dir: Option<PathBuf>,
+    /// The loss log is `<output_name>_loss.jsonl` (see --loss_log).
+    #[arg(long)]
+    pub log_with: Option<String>,
+    /// The loss log is `<output_name>_loss.jsonl` (see --loss_log).
+    #[arg(long)]
+    pub log_prefix: Option<String>,
+    /// Memory-mapped weights already keep the resident size low.
+    #[arg(long)]
+    pub lowram: bool,
 }

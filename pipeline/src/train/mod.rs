@@ -177,6 +177,16 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         .iter()
         .map(|s| Ok((s.key.clone(), sample_key(s)?)))
         .collect::<Result<std::collections::BTreeMap<String, String>>>()?;
+    if let Some(tokens) = args.compat.max_token_length {
+        let cached = dataset.samples[0].context.dim(0)?;
+        if cached != tokens + 2 {
+            return Err(Error::Usage(format!(
+                "--max_token_length {tokens}: the text-encoder caches hold {} tokens (--max_token_length {} at cache-text-encoder time); re-run cache-text-encoder or drop the option",
+                cached,
+                cached - 2
+            )));
+        }
+    }
     let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
     let (dataset, held_out) =
         dataset.split_validation(args.validation_split, args.validation_seed.unwrap_or(seed))?;
@@ -557,6 +567,7 @@ fn training_key(
     let mut key = crate::hashing::KeyBuilder::new("train-lora", 1);
     let mut relevant = args.clone();
     relevant.quiet = false;
+    relevant.compat = Default::default();
     key.text("arguments", &format!("{relevant:?}"));
     key.text("unet", &checkpoint.component_hash(Component::Unet)?);
     if let Some(path) = &args.network_weights {
