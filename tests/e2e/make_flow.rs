@@ -86,7 +86,9 @@ fn incremental_rebuilds_redo_only_what_changed() {
     }
     assert_eq!(done(&first, "train-lora"), 1);
     let lora = out.join("lora/lora.safetensors");
-    assert!(lora.is_file() && out.join("lora/lora_loss.png").is_file());
+    assert!(lora.is_file());
+    let plot = image::open(out.join("lora/lora_loss.png")).expect("the loss plot is a PNG");
+    assert_eq!((plot.width(), plot.height()), (800, 450));
 
     let again = run_make(&out, &[]);
     for stage in [
