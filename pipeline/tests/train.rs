@@ -485,6 +485,22 @@ fn train_args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
     args
 }
 
+/// Trains on the caches in `data` with `extra` options into a new folder and returns it.
+fn trained(data: &Path, extra: &[&str]) -> tempfile::TempDir {
+    let out = tempfile::tempdir().unwrap();
+    lorakit_pipeline::train::run(&train_args(data, out.path(), extra)).unwrap();
+    out
+}
+
+/// The loss log (`tiny_loss.jsonl`) of a run in `out`, one JSON value per line.
+fn loss_log(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("tiny_loss.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 fn losses(log: &Path) -> Vec<f64> {
     std::fs::read_to_string(log)
         .unwrap()
@@ -648,13 +664,7 @@ fn copy_tree(from: &Path, to: &Path) {
 fn huber_loss_and_max_norm_regularisation_are_applied_and_recorded() {
     let data = tempfile::tempdir().unwrap();
     make_caches(data.path());
-    let plain = tempfile::tempdir().unwrap();
-    lorakit_pipeline::train::run(&train_args(
-        data.path(),
-        plain.path(),
-        &["--max_train_steps", "2"],
-    ))
-    .unwrap();
+    let plain = trained(data.path(), &["--max_train_steps", "2"]);
     let out = tempfile::tempdir().unwrap();
     let limit = 1e-3;
     let args = train_args(
@@ -675,12 +685,8 @@ fn huber_loss_and_max_norm_regularisation_are_applied_and_recorded() {
     );
     lorakit_pipeline::train::run(&args).unwrap();
 
-    let log = std::fs::read_to_string(out.path().join("tiny_loss.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = log
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert!(lines[1]["keys_scaled"].as_u64().unwrap() > 0, "{log}");
+    let lines = loss_log(out.path());
+    assert!(lines[1]["keys_scaled"].as_u64().unwrap() > 0, "{lines:?}");
     assert!(lines[1]["max_key_norm"].as_f64().unwrap() <= limit * (1.0 + 1e-6));
     // Same noise draws: the huber loss of a step is below the squared error of the plain run
     // (2c(sqrt(d²+c²)-c) < d² for c = 0.1 and the errors of noise prediction, about 1).
@@ -717,10 +723,8 @@ fn periodic_saves_rotate_models_and_states_separately() {
     make_caches(data.path());
     // 8 steps, saves at steps 2, 4, 6 (8 is the final file); keep 3 steps of models and 1 of
     // states: step 2's model goes at step 6 (6 - 3 - 1 = 2), each state at the next save.
-    let steps = tempfile::tempdir().unwrap();
-    lorakit_pipeline::train::run(&train_args(
+    let steps = trained(
         data.path(),
-        steps.path(),
         &[
             "--max_train_steps",
             "8",
@@ -732,8 +736,7 @@ fn periodic_saves_rotate_models_and_states_separately() {
             "1",
             "--save_state",
         ],
-    ))
-    .unwrap();
+    );
     assert_eq!(
         saved(steps.path()),
         [
@@ -747,10 +750,8 @@ fn periodic_saves_rotate_models_and_states_separately() {
     // 3 epochs of 2 batches; the ratio (3 saves in 3 epochs: every epoch) overrides
     // --save_every_n_epochs 2. Keep 2 epoch models but 1 epoch state; the final state is
     // written once.
-    let epochs = tempfile::tempdir().unwrap();
-    lorakit_pipeline::train::run(&train_args(
+    let epochs = trained(
         data.path(),
-        epochs.path(),
         &[
             "--max_train_epochs",
             "3",
@@ -765,8 +766,7 @@ fn periodic_saves_rotate_models_and_states_separately() {
             "--save_state",
             "--save_state_on_train_end",
         ],
-    ))
-    .unwrap();
+    );
     assert_eq!(
         saved(epochs.path()),
         [
@@ -783,10 +783,9 @@ fn base_weights_are_merged_before_training() {
     let data = tempfile::tempdir().unwrap();
     make_caches(data.path());
     let first_loss = |extra: &[&str]| {
-        let out = tempfile::tempdir().unwrap();
         let mut argv = vec!["--max_train_steps", "1"];
         argv.extend_from_slice(extra);
-        lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &argv)).unwrap();
+        let out = trained(data.path(), &argv);
         losses(&out.path().join("tiny_loss.jsonl"))[0]
     };
     let lora = fixtures().join("golden/lora/trained_lora_dim4_alpha1.safetensors");
@@ -802,15 +801,9 @@ fn base_weights_are_merged_before_training() {
 fn network_weights_continue_a_run_with_or_without_dim_from_weights() {
     let data = tempfile::tempdir().unwrap();
     make_caches(data.path());
-    let first = tempfile::tempdir().unwrap();
-    lorakit_pipeline::train::run(&train_args(
-        data.path(),
-        first.path(),
-        &["--max_train_steps", "2"],
-    ))
-    .unwrap();
-    let trained = first.path().join("tiny.safetensors");
-    let weights = trained.to_str().unwrap();
+    let first = trained(data.path(), &["--max_train_steps", "2"]);
+    let first_lora = first.path().join("tiny.safetensors");
+    let weights = first_lora.to_str().unwrap();
     let tensors = |path: &Path| candle_core::safetensors::load(path, &Device::Cpu).unwrap();
     let same = |a: &Tensor, b: &Tensor| {
         a.dtype() == b.dtype()
@@ -821,12 +814,11 @@ fn network_weights_continue_a_run_with_or_without_dim_from_weights() {
 
     // No steps: the loaded weights (integer alpha included) are written back unchanged.
     for extra in [&[][..], &["--dim_from_weights"][..]] {
-        let out = tempfile::tempdir().unwrap();
         let mut argv = vec!["--max_train_steps", "0", "--network_weights", weights];
         argv.extend_from_slice(extra);
-        lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &argv)).unwrap();
+        let out = trained(data.path(), &argv);
         let (a, b) = (
-            tensors(&trained),
+            tensors(&first_lora),
             tensors(&out.path().join("tiny.safetensors")),
         );
         assert_eq!(a.len(), b.len());
@@ -862,7 +854,7 @@ fn network_weights_continue_a_run_with_or_without_dim_from_weights() {
     ];
     lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &args)).unwrap();
     let (a, b) = (
-        tensors(&trained),
+        tensors(&first_lora),
         tensors(&out.path().join("tiny.safetensors")),
     );
     assert!(b.len() > a.len());
@@ -883,7 +875,6 @@ fn validation_split_holds_out_images_and_logs_a_repeatable_loss() {
     let data = tempfile::tempdir().unwrap();
     make_caches(data.path());
     let run = |extra: &[&str]| {
-        let out = tempfile::tempdir().unwrap();
         let mut argv = vec![
             "--max_train_steps",
             "4",
@@ -893,12 +884,8 @@ fn validation_split_holds_out_images_and_logs_a_repeatable_loss() {
             "1",
         ];
         argv.extend_from_slice(extra);
-        lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &argv)).unwrap();
-        let log = std::fs::read_to_string(out.path().join("tiny_loss.jsonl")).unwrap();
-        let lines: Vec<serde_json::Value> = log
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let out = trained(data.path(), &argv);
+        let lines = loss_log(out.path());
         let meta = LoraFile::read(&out.path().join("tiny.safetensors"))
             .unwrap()
             .metadata;
@@ -989,13 +976,7 @@ fn alpha_masks_come_from_the_latent_caches() {
         npz.add_f32("alpha_mask", mask, &[height, width]).unwrap();
         npz.write(&path).unwrap();
     }
-    let plain = tempfile::tempdir().unwrap();
-    lorakit_pipeline::train::run(&train_args(
-        data.path(),
-        plain.path(),
-        &["--max_train_steps", "1"],
-    ))
-    .unwrap();
+    let plain = trained(data.path(), &["--max_train_steps", "1"]);
     lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &args)).unwrap();
     let masked = losses(&out.path().join("tiny_loss.jsonl"))[0];
     let unmasked = losses(&plain.path().join("tiny_loss.jsonl"))[0];
@@ -1034,10 +1015,9 @@ fn flip_aug_trains_on_the_cached_mirror_images() {
         npz.write(&path).unwrap();
     }
     let run = |extra: &[&str]| {
-        let out = tempfile::tempdir().unwrap();
         let mut argv = vec!["--max_train_steps", "8", "--unet_lr", "0"];
         argv.extend_from_slice(extra);
-        lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &argv)).unwrap();
+        let out = trained(data.path(), &argv);
         let meta = LoraFile::read(&out.path().join("tiny.safetensors"))
             .unwrap()
             .metadata;

@@ -84,14 +84,7 @@ fn trained_kohya_lora_reproduces_golden_output() {
     assert_eq!(report.ignored_text_encoder, 72);
     assert!(report.unknown.is_empty(), "{:?}", report.unknown);
     assert_eq!(network.modules.len(), 192);
-    let latents = npz_f32(&golden(), "latents");
-    let timesteps = npz_f32(&golden(), "timesteps");
-    let context = npz_f32(&golden(), "encoder_hidden_states_77");
-    let expected = npz_f32(&golden(), "unet_out_77_lora_unet_only");
-    let base = npz_f32(&golden(), "unet_out_77");
-    let out = unet.forward(&latents, &timesteps, &context).unwrap();
-    let err = max_abs(&out, &expected);
-    let effect_err = max_abs(&(&out - &base).unwrap(), &(&expected - &base).unwrap());
+    let (err, effect_err) = golden_lora_errors(&unet);
     eprintln!(
         "unet_out_77_lora_unet_only: max abs error {err:e}, LoRA effect error {effect_err:e}"
     );
@@ -170,20 +163,32 @@ fn merged_kohya_lora_equals_the_applied_one() {
     assert_eq!(report.applied, 192);
     assert_eq!(report.ignored_text_encoder, 72);
     assert!(report.unknown.is_empty());
-    let latents = npz_f32(&golden(), "latents");
-    let timesteps = npz_f32(&golden(), "timesteps");
-    let context = npz_f32(&golden(), "encoder_hidden_states_77");
-    let expected = npz_f32(&golden(), "unet_out_77_lora_unet_only");
-    let base = npz_f32(&golden(), "unet_out_77");
-    let out = unet.forward(&latents, &timesteps, &context).unwrap();
-    let effect_err = max_abs(&(&out - &base).unwrap(), &(&expected - &base).unwrap());
+    let (_, effect_err) = golden_lora_errors(&unet);
     eprintln!("merged LoRA: effect error {effect_err:e}");
     assert!(effect_err <= 1e-4);
     // At multiplier 0 nothing changes.
     let mut unchanged = base_unet().clone();
     LoraNetwork::merge_file(&mut unchanged, &path, 0.0).unwrap();
-    let out = unchanged.forward(&latents, &timesteps, &context).unwrap();
-    assert!(max_abs(&out, &base) <= 1e-4);
+    let base = npz_f32(&golden(), "unet_out_77");
+    assert!(max_abs(&golden_lora_output(&unchanged), &base) <= 1e-4);
+}
+
+/// `unet`'s output on the golden LoRA inputs (77-token context).
+fn golden_lora_output(unet: &Unet) -> Tensor {
+    let latents = npz_f32(&golden(), "latents");
+    let timesteps = npz_f32(&golden(), "timesteps");
+    let context = npz_f32(&golden(), "encoder_hidden_states_77");
+    unet.forward(&latents, &timesteps, &context).unwrap()
+}
+
+/// Max abs error of `unet` (carrying the golden LoRA) against sd-scripts' output with that LoRA,
+/// and the error of the LoRA's effect (output minus the base UNet's).
+fn golden_lora_errors(unet: &Unet) -> (f32, f32) {
+    let expected = npz_f32(&golden(), "unet_out_77_lora_unet_only");
+    let base = npz_f32(&golden(), "unet_out_77");
+    let out = golden_lora_output(unet);
+    let effect = max_abs(&(&out - &base).unwrap(), &(&expected - &base).unwrap());
+    (max_abs(&out, &expected), effect)
 }
 
 /// `train-lora`'s options as the command line gives them.

@@ -275,25 +275,16 @@ impl LoraNetwork {
     ) -> Result<Self> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut modules = Vec::new();
-        let mut failure: Option<Error> = None;
-        model.visit_layers(&mut |layer| {
-            if failure.is_some() {
-                return;
+        try_visit_layers(model, &mut |layer| {
+            if let Some((rank, alpha)) = config.select(layer) {
+                attach(
+                    layer,
+                    new_module(layer, rank, alpha, &mut rng, device)?,
+                    &mut modules,
+                );
             }
-            let Some((rank, alpha)) = config.select(layer) else {
-                return;
-            };
-            match new_module(layer, rank, alpha, &mut rng, device) {
-                Ok(module) => {
-                    layer.lora = Some(module.clone());
-                    modules.push(module);
-                }
-                Err(e) => failure = Some(e),
-            }
-        });
-        if let Some(e) = failure {
-            return Err(e);
-        }
+            Ok(())
+        })?;
         let mut seen = std::collections::HashSet::new();
         for m in &modules {
             if !seen.insert(m.name.as_str()) {
@@ -321,27 +312,15 @@ impl LoraNetwork {
         let file = LoraFile::read(path)?;
         let mut modules = Vec::new();
         let mut used = std::collections::HashSet::new();
-        let mut failure: Option<Error> = None;
-        model.visit_layers(&mut |layer| {
-            if failure.is_some() {
-                return;
-            }
+        try_visit_layers(model, &mut |layer| {
             let name = unet_lora_name(&layer.path);
-            let Some(entry) = file.modules.get(&name) else {
-                return;
-            };
-            used.insert(name.clone());
-            match module_from_file(layer, &name, entry, multiplier, device, path) {
-                Ok(module) => {
-                    layer.lora = Some(module.clone());
-                    modules.push(module);
-                }
-                Err(e) => failure = Some(e),
+            if let Some(entry) = file.modules.get(&name) {
+                let module = module_from_file(layer, &name, entry, multiplier, device, path)?;
+                attach(layer, module, &mut modules);
+                used.insert(name);
             }
-        });
-        if let Some(e) = failure {
-            return Err(e);
-        }
+            Ok(())
+        })?;
         let mut report = LoadReport {
             applied: used.len(),
             ..LoadReport::default()
@@ -364,49 +343,34 @@ impl LoraNetwork {
         let file = LoraFile::read(path)?;
         let mut used = std::collections::HashSet::new();
         let mut alphas = HashMap::new();
-        let mut failure: Option<Error> = None;
-        model.visit_layers(&mut |layer| {
-            let Some(module) = layer.lora.as_ref().filter(|_| failure.is_none()) else {
-                return;
+        try_visit_layers(model, &mut |layer| {
+            // The variables are shared with the layer's copy of the module.
+            let Some(module) = layer.lora.clone() else {
+                return Ok(());
             };
             let Some(entry) = file.modules.get(&module.name) else {
-                return;
+                return Ok(());
             };
-            let loaded = module_from_file(
-                layer,
-                &module.name,
-                entry,
-                module.multiplier,
-                module.down.device(),
-                path,
-            )
-            .and_then(|loaded| {
-                if loaded.down.dims() != module.down.dims() {
-                    return Err(Error::bad_file(path, format!(
-                        "module {} has rank {} in the file but {} in this network; pass the file's --network_dim / network_args, or --dim_from_weights",
-                        module.name,
-                        loaded.rank(),
-                        module.rank()
-                    )));
-                }
-                module.down.set(loaded.down.as_tensor())?;
-                module.up.set(loaded.up.as_tensor())?;
-                Ok(loaded.alpha)
-            });
-            match loaded {
-                Ok(alpha) => {
-                    used.insert(module.name.clone());
-                    alphas.insert(module.name.clone(), alpha);
-                    if let Some(module) = &mut layer.lora {
-                        module.alpha = alpha;
-                    }
-                }
-                Err(e) => failure = Some(e),
+            let device = module.down.device().clone();
+            let loaded =
+                module_from_file(layer, &module.name, entry, module.multiplier, &device, path)?;
+            if loaded.down.dims() != module.down.dims() {
+                return Err(Error::bad_file(path, format!(
+                    "module {} has rank {} in the file but {} in this network; pass the file's --network_dim / network_args, or --dim_from_weights",
+                    module.name,
+                    loaded.rank(),
+                    module.rank()
+                )));
             }
-        });
-        if let Some(e) = failure {
-            return Err(e);
-        }
+            module.down.set(loaded.down.as_tensor())?;
+            module.up.set(loaded.up.as_tensor())?;
+            if let Some(attached) = &mut layer.lora {
+                attached.alpha = loaded.alpha;
+            }
+            used.insert(module.name.clone());
+            alphas.insert(module.name, loaded.alpha);
+            Ok(())
+        })?;
         for module in &mut self.modules {
             if let Some(&alpha) = alphas.get(&module.name) {
                 module.alpha = alpha;
@@ -461,26 +425,17 @@ impl LoraNetwork {
         let file = LoraFile::read(path)?;
         let mut report = LoadReport::default();
         let mut used = std::collections::HashSet::new();
-        let mut failure: Option<Error> = None;
-        model.visit_layers(&mut |layer| {
+        try_visit_layers(model, &mut |layer| {
             let name = unet_lora_name(&layer.path);
-            let Some(entry) = file.modules.get(&name).filter(|_| failure.is_none()) else {
-                return;
-            };
-            used.insert(name.clone());
-            let merged = module_from_file(layer, &name, entry, multiplier, &Device::Cpu, path)
-                .and_then(|module| {
-                    let delta = module.weight_delta()?.to_device(layer.weight().device())?;
-                    Ok(layer.merge_into_weight(&delta)?)
-                });
-            match merged {
-                Ok(()) => report.applied += 1,
-                Err(e) => failure = Some(e),
+            if let Some(entry) = file.modules.get(&name) {
+                let module = module_from_file(layer, &name, entry, multiplier, &Device::Cpu, path)?;
+                let delta = module.weight_delta()?.to_device(layer.weight().device())?;
+                layer.merge_into_weight(&delta)?;
+                report.applied += 1;
+                used.insert(name);
             }
-        });
-        if let Some(e) = failure {
-            return Err(e);
-        }
+            Ok(())
+        })?;
         report.count_unused(&file, &used);
         Ok(report)
     }
@@ -571,6 +526,26 @@ pub struct LoadReport {
     pub ignored_text_encoder: usize,
     /// `lora_unet_*` modules with no matching layer.
     pub unknown: Vec<String>,
+}
+
+/// Calls `f` on the layers of `model` in order until one call fails, and returns that error.
+fn try_visit_layers(
+    model: &mut dyn Adaptable,
+    f: &mut dyn FnMut(&mut AdaptableLayer) -> Result<()>,
+) -> Result<()> {
+    let mut failure = None;
+    model.visit_layers(&mut |layer| {
+        if failure.is_none() {
+            failure = f(layer).err();
+        }
+    });
+    failure.map_or(Ok(()), Err)
+}
+
+/// Attaches `module` to `layer` and records it in `modules`.
+fn attach(layer: &mut AdaptableLayer, module: LoraModule, modules: &mut Vec<LoraModule>) {
+    layer.lora = Some(module.clone());
+    modules.push(module);
 }
 
 fn new_module(

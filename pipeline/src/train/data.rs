@@ -405,53 +405,46 @@ fn load_sample(
 
 /// The cache's `latents_flipped`, which must match the latents' shape.
 fn flipped_latents(cache: &mut NpzReader, latents: &Tensor) -> Result<Tensor> {
-    let path = cache.path().to_path_buf();
-    if !cache.contains("latents_flipped") {
-        return Err(Error::bad_file(
-            &path,
-            "no latents_flipped in the latent cache; re-run prepare-latents with --flip_aug",
-        ));
-    }
-    let flipped = cache.read_tensor_f32("latents_flipped", &Device::Cpu)?;
-    if flipped.dims() != latents.dims() {
-        return Err(Error::bad_file(
-            &path,
-            format!(
-                "latents_flipped has shape {:?}, the latents {:?}; re-run prepare-latents --flip_aug",
-                flipped.dims(),
-                latents.dims()
-            ),
-        ));
-    }
-    Ok(flipped)
+    optional_array(cache, "latents_flipped", latents.dims(), "--flip_aug")
 }
 
 /// The cache's pixel-resolution `alpha_mask` `[8h, 8w]` averaged over each 8x8 block to the
 /// latents' `[1, h, w]` (the "area" resize sd-scripts applies to the loss mask).
 fn latent_mask(cache: &mut NpzReader, latents: &Tensor) -> Result<Tensor> {
-    let path = cache.path().to_path_buf();
-    if !cache.contains("alpha_mask") {
-        return Err(Error::bad_file(
-            &path,
-            "no alpha_mask in the latent cache; re-run prepare-latents with --alpha_mask",
-        ));
-    }
-    let mask = cache.read_tensor_f32("alpha_mask", &Device::Cpu)?;
     let (_, h, w) = latents.dims3()?;
-    if mask.dims() != [h * 8, w * 8] {
-        return Err(Error::bad_file(
-            &path,
-            format!(
-                "alpha_mask has shape {:?} but the latents need {:?}; re-run prepare-latents --alpha_mask",
-                mask.dims(),
-                [h * 8, w * 8]
-            ),
-        ));
-    }
+    let mask = optional_array(cache, "alpha_mask", &[h * 8, w * 8], "--alpha_mask")?;
     Ok(mask
         .reshape((1, 1, h * 8, w * 8))?
         .avg_pool2d(8)?
         .reshape((1, h, w))?)
+}
+
+/// The array `name` of a latent cache that prepare-latents writes only with `flag`; it must
+/// exist and have `shape`.
+fn optional_array(
+    cache: &mut NpzReader,
+    name: &str,
+    shape: &[usize],
+    flag: &str,
+) -> Result<Tensor> {
+    let path = cache.path().to_path_buf();
+    if !cache.contains(name) {
+        return Err(Error::bad_file(
+            &path,
+            format!("no {name} in the latent cache; re-run prepare-latents with {flag}"),
+        ));
+    }
+    let array = cache.read_tensor_f32(name, &Device::Cpu)?;
+    if array.dims() != shape {
+        return Err(Error::bad_file(
+            &path,
+            format!(
+                "{name} has shape {:?} but the latents need {shape:?}; re-run prepare-latents {flag}",
+                array.dims()
+            ),
+        ));
+    }
+    Ok(array)
 }
 
 #[cfg(test)]
