@@ -456,7 +456,8 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
             }
             log_lines.push(line.to_string());
             tracing::debug!("step {global_step}: loss {step_loss:.5} (avg {average:.5}) lr {lr:e}");
-            let position = state::Progress {
+            // Built only when a state is saved: the log grows with every step.
+            let position = || state::Progress {
                 epoch,
                 batches_done_in_epoch: bi + 1,
                 global_step,
@@ -469,11 +470,11 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
                 && global_step < plan.total_steps
             {
                 let at = SavePoint::Step(global_step);
-                saver.checkpoint(at, global_step, epoch - 1, &optimizer, &position)?;
+                saver.checkpoint(at, global_step, epoch - 1, &optimizer, &position())?;
                 write_log(&log_path, &log_lines)?;
             }
             if global_step >= plan.total_steps {
-                saver.final_state(&optimizer, &position)?;
+                saver.final_state(&optimizer, &position())?;
                 // Last step: the end-of-epoch validation still runs.
                 break;
             }
