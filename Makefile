@@ -13,6 +13,10 @@
 # re-encodes one text-encoder entry, one replaced image is re-tagged, re-captioned and re-encoded
 # alone. Outputs are rewritten only when their content changes, so their mtimes stay meaningful.
 # Stages are chained through their output files, which makes `make -j` safe.
+#
+# Caption and tag files you wrote or edited are yours: tag-images and caption-images keep them
+# (and say how many they kept); they regenerate only the files they wrote themselves. OVERWRITE=1
+# replaces yours too, after copying each to <name>.bak.
 
 SHELL       := /bin/bash
 CARGO       ?= cargo
@@ -44,8 +48,10 @@ TE_FLAGS    ?=
 TRAIN_FLAGS ?=
 LINT_FLAGS  ?=
 QUIET       ?=
+OVERWRITE   ?=
 
 CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)
+SIDECAR_FLAGS := $(if $(OVERWRITE),--overwrite,)
 BUCKET_RANGE := --min_bucket_reso $(MIN_BUCKET) --max_bucket_reso $(MAX_BUCKET) --bucket_reso_steps $(BUCKET_STEP)
 
 .PHONY: all build test setup demo lora lint tags captions metadata latents te-cache train bench clean-out FORCE
@@ -94,14 +100,14 @@ $(OUT)/lint.json: FORCE | build
 tags: $(OUT)/.tags
 $(OUT)/.tags: $(OUT)/lint.json FORCE | setup
 	"$(BIN)/tag-images" "$(DATA)" --model_dir "$(TAGGER_DIR)" --repo_id "$(TAGGER)" \
-		--caption_extension $(TAG_EXT) $(TAG_FLAGS) $(QUIET)
+		--caption_extension $(TAG_EXT) $(TAG_FLAGS) $(SIDECAR_FLAGS) $(QUIET)
 	@touch "$@"
 
 # BLIP captions (.caption next to each image) from a Hugging Face BLIP folder.
 captions: $(OUT)/.captions
 $(OUT)/.captions: $(OUT)/lint.json FORCE | build
 	"$(BIN)/caption-images" "$(DATA)" --caption_weights "$(BLIP)" --caption_extension $(CAPTION_EXT) \
-		--seed $(SEED) $(CAPTION_FLAGS) $(QUIET)
+		--seed $(SEED) $(CAPTION_FLAGS) $(SIDECAR_FLAGS) $(QUIET)
 	@touch "$@"
 
 metadata: $(OUT)/meta_clean.json

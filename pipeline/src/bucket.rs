@@ -1,5 +1,5 @@
-//! Aspect-ratio buckets (spec §5.1–5.5): the bucket list, the bucket an image goes to, the size
-//! it is resized to before the centre crop, and sd-scripts' `crop_ltrb` value.
+//! Aspect-ratio buckets (docs/kohya-compat.md#buckets): the bucket list, the bucket an image goes
+//! to, the size it is resized to before the centre crop, and sd-scripts' `crop_ltrb` value.
 //!
 //! All arithmetic mirrors sd-scripts' `BucketManager` exactly (integer maths where it uses
 //! integers, f64 where it uses Python floats) so bucket choices are bit-identical.

@@ -16,6 +16,7 @@ use crate::manifest::Manifest;
 use crate::models::blip::{BlipCaptioner, BlipFiles, IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD};
 use crate::report::{Progress, Summary};
 use crate::shard::Shard;
+use crate::sidecar::{self, Outcome, Owner};
 use crate::{dataset, fsio, Error, Result};
 
 /// Tokens kept before nucleus filtering (transformers' default `top_k`, also in effect in
@@ -420,8 +421,12 @@ pub struct CaptionOptions {
     pub recursive: bool,
     /// Print every caption (`--debug`).
     pub debug: bool,
-    /// Caption every image again, even when its caption is up to date (`--force`).
+    /// Caption every image again, even when its caption is up to date (`--force`). Caption
+    /// files the user wrote are still kept unless `overwrite`.
     pub force: bool,
+    /// Replace caption files the user wrote or edited (`--overwrite`), each after copying it to
+    /// a backup ([`crate::sidecar`]); without it they are kept and counted as kept.
+    pub overwrite: bool,
     /// Decompression-bomb limits and EXIF handling.
     pub decode: DecodeOptions,
     /// `--shard i/n`: caption only this part of the images; the caption index gets a
@@ -496,13 +501,19 @@ struct PendingImage {
     item: String,
     image_hash: String,
     key: String,
+    /// The caption file's path relative to the dataset folder, as recorded in the manifest.
+    sidecar_name: String,
+    /// What is at the caption file's path now.
+    existing: sidecar::Existing,
 }
 
 /// Captions every image of `train_data_dir` that has no up-to-date caption file.
 ///
 /// Writes `<stem><caption_extension>` per image (caption + newline, atomically), skips images
 /// whose content key (image bytes, model, parameters) matches the previous run's manifest and
-/// whose caption file still exists, and reports unreadable images as per-file failures.
+/// whose caption file is still the one this stage wrote, keeps caption files the user wrote or
+/// edited (unless `overwrite`, see [`crate::sidecar`]), and reports unreadable images as
+/// per-file failures.
 pub fn run(options: &CaptionOptions) -> Result<Summary> {
     options.validate()?;
     let files = BlipFiles::locate(&options.caption_weights)?;
@@ -512,13 +523,16 @@ pub fn run(options: &CaptionOptions) -> Result<Summary> {
         &options.caption_extension,
     ));
     let parameters = options.parameters();
-    let previous = match Manifest::read_for(&index) {
-        Ok(manifest) => manifest.map(|m| m.items).unwrap_or_default(),
+    let (previous, previous_sidecars) = match Manifest::read_for(&index) {
+        Ok(manifest) => manifest.map(|m| (m.items, m.sidecars)).unwrap_or_default(),
         Err(error) => {
             tracing::warn!("ignoring the previous run's manifest: {error}");
             Default::default()
         }
     };
+    // Caption indexes written before the manifest recorded sidecar hashes still tell which
+    // caption files this stage wrote: those holding the indexed caption.
+    let previous_captions = read_index(&index);
     let model_hash = files.hash()?;
     let mut summary = Summary::default();
     let mine = |path: &Path| options.shard.contains_image(&options.train_data_dir, path);
@@ -570,15 +584,34 @@ pub fn run(options: &CaptionOptions) -> Result<Summary> {
                 continue;
             }
         };
+        let sidecar_name = dataset::relative_name(&options.train_data_dir, &sidecar);
+        let recorded = previous_sidecars.get(&sidecar_name).cloned().or_else(|| {
+            previous_captions
+                .get(&item)
+                .map(|caption| hashing::hash_bytes(format!("{caption}\n").as_bytes()))
+        });
+        let existing = match sidecar::inspect(&sidecar, recorded.as_deref()) {
+            Ok(existing) => existing,
+            Err(error) => {
+                summary.fail(path, &error);
+                continue;
+            }
+        };
+        if existing.owner == Owner::User && !options.overwrite {
+            tracing::debug!("{}: kept (user-written)", sidecar.display());
+            summary.kept += 1;
+            continue;
+        }
         let key = KeyBuilder::new("caption-images", KEY_VERSION)
             .text("image", &image_hash)
             .text("model", &model_hash)
             .text("parameters", &parameters.to_string())
             .finish();
-        if !options.force && previous.get(&item) == Some(&key) {
-            if let Ok(text) = dataset::read_sidecar(&sidecar) {
+        if !options.force && existing.owner == Owner::Stage && previous.get(&item) == Some(&key) {
+            if let (Ok(text), Some(hash)) = (dataset::read_sidecar(&sidecar), recorded) {
                 captions.insert(item.clone(), text);
                 manifest.items.insert(item, key);
+                manifest.sidecars.insert(sidecar_name, hash);
                 summary.up_to_date += 1;
                 continue;
             }
@@ -588,6 +621,8 @@ pub fn run(options: &CaptionOptions) -> Result<Summary> {
             item,
             image_hash,
             key,
+            sidecar_name,
+            existing,
         });
     }
     if !pending.is_empty() {
@@ -677,14 +712,32 @@ fn caption_batch(
     for (image, generated) in ready.into_iter().zip(generated) {
         let caption = caption_text(model, &generated.ids)?;
         let sidecar = dataset::sidecar_path(&image.path, &options.caption_extension);
-        match fsio::write_atomic(&sidecar, format!("{caption}\n").as_bytes()) {
-            Ok(()) => {
+        let bytes = format!("{caption}\n");
+        match sidecar::write(
+            &sidecar,
+            bytes.as_bytes(),
+            &image.existing,
+            options.overwrite,
+        ) {
+            Ok(Outcome::Kept) => summary.kept += 1,
+            Ok(outcome) => {
+                if let Outcome::Replaced(backup) = &outcome {
+                    tracing::info!(
+                        "{}: replaced the user's caption (--overwrite), kept as {}",
+                        sidecar.display(),
+                        backup.display()
+                    );
+                }
                 if options.debug {
                     println!("{} {caption}", image.path.display());
                 }
                 tracing::debug!("{}: {caption}", image.path.display());
                 captions.insert(image.item.clone(), caption);
                 manifest.items.insert(image.item.clone(), image.key.clone());
+                manifest.sidecars.insert(
+                    image.sidecar_name.clone(),
+                    hashing::hash_bytes(bytes.as_bytes()),
+                );
                 summary.done += 1;
             }
             Err(error) => summary.fail(&image.path, &error),
@@ -692,6 +745,14 @@ fn caption_batch(
         progress.inc(1);
     }
     Ok(())
+}
+
+/// The captions of a previous run's index (empty when there is none or it cannot be read).
+fn read_index(index: &Path) -> BTreeMap<String, String> {
+    std::fs::read(index)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
 }
 
 /// Decodes an image and turns it into BLIP's input `[3, 384, 384]`: RGB with any alpha channel

@@ -1,6 +1,7 @@
 //! The caption text a training image is encoded with, assembled from its metadata entry the
-//! way sd-scripts' fine-tuning dataset does it (spec §3.4), and sd-scripts' per-step caption
-//! augmentation (shuffle, keep_tokens, tag dropout; spec §9.6 step 4).
+//! way sd-scripts' fine-tuning dataset does it (docs/kohya-compat.md#caption-assembly), and
+//! sd-scripts' per-step caption augmentation (shuffle, keep_tokens, tag dropout;
+//! docs/kohya-compat.md#caption-augmentation).
 
 use rand::seq::SliceRandom;
 use rand::Rng;

@@ -1,6 +1,7 @@
 //! `prepare-latents`: bucket every image, resize and centre-crop it, encode it with the VAE and
-//! cache the latents as `<stem>_<WWWW>x<HHHH>_sd.npz` (sd-scripts' current cache format, spec §6.2),
-//! then write the metadata JSON with `train_resolution` added (spec §6.3).
+//! cache the latents as `<stem>_<WWWW>x<HHHH>_sd.npz` (sd-scripts' current cache format, see
+//! docs/kohya-compat.md#latent-cache-files), then write the metadata JSON with `train_resolution`
+//! added (docs/kohya-compat.md#legacy-latent-caches).
 //!
 //! Every cache file stores the content key that produced it (image bytes, VAE weights, bucket,
 //! resize, crop, dtype, flip/alpha flags, seed, format version); a re-run encodes only the
@@ -435,7 +436,8 @@ fn cache_is_current(options: &LatentOptions, item: &Planned) -> bool {
     options.skip_existing && passes_validity_check(&mut reader, options, &item.placement)
 }
 
-/// sd-scripts' legacy validity check (spec §6.3): keys present with the bucket's shapes.
+/// sd-scripts' legacy validity check (docs/kohya-compat.md#legacy-latent-caches): keys present
+/// with the bucket's shapes.
 fn passes_validity_check(
     reader: &mut NpzReader,
     options: &LatentOptions,

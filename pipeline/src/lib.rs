@@ -25,6 +25,7 @@ pub mod npz;
 pub mod report;
 pub mod schema;
 pub mod shard;
+pub mod sidecar;
 pub mod tagger;
 pub mod te_cache;
 pub mod tokenize;

@@ -56,6 +56,11 @@ pub struct Manifest {
     /// Per-item content keys (per-image stages).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub items: BTreeMap<String, String>,
+    /// Sidecar files the stage wrote (caption and tag files): path relative to the dataset
+    /// folder -> BLAKE3 of the bytes written, to tell its own files from the user's
+    /// ([`crate::sidecar`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sidecars: crate::sidecar::WrittenSidecars,
     /// Counts and failures of the run that wrote the output.
     pub summary: Summary,
 }
@@ -77,6 +82,7 @@ impl Manifest {
             parameters,
             inputs: Vec::new(),
             items: BTreeMap::new(),
+            sidecars: BTreeMap::new(),
             summary: Summary::default(),
         }
     }

@@ -40,6 +40,9 @@ pub struct Summary {
     pub done: usize,
     /// Items skipped because their output was already up to date.
     pub up_to_date: usize,
+    /// Items whose caption or tag file is the user's and was kept as it is.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub kept: usize,
     /// Items skipped because of an error.
     pub failures: Vec<ItemFailure>,
 }
@@ -66,6 +69,10 @@ impl Summary {
     }
 }
 
+fn is_zero(count: &usize) -> bool {
+    *count == 0
+}
+
 /// Runs a stage body and prints its report: the `main` of every tool.
 pub fn run(tool: &str, body: impl FnOnce() -> crate::Result<Summary>) -> std::process::ExitCode {
     let started = Instant::now();
@@ -85,8 +92,16 @@ pub fn finish(
             for failure in &summary.failures {
                 eprintln!("{tool}: skipped {}: {}", failure.path, failure.message);
             }
+            let kept = if summary.kept > 0 {
+                format!(
+                    ", {} kept (user-written; --overwrite replaces them, keeping a .bak copy)",
+                    summary.kept
+                )
+            } else {
+                String::new()
+            };
             eprintln!(
-                "{tool}: {} done, {} up to date, {} failed in {seconds:.2} s ({rate:.1} items/s)",
+                "{tool}: {} done, {} up to date{kept}, {} failed in {seconds:.2} s ({rate:.1} items/s)",
                 summary.done,
                 summary.up_to_date,
                 summary.failures.len()

@@ -154,9 +154,12 @@ pub fn merge_shard_outputs(
         .into_owned();
     manifest.summary = Summary::default();
     manifest.items.clear();
+    manifest.sidecars.clear();
     for part in &manifests {
         manifest.items.extend(part.items.clone());
+        manifest.sidecars.extend(part.sidecars.clone());
         manifest.summary.done += part.summary.done;
+        manifest.summary.kept += part.summary.kept;
         manifest.summary.up_to_date += part.summary.up_to_date;
         manifest
             .summary

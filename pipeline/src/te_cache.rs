@@ -2,7 +2,8 @@
 //! encoder(s), one `<image stem>_te_outputs.npz` per image, so training never loads a text
 //! encoder.
 //!
-//! Files (format `lorakit.te_cache/v1`, see `schemas/te_cache.v1.schema.json` and the README):
+//! Files (format `lorakit.te_cache/v1`, see `schemas/te_cache.v1.schema.json` and
+//! docs/formats.md#text-encoder-cache):
 //! * SD1.x/SD2.x: `hidden_state` `[75n+2, D]` (float32, float16 under `--mixed_precision fp16`),
 //!   `input_ids` int64 `[n, 77]`.
 //! * SDXL: sd-scripts' `hidden_state1` `[75n+2, 768]`, `hidden_state2` `[75n+2, 1280]`,

@@ -68,6 +68,9 @@ pub enum Code {
     SidecarTooLong,
     /// A caption or tag file with no image of the same name.
     SidecarWithoutImage,
+    /// A caption or tag file edited since `caption-images` / `tag-images` wrote it: the user's
+    /// now, kept by those tools.
+    SidecarEdited,
     /// The metadata JSON cannot be read.
     MetadataUnreadable,
     /// A metadata entry whose image does not exist.

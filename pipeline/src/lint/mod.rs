@@ -22,10 +22,14 @@ pub use similar::{dhash, near_pairs};
 pub use stale::CacheSettings;
 
 use crate::bucket::{BucketManager, BucketSettings};
-use crate::dataset::{has_image_extension, sidecar_path};
+use crate::caption::index_path as caption_index_path;
+use crate::dataset::{has_image_extension, relative_name, sidecar_path};
 use crate::imaging::{DecodeOptions, LoadedImage};
+use crate::manifest::Manifest;
 use crate::metadata::{image_key, resolve_image};
 use crate::report::{Progress, Summary};
+use crate::sidecar::WrittenSidecars;
+use crate::tagger::DEFAULT_STORE_NAME;
 use crate::tokenize::{ClipTokenizer, MaxTokenLength, Padding};
 use crate::{fsio, hashing, Error, Result};
 
@@ -556,10 +560,26 @@ fn check_sidecars(
     let mut tags: HashMap<String, usize> = HashMap::new();
     let mut any_sidecar = false;
     let mut expected = HashSet::new();
-    for (extension, is_tags) in [
+    let written = [
+        (
+            "caption-images",
+            written_sidecars(&caption_index_path(
+                &options.train_data_dir,
+                &options.caption_extension,
+            )),
+        ),
+        (
+            "tag-images",
+            written_sidecars(&options.train_data_dir.join(DEFAULT_STORE_NAME)),
+        ),
+    ];
+    for ((extension, is_tags), (writer, recorded)) in [
         (&options.caption_extension, false),
         (&options.tag_extension, true),
-    ] {
+    ]
+    .into_iter()
+    .zip(&written)
+    {
         let paths: Vec<PathBuf> = listing
             .images
             .iter()
@@ -584,7 +604,12 @@ fn check_sidecars(
                 }
                 continue;
             }
-            if let Some(text) = check_sidecar(sidecar, options.max_caption_bytes, findings) {
+            let recorded = recorded
+                .get(&relative_name(&options.train_data_dir, sidecar))
+                .map(|hash| (*writer, hash.as_str()));
+            if let Some(text) =
+                check_sidecar(sidecar, options.max_caption_bytes, recorded, findings)
+            {
                 if let Some(tokenizer) = tokenizer {
                     check_tokens(
                         tokenizer,
@@ -641,8 +666,24 @@ fn check_sidecars(
     tags
 }
 
-/// Checks one caption/tag file; returns its text when it is readable.
-fn check_sidecar(path: &Path, max_bytes: u64, findings: &mut Vec<Finding>) -> Option<String> {
+/// The sidecar files the stage writing `output` recorded in its manifest (empty when there is
+/// no readable manifest).
+fn written_sidecars(output: &Path) -> WrittenSidecars {
+    Manifest::read_for(output)
+        .ok()
+        .flatten()
+        .map(|manifest| manifest.sidecars)
+        .unwrap_or_default()
+}
+
+/// Checks one caption/tag file; returns its text when it is readable. `recorded` names the
+/// tool that wrote the file and the hash it recorded, when one did.
+fn check_sidecar(
+    path: &Path,
+    max_bytes: u64,
+    recorded: Option<(&str, &str)>,
+    findings: &mut Vec<Finding>,
+) -> Option<String> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(error) => {
@@ -655,6 +696,19 @@ fn check_sidecar(path: &Path, max_bytes: u64, findings: &mut Vec<Finding>) -> Op
             return None;
         }
     };
+    if let Some((writer, hash)) = recorded {
+        if hashing::hash_bytes(&bytes) != hash {
+            findings.push(finding(
+                Severity::Info,
+                Code::SidecarEdited,
+                path,
+                format!(
+                    "edited since {writer} wrote it: it is yours now, and {writer} keeps it \
+                     (its --overwrite replaces it after copying it to a .bak file)"
+                ),
+            ));
+        }
+    }
     if bytes.len() as u64 > max_bytes {
         findings.push(finding(
             Severity::Warning,

@@ -1,5 +1,6 @@
 //! Dropout of LoRA branches while training (`--network_dropout`, `rank_dropout`,
-//! `module_dropout`; spec §8.5), drawn from seeded streams so runs are reproducible.
+//! `module_dropout`; docs/kohya-compat.md#lora-forward-pass-and-dropout), drawn from seeded
+//! streams so runs are reproducible.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -7,7 +8,8 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 
-/// Dropout probabilities of a LoRA branch while training (spec §8.5).
+/// Dropout probabilities of a LoRA branch while training
+/// (docs/kohya-compat.md#lora-forward-pass-and-dropout).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct DropoutRates {
     /// Hidden units of `lora_down`'s output (`--network_dropout`): inverted dropout.

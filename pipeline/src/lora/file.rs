@@ -1,5 +1,6 @@
 //! kohya LoRA `.safetensors` files: reading their modules and metadata, and writing the bytes
-//! with the sd-webui hashes (spec §8.3, §10.2).
+//! with the sd-webui hashes (docs/kohya-compat.md#lora-tensors-and-alpha,
+//! docs/kohya-compat.md#lora-file-hashes).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;

@@ -2,8 +2,9 @@
 //! initialisation, the training forward pass, and `.safetensors` save/load with `ss_*` metadata.
 //!
 //! A model exposes its adaptable layers ([`AdaptableLayer`]) through a visitor; [`LoraNetwork`]
-//! attaches a [`LoraModule`] to every layer the selection rules pick (spec §8.1) and names it
-//! `lora_unet_<diffusers path with '_'>` (spec §8.2).
+//! attaches a [`LoraModule`] to every layer the selection rules pick
+//! (docs/kohya-compat.md#lora-module-selection) and names it `lora_unet_<diffusers path with '_'>`
+//! (docs/kohya-compat.md#lora-key-names).
 
 mod dropout;
 mod file;
@@ -25,7 +26,8 @@ use file::{serialize_with_hashes, FileModule};
 pub use file::{sha256_hex, LoraFile};
 pub use selection::{sd_block_index, unet_lora_name, BlockDims, LoraConfig, SD_BLOCKS};
 
-/// The sd-scripts model class that contains a layer; drives module selection (spec §8.1).
+/// The sd-scripts model class that contains a layer; drives module selection
+/// (docs/kohya-compat.md#lora-module-selection).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Container {
     /// Inside a `Transformer2DModel` (the default LierLa target).
@@ -111,7 +113,8 @@ impl AdaptableLayer {
     }
 }
 
-/// Alpha as stored in the file: sd-scripts keeps an integer default alpha as int64 (spec §8.3).
+/// Alpha as stored in the file: sd-scripts keeps an integer default alpha as int64
+/// (docs/kohya-compat.md#lora-tensors-and-alpha).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Alpha {
     /// Integer alpha (the `--network_alpha` default of 1), stored as I64.
@@ -265,8 +268,8 @@ impl LoraNetwork {
         self.dropout_stream.store(value, Ordering::Relaxed);
     }
 
-    /// Creates and attaches fresh modules (down Kaiming-uniform, up zeros; spec §8.4) drawn from a
-    /// seeded RNG.
+    /// Creates and attaches fresh modules (down Kaiming-uniform, up zeros;
+    /// docs/kohya-compat.md#lora-initialisation) drawn from a seeded RNG.
     pub fn create(
         model: &mut dyn Adaptable,
         config: &LoraConfig,
@@ -384,9 +387,10 @@ impl LoraNetwork {
         Ok(report)
     }
 
-    /// Max-norm regularisation (`--scale_weight_norms`, spec §8.5): every module whose weight
-    /// change `scale · up · down` has a Frobenius norm above `limit` has both its matrices scaled
-    /// so the norm becomes `limit`.
+    /// Max-norm regularisation (`--scale_weight_norms`, see
+    /// docs/kohya-compat.md#max-norm-regularisation): every module whose weight change
+    /// `scale · up · down` has a Frobenius norm above `limit` has both its matrices scaled so the
+    /// norm becomes `limit`.
     pub fn apply_max_norm(&self, limit: f64) -> Result<MaxNormReport> {
         let mut report = MaxNormReport::default();
         let mut total = 0.0;
@@ -478,8 +482,8 @@ impl LoraNetwork {
         Ok(out)
     }
 
-    /// Serialises the network with `metadata` (plus `sshs_model_hash`/`sshs_legacy_hash`, spec
-    /// §10.2) and writes it atomically to `path`.
+    /// Serialises the network with `metadata` (plus `sshs_model_hash`/`sshs_legacy_hash`, see
+    /// docs/kohya-compat.md#lora-file-hashes) and writes it atomically to `path`.
     pub fn save(
         &self,
         path: &Path,

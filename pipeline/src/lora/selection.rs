@@ -1,10 +1,12 @@
-//! Which UNet layers get a LoRA module, with what rank and alpha (spec §8.1, §8.6), and the
-//! kohya names of the modules (spec §8.2).
+//! Which UNet layers get a LoRA module, with what rank and alpha
+//! (docs/kohya-compat.md#lora-module-selection, docs/kohya-compat.md#per-block-settings), and the
+//! kohya names of the modules (docs/kohya-compat.md#lora-key-names).
 
 use super::{AdaptableLayer, Alpha, Container};
 use crate::models::frozen::FrozenKind;
 
-/// Which layers get a module and with what rank/alpha (spec §8.1, §8.6, §8.8).
+/// Which layers get a module and with what rank/alpha (docs/kohya-compat.md#lora-module-selection,
+/// docs/kohya-compat.md#per-block-settings, docs/kohya-compat.md#network-arguments).
 #[derive(Debug, Clone)]
 pub struct LoraConfig {
     /// Rank for Linear and 1x1 conv layers (`--network_dim`, default 4).
@@ -31,7 +33,8 @@ impl Default for LoraConfig {
     }
 }
 
-/// Number of UNet blocks of SD1.x/SD2.x for per-block settings (spec §8.6).
+/// Number of UNet blocks of SD1.x/SD2.x for per-block settings
+/// (docs/kohya-compat.md#per-block-settings).
 pub const SD_BLOCKS: usize = 25;
 
 /// Per-block ranks and alphas of the UNet (`block_dims`, `block_alphas`, `conv_block_dims`,
@@ -84,8 +87,9 @@ impl LoraConfig {
     }
 }
 
-/// The SD1.x/SD2.x block (0..[`SD_BLOCKS`]) of a UNet LoRA module name (spec §8.6): down-block
-/// layers are 1..=11, the middle block 12, up-block layers 13..=24; `None` for other layers.
+/// The SD1.x/SD2.x block (0..[`SD_BLOCKS`]) of a UNet LoRA module name
+/// (docs/kohya-compat.md#per-block-settings): down-block layers are 1..=11, the middle block 12,
+/// up-block layers 13..=24; `None` for other layers.
 pub fn sd_block_index(lora_name: &str) -> Option<usize> {
     static PATTERN: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
         regex::Regex::new(

@@ -25,7 +25,7 @@ pub struct TextEncoders {
     pub weights_hash: String,
 }
 
-/// Padding of each encoder's tokenizer (spec §7.1).
+/// Padding of each encoder's tokenizer (docs/kohya-compat.md#tokenizer-padding).
 pub fn paddings(family: ModelFamily) -> &'static [Padding] {
     match family {
         ModelFamily::Sd1 => &[Padding::Eos],
@@ -136,7 +136,8 @@ fn load_encoder(
             )))
         })
         .count();
-    // sd-scripts builds SD2's encoder without the 24th OpenCLIP layer (spec Appendix A.3).
+    // sd-scripts builds SD2's encoder without the 24th OpenCLIP layer
+    // (docs/kohya-compat.md#sd2-text-encoder-layers).
     let dropped = usize::from(family == ModelFamily::Sd2 && layout == WeightLayout::OpenClip);
     let config = infer_config(
         (vocab, width),

@@ -1,5 +1,5 @@
 //! Tagger label files (`selected_tags.csv`, `tag_mapping.json`), label post-processing and the
-//! per-image tag selection and ordering of sd-scripts (spec §1.1, §1.3–§1.5).
+//! per-image tag selection and ordering of sd-scripts (see docs/kohya-compat.md#tagging).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -73,7 +73,7 @@ pub struct LabelSet {
     pub labels: Vec<Label>,
 }
 
-/// Options of the label post-processing (spec §1.4).
+/// Options of the label post-processing (docs/kohya-compat.md#tag-name-post-processing).
 #[derive(Debug, Clone, Default)]
 pub struct LabelOptions {
     /// `--character_tag_expand`.
@@ -289,7 +289,8 @@ fn unescape(text: &str) -> String {
     text.replace("\\,", ",").replace("\\;", ";")
 }
 
-/// Thresholds per category (spec §1.3); a value above 1 disables the category.
+/// Thresholds per category (docs/kohya-compat.md#tag-thresholds); a value above 1 disables the
+/// category.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Thresholds {
     /// `--general_threshold`.
@@ -354,7 +355,7 @@ pub enum Placement {
     Last,
 }
 
-/// Per-image selection options (spec §1.5).
+/// Per-image selection options (docs/kohya-compat.md#tag-selection-and-order).
 #[derive(Debug, Clone)]
 pub struct Selection {
     /// Category thresholds.

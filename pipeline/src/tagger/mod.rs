@@ -1,6 +1,6 @@
-//! WD14 tagging (sd-scripts `finetune/tag_images_by_wd14_tagger.py`, spec §1) through ONNX
-//! Runtime, with a tag-probability store that makes re-runs incremental and lets thresholds be
-//! changed without running the model again.
+//! WD14 tagging (sd-scripts `finetune/tag_images_by_wd14_tagger.py`,
+//! docs/kohya-compat.md#tagging) through ONNX Runtime, with a tag-probability store that makes
+//! re-runs incremental and lets thresholds be changed without running the model again.
 
 pub mod labels;
 pub mod onnx;
@@ -17,6 +17,7 @@ use crate::dataset::relative_name;
 use crate::imaging::{self, DecodeOptions, LoadedImage};
 use crate::report::{Progress, Summary};
 use crate::shard::Shard;
+use crate::sidecar::{self, Outcome, Owner, WrittenSidecars};
 use crate::{Error, Result};
 use labels::{LabelOptions, LabelSet, Layout, Selection};
 use onnx::{Device, Tagger};
@@ -46,8 +47,11 @@ pub struct TagOptions {
     pub caption_extension: String,
     /// `--output_path`: one JSON / JSONL file instead of tag files.
     pub output_path: Option<PathBuf>,
-    /// `--append_tags`.
+    /// `--append_tags`: merge the model's tags into tag files the user wrote or edited.
     pub append_tags: bool,
+    /// `--overwrite`: replace tag files the user wrote or edited, each after copying it to a
+    /// backup ([`crate::sidecar`]); without it (and without `append_tags`) they are kept.
+    pub overwrite: bool,
     /// `--frequency_tags`.
     pub frequency_tags: bool,
     /// `--debug`: log each image's rating, character and general tags.
@@ -290,9 +294,33 @@ pub fn run(options: &TagOptions) -> Result<Summary> {
         store.save(&store_path)?;
     }
 
-    render(options, &labels, &store, &items, &mut summary)?;
+    let previous = match crate::manifest::Manifest::read_for(&store_path) {
+        Ok(manifest) => manifest,
+        Err(error) => {
+            tracing::warn!("ignoring the previous run's manifest: {error}");
+            None
+        }
+    };
+    let previous_sidecars = previous
+        .as_ref()
+        .map(|m| m.sidecars.clone())
+        .unwrap_or_default();
+    let sidecars = render(
+        options,
+        &labels,
+        &store,
+        &items,
+        &previous_sidecars,
+        &mut summary,
+    )?;
     if !options.from_store {
-        write_manifest(options, &files, &store_path, &store, &summary)?;
+        write_manifest(options, &files, &store_path, &store, sidecars, &summary)?;
+    } else if let Some(mut manifest) = previous {
+        // The store is unchanged; only the record of the tag files written from it is updated.
+        if manifest.sidecars != sidecars {
+            manifest.sidecars = sidecars;
+            manifest.write_for(&store_path)?;
+        }
     }
     Ok(summary)
 }
@@ -460,14 +488,16 @@ fn prepare(
     })
 }
 
-/// Turns the stored probabilities into tag files (or the `--output_path` file).
+/// Turns the stored probabilities into tag files (or the `--output_path` file); returns the
+/// tag files this stage now owns (see [`crate::sidecar`]), given those it owned before.
 fn render(
     options: &TagOptions,
     labels: &LabelSet,
     store: &ProbabilityStore,
     items: &[Item],
+    previous_sidecars: &WrittenSidecars,
     summary: &mut Summary,
-) -> Result<()> {
+) -> Result<WrittenSidecars> {
     let separator = &options.label_options.caption_separator;
     let mut frequencies: Vec<(String, usize)> = Vec::new();
     let mut frequency_index: HashMap<String, usize> = HashMap::new();
@@ -501,16 +531,35 @@ fn render(
         }
     }
     // Tag files are independent: write them in parallel (each write is synced to disk).
-    let failures: Vec<(&Path, Error)> = tag_files
+    let root = &options.train_data_dir;
+    let results: Vec<(&Path, String, Result<TagFileWrite>)> = tag_files
         .par_iter()
-        .filter_map(|(image, tags)| {
-            write_tag_file(options, image, tags)
-                .err()
-                .map(|e| (*image, e))
+        .map(|(image, tags)| {
+            let path = crate::dataset::sidecar_path(image, &options.caption_extension);
+            let name = relative_name(root, &path);
+            let recorded = previous_sidecars.get(&name).map(String::as_str);
+            (
+                *image,
+                name.clone(),
+                write_tag_file(options, &path, tags, recorded),
+            )
         })
         .collect();
-    for (image, error) in failures {
-        summary.fail(image, &error);
+    // With `--output_path` no tag file is touched, so the previous record still holds.
+    let mut sidecars = if options.output_path.is_some() {
+        previous_sidecars.clone()
+    } else {
+        WrittenSidecars::new()
+    };
+    for (image, name, result) in results {
+        match result {
+            Ok(TagFileWrite::Owned(hash)) => {
+                sidecars.insert(name, hash);
+            }
+            Ok(TagFileWrite::Kept) => summary.kept += 1,
+            Ok(TagFileWrite::Appended) => {}
+            Err(error) => summary.fail(image, &error),
+        }
     }
     if let Some(output) = &options.output_path {
         write_output_file(&options.shard.output_path(output), &records)?;
@@ -524,45 +573,71 @@ fn render(
         }
         print!("{text}");
     }
-    Ok(())
+    Ok(sidecars)
 }
 
-/// Writes `<image stem><caption_extension>` (merged with the existing file under
-/// `--append_tags`), only when its content changes.
-fn write_tag_file(options: &TagOptions, image: &Path, tags: &[&str]) -> Result<()> {
+/// What [`write_tag_file`] did with one tag file.
+enum TagFileWrite {
+    /// The file holds the stage's tags (written, unchanged or replaced after a backup); the
+    /// BLAKE3 of its bytes is recorded as the stage's own.
+    Owned(String),
+    /// The user's file was kept as it is.
+    Kept,
+    /// The model's tags were merged into the user's file (`--append_tags`); it stays the user's.
+    Appended,
+}
+
+/// Writes the tag file at `path` under the ownership rules of [`crate::sidecar`]: files this
+/// stage wrote (`recorded` is their hash) are regenerated, the user's are kept, merged with the
+/// model's tags under `--append_tags` (sd-scripts' behaviour, without duplicates), or replaced
+/// after a backup under `--overwrite`.
+fn write_tag_file(
+    options: &TagOptions,
+    path: &Path,
+    tags: &[&str],
+    recorded: Option<&str>,
+) -> Result<TagFileWrite> {
     let separator = &options.label_options.caption_separator;
-    let path = crate::dataset::sidecar_path(image, &options.caption_extension);
-    let existing = match std::fs::read(&path) {
-        Ok(bytes) => Some(bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(Error::io(&path, e)),
-    };
-    let mut text = tags.join(separator);
-    if options.append_tags {
-        if let Some(bytes) = &existing {
-            let content = String::from_utf8(bytes.clone()).map_err(|_| {
-                Error::bad_file(
-                    &path,
-                    "not UTF-8 text; fix or delete it before --append_tags",
-                )
-            })?;
-            let stripped_separator = separator.trim();
-            let old: Vec<&str> = content
-                .trim_matches('\n')
-                .split(stripped_separator)
-                .map(str::trim)
-                .filter(|t| !t.is_empty())
-                .collect();
-            let mut merged: Vec<&str> = old.clone();
-            merged.extend(tags.iter().filter(|t| !old.contains(t)));
-            text = merged.join(separator);
+    let existing = sidecar::inspect(path, recorded)?;
+    if options.append_tags && !options.overwrite && existing.owner == Owner::User {
+        let bytes = existing.bytes.as_deref().unwrap_or_default();
+        let content = std::str::from_utf8(bytes).map_err(|_| {
+            Error::bad_file(
+                path,
+                "not UTF-8 text; fix or delete it before --append_tags",
+            )
+        })?;
+        let stripped_separator = separator.trim();
+        let old: Vec<&str> = content
+            .trim_matches('\n')
+            .split(stripped_separator)
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect();
+        let mut merged: Vec<&str> = old.clone();
+        merged.extend(tags.iter().filter(|t| !old.contains(t)));
+        let text = format!("{}\n", merged.join(separator));
+        if text.as_bytes() != bytes {
+            crate::fsio::write_atomic(path, text.as_bytes())?;
+        }
+        return Ok(TagFileWrite::Appended);
+    }
+    let text = format!("{}\n", tags.join(separator));
+    match sidecar::write(path, text.as_bytes(), &existing, options.overwrite)? {
+        Outcome::Kept => Ok(TagFileWrite::Kept),
+        outcome => {
+            if let Outcome::Replaced(backup) = outcome {
+                tracing::info!(
+                    "{}: replaced the user's tags (--overwrite), kept as {}",
+                    path.display(),
+                    backup.display()
+                );
+            }
+            Ok(TagFileWrite::Owned(crate::hashing::hash_bytes(
+                text.as_bytes(),
+            )))
         }
     }
-    text.push('\n');
-    if existing.as_deref() == Some(text.as_bytes()) {
-        return Ok(());
-    }
-    crate::fsio::write_atomic(&path, text.as_bytes())
 }
 
 /// `--output_path`: JSON Lines when the name ends in `.jsonl`, else one JSON object.
@@ -602,6 +677,7 @@ fn write_manifest(
     files: &ModelFiles,
     store_path: &Path,
     store: &ProbabilityStore,
+    sidecars: WrittenSidecars,
     summary: &Summary,
 ) -> Result<()> {
     let selection = &options.selection;
@@ -635,6 +711,7 @@ fn write_manifest(
     manifest.add_input_hash("model", &files.model, store.model_hash());
     manifest.add_input_file("labels", &files.labels)?;
     manifest.items = store.keys();
+    manifest.sidecars = sidecars;
     manifest.summary = summary.clone();
     manifest.write_for(store_path)
 }

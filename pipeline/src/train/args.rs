@@ -275,7 +275,7 @@ pub struct TrainArgs {
 }
 
 /// Options of sd-scripts' `train_network.py` that have no effect here, accepted so that command
-/// lines written for it (or by kohya_ss) run unchanged. Training always reads cached latents and
+/// lines written for it (or by kohya_ss) do not stop on them. Training always reads cached latents and
 /// text-encoder outputs, keeps its data in memory and uses its own attention kernel.
 #[derive(Debug, Clone, Default, clap::Args)]
 #[command(

@@ -1,5 +1,6 @@
 //! Training data from caches only: the metadata JSON (`--in_json`), the latent caches
-//! `<stem>_<WWWW>x<HHHH>_sd.npz` (spec §6.2) and the text-encoder caches `<stem>_te_outputs.npz`.
+//! `<stem>_<WWWW>x<HHHH>_sd.npz` (docs/kohya-compat.md#latent-cache-files) and the text-encoder
+//! caches `<stem>_te_outputs.npz`.
 //! Every entry is checked before training starts; all problems are reported together.
 
 use std::collections::BTreeMap;

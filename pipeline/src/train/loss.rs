@@ -1,5 +1,6 @@
-//! The element-wise training loss (`--loss_type`, spec §9.3): squared error, absolute error, or
-//! the pseudo-Huber losses with a per-sample threshold from `--huber_schedule`.
+//! The element-wise training loss (`--loss_type`, docs/kohya-compat.md#loss-and-loss-weights):
+//! squared error, absolute error, or the pseudo-Huber losses with a per-sample threshold from
+//! `--huber_schedule`.
 
 use candle_core::Tensor;
 

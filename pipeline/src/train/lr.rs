@@ -1,6 +1,6 @@
-//! Learning-rate schedulers (`--lr_scheduler`, spec §9.5): the multiplier of each parameter
-//! group's learning rate after `s` optimizer steps, as sd-scripts builds them from transformers
-//! and diffusers.
+//! Learning-rate schedulers (`--lr_scheduler`, docs/kohya-compat.md#learning-rate-schedulers): the
+//! multiplier of each parameter group's learning rate after `s` optimizer steps, as sd-scripts
+//! builds them from transformers and diffusers.
 
 use std::f64::consts::PI;
 

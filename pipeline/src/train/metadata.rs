@@ -1,5 +1,6 @@
-//! The `ss_*` / `modelspec.*` header metadata sd-scripts writes into a LoRA file (spec §10.1),
-//! as far as it applies to cache-based UNet-only training.
+//! The `ss_*` / `modelspec.*` header metadata sd-scripts writes into a LoRA file (see
+//! docs/kohya-compat.md#lora-file-metadata), as far as it applies to cache-based UNet-only
+//! training.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -127,7 +128,8 @@ pub fn base_metadata(
                 map.insert(k.trim().into(), json!(v.trim()));
             }
         }
-        // The trainer adds `--network_dropout` under "dropout" unless given (spec §8.8).
+        // The trainer adds `--network_dropout` under "dropout" unless given
+        // (docs/kohya-compat.md#network-arguments).
         if !map.contains_key("dropout") {
             map.insert("dropout".into(), json!(args.network_dropout));
         }

@@ -1,6 +1,6 @@
-//! LoRA training loop (`train_network.py` semantics, spec §9): cached data, seeded noise,
-//! loss weighting, AdamW/Lion, LR schedulers, gradient accumulation, periodic saves with sd-scripts
-//! naming and `ss_*` metadata, and exact resume from a saved state.
+//! LoRA training loop (`train_network.py` semantics, docs/kohya-compat.md#training): cached data,
+//! seeded noise, loss weighting, AdamW/Lion, LR schedulers, gradient accumulation, periodic saves
+//! with sd-scripts naming and `ss_*` metadata, and exact resume from a saved state.
 
 pub mod args;
 pub mod data;

@@ -1,6 +1,6 @@
 //! `--network_dim`, `--network_alpha`, `--network_dropout` and the `--network_args` of
-//! `networks.lora` (spec §8.5–8.8): conv ranks, per-block ranks and alphas, per-block learning-rate
-//! weights, rank and module dropout, and LoRA+.
+//! `networks.lora` (docs/kohya-compat.md#lora-network): conv ranks, per-block ranks and alphas,
+//! per-block learning-rate weights, rank and module dropout, and LoRA+.
 
 use crate::lora::{sd_block_index, Alpha, BlockDims, DropoutRates, LoraConfig, SD_BLOCKS};
 use crate::{Error, Result};

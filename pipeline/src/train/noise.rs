@@ -1,5 +1,6 @@
-//! Seeded noise and timesteps (spec §9.2) from a Rust RNG, so runs are reproducible and resumable:
-//! every micro-batch draws from its own stream `(seed, micro-batch index)`.
+//! Seeded noise and timesteps (docs/kohya-compat.md#noise-and-timesteps) from a Rust RNG, so runs
+//! are reproducible and resumable: every micro-batch draws from its own stream
+//! `(seed, micro-batch index)`.
 
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;

@@ -1,5 +1,6 @@
-//! Optimizers over the LoRA variables (spec §11.5): AdamW (torch defaults, weight decay 0.01) and
-//! Lion, with per-variable state that can be saved and restored, plus global-norm clipping.
+//! Optimizers over the LoRA variables (docs/kohya-compat.md#optimizers): AdamW (torch defaults,
+//! weight decay 0.01) and Lion, with per-variable state that can be saved and restored, plus
+//! global-norm clipping.
 
 use candle_core::{backprop::GradStore, Tensor, Var};
 

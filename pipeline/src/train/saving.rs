@@ -1,5 +1,6 @@
-//! Periodic and final saves of a training run (spec §10.3–10.4): model files with sd-scripts'
-//! names and `ss_*` metadata, state folders next to them, and rotation of old ones.
+//! Periodic and final saves of a training run (docs/kohya-compat.md#save-names-and-rotation,
+//! docs/kohya-compat.md#training-state): model files with sd-scripts' names and `ss_*` metadata,
+//! state folders next to them, and rotation of old ones.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -112,8 +113,9 @@ impl Saver<'_> {
         }
     }
 
-    /// The save that keeping the last `keep` ones drops once `at` is written (spec §10.3):
-    /// epoch `e - every·keep`; step `s - keep - 1` rounded down to a multiple of the interval.
+    /// The save that keeping the last `keep` ones drops once `at` is written (see
+    /// docs/kohya-compat.md#save-names-and-rotation): epoch `e - every·keep`; step `s - keep - 1`
+    /// rounded down to a multiple of the interval.
     fn expired(&self, at: SavePoint, keep: usize) -> Option<SavePoint> {
         match at {
             SavePoint::Epoch(epoch) => {

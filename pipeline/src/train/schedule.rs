@@ -1,4 +1,5 @@
-//! DDPM noise schedule and loss weights (spec §9.1, §9.3).
+//! DDPM noise schedule and loss weights (docs/kohya-compat.md#noise-schedule,
+//! docs/kohya-compat.md#loss-and-loss-weights).
 
 /// Number of DDPM training timesteps.
 pub const TRAIN_TIMESTEPS: usize = 1000;
@@ -83,7 +84,8 @@ fn cumulative_product(betas: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-/// Per-sample loss weighting options (spec §9.3), applied in this order.
+/// Per-sample loss weighting options (docs/kohya-compat.md#loss-and-loss-weights), applied in
+/// this order.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LossWeighting {
     /// `--min_snr_gamma`.

@@ -53,9 +53,14 @@ struct Args {
     /// Print every caption.
     #[arg(long)]
     debug: bool,
-    /// Caption every image again, even when its caption file is up to date.
+    /// Caption every image again, even when its caption file is up to date (caption files
+    /// you wrote or edited are still kept; see --overwrite).
     #[arg(long)]
     force: bool,
+    /// Replace caption files you wrote or edited since caption-images wrote them. Each is first
+    /// copied to <name>.bak (or <name>.bak.N). Without it they are kept and reported as kept.
+    #[arg(long)]
+    overwrite: bool,
     #[command(flatten)]
     image: ImageArgs,
     #[command(flatten)]
@@ -92,6 +97,7 @@ fn main() -> std::process::ExitCode {
             recursive: args.recursive,
             debug: args.debug,
             force: args.force,
+            overwrite: args.overwrite,
             decode: args.image.options()?,
             shard: args.shard.shard,
             quiet: args.log.quiet,

@@ -82,9 +82,14 @@ struct Args {
     /// Print tag frequencies at the end.
     #[arg(long)]
     frequency_tags: bool,
-    /// Keep existing tag files and append the new tags not already in them.
+    /// Merge the model's tags into tag files you wrote or edited (tags not already there are
+    /// appended). Tag files tag-images wrote itself are regenerated.
     #[arg(long)]
     append_tags: bool,
+    /// Replace tag files you wrote or edited since tag-images wrote them. Each is first copied to
+    /// <name>.bak (or <name>.bak.N). Without it (and without --append_tags) they are kept.
+    #[arg(long)]
+    overwrite: bool,
     /// Put the most likely rating tag first.
     #[arg(long)]
     use_rating_tags: bool,
@@ -179,6 +184,7 @@ impl Args {
             caption_extension: self.caption_extention.unwrap_or(self.caption_extension),
             output_path: self.output_path,
             append_tags: self.append_tags,
+            overwrite: self.overwrite,
             frequency_tags: self.frequency_tags,
             debug: self.debug,
             label_options: LabelOptions {
