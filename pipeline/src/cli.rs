@@ -1,6 +1,7 @@
 //! Command-line pieces shared by every tool.
 
 use clap::Args;
+use std::io::IsTerminal;
 
 /// Output verbosity flags every tool accepts.
 #[derive(Debug, Clone, Default, Args)]
@@ -30,6 +31,7 @@ impl LogArgs {
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
             .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
             .without_time()
             .try_init();
     }
@@ -62,10 +64,10 @@ impl MergeArgs {
     pub fn into_options(
         self,
         caption_extension: String,
-        field: crate::merge::SidecarField,
+        field: crate::stages::merge_sidecars::SidecarField,
         quiet: bool,
-    ) -> crate::merge::MergeOptions {
-        crate::merge::MergeOptions {
+    ) -> crate::stages::merge_sidecars::MergeOptions {
+        crate::stages::merge_sidecars::MergeOptions {
             train_data_dir: self.train_data_dir,
             out_json: self.out_json,
             in_json: self.in_json,
@@ -79,14 +81,14 @@ impl MergeArgs {
     }
 }
 
-/// `--shard i/n` for per-image stages (see [`crate::shard`]).
+/// `--shard i/n` for per-image stages (see [`crate::dataset::shard`]).
 #[derive(Debug, Clone, Args)]
 #[command(rename_all = "snake_case")]
 pub struct ShardArgs {
     /// Process only shard i of n (0-based, e.g. 0/3); items are assigned by a hash of their
     /// path, stable across machines. Join the shard outputs with `merge-shards`.
     #[arg(long, default_value = "0/1")]
-    pub shard: crate::shard::Shard,
+    pub shard: crate::dataset::shard::Shard,
 }
 
 /// The bucket flags shared by `prepare-latents` and `lint-dataset` (sd-scripts spellings).
@@ -109,9 +111,12 @@ pub struct BucketArgs {
 
 impl BucketArgs {
     /// The bucket settings for a maximum resolution given as `W,H` or `SIZE`.
-    pub fn settings(&self, max_resolution: &str) -> crate::Result<crate::bucket::BucketSettings> {
-        Ok(crate::bucket::BucketSettings {
-            max_resolution: crate::bucket::parse_resolution(max_resolution)?,
+    pub fn settings(
+        &self,
+        max_resolution: &str,
+    ) -> crate::Result<crate::dataset::bucket::BucketSettings> {
+        Ok(crate::dataset::bucket::BucketSettings {
+            max_resolution: crate::dataset::bucket::parse_resolution(max_resolution)?,
             min_bucket_reso: self.min_bucket_reso,
             max_bucket_reso: self.max_bucket_reso,
             bucket_reso_steps: self.bucket_reso_steps,
@@ -125,10 +130,10 @@ impl BucketArgs {
 #[command(rename_all = "snake_case")]
 pub struct ImageArgs {
     /// Decompression-bomb limit: largest image decoded, in pixels.
-    #[arg(long, default_value_t = crate::imaging::DEFAULT_MAX_PIXELS)]
+    #[arg(long, default_value_t = crate::dataset::imaging::DEFAULT_MAX_PIXELS)]
     pub max_image_pixels: u64,
     /// Decompression-bomb limit: longest image side decoded, in pixels.
-    #[arg(long, default_value_t = crate::imaging::DEFAULT_MAX_SIDE)]
+    #[arg(long, default_value_t = crate::dataset::imaging::DEFAULT_MAX_SIDE)]
     pub max_image_side: u32,
     /// Turn images upright by their EXIF orientation tag before use. Off by default, like
     /// sd-scripts, which uses the stored pixels as they are.
@@ -138,14 +143,14 @@ pub struct ImageArgs {
 
 impl ImageArgs {
     /// The decode options these flags describe.
-    pub fn options(&self) -> crate::Result<crate::imaging::DecodeOptions> {
+    pub fn options(&self) -> crate::Result<crate::dataset::imaging::DecodeOptions> {
         if self.max_image_pixels == 0 || self.max_image_side == 0 {
             return Err(crate::Error::Usage(
                 "--max_image_pixels and --max_image_side must be positive".into(),
             ));
         }
-        Ok(crate::imaging::DecodeOptions {
-            limits: crate::imaging::DecodeLimits {
+        Ok(crate::dataset::imaging::DecodeOptions {
+            limits: crate::dataset::imaging::DecodeLimits {
                 max_pixels: self.max_image_pixels,
                 max_side: self.max_image_side,
             },

@@ -1,34 +1,32 @@
 //! lorakit pipeline: the shared library behind every lorakit tool.
 //!
 //! Each executable under `tools/` parses its sd-scripts-style arguments and calls one `run`
-//! function here. Formats (metadata JSON, manifests, caches), image handling, models and training
-//! all live in this crate so that every format has exactly one implementation.
+//! function here. The modules are tiers, each using only the tiers listed before it (checked by
+//! `tests/tiers.rs`; the picture is in `docs/design.md`):
+//!
+//! 1. [`infra`]: errors, atomic file I/O, hashing, Python-style JSON, run reports and progress;
+//! 2. [`dataset`] and [`text`]: image discovery, sidecar files, shards, buckets and imaging;
+//!    tokenizer, caption assembly and cleaning rules;
+//! 3. [`formats`]: every file format and schema id (metadata JSON, manifests, npz caches, the
+//!    text-encoder cache file, the tag-probability store, model families);
+//! 4. [`models`]: kernels, frozen-weight ops and the networks of the real architectures;
+//! 5. [`networks`]: trainable add-on networks (LoRA);
+//! 6. [`stages`]: one module per tool (`Options` and `run`);
+//! 7. [`cli`]: clap argument groups shared by the tools.
 
-pub mod bucket;
-pub mod caption;
-pub mod caption_text;
-pub mod clean;
-pub mod cli;
+pub mod infra;
+
 pub mod dataset;
-pub mod error;
-pub mod fsio;
-pub mod hashing;
-pub mod imaging;
-pub mod latents;
-pub mod lint;
-pub mod lora;
-pub mod manifest;
-pub mod merge;
-pub mod metadata;
-pub mod models;
-pub mod npz;
-pub mod report;
-pub mod schema;
-pub mod shard;
-pub mod sidecar;
-pub mod tagger;
-pub mod te_cache;
-pub mod tokenize;
-pub mod train;
+pub mod text;
 
-pub use error::{Error, Result};
+pub mod formats;
+
+pub mod models;
+
+pub mod networks;
+
+pub mod stages;
+
+pub mod cli;
+
+pub use infra::error::{Error, Result};

@@ -6,15 +6,15 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
-use lorakit_pipeline::caption_text::CaptionAugmentation;
+use lorakit_pipeline::dataset::shard::Shard;
+use lorakit_pipeline::formats::te_cache::read_cache_file;
 use lorakit_pipeline::models::clip::{apply_weights, encode_sd, encode_sdxl, LinearHook};
+use lorakit_pipeline::models::precision::MixedPrecision;
 use lorakit_pipeline::models::text_encoders::{load_text_encoders, TextEncoders};
 use lorakit_pipeline::models::ModelFamily;
-use lorakit_pipeline::shard::Shard;
-use lorakit_pipeline::te_cache::{
-    cache_text_encoder_outputs, read_cache_file, MixedPrecision, TeCacheOptions,
-};
-use lorakit_pipeline::tokenize::{ClipTokenizer, MaxTokenLength, Padding, TokenChunks};
+use lorakit_pipeline::stages::cache_text_encoder::{cache_text_encoder_outputs, TeCacheOptions};
+use lorakit_pipeline::text::caption_text::CaptionAugmentation;
+use lorakit_pipeline::text::tokenize::{ClipTokenizer, MaxTokenLength, Padding, TokenChunks};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")

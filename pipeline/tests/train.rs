@@ -7,18 +7,19 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor, Var};
 use clap::Parser;
-use lorakit_pipeline::lora::{Adaptable, LoraConfig, LoraFile, LoraNetwork};
+use lorakit_pipeline::formats::npz::{NpzReader, NpzWriter};
+use lorakit_pipeline::models::adapter::Adaptable;
 use lorakit_pipeline::models::frozen::{FrozenKind, FrozenOp};
 use lorakit_pipeline::models::unet::{self, Unet};
 use lorakit_pipeline::models::{Checkpoint, Component};
-use lorakit_pipeline::npz::{NpzReader, NpzWriter};
-use lorakit_pipeline::train::data::Batch;
-use lorakit_pipeline::train::loss::LossFunction;
-use lorakit_pipeline::train::lr::{resolve_steps, LrScheduler, ScheduleParams};
-use lorakit_pipeline::train::noise::NoiseOptions;
-use lorakit_pipeline::train::optim::{collect_grads, Optimizer, OptimizerKind};
-use lorakit_pipeline::train::schedule::{LossWeighting, NoiseSchedule};
-use lorakit_pipeline::train::{micro_batch_loss, LossContext, TrainArgs};
+use lorakit_pipeline::networks::lora::{LoraConfig, LoraFile, LoraNetwork};
+use lorakit_pipeline::stages::train_lora::data::Batch;
+use lorakit_pipeline::stages::train_lora::loss::LossFunction;
+use lorakit_pipeline::stages::train_lora::lr::{resolve_steps, LrScheduler, ScheduleParams};
+use lorakit_pipeline::stages::train_lora::noise::NoiseOptions;
+use lorakit_pipeline::stages::train_lora::optim::{collect_grads, Optimizer, OptimizerKind};
+use lorakit_pipeline::stages::train_lora::schedule::{LossWeighting, NoiseSchedule};
+use lorakit_pipeline::stages::train_lora::{micro_batch_loss, LossContext, TrainArgs};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
@@ -488,7 +489,7 @@ fn train_args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
 /// Trains on the caches in `data` with `extra` options into a new folder and returns it.
 fn trained(data: &Path, extra: &[&str]) -> tempfile::TempDir {
     let out = tempfile::tempdir().unwrap();
-    lorakit_pipeline::train::run(&train_args(data, out.path(), extra)).unwrap();
+    lorakit_pipeline::stages::train_lora::run(&train_args(data, out.path(), extra)).unwrap();
     out
 }
 
@@ -532,7 +533,7 @@ fn short_run_learns_writes_a_loadable_lora_and_resumes_exactly() {
             "module_dropout=0.3",
         ],
     );
-    lorakit_pipeline::train::run(&args).unwrap();
+    lorakit_pipeline::stages::train_lora::run(&args).unwrap();
     let final_file = out.path().join("tiny.safetensors");
     assert!(out.path().join("tiny-step00000003.safetensors").is_file());
     let file = LoraFile::read(&final_file).unwrap();
@@ -601,7 +602,7 @@ fn short_run_learns_writes_a_loadable_lora_and_resumes_exactly() {
             "module_dropout=0.3",
         ],
     );
-    lorakit_pipeline::train::run(&args).unwrap();
+    lorakit_pipeline::stages::train_lora::run(&args).unwrap();
     let a = candle_core::safetensors::load(&final_file, &Device::Cpu).unwrap();
     let b = candle_core::safetensors::load(resumed.path().join("tiny.safetensors"), &Device::Cpu)
         .unwrap();
@@ -683,7 +684,7 @@ fn huber_loss_and_max_norm_regularisation_are_applied_and_recorded() {
             "0.001",
         ],
     );
-    lorakit_pipeline::train::run(&args).unwrap();
+    lorakit_pipeline::stages::train_lora::run(&args).unwrap();
 
     let lines = loss_log(out.path());
     assert!(lines[1]["keys_scaled"].as_u64().unwrap() > 0, "{lines:?}");
@@ -835,12 +836,13 @@ fn network_weights_continue_a_run_with_or_without_dim_from_weights() {
         "--network_dim",
         "8",
     ];
-    let err = lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &args))
-        .unwrap_err()
-        .to_string();
+    let err =
+        lorakit_pipeline::stages::train_lora::run(&train_args(data.path(), out.path(), &args))
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("--dim_from_weights"), "{err}");
     args[5] = "4";
-    lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &args)).unwrap();
+    lorakit_pipeline::stages::train_lora::run(&train_args(data.path(), out.path(), &args)).unwrap();
 
     // Extra conv modules from network_args start fresh next to the loaded ones.
     let out = tempfile::tempdir().unwrap();
@@ -852,7 +854,7 @@ fn network_weights_continue_a_run_with_or_without_dim_from_weights() {
         "--network_args",
         "conv_dim=2",
     ];
-    lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &args)).unwrap();
+    lorakit_pipeline::stages::train_lora::run(&train_args(data.path(), out.path(), &args)).unwrap();
     let (a, b) = (
         tensors(&first_lora),
         tensors(&out.path().join("tiny.safetensors")),
@@ -950,9 +952,10 @@ fn alpha_masks_come_from_the_latent_caches() {
     make_caches(data.path());
     let out = tempfile::tempdir().unwrap();
     let args = ["--max_train_steps", "1", "--alpha_mask"];
-    let err = lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &args))
-        .unwrap_err()
-        .to_string();
+    let err =
+        lorakit_pipeline::stages::train_lora::run(&train_args(data.path(), out.path(), &args))
+            .unwrap_err()
+            .to_string();
     assert!(
         err.contains("alpha_mask") && err.contains("_sd.npz"),
         "{err}"
@@ -977,7 +980,7 @@ fn alpha_masks_come_from_the_latent_caches() {
         npz.write(&path).unwrap();
     }
     let plain = trained(data.path(), &["--max_train_steps", "1"]);
-    lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &args)).unwrap();
+    lorakit_pipeline::stages::train_lora::run(&train_args(data.path(), out.path(), &args)).unwrap();
     let masked = losses(&out.path().join("tiny_loss.jsonl"))[0];
     let unmasked = losses(&plain.path().join("tiny_loss.jsonl"))[0];
     // Half of every latent is masked out: about half the loss, same noise.
@@ -993,9 +996,10 @@ fn flip_aug_trains_on_the_cached_mirror_images() {
     make_caches(data.path());
     let out = tempfile::tempdir().unwrap();
     let args = ["--max_train_steps", "2", "--flip_aug"];
-    let err = lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &args))
-        .unwrap_err()
-        .to_string();
+    let err =
+        lorakit_pipeline::stages::train_lora::run(&train_args(data.path(), out.path(), &args))
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("latents_flipped"), "{err}");
 
     // Mirror caches whose latents are far from the originals: the loss shows which one a step
@@ -1040,7 +1044,7 @@ fn kohya_command_line_options_are_accepted_and_change_nothing() {
     let data = tempfile::tempdir().unwrap();
     make_caches(data.path());
     let out = tempfile::tempdir().unwrap();
-    let first = lorakit_pipeline::train::run(&train_args(
+    let first = lorakit_pipeline::stages::train_lora::run(&train_args(
         data.path(),
         out.path(),
         &["--max_train_steps", "1"],
@@ -1080,15 +1084,18 @@ fn kohya_command_line_options_are_accepted_and_change_nothing() {
         "--log_with",
         "tensorboard",
     ];
-    let again = lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &kohya)).unwrap();
+    let again =
+        lorakit_pipeline::stages::train_lora::run(&train_args(data.path(), out.path(), &kohya))
+            .unwrap();
     assert_eq!((again.done, again.up_to_date), (0, 1));
 
     let mut longer = kohya.to_vec();
     let at = longer.iter().position(|a| *a == "75").unwrap();
     longer[at] = "150";
-    let err = lorakit_pipeline::train::run(&train_args(data.path(), out.path(), &longer))
-        .unwrap_err()
-        .to_string();
+    let err =
+        lorakit_pipeline::stages::train_lora::run(&train_args(data.path(), out.path(), &longer))
+            .unwrap_err()
+            .to_string();
     assert!(
         err.contains("cache-text-encoder") && err.contains("77 tokens"),
         "{err}"

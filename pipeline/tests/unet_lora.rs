@@ -4,9 +4,10 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
-use lorakit_pipeline::lora::{Adaptable, Alpha, LoraConfig, LoraNetwork};
+use lorakit_pipeline::models::adapter::Adaptable;
 use lorakit_pipeline::models::unet::{self, Unet};
 use lorakit_pipeline::models::{Checkpoint, Component};
+use lorakit_pipeline::networks::lora::{Alpha, LoraConfig, LoraNetwork};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
@@ -195,14 +196,14 @@ fn golden_lora_errors(unet: &Unet) -> (f32, f32) {
 #[derive(clap::Parser)]
 struct TrainCommand {
     #[command(flatten)]
-    args: lorakit_pipeline::train::TrainArgs,
+    args: lorakit_pipeline::stages::train_lora::TrainArgs,
 }
 
 #[test]
 fn block_dims_lr_weights_and_loraplus_match_sd_scripts() {
     use clap::Parser;
-    use lorakit_pipeline::lora::sd_block_index;
-    use lorakit_pipeline::train::network_args::NetworkOptions;
+    use lorakit_pipeline::networks::lora::sd_block_index;
+    use lorakit_pipeline::stages::train_lora::network_args::NetworkOptions;
 
     let text = std::fs::read_to_string(fixtures().join("golden/lora/network_blocks_loraplus.json"))
         .unwrap();

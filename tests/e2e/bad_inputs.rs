@@ -4,7 +4,7 @@
 //! for that case, which files the output must name, and how to check that the good files were
 //! processed. For every row: no panic, no temporary (`.lorakit-tmp-*`) or partial output files.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::tool;
-use lorakit_pipeline::fsio::TEMP_PREFIX;
+use lorakit_pipeline::infra::fsio::TEMP_PREFIX;
 use lorakit_tests::corpus::{self, Corpus, Expect};
 use serde_json::Value;
 
@@ -572,8 +572,8 @@ const ROWS: &[Row] = &[
         must_name: bad_images,
         check: |c, out, _| {
             let cache = out.join("cache").join(latent_name(c, "good_1"));
-            let mut reader = lorakit_pipeline::npz::NpzReader::open(&cache).unwrap();
-            assert!(lorakit_pipeline::npz::stored_key(&mut reader).is_some());
+            let mut reader = lorakit_pipeline::formats::npz::NpzReader::open(&cache).unwrap();
+            assert!(lorakit_pipeline::formats::npz::stored_key(&mut reader).is_some());
         },
     },
     Row {

@@ -1,7 +1,7 @@
 //! End-to-end tests of `caption-images` with the tiny BLIP fixture: golden captions, incremental
 //! re-runs, per-image failures and model errors.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -65,7 +65,7 @@ pub fn copy_dir(from: &Path, to: &Path) {
 
 /// Writes an npz with one float32 array.
 pub fn write_npz_f32(path: &Path, name: &str, values: Vec<f32>, shape: &[usize]) {
-    let mut npz = lorakit_pipeline::npz::NpzWriter::new();
+    let mut npz = lorakit_pipeline::formats::npz::NpzWriter::new();
     npz.add_f32(name, values, shape).unwrap();
     npz.write(path).unwrap();
 }
@@ -74,7 +74,7 @@ pub fn write_npz_f32(path: &Path, name: &str, values: Vec<f32>, shape: &[usize])
 /// the golden latent cache) and golden text states.
 pub fn make_training_caches(dir: &Path) {
     let golden = fixtures().join("golden/vae/astronaut_0512x0512_sd.npz");
-    let (full, _) = lorakit_pipeline::npz::NpzReader::open(&golden)
+    let (full, _) = lorakit_pipeline::formats::npz::NpzReader::open(&golden)
         .unwrap()
         .read_f32("latents")
         .unwrap();
@@ -83,7 +83,7 @@ pub fn make_training_caches(dir: &Path) {
         .map(|(c, y, x)| full[c * 1024 + y * 32 + x])
         .collect();
     let (states, _) =
-        lorakit_pipeline::npz::NpzReader::open(&fixtures().join("golden/unet/unet.npz"))
+        lorakit_pipeline::formats::npz::NpzReader::open(&fixtures().join("golden/unet/unet.npz"))
             .unwrap()
             .read_f32("encoder_hidden_states_77")
             .unwrap();
@@ -124,7 +124,7 @@ macro_rules! args {
 pub fn use_project_runtime() {
     let library = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../.local/onnxruntime")
-        .join(lorakit_pipeline::tagger::onnx::LIBRARY_NAME);
+        .join(lorakit_pipeline::stages::tag_images::onnx::LIBRARY_NAME);
     assert!(
         library.is_file(),
         "{} missing: run `make setup` (make test does)",

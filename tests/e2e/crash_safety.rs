@@ -6,7 +6,7 @@
 //! Rows are per tool, like the bad-input table; stages with per-item outputs add a row whose
 //! check also asserts that the re-run counts the finished items as up to date.
 
-mod common;
+use crate::common;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::tool;
-use lorakit_pipeline::fsio::TEMP_PREFIX;
+use lorakit_pipeline::infra::fsio::TEMP_PREFIX;
 
 /// One tool under test.
 struct CrashRow {
@@ -50,9 +50,13 @@ fn valid_metadata(path: &Path) -> Result<(), String> {
     if path.to_string_lossy().ends_with(".manifest.json") {
         let value: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap())
             .map_err(|e| format!("{}: {e}", path.display()))?;
-        return lorakit_pipeline::schema::validate(lorakit_pipeline::schema::MANIFEST_V1, &value);
+        return lorakit_pipeline::formats::schema::validate(
+            lorakit_pipeline::formats::schema::MANIFEST_V1,
+            &value,
+        );
     }
-    let metadata = lorakit_pipeline::metadata::Metadata::load(path).map_err(|e| e.to_string())?;
+    let metadata =
+        lorakit_pipeline::formats::metadata::Metadata::load(path).map_err(|e| e.to_string())?;
     if metadata.len() != IMAGES {
         return Err(format!(
             "{}: {} of {IMAGES} entries",
@@ -151,14 +155,15 @@ const TE_ENTRIES: usize = 40;
 
 /// The content key and hidden states of a cache file (zip timestamps aside).
 fn cache_content(path: &Path) -> (Option<String>, Vec<f32>) {
-    let mut reader = lorakit_pipeline::npz::NpzReader::open(path).unwrap();
-    let key = lorakit_pipeline::npz::stored_key(&mut reader);
+    let mut reader = lorakit_pipeline::formats::npz::NpzReader::open(path).unwrap();
+    let key = lorakit_pipeline::formats::npz::stored_key(&mut reader);
     (key, reader.read_f32("hidden_state").unwrap().0)
 }
 
 /// Checks that a cache file is a complete npz carrying its content key.
 fn valid_cache(path: &Path) -> Result<(), String> {
-    let reader = lorakit_pipeline::npz::NpzReader::open(path).map_err(|e| e.to_string())?;
+    let reader =
+        lorakit_pipeline::formats::npz::NpzReader::open(path).map_err(|e| e.to_string())?;
     if reader.contains("lorakit_key") {
         Ok(())
     } else {

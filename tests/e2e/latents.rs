@@ -1,12 +1,12 @@
 //! End-to-end tests of `prepare-latents`: sd-scripts' golden metadata and latent caches,
 //! incremental re-runs, and bad inputs.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
 use common::{copy_dir, fixtures, run_expect};
-use lorakit_pipeline::npz::{self, NpzReader};
+use lorakit_pipeline::formats::npz::{self, NpzReader};
 use serde_json::Value;
 
 fn model() -> PathBuf {

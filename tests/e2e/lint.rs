@@ -1,13 +1,13 @@
 //! `lint-dataset` findings on the bad-input corpus and on small purpose-made datasets; the JSON
 //! report is validated against `schemas/lint_report.v1.schema.json`.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use common::{copy_dir, fixtures, run, run_expect};
-use lorakit_pipeline::lint::LINT_REPORT_V1;
+use lorakit_pipeline::formats::schema::LINT_REPORT_V1;
 use lorakit_tests::corpus::{self, jpeg_bytes, picture, png_bytes};
 use serde_json::Value;
 
@@ -18,7 +18,8 @@ fn lint_json(dir: &Path, extra: &[&str]) -> (Value, i32) {
     let output = run("lint-dataset", &args);
     let stdout = String::from_utf8(output.stdout).expect("UTF-8 report");
     let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
-    lorakit_pipeline::schema::validate(LINT_REPORT_V1, &report).expect("report follows its schema");
+    lorakit_pipeline::formats::schema::validate(LINT_REPORT_V1, &report)
+        .expect("report follows its schema");
     (report, output.status.code().expect("exit code"))
 }
 

@@ -4,7 +4,7 @@
 //! from the same caches without re-encoding. Caption and tag files the user wrote or edited
 //! survive every run; `make demo` trains on the example's own captions.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

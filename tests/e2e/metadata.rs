@@ -1,7 +1,7 @@
 //! End-to-end tests of `merge-captions`, `merge-tags` and `clean-captions` against sd-scripts'
 //! golden outputs and a set of bad inputs.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 
@@ -67,11 +67,19 @@ fn full_path_chain_matches_sd_scripts() {
         serde_json::from_str::<Value>(&golden("meta_clean.json", &data)).unwrap()
     );
     for output in [&cap, &dd, &clean] {
-        let manifest = json(&lorakit_pipeline::manifest::Manifest::path_for(output));
-        lorakit_pipeline::schema::validate(lorakit_pipeline::schema::MANIFEST_V1, &manifest)
-            .unwrap();
-        lorakit_pipeline::schema::validate(lorakit_pipeline::schema::METADATA_V1, &json(output))
-            .unwrap();
+        let manifest = json(&lorakit_pipeline::formats::manifest::Manifest::path_for(
+            output,
+        ));
+        lorakit_pipeline::formats::schema::validate(
+            lorakit_pipeline::formats::schema::MANIFEST_V1,
+            &manifest,
+        )
+        .unwrap();
+        lorakit_pipeline::formats::schema::validate(
+            lorakit_pipeline::formats::schema::METADATA_V1,
+            &json(output),
+        )
+        .unwrap();
         assert_eq!(manifest["summary"]["done"], 12);
     }
 }
@@ -156,7 +164,9 @@ fn bad_sidecars_are_reported_per_file_and_good_ones_merged() {
     assert_eq!(meta["crlf"]["caption"], "line one\nline two");
     assert_eq!(meta["雪 景"]["caption"], "snow scene");
     assert!(meta.get("missing").is_none() && meta.get("latin1").is_none());
-    let manifest = json(&lorakit_pipeline::manifest::Manifest::path_for(&out));
+    let manifest = json(&lorakit_pipeline::formats::manifest::Manifest::path_for(
+        &out,
+    ));
     assert_eq!(manifest["summary"]["failures"].as_array().unwrap().len(), 3);
 }
 
@@ -184,7 +194,7 @@ fn bad_json_inputs_are_fatal_with_clear_messages() {
 
     let good = root.path().join("good.json");
     run_expect("merge-captions", args![data, good], 0);
-    let manifest = lorakit_pipeline::manifest::Manifest::path_for(&good);
+    let manifest = lorakit_pipeline::formats::manifest::Manifest::path_for(&good);
     let text = std::fs::read_to_string(&manifest)
         .unwrap()
         .replace("lorakit.metadata/v1", "lorakit.metadata/v2");

@@ -4,15 +4,15 @@
 //! (tag and caption files, latent and text-encoder caches, metadata JSON with
 //! `train_resolution`, caption and cache indexes, the tag-probability store, every manifest).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use common::{copy_dir, fixtures, run};
-use lorakit_pipeline::npz::NpzReader;
-use lorakit_pipeline::shard::Shard;
+use lorakit_pipeline::dataset::shard::Shard;
+use lorakit_pipeline::formats::npz::NpzReader;
 
 const SHARDS: u64 = 3;
 /// Six photos (one JPEG); each of the 3 shards gets some of them (asserted).
@@ -181,7 +181,10 @@ fn assert_shards_join_to_the_whole(setup: &Setup, stage: Stage) {
         run_code("merge-shards", &args, missing_code(stage.reports_missing));
         for part in parts {
             std::fs::remove_file(part).unwrap();
-            std::fs::remove_file(lorakit_pipeline::manifest::Manifest::path_for(part)).unwrap();
+            std::fs::remove_file(lorakit_pipeline::formats::manifest::Manifest::path_for(
+                part,
+            ))
+            .unwrap();
         }
     }
     let joined = snapshot(root);

@@ -2,12 +2,12 @@
 //! byte for byte, probabilities against the reference, the probability store, bad images and
 //! the ONNX Runtime library lookup.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
 use common::{copy_dir, fixtures, run, run_expect};
-use lorakit_pipeline::tagger::store::ProbabilityStore;
+use lorakit_pipeline::formats::tag_store::ProbabilityStore;
 
 /// A model folder laid out as sd-scripts expects and a copy of the fixture photos.
 struct Setup {

@@ -1,7 +1,7 @@
 //! End-to-end tests of `cache-text-encoder`: cache files against the sd-scripts text-encoder
 //! goldens (tests/fixtures/README.md §2e), incremental re-runs, variants and bad inputs.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

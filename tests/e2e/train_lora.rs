@@ -1,9 +1,9 @@
 //! End-to-end tests of `train-lora`: a short run from caches, bad inputs and usage errors.
 
-mod common;
+use crate::common;
 
 use common::{fixtures, make_training_caches, run_expect};
-use lorakit_pipeline::lora::LoraFile;
+use lorakit_pipeline::networks::lora::LoraFile;
 
 fn model() -> std::path::PathBuf {
     fixtures().join("sd15-tiny/model.safetensors")

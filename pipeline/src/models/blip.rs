@@ -15,7 +15,7 @@ use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::{blip, blip_text};
 use serde_json::Value;
 
-use crate::{hashing, Error, Result};
+use crate::{infra::hashing, Error, Result};
 
 /// Side length of the square image the vision tower takes (sd-scripts' `image_size`).
 pub const IMAGE_SIZE: u32 = 384;
@@ -119,7 +119,7 @@ pub struct BlipConfig {
 impl BlipConfig {
     /// Reads a Hugging Face `BlipConfig`, with its defaults for the fields a file may omit.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = crate::fsio::read(path)?;
+        let bytes = crate::infra::fsio::read(path)?;
         let root: Value = serde_json::from_slice(&bytes)
             .map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))?;
         Self::from_json(&root).map_err(|message| Error::bad_file(path, message))

@@ -16,45 +16,8 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
+pub use crate::formats::model_family::ModelFamily;
 use crate::{Error, Result};
-
-/// The Stable Diffusion generation a checkpoint belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ModelFamily {
-    /// SD 1.x: CLIP ViT-L text encoder, 768-wide context.
-    Sd1,
-    /// SD 2.x: OpenCLIP ViT-H text encoder, linear transformer projections.
-    Sd2,
-    /// SDXL: two text encoders, three UNet levels.
-    Sdxl,
-}
-
-impl ModelFamily {
-    /// Suffix of latent cache files (`_sd.npz` / `_sdxl.npz`).
-    pub fn latent_suffix(self) -> &'static str {
-        match self {
-            ModelFamily::Sd1 | ModelFamily::Sd2 => "sd",
-            ModelFamily::Sdxl => "sdxl",
-        }
-    }
-
-    /// Latent scaling factor applied at training time.
-    pub fn vae_scale(self) -> f64 {
-        match self {
-            ModelFamily::Sd1 | ModelFamily::Sd2 => 0.18215,
-            ModelFamily::Sdxl => 0.13025,
-        }
-    }
-
-    /// Short lowercase name (`sd1`, `sd2`, `sdxl`).
-    pub fn name(self) -> &'static str {
-        match self {
-            ModelFamily::Sd1 => "sd1",
-            ModelFamily::Sd2 => "sd2",
-            ModelFamily::Sdxl => "sdxl",
-        }
-    }
-}
 
 /// One network inside a Stable Diffusion model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -367,7 +330,7 @@ impl Checkpoint {
         if let Some(hash) = self.all_hash.get() {
             return Ok(hash.clone());
         }
-        let mut combined = crate::hashing::KeyBuilder::new("weights", 1);
+        let mut combined = crate::infra::hashing::KeyBuilder::new("weights", 1);
         for component in self.parts.keys() {
             combined.text(component.label(), &self.component_hash(*component)?);
         }
@@ -382,7 +345,8 @@ impl Checkpoint {
         if let Some(hash) = memo.get(component.label()) {
             return Ok(hash.clone());
         }
-        let hash = crate::hashing::memoised(&part.files, &part.prefix, || Ok(hash_part(part)))?;
+        let hash =
+            crate::infra::hashing::memoised(&part.files, &part.prefix, || Ok(hash_part(part)))?;
         memo.insert(component.label().to_string(), hash.clone());
         Ok(hash)
     }

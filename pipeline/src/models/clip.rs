@@ -79,7 +79,7 @@ pub enum WeightLayout {
 }
 
 /// Maps a Hugging Face text-encoder tensor name to its name inside a single-file checkpoint's
-/// text-encoder component (spec Appendix A.3), without the component prefix.
+/// text-encoder component, without the component prefix.
 ///
 /// For [`WeightLayout::OpenClip`] the attention projections are requested as the fused
 /// `text_model.encoder.layers.N.self_attn.in_proj_weight` / `in_proj_bias`.
@@ -538,7 +538,7 @@ pub fn read_config_hints(path: &Path, section: Option<&str>) -> Result<Option<se
     if !path.is_file() {
         return Ok(None);
     }
-    let bytes = crate::fsio::read(path)?;
+    let bytes = crate::infra::fsio::read(path)?;
     let value: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| Error::bad_file(path, format!("not valid JSON: {e}")))?;
     Ok(match section {

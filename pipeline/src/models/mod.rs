@@ -1,8 +1,9 @@
 //! Stable Diffusion networks (candle) and the checkpoint loader they share.
 //!
 //! `checkpoint` opens weights in every supported layout; each network module owns the mapping
-//! from its diffusers/HF tensor names to the original LDM names (spec Appendix A).
+//! from its diffusers/HF tensor names to the original LDM names.
 
+pub mod adapter;
 pub mod attention;
 pub mod blip;
 pub mod checkpoint;
@@ -11,6 +12,7 @@ pub mod conv;
 pub mod frozen;
 pub(crate) mod kernels;
 pub(crate) mod norm;
+pub mod precision;
 #[cfg(test)]
 mod test_support;
 pub mod text_encoders;

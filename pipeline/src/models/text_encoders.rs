@@ -8,8 +8,8 @@ use candle_core::{DType, Device};
 
 use super::checkpoint::{Checkpoint, Component, ModelFamily};
 use super::clip::{infer_config, ldm_name, read_config_hints, ClipTextModel, WeightLayout};
-use crate::tokenize::Padding;
-use crate::{hashing, Error, Result};
+use crate::text::tokenize::Padding;
+use crate::{infra::hashing, Error, Result};
 
 /// Width of SD2's OpenCLIP ViT-H text encoder (tells SD2 from SD1 in text-encoder-only files).
 const SD2_WIDTH: usize = 1024;

@@ -6,13 +6,13 @@
 //! run through [`crate::models::frozen::FrozenOp`], so no gradient is ever computed for them.
 //!
 //! Layer paths are diffusers names (`down_blocks.1.attentions.0.proj_in`); [`ldm_name`] maps them to
-//! the original LDM names of single-file checkpoints (spec Appendix A.1). Weights come through
+//! the original LDM names of single-file checkpoints. Weights come through
 //! [`crate::models::Checkpoint::var_builder`] with `Component::Unet` and [`ldm_name`].
 
 use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
 
-use crate::lora::{Adaptable, AdaptableLayer, Container};
+use crate::models::adapter::{Adaptable, AdaptableLayer, Container};
 use crate::models::attention::attention;
 use crate::models::frozen::FrozenKind;
 use crate::models::norm::{AffineNorm, NormKind};

@@ -1,7 +1,7 @@
 //! The Stable Diffusion VAE encoder (image -> latent posterior), built on candle.
 //!
-//! Tensors are requested by their diffusers names; [`ldm_name`] maps them to original LDM names
-//! (spec Appendix A.2). Channel widths, the number of levels and of ResNet blocks per level are
+//! Tensors are requested by their diffusers names; [`ldm_name`] maps them to original LDM names.
+//! Channel widths, the number of levels and of ResNet blocks per level are
 //! read from tensor shapes, so the same code runs the narrow test model and a full SD VAE.
 
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -456,7 +456,7 @@ fn candle_error(e: candle_core::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::npz::NpzReader;
+    use crate::formats::npz::NpzReader;
     use std::path::Path;
 
     fn fixtures() -> &'static Path {

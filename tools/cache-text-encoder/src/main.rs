@@ -4,10 +4,11 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use lorakit_pipeline::caption_text::{CaptionAugmentation, DEFAULT_SEPARATOR};
 use lorakit_pipeline::cli::{LogArgs, ShardArgs};
-use lorakit_pipeline::te_cache::{cache_text_encoder_outputs, MixedPrecision, TeCacheOptions};
-use lorakit_pipeline::tokenize::MaxTokenLength;
+use lorakit_pipeline::models::precision::MixedPrecision;
+use lorakit_pipeline::stages::cache_text_encoder::{cache_text_encoder_outputs, TeCacheOptions};
+use lorakit_pipeline::text::caption_text::{CaptionAugmentation, DEFAULT_SEPARATOR};
+use lorakit_pipeline::text::tokenize::MaxTokenLength;
 
 /// Cache CLIP text-encoder outputs of every caption in a metadata JSON.
 #[derive(Parser)]
@@ -77,7 +78,7 @@ struct Args {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     args.log.init();
-    lorakit_pipeline::report::run("cache-text-encoder", || {
+    lorakit_pipeline::infra::report::run("cache-text-encoder", || {
         let options = TeCacheOptions {
             in_json: args.in_json,
             model: args.model,

@@ -4,8 +4,10 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use lorakit_pipeline::caption::{self, CaptionOptions, Decoding, GenerationSettings};
 use lorakit_pipeline::cli::{ImageArgs, LogArgs, ShardArgs};
+use lorakit_pipeline::stages::caption_images::{
+    self, CaptionOptions, Decoding, GenerationSettings,
+};
 
 /// Caption images with BLIP (sd-scripts finetune/make_captions.py).
 #[derive(Parser)]
@@ -82,7 +84,7 @@ fn main() -> std::process::ExitCode {
     } else {
         Decoding::Nucleus { top_p: args.top_p }
     };
-    lorakit_pipeline::report::run("caption-images", || {
+    lorakit_pipeline::infra::report::run("caption-images", || {
         let options = CaptionOptions {
             train_data_dir: args.train_data_dir,
             caption_weights: args.caption_weights,
@@ -102,6 +104,6 @@ fn main() -> std::process::ExitCode {
             shard: args.shard.shard,
             quiet: args.log.quiet,
         };
-        caption::run(&options)
+        caption_images::run(&options)
     })
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use lorakit_pipeline::cli::LogArgs;
-use lorakit_pipeline::merge::{clean_metadata, CleanOptions};
+use lorakit_pipeline::stages::clean_captions::{self, CleanOptions};
 
 /// Clean captions and tags in a metadata JSON (sd-scripts clean_captions_and_tags.py).
 ///
@@ -38,5 +38,5 @@ fn main() -> std::process::ExitCode {
         filter: args.filter,
         debug: args.debug,
     };
-    lorakit_pipeline::report::run("clean-captions", || clean_metadata(&options))
+    lorakit_pipeline::infra::report::run("clean-captions", || clean_captions::run(&options))
 }

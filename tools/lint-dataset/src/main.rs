@@ -2,12 +2,11 @@
 //! caches) before any expensive stage runs. Exit code 0: no errors; 3: errors found.
 
 use clap::Parser;
-use lorakit_pipeline::caption_text::DEFAULT_SEPARATOR;
 use lorakit_pipeline::cli::{BucketArgs, ImageArgs, LogArgs};
-use lorakit_pipeline::latents::Precision;
-use lorakit_pipeline::lint::{self, CacheSettings, LintOptions};
-use lorakit_pipeline::te_cache::MixedPrecision;
-use lorakit_pipeline::tokenize::MaxTokenLength;
+use lorakit_pipeline::models::precision::MixedPrecision;
+use lorakit_pipeline::stages::lint_dataset::{self, CacheSettings, LintOptions};
+use lorakit_pipeline::text::caption_text::DEFAULT_SEPARATOR;
+use lorakit_pipeline::text::tokenize::MaxTokenLength;
 
 /// Check a dataset folder before tagging, captioning, caching or training.
 ///
@@ -106,7 +105,7 @@ struct Args {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     args.log.init();
-    lorakit_pipeline::report::run("lint-dataset", || {
+    lorakit_pipeline::infra::report::run("lint-dataset", || {
         let buckets = match &args.resolution {
             Some(text) => Some(args.buckets.settings(text)?),
             None => None,
@@ -132,7 +131,7 @@ fn main() -> std::process::ExitCode {
                     vae: args.vae,
                     cache_dir: args.cache_dir,
                     full_path: args.full_path,
-                    latent_precision: Precision::parse(&args.mixed_precision)?,
+                    latent_precision: MixedPrecision::parse(&args.mixed_precision)?,
                     text_precision: MixedPrecision::parse(&args.mixed_precision)?,
                     flip_aug: args.flip_aug,
                     alpha_mask: args.alpha_mask,
@@ -147,6 +146,6 @@ fn main() -> std::process::ExitCode {
             json: args.json,
             quiet: args.log.quiet,
         };
-        lint::run(&options)
+        lint_dataset::run(&options)
     })
 }

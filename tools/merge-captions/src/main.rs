@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use lorakit_pipeline::cli::{LogArgs, MergeArgs};
-use lorakit_pipeline::merge::{merge_sidecars, SidecarField};
+use lorakit_pipeline::stages::merge_sidecars::{merge_sidecars, SidecarField};
 
 /// Merge caption sidecar files into a metadata JSON (sd-scripts merge_captions_to_metadata.py).
 #[derive(Parser)]
@@ -26,5 +26,5 @@ fn main() -> std::process::ExitCode {
         SidecarField::Caption,
         args.log.quiet,
     );
-    lorakit_pipeline::report::run("merge-captions", || merge_sidecars(&options))
+    lorakit_pipeline::infra::report::run("merge-captions", || merge_sidecars(&options))
 }

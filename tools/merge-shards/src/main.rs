@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use lorakit_pipeline::cli::LogArgs;
-use lorakit_pipeline::shard::merge_shard_outputs;
+use lorakit_pipeline::stages::merge_shards::merge_shard_outputs;
 
 /// Join the outputs of a stage run with --shard i/n on several machines into one output.
 ///
@@ -29,7 +29,7 @@ struct Args {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     args.log.init();
-    lorakit_pipeline::report::run("merge-shards", || {
+    lorakit_pipeline::infra::report::run("merge-shards", || {
         merge_shard_outputs(&args.shards, &args.out_json, args.order_like.as_deref())
     })
 }

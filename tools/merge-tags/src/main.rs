@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use lorakit_pipeline::cli::{LogArgs, MergeArgs};
-use lorakit_pipeline::merge::{merge_sidecars, SidecarField};
+use lorakit_pipeline::stages::merge_sidecars::{merge_sidecars, SidecarField};
 
 /// Merge tag sidecar files into a metadata JSON (sd-scripts merge_dd_tags_to_metadata.py).
 #[derive(Parser)]
@@ -24,5 +24,5 @@ fn main() -> std::process::ExitCode {
     let options =
         args.merge
             .into_options(args.caption_extension, SidecarField::Tags, args.log.quiet);
-    lorakit_pipeline::report::run("merge-tags", || merge_sidecars(&options))
+    lorakit_pipeline::infra::report::run("merge-tags", || merge_sidecars(&options))
 }

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use lorakit_pipeline::cli::{BucketArgs, ImageArgs, LogArgs, ShardArgs};
-use lorakit_pipeline::latents::{prepare_latents, LatentOptions, Precision};
+use lorakit_pipeline::models::precision::MixedPrecision;
+use lorakit_pipeline::stages::prepare_latents::{prepare_latents, LatentOptions};
 
 /// Bucket every image and cache its VAE latents.
 #[derive(Parser)]
@@ -78,11 +79,11 @@ struct Args {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     args.log.init();
-    lorakit_pipeline::report::run("prepare-latents", || {
+    lorakit_pipeline::infra::report::run("prepare-latents", || {
         let precision = if args.no_half_vae {
-            Precision::F32
+            MixedPrecision::No
         } else {
-            Precision::parse(&args.mixed_precision)?
+            MixedPrecision::parse(&args.mixed_precision)?
         };
         let options = LatentOptions {
             train_data_dir: args.train_data_dir,

@@ -5,11 +5,11 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use lorakit_pipeline::cli::{ImageArgs, LogArgs, ShardArgs};
-use lorakit_pipeline::tagger::labels::{
+use lorakit_pipeline::stages::tag_images::labels::{
     parse_replacements, LabelOptions, Placement, Selection, Thresholds,
 };
-use lorakit_pipeline::tagger::onnx::Device;
-use lorakit_pipeline::tagger::{run, TagOptions, DEFAULT_REPO_ID};
+use lorakit_pipeline::stages::tag_images::onnx::Device;
+use lorakit_pipeline::stages::tag_images::{run, TagOptions, DEFAULT_REPO_ID};
 use lorakit_pipeline::Result;
 
 /// Tag images with a WD14 tagger (sd-scripts tag_images_by_wd14_tagger.py, ONNX only).
@@ -216,5 +216,5 @@ impl Args {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     args.log.init();
-    lorakit_pipeline::report::run("tag-images", || run(&args.into_options()?))
+    lorakit_pipeline::infra::report::run("tag-images", || run(&args.into_options()?))
 }

@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use lorakit_pipeline::cli::LogArgs;
-use lorakit_pipeline::train::TrainArgs;
+use lorakit_pipeline::stages::train_lora::TrainArgs;
 
 /// Train a UNet-only LoRA (kohya format) for SD1.x/SD2.x from cached latents and cached
 /// text-encoder outputs. The text encoder and the VAE are never loaded, so only the UNet is
@@ -22,5 +22,7 @@ fn main() -> std::process::ExitCode {
     let mut args = Args::parse();
     args.log.init();
     args.train.quiet = args.log.quiet;
-    lorakit_pipeline::report::run("train-lora", || lorakit_pipeline::train::run(&args.train))
+    lorakit_pipeline::infra::report::run("train-lora", || {
+        lorakit_pipeline::stages::train_lora::run(&args.train)
+    })
 }

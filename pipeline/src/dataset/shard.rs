@@ -1,0 +1,149 @@
+//! `--shard i/n`: split a per-image stage over `n` machines with a stable assignment.
+//!
+//! An item belongs to shard `i` when the BLAKE3 hash of its identity modulo `n` equals `i`. The
+//! identity of an image is its path relative to the dataset folder (`tag-images`,
+//! `caption-images`, `prepare-latents`: one image lands on the same shard in every stage); a
+//! `cache-text-encoder` entry, which reads no image, is identified by its metadata key. The
+//! assignment is a function of the path alone, not of the image bytes or of the other items:
+//! deciding ownership reads nothing, so no machine opens an image it does not own, every machine
+//! computes the same split, and adding images moves no existing image to another shard.
+//!
+//! Per-image outputs (tag and caption files, latent and text-encoder caches) are written as in
+//! an unsharded run. A run's own files (metadata JSON, cache index, caption index,
+//! tag-probability store, `--output_path`) get a shard-named path ([`Shard::output_path`]) so
+//! shards sharing a folder never overwrite each other;
+//! [`crate::stages::merge_shards::merge_shard_outputs`] joins them.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::dataset::{self, Discovery};
+
+/// One part of a sharded run: shard `index` (0-based) of `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This machine's part, `0..count`.
+    pub index: u64,
+    /// Number of parts.
+    pub count: u64,
+}
+
+impl Shard {
+    /// The whole dataset as one shard.
+    pub const ALL: Shard = Shard { index: 0, count: 1 };
+
+    /// True when the item with identity `key` belongs to this shard.
+    pub fn contains(&self, key: &str) -> bool {
+        if self.count == 1 {
+            return true;
+        }
+        let hash = blake3::hash(key.as_bytes());
+        let head = u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"));
+        head % self.count == self.index
+    }
+
+    /// True when `image`, found under the dataset folder `root`, belongs to this shard (its
+    /// identity is its path relative to `root`, see [`dataset::relative_name`]).
+    pub fn contains_image(&self, root: &Path, image: &Path) -> bool {
+        self.count == 1 || self.contains(&dataset::relative_name(root, image))
+    }
+
+    /// Keeps only the images (and non-files) of `discovery` that belong to this shard, found
+    /// under `root`.
+    pub fn retain_images(&self, discovery: &mut Discovery, root: &Path) {
+        discovery
+            .images
+            .retain(|image| self.contains_image(root, image));
+        discovery
+            .not_files
+            .retain(|path| self.contains_image(root, path));
+    }
+
+    /// Where this shard writes a run output that would be `path` unsharded: `path` itself for
+    /// the whole dataset, else `.shard-<i>-of-<n>` before the extension
+    /// (`meta_lat.json` -> `meta_lat.shard-0-of-3.json`).
+    pub fn output_path(&self, path: &Path) -> PathBuf {
+        if *self == Shard::ALL {
+            return path.to_path_buf();
+        }
+        let mut name = path.file_stem().unwrap_or_default().to_os_string();
+        name.push(format!(".shard-{}-of-{}", self.index, self.count));
+        if let Some(extension) = path.extension() {
+            name.push(".");
+            name.push(extension);
+        }
+        path.with_file_name(name)
+    }
+}
+
+impl FromStr for Shard {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, Self::Err> {
+        let usage = || format!("--shard expects i/n with 0 <= i < n (e.g. 0/3), got {text:?}");
+        let (index, count) = text.split_once('/').ok_or_else(usage)?;
+        let index: u64 = index.trim().parse().map_err(|_| usage())?;
+        let count: u64 = count.trim().parse().map_err(|_| usage())?;
+        if count == 0 || index >= count {
+            return Err(usage());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_partition_items() {
+        let shards: Vec<Shard> = (0..3).map(|i| format!("{i}/3").parse().unwrap()).collect();
+        for n in 0..300 {
+            let key = format!("img_{n}.png");
+            assert_eq!(shards.iter().filter(|s| s.contains(&key)).count(), 1);
+        }
+        let sizes: Vec<usize> = shards
+            .iter()
+            .map(|s| {
+                (0..300)
+                    .filter(|n| s.contains(&format!("img_{n}.png")))
+                    .count()
+            })
+            .collect();
+        assert!(sizes.iter().all(|&c| c > 70), "{sizes:?}");
+    }
+
+    #[test]
+    fn shard_outputs_are_named_apart() {
+        let shard = Shard { index: 1, count: 3 };
+        assert_eq!(
+            shard.output_path(Path::new("out/meta_lat.json")),
+            Path::new("out/meta_lat.shard-1-of-3.json")
+        );
+        assert_eq!(
+            shard.output_path(Path::new("d/.lorakit-tag-probs.bin")),
+            Path::new("d/.lorakit-tag-probs.shard-1-of-3.bin")
+        );
+        assert_eq!(
+            Shard::ALL.output_path(Path::new("meta.json")),
+            Path::new("meta.json")
+        );
+        let root = Path::new("data");
+        let image = Path::new("data/sub/a.png");
+        assert_eq!(
+            shard.contains_image(root, image),
+            shard.contains("sub/a.png")
+        );
+    }
+
+    #[test]
+    fn parsing() {
+        assert_eq!(
+            "2/5".parse::<Shard>().unwrap(),
+            Shard { index: 2, count: 5 }
+        );
+        assert!("5/5".parse::<Shard>().is_err());
+        assert!("1".parse::<Shard>().is_err());
+        assert!("0/0".parse::<Shard>().is_err());
+    }
+}

@@ -1,0 +1,212 @@
+//! Run outcomes, exit codes and progress display shared by every tool.
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | every item done or already up to date |
+//! | 1 | fatal error: nothing (more) could be done (unreadable model, bad input JSON, ...) |
+//! | 2 | bad command line (unknown flag, contradictory options) |
+//! | 3 | finished, but some items were skipped with errors (listed at the end and in the manifest) |
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// Exit code: all items done or up to date.
+pub const EXIT_OK: u8 = 0;
+/// Exit code: fatal error.
+pub const EXIT_FATAL: u8 = 1;
+/// Exit code: bad command line.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: finished with some items skipped because of errors.
+pub const EXIT_PARTIAL: u8 = 3;
+
+/// One item that could not be processed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemFailure {
+    /// The file (or metadata key) concerned.
+    pub path: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// Counts and failures of one stage run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Items processed in this run.
+    pub done: usize,
+    /// Items skipped because their output was already up to date.
+    pub up_to_date: usize,
+    /// Items whose caption or tag file is the user's and was kept as it is.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub kept: usize,
+    /// Items skipped because of an error.
+    pub failures: Vec<ItemFailure>,
+    /// What the end-of-run rate counts, when it is not the items done (train-lora: steps).
+    #[serde(skip)]
+    pub throughput: Option<Throughput>,
+}
+
+/// A count of work units of a run, for its end-of-run rate (`12.5 steps/s`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Throughput {
+    /// Units done in this run.
+    pub count: usize,
+    /// Their name, plural (`steps`).
+    pub unit: &'static str,
+}
+
+impl Summary {
+    /// Records a per-item error; the message names the file when the error has one.
+    pub fn fail(&mut self, item: &Path, error: &Error) {
+        let path = error.path().unwrap_or(item).display().to_string();
+        let message = match error {
+            Error::Io { source, .. } => source.to_string(),
+            Error::BadFile { message, .. } | Error::Schema { message, .. } => message.clone(),
+            Error::Usage(m) | Error::Model(m) => m.clone(),
+        };
+        self.failures.push(ItemFailure { path, message });
+    }
+
+    /// The exit code this outcome maps to (0 or 3).
+    pub fn exit_code(&self) -> u8 {
+        if self.failures.is_empty() {
+            EXIT_OK
+        } else {
+            EXIT_PARTIAL
+        }
+    }
+}
+
+fn is_zero(count: &usize) -> bool {
+    *count == 0
+}
+
+/// Runs a stage body and prints its report: the `main` of every tool.
+pub fn run(tool: &str, body: impl FnOnce() -> crate::Result<Summary>) -> std::process::ExitCode {
+    let started = Instant::now();
+    finish(tool, started, body())
+}
+
+/// Prints the end-of-run report of `tool` to stderr and turns the result into an exit code.
+pub fn finish(
+    tool: &str,
+    started: Instant,
+    result: crate::Result<Summary>,
+) -> std::process::ExitCode {
+    let code = match result {
+        Ok(summary) => {
+            let seconds = started.elapsed().as_secs_f64();
+            let Throughput { count, unit } = summary.throughput.unwrap_or(Throughput {
+                count: summary.done,
+                unit: "items",
+            });
+            let rate = count as f64 / seconds.max(1e-9);
+            for failure in &summary.failures {
+                eprintln!("{tool}: skipped {}: {}", failure.path, failure.message);
+            }
+            let kept = if summary.kept > 0 {
+                format!(
+                    ", {} kept (user-written; --overwrite replaces them, keeping a .bak copy)",
+                    summary.kept
+                )
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "{tool}: {} done, {} up to date{kept}, {} failed in {seconds:.2} s ({rate:.1} {unit}/s)",
+                summary.done,
+                summary.up_to_date,
+                summary.failures.len()
+            );
+            summary.exit_code()
+        }
+        Err(error) => {
+            eprintln!("{tool}: error: {error}");
+            if matches!(error, Error::Usage(_)) {
+                EXIT_USAGE
+            } else {
+                EXIT_FATAL
+            }
+        }
+    };
+    std::process::ExitCode::from(code)
+}
+
+/// Progress display: a bar with items/s and ETA on a terminal, a plain line every few seconds
+/// otherwise (CI logs, `make -j`).
+pub struct Progress {
+    bar: indicatif::ProgressBar,
+    label: String,
+    total: u64,
+    plain: Option<std::sync::Mutex<PlainState>>,
+}
+
+struct PlainState {
+    started: Instant,
+    last_line: Instant,
+}
+
+/// Interval between plain progress lines when stderr is not a terminal.
+const PLAIN_INTERVAL: Duration = Duration::from_secs(5);
+
+impl Progress {
+    /// A progress display for `total` items, hidden entirely when `quiet`.
+    pub fn new(label: &str, total: usize, quiet: bool) -> Self {
+        let total = total as u64;
+        let terminal = std::io::stderr().is_terminal();
+        let bar = if quiet || !terminal {
+            indicatif::ProgressBar::hidden()
+        } else {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_message(label.to_string());
+            bar
+        };
+        let plain = (!quiet && !terminal).then(|| {
+            std::sync::Mutex::new(PlainState {
+                started: Instant::now(),
+                last_line: Instant::now(),
+            })
+        });
+        Progress {
+            bar,
+            label: label.to_string(),
+            total,
+            plain,
+        }
+    }
+
+    /// Marks `n` more items finished.
+    pub fn inc(&self, n: u64) {
+        self.bar.inc(n);
+        if let Some(state) = &self.plain {
+            let mut state = state.lock().expect("progress lock");
+            if state.last_line.elapsed() >= PLAIN_INTERVAL {
+                state.last_line = Instant::now();
+                let done = self.bar.position();
+                let seconds = state.started.elapsed().as_secs_f64();
+                let rate = done as f64 / seconds.max(1e-9);
+                let eta = (self.total.saturating_sub(done)) as f64 / rate.max(1e-9);
+                eprintln!(
+                    "{}: {done}/{} ({rate:.1} items/s, ETA {eta:.0} s)",
+                    self.label, self.total
+                );
+            }
+        }
+    }
+
+    /// Removes the bar.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}

@@ -1,0 +1,115 @@
+//! The adaptable layers of a model: frozen linear and convolution layers a trainable network
+//! (LoRA, in `crate::networks`) can attach an adapter to, and the visitor that reaches them.
+
+use candle_core::{DType, Tensor};
+
+use crate::models::frozen::{FrozenKind, FrozenOp};
+
+/// A trainable change attached to a frozen layer.
+pub trait LayerAdapter: std::any::Any + std::fmt::Debug + Send + Sync {
+    /// What the adapter adds to the output of a layer of `kind` for input `x`, or `None` when it
+    /// adds nothing this forward pass.
+    fn delta(&self, x: &Tensor, kind: FrozenKind) -> candle_core::Result<Option<Tensor>>;
+
+    /// A copy behind a new box (adapters share their trainable variables).
+    fn clone_box(&self) -> Box<dyn LayerAdapter>;
+}
+
+impl Clone for Box<dyn LayerAdapter> {
+    fn clone(&self) -> Self {
+        self.clone_box()
+    }
+}
+
+/// The sd-scripts model class that contains a layer; drives module selection
+/// (docs/kohya-compat.md#lora-module-selection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Container {
+    /// Inside a `Transformer2DModel` (the default LierLa target).
+    Transformer,
+    /// Inside a `ResnetBlock2D` (C3Lier only).
+    Resnet,
+    /// A `Downsample2D` (C3Lier only).
+    Downsample,
+    /// An `Upsample2D` (C3Lier only).
+    Upsample,
+    /// Anything else (never adapted).
+    Other,
+}
+
+/// A frozen linear or convolution layer that may carry a trainable LoRA module.
+#[derive(Debug, Clone)]
+pub struct AdaptableLayer {
+    /// Diffusers-style path of the layer, e.g. `down_blocks.0.attentions.0.proj_in`.
+    pub path: String,
+    /// The sd-scripts class that contains it.
+    pub container: Container,
+    op: FrozenOp,
+    bias: Option<Tensor>,
+    /// The attached trainable adapter (a LoRA module), if any.
+    pub adapter: Option<Box<dyn LayerAdapter>>,
+}
+
+impl AdaptableLayer {
+    /// A frozen layer from its weight and optional bias.
+    pub fn new(
+        path: String,
+        container: Container,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        kind: FrozenKind,
+    ) -> Self {
+        Self {
+            path,
+            container,
+            op: FrozenOp::new(weight, kind),
+            bias: bias.map(|b| b.detach()),
+            adapter: None,
+        }
+    }
+
+    /// The frozen base weight.
+    pub fn weight(&self) -> &Tensor {
+        self.op.weight()
+    }
+
+    /// Linear or convolution (with stride and padding).
+    pub fn kind(&self) -> FrozenKind {
+        self.op.kind()
+    }
+
+    /// Adds `delta` (shaped like the weight) to the frozen weight.
+    pub fn merge_into_weight(&mut self, delta: &Tensor) -> candle_core::Result<()> {
+        let weight = self.op.weight();
+        let merged = (weight.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?
+            .to_dtype(weight.dtype())?;
+        self.op = FrozenOp::new(merged, self.op.kind());
+        Ok(())
+    }
+
+    /// `W0 x + b`, plus the adapter's change when one is attached.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mut y = self.op.forward(x)?;
+        if let Some(bias) = &self.bias {
+            y = match self.op.kind() {
+                FrozenKind::Linear => y.broadcast_add(bias)?,
+                FrozenKind::Conv2d { .. } => {
+                    y.broadcast_add(&bias.reshape((bias.dim(0)?, 1, 1))?)?
+                }
+            };
+        }
+        match self.adapter.as_ref().map(|a| a.delta(x, self.op.kind())) {
+            Some(delta) => match delta? {
+                Some(delta) => y + delta,
+                None => Ok(y),
+            },
+            None => Ok(y),
+        }
+    }
+}
+
+/// Something whose adaptable layers can be visited (the UNet).
+pub trait Adaptable {
+    /// Calls `f` on every adaptable layer, in model order.
+    fn visit_layers(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer));
+}

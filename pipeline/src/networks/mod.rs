@@ -1,0 +1,3 @@
+//! Trainable networks attached to a frozen model's adaptable layers.
+
+pub mod lora;

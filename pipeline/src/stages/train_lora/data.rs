@@ -1,0 +1,461 @@
+//! Training data from caches only: the metadata JSON (`--in_json`), the latent caches
+//! `<stem>_<WWWW>x<HHHH>_sd.npz` (docs/kohya-compat.md#latent-cache-files) and the text-encoder
+//! caches `<stem>_te_outputs.npz`.
+//! Every entry is checked before training starts; all problems are reported together.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+use crate::dataset::IMAGE_EXTENSIONS;
+use crate::formats::metadata::Metadata;
+use crate::formats::model_family::ModelFamily;
+use crate::formats::npz::NpzReader;
+use crate::formats::te_cache::read_cache_file;
+use crate::{Error, Result};
+
+/// One training image as cached tensors.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Metadata key.
+    pub key: String,
+    /// Unscaled VAE latents `[4, h, w]` (f32, CPU).
+    pub latents: Tensor,
+    /// Text-encoder hidden states `[75n+2, D]` (f32, CPU).
+    pub context: Tensor,
+    /// The image's alpha at latent resolution `[1, h, w]` (`--alpha_mask`), in `[0, 1]`.
+    pub mask: Option<Tensor>,
+    /// Latents of the horizontally flipped image (`--flip_aug`).
+    pub latents_flipped: Option<Tensor>,
+}
+
+/// One batch on the training device.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Unscaled latents `[B, 4, h, w]`.
+    pub latents: Tensor,
+    /// Text-encoder hidden states `[B, T, D]`.
+    pub context: Tensor,
+    /// Loss masks `[B, 1, h, w]`, when the samples carry alpha masks.
+    pub mask: Option<Tensor>,
+}
+
+/// The cached training set, grouped into buckets by latent size.
+#[derive(Debug, Clone)]
+pub struct CachedDataset {
+    /// All samples, in metadata order.
+    pub samples: Vec<Sample>,
+    /// Sample indices per bucket `(width, height)` in pixels.
+    pub buckets: BTreeMap<(usize, usize), Vec<usize>>,
+    /// Repeats per epoch (`--dataset_repeats`).
+    pub repeats: usize,
+    /// Tag counts from the metadata `tags` fields (lower-cased), for `ss_tag_frequency`.
+    pub tag_frequency: BTreeMap<String, usize>,
+    /// Width of the text context of every sample.
+    pub context_dim: usize,
+}
+
+impl CachedDataset {
+    /// Loads every entry of `in_json`; images are resolved like sd-scripts (absolute keys as they
+    /// are, relative keys under `train_data_dir`), and only their cache files are read. With
+    /// `options`, every latent cache must hold the image's `alpha_mask` / `latents_flipped`.
+    pub fn load(
+        in_json: &Path,
+        train_data_dir: Option<&Path>,
+        repeats: usize,
+        options: CacheOptions,
+    ) -> Result<Self> {
+        let metadata = Metadata::load(in_json)?;
+        if metadata.is_empty() {
+            return Err(Error::bad_file(
+                in_json,
+                "the metadata file has no entries; nothing to train on",
+            ));
+        }
+        let mut samples = Vec::new();
+        let mut problems = Vec::new();
+        let mut tag_frequency = BTreeMap::new();
+        for (key, entry) in metadata.iter() {
+            let base = cache_base(key, train_data_dir);
+            match load_sample(key, &base, entry.get("train_resolution"), options) {
+                Ok(sample) => samples.push(sample),
+                Err(e) => problems.push(e.to_string()),
+            }
+            if let Some(tags) = entry.get("tags").and_then(|t| t.as_str()) {
+                for tag in tags
+                    .split(',')
+                    .map(|t| t.trim().to_lowercase())
+                    .filter(|t| !t.is_empty())
+                {
+                    *tag_frequency.entry(tag).or_insert(0) += 1;
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Error::bad_file(
+                in_json,
+                format!(
+                    "{} of {} entries cannot be trained on; run prepare-latents / cache-text-encoder for them (or remove them from the metadata):\n  {}",
+                    problems.len(),
+                    metadata.len(),
+                    problems.join("\n  ")
+                ),
+            ));
+        }
+        let lengths: std::collections::BTreeSet<(usize, usize)> = samples
+            .iter()
+            .map(|s| s.context.dims2())
+            .collect::<candle_core::Result<_>>()?;
+        if lengths.len() != 1 {
+            return Err(Error::bad_file(in_json, format!("text-encoder caches have different shapes {lengths:?}; re-run cache-text-encoder with one --max_token_length for all images")));
+        }
+        let context_dim = lengths.iter().next().map(|l| l.1).unwrap_or_default();
+        Self::from_samples(samples, repeats, tag_frequency, context_dim)
+    }
+
+    /// A dataset of `samples` grouped into buckets.
+    fn from_samples(
+        samples: Vec<Sample>,
+        repeats: usize,
+        tag_frequency: BTreeMap<String, usize>,
+        context_dim: usize,
+    ) -> Result<Self> {
+        let mut buckets: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
+        for (i, s) in samples.iter().enumerate() {
+            let (_, h, w) = s.latents.dims3()?;
+            buckets.entry((w * 8, h * 8)).or_default().push(i);
+        }
+        Ok(Self {
+            samples,
+            buckets,
+            repeats: repeats.max(1),
+            tag_frequency,
+            context_dim,
+        })
+    }
+
+    /// Splits off `fraction` of the images (rounded; chosen by a shuffle seeded with `seed`) as
+    /// a validation set without repeats (`--validation_split`). The two sets never share an
+    /// image; `None` when the fraction rounds to no image.
+    pub fn split_validation(self, fraction: f64, seed: u64) -> Result<(Self, Option<Self>)> {
+        let total = self.samples.len();
+        let count = (total as f64 * fraction).round() as usize;
+        if count == 0 {
+            return Ok((self, None));
+        }
+        if count >= total {
+            return Err(Error::Usage(format!(
+                "--validation_split {fraction}: leaves no training image of {total}"
+            )));
+        }
+        let mut order: Vec<usize> = (0..total).collect();
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix(
+            seed,
+            0x0da1_1da7,
+            0,
+        )));
+        let held_out: std::collections::BTreeSet<usize> =
+            order[total - count..].iter().copied().collect();
+        let (mut train, mut validation) = (Vec::new(), Vec::new());
+        for (i, sample) in self.samples.into_iter().enumerate() {
+            if held_out.contains(&i) {
+                validation.push(sample);
+            } else {
+                train.push(sample);
+            }
+        }
+        let context_dim = self.context_dim;
+        Ok((
+            Self::from_samples(train, self.repeats, self.tag_frequency, context_dim)?,
+            Some(Self::from_samples(
+                validation,
+                1,
+                BTreeMap::new(),
+                context_dim,
+            )?),
+        ))
+    }
+
+    /// Training images × repeats.
+    pub fn num_train_images(&self) -> usize {
+        self.samples.len() * self.repeats
+    }
+
+    /// Number of batches in an epoch.
+    pub fn batches_per_epoch(&self, batch_size: usize) -> usize {
+        self.buckets
+            .values()
+            .map(|b| (b.len() * self.repeats).div_ceil(batch_size))
+            .sum()
+    }
+
+    /// The batches of `epoch` (1-based): each bucket's images × repeats shuffled and cut into
+    /// batches, then the batch order shuffled; deterministic in `(seed, epoch)`.
+    pub fn epoch_batches(&self, seed: u64, epoch: usize, batch_size: usize) -> Vec<Vec<usize>> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(mix(seed, 0x5eed_da7a, epoch as u64));
+        let mut batches = Vec::new();
+        for members in self.buckets.values() {
+            let mut items: Vec<usize> = members
+                .iter()
+                .flat_map(|&i| std::iter::repeat_n(i, self.repeats))
+                .collect();
+            items.shuffle(&mut rng);
+            batches.extend(items.chunks(batch_size).map(|c| c.to_vec()));
+        }
+        batches.shuffle(&mut rng);
+        batches
+    }
+
+    /// Stacks the latents, contexts and masks of `batch` on `device`; with `flip_seed`
+    /// (`--flip_aug`), each sample is flipped with probability 0.5 (its cached flipped latents
+    /// and its mirrored mask), drawn from that seed.
+    pub fn collate(
+        &self,
+        batch: &[usize],
+        device: &Device,
+        flip_seed: Option<u64>,
+    ) -> Result<Batch> {
+        let mut rng = flip_seed.map(rand::rngs::StdRng::seed_from_u64);
+        let (mut latents, mut contexts, mut masks) = (Vec::new(), Vec::new(), Vec::new());
+        for &i in batch {
+            let sample = &self.samples[i];
+            let flipped = match (&mut rng, &sample.latents_flipped) {
+                (Some(rng), Some(flipped)) => rng.random_bool(0.5).then_some(flipped),
+                _ => None,
+            };
+            latents.push(flipped.unwrap_or(&sample.latents).clone());
+            contexts.push(sample.context.clone());
+            masks.push(match (&sample.mask, flipped) {
+                (Some(mask), Some(_)) => Some(mirror(mask)?),
+                (mask, None) => mask.clone(),
+                (None, Some(_)) => None,
+            });
+        }
+        let masks: Option<Vec<Tensor>> = masks.into_iter().collect();
+        Ok(Batch {
+            latents: Tensor::stack(&latents, 0)?.to_device(device)?,
+            context: Tensor::stack(&contexts, 0)?.to_device(device)?,
+            mask: match masks {
+                Some(masks) => Some(Tensor::stack(&masks, 0)?.to_device(device)?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// `tensor` mirrored along its last (width) axis.
+fn mirror(tensor: &Tensor) -> Result<Tensor> {
+    let width = tensor.dim(tensor.rank() - 1)?;
+    let reversed: Vec<u32> = (0..width as u32).rev().collect();
+    let index = Tensor::from_vec(reversed, width, tensor.device())?;
+    Ok(tensor.index_select(&index, tensor.rank() - 1)?)
+}
+
+/// Which optional parts of the latent caches training reads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CacheOptions {
+    /// `alpha_mask` (`--alpha_mask`).
+    pub alpha_mask: bool,
+    /// `latents_flipped` (`--flip_aug`).
+    pub flip_aug: bool,
+}
+
+/// Mixes a seed with a stream id and a counter into an RNG seed.
+pub fn mix(seed: u64, stream: u64, counter: u64) -> u64 {
+    let mut z = seed ^ stream.rotate_left(17) ^ counter.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Image path without extension for a metadata key (the prefix of both cache files).
+fn cache_base(key: &str, train_data_dir: Option<&Path>) -> PathBuf {
+    let path = Path::new(key);
+    let full = match train_data_dir {
+        Some(dir) if !path.is_absolute() => dir.join(path),
+        _ => path.to_path_buf(),
+    };
+    let is_image = full
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
+    if is_image {
+        full.with_extension("")
+    } else {
+        full
+    }
+}
+
+/// The latent cache next to `base`: `<base>_<WWWW>x<HHHH>_sd.npz`, else legacy `<base>.npz`.
+pub fn find_latent_cache(base: &Path) -> Option<PathBuf> {
+    let dir = base.parent()?;
+    let stem = base.file_name()?.to_str()?;
+    let pattern = regex::Regex::new(&format!(
+        r"^{}_\d{{4}}x\d{{4}}_sd\.npz$",
+        regex::escape(stem)
+    ))
+    .ok()?;
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_str().is_some_and(|n| pattern.is_match(n)))
+        .map(|e| e.path())
+        .collect();
+    found.sort();
+    found.pop().or_else(|| {
+        let legacy = base.with_extension("npz");
+        legacy.is_file().then_some(legacy)
+    })
+}
+
+/// Whether every value of a float32 tensor is finite (a NaN cache would turn the loss NaN).
+fn all_finite(tensor: &Tensor) -> Result<bool> {
+    Ok(tensor
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .all(|v| v.is_finite()))
+}
+
+fn load_sample(
+    key: &str,
+    base: &Path,
+    train_resolution: Option<&serde_json::Value>,
+    options: CacheOptions,
+) -> Result<Sample> {
+    let latent_path = find_latent_cache(base).ok_or_else(|| {
+        Error::bad_file(
+            base,
+            format!(
+                "entry {key:?}: no latent cache {}_WWWWxHHHH_sd.npz",
+                base.display()
+            ),
+        )
+    })?;
+    let mut cache = NpzReader::open(&latent_path)?;
+    let latents = cache.read_tensor_f32("latents", &Device::Cpu)?;
+    if latents.rank() != 3 || latents.dims()[0] != 4 {
+        return Err(Error::bad_file(
+            &latent_path,
+            format!(
+                "latents have shape {:?}, expected [4, h, w]",
+                latents.dims()
+            ),
+        ));
+    }
+    if !all_finite(&latents)? {
+        return Err(Error::bad_file(
+            &latent_path,
+            "latents contain NaN or infinite values (a VAE run in fp16?); re-run prepare-latents with --mixed_precision no",
+        ));
+    }
+    if let Some(res) = train_resolution.and_then(|v| v.as_array()) {
+        let want: Vec<u64> = res.iter().filter_map(|v| v.as_u64()).collect();
+        let have = [latents.dims()[2] as u64 * 8, latents.dims()[1] as u64 * 8];
+        if want.len() == 2 && want != have {
+            return Err(Error::bad_file(&latent_path, format!("latents are for {}x{} but the metadata train_resolution is {}x{}; re-run prepare-latents", have[0], have[1], want[0], want[1])));
+        }
+    }
+    let mask = if options.alpha_mask {
+        Some(latent_mask(&mut cache, &latents)?)
+    } else {
+        None
+    };
+    let latents_flipped = if options.flip_aug {
+        Some(flipped_latents(&mut cache, &latents)?)
+    } else {
+        None
+    };
+    let te_path = PathBuf::from(format!("{}_te_outputs.npz", base.display()));
+    if !te_path.is_file() {
+        return Err(Error::bad_file(
+            &te_path,
+            format!("entry {key:?}: text-encoder cache missing"),
+        ));
+    }
+    // SD 1.x and 2.x caches share one layout (a single `hidden_state`), so either family reads it.
+    let cached = read_cache_file(&te_path, ModelFamily::Sd1, &Device::Cpu)?;
+    let context = cached.arrays[0].to_dtype(DType::F32)?;
+    if !all_finite(&context)? {
+        return Err(Error::bad_file(
+            &te_path,
+            "text-encoder outputs contain NaN or infinite values; re-run cache-text-encoder with --mixed_precision no",
+        ));
+    }
+    let ok = context.rank() == 2 && context.dims()[0] % 75 == 2;
+    if !ok {
+        return Err(Error::bad_file(
+            &te_path,
+            format!(
+                "hidden_state has shape {:?}, expected [75n+2, D]",
+                context.dims()
+            ),
+        ));
+    }
+    Ok(Sample {
+        key: key.to_string(),
+        latents,
+        context,
+        mask,
+        latents_flipped,
+    })
+}
+
+/// The cache's `latents_flipped`, which must match the latents' shape.
+fn flipped_latents(cache: &mut NpzReader, latents: &Tensor) -> Result<Tensor> {
+    optional_array(cache, "latents_flipped", latents.dims(), "--flip_aug")
+}
+
+/// The cache's pixel-resolution `alpha_mask` `[8h, 8w]` averaged over each 8x8 block to the
+/// latents' `[1, h, w]` (the "area" resize sd-scripts applies to the loss mask).
+fn latent_mask(cache: &mut NpzReader, latents: &Tensor) -> Result<Tensor> {
+    let (_, h, w) = latents.dims3()?;
+    let mask = optional_array(cache, "alpha_mask", &[h * 8, w * 8], "--alpha_mask")?;
+    Ok(mask
+        .reshape((1, 1, h * 8, w * 8))?
+        .avg_pool2d(8)?
+        .reshape((1, h, w))?)
+}
+
+/// The array `name` of a latent cache that prepare-latents writes only with `flag`; it must
+/// exist and have `shape`.
+fn optional_array(
+    cache: &mut NpzReader,
+    name: &str,
+    shape: &[usize],
+    flag: &str,
+) -> Result<Tensor> {
+    let path = cache.path().to_path_buf();
+    if !cache.contains(name) {
+        return Err(Error::bad_file(
+            &path,
+            format!("no {name} in the latent cache; re-run prepare-latents with {flag}"),
+        ));
+    }
+    let array = cache.read_tensor_f32(name, &Device::Cpu)?;
+    if array.dims() != shape {
+        return Err(Error::bad_file(
+            &path,
+            format!(
+                "{name} has shape {:?} but the latents need {shape:?}; re-run prepare-latents {flag}",
+                array.dims()
+            ),
+        ));
+    }
+    Ok(array)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_reverses_the_width_axis() {
+        let mask = Tensor::new(&[[[1f32, 2.0, 3.0], [4.0, 5.0, 6.0]]], &Device::Cpu).unwrap();
+        let mirrored = mirror(&mask).unwrap().to_vec3::<f32>().unwrap();
+        assert_eq!(mirrored, [[[3.0, 2.0, 1.0], [6.0, 5.0, 4.0]]]);
+    }
+}

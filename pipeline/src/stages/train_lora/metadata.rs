@@ -1,0 +1,417 @@
+//! The `ss_*` / `modelspec.*` header metadata sd-scripts writes into a LoRA file (see
+//! docs/kohya-compat.md#lora-file-metadata), as far as it applies to cache-based UNet-only
+//! training.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::json;
+
+use crate::infra::pyjson::float_repr;
+use crate::stages::train_lora::args::TrainArgs;
+use crate::stages::train_lora::data::CachedDataset;
+use crate::stages::train_lora::optim::OptimizerKind;
+use crate::Result;
+
+/// Step/epoch plan values recorded in the metadata.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanInfo {
+    /// `max_train_steps` after the epoch override.
+    pub total_steps: usize,
+    /// Computed number of epochs.
+    pub num_epochs: usize,
+    /// Batches per epoch.
+    pub batches_per_epoch: usize,
+    /// Seed used.
+    pub seed: u64,
+    /// Images held out for validation.
+    pub validation_images: usize,
+}
+
+fn py_opt_f64(x: Option<f64>) -> String {
+    x.map(float_repr).unwrap_or_else(|| "None".into())
+}
+
+fn py_bool(b: bool) -> String {
+    if b { "True" } else { "False" }.into()
+}
+
+/// sd-webui "old" model hash: SHA-256 of the 64 KiB at 0x100000, first 8 hex characters.
+pub fn legacy_model_hash(path: &Path) -> Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
+    let mut buf = Vec::with_capacity(0x10000);
+    file.seek(SeekFrom::Start(0x100000))
+        .map_err(|e| crate::Error::io(path, e))?;
+    file.take(0x10000)
+        .read_to_end(&mut buf)
+        .map_err(|e| crate::Error::io(path, e))?;
+    Ok(crate::networks::lora::sha256_hex(&buf)[..8].to_string())
+}
+
+/// SHA-256 of a whole file.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| crate::Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Metadata shared by every file of a run (per-save keys are added by the caller).
+pub fn base_metadata(
+    args: &TrainArgs,
+    dataset: &CachedDataset,
+    plan: &PlanInfo,
+    started_unix: f64,
+    optimizer: &OptimizerKind,
+    is_sd2: bool,
+) -> Result<BTreeMap<String, String>> {
+    let mut m = BTreeMap::new();
+    let base_version = match (is_sd2, args.v_parameterization) {
+        (false, false) => "sd_v1",
+        (false, true) => "sd_v1_v",
+        (true, false) => "sd_v2",
+        (true, true) => "sd_v2_v",
+    };
+    let alpha = match args.network_alpha {
+        Some(a) => float_repr(a as f64),
+        None => "1".into(),
+    };
+    let network_args = if args.network_args.is_empty() {
+        None
+    } else {
+        let mut map = serde_json::Map::new();
+        for arg in &args.network_args {
+            if let Some((k, v)) = arg.split_once('=') {
+                map.insert(k.trim().into(), json!(v.trim()));
+            }
+        }
+        // The trainer adds `--network_dropout` under "dropout" unless given
+        // (docs/kohya-compat.md#network-arguments).
+        if !map.contains_key("dropout") {
+            map.insert("dropout".into(), json!(args.network_dropout));
+        }
+        Some(serde_json::Value::Object(map).to_string())
+    };
+    let put = |m: &mut BTreeMap<String, String>, k: &str, v: String| {
+        m.insert(k.to_string(), v);
+    };
+    put(&mut m, "ss_v2", py_bool(is_sd2));
+    put(&mut m, "ss_base_model_version", base_version.into());
+    put(&mut m, "ss_network_module", args.network_module.clone());
+    put(
+        &mut m,
+        "ss_network_dim",
+        args.network_dim
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| "None".into()),
+    );
+    put(&mut m, "ss_network_alpha", alpha);
+    if let Some(na) = network_args {
+        put(&mut m, "ss_network_args", na);
+    }
+    let resolution = dataset
+        .buckets
+        .keys()
+        .map(|&(w, h)| w.max(h))
+        .max()
+        .unwrap_or(512);
+    let arch = match (is_sd2, args.v_parameterization) {
+        (false, _) => "stable-diffusion-v1/lora",
+        (true, false) => "stable-diffusion-v2-512/lora",
+        (true, true) => "stable-diffusion-v2-768-v/lora",
+    };
+    put(&mut m, "modelspec.sai_model_spec", "1.0.1".into());
+    put(&mut m, "modelspec.architecture", arch.into());
+    put(&mut m, "modelspec.implementation", "diffusers".into());
+    put(
+        &mut m,
+        "modelspec.title",
+        args.output_name
+            .clone()
+            .unwrap_or_else(|| format!("LoRA@{}", float_repr(started_unix))),
+    );
+    put(
+        &mut m,
+        "modelspec.resolution",
+        format!("{resolution}x{resolution}"),
+    );
+    put(
+        &mut m,
+        "modelspec.prediction_type",
+        if args.v_parameterization {
+            "v"
+        } else {
+            "epsilon"
+        }
+        .into(),
+    );
+    put(
+        &mut m,
+        "modelspec.implementation_version",
+        format!("lorakit/{}", env!("CARGO_PKG_VERSION")),
+    );
+    put(&mut m, "modelspec.date", iso_date(started_unix));
+    if args.min_timestep.is_some() || args.max_timestep.is_some() {
+        put(
+            &mut m,
+            "modelspec.timestep_range",
+            format!(
+                "{},{}",
+                args.min_timestep.unwrap_or(0),
+                args.max_timestep.unwrap_or(1000)
+            ),
+        );
+    }
+    if args.no_metadata {
+        return Ok(m);
+    }
+    let metadata_name = args
+        .in_json
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let accum = args.gradient_accumulation_steps;
+    put(&mut m, "ss_session_id", (rand::random::<u32>()).to_string());
+    put(&mut m, "ss_training_started_at", float_repr(started_unix));
+    put(
+        &mut m,
+        "ss_output_name",
+        args.output_name.clone().unwrap_or_else(|| "None".into()),
+    );
+    put(&mut m, "ss_learning_rate", float_repr(args.learning_rate));
+    put(&mut m, "ss_text_encoder_lr", "None".into());
+    put(&mut m, "ss_unet_lr", py_opt_f64(args.unet_lr));
+    put(
+        &mut m,
+        "ss_num_train_images",
+        dataset.num_train_images().to_string(),
+    );
+    put(
+        &mut m,
+        "ss_num_validation_images",
+        plan.validation_images.to_string(),
+    );
+    put(&mut m, "ss_num_reg_images", "0".into());
+    put(
+        &mut m,
+        "ss_num_batches_per_epoch",
+        plan.batches_per_epoch.to_string(),
+    );
+    put(&mut m, "ss_num_epochs", plan.num_epochs.to_string());
+    put(&mut m, "ss_gradient_checkpointing", "False".into());
+    put(&mut m, "ss_gradient_accumulation_steps", accum.to_string());
+    put(&mut m, "ss_max_train_steps", plan.total_steps.to_string());
+    put(&mut m, "ss_lr_warmup_steps", args.lr_warmup_steps.clone());
+    put(&mut m, "ss_lr_scheduler", args.lr_scheduler.clone());
+    let dropout = args
+        .network_dropout
+        .map_or("None".into(), |p| p.to_string());
+    put(&mut m, "ss_network_dropout", dropout);
+    put(&mut m, "ss_mixed_precision", args.mixed_precision.clone());
+    put(&mut m, "ss_full_fp16", "False".into());
+    put(&mut m, "ss_clip_skip", "None".into());
+    put(&mut m, "ss_max_token_length", "None".into());
+    put(&mut m, "ss_cache_latents", "True".into());
+    put(&mut m, "ss_seed", plan.seed.to_string());
+    put(&mut m, "ss_lowram", "False".into());
+    put(&mut m, "ss_noise_offset", py_opt_f64(args.noise_offset));
+    put(
+        &mut m,
+        "ss_multires_noise_iterations",
+        args.multires_noise_iterations
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "None".into()),
+    );
+    put(
+        &mut m,
+        "ss_multires_noise_discount",
+        float_repr(args.multires_noise_discount),
+    );
+    put(
+        &mut m,
+        "ss_adaptive_noise_scale",
+        py_opt_f64(args.adaptive_noise_scale),
+    );
+    put(
+        &mut m,
+        "ss_zero_terminal_snr",
+        py_bool(args.zero_terminal_snr),
+    );
+    put(
+        &mut m,
+        "ss_training_comment",
+        args.training_comment
+            .clone()
+            .unwrap_or_else(|| "None".into()),
+    );
+    put(&mut m, "ss_sd_scripts_commit_hash", "(unknown)".into());
+    put(
+        &mut m,
+        "ss_optimizer",
+        optimizer.description(&args.optimizer_args),
+    );
+    put(&mut m, "ss_max_grad_norm", float_repr(args.max_grad_norm));
+    put(&mut m, "ss_caption_dropout_rate", "0.0".into());
+    put(&mut m, "ss_caption_dropout_every_n_epochs", "0".into());
+    put(&mut m, "ss_caption_tag_dropout_rate", "0.0".into());
+    put(&mut m, "ss_face_crop_aug_range", "None".into());
+    put(&mut m, "ss_prior_loss_weight", "1.0".into());
+    put(
+        &mut m,
+        "ss_min_snr_gamma",
+        py_opt_f64(args.min_snr_gamma.map(f64::from)),
+    );
+    put(
+        &mut m,
+        "ss_scale_weight_norms",
+        py_opt_f64(args.scale_weight_norms),
+    );
+    put(&mut m, "ss_ip_noise_gamma", py_opt_f64(args.ip_noise_gamma));
+    put(
+        &mut m,
+        "ss_ip_noise_gamma_random_strength",
+        py_bool(args.ip_noise_gamma_random_strength),
+    );
+    put(
+        &mut m,
+        "ss_noise_offset_random_strength",
+        py_bool(args.noise_offset_random_strength),
+    );
+    put(
+        &mut m,
+        "ss_debiased_estimation",
+        py_bool(args.debiased_estimation_loss),
+    );
+    put(&mut m, "ss_loss_type", args.loss_type.clone());
+    put(&mut m, "ss_huber_schedule", args.huber_schedule.clone());
+    put(&mut m, "ss_huber_scale", float_repr(args.huber_scale));
+    put(&mut m, "ss_huber_c", float_repr(args.huber_c));
+    put(&mut m, "ss_fp8_base", "False".into());
+    put(&mut m, "ss_fp8_base_unet", "False".into());
+    let py_opt_int = |v: Option<usize>| v.map_or("None".into(), |v| v.to_string());
+    put(
+        &mut m,
+        "ss_validation_seed",
+        args.validation_seed
+            .map_or("None".into(), |v| v.to_string()),
+    );
+    put(
+        &mut m,
+        "ss_validation_split",
+        float_repr(args.validation_split),
+    );
+    put(
+        &mut m,
+        "ss_max_validation_steps",
+        py_opt_int(args.max_validation_steps),
+    );
+    put(
+        &mut m,
+        "ss_validate_every_n_epochs",
+        py_opt_int(args.validate_every_n_epochs),
+    );
+    put(
+        &mut m,
+        "ss_validate_every_n_steps",
+        py_opt_int(args.validate_every_n_steps),
+    );
+    put(&mut m, "ss_resize_interpolation", "None".into());
+    put(
+        &mut m,
+        "ss_batch_size_per_device",
+        args.train_batch_size.to_string(),
+    );
+    put(
+        &mut m,
+        "ss_total_batch_size",
+        (args.train_batch_size * accum).to_string(),
+    );
+    put(
+        &mut m,
+        "ss_resolution",
+        format!("({resolution}, {resolution})"),
+    );
+    put(&mut m, "ss_color_aug", "False".into());
+    put(&mut m, "ss_flip_aug", py_bool(args.flip_aug));
+    put(&mut m, "ss_random_crop", "False".into());
+    put(&mut m, "ss_shuffle_caption", "False".into());
+    put(&mut m, "ss_keep_tokens", "0".into());
+    put(&mut m, "ss_enable_bucket", "True".into());
+    put(&mut m, "ss_bucket_no_upscale", "False".into());
+    let (min_b, max_b) = dataset
+        .buckets
+        .keys()
+        .fold((usize::MAX, 0), |(lo, hi), &(w, h)| {
+            (lo.min(w.min(h)), hi.max(w.max(h)))
+        });
+    put(&mut m, "ss_min_bucket_reso", min_b.to_string());
+    put(&mut m, "ss_max_bucket_reso", max_b.to_string());
+    put(&mut m, "ss_dataset_dirs", json!({ &metadata_name: {"n_repeats": dataset.repeats, "img_count": dataset.samples.len()} }).to_string());
+    put(&mut m, "ss_reg_dataset_dirs", "{}".into());
+    put(
+        &mut m,
+        "ss_tag_frequency",
+        json!({ &metadata_name: dataset.tag_frequency }).to_string(),
+    );
+    let buckets: serde_json::Map<String, serde_json::Value> = dataset
+        .buckets
+        .iter()
+        .enumerate()
+        .map(|(i, (&(w, h), members))| {
+            (
+                i.to_string(),
+                json!({"resolution": [w, h], "count": members.len() * dataset.repeats}),
+            )
+        })
+        .collect();
+    put(
+        &mut m,
+        "ss_bucket_info",
+        json!({"buckets": buckets, "mean_img_ar_error": 0.0}).to_string(),
+    );
+    let model = &args.pretrained_model_name_or_path;
+    put(
+        &mut m,
+        "ss_sd_model_name",
+        model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    put(&mut m, "ss_sd_model_hash", legacy_model_hash(model)?);
+    put(&mut m, "ss_new_sd_model_hash", file_sha256(model)?);
+    Ok(m)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` (UTC) of a Unix time.
+fn iso_date(unix: f64) -> String {
+    let secs = unix as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (h, mi, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    // Civil-from-days (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if mo <= 2 { 1 } else { 0 };
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}")
+}

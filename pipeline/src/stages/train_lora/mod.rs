@@ -1,0 +1,704 @@
+//! LoRA training loop (`train_network.py` semantics, docs/kohya-compat.md#training): cached data,
+//! seeded noise, loss weighting, AdamW/Lion, LR schedulers, gradient accumulation, periodic saves
+//! with sd-scripts naming and `ss_*` metadata, and exact resume from a saved state.
+
+pub mod args;
+pub mod data;
+pub mod loss;
+pub mod lr;
+pub mod metadata;
+pub mod network_args;
+pub mod noise;
+pub mod optim;
+pub mod plot;
+pub mod saving;
+pub mod schedule;
+pub mod state;
+pub mod validation;
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::formats::manifest::Manifest;
+use crate::formats::schema::LORA_V1;
+use crate::infra::report::{Progress, Summary, Throughput};
+use crate::models::unet::{self, Unet};
+use crate::models::{Checkpoint, Component, ModelFamily};
+use crate::networks::lora::LoraNetwork;
+use crate::{Error, Result};
+pub use args::TrainArgs;
+use data::{Batch, CachedDataset};
+use loss::LossFunction;
+use lr::{LrScheduler, ScheduleParams};
+use network_args::NetworkOptions;
+use noise::{NoiseOptions, NoiseRng};
+use optim::{Optimizer, OptimizerKind};
+use saving::SavePoint;
+use schedule::{LossWeighting, NoiseSchedule};
+use validation::Validation;
+
+/// VAE latent scale of SD1/SD2.
+pub const VAE_SCALE: f64 = 0.18215;
+
+/// What the loss of one micro-batch needs besides the model.
+pub struct LossContext<'a> {
+    /// The noise schedule.
+    pub schedule: &'a NoiseSchedule,
+    /// Noise / timestep options.
+    pub noise: NoiseOptions,
+    /// Element-wise loss.
+    pub loss: LossFunction,
+    /// Per-sample weighting.
+    pub weighting: LossWeighting,
+    /// Run seed.
+    pub seed: u64,
+    /// Compute dtype of the UNet.
+    pub dtype: DType,
+}
+
+/// Loss of one micro-batch of cached latents and text-encoder states (and loss masks); the noise
+/// stream is that of micro-batch `index`. Returns the batch-mean loss (f32 scalar tensor).
+pub fn micro_batch_loss(
+    unet: &Unet,
+    ctx: &LossContext,
+    batch: &Batch,
+    index: u64,
+) -> Result<Tensor> {
+    let context = &batch.context;
+    let x0 = (&batch.latents * VAE_SCALE)?;
+    let mut rng = NoiseRng::for_micro_batch(ctx.seed, index);
+    let noise::NoiseDraw {
+        eps,
+        input_eps,
+        timesteps,
+    } = noise::draw(&mut rng, &x0, &ctx.noise)?;
+    let device = x0.device();
+    let b = timesteps.len();
+    let (mut a, mut s) = (Vec::with_capacity(b), Vec::with_capacity(b));
+    for &t in &timesteps {
+        let (sa, sb) = ctx.schedule.coefficients(t);
+        a.push(sa);
+        s.push(sb);
+    }
+    let a = Tensor::from_vec(a, (b, 1, 1, 1), device)?;
+    let s = Tensor::from_vec(s, (b, 1, 1, 1), device)?;
+    let noisy = (x0.broadcast_mul(&a)? + input_eps.broadcast_mul(&s)?)?;
+    let target = if ctx.weighting.v_prediction {
+        (eps.broadcast_mul(&a)? - x0.broadcast_mul(&s)?)?
+    } else {
+        eps
+    };
+    let t_tensor = Tensor::from_vec(
+        timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+        b,
+        device,
+    )?;
+    let pred = unet
+        .forward(
+            &noisy.to_dtype(ctx.dtype)?,
+            &t_tensor,
+            &context.to_dtype(ctx.dtype)?,
+        )?
+        .to_dtype(DType::F32)?;
+    let mut elementwise = (ctx.loss).elementwise(&pred, &target, ctx.schedule, &timesteps)?;
+    if let Some(mask) = &batch.mask {
+        // Masked loss: still the mean over every element, not over the mask's area.
+        elementwise = elementwise.broadcast_mul(mask)?;
+    }
+    let per_sample = elementwise.flatten_from(1)?.mean(1)?;
+    let weights: Vec<f32> = timesteps
+        .iter()
+        .map(|&t| ctx.weighting.weight(&ctx.schedule.all_snr, t))
+        .collect();
+    let weighted = (per_sample * Tensor::from_vec(weights, b, device)?)?;
+    Ok(weighted.mean_all()?)
+}
+
+/// Resolved run plan.
+struct Plan {
+    name: String,
+    total_steps: usize,
+    num_epochs: usize,
+    batches_per_epoch: usize,
+    seed: u64,
+    lr: f64,
+    save_every_n_epochs: Option<usize>,
+}
+
+/// Runs `train-lora`.
+pub fn run(args: &TrainArgs) -> Result<Summary> {
+    let started = Instant::now();
+    let started_unix = unix_time();
+    check_args(args)?;
+    crate::models::keep_freed_memory();
+    let device = match args.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0).map_err(|e| {
+            Error::Usage(format!("--device cuda: {e} (build with --features cuda)"))
+        })?,
+        other => return Err(Error::Usage(format!("--device {other}: use cpu or cuda"))),
+    };
+    let dtype = crate::models::precision::MixedPrecision::parse(&args.mixed_precision)?.dtype();
+    let save_dtype = match args.save_precision.as_deref() {
+        None => None,
+        Some("float") => Some(DType::F32),
+        Some("fp16") => Some(DType::F16),
+        Some("bf16") => Some(DType::BF16),
+        Some(other) => {
+            return Err(Error::Usage(format!(
+                "--save_precision {other}: use float, fp16 or bf16"
+            )))
+        }
+    };
+    let network_options = NetworkOptions::from_args(args)?;
+    let optimizer_kind = OptimizerKind::parse(&args.optimizer_type, &args.optimizer_args)?;
+
+    let dataset = CachedDataset::load(
+        &args.in_json,
+        args.train_data_dir.as_deref(),
+        args.dataset_repeats,
+        data::CacheOptions {
+            alpha_mask: args.alpha_mask || args.masked_loss,
+            flip_aug: args.flip_aug,
+        },
+    )?;
+    let sample_keys = dataset
+        .samples
+        .iter()
+        .map(|s| Ok((s.key.clone(), sample_key(s)?)))
+        .collect::<Result<std::collections::BTreeMap<String, String>>>()?;
+    if let Some(tokens) = args.compat.max_token_length {
+        let cached = dataset.samples[0].context.dim(0)?;
+        if cached != tokens + 2 {
+            return Err(Error::Usage(format!(
+                "--max_token_length {tokens}: the text-encoder caches hold {} tokens (--max_token_length {} at cache-text-encoder time); re-run cache-text-encoder or drop the option",
+                cached,
+                cached - 2
+            )));
+        }
+    }
+    let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+    let (dataset, held_out) =
+        dataset.split_validation(args.validation_split, args.validation_seed.unwrap_or(seed))?;
+    let checkpoint = Checkpoint::open(&args.pretrained_model_name_or_path)?;
+    if checkpoint.family() == ModelFamily::Sdxl {
+        return Err(Error::Usage(format!(
+            "{} is an SDXL checkpoint; train-lora trains SD1.x/SD2.x LoRAs",
+            args.pretrained_model_name_or_path.display()
+        )));
+    }
+    let vb = checkpoint.var_builder(Component::Unet, dtype, &device, &unet::ldm_name)?;
+    let mut unet = Unet::load(&vb).map_err(|e| {
+        Error::bad_file(
+            &args.pretrained_model_name_or_path,
+            format!("not an SD1.x/SD2.x checkpoint with a UNet: {e}"),
+        )
+    })?;
+    if unet.config.is_sd2() != args.v2 {
+        return Err(Error::Usage(format!(
+            "{} is an {} UNet; {} --v2",
+            args.pretrained_model_name_or_path.display(),
+            if unet.config.is_sd2() {
+                "SD2.x"
+            } else {
+                "SD1.x"
+            },
+            if unet.config.is_sd2() {
+                "add"
+            } else {
+                "remove"
+            }
+        )));
+    }
+    if dataset.context_dim != unet.config.context_dim {
+        return Err(Error::bad_file(&args.in_json, format!(
+            "text-encoder caches have width {} but the UNet expects {}; re-run cache-text-encoder with this checkpoint",
+            dataset.context_dim, unet.config.context_dim
+        )));
+    }
+
+    let plan = plan(args, &dataset, seed);
+    let final_path = args.output_dir.join(format!("{}.safetensors", plan.name));
+    let training_key = training_key(args, &checkpoint, &sample_keys)?;
+    if args.resume.is_none() && is_up_to_date(&final_path, &training_key) {
+        tracing::info!(
+            "{} is up to date: same caches, model and settings as the run that wrote it",
+            final_path.display()
+        );
+        return Ok(Summary {
+            up_to_date: 1,
+            ..Summary::default()
+        });
+    }
+    for (i, path) in args.base_weights.iter().enumerate() {
+        let multiplier = args.base_weights_multiplier.get(i).copied().unwrap_or(1.0);
+        let report = LoraNetwork::merge_file(&mut unet, path, multiplier)?;
+        tracing::info!(
+            "{}: {} UNet modules merged into the base model at {multiplier}",
+            path.display(),
+            report.applied
+        );
+        if report.ignored_text_encoder > 0 {
+            tracing::warn!(
+                "{}: {} text-encoder modules not merged (the text-encoder caches were made without them)",
+                path.display(),
+                report.ignored_text_encoder
+            );
+        }
+        if !report.unknown.is_empty() {
+            return Err(Error::bad_file(path, format!(
+                "{} UNet modules (e.g. {}) do not exist in this UNet; the file was made for another model family",
+                report.unknown.len(),
+                report.unknown[0]
+            )));
+        }
+    }
+    let mut network = match &args.network_weights {
+        Some(path) if args.dim_from_weights => {
+            let (network, report) = LoraNetwork::load(&mut unet, path, 1.0, &device)?;
+            log_loaded(path, &report);
+            network
+        }
+        Some(path) => {
+            let mut network =
+                LoraNetwork::create(&mut unet, &network_options.lora, plan.seed, &device)?;
+            let report = network.load_weights(&mut unet, path)?;
+            log_loaded(path, &report);
+            network
+        }
+        None => LoraNetwork::create(&mut unet, &network_options.lora, plan.seed, &device)?,
+    };
+    if network_options.dropout.any() {
+        network.enable_dropout(&mut unet, network_options.dropout);
+    }
+    let (vars, lr_factors): (Vec<_>, Vec<_>) = (network.modules.iter())
+        .flat_map(|m| [(&m.down, &m.name, false), (&m.up, &m.name, true)])
+        .map(|(var, name, is_up)| (var.clone(), network_options.lr_factor(name, is_up)))
+        .filter(|(_, factor)| *factor > 0.0)
+        .unzip();
+    let mut optimizer = Optimizer::new(optimizer_kind, vars, lr_factors)?;
+    let scheduler = LrScheduler::new(
+        &args.lr_scheduler,
+        ScheduleParams {
+            total: plan.total_steps,
+            warmup: lr::resolve_steps(
+                "--lr_warmup_steps",
+                &args.lr_warmup_steps,
+                plan.total_steps,
+            )?,
+            decay: lr::resolve_steps("--lr_decay_steps", &args.lr_decay_steps, plan.total_steps)?,
+            base_lr: plan.lr,
+            cycles: args.lr_scheduler_num_cycles,
+            power: args.lr_scheduler_power,
+            timescale: args.lr_scheduler_timescale,
+            min_lr_ratio: args.lr_scheduler_min_lr_ratio,
+            scheduler_args: args.lr_scheduler_args.clone(),
+        },
+    )?;
+    let noise_schedule = NoiseSchedule::scaled_linear(args.zero_terminal_snr);
+    let loss_ctx = LossContext {
+        schedule: &noise_schedule,
+        noise: NoiseOptions {
+            noise_offset: args.noise_offset,
+            noise_offset_random_strength: args.noise_offset_random_strength,
+            adaptive_noise_scale: args.adaptive_noise_scale,
+            multires_noise_iterations: args.multires_noise_iterations,
+            multires_noise_discount: args.multires_noise_discount,
+            min_timestep: args.min_timestep.unwrap_or(0),
+            max_timestep: args.max_timestep.unwrap_or(schedule::TRAIN_TIMESTEPS),
+            ip_noise_gamma: args.ip_noise_gamma,
+            ip_noise_gamma_random_strength: args.ip_noise_gamma_random_strength,
+        },
+        loss: LossFunction::parse(
+            &args.loss_type,
+            &args.huber_schedule,
+            args.huber_c,
+            args.huber_scale,
+        )?,
+        weighting: LossWeighting {
+            min_snr_gamma: args.min_snr_gamma,
+            scale_v_pred_loss_like_noise_pred: args.scale_v_pred_loss_like_noise_pred,
+            v_pred_like_loss: args.v_pred_like_loss,
+            debiased_estimation: args.debiased_estimation_loss,
+            v_prediction: args.v_parameterization,
+        },
+        seed: plan.seed,
+        dtype,
+    };
+
+    let validation = held_out.map(|set| {
+        Validation::new(
+            set,
+            args.train_batch_size,
+            args.max_validation_steps,
+            args.validation_seed.unwrap_or(plan.seed),
+            &loss_ctx.noise,
+        )
+    });
+    std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
+    let mut progress_state = state::Progress::default();
+    if let Some(resume) = &args.resume {
+        let dir = state::resolve_resume(resume, &args.output_dir)?;
+        progress_state = state::load(&dir, &network, &mut optimizer)?;
+        tracing::info!(
+            "resumed from {} at step {}",
+            dir.display(),
+            progress_state.global_step
+        );
+    }
+    let meta_base = metadata::base_metadata(
+        args,
+        &dataset,
+        &plan_info(&plan, validation.as_ref().map_or(0, Validation::images)),
+        started_unix,
+        &optimizer_kind,
+        unet.config.is_sd2(),
+    )?;
+    let saver = saving::Saver {
+        args,
+        network: &network,
+        save_dtype,
+        meta_base,
+        name: plan.name.clone(),
+        every_n_epochs: plan.save_every_n_epochs,
+    };
+
+    let log_path = args
+        .loss_log
+        .clone()
+        .unwrap_or_else(|| args.output_dir.join(format!("{}_loss.jsonl", plan.name)));
+    let mut log_lines: Vec<String> = progress_state.log_lines.clone();
+    let progress = Progress::new("train-lora steps", plan.total_steps, args.quiet);
+    progress.inc(progress_state.global_step as u64);
+    let mut global_step = progress_state.global_step;
+    // The running average covers the batches before a resume too.
+    let mut loss_average = progress_state.loss_average.clone();
+    let accum = args.gradient_accumulation_steps.max(1);
+    'epochs: for epoch in progress_state.epoch.max(1)..=plan.num_epochs {
+        let batches = dataset.epoch_batches(plan.seed, epoch, args.train_batch_size);
+        let skip = if epoch == progress_state.epoch {
+            progress_state.batches_done_in_epoch
+        } else {
+            0
+        };
+        let mut summed: Option<Vec<Option<Tensor>>> = None;
+        let mut group_losses = Vec::new();
+        for (bi, batch) in batches.iter().enumerate().skip(skip) {
+            if global_step >= plan.total_steps {
+                // Resumed from the final state (killed before the LoRA was written).
+                break 'epochs;
+            }
+            let micro_index = ((epoch - 1) * plan.batches_per_epoch + bi) as u64;
+            let flip_seed = args
+                .flip_aug
+                .then(|| NoiseRng::flip_stream(plan.seed, micro_index));
+            let batch = dataset.collate(batch, &device, flip_seed)?;
+            network.set_dropout_stream(Some(NoiseRng::dropout_stream(plan.seed, micro_index)));
+            let loss = micro_batch_loss(&unet, &loss_ctx, &batch, micro_index)?;
+            let loss_value = loss.to_scalar::<f32>()?;
+            if !loss_value.is_finite() {
+                write_log(&log_path, &log_lines)?;
+                return Err(Error::Model(format!(
+                    "loss became {loss_value} at epoch {epoch}, step {}; training stopped and the files saved so far are intact; lower --learning_rate or check the caches",
+                    global_step + 1
+                )));
+            }
+            let grads = (loss / accum as f64)?.backward()?;
+            let grads = optim::collect_grads(&grads, optimizer.vars());
+            match &mut summed {
+                None => summed = Some(grads),
+                Some(sum) => optim::accumulate(sum, grads)?,
+            }
+            group_losses.push(loss_value);
+            loss_average.record(epoch, bi, loss_value);
+            let closes_group = (bi + 1) % accum == 0 || bi + 1 == batches.len();
+            let lr = plan.lr * scheduler.multiplier(global_step);
+            if closes_group {
+                let mut grads = summed.take().expect("gradients of this group");
+                optim::clip_grad_norm(&mut grads, args.max_grad_norm)?;
+                optimizer.step(&grads, lr)?;
+            }
+            let max_norm = match args.scale_weight_norms {
+                Some(limit) => Some(network.apply_max_norm(limit)?),
+                None => None,
+            };
+            if !closes_group {
+                continue;
+            }
+            global_step += 1;
+            progress.inc(1);
+            let step_loss = group_losses.iter().sum::<f32>() / group_losses.len() as f32;
+            group_losses.clear();
+            let average = loss_average.value();
+            let mut line = serde_json::json!({"step": global_step, "epoch": epoch, "loss": step_loss, "loss_average": average, "lr": lr});
+            let validate_now = args
+                .validate_every_n_steps
+                .is_some_and(|n| n > 0 && global_step % n == 0);
+            if let Some(validation) = validation.as_ref().filter(|_| validate_now) {
+                let value = validation.loss(&unet, &network, &loss_ctx, &device)?;
+                line["validation_loss"] = value.into();
+                line["validation_divergence"] = (value - average).into();
+            }
+            if let Some(report) = max_norm {
+                line["keys_scaled"] = report.keys_scaled.into();
+                line["average_key_norm"] = report.mean_norm.into();
+                line["max_key_norm"] = report.max_norm.into();
+            }
+            log_lines.push(line.to_string());
+            tracing::debug!("step {global_step}: loss {step_loss:.5} (avg {average:.5}) lr {lr:e}");
+            // Built only when a state is saved: the log grows with every step.
+            let position = || state::Progress {
+                epoch,
+                batches_done_in_epoch: bi + 1,
+                global_step,
+                log_lines: log_lines.clone(),
+                loss_average: loss_average.clone(),
+            };
+            if args
+                .save_every_n_steps
+                .is_some_and(|n| n > 0 && global_step % n == 0)
+                && global_step < plan.total_steps
+            {
+                let at = SavePoint::Step(global_step);
+                saver.checkpoint(at, global_step, epoch - 1, &optimizer, &position())?;
+                write_log(&log_path, &log_lines)?;
+            }
+            if global_step >= plan.total_steps {
+                saver.final_state(&optimizer, &position())?;
+                // Last step: the end-of-epoch validation still runs.
+                break;
+            }
+        }
+        let validate_epoch = args
+            .validate_every_n_epochs
+            .is_none_or(|n| n > 0 && epoch % n == 0);
+        if let Some(validation) = validation.as_ref().filter(|_| validate_epoch) {
+            let value = validation.loss(&unet, &network, &loss_ctx, &device)?;
+            log_lines.push(serde_json::json!({"step": global_step, "epoch": epoch, "epoch_validation_loss": value, "epoch_validation_divergence": value - loss_average.value()}).to_string());
+        }
+        if let Some(n) = plan.save_every_n_epochs {
+            if epoch % n == 0 && epoch < plan.num_epochs {
+                let position = state::Progress {
+                    epoch: epoch + 1,
+                    batches_done_in_epoch: 0,
+                    global_step,
+                    log_lines: log_lines.clone(),
+                    loss_average: loss_average.clone(),
+                };
+                let at = SavePoint::Epoch(epoch);
+                saver.checkpoint(at, global_step, epoch, &optimizer, &position)?;
+                write_log(&log_path, &log_lines)?;
+            }
+        }
+        if global_step >= plan.total_steps {
+            break;
+        }
+    }
+    progress.finish();
+    saver.save_model(&plan.name, global_step, plan.num_epochs)?;
+    write_log(&log_path, &log_lines)?;
+    let losses = logged_values(&log_lines, "loss");
+    let plot_path = args.output_dir.join(format!("{}_loss.png", plan.name));
+    let averages = logged_values(&log_lines, "loss_average");
+    crate::infra::fsio::write_atomic(&plot_path, &plot::loss_png(&losses, &averages, &plan.name)?)?;
+    let summary = Summary {
+        done: 1,
+        throughput: Some(Throughput {
+            count: global_step - progress_state.global_step,
+            unit: "steps",
+        }),
+        ..Summary::default()
+    };
+    let mut manifest = Manifest::new(
+        "train-lora",
+        &final_path,
+        LORA_V1,
+        serde_json::json!({ "training_key": training_key, "arguments": format!("{args:?}") }),
+    );
+    manifest.add_input_file("in_json", &args.in_json)?;
+    manifest.items = sample_keys;
+    manifest.summary = summary.clone();
+    manifest.write_for(&final_path)?;
+    let first = losses.first().copied().unwrap_or(f32::NAN);
+    let last = losses.last().copied().unwrap_or(f32::NAN);
+    tracing::info!(
+        "{} steps in {:.1} s; loss {first:.4} -> {last:.4}; wrote {}",
+        global_step,
+        started.elapsed().as_secs_f64(),
+        final_path.display()
+    );
+    Ok(summary)
+}
+
+/// Reports what `--network_weights` contributed.
+fn log_loaded(path: &Path, report: &crate::networks::lora::LoadReport) {
+    tracing::info!(
+        "{}: {} UNet modules loaded, {} text-encoder modules ignored",
+        path.display(),
+        report.applied,
+        report.ignored_text_encoder
+    );
+    if !report.unknown.is_empty() {
+        tracing::warn!(
+            "{}: {} UNet modules (e.g. {}) have no layer in this UNet",
+            path.display(),
+            report.unknown.len(),
+            report.unknown[0]
+        );
+    }
+}
+
+/// Content key of a training run: every argument, the UNet weights, the starting network
+/// weights and every cached sample (`sample_keys`: metadata key → [`sample_key`]). The same key
+/// means the same LoRA would be trained again.
+fn training_key(
+    args: &TrainArgs,
+    checkpoint: &Checkpoint,
+    sample_keys: &std::collections::BTreeMap<String, String>,
+) -> Result<String> {
+    let mut key = crate::infra::hashing::KeyBuilder::new("train-lora", 1);
+    let mut relevant = args.clone();
+    relevant.quiet = false;
+    relevant.compat = Default::default();
+    key.text("arguments", &format!("{relevant:?}"));
+    key.text("unet", &checkpoint.component_hash(Component::Unet)?);
+    if let Some(path) = &args.network_weights {
+        key.text("network_weights", &crate::infra::hashing::hash_file(path)?);
+    }
+    for path in &args.base_weights {
+        key.text("base_weights", &crate::infra::hashing::hash_file(path)?);
+    }
+    for (item, sample) in sample_keys {
+        key.text("item", item).text("sample", sample);
+    }
+    Ok(key.finish())
+}
+
+/// Content key of one cached sample: its metadata key, latents and text-encoder states.
+fn sample_key(sample: &data::Sample) -> Result<String> {
+    let mut key = crate::infra::hashing::KeyBuilder::new("train-sample", 1);
+    key.text("key", &sample.key);
+    for tensor in [&sample.latents, &sample.context]
+        .into_iter()
+        .chain(&sample.mask)
+    {
+        let values = tensor.flatten_all()?.to_vec1::<f32>()?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        key.text("shape", &format!("{:?}", tensor.dims()));
+        key.field("data", &bytes);
+    }
+    Ok(key.finish())
+}
+
+/// True when `lora` exists and its manifest records `training_key`.
+fn is_up_to_date(lora: &Path, training_key: &str) -> bool {
+    lora.is_file()
+        && Manifest::read_for(lora).ok().flatten().is_some_and(|m| {
+            m.output_schema == LORA_V1
+                && m.parameters["training_key"].as_str() == Some(training_key)
+                && m.output_blake3.as_deref()
+                    == crate::infra::hashing::hash_file(lora).ok().as_deref()
+        })
+}
+
+fn check_args(args: &TrainArgs) -> Result<()> {
+    if args.network_module != "networks.lora" {
+        return Err(Error::Usage(format!(
+            "--network_module {}: only networks.lora is supported",
+            args.network_module
+        )));
+    }
+    if args.save_model_as != "safetensors" {
+        return Err(Error::Usage(format!(
+            "--save_model_as {}: only safetensors is written",
+            args.save_model_as
+        )));
+    }
+    if !(0.0..1.0).contains(&args.validation_split) {
+        return Err(Error::Usage(format!(
+            "--validation_split {}: must be at least 0 and below 1",
+            args.validation_split
+        )));
+    }
+    if args.train_batch_size == 0 || args.gradient_accumulation_steps == 0 {
+        return Err(Error::Usage(
+            "--train_batch_size and --gradient_accumulation_steps must be at least 1".into(),
+        ));
+    }
+    if args.adaptive_noise_scale.is_some() && args.noise_offset.is_none() {
+        return Err(Error::Usage(
+            "--adaptive_noise_scale requires --noise_offset".into(),
+        ));
+    }
+    if args.scale_v_pred_loss_like_noise_pred && !args.v_parameterization {
+        return Err(Error::Usage(
+            "--scale_v_pred_loss_like_noise_pred requires --v_parameterization".into(),
+        ));
+    }
+    if args.v_pred_like_loss.is_some() && args.v_parameterization {
+        return Err(Error::Usage(
+            "--v_pred_like_loss cannot be used with --v_parameterization".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn plan(args: &TrainArgs, dataset: &CachedDataset, seed: u64) -> Plan {
+    let batches_per_epoch = dataset.batches_per_epoch(args.train_batch_size);
+    let steps_per_epoch = batches_per_epoch
+        .div_ceil(args.gradient_accumulation_steps.max(1))
+        .max(1);
+    let total_steps = match args.max_train_epochs {
+        Some(e) => e * steps_per_epoch,
+        None => args.max_train_steps,
+    };
+    let num_epochs = total_steps.div_ceil(steps_per_epoch);
+    Plan {
+        name: args.output_name.clone().unwrap_or_else(|| "last".into()),
+        total_steps,
+        num_epochs,
+        batches_per_epoch,
+        seed,
+        lr: args.unet_lr.unwrap_or(args.learning_rate),
+        save_every_n_epochs: match args.save_n_epoch_ratio {
+            Some(ratio) if ratio > 0 => Some((num_epochs / ratio).max(1)),
+            _ => args.save_every_n_epochs.filter(|&n| n > 0),
+        },
+    }
+}
+
+fn plan_info(plan: &Plan, validation_images: usize) -> metadata::PlanInfo {
+    metadata::PlanInfo {
+        total_steps: plan.total_steps,
+        num_epochs: plan.num_epochs,
+        batches_per_epoch: plan.batches_per_epoch,
+        seed: plan.seed,
+        validation_images,
+    }
+}
+
+/// The values of `key` in the loss log's JSON lines that have it (written from `f32`, so read
+/// back exactly).
+fn logged_values(lines: &[String], key: &str) -> Vec<f32> {
+    lines
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter_map(|value| value[key].as_f64().map(|l| l as f32))
+        .collect()
+}
+
+fn write_log(path: &Path, lines: &[String]) -> Result<()> {
+    let mut text = lines.join("\n");
+    text.push('\n');
+    crate::infra::fsio::write_atomic(path, text.as_bytes())
+}
+
+/// Seconds since the Unix epoch.
+fn unix_time() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}

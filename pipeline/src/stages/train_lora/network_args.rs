@@ -1,0 +1,324 @@
+//! `--network_dim`, `--network_alpha`, `--network_dropout` and the `--network_args` of
+//! `networks.lora` (docs/kohya-compat.md#lora-network): conv ranks, per-block ranks and alphas,
+//! per-block learning-rate weights, rank and module dropout, and LoRA+.
+
+use crate::networks::lora::{
+    sd_block_index, Alpha, BlockDims, DropoutRates, LoraConfig, SD_BLOCKS,
+};
+use crate::{Error, Result};
+
+use super::TrainArgs;
+
+/// Down and up blocks each have this many learning-rate weights (block 0 of the down list is
+/// `conv_in`, which never carries a module).
+const LR_WEIGHTS_PER_SIDE: usize = 12;
+
+/// Everything the network arguments decide.
+#[derive(Debug, Clone)]
+pub struct NetworkOptions {
+    /// Which layers get modules, with what rank and alpha.
+    pub lora: LoraConfig,
+    /// Dropout rates while training.
+    pub dropout: DropoutRates,
+    /// Learning-rate weight per UNet block ([`SD_BLOCKS`] entries), when any is given.
+    pub block_lr_weights: Option<Vec<f64>>,
+    /// LoRA+: the `lora_up` weights learn this many times faster.
+    pub loraplus_ratio: Option<f64>,
+}
+
+impl NetworkOptions {
+    /// Reads the network options of `args` (values of `--network_args` are `key=value` strings).
+    pub fn from_args(args: &TrainArgs) -> Result<Self> {
+        let mut given = std::collections::BTreeMap::new();
+        for arg in &args.network_args {
+            let (key, value) = arg.split_once('=').ok_or_else(|| {
+                Error::Usage(format!("--network_args {arg:?}: expected key=value"))
+            })?;
+            given.insert(key.trim().to_string(), value.trim().to_string());
+        }
+        let mut take = |key: &str| given.remove(key);
+        let network_dim = args.network_dim.unwrap_or(4);
+        let network_alpha = args.network_alpha.map_or(Alpha::Int(1), Alpha::Float);
+        let conv_dim = take("conv_dim")
+            .map(|v| number::<usize>("conv_dim", &v))
+            .transpose()?;
+        let conv_alpha = take("conv_alpha")
+            .map(|v| number::<f32>("conv_alpha", &v))
+            .transpose()?
+            .unwrap_or(1.0);
+        let block_dims = take("block_dims");
+        let block_alphas = take("block_alphas");
+        let conv_block_dims = take("conv_block_dims");
+        let conv_block_alphas = take("conv_block_alphas");
+        let threshold = take("block_lr_zero_threshold")
+            .map(|v| number::<f64>("block_lr_zero_threshold", &v))
+            .transpose()?
+            .unwrap_or(0.0);
+        let block_lr_weights = block_lr_weights(
+            take("down_lr_weight"),
+            take("mid_lr_weight"),
+            take("up_lr_weight"),
+            threshold,
+        )?;
+        let rate = |key: &str, value: Option<String>| -> Result<f32> {
+            let rate = value.map(|v| number::<f32>(key, &v)).transpose()?;
+            probability(key, rate)
+        };
+        let dropout = DropoutRates {
+            neuron: probability("--network_dropout", args.network_dropout)?,
+            rank: rate("rank_dropout", take("rank_dropout"))?,
+            module: rate("module_dropout", take("module_dropout"))?,
+        };
+        let ratio =
+            |key: &str, value: Option<String>| value.map(|v| number::<f64>(key, &v)).transpose();
+        let shared_ratio = ratio("loraplus_lr_ratio", take("loraplus_lr_ratio"))?;
+        let unet_ratio = ratio("loraplus_unet_lr_ratio", take("loraplus_unet_lr_ratio"))?;
+        // Accepted for compatibility (recorded in ss_network_args); no text encoder is trained.
+        ratio(
+            "loraplus_text_encoder_lr_ratio",
+            take("loraplus_text_encoder_lr_ratio"),
+        )?;
+        if take("dropout").is_some() {
+            tracing::warn!(
+                "--network_args dropout=... has no effect with networks.lora (as in sd-scripts); use --network_dropout"
+            );
+        }
+        if let Some(key) = given.keys().next() {
+            return Err(Error::Usage(format!(
+                "--network_args {key}: not supported by networks.lora (supported: conv_dim, conv_alpha, block_dims, block_alphas, conv_block_dims, conv_block_alphas, down_lr_weight, mid_lr_weight, up_lr_weight, block_lr_zero_threshold, rank_dropout, module_dropout, loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio)"
+            )));
+        }
+
+        let blocks = if block_dims.is_some() || block_lr_weights.is_some() {
+            let mut blocks = BlockDims {
+                dims: match &block_dims {
+                    Some(v) => block_list("block_dims", v)?,
+                    None => vec![network_dim; SD_BLOCKS],
+                },
+                alphas: match &block_alphas {
+                    Some(v) => float_alphas("block_alphas", v)?,
+                    None => vec![network_alpha; SD_BLOCKS],
+                },
+                conv: match (&conv_block_dims, conv_dim) {
+                    (Some(dims), _) => Some((
+                        block_list("conv_block_dims", dims)?,
+                        match &conv_block_alphas {
+                            Some(v) => float_alphas("conv_block_alphas", v)?,
+                            None => vec![Alpha::Float(conv_alpha); SD_BLOCKS],
+                        },
+                    )),
+                    (None, Some(dim)) => Some((
+                        vec![dim; SD_BLOCKS],
+                        vec![Alpha::Float(conv_alpha); SD_BLOCKS],
+                    )),
+                    (None, None) => None,
+                },
+            };
+            // A block that learns nothing gets no module.
+            for (block, _) in
+                (block_lr_weights.iter().flatten().enumerate()).filter(|(_, &weight)| weight == 0.0)
+            {
+                blocks.dims[block] = 0;
+                if let Some((conv_dims, _)) = &mut blocks.conv {
+                    conv_dims[block] = 0;
+                }
+            }
+            Some(blocks)
+        } else {
+            None
+        };
+        Ok(Self {
+            lora: LoraConfig {
+                network_dim,
+                network_alpha,
+                conv_dim,
+                conv_alpha,
+                blocks,
+            },
+            dropout,
+            block_lr_weights,
+            loraplus_ratio: unet_ratio.or(shared_ratio).filter(|&r| r != 0.0),
+        })
+    }
+
+    /// Learning-rate factor of a module's `lora_down` (`is_up` false) or `lora_up` weight: its
+    /// block's weight, times the LoRA+ ratio for `lora_up`. 0 means it is not trained.
+    pub fn lr_factor(&self, module_name: &str, is_up: bool) -> f64 {
+        let block = match (&self.block_lr_weights, sd_block_index(module_name)) {
+            (Some(weights), Some(block)) => weights[block],
+            _ => 1.0,
+        };
+        match self.loraplus_ratio {
+            Some(ratio) if is_up => block * ratio,
+            _ => block,
+        }
+    }
+}
+
+/// The [`SD_BLOCKS`] learning-rate weights from `down_lr_weight`, `mid_lr_weight` and
+/// `up_lr_weight`, or `None` when none is given. Lists are comma-separated (an empty item is 0),
+/// padded with 1.0 or cut to length; down and up also take a preset (`sine`, `cosine`, `linear`,
+/// `reverse_linear`, `zeros`, optionally `+base`). Weights at or below `threshold` become 0.
+fn block_lr_weights(
+    down: Option<String>,
+    mid: Option<String>,
+    up: Option<String>,
+    threshold: f64,
+) -> Result<Option<Vec<f64>>> {
+    if down.is_none() && mid.is_none() && up.is_none() {
+        return Ok(None);
+    }
+    let side = |key: &str, value: Option<String>, len: usize| -> Result<Vec<f64>> {
+        let mut weights = match value {
+            None => vec![1.0; len],
+            Some(v) if len > 1 && !v.contains(',') && v.parse::<f64>().is_err() => {
+                preset(key, &v, len)?
+            }
+            Some(v) => (v.split(','))
+                .map(|item| match item.trim() {
+                    "" => Ok(0.0),
+                    number => number.parse::<f64>().map_err(|_| bad_number(key, &v)),
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        if weights.len() > len {
+            tracing::warn!(
+                "{key} has {} values; those after the {len}th are ignored",
+                weights.len()
+            );
+        }
+        weights.resize(len, 1.0);
+        Ok(weights)
+    };
+    let mut weights = side("down_lr_weight", down, LR_WEIGHTS_PER_SIDE)?;
+    weights.extend(side("mid_lr_weight", mid, 1)?);
+    weights.extend(side("up_lr_weight", up, LR_WEIGHTS_PER_SIDE)?);
+    for weight in &mut weights {
+        if *weight <= threshold {
+            *weight = 0.0;
+        }
+    }
+    Ok(Some(weights))
+}
+
+/// A preset list of `len` learning-rate weights: `name` or `name+base`.
+fn preset(key: &str, value: &str, len: usize) -> Result<Vec<f64>> {
+    let (name, base) = match value.split_once('+') {
+        Some((name, base)) => (name, number::<f64>(key, base)?),
+        None => (value, 0.0),
+    };
+    let position = |i: usize| i as f64 / (len - 1) as f64;
+    let quarter_sine = |i: usize| (std::f64::consts::FRAC_PI_2 * position(i)).sin();
+    let rising: Vec<f64> = match name {
+        "sine" | "cosine" => (0..len).map(quarter_sine).collect(),
+        "linear" | "reverse_linear" => (0..len).map(position).collect(),
+        "zeros" => vec![0.0; len],
+        _ => {
+            return Err(Error::Usage(format!(
+                "--network_args {key}={value}: use comma-separated numbers or one of sine, cosine, linear, reverse_linear, zeros (optionally +base)"
+            )))
+        }
+    };
+    let ordered: Vec<f64> = if name == "cosine" || name == "reverse_linear" {
+        rising.into_iter().rev().collect()
+    } else {
+        rising
+    };
+    Ok(ordered.into_iter().map(|w| w + base).collect())
+}
+
+/// A comma list of exactly [`SD_BLOCKS`] ranks.
+fn block_list(key: &str, value: &str) -> Result<Vec<usize>> {
+    let values = (value.split(','))
+        .map(|item| number::<usize>(key, item))
+        .collect::<Result<Vec<_>>>()?;
+    exactly_blocks(key, values)
+}
+
+/// A comma list of exactly [`SD_BLOCKS`] float alphas.
+fn float_alphas(key: &str, value: &str) -> Result<Vec<Alpha>> {
+    let values = (value.split(','))
+        .map(|item| number::<f32>(key, item).map(Alpha::Float))
+        .collect::<Result<Vec<_>>>()?;
+    exactly_blocks(key, values)
+}
+
+fn exactly_blocks<T>(key: &str, values: Vec<T>) -> Result<Vec<T>> {
+    if values.len() != SD_BLOCKS {
+        return Err(Error::Usage(format!(
+            "--network_args {key}: needs {SD_BLOCKS} comma-separated values (one per SD UNet block), got {}",
+            values.len()
+        )));
+    }
+    Ok(values)
+}
+
+fn number<T: std::str::FromStr>(key: &str, value: &str) -> Result<T> {
+    value.trim().parse().map_err(|_| bad_number(key, value))
+}
+
+fn bad_number(key: &str, value: &str) -> Error {
+    Error::Usage(format!("--network_args {key}={value}: not a valid number"))
+}
+
+/// `rate` (0 when absent) after checking it is a probability below 1.
+fn probability(name: &str, rate: Option<f32>) -> Result<f32> {
+    let rate = rate.unwrap_or(0.0);
+    if !(0.0..1.0).contains(&rate) {
+        return Err(Error::Usage(format!(
+            "{name} {rate}: must be at least 0 and below 1"
+        )));
+    }
+    Ok(rate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weights(down: &str, mid: &str, up: &str, threshold: f64) -> Vec<f64> {
+        let given = |v: &str| (!v.is_empty()).then(|| v.to_string());
+        block_lr_weights(given(down), given(mid), given(up), threshold)
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn lr_weight_lists_are_padded_cut_and_thresholded() {
+        let w = weights("0.5,,2", "3,4", "1,1,1,1,1,1,1,1,1,1,1,1,9,9", 0.0);
+        assert_eq!(w.len(), SD_BLOCKS);
+        assert_eq!(&w[..4], &[0.5, 0.0, 2.0, 1.0]);
+        assert_eq!(w[12], 3.0, "mid takes one value");
+        assert!(w[13..].iter().all(|&x| x == 1.0), "up cut to 12");
+        let w = weights("", "0.1", "", 0.1);
+        assert_eq!(w[12], 0.0, "at the threshold becomes 0");
+        assert!(block_lr_weights(None, None, None, 0.0).unwrap().is_none());
+    }
+
+    #[test]
+    fn lr_weight_presets_follow_the_spec_formulas() {
+        let w = weights("sine", "", "cosine+0.5", 0.0);
+        for i in 0..12 {
+            let sine = (std::f64::consts::FRAC_PI_2 * i as f64 / 11.0).sin();
+            assert!((w[i] - sine).abs() < 1e-12);
+            let cosine = (std::f64::consts::FRAC_PI_2 * (11 - i) as f64 / 11.0).sin() + 0.5;
+            assert!((w[13 + i] - cosine).abs() < 1e-12);
+        }
+        let w = weights("reverse_linear", "", "linear", 0.0);
+        assert_eq!(w[0], 1.0);
+        assert_eq!(w[11], 0.0);
+        assert_eq!(w[13], 0.0);
+        assert_eq!(w[24], 1.0);
+        assert!(block_lr_weights(Some("wave".into()), None, None, 0.0).is_err());
+    }
+
+    #[test]
+    fn block_lists_need_one_value_per_block() {
+        assert!(block_list("block_dims", "1,2,3").is_err());
+        assert_eq!(
+            block_list("block_dims", &["4"; 25].join(",")).unwrap(),
+            vec![4; 25]
+        );
+        assert!(probability("rank_dropout", Some(1.0)).is_err());
+    }
+}

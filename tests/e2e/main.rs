@@ -1,0 +1,17 @@
+//! End-to-end tests: they drive the built lorakit executables (and `make`) on the bundled
+//! fixtures, one module per tool or flow, in one test binary.
+
+#[macro_use]
+mod common;
+
+mod bad_inputs;
+mod caption;
+mod crash_safety;
+mod latents;
+mod lint;
+mod make_flow;
+mod metadata;
+mod sharding;
+mod tag_images;
+mod text_encoder;
+mod train_lora;
