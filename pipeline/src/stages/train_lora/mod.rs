@@ -16,7 +16,8 @@ pub mod schedule;
 pub mod state;
 pub mod validation;
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -127,10 +128,106 @@ struct Plan {
     save_every_n_epochs: Option<usize>,
 }
 
-/// Runs `train-lora`.
+/// Runs `train-lora`: [`prepare`] the run, [`Training::run`] the loop, [`finish`] the files.
 pub fn run(args: &TrainArgs) -> Result<Summary> {
     let started = Instant::now();
     let started_unix = unix_time();
+    let Some(mut setup) = prepare(args)? else {
+        return Ok(Summary {
+            up_to_date: 1,
+            ..Summary::default()
+        });
+    };
+    let plan = &setup.plan;
+    let noise_schedule = NoiseSchedule::scaled_linear(args.zero_terminal_snr);
+    let loss_ctx = loss_context(args, &noise_schedule, plan.seed, setup.dtype)?;
+    let validation = setup.held_out.take().map(|set| {
+        Validation::new(
+            set,
+            args.train_batch_size,
+            args.max_validation_steps,
+            args.validation_seed.unwrap_or(plan.seed),
+            &loss_ctx.noise,
+        )
+    });
+    std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
+    let mut start = state::Progress::default();
+    if let Some(resume) = &args.resume {
+        let dir = state::resolve_resume(resume, &args.output_dir)?;
+        start = state::load(&dir, &setup.network, &mut setup.optimizer)?;
+        tracing::info!(
+            "resumed from {} at step {}",
+            dir.display(),
+            start.global_step
+        );
+    }
+    let saver = saving::Saver {
+        args,
+        network: &setup.network,
+        save_dtype: setup.save_dtype,
+        meta_base: metadata::base_metadata(
+            args,
+            &setup.dataset,
+            &plan_info(plan, validation.as_ref().map_or(0, Validation::images)),
+            started_unix,
+            &setup.optimizer_kind,
+            setup.unet.config.is_sd2(),
+        )?,
+        name: plan.name.clone(),
+        every_n_epochs: plan.save_every_n_epochs,
+    };
+    let log_path = args
+        .loss_log
+        .clone()
+        .unwrap_or_else(|| args.output_dir.join(format!("{}_loss.jsonl", plan.name)));
+    let training = Training {
+        args,
+        plan,
+        device: &setup.device,
+        dataset: &setup.dataset,
+        unet: &setup.unet,
+        network: &setup.network,
+        scheduler: &setup.scheduler,
+        loss_ctx: &loss_ctx,
+        validation: validation.as_ref(),
+        saver: &saver,
+        log_path: &log_path,
+    };
+    let first_step = start.global_step;
+    let end = training.run(&mut setup.optimizer, start)?;
+    saver.save_model(&plan.name, end.global_step, plan.num_epochs)?;
+    let summary = Summary {
+        done: 1,
+        throughput: Some(Throughput {
+            count: end.global_step - first_step,
+            unit: "steps",
+        }),
+        ..Summary::default()
+    };
+    finish(args, &setup, &end, &log_path, summary, started)
+}
+
+/// Everything a run needs before its first step.
+struct Setup {
+    device: Device,
+    dtype: DType,
+    save_dtype: Option<DType>,
+    dataset: CachedDataset,
+    held_out: Option<CachedDataset>,
+    unet: Unet,
+    network: LoraNetwork,
+    optimizer: Optimizer,
+    optimizer_kind: OptimizerKind,
+    scheduler: LrScheduler,
+    plan: Plan,
+    training_key: String,
+    sample_keys: BTreeMap<String, String>,
+    final_path: PathBuf,
+}
+
+/// Checks the arguments, loads the caches and the UNet, merges `--base_weights`, builds the
+/// network, optimizer and scheduler. `None` when the LoRA is already up to date.
+fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
     check_args(args)?;
     crate::models::keep_freed_memory();
     let device = match args.device.as_str() {
@@ -168,7 +265,7 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         .samples
         .iter()
         .map(|s| Ok((s.key.clone(), sample_key(s)?)))
-        .collect::<Result<std::collections::BTreeMap<String, String>>>()?;
+        .collect::<Result<BTreeMap<String, String>>>()?;
     if let Some(tokens) = args.compat.max_token_length {
         let cached = dataset.samples[0].context.dim(0)?;
         if cached != tokens + 2 {
@@ -183,35 +280,7 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
     let (dataset, held_out) =
         dataset.split_validation(args.validation_split, args.validation_seed.unwrap_or(seed))?;
     let checkpoint = Checkpoint::open(&args.pretrained_model_name_or_path)?;
-    if checkpoint.family() == ModelFamily::Sdxl {
-        return Err(Error::Usage(format!(
-            "{} is an SDXL checkpoint; train-lora trains SD1.x/SD2.x LoRAs",
-            args.pretrained_model_name_or_path.display()
-        )));
-    }
-    let vb = checkpoint.var_builder(Component::Unet, dtype, &device, &unet::ldm_name)?;
-    let mut unet = Unet::load(&vb).map_err(|e| {
-        Error::bad_file(
-            &args.pretrained_model_name_or_path,
-            format!("not an SD1.x/SD2.x checkpoint with a UNet: {e}"),
-        )
-    })?;
-    if unet.config.is_sd2() != args.v2 {
-        return Err(Error::Usage(format!(
-            "{} is an {} UNet; {} --v2",
-            args.pretrained_model_name_or_path.display(),
-            if unet.config.is_sd2() {
-                "SD2.x"
-            } else {
-                "SD1.x"
-            },
-            if unet.config.is_sd2() {
-                "add"
-            } else {
-                "remove"
-            }
-        )));
-    }
+    let mut unet = load_unet(args, &checkpoint, dtype, &device)?;
     if dataset.context_dim != unet.config.context_dim {
         return Err(Error::bad_file(&args.in_json, format!(
             "text-encoder caches have width {} but the UNet expects {}; re-run cache-text-encoder with this checkpoint",
@@ -227,34 +296,9 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
             "{} is up to date: same caches, model and settings as the run that wrote it",
             final_path.display()
         );
-        return Ok(Summary {
-            up_to_date: 1,
-            ..Summary::default()
-        });
+        return Ok(None);
     }
-    for (i, path) in args.base_weights.iter().enumerate() {
-        let multiplier = args.base_weights_multiplier.get(i).copied().unwrap_or(1.0);
-        let report = LoraNetwork::merge_file(&mut unet, path, multiplier)?;
-        tracing::info!(
-            "{}: {} UNet modules merged into the base model at {multiplier}",
-            path.display(),
-            report.applied
-        );
-        if report.ignored_text_encoder > 0 {
-            tracing::warn!(
-                "{}: {} text-encoder modules not merged (the text-encoder caches were made without them)",
-                path.display(),
-                report.ignored_text_encoder
-            );
-        }
-        if !report.unknown.is_empty() {
-            return Err(Error::bad_file(path, format!(
-                "{} UNet modules (e.g. {}) do not exist in this UNet; the file was made for another model family",
-                report.unknown.len(),
-                report.unknown[0]
-            )));
-        }
-    }
+    merge_base_weights(args, &mut unet)?;
     let mut network = match &args.network_weights {
         Some(path) if args.dim_from_weights => {
             let (network, report) = LoraNetwork::load(&mut unet, path, 1.0, &device)?;
@@ -278,7 +322,7 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         .map(|(var, name, is_up)| (var.clone(), network_options.lr_factor(name, is_up)))
         .filter(|(_, factor)| *factor > 0.0)
         .unzip();
-    let mut optimizer = Optimizer::new(optimizer_kind, vars, lr_factors)?;
+    let optimizer = Optimizer::new(optimizer_kind.clone(), vars, lr_factors)?;
     let scheduler = LrScheduler::new(
         &args.lr_scheduler,
         ScheduleParams {
@@ -297,9 +341,95 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
             scheduler_args: args.lr_scheduler_args.clone(),
         },
     )?;
-    let noise_schedule = NoiseSchedule::scaled_linear(args.zero_terminal_snr);
-    let loss_ctx = LossContext {
-        schedule: &noise_schedule,
+    Ok(Some(Setup {
+        device,
+        dtype,
+        save_dtype,
+        dataset,
+        held_out,
+        unet,
+        network,
+        optimizer,
+        optimizer_kind,
+        scheduler,
+        plan,
+        training_key,
+        sample_keys,
+        final_path,
+    }))
+}
+
+/// The frozen UNet of an SD1.x/SD2.x checkpoint, checked against `--v2`.
+fn load_unet(
+    args: &TrainArgs,
+    checkpoint: &Checkpoint,
+    dtype: DType,
+    device: &Device,
+) -> Result<Unet> {
+    if checkpoint.family() == ModelFamily::Sdxl {
+        return Err(Error::Usage(format!(
+            "{} is an SDXL checkpoint; train-lora trains SD1.x/SD2.x LoRAs",
+            args.pretrained_model_name_or_path.display()
+        )));
+    }
+    let vb = checkpoint.var_builder(Component::Unet, dtype, device, &unet::ldm_name)?;
+    let unet = Unet::load(&vb).map_err(|e| {
+        Error::bad_file(
+            &args.pretrained_model_name_or_path,
+            format!("not an SD1.x/SD2.x checkpoint with a UNet: {e}"),
+        )
+    })?;
+    if unet.config.is_sd2() != args.v2 {
+        let (found, fix) = if unet.config.is_sd2() {
+            ("SD2.x", "add")
+        } else {
+            ("SD1.x", "remove")
+        };
+        return Err(Error::Usage(format!(
+            "{} is an {found} UNet; {fix} --v2",
+            args.pretrained_model_name_or_path.display()
+        )));
+    }
+    Ok(unet)
+}
+
+/// `--base_weights`: merges each LoRA file into the frozen UNet at its multiplier.
+fn merge_base_weights(args: &TrainArgs, unet: &mut Unet) -> Result<()> {
+    for (i, path) in args.base_weights.iter().enumerate() {
+        let multiplier = args.base_weights_multiplier.get(i).copied().unwrap_or(1.0);
+        let report = LoraNetwork::merge_file(unet, path, multiplier)?;
+        tracing::info!(
+            "{}: {} UNet modules merged into the base model at {multiplier}",
+            path.display(),
+            report.applied
+        );
+        if report.ignored_text_encoder > 0 {
+            tracing::warn!(
+                "{}: {} text-encoder modules not merged (the text-encoder caches were made without them)",
+                path.display(),
+                report.ignored_text_encoder
+            );
+        }
+        if !report.unknown.is_empty() {
+            return Err(Error::bad_file(path, format!(
+                "{} UNet modules (e.g. {}) do not exist in this UNet; the file was made for another model family",
+                report.unknown.len(),
+                report.unknown[0]
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Noise, loss and loss weighting of every micro-batch, from the arguments.
+fn loss_context<'a>(
+    args: &TrainArgs,
+    schedule: &'a NoiseSchedule,
+    seed: u64,
+    dtype: DType,
+) -> Result<LossContext<'a>> {
+    Ok(LossContext {
+        schedule,
         noise: NoiseOptions {
             noise_offset: args.noise_offset,
             noise_offset_random_strength: args.noise_offset_random_strength,
@@ -324,210 +454,255 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
             debiased_estimation: args.debiased_estimation_loss,
             v_prediction: args.v_parameterization,
         },
-        seed: plan.seed,
+        seed,
         dtype,
-    };
+    })
+}
 
-    let validation = held_out.map(|set| {
-        Validation::new(
-            set,
-            args.train_batch_size,
-            args.max_validation_steps,
-            args.validation_seed.unwrap_or(plan.seed),
-            &loss_ctx.noise,
-        )
-    });
-    std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
-    let mut progress_state = state::Progress::default();
-    if let Some(resume) = &args.resume {
-        let dir = state::resolve_resume(resume, &args.output_dir)?;
-        progress_state = state::load(&dir, &network, &mut optimizer)?;
-        tracing::info!(
-            "resumed from {} at step {}",
-            dir.display(),
-            progress_state.global_step
-        );
-    }
-    let meta_base = metadata::base_metadata(
-        args,
-        &dataset,
-        &plan_info(&plan, validation.as_ref().map_or(0, Validation::images)),
-        started_unix,
-        &optimizer_kind,
-        unet.config.is_sd2(),
-    )?;
-    let saver = saving::Saver {
-        args,
-        network: &network,
-        save_dtype,
-        meta_base,
-        name: plan.name.clone(),
-        every_n_epochs: plan.save_every_n_epochs,
-    };
+/// The training loop's inputs, borrowed from the prepared run.
+struct Training<'a> {
+    args: &'a TrainArgs,
+    plan: &'a Plan,
+    device: &'a Device,
+    dataset: &'a CachedDataset,
+    unet: &'a Unet,
+    network: &'a LoraNetwork,
+    scheduler: &'a LrScheduler,
+    loss_ctx: &'a LossContext<'a>,
+    validation: Option<&'a Validation>,
+    saver: &'a saving::Saver<'a>,
+    log_path: &'a Path,
+}
 
-    let log_path = args
-        .loss_log
-        .clone()
-        .unwrap_or_else(|| args.output_dir.join(format!("{}_loss.jsonl", plan.name)));
-    let mut log_lines: Vec<String> = progress_state.log_lines.clone();
-    let progress = Progress::new("train-lora steps", plan.total_steps, args.quiet);
-    progress.inc(progress_state.global_step as u64);
-    let mut global_step = progress_state.global_step;
-    // The running average covers the batches before a resume too.
-    let mut loss_average = progress_state.loss_average.clone();
-    let accum = args.gradient_accumulation_steps.max(1);
-    'epochs: for epoch in progress_state.epoch.max(1)..=plan.num_epochs {
-        let batches = dataset.epoch_batches(plan.seed, epoch, args.train_batch_size);
-        let skip = if epoch == progress_state.epoch {
-            progress_state.batches_done_in_epoch
-        } else {
-            0
-        };
-        let mut summed: Option<Vec<Option<Tensor>>> = None;
-        let mut group_losses = Vec::new();
-        for (bi, batch) in batches.iter().enumerate().skip(skip) {
-            if global_step >= plan.total_steps {
-                // Resumed from the final state (killed before the LoRA was written).
-                break 'epochs;
-            }
-            let micro_index = ((epoch - 1) * plan.batches_per_epoch + bi) as u64;
-            let flip_seed = args
-                .flip_aug
-                .then(|| NoiseRng::flip_stream(plan.seed, micro_index));
-            let batch = dataset.collate(batch, &device, flip_seed)?;
-            network.set_dropout_stream(Some(NoiseRng::dropout_stream(plan.seed, micro_index)));
-            let loss = micro_batch_loss(&unet, &loss_ctx, &batch, micro_index)?;
-            let loss_value = loss.to_scalar::<f32>()?;
-            if !loss_value.is_finite() {
-                write_log(&log_path, &log_lines)?;
-                return Err(Error::Model(format!(
-                    "loss became {loss_value} at epoch {epoch}, step {}; training stopped and the files saved so far are intact; lower --learning_rate or check the caches",
-                    global_step + 1
-                )));
-            }
-            let grads = (loss / accum as f64)?.backward()?;
-            let grads = optim::collect_grads(&grads, optimizer.vars());
-            match &mut summed {
-                None => summed = Some(grads),
-                Some(sum) => optim::accumulate(sum, grads)?,
-            }
-            group_losses.push(loss_value);
-            loss_average.record(epoch, bi, loss_value);
-            let closes_group = (bi + 1) % accum == 0 || bi + 1 == batches.len();
-            let lr = plan.lr * scheduler.multiplier(global_step);
-            if closes_group {
-                let mut grads = summed.take().expect("gradients of this group");
-                optim::clip_grad_norm(&mut grads, args.max_grad_norm)?;
-                optimizer.step(&grads, lr)?;
-            }
-            let max_norm = match args.scale_weight_norms {
-                Some(limit) => Some(network.apply_max_norm(limit)?),
-                None => None,
+impl Training<'_> {
+    /// Trains from `start` (a fresh run or a resumed state) to the planned number of steps;
+    /// returns where it ended, with the whole loss log.
+    fn run(&self, optimizer: &mut Optimizer, start: state::Progress) -> Result<state::Progress> {
+        let (resume_epoch, resume_batches) = (start.epoch, start.batches_done_in_epoch);
+        let mut at = start;
+        let progress = Progress::new("train-lora steps", self.plan.total_steps, self.args.quiet);
+        progress.inc(at.global_step as u64);
+        for epoch in resume_epoch.max(1)..=self.plan.num_epochs {
+            let batches =
+                self.dataset
+                    .epoch_batches(self.plan.seed, epoch, self.args.train_batch_size);
+            let skip = if epoch == resume_epoch {
+                resume_batches
+            } else {
+                0
             };
-            if !closes_group {
-                continue;
+            let accum = self.args.gradient_accumulation_steps.max(1);
+            let mut summed: Option<Vec<Option<Tensor>>> = None;
+            let mut group_losses = Vec::new();
+            for (bi, batch) in batches.iter().enumerate().skip(skip) {
+                if at.global_step >= self.plan.total_steps {
+                    // Resumed from the final state (killed before the LoRA was written).
+                    progress.finish();
+                    return Ok(at);
+                }
+                let vars = optimizer.vars();
+                let (loss, grads) = self.micro_batch(epoch, bi, batch, accum, &at, vars)?;
+                match &mut summed {
+                    None => summed = Some(grads),
+                    Some(sum) => optim::accumulate(sum, grads)?,
+                }
+                group_losses.push(loss);
+                at.loss_average.record(epoch, bi, loss);
+                let closes_group = (bi + 1) % accum == 0 || bi + 1 == batches.len();
+                let lr = self.plan.lr * self.scheduler.multiplier(at.global_step);
+                if closes_group {
+                    let mut grads = summed.take().expect("gradients of this group");
+                    optim::clip_grad_norm(&mut grads, self.args.max_grad_norm)?;
+                    optimizer.step(&grads, lr)?;
+                }
+                let max_norm = match self.args.scale_weight_norms {
+                    Some(limit) => Some(self.network.apply_max_norm(limit)?),
+                    None => None,
+                };
+                if !closes_group {
+                    continue;
+                }
+                at.global_step += 1;
+                progress.inc(1);
+                let step_loss = group_losses.iter().sum::<f32>() / group_losses.len() as f32;
+                group_losses.clear();
+                self.log_step(&mut at, epoch, step_loss, lr, max_norm)?;
+                if self.save_after_step(optimizer, &at, epoch, bi)? {
+                    // Last step: the end-of-epoch validation still runs.
+                    break;
+                }
             }
-            global_step += 1;
-            progress.inc(1);
-            let step_loss = group_losses.iter().sum::<f32>() / group_losses.len() as f32;
-            group_losses.clear();
-            let average = loss_average.value();
-            let mut line = serde_json::json!({"step": global_step, "epoch": epoch, "loss": step_loss, "loss_average": average, "lr": lr});
-            let validate_now = args
-                .validate_every_n_steps
-                .is_some_and(|n| n > 0 && global_step % n == 0);
-            if let Some(validation) = validation.as_ref().filter(|_| validate_now) {
-                let value = validation.loss(&unet, &network, &loss_ctx, &device)?;
-                line["validation_loss"] = value.into();
-                line["validation_divergence"] = (value - average).into();
-            }
-            if let Some(report) = max_norm {
-                line["keys_scaled"] = report.keys_scaled.into();
-                line["average_key_norm"] = report.mean_norm.into();
-                line["max_key_norm"] = report.max_norm.into();
-            }
-            log_lines.push(line.to_string());
-            tracing::debug!("step {global_step}: loss {step_loss:.5} (avg {average:.5}) lr {lr:e}");
-            // Built only when a state is saved: the log grows with every step.
-            let position = || state::Progress {
-                epoch,
-                batches_done_in_epoch: bi + 1,
-                global_step,
-                log_lines: log_lines.clone(),
-                loss_average: loss_average.clone(),
-            };
-            if args
-                .save_every_n_steps
-                .is_some_and(|n| n > 0 && global_step % n == 0)
-                && global_step < plan.total_steps
-            {
-                let at = SavePoint::Step(global_step);
-                saver.checkpoint(at, global_step, epoch - 1, &optimizer, &position())?;
-                write_log(&log_path, &log_lines)?;
-            }
-            if global_step >= plan.total_steps {
-                saver.final_state(&optimizer, &position())?;
-                // Last step: the end-of-epoch validation still runs.
+            self.end_epoch(optimizer, &mut at, epoch)?;
+            if at.global_step >= self.plan.total_steps {
                 break;
             }
         }
-        let validate_epoch = args
+        progress.finish();
+        Ok(at)
+    }
+
+    /// The loss of one micro-batch and its gradients (scaled for accumulation).
+    fn micro_batch(
+        &self,
+        epoch: usize,
+        bi: usize,
+        batch: &[usize],
+        accum: usize,
+        at: &state::Progress,
+        vars: &[candle_core::Var],
+    ) -> Result<(f32, Vec<Option<Tensor>>)> {
+        let micro_index = ((epoch - 1) * self.plan.batches_per_epoch + bi) as u64;
+        let flip_seed =
+            (self.args.flip_aug).then(|| NoiseRng::flip_stream(self.plan.seed, micro_index));
+        let batch = self.dataset.collate(batch, self.device, flip_seed)?;
+        self.network
+            .set_dropout_stream(Some(NoiseRng::dropout_stream(self.plan.seed, micro_index)));
+        let loss = micro_batch_loss(self.unet, self.loss_ctx, &batch, micro_index)?;
+        let loss_value = loss.to_scalar::<f32>()?;
+        if !loss_value.is_finite() {
+            write_log(self.log_path, &at.log_lines)?;
+            return Err(Error::Model(format!(
+                "loss became {loss_value} at epoch {epoch}, step {}; training stopped and the files saved so far are intact; lower --learning_rate or check the caches",
+                at.global_step + 1
+            )));
+        }
+        let grads = (loss / accum as f64)?.backward()?;
+        Ok((loss_value, optim::collect_grads(&grads, vars)))
+    }
+
+    /// Appends the loss-log line of the step just taken (with validation when due).
+    fn log_step(
+        &self,
+        at: &mut state::Progress,
+        epoch: usize,
+        step_loss: f32,
+        lr: f64,
+        max_norm: Option<crate::networks::lora::MaxNormReport>,
+    ) -> Result<()> {
+        let step = at.global_step;
+        let average = at.loss_average.value();
+        let mut line = serde_json::json!({"step": step, "epoch": epoch, "loss": step_loss, "loss_average": average, "lr": lr});
+        let validate_now = self
+            .args
+            .validate_every_n_steps
+            .is_some_and(|n| n > 0 && step % n == 0);
+        if let Some(validation) = self.validation.filter(|_| validate_now) {
+            let value = validation.loss(self.unet, self.network, self.loss_ctx, self.device)?;
+            line["validation_loss"] = value.into();
+            line["validation_divergence"] = (value - average).into();
+        }
+        if let Some(report) = max_norm {
+            line["keys_scaled"] = report.keys_scaled.into();
+            line["average_key_norm"] = report.mean_norm.into();
+            line["max_key_norm"] = report.max_norm.into();
+        }
+        at.log_lines.push(line.to_string());
+        tracing::debug!("step {step}: loss {step_loss:.5} (avg {average:.5}) lr {lr:e}");
+        Ok(())
+    }
+
+    /// Saves a step checkpoint when one is due, or the final state after the last step; true
+    /// after the last step.
+    fn save_after_step(
+        &self,
+        optimizer: &Optimizer,
+        at: &state::Progress,
+        epoch: usize,
+        bi: usize,
+    ) -> Result<bool> {
+        let step = at.global_step;
+        // Built only when a state is saved: the log grows with every step.
+        let position = || state::Progress {
+            epoch,
+            batches_done_in_epoch: bi + 1,
+            global_step: step,
+            log_lines: at.log_lines.clone(),
+            loss_average: at.loss_average.clone(),
+        };
+        let due = self
+            .args
+            .save_every_n_steps
+            .is_some_and(|n| n > 0 && step % n == 0);
+        if due && step < self.plan.total_steps {
+            let point = SavePoint::Step(step);
+            self.saver
+                .checkpoint(point, step, epoch - 1, optimizer, &position())?;
+            write_log(self.log_path, &at.log_lines)?;
+        }
+        if step >= self.plan.total_steps {
+            self.saver.final_state(optimizer, &position())?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// End of an epoch: validation when due, and an epoch checkpoint when due.
+    fn end_epoch(
+        &self,
+        optimizer: &Optimizer,
+        at: &mut state::Progress,
+        epoch: usize,
+    ) -> Result<()> {
+        let validate_epoch = self
+            .args
             .validate_every_n_epochs
             .is_none_or(|n| n > 0 && epoch % n == 0);
-        if let Some(validation) = validation.as_ref().filter(|_| validate_epoch) {
-            let value = validation.loss(&unet, &network, &loss_ctx, &device)?;
-            log_lines.push(serde_json::json!({"step": global_step, "epoch": epoch, "epoch_validation_loss": value, "epoch_validation_divergence": value - loss_average.value()}).to_string());
+        if let Some(validation) = self.validation.filter(|_| validate_epoch) {
+            let value = validation.loss(self.unet, self.network, self.loss_ctx, self.device)?;
+            let divergence = value - at.loss_average.value();
+            at.log_lines.push(serde_json::json!({"step": at.global_step, "epoch": epoch, "epoch_validation_loss": value, "epoch_validation_divergence": divergence}).to_string());
         }
-        if let Some(n) = plan.save_every_n_epochs {
-            if epoch % n == 0 && epoch < plan.num_epochs {
+        if let Some(n) = self.plan.save_every_n_epochs {
+            if epoch % n == 0 && epoch < self.plan.num_epochs {
                 let position = state::Progress {
                     epoch: epoch + 1,
                     batches_done_in_epoch: 0,
-                    global_step,
-                    log_lines: log_lines.clone(),
-                    loss_average: loss_average.clone(),
+                    global_step: at.global_step,
+                    log_lines: at.log_lines.clone(),
+                    loss_average: at.loss_average.clone(),
                 };
-                let at = SavePoint::Epoch(epoch);
-                saver.checkpoint(at, global_step, epoch, &optimizer, &position)?;
-                write_log(&log_path, &log_lines)?;
+                let point = SavePoint::Epoch(epoch);
+                self.saver
+                    .checkpoint(point, at.global_step, epoch, optimizer, &position)?;
+                write_log(self.log_path, &at.log_lines)?;
             }
         }
-        if global_step >= plan.total_steps {
-            break;
-        }
+        Ok(())
     }
-    progress.finish();
-    saver.save_model(&plan.name, global_step, plan.num_epochs)?;
-    write_log(&log_path, &log_lines)?;
-    let losses = logged_values(&log_lines, "loss");
-    let plot_path = args.output_dir.join(format!("{}_loss.png", plan.name));
-    let averages = logged_values(&log_lines, "loss_average");
-    crate::infra::fsio::write_atomic(&plot_path, &plot::loss_png(&losses, &averages, &plan.name)?)?;
-    let summary = Summary {
-        done: 1,
-        throughput: Some(Throughput {
-            count: global_step - progress_state.global_step,
-            unit: "steps",
-        }),
-        ..Summary::default()
-    };
+}
+
+/// Writes the loss log, the loss plot and the manifest of the trained LoRA.
+fn finish(
+    args: &TrainArgs,
+    setup: &Setup,
+    end: &state::Progress,
+    log_path: &Path,
+    summary: Summary,
+    started: Instant,
+) -> Result<Summary> {
+    let name = &setup.plan.name;
+    write_log(log_path, &end.log_lines)?;
+    let losses = logged_values(&end.log_lines, "loss");
+    let plot_path = args.output_dir.join(format!("{name}_loss.png"));
+    let averages = logged_values(&end.log_lines, "loss_average");
+    crate::infra::fsio::write_atomic(&plot_path, &plot::loss_png(&losses, &averages, name)?)?;
     let mut manifest = Manifest::new(
         "train-lora",
-        &final_path,
+        &setup.final_path,
         LORA_V1,
-        serde_json::json!({ "training_key": training_key, "arguments": format!("{args:?}") }),
+        serde_json::json!({ "training_key": setup.training_key, "arguments": format!("{args:?}") }),
     );
     manifest.add_input_file("in_json", &args.in_json)?;
-    manifest.items = sample_keys;
+    manifest.items = setup.sample_keys.clone();
     manifest.summary = summary.clone();
-    manifest.write_for(&final_path)?;
+    manifest.write_for(&setup.final_path)?;
     let first = losses.first().copied().unwrap_or(f32::NAN);
     let last = losses.last().copied().unwrap_or(f32::NAN);
     tracing::info!(
         "{} steps in {:.1} s; loss {first:.4} -> {last:.4}; wrote {}",
-        global_step,
+        end.global_step,
         started.elapsed().as_secs_f64(),
-        final_path.display()
+        setup.final_path.display()
     );
     Ok(summary)
 }
