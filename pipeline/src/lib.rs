@@ -12,7 +12,8 @@
 //! 4. [`models`]: kernels, frozen-weight ops and the networks of the real architectures;
 //! 5. [`networks`]: trainable add-on networks (LoRA);
 //! 6. [`stages`]: one module per tool (`Options` and `run`);
-//! 7. [`cli`]: clap argument groups shared by the tools.
+//! 7. [`cli`]: clap argument groups shared by the tools, and each long flag list with its
+//!    conversion into stage options.
 
 pub mod infra;
 

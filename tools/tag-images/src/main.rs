@@ -1,220 +1,22 @@
 //! `tag-images`: WD14 tagger → one tag file per image, as sd-scripts'
 //! `finetune/tag_images_by_wd14_tagger.py` (always through ONNX Runtime).
 
-use std::path::PathBuf;
-
 use clap::Parser;
-use lorakit_pipeline::cli::{ImageArgs, LogArgs, ShardArgs};
-use lorakit_pipeline::stages::tag_images::labels::{
-    parse_replacements, LabelOptions, Placement, Selection, Thresholds,
-};
-use lorakit_pipeline::stages::tag_images::onnx::Device;
-use lorakit_pipeline::stages::tag_images::{run, TagOptions, DEFAULT_REPO_ID};
-use lorakit_pipeline::Result;
+use lorakit_pipeline::cli::tag_images::TagImagesArgs;
+use lorakit_pipeline::cli::LogArgs;
 
 /// Tag images with a WD14 tagger (sd-scripts tag_images_by_wd14_tagger.py, ONNX only).
 #[derive(Parser)]
 #[command(version, rename_all = "snake_case")]
 struct Args {
-    /// Folder of training images.
-    train_data_dir: PathBuf,
-    /// Tagger repository id; selects the folder `<model_dir>/<owner>_<repo>` (no download).
-    #[arg(long, default_value = DEFAULT_REPO_ID)]
-    repo_id: String,
-    /// Folder holding tagger models.
-    #[arg(long, default_value = "wd14_tagger_model")]
-    model_dir: PathBuf,
-    /// Accepted for compatibility; lorakit never downloads models.
-    #[arg(long)]
-    force_download: bool,
-    /// Accepted for compatibility; inference always uses ONNX Runtime.
-    #[arg(long)]
-    onnx: bool,
-    /// Images per inference (a fixed-batch model overrides it).
-    #[arg(long, default_value_t = 1)]
-    batch_size: usize,
-    /// Accepted for compatibility; decoding always runs on a thread pool and skips bad images.
-    #[arg(long)]
-    max_data_loader_n_workers: Option<usize>,
-    /// Accepted for compatibility; no effect.
-    #[arg(long)]
-    pin_memory: bool,
-    /// Write one JSON (or JSON Lines, for a .jsonl name) file instead of tag files (with
-    /// --shard i/n: NAME.shard-i-of-n.json(l)).
-    #[arg(long)]
-    output_path: Option<PathBuf>,
-    /// Extension of the tag files.
-    #[arg(long, default_value = ".txt")]
-    caption_extension: String,
-    /// Misspelled alias of --caption_extension kept by sd-scripts (overrides it).
-    #[arg(long)]
-    caption_extention: Option<String>,
-    /// Base threshold for every tag category.
-    #[arg(long, default_value_t = 0.35)]
-    thresh: f32,
-    /// Threshold for general tags (default: --thresh).
-    #[arg(long)]
-    general_threshold: Option<f32>,
-    /// Threshold for character tags (default: --thresh; above 1 disables them).
-    #[arg(long)]
-    character_threshold: Option<f32>,
-    /// Threshold for meta tags (tag_mapping models; default: --thresh).
-    #[arg(long)]
-    meta_threshold: Option<f32>,
-    /// Threshold for model tags (tag_mapping models; default: --thresh).
-    #[arg(long)]
-    model_threshold: Option<f32>,
-    /// Threshold for copyright tags (tag_mapping models; default: --thresh).
-    #[arg(long)]
-    copyright_threshold: Option<f32>,
-    /// Threshold for artist tags (tag_mapping models; default: --thresh).
-    #[arg(long)]
-    artist_threshold: Option<f32>,
-    /// Also tag images in subfolders.
-    #[arg(long)]
-    recursive: bool,
-    /// Replace `_` with a space in tags longer than 3 characters.
-    #[arg(long)]
-    remove_underscore: bool,
-    /// Tags never written, separated by the caption separator.
-    #[arg(long, default_value = "")]
-    undesired_tags: String,
-    /// Print tag frequencies at the end.
-    #[arg(long)]
-    frequency_tags: bool,
-    /// Merge the model's tags into tag files you wrote or edited (tags not already there are
-    /// appended). Tag files tag-images wrote itself are regenerated.
-    #[arg(long)]
-    append_tags: bool,
-    /// Replace tag files you wrote or edited since tag-images wrote them. Each is first copied to
-    /// <name>.bak (or <name>.bak.N). Without it (and without --append_tags) they are kept.
-    #[arg(long)]
-    overwrite: bool,
-    /// Put the most likely rating tag first.
-    #[arg(long)]
-    use_rating_tags: bool,
-    /// Put the most likely rating tag last.
-    #[arg(long)]
-    use_rating_tags_as_last_tag: bool,
-    /// Put the most likely quality tag first (tag_mapping models).
-    #[arg(long)]
-    use_quality_tags: bool,
-    /// Put the most likely quality tag last (tag_mapping models).
-    #[arg(long)]
-    use_quality_tags_as_last_tag: bool,
-    /// Put character tags before general tags.
-    #[arg(long)]
-    character_tags_first: bool,
-    /// Tags moved to the front when present (separated by the caption separator, no spaces).
-    #[arg(long)]
-    always_first_tags: Option<String>,
-    /// Separator between tags in the output.
-    #[arg(long, default_value = ", ")]
-    caption_separator: String,
-    /// Renames `src,dst;src2,dst2` (escape literal commas/semicolons as \, and \;).
-    #[arg(long)]
-    tag_replacement: Option<String>,
-    /// Write `name_(series)` character tags as `name, series`.
-    #[arg(long)]
-    character_tag_expand: bool,
-    /// Log every image's tags.
-    #[arg(long)]
-    debug: bool,
-    /// Inference device: cpu, or cuda (needs a build with the `cuda` feature; never falls
-    /// back to the CPU).
-    #[arg(long, default_value = "cpu")]
-    device: Device,
-    /// ONNX Runtime shared library to load (else ORT_DYLIB_PATH, then the project's
-    /// .local/onnxruntime/, then next to the executable).
-    #[arg(long = "ort-lib", alias = "ort_lib")]
-    ort_lib: Option<PathBuf>,
-    /// ONNX Runtime threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-    /// Tag-probability store (default: <train_data_dir>/.lorakit-tag-probs.bin; with --shard
-    /// i/n: .lorakit-tag-probs.shard-i-of-n.bin, joined by merge-shards).
-    #[arg(long)]
-    probs_store: Option<PathBuf>,
-    /// Only re-render tag files from the store (new thresholds, undesired tags, ...): never
-    /// loads the model; images missing from the store are reported and skipped.
-    #[arg(long)]
-    from_store: bool,
     #[command(flatten)]
-    image: ImageArgs,
-    #[command(flatten)]
-    shard: ShardArgs,
+    tool: TagImagesArgs,
     #[command(flatten)]
     log: LogArgs,
-}
-
-impl Args {
-    fn into_options(self) -> Result<TagOptions> {
-        if self.force_download {
-            eprintln!("tag-images: --force_download ignored: lorakit never downloads models");
-        }
-        let thresh = self.thresh;
-        let thresholds = Thresholds {
-            general: self.general_threshold.unwrap_or(thresh),
-            character: self.character_threshold.unwrap_or(thresh),
-            copyright: self.copyright_threshold.unwrap_or(thresh),
-            artist: self.artist_threshold.unwrap_or(thresh),
-            meta: self.meta_threshold.unwrap_or(thresh),
-            model: self.model_threshold.unwrap_or(thresh),
-        };
-        let placement = |first: bool, last: bool| match (first, last) {
-            (true, _) => Placement::First,
-            (false, true) => Placement::Last,
-            (false, false) => Placement::Off,
-        };
-        let (undesired, always_first) = Selection::split_lists(
-            &self.caption_separator,
-            &self.undesired_tags,
-            self.always_first_tags.as_deref(),
-        );
-        let replacements = match &self.tag_replacement {
-            Some(text) => parse_replacements(text)?,
-            None => Vec::new(),
-        };
-        Ok(TagOptions {
-            train_data_dir: self.train_data_dir,
-            model_dir: self.model_dir,
-            repo_id: self.repo_id,
-            batch_size: self.batch_size,
-            recursive: self.recursive,
-            caption_extension: self.caption_extention.unwrap_or(self.caption_extension),
-            output_path: self.output_path,
-            append_tags: self.append_tags,
-            overwrite: self.overwrite,
-            frequency_tags: self.frequency_tags,
-            debug: self.debug,
-            label_options: LabelOptions {
-                character_tag_expand: self.character_tag_expand,
-                remove_underscore: self.remove_underscore,
-                replacements,
-                caption_separator: self.caption_separator,
-            },
-            selection: Selection {
-                thresholds,
-                undesired,
-                always_first,
-                rating: placement(self.use_rating_tags, self.use_rating_tags_as_last_tag),
-                quality: placement(self.use_quality_tags, self.use_quality_tags_as_last_tag),
-                character_tags_first: self.character_tags_first,
-            },
-            store_path: self.probs_store,
-            from_store: self.from_store,
-            device: self.device,
-            ort_lib: self.ort_lib,
-            threads: self.threads,
-            decode: self.image.options()?,
-            shard: self.shard.shard,
-            quiet: self.log.quiet,
-        })
-    }
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     args.log.init();
-    lorakit_pipeline::infra::report::run("tag-images", || run(&args.into_options()?))
+    lorakit_pipeline::infra::report::run("tag-images", || args.tool.run(args.log.quiet))
 }

@@ -1,6 +1,14 @@
-//! Command-line pieces shared by every tool.
+//! The command-line tier: clap argument groups several tools share, and the flags of the tools
+//! with long flag lists (with their conversion into stage options), so every `main.rs` only
+//! parses and calls one function.
 
 use clap::Args;
+pub mod cache_text_encoder;
+pub mod caption_images;
+pub mod lint_dataset;
+pub mod prepare_latents;
+pub mod tag_images;
+
 use std::io::IsTerminal;
 
 /// Output verbosity flags every tool accepts.
