@@ -741,11 +741,8 @@ mod pillow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
 
-    fn fixtures() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-    }
+    use crate::infra::test_support::fixtures;
 
     /// Reads a uint8 array from a golden `.npz`, with its shape.
     fn golden_u8(file: &str, name: &str) -> (Vec<u8>, Vec<u64>) {

@@ -6,3 +6,5 @@ pub mod fsio;
 pub mod hashing;
 pub mod pyjson;
 pub mod report;
+#[cfg(test)]
+pub(crate) mod test_support;

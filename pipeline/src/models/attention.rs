@@ -328,7 +328,7 @@ impl CustomOp3 for ChunkedAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::test_support::relative_difference;
+    use crate::infra::test_support::relative_difference;
     use candle_core::{Device, Var};
 
     /// Plain candle ops, differentiated by candle's autograd.

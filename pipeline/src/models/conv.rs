@@ -374,7 +374,7 @@ impl Module for Conv2d {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::test_support::relative_difference;
+    use crate::infra::test_support::relative_difference;
     use candle_core::Device;
 
     /// Max abs difference between our layer and candle's `conv2d` + bias, relative to the

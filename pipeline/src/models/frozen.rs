@@ -256,7 +256,7 @@ impl CustomOp1 for FrozenOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::test_support::relative_difference;
+    use crate::infra::test_support::relative_difference;
     use candle_core::{Device, Var};
 
     #[test]

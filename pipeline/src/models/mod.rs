@@ -13,8 +13,6 @@ pub mod frozen;
 pub(crate) mod kernels;
 pub(crate) mod norm;
 pub mod precision;
-#[cfg(test)]
-mod test_support;
 pub mod text_encoders;
 pub mod unet;
 pub mod vae;

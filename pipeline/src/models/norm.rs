@@ -180,7 +180,7 @@ impl CustomOp1 for AffineNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::test_support::max_difference;
+    use crate::infra::test_support::max_difference;
     use candle_core::{DType, Device, Var, D};
 
     /// The same normalisation from elementary candle ops (differentiated by candle).

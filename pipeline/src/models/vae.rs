@@ -457,11 +457,8 @@ fn candle_error(e: candle_core::Error) -> Error {
 mod tests {
     use super::*;
     use crate::formats::npz::NpzReader;
-    use std::path::Path;
 
-    fn fixtures() -> &'static Path {
-        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures"))
-    }
+    use crate::infra::test_support::fixtures;
 
     #[test]
     fn exp_is_accurate() {

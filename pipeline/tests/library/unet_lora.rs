@@ -1,6 +1,8 @@
 //! UNet and LoRA parity with the sd-scripts goldens (tests/fixtures/golden/unet, golden/lora).
 
 use std::path::PathBuf;
+
+use crate::support::{fixtures, max_abs};
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
@@ -8,10 +10,6 @@ use lorakit_pipeline::models::adapter::Adaptable;
 use lorakit_pipeline::models::unet::{self, Unet};
 use lorakit_pipeline::models::{Checkpoint, Component};
 use lorakit_pipeline::networks::lora::{Alpha, LoraConfig, LoraNetwork};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
 
 fn npz_f32(path: &PathBuf, name: &str) -> Tensor {
     let mut archive = npyz::npz::NpzArchive::open(path).expect("open npz");
@@ -42,19 +40,6 @@ fn base_unet() -> &'static Unet {
             .unwrap();
         Unet::load(&vb).unwrap()
     })
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn golden() -> PathBuf {

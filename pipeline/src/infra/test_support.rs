@@ -1,6 +1,13 @@
-//! Comparisons shared by the unit tests of the hand-written layers.
+//! Helpers shared by the unit tests: the fixture folder and tensor comparisons.
+
+use std::path::PathBuf;
 
 use candle_core::Tensor;
+
+/// The bundled fixtures (`tests/fixtures` at the repository root).
+pub(crate) fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
 
 /// Largest absolute elementwise difference between `a` and `b`.
 pub(crate) fn max_difference(a: &Tensor, b: &Tensor) -> f32 {

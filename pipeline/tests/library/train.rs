@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use crate::support::fixtures;
+
 use candle_core::{DType, Device, Tensor, Var};
 use clap::Parser;
 use lorakit_pipeline::formats::npz::{NpzReader, NpzWriter};
@@ -20,10 +22,6 @@ use lorakit_pipeline::stages::train_lora::noise::NoiseOptions;
 use lorakit_pipeline::stages::train_lora::optim::{collect_grads, Optimizer, OptimizerKind};
 use lorakit_pipeline::stages::train_lora::schedule::{LossWeighting, NoiseSchedule};
 use lorakit_pipeline::stages::train_lora::{micro_batch_loss, LossContext, TrainArgs};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
 
 fn model_path() -> PathBuf {
     fixtures().join("sd15-tiny/model.safetensors")

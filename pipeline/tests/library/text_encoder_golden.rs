@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use crate::support::fixtures;
+
 use candle_core::{DType, Device, Tensor};
 use lorakit_pipeline::dataset::shard::Shard;
 use lorakit_pipeline::formats::te_cache::read_cache_file;
@@ -15,10 +17,6 @@ use lorakit_pipeline::models::ModelFamily;
 use lorakit_pipeline::stages::cache_text_encoder::{cache_text_encoder_outputs, TeCacheOptions};
 use lorakit_pipeline::text::caption_text::CaptionAugmentation;
 use lorakit_pipeline::text::tokenize::{ClipTokenizer, MaxTokenLength, Padding, TokenChunks};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
 
 /// The golden captions, by name.
 fn captions() -> BTreeMap<String, String> {
