@@ -2,7 +2,7 @@
 //!
 //! Each executable under `tools/` parses its sd-scripts-style arguments and calls one `run`
 //! function here. The modules are tiers, each using only the tiers listed before it (checked by
-//! `tests/tiers.rs`; the picture is in `docs/design.md`):
+//! `tests/library/tiers.rs`; the picture is in `docs/design.md`):
 //!
 //! 1. [`infra`]: errors, atomic file I/O, hashing, Python-style JSON, run reports and progress;
 //! 2. [`dataset`] and [`text`]: image discovery, sidecar files, shards, buckets and imaging;
