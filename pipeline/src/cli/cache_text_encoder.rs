@@ -109,3 +109,48 @@ impl CacheTextEncoderArgs {
         crate::stages::cache_text_encoder::cache_text_encoder_outputs(&self.options(quiet)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        tool: CacheTextEncoderArgs,
+    }
+
+    fn parse(flags: &[&str]) -> CacheTextEncoderArgs {
+        let argv = ["cache-text-encoder", "in.json", "model"]
+            .iter()
+            .chain(flags);
+        Command::try_parse_from(argv).unwrap().tool
+    }
+
+    #[test]
+    fn caption_separator_reaches_the_augmentation_and_precision_is_parsed() {
+        let options = parse(&[
+            "--caption_separator",
+            "|",
+            "--mixed_precision",
+            "fp16",
+            "--max_token_length",
+            "150",
+        ])
+        .options(false)
+        .unwrap();
+        assert_eq!(options.augmentation.separator, "|");
+        assert_eq!(options.caption_separator, "|");
+        assert_eq!(options.mixed_precision, MixedPrecision::Fp16);
+        assert_eq!(options.max_token_length.tokens(), 150);
+    }
+
+    #[test]
+    fn token_budgets_other_than_75_150_225_are_refused() {
+        assert!(parse(&["--max_token_length", "100"])
+            .options(false)
+            .is_err());
+        assert!(parse(&["--mixed_precision", "fp8"]).options(false).is_err());
+    }
+}

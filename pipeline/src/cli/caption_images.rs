@@ -106,3 +106,47 @@ impl CaptionImagesArgs {
         crate::stages::caption_images::run(&self.options(quiet)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        tool: CaptionImagesArgs,
+    }
+
+    fn options(flags: &[&str]) -> CaptionOptions {
+        let argv = ["caption-images", "data", "--caption_weights", "blip"]
+            .iter()
+            .chain(flags);
+        Command::try_parse_from(argv)
+            .unwrap()
+            .tool
+            .options(false)
+            .unwrap()
+    }
+
+    #[test]
+    fn beam_search_chooses_the_decoding_and_the_misspelled_extension_wins() {
+        let nucleus = options(&["--num_beams", "3", "--top_p", "0.5"]);
+        assert_eq!(
+            nucleus.generation.decoding,
+            Decoding::Nucleus { top_p: 0.5 }
+        );
+        assert_eq!(nucleus.caption_extension, ".caption");
+        let beam = options(&[
+            "--beam_search",
+            "--num_beams",
+            "3",
+            "--caption_extension",
+            ".txt",
+            "--caption_extention",
+            ".cap",
+        ]);
+        assert_eq!(beam.generation.decoding, Decoding::Beam { num_beams: 3 });
+        assert_eq!(beam.caption_extension, ".cap");
+    }
+}

@@ -148,3 +148,50 @@ impl LintDatasetArgs {
         crate::stages::lint_dataset::run(&self.options(quiet)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        tool: LintDatasetArgs,
+    }
+
+    fn options(flags: &[&str]) -> LintOptions {
+        let argv = ["lint-dataset", "data"].iter().chain(flags);
+        Command::try_parse_from(argv)
+            .unwrap()
+            .tool
+            .options(false)
+            .unwrap()
+    }
+
+    #[test]
+    fn bucket_checks_need_resolution_and_cache_checks_need_model() {
+        let plain = options(&["--min_bucket_reso", "320"]);
+        assert!(plain.buckets.is_none() && plain.caches.is_none());
+
+        let checked = options(&[
+            "--resolution",
+            "512,768",
+            "--min_bucket_reso",
+            "320",
+            "--model",
+            "model.safetensors",
+            "--mixed_precision",
+            "bf16",
+            "--latent_seed",
+            "7",
+        ]);
+        let buckets = checked.buckets.unwrap();
+        assert_eq!(buckets.max_resolution, (512, 768));
+        assert_eq!(buckets.min_bucket_reso, 320);
+        let caches = checked.caches.unwrap();
+        assert_eq!(caches.latent_precision, MixedPrecision::Bf16);
+        assert_eq!(caches.text_precision, MixedPrecision::Bf16);
+        assert_eq!((caches.latent_seed, caches.text_seed), (7, 42));
+    }
+}

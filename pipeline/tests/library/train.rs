@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use crate::support::fixtures;
+use crate::support::{fixtures, max_abs};
 
 use candle_core::{DType, Device, Tensor, Var};
 use clap::Parser;
@@ -605,14 +605,10 @@ fn short_run_learns_writes_a_loadable_lora_and_resumes_exactly() {
     let b = candle_core::safetensors::load(resumed.path().join("tiny.safetensors"), &Device::Cpu)
         .unwrap();
     for (k, t) in &a {
-        let diff = (t.to_dtype(DType::F32).unwrap() - b[k].to_dtype(DType::F32).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs(
+            &t.to_dtype(DType::F32).unwrap(),
+            &b[k].to_dtype(DType::F32).unwrap(),
+        );
         assert!(diff == 0.0, "{k} differs after resume by {diff}");
     }
     assert_eq!(losses(&resumed.path().join("tiny_loss.jsonl")), full_losses);
