@@ -10,7 +10,7 @@
 use candle_core::{DType, Module, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::{gemm_into, with_f32_slice, Operand, Threads};
+use super::kernels::{for_each_f32_band, gemm_into, with_f32_slice, Operand, Threads};
 use super::winograd::Winograd;
 
 /// Floats of column matrix built per band (bounds the extra memory to ~64 MiB).
@@ -73,7 +73,7 @@ impl Conv2d {
         }
         let bias_values = bias.to_dtype(DType::F32)?.to_vec1()?;
         Ok(Conv2d {
-            weight,
+            weight: weight.contiguous()?,
             method,
             bias,
             bias_values,
@@ -81,11 +81,6 @@ impl Conv2d {
             stride,
             padding,
         })
-    }
-
-    /// The weight as a contiguous f32 tensor (the weight itself when it already is one).
-    fn weight_matrix(&self) -> candle_core::Result<Tensor> {
-        self.weight.to_dtype(DType::F32)?.contiguous()
     }
 
     /// Number of output channels.
@@ -105,35 +100,20 @@ impl Conv2d {
         if channels != expected {
             candle_core::bail!("convolution expects {expected} input channels, got {channels}");
         }
-        let matrix = match self.method {
-            Method::Winograd(_) => None,
-            Method::Im2col => Some(self.weight_matrix()?),
-        };
-        let run = |matrix: Option<&[f32]>| {
-            with_f32_slice(x, |input| {
-                let sizes = (batch, channels, height, width);
-                self.forward_slice(input, matrix, sizes, (out_h, out_w))
-            })
-        };
-        match &matrix {
-            Some(matrix) => with_f32_slice(matrix, |matrix| run(Some(matrix)))?,
-            None => run(None),
-        }
-        .and_then(|output| {
-            let shape = (batch, self.out_channels(), out_h, out_w);
-            Tensor::from_vec(output, shape, x.device())
-        })
+        let sizes = (batch, channels, height, width);
+        let output = with_f32_slice(x, |input| self.forward_slice(input, sizes, (out_h, out_w)))??;
+        let shape = (batch, self.out_channels(), out_h, out_w);
+        Tensor::from_vec(output, shape, x.device())
     }
 
-    /// The f32 forward pass on a contiguous NCHW `input`, returning the NCHW output; `matrix`
-    /// is the `[O, C·k·k]` weight for im2col layers.
+    /// The f32 forward pass on a contiguous NCHW `input`, returning the NCHW output; im2col
+    /// layers read their weight as an `[O, C·k·k]` matrix in f32 bands.
     fn forward_slice(
         &self,
         input: &[f32],
-        matrix: Option<&[f32]>,
         (batch, channels, height, width): (usize, usize, usize, usize),
         (out_h, out_w): (usize, usize),
-    ) -> Vec<f32> {
+    ) -> candle_core::Result<Vec<f32>> {
         let (k, s, p) = (self.kernel, self.stride, self.padding);
         let out_channels = self.out_channels();
         let rows = channels * k * k;
@@ -147,9 +127,9 @@ impl Conv2d {
                 {
                     winograd.forward(image, out_image, &self.bias_values, (height, width));
                 }
-                return output;
+                return Ok(output);
             }
-            Method::Im2col => matrix.expect("im2col layers pass their weight matrix"),
+            Method::Im2col => &self.weight,
         };
         for (o, plane) in output.chunks_mut(plane_out).enumerate() {
             plane.fill(self.bias_values[o % out_channels]);
@@ -170,11 +150,16 @@ impl Conv2d {
                 let y1 = (y0 + band_rows).min(out_h);
                 let columns = (y1 - y0) * out_w;
                 let dst = &mut out_image[y0 * out_w..];
-                let shape = (out_channels, columns, rows);
+                let mut multiply = |rhs: &[f32], rhs_stride: usize| {
+                    for_each_f32_band(matrix, |first, band| {
+                        let shape = (band.len() / rows, columns, rows);
+                        let dst = &mut dst[first * plane_out..];
+                        matmul_accumulate(dst, plane_out, band, rhs, rhs_stride, shape);
+                    })
+                };
                 if pointwise {
                     // The input planes already form the [C, H·W] matrix (row stride = plane).
-                    let rhs = &image[y0 * out_w..];
-                    matmul_accumulate(dst, plane_out, matrix, rhs, plane_in, shape);
+                    multiply(&image[y0 * out_w..], plane_in)?;
                 } else {
                     let col = &mut col[..rows * columns];
                     col.par_chunks_mut(columns)
@@ -186,12 +171,12 @@ impl Conv2d {
                             let window = ((ky, kx), (s, p), (y0, y1));
                             fill_row(dst, plane, (height, width), window, out_w);
                         });
-                    matmul_accumulate(dst, plane_out, matrix, col, columns, shape);
+                    multiply(col, columns)?;
                 }
                 y0 = y1;
             }
         }
-        output
+        Ok(output)
     }
 }
 
@@ -219,42 +204,43 @@ impl Conv2d {
         let k = self.kernel;
         let rows = channels * k * k;
         let plane_out = out_h * out_w;
-        let weight = self.weight_matrix()?;
-        let grad_input = with_f32_slice(&weight, |matrix| {
-            with_f32_slice(grad_output, |grad| {
-                let mut grad_input = vec![0f32; batch * channels * height * width];
-                let mut columns = vec![0f32; rows * plane_out];
-                for (image_grad, input_grad) in grad
-                    .chunks(out_channels * plane_out)
-                    .zip(grad_input.chunks_mut(channels * height * width))
-                {
-                    // columns [C·k·k, OH·OW] = Wᵀ [C·k·k, O] · dY [O, OH·OW]; Wᵀ is read in place.
-                    let transposed = Operand::transposed(matrix, rows);
-                    let gradient = Operand::row_major(image_grad, plane_out);
+        let grad_input = with_f32_slice(grad_output, |grad| {
+            let mut grad_input = vec![0f32; batch * channels * height * width];
+            let mut columns = vec![0f32; rows * plane_out];
+            for (image_grad, input_grad) in grad
+                .chunks(out_channels * plane_out)
+                .zip(grad_input.chunks_mut(channels * height * width))
+            {
+                // columns [C·k·k, OH·OW] = Wᵀ [C·k·k, O] · dY [O, OH·OW], summed over bands
+                // of output channels; Wᵀ is read in place.
+                for_each_f32_band(&self.weight, |first, band| {
+                    let transposed = Operand::transposed(band, rows);
+                    let gradient = Operand::row_major(&image_grad[first * plane_out..], plane_out);
+                    let shape = (rows, plane_out, band.len() / rows);
                     gemm_into(
                         &mut columns,
                         plane_out,
                         transposed,
                         gradient,
-                        (rows, plane_out, out_channels),
-                        false,
+                        shape,
+                        first > 0,
                         Threads::Pool,
                     );
-                    input_grad
-                        .par_chunks_mut(height * width)
-                        .zip(columns.par_chunks(k * k * plane_out))
-                        .for_each(|(plane, taps)| {
-                            scatter_columns(
-                                plane,
-                                taps,
-                                (height, width),
-                                (out_h, out_w),
-                                (k, self.stride, self.padding),
-                            )
-                        });
-                }
-                grad_input
-            })
+                })?;
+                input_grad
+                    .par_chunks_mut(height * width)
+                    .zip(columns.par_chunks(k * k * plane_out))
+                    .for_each(|(plane, taps)| {
+                        scatter_columns(
+                            plane,
+                            taps,
+                            (height, width),
+                            (out_h, out_w),
+                            (k, self.stride, self.padding),
+                        )
+                    });
+            }
+            Ok::<_, candle_core::Error>(grad_input)
         })??;
         Tensor::from_vec(
             grad_input,

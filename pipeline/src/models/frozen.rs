@@ -6,6 +6,10 @@
 //! of the backward pass). Wrapping the operation in a [`CustomOp1`] whose only argument is the
 //! activation hides the weight from the autograd graph: the backward pass computes `dL/dx` and
 //! nothing else.
+//!
+//! The weight may be stored in a narrower dtype than the activations (float16, bfloat16 or float8
+//! under `--mixed_precision` / `--fp8_base`, see [`super::precision`]): each forward and backward
+//! pass widens it to the activation dtype for the duration of that one product.
 
 use std::sync::Arc;
 
@@ -15,6 +19,7 @@ use candle_core::{
 };
 
 use super::conv::Conv2d;
+use super::kernels::{for_each_f32_band, gemm_into, with_f32_slice, Operand, Threads};
 
 /// The operation applied with a frozen weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +43,7 @@ pub struct FrozenOp {
     /// For stride-1 convolutions: the kernel with in/out swapped and spatially flipped, so the
     /// input gradient is a plain (fast, im2col) convolution instead of a transposed one.
     backward_kernel: Option<Tensor>,
-    /// For f32 CPU convolutions: the im2col convolution of [`super::conv`] with the frozen weight
+    /// For CPU convolutions: the im2col convolution of [`super::conv`] with the frozen weight
     /// itself, for the forward pass and the input gradient (much faster than candle's stock
     /// convolution and transposed convolution, and no transformed or flipped copy of the weight:
     /// at SD1.5 size such copies would add gigabytes).
@@ -50,9 +55,7 @@ impl FrozenOp {
     pub fn new(weight: Tensor, kind: FrozenKind) -> Self {
         let weight = weight.detach();
         let cpu_conv = match kind {
-            FrozenKind::Conv2d { stride, padding }
-                if weight.dtype() == DType::F32 && weight.device().is_cpu() =>
-            {
+            FrozenKind::Conv2d { stride, padding } if weight.device().is_cpu() => {
                 bias_free_im2col(&weight, stride, padding)
                     .ok()
                     .map(Arc::new)
@@ -83,6 +86,11 @@ impl FrozenOp {
         self.kind
     }
 
+    /// The weight in `dtype` (the stored tensor itself when it already is).
+    fn weight_in(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        self.weight.to_dtype(dtype)
+    }
+
     /// Applies the frozen operation to `x` (any layout; the result is contiguous).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         dense(x)?.apply_op1(self.clone())
@@ -100,15 +108,26 @@ impl FrozenOp {
                 *out_dims
                     .last_mut()
                     .expect("linear input has a last dimension") = self.weight.dim(0)?;
-                x.reshape((rows, inner))?
-                    .matmul(&self.weight.t()?)?
-                    .reshape(out_dims)
+                let x = x.reshape((rows, inner))?;
+                let y = if self.widens_in_bands(&x) {
+                    linear_in_bands(&x, &self.weight)?
+                } else {
+                    x.matmul(&self.weight_in(x.dtype())?.t()?)?
+                };
+                y.reshape(out_dims)
             }
             FrozenKind::Conv2d { stride, padding } => match self.fast_conv(x) {
                 Some(conv) => conv.forward(x),
-                None => x.conv2d(&self.weight, padding, stride, 1, 1),
+                None => x.conv2d(&self.weight_in(x.dtype())?, padding, stride, 1, 1),
             },
         }
+    }
+
+    /// Whether a linear product with `x` reads a narrow CPU weight in f32 bands
+    /// ([`for_each_f32_band`]) rather than widening it whole.
+    fn widens_in_bands(&self, x: &Tensor) -> bool {
+        let narrow = self.weight.dtype() != DType::F32 && self.weight.device().is_cpu();
+        narrow && x.dtype() == DType::F32 && x.device().is_cpu()
     }
 
     /// The f32 CPU convolution, when it applies to `x`.
@@ -122,6 +141,38 @@ impl FrozenOp {
         let x = tensor_from_storage(storage, layout)?;
         into_storage(self.compute(&x)?)
     }
+}
+
+/// `x W^T` for an f32 CPU `x` `[rows, in]` and a narrow weight `[out, in]` read in f32 bands of
+/// output rows.
+fn linear_in_bands(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    let ((rows, inner), out) = (x.dims2()?, weight.dim(0)?);
+    let mut y = vec![0f32; rows * out];
+    with_f32_slice(x, |x| {
+        for_each_f32_band(weight, |first, band| {
+            let lhs = Operand::row_major(x, inner);
+            let rhs = Operand::transposed(band, inner);
+            let shape = (rows, band.len() / inner, inner);
+            gemm_into(&mut y[first..], out, lhs, rhs, shape, false, Threads::Pool);
+        })
+    })??;
+    Tensor::from_vec(y, (rows, out), x.device())
+}
+
+/// `dY W` for an f32 CPU `dY` `[rows, out]` and a narrow weight `[out, in]`, summed over f32
+/// bands of the weight's rows.
+fn linear_input_gradient_in_bands(grad: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    let ((rows, out), inner) = (grad.dims2()?, weight.dim(1)?);
+    let mut dx = vec![0f32; rows * inner];
+    with_f32_slice(grad, |grad| {
+        for_each_f32_band(weight, |first, band| {
+            let lhs = Operand::row_major(&grad[first..], out);
+            let rhs = Operand::row_major(band, inner);
+            let shape = (rows, inner, band.len() / inner);
+            gemm_into(&mut dx, inner, lhs, rhs, shape, first > 0, Threads::Pool);
+        })
+    })??;
+    Tensor::from_vec(dx, (rows, inner), grad.device())
 }
 
 /// The im2col convolution with `weight` and no bias.
@@ -231,22 +282,27 @@ impl CustomOp1 for FrozenOp {
             FrozenKind::Linear => {
                 let out = grad_res.dim(candle_core::D::Minus1)?;
                 let rows = grad_res.elem_count() / out;
-                grad_res
-                    .reshape((rows, out))?
-                    .matmul(&self.weight)?
-                    .reshape(arg.shape())?
+                let grad = grad_res.reshape((rows, out))?;
+                let grad = if self.widens_in_bands(&grad) {
+                    linear_input_gradient_in_bands(&grad, &self.weight)?
+                } else {
+                    grad.matmul(&self.weight_in(grad.dtype())?)?
+                };
+                grad.reshape(arg.shape())?
             }
             FrozenKind::Conv2d { stride: 1, padding } if self.backward_kernel.is_some() => {
                 let kernel = self.backward_kernel.as_ref().expect("checked above");
                 let kernel_h = kernel.dim(2)?;
-                grad_res.conv2d(kernel, kernel_h - 1 - padding, 1, 1, 1)?
+                let kernel = kernel.to_dtype(grad_res.dtype())?;
+                grad_res.conv2d(&kernel, kernel_h - 1 - padding, 1, 1, 1)?
             }
             FrozenKind::Conv2d { stride, padding } => {
                 let (_, _, grad_h, _) = grad_res.dims4()?;
                 let kernel_h = self.weight.dim(2)?;
                 let covered = (grad_h - 1) * stride + kernel_h - 2 * padding;
                 let output_padding = arg.dim(2)? - covered;
-                grad_res.conv_transpose2d(&self.weight, padding, output_padding, stride, 1)?
+                let weight = self.weight_in(grad_res.dtype())?;
+                grad_res.conv_transpose2d(&weight, padding, output_padding, stride, 1)?
             }
         };
         Ok(Some(grad))
@@ -330,5 +386,91 @@ mod tests {
         let ours_grad = grad_of(ours, &ours_input);
         let reference_grad = grad_of(reference, &reference_input);
         assert!(relative_difference(&ours_grad, &reference_grad) < 1e-6);
+    }
+
+    #[test]
+    fn narrow_weights_are_widened_inside_the_op() {
+        // A weight stored as f16, bf16 or f8 gives what the same rounded values give as f32
+        // (activations stay f32), and lands within the dtype's rounding of the f32 weight. The
+        // last two layers are wide enough to be widened in several bands.
+        let device = Device::Cpu;
+        let cases = [
+            (
+                FrozenKind::Conv2d {
+                    stride: 1,
+                    padding: 1,
+                },
+                vec![6, 5, 3, 3],
+                vec![2, 5, 9, 7],
+            ),
+            (
+                FrozenKind::Conv2d {
+                    stride: 2,
+                    padding: 1,
+                },
+                vec![6, 5, 3, 3],
+                vec![2, 5, 9, 9],
+            ),
+            (
+                FrozenKind::Conv2d {
+                    stride: 1,
+                    padding: 0,
+                },
+                vec![6, 5, 1, 1],
+                vec![2, 5, 4, 6],
+            ),
+            (FrozenKind::Linear, vec![6, 5], vec![2, 3, 5]),
+            (FrozenKind::Linear, vec![100, 4096], vec![3, 4096]),
+            (
+                FrozenKind::Conv2d {
+                    stride: 1,
+                    padding: 1,
+                },
+                vec![70, 512, 3, 3],
+                vec![1, 512, 5, 5],
+            ),
+        ];
+        for (kind, weight_shape, input_shape) in cases {
+            let weight = Tensor::randn(0f32, 0.3, weight_shape, &device).unwrap();
+            let x = Tensor::randn(0f32, 1.0, input_shape, &device).unwrap();
+            let exact = FrozenOp::new(weight.clone(), kind).forward(&x).unwrap();
+            for (dtype, rounding) in [
+                (DType::F16, 2e-3),
+                (DType::BF16, 1e-2),
+                (DType::F8E4M3, 1e-1),
+            ] {
+                let narrow = weight.to_dtype(dtype).unwrap();
+                let widened = narrow.to_dtype(DType::F32).unwrap();
+                let narrow_op = FrozenOp::new(narrow, kind);
+                assert_eq!(narrow_op.weight().dtype(), dtype, "stored as given");
+                let case = format!("{kind:?} {dtype:?}");
+                let input = Var::from_tensor(&x).unwrap();
+                let y = narrow_op.forward(input.as_tensor()).unwrap();
+                let reference_input = Var::from_tensor(&x).unwrap();
+                let reference = FrozenOp::new(widened, kind)
+                    .forward(reference_input.as_tensor())
+                    .unwrap();
+                assert_eq!(y.dtype(), DType::F32, "{case}");
+                assert!(relative_difference(&y, &reference) < 1e-6, "{case}");
+                let loss_weights = Tensor::randn(0f32, 1.0, y.shape(), &device).unwrap();
+                let grad_of = |y: &Tensor, input: &Var| {
+                    let grads = (y * &loss_weights)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    grads.get(input.as_tensor()).unwrap().clone()
+                };
+                let grad = grad_of(&y, &input);
+                let reference_grad = grad_of(&reference, &reference_input);
+                assert!(relative_difference(&grad, &reference_grad) < 1e-6, "{case}");
+                let off = relative_difference(&y, &exact);
+                assert!(
+                    off > 0.0 && off < rounding,
+                    "{case}: {off} from the f32 weight"
+                );
+            }
+        }
     }
 }

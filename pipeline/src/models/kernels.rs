@@ -1,8 +1,15 @@
-//! f32 CPU building blocks shared by the hand-written layers: slice access to tensors, matrix
-//! products on slices with arbitrary strides (the `gemm` crate candle itself uses) and a
-//! vectorised `exp` for softmax.
+//! f32 CPU building blocks shared by the hand-written layers: slice access to tensors, weights
+//! stored in a narrower dtype read as f32 bands, matrix products on slices with arbitrary strides
+//! (the `gemm` crate candle itself uses) and a vectorised `exp` for softmax.
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
+use half::slice::HalfFloatSliceExt;
+
+/// Floats per widened weight band: small enough to stay in cache between the widening and the
+/// matrix product that reads it.
+const BAND_FLOATS: usize = 1 << 18;
+/// Fewest rows per widened band (narrower products run below the kernels' speed).
+const MIN_BAND_ROWS: usize = 32;
 
 /// The elements of a contiguous f32 CPU storage, if it is one.
 pub(crate) fn f32_elements<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> {
@@ -20,6 +27,59 @@ pub(crate) fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> cand
     match f32_elements(cpu, layout) {
         Some(data) => Ok(f(data)),
         None => candle_core::bail!("expected a contiguous f32 tensor"),
+    }
+}
+
+/// Calls `f(first_row, band)` over the rows of a contiguous CPU weight seen as a row-major
+/// `[rows, cols]` matrix (`rows` = its first dimension), with `band` the f32 values of rows
+/// `first_row..first_row + band.len() / cols`. An f32 weight comes as one band without a copy;
+/// float16, bfloat16 and float8 weights are widened a few rows at a time into one reused buffer
+/// that stays in cache, so a narrow weight is never copied whole to f32.
+pub(crate) fn for_each_f32_band(
+    weight: &Tensor,
+    mut f: impl FnMut(usize, &[f32]),
+) -> candle_core::Result<()> {
+    let rows = weight.dim(0)?;
+    let cols = weight.elem_count() / rows.max(1);
+    let (storage, layout) = weight.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("expected a CPU weight");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("expected a contiguous weight");
+    };
+    let band_rows = (BAND_FLOATS / cols.max(1))
+        .max(MIN_BAND_ROWS)
+        .min(rows.max(1));
+    match cpu {
+        CpuStorage::F32(data) => f(0, &data[start..end]),
+        CpuStorage::BF16(data) => widened_bands(&data[start..end], cols, band_rows, f, |s, d| {
+            s.convert_to_f32_slice(d)
+        }),
+        CpuStorage::F16(data) => widened_bands(&data[start..end], cols, band_rows, f, |s, d| {
+            s.convert_to_f32_slice(d)
+        }),
+        CpuStorage::F8E4M3(data) => widened_bands(&data[start..end], cols, band_rows, f, |s, d| {
+            d.iter_mut().zip(s).for_each(|(d, s)| *d = s.to_f32())
+        }),
+        _ => candle_core::bail!("weights of dtype {:?} are not supported", weight.dtype()),
+    }
+    Ok(())
+}
+
+/// The bands of [`for_each_f32_band`] for a narrow `data`, widened by `widen`.
+fn widened_bands<T>(
+    data: &[T],
+    cols: usize,
+    band_rows: usize,
+    mut f: impl FnMut(usize, &[f32]),
+    widen: impl Fn(&[T], &mut [f32]),
+) {
+    let mut buffer = vec![0f32; band_rows * cols];
+    for (band, narrow) in data.chunks(band_rows * cols).enumerate() {
+        let wide = &mut buffer[..narrow.len()];
+        widen(narrow, wide);
+        f(band * band_rows, wide);
     }
 }
 

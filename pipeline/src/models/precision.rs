@@ -1,6 +1,12 @@
-//! `--mixed_precision`: the dtype a model runs in, parsed once for every tool.
+//! `--mixed_precision`: the dtypes a model is kept and computed in, parsed once for every tool.
+//!
+//! On the CPU, half precision is a storage format: frozen weights are kept in float16 or bfloat16
+//! (half the memory) and widened to float32 one layer at a time inside the kernels, while
+//! activations, gradients and trainable parameters stay float32. candle's CPU backend has no fast
+//! half-precision matrix product (and none at all for bfloat16), so computing in the half dtype
+//! would be many times slower or fail. On CUDA the half dtype is also the compute dtype.
 
-use candle_core::DType;
+use candle_core::{DType, Device};
 
 use crate::{Error, Result};
 
@@ -45,12 +51,52 @@ impl MixedPrecision {
         }
     }
 
-    /// The dtype the model runs in.
+    /// The dtype frozen weights are stored in.
     pub fn dtype(self) -> DType {
         match self {
             MixedPrecision::No => DType::F32,
             MixedPrecision::Fp16 => DType::F16,
             MixedPrecision::Bf16 => DType::BF16,
+        }
+    }
+
+    /// The dtype activations are computed in on `device`: float32 on the CPU, the stored dtype
+    /// on CUDA.
+    pub fn compute_dtype(self, device: &Device) -> DType {
+        if device.is_cpu() {
+            DType::F32
+        } else {
+            self.dtype()
+        }
+    }
+}
+
+/// The dtypes of a frozen model on one device: how its large weights are stored and what its
+/// activations (and small parameters: biases, norms) are computed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelPrecision {
+    /// Linear and convolution weights.
+    pub weights: DType,
+    /// Activations, biases and norm parameters.
+    pub compute: DType,
+}
+
+impl ModelPrecision {
+    /// Float32 throughout.
+    pub const F32: ModelPrecision = ModelPrecision {
+        weights: DType::F32,
+        compute: DType::F32,
+    };
+
+    /// `--mixed_precision` on `device`, with `--fp8_base` storing the weights as float8 e4m3.
+    pub fn new(mixed: MixedPrecision, fp8_base: bool, device: &Device) -> Self {
+        ModelPrecision {
+            weights: if fp8_base {
+                DType::F8E4M3
+            } else {
+                mixed.dtype()
+            },
+            compute: mixed.compute_dtype(device),
         }
     }
 }
@@ -76,5 +122,17 @@ mod tests {
         );
         assert_eq!(MixedPrecision::No.dtype_name(), "fp32");
         assert_eq!(MixedPrecision::Bf16.dtype(), DType::BF16);
+    }
+
+    #[test]
+    fn half_precision_on_the_cpu_stores_half_and_computes_f32() {
+        let cpu = ModelPrecision::new(MixedPrecision::Bf16, false, &Device::Cpu);
+        assert_eq!((cpu.weights, cpu.compute), (DType::BF16, DType::F32));
+        let fp8 = ModelPrecision::new(MixedPrecision::Fp16, true, &Device::Cpu);
+        assert_eq!((fp8.weights, fp8.compute), (DType::F8E4M3, DType::F32));
+        assert_eq!(
+            ModelPrecision::new(MixedPrecision::No, false, &Device::Cpu),
+            ModelPrecision::F32
+        );
     }
 }

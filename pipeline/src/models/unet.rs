@@ -123,6 +123,8 @@ pub fn ldm_name(name: &str) -> String {
 /// Reads named UNet tensors and builds frozen layers from them.
 struct Loader<'a, 'b> {
     vb: &'a VarBuilder<'b>,
+    /// Storage dtype of linear and convolution weights.
+    weights: DType,
 }
 
 impl Loader<'_, '_> {
@@ -142,7 +144,9 @@ impl Loader<'_, '_> {
         kind: FrozenKind,
         bias: bool,
     ) -> Result<AdaptableLayer> {
-        let mut weight = self.tensor(&format!("{path}.weight"))?;
+        let mut weight = self
+            .tensor(&format!("{path}.weight"))?
+            .to_dtype(self.weights)?;
         if let FrozenKind::Conv2d { .. } = kind {
             if weight.rank() == 2 {
                 weight = weight.unsqueeze(2)?.unsqueeze(3)?;
@@ -477,9 +481,11 @@ pub struct Unet {
 }
 
 impl Unet {
-    /// Reads the architecture from tensor shapes and loads the frozen weights (diffusers names).
-    pub fn load(vb: &VarBuilder<'_>) -> Result<Self> {
-        let l = Loader { vb };
+    /// Reads the architecture from tensor shapes and loads the frozen weights (diffusers names):
+    /// linear and convolution weights in `weights`, biases and norms in `vb`'s dtype (the compute
+    /// dtype, see [`crate::models::precision::ModelPrecision`]).
+    pub fn load(vb: &VarBuilder<'_>, weights: DType) -> Result<Self> {
+        let l = Loader { vb, weights };
         let config = detect_config(&l)?;
         let ch = config.block_channels.clone();
         let other = Container::Other;

@@ -237,7 +237,8 @@ impl LoadedRun {
 pub fn load_run(options: &TeCacheOptions) -> Result<LoadedRun> {
     check_options(options)?;
     let device = Device::Cpu;
-    let encoders = load_text_encoders(&options.model, options.mixed_precision.dtype(), &device)?;
+    let dtype = options.mixed_precision.compute_dtype(&device);
+    let encoders = load_text_encoders(&options.model, dtype, &device)?;
     let family = encoders.family;
     if options.require_sdxl && family != ModelFamily::Sdxl {
         return Err(Error::Usage(format!(

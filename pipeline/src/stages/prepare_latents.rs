@@ -203,7 +203,9 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
     );
     if !to_encode.is_empty() {
         keep_freed_memory();
-        let encoder = VaeEncoder::load(&vae_source, options.precision.dtype(), &Device::Cpu)?;
+        let device = Device::Cpu;
+        let dtype = options.precision.compute_dtype(&device);
+        let encoder = VaeEncoder::load(&vae_source, dtype, &device)?;
         let encoded = encode_all(options, &encoder, to_encode, &mut summary);
         summary.done += encoded.len();
         ready.extend(encoded);

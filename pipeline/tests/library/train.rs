@@ -34,7 +34,7 @@ fn base_unet() -> &'static Unet {
         let vb = checkpoint
             .var_builder(Component::Unet, DType::F32, &Device::Cpu, &unet::ldm_name)
             .unwrap();
-        Unet::load(&vb).unwrap()
+        Unet::load(&vb, DType::F32).unwrap()
     })
 }
 

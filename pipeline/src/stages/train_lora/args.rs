@@ -257,9 +257,26 @@ pub struct TrainArgs {
     /// Rescale the schedule to zero terminal SNR.
     #[arg(long)]
     pub zero_terminal_snr: bool,
-    /// Compute precision of the frozen UNet: no (fp32), fp16 or bf16.
+    /// Precision of the frozen UNet: no (fp32), fp16 or bf16. On the CPU, fp16/bf16 store the
+    /// UNet's weights in that dtype (half the memory) and compute in fp32; on CUDA they also
+    /// compute in it. The LoRA stays fp32.
     #[arg(long, default_value = "no")]
     pub mixed_precision: String,
+    /// Needs --mixed_precision fp16. Means the same as --mixed_precision fp16 alone: the LoRA,
+    /// its gradients and the optimizer state stay fp32 here. Recorded as ss_full_fp16.
+    #[arg(long)]
+    pub full_fp16: bool,
+    /// Needs --mixed_precision bf16. Means the same as --mixed_precision bf16 alone: the LoRA,
+    /// its gradients and the optimizer state stay fp32 here.
+    #[arg(long)]
+    pub full_bf16: bool,
+    /// Store the frozen UNet's weights as float8 (e4m3), a quarter of fp32's memory, widened
+    /// layer by layer when used. Needs --mixed_precision fp16 or bf16.
+    #[arg(long)]
+    pub fp8_base: bool,
+    /// The same as --fp8_base here (text encoders are not loaded: their outputs are cached).
+    #[arg(long)]
+    pub fp8_base_unet: bool,
     /// Compute device: cpu, or cuda (needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,

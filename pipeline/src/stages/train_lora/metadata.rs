@@ -222,7 +222,7 @@ pub fn base_metadata(
         .map_or("None".into(), |p| p.to_string());
     put(&mut m, "ss_network_dropout", dropout);
     put(&mut m, "ss_mixed_precision", args.mixed_precision.clone());
-    put(&mut m, "ss_full_fp16", "False".into());
+    put(&mut m, "ss_full_fp16", py_bool(args.full_fp16));
     put(&mut m, "ss_clip_skip", "None".into());
     put(&mut m, "ss_max_token_length", "None".into());
     put(&mut m, "ss_cache_latents", "True".into());
@@ -300,8 +300,8 @@ pub fn base_metadata(
     put(&mut m, "ss_huber_schedule", args.huber_schedule.clone());
     put(&mut m, "ss_huber_scale", float_repr(args.huber_scale));
     put(&mut m, "ss_huber_c", float_repr(args.huber_c));
-    put(&mut m, "ss_fp8_base", "False".into());
-    put(&mut m, "ss_fp8_base_unet", "False".into());
+    put(&mut m, "ss_fp8_base", py_bool(args.fp8_base));
+    put(&mut m, "ss_fp8_base_unet", py_bool(args.fp8_base_unet));
     let py_opt_int = |v: Option<usize>| v.map_or("None".into(), |v| v.to_string());
     put(
         &mut m,

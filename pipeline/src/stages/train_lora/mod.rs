@@ -25,6 +25,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::formats::manifest::Manifest;
 use crate::formats::schema::LORA_V1;
 use crate::infra::report::{Progress, Summary, Throughput};
+use crate::models::precision::{MixedPrecision, ModelPrecision};
 use crate::models::unet::{self, Unet};
 use crate::models::{Checkpoint, Component, ModelFamily};
 use crate::networks::lora::LoraNetwork;
@@ -237,7 +238,7 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         })?,
         other => return Err(Error::Usage(format!("--device {other}: use cpu or cuda"))),
     };
-    let dtype = crate::models::precision::MixedPrecision::parse(&args.mixed_precision)?.dtype();
+    let precision = model_precision(args, &device)?;
     let save_dtype = match args.save_precision.as_deref() {
         None => None,
         Some("float") => Some(DType::F32),
@@ -280,7 +281,7 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
     let (dataset, held_out) =
         dataset.split_validation(args.validation_split, args.validation_seed.unwrap_or(seed))?;
     let checkpoint = Checkpoint::open(&args.pretrained_model_name_or_path)?;
-    let mut unet = load_unet(args, &checkpoint, dtype, &device)?;
+    let mut unet = load_unet(args, &checkpoint, precision, &device)?;
     if dataset.context_dim != unet.config.context_dim {
         return Err(Error::bad_file(&args.in_json, format!(
             "text-encoder caches have width {} but the UNet expects {}; re-run cache-text-encoder with this checkpoint",
@@ -343,7 +344,7 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
     )?;
     Ok(Some(Setup {
         device,
-        dtype,
+        dtype: precision.compute,
         save_dtype,
         dataset,
         held_out,
@@ -359,11 +360,35 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
     }))
 }
 
+/// How the frozen UNet is stored and computed: `--mixed_precision`, `--full_fp16`/`--full_bf16`
+/// (checked against it, as sd-scripts does) and `--fp8_base`.
+fn model_precision(args: &TrainArgs, device: &Device) -> Result<ModelPrecision> {
+    let mixed = MixedPrecision::parse(&args.mixed_precision)?;
+    for (flag, set, needs) in [
+        ("--full_fp16", args.full_fp16, MixedPrecision::Fp16),
+        ("--full_bf16", args.full_bf16, MixedPrecision::Bf16),
+    ] {
+        if set && mixed != needs {
+            return Err(Error::Usage(format!(
+                "{flag} requires --mixed_precision {}",
+                needs.name()
+            )));
+        }
+    }
+    let fp8 = args.fp8_base || args.fp8_base_unet;
+    if fp8 && mixed == MixedPrecision::No {
+        return Err(Error::Usage(
+            "--fp8_base requires --mixed_precision fp16 or bf16".into(),
+        ));
+    }
+    Ok(ModelPrecision::new(mixed, fp8, device))
+}
+
 /// The frozen UNet of an SD1.x/SD2.x checkpoint, checked against `--v2`.
 fn load_unet(
     args: &TrainArgs,
     checkpoint: &Checkpoint,
-    dtype: DType,
+    precision: ModelPrecision,
     device: &Device,
 ) -> Result<Unet> {
     if checkpoint.family() == ModelFamily::Sdxl {
@@ -372,8 +397,8 @@ fn load_unet(
             args.pretrained_model_name_or_path.display()
         )));
     }
-    let vb = checkpoint.var_builder(Component::Unet, dtype, device, &unet::ldm_name)?;
-    let unet = Unet::load(&vb).map_err(|e| {
+    let vb = checkpoint.var_builder(Component::Unet, precision.compute, device, &unet::ldm_name)?;
+    let unet = Unet::load(&vb, precision.weights).map_err(|e| {
         Error::bad_file(
             &args.pretrained_model_name_or_path,
             format!("not an SD1.x/SD2.x checkpoint with a UNet: {e}"),
