@@ -38,7 +38,8 @@ pub struct CacheTextEncoderArgs {
     /// Captions per encoder call.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// Encoder precision: no, fp16 (outputs stored as float16) or bf16 (outputs float32).
+    /// no, fp16 or bf16: the encoder runs on the CPU in float32; fp16 stores the outputs as
+    /// float16 (as sd-scripts), bf16 as float32.
     #[arg(long, default_value = "no")]
     pub mixed_precision: String,
     /// Refuse models that are not SDXL (the family is detected from the weights anyway).
@@ -113,19 +114,10 @@ impl CacheTextEncoderArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Command {
-        #[command(flatten)]
-        tool: CacheTextEncoderArgs,
-    }
+    use crate::infra::test_support::parse_flags;
 
     fn parse(flags: &[&str]) -> CacheTextEncoderArgs {
-        let argv = ["cache-text-encoder", "in.json", "model"]
-            .iter()
-            .chain(flags);
-        Command::try_parse_from(argv).unwrap().tool
+        parse_flags(&["cache-text-encoder", "in.json", "model"], flags)
     }
 
     #[test]

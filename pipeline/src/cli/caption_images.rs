@@ -110,23 +110,15 @@ impl CaptionImagesArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Command {
-        #[command(flatten)]
-        tool: CaptionImagesArgs,
-    }
+    use crate::infra::test_support::parse_flags;
 
     fn options(flags: &[&str]) -> CaptionOptions {
-        let argv = ["caption-images", "data", "--caption_weights", "blip"]
-            .iter()
-            .chain(flags);
-        Command::try_parse_from(argv)
-            .unwrap()
-            .tool
-            .options(false)
-            .unwrap()
+        parse_flags::<CaptionImagesArgs>(
+            &["caption-images", "data", "--caption_weights", "blip"],
+            flags,
+        )
+        .options(false)
+        .unwrap()
     }
 
     #[test]

@@ -152,19 +152,10 @@ impl LintDatasetArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Command {
-        #[command(flatten)]
-        tool: LintDatasetArgs,
-    }
+    use crate::infra::test_support::parse_flags;
 
     fn options(flags: &[&str]) -> LintOptions {
-        let argv = ["lint-dataset", "data"].iter().chain(flags);
-        Command::try_parse_from(argv)
-            .unwrap()
-            .tool
+        parse_flags::<LintDatasetArgs>(&["lint-dataset", "data"], flags)
             .options(false)
             .unwrap()
     }

@@ -36,10 +36,11 @@ pub struct PrepareLatentsArgs {
     pub max_resolution: String,
     #[command(flatten)]
     pub buckets: BucketArgs,
-    /// VAE precision: no, fp16 or bf16.
+    /// no, fp16 or bf16: accepted for sd-scripts command lines; the VAE runs on the CPU and
+    /// computes in float32 whatever the value.
     #[arg(long, default_value = "no")]
     pub mixed_precision: String,
-    /// Run the VAE in float32 whatever --mixed_precision says.
+    /// Accepted for sd-scripts command lines: the VAE always computes in float32 here.
     #[arg(long)]
     pub no_half_vae: bool,
     /// Metadata keys are full image paths.
@@ -115,24 +116,16 @@ impl PrepareLatentsArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::infra::test_support::parse_flags;
     use crate::models::precision::MixedPrecision;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Command {
-        #[command(flatten)]
-        tool: PrepareLatentsArgs,
-    }
 
     fn options(flags: &[&str]) -> LatentOptions {
-        let argv = ["prepare-latents", "data", "in.json", "out.json", "model"]
-            .iter()
-            .chain(flags);
-        Command::try_parse_from(argv)
-            .unwrap()
-            .tool
-            .options(true)
-            .unwrap()
+        parse_flags::<PrepareLatentsArgs>(
+            &["prepare-latents", "data", "in.json", "out.json", "model"],
+            flags,
+        )
+        .options(true)
+        .unwrap()
     }
 
     #[test]

@@ -218,20 +218,11 @@ impl TagImagesArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::infra::test_support::parse_flags;
     use crate::stages::tag_images::labels::Placement;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Command {
-        #[command(flatten)]
-        tool: TagImagesArgs,
-    }
 
     fn options(flags: &[&str]) -> TagOptions {
-        let argv = ["tag-images", "data"].iter().chain(flags);
-        Command::try_parse_from(argv)
-            .unwrap()
-            .tool
+        parse_flags::<TagImagesArgs>(&["tag-images", "data"], flags)
             .options(false)
             .unwrap()
     }

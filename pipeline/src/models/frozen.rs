@@ -312,7 +312,7 @@ impl CustomOp1 for FrozenOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::infra::test_support::relative_difference;
+    use crate::infra::test_support::{relative_difference, weighted_sum_gradient};
     use candle_core::{Device, Var};
 
     #[test]
@@ -344,20 +344,14 @@ mod tests {
 
             // A loss that weights every output differently, so each position's gradient counts.
             let weights = Tensor::randn(0f32, 1.0, reference.shape(), &device).unwrap();
-            let grads = (ours * &weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let ours_grad = grads.get(input.as_tensor()).unwrap();
+            let ours_grad = weighted_sum_gradient(&ours, &weights, &input);
             let out_h = reference.dim(2).unwrap();
             let output_padding = h - ((out_h - 1) * stride + k - 2 * padding);
             let reference_grad = weights
                 .conv_transpose2d(&weight, padding, output_padding, stride, 1)
                 .unwrap();
             assert_eq!(ours_grad.dims(), x.dims(), "{case}");
-            let difference = relative_difference(ours_grad, &reference_grad);
+            let difference = relative_difference(&ours_grad, &reference_grad);
             assert!(
                 difference < 1e-5,
                 "{case}: input gradient off by {difference}"
@@ -391,8 +385,9 @@ mod tests {
     #[test]
     fn narrow_weights_are_widened_inside_the_op() {
         // A weight stored as f16, bf16 or f8 gives what the same rounded values give as f32
-        // (activations stay f32), and lands within the dtype's rounding of the f32 weight. The
-        // last two layers are wide enough to be widened in several bands.
+        // (activations stay f32) up to summation order (banded products against candle's one
+        // matrix product), and lands within the dtype's rounding of the f32 weight. The last two
+        // layers are wide enough to be widened in several bands.
         let device = Device::Cpu;
         let cases = [
             (
@@ -451,20 +446,14 @@ mod tests {
                     .forward(reference_input.as_tensor())
                     .unwrap();
                 assert_eq!(y.dtype(), DType::F32, "{case}");
-                assert!(relative_difference(&y, &reference) < 1e-6, "{case}");
+                let y_off = relative_difference(&y, &reference);
+                assert!(y_off < 1e-5, "{case}: output {y_off}");
                 let loss_weights = Tensor::randn(0f32, 1.0, y.shape(), &device).unwrap();
-                let grad_of = |y: &Tensor, input: &Var| {
-                    let grads = (y * &loss_weights)
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .backward()
-                        .unwrap();
-                    grads.get(input.as_tensor()).unwrap().clone()
-                };
-                let grad = grad_of(&y, &input);
-                let reference_grad = grad_of(&reference, &reference_input);
-                assert!(relative_difference(&grad, &reference_grad) < 1e-6, "{case}");
+                let grad = weighted_sum_gradient(&y, &loss_weights, &input);
+                let reference_grad =
+                    weighted_sum_gradient(&reference, &loss_weights, &reference_input);
+                let grad_off = relative_difference(&grad, &reference_grad);
+                assert!(grad_off < 1e-5, "{case}: gradient {grad_off}");
                 let off = relative_difference(&y, &exact);
                 assert!(
                     off > 0.0 && off < rounding,

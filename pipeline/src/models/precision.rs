@@ -82,12 +82,6 @@ pub struct ModelPrecision {
 }
 
 impl ModelPrecision {
-    /// Float32 throughout.
-    pub const F32: ModelPrecision = ModelPrecision {
-        weights: DType::F32,
-        compute: DType::F32,
-    };
-
     /// `--mixed_precision` on `device`, with `--fp8_base` storing the weights as float8 e4m3.
     pub fn new(mixed: MixedPrecision, fp8_base: bool, device: &Device) -> Self {
         ModelPrecision {
@@ -130,9 +124,7 @@ mod tests {
         assert_eq!((cpu.weights, cpu.compute), (DType::BF16, DType::F32));
         let fp8 = ModelPrecision::new(MixedPrecision::Fp16, true, &Device::Cpu);
         assert_eq!((fp8.weights, fp8.compute), (DType::F8E4M3, DType::F32));
-        assert_eq!(
-            ModelPrecision::new(MixedPrecision::No, false, &Device::Cpu),
-            ModelPrecision::F32
-        );
+        let fp32 = ModelPrecision::new(MixedPrecision::No, false, &Device::Cpu);
+        assert_eq!((fp32.weights, fp32.compute), (DType::F32, DType::F32));
     }
 }
