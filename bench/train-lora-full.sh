@@ -2,7 +2,8 @@
 # Benchmark of train-lora on a full-size SD1.5 UNet architecture with random weights (the tiny
 # fixture UNet with every width scaled x10: 320/640/1280 channels, 768-wide text context,
 # 860M parameters, 3.4 GB of float32), at 256 px (32x32 latents), batch 1, LoRA rank 8 on the
-# default kohya modules (attention projections, feed-forward, proj_in/proj_out), AdamW, fp32.
+# default kohya modules (attention projections, feed-forward, proj_in/proj_out), AdamW, in the
+# precision MIXED_PRECISION (no: fp32; fp16/bf16 store the frozen UNet in that dtype).
 # Runs 1 and 1 + STEPS training steps; the difference gives seconds per step without start-up.
 # Prints: run, steps, wall s, CPU s (user+sys), peak RSS.
 #
@@ -79,7 +80,7 @@ run() {
     --in_json "$WORK/data/meta_lat.json" --train_data_dir "$WORK/data" \
     --output_dir "$WORK/out" --output_name full --network_dim 8 --network_alpha 8 \
     --optimizer_type AdamW --learning_rate 1e-4 --max_train_steps "$steps" --train_batch_size 1 \
-    --seed 1 --mixed_precision no --save_precision float -q
+    --seed 1 --mixed_precision "${MIXED_PRECISION:-no}" --save_precision float -q
   if grep -q "terminated" "$WORK/time.txt"; then
     echo "train-lora was killed (out of memory?): $(cat "$WORK/time.txt")" >&2
     exit 1

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark of train-lora on the tiny fixture checkpoint with the settings of
-# tests/fixtures/golden/loss.json (20 steps, batch 2, rank 4, AdamW 1e-4, fp32, 1 thread),
-# on caches built from the golden latents (4 images, 256-px buckets) and golden text states.
+# tests/fixtures/golden/loss.json (20 steps, batch 2, rank 4, AdamW 1e-4, 1 thread), in the
+# precision MIXED_PRECISION (no: fp32), on caches built from the golden latents (4 images,
+# 256-px buckets) and golden text states.
 # Prints wall time, s/step and peak RSS. Usage: bench/train-lora.sh [extra train-lora flags]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,7 +28,7 @@ export RAYON_NUM_THREADS=${RAYON_NUM_THREADS:-1}
   --pretrained_model_name_or_path "$root/tests/fixtures/sd15-tiny/model.safetensors" \
   --in_json "$work/meta_lat.json" --train_data_dir "$work" --output_dir "$work/out" --output_name bench \
   --network_dim 4 --network_alpha 1 --optimizer_type AdamW --learning_rate 1e-4 --lr_scheduler constant \
-  --max_train_steps 20 --train_batch_size 2 --seed 42 --mixed_precision no --save_precision float "$@" \
+  --max_train_steps 20 --train_batch_size 2 --seed 42 --mixed_precision "${MIXED_PRECISION:-no}" --save_precision float "$@" \
   2> "$work/time.txt"
 grep -E "Elapsed|Maximum resident" "$work/time.txt"
 python3 - "$work/out/bench_loss.jsonl" <<'PY'

@@ -166,13 +166,17 @@ fn a_checkpoint_without_a_unet_is_rejected() {
     );
 }
 
-/// What [`train_with`] returns: the LoRA file's tensor data (everything after the header), its
-/// metadata and its module names.
-type Trained = (
-    Vec<u8>,
-    std::collections::BTreeMap<String, String>,
-    Vec<String>,
-);
+/// What a short training run left behind.
+struct Trained {
+    /// The LoRA file's tensor bytes (everything after the header).
+    weights: Vec<u8>,
+    metadata: std::collections::BTreeMap<String, String>,
+    module_names: Vec<String>,
+    /// The dtype of each saved tensor.
+    dtypes: Vec<String>,
+    /// The loss of each step, from `<name>_loss.jsonl`.
+    losses: Vec<f64>,
+}
 
 /// Trains 2 steps (learning rate high enough for dropout to show in the weights).
 fn train_with(extra: &[&str]) -> Trained {
@@ -207,70 +211,136 @@ fn train_with(extra: &[&str]) -> Trained {
     run_expect("train-lora", &args, 0);
     let path = out.path().join("drop.safetensors");
     let file = LoraFile::read(&path).unwrap();
-    let names = file.module_names().cloned().collect();
+    let module_names = file.module_names().cloned().collect();
     let bytes = std::fs::read(path).unwrap();
     let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    (
-        bytes[8 + header_len..].to_vec(),
-        file.metadata.into_iter().collect(),
-        names,
-    )
+    let log = std::fs::read_to_string(out.path().join("drop_loss.jsonl")).unwrap();
+    let losses = log
+        .lines()
+        .map(|line| {
+            let row: serde_json::Value = serde_json::from_str(line).unwrap();
+            row["loss"].as_f64().unwrap()
+        })
+        .collect();
+    Trained {
+        weights: bytes[8 + header_len..].to_vec(),
+        metadata: file.metadata.into_iter().collect(),
+        module_names,
+        dtypes: safetensors_dtypes(&bytes),
+        losses,
+    }
 }
 
 #[test]
 fn network_dropout_is_seeded_and_recorded() {
-    let (plain, plain_meta, _) = train_with(&[]);
-    let (dropped, meta, _) = train_with(&["--network_dropout", "0.5"]);
-    let (again, _, _) = train_with(&["--network_dropout", "0.5"]);
-    assert_eq!(plain_meta["ss_network_dropout"], "None");
-    assert_eq!(meta["ss_network_dropout"], "0.5");
+    let plain = train_with(&[]);
+    let dropped = train_with(&["--network_dropout", "0.5"]);
+    let again = train_with(&["--network_dropout", "0.5"]);
+    assert_eq!(plain.metadata["ss_network_dropout"], "None");
+    assert_eq!(dropped.metadata["ss_network_dropout"], "0.5");
     assert!(
-        dropped == again,
+        dropped.weights == again.weights,
         "the same seed draws the same dropout masks"
     );
-    assert!(dropped != plain, "dropout changes what is learned");
+    assert!(
+        dropped.weights != plain.weights,
+        "dropout changes what is learned"
+    );
 }
 
 #[test]
 fn rank_and_module_dropout_are_seeded_and_recorded() {
     let dropout = ["--network_args", "rank_dropout=0.3", "module_dropout=0.2"];
-    let (plain, _, _) = train_with(&[]);
-    let (dropped, meta, _) = train_with(&dropout);
-    let (again, _, _) = train_with(&dropout);
-    let args: serde_json::Value = serde_json::from_str(&meta["ss_network_args"]).unwrap();
+    let plain = train_with(&[]);
+    let dropped = train_with(&dropout);
+    let again = train_with(&dropout);
+    let args: serde_json::Value =
+        serde_json::from_str(&dropped.metadata["ss_network_args"]).unwrap();
     assert_eq!(
         args,
         serde_json::json!({"rank_dropout": "0.3", "module_dropout": "0.2", "dropout": null})
     );
-    assert!(dropped == again, "the same seed draws the same masks");
     assert!(
-        dropped != plain,
+        dropped.weights == again.weights,
+        "the same seed draws the same masks"
+    );
+    assert!(
+        dropped.weights != plain.weights,
         "rank and module dropout change what is learned"
     );
 }
 
 #[test]
 fn block_lr_weights_drop_blocks_and_loraplus_changes_training() {
-    let (plain, _, plain_names) = train_with(&[]);
+    let plain = train_with(&[]);
+    let in_up_block = |n: &String| n.starts_with("lora_unet_up_blocks_");
+    assert!(plain.module_names.iter().any(in_up_block));
     // Up-block weights 0 (below the threshold): no module in any up block.
-    let (_, meta, names) = train_with(&[
+    let blocked = train_with(&[
         "--network_args",
         "up_lr_weight=zeros+0.05",
         "block_lr_zero_threshold=0.1",
     ]);
-    assert!(plain_names
-        .iter()
-        .any(|n| n.starts_with("lora_unet_up_blocks_")));
-    assert!(!names.iter().any(|n| n.starts_with("lora_unet_up_blocks_")));
+    assert!(!blocked.module_names.iter().any(in_up_block));
     assert_eq!(
-        names.len(),
-        plain_names
+        blocked.module_names.len(),
+        plain
+            .module_names
             .iter()
-            .filter(|n| !n.starts_with("lora_unet_up_blocks_"))
+            .filter(|n| !in_up_block(n))
             .count()
     );
-    assert!(meta["ss_network_args"].contains("up_lr_weight"));
-    let (plus, _, plus_names) = train_with(&["--network_args", "loraplus_lr_ratio=16"]);
-    assert_eq!(plus_names, plain_names);
-    assert!(plus != plain, "LoRA+ changes the learning rate of lora_up");
+    assert!(blocked.metadata["ss_network_args"].contains("up_lr_weight"));
+    let plus = train_with(&["--network_args", "loraplus_lr_ratio=16"]);
+    assert_eq!(plus.module_names, plain.module_names);
+    assert!(
+        plus.weights != plain.weights,
+        "LoRA+ changes the learning rate of lora_up"
+    );
+}
+
+#[test]
+fn every_precision_trains_saves_and_is_recorded() {
+    // The frozen UNet weights are stored in the given precision; the losses stay within that
+    // precision's rounding of the float32 run, and the flags land in the ss_* metadata.
+    let float32 = train_with(&["--mixed_precision", "no"]);
+    assert_eq!(float32.metadata["ss_mixed_precision"], "no");
+    let runs: [(&[&str], f64); 5] = [
+        (&["--mixed_precision", "fp16"], 1e-2),
+        (&["--mixed_precision", "bf16"], 1e-2),
+        (&["--mixed_precision", "bf16", "--full_bf16"], 1e-2),
+        (&["--mixed_precision", "fp16", "--full_fp16"], 1e-2),
+        (&["--mixed_precision", "fp16", "--fp8_base"], 5e-2),
+    ];
+    for (flags, tolerance) in runs {
+        let run = train_with(flags);
+        let meta = &run.metadata;
+        assert_eq!(meta["ss_mixed_precision"], flags[1], "{flags:?}");
+        for (flag, key) in [
+            ("--full_fp16", "ss_full_fp16"),
+            ("--fp8_base", "ss_fp8_base"),
+        ] {
+            let given = if flags.contains(&flag) {
+                "True"
+            } else {
+                "False"
+            };
+            assert_eq!(meta[key], given, "{flags:?} {key}");
+        }
+        assert_eq!(run.module_names, float32.module_names, "{flags:?}");
+        // Without --save_precision the LoRA is saved as it trained, as sd-scripts saves it.
+        let saved = match flags.get(2) {
+            Some(&"--full_fp16") => "F16",
+            Some(&"--full_bf16") => "BF16",
+            _ => "F32",
+        };
+        // (The integer default alpha is an I64 tensor, as sd-scripts stores it.)
+        let mut weights = run.dtypes.iter().filter(|d| *d != "I64");
+        assert!(weights.all(|d| d == saved), "{flags:?}: {saved}");
+        assert_eq!(run.losses.len(), float32.losses.len(), "{flags:?}");
+        for (loss, reference) in run.losses.iter().zip(&float32.losses) {
+            let off = (loss - reference).abs() / reference.abs();
+            assert!(off < tolerance, "{flags:?}: loss {loss} vs {reference}");
+        }
+    }
 }

@@ -263,11 +263,13 @@ pub struct TrainArgs {
     #[arg(long, default_value = "no")]
     pub mixed_precision: String,
     /// Needs --mixed_precision fp16. Means the same as --mixed_precision fp16 alone: the LoRA,
-    /// its gradients and the optimizer state stay fp32 here. Recorded as ss_full_fp16.
+    /// its gradients and the optimizer state stay fp32 here; without --save_precision the LoRA is
+    /// saved as fp16, as sd-scripts saves it. Recorded as ss_full_fp16.
     #[arg(long)]
     pub full_fp16: bool,
     /// Needs --mixed_precision bf16. Means the same as --mixed_precision bf16 alone: the LoRA,
-    /// its gradients and the optimizer state stay fp32 here.
+    /// its gradients and the optimizer state stay fp32 here; without --save_precision the LoRA is
+    /// saved as bf16, as sd-scripts saves it.
     #[arg(long)]
     pub full_bf16: bool,
     /// Store the frozen UNet's weights as float8 (e4m3), a quarter of fp32's memory, widened

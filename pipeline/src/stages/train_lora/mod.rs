@@ -239,7 +239,11 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         other => return Err(Error::Usage(format!("--device {other}: use cpu or cuda"))),
     };
     let precision = model_precision(args, &device)?;
+    // Without --save_precision sd-scripts saves the network as it is in memory: the training
+    // dtype under --full_fp16/--full_bf16 (here the LoRA trains in fp32 and is cast on saving).
     let save_dtype = match args.save_precision.as_deref() {
+        None if args.full_fp16 => Some(DType::F16),
+        None if args.full_bf16 => Some(DType::BF16),
         None => None,
         Some("float") => Some(DType::F32),
         Some("fp16") => Some(DType::F16),
