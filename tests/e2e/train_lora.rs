@@ -141,6 +141,57 @@ fn usage_errors_exit_2_and_help_says_unet_only() {
 }
 
 #[test]
+fn hostile_arguments_are_refused_before_any_work() {
+    // Each would have trained for nothing, written outside --output_dir, or replaced a good
+    // LoRA with a useless one: refused with exit 2, naming the flag, and nothing is written.
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let parent = tempfile::tempdir().unwrap();
+    let out = parent.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let good = out.join("keep.safetensors");
+    std::fs::write(&good, b"a LoRA the user keeps").unwrap();
+    let cases: [(&[&str], &str); 9] = [
+        (&["--max_train_steps", "0"], "--max_train_steps"),
+        (&["--max_train_epochs", "0"], "--max_train_epochs"),
+        (&["--network_dim", "0"], "--network_dim"),
+        (&["--learning_rate=-1e-4"], "--learning_rate"),
+        (&["--unet_lr", "NaN"], "--unet_lr"),
+        (&["--network_alpha=-1"], "--network_alpha"),
+        (&["--output_name", "../escaped"], "--output_name"),
+        (&["--output_name", ""], "--output_name"),
+        (&["--output_name", "a/b"], "--output_name"),
+    ];
+    for (flags, named) in cases {
+        let mut args: Vec<std::ffi::OsString> = args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            &out,
+            "--output_name",
+            "keep",
+            "--quiet"
+        ]
+        .iter()
+        .map(|a| a.to_os_string())
+        .collect();
+        args.extend(flags.iter().map(std::ffi::OsString::from));
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let stderr = run_expect("train-lora", &args, 2);
+        assert!(stderr.contains(named), "{flags:?}: {stderr}");
+        assert_eq!(std::fs::read(&good).unwrap(), b"a LoRA the user keeps");
+        let written: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+        assert_eq!(written.len(), 1, "{flags:?} wrote into --output_dir");
+        let beside: Vec<_> = std::fs::read_dir(parent.path()).unwrap().collect();
+        assert_eq!(beside.len(), 1, "{flags:?} wrote beside --output_dir");
+    }
+}
+
+#[test]
 fn a_checkpoint_without_a_unet_is_rejected() {
     let data = tempfile::tempdir().unwrap();
     make_training_caches(data.path());

@@ -831,6 +831,43 @@ fn check_args(args: &TrainArgs) -> Result<()> {
             "--train_batch_size and --gradient_accumulation_steps must be at least 1".into(),
         ));
     }
+    let steps = args.max_train_epochs.unwrap_or(args.max_train_steps);
+    if steps == 0 {
+        return Err(Error::Usage(
+            "--max_train_steps/--max_train_epochs 0 trains nothing (an existing LoRA is kept): \
+             give at least 1"
+                .into(),
+        ));
+    }
+    if args.network_dim == Some(0) {
+        return Err(Error::Usage(
+            "--network_dim 0 gives a LoRA without modules: give a rank of at least 1".into(),
+        ));
+    }
+    for (flag, value) in [
+        ("--learning_rate", Some(args.learning_rate)),
+        ("--unet_lr", args.unet_lr),
+        ("--network_alpha", args.network_alpha.map(f64::from)),
+    ] {
+        if let Some(value) = value.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+            return Err(Error::Usage(format!(
+                "{flag} {value}: must be a finite number of at least 0"
+            )));
+        }
+    }
+    if let Some(name) = &args.output_name {
+        let plain = !name.is_empty()
+            && name != "."
+            && name != ".."
+            && !name.contains(['/', '\\'])
+            && !name.starts_with('.');
+        if !plain {
+            return Err(Error::Usage(format!(
+                "--output_name {name:?}: give a plain file name (no folder, not hidden); \
+                 choose the folder with --output_dir"
+            )));
+        }
+    }
     if args.adaptive_noise_scale.is_some() && args.noise_offset.is_none() {
         return Err(Error::Usage(
             "--adaptive_noise_scale requires --noise_offset".into(),
