@@ -238,3 +238,52 @@ fn usage_errors() {
         "again"
     );
 }
+
+#[cfg(unix)]
+#[test]
+fn a_pipe_in_place_of_a_sidecar_is_a_per_file_error_not_a_hang() {
+    // Reading a FIFO blocks until something writes to it; the merge tools must not open it.
+    let root = tempfile::tempdir().unwrap();
+    let data = dataset(root.path());
+    for (tool, extension) in [("merge-captions", ".caption"), ("merge-tags", ".txt")] {
+        let pipe = data.join(format!("chelsea{extension}"));
+        std::fs::remove_file(&pipe).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&pipe)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let out = root.path().join(format!("{tool}.json"));
+        let mut child = std::process::Command::new(common::tool(tool))
+            .args([data.as_os_str(), out.as_os_str()])
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > std::time::Duration::from_secs(60) {
+                child.kill().unwrap();
+                panic!("{tool} hung on the pipe {}", pipe.display());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(3), "{tool}: {stderr}");
+        assert!(
+            stderr.contains(&format!("chelsea{extension}")) && stderr.contains("regular file"),
+            "{tool}: {stderr}"
+        );
+        let merged = json(&out);
+        assert_eq!(
+            merged.as_object().unwrap().len(),
+            11,
+            "{tool}: the other files merged"
+        );
+        std::fs::remove_file(&pipe).unwrap();
+    }
+}

@@ -40,6 +40,14 @@ pub fn not_a_file(path: &Path) -> Error {
     )
 }
 
+/// The error for a caption or tag path that holds a folder, pipe or device instead of a file.
+pub fn not_a_regular_sidecar(path: &Path) -> Error {
+    Error::bad_file(
+        path,
+        "is not a regular file (a folder, pipe or device); remove or rename it",
+    )
+}
+
 /// Lists the images of `train_data_dir` (and its subfolders with `recursive`), sorted by path.
 ///
 /// Paths start with `train_data_dir` exactly as given, so metadata keys made from them match
@@ -110,6 +118,11 @@ pub fn sidecar_path(image: &Path, extension: &str) -> PathBuf {
 ///
 /// A missing, unreadable or non-UTF-8 file is an error naming the file.
 pub fn read_text(path: &Path) -> Result<String> {
+    // Reading a FIFO would block until something writes to it: only regular files are read.
+    let metadata = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !metadata.is_file() {
+        return Err(not_a_regular_sidecar(path));
+    }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let body = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
     let text = std::str::from_utf8(body).map_err(|e| {

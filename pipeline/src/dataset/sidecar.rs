@@ -75,10 +75,7 @@ pub fn inspect(path: &Path, recorded: Option<&str>) -> Result<Existing> {
         Err(error) => return Err(Error::io(path, error)),
     };
     if !metadata.is_file() {
-        return Err(Error::bad_file(
-            path,
-            "is not a regular file (a folder, pipe or device); remove or rename it",
-        ));
+        return Err(super::not_a_regular_sidecar(path));
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let owner = match recorded {
