@@ -3,6 +3,7 @@
 # tests/fixtures/golden/loss.json (20 steps, batch 2, rank 4, AdamW 1e-4, fp32, 1 thread),
 # on caches built from the golden latents (4 images, 256-px buckets) and golden text states.
 # Prints wall time, s/step and peak RSS. Usage: bench/train-lora.sh [extra train-lora flags]
+# C3Lier (3x3 conv modules too), as in bench/all.sh: bench/train-lora.sh --network_args conv_dim=2 conv_alpha=0.5
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}

@@ -7,7 +7,7 @@
 //! work of a VAE) use the Winograd transform of [`super::winograd`] instead, with 4x fewer
 //! multiplications. Non-f32 inputs use candle's own convolution.
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Module, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::kernels::{for_each_f32_band, gemm_into, with_f32_slice, Operand, Threads};
@@ -106,7 +106,7 @@ impl Conv2d {
         &self,
         input: &[f32],
         sizes: (usize, usize, usize, usize),
-    ) -> candle_core::Result<(Vec<f32>, (usize, usize, usize, usize))> {
+    ) -> candle_core::Result<(Vec<f32>, Shape)> {
         let (batch, channels, height, width) = sizes;
         let (out_h, out_w) = self.output_size(height, width)?;
         let expected = self.weight.dim(1)?;
@@ -116,7 +116,7 @@ impl Conv2d {
         let out_channels = self.out_channels();
         let rows = channels * self.kernel * self.kernel;
         let (plane_in, plane_out) = (height * width, out_h * out_w);
-        let shape = (batch, out_channels, out_h, out_w);
+        let shape = Shape::from((batch, out_channels, out_h, out_w));
         let mut output = vec![0f32; batch * out_channels * plane_out];
         let matrix = match &self.method {
             Method::Winograd(winograd) => {

@@ -63,7 +63,7 @@ impl CustomOp2 for TrainableConv {
         let weight = tensor_from_storage(Storage::Cpu(weight.clone()), weight_layout)?;
         let sizes = input_layout.shape().dims4()?;
         let (output, shape) = self.layer(&weight)?.forward_elements(elements, sizes)?;
-        Ok((CpuStorage::F32(output), shape.into()))
+        Ok((CpuStorage::F32(output), shape))
     }
 
     fn bwd(
