@@ -71,10 +71,16 @@ stage prepare-latents '/images/ { m = $1 == "tiny" ? "tiny VAE, 256² buckets, b
 stage cache-text-encoder '/captions/ { m = $1 == "tiny" ? "tiny CLIP" : "CLIP ViT-L/14 shape, random weights"
   printf "%s, batch %d|%d|%.2f|%.1f|%s\n", m, $3, $4, $6, $8, $10 " MiB" }' \
   env BATCHES="1 32" bench/cache-text-encoder.sh "$N_TE" "$N_TE_FULL" "$WORK/te"
-stage train-lora '/Elapsed/ { n = split($NF, t, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + t[i] }
+# train_lora NETWORK FLAGS...: the tiny train-lora row for network NETWORK, with extra flags.
+train_lora() {
+  local network=$1; shift
+  stage train-lora '/Elapsed/ { n = split($NF, t, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + t[i] }
   /Maximum resident/ { r = $NF }
-  END { if (s > 0) printf "tiny SD1.5-topology UNet, batch 2, rank 4, 1 thread (steps)|20|%.2f|%.2f|%.0f MiB\n", s, 20 / s, r / 1024 }' \
-  bench/train-lora.sh
+  END { if (s > 0) printf "tiny SD1.5-topology UNet, batch 2, '"$network"', 1 thread (steps)|20|%.2f|%.2f|%.0f MiB\n", s, 20 / s, r / 1024 }' \
+    bench/train-lora.sh "$@"
+}
+train_lora "rank 4"
+train_lora "rank 4 + 3x3 conv rank 2 (C3Lier)" --network_args conv_dim=2 conv_alpha=0.5
 
 # metadata rows carry the stage name in their input column: move it to the stage column
 sed -i -E 's/^\| metadata \| ([a-z-]+): /| \1 | /' "$rows"

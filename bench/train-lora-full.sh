@@ -7,7 +7,8 @@
 # Runs 1 and 1 + STEPS training steps; the difference gives seconds per step without start-up.
 # Prints: run, steps, wall s, CPU s (user+sys), peak RSS.
 #
-#   bench/train-lora-full.sh [STEPS] [WORKDIR]     (PROFILE=release|debug, NO_BUILD=1)
+#   bench/train-lora-full.sh [STEPS] [WORKDIR]     (PROFILE=release|debug, NO_BUILD=1,
+#                                                   NETWORK_ARGS="conv_dim=8 conv_alpha=8": C3Lier)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-3}
@@ -79,6 +80,7 @@ run() {
     --pretrained_model_name_or_path "$WORK/unet-full.safetensors" \
     --in_json "$WORK/data/meta_lat.json" --train_data_dir "$WORK/data" \
     --output_dir "$WORK/out" --output_name full --network_dim 8 --network_alpha 8 \
+    ${NETWORK_ARGS:+--network_args $NETWORK_ARGS} \
     --optimizer_type AdamW --learning_rate 1e-4 --max_train_steps "$steps" --train_batch_size 1 \
     --seed 1 --mixed_precision "${MIXED_PRECISION:-no}" --save_precision float -q
   if grep -q "terminated" "$WORK/time.txt"; then

@@ -4,6 +4,7 @@
 # precision MIXED_PRECISION (no: fp32), on caches built from the golden latents (4 images,
 # 256-px buckets) and golden text states.
 # Prints wall time, s/step and peak RSS. Usage: bench/train-lora.sh [extra train-lora flags]
+# C3Lier (3x3 conv modules too), as in bench/all.sh: bench/train-lora.sh --network_args conv_dim=2 conv_alpha=0.5
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}

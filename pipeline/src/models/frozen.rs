@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use candle_core::op::BackpropOp;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Module, Shape, Storage, Tensor,
+    CpuStorage, CudaStorage, CustomOp1, DType, Layout, Module, Shape, Storage, Tensor,
 };
 
 use super::conv::Conv2d;
@@ -56,7 +56,7 @@ impl FrozenOp {
         let weight = weight.detach();
         let cpu_conv = match kind {
             FrozenKind::Conv2d { stride, padding } if weight.device().is_cpu() => {
-                bias_free_im2col(&weight, stride, padding)
+                Conv2d::im2col(weight.clone(), stride, padding)
                     .ok()
                     .map(Arc::new)
             }
@@ -173,12 +173,6 @@ fn linear_input_gradient_in_bands(grad: &Tensor, weight: &Tensor) -> candle_core
         })
     })??;
     Tensor::from_vec(dx, (rows, inner), grad.device())
-}
-
-/// The im2col convolution with `weight` and no bias.
-fn bias_free_im2col(weight: &Tensor, stride: usize, padding: usize) -> candle_core::Result<Conv2d> {
-    let zeros = Tensor::zeros(weight.dim(0)?, DType::F32, &Device::Cpu)?;
-    Conv2d::im2col(weight.clone(), zeros, stride, padding)
 }
 
 /// `[out, in, kh, kw]` -> `[in, out, kh, kw]` flipped in both spatial dimensions.

@@ -110,6 +110,15 @@ impl<'a> Operand<'a> {
         }
     }
 
+    /// This matrix transposed (no copy).
+    pub(crate) fn t(self) -> Self {
+        Operand {
+            data: self.data,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+        }
+    }
+
     /// Whether every element of a `rows` x `cols` matrix lies inside `data`.
     fn covers(&self, rows: usize, cols: usize) -> bool {
         rows == 0

@@ -14,6 +14,7 @@ pub(crate) mod kernels;
 pub(crate) mod norm;
 pub mod precision;
 pub mod text_encoders;
+pub mod trainable_conv;
 pub mod unet;
 pub mod vae;
 pub mod winograd;

@@ -21,6 +21,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::models::adapter::{Adaptable, AdaptableLayer, Container, LayerAdapter};
 use crate::models::frozen::FrozenKind;
+use crate::models::trainable_conv;
 use crate::{Error, Result};
 use dropout::{BranchDraw, NO_DROPOUT_STREAM};
 pub use dropout::{BranchDropout, DropoutRates};
@@ -120,23 +121,30 @@ impl LayerAdapter for LoraModule {
                 let rank_axis = hidden.rank() - 1;
                 dropout(hidden, rank_axis)?.broadcast_matmul(&up.t()?)?
             }
-            FrozenKind::Conv2d {
-                stride: 1,
-                padding: 0,
-            } if down.dim(2)? == 1 && down.dim(3)? == 1 => {
-                // A 1x1 convolution is a product over channels: `[r, C] · [C, H·W]` per image.
-                // Written as matrix products, its backward pass is two more products instead of
-                // candle's (slow) transposed convolution.
-                let (batch, channels, height, width) = x.dims4()?;
-                let down = down.reshape((down.dim(0)?, channels))?;
-                let up = up.reshape((up.dim(0)?, up.dim(1)?))?;
-                let pixels = x.reshape((batch, channels, height * width))?;
-                let hidden = dropout(down.broadcast_matmul(&pixels)?, 1)?;
-                up.broadcast_matmul(&hidden)?
-                    .reshape((batch, up.dim(0)?, height, width))?
-            }
             FrozenKind::Conv2d { stride, padding } => {
-                dropout(x.conv2d(down, padding, stride, 1, 1)?, 1)?.conv2d(up, 0, 1, 1, 1)?
+                // The hidden `[N, r, OH·OW]`: a 1x1 convolution is a product over channels,
+                // `[r, C] · [C, H·W]` per image; larger kernels run on the im2col kernels of
+                // `trainable_conv`. The up-projection is 1x1, another product. Written so, the
+                // backward pass never goes through candle's (slow) transposed convolution.
+                let (batch, channels, height, width) = x.dims4()?;
+                let rank = down.dim(0)?;
+                let pointwise = (down.dim(2)?, down.dim(3)?, stride, padding) == (1, 1, 1, 0);
+                let (hidden, (out_h, out_w)) = if pointwise {
+                    let pixels = x.reshape((batch, channels, height * width))?;
+                    let down = down.reshape((rank, channels))?;
+                    (down.broadcast_matmul(&pixels)?, (height, width))
+                } else {
+                    let hidden = trainable_conv::conv2d(x, down, stride, padding)?;
+                    let (_, _, out_h, out_w) = hidden.dims4()?;
+                    (hidden.flatten_from(2)?, (out_h, out_w))
+                };
+                let up = up.reshape((up.dim(0)?, rank))?;
+                up.broadcast_matmul(&dropout(hidden, 1)?)?.reshape((
+                    batch,
+                    up.dim(0)?,
+                    out_h,
+                    out_w,
+                ))?
             }
         };
         Ok(Some(out.affine(self.scale() * extra_scale, 0.0)?))
