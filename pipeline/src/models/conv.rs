@@ -1,4 +1,5 @@
-//! 2-D convolution for CPU inference: im2col in row bands + one matrix product per band.
+//! 2-D convolution on the CPU: im2col in row bands + one matrix product per band, and the
+//! gradients for the input (col2im) and the weight (the bands rebuilt) for training.
 //!
 //! candle's stock CPU convolution spends most of its time re-packing tiles; turning each band of
 //! output rows into a `[C·k·k, rows·W]` column matrix and multiplying it by the `[O, C·k·k]`
@@ -50,7 +51,7 @@ impl Conv2d {
     }
 
     /// A convolution without bias that multiplies with the weight tensor itself (im2col for
-    /// every shape): no copy of the weights, and [`Self::input_gradient`] works for every layer.
+    /// every shape): no copy of the weights, and both gradients work for every layer.
     pub fn im2col(weight: Tensor, stride: usize, padding: usize) -> candle_core::Result<Self> {
         let bias = Tensor::zeros(weight.dim(0)?, DType::F32, weight.device())?;
         Self::with_method(weight, bias, stride, padding, Method::Im2col)
@@ -262,9 +263,7 @@ impl Conv2d {
             grad_output.device(),
         )
     }
-}
 
-impl Conv2d {
     /// The gradient of a loss with respect to this layer's weight (`[O, C, k, k]`, f32), given
     /// the layer's `input` and the loss's gradient with respect to its output: `Σ dY · colᵀ`
     /// over the images and bands of output rows, with each band's im2col matrix rebuilt from
