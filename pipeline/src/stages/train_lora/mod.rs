@@ -831,11 +831,12 @@ fn check_args(args: &TrainArgs) -> Result<()> {
             "--train_batch_size and --gradient_accumulation_steps must be at least 1".into(),
         ));
     }
+    // Zero steps only make sense to write loaded --network_weights back (e.g. re-saved).
     let steps = args.max_train_epochs.unwrap_or(args.max_train_steps);
-    if steps == 0 {
+    if steps == 0 && args.network_weights.is_none() {
         return Err(Error::Usage(
             "--max_train_steps/--max_train_epochs 0 trains nothing (an existing LoRA is kept): \
-             give at least 1"
+             give at least 1, or --network_weights to write loaded weights back"
                 .into(),
         ));
     }
