@@ -466,3 +466,29 @@ fn stale_and_orphaned_caches_are_found_by_their_content_keys() {
         "{messages:?}"
     );
 }
+
+#[cfg(unix)]
+#[test]
+fn a_pipe_at_a_caption_path_is_reported_as_not_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for stem in ["astronaut", "chelsea"] {
+        let image = fixtures().join(format!("images/{stem}.png"));
+        std::fs::copy(image, dir.path().join(format!("{stem}.png"))).unwrap();
+    }
+    std::fs::write(dir.path().join("astronaut.caption"), "an astronaut").unwrap();
+    let pipe = dir.path().join("chelsea.caption");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&pipe)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let (report, code) = lint_json(dir.path(), &[]);
+    assert_eq!(code, 3, "{report}");
+    let codes = codes_by_file(&report);
+    let found = codes.get("chelsea.caption").cloned().unwrap_or_default();
+    assert_eq!(
+        found.into_iter().collect::<Vec<_>>(),
+        ["not_a_file"],
+        "{report}"
+    );
+}

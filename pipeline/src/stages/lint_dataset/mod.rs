@@ -199,6 +199,8 @@ struct Listing {
     caches: Vec<PathBuf>,
     /// Other regular files (captions, tags, ...), as a set for sidecar look-ups.
     others: HashSet<PathBuf>,
+    /// Pipes, sockets and devices (a pipe at a sidecar path would block a reader).
+    special: HashSet<PathBuf>,
 }
 
 fn finding(severity: Severity, code: Code, path: &Path, message: impl Into<String>) -> Finding {
@@ -221,6 +223,7 @@ fn scan_folder(options: &LintOptions, findings: &mut Vec<Finding>) -> Result<Lis
         images: Vec::new(),
         caches: Vec::new(),
         others: HashSet::new(),
+        special: HashSet::new(),
     };
     let mut walk = walker.into_iter();
     while let Some(entry) = walk.next() {
@@ -302,6 +305,8 @@ fn scan_folder(options: &LintOptions, findings: &mut Vec<Finding>) -> Result<Lis
             } else {
                 listing.others.insert(path.to_path_buf());
             }
+        } else if !entry.file_type().is_dir() {
+            listing.special.insert(path.to_path_buf());
         }
     }
     listing.images.sort();
@@ -587,6 +592,16 @@ fn check_sidecars(
         any_sidecar |= present > 0;
         for (image, sidecar) in listing.images.iter().zip(&paths) {
             expected.insert(sidecar.clone());
+            if listing.special.contains(sidecar) {
+                findings.push(finding(
+                    Severity::Error,
+                    Code::NotAFile,
+                    sidecar,
+                    "not a regular file (a pipe, socket or device): the merge stages report it as \
+                     an error for this image; remove it or replace it with a text file",
+                ));
+                continue;
+            }
             if !listing.others.contains(sidecar) {
                 if present > 0 {
                     findings.push(finding(
