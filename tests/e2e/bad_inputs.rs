@@ -593,6 +593,19 @@ const ROWS: &[Row] = &[
         check: no_lora_written,
     },
     Row {
+        name: "train-lora on metadata whose manifest declares a future schema version",
+        tool: "train-lora",
+        args: |c, out| {
+            let args = train_args(c, out, tiny_model(), None);
+            let manifest = out.join("data/meta_lat.json.manifest.json");
+            std::fs::copy(c.path("json/wrong_version.json.manifest.json"), manifest).unwrap();
+            args
+        },
+        code: 1,
+        must_name: |_| vec!["meta_lat.json.manifest.json".into()],
+        check: no_lora_written,
+    },
+    Row {
         name: "train-lora with a latent cache without latents",
         tool: "train-lora",
         args: |c, out| {

@@ -68,7 +68,7 @@ impl CachedDataset {
         repeats: usize,
         options: CacheOptions,
     ) -> Result<Self> {
-        let metadata = Metadata::load(in_json)?;
+        let metadata = crate::formats::metadata::load_input_metadata(in_json)?;
         if metadata.is_empty() {
             return Err(Error::bad_file(
                 in_json,
