@@ -28,16 +28,20 @@ pub(crate) fn relative_difference(ours: &Tensor, reference: &Tensor) -> f32 {
     max_difference(ours, reference) / peak.to_scalar::<f32>().unwrap()
 }
 
-/// The gradient with respect to `input` of `sum(y * weights)`: a loss that weights every output
-/// differently, so each position's gradient counts.
-pub(crate) fn weighted_sum_gradient(y: &Tensor, weights: &Tensor, input: &Var) -> Tensor {
+/// The gradients with respect to `inputs` of `sum(y * weights)`: a loss that weights every
+/// output differently, so each position's gradient counts.
+pub(crate) fn weighted_sum_gradients<const N: usize>(
+    y: &Tensor,
+    weights: &Tensor,
+    inputs: [&Var; N],
+) -> [Tensor; N] {
     let grads = (y * weights)
         .unwrap()
         .sum_all()
         .unwrap()
         .backward()
         .unwrap();
-    grads.get(input.as_tensor()).unwrap().clone()
+    inputs.map(|input| grads.get(input.as_tensor()).unwrap().clone())
 }
 
 /// A tool's flag struct parsed from its program name and positional arguments (`leading`)

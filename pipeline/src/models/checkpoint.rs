@@ -16,6 +16,8 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
+use super::kernels::with_f32_slice;
+
 pub use crate::formats::model_family::ModelFamily;
 use crate::{Error, Result};
 
@@ -423,34 +425,28 @@ fn to_dtype_in_parallel(tensor: Tensor, dtype: DType) -> candle_core::Result<Ten
     if tensor.dtype() != DType::F32 || !tensor.device().is_cpu() {
         return tensor.to_dtype(dtype);
     }
-    let (shape, device) = (tensor.shape().clone(), tensor.device().clone());
+    let (shape, device) = (tensor.shape(), tensor.device());
     match dtype {
-        DType::F16 => {
-            let values = narrowed(&tensor.flatten_all()?.to_vec1()?, half::f16::ZERO);
-            Tensor::from_vec(values, shape, &device)
-        }
-        DType::BF16 => {
-            let values = narrowed(&tensor.flatten_all()?.to_vec1()?, half::bf16::ZERO);
-            Tensor::from_vec(values, shape, &device)
-        }
+        DType::F16 => with_f32_slice(&tensor, |v| narrowed::<half::f16>(v, shape, device))?,
+        DType::BF16 => with_f32_slice(&tensor, |v| narrowed::<half::bf16>(v, shape, device))?,
         _ => tensor.to_dtype(dtype),
     }
 }
 
-/// `values` rounded to a 16-bit float type, in parallel chunks.
-fn narrowed<T>(values: &[f32], zero: T) -> Vec<T>
+/// A tensor of `values` rounded to a 16-bit float type, converted in parallel chunks.
+fn narrowed<T>(values: &[f32], shape: &Shape, device: &Device) -> candle_core::Result<Tensor>
 where
-    T: Copy + Send + Sync,
+    T: candle_core::WithDType,
     [T]: half::slice::HalfFloatSliceExt,
 {
     use half::slice::HalfFloatSliceExt;
     use rayon::prelude::*;
     const CHUNK: usize = 1 << 16;
-    let mut out = vec![zero; values.len()];
+    let mut out = vec![T::zero(); values.len()];
     out.par_chunks_mut(CHUNK)
         .zip(values.par_chunks(CHUNK))
         .for_each(|(out, values)| out.convert_from_f32_slice(values));
-    out
+    Tensor::from_vec(out, shape, device)
 }
 
 /// `[O, I]` versus `[O, I, 1, 1]`: a linear layer stored as a 1x1 convolution or back.

@@ -306,7 +306,7 @@ impl CustomOp1 for FrozenOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::infra::test_support::{relative_difference, weighted_sum_gradient};
+    use crate::infra::test_support::{relative_difference, weighted_sum_gradients};
     use candle_core::{Device, Var};
 
     #[test]
@@ -338,7 +338,7 @@ mod tests {
 
             // A loss that weights every output differently, so each position's gradient counts.
             let weights = Tensor::randn(0f32, 1.0, reference.shape(), &device).unwrap();
-            let ours_grad = weighted_sum_gradient(&ours, &weights, &input);
+            let [ours_grad] = weighted_sum_gradients(&ours, &weights, [&input]);
             let out_h = reference.dim(2).unwrap();
             let output_padding = h - ((out_h - 1) * stride + k - 2 * padding);
             let reference_grad = weights
@@ -443,9 +443,9 @@ mod tests {
                 let y_off = relative_difference(&y, &reference);
                 assert!(y_off < 1e-5, "{case}: output {y_off}");
                 let loss_weights = Tensor::randn(0f32, 1.0, y.shape(), &device).unwrap();
-                let grad = weighted_sum_gradient(&y, &loss_weights, &input);
-                let reference_grad =
-                    weighted_sum_gradient(&reference, &loss_weights, &reference_input);
+                let [grad] = weighted_sum_gradients(&y, &loss_weights, [&input]);
+                let [reference_grad] =
+                    weighted_sum_gradients(&reference, &loss_weights, [&reference_input]);
                 let grad_off = relative_difference(&grad, &reference_grad);
                 assert!(grad_off < 1e-5, "{case}: gradient {grad_off}");
                 let off = relative_difference(&y, &exact);

@@ -180,7 +180,7 @@ impl CustomOp1 for AffineNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::infra::test_support::{max_difference, weighted_sum_gradient};
+    use crate::infra::test_support::{max_difference, weighted_sum_gradients};
     use candle_core::{DType, Device, Var, D};
 
     /// The same normalisation from elementary candle ops (differentiated by candle).
@@ -236,8 +236,8 @@ mod tests {
             assert!(max_difference(&ours, &expected) < 1e-5, "{dims:?}");
 
             let weights = Tensor::randn(0f32, 1.0, dims.as_slice(), &device).unwrap();
-            let ours_grad = weighted_sum_gradient(&ours, &weights, &ours_input);
-            let expected_grad = weighted_sum_gradient(&expected, &weights, &reference_input);
+            let [ours_grad] = weighted_sum_gradients(&ours, &weights, [&ours_input]);
+            let [expected_grad] = weighted_sum_gradients(&expected, &weights, [&reference_input]);
             assert_eq!(ours_grad.dtype(), DType::F32);
             let difference = max_difference(&ours_grad, &expected_grad);
             assert!(difference < 1e-5, "{dims:?}: gradient off by {difference}");

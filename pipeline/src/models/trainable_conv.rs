@@ -85,7 +85,7 @@ impl CustomOp2 for TrainableConv {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::infra::test_support::relative_difference;
+    use crate::infra::test_support::{relative_difference, weighted_sum_gradients};
     use candle_core::{Device, Var};
 
     /// Output, input gradient and weight gradient of `sum(conv(x, w) * loss_weights)`.
@@ -100,14 +100,8 @@ mod tests {
             Var::from_tensor(weight).unwrap(),
         );
         let y = conv(x.as_tensor(), weight.as_tensor()).unwrap();
-        let grads = (&y * loss_weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let grad = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
-        [y.clone(), grad(&x), grad(&weight)]
+        let [x_grad, weight_grad] = weighted_sum_gradients(&y, loss_weights, [&x, &weight]);
+        [y, x_grad, weight_grad]
     }
 
     #[test]

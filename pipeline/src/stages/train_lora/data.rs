@@ -11,7 +11,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use crate::dataset::IMAGE_EXTENSIONS;
-use crate::formats::metadata::Metadata;
+use crate::formats::metadata::load_input_metadata;
 use crate::formats::model_family::ModelFamily;
 use crate::formats::npz::NpzReader;
 use crate::formats::te_cache::read_cache_file;
@@ -68,7 +68,7 @@ impl CachedDataset {
         repeats: usize,
         options: CacheOptions,
     ) -> Result<Self> {
-        let metadata = crate::formats::metadata::load_input_metadata(in_json)?;
+        let metadata = load_input_metadata(in_json)?;
         if metadata.is_empty() {
             return Err(Error::bad_file(
                 in_json,
