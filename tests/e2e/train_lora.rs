@@ -151,7 +151,7 @@ fn hostile_arguments_are_refused_before_any_work() {
     std::fs::create_dir(&out).unwrap();
     let good = out.join("keep.safetensors");
     std::fs::write(&good, b"a LoRA the user keeps").unwrap();
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 10] = [
         (&["--max_train_steps", "0"], "--max_train_steps"),
         (&["--max_train_epochs", "0"], "--max_train_epochs"),
         (&["--network_dim", "0"], "--network_dim"),
@@ -161,6 +161,8 @@ fn hostile_arguments_are_refused_before_any_work() {
         (&["--output_name", "../escaped"], "--output_name"),
         (&["--output_name", ""], "--output_name"),
         (&["--output_name", "a/b"], "--output_name"),
+        // Would need terabytes: refused before allocating, naming the rank.
+        (&["--network_dim", "10000000"], "of memory available"),
     ];
     let (model, meta, data_dir) = (model(), data.path().join("meta_lat.json"), data.path());
     for (flags, named) in cases {
@@ -192,6 +194,32 @@ fn hostile_arguments_are_refused_before_any_work() {
         let beside: Vec<_> = std::fs::read_dir(parent.path()).unwrap().collect();
         assert_eq!(beside.len(), 1, "{flags:?} wrote beside --output_dir");
     }
+    // A folder where the LoRA would go is found before training, not when saving at the end.
+    std::fs::create_dir(out.join("blocked.safetensors")).unwrap();
+    let mut args: Vec<&std::ffi::OsStr> = args![
+        "--pretrained_model_name_or_path",
+        model,
+        "--in_json",
+        meta,
+        "--train_data_dir",
+        data_dir,
+        "--output_dir",
+        out,
+        "--output_name",
+        "blocked",
+        "--quiet"
+    ]
+    .to_vec();
+    args.extend(args!["--max_train_steps", "1"]);
+    let stderr = run_expect("train-lora", &args, 1);
+    assert!(
+        stderr.contains("blocked.safetensors") && stderr.contains("is a folder"),
+        "{stderr}"
+    );
+    assert!(
+        !out.join("blocked_loss.jsonl").exists(),
+        "trained before failing"
+    );
 }
 
 #[test]

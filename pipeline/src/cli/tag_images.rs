@@ -7,7 +7,7 @@ use crate::stages::tag_images::labels::{
 };
 use crate::stages::tag_images::onnx::Device;
 use crate::stages::tag_images::{TagOptions, DEFAULT_REPO_ID};
-use crate::Result;
+use crate::{Error, Result};
 use std::path::PathBuf;
 
 /// The flags of `tag-images`; the tool adds its description and the logging flags.
@@ -149,6 +149,21 @@ impl TagImagesArgs {
         if self.force_download {
             tracing::warn!("--force_download ignored: lorakit never downloads models");
         }
+        for (flag, value) in [
+            ("--thresh", Some(self.thresh)),
+            ("--general_threshold", self.general_threshold),
+            ("--character_threshold", self.character_threshold),
+            ("--copyright_threshold", self.copyright_threshold),
+            ("--artist_threshold", self.artist_threshold),
+            ("--meta_threshold", self.meta_threshold),
+            ("--model_threshold", self.model_threshold),
+        ] {
+            if let Some(value) = value.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+                return Err(Error::Usage(format!(
+                    "{flag} {value}: give a probability from 0 to 1 (above 1 turns the category off)"
+                )));
+            }
+        }
         let thresh = self.thresh;
         let thresholds = Thresholds {
             general: self.general_threshold.unwrap_or(thresh),
@@ -225,6 +240,21 @@ mod tests {
         parse_flags::<TagImagesArgs>(&["tag-images", "data"], flags)
             .options(false)
             .unwrap()
+    }
+
+    #[test]
+    fn thresholds_that_are_not_probabilities_are_refused() {
+        let cases: [&[&str]; 3] = [
+            &["--thresh", "nan"],
+            &["--character_threshold=-0.1"],
+            &["--general_threshold", "inf"],
+        ];
+        for flags in cases {
+            let args = parse_flags::<TagImagesArgs>(&["tag-images", "data"], flags);
+            let error = args.options(false).unwrap_err().to_string();
+            let flag = flags[0].split('=').next().unwrap();
+            assert!(error.contains(flag), "{flags:?}: {error}");
+        }
     }
 
     #[test]

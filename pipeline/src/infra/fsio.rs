@@ -57,6 +57,26 @@ where
     }
 }
 
+/// Checks, before any work, that [`write_atomic`] will be able to write `path`: its directory
+/// exists and takes new files, and `path` itself is not a folder. A probe file is created and
+/// removed, so a read-only folder or a full quota is found now instead of after the work.
+pub fn check_writable(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        return Err(Error::bad_file(
+            path,
+            "is a folder: cannot write the output here (move it away or choose another name)",
+        ));
+    }
+    let probe = temp_path_for(path)?;
+    File::create(&probe).map_err(|e| {
+        Error::bad_file(
+            path,
+            format!("cannot write in {}: {e}", parent_dir(path).display()),
+        )
+    })?;
+    std::fs::remove_file(&probe).map_err(|e| Error::io(&probe, e))
+}
+
 /// The temporary sibling path used while writing `path`; fails if the directory is missing.
 fn temp_path_for(path: &Path) -> Result<PathBuf> {
     let parent = parent_dir(path);

@@ -238,6 +238,19 @@ impl LoraNetwork {
         })
     }
 
+    /// How many trainable values [`LoraNetwork::create`] would allocate for `model` under
+    /// `config`, counted from the layer shapes alone (nothing is allocated).
+    pub fn parameter_count(model: &mut dyn Adaptable, config: &LoraConfig) -> usize {
+        let mut count = 0;
+        model.visit_layers(&mut |layer| {
+            if let Some((rank, _)) = config.select(layer) {
+                let (down, up, _) = module_shapes(layer, rank);
+                count += down.iter().product::<usize>() + up.iter().product::<usize>();
+            }
+        });
+        count
+    }
+
     /// Loads a kohya LoRA file and attaches its UNet modules to `model` (non-strict: text-encoder
     /// modules are ignored, and so are names the model does not have; both are counted in the
     /// returned report). Weights are trainable variables (for `--network_weights`).
@@ -487,6 +500,19 @@ fn attach(layer: &mut AdaptableLayer, module: LoraModule, modules: &mut Vec<Lora
     modules.push(module);
 }
 
+/// The down and up weight shapes of a rank-`rank` module on `layer`, and the down fan-in.
+fn module_shapes(layer: &AdaptableLayer, rank: usize) -> (Vec<usize>, Vec<usize>, usize) {
+    let dims = layer.weight().dims();
+    match layer.kind() {
+        FrozenKind::Linear => (vec![rank, dims[1]], vec![dims[0], rank], dims[1]),
+        FrozenKind::Conv2d { .. } => (
+            vec![rank, dims[1], dims[2], dims[3]],
+            vec![dims[0], rank, 1, 1],
+            dims[1] * dims[2] * dims[3],
+        ),
+    }
+}
+
 fn new_module(
     layer: &AdaptableLayer,
     rank: usize,
@@ -494,15 +520,7 @@ fn new_module(
     rng: &mut rand::rngs::StdRng,
     device: &Device,
 ) -> Result<LoraModule> {
-    let dims = layer.weight().dims().to_vec();
-    let (down_shape, up_shape, fan_in) = match layer.kind() {
-        FrozenKind::Linear => (vec![rank, dims[1]], vec![dims[0], rank], dims[1]),
-        FrozenKind::Conv2d { .. } => (
-            vec![rank, dims[1], dims[2], dims[3]],
-            vec![dims[0], rank, 1, 1],
-            dims[1] * dims[2] * dims[3],
-        ),
-    };
+    let (down_shape, up_shape, fan_in) = module_shapes(layer, rank);
     let bound = 1.0 / (fan_in as f64).sqrt();
     let count: usize = down_shape.iter().product();
     let values: Vec<f32> = (0..count)

@@ -25,6 +25,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::formats::manifest::Manifest;
 use crate::formats::schema::LORA_V1;
 use crate::infra::report::{Progress, Summary, Throughput};
+use crate::infra::{fsio, memory};
 use crate::models::precision::{MixedPrecision, ModelPrecision};
 use crate::models::unet::{self, Unet};
 use crate::models::{Checkpoint, Component, ModelFamily};
@@ -40,6 +41,9 @@ use optim::{Optimizer, OptimizerKind};
 use saving::SavePoint;
 use schedule::{LossWeighting, NoiseSchedule};
 use validation::Validation;
+
+/// The LoRA's file stem without `--output_name` (as sd-scripts).
+const DEFAULT_OUTPUT_NAME: &str = "last";
 
 /// VAE latent scale of SD1/SD2.
 pub const VAE_SCALE: f64 = 0.18215;
@@ -151,7 +155,6 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
             &loss_ctx.noise,
         )
     });
-    std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
     let mut start = state::Progress::default();
     if let Some(resume) = &args.resume {
         let dir = state::resolve_resume(resume, &args.output_dir)?;
@@ -230,6 +233,7 @@ struct Setup {
 /// network, optimizer and scheduler. `None` when the LoRA is already up to date.
 fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
     check_args(args)?;
+    check_outputs_writable(args)?;
     crate::models::keep_freed_memory();
     let device = match args.device.as_str() {
         "cpu" => Device::Cpu,
@@ -304,6 +308,9 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         return Ok(None);
     }
     merge_base_weights(args, &mut unet)?;
+    if !(args.dim_from_weights && args.network_weights.is_some()) {
+        check_network_fits(&mut unet, &network_options.lora, &optimizer_kind)?;
+    }
     let mut network = match &args.network_weights {
         Some(path) if args.dim_from_weights => {
             let (network, report) = LoraNetwork::load(&mut unet, path, 1.0, &device)?;
@@ -714,7 +721,7 @@ fn finish(
     let losses = logged_values(&end.log_lines, "loss");
     let plot_path = args.output_dir.join(format!("{name}_loss.png"));
     let averages = logged_values(&end.log_lines, "loss_average");
-    crate::infra::fsio::write_atomic(&plot_path, &plot::loss_png(&losses, &averages, name)?)?;
+    fsio::write_atomic(&plot_path, &plot::loss_png(&losses, &averages, name)?)?;
     let mut manifest = Manifest::new(
         "train-lora",
         &setup.final_path,
@@ -887,6 +894,41 @@ fn check_args(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// Creates `--output_dir` and checks that the LoRA and the loss log can be written there, so
+/// a read-only folder or a folder in the LoRA's place is refused before training, not after.
+fn check_outputs_writable(args: &TrainArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
+    let name = args.output_name.as_deref().unwrap_or(DEFAULT_OUTPUT_NAME);
+    fsio::check_writable(&args.output_dir.join(format!("{name}.safetensors")))?;
+    if let Some(log) = &args.loss_log {
+        fsio::check_writable(log)?;
+    }
+    Ok(())
+}
+
+/// Refuses, before allocating it, a network whose weights, gradients and optimizer state
+/// would not fit in the memory available (a `--network_dim 100000` typo, say).
+fn check_network_fits(
+    unet: &mut Unet,
+    lora: &crate::networks::lora::LoraConfig,
+    optimizer: &OptimizerKind,
+) -> Result<()> {
+    let values = LoraNetwork::parameter_count(unet, lora) as u64;
+    let bytes = values.saturating_mul(4 * (2 + optimizer.state_slots() as u64));
+    match memory::available_bytes() {
+        Some(available) if bytes > available => Err(Error::Usage(format!(
+            "--network_dim {} (--conv_dim {}): the LoRA would have {values} trainable values, \
+             {} with gradients and optimizer state, more than the {} of memory available; \
+             give a lower rank",
+            lora.network_dim,
+            lora.conv_dim.map_or("none".into(), |d| d.to_string()),
+            memory::gib(bytes),
+            memory::gib(available),
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn plan(args: &TrainArgs, dataset: &CachedDataset, seed: u64) -> Plan {
     let batches_per_epoch = dataset.batches_per_epoch(args.train_batch_size);
     let steps_per_epoch = batches_per_epoch
@@ -898,7 +940,7 @@ fn plan(args: &TrainArgs, dataset: &CachedDataset, seed: u64) -> Plan {
     };
     let num_epochs = total_steps.div_ceil(steps_per_epoch);
     Plan {
-        name: args.output_name.clone().unwrap_or_else(|| "last".into()),
+        name: (args.output_name.clone()).unwrap_or_else(|| DEFAULT_OUTPUT_NAME.into()),
         total_steps,
         num_epochs,
         batches_per_epoch,
@@ -934,7 +976,7 @@ fn logged_values(lines: &[String], key: &str) -> Vec<f32> {
 fn write_log(path: &Path, lines: &[String]) -> Result<()> {
     let mut text = lines.join("\n");
     text.push('\n');
-    crate::infra::fsio::write_atomic(path, text.as_bytes())
+    fsio::write_atomic(path, text.as_bytes())
 }
 
 /// Seconds since the Unix epoch.

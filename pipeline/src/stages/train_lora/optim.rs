@@ -94,6 +94,14 @@ impl OptimizerKind {
         Ok(kind)
     }
 
+    /// How many f32 values of state the optimizer keeps per trained parameter.
+    pub fn state_slots(&self) -> usize {
+        match self {
+            OptimizerKind::AdamW { .. } => 2,
+            OptimizerKind::Lion { .. } => 1,
+        }
+    }
+
     /// The `ss_optimizer` string (torch class path plus given arguments).
     pub fn description(&self, args: &[String]) -> String {
         let class = match self {
