@@ -2,6 +2,8 @@
 #
 #   make demo     run the whole flow on the bundled example (examples/tiny-dataset, tiny models)
 #   make test     install the ONNX Runtime library, build everything and run all tests
+#   make fuzz     the hostile-input property tests with more cases (FUZZ_CASES=500, FUZZ_SEED=n;
+#                 make test runs 16 cases per property from a fixed seed)
 #   make bench    every stage's benchmark in one table (bench/all.sh; QUICK=1: tiny models only,
 #                 BIN_DIR=folder: prebuilt release binaries), also written to bench/results/latest.md
 #   make lora DATA=my/images OUT=runs/me MODEL=sd15.safetensors TAGGER_DIR=wd14_tagger_model \
@@ -54,7 +56,7 @@ CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)
 SIDECAR_FLAGS := $(if $(OVERWRITE),--overwrite,)
 BUCKET_RANGE := --min_bucket_reso $(MIN_BUCKET) --max_bucket_reso $(MAX_BUCKET) --bucket_reso_steps $(BUCKET_STEP)
 
-.PHONY: all build test setup demo lora lint tags captions metadata latents te-cache train bench clean-out FORCE
+.PHONY: all build test fuzz setup demo lora lint tags captions metadata latents te-cache train bench clean-out FORCE
 
 all: build
 
@@ -74,6 +76,13 @@ setup:
 test: setup
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
+
+FUZZ_CASES ?= 500
+FUZZ_SEED  ?= $(shell date +%s)
+fuzz: setup
+	$(CARGO) build --workspace --bins
+	LORAKIT_FUZZ_CASES=$(FUZZ_CASES) LORAKIT_FUZZ_SEED=$(FUZZ_SEED) \
+	  $(CARGO) test -p lorakit-tests --test e2e fuzz:: -- --nocapture
 
 # The demo copies the bundled example into $(OUT)/dataset so the repository stays untouched.
 demo: setup build

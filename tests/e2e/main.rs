@@ -7,6 +7,7 @@ mod common;
 mod bad_inputs;
 mod caption;
 mod crash_safety;
+mod fuzz;
 mod latents;
 mod lint;
 mod make_flow;

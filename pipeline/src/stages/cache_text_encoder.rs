@@ -297,6 +297,9 @@ pub fn load_run(options: &TeCacheOptions) -> Result<LoadedRun> {
 /// Runs `cache-text-encoder`.
 pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
     check_options(options)?;
+    if let Some(dir) = &options.cache_dir {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
     let metadata = load_input_metadata(&options.in_json)?;
     let run = load_run(options)?;
     let family = run.encoders.family;

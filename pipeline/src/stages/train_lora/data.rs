@@ -30,6 +30,8 @@ pub struct Sample {
     pub mask: Option<Tensor>,
     /// Latents of the horizontally flipped image (`--flip_aug`).
     pub latents_flipped: Option<Tensor>,
+    /// The cache files it was read from (latents, text-encoder outputs), for messages.
+    pub cache_files: [PathBuf; 2],
 }
 
 /// One batch on the training device.
@@ -401,6 +403,7 @@ fn load_sample(
         context,
         mask,
         latents_flipped,
+        cache_files: [latent_path, te_path],
     })
 }
 

@@ -590,16 +590,24 @@ impl Training<'_> {
         let micro_index = ((epoch - 1) * self.plan.batches_per_epoch + bi) as u64;
         let flip_seed =
             (self.args.flip_aug).then(|| NoiseRng::flip_stream(self.plan.seed, micro_index));
-        let batch = self.dataset.collate(batch, self.device, flip_seed)?;
+        let collated = self.dataset.collate(batch, self.device, flip_seed)?;
         self.network
             .set_dropout_stream(Some(NoiseRng::dropout_stream(self.plan.seed, micro_index)));
-        let loss = micro_batch_loss(self.unet, self.loss_ctx, &batch, micro_index)?;
+        let loss = micro_batch_loss(self.unet, self.loss_ctx, &collated, micro_index)?;
         let loss_value = loss.to_scalar::<f32>()?;
         if !loss_value.is_finite() {
             write_log(self.log_path, &at.log_lines)?;
+            let sources: Vec<String> = (batch.iter())
+                .map(|&i| &self.dataset.samples[i])
+                .map(|s| {
+                    let [latents, text] = &s.cache_files;
+                    format!("{} ({}, {})", s.key, latents.display(), text.display())
+                })
+                .collect();
             return Err(Error::Model(format!(
-                "loss became {loss_value} at epoch {epoch}, step {}; training stopped and the files saved so far are intact; lower --learning_rate or check the caches",
-                at.global_step + 1
+                "loss became {loss_value} at epoch {epoch}, step {} on the batch of {}; training stopped and the files saved so far are intact; check those caches (finite but out-of-range values also do this) or lower --learning_rate",
+                at.global_step + 1,
+                sources.join(", ")
             )));
         }
         let grads = (loss / accum as f64)?.backward()?;
@@ -852,16 +860,69 @@ fn check_args(args: &TrainArgs) -> Result<()> {
             "--network_dim 0 gives a LoRA without modules: give a rank of at least 1".into(),
         ));
     }
-    for (flag, value) in [
-        ("--learning_rate", Some(args.learning_rate)),
-        ("--unet_lr", args.unet_lr),
-        ("--network_alpha", args.network_alpha.map(f64::from)),
+    let unbounded = f64::INFINITY;
+    for (flag, value, most) in [
+        ("--learning_rate", Some(args.learning_rate), unbounded),
+        ("--unet_lr", args.unet_lr, unbounded),
+        (
+            "--network_alpha",
+            args.network_alpha.map(f64::from),
+            unbounded,
+        ),
+        (
+            "--network_dropout",
+            args.network_dropout.map(f64::from),
+            1.0,
+        ),
+        ("--max_grad_norm", Some(args.max_grad_norm), unbounded),
+        (
+            "--lr_scheduler_num_cycles",
+            Some(args.lr_scheduler_num_cycles),
+            unbounded,
+        ),
+        (
+            "--lr_scheduler_power",
+            Some(args.lr_scheduler_power),
+            unbounded,
+        ),
+        (
+            "--lr_scheduler_min_lr_ratio",
+            args.lr_scheduler_min_lr_ratio,
+            1.0,
+        ),
+        ("--noise_offset", args.noise_offset, 1.0),
+        (
+            "--multires_noise_discount",
+            Some(args.multires_noise_discount),
+            1.0,
+        ),
+        (
+            "--min_snr_gamma",
+            args.min_snr_gamma.map(f64::from),
+            unbounded,
+        ),
+        (
+            "--v_pred_like_loss",
+            args.v_pred_like_loss.map(f64::from),
+            unbounded,
+        ),
+        ("--ip_noise_gamma", args.ip_noise_gamma, 1.0),
+        ("--huber_c", Some(args.huber_c), 1.0),
+        ("--huber_scale", Some(args.huber_scale), unbounded),
+        ("--scale_weight_norms", args.scale_weight_norms, unbounded),
     ] {
-        if let Some(value) = value.filter(|v| !(v.is_finite() && *v >= 0.0)) {
-            return Err(Error::Usage(format!(
-                "{flag} {value}: must be a finite number of at least 0"
-            )));
+        if let Some(value) = value.filter(|v| !(v.is_finite() && (0.0..=most).contains(v))) {
+            let range = match most {
+                most if most.is_finite() => format!("from 0 to {most}"),
+                _ => "a finite number of at least 0".into(),
+            };
+            return Err(Error::Usage(format!("{flag} {value}: give {range}")));
         }
+    }
+    if let Some(scale) = args.adaptive_noise_scale.filter(|v| !v.is_finite()) {
+        return Err(Error::Usage(format!(
+            "--adaptive_noise_scale {scale}: give a finite number"
+        )));
     }
     if let Some(name) = &args.output_name {
         let plain = !name.is_empty()
