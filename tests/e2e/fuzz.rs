@@ -9,6 +9,7 @@
 //! - when it fails, or skips an item, its message names the file or the flag at fault.
 //!
 //! `LORAKIT_FUZZ_CASES` sets the cases per property (`make test` runs a few; `make fuzz` more),
+//! `LORAKIT_FUZZ_VERBOSE` prints how each run ended,
 //! `LORAKIT_FUZZ_SEED` the generator seed (fixed unless given, so CI runs are repeatable).
 
 use std::collections::BTreeMap;
@@ -144,9 +145,30 @@ impl Sandbox {
         args: &[OsString],
         names: &[String],
     ) -> Result<Run, TestCaseError> {
+        self.run_writing(tool_name, args, names, &[])
+    }
+
+    /// [`Sandbox::run`] for a tool that may also write, under `data/`, files whose names end
+    /// with one of `data_suffixes` (caches beside the images).
+    fn run_writing(
+        &self,
+        tool_name: &str,
+        args: &[OsString],
+        names: &[String],
+        data_suffixes: &[&str],
+    ) -> Result<Run, TestCaseError> {
+        let writable = |path: &Path| {
+            path.starts_with("out")
+                || (path.starts_with("data")
+                    && data_suffixes.iter().any(|s| name_of(path).ends_with(s)))
+        };
         let before = self.snapshot();
         let run = run_bounded(tool_name, args)?;
         EXITS.with_borrow_mut(|exits| exits.push((tool_name.to_string(), run.code)));
+        if std::env::var_os("LORAKIT_FUZZ_VERBOSE").is_some() {
+            let last = run.stderr.lines().filter(|l| !l.contains(" INFO ")).last();
+            eprintln!("  {tool_name} exit {:?}: {}", run.code, last.unwrap_or(""));
+        }
         let context = || format!("{tool_name} {args:?}\nstderr:\n{}", run.stderr);
         match run.code {
             Some(0..=3) => {}
@@ -162,7 +184,7 @@ impl Sandbox {
         }
         let after = self.snapshot();
         for (path, digest) in &before {
-            if !path.starts_with("out") && after.get(path) != Some(digest) {
+            if !writable(path) && after.get(path) != Some(digest) {
                 return Err(fail(format!(
                     "changed input {}: {}",
                     path.display(),
@@ -171,9 +193,9 @@ impl Sandbox {
             }
         }
         for path in after.keys() {
-            if !path.starts_with("out") && !before.contains_key(path) {
+            if !writable(path) && !before.contains_key(path) {
                 return Err(fail(format!(
-                    "wrote {} outside out/: {}",
+                    "wrote {} outside its outputs: {}",
                     path.display(),
                     context()
                 )));
@@ -488,11 +510,28 @@ fn damaged_metadata() {
     check("damaged_metadata", json_damage(), undamaged, |damage| {
         let sandbox = Sandbox::new();
         make_training_caches(&sandbox.data());
+        for stem in ["one", "two"] {
+            image::RgbImage::from_pixel(128, 128, image::Rgb([90, 120, 30]))
+                .save(sandbox.data().join(format!("{stem}.png")))
+                .unwrap();
+        }
         let meta = sandbox.data().join("meta_lat.json");
         damage_json(&meta, &damage);
-        let names = vec![name_of(&meta)];
+        // A failure names the file or, for one bad entry, the entry.
+        let mut names = vec![name_of(&meta)];
+        if let Ok(Value::Object(entries)) = serde_json::from_slice(&std::fs::read(&meta).unwrap()) {
+            names.extend(entries.keys().flat_map(|k| [k.clone(), format!("{k:?}")]));
+        }
         let clean = os(&[&meta, &sandbox.out().join("clean.json")]);
         sandbox.run("clean-captions", &clean, &names)?;
+        // Text caches go beside the images: keys must not lead them anywhere else.
+        let encode = os(&[&meta, &tiny_model(), &"--train_data_dir", &sandbox.data()]);
+        let te_outputs = [
+            "_te_outputs.npz",
+            "_te_cache.json",
+            "_te_cache.json.manifest.json",
+        ];
+        sandbox.run_writing("cache-text-encoder", &encode, &names, &te_outputs)?;
         sandbox.run(
             "train-lora",
             &train_args(&sandbox, &tiny_model(), &[]),

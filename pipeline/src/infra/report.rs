@@ -81,6 +81,17 @@ impl Summary {
     }
 }
 
+/// A path or key as printed in messages: as is, or quoted with escapes when it is empty or
+/// holds spaces at its ends or control characters, which would otherwise not show.
+pub fn shown(name: &str) -> String {
+    let plain = !name.is_empty() && name.trim() == name && !name.chars().any(char::is_control);
+    if plain {
+        name.to_string()
+    } else {
+        format!("{name:?}")
+    }
+}
+
 fn is_zero(count: &usize) -> bool {
     *count == 0
 }
@@ -106,7 +117,11 @@ pub fn finish(
             });
             let rate = count as f64 / seconds.max(1e-9);
             for failure in &summary.failures {
-                eprintln!("{tool}: skipped {}: {}", failure.path, failure.message);
+                eprintln!(
+                    "{tool}: skipped {}: {}",
+                    shown(&failure.path),
+                    failure.message
+                );
             }
             let kept = if summary.kept > 0 {
                 format!(
@@ -208,5 +223,18 @@ impl Progress {
     /// Removes the bar.
     pub fn finish(&self) {
         self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_would_not_show_are_quoted() {
+        assert_eq!(shown("a/b c.png"), "a/b c.png");
+        assert_eq!(shown(""), "\"\"");
+        assert_eq!(shown(" x.png"), "\" x.png\"");
+        assert_eq!(shown("new\nline.png"), "\"new\\nline.png\"");
     }
 }
