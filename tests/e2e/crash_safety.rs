@@ -429,3 +429,89 @@ fn killed_training_resumes_to_the_same_lora() {
         expected_log
     );
 }
+
+#[test]
+fn ctrl_c_saves_a_state_that_resumes_to_the_same_lora() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    common::make_training_caches(&data);
+    // Long enough that the interrupt lands mid-run; no periodic saves, so whatever is saved
+    // comes from the interrupt.
+    let args = |out: &Path| -> Vec<OsString> {
+        let mut args = train_args(&data, out);
+        args.retain(|a| a != "--save_state" && a != "--save_every_n_steps=2");
+        args.retain(|a| a != "--max_train_steps=8" && a != "--quiet");
+        args.push("--max_train_steps=20".into());
+        args
+    };
+    let reference = root.path().join("reference");
+    let status = Command::new(tool("train-lora"))
+        .args(args(&reference))
+        .status()
+        .unwrap();
+    assert!(status.success(), "uninterrupted run failed");
+    let expected = tensor_data(&reference.join("crash.safetensors"));
+    let expected_log = std::fs::read_to_string(reference.join("crash_loss.jsonl")).unwrap();
+
+    let out = root.path().join("interrupted");
+    let stderr_path = root.path().join("stderr");
+    let mut child = Command::new(tool("train-lora"))
+        .args(args(&out))
+        .arg("--verbose")
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    // Interrupt once training is under way (the loop logs its first step).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&stderr_path)
+        .unwrap_or_default()
+        .contains("step 2:")
+    {
+        assert!(Instant::now() < deadline, "training never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = child.id() as i32;
+    // SAFETY: sends a signal to our own child process.
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("--resume"), "{stderr}");
+    let states: Vec<PathBuf> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with("-state"))
+        .collect();
+    assert_eq!(states.len(), 1, "{stderr}");
+    let stem = states[0]
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .replace("-state", "");
+    assert!(
+        out.join(format!("{stem}.safetensors")).is_file(),
+        "{stderr}"
+    );
+    assert!(!out.join("crash.safetensors").exists(), "{stderr}");
+
+    let mut resume = args(&out);
+    resume.extend(["--resume".into(), "latest".into()]);
+    let rerun = Command::new(tool("train-lora"))
+        .args(&resume)
+        .output()
+        .unwrap();
+    assert!(
+        rerun.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rerun.stderr)
+    );
+    assert!(
+        tensor_data(&out.join("crash.safetensors")) == expected,
+        "interrupted at {stem}: the resumed LoRA differs from an uninterrupted run's"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("crash_loss.jsonl")).unwrap(),
+        expected_log
+    );
+}

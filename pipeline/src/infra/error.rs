@@ -37,9 +37,23 @@ pub enum Error {
     /// A model could not be loaded or run.
     #[error("{0}")]
     Model(String),
+    /// The run was stopped by a signal after saving what it had (the message says where).
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl Error {
+    /// The message without the path prefix (for reports that name the file themselves).
+    pub fn detail(&self) -> String {
+        match self {
+            Error::Io { source, .. } => source.to_string(),
+            Error::BadFile { message, .. } | Error::Schema { message, .. } => message.clone(),
+            Error::Usage(message) | Error::Model(message) | Error::Interrupted(message) => {
+                message.clone()
+            }
+        }
+    }
+
     /// An I/O error about `path`.
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io {
@@ -70,7 +84,7 @@ impl Error {
             Error::Io { path, .. } | Error::BadFile { path, .. } | Error::Schema { path, .. } => {
                 Some(path)
             }
-            Error::Usage(_) | Error::Model(_) => None,
+            Error::Usage(_) | Error::Model(_) | Error::Interrupted(_) => None,
         }
     }
 }

@@ -1,9 +1,10 @@
 //! Infrastructure every other tier builds on: errors, atomic file I/O, content hashing,
-//! Python-style JSON, available memory, run reports and progress.
+//! Python-style JSON, interrupts, available memory, run reports and progress.
 
 pub mod error;
 pub mod fsio;
 pub mod hashing;
+pub mod interrupt;
 pub mod memory;
 pub mod pyjson;
 pub mod report;

@@ -63,11 +63,7 @@ impl Summary {
     /// Records a per-item error; the message names the file when the error has one.
     pub fn fail(&mut self, item: &Path, error: &Error) {
         let path = error.path().unwrap_or(item).display().to_string();
-        let message = match error {
-            Error::Io { source, .. } => source.to_string(),
-            Error::BadFile { message, .. } | Error::Schema { message, .. } => message.clone(),
-            Error::Usage(m) | Error::Model(m) => m.clone(),
-        };
+        let message = error.detail();
         self.failures.push(ItemFailure { path, message });
     }
 
@@ -141,10 +137,10 @@ pub fn finish(
         }
         Err(error) => {
             eprintln!("{tool}: error: {error}");
-            if matches!(error, Error::Usage(_)) {
-                EXIT_USAGE
-            } else {
-                EXIT_FATAL
+            match error {
+                Error::Usage(_) => EXIT_USAGE,
+                Error::Interrupted(_) => super::interrupt::EXIT_INTERRUPTED,
+                _ => EXIT_FATAL,
             }
         }
     };

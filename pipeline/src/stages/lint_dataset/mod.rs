@@ -464,7 +464,7 @@ fn color_mode_message(header: &ImageHeader) -> Option<(Severity, String)> {
 }
 
 fn decode(path: &Path, options: &LintOptions) -> std::result::Result<LoadedImage, String> {
-    crate::dataset::imaging::open(path, &options.image).map_err(|error| error_detail(&error))
+    crate::dataset::imaging::open(path, &options.image).map_err(|error| Error::detail(&error))
 }
 
 /// Exact duplicates (same length, then same BLAKE3) and, after decoding, near-duplicates.
@@ -793,7 +793,7 @@ fn check_metadata(
                 Severity::Error,
                 Code::MetadataUnreadable,
                 in_json,
-                format!("{}; later stages refuse it", error_detail(&error)),
+                format!("{}; later stages refuse it", Error::detail(&error)),
             ));
             return;
         }
@@ -858,15 +858,6 @@ fn check_metadata(
                 in_json.display()
             ),
         ));
-    }
-}
-
-/// The message of an error without the path prefix (the finding names the file).
-fn error_detail(error: &Error) -> String {
-    match error {
-        Error::Io { source, .. } => source.to_string(),
-        Error::BadFile { message, .. } | Error::Schema { message, .. } => message.clone(),
-        Error::Usage(message) | Error::Model(message) => message.clone(),
     }
 }
 

@@ -25,7 +25,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::formats::manifest::Manifest;
 use crate::formats::schema::LORA_V1;
 use crate::infra::report::{Progress, Summary, Throughput};
-use crate::infra::{fsio, memory};
+use crate::infra::{fsio, interrupt, memory};
 use crate::models::precision::{MixedPrecision, ModelPrecision};
 use crate::models::unet::{self, Unet};
 use crate::models::{Checkpoint, Component, ModelFamily};
@@ -516,6 +516,7 @@ impl Training<'_> {
     fn run(&self, optimizer: &mut Optimizer, start: state::Progress) -> Result<state::Progress> {
         let (resume_epoch, resume_batches) = (start.epoch, start.batches_done_in_epoch);
         let mut at = start;
+        interrupt::catch("train-lora").map_err(|e| Error::Model(format!("signal handler: {e}")))?;
         let progress = Progress::new("train-lora steps", self.plan.total_steps, self.args.quiet);
         progress.inc(at.global_step as u64);
         for epoch in resume_epoch.max(1)..=self.plan.num_epochs {
@@ -566,6 +567,10 @@ impl Training<'_> {
                 if self.save_after_step(optimizer, &at, epoch, bi)? {
                     // Last step: the end-of-epoch validation still runs.
                     break;
+                }
+                if interrupt::requested() {
+                    progress.finish();
+                    return Err(self.save_interrupted(optimizer, &at, epoch, bi)?);
                 }
             }
             self.end_epoch(optimizer, &mut at, epoch)?;
@@ -678,6 +683,39 @@ impl Training<'_> {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// After an interrupt: saves the LoRA and a resumable state at the step just finished
+    /// (`<name>-step<N>`), whatever `--save_state` says, and the loss log; returns the error
+    /// that tells the user where they are and how to go on.
+    fn save_interrupted(
+        &self,
+        optimizer: &Optimizer,
+        at: &state::Progress,
+        epoch: usize,
+        bi: usize,
+    ) -> Result<Error> {
+        let step = at.global_step;
+        let stem = self.saver.stem(SavePoint::Step(step));
+        let model = self.saver.save_model(&stem, step, epoch - 1)?;
+        let dir = self.args.output_dir.join(format!("{stem}-state"));
+        let position = state::Progress {
+            epoch,
+            batches_done_in_epoch: bi + 1,
+            global_step: step,
+            log_lines: at.log_lines.clone(),
+            loss_average: at.loss_average.clone(),
+        };
+        state::save(&dir, self.network, optimizer, &position)?;
+        write_log(self.log_path, &at.log_lines)?;
+        Ok(Error::Interrupted(format!(
+            "interrupted after step {step} of {}: saved {} and the state {}; to go on, run the \
+             same command with --resume {} (or --resume latest)",
+            self.plan.total_steps,
+            model.display(),
+            dir.display(),
+            dir.display()
+        )))
     }
 
     /// End of an epoch: validation when due, and an epoch checkpoint when due.

@@ -105,7 +105,8 @@ impl Saver<'_> {
         Ok(())
     }
 
-    fn stem(&self, at: SavePoint) -> String {
+    /// The file stem of a periodic save (`<name>-step<N:08>` or `<name>-<N:06>`).
+    pub fn stem(&self, at: SavePoint) -> String {
         match at {
             SavePoint::Step(step) => format!("{}-step{step:08}", self.name),
             SavePoint::Epoch(epoch) => format!("{}-{epoch:06}", self.name),
