@@ -426,3 +426,82 @@ fn every_precision_trains_saves_and_is_recorded() {
         }
     }
 }
+
+#[test]
+fn tensorboard_events_carry_the_loss_log_under_kohya_tags() {
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let logs = out.path().join("logs");
+    let (model, meta) = (model(), data.path().join("meta_lat.json"));
+    let (data_dir, out_dir) = (data.path(), out.path());
+    let base: &[&std::ffi::OsStr] = args![
+        "--pretrained_model_name_or_path",
+        model,
+        "--in_json",
+        meta,
+        "--train_data_dir",
+        data_dir,
+        "--output_dir",
+        out_dir,
+        "--max_train_steps",
+        "3",
+        "--train_batch_size",
+        "1",
+        "--quiet"
+    ];
+    let refused = run_expect(
+        "train-lora",
+        &[base, args!["--log_with", "wandb"]].concat(),
+        2,
+    );
+    assert!(refused.contains("--log_with tensorboard"), "{refused}");
+    // --logging_dir alone means TensorBoard, as in sd-scripts.
+    let flags: &[&std::ffi::OsStr] = args!["--logging_dir", logs, "--log_prefix", "kohya-"];
+    run_expect("train-lora", &[base, flags].concat(), 0);
+    let runs: Vec<_> = std::fs::read_dir(&logs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(runs.len(), 1);
+    let run_name = runs[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        run_name.starts_with("kohya-") && run_name.len() == "kohya-".len() + 14,
+        "{run_name}"
+    );
+    let events: Vec<_> = std::fs::read_dir(runs[0].join("network_train"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(events.len(), 1);
+    assert!(events[0].to_string_lossy().contains("events.out.tfevents."));
+    let scalars = lorakit_pipeline::formats::tfevents::read_scalars(&events[0]).unwrap();
+    let log = std::fs::read_to_string(out.path().join("last_loss.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v.get("loss").is_some())
+        .collect();
+    assert_eq!(steps.len(), 3);
+    for line in &steps {
+        let step = line["step"].as_i64().unwrap();
+        let find = |tag: &str| {
+            scalars
+                .iter()
+                .find(|(s, t, _)| *s == step && t == tag)
+                .map(|(_, _, v)| *v)
+        };
+        assert_eq!(
+            find("loss/current"),
+            Some(line["loss"].as_f64().unwrap() as f32)
+        );
+        assert_eq!(
+            find("loss/average"),
+            Some(line["loss_average"].as_f64().unwrap() as f32)
+        );
+        assert_eq!(find("lr/unet"), Some(line["lr"].as_f64().unwrap() as f32));
+    }
+    assert!(scalars
+        .iter()
+        .any(|(_, tag, _)| tag == "loss/epoch_average"));
+}

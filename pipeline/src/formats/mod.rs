@@ -8,3 +8,4 @@ pub mod npz;
 pub mod schema;
 pub mod tag_store;
 pub mod te_cache;
+pub mod tfevents;

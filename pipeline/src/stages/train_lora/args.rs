@@ -285,6 +285,17 @@ pub struct TrainArgs {
     /// Write the loss log as JSON lines here (default `<output_dir>/<name>_loss.jsonl`).
     #[arg(long)]
     pub loss_log: Option<PathBuf>,
+    /// Also write loss, average loss, learning rate and validation loss as TensorBoard events
+    /// under `<logging_dir>/<log_prefix><YYYYmmddHHMMSS>/network_train` (implied by
+    /// --logging_dir). Only `tensorboard`: wandb needs the network.
+    #[arg(long)]
+    pub log_with: Option<String>,
+    /// Folder of the TensorBoard runs (`tensorboard --logdir` it).
+    #[arg(long)]
+    pub logging_dir: Option<PathBuf>,
+    /// Prefix of the run folder name under --logging_dir.
+    #[arg(long)]
+    pub log_prefix: Option<String>,
     /// No progress display.
     #[arg(skip)]
     pub quiet: bool,
@@ -365,15 +376,6 @@ pub struct CompatArgs {
     /// Set by cache-text-encoder --max_token_length; checked against the caches when given.
     #[arg(long)]
     pub max_token_length: Option<usize>,
-    /// The loss log is `<output_name>_loss.jsonl` (see --loss_log).
-    #[arg(long)]
-    pub logging_dir: Option<PathBuf>,
-    /// The loss log is `<output_name>_loss.jsonl` (see --loss_log).
-    #[arg(long)]
-    pub log_with: Option<String>,
-    /// The loss log is `<output_name>_loss.jsonl` (see --loss_log).
-    #[arg(long)]
-    pub log_prefix: Option<String>,
     /// Memory-mapped weights already keep the resident size low.
     #[arg(long)]
     pub lowram: bool,

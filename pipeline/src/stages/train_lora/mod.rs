@@ -14,6 +14,7 @@ pub mod plot;
 pub mod saving;
 pub mod schedule;
 pub mod state;
+pub mod tensorboard;
 pub mod validation;
 
 use std::collections::BTreeMap;
@@ -196,6 +197,10 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         validation: validation.as_ref(),
         saver: &saver,
         log_path: &log_path,
+        tracker: match tensorboard::run_dir(args)? {
+            Some(dir) => Some(std::cell::RefCell::new(tensorboard::Tracker::create(&dir)?)),
+            None => None,
+        },
     };
     let first_step = start.global_step;
     let end = training.run(&mut setup.optimizer, start)?;
@@ -508,6 +513,8 @@ struct Training<'a> {
     validation: Option<&'a Validation>,
     saver: &'a saving::Saver<'a>,
     log_path: &'a Path,
+    /// `--log_with tensorboard`: every loss-log line also goes to an event file.
+    tracker: Option<std::cell::RefCell<tensorboard::Tracker>>,
 }
 
 impl Training<'_> {
@@ -645,8 +652,17 @@ impl Training<'_> {
             line["average_key_norm"] = report.mean_norm.into();
             line["max_key_norm"] = report.max_norm.into();
         }
-        at.log_lines.push(line.to_string());
+        self.record(at, line)?;
         tracing::debug!("step {step}: loss {step_loss:.5} (avg {average:.5}) lr {lr:e}");
+        Ok(())
+    }
+
+    /// Appends a line to the loss log (and to TensorBoard with `--log_with tensorboard`).
+    fn record(&self, at: &mut state::Progress, line: serde_json::Value) -> Result<()> {
+        if let Some(tracker) = &self.tracker {
+            tracker.borrow_mut().record(&line)?;
+        }
+        at.log_lines.push(line.to_string());
         Ok(())
     }
 
@@ -729,11 +745,13 @@ impl Training<'_> {
             .args
             .validate_every_n_epochs
             .is_none_or(|n| n > 0 && epoch % n == 0);
+        let mut line = serde_json::json!({"step": at.global_step, "epoch": epoch, "epoch_loss_average": at.loss_average.value()});
         if let Some(validation) = self.validation.filter(|_| validate_epoch) {
             let value = validation.loss(self.unet, self.network, self.loss_ctx, self.device)?;
-            let divergence = value - at.loss_average.value();
-            at.log_lines.push(serde_json::json!({"step": at.global_step, "epoch": epoch, "epoch_validation_loss": value, "epoch_validation_divergence": divergence}).to_string());
+            line["epoch_validation_loss"] = value.into();
+            line["epoch_validation_divergence"] = (value - at.loss_average.value()).into();
         }
+        self.record(at, line)?;
         if let Some(n) = self.plan.save_every_n_epochs {
             if epoch % n == 0 && epoch < self.plan.num_epochs {
                 let position = state::Progress {
@@ -975,6 +993,7 @@ fn check_args(args: &TrainArgs) -> Result<()> {
             )));
         }
     }
+    tensorboard::run_dir(args)?;
     if args.adaptive_noise_scale.is_some() && args.noise_offset.is_none() {
         return Err(Error::Usage(
             "--adaptive_noise_scale requires --noise_offset".into(),
