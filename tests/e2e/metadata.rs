@@ -287,3 +287,19 @@ fn a_pipe_in_place_of_a_sidecar_is_a_per_file_error_not_a_hang() {
         std::fs::remove_file(&pipe).unwrap();
     }
 }
+
+#[test]
+fn quiet_prints_nothing_for_a_clean_run_and_still_names_failures() {
+    let root = tempfile::tempdir().unwrap();
+    let data = dataset(root.path());
+    let meta = root.path().join("meta.json");
+    let stderr = run_expect("merge-captions", args![data, meta, "-q"], 0);
+    assert_eq!(stderr, "", "a clean -q run printed something");
+    std::fs::write(data.join("broken.png"), b"not an image").unwrap();
+    std::fs::write(data.join("broken.caption"), [0xff, 0xfe, 0x00]).unwrap();
+    let stderr = run_expect("merge-captions", args![data, meta, "-q"], 3);
+    assert!(
+        stderr.contains("broken.caption") && stderr.contains("1 failed"),
+        "{stderr}"
+    );
+}

@@ -15,7 +15,7 @@ use std::io::IsTerminal;
 #[derive(Debug, Clone, Default, Args)]
 #[command(rename_all = "snake_case")]
 pub struct LogArgs {
-    /// Print only errors (no progress, no summary lines from the library).
+    /// Print only errors and skipped items (no progress, no logs, no summary of a clean run).
     #[arg(long, short = 'q')]
     pub quiet: bool,
     /// Print detailed per-item logs.
@@ -26,6 +26,7 @@ pub struct LogArgs {
 impl LogArgs {
     /// Installs the `tracing` subscriber on stderr at the chosen level (`RUST_LOG` overrides).
     pub fn init(&self) {
+        crate::infra::report::set_quiet(self.quiet);
         let level = if self.quiet {
             "error"
         } else if self.verbose {

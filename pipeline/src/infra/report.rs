@@ -92,6 +92,14 @@ fn is_zero(count: &usize) -> bool {
     *count == 0
 }
 
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `-q/--quiet`: a run that ends with every item done or up to date prints nothing at all;
+/// skipped items and errors are still printed.
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Runs a stage body and prints its report: the `main` of every tool.
 pub fn run(tool: &str, body: impl FnOnce() -> crate::Result<Summary>) -> std::process::ExitCode {
     let started = Instant::now();
@@ -127,6 +135,10 @@ pub fn finish(
             } else {
                 String::new()
             };
+            let quiet = QUIET.load(std::sync::atomic::Ordering::Relaxed);
+            if quiet && summary.failures.is_empty() {
+                return std::process::ExitCode::from(summary.exit_code());
+            }
             eprintln!(
                 "{tool}: {} done, {} up to date{kept}, {} failed in {seconds:.2} s ({rate:.1} {unit}/s)",
                 summary.done,
@@ -175,12 +187,18 @@ impl Progress {
             let bar = indicatif::ProgressBar::new(total);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {pos}/{len} {per_sec} ETA {eta}",
+                    "{prefix} [{bar:30}] {pos}/{len} {rate} ETA {eta} {msg}",
                 )
                 .expect("valid template")
+                .with_key(
+                    "rate",
+                    |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = write!(w, "{}", rate_text(state.per_sec()));
+                    },
+                )
                 .progress_chars("=> "),
             );
-            bar.set_message(label.to_string());
+            bar.set_prefix(label.to_string());
             bar
         };
         let plain = (!quiet && !terminal).then(|| {
@@ -207,13 +225,18 @@ impl Progress {
                 let done = self.bar.position();
                 let seconds = state.started.elapsed().as_secs_f64();
                 let rate = done as f64 / seconds.max(1e-9);
-                let eta = (self.total.saturating_sub(done)) as f64 / rate.max(1e-9);
+                let status = self.bar.message();
                 eprintln!(
-                    "{}: {done}/{} ({rate:.1} items/s, ETA {eta:.0} s)",
-                    self.label, self.total
+                    "{}",
+                    plain_line(&self.label, done, self.total, rate, &status)
                 );
             }
         }
+    }
+
+    /// Sets the text shown after the bar (and in plain lines), e.g. the running loss.
+    pub fn set_status(&self, status: String) {
+        self.bar.set_message(status);
     }
 
     /// Removes the bar.
@@ -222,9 +245,61 @@ impl Progress {
     }
 }
 
+/// A progress line for logs: `label: done/total (rate, ETA s[, status])`.
+fn plain_line(label: &str, done: u64, total: u64, rate: f64, status: &str) -> String {
+    let eta = total.saturating_sub(done) as f64 / rate.max(1e-9);
+    let status = if status.is_empty() {
+        String::new()
+    } else {
+        format!(", {status}")
+    };
+    format!(
+        "{label}: {done}/{total} ({}, ETA {eta:.0} s{status})",
+        rate_text(rate)
+    )
+}
+
+/// A rate rounded for reading: `12/s`, `3.4/s`, `0.27/s`, or seconds per item when slower.
+fn rate_text(per_second: f64) -> String {
+    match per_second {
+        r if !r.is_finite() || r <= 0.0 => "-/s".into(),
+        r if r >= 10.0 => format!("{r:.0}/s"),
+        r if r >= 1.0 => format!("{r:.1}/s"),
+        r if r >= 0.1 => format!("{r:.2}/s"),
+        r => format!("{:.1} s each", 1.0 / r),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_lines_carry_the_status() {
+        assert_eq!(
+            plain_line(
+                "train-lora steps",
+                10,
+                40,
+                2.0,
+                "loss 0.1234 avg 0.1300 lr 1.00e-4"
+            ),
+            "train-lora steps: 10/40 (2.0/s, ETA 15 s, loss 0.1234 avg 0.1300 lr 1.00e-4)"
+        );
+        assert_eq!(
+            plain_line("images", 1, 2, 0.5, ""),
+            "images: 1/2 (0.50/s, ETA 2 s)"
+        );
+    }
+
+    #[test]
+    fn rates_are_rounded_for_reading() {
+        assert_eq!(rate_text(1.2279), "1.2/s");
+        assert_eq!(rate_text(123.456), "123/s");
+        assert_eq!(rate_text(0.27), "0.27/s");
+        assert_eq!(rate_text(0.05), "20.0 s each");
+        assert_eq!(rate_text(0.0), "-/s");
+    }
 
     #[test]
     fn names_that_would_not_show_are_quoted() {

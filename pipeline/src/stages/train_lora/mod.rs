@@ -567,10 +567,14 @@ impl Training<'_> {
                     continue;
                 }
                 at.global_step += 1;
-                progress.inc(1);
                 let step_loss = group_losses.iter().sum::<f32>() / group_losses.len() as f32;
                 group_losses.clear();
                 self.log_step(&mut at, epoch, step_loss, lr, max_norm)?;
+                progress.set_status(format!(
+                    "loss {step_loss:.4} avg {:.4} lr {lr:.2e}",
+                    at.loss_average.value()
+                ));
+                progress.inc(1);
                 if self.save_after_step(optimizer, &at, epoch, bi)? {
                     // Last step: the end-of-epoch validation still runs.
                     break;
