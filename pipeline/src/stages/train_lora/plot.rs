@@ -1,5 +1,5 @@
 //! The loss plot written next to a trained LoRA: a PNG chart of the per-step loss and its
-//! running average, drawn with plotters. Text needs a TrueType font, looked up at run time in the
+//! running average, with a legend, drawn with plotters. Text needs a TrueType font, looked up at run time in the
 //! usual system places; without one the chart is drawn without text.
 
 use std::sync::OnceLock;
@@ -99,15 +99,34 @@ fn render(losses: &[f32], averages: &[f32], title: &str, with_text: bool) -> Res
                 .map(|(i, &v)| ((i + 1) as f32, v))
                 .collect()
         };
+        let sample = |colour: RGBColor, width: u32| {
+            move |(x, y): (i32, i32)| {
+                PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(width))
+            }
+        };
         chart
             .draw_series(LineSeries::new(series(losses), LOSS_COLOUR.stroke_width(1)))
-            .map_err(|e| failed(&e))?;
+            .map_err(|e| failed(&e))?
+            .label("loss per step (loss/current)")
+            .legend(sample(LOSS_COLOUR, 1));
         chart
             .draw_series(LineSeries::new(
                 series(averages),
                 AVERAGE_COLOUR.stroke_width(3),
             ))
-            .map_err(|e| failed(&e))?;
+            .map_err(|e| failed(&e))?
+            .label("running average (loss/average)")
+            .legend(sample(AVERAGE_COLOUR, 3));
+        if with_text {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK.mix(0.4))
+                .label_font(("sans-serif", 14))
+                .draw()
+                .map_err(|e| failed(&e))?;
+        }
         root.present().map_err(|e| failed(&e))?;
     }
     let image = image::RgbImage::from_raw(WIDTH, HEIGHT, pixels)
@@ -155,5 +174,14 @@ mod tests {
         assert_ne!(flat, varied, "the picture follows the data");
         let empty = decode(&render(&[], &[], "demo", false).unwrap());
         assert_eq!(count(&empty, AVERAGE_COLOUR), 0);
+        if font_present {
+            // With text, a legend shows a sample of each line even when there is no data.
+            let legend = decode(&render(&[], &[], "demo", true).unwrap());
+            assert!(
+                count(&legend, AVERAGE_COLOUR) >= 24 * 3,
+                "average legend sample"
+            );
+            assert!(count(&legend, LOSS_COLOUR) >= 24, "loss legend sample");
+        }
     }
 }
