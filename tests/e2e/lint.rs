@@ -492,3 +492,31 @@ fn a_pipe_at_a_caption_path_is_reported_as_not_a_file() {
         "{report}"
     );
 }
+
+#[test]
+fn a_dreambooth_layout_is_named_instead_of_reporting_zero_images() {
+    let root = tempfile::tempdir().unwrap();
+    let class = root.path().join("10_sks dog");
+    std::fs::create_dir(&class).unwrap();
+    std::fs::write(class.join("a.png"), png_bytes(&picture(16, 16, 1))).unwrap();
+    let (report, code) = lint_json(root.path(), &[]);
+    assert_eq!(code, 3);
+    let finding = &report["findings"][0];
+    assert_eq!(finding["code"], "no_images");
+    let message = finding["message"].as_str().unwrap();
+    assert!(
+        message.contains("--recursive") && message.contains("10_sks dog"),
+        "{message}"
+    );
+    // Every stage that lists images refuses the folder with the same hint.
+    let out = root.path().join("meta.json");
+    let stderr = run_expect("merge-captions", args![root.path(), out], 1);
+    assert!(
+        stderr.contains("DreamBooth") && stderr.contains("--recursive"),
+        "{stderr}"
+    );
+    let (report, _) = lint_json(root.path(), &["--recursive"]);
+    assert_eq!(report["images"], 1, "{report}");
+    let codes: BTreeSet<String> = codes_by_file(&report).into_values().flatten().collect();
+    assert!(!codes.contains("no_images"), "{codes:?}");
+}

@@ -93,7 +93,57 @@ pub fn find_images(train_data_dir: &Path, recursive: bool) -> Result<Discovery> 
     found.images.sort();
     found.images.dedup();
     found.not_files.sort();
+    if found.images.is_empty() {
+        return Err(no_images(train_data_dir, recursive));
+    }
     Ok(found)
+}
+
+/// The error for a folder without images, with a hint when its subfolders hold some (a kohya
+/// DreamBooth layout such as `img/10_sks dog/`).
+pub fn no_images(train_data_dir: &Path, recursive: bool) -> Error {
+    let with_images: Vec<String> = if recursive {
+        Vec::new()
+    } else {
+        (std::fs::read_dir(train_data_dir)
+            .into_iter()
+            .flatten()
+            .flatten())
+        .filter(|entry| entry.path().is_dir())
+        .filter(|entry| {
+            walkdir::WalkDir::new(entry.path())
+                .into_iter()
+                .flatten()
+                .any(|e| e.file_type().is_file() && has_image_extension(e.path()))
+        })
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect()
+    };
+    let message = match with_images.first() {
+        None => format!(
+            "no images found (looked for {} files{})",
+            IMAGE_EXTENSIONS.join(" "),
+            if recursive { ", in subfolders too" } else { "" }
+        ),
+        Some(first) => {
+            let dreambooth = with_images.iter().any(|name| {
+                name.split_once('_')
+                    .is_some_and(|(n, rest)| !rest.is_empty() && n.parse::<u32>().is_ok())
+            });
+            format!(
+                "no images directly in this folder, but {} subfolder(s) hold some (e.g. {first:?}); \
+                 pass --recursive to include them{}",
+                with_images.len(),
+                if dreambooth {
+                    " (the `<repeats>_<name>` folders of a kohya DreamBooth layout are read as \
+                     plain subfolders: their repeat counts are not applied)"
+                } else {
+                    ""
+                }
+            )
+        }
+    };
+    Error::bad_file(train_data_dir, message)
 }
 
 /// `image` relative to the dataset folder `root`, `/`-separated: the name under which indexes,
@@ -183,6 +233,23 @@ mod tests {
         assert_eq!(flat.not_files, vec![dir.path().join("folder.png")]);
         let deep = find_images(dir.path(), true).unwrap();
         assert!(deep.images.contains(&dir.path().join("sub").join("h.png")));
+    }
+
+    #[test]
+    fn a_folder_without_images_is_an_error_that_points_at_subfolders() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = find_images(dir.path(), false).unwrap_err().to_string();
+        assert!(empty.contains("no images found"), "{empty}");
+        let class = dir.path().join("10_sks dog");
+        std::fs::create_dir(&class).unwrap();
+        std::fs::write(class.join("a.png"), b"x").unwrap();
+        let layered = find_images(dir.path(), false).unwrap_err().to_string();
+        assert!(
+            layered.contains("--recursive") && layered.contains("10_sks dog"),
+            "{layered}"
+        );
+        assert!(layered.contains("DreamBooth"), "{layered}");
+        assert_eq!(find_images(dir.path(), true).unwrap().images.len(), 1);
     }
 
     #[cfg(unix)]

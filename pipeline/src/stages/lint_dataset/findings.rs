@@ -30,6 +30,8 @@ pub enum Code {
     DecodeFailed,
     /// Width, height or pixel count beyond the decompression-bomb limits.
     TooLarge,
+    /// No image in the folder (with a hint when subfolders hold some).
+    NoImages,
     /// Named like an image but is a folder or other non-file.
     NotAFile,
     /// The extension names another format than the content.

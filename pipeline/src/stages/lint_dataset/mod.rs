@@ -111,6 +111,10 @@ pub fn lint(options: &LintOptions) -> Result<LintReport> {
     }
     let mut findings = Vec::new();
     let listing = scan_folder(options, &mut findings)?;
+    if listing.images.is_empty() {
+        let message = crate::dataset::no_images(dir, options.recursive).detail();
+        findings.push(finding(Severity::Error, Code::NoImages, dir, message));
+    }
     let progress = Progress::new("lint-dataset", listing.images.len(), options.quiet);
     let inspected: Vec<ImageFacts> = listing
         .images
