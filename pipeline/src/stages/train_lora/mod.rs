@@ -749,13 +749,16 @@ impl Training<'_> {
             .args
             .validate_every_n_epochs
             .is_none_or(|n| n > 0 && epoch % n == 0);
-        let mut line = serde_json::json!({"step": at.global_step, "epoch": epoch, "epoch_loss_average": at.loss_average.value()});
+        if let Some(tracker) = &self.tracker {
+            let average = serde_json::json!({"step": at.global_step, "epoch_loss_average": at.loss_average.value()});
+            tracker.borrow_mut().record(&average)?;
+        }
         if let Some(validation) = self.validation.filter(|_| validate_epoch) {
             let value = validation.loss(self.unet, self.network, self.loss_ctx, self.device)?;
-            line["epoch_validation_loss"] = value.into();
-            line["epoch_validation_divergence"] = (value - at.loss_average.value()).into();
+            let divergence = value - at.loss_average.value();
+            let line = serde_json::json!({"step": at.global_step, "epoch": epoch, "epoch_validation_loss": value, "epoch_validation_divergence": divergence});
+            self.record(at, line)?;
         }
-        self.record(at, line)?;
         if let Some(n) = self.plan.save_every_n_epochs {
             if epoch % n == 0 && epoch < self.plan.num_epochs {
                 let position = state::Progress {
@@ -841,6 +844,8 @@ fn training_key(
     let mut relevant = args.clone();
     relevant.quiet = false;
     relevant.compat = Default::default();
+    // Where the run logs does not change what it trains.
+    (relevant.log_with, relevant.logging_dir, relevant.log_prefix) = (None, None, None);
     key.text("arguments", &format!("{relevant:?}"));
     key.text("unet", &checkpoint.component_hash(Component::Unet)?);
     if let Some(path) = &args.network_weights {
