@@ -156,6 +156,7 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
             &loss_ctx.noise,
         )
     });
+    std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
     let mut start = state::Progress::default();
     if let Some(resume) = &args.resume {
         let dir = state::resolve_resume(resume, &args.output_dir)?;
@@ -1021,12 +1022,32 @@ fn check_args(args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// Creates `--output_dir` and checks that the LoRA and the loss log can be written there, so
-/// a read-only folder or a folder in the LoRA's place is refused before training, not after.
+/// Checks that the LoRA and the loss log can be written, so a read-only folder or a folder in
+/// the LoRA's place is refused before training, not after. A missing `--output_dir` is not
+/// created yet (a run that fails leaves nothing behind): its nearest existing parent is checked.
 fn check_outputs_writable(args: &TrainArgs) -> Result<()> {
-    std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
     let name = args.output_name.as_deref().unwrap_or(DEFAULT_OUTPUT_NAME);
-    fsio::check_writable(&args.output_dir.join(format!("{name}.safetensors")))?;
+    let lora = args.output_dir.join(format!("{name}.safetensors"));
+    let existing = (args.output_dir.ancestors())
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("."));
+    if existing == args.output_dir {
+        fsio::check_writable(&lora)?;
+    } else if existing.is_dir() {
+        fsio::check_writable(&existing.join(format!("{name}.safetensors")))?;
+    } else {
+        return Err(Error::bad_file(
+            existing,
+            "is a file: --output_dir cannot be created below it",
+        ));
+    }
     if let Some(log) = &args.loss_log {
         fsio::check_writable(log)?;
     }
