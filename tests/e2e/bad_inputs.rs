@@ -639,6 +639,17 @@ const ROWS: &[Row] = &[
         check: no_lora_written,
     },
     Row {
+        name: "train-lora with a latent cache declaring 4 GiB",
+        tool: "train-lora",
+        args: |c, out| {
+            let damaged = ("npz/huge_shape.npz", "two_0512x0512_sd.npz", [128, 128]);
+            train_args(c, out, tiny_model(), Some(damaged))
+        },
+        code: 1,
+        must_name: |_| vec!["two_0512x0512_sd.npz".into()],
+        check: no_lora_written,
+    },
+    Row {
         name: "train-lora with a truncated latent cache",
         tool: "train-lora",
         args: |c, out| {
@@ -779,4 +790,26 @@ fn every_tool_survives_the_bad_input_corpus() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn declared_array_sizes_are_checked_before_reading() {
+    let root = tempfile::tempdir().unwrap();
+    let corpus = corpus::generate(&root.path().join("corpus")).unwrap();
+    // The corpus archives are readable as such: a good one reads, the huge one is refused.
+    let valid = corpus.path("npz/valid_latents.npz");
+    let mut reader = lorakit_pipeline::formats::npz::NpzReader::open(&valid).unwrap();
+    assert_eq!(reader.read_f32("latents").unwrap().1, vec![4, 8, 12]);
+    let path = corpus.path("npz/huge_shape.npz");
+    let started = std::time::Instant::now();
+    let message = lorakit_pipeline::formats::npz::NpzReader::open(&path)
+        .unwrap()
+        .read_f32("latents")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("huge_shape.npz") && message.contains("declares 4294967296 bytes"),
+        "{message}"
+    );
+    assert!(started.elapsed().as_secs_f64() < 1.0);
 }

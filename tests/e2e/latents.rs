@@ -417,3 +417,85 @@ fn flip_aug_alpha_mask_and_half_precision() {
         "fp16 differs by {gap} (scale {scale})"
     );
 }
+
+/// Rewrites the latent cache at `path` with its own content key and `latents` (as float64 when
+/// `as_f64`), keeping `original_size` and `crop_ltrb`: a cache whose key says "up to date".
+fn write_lying_cache(path: &Path, latents: Vec<f32>, shape: &[usize], as_f64: bool) {
+    let mut reader = NpzReader::open(path).unwrap();
+    let key = npz::stored_key(&mut reader).unwrap();
+    let mut writer = npz::NpzWriter::new();
+    if as_f64 {
+        let values = latents.into_iter().map(f64::from).collect();
+        writer.add_f64("latents", values, shape).unwrap();
+    } else {
+        writer.add_f32("latents", latents, shape).unwrap();
+    }
+    let (size, _) = reader.read_i64("original_size").unwrap();
+    writer.add_i64("original_size", size, &[2]).unwrap();
+    let (crop, _) = reader.read_f64("crop_ltrb").unwrap();
+    writer.add_f64("crop_ltrb", crop, &[4]).unwrap();
+    npz::store_key(&mut writer, &key).unwrap();
+    writer.write(path).unwrap();
+}
+
+#[test]
+fn caches_with_the_right_key_but_bad_arrays_are_re_encoded() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for good in ["microaneurysms.png", "coins.png"] {
+        std::fs::copy(fixtures().join("images").join(good), data.join(good)).unwrap();
+    }
+    let in_json = root.path().join("in.json");
+    std::fs::write(
+        &in_json,
+        r#"{"coins": {"caption": "coins"}, "microaneurysms": {"caption": "eye"}}"#,
+    )
+    .unwrap();
+    let out_json = root.path().join("out.json");
+    let model = model();
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        data.as_os_str(),
+        in_json.as_os_str(),
+        out_json.as_os_str(),
+        model.as_os_str(),
+    ];
+    args.extend(
+        ["--max_resolution", "128,128", "--min_bucket_reso", "64"]
+            .iter()
+            .map(std::ffi::OsStr::new),
+    );
+    run_expect("prepare-latents", &args, 0);
+    let cache = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("coins_") && p.extension().unwrap() == "npz")
+        .unwrap();
+    let shape = NpzReader::open(&cache).unwrap().shape("latents").unwrap();
+    let count: usize = shape.iter().product();
+    let lies: [(Vec<f32>, Vec<usize>, bool, &str); 3] = [
+        (vec![f32::NAN; count], shape.clone(), false, "NaN"),
+        (vec![0.5; 4 * 4 * 4], vec![4, 4, 4], false, "is expected"),
+        (vec![0.5; count], shape.clone(), true, "dtype"),
+    ];
+    for (latents, lie_shape, as_f64, reason) in lies {
+        write_lying_cache(&cache, latents, &lie_shape, as_f64);
+        let stderr = run_expect("prepare-latents", &args, 0);
+        assert!(
+            stderr.contains("1 done, 1 up to date"),
+            "{reason}: {stderr}"
+        );
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("stale cache replaced"))
+            .unwrap_or_else(|| panic!("{reason}: no reason given:\n{stderr}"));
+        assert!(line.contains("coins_") && line.contains(reason), "{line}");
+        let mut fixed = NpzReader::open(&cache).unwrap();
+        assert_eq!(fixed.dtype("latents").unwrap(), "<f4");
+        let (values, fixed_shape) = fixed.read_f32("latents").unwrap();
+        assert_eq!(fixed_shape, shape);
+        assert!(values.iter().all(|v| v.is_finite()));
+    }
+    let stderr = run_expect("prepare-latents", &args, 0);
+    assert!(stderr.contains("0 done, 2 up to date"), "{stderr}");
+}

@@ -276,3 +276,20 @@ fn missing_model_and_runtime_are_explained() {
     assert!(stderr.contains("make setup"), "{stderr}");
     assert!(!s.images.join("astronaut.txt").exists());
 }
+
+#[test]
+fn a_file_name_at_the_length_limit_gets_its_tag_file() {
+    let s = setup();
+    let long = s.images.parent().unwrap().join("long");
+    std::fs::create_dir(&long).unwrap();
+    // 246 + ".png" and 246 + ".txt": 250 bytes, legal under the 255-byte limit.
+    let stem = "n".repeat(246);
+    std::fs::copy(
+        s.images.join("chelsea.png"),
+        long.join(format!("{stem}.png")),
+    )
+    .unwrap();
+    let stderr = run_expect("tag-images", args![long, "--model_dir", s.models], 0);
+    assert!(stderr.contains("1 done"), "{stderr}");
+    assert!(long.join(format!("{stem}.txt")).is_file());
+}

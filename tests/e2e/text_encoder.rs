@@ -378,3 +378,122 @@ fn shards_split_the_entries_without_seeing_each_other_as_orphans() {
     }
     assert_eq!(done, 8);
 }
+
+/// Rewrites the cache at `path` with its own content key and `hidden_state` (as float64 when
+/// `as_f64`): a cache whose key says "up to date".
+fn write_lying_cache(path: &Path, hidden: Vec<f32>, shape: &[usize], as_f64: bool) {
+    use lorakit_pipeline::formats::npz;
+    let key = npz::stored_key(&mut npz::NpzReader::open(path).unwrap()).unwrap();
+    let mut writer = npz::NpzWriter::new();
+    if as_f64 {
+        let values = hidden.into_iter().map(f64::from).collect();
+        writer.add_f64("hidden_state", values, shape).unwrap();
+    } else {
+        writer.add_f32("hidden_state", hidden, shape).unwrap();
+    }
+    npz::store_key(&mut writer, &key).unwrap();
+    writer.write(path).unwrap();
+}
+
+#[test]
+fn one_bad_item_fails_alone_and_lying_caches_are_re_encoded() {
+    let root = tempfile::tempdir().unwrap();
+    let meta = root.path().join("meta.json");
+    let cache = root.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    // Eight entries in one batch of 8; the fourth one's cache name (250-byte stem +
+    // "_te_outputs.npz") exceeds the 255-byte file-name limit.
+    let mut captions = serde_json::Map::new();
+    let long = "n".repeat(250);
+    for (index, (name, text)) in golden_captions().into_iter().take(7).enumerate() {
+        if index == 3 {
+            captions.insert(long.clone(), json!("a photo of a cat"));
+        }
+        captions.insert(name, text);
+    }
+    write_metadata(&meta, &captions);
+    let model = model();
+    let args = args![meta, model, "--cache_dir", cache, "--batch_size", "8"];
+    let stderr = run_expect("cache-text-encoder", args, 3);
+    assert!(
+        stderr.contains("7 done, 0 up to date, 1 failed"),
+        "{stderr}"
+    );
+    let failure = stderr
+        .lines()
+        .find(|l| l.contains("skipped"))
+        .unwrap_or_else(|| panic!("no failure line:\n{stderr}"));
+    assert!(failure.contains(&long), "{failure}");
+    for name in captions.keys().filter(|name| **name != long) {
+        assert!(cache_file(&cache, name).is_file(), "{name} not written");
+    }
+
+    // A cache whose key matches but whose arrays are NaN, mis-shaped or mis-typed is encoded
+    // again, and the run says why.
+    let name = captions.keys().next().unwrap().clone();
+    let file = cache_file(&cache, &name);
+    let lies: [(Vec<f32>, Vec<usize>, bool, &str); 3] = [
+        (vec![f32::NAN; 77 * 64], vec![77, 64], false, "NaN"),
+        (vec![0.5; 10 * 64], vec![10, 64], false, "shape"),
+        (vec![0.5; 77 * 64], vec![77, 64], true, "dtype"),
+    ];
+    for (hidden, shape, as_f64, reason) in lies {
+        write_lying_cache(&file, hidden, &shape, as_f64);
+        let stderr = run_expect("cache-text-encoder", args, 3);
+        assert!(
+            stderr.contains("1 done, 6 up to date"),
+            "{reason}: {stderr}"
+        );
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("stale cache replaced"))
+            .unwrap_or_else(|| panic!("{reason}: no reason given:\n{stderr}"));
+        assert!(line.contains(&name) && line.contains(reason), "{line}");
+        let (values, fixed_shape, dtype) = npz_array(&file, "hidden_state");
+        assert_eq!((fixed_shape, dtype.as_str()), (vec![77, 64], "<f4"));
+        assert!(values.iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn keys_leading_outside_the_dataset_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("ds");
+    let outside = root.path().join("outside");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::create_dir(&outside).unwrap();
+    for image in [
+        data.join("a.png"),
+        outside.join("x.png"),
+        outside.join("y.png"),
+    ] {
+        std::fs::write(image, b"not decoded by this stage").unwrap();
+    }
+    let absolute = outside.join("y.png").display().to_string();
+    let meta = root.path().join("meta.json");
+    let entries = json!({
+        "a": {"caption": "a cat"},
+        "../outside/x.png": {"caption": "escaping by .."},
+        absolute.clone(): {"caption": "escaping by an absolute path"},
+    });
+    std::fs::write(&meta, serde_json::to_vec(&entries).unwrap()).unwrap();
+    let stderr = run_expect(
+        "cache-text-encoder",
+        args![meta, model(), "--train_data_dir", data],
+        3,
+    );
+    assert!(
+        stderr.contains("1 done, 0 up to date, 2 failed"),
+        "{stderr}"
+    );
+    for key in ["../outside/x.png", absolute.as_str()] {
+        let line = stderr
+            .lines()
+            .find(|l| l.contains(&format!("skipped {key}")))
+            .unwrap_or_else(|| panic!("{key} not reported:\n{stderr}"));
+        assert!(line.contains("outside the dataset folder"), "{line}");
+    }
+    assert!(data.join("a_te_outputs.npz").is_file());
+    let written: Vec<_> = std::fs::read_dir(&outside).unwrap().collect();
+    assert_eq!(written.len(), 2, "caches written outside the dataset");
+}

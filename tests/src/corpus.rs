@@ -708,7 +708,8 @@ fn npz(members: &[(&str, Vec<u8>)]) -> Vec<u8> {
         central.extend_from_slice(b"PK\x01\x02");
         central.extend_from_slice(&20u16.to_le_bytes());
         central.extend_from_slice(&common);
-        central.extend_from_slice(&[0u8; 8]);
+        // Comment length, disk number, internal attributes (external attributes follow).
+        central.extend_from_slice(&[0u8; 6]);
         central.extend_from_slice(&0u32.to_le_bytes());
         central.extend_from_slice(&offset.to_le_bytes());
         central.extend_from_slice(file_name.as_bytes());
@@ -798,6 +799,15 @@ fn write_caches(corpus: &mut Corpus) -> std::io::Result<()> {
         "npz/truncated.npz",
         &valid[..valid.len() * 2 / 3],
         "npz zip cut short",
+        Bad,
+    )?;
+    corpus.add(
+        "npz/huge_shape.npz",
+        &npz(&[(
+            "latents",
+            npy("<f4", &[4, 16384, 16384], &f32_bytes([0.0; 16])),
+        )]),
+        "latent cache declaring a 4 GiB array in 64 bytes (must be refused unread)",
         Bad,
     )?;
     corpus.add(

@@ -195,6 +195,33 @@ pub fn resolve_image(key: &str, image_dir: Option<&Path>) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
+/// Fails unless `image`, the image metadata entry `key` resolved to, lies in the dataset folder
+/// `dir` or one of its sub-folders (compared after resolving symlinks and `..`): stages write
+/// their outputs beside the image, and a key like `ds/../elsewhere/x.png` or an absolute path
+/// elsewhere must not make them write outside the dataset.
+pub fn ensure_in_dataset(key: &str, image: &Path, dir: &Path) -> Result<()> {
+    let folder = match image.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let inside = folder
+        .canonicalize()
+        .ok()
+        .zip(dir.canonicalize().ok())
+        .is_some_and(|(folder, dir)| folder.starts_with(dir));
+    if inside {
+        return Ok(());
+    }
+    Err(Error::bad_file(
+        key,
+        format!(
+            "metadata entry leads to {}, outside the dataset folder {}; nothing is written for it (fix or remove the entry)",
+            image.display(),
+            dir.display()
+        ),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,6 +257,27 @@ mod tests {
     fn rejects_non_object_documents() {
         assert!(Metadata::from_value(json!([1, 2])).is_err());
         assert!(Metadata::from_value(json!({"a": "b"})).is_err());
+    }
+
+    #[test]
+    fn images_outside_the_dataset_are_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let dataset = root.path().join("ds");
+        std::fs::create_dir_all(dataset.join("sub")).unwrap();
+        std::fs::create_dir_all(root.path().join("outside")).unwrap();
+        for image in ["ds/a.png", "ds/sub/b.png", "outside/x.png"] {
+            std::fs::write(root.path().join(image), b"x").unwrap();
+        }
+        let check = |key: &str| {
+            let image = resolve_image(key, Some(&dataset)).unwrap();
+            ensure_in_dataset(key, &image, &dataset)
+        };
+        assert!(check("a").is_ok());
+        assert!(check("sub/b.png").is_ok());
+        let escaped = check("../outside/x.png").unwrap_err().to_string();
+        assert!(escaped.contains("../outside/x.png") && escaped.contains("outside the dataset"));
+        let absolute = root.path().join("outside/x.png").display().to_string();
+        assert!(check(&absolute).is_err());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Every file format the stages exchange, with its schema id: metadata JSON, manifests, npz
-//! caches, the text-encoder cache file, the tag-probability store and model families.
+//! caches, the latent and text-encoder cache files, the tag-probability store and model
+//! families.
 
+pub mod latent_cache;
 pub mod manifest;
 pub mod metadata;
 pub mod model_family;

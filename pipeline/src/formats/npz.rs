@@ -4,7 +4,7 @@
 //! little endian), so numpy and sd-scripts load them without pickle.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Cursor, Read};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -15,6 +15,18 @@ use crate::{infra::fsio, Error, Result};
 
 /// Name of the array holding the content key that produced a cache file.
 pub const KEY_ARRAY: &str = "lorakit_key";
+
+/// The largest array lorakit reads from a `.npz` file (256 MiB; the latents of a 4096x4096
+/// image take 4 MiB, its alpha mask 64 MiB). An array declaring more, in its `.npy` header or
+/// as the zip entry's uncompressed size, is refused before anything is decompressed.
+pub const MAX_ARRAY_BYTES: u64 = 256 << 20;
+
+/// The largest `.npy` header read (numpy's own `max_header_size` default).
+const MAX_HEADER_BYTES: usize = 10_000;
+
+/// An array member's bytes: the already-read `.npy` header, then the rest of the zip entry,
+/// never more than the entry declares.
+type MemberReader<'a> = std::io::Chain<Cursor<Vec<u8>>, std::io::Take<zip::read::ZipFile<'a>>>;
 
 /// Element data of one array waiting to be written.
 enum ArrayData {
@@ -187,21 +199,54 @@ impl NpzReader {
         Ok(file.shape().iter().map(|&d| d as usize).collect())
     }
 
-    fn member(&mut self, name: &str) -> Result<npyz::NpyFile<zip::read::ZipFile<'_>>> {
-        let path = &self.path;
-        match self.archive.by_name(name) {
-            Ok(Some(file)) => Ok(file),
-            Ok(None) => Err(Error::bad_file(
-                path,
-                format!("has no array `{name}`; delete it to have it re-created"),
-            )),
-            Err(e) => Err(Error::bad_file(
-                path,
+    /// Opens array `name` after checking its declared sizes: the zip entry's uncompressed size
+    /// and the header's shape x item size must both stay within [`MAX_ARRAY_BYTES`], and the
+    /// entry must be large enough to hold the data the header declares.
+    fn member(&mut self, name: &str) -> Result<npyz::NpyFile<MemberReader<'_>>> {
+        let path = self.path.clone();
+        let unreadable = |e: &dyn std::fmt::Display| {
+            Error::bad_file(
+                &path,
                 format!(
                     "array `{name}` is unreadable ({e}); delete the file to have it re-created"
                 ),
-            )),
+            )
+        };
+        let file_name = npyz::npz::file_name_from_array_name(name);
+        let entry = match self.archive.zip_archive().by_name(&file_name) {
+            Ok(entry) => entry,
+            Err(zip::result::ZipError::FileNotFound) => {
+                return Err(Error::bad_file(
+                    &path,
+                    format!("has no array `{name}`; delete it to have it re-created"),
+                ))
+            }
+            Err(e) => return Err(unreadable(&e)),
+        };
+        let declared = entry.size();
+        if declared > MAX_ARRAY_BYTES + MAX_HEADER_BYTES as u64 {
+            return Err(too_large(
+                &path,
+                name,
+                &format!("{declared} bytes uncompressed"),
+            ));
         }
+        let mut entry = entry.take(declared);
+        let (header, data_bytes) = read_npy_header(&mut entry).map_err(|e| unreadable(&e))?;
+        let data_bytes = match data_bytes {
+            Some(bytes) if bytes <= MAX_ARRAY_BYTES => bytes,
+            Some(bytes) => return Err(too_large(&path, name, &format!("{bytes} bytes of data"))),
+            None => return Err(too_large(&path, name, "a shape whose size overflows")),
+        };
+        if header.len() as u64 + data_bytes > declared {
+            return Err(Error::bad_file(
+                &path,
+                format!(
+                    "array `{name}` is truncated: its header declares {data_bytes} bytes of data but the zip entry holds {declared} bytes in all; delete the file to have it re-created"
+                ),
+            ));
+        }
+        npyz::NpyFile::new(Cursor::new(header).chain(entry)).map_err(|e| unreadable(&e))
     }
 
     fn read_as<T: npyz::Deserialize>(
@@ -273,6 +318,76 @@ impl NpzReader {
         let (values, shape) = self.read_f32(name)?;
         Tensor::from_vec(values, shape, device).map_err(model_error)
     }
+}
+
+/// Reads the `.npy` header at the start of `reader` (magic, version, length, the Python dict
+/// text) without trusting it: returns its bytes and the data size its shape and dtype declare
+/// (`None` when that overflows), so the caller can refuse before reading the data.
+fn read_npy_header(reader: &mut impl Read) -> std::io::Result<(Vec<u8>, Option<u64>)> {
+    let invalid = |message: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, message);
+    let mut bytes = vec![0u8; 8];
+    reader.read_exact(&mut bytes)?;
+    if &bytes[..6] != b"\x93NUMPY" {
+        return Err(invalid("not an .npy array (no NUMPY magic)"));
+    }
+    let length_bytes = if bytes[6] == 1 { 2 } else { 4 };
+    let mut length = [0u8; 4];
+    reader.read_exact(&mut length[..length_bytes])?;
+    bytes.extend_from_slice(&length[..length_bytes]);
+    let length = u32::from_le_bytes(length) as usize;
+    if length > MAX_HEADER_BYTES {
+        return Err(invalid("the .npy header is longer than 10000 bytes"));
+    }
+    let start = bytes.len();
+    bytes.resize(start + length, 0);
+    reader.read_exact(&mut bytes[start..])?;
+    let text = std::str::from_utf8(&bytes[start..]).map_err(|_| invalid("header is not text"))?;
+    let py_literal::Value::Dict(entries) = text
+        .trim_end()
+        .parse::<py_literal::Value>()
+        .map_err(|_| invalid("header is not a Python dict"))?
+    else {
+        return Err(invalid("header is not a Python dict"));
+    };
+    let field = |key: &str| {
+        entries
+            .iter()
+            .find(|(k, _)| matches!(k, py_literal::Value::String(s) if s == key))
+            .map(|(_, v)| v)
+    };
+    let item_size = match field("descr") {
+        Some(py_literal::Value::String(descr)) => descr
+            .parse::<npyz::TypeStr>()
+            .map_err(|_| invalid("unknown dtype"))?
+            .num_bytes()
+            .ok_or_else(|| invalid("unknown dtype"))?
+            as u64,
+        _ => return Err(invalid("only plain dtypes are supported")),
+    };
+    let dims = match field("shape") {
+        Some(py_literal::Value::Tuple(dims) | py_literal::Value::List(dims)) => dims,
+        _ => return Err(invalid("header has no shape")),
+    };
+    let mut data_bytes = Some(item_size);
+    for dim in dims {
+        let py_literal::Value::Integer(dim) = dim else {
+            return Err(invalid("shape holds a non-integer"));
+        };
+        let dim = dim.to_string().parse::<u64>().ok();
+        data_bytes = data_bytes.zip(dim).and_then(|(n, d)| n.checked_mul(d));
+    }
+    Ok((bytes, data_bytes))
+}
+
+/// The error for an array that declares more than [`MAX_ARRAY_BYTES`].
+fn too_large(path: &Path, name: &str, what: &str) -> Error {
+    Error::bad_file(
+        path,
+        format!(
+            "array `{name}` declares {what} larger than the {} MiB any lorakit cache array needs; refused without reading it (delete the file to have it re-created)",
+            MAX_ARRAY_BYTES >> 20
+        ),
+    )
 }
 
 /// Stores `key_hex` as the [`KEY_ARRAY`] uint8 array (the ASCII bytes of the hex key).
@@ -377,5 +492,63 @@ mod tests {
             "{message}"
         );
         assert!(NpzWriter::new().add_f32("x", vec![1.0], &[2]).is_err());
+    }
+
+    /// `bytes` of a one-array archive with the `.npy` header's shape replaced by `shape` (the
+    /// header keeps its length; its padding absorbs the change).
+    fn with_shape(bytes: &[u8], shape: &str) -> Vec<u8> {
+        let mut out = bytes.to_vec();
+        let start = out.windows(9).position(|w| w == b"'shape': ").unwrap();
+        let end = start + out[start..].iter().position(|&b| b == b'\n').unwrap();
+        let text = format!("'shape': {shape}, }}");
+        assert!(text.len() <= end - start);
+        out[start..end].fill(b' ');
+        out[start..start + text.len()].copy_from_slice(text.as_bytes());
+        out
+    }
+
+    #[test]
+    fn oversized_declarations_are_refused_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.npz");
+        let mut writer = NpzWriter::new();
+        writer.add_f32("latents", vec![0.5; 2], &[2]).unwrap();
+        writer.write(&path).unwrap();
+        let valid = std::fs::read(&path).unwrap();
+
+        // The .npy header declares a 4 GiB array; the file holds 8 bytes of data.
+        std::fs::write(&path, with_shape(&valid, "(4, 16384, 16384)")).unwrap();
+        let started = std::time::Instant::now();
+        let mut reader = NpzReader::open(&path).unwrap();
+        let message = reader.read_f32("latents").unwrap_err().to_string();
+        assert!(
+            message.contains("a.npz") && message.contains("declares 4294967296 bytes"),
+            "{message}"
+        );
+        assert!(started.elapsed().as_secs_f64() < 1.0);
+
+        // A shape whose byte count overflows is refused, not multiplied.
+        std::fs::write(&path, with_shape(&valid, "(4294967296, 4294967296, 4)")).unwrap();
+        let message = NpzReader::open(&path)
+            .unwrap()
+            .shape("latents")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("overflows"), "{message}");
+
+        // The zip entry declares 2 GiB uncompressed.
+        let mut huge_entry = valid;
+        let central = huge_entry
+            .windows(4)
+            .position(|w| w == b"PK\x01\x02")
+            .unwrap();
+        huge_entry[central + 24..central + 28].copy_from_slice(&0x7fff_0000u32.to_le_bytes());
+        std::fs::write(&path, &huge_entry).unwrap();
+        let message = NpzReader::open(&path)
+            .unwrap()
+            .read_f32("latents")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("bytes uncompressed"), "{message}");
     }
 }

@@ -89,17 +89,28 @@ fn temp_path_for(path: &Path) -> Result<PathBuf> {
             ),
         ));
     }
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Usage(format!("{} is not a file path", path.display())))?;
-    let mut temp_name = std::ffi::OsString::from(TEMP_PREFIX);
-    temp_name.push(format!(
-        "{}-{}-",
+    if path.file_name().is_none() {
+        return Err(Error::Usage(format!(
+            "{} is not a file path",
+            path.display()
+        )));
+    }
+    let tag = format!(
+        "{}-{}",
         std::process::id(),
         TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    temp_name.push(name);
-    Ok(parent.join(temp_name))
+    );
+    Ok(temp_sibling(path, &tag))
+}
+
+/// A hidden sibling of `path` to stage a write in: `.lorakit-tmp-<tag>-<hash of the name>`.
+///
+/// It is short whatever the length of the final name (at most 40 bytes plus `tag`), so a file
+/// whose legal name is near the 255-byte limit can still be written.
+pub fn temp_sibling(path: &Path, tag: &str) -> PathBuf {
+    let name = path.file_name().unwrap_or_default().as_encoded_bytes();
+    let hash = crate::infra::hashing::hash_bytes(name);
+    parent_dir(path).join(format!("{TEMP_PREFIX}{tag}-{}", &hash[..12]))
 }
 
 fn parent_dir(path: &Path) -> &Path {
@@ -169,6 +180,16 @@ mod tests {
         assert!(err.is_err());
         assert_eq!(std::fs::read(&target).unwrap(), b"old");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn names_near_the_length_limit_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join(format!("{}.txt", "n".repeat(251)));
+        assert_eq!(target.file_name().unwrap().len(), 255);
+        write_atomic(&target, b"tags").unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"tags");
+        assert!(temp_sibling(&target, "123-4").file_name().unwrap().len() < 64);
     }
 
     #[test]

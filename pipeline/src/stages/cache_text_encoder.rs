@@ -26,11 +26,11 @@ use serde_json::{json, Value};
 use crate::dataset::shard::Shard;
 use crate::formats::manifest::{InputRecord, Manifest};
 use crate::formats::metadata::load_input_metadata;
-use crate::formats::metadata::resolve_image;
+use crate::formats::metadata::{ensure_in_dataset, resolve_image};
 use crate::formats::model_family::ModelFamily;
 use crate::formats::npz::{store_key, stored_key, NpzReader, NpzWriter};
 use crate::formats::schema::{self, TE_CACHE_V1};
-use crate::formats::te_cache::{output_names, CACHE_SUFFIX};
+use crate::formats::te_cache::{output_names, read_cache_file, TeCacheSpec, CACHE_SUFFIX};
 use crate::infra::hashing::KeyBuilder;
 use crate::infra::report::{Progress, Summary};
 use crate::models::clip::{apply_weights, encode_sd, encode_sdxl};
@@ -358,9 +358,18 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
         );
     }
 
+    let spec = TeCacheSpec {
+        family,
+        sequence_len: Some(options.max_token_length.sequence_len()),
+        dtype: Some(match stored_dtype(options.mixed_precision) {
+            DType::F16 => "<f2",
+            _ => "<f4",
+        }),
+        variants: Some(options.variants),
+    };
     let stale: Vec<&Item> = items
         .iter()
-        .filter(|item| key_of_file(&item.cache_path).as_deref() != Some(item.content_key.as_str()))
+        .filter(|item| !is_current(item, &spec))
         .collect();
     summary.up_to_date = items.len() - stale.len();
 
@@ -384,11 +393,17 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
     let mut truncated = 0usize;
     let progress = Progress::new(TOOL, stale.len(), options.quiet);
     for batch in stale.chunks(options.batch_size.max(1)) {
-        let outcome = encode_and_write(&encoder, options, batch);
-        match outcome {
-            Ok(cut) => {
-                truncated += cut;
-                summary.done += batch.len();
+        match encode_and_write(&encoder, options, batch) {
+            Ok(outcomes) => {
+                for (item, outcome) in batch.iter().zip(outcomes) {
+                    match outcome {
+                        Ok(cut) => {
+                            truncated += usize::from(cut);
+                            summary.done += 1;
+                        }
+                        Err(error) => summary.fail(&item.cache_path, &error),
+                    }
+                }
             }
             Err(error) => {
                 for item in batch {
@@ -456,7 +471,8 @@ fn tokenizer_dirs(options: &TeCacheOptions, family: ModelFamily) -> Result<Vec<P
     Ok(vec![first, second])
 }
 
-/// Where the cache file of metadata entry `key` goes.
+/// Where the cache file of metadata entry `key` goes: in `--cache_dir`, else beside its image,
+/// which must lie in `--train_data_dir` when one is given ([`ensure_in_dataset`]).
 pub fn cache_path_for(key: &str, options: &TeCacheOptions) -> Result<PathBuf> {
     let stem_name = |path: &Path| {
         let mut name = path.file_stem().unwrap_or_default().to_os_string();
@@ -482,43 +498,73 @@ pub fn cache_path_for(key: &str, options: &TeCacheOptions) -> Result<PathBuf> {
             "image of this metadata entry not found, so its cache file has no place; pass --train_data_dir (stem or relative keys) or --cache_dir",
         )
     })?;
+    if let Some(dir) = &options.train_data_dir {
+        ensure_in_dataset(key, &image, dir)?;
+    }
     Ok(image.with_file_name(stem_name(&image)))
 }
 
-/// The content key stored in an existing cache file, if it can be read.
-fn key_of_file(path: &Path) -> Option<String> {
-    stored_key(&mut NpzReader::open(path).ok()?)
+/// Whether the cache file of `item` is up to date: it carries the item's content key and passes
+/// [`read_cache_file`] (the check training reads it with). A file with the right key that fails
+/// the check is logged with the reason and encoded again.
+fn is_current(item: &Item, spec: &TeCacheSpec) -> bool {
+    let key = NpzReader::open(&item.cache_path)
+        .ok()
+        .and_then(|mut reader| stored_key(&mut reader));
+    if key.as_deref() != Some(item.content_key.as_str()) {
+        return false;
+    }
+    match read_cache_file(&item.cache_path, spec, &Device::Cpu) {
+        Ok(_) => true,
+        Err(error) => {
+            tracing::warn!("stale cache replaced: {error}");
+            false
+        }
+    }
 }
 
-/// Tokenises, encodes and writes one batch of items; returns how many captions were truncated.
-fn encode_and_write(encoder: &Encoder, options: &TeCacheOptions, batch: &[&Item]) -> Result<usize> {
+/// Tokenises, encodes and writes one batch of items. Per item: whether its caption was
+/// truncated, or why it failed (tokenising or writing its file); the outer error (the encoder
+/// failed) concerns the whole batch.
+fn encode_and_write(
+    encoder: &Encoder,
+    options: &TeCacheOptions,
+    batch: &[&Item],
+) -> Result<Vec<Result<bool>>> {
     let variants = options.variants;
-    let mut texts: Vec<String> = Vec::with_capacity(batch.len() * (1 + variants));
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut tokens: Vec<Vec<TokenChunks>> = Vec::with_capacity(batch.len() * (1 + variants));
+    let mut encoded_items = Vec::with_capacity(batch.len());
     for item in batch {
-        texts.push(item.caption.clone());
+        let mut texts = vec![item.caption.clone()];
         let mut rng = rand::rngs::StdRng::seed_from_u64(variant_seed(options.seed, &item.key));
         for _ in 0..variants {
             texts.push(options.augmentation.apply(&item.caption, &mut rng));
         }
+        match texts
+            .iter()
+            .map(|text| encoder.tokenize(text))
+            .collect::<Result<Vec<_>>>()
+        {
+            Ok(item_tokens) => {
+                outcomes.push(Ok(item_tokens[0].iter().any(|c| c.truncated)));
+                encoded_items.push((outcomes.len() - 1, *item));
+                tokens.extend(item_tokens);
+            }
+            Err(error) => outcomes.push(Err(error)),
+        }
     }
-    let tokens = texts
-        .iter()
-        .map(|text| encoder.tokenize(text))
-        .collect::<Result<Vec<_>>>()?;
-    let truncated = tokens
-        .iter()
-        .step_by(1 + variants)
-        .filter(|t| t.iter().any(|c| c.truncated))
-        .count();
     let refs: Vec<&[TokenChunks]> = tokens.iter().map(Vec::as_slice).collect();
     let mut encoded = Vec::with_capacity(refs.len());
     for sub_batch in refs.chunks(options.batch_size.max(1)) {
         encoded.extend(encoder.encode(sub_batch)?);
     }
-    for (item, outputs) in batch.iter().zip(encoded.chunks(1 + variants)) {
-        write_cache_file(item, outputs, encoder.encoders.family)?;
+    for ((index, item), outputs) in encoded_items.into_iter().zip(encoded.chunks(1 + variants)) {
+        if let Err(error) = write_cache_file(item, outputs, encoder.encoders.family) {
+            outcomes[index] = Err(error);
+        }
     }
-    Ok(truncated)
+    Ok(outcomes)
 }
 
 /// Seed of one entry's variants: independent of batch order and of the other entries.

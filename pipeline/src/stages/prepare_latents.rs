@@ -20,6 +20,7 @@ use crate::dataset::bucket::{BucketManager, BucketSettings, Placement};
 use crate::dataset::find_images;
 use crate::dataset::imaging::{self, DecodeOptions};
 use crate::dataset::shard::Shard;
+use crate::formats::latent_cache::{read_latent_cache, LatentSpec};
 use crate::formats::manifest::{InputRecord, Manifest};
 use crate::formats::metadata::load_input_metadata;
 use crate::formats::metadata::{check_unique_keys, image_key};
@@ -350,7 +351,11 @@ fn plan(
         cache_path,
         content_key,
     };
-    let up_to_date = !options.force && cache_is_current(options, &item);
+    let up_to_date = !options.force
+        && cache_is_current(options, &item).unwrap_or_else(|error| {
+            tracing::warn!("stale cache replaced: {error}");
+            false
+        });
     Ok((item, up_to_date))
 }
 
@@ -382,44 +387,33 @@ pub fn content_key(
     builder.finish()
 }
 
-/// Whether the cache file carries `item`'s key (or, with `--skip_existing`, passes sd-scripts'
-/// strict validity check whatever its key).
-fn cache_is_current(options: &LatentOptions, item: &Planned) -> bool {
-    let Ok(mut reader) = NpzReader::open(&item.cache_path) else {
-        return false;
-    };
-    if npz::stored_key(&mut reader).as_deref() == Some(item.content_key.as_str()) {
-        return true;
-    }
-    options.skip_existing && passes_validity_check(&mut reader, options, &item.placement)
-}
-
-/// sd-scripts' legacy validity check (docs/kohya-compat.md#legacy-latent-caches): keys present
-/// with the bucket's shapes.
-fn passes_validity_check(
-    reader: &mut NpzReader,
-    options: &LatentOptions,
-    placement: &Placement,
-) -> bool {
-    let (bw, bh) = placement.bucket;
-    let latent_hw = [bh as usize / 8, bw as usize / 8];
-    let spatial_ok = |reader: &mut NpzReader, name: &str| {
-        reader
-            .shape(name)
-            .is_ok_and(|shape| shape.len() == 3 && shape[1..] == latent_hw)
-    };
-    ["original_size", "crop_ltrb"]
-        .iter()
-        .all(|k| reader.contains(k))
-        && spatial_ok(reader, "latents")
-        && (!options.flip_aug || spatial_ok(reader, "latents_flipped"))
-        && if options.alpha_mask {
-            reader
-                .shape("alpha_mask")
-                .is_ok_and(|shape| shape == [bh as usize, bw as usize])
-        } else {
-            !reader.contains("alpha_mask")
+/// Whether the cache file can be kept: it carries `item`'s key (or, with `--skip_existing`, any
+/// key) and passes [`read_latent_cache`], the check training loads it with. `Ok(false)`: missing
+/// or made from other inputs; `Err`: unusable although its key matches (the reason).
+fn cache_is_current(options: &LatentOptions, item: &Planned) -> Result<bool> {
+    let mut reader = match NpzReader::open(&item.cache_path) {
+        Ok(reader) => reader,
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(false)
         }
+        Err(error) => return Err(error),
+    };
+    let key_matches = npz::stored_key(&mut reader).as_deref() == Some(item.content_key.as_str());
+    if !key_matches && !options.skip_existing {
+        return Ok(false);
+    }
+    let (bw, bh) = item.placement.bucket;
+    let spec = LatentSpec {
+        bucket: Some((bw as usize, bh as usize)),
+        flip_aug: options.flip_aug,
+        alpha_mask: options.alpha_mask,
+        complete: true,
+    };
+    match read_latent_cache(&mut reader, &spec) {
+        Ok(_) => Ok(true),
+        Err(error) if key_matches => Err(error),
+        Err(_) => Ok(false),
+    }
 }
 
 /// Batches of the same bucket (ordered by bucket area like sd-scripts), decoded and resized on

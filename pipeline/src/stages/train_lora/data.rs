@@ -11,10 +11,11 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use crate::dataset::IMAGE_EXTENSIONS;
+use crate::formats::latent_cache::{read_latent_cache, LatentSpec};
 use crate::formats::metadata::load_input_metadata;
 use crate::formats::model_family::ModelFamily;
 use crate::formats::npz::NpzReader;
-use crate::formats::te_cache::read_cache_file;
+use crate::formats::te_cache::{read_cache_file, TeCacheSpec};
 use crate::{Error, Result};
 
 /// One training image as cached tensors.
@@ -313,15 +314,6 @@ pub fn find_latent_cache(base: &Path) -> Option<PathBuf> {
     })
 }
 
-/// Whether every value of a float32 tensor is finite (a NaN cache would turn the loss NaN).
-fn all_finite(tensor: &Tensor) -> Result<bool> {
-    Ok(tensor
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .iter()
-        .all(|v| v.is_finite()))
-}
-
 fn load_sample(
     key: &str,
     base: &Path,
@@ -337,40 +329,35 @@ fn load_sample(
             ),
         )
     })?;
-    let mut cache = NpzReader::open(&latent_path)?;
-    let latents = cache.read_tensor_f32("latents", &Device::Cpu)?;
-    if latents.rank() != 3 || latents.dims()[0] != 4 {
-        return Err(Error::bad_file(
-            &latent_path,
-            format!(
-                "latents have shape {:?}, expected [4, h, w]",
-                latents.dims()
-            ),
-        ));
-    }
-    if !all_finite(&latents)? {
-        return Err(Error::bad_file(
-            &latent_path,
-            "latents contain NaN or infinite values (a VAE run in fp16?); re-run prepare-latents with --mixed_precision no",
-        ));
-    }
-    if let Some(res) = train_resolution.and_then(|v| v.as_array()) {
-        let want: Vec<u64> = res.iter().filter_map(|v| v.as_u64()).collect();
-        let have = [latents.dims()[2] as u64 * 8, latents.dims()[1] as u64 * 8];
-        if want.len() == 2 && want != have {
-            return Err(Error::bad_file(&latent_path, format!("latents are for {}x{} but the metadata train_resolution is {}x{}; re-run prepare-latents", have[0], have[1], want[0], want[1])));
-        }
-    }
-    let mask = if options.alpha_mask {
-        Some(latent_mask(&mut cache, &latents)?)
-    } else {
-        None
+    let bucket = train_resolution
+        .and_then(|v| v.as_array())
+        .and_then(|res| match res.as_slice() {
+            [w, h] => Some((w.as_u64()? as usize, h.as_u64()? as usize)),
+            _ => None,
+        });
+    let spec = LatentSpec {
+        bucket,
+        flip_aug: options.flip_aug,
+        alpha_mask: options.alpha_mask,
+        complete: false,
     };
-    let latents_flipped = if options.flip_aug {
-        Some(flipped_latents(&mut cache, &latents)?)
-    } else {
-        None
-    };
+    let arrays = read_latent_cache(&mut NpzReader::open(&latent_path)?, &spec)?;
+    let [_, h, w] = arrays.shape;
+    let latents = Tensor::from_vec(arrays.latents, arrays.shape.to_vec(), &Device::Cpu)?;
+    let latents_flipped = arrays
+        .latents_flipped
+        .map(|flipped| Tensor::from_vec(flipped, arrays.shape.to_vec(), &Device::Cpu))
+        .transpose()?;
+    // The pixel-resolution mask averaged over each 8x8 block to the latents' `[1, h, w]` (the
+    // "area" resize sd-scripts applies to the loss mask).
+    let mask = arrays
+        .alpha_mask
+        .map(|mask| {
+            Tensor::from_vec(mask, (1, 1, h * 8, w * 8), &Device::Cpu)?
+                .avg_pool2d(8)?
+                .reshape((1, h, w))
+        })
+        .transpose()?;
     let te_path = PathBuf::from(format!("{}_te_outputs.npz", base.display()));
     if !te_path.is_file() {
         return Err(Error::bad_file(
@@ -379,24 +366,8 @@ fn load_sample(
         ));
     }
     // SD 1.x and 2.x caches share one layout (a single `hidden_state`), so either family reads it.
-    let cached = read_cache_file(&te_path, ModelFamily::Sd1, &Device::Cpu)?;
+    let cached = read_cache_file(&te_path, &TeCacheSpec::any(ModelFamily::Sd1), &Device::Cpu)?;
     let context = cached.arrays[0].to_dtype(DType::F32)?;
-    if !all_finite(&context)? {
-        return Err(Error::bad_file(
-            &te_path,
-            "text-encoder outputs contain NaN or infinite values; re-run cache-text-encoder with --mixed_precision no",
-        ));
-    }
-    let ok = context.rank() == 2 && context.dims()[0] % 75 == 2;
-    if !ok {
-        return Err(Error::bad_file(
-            &te_path,
-            format!(
-                "hidden_state has shape {:?}, expected [75n+2, D]",
-                context.dims()
-            ),
-        ));
-    }
     Ok(Sample {
         key: key.to_string(),
         latents,
@@ -405,50 +376,6 @@ fn load_sample(
         latents_flipped,
         cache_files: [latent_path, te_path],
     })
-}
-
-/// The cache's `latents_flipped`, which must match the latents' shape.
-fn flipped_latents(cache: &mut NpzReader, latents: &Tensor) -> Result<Tensor> {
-    optional_array(cache, "latents_flipped", latents.dims(), "--flip_aug")
-}
-
-/// The cache's pixel-resolution `alpha_mask` `[8h, 8w]` averaged over each 8x8 block to the
-/// latents' `[1, h, w]` (the "area" resize sd-scripts applies to the loss mask).
-fn latent_mask(cache: &mut NpzReader, latents: &Tensor) -> Result<Tensor> {
-    let (_, h, w) = latents.dims3()?;
-    let mask = optional_array(cache, "alpha_mask", &[h * 8, w * 8], "--alpha_mask")?;
-    Ok(mask
-        .reshape((1, 1, h * 8, w * 8))?
-        .avg_pool2d(8)?
-        .reshape((1, h, w))?)
-}
-
-/// The array `name` of a latent cache that prepare-latents writes only with `flag`; it must
-/// exist and have `shape`.
-fn optional_array(
-    cache: &mut NpzReader,
-    name: &str,
-    shape: &[usize],
-    flag: &str,
-) -> Result<Tensor> {
-    let path = cache.path().to_path_buf();
-    if !cache.contains(name) {
-        return Err(Error::bad_file(
-            &path,
-            format!("no {name} in the latent cache; re-run prepare-latents with {flag}"),
-        ));
-    }
-    let array = cache.read_tensor_f32(name, &Device::Cpu)?;
-    if array.dims() != shape {
-        return Err(Error::bad_file(
-            &path,
-            format!(
-                "{name} has shape {:?} but the latents need {shape:?}; re-run prepare-latents {flag}",
-                array.dims()
-            ),
-        ));
-    }
-    Ok(array)
 }
 
 #[cfg(test)]

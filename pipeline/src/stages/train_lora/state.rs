@@ -43,12 +43,7 @@ pub fn save(
     optimizer: &Optimizer,
     progress: &Progress,
 ) -> Result<()> {
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let staging = parent.join(format!("{}{name}", crate::infra::fsio::TEMP_PREFIX));
+    let staging = crate::infra::fsio::temp_sibling(dir, "new");
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
     }
@@ -82,7 +77,7 @@ pub fn save(
             .unwrap_or_default()
             .as_bytes(),
     )?;
-    let retired = parent.join(format!("{}old-{name}", crate::infra::fsio::TEMP_PREFIX));
+    let retired = crate::infra::fsio::temp_sibling(dir, "old");
     if dir.exists() {
         if retired.exists() {
             std::fs::remove_dir_all(&retired).map_err(|e| Error::io(&retired, e))?;
