@@ -109,7 +109,7 @@ fn temp_path_for(path: &Path) -> Result<PathBuf> {
 /// whose legal name is near the 255-byte limit can still be written.
 pub fn temp_sibling(path: &Path, tag: &str) -> PathBuf {
     let name = path.file_name().unwrap_or_default().as_encoded_bytes();
-    let hash = crate::infra::hashing::hash_bytes(name);
+    let hash = blake3::hash(name).to_hex();
     parent_dir(path).join(format!("{TEMP_PREFIX}{tag}-{}", &hash[..12]))
 }
 

@@ -9,7 +9,7 @@ use crate::support::fixtures;
 
 use candle_core::{DType, Device, Tensor};
 use lorakit_pipeline::dataset::shard::Shard;
-use lorakit_pipeline::formats::te_cache::read_cache_file;
+use lorakit_pipeline::formats::te_cache::{read_cache_file, TeCacheSpec};
 use lorakit_pipeline::models::clip::{apply_weights, encode_sd, encode_sdxl, LinearHook};
 use lorakit_pipeline::models::precision::MixedPrecision;
 use lorakit_pipeline::models::text_encoders::{load_text_encoders, TextEncoders};
@@ -449,7 +449,8 @@ fn diffusers_sd1_folder_caches_sd_scripts_states() {
     assert_eq!((summary.done, summary.failures.len()), (8, 0));
     for name in captions().keys() {
         let file = root.path().join(format!("{name}_te_outputs.npz"));
-        let cached = read_cache_file(&file, ModelFamily::Sd1, &Device::Cpu).unwrap();
+        let cached =
+            read_cache_file(&file, &TeCacheSpec::any(ModelFamily::Sd1), &Device::Cpu).unwrap();
         assert_eq!(cached.arrays.len(), 1);
         assert!(cached.key.is_some() && cached.variants.is_none());
         let diff = max_abs_diff(
@@ -472,7 +473,8 @@ fn diffusers_sdxl_folder_writes_sd_scripts_keys() {
     let tokenizer = tokenizer();
     for name in ["short", "t100", "empty"] {
         let file = root.path().join(format!("{name}_te_outputs.npz"));
-        let cached = read_cache_file(&file, ModelFamily::Sdxl, &Device::Cpu).unwrap();
+        let cached =
+            read_cache_file(&file, &TeCacheSpec::any(ModelFamily::Sdxl), &Device::Cpu).unwrap();
         let dims: Vec<Vec<usize>> = cached.arrays.iter().map(|t| t.dims().to_vec()).collect();
         assert_eq!(dims, [vec![77, 64], vec![77, 64], vec![64]]);
         let normed = loaded.encoders[0]
