@@ -118,7 +118,7 @@ fn join_metadata(shards: &[PathBuf], order: Option<&[String]>) -> Result<Vec<u8>
 fn join_caption_indexes(shards: &[PathBuf]) -> Result<Vec<u8>> {
     let mut entries = Map::new();
     for shard in shards {
-        match read_json(shard)? {
+        match pyjson::read_document(shard)? {
             Value::Object(part) => entries.extend(part),
             _ => {
                 return Err(Error::schema(
@@ -153,7 +153,7 @@ fn join_entry_documents(shards: &[PathBuf], order: Option<&[String]>) -> Result<
     let mut document: Option<Value> = None;
     let mut entries = Map::new();
     for shard in shards {
-        let mut value = read_json(shard)?;
+        let mut value = pyjson::read_document(shard)?;
         let Some(Value::Object(part)) = value.as_object_mut().and_then(|o| o.remove("entries"))
         else {
             return Err(Error::schema(shard, "has no \"entries\" object to merge"));
@@ -176,11 +176,6 @@ fn join_entry_documents(shards: &[PathBuf], order: Option<&[String]>) -> Result<
     let mut document = document.expect("at least one shard");
     document["entries"] = Value::Object(reorder(entries, order));
     Ok(pyjson::document_bytes(&document))
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    serde_json::from_slice(&fsio::read(path)?)
-        .map_err(|e| Error::bad_file(path, format!("not valid JSON ({e})")))
 }
 
 /// Puts `entries` in the order of `order` (unknown keys last, sorted), or sorted by key.

@@ -125,13 +125,14 @@ pub fn resolve_resume(resume: &str, output_dir: &Path) -> Result<PathBuf> {
 
 fn read_state_json(dir: &Path) -> Result<(serde_json::Value, usize)> {
     let path = dir.join(STATE_FILE);
-    let bytes = crate::infra::fsio::read(&path)?;
-    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-        Error::bad_file(
-            &path,
-            format!("not valid JSON ({e}); the state is corrupt, resume from another one"),
-        )
-    })?;
+    let value = crate::infra::pyjson::parse_document(&crate::infra::fsio::read(&path)?).map_err(
+        |message| {
+            Error::bad_file(
+                &path,
+                format!("{message}; the state is corrupt, resume from another one"),
+            )
+        },
+    )?;
     let step = value["current_step"]
         .as_u64()
         .ok_or_else(|| Error::bad_file(&path, "current_step is missing; the state is corrupt"))?;
