@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::dataset::shard::ShardRecord;
 use crate::formats::schema::{self, MANIFEST_V1};
 use crate::infra::report::Summary;
 use crate::infra::{fsio, hashing, pyjson};
@@ -64,6 +65,10 @@ pub struct Manifest {
     pub sidecars: crate::dataset::sidecar::WrittenSidecars,
     /// Counts and failures of the run that wrote the output.
     pub summary: Summary,
+    /// For the output of a run with `--shard i/n`: which part of which run it is (absent in
+    /// unsharded and merged outputs, and in shard outputs of older lorakit versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardRecord>,
 }
 
 impl Manifest {
@@ -85,6 +90,7 @@ impl Manifest {
             items: BTreeMap::new(),
             sidecars: BTreeMap::new(),
             summary: Summary::default(),
+            shard: None,
         }
     }
 
