@@ -14,7 +14,7 @@ use crate::dataset::IMAGE_EXTENSIONS;
 use crate::formats::metadata::load_input_metadata;
 use crate::formats::model_family::ModelFamily;
 use crate::formats::npz::NpzReader;
-use crate::formats::te_cache::read_cache_file;
+use crate::formats::te_cache::{describe_width, read_cache_file};
 use crate::{Error, Result};
 
 /// One training image as cached tensors.
@@ -26,6 +26,8 @@ pub struct Sample {
     pub latents: Tensor,
     /// Text-encoder hidden states `[75n+2, D]` (f32, CPU).
     pub context: Tensor,
+    /// The text-encoder cache file `context` was read from (named in messages).
+    pub text_cache: PathBuf,
     /// The image's alpha at latent resolution `[1, h, w]` (`--alpha_mask`), in `[0, 1]`.
     pub mask: Option<Tensor>,
     /// Latents of the horizontally flipped image (`--flip_aug`).
@@ -105,14 +107,35 @@ impl CachedDataset {
                 ),
             ));
         }
-        let lengths: std::collections::BTreeSet<(usize, usize)> = samples
-            .iter()
-            .map(|s| s.context.dims2())
-            .collect::<candle_core::Result<_>>()?;
-        if lengths.len() != 1 {
-            return Err(Error::bad_file(in_json, format!("text-encoder caches have different shapes {lengths:?}; re-run cache-text-encoder with one --max_token_length for all images")));
+        let mut widths: BTreeMap<usize, Vec<&Path>> = BTreeMap::new();
+        let mut lengths: BTreeMap<usize, Vec<&Path>> = BTreeMap::new();
+        for sample in &samples {
+            let (tokens, width) = sample.context.dims2()?;
+            widths.entry(width).or_default().push(&sample.text_cache);
+            lengths.entry(tokens).or_default().push(&sample.text_cache);
         }
-        let context_dim = lengths.iter().next().map(|l| l.1).unwrap_or_default();
+        if widths.len() > 1 {
+            return Err(Error::bad_file(
+                in_json,
+                format!(
+                    "the text-encoder caches have different widths, so they were made with \
+                     different models: {}; re-run cache-text-encoder for every entry with the \
+                     training checkpoint",
+                    files_per_value(&widths, |width| describe_width(*width))
+                ),
+            ));
+        }
+        if lengths.len() > 1 {
+            return Err(Error::bad_file(
+                in_json,
+                format!(
+                    "the text-encoder caches hold different numbers of tokens: {}; re-run \
+                     cache-text-encoder with one --max_token_length for all images",
+                    files_per_value(&lengths, |tokens| format!("{tokens} tokens"))
+                ),
+            ));
+        }
+        let context_dim = widths.keys().next().copied().unwrap_or_default();
         Self::from_samples(samples, repeats, tag_frequency, context_dim)
     }
 
@@ -311,6 +334,23 @@ pub fn find_latent_cache(base: &Path) -> Option<PathBuf> {
     })
 }
 
+/// `768 (SD1.x: CLIP ViT-L) in a_te_outputs.npz and 2 more files; ...`: the cache files
+/// grouped by a value they differ in, each group named by its first file.
+fn files_per_value<T>(groups: &BTreeMap<T, Vec<&Path>>, describe: impl Fn(&T) -> String) -> String {
+    groups
+        .iter()
+        .map(|(value, files)| {
+            let more = match files.len() - 1 {
+                0 => String::new(),
+                1 => " and 1 more file".into(),
+                n => format!(" and {n} more files"),
+            };
+            format!("{} in {}{more}", describe(value), files[0].display())
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Whether every value of a float32 tensor is finite (a NaN cache would turn the loss NaN).
 fn all_finite(tensor: &Tensor) -> Result<bool> {
     Ok(tensor
@@ -399,6 +439,7 @@ fn load_sample(
         key: key.to_string(),
         latents,
         context,
+        text_cache: te_path,
         mask,
         latents_flipped,
     })
