@@ -282,6 +282,18 @@ fn train_args(
     ])
 }
 
+/// The tiny model with the header entry of one UNet tensor re-typed (see
+/// [`corpus::retyped_tensor`]), written as `out/models/<name>`.
+fn damaged_model(out: &Path, name: &str, dtype: &str, shape: &[usize]) -> PathBuf {
+    let models = out.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let path = models.join(name);
+    // A 3x3 convolution of 32 channels: [32, 32, 3, 3] in F32, 36864 bytes.
+    let tensor = "model.diffusion_model.input_blocks.2.0.in_layers.2.weight";
+    corpus::retyped_tensor(&tiny_model(), &path, tensor, dtype, shape).unwrap();
+    path
+}
+
 fn no_lora_written(_: &Corpus, out: &Path, _: &str) {
     assert!(
         !out.join("lora").exists(),
@@ -361,6 +373,33 @@ const ROWS: &[Row] = &[
         code: 1,
         must_name: |_| vec!["json/wrong_types.json".into()],
         check: nothing_written,
+    },
+    Row {
+        name: "clean-captions on a key given twice",
+        tool: "clean-captions",
+        args: |c, out| os(&[&c.path("json/duplicate_key.json"), &out.join("clean.json")]),
+        code: 1,
+        must_name: |_| vec!["json/duplicate_key.json".into()],
+        check: nothing_written,
+    },
+    Row {
+        name: "clean-captions on UTF-16 metadata",
+        tool: "clean-captions",
+        args: |c, out| os(&[&c.path("json/utf16.json"), &out.join("clean.json")]),
+        code: 1,
+        must_name: |_| vec!["json/utf16.json".into()],
+        check: nothing_written,
+    },
+    Row {
+        name: "clean-captions on UTF-8 metadata with a byte-order mark",
+        tool: "clean-captions",
+        args: |c, out| os(&[&c.path("json/utf8_bom.json"), &out.join("clean.json")]),
+        code: 0,
+        must_name: |_| Vec::new(),
+        check: |_, out, _| {
+            let cleaned = json(&out.join("clean.json"));
+            assert_eq!(cleaned.as_object().unwrap().len(), 2, "{cleaned}");
+        },
     },
     Row {
         name: "clean-captions on a key without image",
@@ -658,6 +697,42 @@ const ROWS: &[Row] = &[
         },
         code: 1,
         must_name: |_| vec!["two_0512x0512_sd.npz".into()],
+        check: no_lora_written,
+    },
+    Row {
+        name: "train-lora with a UNet tensor of the wrong shape",
+        tool: "train-lora",
+        args: |c, out| {
+            let model = damaged_model(out, "unet_wrong_shape.safetensors", "F32", &[64, 16, 3, 3]);
+            train_args(c, out, model, None)
+        },
+        code: 1,
+        must_name: |_| vec!["unet_wrong_shape.safetensors".into()],
+        check: no_lora_written,
+    },
+    Row {
+        name: "train-lora with an I8 UNet tensor",
+        tool: "train-lora",
+        args: |c, out| {
+            let model = damaged_model(out, "unet_int8.safetensors", "I8", &[128, 32, 3, 3]);
+            train_args(c, out, model, None)
+        },
+        code: 1,
+        must_name: |_| vec!["unet_int8.safetensors".into()],
+        check: no_lora_written,
+    },
+    Row {
+        name: "train-lora with a text-encoder cache of another model",
+        tool: "train-lora",
+        args: |c, out| {
+            let args = train_args(c, out, tiny_model(), None);
+            // 1024 wide, as SD2.x's text encoder writes it.
+            let cache = out.join("data/two_te_outputs.npz");
+            common::write_npz_f32(&cache, "hidden_state", vec![0.0; 77 * 1024], &[77, 1024]);
+            args
+        },
+        code: 1,
+        must_name: |_| vec!["two_te_outputs.npz".into(), "one_te_outputs.npz".into()],
         check: no_lora_written,
     },
     Row {

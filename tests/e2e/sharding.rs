@@ -173,6 +173,7 @@ fn assert_shards_join_to_the_whole(setup: &Setup, stage: Stage) {
         }
     }
     for (output, parts) in stage.outputs.iter().zip(&shard_outputs) {
+        assert_incomplete_set_refused(output, parts);
         let mut args = os_args(&[output]);
         args.extend(parts.iter().map(|p| p.as_os_str().to_os_string()));
         if let Some(order) = &stage.order_like {
@@ -209,6 +210,62 @@ fn assert_shards_join_to_the_whole(setup: &Setup, stage: Stage) {
         );
     }
     restore(root, &inputs);
+}
+
+/// `merge-shards` refuses the shard outputs `parts` without the middle one (exit code 2, naming
+/// the missing file) and with a whole output in its place (exit code 1, naming it), and writes
+/// nothing.
+fn assert_incomplete_set_refused(output: &Path, parts: &[PathBuf]) {
+    let without_middle = os_args(&[&output, &parts[0], &parts[2]]);
+    let stderr = common::run_expect(
+        "merge-shards",
+        &without_middle
+            .iter()
+            .map(OsString::as_os_str)
+            .collect::<Vec<_>>(),
+        2,
+    );
+    let missing = parts[1].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(stderr.contains(&missing), "{stderr}");
+    assert!(
+        !output.exists(),
+        "a refused merge wrote {}",
+        output.display()
+    );
+
+    let whole = output.with_file_name("lorakit-whole-output.json");
+    std::fs::copy(&parts[1], &whole).unwrap();
+    std::fs::copy(
+        lorakit_pipeline::formats::manifest::Manifest::path_for(&parts[1]),
+        lorakit_pipeline::formats::manifest::Manifest::path_for(&whole),
+    )
+    .unwrap();
+    let mut manifest = lorakit_pipeline::formats::manifest::Manifest::read_for(&whole)
+        .unwrap()
+        .unwrap();
+    manifest.shard = None;
+    manifest.write_for(&whole).unwrap();
+    let with_whole = os_args(&[&output, &parts[0], &whole, &parts[2]]);
+    let stderr = common::run_expect(
+        "merge-shards",
+        &with_whole
+            .iter()
+            .map(OsString::as_os_str)
+            .collect::<Vec<_>>(),
+        1,
+    );
+    assert!(stderr.contains("lorakit-whole-output.json"), "{stderr}");
+    assert!(
+        !output.exists(),
+        "a refused merge wrote {}",
+        output.display()
+    );
+    for file in [
+        whole.clone(),
+        lorakit_pipeline::formats::manifest::Manifest::path_for(&whole),
+    ] {
+        std::fs::remove_file(file).unwrap();
+    }
 }
 
 /// A cache file (latents or text-encoder outputs) of the sharded run against the unsharded

@@ -505,3 +505,51 @@ fn tensorboard_events_carry_the_loss_log_under_kohya_tags() {
         .iter()
         .any(|(_, tag, _)| tag == "loss/epoch_average"));
 }
+
+#[test]
+fn resuming_with_other_network_flags_says_what_the_state_was_saved_with() {
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let (model, meta) = (model(), data.path().join("meta_lat.json"));
+    let (data_dir, out_dir) = (data.path(), out.path());
+    let base = args![
+        "--pretrained_model_name_or_path",
+        model,
+        "--in_json",
+        meta,
+        "--train_data_dir",
+        data_dir,
+        "--output_dir",
+        out_dir,
+        "--output_name",
+        "resume",
+        "--train_batch_size",
+        "2",
+        "--seed",
+        "1",
+        "--save_state",
+        "--quiet"
+    ];
+    let mut first = base.to_vec();
+    first.extend(args!["--max_train_steps", "1", "--network_dim", "4"]);
+    run_expect("train-lora", &first, 0);
+    let mut resumed = base.to_vec();
+    resumed.extend(args![
+        "--max_train_steps",
+        "2",
+        "--network_dim",
+        "8",
+        "--resume",
+        "latest"
+    ]);
+    let stderr = run_expect("train-lora", &resumed, 2);
+    for part in [
+        "saved with network_dim 4",
+        "asks for network_dim 8",
+        "--output_dir",
+    ] {
+        assert!(stderr.contains(part), "{part}:\n{stderr}");
+    }
+    assert!(!stderr.contains("corrupt"), "{stderr}");
+}

@@ -647,6 +647,31 @@ fn write_metadata(corpus: &mut Corpus) -> std::io::Result<()> {
         "metadata with a key that points to no image",
         Unusual,
     )?;
+    let first = images.join("good_1.png").display().to_string();
+    let duplicate =
+        format!("{{\n  {first:?}: {{\"caption\": \"a picture\", \"caption\": \"another\"}}\n}}");
+    corpus.add(
+        "json/duplicate_key.json",
+        duplicate.as_bytes(),
+        "metadata with a key twice in one entry (JSON readers keep the last silently)",
+        Bad,
+    )?;
+    let utf16: Vec<u8> = format!("\u{feff}{good_text}")
+        .encode_utf16()
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    corpus.add(
+        "json/utf16.json",
+        &utf16,
+        "metadata saved as UTF-16 with a byte-order mark (Windows PowerShell's default)",
+        Bad,
+    )?;
+    corpus.add(
+        "json/utf8_bom.json",
+        format!("\u{feff}{good_text}").as_bytes(),
+        "metadata in UTF-8 with a byte-order mark",
+        Unusual,
+    )?;
     corpus.add(
         "json/not_an_object.json",
         b"[1, 2, 3]",
@@ -854,4 +879,30 @@ fn write_models(corpus: &mut Corpus) -> std::io::Result<()> {
         Bad,
     )?;
     Ok(())
+}
+
+/// Copies the safetensors file `from` to `to` with the header entry of `tensor` changed to
+/// `dtype` and `shape` (the data bytes unchanged, so the new dtype and shape must cover the
+/// same number of bytes): a checkpoint with one damaged or re-typed tensor.
+pub fn retyped_tensor(
+    from: &Path,
+    to: &Path,
+    tensor: &str,
+    dtype: &str,
+    shape: &[usize],
+) -> std::io::Result<()> {
+    let bytes = std::fs::read(from)?;
+    let length = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let mut header: serde_json::Value =
+        serde_json::from_slice(&bytes[8..8 + length]).map_err(std::io::Error::other)?;
+    let entry = header
+        .get_mut(tensor)
+        .ok_or_else(|| std::io::Error::other(format!("no tensor {tensor}")))?;
+    entry["dtype"] = dtype.into();
+    entry["shape"] = shape.into();
+    let header = serde_json::to_vec(&header).map_err(std::io::Error::other)?;
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&bytes[8 + length..]);
+    std::fs::write(to, out)
 }

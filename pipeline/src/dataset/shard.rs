@@ -12,10 +12,14 @@
 //! an unsharded run. A run's own files (metadata JSON, cache index, caption index,
 //! tag-probability store, `--output_path`) get a shard-named path ([`Shard::output_path`]) so
 //! shards sharing a folder never overwrite each other;
-//! [`crate::stages::merge_shards::merge_shard_outputs`] joins them.
+//! [`crate::stages::merge_shards::merge_shard_outputs`] joins them. Each shard's manifest
+//! records a [`ShardRecord`] (which part, and which items the whole run was split over), so the
+//! join can check it got every part of one run.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
 
 use crate::dataset::{self, Discovery};
 
@@ -28,9 +32,65 @@ pub struct Shard {
     pub count: u64,
 }
 
+/// What a sharded run records in its manifest: which part it is, and which items the whole run
+/// was split over, so that `merge-shards` joins only every part of one run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRecord {
+    /// This part, `0..count`.
+    pub index: u64,
+    /// Number of parts.
+    pub count: u64,
+    /// BLAKE3 of the identities of every item of every shard (sorted): the same for all parts
+    /// of one run, different for a run over another dataset.
+    pub dataset: String,
+}
+
+impl ShardRecord {
+    /// The shard this record describes.
+    pub fn shard(&self) -> Shard {
+        Shard {
+            index: self.index,
+            count: self.count,
+        }
+    }
+}
+
 impl Shard {
     /// The whole dataset as one shard.
     pub const ALL: Shard = Shard { index: 0, count: 1 };
+
+    /// The manifest record of this shard of a run over the items `identities` (every shard's,
+    /// see [`Shard::contains`]); `None` for an unsharded run.
+    pub fn record<S: AsRef<str>>(
+        &self,
+        identities: impl IntoIterator<Item = S>,
+    ) -> Option<ShardRecord> {
+        if *self == Shard::ALL {
+            return None;
+        }
+        let mut identities: Vec<S> = identities.into_iter().collect();
+        identities.sort_by(|a, b| a.as_ref().cmp(b.as_ref()));
+        let mut hasher = blake3::Hasher::new();
+        for identity in &identities {
+            let bytes = identity.as_ref().as_bytes();
+            hasher.update(&(bytes.len() as u64).to_le_bytes());
+            hasher.update(bytes);
+        }
+        Some(ShardRecord {
+            index: self.index,
+            count: self.count,
+            dataset: hasher.finalize().to_hex().to_string(),
+        })
+    }
+
+    /// [`Shard::record`] of a run over `images` found under the dataset folder `root`.
+    pub fn record_images(&self, root: &Path, images: &[PathBuf]) -> Option<ShardRecord> {
+        self.record(
+            images
+                .iter()
+                .map(|image| dataset::relative_name(root, image)),
+        )
+    }
 
     /// True when the item with identity `key` belongs to this shard.
     pub fn contains(&self, key: &str) -> bool {
@@ -49,14 +109,17 @@ impl Shard {
     }
 
     /// Keeps only the images (and non-files) of `discovery` that belong to this shard, found
-    /// under `root`.
-    pub fn retain_images(&self, discovery: &mut Discovery, root: &Path) {
+    /// under `root`; returns the shard's record over every discovered image
+    /// ([`Shard::record_images`]).
+    pub fn retain_images(&self, discovery: &mut Discovery, root: &Path) -> Option<ShardRecord> {
+        let record = self.record_images(root, &discovery.images);
         discovery
             .images
             .retain(|image| self.contains_image(root, image));
         discovery
             .not_files
             .retain(|path| self.contains_image(root, path));
+        record
     }
 
     /// Where this shard writes a run output that would be `path` unsharded: `path` itself for
@@ -73,6 +136,30 @@ impl Shard {
             name.push(extension);
         }
         path.with_file_name(name)
+    }
+
+    /// The shard whose output [`Shard::output_path`] names `path`, and the unsharded path
+    /// (`meta_lat.shard-0-of-3.json` -> shard 0/3, `meta_lat.json`); `None` for another name.
+    pub fn from_output_path(path: &Path) -> Option<(Shard, PathBuf)> {
+        let name = path.file_name()?.to_str()?;
+        let (stem, rest) = name.rsplit_once(".shard-")?;
+        let (part, extension) = match rest.split_once('.') {
+            Some((part, extension)) => (part, Some(extension)),
+            None => (rest, None),
+        };
+        let (index, count) = part.split_once("-of-")?;
+        let shard = Shard {
+            index: index.parse().ok()?,
+            count: count.parse().ok()?,
+        };
+        if shard.index >= shard.count || shard == Shard::ALL {
+            return None;
+        }
+        let whole = match extension {
+            Some(extension) => format!("{stem}.{extension}"),
+            None => stem.to_string(),
+        };
+        Some((shard, path.with_file_name(whole)))
     }
 }
 
@@ -127,6 +214,18 @@ mod tests {
         assert_eq!(
             Shard::ALL.output_path(Path::new("meta.json")),
             Path::new("meta.json")
+        );
+        for path in ["out/meta_lat.json", "d/.lorakit-tag-probs.bin", "noext"] {
+            let named = shard.output_path(Path::new(path));
+            assert_eq!(
+                Shard::from_output_path(&named),
+                Some((shard, PathBuf::from(path)))
+            );
+        }
+        assert_eq!(Shard::from_output_path(Path::new("meta.json")), None);
+        assert_eq!(
+            Shard::from_output_path(Path::new("m.shard-3-of-3.json")),
+            None
         );
         let root = Path::new("data");
         let image = Path::new("data/sub/a.png");

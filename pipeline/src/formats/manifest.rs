@@ -11,9 +11,11 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::dataset::shard::ShardRecord;
 use crate::formats::schema::{self, MANIFEST_V1};
 use crate::infra::report::Summary;
-use crate::{infra::fsio, infra::hashing, Error, Result};
+use crate::infra::{fsio, hashing, pyjson};
+use crate::{Error, Result};
 
 /// Version of the lorakit tools, recorded in every manifest.
 pub const TOOL_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -63,6 +65,10 @@ pub struct Manifest {
     pub sidecars: crate::dataset::sidecar::WrittenSidecars,
     /// Counts and failures of the run that wrote the output.
     pub summary: Summary,
+    /// For the output of a run with `--shard i/n`: which part of which run it is (absent in
+    /// unsharded and merged outputs, and in shard outputs of older lorakit versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardRecord>,
 }
 
 impl Manifest {
@@ -84,6 +90,7 @@ impl Manifest {
             items: BTreeMap::new(),
             sidecars: BTreeMap::new(),
             summary: Summary::default(),
+            shard: None,
         }
     }
 
@@ -127,7 +134,7 @@ impl Manifest {
                 format!("lorakit bug: the manifest does not follow its own schema:\n{problems}"),
             )
         })?;
-        fsio::write_atomic(&path, &crate::infra::pyjson::document_bytes(&value))
+        fsio::write_atomic(&path, &pyjson::document_bytes(&value))
     }
 
     /// Reads the manifest of `output`, if there is one, and checks its own schema version.
@@ -136,11 +143,10 @@ impl Manifest {
         if !path.exists() {
             return Ok(None);
         }
-        let bytes = fsio::read(&path)?;
-        let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        let value = pyjson::parse_document(&fsio::read(&path)?).map_err(|message| {
             Error::bad_file(
                 &path,
-                format!("manifest is not valid JSON ({e}); delete it to re-run the stage"),
+                format!("manifest: {message}; or delete it to re-run the stage"),
             )
         })?;
         let declared = value

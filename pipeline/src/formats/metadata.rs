@@ -29,13 +29,7 @@ impl Metadata {
     /// Reads a metadata JSON file and checks it against the `lorakit.metadata/v1` schema
     /// (an object whose values are objects with well-typed known fields).
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = fsio::read(path)?;
-        let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::bad_file(
-                path,
-                format!("not valid JSON ({e}); was the file cut short? regenerate it with the stage that wrote it"),
-            )
-        })?;
+        let value = pyjson::read_document(path)?;
         crate::formats::schema::validate(crate::formats::schema::METADATA_V1, &value).map_err(
             |problems| {
                 Error::schema(

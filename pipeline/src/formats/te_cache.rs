@@ -48,6 +48,19 @@ impl TeCacheSpec {
     }
 }
 
+/// A conditioning width with the text encoders that produce it (`768 (SD1.x: CLIP ViT-L)`), so
+/// that a message about a cache of the wrong width shows which model it came from.
+pub fn describe_width(width: usize) -> String {
+    let models = match width {
+        768 => "SD1.x: CLIP ViT-L",
+        1024 => "SD2.x: OpenCLIP ViT-H",
+        1280 => "SDXL's second text encoder alone: OpenCLIP ViT-bigG",
+        2048 => "SDXL: CLIP ViT-L + OpenCLIP ViT-bigG",
+        _ => "not the width of an SD1.x, SD2.x or SDXL text encoder",
+    };
+    format!("{width} ({models})")
+}
+
 /// The text-encoder outputs of one cache file, as training consumes them.
 pub struct CachedTextOutputs {
     /// The plain caption's arrays, named and ordered as [`output_names`] (float32 or float16).

@@ -1,7 +1,16 @@
 //! Python-style JSON and float text: documents written byte for byte as Python's `json` module
-//! writes them (sd-scripts' metadata and our own documents), and Python's `repr(float)`.
+//! writes them (sd-scripts' metadata and our own documents), Python's `repr(float)`, and the one
+//! reader of the JSON documents the stages exchange (metadata, manifests, indexes, states).
 
+use std::fmt;
 use std::io::Write;
+use std::path::Path;
+
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
+
+use crate::infra::fsio;
+use crate::{Error, Result};
 
 /// Writes `value` as Python's `json.dump(value, indent=indent, ensure_ascii=ensure_ascii)` does.
 pub fn write_python_json<W: Write, T: serde::Serialize + ?Sized>(
@@ -117,9 +126,196 @@ pub fn float_repr(value: f64) -> String {
     }
 }
 
+/// Reads the JSON document at `path` with [`parse_document`]; errors name the file.
+pub fn read_document(path: &Path) -> Result<Value> {
+    parse_document(&fsio::read(path)?).map_err(|message| Error::bad_file(path, message))
+}
+
+/// Parses a JSON document strictly: UTF-8 (a leading byte-order mark is skipped), no object
+/// with the same key twice (serde_json and Python would keep the last one silently, dropping
+/// data). The error says what is wrong: UTF-16 text, a duplicate key and where, a file cut
+/// short, or the JSON syntax error with its line and column.
+pub fn parse_document(bytes: &[u8]) -> std::result::Result<Value, String> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    if let Some(encoding) = utf16_or_32(bytes) {
+        return Err(format!(
+            "the file is {encoding}, not UTF-8; save it as UTF-8 (e.g. in a text editor, or \
+             with iconv -f {encoding} -t UTF-8)"
+        ));
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value = UniqueKeys { at: &Pointer::Root }
+        .deserialize(&mut deserializer)
+        .and_then(|value| deserializer.end().map(|()| value));
+    value.map_err(|e| match e.classify() {
+        serde_json::error::Category::Eof => format!(
+            "not valid JSON ({e}): the file ends too early; was it cut short? regenerate it \
+             with the stage that wrote it"
+        ),
+        serde_json::error::Category::Io => format!("cannot be read ({e})"),
+        _ => format!("not valid JSON ({e})"),
+    })
+}
+
+/// The name of the 16- or 32-bit Unicode encoding `bytes` are in, recognised by a byte-order
+/// mark or by the zero bytes around the first (ASCII) character of a JSON text.
+fn utf16_or_32(bytes: &[u8]) -> Option<&'static str> {
+    match bytes {
+        [0xFF, 0xFE, 0, 0, ..] | [_, 0, 0, 0, ..] => Some("UTF-32LE"),
+        [0, 0, 0xFE, 0xFF, ..] | [0, 0, 0, _, ..] => Some("UTF-32BE"),
+        [0xFF, 0xFE, ..] | [_, 0, ..] => Some("UTF-16LE"),
+        [0xFE, 0xFF, ..] | [0, _, ..] => Some("UTF-16BE"),
+        _ => None,
+    }
+}
+
+/// Where a value sits in the document (a JSON Pointer built only when an error names it).
+enum Pointer<'a> {
+    Root,
+    Key(&'a Pointer<'a>, &'a str),
+    Index(&'a Pointer<'a>, usize),
+}
+
+impl fmt::Display for Pointer<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Pointer::Root => Ok(()),
+            Pointer::Key(parent, key) => {
+                write!(f, "{parent}/{}", key.replace('~', "~0").replace('/', "~1"))
+            }
+            Pointer::Index(parent, index) => write!(f, "{parent}/{index}"),
+        }
+    }
+}
+
+/// Deserialises a [`Value`] like serde_json does, refusing an object key that appears twice.
+struct UniqueKeys<'a> {
+    at: &'a Pointer<'a>,
+}
+
+impl<'de> DeserializeSeed<'de> for UniqueKeys<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for UniqueKeys<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+
+    fn visit_string<E>(self, v: String) -> std::result::Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(UniqueKeys {
+            at: &Pointer::Index(self.at, items.len()),
+        })? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                let place = match self.at.to_string() {
+                    top if top.is_empty() => "the top-level object".to_string(),
+                    nested => format!("the object at {nested}"),
+                };
+                return Err(serde::de::Error::custom(format!(
+                    "key {key:?} appears twice in {place}; JSON readers would keep only the last \
+                     one, so remove or rename one of them"
+                )));
+            }
+            let value = map.next_value_seed(UniqueKeys {
+                at: &Pointer::Key(self.at, &key),
+            })?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn documents_are_read_strictly() {
+        let parsed = parse_document(b"{\"a\": {\"x\": [1, 2.5, null, true, \"s\"]}, \"b\": {}}");
+        assert_eq!(
+            parsed.unwrap(),
+            serde_json::json!({"a": {"x": [1, 2.5, null, true, "s"]}, "b": {}})
+        );
+        let bom = parse_document(b"\xEF\xBB\xBF{\"a\": 1}").unwrap();
+        assert_eq!(bom, serde_json::json!({"a": 1}));
+
+        let nested = parse_document(b"{\"img.png\": {\"caption\": \"a\",\n \"caption\": \"b\"}}");
+        let message = nested.unwrap_err();
+        assert!(
+            message.contains("\"caption\" appears twice in the object at /img.png")
+                && message.contains("line 2"),
+            "{message}"
+        );
+        let top = parse_document(b"{\"k\": {}, \"k\": {}}").unwrap_err();
+        assert!(
+            top.contains("\"k\" appears twice in the top-level object"),
+            "{top}"
+        );
+
+        let utf16: Vec<u8> = "\u{feff}{\"a\": 1}"
+            .encode_utf16()
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        let message = parse_document(&utf16).unwrap_err();
+        assert!(
+            message.contains("UTF-16LE") && message.contains("save it as UTF-8"),
+            "{message}"
+        );
+        let without_bom: Vec<u8> = "{}".encode_utf16().flat_map(u16::to_be_bytes).collect();
+        assert!(parse_document(&without_bom)
+            .unwrap_err()
+            .contains("UTF-16BE"));
+
+        assert!(parse_document(b"{\"a\": [1,")
+            .unwrap_err()
+            .contains("cut short"));
+        let syntax = parse_document(b"{\"a\": 1,, }").unwrap_err();
+        assert!(!syntax.contains("cut short"), "{syntax}");
+        assert!(parse_document(b"{} x").is_err());
+    }
 
     #[test]
     fn floats_read_as_python_writes_them() {

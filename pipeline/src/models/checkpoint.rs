@@ -80,6 +80,23 @@ struct Part {
     naming: Naming,
 }
 
+impl Part {
+    /// The file holding the stored tensor `name`: the part's only file, else the one whose
+    /// header lists it (looked up only for messages).
+    fn file_of(&self, name: &str) -> &Path {
+        if let [file] = self.files.as_slice() {
+            return file;
+        }
+        self.files
+            .iter()
+            .find(|file| {
+                // SAFETY: mapped read-only, like every checkpoint file (see `mmap_files`).
+                unsafe { MmapedSafetensors::new(file) }.is_ok_and(|m| m.get(name).is_ok())
+            })
+            .map_or(self.files[0].as_path(), PathBuf::as_path)
+    }
+}
+
 /// Stable Diffusion weights opened for reading.
 pub struct Checkpoint {
     path: PathBuf,
@@ -285,19 +302,48 @@ impl Checkpoint {
     pub fn tensor(&self, component: Component, name: &str) -> Result<Tensor> {
         let part = self.part(component)?;
         let stored = format!("{}{name}", part.prefix);
-        load_and_release(&part.tensors, &stored, &Device::Cpu)
-            .map_err(|_| self.missing(component, &stored, name))
+        self.load(component, part, &stored, name, &Device::Cpu)
     }
 
-    fn missing(&self, component: Component, stored: &str, requested: &str) -> Error {
-        Error::bad_file(
-            &self.path,
-            format!(
-                "{} tensor `{stored}` (for `{requested}`) is missing: the checkpoint is \
-                 incomplete or of another architecture",
-                component.label()
-            ),
-        )
+    /// Loads the stored tensor `stored` of `component` (asked for as `requested`); a tensor that
+    /// is missing, not stored as floats, or unreadable is refused naming the file and tensor.
+    fn load(
+        &self,
+        component: Component,
+        part: &Part,
+        stored: &str,
+        requested: &str,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let label = component.label();
+        let view = part.tensors.get(stored).map_err(|_| {
+            Error::bad_file(
+                &self.path,
+                format!(
+                    "{label} tensor `{stored}` (for `{requested}`) is missing: the checkpoint is \
+                     incomplete or of another architecture"
+                ),
+            )
+        })?;
+        let dtype = view.dtype();
+        if !matches!(
+            dtype,
+            safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16
+        ) {
+            return Err(Error::bad_file(
+                part.file_of(stored),
+                format!(
+                    "{label} tensor `{stored}` has dtype {dtype:?}; expected F32/F16/BF16 \
+                     (a quantised or converted checkpoint?): use the model's float weights"
+                ),
+            ));
+        }
+        load_and_release(&part.tensors, stored, device).map_err(|e| {
+            Error::bad_file(
+                part.file_of(stored),
+                format!("{label} tensor `{stored}` cannot be read ({e})"),
+            )
+        })
     }
 
     /// A candle `VarBuilder` for `component` answering diffusers/HF names.
@@ -372,13 +418,9 @@ impl PartBackend<'_> {
 
     fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
         let stored = self.stored_name(name);
-        load_and_release(&self.part.tensors, &stored, dev).map_err(|_| {
-            candle_core::Error::Msg(
-                self.checkpoint
-                    .missing(self.component, &stored, name)
-                    .to_string(),
-            )
-        })
+        self.checkpoint
+            .load(self.component, self.part, &stored, name, dev)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 }
 
@@ -397,11 +439,12 @@ impl SimpleBackend for PartBackend<'_> {
         } else if is_pointwise_variant(tensor.dims(), shape.dims()) {
             tensor.reshape(shape)?
         } else {
+            let stored = self.stored_name(name);
             return Err(candle_core::Error::Msg(format!(
-                "{}: {} tensor `{}` has shape {:?}, the model expects {:?} (another architecture?)",
-                self.checkpoint.path.display(),
+                "{}: {} tensor `{stored}` has shape {:?}, the model expects {:?} (another \
+                 architecture, or a damaged file?)",
+                self.part.file_of(&stored).display(),
                 self.component.label(),
-                self.stored_name(name),
                 tensor.dims(),
                 shape.dims()
             )));
@@ -835,6 +878,30 @@ mod tests {
         assert!(
             missing.to_string().contains("holds no text encoder"),
             "{missing}"
+        );
+    }
+
+    #[test]
+    fn integer_tensors_are_named_with_their_dtype_not_called_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("quantised.safetensors");
+        let data = [1u8; 8];
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I8, vec![2, 4], &data)
+            .unwrap();
+        let bytes =
+            safetensors::serialize([("model.diffusion_model.conv_in.weight", view)], None).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        let checkpoint = Checkpoint::open(&path).unwrap();
+        let message = checkpoint
+            .tensor(Component::Unet, "conv_in.weight")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("quantised.safetensors")
+                && message.contains("`model.diffusion_model.conv_in.weight` has dtype I8")
+                && message.contains("expected F32/F16/BF16")
+                && !message.contains("missing"),
+            "{message}"
         );
     }
 

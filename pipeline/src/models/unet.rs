@@ -127,33 +127,52 @@ struct Loader<'a, 'b> {
     weights: DType,
 }
 
+/// A 1x1 convolution (stride 1, no padding).
+const POINTWISE: FrozenKind = FrozenKind::Conv2d {
+    stride: 1,
+    padding: 0,
+};
+
 impl Loader<'_, '_> {
-    fn tensor(&self, name: &str) -> Result<Tensor> {
-        self.vb.get_unchecked(name).map_err(|e| {
+    /// The tensor `name`, which must have `shape` (checked where the weights are fetched, see
+    /// [`crate::models::Checkpoint::var_builder`]: a wrong shape is refused naming the file,
+    /// the tensor and both shapes, not met later as a failing product).
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.vb
+            .get(shape, name)
+            .map_err(|e| Error::Model(e.to_string()))
+    }
+
+    /// Dimension `axis` of the stored tensor `name`, to read the architecture from.
+    fn stored_dim(&self, name: &str, axis: usize) -> Result<usize> {
+        let tensor = self
+            .vb
+            .get_unchecked(name)
+            .map_err(|e| Error::Model(e.to_string()))?;
+        tensor.dims().get(axis).copied().ok_or_else(|| {
             Error::Model(format!(
-                "UNet weight {name} ({}) is missing or unreadable: {e}",
-                ldm_name(name)
+                "the UNet tensor for `{name}` has shape {:?}: not the weight of an SD1.x/SD2.x \
+                 UNet",
+                tensor.dims()
             ))
         })
     }
 
+    /// A frozen layer of `kind` with weight `shape` (`[out, in]`, or `[out, in, k, k]`) and,
+    /// with `bias`, a bias of `[out]`.
     fn layer(
         &self,
         path: &str,
         container: Container,
         kind: FrozenKind,
+        shape: &[usize],
         bias: bool,
     ) -> Result<AdaptableLayer> {
-        let mut weight = self
-            .tensor(&format!("{path}.weight"))?
+        let weight = self
+            .tensor(&format!("{path}.weight"), shape)?
             .to_dtype(self.weights)?;
-        if let FrozenKind::Conv2d { .. } = kind {
-            if weight.rank() == 2 {
-                weight = weight.unsqueeze(2)?.unsqueeze(3)?;
-            }
-        }
         let bias = if bias {
-            Some(self.tensor(&format!("{path}.bias"))?)
+            Some(self.tensor(&format!("{path}.bias"), &shape[..1])?)
         } else {
             None
         };
@@ -166,19 +185,36 @@ impl Loader<'_, '_> {
         ))
     }
 
-    fn conv3(&self, path: &str, container: Container, stride: usize) -> Result<AdaptableLayer> {
-        self.layer(
-            path,
-            container,
-            FrozenKind::Conv2d { stride, padding: 1 },
-            true,
-        )
+    /// A linear layer `in_ch -> out_ch`.
+    fn linear(
+        &self,
+        path: &str,
+        container: Container,
+        (in_ch, out_ch): (usize, usize),
+        bias: bool,
+    ) -> Result<AdaptableLayer> {
+        self.layer(path, container, FrozenKind::Linear, &[out_ch, in_ch], bias)
     }
 
-    fn norm(&self, path: &str, eps: f64) -> Result<Norm> {
+    /// A 3x3 convolution `in_ch -> out_ch` with padding 1.
+    fn conv3(
+        &self,
+        path: &str,
+        container: Container,
+        stride: usize,
+        (in_ch, out_ch): (usize, usize),
+    ) -> Result<AdaptableLayer> {
+        let kind = FrozenKind::Conv2d { stride, padding: 1 };
+        self.layer(path, container, kind, &[out_ch, in_ch, 3, 3], true)
+    }
+
+    /// A normalisation over `channels`.
+    fn norm(&self, path: &str, channels: usize, eps: f64) -> Result<Norm> {
         Ok(Norm {
-            weight: self.tensor(&format!("{path}.weight"))?.detach(),
-            bias: self.tensor(&format!("{path}.bias"))?.detach(),
+            weight: self
+                .tensor(&format!("{path}.weight"), &[channels])?
+                .detach(),
+            bias: self.tensor(&format!("{path}.bias"), &[channels])?.detach(),
             eps,
         })
     }
@@ -246,27 +282,21 @@ struct ResnetBlock {
 }
 
 impl ResnetBlock {
-    fn load(l: &Loader, path: &str, in_ch: usize, out_ch: usize) -> Result<Self> {
+    /// The resnet at `path` from `in_ch` to `out_ch` channels, with time embeddings of `temb`.
+    fn load(l: &Loader, path: &str, in_ch: usize, out_ch: usize, temb: usize) -> Result<Self> {
         let c = Container::Resnet;
         Ok(Self {
-            norm1: l.norm(&format!("{path}.norm1"), 1e-5)?,
-            conv1: l.conv3(&format!("{path}.conv1"), c, 1)?,
-            time_emb_proj: l.layer(
-                &format!("{path}.time_emb_proj"),
-                c,
-                FrozenKind::Linear,
-                true,
-            )?,
-            norm2: l.norm(&format!("{path}.norm2"), 1e-5)?,
-            conv2: l.conv3(&format!("{path}.conv2"), c, 1)?,
+            norm1: l.norm(&format!("{path}.norm1"), in_ch, 1e-5)?,
+            conv1: l.conv3(&format!("{path}.conv1"), c, 1, (in_ch, out_ch))?,
+            time_emb_proj: l.linear(&format!("{path}.time_emb_proj"), c, (temb, out_ch), true)?,
+            norm2: l.norm(&format!("{path}.norm2"), out_ch, 1e-5)?,
+            conv2: l.conv3(&format!("{path}.conv2"), c, 1, (out_ch, out_ch))?,
             conv_shortcut: if in_ch != out_ch {
                 Some(l.layer(
                     &format!("{path}.conv_shortcut"),
                     c,
-                    FrozenKind::Conv2d {
-                        stride: 1,
-                        padding: 0,
-                    },
+                    POINTWISE,
+                    &[out_ch, in_ch, 1, 1],
                     true,
                 )?)
             } else {
@@ -312,13 +342,15 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(l: &Loader, path: &str, heads: usize) -> Result<Self> {
+    /// The attention at `path` over `channels`, attending to a context of width `context`.
+    fn load(l: &Loader, path: &str, heads: usize, channels: usize, context: usize) -> Result<Self> {
         let t = Container::Transformer;
+        let c = channels;
         Ok(Self {
-            to_q: l.layer(&format!("{path}.to_q"), t, FrozenKind::Linear, false)?,
-            to_k: l.layer(&format!("{path}.to_k"), t, FrozenKind::Linear, false)?,
-            to_v: l.layer(&format!("{path}.to_v"), t, FrozenKind::Linear, false)?,
-            to_out: l.layer(&format!("{path}.to_out.0"), t, FrozenKind::Linear, true)?,
+            to_q: l.linear(&format!("{path}.to_q"), t, (c, c), false)?,
+            to_k: l.linear(&format!("{path}.to_k"), t, (context, c), false)?,
+            to_v: l.linear(&format!("{path}.to_v"), t, (context, c), false)?,
+            to_out: l.linear(&format!("{path}.to_out.0"), t, (c, c), true)?,
             heads,
         })
     }
@@ -366,21 +398,19 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn load(l: &Loader, path: &str, heads: usize) -> Result<Self> {
+    /// The block at `path` over `channels` with a text context of width `context`; its
+    /// GEGLU feed-forward is 4 times as wide (its input projection twice that).
+    fn load(l: &Loader, path: &str, heads: usize, channels: usize, context: usize) -> Result<Self> {
         let t = Container::Transformer;
+        let c = channels;
         Ok(Self {
-            norm1: l.norm(&format!("{path}.norm1"), 1e-5)?,
-            attn1: Attention::load(l, &format!("{path}.attn1"), heads)?,
-            norm2: l.norm(&format!("{path}.norm2"), 1e-5)?,
-            attn2: Attention::load(l, &format!("{path}.attn2"), heads)?,
-            norm3: l.norm(&format!("{path}.norm3"), 1e-5)?,
-            ff_in: l.layer(
-                &format!("{path}.ff.net.0.proj"),
-                t,
-                FrozenKind::Linear,
-                true,
-            )?,
-            ff_out: l.layer(&format!("{path}.ff.net.2"), t, FrozenKind::Linear, true)?,
+            norm1: l.norm(&format!("{path}.norm1"), c, 1e-5)?,
+            attn1: Attention::load(l, &format!("{path}.attn1"), heads, c, c)?,
+            norm2: l.norm(&format!("{path}.norm2"), c, 1e-5)?,
+            attn2: Attention::load(l, &format!("{path}.attn2"), heads, c, context)?,
+            norm3: l.norm(&format!("{path}.norm3"), c, 1e-5)?,
+            ff_in: l.linear(&format!("{path}.ff.net.0.proj"), t, (c, 8 * c), true)?,
+            ff_out: l.linear(&format!("{path}.ff.net.2"), t, (4 * c, c), true)?,
         })
     }
 
@@ -412,17 +442,29 @@ struct SpatialTransformer {
 }
 
 impl SpatialTransformer {
-    fn load(l: &Loader, path: &str, heads: usize) -> Result<Self> {
+    /// The transformer at `path` over `channels` with a text context of width `context`
+    /// (SD2 stores its 1x1 projections as linear weights; they are served as convolutions).
+    fn load(l: &Loader, path: &str, heads: usize, channels: usize, context: usize) -> Result<Self> {
         let t = Container::Transformer;
-        let pointwise = FrozenKind::Conv2d {
-            stride: 1,
-            padding: 0,
-        };
+        let c = channels;
+        let block = format!("{path}.transformer_blocks.0");
         Ok(Self {
-            norm: l.norm(&format!("{path}.norm"), 1e-6)?,
-            proj_in: l.layer(&format!("{path}.proj_in"), t, pointwise, true)?,
-            block: TransformerBlock::load(l, &format!("{path}.transformer_blocks.0"), heads)?,
-            proj_out: l.layer(&format!("{path}.proj_out"), t, pointwise, true)?,
+            norm: l.norm(&format!("{path}.norm"), c, 1e-6)?,
+            proj_in: l.layer(
+                &format!("{path}.proj_in"),
+                t,
+                POINTWISE,
+                &[c, c, 1, 1],
+                true,
+            )?,
+            block: TransformerBlock::load(l, &block, heads, c, context)?,
+            proj_out: l.layer(
+                &format!("{path}.proj_out"),
+                t,
+                POINTWISE,
+                &[c, c, 1, 1],
+                true,
+            )?,
         })
     }
 
@@ -488,10 +530,12 @@ impl Unet {
         let l = Loader { vb, weights };
         let config = detect_config(&l)?;
         let ch = config.block_channels.clone();
+        let (latent, context) = (config.latent_channels, config.context_dim);
+        let temb = 4 * ch[0];
         let other = Container::Other;
-        let time_linear_1 = l.layer("time_embedding.linear_1", other, FrozenKind::Linear, true)?;
-        let time_linear_2 = l.layer("time_embedding.linear_2", other, FrozenKind::Linear, true)?;
-        let conv_in = l.conv3("conv_in", other, 1)?;
+        let time_linear_1 = l.linear("time_embedding.linear_1", other, (ch[0], temb), true)?;
+        let time_linear_2 = l.linear("time_embedding.linear_2", other, (temb, temb), true)?;
+        let conv_in = l.conv3("conv_in", other, 1, (latent, ch[0]))?;
         let mut down = Vec::with_capacity(LEVELS);
         let mut in_ch = ch[0];
         for (i, &out_ch) in ch.iter().enumerate() {
@@ -508,12 +552,15 @@ impl Unet {
                     &format!("down_blocks.{i}.resnets.{j}"),
                     res_in,
                     out_ch,
+                    temb,
                 )?);
                 if has_attention {
                     level.attentions.push(SpatialTransformer::load(
                         &l,
                         &format!("down_blocks.{i}.attentions.{j}"),
                         config.heads_at(out_ch),
+                        out_ch,
+                        context,
                     )?);
                 }
             }
@@ -522,6 +569,7 @@ impl Unet {
                     &format!("down_blocks.{i}.downsamplers.0.conv"),
                     Container::Downsample,
                     2,
+                    (out_ch, out_ch),
                 )?);
             }
             down.push(level);
@@ -529,11 +577,16 @@ impl Unet {
         }
         let last = ch[LEVELS - 1];
         let mid_resnets = [
-            ResnetBlock::load(&l, "mid_block.resnets.0", last, last)?,
-            ResnetBlock::load(&l, "mid_block.resnets.1", last, last)?,
+            ResnetBlock::load(&l, "mid_block.resnets.0", last, last, temb)?,
+            ResnetBlock::load(&l, "mid_block.resnets.1", last, last, temb)?,
         ];
-        let mid_attention =
-            SpatialTransformer::load(&l, "mid_block.attentions.0", config.heads_at(last))?;
+        let mid_attention = SpatialTransformer::load(
+            &l,
+            "mid_block.attentions.0",
+            config.heads_at(last),
+            last,
+            context,
+        )?;
         let reversed: Vec<usize> = ch.iter().rev().copied().collect();
         let mut up = Vec::with_capacity(LEVELS);
         let mut prev_out = reversed[0];
@@ -558,12 +611,15 @@ impl Unet {
                     &format!("up_blocks.{i}.resnets.{j}"),
                     res_in + skip,
                     out_ch,
+                    temb,
                 )?);
                 if has_attention {
                     level.attentions.push(SpatialTransformer::load(
                         &l,
                         &format!("up_blocks.{i}.attentions.{j}"),
                         config.heads_at(out_ch),
+                        out_ch,
+                        context,
                     )?);
                 }
             }
@@ -572,14 +628,15 @@ impl Unet {
                     &format!("up_blocks.{i}.upsamplers.0.conv"),
                     Container::Upsample,
                     1,
+                    (out_ch, out_ch),
                 )?);
             }
             up.push(level);
             prev_out = out_ch;
         }
         Ok(Self {
-            norm_out: l.norm("conv_norm_out", 1e-5)?,
-            conv_out: l.conv3("conv_out", other, 1)?,
+            norm_out: l.norm("conv_norm_out", ch[0], 1e-5)?,
+            conv_out: l.conv3("conv_out", other, 1, (ch[0], latent))?,
             config,
             time_linear_1,
             time_linear_2,
@@ -674,19 +731,18 @@ pub fn timestep_embedding(timesteps: &Tensor, dim: usize) -> candle_core::Result
     Tensor::cat(&[args.cos()?, args.sin()?], 1)
 }
 
+/// The architecture, read from the shapes of a few tensors (every tensor's shape is then
+/// checked against it as the weights load).
 fn detect_config(l: &Loader) -> Result<UnetConfig> {
-    let conv_in = l.tensor("conv_in.weight")?;
-    let latent_channels = conv_in.dim(1)?;
+    let latent_channels = l.stored_dim("conv_in.weight", 1)?;
     let mut block_channels = Vec::with_capacity(LEVELS);
     for i in 0..LEVELS {
-        block_channels.push(
-            l.tensor(&format!("down_blocks.{i}.resnets.0.conv1.weight"))?
-                .dim(0)?,
-        );
+        block_channels.push(l.stored_dim(&format!("down_blocks.{i}.resnets.0.conv1.weight"), 0)?);
     }
-    let context_dim = l
-        .tensor("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight")?
-        .dim(1)?;
+    let context_dim = l.stored_dim(
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+        1,
+    )?;
     if block_channels.iter().any(|c| c % NORM_GROUPS != 0) {
         return Err(Error::Model(format!("UNet channels {block_channels:?} are not multiples of {NORM_GROUPS}: not an SD1/SD2 UNet")));
     }
@@ -701,4 +757,40 @@ fn detect_config(l: &Loader) -> Result<UnetConfig> {
         heads,
         latent_channels,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::checkpoint::{Checkpoint, Component};
+    use candle_core::Device;
+
+    #[test]
+    fn a_tensor_of_the_wrong_shape_is_refused_naming_file_tensor_and_shapes() {
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/sd15-tiny/model.safetensors");
+        let mut tensors = candle_core::safetensors::load(&fixture, &Device::Cpu).unwrap();
+        let name = "model.diffusion_model.input_blocks.2.0.in_layers.2.weight";
+        let weight = &tensors[name];
+        assert_eq!(weight.dims(), [32, 32, 3, 3]);
+        let reshaped = weight.reshape((64, 16, 3, 3)).unwrap();
+        tensors.insert(name.to_string(), reshaped);
+        let dir = tempfile::tempdir().unwrap();
+        let damaged = dir.path().join("damaged.safetensors");
+        candle_core::safetensors::save(&tensors, &damaged).unwrap();
+
+        let checkpoint = Checkpoint::open(&damaged).unwrap();
+        let vb = checkpoint
+            .var_builder(Component::Unet, DType::F32, &Device::Cpu, &ldm_name)
+            .unwrap();
+        let message = Unet::load(&vb, DType::F32).unwrap_err().to_string();
+        for part in [
+            "damaged.safetensors",
+            name,
+            "[64, 16, 3, 3]",
+            "expects [32, 32, 3, 3]",
+        ] {
+            assert!(message.contains(part), "{part}: {message}");
+        }
+    }
 }

@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
 use serde_json::{json, Value};
 
-use crate::dataset::shard::Shard;
+use crate::dataset::shard::{Shard, ShardRecord};
 use crate::formats::manifest::{InputRecord, Manifest};
 use crate::formats::metadata::load_input_metadata;
 use crate::formats::metadata::{ensure_in_dataset, resolve_image};
@@ -422,14 +422,13 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
     }
 
     report_orphans(options, &items, &targets)?;
-    let failed: HashSet<&str> = summary.failures.iter().map(|f| f.path.as_str()).collect();
     write_index(
         options,
         &parameters,
         &encoder,
         &tokenizer_dirs,
         &items,
-        &failed,
+        options.shard.record(metadata.iter().map(|(key, _)| key)),
         &summary,
     )?;
     Ok(summary)
@@ -708,9 +707,10 @@ fn write_index(
     encoder: &Encoder,
     tokenizer_dirs: &[PathBuf],
     items: &[Item],
-    failed: &HashSet<&str>,
+    shard: Option<ShardRecord>,
     summary: &Summary,
 ) -> Result<()> {
+    let failed: HashSet<&str> = summary.failures.iter().map(|f| f.path.as_str()).collect();
     let family = encoder.encoders.family;
     let mut arrays = output_names(family).to_vec();
     arrays.extend(ids_names(family));
@@ -770,6 +770,7 @@ fn write_index(
         .map(|item| (item.key.clone(), item.content_key.clone()))
         .collect();
     manifest.summary = summary.clone();
+    manifest.shard = shard;
     manifest.write_for(&path)?;
     Ok(())
 }

@@ -544,6 +544,9 @@ pub fn run(options: &CaptionOptions) -> Result<Summary> {
         CAPTION_INDEX_V1,
         parameters.clone(),
     );
+    manifest.shard = options
+        .shard
+        .record_images(&options.train_data_dir, &discovery.images);
     manifest.add_input_file("model_config", &files.config)?;
     manifest.add_input_hash("model", &options.caption_weights, &model_hash);
     let mut captions: BTreeMap<String, String> = BTreeMap::new();

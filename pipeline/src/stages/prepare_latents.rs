@@ -118,7 +118,7 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
         .iter()
         .filter_map(|image| image_key(image, options.full_path).ok())
         .collect();
-    options
+    let shard_record = options
         .shard
         .retain_images(&mut discovery, &options.train_data_dir);
     let (family, vae_source, vae_hash) = open_vae(options)?;
@@ -255,6 +255,7 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
         items: None,
     });
     manifest.summary = summary.clone();
+    manifest.shard = shard_record;
     manifest.write_for(&out_json)?;
     Ok(summary)
 }

@@ -207,7 +207,7 @@ pub fn run(options: &TagOptions) -> Result<Summary> {
     let files = ModelFiles::locate(&options.model_dir, &options.repo_id)?;
     let labels = files.load_labels(&options.label_options)?;
     let mut discovery = crate::dataset::find_images(&options.train_data_dir, options.recursive)?;
-    options
+    let shard_record = options
         .shard
         .retain_images(&mut discovery, &options.train_data_dir);
     let mut summary = Summary::default();
@@ -315,7 +315,15 @@ pub fn run(options: &TagOptions) -> Result<Summary> {
         &mut summary,
     )?;
     if !options.from_store {
-        write_manifest(options, &files, &store_path, &store, sidecars, &summary)?;
+        write_manifest(
+            options,
+            &files,
+            &store_path,
+            &store,
+            sidecars,
+            &summary,
+            shard_record,
+        )?;
     } else if let Some(mut manifest) = previous {
         // The store is unchanged; only the record of the tag files written from it is updated.
         if manifest.sidecars != sidecars {
@@ -670,7 +678,7 @@ fn write_output_file(output: &Path, records: &[(String, String, (u32, u32))]) ->
     crate::infra::fsio::write_atomic(output, &bytes)
 }
 
-/// Records model, parameters and per-image content keys next to the store.
+/// Records model, parameters, per-image content keys and the shard next to the store.
 fn write_manifest(
     options: &TagOptions,
     files: &ModelFiles,
@@ -678,6 +686,7 @@ fn write_manifest(
     store: &ProbabilityStore,
     sidecars: WrittenSidecars,
     summary: &Summary,
+    shard: Option<crate::dataset::shard::ShardRecord>,
 ) -> Result<()> {
     let selection = &options.selection;
     let thresholds = &selection.thresholds;
@@ -712,6 +721,7 @@ fn write_manifest(
     manifest.items = store.keys();
     manifest.sidecars = sidecars;
     manifest.summary = summary.clone();
+    manifest.shard = shard;
     manifest.write_for(store_path)
 }
 

@@ -15,7 +15,7 @@ use crate::formats::latent_cache::{read_latent_cache, LatentSpec};
 use crate::formats::metadata::load_input_metadata;
 use crate::formats::model_family::ModelFamily;
 use crate::formats::npz::NpzReader;
-use crate::formats::te_cache::{read_cache_file, TeCacheSpec};
+use crate::formats::te_cache::{describe_width, read_cache_file, TeCacheSpec};
 use crate::{Error, Result};
 
 /// One training image as cached tensors.
@@ -27,12 +27,14 @@ pub struct Sample {
     pub latents: Tensor,
     /// Text-encoder hidden states `[75n+2, D]` (f32, CPU).
     pub context: Tensor,
+    /// The latent cache file `latents` was read from (named in messages).
+    pub latent_cache: PathBuf,
+    /// The text-encoder cache file `context` was read from (named in messages).
+    pub text_cache: PathBuf,
     /// The image's alpha at latent resolution `[1, h, w]` (`--alpha_mask`), in `[0, 1]`.
     pub mask: Option<Tensor>,
     /// Latents of the horizontally flipped image (`--flip_aug`).
     pub latents_flipped: Option<Tensor>,
-    /// The cache files it was read from (latents, text-encoder outputs), for messages.
-    pub cache_files: [PathBuf; 2],
 }
 
 /// One batch on the training device.
@@ -108,14 +110,35 @@ impl CachedDataset {
                 ),
             ));
         }
-        let lengths: std::collections::BTreeSet<(usize, usize)> = samples
-            .iter()
-            .map(|s| s.context.dims2())
-            .collect::<candle_core::Result<_>>()?;
-        if lengths.len() != 1 {
-            return Err(Error::bad_file(in_json, format!("text-encoder caches have different shapes {lengths:?}; re-run cache-text-encoder with one --max_token_length for all images")));
+        let mut widths: BTreeMap<usize, Vec<&Path>> = BTreeMap::new();
+        let mut lengths: BTreeMap<usize, Vec<&Path>> = BTreeMap::new();
+        for sample in &samples {
+            let (tokens, width) = sample.context.dims2()?;
+            widths.entry(width).or_default().push(&sample.text_cache);
+            lengths.entry(tokens).or_default().push(&sample.text_cache);
         }
-        let context_dim = lengths.iter().next().map(|l| l.1).unwrap_or_default();
+        if widths.len() > 1 {
+            return Err(Error::bad_file(
+                in_json,
+                format!(
+                    "the text-encoder caches have different widths, so they were made with \
+                     different models: {}; re-run cache-text-encoder for every entry with the \
+                     training checkpoint",
+                    files_per_value(&widths, |width| describe_width(*width))
+                ),
+            ));
+        }
+        if lengths.len() > 1 {
+            return Err(Error::bad_file(
+                in_json,
+                format!(
+                    "the text-encoder caches hold different numbers of tokens: {}; re-run \
+                     cache-text-encoder with one --max_token_length for all images",
+                    files_per_value(&lengths, |tokens| format!("{tokens} tokens"))
+                ),
+            ));
+        }
+        let context_dim = widths.keys().next().copied().unwrap_or_default();
         Self::from_samples(samples, repeats, tag_frequency, context_dim)
     }
 
@@ -314,6 +337,23 @@ pub fn find_latent_cache(base: &Path) -> Option<PathBuf> {
     })
 }
 
+/// `768 (SD1.x: CLIP ViT-L) in a_te_outputs.npz and 2 more files; ...`: the cache files
+/// grouped by a value they differ in, each group named by its first file.
+fn files_per_value<T>(groups: &BTreeMap<T, Vec<&Path>>, describe: impl Fn(&T) -> String) -> String {
+    groups
+        .iter()
+        .map(|(value, files)| {
+            let more = match files.len() - 1 {
+                0 => String::new(),
+                1 => " and 1 more file".into(),
+                n => format!(" and {n} more files"),
+            };
+            format!("{} in {}{more}", describe(value), files[0].display())
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn load_sample(
     key: &str,
     base: &Path,
@@ -374,7 +414,8 @@ fn load_sample(
         context,
         mask,
         latents_flipped,
-        cache_files: [latent_path, te_path],
+        latent_cache: latent_path,
+        text_cache: te_path,
     })
 }
 

@@ -25,6 +25,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::formats::manifest::Manifest;
 use crate::formats::schema::LORA_V1;
+use crate::formats::te_cache::describe_width;
 use crate::infra::report::{Progress, Summary, Throughput};
 use crate::infra::{fsio, interrupt, memory};
 use crate::models::precision::{MixedPrecision, ModelPrecision};
@@ -297,10 +298,18 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
     let checkpoint = Checkpoint::open(&args.pretrained_model_name_or_path)?;
     let mut unet = load_unet(args, &checkpoint, precision, &device)?;
     if dataset.context_dim != unet.config.context_dim {
-        return Err(Error::bad_file(&args.in_json, format!(
-            "text-encoder caches have width {} but the UNet expects {}; re-run cache-text-encoder with this checkpoint",
-            dataset.context_dim, unet.config.context_dim
-        )));
+        return Err(Error::bad_file(
+            &dataset.samples[0].text_cache,
+            format!(
+                "the text-encoder caches (this one and the rest of {}) have width {}, but the \
+                 UNet of {} expects {}: the caches were made with another model; re-run \
+                 cache-text-encoder with this checkpoint",
+                args.in_json.display(),
+                describe_width(dataset.context_dim),
+                args.pretrained_model_name_or_path.display(),
+                describe_width(unet.config.context_dim)
+            ),
+        ));
     }
 
     let plan = plan(args, &dataset, seed);
@@ -617,8 +626,8 @@ impl Training<'_> {
             let sources: Vec<String> = (batch.iter())
                 .map(|&i| &self.dataset.samples[i])
                 .map(|s| {
-                    let [latents, text] = &s.cache_files;
-                    format!("{} ({}, {})", s.key, latents.display(), text.display())
+                    let (latents, text) = (s.latent_cache.display(), s.text_cache.display());
+                    format!("{} ({latents}, {text})", s.key)
                 })
                 .collect();
             return Err(Error::Model(format!(

@@ -120,17 +120,155 @@ pub fn resolve_resume(resume: &str, output_dir: &Path) -> Result<PathBuf> {
 
 fn read_state_json(dir: &Path) -> Result<(serde_json::Value, usize)> {
     let path = dir.join(STATE_FILE);
-    let bytes = crate::infra::fsio::read(&path)?;
-    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-        Error::bad_file(
-            &path,
-            format!("not valid JSON ({e}); the state is corrupt, resume from another one"),
-        )
-    })?;
+    let value = crate::infra::pyjson::parse_document(&crate::infra::fsio::read(&path)?).map_err(
+        |message| {
+            Error::bad_file(
+                &path,
+                format!("{message}; the state is corrupt, resume from another one"),
+            )
+        },
+    )?;
     let step = value["current_step"]
         .as_u64()
         .ok_or_else(|| Error::bad_file(&path, "current_step is missing; the state is corrupt"))?;
     Ok((value, step as usize))
+}
+
+/// One LoRA module as a state file or a command line describes it.
+struct ModuleShape<'a> {
+    name: &'a str,
+    /// Dimensions of `lora_down` (`[dim, in]`, or `[dim, in, k, k]`).
+    down: &'a [usize],
+    /// Alpha, when known.
+    alpha: Option<f64>,
+}
+
+impl ModuleShape<'_> {
+    /// Convolutions with a kernel larger than 1x1 take `conv_dim` / `conv_alpha`.
+    fn is_conv(&self) -> bool {
+        self.down.len() == 4 && self.down[2] * self.down[3] > 1
+    }
+}
+
+/// Refuses to resume into a network other than the saved one (another `--network_dim`,
+/// `--network_alpha`, conv dims or module set), saying what the state was saved with, what the
+/// command line asks for, and how to proceed.
+fn check_same_network(
+    dir: &Path,
+    weights: &HashMap<String, Tensor>,
+    network: &LoraNetwork,
+) -> Result<()> {
+    let saved: Vec<ModuleShape> = weights
+        .iter()
+        .filter_map(|(key, down)| {
+            let name = key.strip_suffix(".lora_down.weight")?;
+            let alpha = weights.get(&format!("{name}.alpha")).and_then(|alpha| {
+                alpha
+                    .to_dtype(candle_core::DType::F64)
+                    .and_then(|a| a.to_scalar::<f64>())
+                    .ok()
+            });
+            Some(ModuleShape {
+                name,
+                down: down.dims(),
+                alpha,
+            })
+        })
+        .collect();
+    let asked: Vec<ModuleShape> = network
+        .modules
+        .iter()
+        .map(|module| ModuleShape {
+            name: &module.name,
+            down: module.down.as_tensor().dims(),
+            alpha: Some(module.alpha.value()),
+        })
+        .collect();
+    let by_name: HashMap<&str, &ModuleShape> = saved.iter().map(|m| (m.name, m)).collect();
+    let same = saved.len() == asked.len()
+        && asked.iter().all(|ours| {
+            by_name.get(ours.name).is_some_and(|theirs| {
+                theirs.down == ours.down
+                    && (theirs.alpha.zip(ours.alpha)).is_none_or(|(a, b)| (a - b).abs() < 1e-6)
+            })
+        });
+    if same {
+        return Ok(());
+    }
+    let asked_names: std::collections::HashSet<&str> = asked.iter().map(|m| m.name).collect();
+    let mut only_saved: Vec<&str> = saved
+        .iter()
+        .map(|m| m.name)
+        .filter(|name| !asked_names.contains(name))
+        .collect();
+    let mut only_asked: Vec<&str> = asked
+        .iter()
+        .map(|m| m.name)
+        .filter(|name| !by_name.contains_key(name))
+        .collect();
+    only_saved.sort_unstable();
+    only_asked.sort_unstable();
+    let mut modules = String::new();
+    for (list, place) in [(&only_saved, "the state"), (&only_asked, "this run")] {
+        if !list.is_empty() {
+            let more = list.len().saturating_sub(3);
+            modules.push_str(&format!(
+                "; modules only in {place}: {}{}",
+                list[..list.len().min(3)].join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            ));
+        }
+    }
+    Err(Error::Usage(format!(
+        "--resume {}: the state was saved with {}, but this command line asks for {}{modules}; \
+         resume with the network flags the state was saved with (--network_dim, \
+         --network_alpha, --network_args), or start a new training (another --output_dir or \
+         --output_name, without --resume)",
+        dir.display(),
+        describe(&saved),
+        describe(&asked)
+    )))
+}
+
+/// `network_dim 4, network_alpha 1 over 96 modules` (and the same for conv modules), in the
+/// terms of the command line.
+fn describe(modules: &[ModuleShape]) -> String {
+    let range = |values: Vec<f64>| -> String {
+        let low = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if low == high {
+            format!("{low}")
+        } else {
+            format!("{low}..{high}")
+        }
+    };
+    let mut parts = Vec::new();
+    for (conv, prefix) in [(false, "network"), (true, "conv")] {
+        let group: Vec<&ModuleShape> = modules.iter().filter(|m| m.is_conv() == conv).collect();
+        if group.is_empty() {
+            continue;
+        }
+        let dims = range(group.iter().map(|m| m.down[0] as f64).collect());
+        let alphas: Vec<f64> = group.iter().filter_map(|m| m.alpha).collect();
+        let alpha = if alphas.is_empty() {
+            "unknown".to_string()
+        } else {
+            range(alphas)
+        };
+        parts.push(format!(
+            "{prefix}_dim {dims}, {prefix}_alpha {alpha} over {} modules",
+            group.len()
+        ));
+    }
+    if parts.is_empty() {
+        "no LoRA modules".into()
+    } else {
+        parts.join("; ")
+    }
 }
 
 /// Restores weights and optimizer moments into `network` / `optimizer`; returns the position.
@@ -147,6 +285,7 @@ pub fn load(dir: &Path, network: &LoraNetwork, optimizer: &mut Optimizer) -> Res
     let weights: HashMap<String, Tensor> =
         candle_core::safetensors::load(&model_path, &Device::Cpu)
             .map_err(|e| corrupt(&model_path, e.to_string()))?;
+    check_same_network(dir, &weights, network)?;
     for module in &network.modules {
         for (suffix, var) in [
             ("lora_down.weight", &module.down),
