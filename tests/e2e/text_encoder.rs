@@ -496,4 +496,17 @@ fn keys_leading_outside_the_dataset_are_refused() {
     assert!(data.join("a_te_outputs.npz").is_file());
     let written: Vec<_> = std::fs::read_dir(&outside).unwrap().collect();
     assert_eq!(written.len(), 2, "caches written outside the dataset");
+    // Without --train_data_dir (full-path keys, as the Makefile runs it) a key climbing out
+    // with `..` is still refused; a plain full-path key is cached beside its image.
+    let climbing = data.join("../outside/x.png").display().to_string();
+    let plain = data.join("a.png").display().to_string();
+    let entries = json!({
+        plain: {"caption": "a cat"},
+        climbing.clone(): {"caption": "escaping by .."},
+    });
+    std::fs::write(&meta, serde_json::to_vec(&entries).unwrap()).unwrap();
+    let stderr = run_expect("cache-text-encoder", args![meta, model()], 3);
+    assert!(stderr.contains(&format!("skipped {climbing}")), "{stderr}");
+    let written: Vec<_> = std::fs::read_dir(&outside).unwrap().collect();
+    assert_eq!(written.len(), 2, "a cache written outside the dataset");
 }

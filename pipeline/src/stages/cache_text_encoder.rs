@@ -471,7 +471,8 @@ fn tokenizer_dirs(options: &TeCacheOptions, family: ModelFamily) -> Result<Vec<P
 }
 
 /// Where the cache file of metadata entry `key` goes: in `--cache_dir`, else beside its image,
-/// which must lie in `--train_data_dir` when one is given ([`ensure_in_dataset`]).
+/// which must lie in `--train_data_dir` when one is given ([`ensure_in_dataset`]); without it,
+/// a key with a `..` component is refused.
 pub fn cache_path_for(key: &str, options: &TeCacheOptions) -> Result<PathBuf> {
     let stem_name = |path: &Path| {
         let mut name = path.file_stem().unwrap_or_default().to_os_string();
@@ -497,8 +498,21 @@ pub fn cache_path_for(key: &str, options: &TeCacheOptions) -> Result<PathBuf> {
             "image of this metadata entry not found, so its cache file has no place; pass --train_data_dir (stem or relative keys) or --cache_dir",
         )
     })?;
-    if let Some(dir) = &options.train_data_dir {
-        ensure_in_dataset(key, &image, dir)?;
+    match &options.train_data_dir {
+        Some(dir) => ensure_in_dataset(key, &image, dir)?,
+        // No dataset folder to compare with: a key that climbs out with `..` is still refused
+        // (no stage writes such keys; an absolute --full_path key names its folder on purpose).
+        None if Path::new(key)
+            .components()
+            .any(|c| c == std::path::Component::ParentDir) =>
+        {
+            return Err(Error::bad_file(
+                key,
+                "metadata key climbs out of its folder with `..`; nothing is written for it \
+                 (fix or remove the entry, or pass --train_data_dir)",
+            ))
+        }
+        None => {}
     }
     Ok(image.with_file_name(stem_name(&image)))
 }
