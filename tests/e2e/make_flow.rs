@@ -360,3 +360,23 @@ fn make_demo_trains_on_the_example_captions() {
         );
     }
 }
+
+#[test]
+fn every_make_variable_the_docs_name_is_read_by_the_makefile() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let makefile = std::fs::read_to_string(repo.join("Makefile")).unwrap();
+    let variable = regex::Regex::new(r"\b([A-Z][A-Z0-9_]{2,})=").unwrap();
+    let mut named = 0;
+    for doc in ["README.md", "docs/make.md"] {
+        let text = std::fs::read_to_string(repo.join(doc)).unwrap();
+        for found in variable.captures_iter(&text) {
+            let name = &found[1];
+            named += 1;
+            assert!(
+                makefile.contains(&format!("$({name})")),
+                "{doc} names the make variable {name}, which the Makefile does not read"
+            );
+        }
+    }
+    assert!(named >= 10, "only {named} variables found in the docs");
+}
