@@ -97,6 +97,14 @@ demo: setup build
 
 lora: train
 
+# Without MODEL= (TAGGER_DIR=, BLIP=) a stage would run the tiny test models from tests/fixtures
+# on your images: only the demo's copy of the example (DATA=$(OUT)/dataset) may.
+define need_model
+	@if [ "$(origin $(1))" = "file" ] && [ "$(DATA)" != "$(OUT)/dataset" ]; then \
+		echo "make: give $(1)=... for DATA=$(DATA): the default is a tiny test model from tests/fixtures, which only the demo uses" >&2; \
+		exit 2; fi
+endef
+
 lint: $(OUT)/lint.json
 $(OUT)/lint.json: FORCE | build
 	@mkdir -p "$(OUT)"
@@ -108,6 +116,7 @@ $(OUT)/lint.json: FORCE | build
 # selected_tags.csv, sd-scripts' layout).
 tags: $(OUT)/.tags
 $(OUT)/.tags: $(OUT)/lint.json FORCE | setup
+	$(call need_model,TAGGER_DIR)
 	"$(BIN)/tag-images" "$(DATA)" --model_dir "$(TAGGER_DIR)" --repo_id "$(TAGGER)" \
 		--caption_extension $(TAG_EXT) $(TAG_FLAGS) $(SIDECAR_FLAGS) $(QUIET)
 	@touch "$@"
@@ -115,6 +124,7 @@ $(OUT)/.tags: $(OUT)/lint.json FORCE | setup
 # BLIP captions (.caption next to each image) from a Hugging Face BLIP folder.
 captions: $(OUT)/.captions
 $(OUT)/.captions: $(OUT)/lint.json FORCE | build
+	$(call need_model,BLIP)
 	"$(BIN)/caption-images" "$(DATA)" --caption_weights "$(BLIP)" --caption_extension $(CAPTION_EXT) \
 		--seed $(SEED) $(CAPTION_FLAGS) $(SIDECAR_FLAGS) $(QUIET)
 	@touch "$@"
@@ -129,15 +139,18 @@ $(OUT)/meta_clean.json: $(OUT)/meta_cap_dd.json
 
 latents: $(OUT)/meta_lat.json
 $(OUT)/meta_lat.json: $(OUT)/meta_clean.json FORCE
+	$(call need_model,MODEL)
 	"$(BIN)/prepare-latents" "$(DATA)" "$<" "$@" "$(MODEL)" --max_resolution $(RES) $(BUCKET_RANGE) --batch_size 4 \
 		--full_path --seed $(SEED) $(QUIET)
 
 te-cache: $(OUT)/meta_lat_te_cache.json
 $(OUT)/meta_lat_te_cache.json: $(OUT)/meta_lat.json FORCE
+	$(call need_model,MODEL)
 	"$(BIN)/cache-text-encoder" "$<" "$(MODEL)" --full_path $(TE_FLAGS) $(QUIET)
 
 train: $(OUT)/lora/$(NAME).safetensors
 $(OUT)/lora/$(NAME).safetensors: $(OUT)/meta_lat.json $(OUT)/meta_lat_te_cache.json FORCE
+	$(call need_model,MODEL)
 	"$(BIN)/train-lora" --pretrained_model_name_or_path "$(MODEL)" --in_json "$<" \
 		--output_dir "$(OUT)/lora" --output_name $(NAME) --network_dim $(DIM) --network_alpha $(ALPHA) \
 		--learning_rate $(LR) --max_train_steps $(STEPS) --train_batch_size $(BATCH) --seed $(SEED) \

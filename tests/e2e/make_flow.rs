@@ -380,3 +380,30 @@ fn every_make_variable_the_docs_name_is_read_by_the_makefile() {
     }
     assert!(named >= 10, "only {named} variables found in the docs");
 }
+
+#[test]
+fn your_data_without_model_is_refused_instead_of_using_the_test_models() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("img");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::copy(fixtures().join("images/astronaut.png"), data.join("a.png")).unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let bin = tool("train-lora").parent().unwrap().to_path_buf();
+    let out = root.path().join("out");
+    let output = Command::new("make")
+        .arg("-C")
+        .arg(repo)
+        .arg("--no-print-directory")
+        .arg("lora")
+        .arg(format!("OUT={}", out.display()))
+        .arg(format!("DATA={}", data.display()))
+        .arg(format!("BIN={}", bin.display()))
+        .arg("SKIP_BUILD=1")
+        .output()
+        .expect("make runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "make lora ran on the test models");
+    assert!(stderr.contains("tiny test model"), "{stderr}");
+    assert!(!out.join("lora").exists());
+    assert!(!data.join("a.txt").exists(), "tagged with the test tagger");
+}
