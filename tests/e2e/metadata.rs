@@ -295,6 +295,22 @@ fn quiet_prints_nothing_for_a_clean_run_and_still_names_failures() {
     let meta = root.path().join("meta.json");
     let stderr = run_expect("merge-captions", args![data, meta, "-q"], 0);
     assert_eq!(stderr, "", "a clean -q run printed something");
+    // An unchanged re-run says so.
+    let stderr = run_expect("merge-captions", args![data, meta], 0);
+    let images = std::fs::read_dir(&data)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "png" || x == "jpg")
+        })
+        .count();
+    assert!(
+        stderr.contains(&format!("0 done, {images} up to date")),
+        "{stderr}"
+    );
     std::fs::write(data.join("broken.png"), b"not an image").unwrap();
     std::fs::write(data.join("broken.caption"), [0xff, 0xfe, 0x00]).unwrap();
     let stderr = run_expect("merge-captions", args![data, meta, "-q"], 3);

@@ -81,6 +81,12 @@ pub fn merge_sidecars(options: &MergeOptions) -> Result<Summary> {
         Some(path) => load_input_metadata(path)?,
         None => Metadata::new(),
     };
+    // What the last run wrote: an entry whose text it already holds is up to date.
+    let previous = match &base_path {
+        Some(path) if path == &options.out_json => Some(metadata.clone()),
+        _ if options.out_json.is_file() => load_input_metadata(&options.out_json).ok(),
+        _ => None,
+    };
     tracing::info!(
         "found {} images; merging {} from *{}",
         discovery.images.len(),
@@ -116,10 +122,17 @@ pub fn merge_sidecars(options: &MergeOptions) -> Result<Summary> {
                     tracing::info!("{key} {text}");
                 }
                 digest.text("key", &key).text(field, &text);
+                let unchanged = (previous.as_ref())
+                    .and_then(|p| p.get(&key)?.get(field)?.as_str())
+                    .is_some_and(|old| old == text);
                 metadata
                     .entry_mut(&key)
                     .insert(field.to_string(), Value::String(text));
-                summary.done += 1;
+                if unchanged {
+                    summary.up_to_date += 1;
+                } else {
+                    summary.done += 1;
+                }
             }
             Err(error) => summary.fail(image, &error),
         }
@@ -147,7 +160,7 @@ pub fn merge_sidecars(options: &MergeOptions) -> Result<Summary> {
         role: format!("{field} sidecars"),
         path: None,
         blake3: digest.finish(),
-        items: Some(summary.done),
+        items: Some(summary.done + summary.up_to_date),
     });
     manifest.summary = summary.clone();
     manifest.write_for(&options.out_json)?;
