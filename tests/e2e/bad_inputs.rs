@@ -11,7 +11,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::tool;
+use common::{os, tool};
 use lorakit_pipeline::infra::fsio::TEMP_PREFIX;
 use lorakit_tests::corpus::{self, Corpus, Expect};
 use serde_json::Value;
@@ -30,10 +30,6 @@ struct Row {
     must_name: fn(&Corpus) -> Vec<PathBuf>,
     /// Checks the outputs in the output folder given stdout; panics with a message on failure.
     check: fn(&Corpus, &Path, &str),
-}
-
-fn os(parts: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<OsString> {
-    parts.iter().map(|p| p.as_ref().to_os_string()).collect()
 }
 
 /// What a merge of `extension` sidecars must name: bad/missing sidecars of that extension,

@@ -32,6 +32,11 @@ pub fn tool(name: &str) -> PathBuf {
     path
 }
 
+/// An argument list from mixed strings and paths, owned.
+pub fn os(parts: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<std::ffi::OsString> {
+    parts.iter().map(|p| p.as_ref().to_os_string()).collect()
+}
+
 /// Runs a tool with arguments and returns its output.
 pub fn run(name: &str, args: &[&std::ffi::OsStr]) -> Output {
     Command::new(tool(name))

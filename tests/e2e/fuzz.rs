@@ -24,7 +24,7 @@ use proptest::sample::Index;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use serde_json::Value;
 
-use crate::common::{fixtures, make_training_caches, tool};
+use crate::common::{fixtures, make_training_caches, os, tool};
 
 /// Longest a single tool run may take before it counts as a hang.
 const TIME_LIMIT: Duration = Duration::from_secs(120);
@@ -251,10 +251,6 @@ fn run_bounded(tool_name: &str, args: &[OsString]) -> Result<Run, TestCaseError>
         code: status.code(),
         stderr: String::from_utf8_lossy(&std::fs::read(&stderr_path).unwrap()).into_owned(),
     })
-}
-
-fn os(parts: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<OsString> {
-    parts.iter().map(|p| p.as_ref().to_os_string()).collect()
 }
 
 fn name_of(path: &Path) -> String {

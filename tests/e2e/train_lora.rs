@@ -165,19 +165,19 @@ fn hostile_arguments_are_refused_before_any_work() {
         (&["--network_dim", "10000000"], "of memory available"),
     ];
     let (model, meta, data_dir) = (model(), data.path().join("meta_lat.json"), data.path());
+    let base: &[&std::ffi::OsStr] = args![
+        "--pretrained_model_name_or_path",
+        model,
+        "--in_json",
+        meta,
+        "--train_data_dir",
+        data_dir,
+        "--output_dir",
+        out,
+        "--quiet"
+    ];
     for (flags, named) in cases {
-        let mut args: Vec<&std::ffi::OsStr> = args![
-            "--pretrained_model_name_or_path",
-            model,
-            "--in_json",
-            meta,
-            "--train_data_dir",
-            data_dir,
-            "--output_dir",
-            out,
-            "--quiet"
-        ]
-        .to_vec();
+        let mut args = base.to_vec();
         if !flags.contains(&"--output_name") {
             args.extend(args!["--output_name", "keep"]);
         }
@@ -196,21 +196,8 @@ fn hostile_arguments_are_refused_before_any_work() {
     }
     // A folder where the LoRA would go is found before training, not when saving at the end.
     std::fs::create_dir(out.join("blocked.safetensors")).unwrap();
-    let mut args: Vec<&std::ffi::OsStr> = args![
-        "--pretrained_model_name_or_path",
-        model,
-        "--in_json",
-        meta,
-        "--train_data_dir",
-        data_dir,
-        "--output_dir",
-        out,
-        "--output_name",
-        "blocked",
-        "--quiet"
-    ]
-    .to_vec();
-    args.extend(args!["--max_train_steps", "1"]);
+    let mut args = base.to_vec();
+    args.extend(args!["--output_name", "blocked", "--max_train_steps", "1"]);
     let stderr = run_expect("train-lora", &args, 1);
     assert!(
         stderr.contains("blocked.safetensors") && stderr.contains("is a folder"),
