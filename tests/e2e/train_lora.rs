@@ -494,6 +494,112 @@ fn tensorboard_events_carry_the_loss_log_under_kohya_tags() {
 }
 
 #[test]
+fn resume_restores_the_run_settings_and_refuses_changed_ones_by_name() {
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let (out, straight) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (model, meta) = (model(), data.path().join("meta_lat.json"));
+    let data_dir = data.path();
+    let run_flags: &[&std::ffi::OsStr] = args![
+        "--pretrained_model_name_or_path",
+        model,
+        "--in_json",
+        meta,
+        "--train_data_dir",
+        data_dir,
+        "--output_name",
+        "resume",
+        "--train_batch_size",
+        "2",
+        "--network_dim",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--save_state",
+        "--quiet"
+    ];
+    let (out_dir, straight_dir) = (out.path(), straight.path());
+    let first: &[&std::ffi::OsStr] = &[
+        run_flags,
+        args!["--output_dir", out_dir, "--max_train_steps", "1"],
+    ]
+    .concat();
+    run_expect("train-lora", first, 0);
+    // No --seed: the run drew one, and the state keeps it with the other settings.
+    let resumed = args![
+        "--resume",
+        "latest",
+        "--output_dir",
+        out_dir,
+        "--max_train_steps",
+        "2"
+    ];
+    let stderr = run_expect("train-lora", resumed, 0);
+    assert!(
+        stderr.contains("settings, restored from the state:") && stderr.contains("--network_dim 4"),
+        "{stderr}"
+    );
+    let restored = LoraFile::read(&out_dir.join("resume.safetensors"))
+        .unwrap()
+        .metadata;
+    for (key, value) in [
+        ("ss_network_dim", "4"),
+        ("ss_learning_rate", "0.001"),
+        ("ss_batch_size_per_device", "2"),
+        ("ss_max_train_steps", "2"),
+        ("ss_steps", "2"),
+    ] {
+        assert_eq!(restored[key], value, "{key}");
+    }
+    let seed = restored["ss_seed"].as_str();
+    let whole: &[&std::ffi::OsStr] = &[
+        run_flags,
+        args![
+            "--output_dir",
+            straight_dir,
+            "--max_train_steps",
+            "2",
+            "--seed",
+            seed
+        ],
+    ]
+    .concat();
+    run_expect("train-lora", whole, 0);
+    assert_eq!(
+        tensor_data(&out_dir.join("resume.safetensors")),
+        tensor_data(&straight_dir.join("resume.safetensors")),
+        "a resume without the original flags trains what the uninterrupted run trains"
+    );
+
+    let changed = args![
+        "--resume",
+        "latest",
+        "--output_dir",
+        out_dir,
+        "--network_dim",
+        "8",
+        "--flip_aug"
+    ];
+    let stderr = run_expect("train-lora", changed, 2);
+    for part in [
+        "--network_dim 8 (the run used --network_dim 4)",
+        "--flip_aug (the run used the default)",
+    ] {
+        assert!(stderr.contains(part), "{part}:\n{stderr}");
+    }
+    let stderr = run_expect("train-lora", args!["--resume", "latest"], 2);
+    assert!(stderr.contains("give --output_dir"), "{stderr}");
+}
+
+/// The tensor bytes of a safetensors file: everything after its JSON header (which holds the
+/// run's times).
+fn tensor_data(path: &std::path::Path) -> Vec<u8> {
+    let bytes = std::fs::read(path).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + header..].to_vec()
+}
+
+#[test]
 fn resuming_with_other_network_flags_says_what_the_state_was_saved_with() {
     let data = tempfile::tempdir().unwrap();
     make_training_caches(data.path());
@@ -521,6 +627,16 @@ fn resuming_with_other_network_flags_says_what_the_state_was_saved_with() {
     let mut first = base.to_vec();
     first.extend(args!["--max_train_steps", "1", "--network_dim", "4"]);
     run_expect("train-lora", &first, 0);
+    // A state saved before states kept the run's settings: the weights themselves are checked.
+    let state_file = out_dir.join("resume-state/train_state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
+    state
+        .as_object_mut()
+        .unwrap()
+        .remove("lorakit_settings")
+        .unwrap();
+    std::fs::write(&state_file, state.to_string()).unwrap();
     let mut resumed = base.to_vec();
     resumed.extend(args![
         "--max_train_steps",
@@ -539,4 +655,134 @@ fn resuming_with_other_network_flags_says_what_the_state_was_saved_with() {
         assert!(stderr.contains(part), "{part}:\n{stderr}");
     }
     assert!(!stderr.contains("corrupt"), "{stderr}");
+}
+
+/// The `ss_*` / `modelspec.*` metadata of a LoRA trained on the 12 fixture photos prepared at
+/// `--resolution 256,256` with buckets 128..512 equals what sd-scripts' `train_network.py` wrote
+/// for the same dataset and settings (`golden/sd_scripts_runs/finetune_256.json`), key by key,
+/// except the values that differ between any two runs and the ones listed below with the reason.
+#[test]
+fn lora_metadata_matches_sd_scripts_for_the_same_dataset_and_settings() {
+    let golden: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixtures().join("golden/sd_scripts_runs/finetune_256.json")).unwrap(),
+    )
+    .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut metadata_text = String::new();
+    for file in golden["layout"]["files"].as_array().unwrap() {
+        let path = file["path"].as_str().unwrap();
+        if let Some(source) = file["source"].as_str() {
+            std::fs::copy(fixtures().join(source), work.path().join(path)).unwrap();
+        } else if path == "meta_lat.json" {
+            metadata_text = file["content"]
+                .as_str()
+                .unwrap()
+                .replace("{DATA}", data.to_str().unwrap());
+        }
+    }
+    let source_metadata = work.path().join("meta_in.json");
+    std::fs::write(&source_metadata, metadata_text).unwrap();
+    let (model, meta) = (model(), work.path().join("meta_lat.json"));
+    let out = work.path().join("out");
+    run_expect(
+        "prepare-latents",
+        args![
+            data,
+            source_metadata,
+            meta,
+            model,
+            "--full_path",
+            "--max_resolution",
+            "256,256",
+            "--min_bucket_reso",
+            "128",
+            "--max_bucket_reso",
+            "512",
+            "--bucket_reso_steps",
+            "64",
+            "--quiet"
+        ],
+        0,
+    );
+    run_expect("cache-text-encoder", args![meta, model, "--quiet"], 0);
+    run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model,
+            "--in_json",
+            meta,
+            "--train_data_dir",
+            data,
+            "--output_dir",
+            out,
+            "--output_name",
+            "golden_lora",
+            "--resolution",
+            "256,256",
+            "--enable_bucket",
+            "--min_bucket_reso",
+            "128",
+            "--max_bucket_reso",
+            "512",
+            "--bucket_reso_steps",
+            "64",
+            "--train_batch_size",
+            "2",
+            "--network_dim",
+            "4",
+            "--network_alpha",
+            "1",
+            "--save_precision",
+            "float",
+            "--max_train_steps",
+            "1",
+            "--cache_latents",
+            "--mixed_precision",
+            "no",
+            "--seed",
+            "42",
+            "--learning_rate",
+            "1e-4",
+            "--optimizer_type",
+            "AdamW",
+            "--max_data_loader_n_workers",
+            "0",
+            "--quiet"
+        ],
+        0,
+    );
+    let ours = LoraFile::read(&out.join("golden_lora.safetensors"))
+        .unwrap()
+        .metadata;
+    let theirs = golden["lora_metadata"].as_object().unwrap();
+    let varying = golden["varying_keys"].as_object().unwrap();
+    // Where the two differ on purpose.
+    let explained: &[(&str, &str)] = &[
+        (
+            "ss_cache_latents",
+            "latents are always cached here; recorded as True regardless",
+        ),
+        (
+            "modelspec.implementation_version",
+            "names our tool and version",
+        ),
+        ("ss_sd_scripts_commit_hash", "sd-scripts' own commit"),
+        ("ss_text_encoder_lr", "UNet-only training"),
+    ];
+    let mut differences = Vec::new();
+    for (key, value) in theirs {
+        if varying.contains_key(key) || explained.iter().any(|(k, _)| k == key) {
+            continue;
+        }
+        let value = value.as_str().unwrap();
+        match ours.get(key) {
+            Some(ours) if ours == value => {}
+            Some(ours) => differences.push(format!("{key}: ours {ours:?}, sd-scripts {value:?}")),
+            None => differences.push(format!("{key}: missing (sd-scripts {value:?})")),
+        }
+    }
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
 }

@@ -8,6 +8,7 @@ pub mod caption_images;
 pub mod lint_dataset;
 pub mod prepare_latents;
 pub mod tag_images;
+pub mod train_lora;
 
 use std::io::IsTerminal;
 

@@ -21,7 +21,7 @@ pub fn write_python_json<W: Write, T: serde::Serialize + ?Sized>(
 ) -> std::io::Result<()> {
     let indent = vec![b' '; indent];
     let formatter = PythonFormatter {
-        pretty: serde_json::ser::PrettyFormatter::with_indent(&indent),
+        pretty: Some(serde_json::ser::PrettyFormatter::with_indent(&indent)),
         ensure_ascii,
     };
     let mut serializer = serde_json::Serializer::with_formatter(writer, formatter);
@@ -30,16 +30,34 @@ pub fn write_python_json<W: Write, T: serde::Serialize + ?Sized>(
         .map_err(std::io::Error::other)
 }
 
-/// serde_json formatter matching Python's `json` module output.
+/// `value` as Python's `json.dumps(value)` writes it: one line, `", "` and `": "` separators,
+/// non-ASCII escaped (the JSON text sd-scripts stores in `ss_*` metadata).
+pub fn dumps<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    let formatter = PythonFormatter {
+        pretty: None,
+        ensure_ascii: true,
+    };
+    let mut bytes = Vec::new();
+    let mut serializer = serde_json::Serializer::with_formatter(&mut bytes, formatter);
+    value.serialize(&mut serializer).expect("writing to memory");
+    String::from_utf8(bytes).expect("ASCII output")
+}
+
+/// serde_json formatter matching Python's `json` module output: indented with `pretty`, else
+/// `json.dumps`' default one-line separators.
 struct PythonFormatter<'a> {
-    pretty: serde_json::ser::PrettyFormatter<'a>,
+    pretty: Option<serde_json::ser::PrettyFormatter<'a>>,
     ensure_ascii: bool,
 }
 
 macro_rules! delegate {
     ($($name:ident($($arg:ident : $ty:ty),*);)*) => {$(
         fn $name<W: ?Sized + Write>(&mut self, w: &mut W $(, $arg: $ty)*) -> std::io::Result<()> {
-            serde_json::ser::Formatter::$name(&mut self.pretty, w $(, $arg)*)
+            match &mut self.pretty {
+                Some(pretty) => serde_json::ser::Formatter::$name(pretty, w $(, $arg)*),
+                None => serde_json::ser::Formatter::$name(
+                    &mut serde_json::ser::CompactFormatter, w $(, $arg)*),
+            }
         }
     )*};
 }
@@ -48,13 +66,41 @@ impl serde_json::ser::Formatter for PythonFormatter<'_> {
     delegate! {
         begin_array();
         end_array();
-        begin_array_value(first: bool);
         end_array_value();
         begin_object();
         end_object();
-        begin_object_key(first: bool);
-        begin_object_value();
         end_object_value();
+    }
+
+    fn begin_array_value<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        match &mut self.pretty {
+            Some(pretty) => serde_json::ser::Formatter::begin_array_value(pretty, w, first),
+            None if first => Ok(()),
+            None => w.write_all(b", "),
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        match &mut self.pretty {
+            Some(pretty) => serde_json::ser::Formatter::begin_object_key(pretty, w, first),
+            None if first => Ok(()),
+            None => w.write_all(b", "),
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        match &mut self.pretty {
+            Some(pretty) => serde_json::ser::Formatter::begin_object_value(pretty, w),
+            None => w.write_all(b": "),
+        }
     }
 
     fn write_string_fragment<W: ?Sized + Write>(

@@ -479,7 +479,10 @@ fn train_args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
         argv.push(a.into());
     }
     argv.extend(extra.iter().map(|s| s.to_string()));
-    let mut args = Cli::parse_from(argv).train;
+    let (cli, settings) =
+        lorakit_pipeline::cli::train_lora::parse::<Cli>(argv.into_iter().map(Into::into)).unwrap();
+    let mut args = cli.train;
+    args.settings = settings;
     args.quiet = true;
     args
 }
@@ -564,7 +567,7 @@ fn short_run_learns_writes_a_loadable_lora_and_resumes_exactly() {
     assert_eq!(file.metadata["ss_network_alpha"], "1");
     assert_eq!(
         file.metadata["ss_tag_frequency"],
-        r#"{"meta_lat.json":{"1girl":4,"cat":8}}"#
+        r#"{"meta_lat.json": {"cat": 8, "1girl": 4}}"#
     );
     let mut unet = base_unet().clone();
     let (net, report) = LoraNetwork::load(&mut unet, &final_file, 1.0, &Device::Cpu).unwrap();
@@ -1046,6 +1049,7 @@ fn kohya_command_line_options_are_accepted_and_change_nothing() {
     .unwrap();
     assert_eq!(first.done, 1);
     // As kohya_ss writes them; the cached run above is still up to date.
+    let logs = out.path().join("logs");
     let kohya = [
         "--max_train_steps",
         "1",
@@ -1074,7 +1078,7 @@ fn kohya_command_line_options_are_accepted_and_change_nothing() {
         "--max_token_length",
         "75",
         "--logging_dir",
-        "logs",
+        logs.to_str().unwrap(),
         "--log_with",
         "tensorboard",
     ];
@@ -1082,6 +1086,10 @@ fn kohya_command_line_options_are_accepted_and_change_nothing() {
         lorakit_pipeline::stages::train_lora::run(&train_args(data.path(), out.path(), &kohya))
             .unwrap();
     assert_eq!((again.done, again.up_to_date), (0, 1));
+    assert!(
+        !logs.exists(),
+        "an up-to-date run starts no TensorBoard log"
+    );
 
     let mut longer = kohya.to_vec();
     let at = longer.iter().position(|a| *a == "75").unwrap();

@@ -108,7 +108,9 @@ pub struct TrainArgs {
     /// Also save a resumable training state folder with every saved model.
     #[arg(long)]
     pub save_state: bool,
-    /// Resume from a state folder, or `latest` for the newest complete one in --output_dir.
+    /// Resume from a state folder, or `latest` for the newest complete one in --output_dir. The
+    /// state restores the run's options (model, data, network, ...), so they may be left out;
+    /// only length, saving and logging options may change.
     #[arg(long)]
     pub resume: Option<String>,
     /// Write only the minimal metadata.
@@ -299,6 +301,10 @@ pub struct TrainArgs {
     /// No progress display.
     #[arg(skip)]
     pub quiet: bool,
+    /// The options the command line gave (with `--resume`: and the restored ones); kept in
+    /// state folders. Filled by the command-line parser of `train-lora`.
+    #[arg(skip)]
+    pub settings: super::settings::Settings,
     /// Options of train_network.py that change nothing here.
     #[command(flatten)]
     pub compat: CompatArgs,

@@ -57,8 +57,8 @@ pub struct CachedDataset {
     pub buckets: BTreeMap<(usize, usize), Vec<usize>>,
     /// Repeats per epoch (`--dataset_repeats`).
     pub repeats: usize,
-    /// Tag counts from the metadata `tags` fields (lower-cased), for `ss_tag_frequency`.
-    pub tag_frequency: BTreeMap<String, usize>,
+    /// Tag counts from the metadata `tags` fields, for `ss_tag_frequency` (see [`tag_frequency`]).
+    pub tag_frequency: serde_json::Map<String, serde_json::Value>,
     /// Width of the text context of every sample.
     pub context_dim: usize,
 }
@@ -82,23 +82,14 @@ impl CachedDataset {
         }
         let mut samples = Vec::new();
         let mut problems = Vec::new();
-        let mut tag_frequency = BTreeMap::new();
         for (key, entry) in metadata.iter() {
             let base = cache_base(key, train_data_dir);
             match load_sample(key, &base, entry.get("train_resolution"), options) {
                 Ok(sample) => samples.push(sample),
                 Err(e) => problems.push(e.to_string()),
             }
-            if let Some(tags) = entry.get("tags").and_then(|t| t.as_str()) {
-                for tag in tags
-                    .split(',')
-                    .map(|t| t.trim().to_lowercase())
-                    .filter(|t| !t.is_empty())
-                {
-                    *tag_frequency.entry(tag).or_insert(0) += 1;
-                }
-            }
         }
+        let tag_frequency = tag_frequency(metadata.iter());
         if !problems.is_empty() {
             return Err(Error::bad_file(
                 in_json,
@@ -146,7 +137,7 @@ impl CachedDataset {
     fn from_samples(
         samples: Vec<Sample>,
         repeats: usize,
-        tag_frequency: BTreeMap<String, usize>,
+        tag_frequency: serde_json::Map<String, serde_json::Value>,
         context_dim: usize,
     ) -> Result<Self> {
         let mut buckets: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
@@ -199,7 +190,7 @@ impl CachedDataset {
             Some(Self::from_samples(
                 validation,
                 1,
-                BTreeMap::new(),
+                serde_json::Map::new(),
                 context_dim,
             )?),
         ))
@@ -295,6 +286,31 @@ pub fn mix(seed: u64, stream: u64, counter: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// Tag counts as sd-scripts makes them from fine-tuning metadata: the comma-separated `tags` of
+/// every entry, trimmed and lower-cased, in order of first appearance over the keys sorted
+/// longest first (so `ss_tag_frequency` is the same JSON text).
+pub fn tag_frequency<'a>(
+    entries: impl Iterator<Item = (&'a String, &'a serde_json::Map<String, serde_json::Value>)>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut entries: Vec<_> = entries.collect();
+    entries.sort_by_key(|(key, _)| std::cmp::Reverse(key.chars().count()));
+    let mut counts = serde_json::Map::new();
+    for (_, entry) in entries {
+        let Some(tags) = entry.get("tags").and_then(|t| t.as_str()) else {
+            continue;
+        };
+        for tag in tags
+            .split(',')
+            .map(|t| t.trim().to_lowercase())
+            .filter(|t| !t.is_empty())
+        {
+            let count = counts.get(&tag).and_then(|c| c.as_u64()).unwrap_or(0);
+            counts.insert(tag, (count + 1).into());
+        }
+    }
+    counts
 }
 
 /// Image path without extension for a metadata key (the prefix of both cache files).

@@ -104,7 +104,7 @@ pub fn base_metadata(
         if !map.contains_key("dropout") {
             map.insert("dropout".into(), json!(args.network_dropout));
         }
-        Some(serde_json::Value::Object(map).to_string())
+        Some(crate::infra::pyjson::dumps(&serde_json::Value::Object(map)))
     };
     let put = |m: &mut BTreeMap<String, String>, k: &str, v: String| {
         m.insert(k.to_string(), v);
@@ -123,12 +123,8 @@ pub fn base_metadata(
     if let Some(na) = network_args {
         put(&mut m, "ss_network_args", na);
     }
-    let resolution = dataset
-        .buckets
-        .keys()
-        .map(|&(w, h)| w.max(h))
-        .max()
-        .unwrap_or(512);
+    let buckets = bucket_settings(args, dataset)?;
+    let (width, height) = buckets.resolution;
     let arch = match (is_sd2, args.v_parameterization) {
         (false, _) => "stable-diffusion-v1/lora",
         (true, false) => "stable-diffusion-v2-512/lora",
@@ -144,11 +140,7 @@ pub fn base_metadata(
             .clone()
             .unwrap_or_else(|| format!("LoRA@{}", float_repr(started_unix))),
     );
-    put(
-        &mut m,
-        "modelspec.resolution",
-        format!("{resolution}x{resolution}"),
-    );
+    put(&mut m, "modelspec.resolution", format!("{width}x{height}"));
     put(
         &mut m,
         "modelspec.prediction_type",
@@ -340,34 +332,39 @@ pub fn base_metadata(
         "ss_total_batch_size",
         (args.train_batch_size * accum).to_string(),
     );
-    put(
-        &mut m,
-        "ss_resolution",
-        format!("({resolution}, {resolution})"),
-    );
+    put(&mut m, "ss_resolution", format!("({width}, {height})"));
     put(&mut m, "ss_color_aug", "False".into());
     put(&mut m, "ss_flip_aug", py_bool(args.flip_aug));
     put(&mut m, "ss_random_crop", "False".into());
     put(&mut m, "ss_shuffle_caption", "False".into());
     put(&mut m, "ss_keep_tokens", "0".into());
     put(&mut m, "ss_enable_bucket", "True".into());
-    put(&mut m, "ss_bucket_no_upscale", "False".into());
-    let (min_b, max_b) = dataset
-        .buckets
-        .keys()
-        .fold((usize::MAX, 0), |(lo, hi), &(w, h)| {
-            (lo.min(w.min(h)), hi.max(w.max(h)))
-        });
-    put(&mut m, "ss_min_bucket_reso", min_b.to_string());
-    put(&mut m, "ss_max_bucket_reso", max_b.to_string());
-    put(&mut m, "ss_dataset_dirs", json!({ &metadata_name: {"n_repeats": dataset.repeats, "img_count": dataset.samples.len()} }).to_string());
+    put(&mut m, "ss_bucket_no_upscale", py_bool(buckets.no_upscale));
+    put(
+        &mut m,
+        "ss_min_bucket_reso",
+        buckets.min_bucket_reso.to_string(),
+    );
+    put(
+        &mut m,
+        "ss_max_bucket_reso",
+        buckets.max_bucket_reso.to_string(),
+    );
+    put(
+        &mut m,
+        "ss_dataset_dirs",
+        crate::infra::pyjson::dumps(&json!({ &metadata_name: {
+            "n_repeats": dataset.repeats,
+            "img_count": dataset.samples.len(),
+        }})),
+    );
     put(&mut m, "ss_reg_dataset_dirs", "{}".into());
     put(
         &mut m,
         "ss_tag_frequency",
-        json!({ &metadata_name: dataset.tag_frequency }).to_string(),
+        crate::infra::pyjson::dumps(&json!({ &metadata_name: dataset.tag_frequency })),
     );
-    let buckets: serde_json::Map<String, serde_json::Value> = dataset
+    let bucket_counts: serde_json::Map<String, serde_json::Value> = dataset
         .buckets
         .iter()
         .enumerate()
@@ -381,7 +378,9 @@ pub fn base_metadata(
     put(
         &mut m,
         "ss_bucket_info",
-        json!({"buckets": buckets, "mean_img_ar_error": 0.0}).to_string(),
+        crate::infra::pyjson::dumps(
+            &json!({"buckets": bucket_counts, "mean_img_ar_error": mean_aspect_error(dataset)?}),
+        ),
     );
     let model = &args.pretrained_model_name_or_path;
     put(
@@ -395,6 +394,124 @@ pub fn base_metadata(
     put(&mut m, "ss_sd_model_hash", legacy_model_hash(model)?);
     put(&mut m, "ss_new_sd_model_hash", file_sha256(model)?);
     Ok(m)
+}
+
+/// The resolution and bucket settings the latent caches were made with, as sd-scripts records
+/// its `--resolution` / `--min_bucket_reso` / `--max_bucket_reso` / `--bucket_no_upscale`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct BucketSettings {
+    resolution: (usize, usize),
+    min_bucket_reso: usize,
+    max_bucket_reso: usize,
+    no_upscale: bool,
+}
+
+/// sd-scripts' defaults of `--min_bucket_reso` / `--max_bucket_reso`.
+const DEFAULT_BUCKET_RANGE: (usize, usize) = (256, 1024);
+
+/// The bucket settings of a run: from the manifest of the metadata when prepare-latents wrote
+/// it (the caches were made with those; a train-lora flag that says otherwise gets a warning),
+/// else from train-lora's own flags, else the largest bucket side and sd-scripts' defaults.
+fn bucket_settings(args: &TrainArgs, dataset: &CachedDataset) -> Result<BucketSettings> {
+    let compat = &args.compat;
+    let given_resolution = compat
+        .resolution
+        .as_deref()
+        .map(crate::dataset::bucket::parse_resolution)
+        .transpose()?
+        .map(|(w, h)| (w as usize, h as usize));
+    let largest_side = dataset
+        .buckets
+        .keys()
+        .map(|&(w, h)| w.max(h))
+        .max()
+        .unwrap_or(512);
+    let given = BucketSettings {
+        resolution: given_resolution.unwrap_or((largest_side, largest_side)),
+        min_bucket_reso: compat.min_bucket_reso.unwrap_or(DEFAULT_BUCKET_RANGE.0),
+        max_bucket_reso: compat.max_bucket_reso.unwrap_or(DEFAULT_BUCKET_RANGE.1),
+        no_upscale: compat.bucket_no_upscale,
+    };
+    let manifest = crate::formats::manifest::Manifest::read_for(&args.in_json)
+        .ok()
+        .flatten()
+        .filter(|m| m.tool == "prepare-latents");
+    let Some(manifest) = manifest else {
+        return Ok(given);
+    };
+    let p = &manifest.parameters;
+    let number = |key: &str| p[key].as_u64().map(|v| v as usize);
+    let resolution = match p["max_resolution"].as_array().map(Vec::as_slice) {
+        Some([w, h]) => w.as_u64().zip(h.as_u64()),
+        _ => None,
+    };
+    let (Some((w, h)), Some(min), Some(max)) = (
+        resolution,
+        number("min_bucket_reso"),
+        number("max_bucket_reso"),
+    ) else {
+        return Ok(given);
+    };
+    let cached = BucketSettings {
+        resolution: (w as usize, h as usize),
+        min_bucket_reso: min,
+        max_bucket_reso: max,
+        no_upscale: p["bucket_no_upscale"].as_bool().unwrap_or(false),
+    };
+    let differs = [
+        (
+            given_resolution.is_some_and(|r| r != cached.resolution),
+            "--resolution",
+        ),
+        (
+            compat.min_bucket_reso.is_some_and(|v| v != min),
+            "--min_bucket_reso",
+        ),
+        (
+            compat.max_bucket_reso.is_some_and(|v| v != max),
+            "--max_bucket_reso",
+        ),
+        (
+            compat.bucket_no_upscale && !cached.no_upscale,
+            "--bucket_no_upscale",
+        ),
+    ];
+    for (_, flag) in differs.iter().filter(|(differs, _)| *differs) {
+        tracing::warn!(
+            "{flag} differs from what prepare-latents made the caches of {} with; the caches \
+             decide the buckets, and the LoRA records the caches' settings (resolution {}x{}, \
+             buckets {min}..{max})",
+            args.in_json.display(),
+            cached.resolution.0,
+            cached.resolution.1
+        );
+    }
+    Ok(cached)
+}
+
+/// sd-scripts' `mean_img_ar_error`: the mean |bucket aspect - image aspect| over the images
+/// (without repeats), from the `original_size` every latent cache records; 0 when no cache
+/// records it.
+fn mean_aspect_error(dataset: &CachedDataset) -> Result<f64> {
+    let mut errors = Vec::with_capacity(dataset.samples.len());
+    for sample in &dataset.samples {
+        let mut reader = crate::formats::npz::NpzReader::open(&sample.latent_cache)?;
+        let Ok((size, _)) = reader.read_i64("original_size") else {
+            continue;
+        };
+        let (_, h, w) = sample.latents.dims3()?;
+        if let [width, height] = size.as_slice() {
+            if *width > 0 && *height > 0 {
+                let image = *width as f64 / *height as f64;
+                errors.push((w as f64 / h as f64 - image).abs());
+            }
+        }
+    }
+    Ok(if errors.is_empty() {
+        0.0
+    } else {
+        errors.iter().sum::<f64>() / errors.len() as f64
+    })
 }
 
 /// `YYYY-MM-DDTHH:MM:SS` (UTC) of a Unix time.

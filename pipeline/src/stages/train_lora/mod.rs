@@ -13,6 +13,7 @@ pub mod optim;
 pub mod plot;
 pub mod saving;
 pub mod schedule;
+pub mod settings;
 pub mod state;
 pub mod tensorboard;
 pub mod validation;
@@ -160,13 +161,19 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
     std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
     let mut start = state::Progress::default();
     if let Some(resume) = &args.resume {
-        let dir = state::resolve_resume(resume, &args.output_dir)?;
+        let dir = state::resolve_resume(resume, Some(&args.output_dir))?;
         start = state::load(&dir, &setup.network, &mut setup.optimizer)?;
         tracing::info!(
             "resumed from {} at step {}",
             dir.display(),
             start.global_step
         );
+        if !args.settings.restored.is_empty() {
+            tracing::info!(
+                "the run's settings, restored from the state: {}",
+                args.settings.restored.join(" ")
+            );
+        }
     }
     let saver = saving::Saver {
         args,
@@ -182,6 +189,7 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         )?,
         name: plan.name.clone(),
         every_n_epochs: plan.save_every_n_epochs,
+        settings: args.settings.with_value("seed", plan.seed.to_string()),
     };
     let log_path = args
         .loss_log
@@ -736,7 +744,13 @@ impl Training<'_> {
             log_lines: at.log_lines.clone(),
             loss_average: at.loss_average.clone(),
         };
-        state::save(&dir, self.network, optimizer, &position)?;
+        state::save(
+            &dir,
+            self.network,
+            optimizer,
+            &position,
+            &self.saver.settings,
+        )?;
         write_log(self.log_path, &at.log_lines)?;
         Ok(Error::Interrupted(format!(
             "interrupted after step {step} of {}: saved {} and the state {}; to go on, run the \
@@ -853,6 +867,7 @@ fn training_key(
     let mut key = crate::infra::hashing::KeyBuilder::new("train-lora", 1);
     let mut relevant = args.clone();
     relevant.quiet = false;
+    relevant.settings = Default::default();
     relevant.compat = Default::default();
     // Where the run logs does not change what it trains.
     (relevant.log_with, relevant.logging_dir, relevant.log_prefix) = (None, None, None);

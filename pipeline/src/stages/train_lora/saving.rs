@@ -36,6 +36,8 @@ pub struct Saver<'a> {
     pub name: String,
     /// Save every this many epochs (`--save_every_n_epochs`, or from `--save_n_epoch_ratio`).
     pub every_n_epochs: Option<usize>,
+    /// The run's settings (with the seed it uses), kept in every state folder for `--resume`.
+    pub settings: super::settings::Settings,
 }
 
 impl Saver<'_> {
@@ -69,7 +71,7 @@ impl Saver<'_> {
         self.save_model(&stem, steps, epoch)?;
         if self.args.save_state {
             let dir = self.args.output_dir.join(format!("{stem}-state"));
-            state::save(&dir, self.network, optimizer, position)?;
+            state::save(&dir, self.network, optimizer, position, &self.settings)?;
         }
         let args = self.args;
         let (keep_models, keep_states) = match at {
@@ -100,7 +102,7 @@ impl Saver<'_> {
     pub fn final_state(&self, optimizer: &Optimizer, position: &state::Progress) -> Result<()> {
         if self.args.save_state || self.args.save_state_on_train_end {
             let dir = self.args.output_dir.join(format!("{}-state", self.name));
-            state::save(&dir, self.network, optimizer, position)?;
+            state::save(&dir, self.network, optimizer, position, &self.settings)?;
         }
         Ok(())
     }

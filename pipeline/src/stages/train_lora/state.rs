@@ -16,6 +16,7 @@ use serde_json::json;
 use crate::networks::lora::LoraNetwork;
 use crate::stages::train_lora::loss::LossAverage;
 use crate::stages::train_lora::optim::Optimizer;
+use crate::stages::train_lora::settings::Settings;
 use crate::{Error, Result};
 
 /// File that marks a complete state folder.
@@ -42,6 +43,7 @@ pub fn save(
     network: &LoraNetwork,
     optimizer: &Optimizer,
     progress: &Progress,
+    settings: &Settings,
 ) -> Result<()> {
     let staging = crate::infra::fsio::temp_sibling(dir, "new");
     if staging.exists() {
@@ -70,6 +72,7 @@ pub fn save(
         "lorakit_optimizer_steps": optimizer.steps,
         "lorakit_loss_log": progress.log_lines,
         "lorakit_loss_window": progress.loss_average.slots,
+        "lorakit_settings": settings.to_json(),
     });
     crate::infra::fsio::write_atomic(
         &staging.join(STATE_FILE),
@@ -92,10 +95,17 @@ pub fn save(
 }
 
 /// `--resume DIR`, or `latest`: the complete state folder in `output_dir` with the most steps.
-pub fn resolve_resume(resume: &str, output_dir: &Path) -> Result<PathBuf> {
+pub fn resolve_resume(resume: &str, output_dir: Option<&Path>) -> Result<PathBuf> {
     if resume != "latest" {
         return Ok(PathBuf::from(resume));
     }
+    let output_dir = output_dir.ok_or_else(|| {
+        Error::Usage(
+            "--resume latest looks in --output_dir: give --output_dir, or the state folder \
+             (--resume OUT/NAME-state)"
+                .into(),
+        )
+    })?;
     let entries = std::fs::read_dir(output_dir).map_err(|e| Error::io(output_dir, e))?;
     let mut best: Option<(usize, PathBuf)> = None;
     for entry in entries.filter_map(|e| e.ok()) {
@@ -116,6 +126,13 @@ pub fn resolve_resume(resume: &str, output_dir: &Path) -> Result<PathBuf> {
             output_dir.display()
         ))
     })
+}
+
+/// The settings of the run a state folder was saved by; `None` for states saved before
+/// settings were kept.
+pub fn saved_settings(dir: &Path) -> Result<Option<Settings>> {
+    let (value, _) = read_state_json(dir)?;
+    Ok(Settings::from_json(&value["lorakit_settings"]))
 }
 
 fn read_state_json(dir: &Path) -> Result<(serde_json::Value, usize)> {
