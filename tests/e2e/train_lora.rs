@@ -786,3 +786,77 @@ fn lora_metadata_matches_sd_scripts_for_the_same_dataset_and_settings() {
     }
     assert!(differences.is_empty(), "{}", differences.join("\n"));
 }
+
+/// `--output_config --config_file F` writes the command line's options as TOML (numbers as
+/// numbers) and trains nothing; `--config_file F` then gives them, the command line overrides
+/// them (here with an abbreviated option name, as argparse allows), and an unknown key is
+/// refused by name.
+#[test]
+fn config_files_are_written_and_read_as_sd_scripts_does() {
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let (out, configs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (model, meta) = (model(), data.path().join("meta_lat.json"));
+    let (data_dir, out_dir) = (data.path(), out.path());
+    let config = configs.path().join("run");
+    let written = config.with_extension("toml");
+    let stderr = run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model,
+            "--in_json",
+            meta,
+            "--train_data_dir",
+            data_dir,
+            "--output_dir",
+            out_dir,
+            "--output_name",
+            "configured",
+            "--network_dim",
+            "8",
+            "--learning_rate",
+            "1e-3",
+            "--max_train_steps",
+            "1",
+            "--train_batch_size",
+            "2",
+            "--save_state",
+            "--output_config",
+            "--config_file",
+            config
+        ],
+        0,
+    );
+    assert!(stderr.contains("wrote the settings"), "{stderr}");
+    assert!(!out_dir.join("configured.safetensors").exists());
+    let text = std::fs::read_to_string(&written).unwrap();
+    for line in [
+        "network_dim = 8",
+        "learning_rate = 0.001",
+        "max_train_steps = 1",
+        "save_state = true",
+        "output_name = \"configured\"",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
+    run_expect(
+        "train-lora",
+        args!["--config_file", written, "--network_di", "4", "--quiet"],
+        0,
+    );
+    let metadata = LoraFile::read(&out_dir.join("configured.safetensors"))
+        .unwrap()
+        .metadata;
+    assert_eq!(metadata["ss_network_dim"], "4");
+    assert_eq!(metadata["ss_learning_rate"], "0.001");
+    assert!(out_dir.join("configured-state").is_dir());
+
+    let bad = configs.path().join("bad.toml");
+    std::fs::write(&bad, "[training]\nnetwork_dims = 4\n").unwrap();
+    let stderr = run_expect("train-lora", args!["--config_file", bad], 1);
+    assert!(
+        stderr.contains("`network_dims` is not an option"),
+        "{stderr}"
+    );
+}

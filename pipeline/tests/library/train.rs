@@ -456,6 +456,49 @@ struct Cli {
     train: TrainArgs,
 }
 
+/// Every option of sd-scripts' `train_network.py` and `sdxl_train_network.py` (the list their
+/// own parsers give, `golden/train_network_options.json`) is known to train-lora's parser: none
+/// is an "unexpected argument", under its own name or any alias.
+#[test]
+fn every_train_network_option_is_known_to_the_parser() {
+    let listed: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixtures().join("golden/train_network_options.json")).unwrap(),
+    )
+    .unwrap();
+    let command = lorakit_pipeline::cli::train_lora::command::<Cli>();
+    let mut checked = 0;
+    for (script, options) in listed["scripts"].as_object().unwrap() {
+        for option in options.as_array().unwrap() {
+            for name in option["names"].as_array().unwrap() {
+                let name = name.as_str().unwrap();
+                let mut argv = vec![
+                    "train-lora",
+                    "--pretrained_model_name_or_path",
+                    "m",
+                    "--in_json",
+                    "j",
+                    "--output_dir",
+                    "o",
+                    name,
+                ];
+                match option["takes"].as_str().unwrap() {
+                    "flag" => {}
+                    _ => argv.push("1"),
+                }
+                if let Err(e) = command.clone().try_get_matches_from(&argv) {
+                    assert_ne!(
+                        e.kind(),
+                        clap::error::ErrorKind::UnknownArgument,
+                        "{script} {name}: {e}"
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 380, "{checked} option names checked");
+}
+
 fn train_args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
     let mut argv: Vec<String> = vec!["train-lora".into()];
     for a in [
@@ -479,10 +522,11 @@ fn train_args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
         argv.push(a.into());
     }
     argv.extend(extra.iter().map(|s| s.to_string()));
-    let (cli, settings) =
+    let parsed =
         lorakit_pipeline::cli::train_lora::parse::<Cli>(argv.into_iter().map(Into::into)).unwrap();
-    let mut args = cli.train;
-    args.settings = settings;
+    let mut args = parsed.args.train;
+    args.settings = parsed.settings;
+    args.notices = parsed.notices;
     args.quiet = true;
     args
 }

@@ -20,16 +20,17 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let started = std::time::Instant::now();
-    let (mut args, settings) =
-        match lorakit_pipeline::cli::train_lora::parse::<Args>(std::env::args_os()) {
-            Ok(parsed) => parsed,
-            Err(error) => {
-                return lorakit_pipeline::infra::report::finish("train-lora", started, Err(error))
-            }
-        };
+    let parsed = match lorakit_pipeline::cli::train_lora::parse::<Args>(std::env::args_os()) {
+        Ok(parsed) => parsed,
+        Err(error) => {
+            return lorakit_pipeline::infra::report::finish("train-lora", started, Err(error))
+        }
+    };
+    let mut args = parsed.args;
     args.log.init();
     args.train.quiet = args.log.quiet;
-    args.train.settings = settings;
+    args.train.settings = parsed.settings;
+    args.train.notices = parsed.notices;
     lorakit_pipeline::infra::report::run("train-lora", || {
         lorakit_pipeline::stages::train_lora::run(&args.train)
     })

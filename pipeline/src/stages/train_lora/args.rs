@@ -116,6 +116,39 @@ pub struct TrainArgs {
     /// Write only the minimal metadata.
     #[arg(long)]
     pub no_metadata: bool,
+    /// Title of the LoRA (`modelspec.title`; default the output name).
+    #[arg(long)]
+    pub metadata_title: Option<String>,
+    /// `modelspec.author`.
+    #[arg(long)]
+    pub metadata_author: Option<String>,
+    /// `modelspec.description`.
+    #[arg(long)]
+    pub metadata_description: Option<String>,
+    /// `modelspec.license`.
+    #[arg(long)]
+    pub metadata_license: Option<String>,
+    /// `modelspec.tags` (comma-separated).
+    #[arg(long)]
+    pub metadata_tags: Option<String>,
+    /// `modelspec.usage_hint`.
+    #[arg(long)]
+    pub metadata_usage_hint: Option<String>,
+    /// `modelspec.thumbnail` (a data URI).
+    #[arg(long)]
+    pub metadata_thumbnail: Option<String>,
+    /// `modelspec.merged_from`.
+    #[arg(long)]
+    pub metadata_merged_from: Option<String>,
+    /// `modelspec.trigger_phrase`.
+    #[arg(long)]
+    pub metadata_trigger_phrase: Option<String>,
+    /// `modelspec.preprocessor`.
+    #[arg(long)]
+    pub metadata_preprocessor: Option<String>,
+    /// `modelspec.is_negative_embedding`.
+    #[arg(long)]
+    pub metadata_is_negative_embedding: Option<String>,
     /// Free text stored as ss_training_comment.
     #[arg(long)]
     pub training_comment: Option<String>,
@@ -143,6 +176,9 @@ pub struct TrainArgs {
     /// AdamW (default) or Lion.
     #[arg(long, default_value = "")]
     pub optimizer_type: String,
+    /// The legacy spelling of `--optimizer_type Lion`.
+    #[arg(long)]
+    pub use_lion_optimizer: bool,
     /// Optimizer arguments key=value: weight_decay, betas=b1,b2, eps.
     #[arg(long, num_args = 1..)]
     pub optimizer_args: Vec<String>,
@@ -295,6 +331,9 @@ pub struct TrainArgs {
     /// Folder of the TensorBoard runs (`tensorboard --logdir` it).
     #[arg(long)]
     pub logging_dir: Option<PathBuf>,
+    /// Name of the TensorBoard run's subfolder (default `network_train`).
+    #[arg(long)]
+    pub log_tracker_name: Option<String>,
     /// Prefix of the run folder name under --logging_dir.
     #[arg(long)]
     pub log_prefix: Option<String>,
@@ -305,6 +344,10 @@ pub struct TrainArgs {
     /// state folders. Filled by the command-line parser of `train-lora`.
     #[arg(skip)]
     pub settings: super::settings::Settings,
+    /// What the command-line parser has to say about accepted sd-scripts options (logged when
+    /// the run starts).
+    #[arg(skip)]
+    pub notices: Vec<super::settings::Notice>,
     /// Options of train_network.py that change nothing here.
     #[command(flatten)]
     pub compat: CompatArgs,

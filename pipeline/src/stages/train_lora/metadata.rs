@@ -136,10 +136,30 @@ pub fn base_metadata(
     put(
         &mut m,
         "modelspec.title",
-        args.output_name
+        args.metadata_title
             .clone()
+            .or_else(|| args.output_name.clone())
             .unwrap_or_else(|| format!("LoRA@{}", float_repr(started_unix))),
     );
+    for (key, value) in [
+        ("author", &args.metadata_author),
+        ("description", &args.metadata_description),
+        ("license", &args.metadata_license),
+        ("tags", &args.metadata_tags),
+        ("usage_hint", &args.metadata_usage_hint),
+        ("thumbnail", &args.metadata_thumbnail),
+        ("merged_from", &args.metadata_merged_from),
+        ("trigger_phrase", &args.metadata_trigger_phrase),
+        ("preprocessor", &args.metadata_preprocessor),
+        (
+            "is_negative_embedding",
+            &args.metadata_is_negative_embedding,
+        ),
+    ] {
+        if let Some(value) = value {
+            put(&mut m, &format!("modelspec.{key}"), value.clone());
+        }
+    }
     put(&mut m, "modelspec.resolution", format!("{width}x{height}"));
     put(
         &mut m,

@@ -247,6 +247,13 @@ struct Setup {
 /// Checks the arguments, loads the caches and the UNet, merges `--base_weights`, builds the
 /// network, optimizer and scheduler. `None` when the LoRA is already up to date.
 fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
+    for notice in &args.notices {
+        if notice.warning {
+            tracing::warn!("{}", notice.text);
+        } else {
+            tracing::info!("{}", notice.text);
+        }
+    }
     check_args(args)?;
     check_outputs_writable(args)?;
     crate::models::keep_freed_memory();
@@ -274,7 +281,17 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         }
     };
     let network_options = NetworkOptions::from_args(args)?;
-    let optimizer_kind = OptimizerKind::parse(&args.optimizer_type, &args.optimizer_args)?;
+    let optimizer_name = match (args.use_lion_optimizer, args.optimizer_type.as_str()) {
+        (true, "") => "Lion",
+        (true, other) if !other.eq_ignore_ascii_case("lion") => {
+            return Err(Error::Usage(format!(
+                "--use_lion_optimizer means --optimizer_type Lion, but --optimizer_type {other} \
+                 is given too; keep one"
+            )))
+        }
+        (_, name) => name,
+    };
+    let optimizer_kind = OptimizerKind::parse(optimizer_name, &args.optimizer_args)?;
 
     let dataset = CachedDataset::load(
         &args.in_json,
@@ -868,6 +885,7 @@ fn training_key(
     let mut relevant = args.clone();
     relevant.quiet = false;
     relevant.settings = Default::default();
+    relevant.notices = Vec::new();
     relevant.compat = Default::default();
     // Where the run logs does not change what it trains.
     (relevant.log_with, relevant.logging_dir, relevant.log_prefix) = (None, None, None);

@@ -77,6 +77,15 @@ impl Settings {
     }
 }
 
+/// A line for the run's log about an option the command line gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    /// Logged as a warning (else as information).
+    pub warning: bool,
+    /// What to say.
+    pub text: String,
+}
+
 /// `--id v1 v2` / `--id` as a user reads it.
 pub fn describe(id: &str, value: Option<&Value>) -> String {
     match value {

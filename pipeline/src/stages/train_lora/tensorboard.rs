@@ -60,7 +60,7 @@ pub fn run_dir(args: &TrainArgs) -> Result<Option<PathBuf>> {
     }
     Ok(Some(
         dir.join(format!("{prefix}{}", local_timestamp()))
-            .join("network_train"),
+            .join(args.log_tracker_name.as_deref().unwrap_or("network_train")),
     ))
 }
 
