@@ -657,45 +657,37 @@ fn resuming_with_other_network_flags_says_what_the_state_was_saved_with() {
     assert!(!stderr.contains("corrupt"), "{stderr}");
 }
 
-/// The `ss_*` / `modelspec.*` metadata of a LoRA trained on the 12 fixture photos prepared at
-/// `--resolution 256,256` with buckets 128..512 equals what sd-scripts' `train_network.py` wrote
-/// for the same dataset and settings (`golden/sd_scripts_runs/finetune_256.json`), key by key,
-/// except the values that differ between any two runs and the ones listed below with the reason.
-#[test]
-fn lora_metadata_matches_sd_scripts_for_the_same_dataset_and_settings() {
-    let golden: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(fixtures().join("golden/sd_scripts_runs/finetune_256.json")).unwrap(),
-    )
-    .unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let data = work.path().join("data");
+/// `stems` of the fixture photos in `work/data`, their golden metadata (captions and tags), latent
+/// caches at `resolution` (buckets 128..512) by prepare-latents, and `work/meta_lat.json`.
+fn prepare_photos(work: &std::path::Path, stems: &[&str], resolution: &str) -> std::path::PathBuf {
+    let data = work.join("data");
     std::fs::create_dir_all(&data).unwrap();
-    let mut metadata_text = String::new();
-    for file in golden["layout"]["files"].as_array().unwrap() {
-        let path = file["path"].as_str().unwrap();
-        if let Some(source) = file["source"].as_str() {
-            std::fs::copy(fixtures().join(source), work.path().join(path)).unwrap();
-        } else if path == "meta_lat.json" {
-            metadata_text = file["content"]
-                .as_str()
-                .unwrap()
-                .replace("{DATA}", data.to_str().unwrap());
+    let golden = std::fs::read_to_string(fixtures().join("golden/metadata/meta_lat.json")).unwrap();
+    let golden: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&golden.replace("{DATA}", data.to_str().unwrap())).unwrap();
+    let mut chosen = serde_json::Map::new();
+    for (key, entry) in golden {
+        let path = std::path::Path::new(&key);
+        let stem = path.file_stem().unwrap().to_str().unwrap();
+        if stems.is_empty() || stems.contains(&stem) {
+            let name = path.file_name().unwrap();
+            std::fs::copy(fixtures().join("images").join(name), data.join(name)).unwrap();
+            chosen.insert(key, entry);
         }
     }
-    let source_metadata = work.path().join("meta_in.json");
-    std::fs::write(&source_metadata, metadata_text).unwrap();
-    let (model, meta) = (model(), work.path().join("meta_lat.json"));
-    let out = work.path().join("out");
+    let source = work.join("meta_in.json");
+    std::fs::write(&source, serde_json::to_string_pretty(&chosen).unwrap()).unwrap();
+    let meta = work.join("meta_lat.json");
     run_expect(
         "prepare-latents",
         args![
             data,
-            source_metadata,
+            source,
             meta,
-            model,
+            model(),
             "--full_path",
             "--max_resolution",
-            "256,256",
+            resolution,
             "--min_bucket_reso",
             "128",
             "--max_bucket_reso",
@@ -706,6 +698,99 @@ fn lora_metadata_matches_sd_scripts_for_the_same_dataset_and_settings() {
         ],
         0,
     );
+    meta
+}
+
+/// `--shuffle_caption` / `--keep_tokens` train each step on one of the caption variants
+/// cache-text-encoder made with the same settings (seeded: a rerun gives the same losses), and
+/// are refused with the command to run when the caches hold none or were made otherwise.
+#[test]
+fn caption_augmentation_trains_on_cached_variants_made_with_the_same_settings() {
+    let work = tempfile::tempdir().unwrap();
+    let meta = prepare_photos(
+        work.path(),
+        &["astronaut", "chelsea", "coins", "cell"],
+        "128,128",
+    );
+    let data = work.path().join("data");
+    let model = model();
+    let augmented: &[&std::ffi::OsStr] = args!["--shuffle_caption", "--keep_tokens", "1"];
+    let encode = |extra: &[&std::ffi::OsStr]| {
+        let base: &[&std::ffi::OsStr] = args![meta, model, "--quiet"];
+        run_expect("cache-text-encoder", &[base, extra].concat(), 0);
+    };
+    encode(&[augmented, args!["--variants", "4", "--seed", "3"]].concat());
+    let train = |name: &str, extra: &[&std::ffi::OsStr], code: i32| {
+        let out = work.path().join(name);
+        let base: &[&std::ffi::OsStr] = args![
+            "--pretrained_model_name_or_path",
+            model,
+            "--in_json",
+            meta,
+            "--train_data_dir",
+            data,
+            "--output_dir",
+            out,
+            "--output_name",
+            "lora",
+            "--max_train_steps",
+            "4",
+            "--train_batch_size",
+            "2",
+            "--learning_rate",
+            "1e-3",
+            "--seed",
+            "5",
+            "--quiet"
+        ];
+        let stderr = run_expect("train-lora", &[base, extra].concat(), code);
+        (out, stderr)
+    };
+    let log = |out: &std::path::Path| std::fs::read_to_string(out.join("lora_loss.jsonl")).unwrap();
+    let (plain, _) = train("plain", &[], 0);
+    let (shuffled, _) = train("shuffled", augmented, 0);
+    let (again, _) = train("again", augmented, 0);
+    assert_ne!(
+        log(&plain),
+        log(&shuffled),
+        "variants change what is trained"
+    );
+    assert_eq!(log(&shuffled), log(&again), "variant choices are seeded");
+    let metadata = LoraFile::read(&shuffled.join("lora.safetensors"))
+        .unwrap()
+        .metadata;
+    assert_eq!(metadata["ss_shuffle_caption"], "True");
+    assert_eq!(metadata["ss_keep_tokens"], "1");
+
+    let (_, stderr) = train("other", args!["--shuffle_caption", "--keep_tokens", "2"], 2);
+    assert!(
+        stderr.contains("--keep_tokens (the variants were made with 1)"),
+        "{stderr}"
+    );
+    encode(&[]);
+    let (_, stderr) = train("none", augmented, 2);
+    assert!(
+        stderr.contains("4 of 4 text-encoder caches hold none")
+            && stderr.contains("--shuffle_caption --keep_tokens 1 --variants N"),
+        "{stderr}"
+    );
+}
+
+/// The `ss_*` / `modelspec.*` metadata of a LoRA trained on the 12 fixture photos prepared at
+/// `--resolution 256,256` with buckets 128..512 equals what sd-scripts' `train_network.py` wrote
+/// for the same dataset and settings (`golden/sd_scripts_runs/finetune_256.json`), key by key,
+/// except the values that differ between any two runs and the ones listed below with the reason.
+#[test]
+fn lora_metadata_matches_sd_scripts_for_the_same_dataset_and_settings() {
+    let golden: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixtures().join("golden/sd_scripts_runs/finetune_256.json")).unwrap(),
+    )
+    .unwrap();
+    // The layout of the golden run: the 12 photos and golden/metadata/meta_lat.json.
+    let work = tempfile::tempdir().unwrap();
+    let meta = prepare_photos(work.path(), &[], "256,256");
+    let (data, model) = (work.path().join("data"), model());
+    let out = work.path().join("out");
     run_expect("cache-text-encoder", args![meta, model, "--quiet"], 0);
     run_expect(
         "train-lora",

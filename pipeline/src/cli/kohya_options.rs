@@ -47,7 +47,8 @@ const PREPARED: &str =
     "the caches decide it; set it when preparing them (prepare-latents / cache-text-encoder)";
 const CAPTION_AUGMENTATION: &str = "changes the caption every step, which needs the text \
     encoder; train-lora trains from cached text-encoder outputs, where sd-scripts refuses it too \
-    (--cache_text_encoder_outputs). Leave it out";
+    (--cache_text_encoder_outputs). Leave it out (--shuffle_caption, --keep_tokens and \
+    --caption_tag_dropout_rate work, from cached caption variants)";
 const IMAGE_AUGMENTATION: &str = "changes the image every step, which needs the VAE; train-lora \
     trains from cached latents, where sd-scripts refuses it too (--cache_latents). Leave it out \
     (--flip_aug is supported)";
@@ -148,8 +149,6 @@ pub const KOHYA_OPTIONS: &[KohyaOption] = &[
     option("sample_every_n_epochs", One, Warn(SAMPLES)),
     option("sample_at_first", Flag, Warn(SAMPLES)),
     option("sample_sampler", One, Warn(SAMPLES)),
-    option("shuffle_caption", Flag, Refuse(CAPTION_AUGMENTATION)),
-    option("keep_tokens", One, Refuse(CAPTION_AUGMENTATION)),
     option("keep_tokens_separator", One, Refuse(CAPTION_AUGMENTATION)),
     option("secondary_separator", One, Refuse(CAPTION_AUGMENTATION)),
     option("enable_wildcard", Flag, Refuse(CAPTION_AUGMENTATION)),
@@ -158,11 +157,6 @@ pub const KOHYA_OPTIONS: &[KohyaOption] = &[
     option("caption_dropout_rate", One, Refuse(CAPTION_AUGMENTATION)),
     option(
         "caption_dropout_every_n_epochs",
-        One,
-        Refuse(CAPTION_AUGMENTATION),
-    ),
-    option(
-        "caption_tag_dropout_rate",
         One,
         Refuse(CAPTION_AUGMENTATION),
     ),

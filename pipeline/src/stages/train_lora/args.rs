@@ -27,6 +27,18 @@ pub struct TrainArgs {
     /// Folder of the images (and their cache files) for relative metadata keys.
     #[arg(long)]
     pub train_data_dir: Option<PathBuf>,
+    /// Shuffle the comma-separated tags of each caption every step: each step trains on one of
+    /// the caption variants `cache-text-encoder --shuffle_caption --variants N` cached (made
+    /// with the same --shuffle_caption / --keep_tokens / --caption_tag_dropout_rate).
+    #[arg(long)]
+    pub shuffle_caption: bool,
+    /// Tags kept in front when shuffling (from the caption variants, as --shuffle_caption).
+    #[arg(long)]
+    pub keep_tokens: Option<usize>,
+    /// Drop each tag with this probability every step (from the caption variants, as
+    /// --shuffle_caption).
+    #[arg(long)]
+    pub caption_tag_dropout_rate: Option<f64>,
     /// Repeats of the dataset per epoch.
     #[arg(long, default_value_t = 1)]
     pub dataset_repeats: usize,
@@ -351,6 +363,16 @@ pub struct TrainArgs {
     /// Options of train_network.py that change nothing here.
     #[command(flatten)]
     pub compat: CompatArgs,
+}
+
+impl TrainArgs {
+    /// Whether a step trains on cached caption variants (`--shuffle_caption`, `--keep_tokens`,
+    /// `--caption_tag_dropout_rate`).
+    pub fn augments_captions(&self) -> bool {
+        self.shuffle_caption
+            || self.keep_tokens.is_some_and(|n| n > 0)
+            || self.caption_tag_dropout_rate.is_some_and(|rate| rate > 0.0)
+    }
 }
 
 /// Options of sd-scripts' `train_network.py` that have no effect here, accepted so that command

@@ -35,6 +35,8 @@ pub struct Sample {
     pub mask: Option<Tensor>,
     /// Latents of the horizontally flipped image (`--flip_aug`).
     pub latents_flipped: Option<Tensor>,
+    /// Hidden states of augmented captions `[N, 75n+2, D]` (`cache-text-encoder --variants N`).
+    pub context_variants: Option<Tensor>,
 }
 
 /// One batch on the training device.
@@ -228,23 +230,33 @@ impl CachedDataset {
 
     /// Stacks the latents, contexts and masks of `batch` on `device`; with `flip_seed`
     /// (`--flip_aug`), each sample is flipped with probability 0.5 (its cached flipped latents
-    /// and its mirrored mask), drawn from that seed.
+    /// and its mirrored mask), drawn from that seed; with `variant_seed` (caption augmentation),
+    /// each sample's context is one of its cached caption variants, drawn uniformly from that
+    /// seed.
     pub fn collate(
         &self,
         batch: &[usize],
         device: &Device,
         flip_seed: Option<u64>,
+        variant_seed: Option<u64>,
     ) -> Result<Batch> {
         let mut rng = flip_seed.map(rand::rngs::StdRng::seed_from_u64);
+        let mut variant_rng = variant_seed.map(rand::rngs::StdRng::seed_from_u64);
         let (mut latents, mut contexts, mut masks) = (Vec::new(), Vec::new(), Vec::new());
         for &i in batch {
             let sample = &self.samples[i];
+            let context = match (&mut variant_rng, &sample.context_variants) {
+                (Some(rng), Some(variants)) => {
+                    variants.get(rng.random_range(0..variants.dim(0)?))?
+                }
+                _ => sample.context.clone(),
+            };
             let flipped = match (&mut rng, &sample.latents_flipped) {
                 (Some(rng), Some(flipped)) => rng.random_bool(0.5).then_some(flipped),
                 _ => None,
             };
             latents.push(flipped.unwrap_or(&sample.latents).clone());
-            contexts.push(sample.context.clone());
+            contexts.push(context);
             masks.push(match (&sample.mask, flipped) {
                 (Some(mask), Some(_)) => Some(mirror(mask)?),
                 (mask, None) => mask.clone(),
@@ -424,12 +436,17 @@ fn load_sample(
     // SD 1.x and 2.x caches share one layout (a single `hidden_state`), so either family reads it.
     let cached = read_cache_file(&te_path, &TeCacheSpec::any(ModelFamily::Sd1), &Device::Cpu)?;
     let context = cached.arrays[0].to_dtype(DType::F32)?;
+    let context_variants = cached
+        .variants
+        .map(|variants| variants[0].to_dtype(DType::F32))
+        .transpose()?;
     Ok(Sample {
         key: key.to_string(),
         latents,
         context,
         mask,
         latents_flipped,
+        context_variants,
         latent_cache: latent_path,
         text_cache: te_path,
     })

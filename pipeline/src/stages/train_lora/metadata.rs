@@ -279,7 +279,11 @@ pub fn base_metadata(
     put(&mut m, "ss_max_grad_norm", float_repr(args.max_grad_norm));
     put(&mut m, "ss_caption_dropout_rate", "0.0".into());
     put(&mut m, "ss_caption_dropout_every_n_epochs", "0".into());
-    put(&mut m, "ss_caption_tag_dropout_rate", "0.0".into());
+    put(
+        &mut m,
+        "ss_caption_tag_dropout_rate",
+        float_repr(args.caption_tag_dropout_rate.unwrap_or(0.0)),
+    );
     put(&mut m, "ss_face_crop_aug_range", "None".into());
     put(&mut m, "ss_prior_loss_weight", "1.0".into());
     put(
@@ -356,8 +360,12 @@ pub fn base_metadata(
     put(&mut m, "ss_color_aug", "False".into());
     put(&mut m, "ss_flip_aug", py_bool(args.flip_aug));
     put(&mut m, "ss_random_crop", "False".into());
-    put(&mut m, "ss_shuffle_caption", "False".into());
-    put(&mut m, "ss_keep_tokens", "0".into());
+    put(&mut m, "ss_shuffle_caption", py_bool(args.shuffle_caption));
+    put(
+        &mut m,
+        "ss_keep_tokens",
+        args.keep_tokens.unwrap_or(0).to_string(),
+    );
     put(&mut m, "ss_enable_bucket", "True".into());
     put(&mut m, "ss_bucket_no_upscale", py_bool(buckets.no_upscale));
     put(

@@ -302,6 +302,9 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
             flip_aug: args.flip_aug,
         },
     )?;
+    if args.augments_captions() {
+        check_caption_variants(args, &dataset)?;
+    }
     let sample_keys = dataset
         .samples
         .iter()
@@ -641,7 +644,11 @@ impl Training<'_> {
         let micro_index = ((epoch - 1) * self.plan.batches_per_epoch + bi) as u64;
         let flip_seed =
             (self.args.flip_aug).then(|| NoiseRng::flip_stream(self.plan.seed, micro_index));
-        let collated = self.dataset.collate(batch, self.device, flip_seed)?;
+        let variant_seed = (self.args.augments_captions())
+            .then(|| NoiseRng::variant_stream(self.plan.seed, micro_index));
+        let collated = self
+            .dataset
+            .collate(batch, self.device, flip_seed, variant_seed)?;
         self.network
             .set_dropout_stream(Some(NoiseRng::dropout_stream(self.plan.seed, micro_index)));
         let loss = micro_batch_loss(self.unet, self.loss_ctx, &collated, micro_index)?;
@@ -903,6 +910,90 @@ fn training_key(
     Ok(key.finish())
 }
 
+/// Caption augmentation trains on the caption variants cache-text-encoder stored: every entry
+/// needs them, and the index of the caches (when it is beside the metadata) must record the same
+/// augmentation settings as this command line.
+fn check_caption_variants(args: &TrainArgs, dataset: &CachedDataset) -> Result<()> {
+    let remedy = format!(
+        "run cache-text-encoder on {} with{}{}{} --variants N (8 is a good start)",
+        args.in_json.display(),
+        if args.shuffle_caption {
+            " --shuffle_caption"
+        } else {
+            ""
+        },
+        args.keep_tokens
+            .map_or(String::new(), |n| format!(" --keep_tokens {n}")),
+        args.caption_tag_dropout_rate
+            .map_or(String::new(), |r| format!(
+                " --caption_tag_dropout_rate {r}"
+            )),
+    );
+    let without: Vec<&Path> = (dataset.samples.iter())
+        .filter(|s| s.context_variants.is_none())
+        .map(|s| s.text_cache.as_path())
+        .collect();
+    if let Some(first) = without.first() {
+        return Err(Error::Usage(format!(
+            "--shuffle_caption / --keep_tokens / --caption_tag_dropout_rate train each step on \
+             one of the caption variants cached per entry, and {} of {} text-encoder caches hold \
+             none (e.g. {}); {remedy}",
+            without.len(),
+            dataset.samples.len(),
+            first.display()
+        )));
+    }
+    let index = crate::stages::cache_text_encoder::index_path(
+        &args.in_json,
+        None,
+        crate::dataset::shard::Shard::ALL,
+    );
+    let Ok(document) = crate::infra::pyjson::read_document(&index) else {
+        tracing::warn!(
+            "no text-encoder cache index at {}: cannot check that the caption variants were made \
+             with --shuffle_caption {} --keep_tokens {} --caption_tag_dropout_rate {}",
+            index.display(),
+            args.shuffle_caption,
+            args.keep_tokens.unwrap_or(0),
+            args.caption_tag_dropout_rate.unwrap_or(0.0)
+        );
+        return Ok(());
+    };
+    let made = &document["parameters"];
+    let differs = [
+        (
+            made["shuffle_caption"].as_bool() != Some(args.shuffle_caption),
+            "--shuffle_caption",
+            made["shuffle_caption"].to_string(),
+        ),
+        (
+            made["keep_tokens"].as_u64() != Some(args.keep_tokens.unwrap_or(0) as u64),
+            "--keep_tokens",
+            made["keep_tokens"].to_string(),
+        ),
+        (
+            made["caption_tag_dropout_rate"].as_f64()
+                != Some(args.caption_tag_dropout_rate.unwrap_or(0.0)),
+            "--caption_tag_dropout_rate",
+            made["caption_tag_dropout_rate"].to_string(),
+        ),
+    ];
+    let named: Vec<String> = differs
+        .iter()
+        .filter(|(differs, _, _)| *differs)
+        .map(|(_, flag, made)| format!("{flag} (the variants were made with {made})"))
+        .collect();
+    if named.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "the caption variants in the caches of {} were made with other settings: {}; {remedy}, \
+         or give train-lora the settings they were made with",
+        args.in_json.display(),
+        named.join(", ")
+    )))
+}
+
 /// Content key of one cached sample: its metadata key, latents and text-encoder states.
 fn sample_key(sample: &data::Sample) -> Result<String> {
     let mut key = crate::infra::hashing::KeyBuilder::new("train-sample", 1);
@@ -910,6 +1001,7 @@ fn sample_key(sample: &data::Sample) -> Result<String> {
     for tensor in [&sample.latents, &sample.context]
         .into_iter()
         .chain(&sample.mask)
+        .chain(&sample.context_variants)
     {
         let values = tensor.flatten_all()?.to_vec1::<f32>()?;
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -983,6 +1075,11 @@ fn check_args(args: &TrainArgs) -> Result<()> {
             1.0,
         ),
         ("--max_grad_norm", Some(args.max_grad_norm), unbounded),
+        (
+            "--caption_tag_dropout_rate",
+            args.caption_tag_dropout_rate,
+            1.0,
+        ),
         (
             "--lr_scheduler_num_cycles",
             Some(args.lr_scheduler_num_cycles),
