@@ -196,6 +196,36 @@ fn cache_files_match_sd_scripts_hidden_states_and_rerun_is_incremental() {
     assert!(!cache_file(&cache, "t100").exists());
 }
 
+/// A single-file checkpoint without a `tokenizer/` folder beside it (as users have them) is
+/// tokenized with the built-in CLIP vocabulary, and the states still equal sd-scripts'.
+#[test]
+fn a_checkpoint_without_a_tokenizer_folder_uses_the_built_in_vocabulary() {
+    let root = tempfile::tempdir().unwrap();
+    let alone = root.path().join("model.safetensors");
+    std::os::unix::fs::symlink(model(), &alone).unwrap();
+    // The tiny model's head count, which tensor shapes cannot give (full-size ones need none).
+    let arch = fixtures().join("sd15-tiny/arch.json");
+    std::os::unix::fs::symlink(arch, root.path().join("arch.json")).unwrap();
+    let (meta, cache) = (root.path().join("meta.json"), root.path().join("cache"));
+    std::fs::create_dir(&cache).unwrap();
+    let captions = golden_captions();
+    write_metadata(&meta, &captions);
+    let stderr = run_expect(
+        "cache-text-encoder",
+        args![meta, alone, "--cache_dir", cache, "--clip_skip", "2"],
+        0,
+    );
+    assert!(
+        stderr.contains("using the built-in CLIP vocabulary"),
+        "{stderr}"
+    );
+    for name in captions.keys() {
+        let (hidden, _, _) = npz_array(&cache_file(&cache, name), "hidden_state");
+        let diff = max_abs(&hidden, &golden(&format!("{name}__hidden_75_clipskip2")));
+        assert!(diff <= 1e-4, "{name}: {diff}");
+    }
+}
+
 #[test]
 fn caches_beside_images_with_tags_weights_fp16_and_variants() {
     let root = tempfile::tempdir().unwrap();

@@ -37,7 +37,9 @@ use crate::models::clip::{apply_weights, encode_sd, encode_sdxl};
 use crate::models::precision::MixedPrecision;
 use crate::models::text_encoders::{load_text_encoders, paddings, TextEncoders};
 use crate::text::caption_text::{training_caption, CaptionAugmentation};
-use crate::text::tokenize::{tokenizer_dir, ClipTokenizer, MaxTokenLength, TokenChunks, CHUNK_LEN};
+use crate::text::tokenize::{
+    tokenizer_source, ClipTokenizer, MaxTokenLength, TokenChunks, TokenizerSource, CHUNK_LEN,
+};
 use crate::{infra::fsio, Error, Result};
 
 /// Version of the cache-file layout, part of every content key.
@@ -216,7 +218,7 @@ pub struct LoadedRun {
     /// One tokenizer per encoder.
     pub tokenizers: Vec<ClipTokenizer>,
     /// Where each tokenizer was read from.
-    pub tokenizer_dirs: Vec<PathBuf>,
+    pub tokenizer_dirs: Vec<TokenizerSource>,
     /// The effective `--clip_skip`.
     pub clip_skip: usize,
     /// Every parameter that changes the cache files' content.
@@ -271,7 +273,7 @@ pub fn load_run(options: &TeCacheOptions) -> Result<LoadedRun> {
     let tokenizers = paddings(family)
         .iter()
         .zip(&tokenizer_dirs)
-        .map(|(&padding, dir)| ClipTokenizer::from_dir(dir, padding))
+        .map(|(&padding, source)| ClipTokenizer::open(source, padding))
         .collect::<Result<Vec<_>>>()?;
     let tokenizer_hash = tokenizers
         .iter()
@@ -457,8 +459,15 @@ fn check_options(options: &TeCacheOptions) -> Result<()> {
     Ok(())
 }
 
-fn tokenizer_dirs(options: &TeCacheOptions, family: ModelFamily) -> Result<Vec<PathBuf>> {
-    let first = tokenizer_dir(&options.model, options.tokenizer.as_deref())?;
+fn tokenizer_dirs(options: &TeCacheOptions, family: ModelFamily) -> Result<Vec<TokenizerSource>> {
+    let first = tokenizer_source(&options.model, options.tokenizer.as_deref());
+    if first == TokenizerSource::BuiltIn {
+        tracing::info!(
+            "no tokenizer folder with {}: using the built-in CLIP vocabulary (--tokenizer DIR \
+             chooses another)",
+            options.model.display()
+        );
+    }
     if family != ModelFamily::Sdxl {
         return Ok(vec![first]);
     }
@@ -466,7 +475,7 @@ fn tokenizer_dirs(options: &TeCacheOptions, family: ModelFamily) -> Result<Vec<P
     let second = [options.model.join("tokenizer_2")]
         .into_iter()
         .find(|dir| options.tokenizer.is_none() && dir.join("vocab.json").is_file())
-        .unwrap_or_else(|| first.clone());
+        .map_or_else(|| first.clone(), TokenizerSource::Folder);
     Ok(vec![first, second])
 }
 
@@ -719,7 +728,7 @@ fn write_index(
     options: &TeCacheOptions,
     parameters: &Value,
     encoder: &Encoder,
-    tokenizer_dirs: &[PathBuf],
+    tokenizer_dirs: &[TokenizerSource],
     items: &[Item],
     shard: Option<ShardRecord>,
     summary: &Summary,
@@ -744,8 +753,8 @@ fn write_index(
         "family": family.name(),
         "model": options.model.display().to_string(),
         "text_encoder_weights": encoder.encoders.weights_hash,
-        "tokenizers": tokenizer_dirs.iter().zip(&encoder.tokenizers).map(|(dir, t)| json!({
-            "dir": dir.display().to_string(),
+        "tokenizers": tokenizer_dirs.iter().zip(&encoder.tokenizers).map(|(source, t)| json!({
+            "dir": source.describe(),
             "files_hash": t.files_hash(),
         })).collect::<Vec<_>>(),
         "parameters": parameters,
@@ -770,10 +779,13 @@ fn write_index(
         blake3: encoder.encoders.weights_hash.clone(),
         items: None,
     });
-    for (dir, tokenizer) in tokenizer_dirs.iter().zip(&encoder.tokenizers) {
+    for (source, tokenizer) in tokenizer_dirs.iter().zip(&encoder.tokenizers) {
         manifest.inputs.push(InputRecord {
             role: "tokenizer".into(),
-            path: Some(dir.display().to_string()),
+            path: match source {
+                TokenizerSource::Folder(dir) => Some(dir.display().to_string()),
+                TokenizerSource::BuiltIn => None,
+            },
             blake3: tokenizer.files_hash().to_string(),
             items: None,
         });

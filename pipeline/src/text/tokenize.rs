@@ -3,7 +3,8 @@
 //!
 //! The byte-level BPE itself is the `tokenizers` crate, configured like Hugging Face's CLIP
 //! tokenizer (NFC, whitespace runs collapsed, lower case, CLIP's word-splitting pattern,
-//! `</w>` end-of-word suffix) and built from the `vocab.json` + `merges.txt` of a model folder.
+//! `</w>` end-of-word suffix) and built from the `vocab.json` + `merges.txt` of a model folder,
+//! or from the standard CLIP vocabulary built into lorakit.
 
 use std::path::{Path, PathBuf};
 
@@ -117,7 +118,45 @@ pub struct ClipTokenizer {
     files_hash: String,
 }
 
+/// The standard CLIP BPE vocabulary (`openai/clip-vit-large-patch14`, 49408 entries), used when
+/// a model brings no tokenizer: SD1, SD2 and both SDXL encoders share it.
+const BUILT_IN_VOCAB: &[u8] = include_bytes!("../../assets/clip-tokenizer/vocab.json");
+/// The merges of [`BUILT_IN_VOCAB`].
+const BUILT_IN_MERGES: &[u8] = include_bytes!("../../assets/clip-tokenizer/merges.txt");
+
+/// Where a CLIP tokenizer's `vocab.json` and `merges.txt` come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenizerSource {
+    /// A tokenizer folder.
+    Folder(PathBuf),
+    /// The vocabulary built into lorakit.
+    BuiltIn,
+}
+
+impl TokenizerSource {
+    /// The folder, or `built-in CLIP vocabulary`.
+    pub fn describe(&self) -> String {
+        match self {
+            TokenizerSource::Folder(dir) => dir.display().to_string(),
+            TokenizerSource::BuiltIn => "built-in CLIP vocabulary".into(),
+        }
+    }
+}
+
 impl ClipTokenizer {
+    /// Builds the tokenizer from a folder's `vocab.json` and `merges.txt`, or the built-in ones.
+    pub fn open(source: &TokenizerSource, padding: Padding) -> Result<Self> {
+        match source {
+            TokenizerSource::Folder(dir) => Self::from_dir(dir, padding),
+            TokenizerSource::BuiltIn => Self::from_bytes(
+                BUILT_IN_VOCAB,
+                BUILT_IN_MERGES,
+                Path::new("built-in CLIP vocabulary"),
+                padding,
+            ),
+        }
+    }
+
     /// Builds the tokenizer from `dir/vocab.json` and `dir/merges.txt`.
     pub fn from_dir(dir: &Path, padding: Padding) -> Result<Self> {
         let vocab = dir.join("vocab.json");
@@ -131,16 +170,50 @@ impl ClipTokenizer {
                 ));
             }
         }
+        Self::from_bytes(
+            &crate::infra::fsio::read(&vocab)?,
+            &crate::infra::fsio::read(&merges)?,
+            &vocab,
+            padding,
+        )
+    }
+
+    /// Builds the tokenizer from the bytes of `vocab.json` and `merges.txt`; `origin` names them
+    /// in errors.
+    fn from_bytes(vocab: &[u8], merges: &[u8], origin: &Path, padding: Padding) -> Result<Self> {
         let files_hash = hashing::KeyBuilder::new("clip-tokenizer", 1)
-            .text("vocab", &hashing::hash_file(&vocab)?)
-            .text("merges", &hashing::hash_file(&merges)?)
+            .text("vocab", blake3::hash(vocab).to_hex().as_str())
+            .text("merges", blake3::hash(merges).to_hex().as_str())
             .finish();
-        let model = BPE::from_file(&path_text(&vocab)?, &path_text(&merges)?)
+        let bad = |message: String| Error::bad_file(origin, message);
+        let entries: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(vocab)
+            .map_err(|e| bad(format!("vocab.json is not a JSON object: {e}")))?;
+        let vocab_map: tokenizers::models::bpe::Vocab = entries
+            .into_iter()
+            .map(|(token, id)| {
+                let id = id.as_u64().and_then(|id| u32::try_from(id).ok());
+                id.map(|id| (token.clone(), id))
+                    .ok_or_else(|| bad(format!("vocab.json: the id of {token:?} is not a number")))
+            })
+            .collect::<Result<_>>()?;
+        let merges_text =
+            std::str::from_utf8(merges).map_err(|_| bad("merges.txt is not UTF-8 text".into()))?;
+        let merge_list: tokenizers::models::bpe::Merges = merges_text
+            .lines()
+            .filter(|line| !line.starts_with("#version") && !line.trim().is_empty())
+            .map(|line| {
+                line.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| bad(format!("merges.txt: line {line:?} is not `a b`")))
+            })
+            .collect::<Result<_>>()?;
+        let model = BPE::builder()
+            .vocab_and_merges(vocab_map, merge_list)
             .unk_token(EOS_TOKEN.to_string())
             .end_of_word_suffix("</w>".to_string())
             .continuing_subword_prefix(String::new())
             .build()
-            .map_err(|e| Error::bad_file(&vocab, format!("cannot build the CLIP BPE: {e}")))?;
+            .map_err(|e| bad(format!("cannot build the CLIP BPE: {e}")))?;
         let normalizer = NormalizerSequence::new(vec![
             NFC.into(),
             Replace::new(
@@ -173,12 +246,9 @@ impl ClipTokenizer {
             ])
             .map_err(|e| Error::Model(format!("tokenizer setup: {e}")))?;
         let id = |token: &str| {
-            inner.token_to_id(token).ok_or_else(|| {
-                Error::bad_file(
-                    &vocab,
-                    format!("vocabulary has no {token}; not a CLIP tokenizer"),
-                )
-            })
+            inner
+                .token_to_id(token)
+                .ok_or_else(|| bad(format!("vocabulary has no {token}; not a CLIP tokenizer")))
         };
         let bos = id(BOS_TOKEN)?;
         let eos = id(EOS_TOKEN)?;
@@ -291,36 +361,21 @@ impl ClipTokenizer {
     }
 }
 
-fn path_text(path: &Path) -> Result<String> {
-    path.to_str()
-        .map(str::to_string)
-        .ok_or_else(|| Error::bad_file(path, "path is not valid UTF-8; move the tokenizer files"))
-}
-
-/// The tokenizer folder to use for a model: `--tokenizer DIR` if given, else the `tokenizer/`
-/// folder of a diffusers model, else a `tokenizer/` folder beside a single-file checkpoint.
-pub fn tokenizer_dir(model: &Path, explicit: Option<&Path>) -> Result<PathBuf> {
+/// The tokenizer to use for a model: `--tokenizer DIR` if given, else the `tokenizer/` folder of
+/// a diffusers model, else a `tokenizer/` folder beside a single-file checkpoint, else the
+/// built-in CLIP vocabulary (single-file checkpoints carry none, and nothing is downloaded).
+pub fn tokenizer_source(model: &Path, explicit: Option<&Path>) -> TokenizerSource {
     if let Some(dir) = explicit {
-        return Ok(dir.to_path_buf());
+        return TokenizerSource::Folder(dir.to_path_buf());
     }
-    let candidates = if model.is_dir() {
-        vec![model.join("tokenizer")]
+    let candidate = if model.is_dir() {
+        Some(model.join("tokenizer"))
     } else {
-        model
-            .parent()
-            .map(|dir| vec![dir.join("tokenizer")])
-            .unwrap_or_default()
+        model.parent().map(|dir| dir.join("tokenizer"))
     };
-    candidates
-        .into_iter()
-        .find(|dir| dir.join("vocab.json").is_file())
-        .ok_or_else(|| {
-            Error::bad_file(
-                model,
-                "no CLIP tokenizer found for this model (looked for tokenizer/vocab.json in the \
-                 model folder or beside the file); pass --tokenizer DIR",
-            )
-        })
+    candidate
+        .filter(|dir| dir.join("vocab.json").is_file())
+        .map_or(TokenizerSource::BuiltIn, TokenizerSource::Folder)
 }
 
 /// Parses the A1111 attention syntax into `(text, weight)` fragments, as sd-scripts'
