@@ -322,7 +322,7 @@ fn every_per_image_stage_sharded_in_three_equals_the_unsharded_run() {
         Stage {
             tool: "tag-images",
             args: os_args(&[data, &"--model_dir", &setup.models, &"--batch_size", &"4"]),
-            outputs: vec![data.join(".lorakit-tag-probs.bin")],
+            outputs: vec![data.join(".lorakit/tag-probs.bin")],
             order_like: None,
             reports_missing: false,
         },
@@ -339,7 +339,7 @@ fn every_per_image_stage_sharded_in_three_equals_the_unsharded_run() {
                 &"--batch_size",
                 &"2",
             ]),
-            outputs: vec![data.join("caption-images.caption.json")],
+            outputs: vec![data.join(".lorakit/caption-images.caption.json")],
             order_like: None,
             reports_missing: false,
         },

@@ -29,8 +29,8 @@ use crate::formats::manifest::Manifest;
 use crate::formats::metadata::{image_key, resolve_image};
 use crate::formats::schema::LINT_REPORT_V1;
 use crate::infra::report::{Progress, Summary};
-use crate::stages::caption_images::index_path as caption_index_path;
-use crate::stages::tag_images::DEFAULT_STORE_NAME;
+use crate::stages::caption_images::caption_index;
+use crate::stages::tag_images::default_store;
 use crate::text::tokenize::{ClipTokenizer, MaxTokenLength, Padding};
 use crate::{infra::fsio, infra::hashing, Error, Result};
 
@@ -570,14 +570,13 @@ fn check_sidecars(
     let written = [
         (
             "caption-images",
-            written_sidecars(&caption_index_path(
-                &options.train_data_dir,
-                &options.caption_extension,
-            )),
+            written_sidecars(
+                caption_index(&options.train_data_dir, &options.caption_extension).existing(),
+            ),
         ),
         (
             "tag-images",
-            written_sidecars(&options.train_data_dir.join(DEFAULT_STORE_NAME)),
+            written_sidecars(default_store(&options.train_data_dir).existing()),
         ),
     ];
     for ((extension, is_tags), (writer, recorded)) in [
