@@ -1,6 +1,10 @@
 //! Training data from caches only: the metadata JSON (`--in_json`), the latent caches
 //! `<stem>_<WWWW>x<HHHH>_sd.npz` (docs/kohya-compat.md#latent-cache-files) and the text-encoder
 //! caches `<stem>_te_outputs.npz`.
+//! When the metadata's manifest comes from `prepare-latents`, each entry's latent cache is the
+//! one recording the content key listed there (at sd-scripts' name or under
+//! `.lorakit/latents/`, [`crate::formats::latent_cache`]), so metadata prepared at other
+//! settings trains from its own caches.
 //! Every entry is checked before training starts; all problems are reported together.
 
 use std::collections::BTreeMap;
@@ -11,7 +15,8 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use crate::dataset::IMAGE_EXTENSIONS;
-use crate::formats::latent_cache::{read_latent_cache, LatentSpec};
+use crate::formats::latent_cache::{find_by_key, read_latent_cache, sd_scripts_caches, LatentSpec};
+use crate::formats::manifest::Manifest;
 use crate::formats::metadata::load_input_metadata;
 use crate::formats::model_family::ModelFamily;
 use crate::formats::npz::NpzReader;
@@ -74,6 +79,10 @@ impl CachedDataset {
         options: CacheOptions,
     ) -> Result<Self> {
         let metadata = load_input_metadata(in_json)?;
+        let latent_keys = Manifest::read_for(in_json)?
+            .filter(|manifest| manifest.tool == crate::stages::prepare_latents::STAGE)
+            .map(|manifest| manifest.items)
+            .unwrap_or_default();
         if metadata.is_empty() {
             return Err(Error::bad_file(
                 in_json,
@@ -85,7 +94,14 @@ impl CachedDataset {
         let mut tag_frequency = BTreeMap::new();
         for (key, entry) in metadata.iter() {
             let base = cache_base(key, train_data_dir);
-            match load_sample(key, &base, entry.get("train_resolution"), options) {
+            let latent_key = latent_keys.get(key).map(String::as_str);
+            match load_sample(
+                key,
+                &base,
+                entry.get("train_resolution"),
+                latent_key,
+                options,
+            ) {
                 Ok(sample) => samples.push(sample),
                 Err(e) => problems.push(e.to_string()),
             }
@@ -315,23 +331,14 @@ fn cache_base(key: &str, train_data_dir: Option<&Path>) -> PathBuf {
     }
 }
 
-/// The latent cache next to `base`: `<base>_<WWWW>x<HHHH>_sd.npz`, else legacy `<base>.npz`.
-pub fn find_latent_cache(base: &Path) -> Option<PathBuf> {
-    let dir = base.parent()?;
-    let stem = base.file_name()?.to_str()?;
-    let pattern = regex::Regex::new(&format!(
-        r"^{}_\d{{4}}x\d{{4}}_sd\.npz$",
-        regex::escape(stem)
-    ))
-    .ok()?;
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_str().is_some_and(|n| pattern.is_match(n)))
-        .map(|e| e.path())
-        .collect();
-    found.sort();
-    found.pop().or_else(|| {
+/// The latent cache of the image `base` (its path without extension): the one recording
+/// `content_key` when it is known (from the metadata's `prepare-latents` manifest) and found;
+/// otherwise the last of its `<base>_<W>x<H>_sd.npz` files, else legacy `<base>.npz`.
+pub fn find_latent_cache(base: &Path, content_key: Option<&str>) -> Option<PathBuf> {
+    if let Some(found) = content_key.and_then(|key| find_by_key(base, key, "sd")) {
+        return Some(found);
+    }
+    sd_scripts_caches(base, "sd").pop().or_else(|| {
         let legacy = base.with_extension("npz");
         legacy.is_file().then_some(legacy)
     })
@@ -358,9 +365,10 @@ fn load_sample(
     key: &str,
     base: &Path,
     train_resolution: Option<&serde_json::Value>,
+    latent_key: Option<&str>,
     options: CacheOptions,
 ) -> Result<Sample> {
-    let latent_path = find_latent_cache(base).ok_or_else(|| {
+    let latent_path = find_latent_cache(base, latent_key).ok_or_else(|| {
         Error::bad_file(
             base,
             format!(
