@@ -152,34 +152,72 @@ fn two_preparations_coexist_and_each_trains() {
     train(root, "meta_a.json", "a");
     train(root, "meta_b.json", "b");
 
-    // lint with B's settings: B's keyed caches are its own, A's sd-scripts files another
-    // setting's (a note), nothing stale or orphaned; `.lorakit/` is not a hidden folder to it.
-    let output = run(
-        "lint-dataset",
-        args![
-            data,
-            "--json",
-            "-q",
-            "--model",
-            model(),
-            "--resolution",
-            "192",
-            "--min_bucket_reso",
-            "64",
-            "--max_bucket_reso",
-            "256",
-            "--in_json",
-            root.join("meta_b.json")
-        ],
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    for finding in report["findings"].as_array().unwrap() {
-        let path = finding["path"].as_str().unwrap();
-        assert!(!path.contains(".lorakit"), "{finding}");
-        if finding["code"] == "stale_cache" || finding["code"] == "orphaned_cache" {
-            assert_eq!(finding["severity"], "info", "{finding}");
+    // lint with either setting: its own caches are current, the other's (sd-scripts-named or
+    // keyed) are not stale or orphaned, and `.lorakit/` is not a hidden folder to it.
+    for (meta, side) in [("meta_a.json", "128"), ("meta_b.json", "192")] {
+        let output = run(
+            "lint-dataset",
+            args![
+                data,
+                "--json",
+                "-q",
+                "--model",
+                model(),
+                "--resolution",
+                side,
+                "--min_bucket_reso",
+                "64",
+                "--max_bucket_reso",
+                "256",
+                "--in_json",
+                root.join(meta)
+            ],
+        );
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        for finding in report["findings"].as_array().unwrap() {
+            let path = finding["path"].as_str().unwrap();
+            assert!(!path.contains(".lorakit"), "{meta}: {finding}");
+            assert!(
+                finding["code"] != "stale_cache" && finding["code"] != "orphaned_cache",
+                "{meta}: {finding}"
+            );
         }
     }
+
+    // Text-encoder caches keep one name per image: another run (here with --clip_skip 2)
+    // replaces them, and training from the metadata whose index lists the old keys refuses
+    // them instead of training on the other settings' text states.
+    run_expect(
+        "cache-text-encoder",
+        args![
+            root.join("meta_b.json"),
+            model(),
+            "--train_data_dir",
+            data,
+            "--clip_skip",
+            "2"
+        ],
+        0,
+    );
+    let output = run(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            root.join("meta_a.json"),
+            "--train_data_dir",
+            data,
+            "--output_dir",
+            root.join("out"),
+            "--max_train_steps",
+            "1"
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("meta_a_te_cache.json"), "{stderr}");
+    train(root, "meta_b.json", "b2");
 }
 
 #[test]
@@ -201,6 +239,23 @@ fn prune_removes_exactly_the_caches_the_metadata_does_not_use() {
     std::fs::write(data.join(".lorakit/latents/keep.txt"), b"x").unwrap();
     // chelsea is replaced by another picture: its caches of both settings are stale.
     std::fs::copy(fixtures().join("images/moon.png"), data.join("chelsea.png")).unwrap();
+
+    // lint names the keyed cache of the replaced image (its image hash differs).
+    let output = run("lint-dataset", args![data, "--json", "-q"]);
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let orphaned: Vec<String> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["code"] == "orphaned_cache")
+        .map(|f| {
+            lorakit_pipeline::dataset::relative_name(&data, Path::new(f["path"].as_str().unwrap()))
+        })
+        .collect();
+    assert!(
+        orphaned.contains(&cache_of_name(&before, "chelsea.png", true)),
+        "{orphaned:?}"
+    );
 
     let (stderr, stdout) = prepare(root, "meta_b.json", 192, &["--prune"]);
     assert!(stderr.contains("1 done, 2 up to date"), "{stderr}");

@@ -285,7 +285,9 @@ fn assert_caches_match(path: &Path, expected: &[u8]) {
                 assert_eq!(ours.read_i64(&key).unwrap(), theirs.read_i64(&key).unwrap())
             }
             "crop_ltrb" => assert_eq!(ours.read_f64(&key).unwrap(), theirs.read_f64(&key).unwrap()),
-            "lorakit_key" => assert_eq!(ours.read_u8(&key).unwrap(), theirs.read_u8(&key).unwrap()),
+            "lorakit_key" | "lorakit_source" => {
+                assert_eq!(ours.read_u8(&key).unwrap(), theirs.read_u8(&key).unwrap())
+            }
             _ => {
                 let (a, shape_a) = ours.read_f32(&key).unwrap();
                 let (b, shape_b) = theirs.read_f32(&key).unwrap();

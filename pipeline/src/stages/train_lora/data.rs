@@ -4,7 +4,9 @@
 //! When the metadata's manifest comes from `prepare-latents`, each entry's latent cache is the
 //! one recording the content key listed there (at sd-scripts' name or under
 //! `.lorakit/latents/`, [`crate::formats::latent_cache`]), so metadata prepared at other
-//! settings trains from its own caches.
+//! settings trains from its own caches. When `cache-text-encoder` wrote an index for the
+//! metadata (`<in_json stem>_te_cache.json`), each text-encoder cache must record the key its
+//! manifest lists: a cache another run (other settings or captions) replaced is refused.
 //! Every entry is checked before training starts; all problems are reported together.
 
 use std::collections::BTreeMap;
@@ -14,13 +16,16 @@ use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
+use crate::dataset::shard::Shard;
 use crate::dataset::IMAGE_EXTENSIONS;
 use crate::formats::latent_cache::{find_by_key, read_latent_cache, sd_scripts_caches, LatentSpec};
 use crate::formats::manifest::Manifest;
 use crate::formats::metadata::load_input_metadata;
 use crate::formats::model_family::ModelFamily;
-use crate::formats::npz::NpzReader;
+use crate::formats::npz::{stored_key, NpzReader};
+use crate::formats::schema::TE_CACHE_V1;
 use crate::formats::te_cache::{describe_width, read_cache_file, TeCacheSpec};
+use crate::stages::cache_text_encoder;
 use crate::{Error, Result};
 
 /// One training image as cached tensors.
@@ -83,6 +88,11 @@ impl CachedDataset {
             .filter(|manifest| manifest.tool == crate::stages::prepare_latents::STAGE)
             .map(|manifest| manifest.items)
             .unwrap_or_default();
+        let text_index = cache_text_encoder::index_path(in_json, None, Shard::ALL);
+        let text_keys = Manifest::read_for(&text_index)?
+            .filter(|manifest| manifest.output_schema == TE_CACHE_V1)
+            .map(|manifest| manifest.items)
+            .unwrap_or_default();
         if metadata.is_empty() {
             return Err(Error::bad_file(
                 in_json,
@@ -94,14 +104,13 @@ impl CachedDataset {
         let mut tag_frequency = BTreeMap::new();
         for (key, entry) in metadata.iter() {
             let base = cache_base(key, train_data_dir);
-            let latent_key = latent_keys.get(key).map(String::as_str);
-            match load_sample(
-                key,
-                &base,
-                entry.get("train_resolution"),
-                latent_key,
-                options,
-            ) {
+            let keys = CacheKeys {
+                latent: latent_keys.get(key).map(String::as_str),
+                text: text_keys
+                    .get(key)
+                    .map(|k| (k.as_str(), text_index.as_path())),
+            };
+            match load_sample(key, &base, entry.get("train_resolution"), keys, options) {
                 Ok(sample) => samples.push(sample),
                 Err(e) => problems.push(e.to_string()),
             }
@@ -361,14 +370,23 @@ fn files_per_value<T>(groups: &BTreeMap<T, Vec<&Path>>, describe: impl Fn(&T) ->
         .join("; ")
 }
 
+/// The content keys an entry's caches must record, where the metadata's manifests list them.
+#[derive(Debug, Clone, Copy)]
+struct CacheKeys<'a> {
+    /// From the metadata's `prepare-latents` manifest.
+    latent: Option<&'a str>,
+    /// From the manifest of the metadata's `cache-text-encoder` index, with the index's path.
+    text: Option<(&'a str, &'a Path)>,
+}
+
 fn load_sample(
     key: &str,
     base: &Path,
     train_resolution: Option<&serde_json::Value>,
-    latent_key: Option<&str>,
+    keys: CacheKeys,
     options: CacheOptions,
 ) -> Result<Sample> {
-    let latent_path = find_latent_cache(base, latent_key).ok_or_else(|| {
+    let latent_path = find_latent_cache(base, keys.latent).ok_or_else(|| {
         Error::bad_file(
             base,
             format!(
@@ -412,6 +430,22 @@ fn load_sample(
             &te_path,
             format!("entry {key:?}: text-encoder cache missing"),
         ));
+    }
+    if let Some((expected, index)) = keys.text {
+        let recorded = NpzReader::open(&te_path)
+            .ok()
+            .and_then(|mut reader| stored_key(&mut reader));
+        if recorded.as_deref() != Some(expected) {
+            return Err(Error::bad_file(
+                &te_path,
+                format!(
+                    "entry {key:?}: not the text-encoder cache {} lists for it (a \
+                     cache-text-encoder run with other settings or captions replaced it); re-run \
+                     cache-text-encoder with this metadata",
+                    index.display()
+                ),
+            ));
+        }
     }
     // SD 1.x and 2.x caches share one layout (a single `hidden_state`), so either family reads it.
     let cached = read_cache_file(&te_path, &TeCacheSpec::any(ModelFamily::Sd1), &Device::Cpu)?;
