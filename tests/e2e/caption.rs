@@ -97,9 +97,10 @@ fn greedy_and_beam_captions_equal_sd_scripts() {
     for (name, expected) in IMAGES.iter().zip(golden_captions("beam3")) {
         assert_eq!(caption_of(&data, name), format!("{expected}\n"), "{name}");
     }
-    let index: Value =
-        serde_json::from_slice(&std::fs::read(data.join("caption-images.caption.json")).unwrap())
-            .unwrap();
+    let index: Value = serde_json::from_slice(
+        &std::fs::read(data.join(".lorakit/caption-images.caption.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(index["chelsea.png"], "scots brest edmonton 670");
 }
 
@@ -163,7 +164,7 @@ fn bad_images_are_skipped_and_reported() {
     assert!(!data.join("broken.caption").exists());
     assert!(data.join("sub/cat.caption").exists());
     let manifest: Value = serde_json::from_slice(
-        &std::fs::read(data.join("caption-images.caption.json.manifest.json")).unwrap(),
+        &std::fs::read(data.join(".lorakit/caption-images.caption.json.manifest.json")).unwrap(),
     )
     .unwrap();
     assert_eq!(

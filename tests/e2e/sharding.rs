@@ -285,7 +285,9 @@ fn assert_caches_match(path: &Path, expected: &[u8]) {
                 assert_eq!(ours.read_i64(&key).unwrap(), theirs.read_i64(&key).unwrap())
             }
             "crop_ltrb" => assert_eq!(ours.read_f64(&key).unwrap(), theirs.read_f64(&key).unwrap()),
-            "lorakit_key" => assert_eq!(ours.read_u8(&key).unwrap(), theirs.read_u8(&key).unwrap()),
+            "lorakit_key" | "lorakit_source" => {
+                assert_eq!(ours.read_u8(&key).unwrap(), theirs.read_u8(&key).unwrap())
+            }
             _ => {
                 let (a, shape_a) = ours.read_f32(&key).unwrap();
                 let (b, shape_b) = theirs.read_f32(&key).unwrap();
@@ -322,7 +324,7 @@ fn every_per_image_stage_sharded_in_three_equals_the_unsharded_run() {
         Stage {
             tool: "tag-images",
             args: os_args(&[data, &"--model_dir", &setup.models, &"--batch_size", &"4"]),
-            outputs: vec![data.join(".lorakit-tag-probs.bin")],
+            outputs: vec![data.join(".lorakit/tag-probs.bin")],
             order_like: None,
             reports_missing: false,
         },
@@ -339,7 +341,7 @@ fn every_per_image_stage_sharded_in_three_equals_the_unsharded_run() {
                 &"--batch_size",
                 &"2",
             ]),
-            outputs: vec![data.join("caption-images.caption.json")],
+            outputs: vec![data.join(".lorakit/caption-images.caption.json")],
             order_like: None,
             reports_missing: false,
         },

@@ -87,7 +87,7 @@ fn golden_tag_files_probabilities_and_store() {
     assert_tags_match(&s.images, "default");
 
     // Stored probabilities against the onnxruntime reference on sd-scripts' preprocessing.
-    let store = ProbabilityStore::load(&s.images.join(".lorakit-tag-probs.bin"))
+    let store = ProbabilityStore::load(&s.images.join(".lorakit/tag-probs.bin"))
         .unwrap()
         .expect("store written");
     // PNG decoding is exact, so those rows must match to 1e-5 (they match exactly). The one
@@ -188,7 +188,7 @@ fn golden_tag_files_probabilities_and_store() {
         std::fs::read(s.images.join("moon.txt")).unwrap(),
         std::fs::read(fixtures().join("golden/wd14/characters_intended/coins.txt")).unwrap()
     );
-    let manifest = s.images.join(".lorakit-tag-probs.bin.manifest.json");
+    let manifest = s.images.join(".lorakit/tag-probs.bin.manifest.json");
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
     assert_eq!(manifest["items"].as_object().unwrap().len(), 12);

@@ -67,6 +67,12 @@ pub struct PrepareLatentsArgs {
     /// Re-encode every image, even up-to-date ones.
     #[arg(long)]
     pub force: bool,
+    /// After the run, delete the latent caches (ours only: sd-scripts-named and under
+    /// .lorakit/latents/, holding a lorakit key) in the images' cache folders that no entry of
+    /// OUT_JSON uses, e.g. those of replaced images or of other settings; prints each one.
+    /// Skipped when an item failed; not with --shard.
+    #[arg(long)]
+    pub prune: bool,
     #[command(flatten)]
     pub image: ImageArgs,
     #[command(flatten)]
@@ -101,6 +107,7 @@ impl PrepareLatentsArgs {
             seed: self.seed,
             cache_dir: self.cache_dir,
             force: self.force,
+            prune: self.prune,
             shard: self.shard.shard,
             quiet,
         };

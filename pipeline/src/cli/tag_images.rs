@@ -129,8 +129,9 @@ pub struct TagImagesArgs {
     /// ONNX Runtime threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Tag-probability store (default: <train_data_dir>/.lorakit-tag-probs.bin; with --shard
-    /// i/n: .lorakit-tag-probs.shard-i-of-n.bin, joined by merge-shards).
+    /// Tag-probability store (default: <train_data_dir>/.lorakit/tag-probs.bin, moved there from
+    /// the older <train_data_dir>/.lorakit-tag-probs.bin; with --shard i/n:
+    /// tag-probs.shard-i-of-n.bin, joined by merge-shards).
     #[arg(long)]
     pub probs_store: Option<PathBuf>,
     /// Only re-render tag files from the store (new thresholds, undesired tags, ...): never

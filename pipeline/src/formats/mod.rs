@@ -2,6 +2,7 @@
 //! caches, the latent and text-encoder cache files, the tag-probability store and model
 //! families.
 
+pub mod bookkeeping;
 pub mod latent_cache;
 pub mod manifest;
 pub mod metadata;

@@ -15,6 +15,10 @@ use crate::{infra::fsio, Error, Result};
 
 /// Name of the array holding the content key that produced a cache file.
 pub const KEY_ARRAY: &str = "lorakit_key";
+/// Name of the array holding the BLAKE3 (hex, as uint8 bytes) of the input file a cache was
+/// computed from (the image of a latent cache): a cache of another setting whose image is
+/// unchanged is told from a stale one by it.
+pub const SOURCE_ARRAY: &str = "lorakit_source";
 
 /// The largest array lorakit reads from a `.npz` file (256 MiB; the latents of a 4096x4096
 /// image take 4 MiB, its alpha mask 64 MiB). An array declaring more, in its `.npy` header or
@@ -392,17 +396,36 @@ fn too_large(path: &Path, name: &str, what: &str) -> Error {
 
 /// Stores `key_hex` as the [`KEY_ARRAY`] uint8 array (the ASCII bytes of the hex key).
 pub fn store_key(writer: &mut NpzWriter, key_hex: &str) -> Result<()> {
-    let bytes = key_hex.as_bytes().to_vec();
-    let len = bytes.len();
-    writer.add_u8(KEY_ARRAY, bytes, &[len])
+    store_text(writer, KEY_ARRAY, key_hex)
 }
 
 /// The content key stored in `reader`, if it has a readable one.
 pub fn stored_key(reader: &mut NpzReader) -> Option<String> {
-    if !reader.contains(KEY_ARRAY) {
+    stored_text(reader, KEY_ARRAY)
+}
+
+/// Stores `hash_hex`, the BLAKE3 of the input file a cache was computed from, as the
+/// [`SOURCE_ARRAY`] uint8 array.
+pub fn store_source(writer: &mut NpzWriter, hash_hex: &str) -> Result<()> {
+    store_text(writer, SOURCE_ARRAY, hash_hex)
+}
+
+/// The source hash stored in `reader` ([`store_source`]), if it has a readable one.
+pub fn stored_source(reader: &mut NpzReader) -> Option<String> {
+    stored_text(reader, SOURCE_ARRAY)
+}
+
+fn store_text(writer: &mut NpzWriter, name: &str, text: &str) -> Result<()> {
+    let bytes = text.as_bytes().to_vec();
+    let len = bytes.len();
+    writer.add_u8(name, bytes, &[len])
+}
+
+fn stored_text(reader: &mut NpzReader, name: &str) -> Option<String> {
+    if !reader.contains(name) {
         return None;
     }
-    let (bytes, _) = reader.read_u8(KEY_ARRAY).ok()?;
+    let (bytes, _) = reader.read_u8(name).ok()?;
     String::from_utf8(bytes).ok()
 }
 

@@ -2,7 +2,7 @@
 //! and replacements can be re-applied without running the model again, and re-runs only infer
 //! new or changed images.
 //!
-//! One file per dataset (default `<train_data_dir>/.lorakit-tag-probs.bin`):
+//! One file per dataset (default `<train_data_dir>/.lorakit/tag-probs.bin`):
 //!
 //! | bytes | content |
 //! |---|---|

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use crate::dataset::imaging::{self, DecodeOptions};
 use crate::dataset::shard::Shard;
 use crate::dataset::sidecar::{self, Outcome, Owner};
+use crate::formats::bookkeeping::Bookkeeping;
 use crate::formats::manifest::Manifest;
 use crate::formats::schema::CAPTION_INDEX_V1;
 use crate::infra::hashing::{self, KeyBuilder};
@@ -488,10 +489,12 @@ impl CaptionOptions {
     }
 }
 
-/// Path of the caption index of a run: `<train_data_dir>/caption-images<ext>.json` (a JSON
-/// object from image path, relative to the folder, to caption), with its manifest beside it.
-pub fn index_path(train_data_dir: &Path, caption_extension: &str) -> PathBuf {
-    train_data_dir.join(format!("caption-images{caption_extension}.json"))
+/// The caption index of a dataset: `<train_data_dir>/.lorakit/caption-images<ext>.json` (a JSON
+/// object from image path, relative to the folder, to caption), with its manifest beside it;
+/// formerly `<train_data_dir>/caption-images<ext>.json`.
+pub fn caption_index(train_data_dir: &Path, caption_extension: &str) -> Bookkeeping {
+    let name = format!("caption-images{caption_extension}.json");
+    Bookkeeping::new(train_data_dir, &name, &name)
 }
 
 /// One image waiting for its caption.
@@ -517,10 +520,10 @@ pub fn run(options: &CaptionOptions) -> Result<Summary> {
     options.validate()?;
     let files = BlipFiles::locate(&options.caption_weights)?;
     let discovery = dataset::find_images(&options.train_data_dir, options.recursive)?;
-    let index = options.shard.output_path(&index_path(
-        &options.train_data_dir,
-        &options.caption_extension,
-    ));
+    let index = caption_index(&options.train_data_dir, &options.caption_extension)
+        .map(|path| options.shard.output_path(path))
+        .migrate()?
+        .to_path_buf();
     let parameters = options.parameters();
     let (previous, previous_sidecars) = match Manifest::read_for(&index) {
         Ok(manifest) => manifest.map(|m| (m.items, m.sidecars)).unwrap_or_default(),

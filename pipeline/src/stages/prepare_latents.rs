@@ -4,8 +4,11 @@
 //! added (docs/kohya-compat.md#legacy-latent-caches).
 //!
 //! Every cache file stores the content key that produced it (image bytes, VAE weights, bucket,
-//! resize, crop, dtype, flip/alpha flags, seed, format version); a re-run encodes only the
-//! images whose key changed.
+//! resize, crop, dtype, flip/alpha flags, seed, format version) and the hash of its image; a
+//! re-run encodes only the images whose key changed. Where sd-scripts' name holds the cache of
+//! other settings, the cache goes to its keyed location under `.lorakit/latents/`
+//! ([`crate::formats::latent_cache`]), so preparations at several settings coexist; `--prune`
+//! removes the caches the written metadata does not use.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -20,7 +23,10 @@ use crate::dataset::bucket::{BucketManager, BucketSettings, Placement};
 use crate::dataset::find_images;
 use crate::dataset::imaging::{self, DecodeOptions};
 use crate::dataset::shard::Shard;
-use crate::formats::latent_cache::{read_latent_cache, LatentSpec};
+use crate::formats::bookkeeping::LORAKIT_DIR;
+use crate::formats::latent_cache::{
+    keyed_path, may_replace, parse_cache_name, read_latent_cache, CacheName, LatentSpec, KEYED_DIR,
+};
 use crate::formats::manifest::{InputRecord, Manifest};
 use crate::formats::metadata::load_input_metadata;
 use crate::formats::metadata::{check_unique_keys, image_key};
@@ -76,6 +82,9 @@ pub struct LatentOptions {
     pub cache_dir: Option<PathBuf>,
     /// Re-encode everything.
     pub force: bool,
+    /// After the run, delete the latent caches (ours only) in the images' cache folders that no
+    /// entry of the written metadata uses.
+    pub prune: bool,
     /// `--shard i/n`: encode only this part of the images; the metadata JSON written holds this
     /// shard's entries only, under a shard-named path ([`Shard::output_path`]).
     pub shard: Shard,
@@ -88,7 +97,14 @@ struct Planned {
     key: String,
     image: PathBuf,
     placement: Placement,
+    /// Where its cache is (up to date) or goes: `sd_scripts` or `keyed`.
     cache_path: PathBuf,
+    /// sd-scripts' name of its cache ([`cache_path`]).
+    sd_scripts: PathBuf,
+    /// Its keyed location under `.lorakit/latents/` ([`keyed_path`]).
+    keyed: PathBuf,
+    /// BLAKE3 of the image bytes, recorded in the cache.
+    image_hash: String,
     content_key: String,
 }
 
@@ -107,6 +123,13 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
     }
     if options.batch_size == 0 {
         return Err(Error::Usage("--batch_size must be at least 1".into()));
+    }
+    if options.prune && options.shard != Shard::ALL {
+        return Err(Error::Usage(
+            "--prune cannot be combined with --shard: a shard sees only its own images; prune \
+             in an unsharded run (every cache is then up to date) after merge-shards"
+                .into(),
+        ));
     }
     let mut metadata = load_input_metadata(&options.in_json)?;
     let mut discovery = find_images(&options.train_data_dir, options.recursive)?;
@@ -209,6 +232,13 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
         let encoder = VaeEncoder::load(&vae_source, dtype, &device)?;
         let encoded = encode_all(options, &encoder, to_encode, &mut summary);
         summary.done += encoded.len();
+        let keyed = encoded.iter().filter(|i| i.cache_path == i.keyed).count();
+        if keyed > 0 {
+            tracing::info!(
+                "{keyed} cache(s) written under {LORAKIT_DIR}/{KEYED_DIR}/: their sd-scripts names \
+                 hold the caches of other settings (kept for the metadata made with those)"
+            );
+        }
         ready.extend(encoded);
     }
 
@@ -257,7 +287,92 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
     manifest.summary = summary.clone();
     manifest.shard = shard_record;
     manifest.write_for(&out_json)?;
+    if options.prune {
+        prune(options, &discovery.images, &mut ready, &summary)?;
+    }
     Ok(summary)
+}
+
+/// `--prune`: deletes the latent caches in the cache folders of `images` (sd-scripts names and
+/// `.lorakit/latents/`) that no item of `ready` (every entry of the written metadata) uses,
+/// printing each. Only files named like latent caches that hold `latents` and a lorakit content
+/// key are touched. Afterwards a keyed cache whose sd-scripts name has become free moves there.
+fn prune(
+    options: &LatentOptions,
+    images: &[PathBuf],
+    ready: &mut [Planned],
+    summary: &Summary,
+) -> Result<()> {
+    if !summary.failures.is_empty() {
+        tracing::warn!(
+            "--prune skipped: {} item(s) failed, and their caches may still be wanted; fix them \
+             and run again",
+            summary.failures.len()
+        );
+        return Ok(());
+    }
+    let in_use: HashSet<&Path> = ready.iter().map(|i| i.cache_path.as_path()).collect();
+    let folders: std::collections::BTreeSet<PathBuf> = images
+        .iter()
+        .map(|image| cache_folder(image, &options.train_data_dir, options.cache_dir.as_deref()))
+        .flat_map(|folder| [folder.join(LORAKIT_DIR).join(KEYED_DIR), folder])
+        .collect();
+    let mut removed = 0usize;
+    for folder in &folders {
+        let keyed_folder = folder.ends_with(Path::new(LORAKIT_DIR).join(KEYED_DIR));
+        let Ok(entries) = std::fs::read_dir(folder) else {
+            continue;
+        };
+        let mut names: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        names.sort();
+        for path in names {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let ours_by_name = match parse_cache_name(&name) {
+                Some(CacheName::Keyed { .. }) => keyed_folder,
+                Some(CacheName::SdScripts { .. }) => !keyed_folder,
+                None => false,
+            };
+            if !ours_by_name || in_use.contains(path.as_path()) || !path.is_file() {
+                continue;
+            }
+            let ours = NpzReader::open(&path)
+                .is_ok_and(|mut r| r.contains("latents") && npz::stored_key(&mut r).is_some());
+            if !ours {
+                continue;
+            }
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            println!("pruned {}", path.display());
+            removed += 1;
+        }
+    }
+    tracing::info!("--prune: removed {removed} latent cache(s) no metadata entry uses");
+    for item in ready.iter_mut() {
+        settle(item)?;
+    }
+    Ok(())
+}
+
+/// Moves a keyed cache to its sd-scripts name when [`may_replace`] allows it, so the
+/// sd-scripts layout holds a cache wherever no other settings' cache occupies the name.
+fn settle(item: &mut Planned) -> Result<()> {
+    if item.cache_path != item.keyed
+        || !may_replace(&item.sd_scripts, &item.content_key, &item.image_hash)
+    {
+        return Ok(());
+    }
+    std::fs::rename(&item.keyed, &item.sd_scripts).map_err(|e| {
+        Error::bad_file(
+            &item.keyed,
+            format!("cannot move it to {}: {e}", item.sd_scripts.display()),
+        )
+    })?;
+    tracing::info!(
+        "moved {} to its sd-scripts name {}",
+        item.keyed.display(),
+        item.sd_scripts.display()
+    );
+    item.cache_path = item.sd_scripts.clone();
+    Ok(())
 }
 
 /// The model's family (it names the cache files), the checkpoint the VAE is read from
@@ -306,7 +421,17 @@ fn parameters(options: &LatentOptions, family: &str) -> Value {
     })
 }
 
-/// The cache file of `image`: `<stem>_<WWWW>x<HHHH>_<suffix>.npz` beside it or under `cache_dir`.
+/// The folder of `image`'s cache files: its own folder, or its subfolder of `cache_dir`.
+pub fn cache_folder(image: &Path, train_data_dir: &Path, cache_dir: Option<&Path>) -> PathBuf {
+    let parent = image.parent().unwrap_or(Path::new(""));
+    match cache_dir {
+        None => parent.to_path_buf(),
+        Some(dir) => dir.join(parent.strip_prefix(train_data_dir).unwrap_or(Path::new(""))),
+    }
+}
+
+/// The sd-scripts name of `image`'s cache file: `<stem>_<WWWW>x<HHHH>_<suffix>.npz` in its
+/// [`cache_folder`].
 pub fn cache_path(
     image: &Path,
     original: (u32, u32),
@@ -316,19 +441,29 @@ pub fn cache_path(
 ) -> PathBuf {
     let stem = image.file_stem().unwrap_or_default().to_string_lossy();
     let name = format!("{stem}_{:04}x{:04}_{suffix}.npz", original.0, original.1);
-    match cache_dir {
-        None => image.with_file_name(name),
-        Some(dir) => {
-            let relative = image
-                .parent()
-                .and_then(|parent| parent.strip_prefix(train_data_dir).ok())
-                .unwrap_or(Path::new(""));
-            dir.join(relative).join(name)
-        }
-    }
+    cache_folder(image, train_data_dir, cache_dir).join(name)
 }
 
-/// Computes an image's content key and whether its cache file is already up to date.
+/// Both locations of `image`'s cache with `content_key`: sd-scripts' name ([`cache_path`]) and
+/// the keyed one ([`keyed_path`]) in the same cache folder.
+pub fn cache_locations(
+    image: &Path,
+    original: (u32, u32),
+    suffix: &str,
+    content_key: &str,
+    train_data_dir: &Path,
+    cache_dir: Option<&Path>,
+) -> (PathBuf, PathBuf) {
+    let sd_scripts = cache_path(image, original, suffix, train_data_dir, cache_dir);
+    let stem = image.file_stem().unwrap_or_default().to_string_lossy();
+    let folder = sd_scripts.parent().unwrap_or(Path::new(""));
+    let keyed = keyed_path(folder, &stem, content_key, suffix);
+    (sd_scripts, keyed)
+}
+
+/// Computes an image's content key and whether a cache file of it, at sd-scripts' name or at
+/// its keyed location, is already up to date; if not, where the new one goes (sd-scripts' name
+/// unless that holds another setting's cache of this image, see [`may_replace`]).
 fn plan(
     options: &LatentOptions,
     suffix: &str,
@@ -337,27 +472,45 @@ fn plan(
     key: String,
     placement: Placement,
 ) -> Result<(Planned, bool)> {
-    let content_key = content_key(options, vae_hash, &hashing::hash_file(&image)?, &placement);
-    let cache_path = cache_path(
+    let image_hash = hashing::hash_file(&image)?;
+    let content_key = content_key(options, vae_hash, &image_hash, &placement);
+    let (sd_scripts, keyed) = cache_locations(
         &image,
         placement.original,
         suffix,
+        &content_key,
         &options.train_data_dir,
         options.cache_dir.as_deref(),
     );
-    let item = Planned {
+    let mut item = Planned {
         key,
         image,
         placement,
-        cache_path,
+        cache_path: sd_scripts.clone(),
+        sd_scripts,
+        keyed,
+        image_hash,
         content_key,
     };
-    let up_to_date = !options.force
-        && cache_is_current(options, &item).unwrap_or_else(|error| {
-            tracing::warn!("stale cache replaced: {error}");
-            false
-        });
-    Ok((item, up_to_date))
+    if !options.force {
+        for location in [item.sd_scripts.clone(), item.keyed.clone()] {
+            item.cache_path = location;
+            let current = cache_is_current(options, &item).unwrap_or_else(|error| {
+                tracing::warn!("stale cache replaced: {error}");
+                false
+            });
+            if current {
+                settle(&mut item)?;
+                return Ok((item, true));
+            }
+        }
+    }
+    item.cache_path = if may_replace(&item.sd_scripts, &item.content_key, &item.image_hash) {
+        item.sd_scripts.clone()
+    } else {
+        item.keyed.clone()
+    };
+    Ok((item, false))
 }
 
 /// The content key of the cache file of an image whose bytes hash to `image_hash`, placed in
@@ -622,6 +775,7 @@ fn encode_batch(
                 writer.add_f32("alpha_mask", alpha.clone(), &[bh, bw])?;
             }
             npz::store_key(&mut writer, &item.content_key)?;
+            npz::store_source(&mut writer, &item.image_hash)?;
             if let Some(dir) = item.cache_path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
             }

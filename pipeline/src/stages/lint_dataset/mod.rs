@@ -25,12 +25,14 @@ use crate::dataset::bucket::{BucketManager, BucketSettings};
 use crate::dataset::imaging::{DecodeOptions, LoadedImage};
 use crate::dataset::sidecar::WrittenSidecars;
 use crate::dataset::{has_image_extension, relative_name, sidecar_path};
+use crate::formats::bookkeeping::LORAKIT_DIR;
+use crate::formats::latent_cache::{parse_cache_name, recorded_source, CacheName, KEYED_DIR};
 use crate::formats::manifest::Manifest;
 use crate::formats::metadata::{image_key, resolve_image};
 use crate::formats::schema::LINT_REPORT_V1;
 use crate::infra::report::{Progress, Summary};
-use crate::stages::caption_images::index_path as caption_index_path;
-use crate::stages::tag_images::DEFAULT_STORE_NAME;
+use crate::stages::caption_images::caption_index;
+use crate::stages::tag_images::default_store;
 use crate::text::tokenize::{ClipTokenizer, MaxTokenLength, Padding};
 use crate::{infra::fsio, infra::hashing, Error, Result};
 
@@ -201,6 +203,8 @@ struct Listing {
     images: Vec<PathBuf>,
     /// `.npz` files, sorted.
     caches: Vec<PathBuf>,
+    /// `.npz` files in the `.lorakit/latents/` folders (keyed latent caches), sorted.
+    keyed_caches: Vec<PathBuf>,
     /// Other regular files (captions, tags, ...), as a set for sidecar look-ups.
     others: HashSet<PathBuf>,
     /// Pipes, sockets and devices (a pipe at a sidecar path would block a reader).
@@ -226,6 +230,7 @@ fn scan_folder(options: &LintOptions, findings: &mut Vec<Finding>) -> Result<Lis
     let mut listing = Listing {
         images: Vec::new(),
         caches: Vec::new(),
+        keyed_caches: Vec::new(),
         others: HashSet::new(),
         special: HashSet::new(),
     };
@@ -263,6 +268,19 @@ fn scan_folder(options: &LintOptions, findings: &mut Vec<Finding>) -> Result<Lis
                 path,
                 "macOS AppleDouble metadata, not an image: lorakit ignores it but sd-scripts tries to load it and fails; delete it (`dot_clean` on macOS)",
             ));
+            continue;
+        }
+        if is_dir && name == LORAKIT_DIR.as_bytes() {
+            // lorakit's own bookkeeping: not images; its keyed latent caches are checked.
+            listing.keyed_caches.extend(
+                std::fs::read_dir(path.join(KEYED_DIR))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "npz")),
+            );
+            walk.skip_current_dir();
             continue;
         }
         if name.starts_with(b".") {
@@ -315,6 +333,7 @@ fn scan_folder(options: &LintOptions, findings: &mut Vec<Finding>) -> Result<Lis
     }
     listing.images.sort();
     listing.caches.sort();
+    listing.keyed_caches.sort();
     Ok(listing)
 }
 
@@ -570,14 +589,13 @@ fn check_sidecars(
     let written = [
         (
             "caption-images",
-            written_sidecars(&caption_index_path(
-                &options.train_data_dir,
-                &options.caption_extension,
-            )),
+            written_sidecars(
+                caption_index(&options.train_data_dir, &options.caption_extension).existing(),
+            ),
         ),
         (
             "tag-images",
-            written_sidecars(&options.train_data_dir.join(DEFAULT_STORE_NAME)),
+            written_sidecars(default_store(&options.train_data_dir).existing()),
         ),
     ];
     for ((extension, is_tags), (writer, recorded)) in [
@@ -866,27 +884,56 @@ fn check_metadata(
 }
 
 /// Cache files (`<stem>_WxH_sd.npz`, `<stem>_sdxl.npz` style latents, `<stem>_te_outputs.npz`,
-/// legacy `<stem>.npz`) whose image is gone, or whose recorded image size no longer matches.
+/// legacy `<stem>.npz`) whose image is gone, or whose recorded image size no longer matches;
+/// keyed latent caches (`.lorakit/latents/`) whose image is gone or changed since. A keyed cache
+/// of an unchanged image is another setting's valid cache and not reported.
 fn check_caches(listing: &Listing, facts: &[ImageFacts], findings: &mut Vec<Finding>) {
-    let latent_name = regex::Regex::new(r"^(.*)_(\d+)x(\d+)_(sd|sdxl)\.npz$").expect("valid regex");
     let mut sizes: HashMap<PathBuf, Option<(u32, u32, u32, u32)>> = HashMap::new();
+    let mut images: HashMap<PathBuf, &Path> = HashMap::new();
     for image in facts {
         let size = image.header.as_ref().map(|h| {
             let (uw, uh) = h.upright_size();
             (h.width, h.height, uw, uh)
         });
         sizes.insert(image.path.with_extension(""), size);
+        images.insert(image.path.with_extension(""), &image.path);
+    }
+    for cache in &listing.keyed_caches {
+        let name = cache.file_name().unwrap_or_default().to_string_lossy();
+        let Some(CacheName::Keyed { stem, .. }) = parse_cache_name(&name) else {
+            continue;
+        };
+        // <folder>/.lorakit/latents/<name> belongs to an image <folder>/<stem>.*
+        let Some(folder) = cache.ancestors().nth(3) else {
+            continue;
+        };
+        let message = match images.get(&folder.join(&stem)) {
+            None => format!("keyed latent cache without an image named {stem}.* in {}: never used; `prepare-latents --prune` (or you) can delete it", folder.display()),
+            Some(image) => match (recorded_source(cache), hashing::hash_file(image)) {
+                (Some(recorded), Ok(current)) if recorded != current => format!(
+                    "keyed latent cache of {}, which changed since it was written: never used again; `prepare-latents --prune` (or you) can delete it",
+                    image.display()
+                ),
+                _ => continue,
+            },
+        };
+        findings.push(finding(
+            Severity::Warning,
+            Code::OrphanedCache,
+            cache,
+            message,
+        ));
     }
     for cache in &listing.caches {
         let name = cache.file_name().unwrap_or_default().to_string_lossy();
-        let (stem, recorded) = if let Some(parts) = latent_name.captures(&name) {
-            let size = (parts[2].parse::<u32>(), parts[3].parse::<u32>());
-            (parts[1].to_string(), size.0.ok().zip(size.1.ok()))
-        } else if let Some(stem) = name.strip_suffix("_te_outputs.npz") {
-            (stem.to_string(), None)
-        } else {
-            (name.trim_end_matches(".npz").to_string(), None)
-        };
+        let (stem, recorded) =
+            if let Some(CacheName::SdScripts { stem, size }) = parse_cache_name(&name) {
+                (stem, Some(size))
+            } else if let Some(stem) = name.strip_suffix("_te_outputs.npz") {
+                (stem.to_string(), None)
+            } else {
+                (name.trim_end_matches(".npz").to_string(), None)
+            };
         match sizes.get(&cache.with_file_name(&stem)) {
             None => findings.push(finding(
                 Severity::Warning,

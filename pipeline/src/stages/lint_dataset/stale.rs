@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use super::{finding, Code, Finding, LintOptions, Severity, SkippedCheck};
 use crate::dataset::bucket::BucketManager;
 use crate::dataset::shard::Shard;
+use crate::formats::bookkeeping::LORAKIT_DIR;
+use crate::formats::latent_cache::{holds_key, recorded_source, KEYED_DIR};
 use crate::formats::metadata::load_input_metadata;
 use crate::formats::npz::{stored_key, NpzReader};
 use crate::formats::te_cache::CACHE_SUFFIX;
@@ -121,7 +123,9 @@ pub(super) fn check_stale(
                 .filter_map(|e| e.ok())
                 .filter(|e| e.file_type().is_file())
                 .map(|e| e.into_path())
-                .filter(|p| p.extension().is_some_and(|e| e == "npz")),
+                .filter(|p| p.extension().is_some_and(|e| e == "npz"))
+                // Keyed latent caches: another setting's, checked by name and image hash.
+                .filter(|p| !p.components().any(|c| c.as_os_str() == LORAKIT_DIR)),
         );
     }
     candidates.sort();
@@ -204,6 +208,7 @@ fn check_latents(
         seed: settings.latent_seed,
         cache_dir: settings.cache_dir.clone(),
         force: false,
+        prune: false,
         shard: crate::dataset::shard::Shard::ALL,
         quiet: true,
     };
@@ -220,23 +225,39 @@ fn check_latents(
         let Some(placement) = manager.place(size) else {
             continue;
         };
-        let cache = prepare_latents::cache_path(
+        let Ok(image_hash) = hashing::hash_file(image) else {
+            continue;
+        };
+        let expected =
+            prepare_latents::content_key(&latent_options, &vae_hash, &image_hash, &placement);
+        let (cache, keyed) = prepare_latents::cache_locations(
             image,
             placement.original,
             family.latent_suffix(),
+            &expected,
             &options.train_data_dir,
             settings.cache_dir.as_deref(),
         );
         owned.insert(cache.clone());
+        if holds_key(&keyed, &expected) {
+            result.checked += 1;
+            continue;
+        }
         if !cache.is_file() {
             continue;
         }
-        let Ok(image_hash) = hashing::hash_file(image) else {
+        if recorded_source(&cache).is_some_and(|source| source == image_hash)
+            && !holds_key(&cache, &expected)
+        {
+            findings.push(finding(
+                Severity::Info,
+                Code::StaleCache,
+                &cache,
+                format!("holds the latents of image {} made with other prepare-latents settings (the image is unchanged, so the metadata made with those still trains from it); the settings given to lint have no cache for this image: prepare-latents with them writes one under {LORAKIT_DIR}/{KEYED_DIR}/", image.display()),
+            ));
             continue;
-        };
+        }
         result.checked += 1;
-        let expected =
-            prepare_latents::content_key(&latent_options, &vae_hash, &image_hash, &placement);
         if compare(&cache, &expected, findings) {
             result
                 .stale

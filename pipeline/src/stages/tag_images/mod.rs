@@ -16,6 +16,7 @@ use crate::dataset::imaging::{self, DecodeOptions, LoadedImage};
 use crate::dataset::relative_name;
 use crate::dataset::shard::Shard;
 use crate::dataset::sidecar::{self, Outcome, Owner, WrittenSidecars};
+use crate::formats::bookkeeping::Bookkeeping;
 use crate::formats::schema::TAG_STORE_V1;
 use crate::formats::tag_store::{self as store, Entry, ProbabilityStore};
 use crate::infra::report::{Progress, Summary};
@@ -25,8 +26,11 @@ use onnx::{Device, Tagger};
 
 /// Default `--repo_id`.
 pub const DEFAULT_REPO_ID: &str = "SmilingWolf/wd-v1-4-convnext-tagger-v2";
-/// Default store file name inside the dataset folder.
-pub const DEFAULT_STORE_NAME: &str = ".lorakit-tag-probs.bin";
+/// The default tag-probability store of a dataset folder: `<dataset>/.lorakit/tag-probs.bin`
+/// (formerly `<dataset>/.lorakit-tag-probs.bin`).
+pub fn default_store(train_data_dir: &Path) -> Bookkeeping {
+    Bookkeeping::new(train_data_dir, "tag-probs.bin", ".lorakit-tag-probs.bin")
+}
 
 /// Everything `tag-images` needs to run.
 #[derive(Debug, Clone)]
@@ -58,7 +62,7 @@ pub struct TagOptions {
     pub label_options: LabelOptions,
     /// Per-image selection.
     pub selection: Selection,
-    /// Tag-probability store (default `<train_data_dir>/.lorakit-tag-probs.bin`).
+    /// Tag-probability store (default `<train_data_dir>/.lorakit/tag-probs.bin`).
     pub store_path: Option<PathBuf>,
     /// Only re-render from the store; never load the model.
     pub from_store: bool,
@@ -216,7 +220,7 @@ pub fn run(options: &TagOptions) -> Result<Summary> {
     }
     tracing::info!("found {} images", discovery.images.len());
 
-    let store_path = store_path(options);
+    let store_path = store_path(options)?;
     let model_hash = crate::infra::hashing::memoised(
         std::slice::from_ref(&files.model),
         "tagger-model",
@@ -334,14 +338,16 @@ pub fn run(options: &TagOptions) -> Result<Summary> {
     Ok(summary)
 }
 
-/// The tag-probability store of a run: `--probs_store` or `<train_data_dir>/.lorakit-tag-probs.bin`,
-/// shard-named under `--shard`.
-pub fn store_path(options: &TagOptions) -> PathBuf {
-    let whole = options
-        .store_path
-        .clone()
-        .unwrap_or_else(|| options.train_data_dir.join(DEFAULT_STORE_NAME));
-    options.shard.output_path(&whole)
+/// The tag-probability store of a run: `--probs_store` or the [`default_store`], shard-named
+/// under `--shard`. The default store of an older layout is moved into `.lorakit/` first.
+fn store_path(options: &TagOptions) -> Result<PathBuf> {
+    match &options.store_path {
+        Some(path) => Ok(options.shard.output_path(path)),
+        None => Ok(default_store(&options.train_data_dir)
+            .map(|path| options.shard.output_path(path))
+            .migrate()?
+            .to_path_buf()),
+    }
 }
 
 /// State of the inference part of a run.

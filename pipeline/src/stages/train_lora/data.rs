@@ -1,6 +1,12 @@
 //! Training data from caches only: the metadata JSON (`--in_json`), the latent caches
 //! `<stem>_<WWWW>x<HHHH>_sd.npz` (docs/kohya-compat.md#latent-cache-files) and the text-encoder
 //! caches `<stem>_te_outputs.npz`.
+//! When the metadata's manifest comes from `prepare-latents`, each entry's latent cache is the
+//! one recording the content key listed there (at sd-scripts' name or under
+//! `.lorakit/latents/`, [`crate::formats::latent_cache`]), so metadata prepared at other
+//! settings trains from its own caches. When `cache-text-encoder` wrote an index for the
+//! metadata (`<in_json stem>_te_cache.json`), each text-encoder cache must record the key its
+//! manifest lists: a cache another run (other settings or captions) replaced is refused.
 //! Every entry is checked before training starts; all problems are reported together.
 
 use std::collections::BTreeMap;
@@ -10,12 +16,16 @@ use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
+use crate::dataset::shard::Shard;
 use crate::dataset::IMAGE_EXTENSIONS;
-use crate::formats::latent_cache::{read_latent_cache, LatentSpec};
+use crate::formats::latent_cache::{find_by_key, read_latent_cache, sd_scripts_caches, LatentSpec};
+use crate::formats::manifest::Manifest;
 use crate::formats::metadata::load_input_metadata;
 use crate::formats::model_family::ModelFamily;
-use crate::formats::npz::NpzReader;
+use crate::formats::npz::{stored_key, NpzReader};
+use crate::formats::schema::TE_CACHE_V1;
 use crate::formats::te_cache::{describe_width, read_cache_file, TeCacheSpec};
+use crate::stages::cache_text_encoder;
 use crate::{Error, Result};
 
 /// One training image as cached tensors.
@@ -76,6 +86,15 @@ impl CachedDataset {
         options: CacheOptions,
     ) -> Result<Self> {
         let metadata = load_input_metadata(in_json)?;
+        let latent_keys = Manifest::read_for(in_json)?
+            .filter(|manifest| manifest.tool == crate::stages::prepare_latents::STAGE)
+            .map(|manifest| manifest.items)
+            .unwrap_or_default();
+        let text_index = cache_text_encoder::index_path(in_json, None, Shard::ALL);
+        let text_keys = Manifest::read_for(&text_index)?
+            .filter(|manifest| manifest.output_schema == TE_CACHE_V1)
+            .map(|manifest| manifest.items)
+            .unwrap_or_default();
         if metadata.is_empty() {
             return Err(Error::bad_file(
                 in_json,
@@ -86,7 +105,13 @@ impl CachedDataset {
         let mut problems = Vec::new();
         for (key, entry) in metadata.iter() {
             let base = cache_base(key, train_data_dir);
-            match load_sample(key, &base, entry.get("train_resolution"), options) {
+            let keys = CacheKeys {
+                latent: latent_keys.get(key).map(String::as_str),
+                text: text_keys
+                    .get(key)
+                    .map(|k| (k.as_str(), text_index.as_path())),
+            };
+            match load_sample(key, &base, entry.get("train_resolution"), keys, options) {
                 Ok(sample) => samples.push(sample),
                 Err(e) => problems.push(e.to_string()),
             }
@@ -343,23 +368,14 @@ fn cache_base(key: &str, train_data_dir: Option<&Path>) -> PathBuf {
     }
 }
 
-/// The latent cache next to `base`: `<base>_<WWWW>x<HHHH>_sd.npz`, else legacy `<base>.npz`.
-pub fn find_latent_cache(base: &Path) -> Option<PathBuf> {
-    let dir = base.parent()?;
-    let stem = base.file_name()?.to_str()?;
-    let pattern = regex::Regex::new(&format!(
-        r"^{}_\d{{4}}x\d{{4}}_sd\.npz$",
-        regex::escape(stem)
-    ))
-    .ok()?;
-    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_str().is_some_and(|n| pattern.is_match(n)))
-        .map(|e| e.path())
-        .collect();
-    found.sort();
-    found.pop().or_else(|| {
+/// The latent cache of the image `base` (its path without extension): the one recording
+/// `content_key` when it is known (from the metadata's `prepare-latents` manifest) and found;
+/// otherwise the last of its `<base>_<W>x<H>_sd.npz` files, else legacy `<base>.npz`.
+pub fn find_latent_cache(base: &Path, content_key: Option<&str>) -> Option<PathBuf> {
+    if let Some(found) = content_key.and_then(|key| find_by_key(base, key, "sd")) {
+        return Some(found);
+    }
+    sd_scripts_caches(base, "sd").pop().or_else(|| {
         let legacy = base.with_extension("npz");
         legacy.is_file().then_some(legacy)
     })
@@ -382,13 +398,23 @@ fn files_per_value<T>(groups: &BTreeMap<T, Vec<&Path>>, describe: impl Fn(&T) ->
         .join("; ")
 }
 
+/// The content keys an entry's caches must record, where the metadata's manifests list them.
+#[derive(Debug, Clone, Copy)]
+struct CacheKeys<'a> {
+    /// From the metadata's `prepare-latents` manifest.
+    latent: Option<&'a str>,
+    /// From the manifest of the metadata's `cache-text-encoder` index, with the index's path.
+    text: Option<(&'a str, &'a Path)>,
+}
+
 fn load_sample(
     key: &str,
     base: &Path,
     train_resolution: Option<&serde_json::Value>,
+    keys: CacheKeys,
     options: CacheOptions,
 ) -> Result<Sample> {
-    let latent_path = find_latent_cache(base).ok_or_else(|| {
+    let latent_path = find_latent_cache(base, keys.latent).ok_or_else(|| {
         Error::bad_file(
             base,
             format!(
@@ -432,6 +458,22 @@ fn load_sample(
             &te_path,
             format!("entry {key:?}: text-encoder cache missing"),
         ));
+    }
+    if let Some((expected, index)) = keys.text {
+        let recorded = NpzReader::open(&te_path)
+            .ok()
+            .and_then(|mut reader| stored_key(&mut reader));
+        if recorded.as_deref() != Some(expected) {
+            return Err(Error::bad_file(
+                &te_path,
+                format!(
+                    "entry {key:?}: not the text-encoder cache {} lists for it (a \
+                     cache-text-encoder run with other settings or captions replaced it); re-run \
+                     cache-text-encoder with this metadata",
+                    index.display()
+                ),
+            ));
+        }
     }
     // SD 1.x and 2.x caches share one layout (a single `hidden_state`), so either family reads it.
     let cached = read_cache_file(&te_path, &TeCacheSpec::any(ModelFamily::Sd1), &Device::Cpu)?;
