@@ -6,6 +6,7 @@ mod common;
 
 mod bad_inputs;
 mod caption;
+mod command_lines;
 mod crash_safety;
 mod fuzz;
 mod latents;
