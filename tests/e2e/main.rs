@@ -7,6 +7,7 @@ mod common;
 mod bad_inputs;
 mod caption;
 mod coexist;
+mod command_lines;
 mod crash_safety;
 mod fuzz;
 mod latents;
