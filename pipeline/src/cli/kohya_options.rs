@@ -56,7 +56,9 @@ const NO_NETWORK: &str = "train-lora does not upload or download: it has no netw
     Upload the saved files yourself (e.g. `huggingface-cli upload`)";
 const SAMPLES: &str = "sample images during training are not made yet: the LoRA trains as \
     without this option";
-const FOLDER_DATASETS: &str = "folder datasets are not trained from directly yet: describe the \
+/// What to do instead of training from a folder dataset directly.
+pub const FOLDER_DATASETS: &str =
+    "folder datasets are not trained from directly yet: describe the \
     dataset with prepare-dataset, then prepare-latents and cache-text-encoder, and train from its \
     metadata with --in_json";
 

@@ -67,7 +67,11 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
                 let missing = settings::restore(&dir, &saved, &given)?;
                 full.extend(command_line_of(&command, &missing));
                 restored = missing.restored;
+                given.values.extend(missing.values);
             }
+        }
+        if !given.values.contains_key("in_json") && !probe.get_flag("output_config") {
+            return Err(missing_dataset(&given, &probe));
         }
     }
     let matches = command
@@ -117,6 +121,44 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
         settings,
         notices,
     })
+}
+
+/// Without `--in_json`: what the command line asks for instead (a folder dataset, sd-scripts'
+/// usual form, is named with the way to prepare it), with every other refused option, so that
+/// a kohya command line learns everything it needs at once.
+fn missing_dataset(given: &Settings, probe: &ArgMatches) -> Error {
+    let folders: Vec<String> = ["train_data_dir", "reg_data_dir", "dataset_config"]
+        .iter()
+        .filter(|id| given.values.contains_key(**id))
+        .map(|id| format!("--{id}"))
+        .collect();
+    let mut lines: Vec<String> = ["pretrained_model_name_or_path", "output_dir"]
+        .iter()
+        .filter(|id| !given.values.contains_key(**id))
+        .map(|id| format!("--{id} is required"))
+        .collect();
+    lines.push(if folders.is_empty() {
+        "--in_json METADATA is required: the fine-tuning metadata JSON that prepare-latents wrote \
+         (with its latent and text-encoder caches)"
+            .to_string()
+    } else {
+        format!(
+            "{} without --in_json: {}",
+            folders.join(" / "),
+            kohya_options::FOLDER_DATASETS
+        )
+    });
+    lines.extend(
+        kohya_options::given(probe)
+            .into_iter()
+            .filter(|option| matches!(option.handling, Handling::Refuse(_)))
+            .filter(|option| !["reg_data_dir", "dataset_config"].contains(&option.name))
+            .filter_map(|option| match option.handling {
+                Handling::Refuse(why) => Some(format!("--{}: {why}", option.name)),
+                _ => None,
+            }),
+    );
+    Error::Usage(lines.join("\n"))
 }
 
 /// The command of a tool whose flags include `TrainArgs`, with argparse's conveniences
