@@ -9,6 +9,8 @@
 #   make lora DATA=my/images OUT=runs/me MODEL=sd15.safetensors TAGGER_DIR=wd14_tagger_model \
 #             TAGGER=SmilingWolf/wd-v1-4-convnext-tagger-v2 BLIP=blip-large RES=512,512 STEPS=1600
 #
+#   make dataset DATA=img REG=reg   a kohya DreamBooth layout as one metadata JSON (prepare-dataset)
+#
 # Stages (one target each): lint tags captions metadata latents te-cache train; `lora` runs them
 # all in order. Every stage target runs its tool, and every tool checks per item, by content key,
 # what is already up to date: an unchanged dataset does no model work at all, one edited caption
@@ -49,6 +51,8 @@ CAPTION_FLAGS ?= --beam_search --num_beams 1 --batch_size 4
 TE_FLAGS    ?=
 TRAIN_FLAGS ?=
 LINT_FLAGS  ?=
+REG         ?=
+DATASET_FLAGS ?=
 QUIET       ?=
 OVERWRITE   ?=
 
@@ -56,7 +60,7 @@ CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)
 SIDECAR_FLAGS := $(if $(OVERWRITE),--overwrite,)
 BUCKET_RANGE := --min_bucket_reso $(MIN_BUCKET) --max_bucket_reso $(MAX_BUCKET) --bucket_reso_steps $(BUCKET_STEP)
 
-.PHONY: all build test fuzz setup demo lora lint tags captions metadata latents te-cache train bench clean-out FORCE
+.PHONY: all build test fuzz setup demo lora dataset lint tags captions metadata latents te-cache train bench clean-out FORCE
 
 all: build
 
@@ -155,6 +159,15 @@ $(OUT)/lora/$(NAME).safetensors: $(OUT)/meta_lat.json $(OUT)/meta_lat_te_cache.j
 		--output_dir "$(OUT)/lora" --output_name $(NAME) --network_dim $(DIM) --network_alpha $(ALPHA) \
 		--learning_rate $(LR) --max_train_steps $(STEPS) --train_batch_size $(BATCH) --seed $(SEED) \
 		$(TRAIN_FLAGS) $(QUIET)
+
+# A kohya DreamBooth layout (DATA with <repeats>_<name> folders, REG for regularisation images)
+# described as one metadata JSON; not part of `lora`.
+dataset: $(OUT)/meta_dataset.json
+$(OUT)/meta_dataset.json: FORCE | build
+	@mkdir -p "$(OUT)"
+	"$(BIN)/prepare-dataset" --train_data_dir "$(DATA)" $(if $(REG),--reg_data_dir "$(REG)",) \
+		--caption_extension $(CAPTION_EXT) --resolution $(RES) --enable_bucket $(BUCKET_RANGE) \
+		--train_batch_size $(BATCH) $(DATASET_FLAGS) --out_json "$@" $(QUIET)
 
 clean-out:
 	rm -rf "$(OUT)"

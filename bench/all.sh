@@ -30,9 +30,9 @@ else
   cargo build -q -p lorakit-pipeline --example blip_random_model --release || exit 1
 fi
 if [ "$QUICK" = 1 ]; then
-  N_LINT=500 N_META=5000 N_TAG=20 N_CAPTION=4 N_VAE_FULL=0 N_TE=64 N_TE_FULL=0
+  N_LINT=500 N_DATASET=500 N_META=5000 N_TAG=20 N_CAPTION=4 N_VAE_FULL=0 N_TE=64 N_TE_FULL=0
 else
-  N_LINT=10000 N_META=100000 N_TAG=200 N_CAPTION=2 N_VAE_FULL=2 N_TE=512 N_TE_FULL=32
+  N_LINT=10000 N_DATASET=3000 N_META=100000 N_TAG=200 N_CAPTION=2 N_VAE_FULL=2 N_TE=512 N_TE_FULL=32
 fi
 
 rows="$WORK/rows.md"
@@ -55,6 +55,8 @@ stage() {
 
 stage lint-dataset '/peak RSS/ { printf "%d fixture photos, mode %s|%d|%.2f|%.0f|%s\n", $2, $1, $2, $4, $6, $8 " MiB" }' \
   bench/lint-dataset.sh "$N_LINT" "$WORK/lint"
+stage prepare-dataset '/peak RSS/ { printf "DreamBooth folders + reg, fixture photos, %s run|%d|%.2f|%.0f|%s\n", $1, $2, $4, $6, $8 " MiB" }' \
+  bench/prepare-dataset.sh "$N_DATASET" "$WORK/dataset"
 # metadata.sh times merge-captions, merge-tags and clean-captions on one dataset
 stage metadata '/peak RSS/ { printf "%s: %d generated entries|%d|%.2f|%.0f|%s\n", $1, $2, $2, $4, $6, $8 " MiB" }' \
   bench/metadata.sh "$N_META" "$WORK/meta"

@@ -14,6 +14,7 @@ mod latents;
 mod lint;
 mod make_flow;
 mod metadata;
+mod prepare_dataset;
 mod sharding;
 mod tag_images;
 mod text_encoder;

@@ -197,11 +197,11 @@ fn bad_json_inputs_are_fatal_with_clear_messages() {
     let manifest = lorakit_pipeline::formats::manifest::Manifest::path_for(&good);
     let text = std::fs::read_to_string(&manifest)
         .unwrap()
-        .replace("lorakit.metadata/v1", "lorakit.metadata/v2");
+        .replace("lorakit.metadata/v1", "lorakit.metadata/v3");
     std::fs::write(&manifest, text).unwrap();
     let stderr = run_expect("clean-captions", args![good, out], 1);
     assert!(
-        stderr.contains("v2") && stderr.contains("newer"),
+        stderr.contains("v3") && stderr.contains("newer"),
         "{stderr}"
     );
     assert!(!out.exists(), "no output after a fatal error");

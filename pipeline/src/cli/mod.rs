@@ -7,6 +7,7 @@ pub mod cache_text_encoder;
 pub mod caption_images;
 pub mod kohya_options;
 pub mod lint_dataset;
+pub mod prepare_dataset;
 pub mod prepare_latents;
 pub mod tag_images;
 pub mod train_lora;

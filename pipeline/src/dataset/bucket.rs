@@ -174,6 +174,28 @@ impl BucketManager {
         })
     }
 
+    /// One fixed bucket of `resolution` (sd-scripts without `--enable_bucket`): every image is
+    /// resized to cover it and centre-cropped.
+    pub fn fixed(resolution: Size) -> Result<Self> {
+        if resolution.0 == 0 || resolution.1 == 0 {
+            return Err(Error::Usage(format!(
+                "resolution {}x{} must be positive",
+                resolution.0, resolution.1
+            )));
+        }
+        Ok(BucketManager {
+            settings: BucketSettings {
+                max_resolution: resolution,
+                min_bucket_reso: resolution.0.min(resolution.1),
+                max_bucket_reso: resolution.0.max(resolution.1),
+                bucket_reso_steps: 1,
+                no_upscale: false,
+            },
+            predefined: vec![resolution],
+            used: Vec::new(),
+        })
+    }
+
     /// The predefined bucket list in sd-scripts' order (empty with `no_upscale`).
     pub fn predefined(&self) -> &[Size] {
         &self.predefined

@@ -3,6 +3,7 @@
 
 pub mod bucket;
 pub mod imaging;
+pub mod kohya;
 pub mod shard;
 pub mod sidecar;
 
@@ -59,6 +60,16 @@ pub fn find_images(train_data_dir: &Path, recursive: bool) -> Result<Discovery> 
             "image folder not found (give the folder that holds the training images)",
         ));
     }
+    let found = list_images(train_data_dir, recursive)?;
+    if found.images.is_empty() {
+        return Err(no_images(train_data_dir, recursive));
+    }
+    Ok(found)
+}
+
+/// As [`find_images`], but a folder without images gives an empty [`Discovery`] instead of an
+/// error (sd-scripts skips such a DreamBooth subset with a warning).
+pub fn list_images(train_data_dir: &Path, recursive: bool) -> Result<Discovery> {
     let mut walker = walkdir::WalkDir::new(train_data_dir)
         .min_depth(1)
         .follow_links(true);
@@ -93,9 +104,6 @@ pub fn find_images(train_data_dir: &Path, recursive: bool) -> Result<Discovery> 
     found.images.sort();
     found.images.dedup();
     found.not_files.sort();
-    if found.images.is_empty() {
-        return Err(no_images(train_data_dir, recursive));
-    }
     Ok(found)
 }
 

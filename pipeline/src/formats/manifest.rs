@@ -168,10 +168,20 @@ impl Manifest {
     /// A file without a manifest (e.g. written by sd-scripts) is accepted; one whose manifest
     /// declares another or a future schema is refused with a message naming both.
     pub fn check_input(input: &Path, expected_schema: &str) -> Result<Option<Manifest>> {
+        Self::check_input_one_of(input, &[expected_schema])
+    }
+
+    /// As [`Manifest::check_input`], for a reader that accepts any of `accepted` (oldest
+    /// first; a refusal names the last, newest one).
+    pub fn check_input_one_of(input: &Path, accepted: &[&str]) -> Result<Option<Manifest>> {
         let Some(manifest) = Self::read_for(input)? else {
             return Ok(None);
         };
-        if let Some(problem) = schema::version_mismatch(&manifest.output_schema, expected_schema) {
+        if accepted.contains(&manifest.output_schema.as_str()) {
+            return Ok(Some(manifest));
+        }
+        let newest = accepted.last().copied().unwrap_or_default();
+        if let Some(problem) = schema::version_mismatch(&manifest.output_schema, newest) {
             return Err(Error::schema(
                 input,
                 format!("its manifest {} {problem}", Self::path_for(input).display()),

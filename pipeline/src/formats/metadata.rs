@@ -26,17 +26,18 @@ impl Metadata {
         Self::default()
     }
 
-    /// Reads a metadata JSON file and checks it against the `lorakit.metadata/v1` schema
-    /// (an object whose values are objects with well-typed known fields).
+    /// Reads a metadata JSON file and checks it against the `lorakit.metadata/v2` schema
+    /// (an object whose values are objects with well-typed known fields; every v1 document
+    /// follows it).
     pub fn load(path: &Path) -> Result<Self> {
         let value = pyjson::read_document(path)?;
-        crate::formats::schema::validate(crate::formats::schema::METADATA_V1, &value).map_err(
+        crate::formats::schema::validate(crate::formats::schema::METADATA_V2, &value).map_err(
             |problems| {
                 Error::schema(
                     path,
                     format!(
                         "does not follow {}:\n{problems}",
-                        crate::formats::schema::METADATA_V1
+                        crate::formats::schema::METADATA_V2
                     ),
                 )
             },
@@ -122,9 +123,12 @@ impl Metadata {
 }
 
 /// Loads a metadata JSON a stage reads: its manifest (if any) must declare
-/// `lorakit.metadata/v1`, and the document must follow that schema.
+/// `lorakit.metadata/v1` or `/v2`, and the document must follow the schema.
 pub fn load_input_metadata(path: &Path) -> Result<Metadata> {
-    crate::formats::manifest::Manifest::check_input(path, crate::formats::schema::METADATA_V1)?;
+    crate::formats::manifest::Manifest::check_input_one_of(
+        path,
+        crate::formats::schema::METADATA_READABLE,
+    )?;
     Metadata::load(path)
 }
 

@@ -15,6 +15,10 @@ pub const SCHEMAS: &[(&str, &str)] = &[
         include_str!("../../../schemas/metadata.v1.schema.json"),
     ),
     (
+        METADATA_V2,
+        include_str!("../../../schemas/metadata.v2.schema.json"),
+    ),
+    (
         MANIFEST_V1,
         include_str!("../../../schemas/manifest.v1.schema.json"),
     ),
@@ -34,6 +38,11 @@ pub const SCHEMAS: &[(&str, &str)] = &[
 
 /// The sd-scripts-compatible metadata JSON.
 pub const METADATA_V1: &str = "lorakit.metadata/v1";
+/// The metadata JSON with per-image subset settings (`lorakit_subset`, from prepare-dataset);
+/// every v1 document is a v2 document.
+pub const METADATA_V2: &str = "lorakit.metadata/v2";
+/// The metadata schemas a metadata reader accepts in a manifest.
+pub const METADATA_READABLE: &[&str] = &[METADATA_V1, METADATA_V2];
 /// The sidecar manifest written next to every stage output.
 pub const MANIFEST_V1: &str = "lorakit.manifest/v1";
 

@@ -7,6 +7,7 @@ pub mod clean_captions;
 pub mod lint_dataset;
 pub mod merge_shards;
 pub mod merge_sidecars;
+pub mod prepare_dataset;
 pub mod prepare_latents;
 pub mod tag_images;
 pub mod train_lora;

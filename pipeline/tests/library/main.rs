@@ -3,6 +3,7 @@
 
 mod support;
 
+mod kohya_datasets;
 mod text_encoder_golden;
 mod tiers;
 mod train;

@@ -1,0 +1,148 @@
+//! prepare-dataset on the layout of a real sd-scripts run (fixtures README 2k,
+//! `dreambooth_reg`): the written entries carry sd-scripts' captions, repeats (reg images after
+//! the balancing) and reg flags; an unchanged re-run is up to date; sd-scripts-style mistakes
+//! are refused by name.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::common::{fixtures, run_expect};
+
+/// Recreates the `dreambooth_reg` layout under `work`; returns the golden with `{DATA}`,
+/// `{REG}` and `{WORK}` substituted.
+fn dreambooth_reg(work: &Path) -> Value {
+    let text =
+        std::fs::read_to_string(fixtures().join("golden/sd_scripts_runs/dreambooth_reg.json"))
+            .unwrap()
+            .replace("{DATA}", &work.join("img").display().to_string())
+            .replace("{REG}", &work.join("reg").display().to_string())
+            .replace("{WORK}", &work.display().to_string());
+    let golden: Value = serde_json::from_str(&text).unwrap();
+    for file in golden["layout"]["files"].as_array().unwrap() {
+        let path = work.join(file["path"].as_str().unwrap());
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        match file["source"].as_str() {
+            Some(source) => {
+                std::fs::copy(fixtures().join(source), &path).unwrap();
+            }
+            None => std::fs::write(&path, file["content"].as_str().unwrap()).unwrap(),
+        }
+    }
+    golden
+}
+
+#[test]
+fn dreambooth_folders_with_reg_images_are_written_as_sd_scripts_registers_them() {
+    let work = tempfile::tempdir().unwrap();
+    let golden = dreambooth_reg(work.path());
+    let out = work.path().join("meta_dataset.json");
+    let (img, reg) = (work.path().join("img"), work.path().join("reg"));
+    let command = args![
+        "--train_data_dir",
+        img,
+        "--reg_data_dir",
+        reg,
+        "--caption_extension",
+        ".txt",
+        "--shuffle_caption",
+        "--keep_tokens",
+        "1",
+        "--resolution",
+        "256,256",
+        "--enable_bucket",
+        "--min_bucket_reso",
+        "128",
+        "--max_bucket_reso",
+        "512",
+        "--bucket_reso_steps",
+        "64",
+        "--train_batch_size",
+        "2",
+        "--out_json",
+        out
+    ];
+    let stderr = run_expect("prepare-dataset", command, 0);
+    assert!(stderr.contains("11 done, 0 up to date"), "{stderr}");
+    let written: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let written = written.as_object().unwrap();
+    let images = golden["dataset"]["datasets"][0]["image_data"]
+        .as_array()
+        .unwrap();
+    assert_eq!(written.len(), images.len());
+    for (image, (key, entry)) in images.iter().zip(written) {
+        assert_eq!(key, image["absolute_path"].as_str().unwrap());
+        assert_eq!(entry["caption"], image["caption"], "{key}");
+        let subset = &entry["lorakit_subset"];
+        assert_eq!(subset["num_repeats"], image["num_repeats"], "{key}");
+        assert_eq!(subset["is_reg"], image["is_reg"], "{key}");
+        assert_eq!(subset["shuffle_caption"], true);
+        assert_eq!(subset["keep_tokens"], 1);
+    }
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(lorakit_pipeline::formats::manifest::Manifest::path_for(
+            &out,
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["output_schema"], "lorakit.metadata/v2");
+    assert_eq!(
+        manifest["parameters"]["datasets"][0]["batches_per_epoch"],
+        golden["dataset"]["length"]
+    );
+
+    let again = run_expect("prepare-dataset", command, 0);
+    assert!(again.contains("0 done, 11 up to date"), "{again}");
+    // The written file is a metadata JSON the other stages read.
+    let cleaned = work.path().join("meta_clean.json");
+    run_expect("clean-captions", args![out, cleaned], 0);
+}
+
+#[test]
+fn mistakes_are_refused_by_name() {
+    let work = tempfile::tempdir().unwrap();
+    dreambooth_reg(work.path());
+    let out = work.path().join("meta.json");
+    let img = work.path().join("img");
+    let config = work.path().join("dataset.toml");
+    std::fs::write(
+        &config,
+        "[[datasets]]\nresolution = 256\n[[datasets.subsets]]\nimage_dir = 'img'\nrepeats = 3\n",
+    )
+    .unwrap();
+    let stderr = run_expect(
+        "prepare-dataset",
+        args!["--dataset_config", config, "--out_json", out],
+        1,
+    );
+    assert!(
+        stderr.contains("dataset.toml")
+            && stderr.contains("unknown key `repeats`")
+            && stderr.contains("num_repeats"),
+        "{stderr}"
+    );
+    let stderr = run_expect(
+        "prepare-dataset",
+        args!["--train_data_dir", img, "--out_json", out],
+        2,
+    );
+    assert!(stderr.contains("resolution is required"), "{stderr}");
+    std::fs::create_dir(work.path().join("img/no_prefix")).unwrap();
+    let stderr = run_expect(
+        "prepare-dataset",
+        args![
+            "--train_data_dir",
+            img,
+            "--resolution",
+            "256",
+            "--out_json",
+            out
+        ],
+        0,
+    );
+    assert!(
+        stderr.contains("no_prefix") && stderr.contains("prefix"),
+        "{stderr}"
+    );
+}
