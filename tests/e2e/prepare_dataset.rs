@@ -146,3 +146,107 @@ fn mistakes_are_refused_by_name() {
         "{stderr}"
     );
 }
+
+/// The whole flow from DreamBooth folders with regularisation images: prepare-dataset,
+/// prepare-latents, cache-text-encoder, then train-lora trains each image its subset's repeats
+/// times (regularisation images as balanced) and records sd-scripts' counts and buckets for the
+/// same dataset: `ss_num_train_images`, `ss_num_reg_images`, `ss_num_batches_per_epoch` and
+/// `ss_bucket_info` equal the real run's. `--prior_loss_weight` weights the regularisation
+/// images' loss.
+#[test]
+fn dreambooth_folders_train_with_sd_scripts_repeats_and_regularisation() {
+    let work = tempfile::tempdir().unwrap();
+    let golden = dreambooth_reg(work.path());
+    let (img, reg) = (work.path().join("img"), work.path().join("reg"));
+    let described = work.path().join("meta_dataset.json");
+    let meta = work.path().join("meta_lat.json");
+    let model = fixtures().join("sd15-tiny/model.safetensors");
+    let buckets = args![
+        "--min_bucket_reso",
+        "128",
+        "--max_bucket_reso",
+        "512",
+        "--bucket_reso_steps",
+        "64"
+    ];
+    let describe: &[&std::ffi::OsStr] = args![
+        "--train_data_dir",
+        img,
+        "--reg_data_dir",
+        reg,
+        "--caption_extension",
+        ".txt",
+        "--resolution",
+        "256,256",
+        "--enable_bucket",
+        "--train_batch_size",
+        "2",
+        "--out_json",
+        described,
+        "--quiet"
+    ];
+    run_expect("prepare-dataset", &[describe, buckets].concat(), 0);
+    let root = work.path();
+    let prepare: &[&std::ffi::OsStr] = args![
+        root,
+        described,
+        meta,
+        model,
+        "--full_path",
+        "--recursive",
+        "--max_resolution",
+        "256,256",
+        "--quiet"
+    ];
+    run_expect("prepare-latents", &[prepare, buckets].concat(), 0);
+    run_expect("cache-text-encoder", args![meta, model, "--quiet"], 0);
+    let train = |out: &Path, prior: &str| {
+        run_expect(
+            "train-lora",
+            args![
+                "--pretrained_model_name_or_path",
+                model,
+                "--in_json",
+                meta,
+                "--output_dir",
+                out,
+                "--output_name",
+                "db",
+                "--max_train_steps",
+                "4",
+                "--train_batch_size",
+                "2",
+                "--seed",
+                "42",
+                "--learning_rate",
+                "1e-3",
+                "--prior_loss_weight",
+                prior,
+                "--quiet"
+            ],
+            0,
+        );
+        let metadata =
+            lorakit_pipeline::networks::lora::LoraFile::read(&out.join("db.safetensors"))
+                .unwrap()
+                .metadata;
+        let log = std::fs::read_to_string(out.join("db_loss.jsonl")).unwrap();
+        (metadata, log)
+    };
+    let (metadata, weighted) = train(&work.path().join("out"), "1.0");
+    let theirs = &golden["lora_metadata"];
+    for key in [
+        "ss_num_train_images",
+        "ss_num_reg_images",
+        "ss_num_batches_per_epoch",
+        "ss_bucket_info",
+        "ss_prior_loss_weight",
+    ] {
+        assert_eq!(metadata[key], theirs[key].as_str().unwrap(), "{key}");
+    }
+    let (_, unweighted) = train(&work.path().join("out0"), "0");
+    assert_ne!(
+        weighted, unweighted,
+        "the regularisation images' loss is weighted"
+    );
+}

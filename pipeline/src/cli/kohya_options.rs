@@ -133,11 +133,6 @@ pub const KOHYA_OPTIONS: &[KohyaOption] = &[
         NoEffect("the run's settings are in the LoRA's ss_* metadata and the state folders"),
     ),
     option(
-        "prior_loss_weight",
-        One,
-        NoEffect("it weights regularisation images, and --in_json datasets have none"),
-    ),
-    option(
         "text_encoder_lr",
         Many,
         Warn(

@@ -247,6 +247,7 @@ fn golden_batch() -> Batch {
         latents: latents.contiguous().unwrap(),
         context: read_npz_f32(&npz, "encoder_hidden_states_77").unwrap(),
         mask: None,
+        loss_weights: None,
     }
 }
 

@@ -39,6 +39,9 @@ pub struct TrainArgs {
     /// --shuffle_caption).
     #[arg(long)]
     pub caption_tag_dropout_rate: Option<f64>,
+    /// Loss weight of regularisation images (entries prepare-dataset marked `is_reg`).
+    #[arg(long, default_value_t = 1.0)]
+    pub prior_loss_weight: f64,
     /// Repeats of the dataset per epoch.
     #[arg(long, default_value_t = 1)]
     pub dataset_repeats: usize,

@@ -47,6 +47,14 @@ pub struct Sample {
     pub latents_flipped: Option<Tensor>,
     /// Hidden states of augmented captions `[N, 75n+2, D]` (`cache-text-encoder --variants N`).
     pub context_variants: Option<Tensor>,
+    /// Times the image is seen per epoch: its subset's `num_repeats` (prepare-dataset's
+    /// `lorakit_subset`, regularisation images after sd-scripts' balancing), else
+    /// `--dataset_repeats`.
+    pub repeats: usize,
+    /// A regularisation image.
+    pub is_reg: bool,
+    /// Weight of its loss: `--prior_loss_weight` for regularisation images, else 1.
+    pub loss_weight: f32,
 }
 
 /// One batch on the training device.
@@ -58,6 +66,9 @@ pub struct Batch {
     pub context: Tensor,
     /// Loss masks `[B, 1, h, w]`, when the samples carry alpha masks.
     pub mask: Option<Tensor>,
+    /// Per-sample loss weights `[B]` (`--prior_loss_weight` for regularisation images), when the
+    /// batch holds one.
+    pub loss_weights: Option<Tensor>,
 }
 
 /// The cached training set, grouped into buckets by latent size.
@@ -67,7 +78,7 @@ pub struct CachedDataset {
     pub samples: Vec<Sample>,
     /// Sample indices per bucket `(width, height)` in pixels.
     pub buckets: BTreeMap<(usize, usize), Vec<usize>>,
-    /// Repeats per epoch (`--dataset_repeats`).
+    /// Repeats per epoch of entries without their own (`--dataset_repeats`).
     pub repeats: usize,
     /// Tag counts from the metadata `tags` fields, for `ss_tag_frequency` (see [`tag_frequency`]).
     pub tag_frequency: serde_json::Map<String, serde_json::Value>,
@@ -112,7 +123,16 @@ impl CachedDataset {
                     .map(|k| (k.as_str(), text_index.as_path())),
             };
             match load_sample(key, &base, entry.get("train_resolution"), keys, options) {
-                Ok(sample) => samples.push(sample),
+                Ok(mut sample) => {
+                    let subset = entry.get("lorakit_subset");
+                    let subset_repeats = subset.and_then(|s| s["num_repeats"].as_u64());
+                    sample.repeats = subset_repeats.map_or(repeats, |n| n as usize);
+                    sample.is_reg = subset.is_some_and(|s| s["is_reg"] == true);
+                    if sample.is_reg {
+                        sample.loss_weight = options.prior_loss_weight;
+                    }
+                    samples.push(sample)
+                }
                 Err(e) => problems.push(e.to_string()),
             }
         }
@@ -204,8 +224,9 @@ impl CachedDataset {
         let held_out: std::collections::BTreeSet<usize> =
             order[total - count..].iter().copied().collect();
         let (mut train, mut validation) = (Vec::new(), Vec::new());
-        for (i, sample) in self.samples.into_iter().enumerate() {
+        for (i, mut sample) in self.samples.into_iter().enumerate() {
             if held_out.contains(&i) {
+                sample.repeats = 1;
                 validation.push(sample);
             } else {
                 train.push(sample);
@@ -223,16 +244,31 @@ impl CachedDataset {
         ))
     }
 
-    /// Training images × repeats.
+    /// Training images × repeats, regularisation images left out (sd-scripts'
+    /// `num_train_images`).
     pub fn num_train_images(&self) -> usize {
-        self.samples.len() * self.repeats
+        (self.samples.iter())
+            .filter(|s| !s.is_reg)
+            .map(|s| s.repeats)
+            .sum()
+    }
+
+    /// Regularisation images, each counted once (sd-scripts' `num_reg_images` for the usual
+    /// one repeat per regularisation folder).
+    pub fn num_reg_images(&self) -> usize {
+        self.samples.iter().filter(|s| s.is_reg).count()
+    }
+
+    /// Images × repeats in bucket `members` (sd-scripts' bucket length).
+    pub fn bucket_len(&self, members: &[usize]) -> usize {
+        members.iter().map(|&i| self.samples[i].repeats).sum()
     }
 
     /// Number of batches in an epoch.
     pub fn batches_per_epoch(&self, batch_size: usize) -> usize {
         self.buckets
             .values()
-            .map(|b| (b.len() * self.repeats).div_ceil(batch_size))
+            .map(|b| self.bucket_len(b).div_ceil(batch_size))
             .sum()
     }
 
@@ -244,7 +280,7 @@ impl CachedDataset {
         for members in self.buckets.values() {
             let mut items: Vec<usize> = members
                 .iter()
-                .flat_map(|&i| std::iter::repeat_n(i, self.repeats))
+                .flat_map(|&i| std::iter::repeat_n(i, self.samples[i].repeats))
                 .collect();
             items.shuffle(&mut rng);
             batches.extend(items.chunks(batch_size).map(|c| c.to_vec()));
@@ -289,6 +325,7 @@ impl CachedDataset {
             });
         }
         let masks: Option<Vec<Tensor>> = masks.into_iter().collect();
+        let weights: Vec<f32> = batch.iter().map(|&i| self.samples[i].loss_weight).collect();
         Ok(Batch {
             latents: Tensor::stack(&latents, 0)?.to_device(device)?,
             context: Tensor::stack(&contexts, 0)?.to_device(device)?,
@@ -296,6 +333,11 @@ impl CachedDataset {
                 Some(masks) => Some(Tensor::stack(&masks, 0)?.to_device(device)?),
                 None => None,
             },
+            loss_weights: weights
+                .iter()
+                .any(|&w| w != 1.0)
+                .then(|| Tensor::new(weights.as_slice(), device))
+                .transpose()?,
         })
     }
 }
@@ -315,6 +357,8 @@ pub struct CacheOptions {
     pub alpha_mask: bool,
     /// `latents_flipped` (`--flip_aug`).
     pub flip_aug: bool,
+    /// The loss weight of regularisation entries (`--prior_loss_weight`).
+    pub prior_loss_weight: f32,
 }
 
 /// Mixes a seed with a stream id and a counter into an RNG seed.
@@ -491,6 +535,9 @@ fn load_sample(
         context_variants,
         latent_cache: latent_path,
         text_cache: te_path,
+        repeats: 1,
+        is_reg: false,
+        loss_weight: 1.0,
     })
 }
 

@@ -217,7 +217,11 @@ pub fn base_metadata(
         "ss_num_validation_images",
         plan.validation_images.to_string(),
     );
-    put(&mut m, "ss_num_reg_images", "0".into());
+    put(
+        &mut m,
+        "ss_num_reg_images",
+        dataset.num_reg_images().to_string(),
+    );
     put(
         &mut m,
         "ss_num_batches_per_epoch",
@@ -285,7 +289,11 @@ pub fn base_metadata(
         float_repr(args.caption_tag_dropout_rate.unwrap_or(0.0)),
     );
     put(&mut m, "ss_face_crop_aug_range", "None".into());
-    put(&mut m, "ss_prior_loss_weight", "1.0".into());
+    put(
+        &mut m,
+        "ss_prior_loss_weight",
+        float_repr(args.prior_loss_weight),
+    );
     put(
         &mut m,
         "ss_min_snr_gamma",
@@ -399,7 +407,7 @@ pub fn base_metadata(
         .map(|(i, (&(w, h), members))| {
             (
                 i.to_string(),
-                json!({"resolution": [w, h], "count": members.len() * dataset.repeats}),
+                json!({"resolution": [w, h], "count": dataset.bucket_len(members)}),
             )
         })
         .collect();

@@ -121,7 +121,11 @@ pub fn micro_batch_loss(
         .iter()
         .map(|&t| ctx.weighting.weight(&ctx.schedule.all_snr, t))
         .collect();
-    let weighted = (per_sample * Tensor::from_vec(weights, b, device)?)?;
+    let mut weighted = (per_sample * Tensor::from_vec(weights, b, device)?)?;
+    if let Some(loss_weights) = &batch.loss_weights {
+        // Regularisation images count `--prior_loss_weight` times (sd-scripts' `loss_weights`).
+        weighted = (weighted * loss_weights)?;
+    }
     Ok(weighted.mean_all()?)
 }
 
@@ -300,6 +304,7 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         data::CacheOptions {
             alpha_mask: args.alpha_mask || args.masked_loss,
             flip_aug: args.flip_aug,
+            prior_loss_weight: args.prior_loss_weight as f32,
         },
     )?;
     if args.augments_captions() {
@@ -1075,6 +1080,11 @@ fn check_args(args: &TrainArgs) -> Result<()> {
             1.0,
         ),
         ("--max_grad_norm", Some(args.max_grad_norm), unbounded),
+        (
+            "--prior_loss_weight",
+            Some(args.prior_loss_weight),
+            unbounded,
+        ),
         (
             "--caption_tag_dropout_rate",
             args.caption_tag_dropout_rate,
