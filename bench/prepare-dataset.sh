@@ -6,6 +6,10 @@
 # Prints one line per run: images, wall seconds, images/s, peak RSS.
 #
 #   bench/prepare-dataset.sh [N] [WORKDIR]        (PROFILE=debug to time the dev build)
+#
+# With SD_SCRIPTS (an sd-scripts checkout) and SD_PYTHON (the Python that runs it) set, the same
+# layout is then registered by sd-scripts itself (bench/sd_scripts_dataset.py: train_network.py's
+# dataset group, image sizes and buckets, no model), side by side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-3000}
@@ -53,3 +57,9 @@ measure() {
 }
 measure first
 measure re-run
+if [ -n "${SD_SCRIPTS:-}" ] && [ -n "${SD_PYTHON:-}" ]; then
+  /usr/bin/time -f "%e %M" -o "$WORK/sd-scripts.time" "$SD_PYTHON" bench/sd_scripts_dataset.py \
+    "$SD_SCRIPTS" "$DATA" "$REG" > "$WORK/sd-scripts.out" 2> "$WORK/sd-scripts.log"
+  read -r secs rss < "$WORK/sd-scripts.time"
+  echo "$(tail -n 1 "$WORK/sd-scripts.out") (process: ${secs} s wall, $((rss / 1024)) MiB peak RSS)"
+fi
