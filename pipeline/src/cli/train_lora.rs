@@ -12,6 +12,7 @@ use clap::{Arg, ArgAction, ArgMatches, Command, CommandFactory, FromArgMatches};
 use serde_json::Value;
 
 use super::kohya_options::{self, Handling};
+use crate::stages::train_lora::optim::OptimizerKind;
 use crate::stages::train_lora::settings::{self, Notice, Settings};
 use crate::stages::train_lora::state;
 use crate::{Error, Result};
@@ -96,6 +97,7 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
             Handling::Refuse(why) => refused.push(format!("--{}: {why}", option.name)),
         }
     }
+    refused.extend(optimizer_refusal(&matches));
     if !refused.is_empty() {
         return Err(Error::Usage(refused.join("\n")));
     }
@@ -158,7 +160,28 @@ fn missing_dataset(given: &Settings, probe: &ArgMatches) -> Error {
                 _ => None,
             }),
     );
+    lines.extend(optimizer_refusal(probe));
     Error::Usage(lines.join("\n"))
+}
+
+/// The refusal of an optimizer train-lora does not have, checked with the other options so a
+/// kohya command line learns everything it needs at once (the stage checks it again).
+fn optimizer_refusal(matches: &ArgMatches) -> Option<String> {
+    let name = matches
+        .try_get_one::<String>("optimizer_type")
+        .ok()
+        .flatten()
+        .cloned()
+        .unwrap_or_default();
+    let args: Vec<String> = matches
+        .try_get_many::<String>("optimizer_args")
+        .ok()
+        .flatten()
+        .map(|values| values.cloned().collect())
+        .unwrap_or_default();
+    OptimizerKind::parse(&name, &args)
+        .err()
+        .map(|e| e.to_string())
 }
 
 /// The command of a tool whose flags include `TrainArgs`, with argparse's conveniences
