@@ -925,11 +925,26 @@ fn config_files_are_written_and_read_as_sd_scripts_does() {
     ] {
         assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
     }
-    run_expect(
+    // Options that change nothing here are named in the log, with why.
+    let stderr = run_expect(
         "train-lora",
-        args!["--config_file", written, "--network_di", "4", "--quiet"],
+        args![
+            "--config_file",
+            written,
+            "--network_di",
+            "4",
+            "--torch_compile",
+            "--text_encoder_lr",
+            "1e-5"
+        ],
         0,
     );
+    for said in [
+        "--torch_compile is accepted and has no effect here: changes only how PyTorch runs",
+        "--text_encoder_lr: the text encoder is not trained here",
+    ] {
+        assert!(stderr.contains(said), "{said}:\n{stderr}");
+    }
     let metadata = LoraFile::read(&out_dir.join("configured.safetensors"))
         .unwrap()
         .metadata;
