@@ -526,6 +526,7 @@ fn damaged_metadata() {
             "_te_outputs.npz",
             "_te_cache.json",
             "_te_cache.json.manifest.json",
+            "_te_cache_empty.npz",
         ];
         sandbox.run_writing("cache-text-encoder", &encode, &names, &te_outputs)?;
         sandbox.run(

@@ -703,9 +703,11 @@ fn prepare_photos(work: &std::path::Path, stems: &[&str], resolution: &str) -> s
 
 /// `--shuffle_caption` / `--keep_tokens` train each step on one of the caption variants
 /// cache-text-encoder made with the same settings (seeded: a rerun gives the same losses), and
-/// are refused with the command to run when the caches hold none or were made otherwise.
+/// are refused with the command to run when the caches hold none or were made otherwise;
+/// `--caption_dropout_rate` / `--caption_dropout_every_n_epochs` train on the cached empty
+/// caption.
 #[test]
-fn caption_augmentation_trains_on_cached_variants_made_with_the_same_settings() {
+fn caption_augmentation_trains_on_cached_variants_and_the_cached_empty_caption() {
     let work = tempfile::tempdir().unwrap();
     let meta = prepare_photos(
         work.path(),
@@ -761,6 +763,22 @@ fn caption_augmentation_trains_on_cached_variants_made_with_the_same_settings() 
         .metadata;
     assert_eq!(metadata["ss_shuffle_caption"], "True");
     assert_eq!(metadata["ss_keep_tokens"], "1");
+
+    // Caption dropout trains on the empty caption cache-text-encoder stored beside its index.
+    let empty = work.path().join("meta_lat_te_cache_empty.npz");
+    assert!(empty.is_file());
+    let (dropped, _) = train("dropped", args!["--caption_dropout_rate", "0.5"], 0);
+    let (all_dropped, _) = train("all", args!["--caption_dropout_every_n_epochs", "1"], 0);
+    assert_ne!(log(&plain), log(&dropped), "some captions are dropped");
+    assert_ne!(log(&dropped), log(&all_dropped), "every caption is dropped");
+    let metadata = LoraFile::read(&dropped.join("lora.safetensors"))
+        .unwrap()
+        .metadata;
+    assert_eq!(metadata["ss_caption_dropout_rate"], "0.5");
+    std::fs::rename(&empty, work.path().join("moved.npz")).unwrap();
+    let (_, stderr) = train("no-empty", args!["--caption_dropout_rate", "0.5"], 2);
+    assert!(stderr.contains("run cache-text-encoder on"), "{stderr}");
+    std::fs::rename(work.path().join("moved.npz"), &empty).unwrap();
 
     let (_, stderr) = train("other", args!["--shuffle_caption", "--keep_tokens", "2"], 2);
     assert!(

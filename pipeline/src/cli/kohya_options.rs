@@ -48,7 +48,8 @@ const PREPARED: &str =
 const CAPTION_AUGMENTATION: &str = "changes the caption every step, which needs the text \
     encoder; train-lora trains from cached text-encoder outputs, where sd-scripts refuses it too \
     (--cache_text_encoder_outputs). Leave it out (--shuffle_caption, --keep_tokens and \
-    --caption_tag_dropout_rate work, from cached caption variants)";
+    --caption_tag_dropout_rate work from cached caption variants, caption dropout from the \
+    cached empty caption)";
 const IMAGE_AUGMENTATION: &str = "changes the image every step, which needs the VAE; train-lora \
     trains from cached latents, where sd-scripts refuses it too (--cache_latents). Leave it out \
     (--flip_aug is supported)";
@@ -151,12 +152,6 @@ pub const KOHYA_OPTIONS: &[KohyaOption] = &[
     option("enable_wildcard", Flag, Refuse(CAPTION_AUGMENTATION)),
     option("caption_prefix", One, Refuse(CAPTION_AUGMENTATION)),
     option("caption_suffix", One, Refuse(CAPTION_AUGMENTATION)),
-    option("caption_dropout_rate", One, Refuse(CAPTION_AUGMENTATION)),
-    option(
-        "caption_dropout_every_n_epochs",
-        One,
-        Refuse(CAPTION_AUGMENTATION),
-    ),
     option("token_warmup_min", One, Refuse(CAPTION_AUGMENTATION)),
     option("token_warmup_step", One, Refuse(CAPTION_AUGMENTATION)),
     option(

@@ -375,6 +375,12 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
         .collect();
     summary.up_to_date = items.len() - stale.len();
 
+    let empty = Item {
+        key: String::new(),
+        cache_path: empty_caption_path(&options.in_json, options.cache_dir.as_deref()),
+        caption: String::new(),
+        content_key: run.entry_key(""),
+    };
     let LoadedRun {
         encoders,
         tokenizers,
@@ -423,6 +429,11 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
         );
     }
 
+    if !is_current(&empty, &spec) {
+        if let Some(Err(error)) = encode_and_write(&encoder, options, &[&empty])?.pop() {
+            return Err(error);
+        }
+    }
     report_orphans(options, &items, &targets)?;
     write_index(
         options,
@@ -710,6 +721,14 @@ fn report_orphans(
         );
     }
     Ok(())
+}
+
+/// The encoded empty caption of a run (what a caption dropped by `--caption_dropout_rate`
+/// trains on): `<in_json stem>_te_cache_empty.npz` beside the index, in the cache file layout.
+pub fn empty_caption_path(in_json: &Path, cache_dir: Option<&Path>) -> PathBuf {
+    let mut name = in_json.file_stem().unwrap_or_default().to_os_string();
+    name.push("_te_cache_empty.npz");
+    index_path(in_json, cache_dir, Shard::ALL).with_file_name(name)
 }
 
 /// Where the index of a run is written: `<in_json stem>_te_cache.json` in `--cache_dir`, else

@@ -42,6 +42,13 @@ pub struct TrainArgs {
     /// Loss weight of regularisation images (entries prepare-dataset marked `is_reg`).
     #[arg(long, default_value_t = 1.0)]
     pub prior_loss_weight: f64,
+    /// Probability that a step trains an image on the empty caption (the encoded empty caption
+    /// cache-text-encoder stores beside its index).
+    #[arg(long)]
+    pub caption_dropout_rate: Option<f64>,
+    /// Every N-th epoch trains every image on the empty caption.
+    #[arg(long)]
+    pub caption_dropout_every_n_epochs: Option<usize>,
     /// Repeats of the dataset per epoch.
     #[arg(long, default_value_t = 1)]
     pub dataset_repeats: usize,

@@ -71,6 +71,20 @@ pub struct Batch {
     pub loss_weights: Option<Tensor>,
 }
 
+/// The random choices of one micro-batch's collation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Draws {
+    /// `--flip_aug`: each sample is flipped with probability 0.5 (its cached flipped latents and
+    /// mirrored mask), drawn from this seed.
+    pub flip_seed: Option<u64>,
+    /// Caption augmentation: each sample's context is one of its cached caption variants, drawn
+    /// uniformly from this seed.
+    pub variant_seed: Option<u64>,
+    /// Caption dropout `(seed, rate)`: each sample trains on the empty caption with probability
+    /// `rate`, drawn from the seed.
+    pub caption_dropout: Option<(u64, f64)>,
+}
+
 /// The cached training set, grouped into buckets by latent size.
 #[derive(Debug, Clone)]
 pub struct CachedDataset {
@@ -84,6 +98,8 @@ pub struct CachedDataset {
     pub tag_frequency: serde_json::Map<String, serde_json::Value>,
     /// Width of the text context of every sample.
     pub context_dim: usize,
+    /// The encoded empty caption (caption dropout), `[75n+2, D]`.
+    pub empty_context: Option<Tensor>,
 }
 
 impl CachedDataset {
@@ -198,6 +214,7 @@ impl CachedDataset {
             repeats: repeats.max(1),
             tag_frequency,
             context_dim,
+            empty_context: None,
         })
     }
 
@@ -289,25 +306,25 @@ impl CachedDataset {
         batches
     }
 
-    /// Stacks the latents, contexts and masks of `batch` on `device`; with `flip_seed`
-    /// (`--flip_aug`), each sample is flipped with probability 0.5 (its cached flipped latents
-    /// and its mirrored mask), drawn from that seed; with `variant_seed` (caption augmentation),
-    /// each sample's context is one of its cached caption variants, drawn uniformly from that
-    /// seed.
-    pub fn collate(
-        &self,
-        batch: &[usize],
-        device: &Device,
-        flip_seed: Option<u64>,
-        variant_seed: Option<u64>,
-    ) -> Result<Batch> {
-        let mut rng = flip_seed.map(rand::rngs::StdRng::seed_from_u64);
-        let mut variant_rng = variant_seed.map(rand::rngs::StdRng::seed_from_u64);
+    /// Stacks the latents, contexts and masks of `batch` on `device`, with the random choices of
+    /// `draws` (none for validation).
+    pub fn collate(&self, batch: &[usize], device: &Device, draws: &Draws) -> Result<Batch> {
+        let mut rng = draws.flip_seed.map(rand::rngs::StdRng::seed_from_u64);
+        let mut variant_rng = draws.variant_seed.map(rand::rngs::StdRng::seed_from_u64);
+        let mut dropout_rng = (draws.caption_dropout)
+            .map(|(seed, rate)| (rand::rngs::StdRng::seed_from_u64(seed), rate));
         let (mut latents, mut contexts, mut masks) = (Vec::new(), Vec::new(), Vec::new());
         for &i in batch {
             let sample = &self.samples[i];
-            let context = match (&mut variant_rng, &sample.context_variants) {
-                (Some(rng), Some(variants)) => {
+            let dropped = match (&mut dropout_rng, &self.empty_context) {
+                (Some((rng, rate)), Some(empty)) => {
+                    (rng.random::<f64>() < *rate).then(|| empty.clone())
+                }
+                _ => None,
+            };
+            let context = match (dropped, &mut variant_rng, &sample.context_variants) {
+                (Some(empty), _, _) => empty,
+                (None, Some(rng), Some(variants)) => {
                     variants.get(rng.random_range(0..variants.dim(0)?))?
                 }
                 _ => sample.context.clone(),

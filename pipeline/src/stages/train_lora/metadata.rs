@@ -281,8 +281,16 @@ pub fn base_metadata(
         optimizer.description(&args.optimizer_args),
     );
     put(&mut m, "ss_max_grad_norm", float_repr(args.max_grad_norm));
-    put(&mut m, "ss_caption_dropout_rate", "0.0".into());
-    put(&mut m, "ss_caption_dropout_every_n_epochs", "0".into());
+    put(
+        &mut m,
+        "ss_caption_dropout_rate",
+        float_repr(args.caption_dropout_rate.unwrap_or(0.0)),
+    );
+    put(
+        &mut m,
+        "ss_caption_dropout_every_n_epochs",
+        args.caption_dropout_every_n_epochs.unwrap_or(0).to_string(),
+    );
     put(
         &mut m,
         "ss_caption_tag_dropout_rate",

@@ -326,8 +326,13 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         }
     }
     let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
-    let (dataset, held_out) =
+    let (mut dataset, held_out) =
         dataset.split_validation(args.validation_split, args.validation_seed.unwrap_or(seed))?;
+    if args.caption_dropout_rate.is_some_and(|rate| rate > 0.0)
+        || args.caption_dropout_every_n_epochs.is_some_and(|n| n > 0)
+    {
+        dataset.empty_context = Some(empty_caption(args, &dataset)?);
+    }
     let checkpoint = Checkpoint::open(&args.pretrained_model_name_or_path)?;
     let mut unet = load_unet(args, &checkpoint, precision, &device)?;
     if dataset.context_dim != unet.config.context_dim {
@@ -649,11 +654,22 @@ impl Training<'_> {
         let micro_index = ((epoch - 1) * self.plan.batches_per_epoch + bi) as u64;
         let flip_seed =
             (self.args.flip_aug).then(|| NoiseRng::flip_stream(self.plan.seed, micro_index));
-        let variant_seed = (self.args.augments_captions())
-            .then(|| NoiseRng::variant_stream(self.plan.seed, micro_index));
-        let collated = self
-            .dataset
-            .collate(batch, self.device, flip_seed, variant_seed)?;
+        let every_n = self.args.caption_dropout_every_n_epochs.unwrap_or(0);
+        let dropout_rate = if every_n > 0 && epoch % every_n == 0 {
+            1.0
+        } else {
+            self.args.caption_dropout_rate.unwrap_or(0.0)
+        };
+        let draws = data::Draws {
+            flip_seed,
+            variant_seed: (self.args.augments_captions())
+                .then(|| NoiseRng::variant_stream(self.plan.seed, micro_index)),
+            caption_dropout: (dropout_rate > 0.0).then(|| {
+                let seed = NoiseRng::caption_dropout_stream(self.plan.seed, micro_index);
+                (seed, dropout_rate)
+            }),
+        };
+        let collated = self.dataset.collate(batch, self.device, &draws)?;
         self.network
             .set_dropout_stream(Some(NoiseRng::dropout_stream(self.plan.seed, micro_index)));
         let loss = micro_batch_loss(self.unet, self.loss_ctx, &collated, micro_index)?;
@@ -915,6 +931,36 @@ fn training_key(
     Ok(key.finish())
 }
 
+/// The encoded empty caption cache-text-encoder stored beside its index (caption dropout); it
+/// must have the shape of the samples' contexts.
+fn empty_caption(args: &TrainArgs, dataset: &CachedDataset) -> Result<Tensor> {
+    let path = crate::stages::cache_text_encoder::empty_caption_path(&args.in_json, None);
+    if !path.is_file() {
+        return Err(Error::Usage(format!(
+            "--caption_dropout_rate / --caption_dropout_every_n_epochs train on the encoded \
+             empty caption, and {} does not exist; run cache-text-encoder on {} (it stores the \
+             empty caption beside its index)",
+            path.display(),
+            args.in_json.display()
+        )));
+    }
+    let spec = crate::formats::te_cache::TeCacheSpec::any(ModelFamily::Sd1);
+    let cached = crate::formats::te_cache::read_cache_file(&path, &spec, &Device::Cpu)?;
+    let empty = cached.arrays[0].to_dtype(DType::F32)?;
+    let expected = dataset.samples[0].context.dims();
+    if empty.dims() != expected {
+        return Err(Error::bad_file(
+            &path,
+            format!(
+                "holds an empty caption of shape {:?}, the captions are {expected:?}; re-run \
+                 cache-text-encoder with the settings of the captions' caches",
+                empty.dims()
+            ),
+        ));
+    }
+    Ok(empty)
+}
+
 /// Caption augmentation trains on the caption variants cache-text-encoder stored: every entry
 /// needs them, and the index of the caches (when it is beside the metadata) must record the same
 /// augmentation settings as this command line.
@@ -1090,6 +1136,7 @@ fn check_args(args: &TrainArgs) -> Result<()> {
             args.caption_tag_dropout_rate,
             1.0,
         ),
+        ("--caption_dropout_rate", args.caption_dropout_rate, 1.0),
         (
             "--lr_scheduler_num_cycles",
             Some(args.lr_scheduler_num_cycles),

@@ -67,6 +67,11 @@ impl NoiseRng {
         mix(seed, 0x0ca9_7105, index)
     }
 
+    /// The seed of the caption-dropout choices of micro-batch `index`.
+    pub fn caption_dropout_stream(seed: u64, index: u64) -> u64 {
+        mix(seed, 0x0d40_9ca9, index)
+    }
+
     /// A standard normal sample (Box–Muller).
     pub fn normal(&mut self) -> f32 {
         let u1: f64 = self.0.random_range(f64::EPSILON..1.0);

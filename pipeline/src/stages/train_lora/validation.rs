@@ -62,7 +62,7 @@ impl Validation {
         let mut total = 0.0;
         let mut count = 0;
         for (b, batch) in self.batches.iter().enumerate() {
-            let batch = self.dataset.collate(batch, device, None, None)?;
+            let batch = self.dataset.collate(batch, device, &Default::default())?;
             for (j, &t) in self.timesteps.iter().enumerate() {
                 let ctx = LossContext {
                     noise: NoiseOptions {
