@@ -150,8 +150,9 @@ fn mistakes_are_refused_by_name() {
 /// The whole flow from DreamBooth folders with regularisation images: prepare-dataset,
 /// prepare-latents, cache-text-encoder, then train-lora trains each image its subset's repeats
 /// times (regularisation images as balanced) and records sd-scripts' counts and buckets for the
-/// same dataset: `ss_num_train_images`, `ss_num_reg_images`, `ss_num_batches_per_epoch` and
-/// `ss_bucket_info` equal the real run's. `--prior_loss_weight` weights the regularisation
+/// same dataset: `ss_num_train_images`, `ss_num_reg_images`, `ss_num_batches_per_epoch`,
+/// `ss_bucket_info`, `ss_dataset_dirs`, `ss_reg_dataset_dirs` and `ss_tag_frequency` equal the
+/// real run's. `--prior_loss_weight` weights the regularisation
 /// images' loss.
 #[test]
 fn dreambooth_folders_train_with_sd_scripts_repeats_and_regularisation() {
@@ -241,6 +242,9 @@ fn dreambooth_folders_train_with_sd_scripts_repeats_and_regularisation() {
         "ss_num_batches_per_epoch",
         "ss_bucket_info",
         "ss_prior_loss_weight",
+        "ss_dataset_dirs",
+        "ss_reg_dataset_dirs",
+        "ss_tag_frequency",
     ] {
         assert_eq!(metadata[key], theirs[key].as_str().unwrap(), "{key}");
     }

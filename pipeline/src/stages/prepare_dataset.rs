@@ -33,6 +33,7 @@ pub struct PrepareDatasetOptions {
 pub fn entries(group: &ResolvedGroup) -> (Metadata, Vec<(PathBuf, Error)>) {
     let mut metadata = Metadata::new();
     let mut failures = Vec::new();
+    let dir_names = group.subset_dir_names();
     for (d, dataset) in group.datasets.iter().enumerate() {
         for image in &dataset.images {
             let key = image.absolute_path.to_string_lossy().into_owned();
@@ -71,6 +72,16 @@ pub fn entries(group: &ResolvedGroup) -> (Metadata, Vec<(PathBuf, Error)>) {
             subset.insert("subset".into(), json!(image.subset_index));
             subset.insert("num_repeats".into(), json!(image.num_repeats));
             subset.insert("is_reg".into(), json!(image.is_reg));
+            if let Some(name) = &dir_names[d][image.subset_index] {
+                subset.insert(
+                    "dataset_dir".into(),
+                    json!({
+                        "name": name,
+                        "n_repeats": registered.subset.num_repeats,
+                        "img_count": registered.img_count,
+                    }),
+                );
+            }
             for (name, value) in registered.subset.settings_json(registered.img_count) {
                 if !matches!(
                     name.as_str(),

@@ -241,6 +241,45 @@ impl ResolvedGroup {
         self.datasets.iter().map(|d| d.num_reg_images).sum()
     }
 
+    /// The `ss_dataset_dirs` / `ss_reg_dataset_dirs` name of every subset, per dataset (`None`
+    /// for a subset sd-scripts leaves out of both).
+    pub fn subset_dir_names(&self) -> Vec<Vec<Option<String>>> {
+        let (train, reg) = self.dataset_dirs();
+        let mut unclaimed: Vec<&String> = train
+            .iter()
+            .chain(reg.iter().flatten())
+            .map(|(name, _)| name)
+            .collect();
+        let name = |path: &Path| {
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        self.datasets
+            .iter()
+            .map(|dataset| {
+                dataset
+                    .subsets
+                    .iter()
+                    .map(|subset| {
+                        let base = match &subset.subset.source {
+                            SubsetSource::FineTuning { metadata_file } => name(metadata_file),
+                            SubsetSource::DreamBooth { .. } => {
+                                name(subset.subset.image_dir.as_deref().unwrap_or(Path::new("")))
+                            }
+                        };
+                        // With --dataset_config a repeated name is listed as `name (2)`, ...;
+                        // each subset takes the first listed name of its base left.
+                        let position = unclaimed.iter().position(|listed| {
+                            **listed == base || listed.starts_with(&format!("{base} ("))
+                        })?;
+                        Some(unclaimed.remove(position).clone())
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
     /// sd-scripts' `ss_dataset_dirs` and `ss_reg_dataset_dirs` (the latter `None` with
     /// `--dataset_config`, where reg folders are left out and repeated names get ` (2)`).
     pub fn dataset_dirs(&self) -> (DirList, Option<DirList>) {

@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
+use crate::dataset::kohya::TagFrequency;
 use crate::dataset::shard::Shard;
 use crate::dataset::IMAGE_EXTENSIONS;
 use crate::formats::latent_cache::{find_by_key, read_latent_cache, sd_scripts_caches, LatentSpec};
@@ -94,8 +95,8 @@ pub struct CachedDataset {
     pub buckets: BTreeMap<(usize, usize), Vec<usize>>,
     /// Repeats per epoch of entries without their own (`--dataset_repeats`).
     pub repeats: usize,
-    /// Tag counts from the metadata `tags` fields, for `ss_tag_frequency` (see [`tag_frequency`]).
-    pub tag_frequency: serde_json::Map<String, serde_json::Value>,
+    /// Where the images came from, as the LoRA metadata records it.
+    pub dirs: DatasetDirs,
     /// Width of the text context of every sample.
     pub context_dim: usize,
     /// The encoded empty caption (caption dropout), `[75n+2, D]`.
@@ -152,7 +153,7 @@ impl CachedDataset {
                 Err(e) => problems.push(e.to_string()),
             }
         }
-        let tag_frequency = tag_frequency(metadata.iter());
+        let dirs = DatasetDirs::of(in_json, &metadata, repeats);
         if !problems.is_empty() {
             return Err(Error::bad_file(
                 in_json,
@@ -193,14 +194,14 @@ impl CachedDataset {
             ));
         }
         let context_dim = widths.keys().next().copied().unwrap_or_default();
-        Self::from_samples(samples, repeats, tag_frequency, context_dim)
+        Self::from_samples(samples, repeats, dirs, context_dim)
     }
 
     /// A dataset of `samples` grouped into buckets.
     fn from_samples(
         samples: Vec<Sample>,
         repeats: usize,
-        tag_frequency: serde_json::Map<String, serde_json::Value>,
+        dirs: DatasetDirs,
         context_dim: usize,
     ) -> Result<Self> {
         let mut buckets: BTreeMap<(usize, usize), Vec<usize>> = BTreeMap::new();
@@ -212,7 +213,7 @@ impl CachedDataset {
             samples,
             buckets,
             repeats: repeats.max(1),
-            tag_frequency,
+            dirs,
             context_dim,
             empty_context: None,
         })
@@ -251,11 +252,11 @@ impl CachedDataset {
         }
         let context_dim = self.context_dim;
         Ok((
-            Self::from_samples(train, self.repeats, self.tag_frequency, context_dim)?,
+            Self::from_samples(train, self.repeats, self.dirs, context_dim)?,
             Some(Self::from_samples(
                 validation,
                 1,
-                serde_json::Map::new(),
+                DatasetDirs::default(),
                 context_dim,
             )?),
         ))
@@ -386,29 +387,69 @@ pub fn mix(seed: u64, stream: u64, counter: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Tag counts as sd-scripts makes them from fine-tuning metadata: the comma-separated `tags` of
-/// every entry, trimmed and lower-cased, in order of first appearance over the keys sorted
-/// longest first (so `ss_tag_frequency` is the same JSON text).
-pub fn tag_frequency<'a>(
-    entries: impl Iterator<Item = (&'a String, &'a serde_json::Map<String, serde_json::Value>)>,
-) -> serde_json::Map<String, serde_json::Value> {
-    let mut entries: Vec<_> = entries.collect();
-    entries.sort_by_key(|(key, _)| std::cmp::Reverse(key.chars().count()));
-    let mut counts = serde_json::Map::new();
-    for (_, entry) in entries {
-        let Some(tags) = entry.get("tags").and_then(|t| t.as_str()) else {
-            continue;
-        };
-        for tag in tags
-            .split(',')
-            .map(|t| t.trim().to_lowercase())
-            .filter(|t| !t.is_empty())
-        {
-            let count = counts.get(&tag).and_then(|c| c.as_u64()).unwrap_or(0);
-            counts.insert(tag, (count + 1).into());
+/// sd-scripts' `ss_dataset_dirs`, `ss_reg_dataset_dirs` and `ss_tag_frequency` of a training
+/// metadata file.
+#[derive(Debug, Clone, Default)]
+pub struct DatasetDirs {
+    /// `{folder: {"n_repeats", "img_count"}}` of the training images.
+    pub dataset_dirs: serde_json::Map<String, serde_json::Value>,
+    /// The same for regularisation images.
+    pub reg_dataset_dirs: serde_json::Map<String, serde_json::Value>,
+    /// `{folder: {tag: count}}`.
+    pub tag_frequency: serde_json::Value,
+}
+
+impl DatasetDirs {
+    /// Entries prepare-dataset wrote (`lorakit_subset.dataset_dir`) count under their folder, as
+    /// sd-scripts counts the folder or metadata file they came from: the caption's pieces, or a
+    /// fine-tune entry's `tags`, in metadata order. Other entries count under the metadata
+    /// file's name, as sd-scripts' fine-tune path: their `tags` only, keys longest first, with
+    /// `--dataset_repeats`.
+    pub fn of(
+        in_json: &Path,
+        metadata: &crate::formats::metadata::Metadata,
+        repeats: usize,
+    ) -> Self {
+        let mut dirs = DatasetDirs::default();
+        let mut tags = TagFrequency::default();
+        let mut plain = Vec::new();
+        for (key, entry) in metadata.iter() {
+            let subset = entry.get("lorakit_subset");
+            let Some(dir) = subset.and_then(|s| s.get("dataset_dir")) else {
+                plain.push((key, entry));
+                continue;
+            };
+            let name = dir["name"].as_str().unwrap_or_default().to_string();
+            let list = if subset.is_some_and(|s| s["is_reg"] == true) {
+                &mut dirs.reg_dataset_dirs
+            } else {
+                &mut dirs.dataset_dirs
+            };
+            list.entry(name.clone()).or_insert_with(|| {
+                serde_json::json!({"n_repeats": dir["n_repeats"], "img_count": dir["img_count"]})
+            });
+            let text = entry.get("tags").or_else(|| entry.get("caption"));
+            tags.add(&name, &[text.and_then(|t| t.as_str()).unwrap_or_default()]);
         }
+        if !plain.is_empty() {
+            let name = in_json
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            plain.sort_by_key(|(key, _)| std::cmp::Reverse(key.chars().count()));
+            let listed: Vec<&str> = (plain.iter())
+                .filter_map(|(_, entry)| entry.get("tags").and_then(|t| t.as_str()))
+                .filter(|t| !t.is_empty())
+                .collect();
+            tags.add(&name, &listed);
+            dirs.dataset_dirs.insert(
+                name,
+                serde_json::json!({"n_repeats": repeats, "img_count": plain.len()}),
+            );
+        }
+        dirs.tag_frequency = tags.to_json();
+        dirs
     }
-    counts
 }
 
 /// Image path without extension for a metadata key (the prefix of both cache files).

@@ -191,11 +191,6 @@ pub fn base_metadata(
     if args.no_metadata {
         return Ok(m);
     }
-    let metadata_name = args
-        .in_json
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
     let accum = args.gradient_accumulation_steps;
     put(&mut m, "ss_session_id", (rand::random::<u32>()).to_string());
     put(&mut m, "ss_training_started_at", float_repr(started_unix));
@@ -394,19 +389,21 @@ pub fn base_metadata(
         "ss_max_bucket_reso",
         buckets.max_bucket_reso.to_string(),
     );
+    let dirs = &dataset.dirs;
     put(
         &mut m,
         "ss_dataset_dirs",
-        crate::infra::pyjson::dumps(&json!({ &metadata_name: {
-            "n_repeats": dataset.repeats,
-            "img_count": dataset.samples.len(),
-        }})),
+        crate::infra::pyjson::dumps(&dirs.dataset_dirs),
     );
-    put(&mut m, "ss_reg_dataset_dirs", "{}".into());
+    put(
+        &mut m,
+        "ss_reg_dataset_dirs",
+        crate::infra::pyjson::dumps(&dirs.reg_dataset_dirs),
+    );
     put(
         &mut m,
         "ss_tag_frequency",
-        crate::infra::pyjson::dumps(&json!({ &metadata_name: dataset.tag_frequency })),
+        crate::infra::pyjson::dumps(&dirs.tag_frequency),
     );
     let bucket_counts: serde_json::Map<String, serde_json::Value> = dataset
         .buckets
