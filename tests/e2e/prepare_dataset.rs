@@ -187,14 +187,13 @@ fn dreambooth_folders_train_with_sd_scripts_repeats_and_regularisation() {
         "--quiet"
     ];
     run_expect("prepare-dataset", &[describe, buckets].concat(), 0);
-    let root = work.path();
+    // The images are the metadata's: the regularisation folder lies outside `img/`.
     let prepare: &[&std::ffi::OsStr] = args![
-        root,
+        img,
         described,
         meta,
         model,
         "--full_path",
-        "--recursive",
         "--max_resolution",
         "256,256",
         "--quiet"

@@ -16,6 +16,9 @@ use crate::formats::schema::METADATA_V2;
 use crate::infra::{fsio, hashing, report::Summary};
 use crate::{Error, Result};
 
+/// The tool name in the manifests prepare-dataset writes.
+pub const STAGE: &str = "prepare-dataset";
+
 /// Options of `prepare-dataset`.
 #[derive(Debug, Clone)]
 pub struct PrepareDatasetOptions {
@@ -190,12 +193,7 @@ pub fn run(options: &PrepareDatasetOptions) -> Result<Summary> {
         "reg_dataset_dirs": reg_dirs.as_deref().map(dirs_json),
         "tag_frequency": group.tag_frequency(),
     });
-    let mut manifest = Manifest::new(
-        "prepare-dataset",
-        &options.out_json,
-        METADATA_V2,
-        parameters,
-    );
+    let mut manifest = Manifest::new(STAGE, &options.out_json, METADATA_V2, parameters);
     if let DescriptionSource::ConfigFile(file) = &group.source {
         manifest.add_input_file("dataset_config", file)?;
     }

@@ -132,7 +132,10 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
         ));
     }
     let mut metadata = load_input_metadata(&options.in_json)?;
-    let mut discovery = find_images(&options.train_data_dir, options.recursive)?;
+    let mut discovery = match listed_images(&options.in_json, &metadata, options.full_path)? {
+        Some(listed) => listed,
+        None => find_images(&options.train_data_dir, options.recursive)?,
+    };
     check_unique_keys(&discovery.images, options.full_path)?;
     // Keys of every shard's images (names only): an entry without an image is not mistaken
     // for one whose image another shard owns.
@@ -373,6 +376,38 @@ fn settle(item: &mut Planned) -> Result<()> {
     );
     item.cache_path = item.sd_scripts.clone();
     Ok(())
+}
+
+/// The images of a metadata file prepare-dataset wrote: its keys, absolute paths that may lie in
+/// several folders (training and regularisation images); `None` for other metadata, whose
+/// images are found in `train_data_dir`.
+fn listed_images(
+    in_json: &Path,
+    metadata: &crate::formats::metadata::Metadata,
+    full_path: bool,
+) -> Result<Option<crate::dataset::Discovery>> {
+    let described = Manifest::read_for(in_json)?
+        .is_some_and(|manifest| manifest.tool == crate::stages::prepare_dataset::STAGE);
+    if !described {
+        return Ok(None);
+    }
+    if !full_path {
+        return Err(Error::Usage(format!(
+            "{} was written by prepare-dataset: its keys are image paths, so give --full_path",
+            in_json.display()
+        )));
+    }
+    let mut listed = crate::dataset::Discovery::default();
+    for (key, _) in metadata.iter() {
+        let path = PathBuf::from(key);
+        if path.is_file() {
+            listed.images.push(path);
+        } else if path.exists() {
+            listed.not_files.push(path);
+        }
+    }
+    listed.images.sort();
+    Ok(Some(listed))
 }
 
 /// The model's family (it names the cache files), the checkpoint the VAE is read from
