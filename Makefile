@@ -8,6 +8,8 @@
 #                 BIN_DIR=folder: prebuilt release binaries), also written to bench/results/latest.md
 #   make lora DATA=my/images OUT=runs/me MODEL=sd15.safetensors TAGGER_DIR=wd14_tagger_model \
 #             TAGGER=SmilingWolf/wd-v1-4-convnext-tagger-v2 BLIP=blip-large RES=512,512 STEPS=1600
+#   make lora DATA=img REG=reg MODEL=sd15.safetensors    (a kohya layout: <repeats>_<name> folders,
+#             captions from their caption files or folder names; or DATASET_CONFIG=dataset.toml)
 #
 #   make dataset DATA=img REG=reg   a kohya DreamBooth layout as one metadata JSON (prepare-dataset)
 #
@@ -52,6 +54,7 @@ TE_FLAGS    ?=
 TRAIN_FLAGS ?=
 LINT_FLAGS  ?=
 REG         ?=
+DATASET_CONFIG ?=
 DATASET_FLAGS ?=
 QUIET       ?=
 OVERWRITE   ?=
@@ -141,8 +144,13 @@ $(OUT)/meta_cap_dd.json: $(OUT)/meta_cap.json $(OUT)/.tags FORCE
 $(OUT)/meta_clean.json: $(OUT)/meta_cap_dd.json
 	"$(BIN)/clean-captions" "$<" "$@" $(QUIET)
 
+# A kohya layout (DATA with <repeats>_<name> folders, REG=, or DATASET_CONFIG=) is described by
+# prepare-dataset instead of being tagged, captioned and merged.
+KOHYA_LAYOUT := $(or $(REG),$(DATASET_CONFIG),$(wildcard $(DATA)/[0-9]*_*/))
+LATENT_INPUT := $(if $(KOHYA_LAYOUT),$(OUT)/meta_dataset.json,$(OUT)/meta_clean.json)
+
 latents: $(OUT)/meta_lat.json
-$(OUT)/meta_lat.json: $(OUT)/meta_clean.json FORCE
+$(OUT)/meta_lat.json: $(LATENT_INPUT) FORCE
 	$(call need_model,MODEL)
 	"$(BIN)/prepare-latents" "$(DATA)" "$<" "$@" "$(MODEL)" --max_resolution $(RES) $(BUCKET_RANGE) --batch_size 4 \
 		--full_path --seed $(SEED) $(QUIET)
@@ -160,12 +168,13 @@ $(OUT)/lora/$(NAME).safetensors: $(OUT)/meta_lat.json $(OUT)/meta_lat_te_cache.j
 		--learning_rate $(LR) --max_train_steps $(STEPS) --train_batch_size $(BATCH) --seed $(SEED) \
 		$(TRAIN_FLAGS) $(QUIET)
 
-# A kohya DreamBooth layout (DATA with <repeats>_<name> folders, REG for regularisation images)
-# described as one metadata JSON; not part of `lora`.
+# A kohya layout described as one metadata JSON: DATA with <repeats>_<name> folders (REG for
+# regularisation images), or DATASET_CONFIG=x.toml; `lora` uses it for such a DATA.
 dataset: $(OUT)/meta_dataset.json
 $(OUT)/meta_dataset.json: FORCE | build
 	@mkdir -p "$(OUT)"
-	"$(BIN)/prepare-dataset" --train_data_dir "$(DATA)" $(if $(REG),--reg_data_dir "$(REG)",) \
+	"$(BIN)/prepare-dataset" $(if $(DATASET_CONFIG),--dataset_config "$(DATASET_CONFIG)",--train_data_dir "$(DATA)") \
+		$(if $(REG),--reg_data_dir "$(REG)",) \
 		--caption_extension $(CAPTION_EXT) --resolution $(RES) --enable_bucket $(BUCKET_RANGE) \
 		--train_batch_size $(BATCH) $(DATASET_FLAGS) --out_json "$@" $(QUIET)
 

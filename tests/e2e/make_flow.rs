@@ -407,3 +407,43 @@ fn your_data_without_model_is_refused_instead_of_using_the_test_models() {
     assert!(!out.join("lora").exists());
     assert!(!data.join("a.txt").exists(), "tagged with the test tagger");
 }
+
+/// `make lora DATA=img REG=reg MODEL=...` on the layout of a real sd-scripts run (DreamBooth
+/// folders with regularisation images): prepare-dataset describes it (no tagging or captioning),
+/// and the LoRA records sd-scripts' image counts for it.
+#[test]
+fn a_kohya_layout_with_regularisation_images_trains_through_make() {
+    let root = tempfile::tempdir().unwrap();
+    crate::prepare_dataset::dreambooth_reg(root.path());
+    let (img, reg, out) = (
+        root.path().join("img"),
+        root.path().join("reg"),
+        root.path().join("out"),
+    );
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let bin = tool("train-lora").parent().unwrap().to_path_buf();
+    let model = fixtures().join("sd15-tiny/model.safetensors");
+    let output = Command::new("make")
+        .arg("-C")
+        .arg(repo)
+        .arg("--no-print-directory")
+        .arg("lora")
+        .arg(format!("OUT={}", out.display()))
+        .arg(format!("DATA={}", img.display()))
+        .arg(format!("REG={}", reg.display()))
+        .arg(format!("MODEL={}", model.display()))
+        .arg(format!("BIN={}", bin.display()))
+        .args(["SKIP_BUILD=1", "STEPS=2", "CAPTION_EXT=.txt", "QUIET=-q"])
+        .output()
+        .expect("make runs");
+    let text = String::from_utf8_lossy(&output.stderr).into_owned()
+        + &String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "make lora failed:\n{text}");
+    assert!(!text.contains("tag-images"), "no tagging: {text}");
+    let metadata =
+        lorakit_pipeline::networks::lora::LoraFile::read(&out.join("lora/lora.safetensors"))
+            .unwrap()
+            .metadata;
+    assert_eq!(metadata["ss_num_train_images"], "24");
+    assert_eq!(metadata["ss_num_reg_images"], "2");
+}

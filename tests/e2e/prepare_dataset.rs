@@ -11,7 +11,7 @@ use crate::common::{fixtures, run_expect};
 
 /// Recreates the `dreambooth_reg` layout under `work`; returns the golden with `{DATA}`,
 /// `{REG}` and `{WORK}` substituted.
-fn dreambooth_reg(work: &Path) -> Value {
+pub fn dreambooth_reg(work: &Path) -> Value {
     let text =
         std::fs::read_to_string(fixtures().join("golden/sd_scripts_runs/dreambooth_reg.json"))
             .unwrap()
