@@ -263,7 +263,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_sd_scripts_option_has_one_entry() {
+    fn no_option_is_listed_twice() {
         let mut names: Vec<&str> = KOHYA_OPTIONS.iter().map(|o| o.name).collect();
         names.sort_unstable();
         let before = names.len();

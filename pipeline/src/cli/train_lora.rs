@@ -153,7 +153,6 @@ fn missing_dataset(given: &Settings, probe: &ArgMatches) -> Error {
     lines.extend(
         kohya_options::given(probe)
             .into_iter()
-            .filter(|option| matches!(option.handling, Handling::Refuse(_)))
             .filter(|option| !["reg_data_dir", "dataset_config"].contains(&option.name))
             .filter_map(|option| match option.handling {
                 Handling::Refuse(why) => Some(format!("--{}: {why}", option.name)),

@@ -54,8 +54,8 @@ pub struct Sample {
     pub repeats: usize,
     /// A regularisation image.
     pub is_reg: bool,
-    /// Weight of its loss: `--prior_loss_weight` for regularisation images, else 1.
-    pub loss_weight: f32,
+    /// The image's `(width, height)` the latent cache records (`original_size`), when it does.
+    pub original_size: Option<(u32, u32)>,
 }
 
 /// One batch on the training device.
@@ -101,6 +101,8 @@ pub struct CachedDataset {
     pub context_dim: usize,
     /// The encoded empty caption (caption dropout), `[75n+2, D]`.
     pub empty_context: Option<Tensor>,
+    /// The loss weight of regularisation images (`--prior_loss_weight`).
+    pub prior_loss_weight: f32,
 }
 
 impl CachedDataset {
@@ -145,9 +147,6 @@ impl CachedDataset {
                     let subset_repeats = subset.and_then(|s| s["num_repeats"].as_u64());
                     sample.repeats = subset_repeats.map_or(repeats, |n| n as usize);
                     sample.is_reg = subset.is_some_and(|s| s["is_reg"] == true);
-                    if sample.is_reg {
-                        sample.loss_weight = options.prior_loss_weight;
-                    }
                     samples.push(sample)
                 }
                 Err(e) => problems.push(e.to_string()),
@@ -194,7 +193,9 @@ impl CachedDataset {
             ));
         }
         let context_dim = widths.keys().next().copied().unwrap_or_default();
-        Self::from_samples(samples, repeats, dirs, context_dim)
+        let mut dataset = Self::from_samples(samples, repeats, dirs, context_dim)?;
+        dataset.prior_loss_weight = options.prior_loss_weight;
+        Ok(dataset)
     }
 
     /// A dataset of `samples` grouped into buckets.
@@ -216,6 +217,7 @@ impl CachedDataset {
             dirs,
             context_dim,
             empty_context: None,
+            prior_loss_weight: 1.0,
         })
     }
 
@@ -251,8 +253,10 @@ impl CachedDataset {
             }
         }
         let context_dim = self.context_dim;
+        let mut train = Self::from_samples(train, self.repeats, self.dirs, context_dim)?;
+        train.prior_loss_weight = self.prior_loss_weight;
         Ok((
-            Self::from_samples(train, self.repeats, self.dirs, context_dim)?,
+            train,
             Some(Self::from_samples(
                 validation,
                 1,
@@ -343,7 +347,12 @@ impl CachedDataset {
             });
         }
         let masks: Option<Vec<Tensor>> = masks.into_iter().collect();
-        let weights: Vec<f32> = batch.iter().map(|&i| self.samples[i].loss_weight).collect();
+        let weights: Vec<f32> = (batch.iter())
+            .map(|&i| match self.samples[i].is_reg {
+                true => self.prior_loss_weight,
+                false => 1.0,
+            })
+            .collect();
         Ok(Batch {
             latents: Tensor::stack(&latents, 0)?.to_device(device)?,
             context: Tensor::stack(&contexts, 0)?.to_device(device)?,
@@ -537,7 +546,15 @@ fn load_sample(
         alpha_mask: options.alpha_mask,
         complete: false,
     };
-    let arrays = read_latent_cache(&mut NpzReader::open(&latent_path)?, &spec)?;
+    let mut reader = NpzReader::open(&latent_path)?;
+    let arrays = read_latent_cache(&mut reader, &spec)?;
+    let original_size = match reader.read_i64("original_size").map(|(size, _)| size) {
+        Ok(size) => match size[..] {
+            [w, h] => u32::try_from(w).ok().zip(u32::try_from(h).ok()),
+            _ => None,
+        },
+        Err(_) => None,
+    };
     let [_, h, w] = arrays.shape;
     let latents = Tensor::from_vec(arrays.latents, arrays.shape.to_vec(), &Device::Cpu)?;
     let latents_flipped = arrays
@@ -595,7 +612,7 @@ fn load_sample(
         text_cache: te_path,
         repeats: 1,
         is_reg: false,
-        loss_weight: 1.0,
+        original_size,
     })
 }
 

@@ -447,9 +447,6 @@ struct BucketSettings {
     no_upscale: bool,
 }
 
-/// sd-scripts' defaults of `--min_bucket_reso` / `--max_bucket_reso`.
-const DEFAULT_BUCKET_RANGE: (usize, usize) = (256, 1024);
-
 /// The bucket settings of a run: from the manifest of the metadata when prepare-latents wrote
 /// it (the caches were made with those; a train-lora flag that says otherwise gets a warning),
 /// else from train-lora's own flags, else the largest bucket side and sd-scripts' defaults.
@@ -467,10 +464,12 @@ fn bucket_settings(args: &TrainArgs, dataset: &CachedDataset) -> Result<BucketSe
         .map(|&(w, h)| w.max(h))
         .max()
         .unwrap_or(512);
+    // sd-scripts' defaults of --min_bucket_reso / --max_bucket_reso.
+    let defaults = crate::dataset::kohya::CommandLine::default();
     let given = BucketSettings {
         resolution: given_resolution.unwrap_or((largest_side, largest_side)),
-        min_bucket_reso: compat.min_bucket_reso.unwrap_or(DEFAULT_BUCKET_RANGE.0),
-        max_bucket_reso: compat.max_bucket_reso.unwrap_or(DEFAULT_BUCKET_RANGE.1),
+        min_bucket_reso: (compat.min_bucket_reso).unwrap_or(defaults.min_bucket_reso as usize),
+        max_bucket_reso: (compat.max_bucket_reso).unwrap_or(defaults.max_bucket_reso as usize),
         no_upscale: compat.bucket_no_upscale,
     };
     let manifest = crate::formats::manifest::Manifest::read_for(&args.in_json)
@@ -536,17 +535,11 @@ fn bucket_settings(args: &TrainArgs, dataset: &CachedDataset) -> Result<BucketSe
 fn mean_aspect_error(dataset: &CachedDataset) -> Result<f64> {
     let mut errors = Vec::with_capacity(dataset.samples.len());
     for sample in &dataset.samples {
-        let mut reader = crate::formats::npz::NpzReader::open(&sample.latent_cache)?;
-        let Ok((size, _)) = reader.read_i64("original_size") else {
+        let Some((width, height)) = sample.original_size.filter(|&(w, h)| w > 0 && h > 0) else {
             continue;
         };
         let (_, h, w) = sample.latents.dims3()?;
-        if let [width, height] = size.as_slice() {
-            if *width > 0 && *height > 0 {
-                let image = *width as f64 / *height as f64;
-                errors.push((w as f64 / h as f64 - image).abs());
-            }
-        }
+        errors.push((w as f64 / h as f64 - f64::from(width) / f64::from(height)).abs());
     }
     Ok(if errors.is_empty() {
         0.0

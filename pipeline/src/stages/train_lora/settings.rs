@@ -87,7 +87,7 @@ pub struct Notice {
 }
 
 /// `--id v1 v2` / `--id` as a user reads it.
-pub fn describe(id: &str, value: Option<&Value>) -> String {
+fn describe(id: &str, value: Option<&Value>) -> String {
     match value {
         None => format!("--{id} not given"),
         Some(Value::Array(values)) => {
