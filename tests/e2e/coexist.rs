@@ -70,9 +70,9 @@ fn npz_files(dir: &Path) -> BTreeSet<String> {
         .collect()
 }
 
-/// A one-step `train-lora` run from `meta`.
-fn train(root: &Path, meta: &str, name: &str) {
-    run_expect(
+/// A one-step `train-lora` run from `meta`, writing `out/<name>.safetensors`.
+fn train_run(root: &Path, meta: &str, name: &str) -> std::process::Output {
+    run(
         "train-lora",
         args![
             "--pretrained_model_name_or_path",
@@ -89,7 +89,17 @@ fn train(root: &Path, meta: &str, name: &str) {
             "1",
             "--quiet"
         ],
-        0,
+    )
+}
+
+/// [`train_run`], which must succeed.
+fn train(root: &Path, meta: &str, name: &str) {
+    let output = train_run(root, meta, name);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
     );
     assert!(root
         .join("out")
@@ -199,21 +209,7 @@ fn two_preparations_coexist_and_each_trains() {
         ],
         0,
     );
-    let output = run(
-        "train-lora",
-        args![
-            "--pretrained_model_name_or_path",
-            model(),
-            "--in_json",
-            root.join("meta_a.json"),
-            "--train_data_dir",
-            data,
-            "--output_dir",
-            root.join("out"),
-            "--max_train_steps",
-            "1"
-        ],
-    );
+    let output = train_run(root, "meta_a.json", "a_again");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("meta_a_te_cache.json"), "{stderr}");
@@ -286,21 +282,7 @@ fn prune_removes_exactly_the_caches_the_metadata_does_not_use() {
     assert!(stderr.contains("0 done, 3 up to date"), "{stderr}");
 
     // A's caches are gone, so its metadata no longer trains; the message says what to run.
-    let output = run(
-        "train-lora",
-        args![
-            "--pretrained_model_name_or_path",
-            model(),
-            "--in_json",
-            root.join("meta_a.json"),
-            "--train_data_dir",
-            data,
-            "--output_dir",
-            root.join("out"),
-            "--max_train_steps",
-            "1"
-        ],
-    );
+    let output = train_run(root, "meta_a.json", "a_again");
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("prepare-latents"));
 
