@@ -6,7 +6,7 @@
 #
 #   SD_SCRIPTS=~/sd-scripts SD_PYTHON=~/sd-scripts/venv/bin/python bench/compare-sd-scripts.sh [STAGE...]
 #
-# Stages (default: all): tag, caption, metadata, text-encoder.
+# Stages (default: all): tag, caption, metadata, text-encoder, train.
 #   tag           bench/tag-images.sh on 20 and 2,000 copies of the fixture photos (tiny WD14 tagger,
 #                 batch 8), then sd-scripts finetune/tag_images_by_wd14_tagger.py --onnx on the same
 #                 folders, and the ONNX session alone on batches of the same shape (the floor).
@@ -21,6 +21,11 @@
 #   text-encoder  bench/cache-text-encoder.sh (tiny: N_TINY captions, CLIP-L shape: N_FULL), then
 #                 transformers' CLIPTextModel on the same captions and weights, batch by batch as
 #                 train_network.py encodes them when the text-encoder output is not cached.
+#   train         the tiny SD1 fixture on 8 fixture photos in a DreamBooth folder (1_sks photo),
+#                 256-px buckets, batch 2, rank 8 / alpha 4, AdamW, TRAIN_STEPS (20) steps, 1 thread,
+#                 LierLa and C3Lier (conv_dim=2 conv_alpha=0.5): our prepare-latents,
+#                 cache-text-encoder and train-lora, then train_network.py with the same settings
+#                 (bench/sd_scripts_train.py; it caches the latents in memory within its run).
 # Wall times include process start-up and model loading on both sides.
 # Environment: WORK (scratch folder, default a new temp folder), PROFILE (release), TAG_SIZES
 # ("20 2000"), N_META (100000), N_TINY (512), N_FULL (64).
@@ -215,6 +220,44 @@ PY
   done
 }
 
+stage_train() {
+  local work="$WORK/train" steps=${TRAIN_STEPS:-20}
+  rm -rf "$work" && mkdir -p "$work/img/1_sks photo" "$work/tokenizer_cache"
+  local photo
+  for photo in $(ls "$FIX"/images/*.png | head -n 8); do cp "$photo" "$work/img/1_sks photo/"; done
+  cp -r "$FIX/sd15-tiny/tokenizer" "$work/tokenizer_cache/openai_clip-vit-large-patch14"
+  cargo build -q -p prepare-dataset -p prepare-latents -p cache-text-encoder -p train-lora \
+    $([ "$PROFILE" = release ] && echo --release)
+  local model="$FIX/sd15-tiny/model.safetensors"
+  # Ours: describe the folder, cache latents and text states (each once), then train from caches.
+  "$BIN/prepare-dataset" --train_data_dir "$work/img" --resolution 256 --enable_bucket \
+    --min_bucket_reso 128 --max_bucket_reso 512 --train_batch_size 2 --out_json "$work/meta.json" -q
+  measure "lorakit prepare-latents" 8 "$BIN/prepare-latents" "$work/img" "$work/meta.json" \
+    "$work/meta_lat.json" "$model" --max_resolution 256 --min_bucket_reso 128 --max_bucket_reso 512 \
+    --full_path --batch_size 4
+  measure "lorakit cache-text-encoder" 8 "$BIN/cache-text-encoder" "$work/meta_lat.json" "$model" --full_path
+  # The training settings both sides share: 8 photos, 256-px buckets, batch 2, AdamW, 1 thread.
+  local common=(--pretrained_model_name_or_path "$model" --network_module networks.lora
+    --network_dim 8 --network_alpha 4 --optimizer_type AdamW --learning_rate 1e-4
+    --max_train_steps "$steps" --train_batch_size 2 --seed 42 --mixed_precision no
+    --save_precision float --network_train_unet_only --save_model_as safetensors)
+  local net label
+  for net in lierla c3lier; do
+    local args=()
+    [ "$net" = c3lier ] && args=(--network_args conv_dim=2 conv_alpha=0.5)
+    label="lorakit train-lora $net ($steps steps)"
+    measure "$label" "$steps" env RAYON_NUM_THREADS=1 "$BIN/train-lora" "${common[@]}" "${args[@]}" \
+      --in_json "$work/meta_lat.json" --output_dir "$work/out-lorakit-$net" --output_name lora
+    label="sd-scripts train_network $net ($steps steps)"
+    measure "$label" "$steps" env OMP_NUM_THREADS=1 TORCH_THREADS=1 "${SD_RUN[@]}" "$(pwd)/bench/sd_scripts_train.py" \
+      "$SD_SCRIPTS" "${common[@]}" "${args[@]}" --train_data_dir "$work/img" --resolution 256 \
+      --enable_bucket --min_bucket_reso 128 --max_bucket_reso 512 --cache_latents \
+      --max_data_loader_n_workers 0 --tokenizer_cache_dir "$work/tokenizer_cache" \
+      --output_dir "$work/out-sd-scripts-$net" --output_name lora
+    grep "train seconds" "$WORK/${label// /_}.out" | sed 's/^/    /' || true
+  done
+}
+
 for stage in "${STAGES[@]}"; do
   echo "== $stage"
   case "$stage" in
@@ -222,6 +265,7 @@ for stage in "${STAGES[@]}"; do
     caption) stage_caption ;;
     metadata) stage_metadata ;;
     text-encoder) stage_text_encoder ;;
-    *) echo "error: unknown stage $stage (tag, caption, metadata, text-encoder)" >&2; exit 2 ;;
+    train) stage_train ;;
+    *) echo "error: unknown stage $stage (tag, caption, metadata, text-encoder, train)" >&2; exit 2 ;;
   esac
 done

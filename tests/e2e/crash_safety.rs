@@ -289,7 +289,9 @@ fn killed_runs_leave_valid_outputs_and_resume() {
     }
 }
 
-/// `train-lora --save_state` arguments for a short run of the tiny model writing into `out`.
+/// `train-lora --save_state` arguments for a short run of the tiny model writing into `out`: a
+/// C3Lier network (3x3 conv modules beside the linear ones), so that resuming is checked for
+/// every module kind.
 fn train_args(data: &Path, out: &Path) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         "--pretrained_model_name_or_path".into(),
@@ -311,6 +313,8 @@ fn train_args(data: &Path, out: &Path) -> Vec<OsString> {
         "--lr_scheduler=cosine",
         "--lr_warmup_steps=2",
         "--seed=3",
+        "--network_args=conv_dim=2",
+        "--network_args=conv_alpha=0.5",
         "--save_state",
         "--save_every_n_steps=2",
         "--quiet",
