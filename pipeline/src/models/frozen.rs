@@ -409,13 +409,13 @@ mod tests {
                 vec![2, 5, 4, 6],
             ),
             (FrozenKind::Linear, vec![6, 5], vec![2, 3, 5]),
-            (FrozenKind::Linear, vec![100, 4096], vec![3, 4096]),
+            (FrozenKind::Linear, vec![1100, 4096], vec![3, 4096]),
             (
                 FrozenKind::Conv2d {
                     stride: 1,
                     padding: 1,
                 },
-                vec![70, 512, 3, 3],
+                vec![1000, 512, 3, 3],
                 vec![1, 512, 5, 5],
             ),
         ];

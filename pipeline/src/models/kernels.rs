@@ -5,9 +5,16 @@
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 use half::slice::HalfFloatSliceExt;
 
-/// Floats per widened weight band: small enough to stay in cache between the widening and the
-/// matrix product that reads it.
-const BAND_FLOATS: usize = 1 << 18;
+/// Floats per widened weight band (16 MiB): few enough bands that each product is wide enough
+/// for the kernels' speed, small enough that no weight is widened whole.
+const BAND_FLOATS: usize = 1 << 22;
+/// Floats widened per parallel task.
+const WIDEN_CHUNK: usize = 1 << 16;
+
+thread_local! {
+    /// The reused buffer of [`widened_bands`] (one per calling thread, as large as its largest band).
+    static BAND_BUFFER: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
 /// Fewest rows per widened band (narrower products run below the kernels' speed).
 const MIN_BAND_ROWS: usize = 32;
 
@@ -68,19 +75,29 @@ pub(crate) fn for_each_f32_band(
 }
 
 /// The bands of [`for_each_f32_band`] for a narrow `data`, widened by `widen`.
-fn widened_bands<T>(
+fn widened_bands<T: Sync>(
     data: &[T],
     cols: usize,
     band_rows: usize,
     mut f: impl FnMut(usize, &[f32]),
-    widen: impl Fn(&[T], &mut [f32]),
+    widen: impl Fn(&[T], &mut [f32]) + Sync,
 ) {
-    let mut buffer = vec![0f32; band_rows * cols];
+    use rayon::prelude::*;
+    // Taken out of the thread-local for the loop: a product that runs other pool tasks on this
+    // thread meanwhile finds an empty buffer and makes its own.
+    let mut buffer = BAND_BUFFER.take();
+    let floats = (band_rows * cols).min(data.len());
+    if buffer.len() < floats {
+        buffer.resize(floats, 0.0);
+    }
     for (band, narrow) in data.chunks(band_rows * cols).enumerate() {
         let wide = &mut buffer[..narrow.len()];
-        widen(narrow, wide);
+        wide.par_chunks_mut(WIDEN_CHUNK)
+            .zip(narrow.par_chunks(WIDEN_CHUNK))
+            .for_each(|(wide, narrow)| widen(narrow, wide));
         f(band * band_rows, wide);
     }
+    BAND_BUFFER.set(buffer);
 }
 
 /// A read-only matrix operand: element `(i, j)` is `data[i * row_stride + j * col_stride]`.
