@@ -12,13 +12,24 @@ use crate::common::{fixtures, run_expect};
 /// Recreates the `dreambooth_reg` layout under `work`; returns the golden with `{DATA}`,
 /// `{REG}` and `{WORK}` substituted.
 pub fn dreambooth_reg(work: &Path) -> Value {
-    let text =
-        std::fs::read_to_string(fixtures().join("golden/sd_scripts_runs/dreambooth_reg.json"))
-            .unwrap()
-            .replace("{DATA}", &work.join("img").display().to_string())
-            .replace("{REG}", &work.join("reg").display().to_string())
-            .replace("{WORK}", &work.display().to_string());
+    golden_layout("dreambooth_reg", work)
+}
+
+/// Recreates the layout of the sd-scripts run `case` (golden/sd_scripts_runs/<case>.json) under
+/// `work`; returns the golden with `{DATA}`, `{REG}` and `{WORK}` substituted as its
+/// `placeholders` say.
+pub fn golden_layout(case: &str, work: &Path) -> Value {
+    let path = fixtures().join(format!("golden/sd_scripts_runs/{case}.json"));
+    let text = std::fs::read_to_string(path).unwrap();
     let golden: Value = serde_json::from_str(&text).unwrap();
+    let work_text = work.display().to_string();
+    let mut text = text;
+    for name in ["{DATA}", "{REG}"] {
+        if let Some(place) = golden["settings"]["placeholders"][name].as_str() {
+            text = text.replace(name, &place.replace("{WORK}", &work_text));
+        }
+    }
+    let golden: Value = serde_json::from_str(&text.replace("{WORK}", &work_text)).unwrap();
     for file in golden["layout"]["files"].as_array().unwrap() {
         let path = work.join(file["path"].as_str().unwrap());
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -252,4 +263,145 @@ fn dreambooth_folders_train_with_sd_scripts_repeats_and_regularisation() {
         weighted, unweighted,
         "the regularisation images' loss is weighted"
     );
+}
+
+/// `train_network.py`'s own argv of the golden run, placeholders filled in.
+fn golden_argv(golden: &Value, work: &Path, out: &Path) -> Vec<std::ffi::OsString> {
+    golden["settings"]["argv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|arg| {
+            arg.as_str()
+                .unwrap()
+                .replace("{OUT}", &out.display().to_string())
+                .replace("{FIXTURES}", &fixtures().display().to_string())
+                .replace("{WORK}", &work.display().to_string())
+                .into()
+        })
+        .collect()
+}
+
+/// The argv sd-scripts' `train_network.py` ran on the `dreambooth_reg` layout (training images,
+/// regularisation images, shuffled captions) runs unchanged: train-lora prepares the dataset
+/// with the sibling tools, printing each command, and its LoRA's `ss_*` metadata equals
+/// sd-scripts' key by key (except what differs between any two runs, and the reasons listed).
+/// The same command again does no model work; `--no_prepare` trains only from what a run
+/// prepared, and otherwise lists the commands.
+#[test]
+fn an_sd_scripts_dreambooth_command_line_prepares_and_trains_unchanged() {
+    let work = tempfile::tempdir().unwrap();
+    let golden = dreambooth_reg(work.path());
+    let out = work.path().join("out");
+    let argv = golden_argv(&golden, work.path(), &out);
+    let argv: Vec<&std::ffi::OsStr> = argv.iter().map(|a| a.as_os_str()).collect();
+    let stderr = run_expect("train-lora", &argv, 0);
+    for tool in ["prepare-dataset", "prepare-latents", "cache-text-encoder"] {
+        assert!(
+            stderr.contains(&format!("train-lora: preparing: {tool} ")),
+            "{tool} is printed before it runs:\n{stderr}"
+        );
+    }
+    let ours =
+        lorakit_pipeline::networks::lora::LoraFile::read(&out.join("golden_lora.safetensors"))
+            .unwrap()
+            .metadata;
+    let varying = golden["varying_keys"].as_object().unwrap();
+    let explained: &[(&str, &str)] = &[
+        ("ss_cache_latents", "latents are always cached here"),
+        (
+            "modelspec.implementation_version",
+            "names our tool and version",
+        ),
+        ("ss_sd_scripts_commit_hash", "sd-scripts' own commit"),
+        ("ss_text_encoder_lr", "UNet-only training"),
+    ];
+    let mut differences = Vec::new();
+    for (key, value) in golden["lora_metadata"].as_object().unwrap() {
+        if varying.contains_key(key) || explained.iter().any(|(k, _)| k == key) {
+            continue;
+        }
+        let value = value.as_str().unwrap();
+        match ours.get(key) {
+            Some(ours) if ours == value => {}
+            Some(ours) => differences.push(format!("{key}: ours {ours:?}, sd-scripts {value:?}")),
+            None => differences.push(format!("{key}: missing (sd-scripts {value:?})")),
+        }
+    }
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+
+    let again = run_expect("train-lora", &argv, 0);
+    for tool in ["prepare-dataset", "prepare-latents", "cache-text-encoder"] {
+        assert!(
+            again.contains(&format!("{tool}: 0 done")),
+            "an unchanged dataset is not prepared again by {tool}:\n{again}"
+        );
+    }
+    assert!(again.contains("is up to date"), "{again}");
+
+    let mut no_prepare: Vec<&std::ffi::OsStr> = argv.clone();
+    no_prepare.push("--no_prepare".as_ref());
+    no_prepare.push("--output_name=other".as_ref());
+    let refused = run_expect("train-lora", &no_prepare, 2);
+    assert!(
+        refused.contains("--no_prepare") && refused.contains("prepare-dataset --"),
+        "{refused}"
+    );
+    assert!(!out.join("other.safetensors").exists());
+    let reused = out.join(".lorakit/golden_lora-dataset/meta_lat.json");
+    let mut from_prepared: Vec<&std::ffi::OsStr> = argv.clone();
+    from_prepared.extend([
+        "--no_prepare".as_ref(),
+        "--in_json".as_ref(),
+        reused.as_os_str(),
+    ]);
+    from_prepared.push("--output_name=other".as_ref());
+    let trained = run_expect("train-lora", &from_prepared, 0);
+    assert!(!trained.contains("preparing:"), "{trained}");
+    assert!(out.join("other.safetensors").is_file());
+}
+
+/// The argv sd-scripts ran with a `--dataset_config` of two datasets (DreamBooth subsets with
+/// regularisation images at 256 px, a fine-tune subset at 320x192 with bucket_no_upscale) runs
+/// unchanged: prepare-latents buckets each image with its own dataset's settings, into the
+/// buckets sd-scripts chose, and the image counts, directories and tag frequencies in the
+/// LoRA's metadata equal sd-scripts'.
+#[test]
+fn an_sd_scripts_dataset_config_command_line_buckets_each_dataset_as_sd_scripts() {
+    let work = tempfile::tempdir().unwrap();
+    let golden = golden_layout("dataset_config", work.path());
+    let out = work.path().join("out");
+    let argv = golden_argv(&golden, work.path(), &out);
+    let mut argv: Vec<&std::ffi::OsStr> = argv.iter().map(|a| a.as_os_str()).collect();
+    argv.push("--quiet".as_ref());
+    run_expect("train-lora", &argv, 0);
+    let prepared: Value = serde_json::from_slice(
+        &std::fs::read(out.join(".lorakit/golden_lora-dataset/meta_lat.json")).unwrap(),
+    )
+    .unwrap();
+    let mut compared = 0;
+    for dataset in golden["dataset"]["datasets"].as_array().unwrap() {
+        for image in dataset["image_data"].as_array().unwrap() {
+            let key = image["absolute_path"].as_str().unwrap();
+            assert_eq!(
+                prepared[key]["train_resolution"], image["bucket_reso"],
+                "{key}: the bucket sd-scripts chose"
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, prepared.as_object().unwrap().len());
+    let ours =
+        lorakit_pipeline::networks::lora::LoraFile::read(&out.join("golden_lora.safetensors"))
+            .unwrap()
+            .metadata;
+    let theirs = &golden["lora_metadata"];
+    for key in [
+        "ss_num_train_images",
+        "ss_num_reg_images",
+        "ss_dataset_dirs",
+        "ss_tag_frequency",
+    ] {
+        assert_eq!(ours[key], theirs[key].as_str().unwrap(), "{key}");
+    }
 }

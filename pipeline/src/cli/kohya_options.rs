@@ -57,12 +57,6 @@ const NO_NETWORK: &str = "train-lora does not upload or download: it has no netw
     Upload the saved files yourself (e.g. `huggingface-cli upload`)";
 const SAMPLES: &str = "sample images during training are not made yet: the LoRA trains as \
     without this option";
-/// What to do instead of training from a folder dataset directly.
-pub const FOLDER_DATASETS: &str =
-    "folder datasets are not trained from directly yet: describe the \
-    dataset with prepare-dataset, then prepare-latents and cache-text-encoder, and train from its \
-    metadata with --in_json";
-
 const fn option(name: &'static str, values: Values, handling: Handling) -> KohyaOption {
     KohyaOption {
         name,
@@ -177,8 +171,6 @@ pub const KOHYA_OPTIONS: &[KohyaOption] = &[
             "custom Python dataset classes cannot run here; describe the dataset in metadata JSON",
         ),
     ),
-    option("reg_data_dir", One, Refuse(FOLDER_DATASETS)),
-    option("dataset_config", One, Refuse(FOLDER_DATASETS)),
     option(
         "conditioning_data_dir",
         One,

@@ -8,11 +8,13 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use clap::parser::ValueSource;
-use clap::{Arg, ArgAction, ArgMatches, Command, CommandFactory, FromArgMatches};
+use clap::{Arg, ArgAction, ArgMatches, Args, Command, CommandFactory, FromArgMatches};
 use serde_json::Value;
 
 use super::kohya_options::{self, Handling};
+use super::prepare_dataset::DatasetArgs;
 use crate::stages::train_lora::optim::OptimizerKind;
+use crate::stages::train_lora::preparation::{self, Preparation, ToolRun};
 use crate::stages::train_lora::settings::{self, Notice, Settings};
 use crate::stages::train_lora::state;
 use crate::{Error, Result};
@@ -29,6 +31,8 @@ pub struct Parsed<P> {
     pub settings: Settings,
     /// Kohya options accepted without an effect or with a warning, for the run's log.
     pub notices: Vec<Notice>,
+    /// Without `--in_json`: the preparation of the command line's kohya dataset.
+    pub preparation: Option<Preparation>,
 }
 
 /// Parses the command line of a tool whose flags include
@@ -41,6 +45,7 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
     let command = command::<P>();
     let mut full = argv.clone();
     let mut restored = Vec::new();
+    let mut preparation = None;
     if let Ok(probe) = command
         .clone()
         .ignore_errors(true)
@@ -72,7 +77,19 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
             }
         }
         if !given.values.contains_key("in_json") && !probe.get_flag("output_config") {
-            return Err(missing_dataset(&given, &probe));
+            let folders = ["train_data_dir", "dataset_config"]
+                .iter()
+                .any(|id| given.values.contains_key(*id));
+            let required = ["pretrained_model_name_or_path", "output_dir"]
+                .iter()
+                .all(|id| given.values.contains_key(*id));
+            if !(folders && required) {
+                return Err(missing_dataset(&given, &probe));
+            }
+            let quiet = probe.try_get_one::<bool>("quiet").ok().flatten() == Some(&true);
+            let planned = dataset_preparation(&given, quiet);
+            full.push(format!("--in_json={}", planned.metadata().display()).into());
+            preparation = Some(planned);
         }
     }
     let matches = command
@@ -122,43 +139,141 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
         args,
         settings,
         notices,
+        preparation,
     })
 }
 
-/// Without `--in_json`: what the command line asks for instead (a folder dataset, sd-scripts'
-/// usual form, is named with the way to prepare it), with every other refused option, so that
-/// a kohya command line learns everything it needs at once.
+/// The preparation of the kohya dataset a command line without `--in_json` names
+/// (`--train_data_dir`, `--reg_data_dir`, `--dataset_config`): prepare-dataset with every
+/// dataset option given, prepare-latents with the VAE options, cache-text-encoder with the
+/// caption options (and caption variants when the captions are augmented).
+fn dataset_preparation(given: &Settings, quiet: bool) -> Preparation {
+    let text = |id: &str| -> Option<String> {
+        match given.values.get(id)? {
+            Value::Array(values) => values.first()?.as_str().map(str::to_string),
+            _ => None,
+        }
+    };
+    let flag = |id: &str| given.values.get(id) == Some(&Value::Bool(true));
+    let output_dir = PathBuf::from(text("output_dir").unwrap_or_default());
+    let name = text("output_name").unwrap_or_else(|| "last".into());
+    let dir = Preparation::folder(&output_dir, &name);
+    let model = OsString::from(text("pretrained_model_name_or_path").unwrap_or_default());
+    let dataset_json = dir.join(preparation::DATASET_JSON).into_os_string();
+    let latents_json = dir.join(preparation::LATENTS_JSON).into_os_string();
+    let quiet_flag = quiet.then(|| OsString::from("--quiet"));
+
+    let mut dataset_options = Settings::default();
+    for (id, value) in &given.values {
+        let id = if id == "caption_extention" {
+            "caption_extension"
+        } else {
+            id
+        };
+        dataset_options.values.insert(id.to_string(), value.clone());
+    }
+    dataset_options.values.remove("in_json");
+    let dataset_command = DatasetArgs::augment_args(Command::new("prepare-dataset"));
+    let mut describe = command_line_of(&dataset_command, &dataset_options);
+    describe.extend([OsString::from("--out_json"), dataset_json.clone()]);
+    describe.extend(quiet_flag.clone());
+
+    let images = text("train_data_dir")
+        .map(PathBuf::from)
+        .or_else(|| {
+            text("dataset_config").map(|config| {
+                let parent = Path::new(&config).parent().map(Path::to_path_buf);
+                parent.unwrap_or_default()
+            })
+        })
+        .unwrap_or_default();
+    let mut latents = vec![
+        images.into_os_string(),
+        dataset_json,
+        latents_json.clone(),
+        model.clone(),
+        "--full_path".into(),
+    ];
+    if let Some(vae) = text("vae") {
+        latents.extend(["--vae".into(), vae.into()]);
+    }
+    for id in ["flip_aug", "alpha_mask"] {
+        if flag(id) {
+            latents.push(format!("--{id}").into());
+        }
+    }
+    latents.extend(quiet_flag.clone());
+
+    let mut encode = vec![latents_json, model, "--full_path".into()];
+    for id in ["clip_skip", "max_token_length", "mixed_precision"] {
+        if let Some(value) = text(id) {
+            encode.extend([format!("--{id}").into(), value.into()]);
+        }
+    }
+    let positive = |id: &str| text(id).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) > 0.0;
+    if flag("shuffle_caption") || positive("keep_tokens") || positive("caption_tag_dropout_rate") {
+        let variants = text("caption_variants").unwrap_or_else(|| "8".into());
+        encode.extend(["--variants".into(), variants.into()]);
+        if flag("shuffle_caption") {
+            encode.push("--shuffle_caption".into());
+        }
+        for id in [
+            "keep_tokens",
+            "caption_tag_dropout_rate",
+            "caption_separator",
+        ] {
+            if let Some(value) = text(id) {
+                encode.extend([format!("--{id}").into(), value.into()]);
+            }
+        }
+    }
+    encode.extend(quiet_flag);
+
+    Preparation {
+        dir,
+        runs: vec![
+            ToolRun {
+                tool: "prepare-dataset",
+                args: describe,
+            },
+            ToolRun {
+                tool: "prepare-latents",
+                args: latents,
+            },
+            ToolRun {
+                tool: "cache-text-encoder",
+                args: encode,
+            },
+        ],
+    }
+}
+
+/// Neither `--in_json` nor a kohya dataset to prepare (or the model and output folder a
+/// preparation needs): everything missing, with every other refused option, so that a kohya
+/// command line learns everything it needs at once.
 fn missing_dataset(given: &Settings, probe: &ArgMatches) -> Error {
-    let folders: Vec<String> = ["train_data_dir", "reg_data_dir", "dataset_config"]
-        .iter()
-        .filter(|id| given.values.contains_key(**id))
-        .map(|id| format!("--{id}"))
-        .collect();
     let mut lines: Vec<String> = ["pretrained_model_name_or_path", "output_dir"]
         .iter()
         .filter(|id| !given.values.contains_key(**id))
         .map(|id| format!("--{id} is required"))
         .collect();
-    lines.push(if folders.is_empty() {
-        "--in_json METADATA is required: the fine-tuning metadata JSON that prepare-latents wrote \
-         (with its latent and text-encoder caches)"
-            .to_string()
-    } else {
-        format!(
-            "{} without --in_json: {}",
-            folders.join(" / "),
-            kohya_options::FOLDER_DATASETS
-        )
-    });
-    lines.extend(
-        kohya_options::given(probe)
-            .into_iter()
-            .filter(|option| !["reg_data_dir", "dataset_config"].contains(&option.name))
-            .filter_map(|option| match option.handling {
-                Handling::Refuse(why) => Some(format!("--{}: {why}", option.name)),
-                _ => None,
-            }),
-    );
+    let folders = ["train_data_dir", "dataset_config"]
+        .iter()
+        .any(|id| given.values.contains_key(*id));
+    if !folders {
+        lines.push(
+            "the dataset is required: --train_data_dir FOLDER (kohya `<repeats>_<class tokens>` \
+             subfolders, with --reg_data_dir for regularisation images), --dataset_config \
+             FILE.toml, or --in_json METADATA as prepare-latents wrote it"
+                .to_string(),
+        );
+    }
+    lines.extend(kohya_options::given(probe).into_iter().filter_map(
+        |option| match option.handling {
+            Handling::Refuse(why) => Some(format!("--{}: {why}", option.name)),
+            _ => None,
+        },
+    ));
     lines.extend(optimizer_refusal(probe));
     Error::Usage(lines.join("\n"))
 }
@@ -208,6 +323,12 @@ pub fn command<P: CommandFactory>() -> Command {
                 .iter()
                 .map(kohya_options::clap_arg),
         )
+        // argparse: an option given again replaces its earlier values (lists too).
+        .args_override_self(true)
+        .mut_args(|arg| match arg.get_action() {
+            ArgAction::Append => arg.action(ArgAction::Set),
+            _ => arg,
+        })
 }
 
 /// `--config_file NAME`, with `.toml` added when NAME has no extension (as sd-scripts).
@@ -310,7 +431,8 @@ fn write_config_file(
                 let many = command
                     .get_arguments()
                     .find(|a| a.get_id().as_str() == id)
-                    .is_some_and(|a| matches!(a.get_action(), ArgAction::Append));
+                    .and_then(Arg::get_num_args)
+                    .is_some_and(|range| range.max_values() > 1);
                 match (many, items.len()) {
                     (false, 1) => items.into_iter().next().expect("one item"),
                     _ => toml::Value::Array(items),
@@ -398,4 +520,99 @@ fn command_line_of(command: &Command, settings: &Settings) -> Vec<OsString> {
         }
     }
     tokens
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::LogArgs;
+    use crate::stages::train_lora::TrainArgs;
+
+    #[derive(clap::Parser, Debug)]
+    #[command(rename_all = "snake_case")]
+    struct Args {
+        #[command(flatten)]
+        train: TrainArgs,
+        #[command(flatten)]
+        log: LogArgs,
+    }
+
+    fn parsed(flags: &[&str]) -> Result<Parsed<Args>> {
+        let argv = [
+            "train-lora",
+            "--pretrained_model_name_or_path",
+            "m.safetensors",
+        ];
+        parse::<Args>(argv.iter().chain(flags).map(OsString::from))
+    }
+
+    #[test]
+    fn an_option_given_again_replaces_its_values_as_in_argparse() {
+        let parsed = parsed(&[
+            "--in_json=meta.json",
+            "--output_dir=out",
+            "--output_name=first",
+            "--output_name=second",
+            "--network_args",
+            "conv_dim=4",
+            "--network_args",
+            "conv_alpha=1",
+        ])
+        .unwrap();
+        assert_eq!(parsed.args.train.output_name.as_deref(), Some("second"));
+        assert_eq!(parsed.args.train.network_args, ["conv_alpha=1"]);
+        assert!(parsed.preparation.is_none());
+    }
+
+    #[test]
+    fn a_kohya_dataset_without_in_json_is_prepared_by_the_sibling_tools() {
+        let parsed = parsed(&[
+            "--train_data_dir=img",
+            "--output_dir=out",
+            "--shuffle_caption",
+            "--keep_tokens=1",
+            "--caption_extension=.txt",
+            "--clip_skip=2",
+            "-q",
+        ])
+        .unwrap();
+        let preparation = parsed.preparation.expect("prepared");
+        let dir = std::path::absolute("out/.lorakit/last-dataset").unwrap();
+        assert_eq!(preparation.dir, dir);
+        assert_eq!(parsed.args.train.in_json, dir.join("meta_lat.json"));
+        let tools: Vec<&str> = preparation.runs.iter().map(|run| run.tool).collect();
+        assert_eq!(
+            tools,
+            ["prepare-dataset", "prepare-latents", "cache-text-encoder"]
+        );
+        let lines: Vec<String> = preparation.runs.iter().map(ToolRun::shell_line).collect();
+        let img = std::path::absolute("img").unwrap();
+        for expected in [
+            format!("--train_data_dir={}", img.display()),
+            "--caption_extension=.txt".into(),
+            "--shuffle_caption".into(),
+            "--keep_tokens=1".into(),
+            "--quiet".into(),
+        ] {
+            assert!(lines[0].contains(&expected), "{expected} in {}", lines[0]);
+        }
+        assert!(!lines[0].contains("clip_skip"), "{}", lines[0]);
+        assert!(lines[1].contains("--full_path"), "{}", lines[1]);
+        for expected in [
+            "--clip_skip 2",
+            "--variants 8",
+            "--shuffle_caption",
+            "--keep_tokens 1",
+        ] {
+            assert!(lines[2].contains(expected), "{expected} in {}", lines[2]);
+        }
+    }
+
+    #[test]
+    fn a_command_line_without_a_dataset_is_told_every_form() {
+        let refusal = parsed(&["--output_dir=out"]).unwrap_err().to_string();
+        for form in ["--train_data_dir", "--dataset_config", "--in_json"] {
+            assert!(refusal.contains(form), "{refusal}");
+        }
+    }
 }

@@ -196,6 +196,11 @@ impl BucketManager {
         })
     }
 
+    /// The settings the buckets are made from.
+    pub fn settings(&self) -> &BucketSettings {
+        &self.settings
+    }
+
     /// The predefined bucket list in sd-scripts' order (empty with `no_upscale`).
     pub fn predefined(&self) -> &[Size] {
         &self.predefined

@@ -75,16 +75,21 @@ pub fn entries(group: &ResolvedGroup) -> (Metadata, Vec<(PathBuf, Error)>) {
             subset.insert("subset".into(), json!(image.subset_index));
             subset.insert("num_repeats".into(), json!(image.num_repeats));
             subset.insert("is_reg".into(), json!(image.is_reg));
-            if let Some(name) = &dir_names[d][image.subset_index] {
-                subset.insert(
-                    "dataset_dir".into(),
-                    json!({
-                        "name": name,
-                        "n_repeats": registered.subset.num_repeats,
-                        "img_count": registered.img_count,
-                    }),
-                );
+            let dir = &dir_names[d][image.subset_index];
+            let mut dataset_dir = json!({
+                "name": dir.name,
+                "n_repeats": registered.subset.num_repeats,
+                "img_count": registered.img_count,
+            });
+            if !dir.listed {
+                dataset_dir["listed"] = json!(false);
             }
+            if fine_tune {
+                // sd-scripts counts a fine-tune subset's `tags` in ss_tag_frequency, a
+                // DreamBooth subset's captions.
+                dataset_dir["tags_from"] = json!("tags");
+            }
+            subset.insert("dataset_dir".into(), dataset_dir);
             for (name, value) in registered.subset.settings_json(registered.img_count) {
                 if !matches!(
                     name.as_str(),

@@ -10,7 +10,7 @@
 //! ([`crate::formats::latent_cache`]), so preparations at several settings coexist; `--prune`
 //! removes the caches the written metadata does not use.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
@@ -132,10 +132,14 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
         ));
     }
     let mut metadata = load_input_metadata(&options.in_json)?;
-    let mut discovery = match listed_images(&options.in_json, &metadata, options.full_path)? {
-        Some(listed) => listed,
-        None => find_images(&options.train_data_dir, options.recursive)?,
-    };
+    let (mut discovery, mut dataset_buckets) =
+        match listed_images(&options.in_json, &metadata, options.full_path)? {
+            Some((listed, buckets)) => (listed, Some(buckets)),
+            None => (
+                find_images(&options.train_data_dir, options.recursive)?,
+                None,
+            ),
+        };
     check_unique_keys(&discovery.images, options.full_path)?;
     // Keys of every shard's images (names only): an entry without an image is not mistaken
     // for one whose image another shard owns.
@@ -158,18 +162,32 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
         .par_iter()
         .map(|image| imaging::image_size(image, options.decode.exif_transpose))
         .collect();
-    let mut manager = BucketManager::new(options.buckets)?;
+    let described = dataset_buckets.is_some();
+    let mut managers = match dataset_buckets.take() {
+        Some(buckets) => {
+            tracing::info!(
+                "bucket settings of each of the {} dataset(s) prepare-dataset described (the \
+                 command line's are not used)",
+                buckets.managers.len()
+            );
+            buckets
+        }
+        None => DatasetBuckets::one(BucketManager::new(options.buckets)?),
+    };
     let mut placed = Vec::new();
     for (image, size) in discovery.images.iter().zip(sizes) {
         let placed_item = size.and_then(|size| {
             let key = image_key(image, options.full_path)?;
+            let manager = managers.of(&key);
             let placement = manager.place(size).ok_or_else(|| {
                 Error::bad_file(
                     image,
                     format!(
                         "image {}x{} has a side shorter than --bucket_reso_steps {}: no bucket \
                          fits it; enlarge or remove it",
-                        size.0, size.1, options.buckets.bucket_reso_steps
+                        size.0,
+                        size.1,
+                        manager.settings().bucket_reso_steps
                     ),
                 )
             })?;
@@ -180,7 +198,7 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
             Err(error) => summary.fail(image, &error),
         }
     }
-    report_buckets(&manager, &placed);
+    managers.report(&placed);
 
     // An entry without an image belongs to the shard of its key.
     let orphan_here = |key: &str| !found.contains(key) && options.shard.contains(key);
@@ -246,12 +264,15 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
     }
 
     let out_json = options.shard.output_path(&options.out_json);
-    let mut manifest = Manifest::new(
-        STAGE,
-        &out_json,
-        METADATA_V1,
-        parameters(options, family.name()),
-    );
+    let mut parameters = parameters(options, family.name());
+    if described {
+        parameters["dataset_buckets"] = managers
+            .managers
+            .iter()
+            .map(|manager| bucket_settings_json(manager.settings()))
+            .collect();
+    }
+    let mut manifest = Manifest::new(STAGE, &out_json, METADATA_V1, parameters);
     if options.shard != Shard::ALL {
         let mine: HashSet<String> = discovery
             .images
@@ -385,12 +406,12 @@ fn listed_images(
     in_json: &Path,
     metadata: &crate::formats::metadata::Metadata,
     full_path: bool,
-) -> Result<Option<crate::dataset::Discovery>> {
-    let described = Manifest::read_for(in_json)?
-        .is_some_and(|manifest| manifest.tool == crate::stages::prepare_dataset::STAGE);
-    if !described {
+) -> Result<Option<(crate::dataset::Discovery, DatasetBuckets)>> {
+    let Some(manifest) = Manifest::read_for(in_json)?
+        .filter(|manifest| manifest.tool == crate::stages::prepare_dataset::STAGE)
+    else {
         return Ok(None);
-    }
+    };
     if !full_path {
         return Err(Error::Usage(format!(
             "{} was written by prepare-dataset: its keys are image paths, so give --full_path",
@@ -407,7 +428,115 @@ fn listed_images(
         }
     }
     listed.images.sort();
-    Ok(Some(listed))
+    let buckets = DatasetBuckets::described(in_json, &manifest, metadata)?;
+    Ok(Some((listed, buckets)))
+}
+
+/// The bucket managers images are placed with: one from the command line, or one per dataset
+/// that prepare-dataset described (its resolution and bucket settings, as sd-scripts buckets
+/// each dataset of a `--dataset_config` on its own), with the dataset of each metadata key.
+struct DatasetBuckets {
+    managers: Vec<BucketManager>,
+    dataset_of: HashMap<String, usize>,
+}
+
+impl DatasetBuckets {
+    /// Every image bucketed with `manager`.
+    fn one(manager: BucketManager) -> Self {
+        DatasetBuckets {
+            managers: vec![manager],
+            dataset_of: HashMap::new(),
+        }
+    }
+
+    /// The datasets of prepare-dataset's `manifest` (its `parameters.datasets`) and the dataset
+    /// index of each entry of `metadata` (its `lorakit_subset.dataset`).
+    fn described(
+        in_json: &Path,
+        manifest: &Manifest,
+        metadata: &crate::formats::metadata::Metadata,
+    ) -> Result<Self> {
+        let bad = |what: String| {
+            Error::bad_file(
+                in_json,
+                format!("{what}; run prepare-dataset again to rewrite it"),
+            )
+        };
+        let datasets = manifest.parameters["datasets"]
+            .as_array()
+            .ok_or_else(|| bad("its manifest lists no datasets".into()))?;
+        let mut managers = Vec::new();
+        for (index, dataset) in datasets.iter().enumerate() {
+            let number = |name: &str| -> Result<u32> {
+                dataset[name]
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| bad(format!("dataset {index} of its manifest has no `{name}`")))
+            };
+            let resolution = match dataset["resolution"].as_array().map(Vec::as_slice) {
+                Some([w, h]) => (
+                    w.as_u64().unwrap_or(0) as u32,
+                    h.as_u64().unwrap_or(0) as u32,
+                ),
+                _ => {
+                    return Err(bad(format!(
+                        "dataset {index} of its manifest has no resolution"
+                    )))
+                }
+            };
+            let manager = if dataset["enable_bucket"].as_bool() == Some(true) {
+                BucketManager::new(BucketSettings {
+                    max_resolution: resolution,
+                    min_bucket_reso: number("min_bucket_reso")?,
+                    max_bucket_reso: number("max_bucket_reso")?,
+                    bucket_reso_steps: number("bucket_reso_steps")?,
+                    no_upscale: dataset["bucket_no_upscale"].as_bool() == Some(true),
+                })?
+            } else {
+                BucketManager::fixed(resolution)?
+            };
+            managers.push(manager);
+        }
+        let mut dataset_of = HashMap::new();
+        for (key, entry) in metadata.iter() {
+            let index = entry
+                .get("lorakit_subset")
+                .and_then(|subset| subset["dataset"].as_u64())
+                .map(|d| d as usize)
+                .filter(|d| *d < managers.len())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "entry {key:?} names no dataset of its manifest (lorakit_subset.dataset)"
+                    ))
+                })?;
+            dataset_of.insert(key.to_string(), index);
+        }
+        Ok(DatasetBuckets {
+            managers,
+            dataset_of,
+        })
+    }
+
+    /// The manager the image of metadata key `key` is placed with.
+    fn of(&mut self, key: &str) -> &mut BucketManager {
+        let index = self.dataset_of.get(key).copied().unwrap_or(0);
+        &mut self.managers[index]
+    }
+
+    /// Logs each manager's bucket statistics.
+    fn report(&self, placed: &[(PathBuf, String, Placement)]) {
+        for (index, manager) in self.managers.iter().enumerate() {
+            let mine: Vec<_> = placed
+                .iter()
+                .filter(|(_, key, _)| self.dataset_of.get(key).copied().unwrap_or(0) == index)
+                .cloned()
+                .collect();
+            if self.managers.len() > 1 {
+                tracing::info!("dataset {index}:");
+            }
+            report_buckets(manager, &mine);
+        }
+    }
 }
 
 /// The model's family (it names the cache files), the checkpoint the VAE is read from
@@ -434,6 +563,17 @@ fn report_buckets(manager: &BucketManager, placed: &[(PathBuf, String, Placement
             placed.iter().map(|(_, _, p)| p.ar_error.abs()).sum::<f64>() / placed.len() as f64;
         tracing::info!("mean aspect-ratio error: {mean:.4}");
     }
+}
+
+/// Bucket settings as the manifest records them.
+fn bucket_settings_json(settings: &BucketSettings) -> Value {
+    json!({
+        "max_resolution": [settings.max_resolution.0, settings.max_resolution.1],
+        "min_bucket_reso": settings.min_bucket_reso,
+        "max_bucket_reso": settings.max_bucket_reso,
+        "bucket_reso_steps": settings.bucket_reso_steps,
+        "bucket_no_upscale": settings.no_upscale,
+    })
 }
 
 fn parameters(options: &LatentOptions, family: &str) -> Value {

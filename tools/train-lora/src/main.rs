@@ -7,8 +7,10 @@ use lorakit_pipeline::stages::train_lora::TrainArgs;
 
 /// Train a UNet-only LoRA (kohya format) for SD1.x/SD2.x from cached latents and cached
 /// text-encoder outputs. The text encoder and the VAE are never loaded, so only the UNet is
-/// trained (like sd-scripts with cached text-encoder outputs). Exit codes: 0 ok, 1 fatal error,
-/// 2 usage error.
+/// trained (like sd-scripts with cached text-encoder outputs). A kohya dataset
+/// (--train_data_dir, --reg_data_dir, --dataset_config) is first prepared by prepare-dataset,
+/// prepare-latents and cache-text-encoder, run as child processes. Exit codes: 0 ok, 1 fatal
+/// error, 2 usage error.
 #[derive(Parser)]
 #[command(version, rename_all = "snake_case")]
 struct Args {
@@ -31,6 +33,7 @@ fn main() -> std::process::ExitCode {
     args.train.quiet = args.log.quiet;
     args.train.settings = parsed.settings;
     args.train.notices = parsed.notices;
+    args.train.preparation = parsed.preparation;
     lorakit_pipeline::infra::report::run("train-lora", || {
         lorakit_pipeline::stages::train_lora::run(&args.train)
     })

@@ -15,5 +15,5 @@ pub use config::{
 };
 pub use register::{
     resolve, Bucket, BucketInfo, DirInfo, DirList, Image, RegisteredSubset, ResolvedDataset,
-    ResolvedGroup, TagFrequency,
+    ResolvedGroup, SubsetDirName, TagFrequency,
 };

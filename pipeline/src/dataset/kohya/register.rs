@@ -209,6 +209,15 @@ pub struct DirInfo {
     pub img_count: usize,
 }
 
+/// A subset's folder name in sd-scripts' metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubsetDirName {
+    /// The name (`name (2)` for a repeated one with `--dataset_config`).
+    pub name: String,
+    /// Whether `ss_dataset_dirs` / `ss_reg_dataset_dirs` list it.
+    pub listed: bool,
+}
+
 /// Folder (or metadata file) names with their [`DirInfo`], in sd-scripts' order.
 pub type DirList = Vec<(String, DirInfo)>;
 
@@ -241,9 +250,10 @@ impl ResolvedGroup {
         self.datasets.iter().map(|d| d.num_reg_images).sum()
     }
 
-    /// The `ss_dataset_dirs` / `ss_reg_dataset_dirs` name of every subset, per dataset (`None`
-    /// for a subset sd-scripts leaves out of both).
-    pub fn subset_dir_names(&self) -> Vec<Vec<Option<String>>> {
+    /// The `ss_dataset_dirs` / `ss_reg_dataset_dirs` name of every subset, per dataset; a
+    /// subset sd-scripts leaves out of both (regularisation subsets of a `--dataset_config`)
+    /// has its folder's name, under which its tags are still counted.
+    pub fn subset_dir_names(&self) -> Vec<Vec<SubsetDirName>> {
         let (train, reg) = self.dataset_dirs();
         let mut unclaimed: Vec<&String> = train
             .iter()
@@ -272,8 +282,17 @@ impl ResolvedGroup {
                         // each subset takes the first listed name of its base left.
                         let position = unclaimed.iter().position(|listed| {
                             **listed == base || listed.starts_with(&format!("{base} ("))
-                        })?;
-                        Some(unclaimed.remove(position).clone())
+                        });
+                        match position {
+                            Some(position) => SubsetDirName {
+                                name: unclaimed.remove(position).clone(),
+                                listed: true,
+                            },
+                            None => SubsetDirName {
+                                name: base,
+                                listed: false,
+                            },
+                        }
                     })
                     .collect()
             })

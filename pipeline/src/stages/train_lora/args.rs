@@ -21,12 +21,32 @@ pub struct TrainArgs {
     /// v-prediction model (SD2 768-v): the target is v instead of the noise.
     #[arg(long)]
     pub v_parameterization: bool,
-    /// Metadata JSON with the training images (keys absolute or relative to --train_data_dir).
+    /// Metadata JSON with the training images (keys absolute or relative to --train_data_dir),
+    /// as prepare-latents wrote it. Without it, the dataset of --train_data_dir /
+    /// --reg_data_dir / --dataset_config is prepared first (see --no_prepare).
     #[arg(long)]
     pub in_json: PathBuf,
-    /// Folder of the images (and their cache files) for relative metadata keys.
+    /// Folder of the images for relative metadata keys; without --in_json, a kohya DreamBooth
+    /// folder of `<repeats>_<class tokens>` subfolders, prepared before training.
     #[arg(long)]
     pub train_data_dir: Option<PathBuf>,
+    /// Folder of `<repeats>_<class tokens>` subfolders of regularisation images (without
+    /// --in_json; prepared with --train_data_dir).
+    #[arg(long)]
+    pub reg_data_dir: Option<PathBuf>,
+    /// sd-scripts dataset config (.toml) with [general], [[datasets]], [[datasets.subsets]],
+    /// prepared before training (its values win over the command line's).
+    #[arg(long)]
+    pub dataset_config: Option<PathBuf>,
+    /// Do not run prepare-dataset, prepare-latents and cache-text-encoder for a
+    /// --train_data_dir / --dataset_config dataset: train from what an earlier run prepared
+    /// (refused, with the commands to run, when nothing was).
+    #[arg(long)]
+    pub no_prepare: bool,
+    /// Caption variants cache-text-encoder encodes per image when train-lora prepares a dataset
+    /// with --shuffle_caption / --keep_tokens / --caption_tag_dropout_rate.
+    #[arg(long, default_value_t = 8)]
+    pub caption_variants: usize,
     /// Shuffle the comma-separated tags of each caption every step: each step trains on one of
     /// the caption variants `cache-text-encoder --shuffle_caption --variants N` cached (made
     /// with the same --shuffle_caption / --keep_tokens / --caption_tag_dropout_rate).
@@ -370,6 +390,10 @@ pub struct TrainArgs {
     /// the run starts).
     #[arg(skip)]
     pub notices: Vec<super::settings::Notice>,
+    /// The preparation of a --train_data_dir / --dataset_config dataset (run before training
+    /// unless --no_prepare).
+    #[arg(skip)]
+    pub preparation: Option<super::preparation::Preparation>,
     /// Options of train_network.py that change nothing here.
     #[command(flatten)]
     pub compat: CompatArgs,
@@ -424,37 +448,40 @@ pub struct CompatArgs {
     /// The cached data are loaded into memory once.
     #[arg(long)]
     pub max_data_loader_n_workers: Option<usize>,
-    /// Buckets come from the cached latents (prepare-latents decides them).
+    /// Used when train-lora prepares a dataset; with --in_json the cached latents decide.
     #[arg(long)]
     pub enable_bucket: bool,
-    /// Buckets come from the cached latents (prepare-latents decides them).
+    /// Used when train-lora prepares a dataset; with --in_json the cached latents decide.
     #[arg(long)]
     pub bucket_no_upscale: bool,
-    /// Buckets come from the cached latents (prepare-latents decides them).
+    /// Used when train-lora prepares a dataset; with --in_json the cached latents decide.
     #[arg(long)]
     pub resolution: Option<String>,
-    /// Buckets come from the cached latents (prepare-latents decides them).
+    /// Used when train-lora prepares a dataset; with --in_json the cached latents decide.
     #[arg(long)]
     pub min_bucket_reso: Option<usize>,
-    /// Buckets come from the cached latents (prepare-latents decides them).
+    /// Used when train-lora prepares a dataset; with --in_json the cached latents decide.
     #[arg(long)]
     pub max_bucket_reso: Option<usize>,
-    /// Buckets come from the cached latents (prepare-latents decides them).
+    /// Used when train-lora prepares a dataset; with --in_json the cached latents decide.
     #[arg(long)]
     pub bucket_reso_steps: Option<usize>,
-    /// Captions come from the text-encoder caches.
+    /// Used when train-lora prepares a dataset; with --in_json the captions are cached.
     #[arg(long)]
     pub caption_extension: Option<String>,
-    /// The VAE is never loaded (latents are cached).
+    /// The VAE prepare-latents encodes with when train-lora prepares a dataset; training
+    /// never loads a VAE.
     #[arg(long)]
     pub vae: Option<PathBuf>,
     /// The VAE is never loaded (latents are cached).
     #[arg(long)]
     pub no_half_vae: bool,
-    /// Set by cache-text-encoder --clip_skip when the captions are encoded.
+    /// Set by cache-text-encoder --clip_skip when the captions are encoded (passed to it when
+    /// train-lora prepares a dataset).
     #[arg(long)]
     pub clip_skip: Option<usize>,
-    /// Set by cache-text-encoder --max_token_length; checked against the caches when given.
+    /// Set by cache-text-encoder --max_token_length (passed to it when train-lora prepares a
+    /// dataset); checked against the caches when given.
     #[arg(long)]
     pub max_token_length: Option<usize>,
     /// Memory-mapped weights already keep the resident size low.

@@ -410,8 +410,9 @@ pub struct DatasetDirs {
 
 impl DatasetDirs {
     /// Entries prepare-dataset wrote (`lorakit_subset.dataset_dir`) count under their folder, as
-    /// sd-scripts counts the folder or metadata file they came from: the caption's pieces, or a
-    /// fine-tune entry's `tags`, in metadata order. Other entries count under the metadata
+    /// sd-scripts counts the folder or metadata file they came from: the caption's pieces, or
+    /// only the `tags` of a fine-tune subset's entries (`tags_from`), in metadata order; a
+    /// folder sd-scripts does not list (`listed: false`) has its tags counted only. Other entries count under the metadata
     /// file's name, as sd-scripts' fine-tune path: their `tags` only, keys longest first, with
     /// `--dataset_repeats`.
     pub fn of(
@@ -434,10 +435,15 @@ impl DatasetDirs {
             } else {
                 &mut dirs.dataset_dirs
             };
-            list.entry(name.clone()).or_insert_with(|| {
-                serde_json::json!({"n_repeats": dir["n_repeats"], "img_count": dir["img_count"]})
-            });
-            let text = entry.get("tags").or_else(|| entry.get("caption"));
+            if dir["listed"] != false {
+                list.entry(name.clone()).or_insert_with(|| {
+                    serde_json::json!({"n_repeats": dir["n_repeats"], "img_count": dir["img_count"]})
+                });
+            }
+            let text = match dir["tags_from"].as_str() {
+                Some("tags") => entry.get("tags"),
+                _ => entry.get("tags").or_else(|| entry.get("caption")),
+            };
             tags.add(&name, &[text.and_then(|t| t.as_str()).unwrap_or_default()]);
         }
         if !plain.is_empty() {

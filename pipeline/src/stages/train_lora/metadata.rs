@@ -479,7 +479,12 @@ fn bucket_settings(args: &TrainArgs, dataset: &CachedDataset) -> Result<BucketSe
     let Some(manifest) = manifest else {
         return Ok(given);
     };
-    let p = &manifest.parameters;
+    // With metadata from prepare-dataset, each dataset was bucketed with its own settings: the
+    // first dataset's are recorded (a command-line dataset has only that one).
+    let p = match manifest.parameters["dataset_buckets"].get(0) {
+        Some(first) => first,
+        None => &manifest.parameters,
+    };
     let number = |key: &str| p[key].as_u64().map(|v| v as usize);
     let resolution = match p["max_resolution"].as_array().map(Vec::as_slice) {
         Some([w, h]) => w.as_u64().zip(h.as_u64()),

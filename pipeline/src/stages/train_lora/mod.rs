@@ -11,6 +11,7 @@ pub mod network_args;
 pub mod noise;
 pub mod optim;
 pub mod plot;
+pub mod preparation;
 pub mod saving;
 pub mod schedule;
 pub mod settings;
@@ -140,8 +141,16 @@ struct Plan {
     save_every_n_epochs: Option<usize>,
 }
 
-/// Runs `train-lora`: [`prepare`] the run, [`Training::run`] the loop, [`finish`] the files.
+/// Runs `train-lora`: the dataset's [`preparation`] (when the command line names a kohya
+/// dataset), [`prepare`] the run, [`Training::run`] the loop, [`finish`] the files.
 pub fn run(args: &TrainArgs) -> Result<Summary> {
+    if let Some(preparation) = &args.preparation {
+        if args.no_prepare {
+            preparation.check_prepared()?;
+        } else {
+            preparation.run(args.quiet)?;
+        }
+    }
     let started = Instant::now();
     let started_unix = unix_time();
     let Some(mut setup) = prepare(args)? else {
