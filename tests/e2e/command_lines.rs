@@ -2,10 +2,11 @@
 //! (`tests/fixtures/command_lines`, provenance in its README), run through train-lora with only
 //! their paths replaced by fixtures and the run capped at one step. Each must train a LoRA or be
 //! refused before any work with a message that names the options; none may die in the parser
-//! ("unexpected argument") or panic. The outcome of each file is pinned by its `# expect:` line
-//! (and, for lines without `--in_json`, by `# expect-with-in_json:`: the same line with cached
-//! training data added, which shows what would stop it once its dataset is prepared), so support
-//! for more of them shows as edits to those lines.
+//! ("unexpected argument") or panic. Folder datasets point at a small kohya layout (DreamBooth
+//! folders, a regularisation folder, a dataset config over them), which train-lora prepares
+//! itself. The outcome of each file is pinned by its `# expect:` line (and, for lines without
+//! `--in_json`, by `# expect-with-in_json:`: the same line with `--in_json` cached training
+//! data added), so support for more of them shows as edits to those lines.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -83,9 +84,15 @@ fn replaced_name(given: &str) -> Option<&'static str> {
 
 /// The fixture inputs one run uses.
 struct Inputs {
+    /// Cached training data (`meta_lat.json` and its caches).
     data: PathBuf,
     out: PathBuf,
+    /// Holds a kohya layout: `img/2_sks photo/` (two photos, one caption file),
+    /// `reg/1_photo/` (one photo), `dataset.toml` over `img/`.
     scratch: PathBuf,
+    /// `--train_data_dir` is the cached data (the line gets `--in_json` added) rather than
+    /// the kohya folder.
+    cached: bool,
 }
 
 impl Inputs {
@@ -96,7 +103,8 @@ impl Inputs {
                 path(fixtures().join("sd15-tiny/model.safetensors"))
             }
             "in_json" => path(self.data.join("meta_lat.json")),
-            "train_data_dir" => path(self.data.clone()),
+            "train_data_dir" if self.cached => path(self.data.clone()),
+            "train_data_dir" => path(self.scratch.join("img")),
             "reg_data_dir" => path(self.scratch.join("reg")),
             "dataset_config" => path(self.scratch.join("dataset.toml")),
             "config_file" => path(self.scratch.join("config.toml")),
@@ -245,14 +253,38 @@ fn run_line(args: &[String], add_in_json: bool) -> Result<String, String> {
     make_training_caches(data.path());
     let out = tempfile::tempdir().unwrap();
     let scratch = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(scratch.path().join("reg")).unwrap();
-    std::fs::write(scratch.path().join("dataset.toml"), "").unwrap();
+    let (images, reg) = (
+        scratch.path().join("img/2_sks photo"),
+        scratch.path().join("reg/1_photo"),
+    );
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::create_dir_all(&reg).unwrap();
+    for (photo, folder) in [
+        ("astronaut", &images),
+        ("chelsea", &images),
+        ("coins", &reg),
+    ] {
+        let name = format!("{photo}.png");
+        std::fs::copy(fixtures().join("images").join(&name), folder.join(name)).unwrap();
+    }
+    std::fs::write(images.join("astronaut.txt"), "sks photo, astronaut, flag\n").unwrap();
+    std::fs::write(
+        scratch.path().join("dataset.toml"),
+        format!(
+            "[general]\nenable_bucket = true\ncaption_extension = \".txt\"\n\n[[datasets]]\n\
+             resolution = 256\nbatch_size = 1\n\n  [[datasets.subsets]]\n  image_dir = {:?}\n\
+             class_tokens = \"sks photo\"\n  num_repeats = 2\n",
+            images.display().to_string()
+        ),
+    )
+    .unwrap();
     std::fs::write(scratch.path().join("config.toml"), "").unwrap();
     std::fs::write(scratch.path().join("prompts.txt"), "a cat\n").unwrap();
     let inputs = Inputs {
         data: data.path().to_path_buf(),
         out: out.path().to_path_buf(),
         scratch: scratch.path().to_path_buf(),
+        cached: add_in_json,
     };
     let argv = rewrite(args, &inputs, add_in_json);
     let output = Command::new(common::tool("train-lora"))

@@ -46,6 +46,7 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
     let mut full = argv.clone();
     let mut restored = Vec::new();
     let mut preparation = None;
+    let mut early_notices = Vec::new();
     if let Ok(probe) = command
         .clone()
         .ignore_errors(true)
@@ -76,7 +77,28 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
                 given.values.extend(missing.values);
             }
         }
-        if !given.values.contains_key("in_json") && !probe.get_flag("output_config") {
+        let typed = |id: &str| probe.value_source(id) == Some(ValueSource::CommandLine);
+        let config = given.values.contains_key("dataset_config");
+        if given.values.contains_key("in_json")
+            && !config
+            && given.values.contains_key("reg_data_dir")
+        {
+            early_notices.push(Notice {
+                warning: true,
+                text: "--reg_data_dir is not used: with --in_json the dataset is the metadata's \
+                       (sd-scripts' fine-tuning dataset has no regularisation images)"
+                    .into(),
+            });
+        }
+        if config && typed("in_json") {
+            early_notices.push(Notice {
+                warning: true,
+                text: "--in_json is not used: --dataset_config describes the dataset (as in \
+                       sd-scripts)"
+                    .into(),
+            });
+        }
+        if (config || !given.values.contains_key("in_json")) && !probe.get_flag("output_config") {
             let folders = ["train_data_dir", "dataset_config"]
                 .iter()
                 .any(|id| given.values.contains_key(*id));
@@ -96,7 +118,7 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
         .clone()
         .try_get_matches_from(&full)
         .unwrap_or_else(|e| e.exit());
-    let mut notices = Vec::new();
+    let mut notices = early_notices;
     let mut refused = Vec::new();
     for option in kohya_options::given(&matches) {
         match option.handling {
