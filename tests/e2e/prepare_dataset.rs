@@ -361,24 +361,56 @@ fn an_sd_scripts_dreambooth_command_line_prepares_and_trains_unchanged() {
     assert!(out.join("other.safetensors").is_file());
 }
 
-/// The argv sd-scripts ran with a `--dataset_config` of two datasets (DreamBooth subsets with
-/// regularisation images at 256 px, a fine-tune subset at 320x192 with bucket_no_upscale) runs
-/// unchanged: prepare-latents buckets each image with its own dataset's settings, into the
-/// buckets sd-scripts chose, and the image counts, directories and tag frequencies in the
-/// LoRA's metadata equal sd-scripts'.
+/// A `--dataset_config` of two datasets (DreamBooth subsets with regularisation images at 256
+/// px, a fine-tune subset at 320x192 with bucket_no_upscale), as sd-scripts' run had it:
+/// prepare-latents buckets each image with its own dataset's settings, into the bucket
+/// sd-scripts chose, and a LoRA trained from it records sd-scripts' image counts, directories
+/// and tag frequencies. sd-scripts' own argv for it is refused before any work, naming the
+/// subset settings that differ between subsets (train-lora applies caption and flip settings to
+/// the whole dataset); the same argv with a uniform file trains (the command-line corpus).
 #[test]
-fn an_sd_scripts_dataset_config_command_line_buckets_each_dataset_as_sd_scripts() {
+fn an_sd_scripts_dataset_config_buckets_each_dataset_as_sd_scripts() {
     let work = tempfile::tempdir().unwrap();
     let golden = golden_layout("dataset_config", work.path());
     let out = work.path().join("out");
     let argv = golden_argv(&golden, work.path(), &out);
-    let mut argv: Vec<&std::ffi::OsStr> = argv.iter().map(|a| a.as_os_str()).collect();
-    argv.push("--quiet".as_ref());
-    run_expect("train-lora", &argv, 0);
-    let prepared: Value = serde_json::from_slice(
-        &std::fs::read(out.join(".lorakit/golden_lora-dataset/meta_lat.json")).unwrap(),
-    )
-    .unwrap();
+    let argv: Vec<&std::ffi::OsStr> = argv.iter().map(|a| a.as_os_str()).collect();
+    let refused = run_expect("train-lora", &argv, 2);
+    for key in ["`flip_aug`", "`keep_tokens`", "`caption_dropout_rate`"] {
+        assert!(refused.contains(key), "{key} is named:\n{refused}");
+    }
+    assert!(!out.join(".lorakit").exists(), "nothing was prepared");
+
+    let (described, meta) = (
+        work.path().join("meta_dataset.json"),
+        work.path().join("meta_lat.json"),
+    );
+    let config = work.path().join("dataset.toml");
+    let model = fixtures().join("sd15-tiny/model.safetensors");
+    run_expect(
+        "prepare-dataset",
+        args![
+            "--dataset_config",
+            config,
+            "--out_json",
+            described,
+            "--quiet"
+        ],
+        0,
+    );
+    run_expect(
+        "prepare-latents",
+        args![
+            work.path(),
+            described,
+            meta,
+            model,
+            "--full_path",
+            "--quiet"
+        ],
+        0,
+    );
+    let prepared: Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
     let mut compared = 0;
     for dataset in golden["dataset"]["datasets"].as_array().unwrap() {
         for image in dataset["image_data"].as_array().unwrap() {
@@ -391,6 +423,24 @@ fn an_sd_scripts_dataset_config_command_line_buckets_each_dataset_as_sd_scripts(
         }
     }
     assert_eq!(compared, prepared.as_object().unwrap().len());
+    run_expect("cache-text-encoder", args![meta, model, "--quiet"], 0);
+    run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model,
+            "--in_json",
+            meta,
+            "--output_dir",
+            out,
+            "--output_name",
+            "golden_lora",
+            "--max_train_steps",
+            "1",
+            "--quiet"
+        ],
+        0,
+    );
     let ours =
         lorakit_pipeline::networks::lora::LoraFile::read(&out.join("golden_lora.safetensors"))
             .unwrap()

@@ -45,12 +45,14 @@ const PYTHON_LOG: &str = "Python's console log; train-lora logs to stderr (-q / 
 const NO_TOKENIZER: &str = "train-lora reads cached text-encoder outputs and loads no tokenizer";
 const PREPARED: &str =
     "the caches decide it; set it when preparing them (prepare-latents / cache-text-encoder)";
-const CAPTION_AUGMENTATION: &str = "changes the caption every step, which needs the text \
+pub(crate) const CAPTION_AUGMENTATION: &str =
+    "changes the caption every step, which needs the text \
     encoder; train-lora trains from cached text-encoder outputs, where sd-scripts refuses it too \
     (--cache_text_encoder_outputs). Leave it out (--shuffle_caption, --keep_tokens and \
     --caption_tag_dropout_rate work from cached caption variants, caption dropout from the \
     cached empty caption)";
-const IMAGE_AUGMENTATION: &str = "changes the image every step, which needs the VAE; train-lora \
+pub(crate) const IMAGE_AUGMENTATION: &str =
+    "changes the image every step, which needs the VAE; train-lora \
     trains from cached latents, where sd-scripts refuses it too (--cache_latents). Leave it out \
     (--flip_aug is supported)";
 const NO_NETWORK: &str = "train-lora does not upload or download: it has no network access. \
@@ -144,8 +146,6 @@ pub const KOHYA_OPTIONS: &[KohyaOption] = &[
     option("keep_tokens_separator", One, Refuse(CAPTION_AUGMENTATION)),
     option("secondary_separator", One, Refuse(CAPTION_AUGMENTATION)),
     option("enable_wildcard", Flag, Refuse(CAPTION_AUGMENTATION)),
-    option("caption_prefix", One, Refuse(CAPTION_AUGMENTATION)),
-    option("caption_suffix", One, Refuse(CAPTION_AUGMENTATION)),
     option("token_warmup_min", One, Refuse(CAPTION_AUGMENTATION)),
     option("token_warmup_step", One, Refuse(CAPTION_AUGMENTATION)),
     option(

@@ -108,6 +108,11 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
             if !(folders && required) {
                 return Err(missing_dataset(&given, &probe));
             }
+            if config {
+                let from_file = config_caption_settings(&given)?;
+                full.extend(command_line_of(&command, &from_file));
+                given.values.extend(from_file.values);
+            }
             let quiet = probe.try_get_one::<bool>("quiet").ok().flatten() == Some(&true);
             let planned = dataset_preparation(&given, quiet);
             full.push(format!("--in_json={}", planned.metadata().display()).into());
@@ -134,6 +139,18 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
                 text: format!("--{}: {what}", option.name),
             }),
             Handling::Refuse(why) => refused.push(format!("--{}: {why}", option.name)),
+        }
+    }
+    if preparation.is_none() {
+        for id in ["caption_prefix", "caption_suffix"] {
+            if matches.value_source(id) == Some(ValueSource::CommandLine) {
+                refused.push(format!(
+                    "--{id}: it is encoded with the captions, which --in_json's caches hold \
+                     already; give it to prepare-dataset when preparing that metadata, or train \
+                     from the folders (--train_data_dir / --dataset_config without --in_json) \
+                     and train-lora prepares them with it"
+                ));
+            }
         }
     }
     refused.extend(optimizer_refusal(&matches));
@@ -163,6 +180,140 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
         notices,
         preparation,
     })
+}
+
+/// The caption and image settings a `--dataset_config` gives its subsets, as the train-lora
+/// options that apply them to the whole dataset (the trainer draws cached caption variants and
+/// caption dropout for all images alike): each must have one value over every subset. A
+/// per-step augmentation the caches cannot give is refused by key, as on the command line.
+fn config_caption_settings(given: &Settings) -> Result<Settings> {
+    let mut options = given.clone();
+    options.values.remove("in_json");
+    let dataset_command = DatasetArgs::augment_args(Command::new("prepare-dataset"));
+    let mut argv: Vec<OsString> = vec!["prepare-dataset".into()];
+    argv.extend(command_line_of(&dataset_command, &options));
+    let matches = dataset_command
+        .try_get_matches_from(argv)
+        .map_err(|e| Error::Usage(e.to_string()))?;
+    let args = DatasetArgs::from_arg_matches(&matches).map_err(|e| Error::Usage(e.to_string()))?;
+    let description = crate::dataset::kohya::describe(&args.command_line()?)?;
+    let file = args.dataset_config.unwrap_or_default();
+    let subsets: Vec<&crate::dataset::kohya::Subset> = description
+        .datasets
+        .iter()
+        .flat_map(|dataset| &dataset.subsets)
+        .collect();
+    let mut problems = Vec::new();
+    let mut settings = Settings::default();
+    let uniform = |values: Vec<String>| -> std::result::Result<Option<String>, Vec<String>> {
+        let mut distinct = values.clone();
+        distinct.sort();
+        distinct.dedup();
+        match distinct.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(Some(one.clone())),
+            _ => Err(values),
+        }
+    };
+    let mut setting =
+        |key: &str, values: Vec<String>, is_default: &dyn Fn(&str) -> bool| match uniform(values) {
+            Ok(Some(value)) if !is_default(&value) => {
+                let value = if value == "true" {
+                    Value::Bool(true)
+                } else {
+                    Value::Array(vec![Value::from(value)])
+                };
+                settings.values.insert(key.to_string(), value);
+            }
+            Ok(_) => {}
+            Err(values) => problems.push(format!(
+                "`{key}` differs between the subsets of {} ({}): train-lora applies one value \
+                 to the whole dataset; give every subset the same",
+                file.display(),
+                values.join(", ")
+            )),
+        };
+    let each = |f: &dyn Fn(&crate::dataset::kohya::Subset) -> String| -> Vec<String> {
+        subsets.iter().map(|subset| f(subset)).collect()
+    };
+    setting(
+        "shuffle_caption",
+        each(&|s| s.shuffle_caption.to_string()),
+        &|v| v == "false",
+    );
+    setting("keep_tokens", each(&|s| s.keep_tokens.to_string()), &|v| {
+        v == "0"
+    });
+    setting(
+        "caption_tag_dropout_rate",
+        each(&|s| s.caption_tag_dropout_rate.to_string()),
+        &|v| v == "0",
+    );
+    setting(
+        "caption_dropout_rate",
+        each(&|s| s.caption_dropout_rate.to_string()),
+        &|v| v == "0",
+    );
+    setting(
+        "caption_dropout_every_n_epochs",
+        each(&|s| s.caption_dropout_every_n_epochs.to_string()),
+        &|v| v == "0",
+    );
+    setting(
+        "caption_separator",
+        each(&|s| s.caption_separator.clone()),
+        &|v| v == ",",
+    );
+    setting("flip_aug", each(&|s| s.flip_aug.to_string()), &|v| {
+        v == "false"
+    });
+    let unsupported: [(&str, bool, &str); 7] = [
+        (
+            "keep_tokens_separator",
+            subsets.iter().any(|s| !s.keep_tokens_separator.is_empty()),
+            kohya_options::CAPTION_AUGMENTATION,
+        ),
+        (
+            "secondary_separator",
+            subsets.iter().any(|s| s.secondary_separator.is_some()),
+            kohya_options::CAPTION_AUGMENTATION,
+        ),
+        (
+            "enable_wildcard",
+            subsets.iter().any(|s| s.enable_wildcard),
+            kohya_options::CAPTION_AUGMENTATION,
+        ),
+        (
+            "token_warmup_step",
+            subsets.iter().any(|s| s.token_warmup_step != 0.0),
+            kohya_options::CAPTION_AUGMENTATION,
+        ),
+        (
+            "color_aug",
+            subsets.iter().any(|s| s.color_aug),
+            kohya_options::IMAGE_AUGMENTATION,
+        ),
+        (
+            "random_crop",
+            subsets.iter().any(|s| s.random_crop),
+            kohya_options::IMAGE_AUGMENTATION,
+        ),
+        (
+            "face_crop_aug_range",
+            subsets.iter().any(|s| s.face_crop_aug_range.is_some()),
+            kohya_options::IMAGE_AUGMENTATION,
+        ),
+    ];
+    for (key, set, why) in unsupported {
+        if set {
+            problems.push(format!("`{key}` in {}: {why}", file.display()));
+        }
+    }
+    if problems.is_empty() {
+        Ok(settings)
+    } else {
+        Err(Error::Usage(problems.join("\n")))
+    }
 }
 
 /// The preparation of the kohya dataset a command line without `--in_json` names
@@ -595,6 +746,7 @@ mod tests {
             "--keep_tokens=1",
             "--caption_extension=.txt",
             "--clip_skip=2",
+            "--caption_prefix=masterpiece",
             "-q",
         ])
         .unwrap();
@@ -614,6 +766,7 @@ mod tests {
             "--caption_extension=.txt".into(),
             "--shuffle_caption".into(),
             "--keep_tokens=1".into(),
+            "--caption_prefix=masterpiece".into(),
             "--quiet".into(),
         ] {
             assert!(lines[0].contains(&expected), "{expected} in {}", lines[0]);
@@ -628,6 +781,18 @@ mod tests {
         ] {
             assert!(lines[2].contains(expected), "{expected} in {}", lines[2]);
         }
+    }
+
+    #[test]
+    fn a_caption_prefix_needs_the_dataset_prepared_here() {
+        let refusal = parsed(&[
+            "--in_json=meta.json",
+            "--output_dir=out",
+            "--caption_prefix=x",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(refusal.contains("--caption_prefix"), "{refusal}");
     }
 
     #[test]

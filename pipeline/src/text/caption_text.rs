@@ -13,6 +13,9 @@ pub const DEFAULT_SEPARATOR: &str = ",";
 /// The caption of one metadata entry: `caption` (missing → empty), then, when `tags` is
 /// non-empty, `separator` + `tags` (the separator is left out when the caption is empty).
 ///
+/// An entry prepare-dataset wrote gets its subset's `caption_prefix` / `caption_suffix`
+/// (`lorakit_subset`) joined on with a space, as sd-scripts' `process_caption` does.
+///
 /// Returns `None` when the entry has neither a `caption` nor a `tags` string, so callers can
 /// report it; sd-scripts would train such an image on the empty caption.
 pub fn training_caption(entry: &Map<String, Value>, separator: &str) -> Option<String> {
@@ -27,6 +30,19 @@ pub fn training_caption(entry: &Map<String, Value>, separator: &str) -> Option<S
             text.push_str(separator);
         }
         text.push_str(tags);
+    }
+    let subset = |key: &str| {
+        entry
+            .get("lorakit_subset")
+            .and_then(|subset| subset.get(key))
+            .and_then(Value::as_str)
+            .filter(|text| !text.is_empty())
+    };
+    if let Some(prefix) = subset("caption_prefix") {
+        text = format!("{prefix} {text}");
+    }
+    if let Some(suffix) = subset("caption_suffix") {
+        text = format!("{text} {suffix}");
     }
     Some(text)
 }
@@ -86,6 +102,23 @@ mod tests {
 
     fn entry(value: Value) -> Map<String, Value> {
         value.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn subset_prefix_and_suffix_are_joined_with_a_space_like_sd_scripts() {
+        let prefixed = entry(json!({
+            "caption": "a cat, solo",
+            "lorakit_subset": {"caption_prefix": "masterpiece", "caption_suffix": "best", "dataset": 0}
+        }));
+        assert_eq!(
+            training_caption(&prefixed, ",").unwrap(),
+            "masterpiece a cat, solo best"
+        );
+        let unset = entry(json!({
+            "caption": "a cat",
+            "lorakit_subset": {"caption_prefix": null, "caption_suffix": ""}
+        }));
+        assert_eq!(training_caption(&unset, ",").unwrap(), "a cat");
     }
 
     #[test]

@@ -38,6 +38,14 @@ pub struct TrainArgs {
     /// prepared before training (its values win over the command line's).
     #[arg(long)]
     pub dataset_config: Option<PathBuf>,
+    /// Text put before every caption, with a space (sd-scripts' `--caption_prefix`): encoded
+    /// with the captions when train-lora prepares the dataset (refused with --in_json: give it
+    /// to prepare-dataset then).
+    #[arg(long)]
+    pub caption_prefix: Option<String>,
+    /// Text put after every caption, with a space (as --caption_prefix).
+    #[arg(long)]
+    pub caption_suffix: Option<String>,
     /// Do not run prepare-dataset, prepare-latents and cache-text-encoder for a
     /// --train_data_dir / --dataset_config dataset: train from what an earlier run prepared
     /// (refused, with the commands to run, when nothing was).
