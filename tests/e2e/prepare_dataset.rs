@@ -376,7 +376,12 @@ fn an_sd_scripts_dataset_config_buckets_each_dataset_as_sd_scripts() {
     let argv = golden_argv(&golden, work.path(), &out);
     let argv: Vec<&std::ffi::OsStr> = argv.iter().map(|a| a.as_os_str()).collect();
     let refused = run_expect("train-lora", &argv, 2);
-    for key in ["`flip_aug`", "`keep_tokens`", "`caption_dropout_rate`"] {
+    for key in [
+        "`flip_aug`",
+        "`keep_tokens`",
+        "`caption_dropout_rate`",
+        "`batch_size`",
+    ] {
         assert!(refused.contains(key), "{key} is named:\n{refused}");
     }
     assert!(!out.join(".lorakit").exists(), "nothing was prepared");

@@ -109,7 +109,7 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
                 return Err(missing_dataset(&given, &probe));
             }
             if config {
-                let from_file = config_caption_settings(&given)?;
+                let from_file = config_run_settings(&given)?;
                 full.extend(command_line_of(&command, &from_file));
                 given.values.extend(from_file.values);
             }
@@ -182,11 +182,12 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
     })
 }
 
-/// The caption and image settings a `--dataset_config` gives its subsets, as the train-lora
-/// options that apply them to the whole dataset (the trainer draws cached caption variants and
-/// caption dropout for all images alike): each must have one value over every subset. A
-/// per-step augmentation the caches cannot give is refused by key, as on the command line.
-fn config_caption_settings(given: &Settings) -> Result<Settings> {
+/// The caption and flip settings a `--dataset_config` gives its subsets, and the batch size of
+/// its datasets, as the train-lora options that apply them to the whole dataset (the trainer
+/// draws cached caption variants, caption dropout and flips for all images alike, and batches
+/// with one size): each must have one value over every subset (dataset). A per-step
+/// augmentation the caches cannot give is refused by key, as on the command line.
+fn config_run_settings(given: &Settings) -> Result<Settings> {
     let mut options = given.clone();
     options.values.remove("in_json");
     let dataset_command = DatasetArgs::augment_args(Command::new("prepare-dataset"));
@@ -215,58 +216,78 @@ fn config_caption_settings(given: &Settings) -> Result<Settings> {
             _ => Err(values),
         }
     };
+    // `option` takes the one value `values` (per subset, or per dataset for `batch_size`) have:
+    // injected when it is not sd-scripts' default or the command line gave the option (the
+    // file wins); a flag that every subset turns off cannot be taken back from the command line.
     let mut setting =
-        |key: &str, values: Vec<String>, is_default: &dyn Fn(&str) -> bool| match uniform(values) {
-            Ok(Some(value)) if !is_default(&value) => {
-                let value = if value == "true" {
-                    Value::Bool(true)
-                } else {
-                    Value::Array(vec![Value::from(value)])
-                };
-                settings.values.insert(key.to_string(), value);
-            }
-            Ok(_) => {}
-            Err(values) => problems.push(format!(
-                "`{key}` differs between the subsets of {} ({}): train-lora applies one value \
-                 to the whole dataset; give every subset the same",
+        |key: &str, option: &str, values: Vec<String>, default: &str| {
+            let given_here = given.values.contains_key(option);
+            match uniform(values) {
+                Ok(Some(value)) if value == "true" => {
+                    settings
+                        .values
+                        .insert(option.to_string(), Value::Bool(true));
+                }
+                Ok(Some(value)) if value == "false" => {
+                    if given_here {
+                        problems.push(format!(
+                        "--{option} is given, but every subset of {} sets `{key}` = false (the \
+                         file wins in sd-scripts); leave --{option} out",
+                        file.display()
+                    ));
+                    }
+                }
+                Ok(Some(value)) if value != default || given_here => {
+                    let value = Value::Array(vec![Value::from(value)]);
+                    settings.values.insert(option.to_string(), value);
+                }
+                Ok(_) => {}
+                Err(values) => {
+                    problems.push(format!(
+                "`{key}` differs between the {} of {} ({}): train-lora applies one value to \
+                 the whole dataset; give every one the same",
+                if key == "batch_size" { "datasets" } else { "subsets" },
                 file.display(),
                 values.join(", ")
-            )),
+            ))
+                }
+            }
         };
     let each = |f: &dyn Fn(&crate::dataset::kohya::Subset) -> String| -> Vec<String> {
         subsets.iter().map(|subset| f(subset)).collect()
     };
-    setting(
-        "shuffle_caption",
-        each(&|s| s.shuffle_caption.to_string()),
-        &|v| v == "false",
-    );
-    setting("keep_tokens", each(&|s| s.keep_tokens.to_string()), &|v| {
-        v == "0"
-    });
+    let shuffle = each(&|s| s.shuffle_caption.to_string());
+    setting("shuffle_caption", "shuffle_caption", shuffle, "false");
+    let keep = each(&|s| s.keep_tokens.to_string());
+    setting("keep_tokens", "keep_tokens", keep, "0");
+    let tag_dropout = each(&|s| s.caption_tag_dropout_rate.to_string());
     setting(
         "caption_tag_dropout_rate",
-        each(&|s| s.caption_tag_dropout_rate.to_string()),
-        &|v| v == "0",
+        "caption_tag_dropout_rate",
+        tag_dropout,
+        "0",
     );
-    setting(
-        "caption_dropout_rate",
-        each(&|s| s.caption_dropout_rate.to_string()),
-        &|v| v == "0",
-    );
+    let dropout = each(&|s| s.caption_dropout_rate.to_string());
+    setting("caption_dropout_rate", "caption_dropout_rate", dropout, "0");
+    let every = each(&|s| s.caption_dropout_every_n_epochs.to_string());
     setting(
         "caption_dropout_every_n_epochs",
-        each(&|s| s.caption_dropout_every_n_epochs.to_string()),
-        &|v| v == "0",
+        "caption_dropout_every_n_epochs",
+        every,
+        "0",
     );
+    let separator = each(&|s| s.caption_separator.clone());
+    setting("caption_separator", "caption_separator", separator, ",");
     setting(
-        "caption_separator",
-        each(&|s| s.caption_separator.clone()),
-        &|v| v == ",",
+        "flip_aug",
+        "flip_aug",
+        each(&|s| s.flip_aug.to_string()),
+        "false",
     );
-    setting("flip_aug", each(&|s| s.flip_aug.to_string()), &|v| {
-        v == "false"
-    });
+    let batch_sizes = (description.datasets.iter())
+        .map(|dataset| dataset.batch_size.to_string())
+        .collect();
+    setting("batch_size", "train_batch_size", batch_sizes, "1");
     let unsupported: [(&str, bool, &str); 7] = [
         (
             "keep_tokens_separator",
@@ -781,6 +802,44 @@ mod tests {
         ] {
             assert!(lines[2].contains(expected), "{expected} in {}", lines[2]);
         }
+    }
+
+    #[test]
+    fn a_dataset_config_gives_its_caption_settings_and_batch_size_to_the_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("dataset.toml");
+        let toml = |extra: &str| {
+            format!(
+                "[general]\nshuffle_caption = true\nkeep_tokens = 1\n\n[[datasets]]\n\
+                 resolution = 256\nbatch_size = 4\n\n  [[datasets.subsets]]\n  \
+                 image_dir = {:?}\n  class_tokens = \"sks\"\n{extra}",
+                dir.path().display().to_string()
+            )
+        };
+        std::fs::write(&config, toml("")).unwrap();
+        let config_flag = format!("--dataset_config={}", config.display());
+        let flags = [
+            config_flag.as_str(),
+            "--output_dir=out",
+            "--train_batch_size=2",
+        ];
+        let run = parsed(&flags).unwrap();
+        let train = &run.args.train;
+        assert!(train.shuffle_caption);
+        assert_eq!(train.keep_tokens, Some(1));
+        assert_eq!(train.train_batch_size, 4, "the file's batch_size wins");
+        let encode = run.preparation.unwrap().runs[2].shell_line();
+        assert!(
+            encode.contains("--shuffle_caption --keep_tokens 1"),
+            "{encode}"
+        );
+
+        std::fs::write(&config, toml("\n  [[datasets.subsets]]\n  image_dir = \"other\"\n  keep_tokens = 2\n  random_crop = true\n")).unwrap();
+        let refusal = parsed(&flags).unwrap_err().to_string();
+        assert!(
+            refusal.contains("`keep_tokens` differs") && refusal.contains("`random_crop`"),
+            "{refusal}"
+        );
     }
 
     #[test]
