@@ -32,19 +32,25 @@ fn dataset(root: &Path) -> (PathBuf, PathBuf) {
     (data, in_json)
 }
 
-/// The UNet module names and shapes of sd-scripts' LierLa network on the tiny SDXL
-/// (golden/sdxl/lora_keys.json).
-fn golden_lierla() -> Vec<(String, serde_json::Value, serde_json::Value)> {
+/// The UNet module names of sd-scripts' network `variant` on the tiny SDXL
+/// (golden/sdxl/lora_keys.json), sorted.
+fn golden_modules(variant: &str) -> Vec<String> {
     let text = std::fs::read_to_string(fixtures().join("golden/sdxl/lora_keys.json")).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let mut modules: Vec<_> = json["variants"]["lierla_dim4_alpha1"]
+    let mut names: Vec<String> = json["variants"][variant]
         .as_object()
         .unwrap()
-        .iter()
-        .map(|(name, m)| (name.clone(), m["down"].clone(), m["up"].clone()))
+        .keys()
+        .cloned()
         .collect();
-    modules.sort_by(|a, b| a.0.cmp(&b.0));
-    modules
+    names.sort();
+    names
+}
+
+fn module_names(file: &LoraFile) -> Vec<String> {
+    let mut names: Vec<String> = file.module_names().map(|n| n.to_string()).collect();
+    names.sort();
+    names
 }
 
 #[test]
@@ -117,10 +123,15 @@ fn sdxl_flow_trains_a_lora_with_sd_scripts_sdxl_keys_and_metadata() {
         LoraFile::read(&out.path().join(format!("{name}.safetensors"))).unwrap()
     };
     let file = train("sdxl", &["--flip_aug"]);
-    let mut ours: Vec<String> = file.module_names().map(|n| n.to_string()).collect();
-    ours.sort();
-    let theirs: Vec<String> = golden_lierla().into_iter().map(|m| m.0).collect();
-    assert_eq!(ours, theirs);
+    assert_eq!(module_names(&file), golden_modules("lierla_dim4_alpha1"));
+    let c3lier = train(
+        "sdxl_c3lier",
+        &["--network_args", "conv_dim=4", "conv_alpha=1"],
+    );
+    assert_eq!(
+        module_names(&c3lier),
+        golden_modules("c3lier_dim4_alpha1_conv4_convalpha1")
+    );
     assert_eq!(file.metadata["ss_base_model_version"], "sdxl_base_v1-0");
     assert_eq!(file.metadata["ss_v2"], "False");
     assert_eq!(
