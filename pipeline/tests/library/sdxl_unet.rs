@@ -231,3 +231,44 @@ fn sdxl_lora_modules_match_sd_scripts_for_lierla_and_c3lier() {
         assert_eq!(ours, theirs, "{variant}: shapes and alphas");
     }
 }
+
+#[test]
+fn every_sdxl_c3lier_tensor_gets_a_gradient() {
+    let mut unet = sdxl_unet().clone();
+    let config = LoraConfig {
+        conv_dim: Some(4),
+        conv_alpha: 1.0,
+        ..LoraConfig::default()
+    };
+    let network =
+        LoraNetwork::create(&mut unet as &mut dyn Adaptable, &config, 1, &Device::Cpu).unwrap();
+    // `lora_up` starts at zero, which would leave every `lora_down` without a gradient.
+    for module in &network.modules {
+        let up = module.up.as_tensor();
+        module
+            .up
+            .set(&(up.ones_like().unwrap() * 0.01).unwrap())
+            .unwrap();
+    }
+    let loss = output(&unet, 77, "a").sqr().unwrap().mean_all().unwrap();
+    let grads = loss.backward().unwrap();
+    for module in &network.modules {
+        for (part, var) in [("down", &module.down), ("up", &module.up)] {
+            let grad = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{}.{part}: no gradient", module.name));
+            let size = grad
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                size > 0.0 && size.is_finite(),
+                "{}.{part}: {size}",
+                module.name
+            );
+        }
+    }
+}
