@@ -15,6 +15,7 @@ mod lint;
 mod make_flow;
 mod metadata;
 mod prepare_dataset;
+mod sdxl;
 mod sharding;
 mod tag_images;
 mod text_encoder;

@@ -1,13 +1,22 @@
-//! Stable Diffusion 1.x / 2.x UNet (`UNet2DConditionModel` topology), differentiable end to end.
+//! Stable Diffusion 1.x / 2.x and SDXL UNet (`UNet2DConditionModel` topology), differentiable end
+//! to end.
 //!
 //! Built only from candle ops that have a backward pass (norms are composed from elementary ops,
-//! attention is [`crate::models::attention::attention`] with its own exact backward), with per-sample timesteps, SD2 64-channel heads, and every linear / conv layer an
+//! attention is [`crate::models::attention::attention`] with its own exact backward), with
+//! per-sample timesteps, SD2/SDXL 64-channel heads, and every linear / conv layer an
 //! [`AdaptableLayer`] so that LoRA modules can be attached. Base weights are frozen: their products
 //! run through [`crate::models::frozen::FrozenOp`], so no gradient is ever computed for them.
 //!
-//! Layer paths are diffusers names (`down_blocks.1.attentions.0.proj_in`); [`ldm_name`] maps them to
-//! the original LDM names of single-file checkpoints. Weights come through
-//! [`crate::models::Checkpoint::var_builder`] with `Component::Unet` and [`ldm_name`].
+//! The architecture is read from tensor shapes: the number of levels (SD1/SD2: 4, SDXL: 3), the
+//! transformer depth of each level's attentions (SD1/SD2: 1, SDXL base: 0/2/10 and 10 in the
+//! middle), linear or 1x1-convolution `proj_in`/`proj_out`, and SDXL's `label_emb` ("text_time"
+//! add-embedding: pool2 and six 256-wide sinusoidal size features, see [`sdxl_vector`]).
+//!
+//! Tensors are requested by diffusers names (`down_blocks.1.attentions.0.proj_in`);
+//! [`ldm_mapping`] maps them to the original LDM / SGM names of single-file checkpoints. Weights
+//! come through [`crate::models::Checkpoint::var_builder`] with `Component::Unet` and that mapping.
+//! Layer paths ([`AdaptableLayer::path`], which name LoRA modules) are the module names of
+//! sd-scripts' model of the family: diffusers names for SD1/SD2, SGM names for SDXL.
 
 use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
@@ -16,10 +25,9 @@ use crate::models::adapter::{Adaptable, AdaptableLayer, Container};
 use crate::models::attention::attention;
 use crate::models::frozen::FrozenKind;
 use crate::models::norm::{AffineNorm, NormKind};
+use crate::models::ModelFamily;
 use crate::{Error, Result};
 
-/// Number of resolution levels of SD1/SD2 UNets.
-const LEVELS: usize = 4;
 /// Resnets per down level (`layers_per_block`); up levels have one more.
 const LAYERS_PER_BLOCK: usize = 2;
 /// Group count of every GroupNorm.
@@ -30,43 +38,109 @@ const NORM_GROUPS: usize = 32;
 pub enum Heads {
     /// A fixed number of heads at every level (SD1: 8).
     Count(usize),
-    /// A fixed head width (SD2: 64 channels per head).
+    /// A fixed head width (SD2 and SDXL: 64 channels per head).
     Width(usize),
 }
+
+/// Width of each sinusoidal size feature of SDXL's add-embedding (`addition_time_embed_dim`).
+pub const SIZE_FEATURE_DIM: usize = 256;
+/// Size values per sample in SDXL's add-embedding: original (h, w), crop (top, left), target
+/// (h, w).
+pub const SIZE_VALUES: usize = 6;
 
 /// Architecture parameters read from the weights.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UnetConfig {
-    /// Output channels of the four levels (SD1.5: 320, 640, 1280, 1280).
+    /// Output channels of the levels (SD1.5: 320, 640, 1280, 1280; SDXL: 320, 640, 1280).
     pub block_channels: Vec<usize>,
-    /// Text-context width (SD1: 768, SD2: 1024).
+    /// Text-context width (SD1: 768, SD2: 1024, SDXL: 2048).
     pub context_dim: usize,
     /// Head sizing.
     pub heads: Heads,
     /// Latent channels in and out.
     pub latent_channels: usize,
+    /// Transformer blocks in each attention of each down level; 0: no attentions.
+    pub down_depth: Vec<usize>,
+    /// Transformer blocks in the middle attention.
+    pub mid_depth: usize,
+    /// Transformer blocks in each attention of each up level (deepest first); 0: none.
+    pub up_depth: Vec<usize>,
+    /// `proj_in`/`proj_out` are linear layers over tokens (SD2, SDXL), not 1x1 convolutions.
+    pub linear_projection: bool,
+    /// Input width of SDXL's add-embedding (`label_emb`): pool2 plus
+    /// [`SIZE_VALUES`] x [`SIZE_FEATURE_DIM`] (2816 for SDXL base); `None` without one.
+    pub add_embedding_dim: Option<usize>,
 }
 
 impl UnetConfig {
     /// Whether this is the SD2 layout (64-channel heads, context 1024).
     pub fn is_sd2(&self) -> bool {
-        matches!(self.heads, Heads::Width(_))
+        matches!(self.heads, Heads::Width(_)) && !self.is_sdxl()
+    }
+
+    /// Whether this is an SDXL UNet (with the size/pool add-embedding).
+    pub fn is_sdxl(&self) -> bool {
+        self.add_embedding_dim.is_some()
+    }
+
+    /// The model family this UNet belongs to.
+    pub fn family(&self) -> ModelFamily {
+        if self.is_sdxl() {
+            ModelFamily::Sdxl
+        } else if self.is_sd2() {
+            ModelFamily::Sd2
+        } else {
+            ModelFamily::Sd1
+        }
+    }
+
+    /// Width of the pooled text embedding the add-embedding takes (SDXL base: 1280).
+    pub fn pool_dim(&self) -> Option<usize> {
+        self.add_embedding_dim
+            .map(|dim| dim.saturating_sub(SIZE_VALUES * SIZE_FEATURE_DIM))
     }
 
     fn heads_at(&self, channels: usize) -> usize {
         match self.heads {
             Heads::Count(n) => n,
-            Heads::Width(w) => channels / w,
+            Heads::Width(w) => (channels / w).max(1),
         }
     }
 }
 
-/// Maps a diffusers UNet tensor name to its LDM name (without `model.diffusion_model.`).
+/// Maps a diffusers UNet tensor (or layer) name to its LDM name (without
+/// `model.diffusion_model.`), SD1.x/SD2.x layout.
 pub fn ldm_name(name: &str) -> String {
+    mapped_name(name, false)
+}
+
+/// Maps a diffusers UNet tensor (or layer) name to its SGM name (without
+/// `model.diffusion_model.`), SDXL layout: as [`ldm_name`], except that the deepest up level has
+/// attentions, so its upsampler is layer 2 of its last output block (SD1: layer 1). The
+/// add-embedding (`add_embedding.linear_1/2`) is `label_emb.0.0/2`.
+pub fn sdxl_ldm_name(name: &str) -> String {
+    mapped_name(name, true)
+}
+
+/// The diffusers-to-LDM name mapping of `family`'s UNet.
+pub fn ldm_mapping(family: ModelFamily) -> fn(&str) -> String {
+    match family {
+        ModelFamily::Sdxl => sdxl_ldm_name,
+        _ => ldm_name,
+    }
+}
+
+fn mapped_name(name: &str, sdxl: bool) -> String {
     let parts: Vec<&str> = name.split('.').collect();
-    let rest = |n: usize| parts[n..].join(".");
+    // The parts from `n` on, with a leading dot (empty for a layer path that ends before `n`).
+    let tail = |n: usize| {
+        parts
+            .get(n..)
+            .filter(|rest| !rest.is_empty())
+            .map_or(String::new(), |rest| format!(".{}", rest.join(".")))
+    };
     let resnet = |n: usize| {
-        let inner = rest(n);
+        let inner = parts.get(n..).map_or(String::new(), |rest| rest.join("."));
         let mapped = [
             ("norm1", "in_layers.0"),
             ("conv1", "in_layers.2"),
@@ -76,16 +150,18 @@ pub fn ldm_name(name: &str) -> String {
             ("conv_shortcut", "skip_connection"),
         ]
         .iter()
-        .find_map(|(from, to)| inner.strip_prefix(from).map(|tail| format!("{to}{tail}")));
+        .find_map(|(from, to)| inner.strip_prefix(from).map(|rest| format!("{to}{rest}")));
         mapped.unwrap_or(inner)
     };
     let index = |s: &str| s.parse::<usize>().unwrap_or(usize::MAX);
     match parts.as_slice() {
-        ["time_embedding", "linear_1", ..] => format!("time_embed.0.{}", rest(2)),
-        ["time_embedding", "linear_2", ..] => format!("time_embed.2.{}", rest(2)),
-        ["conv_in", ..] => format!("input_blocks.0.0.{}", rest(1)),
-        ["conv_norm_out", ..] => format!("out.0.{}", rest(1)),
-        ["conv_out", ..] => format!("out.2.{}", rest(1)),
+        ["time_embedding", "linear_1", ..] => format!("time_embed.0{}", tail(2)),
+        ["time_embedding", "linear_2", ..] => format!("time_embed.2{}", tail(2)),
+        ["add_embedding", "linear_1", ..] => format!("label_emb.0.0{}", tail(2)),
+        ["add_embedding", "linear_2", ..] => format!("label_emb.0.2{}", tail(2)),
+        ["conv_in", ..] => format!("input_blocks.0.0{}", tail(1)),
+        ["conv_norm_out", ..] => format!("out.0{}", tail(1)),
+        ["conv_out", ..] => format!("out.2{}", tail(1)),
         ["down_blocks", i, "resnets", j, ..] => {
             format!(
                 "input_blocks.{}.0.{}",
@@ -94,26 +170,27 @@ pub fn ldm_name(name: &str) -> String {
             )
         }
         ["down_blocks", i, "attentions", j, ..] => {
-            format!("input_blocks.{}.1.{}", 3 * index(i) + index(j) + 1, rest(4))
+            format!("input_blocks.{}.1{}", 3 * index(i) + index(j) + 1, tail(4))
         }
         ["down_blocks", i, "downsamplers", "0", "conv", ..] => {
-            format!("input_blocks.{}.0.op.{}", 3 * (index(i) + 1), rest(5))
+            format!("input_blocks.{}.0.op{}", 3 * (index(i) + 1), tail(5))
         }
         ["mid_block", "resnets", j, ..] => format!("middle_block.{}.{}", 2 * index(j), resnet(3)),
-        ["mid_block", "attentions", "0", ..] => format!("middle_block.1.{}", rest(3)),
+        ["mid_block", "attentions", "0", ..] => format!("middle_block.1{}", tail(3)),
         ["up_blocks", i, "resnets", j, ..] => {
             format!("output_blocks.{}.0.{}", 3 * index(i) + index(j), resnet(4))
         }
         ["up_blocks", i, "attentions", j, ..] => {
-            format!("output_blocks.{}.1.{}", 3 * index(i) + index(j), rest(4))
+            format!("output_blocks.{}.1{}", 3 * index(i) + index(j), tail(4))
         }
         ["up_blocks", i, "upsamplers", "0", "conv", ..] => {
             let i = index(i);
+            let has_attention = sdxl || i > 0;
             format!(
-                "output_blocks.{}.{}.conv.{}",
+                "output_blocks.{}.{}.conv{}",
                 3 * i + 2,
-                if i == 0 { 1 } else { 2 },
-                rest(5)
+                if has_attention { 2 } else { 1 },
+                tail(5)
             )
         }
         _ => name.to_string(),
@@ -125,6 +202,8 @@ struct Loader<'a, 'b> {
     vb: &'a VarBuilder<'b>,
     /// Storage dtype of linear and convolution weights.
     weights: DType,
+    /// The layer path of a diffusers layer name (see [`AdaptableLayer::path`]).
+    module_path: fn(&str) -> String,
 }
 
 /// A 1x1 convolution (stride 1, no padding).
@@ -143,19 +222,36 @@ impl Loader<'_, '_> {
             .map_err(|e| Error::Model(e.to_string()))
     }
 
-    /// Dimension `axis` of the stored tensor `name`, to read the architecture from.
-    fn stored_dim(&self, name: &str, axis: usize) -> Result<usize> {
+    /// The shape of the stored tensor `name`, to read the architecture from.
+    fn stored_dims(&self, name: &str) -> Result<Vec<usize>> {
         let tensor = self
             .vb
             .get_unchecked(name)
             .map_err(|e| Error::Model(e.to_string()))?;
-        tensor.dims().get(axis).copied().ok_or_else(|| {
+        Ok(tensor.dims().to_vec())
+    }
+
+    /// Dimension `axis` of the stored tensor `name`, to read the architecture from.
+    fn stored_dim(&self, name: &str, axis: usize) -> Result<usize> {
+        let dims = self.stored_dims(name)?;
+        dims.get(axis).copied().ok_or_else(|| {
             Error::Model(format!(
-                "the UNet tensor for `{name}` has shape {:?}: not the weight of an SD1.x/SD2.x \
-                 UNet",
-                tensor.dims()
+                "the UNet tensor for `{name}` has shape {dims:?}: not the weight of an \
+                 SD1.x/SD2.x/SDXL UNet"
             ))
         })
+    }
+
+    /// Whether the checkpoint holds the tensor `name`.
+    fn has(&self, name: &str) -> bool {
+        self.vb.contains_tensor(name)
+    }
+
+    /// How many of `{prefix}.0`, `{prefix}.1`, ... hold the tensor `{prefix}.{i}.{leaf}`.
+    fn count(&self, prefix: &str, leaf: &str) -> usize {
+        (0..)
+            .take_while(|i| self.has(&format!("{prefix}.{i}.{leaf}")))
+            .count()
     }
 
     /// A frozen layer of `kind` with weight `shape` (`[out, in]`, or `[out, in, k, k]`) and,
@@ -177,7 +273,7 @@ impl Loader<'_, '_> {
             None
         };
         Ok(AdaptableLayer::new(
-            path.to_string(),
+            (self.module_path)(path),
             container,
             weight,
             bias,
@@ -432,54 +528,82 @@ impl TransformerBlock {
     }
 }
 
-/// `Transformer2DModel` with one transformer block (SD1/SD2).
+/// How a [`SpatialTransformer`] is built.
+#[derive(Debug, Clone, Copy)]
+struct TransformerShape {
+    heads: usize,
+    channels: usize,
+    context: usize,
+    depth: usize,
+    linear_projection: bool,
+}
+
+/// `Transformer2DModel`: GroupNorm, `proj_in`, `depth` transformer blocks, `proj_out`.
 #[derive(Debug, Clone)]
 struct SpatialTransformer {
     norm: Norm,
     proj_in: AdaptableLayer,
-    block: TransformerBlock,
+    blocks: Vec<TransformerBlock>,
     proj_out: AdaptableLayer,
+    linear_projection: bool,
 }
 
 impl SpatialTransformer {
-    /// The transformer at `path` over `channels` with a text context of width `context`
-    /// (SD2 stores its 1x1 projections as linear weights; they are served as convolutions).
-    fn load(l: &Loader, path: &str, heads: usize, channels: usize, context: usize) -> Result<Self> {
+    /// The transformer at `path`. Linear projections apply to the tokens; 1x1-convolution
+    /// projections to the feature map (mathematically the same map, but sd-scripts' modules and
+    /// so the LoRA shapes differ).
+    fn load(l: &Loader, path: &str, shape: TransformerShape) -> Result<Self> {
         let t = Container::Transformer;
-        let c = channels;
-        let block = format!("{path}.transformer_blocks.0");
+        let c = shape.channels;
+        let projection = |name: &str| {
+            let path = format!("{path}.{name}");
+            if shape.linear_projection {
+                l.linear(&path, t, (c, c), true)
+            } else {
+                l.layer(&path, t, POINTWISE, &[c, c, 1, 1], true)
+            }
+        };
+        let blocks = (0..shape.depth)
+            .map(|k| {
+                let block = format!("{path}.transformer_blocks.{k}");
+                TransformerBlock::load(l, &block, shape.heads, c, shape.context)
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             norm: l.norm(&format!("{path}.norm"), c, 1e-6)?,
-            proj_in: l.layer(
-                &format!("{path}.proj_in"),
-                t,
-                POINTWISE,
-                &[c, c, 1, 1],
-                true,
-            )?,
-            block: TransformerBlock::load(l, &block, heads, c, context)?,
-            proj_out: l.layer(
-                &format!("{path}.proj_out"),
-                t,
-                POINTWISE,
-                &[c, c, 1, 1],
-                true,
-            )?,
+            proj_in: projection("proj_in")?,
+            blocks,
+            proj_out: projection("proj_out")?,
+            linear_projection: shape.linear_projection,
         })
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let hidden = self.proj_in.forward(&self.norm.group(x)?)?;
-        let tokens = hidden.flatten_from(2)?.transpose(1, 2)?;
-        let tokens = self.block.forward(&tokens, context)?;
-        let hidden = tokens.transpose(1, 2)?.reshape((b, c, h, w))?;
-        self.proj_out.forward(&hidden)? + x
+        let normed = self.norm.group(x)?;
+        let to_tokens = |map: Tensor| map.flatten_from(2)?.transpose(1, 2)?.contiguous();
+        let mut tokens = if self.linear_projection {
+            self.proj_in.forward(&to_tokens(normed)?)?
+        } else {
+            to_tokens(self.proj_in.forward(&normed)?)?
+        };
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let to_map = |tokens: Tensor| tokens.transpose(1, 2)?.reshape((b, c, h, w));
+        let out = if self.linear_projection {
+            to_map(self.proj_out.forward(&tokens)?)?
+        } else {
+            self.proj_out.forward(&to_map(tokens)?)?
+        };
+        out + x
     }
 
     fn visit(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer)) {
         f(&mut self.proj_in);
-        self.block.visit(f);
+        for block in &mut self.blocks {
+            block.visit(f);
+        }
         f(&mut self.proj_out);
     }
 }
@@ -506,13 +630,15 @@ impl Level {
     }
 }
 
-/// The SD1.x/SD2.x conditional UNet.
+/// The SD1.x/SD2.x/SDXL conditional UNet.
 #[derive(Debug, Clone)]
 pub struct Unet {
     /// Architecture read from the weights.
     pub config: UnetConfig,
     time_linear_1: AdaptableLayer,
     time_linear_2: AdaptableLayer,
+    /// SDXL's add-embedding (`label_emb`): two linear layers with a SiLU between.
+    add_embedding: Option<[AdaptableLayer; 2]>,
     conv_in: AdaptableLayer,
     down: Vec<Level>,
     mid_resnets: [ResnetBlock; 2],
@@ -527,19 +653,47 @@ impl Unet {
     /// linear and convolution weights in `weights`, biases and norms in `vb`'s dtype (the compute
     /// dtype, see [`crate::models::precision::ModelPrecision`]).
     pub fn load(vb: &VarBuilder<'_>, weights: DType) -> Result<Self> {
-        let l = Loader { vb, weights };
-        let config = detect_config(&l)?;
+        let probe = Loader {
+            vb,
+            weights,
+            module_path: str::to_string,
+        };
+        let config = detect_config(&probe)?;
+        let module_path: fn(&str) -> String = if config.is_sdxl() {
+            sdxl_ldm_name
+        } else {
+            str::to_string
+        };
+        let l = Loader {
+            vb,
+            weights,
+            module_path,
+        };
         let ch = config.block_channels.clone();
+        let levels = ch.len();
         let (latent, context) = (config.latent_channels, config.context_dim);
         let temb = 4 * ch[0];
         let other = Container::Other;
+        let transformer = |channels: usize, depth: usize| TransformerShape {
+            heads: config.heads_at(channels),
+            channels,
+            context,
+            depth,
+            linear_projection: config.linear_projection,
+        };
         let time_linear_1 = l.linear("time_embedding.linear_1", other, (ch[0], temb), true)?;
         let time_linear_2 = l.linear("time_embedding.linear_2", other, (temb, temb), true)?;
+        let add_embedding = match config.add_embedding_dim {
+            Some(dim) => Some([
+                l.linear("add_embedding.linear_1", other, (dim, temb), true)?,
+                l.linear("add_embedding.linear_2", other, (temb, temb), true)?,
+            ]),
+            None => None,
+        };
         let conv_in = l.conv3("conv_in", other, 1, (latent, ch[0]))?;
-        let mut down = Vec::with_capacity(LEVELS);
+        let mut down = Vec::with_capacity(levels);
         let mut in_ch = ch[0];
         for (i, &out_ch) in ch.iter().enumerate() {
-            let has_attention = i + 1 < LEVELS;
             let mut level = Level {
                 resnets: Vec::new(),
                 attentions: Vec::new(),
@@ -554,17 +708,15 @@ impl Unet {
                     out_ch,
                     temb,
                 )?);
-                if has_attention {
+                if config.down_depth[i] > 0 {
                     level.attentions.push(SpatialTransformer::load(
                         &l,
                         &format!("down_blocks.{i}.attentions.{j}"),
-                        config.heads_at(out_ch),
-                        out_ch,
-                        context,
+                        transformer(out_ch, config.down_depth[i]),
                     )?);
                 }
             }
-            if i + 1 < LEVELS {
+            if i + 1 < levels {
                 level.resample = Some(l.conv3(
                     &format!("down_blocks.{i}.downsamplers.0.conv"),
                     Container::Downsample,
@@ -575,7 +727,7 @@ impl Unet {
             down.push(level);
             in_ch = out_ch;
         }
-        let last = ch[LEVELS - 1];
+        let last = ch[levels - 1];
         let mid_resnets = [
             ResnetBlock::load(&l, "mid_block.resnets.0", last, last, temb)?,
             ResnetBlock::load(&l, "mid_block.resnets.1", last, last, temb)?,
@@ -583,17 +735,14 @@ impl Unet {
         let mid_attention = SpatialTransformer::load(
             &l,
             "mid_block.attentions.0",
-            config.heads_at(last),
-            last,
-            context,
+            transformer(last, config.mid_depth),
         )?;
         let reversed: Vec<usize> = ch.iter().rev().copied().collect();
-        let mut up = Vec::with_capacity(LEVELS);
+        let mut up = Vec::with_capacity(levels);
         let mut prev_out = reversed[0];
-        for i in 0..LEVELS {
+        for i in 0..levels {
             let out_ch = reversed[i];
-            let skip_in = reversed[(i + 1).min(LEVELS - 1)];
-            let has_attention = i > 0;
+            let skip_in = reversed[(i + 1).min(levels - 1)];
             let mut level = Level {
                 resnets: Vec::new(),
                 attentions: Vec::new(),
@@ -613,17 +762,15 @@ impl Unet {
                     out_ch,
                     temb,
                 )?);
-                if has_attention {
+                if config.up_depth[i] > 0 {
                     level.attentions.push(SpatialTransformer::load(
                         &l,
                         &format!("up_blocks.{i}.attentions.{j}"),
-                        config.heads_at(out_ch),
-                        out_ch,
-                        context,
+                        transformer(out_ch, config.up_depth[i]),
                     )?);
                 }
             }
-            if i + 1 < LEVELS {
+            if i + 1 < levels {
                 level.resample = Some(l.conv3(
                     &format!("up_blocks.{i}.upsamplers.0.conv"),
                     Container::Upsample,
@@ -640,6 +787,7 @@ impl Unet {
             config,
             time_linear_1,
             time_linear_2,
+            add_embedding,
             conv_in,
             down,
             mid_resnets,
@@ -649,18 +797,38 @@ impl Unet {
     }
 
     /// Predicts noise (or v) for latents `[B, 4, H, W]`, per-sample timesteps `[B]` (any numeric
-    /// dtype) and text context `[B, T, context_dim]`.
+    /// dtype) and text context `[B, T, context_dim]`. SDXL UNets also take the add-embedding
+    /// input `vector` `[B, add_embedding_dim]` ([`sdxl_vector`]); other UNets take `None`.
     pub fn forward(
         &self,
         latents: &Tensor,
         timesteps: &Tensor,
         context: &Tensor,
+        vector: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let temb = timestep_embedding(timesteps, self.config.block_channels[0])?
             .to_dtype(latents.dtype())?;
-        let temb = self
+        let mut temb = self
             .time_linear_2
             .forward(&self.time_linear_1.forward(&temb)?.silu()?)?;
+        match (&self.add_embedding, vector) {
+            (Some([linear_1, linear_2]), Some(vector)) => {
+                let vector = vector.to_dtype(latents.dtype())?;
+                temb = (temb + linear_2.forward(&linear_1.forward(&vector)?.silu()?)?)?;
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(candle_core::Error::Msg(
+                    "an SDXL UNet needs the size/pool2 conditioning vector".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(candle_core::Error::Msg(
+                    "a conditioning vector was given, but this UNet has no SDXL add-embedding"
+                        .into(),
+                ))
+            }
+        }
         let mut x = self.conv_in.forward(latents)?;
         let mut skips = vec![x.clone()];
         for level in &self.down {
@@ -702,6 +870,10 @@ impl Adaptable for Unet {
     fn visit_layers(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer)) {
         f(&mut self.time_linear_1);
         f(&mut self.time_linear_2);
+        if let Some([linear_1, linear_2]) = &mut self.add_embedding {
+            f(linear_1);
+            f(linear_2);
+        }
         f(&mut self.conv_in);
         for level in &mut self.down {
             level.visit(f);
@@ -716,12 +888,29 @@ impl Adaptable for Unet {
     }
 }
 
+/// SDXL's add-embedding input for a batch, as sd-scripts' `sdxl_train_network.py` builds it:
+/// `pool2` `[B, P]` followed by the sinusoidal embeddings ([`timestep_embedding`],
+/// [`SIZE_FEATURE_DIM`] wide) of each sample's six size values `[original height, original
+/// width, crop top, crop left, target height, target width]`.
+pub fn sdxl_vector(pool2: &Tensor, sizes: &[[i64; SIZE_VALUES]]) -> candle_core::Result<Tensor> {
+    let values: Vec<f32> = sizes.iter().flatten().map(|&v| v as f32).collect();
+    let batch = sizes.len();
+    let values = Tensor::from_vec(values, batch * SIZE_VALUES, pool2.device())?;
+    let features = timestep_embedding(&values, SIZE_FEATURE_DIM)?
+        .reshape((batch, SIZE_VALUES * SIZE_FEATURE_DIM))?
+        .to_dtype(pool2.dtype())?;
+    Tensor::cat(&[pool2, &features], 1)
+}
+
 /// Sinusoidal timestep embedding `[cos, sin]` (diffusers `flip_sin_to_cos=True`, shift 0), f32.
+/// The frequencies are computed in f32 step by step as sd-scripts computes them in torch
+/// (`exp(-ln(10000) * i / half)`), so that large arguments (SDXL's image sizes) round alike.
 pub fn timestep_embedding(timesteps: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
     let half = dim / 2;
     let device = timesteps.device();
+    let log_period = -(10000f64.ln()) as f32;
     let freqs: Vec<f32> = (0..half)
-        .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32)
+        .map(|i| (log_period * i as f32 / half as f32).exp())
         .collect();
     let freqs = Tensor::from_vec(freqs, (1, half), device)?;
     let args = timesteps
@@ -735,18 +924,45 @@ pub fn timestep_embedding(timesteps: &Tensor, dim: usize) -> candle_core::Result
 /// checked against it as the weights load).
 fn detect_config(l: &Loader) -> Result<UnetConfig> {
     let latent_channels = l.stored_dim("conv_in.weight", 1)?;
-    let mut block_channels = Vec::with_capacity(LEVELS);
-    for i in 0..LEVELS {
+    let levels = l.count("down_blocks", "resnets.0.conv1.weight");
+    let mut block_channels = Vec::with_capacity(levels);
+    for i in 0..levels {
         block_channels.push(l.stored_dim(&format!("down_blocks.{i}.resnets.0.conv1.weight"), 0)?);
     }
+    if !(2..=4).contains(&levels) || block_channels.iter().any(|c| c % NORM_GROUPS != 0) {
+        return Err(Error::Model(format!(
+            "UNet levels with channels {block_channels:?}: not an SD1.x/SD2.x/SDXL UNet (2 to 4 \
+             levels, channels multiples of {NORM_GROUPS})"
+        )));
+    }
+    let depth =
+        |attention: &str| l.count(&format!("{attention}.transformer_blocks"), "norm1.weight");
+    let down_depth: Vec<usize> = (0..levels)
+        .map(|i| depth(&format!("down_blocks.{i}.attentions.0")))
+        .collect();
+    let up_depth: Vec<usize> = (0..levels)
+        .map(|i| depth(&format!("up_blocks.{i}.attentions.0")))
+        .collect();
+    let mid_depth = depth("mid_block.attentions.0");
+    let Some(first) = down_depth.iter().position(|&d| d > 0) else {
+        return Err(Error::Model(
+            "the UNet has no cross-attention in its down levels: not an SD1.x/SD2.x/SDXL UNet"
+                .into(),
+        ));
+    };
+    let attention = format!("down_blocks.{first}.attentions.0");
     let context_dim = l.stored_dim(
-        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+        &format!("{attention}.transformer_blocks.0.attn2.to_k.weight"),
         1,
     )?;
-    if block_channels.iter().any(|c| c % NORM_GROUPS != 0) {
-        return Err(Error::Model(format!("UNet channels {block_channels:?} are not multiples of {NORM_GROUPS}: not an SD1/SD2 UNet")));
-    }
-    let heads = if context_dim == 1024 {
+    let linear_projection = l.stored_dims(&format!("{attention}.proj_in.weight"))?.len() == 2;
+    let add_embedding_dim = if l.has("add_embedding.linear_1.weight") {
+        Some(l.stored_dim("add_embedding.linear_1.weight", 1)?)
+    } else {
+        None
+    };
+    // Head sizes are not stored: SD2 and SDXL use 64-channel heads, SD1 8 heads.
+    let heads = if context_dim == 1024 || add_embedding_dim.is_some() {
         Heads::Width(64)
     } else {
         Heads::Count(8)
@@ -756,6 +972,11 @@ fn detect_config(l: &Loader) -> Result<UnetConfig> {
         context_dim,
         heads,
         latent_channels,
+        down_depth,
+        mid_depth,
+        up_depth,
+        linear_projection,
+        add_embedding_dim,
     })
 }
 

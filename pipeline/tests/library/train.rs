@@ -246,6 +246,7 @@ fn golden_batch() -> Batch {
     Batch {
         latents: latents.contiguous().unwrap(),
         context: read_npz_f32(&npz, "encoder_hidden_states_77").unwrap(),
+        vector: None,
         mask: None,
         loss_weights: None,
     }

@@ -54,7 +54,7 @@ fn unet_matches_sd_scripts_for_both_context_lengths() {
     for tokens in ["77", "227"] {
         let context = npz_f32(&golden(), &format!("encoder_hidden_states_{tokens}"));
         let expected = npz_f32(&golden(), &format!("unet_out_{tokens}"));
-        let out = unet.forward(&latents, &timesteps, &context).unwrap();
+        let out = unet.forward(&latents, &timesteps, &context, None).unwrap();
         let err = max_abs(&out, &expected);
         eprintln!("unet_out_{tokens}: max abs error {err:e}");
         assert!(err <= 1e-4, "unet_out_{tokens}: max abs error {err}");
@@ -164,7 +164,7 @@ fn golden_lora_output(unet: &Unet) -> Tensor {
     let latents = npz_f32(&golden(), "latents");
     let timesteps = npz_f32(&golden(), "timesteps");
     let context = npz_f32(&golden(), "encoder_hidden_states_77");
-    unet.forward(&latents, &timesteps, &context).unwrap()
+    unet.forward(&latents, &timesteps, &context, None).unwrap()
 }
 
 /// Max abs error of `unet` (carrying the golden LoRA) against sd-scripts' output with that LoRA,

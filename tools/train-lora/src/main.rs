@@ -5,7 +5,7 @@ use clap::Parser;
 use lorakit_pipeline::cli::LogArgs;
 use lorakit_pipeline::stages::train_lora::TrainArgs;
 
-/// Train a UNet-only LoRA (kohya format) for SD1.x/SD2.x from cached latents and cached
+/// Train a UNet-only LoRA (kohya format) for SD1.x/SD2.x/SDXL from cached latents and cached
 /// text-encoder outputs. The text encoder and the VAE are never loaded, so only the UNet is
 /// trained (like sd-scripts with cached text-encoder outputs). A kohya dataset
 /// (--train_data_dir, --reg_data_dir, --dataset_config) is first prepared by prepare-dataset,

@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-/// Train a UNet LoRA (kohya `networks.lora` format) for SD1.x/SD2.x from cached latents and cached
-/// text-encoder outputs.
+/// Train a UNet LoRA (kohya `networks.lora` format) for SD1.x/SD2.x/SDXL from cached latents and
+/// cached text-encoder outputs.
 ///
 /// Only the UNet is trained: the text encoder never runs (its outputs come from
 /// cache-text-encoder), exactly as sd-scripts behaves with cached text-encoder outputs
@@ -12,7 +12,7 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, clap::Args)]
 #[command(rename_all = "snake_case")]
 pub struct TrainArgs {
-    /// Base model: single-file SD1.x/SD2.x checkpoint (.safetensors).
+    /// Base model: single-file SD1.x/SD2.x/SDXL checkpoint (.safetensors).
     #[arg(long)]
     pub pretrained_model_name_or_path: PathBuf,
     /// SD2.x base model (checked against the weights).

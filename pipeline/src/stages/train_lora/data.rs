@@ -1,6 +1,7 @@
 //! Training data from caches only: the metadata JSON (`--in_json`), the latent caches
-//! `<stem>_<WWWW>x<HHHH>_sd.npz` (docs/kohya-compat.md#latent-cache-files) and the text-encoder
-//! caches `<stem>_te_outputs.npz`.
+//! `<stem>_<WWWW>x<HHHH>_sd.npz` (SDXL: `_sdxl.npz`, docs/kohya-compat.md#latent-cache-files) and
+//! the text-encoder caches `<stem>_te_outputs.npz`. SDXL batches also carry the add-embedding
+//! input sd-scripts' `sdxl_train_network.py` builds: `pool2` and the size conditioning.
 //! When the metadata's manifest comes from `prepare-latents`, each entry's latent cache is the
 //! one recording the content key listed there (at sd-scripts' name or under
 //! `.lorakit/latents/`, [`crate::formats::latent_cache`]), so metadata prepared at other
@@ -26,6 +27,7 @@ use crate::formats::model_family::ModelFamily;
 use crate::formats::npz::{stored_key, NpzReader};
 use crate::formats::schema::TE_CACHE_V1;
 use crate::formats::te_cache::{describe_width, read_cache_file, TeCacheSpec};
+use crate::models::unet::{sdxl_vector, SIZE_VALUES};
 use crate::stages::cache_text_encoder;
 use crate::{Error, Result};
 
@@ -36,8 +38,11 @@ pub struct Sample {
     pub key: String,
     /// Unscaled VAE latents `[4, h, w]` (f32, CPU).
     pub latents: Tensor,
-    /// Text-encoder hidden states `[75n+2, D]` (f32, CPU).
+    /// Text-encoder hidden states `[75n+2, D]` (f32, CPU); SDXL: `hidden_state1` and
+    /// `hidden_state2` joined along `D`, as sd-scripts joins them.
     pub context: Tensor,
+    /// SDXL: the cached `pool2` `[P]` (f32, CPU).
+    pub pool2: Option<Tensor>,
     /// The latent cache file `latents` was read from (named in messages).
     pub latent_cache: PathBuf,
     /// The text-encoder cache file `context` was read from (named in messages).
@@ -56,6 +61,41 @@ pub struct Sample {
     pub is_reg: bool,
     /// The image's `(width, height)` the latent cache records (`original_size`), when it does.
     pub original_size: Option<(u32, u32)>,
+    /// The crop `[left, top, right, bottom]` the latent cache records (`crop_ltrb`), when it
+    /// does.
+    pub crop_ltrb: Option<[f64; 4]>,
+}
+
+impl Sample {
+    /// SDXL's six size values `[original height, original width, crop top, crop left, target
+    /// height, target width]`, as sd-scripts' dataset derives them from a latent cache: the
+    /// target is the bucket (the latents' size x 8), and for the flipped latents the crop's left
+    /// edge is `target width - crop right`. Values are truncated to integers, as Python's
+    /// `int()` does.
+    pub fn size_values(&self, flipped: bool) -> Result<[i64; SIZE_VALUES]> {
+        let (Some((width, height)), Some(crop)) = (self.original_size, self.crop_ltrb) else {
+            return Err(Error::bad_file(
+                &self.latent_cache,
+                "has no original_size / crop_ltrb, which SDXL training is conditioned on; \
+                 re-run prepare-latents with the SDXL checkpoint",
+            ));
+        };
+        let (_, h, w) = self.latents.dims3()?;
+        let (target_w, target_h) = (8 * w as i64, 8 * h as i64);
+        let left = if flipped {
+            target_w as f64 - crop[2]
+        } else {
+            crop[0]
+        };
+        Ok([
+            height as i64,
+            width as i64,
+            crop[1] as i64,
+            left as i64,
+            target_h,
+            target_w,
+        ])
+    }
 }
 
 /// One batch on the training device.
@@ -65,6 +105,9 @@ pub struct Batch {
     pub latents: Tensor,
     /// Text-encoder hidden states `[B, T, D]`.
     pub context: Tensor,
+    /// SDXL: the add-embedding input `[B, P + 1536]` (pool2 and the size conditioning,
+    /// [`sdxl_vector`]).
+    pub vector: Option<Tensor>,
     /// Loss masks `[B, 1, h, w]`, when the samples carry alpha masks.
     pub mask: Option<Tensor>,
     /// Per-sample loss weights `[B]` (`--prior_loss_weight` for regularisation images), when the
@@ -319,6 +362,7 @@ impl CachedDataset {
         let mut dropout_rng = (draws.caption_dropout)
             .map(|(seed, rate)| (rand::rngs::StdRng::seed_from_u64(seed), rate));
         let (mut latents, mut contexts, mut masks) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut pools, mut sizes) = (Vec::new(), Vec::new());
         for &i in batch {
             let sample = &self.samples[i];
             let dropped = match (&mut dropout_rng, &self.empty_context) {
@@ -338,6 +382,10 @@ impl CachedDataset {
                 (Some(rng), Some(flipped)) => rng.random_bool(0.5).then_some(flipped),
                 _ => None,
             };
+            if let Some(pool2) = &sample.pool2 {
+                pools.push(pool2.clone());
+                sizes.push(sample.size_values(flipped.is_some())?);
+            }
             latents.push(flipped.unwrap_or(&sample.latents).clone());
             contexts.push(context);
             masks.push(match (&sample.mask, flipped) {
@@ -353,9 +401,15 @@ impl CachedDataset {
                 false => 1.0,
             })
             .collect();
+        let vector = if pools.is_empty() {
+            None
+        } else {
+            Some(sdxl_vector(&Tensor::stack(&pools, 0)?, &sizes)?.to_device(device)?)
+        };
         Ok(Batch {
             latents: Tensor::stack(&latents, 0)?.to_device(device)?,
             context: Tensor::stack(&contexts, 0)?.to_device(device)?,
+            vector,
             mask: match masks {
                 Some(masks) => Some(Tensor::stack(&masks, 0)?.to_device(device)?),
                 None => None,
@@ -377,9 +431,11 @@ fn mirror(tensor: &Tensor) -> Result<Tensor> {
     Ok(tensor.index_select(&index, tensor.rank() - 1)?)
 }
 
-/// Which optional parts of the latent caches training reads.
-#[derive(Debug, Clone, Copy, Default)]
+/// Which caches training reads, and which of their optional parts.
+#[derive(Debug, Clone, Copy)]
 pub struct CacheOptions {
+    /// The base model's family: SDXL reads `_sdxl.npz` latents and both text encoders' outputs.
+    pub family: ModelFamily,
     /// `alpha_mask` (`--alpha_mask`).
     pub alpha_mask: bool,
     /// `latents_flipped` (`--flip_aug`).
@@ -485,14 +541,15 @@ fn cache_base(key: &str, train_data_dir: Option<&Path>) -> PathBuf {
     }
 }
 
-/// The latent cache of the image `base` (its path without extension): the one recording
-/// `content_key` when it is known (from the metadata's `prepare-latents` manifest) and found;
-/// otherwise the last of its `<base>_<W>x<H>_sd.npz` files, else legacy `<base>.npz`.
-pub fn find_latent_cache(base: &Path, content_key: Option<&str>) -> Option<PathBuf> {
-    if let Some(found) = content_key.and_then(|key| find_by_key(base, key, "sd")) {
+/// The latent cache of the image `base` (its path without extension) for a model whose latent
+/// caches end in `suffix` (`sd`, `sdxl`): the one recording `content_key` when it is known (from
+/// the metadata's `prepare-latents` manifest) and found; otherwise the last of its
+/// `<base>_<W>x<H>_<suffix>.npz` files, else legacy `<base>.npz`.
+pub fn find_latent_cache(base: &Path, content_key: Option<&str>, suffix: &str) -> Option<PathBuf> {
+    if let Some(found) = content_key.and_then(|key| find_by_key(base, key, suffix)) {
         return Some(found);
     }
-    sd_scripts_caches(base, "sd").pop().or_else(|| {
+    sd_scripts_caches(base, suffix).pop().or_else(|| {
         let legacy = base.with_extension("npz");
         legacy.is_file().then_some(legacy)
     })
@@ -531,11 +588,12 @@ fn load_sample(
     keys: CacheKeys,
     options: CacheOptions,
 ) -> Result<Sample> {
-    let latent_path = find_latent_cache(base, keys.latent).ok_or_else(|| {
+    let suffix = options.family.latent_suffix();
+    let latent_path = find_latent_cache(base, keys.latent, suffix).ok_or_else(|| {
         Error::bad_file(
             base,
             format!(
-                "entry {key:?}: no latent cache {}_WWWWxHHHH_sd.npz",
+                "entry {key:?}: no latent cache {}_WWWWxHHHH_{suffix}.npz",
                 base.display()
             ),
         )
@@ -561,6 +619,14 @@ fn load_sample(
         },
         Err(_) => None,
     };
+    let crop_ltrb = reader
+        .read_f64("crop_ltrb")
+        .or_else(|_| {
+            let (values, shape) = reader.read_i64("crop_ltrb")?;
+            Ok::<_, Error>((values.into_iter().map(|v| v as f64).collect(), shape))
+        })
+        .ok()
+        .and_then(|(values, _)| <[f64; 4]>::try_from(values).ok());
     let [_, h, w] = arrays.shape;
     let latents = Tensor::from_vec(arrays.latents, arrays.shape.to_vec(), &Device::Cpu)?;
     let latents_flipped = arrays
@@ -601,16 +667,34 @@ fn load_sample(
         }
     }
     // SD 1.x and 2.x caches share one layout (a single `hidden_state`), so either family reads it.
-    let cached = read_cache_file(&te_path, &TeCacheSpec::any(ModelFamily::Sd1), &Device::Cpu)?;
-    let context = cached.arrays[0].to_dtype(DType::F32)?;
-    let context_variants = cached
-        .variants
-        .map(|variants| variants[0].to_dtype(DType::F32))
-        .transpose()?;
+    let cache_family = match options.family {
+        ModelFamily::Sdxl => ModelFamily::Sdxl,
+        _ => ModelFamily::Sd1,
+    };
+    let cached = read_cache_file(&te_path, &TeCacheSpec::any(cache_family), &Device::Cpu)?;
+    let arrays = (cached.arrays.iter())
+        .map(|a| a.to_dtype(DType::F32))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let (context, pool2, context_variants) = match arrays.as_slice() {
+        [hidden_state1, hidden_state2, pool2] => {
+            // Caption variants of SDXL caches are not read: train-lora refuses caption
+            // augmentation for SDXL.
+            let context = Tensor::cat(&[hidden_state1, hidden_state2], 1)?;
+            (context, Some(pool2.clone()), None)
+        }
+        _ => {
+            let variants = cached
+                .variants
+                .map(|variants| variants[0].to_dtype(DType::F32))
+                .transpose()?;
+            (arrays[0].clone(), None, variants)
+        }
+    };
     Ok(Sample {
         key: key.to_string(),
         latents,
         context,
+        pool2,
         mask,
         latents_flipped,
         context_variants,
@@ -619,6 +703,7 @@ fn load_sample(
         repeats: 1,
         is_reg: false,
         original_size,
+        crop_ltrb,
     })
 }
 

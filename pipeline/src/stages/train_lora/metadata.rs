@@ -7,6 +7,7 @@ use std::path::Path;
 
 use serde_json::json;
 
+use crate::formats::model_family::ModelFamily;
 use crate::infra::pyjson::float_repr;
 use crate::stages::train_lora::args::TrainArgs;
 use crate::stages::train_lora::data::CachedDataset;
@@ -77,14 +78,16 @@ pub fn base_metadata(
     plan: &PlanInfo,
     started_unix: f64,
     optimizer: &OptimizerKind,
-    is_sd2: bool,
+    family: ModelFamily,
 ) -> Result<BTreeMap<String, String>> {
     let mut m = BTreeMap::new();
-    let base_version = match (is_sd2, args.v_parameterization) {
-        (false, false) => "sd_v1",
-        (false, true) => "sd_v1_v",
-        (true, false) => "sd_v2",
-        (true, true) => "sd_v2_v",
+    let base_version = match (family, args.v_parameterization) {
+        (ModelFamily::Sd1, false) => "sd_v1",
+        (ModelFamily::Sd1, true) => "sd_v1_v",
+        (ModelFamily::Sd2, false) => "sd_v2",
+        (ModelFamily::Sd2, true) => "sd_v2_v",
+        // sdxl_train_network.py records its model version, v-prediction or not.
+        (ModelFamily::Sdxl, _) => "sdxl_base_v1-0",
     };
     let alpha = match args.network_alpha {
         Some(a) => float_repr(a as f64),
@@ -109,7 +112,7 @@ pub fn base_metadata(
     let put = |m: &mut BTreeMap<String, String>, k: &str, v: String| {
         m.insert(k.to_string(), v);
     };
-    put(&mut m, "ss_v2", py_bool(is_sd2));
+    put(&mut m, "ss_v2", py_bool(args.v2));
     put(&mut m, "ss_base_model_version", base_version.into());
     put(&mut m, "ss_network_module", args.network_module.clone());
     put(
@@ -125,14 +128,20 @@ pub fn base_metadata(
     }
     let buckets = bucket_settings(args, dataset)?;
     let (width, height) = buckets.resolution;
-    let arch = match (is_sd2, args.v_parameterization) {
-        (false, _) => "stable-diffusion-v1/lora",
-        (true, false) => "stable-diffusion-v2-512/lora",
-        (true, true) => "stable-diffusion-v2-768-v/lora",
+    let arch = match (family, args.v_parameterization) {
+        (ModelFamily::Sd1, _) => "stable-diffusion-v1/lora",
+        (ModelFamily::Sd2, false) => "stable-diffusion-v2-512/lora",
+        (ModelFamily::Sd2, true) => "stable-diffusion-v2-768-v/lora",
+        (ModelFamily::Sdxl, _) => "stable-diffusion-xl-v1-base/lora",
+    };
+    // sd-scripts' modelspec names the SGM code base as the implementation of SDXL LoRAs.
+    let implementation = match family {
+        ModelFamily::Sdxl => "https://github.com/Stability-AI/generative-models",
+        _ => "diffusers",
     };
     put(&mut m, "modelspec.sai_model_spec", "1.0.1".into());
     put(&mut m, "modelspec.architecture", arch.into());
-    put(&mut m, "modelspec.implementation", "diffusers".into());
+    put(&mut m, "modelspec.implementation", implementation.into());
     put(
         &mut m,
         "modelspec.title",

@@ -49,9 +49,6 @@ use validation::Validation;
 /// The LoRA's file stem without `--output_name` (as sd-scripts).
 const DEFAULT_OUTPUT_NAME: &str = "last";
 
-/// VAE latent scale of SD1/SD2.
-pub const VAE_SCALE: f64 = 0.18215;
-
 /// What the loss of one micro-batch needs besides the model.
 pub struct LossContext<'a> {
     /// The noise schedule.
@@ -77,7 +74,7 @@ pub fn micro_batch_loss(
     index: u64,
 ) -> Result<Tensor> {
     let context = &batch.context;
-    let x0 = (&batch.latents * VAE_SCALE)?;
+    let x0 = (&batch.latents * unet.config.family().vae_scale())?;
     let mut rng = NoiseRng::for_micro_batch(ctx.seed, index);
     let noise::NoiseDraw {
         eps,
@@ -110,6 +107,12 @@ pub fn micro_batch_loss(
             &noisy.to_dtype(ctx.dtype)?,
             &t_tensor,
             &context.to_dtype(ctx.dtype)?,
+            batch
+                .vector
+                .as_ref()
+                .map(|v| v.to_dtype(ctx.dtype))
+                .transpose()?
+                .as_ref(),
         )?
         .to_dtype(DType::F32)?;
     let mut elementwise = (ctx.loss).elementwise(&pred, &target, ctx.schedule, &timesteps)?;
@@ -198,7 +201,7 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
             &plan_info(plan, validation.as_ref().map_or(0, Validation::images)),
             started_unix,
             &setup.optimizer_kind,
-            setup.unet.config.is_sd2(),
+            setup.unet.config.family(),
         )?,
         name: plan.name.clone(),
         every_n_epochs: plan.save_every_n_epochs,
@@ -306,11 +309,17 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
     };
     let optimizer_kind = OptimizerKind::parse(optimizer_name, &args.optimizer_args)?;
 
+    let checkpoint = Checkpoint::open(&args.pretrained_model_name_or_path)?;
+    let family = checkpoint.family();
+    if family == ModelFamily::Sdxl {
+        check_sdxl_support(args, &network_options)?;
+    }
     let dataset = CachedDataset::load(
         &args.in_json,
         args.train_data_dir.as_deref(),
         args.dataset_repeats,
         data::CacheOptions {
+            family,
             alpha_mask: args.alpha_mask || args.masked_loss,
             flip_aug: args.flip_aug,
             prior_loss_weight: args.prior_loss_weight as f32,
@@ -342,7 +351,6 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
     {
         dataset.empty_context = Some(empty_caption(args, &dataset)?);
     }
-    let checkpoint = Checkpoint::open(&args.pretrained_model_name_or_path)?;
     let mut unet = load_unet(args, &checkpoint, precision, &device)?;
     if dataset.context_dim != unet.config.context_dim {
         return Err(Error::bad_file(
@@ -357,6 +365,19 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
                 describe_width(unet.config.context_dim)
             ),
         ));
+    }
+    if let (Some(expected), Some(pool2)) = (unet.config.pool_dim(), &dataset.samples[0].pool2) {
+        if pool2.dim(0)? != expected {
+            return Err(Error::bad_file(
+                &dataset.samples[0].text_cache,
+                format!(
+                    "pool2 has width {}, but the UNet of {} expects {expected}: the caches were \
+                     made with another model; re-run cache-text-encoder with this checkpoint",
+                    pool2.dim(0)?,
+                    args.pretrained_model_name_or_path.display()
+                ),
+            ));
+        }
     }
 
     let plan = plan(args, &dataset, seed);
@@ -457,38 +478,65 @@ fn model_precision(args: &TrainArgs, device: &Device) -> Result<ModelPrecision> 
     Ok(ModelPrecision::new(mixed, fp8, device))
 }
 
-/// The frozen UNet of an SD1.x/SD2.x checkpoint, checked against `--v2`.
+/// The frozen UNet of an SD1.x/SD2.x/SDXL checkpoint, checked against `--v2`.
 fn load_unet(
     args: &TrainArgs,
     checkpoint: &Checkpoint,
     precision: ModelPrecision,
     device: &Device,
 ) -> Result<Unet> {
-    if checkpoint.family() == ModelFamily::Sdxl {
-        return Err(Error::Usage(format!(
-            "{} is an SDXL checkpoint; train-lora trains SD1.x/SD2.x LoRAs",
-            args.pretrained_model_name_or_path.display()
-        )));
-    }
-    let vb = checkpoint.var_builder(Component::Unet, precision.compute, device, &unet::ldm_name)?;
+    let mapping = unet::ldm_mapping(checkpoint.family());
+    let vb = checkpoint.var_builder(Component::Unet, precision.compute, device, &mapping)?;
     let unet = Unet::load(&vb, precision.weights).map_err(|e| {
         Error::bad_file(
             &args.pretrained_model_name_or_path,
-            format!("not an SD1.x/SD2.x checkpoint with a UNet: {e}"),
+            format!("not an SD1.x/SD2.x/SDXL checkpoint with a UNet: {e}"),
         )
     })?;
-    if unet.config.is_sd2() != args.v2 {
+    let model = args.pretrained_model_name_or_path.display();
+    if unet.config.is_sdxl() {
+        if args.v2 {
+            return Err(Error::Usage(format!(
+                "{model} is an SDXL UNet; remove --v2 (sd-scripts refuses it for SDXL too)"
+            )));
+        }
+    } else if unet.config.is_sd2() != args.v2 {
         let (found, fix) = if unet.config.is_sd2() {
             ("SD2.x", "add")
         } else {
             ("SD1.x", "remove")
         };
         return Err(Error::Usage(format!(
-            "{} is an {found} UNet; {fix} --v2",
-            args.pretrained_model_name_or_path.display()
+            "{model} is an {found} UNet; {fix} --v2"
         )));
     }
     Ok(unet)
+}
+
+/// Refuses, before any work, what train-lora does not implement for SDXL yet: caption
+/// augmentation and caption dropout (they need `pool2` of every variant and of the empty
+/// caption) and per-block network arguments (SDXL numbers its blocks differently).
+fn check_sdxl_support(args: &TrainArgs, network: &NetworkOptions) -> Result<()> {
+    let captions = args.augments_captions()
+        || args.caption_dropout_rate.is_some_and(|rate| rate > 0.0)
+        || args.caption_dropout_every_n_epochs.is_some_and(|n| n > 0);
+    if captions {
+        return Err(Error::Usage(
+            "SDXL: caption augmentation (--shuffle_caption, --keep_tokens, \
+             --caption_tag_dropout_rate) and caption dropout are not implemented for SDXL yet; \
+             train without them"
+                .into(),
+        ));
+    }
+    if network.lora.blocks.is_some() || network.block_lr_weights.is_some() {
+        return Err(Error::Usage(
+            "SDXL: per-block network arguments (block_dims, block_alphas, conv_block_dims, \
+             conv_block_alphas, down_lr_weight, mid_lr_weight, up_lr_weight) are not implemented \
+             for SDXL yet; train without them"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// `--base_weights`: merges each LoRA file into the frozen UNet at its multiplier.
@@ -1054,12 +1102,17 @@ fn check_caption_variants(args: &TrainArgs, dataset: &CachedDataset) -> Result<(
     )))
 }
 
-/// Content key of one cached sample: its metadata key, latents and text-encoder states.
+/// Content key of one cached sample: its metadata key, latents, text-encoder states and (SDXL)
+/// size conditioning.
 fn sample_key(sample: &data::Sample) -> Result<String> {
     let mut key = crate::infra::hashing::KeyBuilder::new("train-sample", 1);
     key.text("key", &sample.key);
+    if sample.pool2.is_some() {
+        key.text("sizes", &format!("{:?}", sample.size_values(false)?));
+    }
     for tensor in [&sample.latents, &sample.context]
         .into_iter()
+        .chain(&sample.pool2)
         .chain(&sample.mask)
         .chain(&sample.context_variants)
     {
