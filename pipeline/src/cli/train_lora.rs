@@ -12,7 +12,7 @@ use clap::{Arg, ArgAction, ArgMatches, Command, CommandFactory, FromArgMatches};
 use serde_json::Value;
 
 use super::kohya_options::{self, Handling};
-use crate::stages::train_lora::optim::OptimizerKind;
+use crate::stages::train_lora::optim::{self, OptimizerKind};
 use crate::stages::train_lora::settings::{self, Notice, Settings};
 use crate::stages::train_lora::state;
 use crate::{Error, Result};
@@ -172,13 +172,15 @@ fn optimizer_refusal(matches: &ArgMatches) -> Option<String> {
         .flatten()
         .cloned()
         .unwrap_or_default();
+    let flag = |id: &str| matches.try_get_one::<bool>(id).ok().flatten() == Some(&true);
     let args: Vec<String> = matches
         .try_get_many::<String>("optimizer_args")
         .ok()
         .flatten()
         .map(|values| values.cloned().collect())
         .unwrap_or_default();
-    OptimizerKind::parse(&name, &args)
+    optim::optimizer_name(&name, flag("use_8bit_adam"), flag("use_lion_optimizer"))
+        .and_then(|name| OptimizerKind::parse(&name, &args))
         .err()
         .map(|e| e.to_string())
 }
