@@ -1194,7 +1194,7 @@ fn every_optimizer_trains_and_resumes_exactly() {
             &[
                 "--optimizer_type",
                 "Prodigy",
-                "--learning_rate",
+                "--unet_lr",
                 "1.0",
                 "--optimizer_args",
                 "d_coef=2",
@@ -1204,7 +1204,7 @@ fn every_optimizer_trains_and_resumes_exactly() {
             "prodigyopt.prodigy.Prodigy(d_coef=2,decouple=True,betas=(0.9, 0.99))",
         ),
         (
-            &["--optimizer_type", "DAdaptAdam", "--learning_rate", "1.0"],
+            &["--optimizer_type", "DAdaptAdam", "--unet_lr", "1.0"],
             "dadaptation.dadapt_adam.DAdaptAdam",
         ),
     ];
