@@ -1223,6 +1223,13 @@ fn every_optimizer_trains_and_resumes_exactly() {
         let final_file = out.path().join("tiny.safetensors");
         let file = LoraFile::read(&final_file).unwrap();
         assert_eq!(file.metadata["ss_optimizer"], ss_optimizer, "{options:?}");
+        if ss_optimizer.ends_with("(relative_step=True)") {
+            // Adafactor sets its own rate: sd-scripts' metadata and logged rate say so.
+            assert_eq!(file.metadata["ss_lr_scheduler"], "adafactor:0.001");
+            assert_eq!(file.metadata["ss_learning_rate"], "None");
+            let logged = loss_log(out.path())[0]["lr"].as_f64().unwrap();
+            assert!(logged > 0.0 && logged != 1e-3, "logged lr {logged}");
+        }
         let trained = candle_core::safetensors::load(&final_file, &Device::Cpu).unwrap();
         let ups: Vec<f32> = (trained.iter())
             .filter(|(k, _)| k.ends_with("lora_up.weight"))

@@ -964,6 +964,23 @@ mod tests {
         assert_eq!(kind.scheduler_name("cosine", 3).unwrap(), "cosine");
     }
 
+    #[test]
+    fn learning_rate_free_optimizers_refuse_several_learning_rates() {
+        for name in ["Prodigy", "DAdaptAdam"] {
+            let kind = parse(name, &[]).unwrap();
+            assert!(kind.check_learning_rates(&[1.0, 1.0, 0.0]).is_ok());
+            let error = kind
+                .check_learning_rates(&[1.0, 16.0])
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("loraplus_lr_ratio"), "{error}");
+        }
+        assert!(parse("AdamW", &[])
+            .unwrap()
+            .check_learning_rates(&[1.0, 16.0])
+            .is_ok());
+    }
+
     /// The tensors of a rank-`rank` LoRA (LierLa) on the full-size SD1.5 UNet: 16 transformer
     /// blocks (channels 320, 320, 640, 640, 1280, 1280 down, 1280 mid, 3 x 1280, 640, 320 up),
     /// each with proj_in, proj_out, the self-attention's q, k, v, out, the cross-attention's q,
