@@ -90,7 +90,7 @@ struct Inputs {
     /// Holds a kohya layout: `img/2_sks photo/` (two photos, one caption file),
     /// `reg/1_photo/` (one photo), `dataset.toml` over `img/`.
     scratch: PathBuf,
-    /// `--train_data_dir` is the cached data (the line gets `--in_json` added) rather than
+    /// `--train_data_dir` is the cached data (the line has or gets `--in_json`) rather than
     /// the kohya folder.
     cached: bool,
 }
@@ -284,7 +284,7 @@ fn run_line(args: &[String], add_in_json: bool) -> Result<String, String> {
         data: data.path().to_path_buf(),
         out: out.path().to_path_buf(),
         scratch: scratch.path().to_path_buf(),
-        cached: add_in_json,
+        cached: add_in_json || args.iter().any(|a| a.starts_with("--in_json")),
     };
     let argv = rewrite(args, &inputs, add_in_json);
     let output = Command::new(common::tool("train-lora"))

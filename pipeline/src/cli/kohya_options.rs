@@ -185,14 +185,6 @@ pub const KOHYA_OPTIONS: &[KohyaOption] = &[
     option("resume_from_huggingface", Flag, Refuse(NO_NETWORK)),
     option("async_upload", Flag, Refuse(NO_NETWORK)),
     option(
-        "use_8bit_adam",
-        Flag,
-        Refuse(
-            "8-bit AdamW is not implemented yet: use --optimizer_type AdamW (same maths, \
-                32-bit states)",
-        ),
-    ),
-    option(
         "lr_scheduler_type",
         One,
         Refuse("custom Python scheduler classes cannot run here: use --lr_scheduler NAME"),

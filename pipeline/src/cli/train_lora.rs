@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::kohya_options::{self, Handling};
 use super::prepare_dataset::DatasetArgs;
-use crate::stages::train_lora::optim::OptimizerKind;
+use crate::stages::train_lora::optim::{self, OptimizerKind};
 use crate::stages::train_lora::preparation::{self, Preparation, ToolRun};
 use crate::stages::train_lora::settings::{self, Notice, Settings};
 use crate::stages::train_lora::state;
@@ -481,13 +481,15 @@ fn optimizer_refusal(matches: &ArgMatches) -> Option<String> {
         .flatten()
         .cloned()
         .unwrap_or_default();
+    let flag = |id: &str| matches.try_get_one::<bool>(id).ok().flatten() == Some(&true);
     let args: Vec<String> = matches
         .try_get_many::<String>("optimizer_args")
         .ok()
         .flatten()
         .map(|values| values.cloned().collect())
         .unwrap_or_default();
-    OptimizerKind::parse(&name, &args)
+    optim::optimizer_name(&name, flag("use_8bit_adam"), flag("use_lion_optimizer"))
+        .and_then(|name| OptimizerKind::parse(&name, &args))
         .err()
         .map(|e| e.to_string())
 }

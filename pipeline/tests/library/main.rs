@@ -4,6 +4,7 @@
 mod support;
 
 mod kohya_datasets;
+mod optimizers;
 mod sdxl_unet;
 mod text_encoder_golden;
 mod tiers;

@@ -223,13 +223,18 @@ pub struct TrainArgs {
     /// UNet learning rate (overrides --learning_rate).
     #[arg(long)]
     pub unet_lr: Option<f64>,
-    /// AdamW (default) or Lion.
+    /// AdamW (default), AdamW8bit, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit, Lion, Lion8bit,
+    /// PagedLion8bit, SGDNesterov, SGDNesterov8bit or Adafactor (any case).
     #[arg(long, default_value = "")]
     pub optimizer_type: String,
     /// The legacy spelling of `--optimizer_type Lion`.
     #[arg(long)]
     pub use_lion_optimizer: bool,
-    /// Optimizer arguments key=value: weight_decay, betas=b1,b2, eps.
+    /// The legacy spelling of `--optimizer_type AdamW8bit`.
+    #[arg(long)]
+    pub use_8bit_adam: bool,
+    /// Optimizer arguments key=value, each value a Python literal (betas=(0.9,0.99),
+    /// weight_decay=0.01, relative_step=False, ...); keys the optimizer does not take are refused.
     #[arg(long, num_args = 1..)]
     pub optimizer_args: Vec<String>,
     /// Clip the global gradient norm (0 = off).

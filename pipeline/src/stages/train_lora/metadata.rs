@@ -208,9 +208,17 @@ pub fn base_metadata(
         "ss_output_name",
         args.output_name.clone().unwrap_or_else(|| "None".into()),
     );
-    put(&mut m, "ss_learning_rate", float_repr(args.learning_rate));
+    // Adafactor with relative_step: sd-scripts drops the learning rates and names the
+    // scheduler `adafactor:<lr>`.
+    let own_lr = optimizer.sets_own_lr();
+    let learning_rate = (!own_lr).then_some(args.learning_rate);
+    put(&mut m, "ss_learning_rate", py_opt_f64(learning_rate));
     put(&mut m, "ss_text_encoder_lr", "None".into());
-    put(&mut m, "ss_unet_lr", py_opt_f64(args.unet_lr));
+    put(
+        &mut m,
+        "ss_unet_lr",
+        py_opt_f64(args.unet_lr.filter(|_| !own_lr)),
+    );
     put(
         &mut m,
         "ss_num_train_images",
@@ -236,7 +244,12 @@ pub fn base_metadata(
     put(&mut m, "ss_gradient_accumulation_steps", accum.to_string());
     put(&mut m, "ss_max_train_steps", plan.total_steps.to_string());
     put(&mut m, "ss_lr_warmup_steps", args.lr_warmup_steps.clone());
-    put(&mut m, "ss_lr_scheduler", args.lr_scheduler.clone());
+    let scheduler = if own_lr {
+        format!("adafactor:{}", float_repr(args.learning_rate))
+    } else {
+        args.lr_scheduler.clone()
+    };
+    put(&mut m, "ss_lr_scheduler", scheduler);
     let dropout = args
         .network_dropout
         .map_or("None".into(), |p| p.to_string());
@@ -279,11 +292,7 @@ pub fn base_metadata(
             .unwrap_or_else(|| "None".into()),
     );
     put(&mut m, "ss_sd_scripts_commit_hash", "(unknown)".into());
-    put(
-        &mut m,
-        "ss_optimizer",
-        optimizer.description(&args.optimizer_args),
-    );
+    put(&mut m, "ss_optimizer", optimizer.description());
     put(&mut m, "ss_max_grad_norm", float_repr(args.max_grad_norm));
     put(
         &mut m,

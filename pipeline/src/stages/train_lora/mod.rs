@@ -297,17 +297,12 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         }
     };
     let network_options = NetworkOptions::from_args(args)?;
-    let optimizer_name = match (args.use_lion_optimizer, args.optimizer_type.as_str()) {
-        (true, "") => "Lion",
-        (true, other) if !other.eq_ignore_ascii_case("lion") => {
-            return Err(Error::Usage(format!(
-                "--use_lion_optimizer means --optimizer_type Lion, but --optimizer_type {other} \
-                 is given too; keep one"
-            )))
-        }
-        (_, name) => name,
-    };
-    let optimizer_kind = OptimizerKind::parse(optimizer_name, &args.optimizer_args)?;
+    let optimizer_name = optim::optimizer_name(
+        &args.optimizer_type,
+        args.use_8bit_adam,
+        args.use_lion_optimizer,
+    )?;
+    let optimizer_kind = OptimizerKind::parse(&optimizer_name, &args.optimizer_args)?;
 
     let checkpoint = Checkpoint::open(&args.pretrained_model_name_or_path)?;
     let family = checkpoint.family();
@@ -417,16 +412,15 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         .map(|(var, name, is_up)| (var.clone(), network_options.lr_factor(name, is_up)))
         .filter(|(_, factor)| *factor > 0.0)
         .unzip();
+    let group_lrs: Vec<f64> = lr_factors.iter().map(|factor| plan.lr * factor).collect();
+    optimizer_kind.check_learning_rates(&group_lrs)?;
     let optimizer = Optimizer::new(optimizer_kind.clone(), vars, lr_factors)?;
+    let warmup = lr::resolve_steps("--lr_warmup_steps", &args.lr_warmup_steps, plan.total_steps)?;
     let scheduler = LrScheduler::new(
-        &args.lr_scheduler,
+        optimizer_kind.scheduler_name(&args.lr_scheduler, warmup)?,
         ScheduleParams {
             total: plan.total_steps,
-            warmup: lr::resolve_steps(
-                "--lr_warmup_steps",
-                &args.lr_warmup_steps,
-                plan.total_steps,
-            )?,
+            warmup,
             decay: lr::resolve_steps("--lr_decay_steps", &args.lr_decay_steps, plan.total_steps)?,
             base_lr: plan.lr,
             cycles: args.lr_scheduler_num_cycles,
@@ -658,11 +652,12 @@ impl Training<'_> {
                 group_losses.push(loss);
                 at.loss_average.record(epoch, bi, loss);
                 let closes_group = (bi + 1) % accum == 0 || bi + 1 == batches.len();
-                let lr = self.plan.lr * self.scheduler.multiplier(at.global_step);
+                let mut lr = self.plan.lr * self.scheduler.multiplier(at.global_step);
                 if closes_group {
                     let mut grads = summed.take().expect("gradients of this group");
                     optim::clip_grad_norm(&mut grads, self.args.max_grad_norm)?;
                     optimizer.step(&grads, lr)?;
+                    lr = optimizer.own_lr().unwrap_or(lr);
                 }
                 let max_norm = match self.args.scale_weight_norms {
                     Some(limit) => Some(self.network.apply_max_norm(limit)?),
@@ -1320,7 +1315,7 @@ fn check_network_fits(
     optimizer: &OptimizerKind,
 ) -> Result<()> {
     let values = LoraNetwork::parameter_count(unet, lora) as u64;
-    let bytes = values.saturating_mul(4 * (2 + optimizer.state_slots() as u64));
+    let bytes = (values.saturating_mul(8)).saturating_add(optimizer.state_bytes(values as usize));
     match memory::available_bytes() {
         Some(available) if bytes > available => Err(Error::Usage(format!(
             "--network_dim {} (--conv_dim {}): the LoRA would have {values} trainable values, \

@@ -55,13 +55,7 @@ pub fn save(
         None,
         &Default::default(),
     )?;
-    let mut moments: Vec<(String, Tensor)> = Vec::new();
-    for (i, m) in optimizer.exp_avg.iter().enumerate() {
-        moments.push((format!("exp_avg.{i}"), m.to_device(&Device::Cpu)?));
-    }
-    for (i, v) in optimizer.exp_avg_sq.iter().enumerate() {
-        moments.push((format!("exp_avg_sq.{i}"), v.to_device(&Device::Cpu)?));
-    }
+    let moments = optimizer.state_tensors()?;
     let bytes = safetensors::serialize(moments.iter().map(|(n, t)| (n.as_str(), t)), None)
         .map_err(|e| Error::Model(format!("cannot serialise optimizer state: {e}")))?;
     crate::infra::fsio::write_atomic(&staging.join("optimizer.safetensors"), &bytes)?;
@@ -329,27 +323,9 @@ pub fn load(dir: &Path, network: &LoraNetwork, optimizer: &mut Optimizer) -> Res
     let moments: HashMap<String, Tensor> =
         candle_core::safetensors::load(&optimizer_path, &Device::Cpu)
             .map_err(|e| corrupt(&optimizer_path, e.to_string()))?;
-    for (prefix, list) in [
-        ("exp_avg", &mut optimizer.exp_avg),
-        ("exp_avg_sq", &mut optimizer.exp_avg_sq),
-    ] {
-        for (i, slot) in list.iter_mut().enumerate() {
-            let key = format!("{prefix}.{i}");
-            let tensor = moments.get(&key).ok_or_else(|| {
-                corrupt(
-                    &optimizer_path,
-                    format!("{key} is missing (different optimizer?)"),
-                )
-            })?;
-            if tensor.dims() != slot.dims() {
-                return Err(corrupt(
-                    &optimizer_path,
-                    format!("{key} has the wrong shape"),
-                ));
-            }
-            *slot = tensor.to_device(slot.device())?;
-        }
-    }
+    optimizer
+        .restore_state(&moments)
+        .map_err(|e| corrupt(&optimizer_path, e))?;
     let steps = value["lorakit_optimizer_steps"]
         .as_array()
         .map(|a| a.iter().filter_map(|s| s.as_u64()).collect::<Vec<_>>())
