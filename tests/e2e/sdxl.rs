@@ -174,3 +174,60 @@ fn sdxl_flow_trains_a_lora_with_sd_scripts_sdxl_keys_and_metadata() {
     );
     assert!(stderr.contains("remove --v2"), "{stderr}");
 }
+
+/// An `sdxl_train_network.py`-style command line on DreamBooth folders with the GUI's default
+/// optimizer (AdamW8bit) trains straight from the folders: train-lora prepares the SDXL caches
+/// (`_sdxl.npz`, both text encoders) and writes an SDXL LoRA.
+#[test]
+fn an_sdxl_dreambooth_command_line_prepares_and_trains() {
+    let root = tempfile::tempdir().unwrap();
+    let folder = root.path().join("img/2_sks cat");
+    std::fs::create_dir_all(&folder).unwrap();
+    for stem in ["astronaut", "chelsea"] {
+        let name = format!("{stem}.png");
+        std::fs::copy(fixtures().join("images").join(&name), folder.join(name)).unwrap();
+    }
+    let (img, out) = (root.path().join("img"), root.path().join("out"));
+    run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--train_data_dir",
+            img,
+            "--resolution",
+            "256",
+            "--enable_bucket",
+            "--min_bucket_reso",
+            "128",
+            "--max_bucket_reso",
+            "512",
+            "--output_dir",
+            out,
+            "--output_name",
+            "sdxl",
+            "--max_train_steps",
+            "2",
+            "--optimizer_type",
+            "AdamW8bit",
+            "--caption_extension",
+            ".txt",
+            "--quiet"
+        ],
+        0,
+    );
+    assert!(
+        std::fs::read_dir(&folder).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with("_sdxl.npz")),
+        "SDXL latent caches beside the images"
+    );
+    let lora = LoraFile::read(&out.join("sdxl.safetensors")).unwrap();
+    assert_eq!(lora.metadata["ss_base_model_version"], "sdxl_base_v1-0");
+    assert!(lora.metadata["ss_optimizer"].contains("AdamW8bit"));
+    assert!(module_names(&lora)
+        .iter()
+        .all(|name| name.starts_with("lora_unet_")));
+}
