@@ -137,3 +137,39 @@ pub fn use_project_runtime() {
     );
     std::env::set_var("ORT_DYLIB_PATH", library);
 }
+
+/// Where the `ss_*` / `modelspec.*` metadata `ours` of a LoRA differs from what sd-scripts
+/// wrote in a `golden/sd_scripts_runs` case (`golden`), key by key, as `key: ours ..,
+/// sd-scripts ..` lines: every key of the golden except those that change between any two runs
+/// (its `varying_keys`) and those that differ on purpose (listed here with the reason).
+pub fn sd_scripts_metadata_differences(
+    golden: &serde_json::Value,
+    ours: &std::collections::HashMap<String, String>,
+) -> Vec<String> {
+    let varying = golden["varying_keys"].as_object().unwrap();
+    let explained: &[(&str, &str)] = &[
+        (
+            "ss_cache_latents",
+            "latents are always cached here; recorded as True regardless",
+        ),
+        (
+            "modelspec.implementation_version",
+            "names our tool and version",
+        ),
+        ("ss_sd_scripts_commit_hash", "sd-scripts' own commit"),
+        ("ss_text_encoder_lr", "UNet-only training"),
+    ];
+    let mut differences = Vec::new();
+    for (key, value) in golden["lora_metadata"].as_object().unwrap() {
+        if varying.contains_key(key) || explained.iter().any(|(k, _)| k == key) {
+            continue;
+        }
+        let value = value.as_str().unwrap();
+        match ours.get(key) {
+            Some(ours) if ours == value => {}
+            Some(ours) => differences.push(format!("{key}: ours {ours:?}, sd-scripts {value:?}")),
+            None => differences.push(format!("{key}: missing (sd-scripts {value:?})")),
+        }
+    }
+    differences
+}

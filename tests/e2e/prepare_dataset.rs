@@ -306,28 +306,7 @@ fn an_sd_scripts_dreambooth_command_line_prepares_and_trains_unchanged() {
         lorakit_pipeline::networks::lora::LoraFile::read(&out.join("golden_lora.safetensors"))
             .unwrap()
             .metadata;
-    let varying = golden["varying_keys"].as_object().unwrap();
-    let explained: &[(&str, &str)] = &[
-        ("ss_cache_latents", "latents are always cached here"),
-        (
-            "modelspec.implementation_version",
-            "names our tool and version",
-        ),
-        ("ss_sd_scripts_commit_hash", "sd-scripts' own commit"),
-        ("ss_text_encoder_lr", "UNet-only training"),
-    ];
-    let mut differences = Vec::new();
-    for (key, value) in golden["lora_metadata"].as_object().unwrap() {
-        if varying.contains_key(key) || explained.iter().any(|(k, _)| k == key) {
-            continue;
-        }
-        let value = value.as_str().unwrap();
-        match ours.get(key) {
-            Some(ours) if ours == value => {}
-            Some(ours) => differences.push(format!("{key}: ours {ours:?}, sd-scripts {value:?}")),
-            None => differences.push(format!("{key}: missing (sd-scripts {value:?})")),
-        }
-    }
+    let differences = crate::common::sd_scripts_metadata_differences(&golden, &ours);
     assert!(differences.is_empty(), "{}", differences.join("\n"));
 
     let again = run_expect("train-lora", &argv, 0);

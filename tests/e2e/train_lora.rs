@@ -797,7 +797,8 @@ fn caption_augmentation_trains_on_cached_variants_and_the_cached_empty_caption()
 /// The `ss_*` / `modelspec.*` metadata of a LoRA trained on the 12 fixture photos prepared at
 /// `--resolution 256,256` with buckets 128..512 equals what sd-scripts' `train_network.py` wrote
 /// for the same dataset and settings (`golden/sd_scripts_runs/finetune_256.json`), key by key,
-/// except the values that differ between any two runs and the ones listed below with the reason.
+/// except the values that differ between any two runs and the ones that differ on purpose
+/// ([`crate::common::sd_scripts_metadata_differences`]).
 #[test]
 fn lora_metadata_matches_sd_scripts_for_the_same_dataset_and_settings() {
     let golden: serde_json::Value = serde_json::from_slice(
@@ -860,33 +861,7 @@ fn lora_metadata_matches_sd_scripts_for_the_same_dataset_and_settings() {
     let ours = LoraFile::read(&out.join("golden_lora.safetensors"))
         .unwrap()
         .metadata;
-    let theirs = golden["lora_metadata"].as_object().unwrap();
-    let varying = golden["varying_keys"].as_object().unwrap();
-    // Where the two differ on purpose.
-    let explained: &[(&str, &str)] = &[
-        (
-            "ss_cache_latents",
-            "latents are always cached here; recorded as True regardless",
-        ),
-        (
-            "modelspec.implementation_version",
-            "names our tool and version",
-        ),
-        ("ss_sd_scripts_commit_hash", "sd-scripts' own commit"),
-        ("ss_text_encoder_lr", "UNet-only training"),
-    ];
-    let mut differences = Vec::new();
-    for (key, value) in theirs {
-        if varying.contains_key(key) || explained.iter().any(|(k, _)| k == key) {
-            continue;
-        }
-        let value = value.as_str().unwrap();
-        match ours.get(key) {
-            Some(ours) if ours == value => {}
-            Some(ours) => differences.push(format!("{key}: ours {ours:?}, sd-scripts {value:?}")),
-            None => differences.push(format!("{key}: missing (sd-scripts {value:?})")),
-        }
-    }
+    let differences = crate::common::sd_scripts_metadata_differences(&golden, &ours);
     assert!(differences.is_empty(), "{}", differences.join("\n"));
 }
 

@@ -188,12 +188,9 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
 /// with one size): each must have one value over every subset (dataset). A per-step
 /// augmentation the caches cannot give is refused by key, as on the command line.
 fn config_run_settings(given: &Settings) -> Result<Settings> {
-    let mut options = given.clone();
-    options.values.remove("in_json");
-    let dataset_command = DatasetArgs::augment_args(Command::new("prepare-dataset"));
     let mut argv: Vec<OsString> = vec!["prepare-dataset".into()];
-    argv.extend(command_line_of(&dataset_command, &options));
-    let matches = dataset_command
+    argv.extend(dataset_options(given));
+    let matches = DatasetArgs::augment_args(Command::new("prepare-dataset"))
         .try_get_matches_from(argv)
         .map_err(|e| Error::Usage(e.to_string()))?;
     let args = DatasetArgs::from_arg_matches(&matches).map_err(|e| Error::Usage(e.to_string()))?;
@@ -337,6 +334,25 @@ fn config_run_settings(given: &Settings) -> Result<Settings> {
     }
 }
 
+/// The prepare-dataset options among `given`: every dataset option of `train_network.py` the
+/// command line gave (`--caption_extention` spelled right), except `--in_json`, which names
+/// the metadata train-lora trains from.
+fn dataset_options(given: &Settings) -> Vec<OsString> {
+    let mut options = Settings::default();
+    for (id, value) in &given.values {
+        let id = match id.as_str() {
+            "caption_extention" => "caption_extension",
+            "in_json" => continue,
+            id => id,
+        };
+        options.values.insert(id.to_string(), value.clone());
+    }
+    command_line_of(
+        &DatasetArgs::augment_args(Command::new("prepare-dataset")),
+        &options,
+    )
+}
+
 /// The preparation of the kohya dataset a command line without `--in_json` names
 /// (`--train_data_dir`, `--reg_data_dir`, `--dataset_config`): prepare-dataset with every
 /// dataset option given, prepare-latents with the VAE options, cache-text-encoder with the
@@ -357,18 +373,7 @@ fn dataset_preparation(given: &Settings, quiet: bool) -> Preparation {
     let latents_json = dir.join(preparation::LATENTS_JSON).into_os_string();
     let quiet_flag = quiet.then(|| OsString::from("--quiet"));
 
-    let mut dataset_options = Settings::default();
-    for (id, value) in &given.values {
-        let id = if id == "caption_extention" {
-            "caption_extension"
-        } else {
-            id
-        };
-        dataset_options.values.insert(id.to_string(), value.clone());
-    }
-    dataset_options.values.remove("in_json");
-    let dataset_command = DatasetArgs::augment_args(Command::new("prepare-dataset"));
-    let mut describe = command_line_of(&dataset_command, &dataset_options);
+    let mut describe = dataset_options(given);
     describe.extend([OsString::from("--out_json"), dataset_json.clone()]);
     describe.extend(quiet_flag.clone());
 

@@ -132,7 +132,7 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
         ));
     }
     let mut metadata = load_input_metadata(&options.in_json)?;
-    let (mut discovery, mut dataset_buckets) =
+    let (mut discovery, dataset_buckets) =
         match listed_images(&options.in_json, &metadata, options.full_path)? {
             Some((listed, buckets)) => (listed, Some(buckets)),
             None => (
@@ -163,7 +163,7 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
         .map(|image| imaging::image_size(image, options.decode.exif_transpose))
         .collect();
     let described = dataset_buckets.is_some();
-    let mut managers = match dataset_buckets.take() {
+    let mut managers = match dataset_buckets {
         Some(buckets) => {
             tracing::info!(
                 "bucket settings of each of the {} dataset(s) prepare-dataset described (the \

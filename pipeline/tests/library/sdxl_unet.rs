@@ -12,7 +12,7 @@ use lorakit_pipeline::models::unet::{self, Heads, Unet};
 use lorakit_pipeline::models::{Checkpoint, Component, ModelFamily};
 use lorakit_pipeline::networks::lora::{Alpha, LoraConfig, LoraNetwork};
 
-use crate::support::{fixtures, max_abs};
+use crate::support::{fixtures, max_abs, npz_tensor};
 
 fn golden() -> PathBuf {
     fixtures().join("golden/sdxl/unet.npz")
@@ -23,22 +23,7 @@ fn model() -> PathBuf {
 }
 
 fn npz(name: &str) -> Tensor {
-    let mut archive = npyz::npz::NpzArchive::open(golden()).expect("open npz");
-    let array = archive
-        .by_name(name)
-        .expect("read npz")
-        .unwrap_or_else(|| panic!("{name} missing"));
-    let shape: Vec<usize> = array.shape().iter().map(|&d| d as usize).collect();
-    let values: Vec<f32> = match array.dtype() {
-        npyz::DType::Plain(t) if t.type_char() == npyz::TypeChar::Int => array
-            .into_vec::<i64>()
-            .unwrap()
-            .into_iter()
-            .map(|v| v as f32)
-            .collect(),
-        _ => array.into_vec::<f32>().unwrap(),
-    };
-    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    npz_tensor(&golden(), name)
 }
 
 /// The six size values per sample of conditioning `name` (`a` or `b`).

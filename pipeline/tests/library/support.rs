@@ -1,8 +1,9 @@
 //! Helpers shared by the library-level tests.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
+use lorakit_pipeline::formats::npz::NpzReader;
 
 /// The bundled fixtures (`tests/fixtures` at the repository root).
 pub fn fixtures() -> PathBuf {
@@ -21,4 +22,17 @@ pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// Array `name` of the `.npz` file `path`, read with the project's reader, as a CPU float32
+/// tensor (integer arrays converted).
+pub fn npz_tensor(path: &Path, name: &str) -> Tensor {
+    let mut npz = NpzReader::open(path).unwrap();
+    if npz.dtype(name).unwrap() == "<i8" {
+        let (values, shape) = npz.read_i64(name).unwrap();
+        let values: Vec<f32> = values.into_iter().map(|v| v as f32).collect();
+        return Tensor::from_vec(values, shape, &Device::Cpu).unwrap();
+    }
+    npz.read_tensor_f32(name, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {name}: {e}", path.display()))
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::support::{fixtures, max_abs};
+use crate::support::{fixtures, max_abs, npz_tensor};
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
@@ -10,25 +10,6 @@ use lorakit_pipeline::models::adapter::Adaptable;
 use lorakit_pipeline::models::unet::{self, Unet};
 use lorakit_pipeline::models::{Checkpoint, Component};
 use lorakit_pipeline::networks::lora::{Alpha, LoraConfig, LoraNetwork};
-
-fn npz_f32(path: &PathBuf, name: &str) -> Tensor {
-    let mut archive = npyz::npz::NpzArchive::open(path).expect("open npz");
-    let array = archive
-        .by_name(name)
-        .expect("read npz")
-        .unwrap_or_else(|| panic!("{name} missing"));
-    let shape: Vec<usize> = array.shape().iter().map(|&d| d as usize).collect();
-    let values: Vec<f32> = match array.dtype() {
-        npyz::DType::Plain(t) if t.type_char() == npyz::TypeChar::Int => array
-            .into_vec::<i64>()
-            .unwrap()
-            .into_iter()
-            .map(|v| v as f32)
-            .collect(),
-        _ => array.into_vec::<f32>().unwrap(),
-    };
-    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-}
 
 fn base_unet() -> &'static Unet {
     static UNET: OnceLock<Unet> = OnceLock::new();
@@ -49,11 +30,11 @@ fn golden() -> PathBuf {
 #[test]
 fn unet_matches_sd_scripts_for_both_context_lengths() {
     let unet = base_unet();
-    let latents = npz_f32(&golden(), "latents");
-    let timesteps = npz_f32(&golden(), "timesteps");
+    let latents = npz_tensor(&golden(), "latents");
+    let timesteps = npz_tensor(&golden(), "timesteps");
     for tokens in ["77", "227"] {
-        let context = npz_f32(&golden(), &format!("encoder_hidden_states_{tokens}"));
-        let expected = npz_f32(&golden(), &format!("unet_out_{tokens}"));
+        let context = npz_tensor(&golden(), &format!("encoder_hidden_states_{tokens}"));
+        let expected = npz_tensor(&golden(), &format!("unet_out_{tokens}"));
         let out = unet.forward(&latents, &timesteps, &context, None).unwrap();
         let err = max_abs(&out, &expected);
         eprintln!("unet_out_{tokens}: max abs error {err:e}");
@@ -155,23 +136,23 @@ fn merged_kohya_lora_equals_the_applied_one() {
     // At multiplier 0 nothing changes.
     let mut unchanged = base_unet().clone();
     LoraNetwork::merge_file(&mut unchanged, &path, 0.0).unwrap();
-    let base = npz_f32(&golden(), "unet_out_77");
+    let base = npz_tensor(&golden(), "unet_out_77");
     assert!(max_abs(&golden_lora_output(&unchanged), &base) <= 1e-4);
 }
 
 /// `unet`'s output on the golden LoRA inputs (77-token context).
 fn golden_lora_output(unet: &Unet) -> Tensor {
-    let latents = npz_f32(&golden(), "latents");
-    let timesteps = npz_f32(&golden(), "timesteps");
-    let context = npz_f32(&golden(), "encoder_hidden_states_77");
+    let latents = npz_tensor(&golden(), "latents");
+    let timesteps = npz_tensor(&golden(), "timesteps");
+    let context = npz_tensor(&golden(), "encoder_hidden_states_77");
     unet.forward(&latents, &timesteps, &context, None).unwrap()
 }
 
 /// Max abs error of `unet` (carrying the golden LoRA) against sd-scripts' output with that LoRA,
 /// and the error of the LoRA's effect (output minus the base UNet's).
 fn golden_lora_errors(unet: &Unet) -> (f32, f32) {
-    let expected = npz_f32(&golden(), "unet_out_77_lora_unet_only");
-    let base = npz_f32(&golden(), "unet_out_77");
+    let expected = npz_tensor(&golden(), "unet_out_77_lora_unet_only");
+    let base = npz_tensor(&golden(), "unet_out_77");
     let out = golden_lora_output(unet);
     let effect = max_abs(&(&out - &base).unwrap(), &(&expected - &base).unwrap());
     (max_abs(&out, &expected), effect)
