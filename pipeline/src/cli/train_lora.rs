@@ -108,13 +108,9 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
             if !(folders && required) {
                 return Err(missing_dataset(&given, &probe));
             }
-            if config {
-                let from_file = config_run_settings(&given)?;
-                full.extend(command_line_of(&command, &from_file));
-                given.values.extend(from_file.values);
-            }
+            let config_variants = config.then(|| check_dataset_config(&given)).transpose()?;
             let quiet = probe.try_get_one::<bool>("quiet").ok().flatten() == Some(&true);
-            let planned = dataset_preparation(&given, quiet);
+            let planned = dataset_preparation(&given, config_variants, quiet);
             full.push(format!("--in_json={}", planned.metadata().display()).into());
             preparation = Some(planned);
         }
@@ -182,12 +178,11 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
     })
 }
 
-/// The caption and flip settings a `--dataset_config` gives its subsets, and the batch size of
-/// its datasets, as the train-lora options that apply them to the whole dataset (the trainer
-/// draws cached caption variants, caption dropout and flips for all images alike, and batches
-/// with one size): each must have one value over every subset (dataset). A per-step
-/// augmentation the caches cannot give is refused by key, as on the command line.
-fn config_run_settings(given: &Settings) -> Result<Settings> {
+/// Checks the subsets of a `--dataset_config` for the settings training cannot apply (refused by
+/// key, as on the command line). Their caption, flip and batch settings apply per subset and
+/// dataset from the prepared metadata; returns whether any subset shuffles or drops tags, so
+/// that the text-encoder caches need caption variants.
+fn check_dataset_config(given: &Settings) -> Result<bool> {
     let mut argv: Vec<OsString> = vec!["prepare-dataset".into()];
     argv.extend(dataset_options(given));
     let matches = DatasetArgs::augment_args(Command::new("prepare-dataset"))
@@ -201,90 +196,6 @@ fn config_run_settings(given: &Settings) -> Result<Settings> {
         .iter()
         .flat_map(|dataset| &dataset.subsets)
         .collect();
-    let mut problems = Vec::new();
-    let mut settings = Settings::default();
-    let uniform = |values: Vec<String>| -> std::result::Result<Option<String>, Vec<String>> {
-        let mut distinct = values.clone();
-        distinct.sort();
-        distinct.dedup();
-        match distinct.as_slice() {
-            [] => Ok(None),
-            [one] => Ok(Some(one.clone())),
-            _ => Err(values),
-        }
-    };
-    // `option` takes the one value `values` (per subset, or per dataset for `batch_size`) have:
-    // injected when it is not sd-scripts' default or the command line gave the option (the
-    // file wins); a flag that every subset turns off cannot be taken back from the command line.
-    let mut setting =
-        |key: &str, option: &str, values: Vec<String>, default: &str| {
-            let given_here = given.values.contains_key(option);
-            match uniform(values) {
-                Ok(Some(value)) if value == "true" => {
-                    settings
-                        .values
-                        .insert(option.to_string(), Value::Bool(true));
-                }
-                Ok(Some(value)) if value == "false" => {
-                    if given_here {
-                        problems.push(format!(
-                        "--{option} is given, but every subset of {} sets `{key}` = false (the \
-                         file wins in sd-scripts); leave --{option} out",
-                        file.display()
-                    ));
-                    }
-                }
-                Ok(Some(value)) if value != default || given_here => {
-                    let value = Value::Array(vec![Value::from(value)]);
-                    settings.values.insert(option.to_string(), value);
-                }
-                Ok(_) => {}
-                Err(values) => {
-                    problems.push(format!(
-                "`{key}` differs between the {} of {} ({}): train-lora applies one value to \
-                 the whole dataset; give every one the same",
-                if key == "batch_size" { "datasets" } else { "subsets" },
-                file.display(),
-                values.join(", ")
-            ))
-                }
-            }
-        };
-    let each = |f: &dyn Fn(&crate::dataset::kohya::Subset) -> String| -> Vec<String> {
-        subsets.iter().map(|subset| f(subset)).collect()
-    };
-    let shuffle = each(&|s| s.shuffle_caption.to_string());
-    setting("shuffle_caption", "shuffle_caption", shuffle, "false");
-    let keep = each(&|s| s.keep_tokens.to_string());
-    setting("keep_tokens", "keep_tokens", keep, "0");
-    let tag_dropout = each(&|s| s.caption_tag_dropout_rate.to_string());
-    setting(
-        "caption_tag_dropout_rate",
-        "caption_tag_dropout_rate",
-        tag_dropout,
-        "0",
-    );
-    let dropout = each(&|s| s.caption_dropout_rate.to_string());
-    setting("caption_dropout_rate", "caption_dropout_rate", dropout, "0");
-    let every = each(&|s| s.caption_dropout_every_n_epochs.to_string());
-    setting(
-        "caption_dropout_every_n_epochs",
-        "caption_dropout_every_n_epochs",
-        every,
-        "0",
-    );
-    let separator = each(&|s| s.caption_separator.clone());
-    setting("caption_separator", "caption_separator", separator, ",");
-    setting(
-        "flip_aug",
-        "flip_aug",
-        each(&|s| s.flip_aug.to_string()),
-        "false",
-    );
-    let batch_sizes = (description.datasets.iter())
-        .map(|dataset| dataset.batch_size.to_string())
-        .collect();
-    setting("batch_size", "train_batch_size", batch_sizes, "1");
     let unsupported: [(&str, bool, &str); 7] = [
         (
             "keep_tokens_separator",
@@ -322,16 +233,16 @@ fn config_run_settings(given: &Settings) -> Result<Settings> {
             kohya_options::IMAGE_AUGMENTATION,
         ),
     ];
-    for (key, set, why) in unsupported {
-        if set {
-            problems.push(format!("`{key}` in {}: {why}", file.display()));
-        }
+    let problems: Vec<String> = (unsupported.iter())
+        .filter(|(_, set, _)| *set)
+        .map(|(key, _, why)| format!("`{key}` in {}: {why}", file.display()))
+        .collect();
+    if !problems.is_empty() {
+        return Err(Error::Usage(problems.join("\n")));
     }
-    if problems.is_empty() {
-        Ok(settings)
-    } else {
-        Err(Error::Usage(problems.join("\n")))
-    }
+    Ok(subsets
+        .iter()
+        .any(|s| s.shuffle_caption || s.caption_tag_dropout_rate > 0.0))
 }
 
 /// The prepare-dataset options among `given`: every dataset option of `train_network.py` the
@@ -356,8 +267,14 @@ fn dataset_options(given: &Settings) -> Vec<OsString> {
 /// The preparation of the kohya dataset a command line without `--in_json` names
 /// (`--train_data_dir`, `--reg_data_dir`, `--dataset_config`): prepare-dataset with every
 /// dataset option given, prepare-latents with the VAE options, cache-text-encoder with the
-/// caption options (and caption variants when the captions are augmented).
-fn dataset_preparation(given: &Settings, quiet: bool) -> Preparation {
+/// caption options (and caption variants when the captions are augmented). `config_variants`
+/// is `Some` for a `--dataset_config`, whose subsets bring their own caption settings: whether
+/// any of them needs caption variants.
+fn dataset_preparation(
+    given: &Settings,
+    config_variants: Option<bool>,
+    quiet: bool,
+) -> Preparation {
     let text = |id: &str| -> Option<String> {
         match given.values.get(id)? {
             Value::Array(values) => values.first()?.as_str().map(str::to_string),
@@ -410,8 +327,15 @@ fn dataset_preparation(given: &Settings, quiet: bool) -> Preparation {
         }
     }
     let positive = |id: &str| text(id).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) > 0.0;
-    if flag("shuffle_caption") || positive("keep_tokens") || positive("caption_tag_dropout_rate") {
-        let variants = text("caption_variants").unwrap_or_else(|| "8".into());
+    let variants = text("caption_variants").unwrap_or_else(|| "8".into());
+    if let Some(needed) = config_variants {
+        if needed {
+            encode.extend(["--variants".into(), variants.into()]);
+        }
+    } else if flag("shuffle_caption")
+        || positive("keep_tokens")
+        || positive("caption_tag_dropout_rate")
+    {
         encode.extend(["--variants".into(), variants.into()]);
         if flag("shuffle_caption") {
             encode.push("--shuffle_caption".into());
@@ -812,41 +736,50 @@ mod tests {
     }
 
     #[test]
-    fn a_dataset_config_gives_its_caption_settings_and_batch_size_to_the_run() {
+    fn a_dataset_config_keeps_its_subset_settings_and_refuses_what_training_cannot_apply() {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("dataset.toml");
-        let toml = |extra: &str| {
+        let toml = |general: &str, extra: &str| {
             format!(
-                "[general]\nshuffle_caption = true\nkeep_tokens = 1\n\n[[datasets]]\n\
-                 resolution = 256\nbatch_size = 4\n\n  [[datasets.subsets]]\n  \
-                 image_dir = {:?}\n  class_tokens = \"sks\"\n{extra}",
+                "[general]\n{general}\n[[datasets]]\nresolution = 256\nbatch_size = 4\n\n  \
+                 [[datasets.subsets]]\n  image_dir = {:?}\n  class_tokens = \"sks\"\n{extra}",
                 dir.path().display().to_string()
             )
         };
-        std::fs::write(&config, toml("")).unwrap();
         let config_flag = format!("--dataset_config={}", config.display());
         let flags = [
             config_flag.as_str(),
             "--output_dir=out",
             "--train_batch_size=2",
         ];
+        let subsets = "\n  [[datasets.subsets]]\n  image_dir = \"other\"\n  keep_tokens = 2\n";
+        std::fs::write(
+            &config,
+            toml("shuffle_caption = true\nkeep_tokens = 1\n", subsets),
+        )
+        .unwrap();
         let run = parsed(&flags).unwrap();
         let train = &run.args.train;
-        assert!(train.shuffle_caption);
-        assert_eq!(train.keep_tokens, Some(1));
-        assert_eq!(train.train_batch_size, 4, "the file's batch_size wins");
+        assert!(
+            !train.shuffle_caption,
+            "the subsets' settings stay in the metadata"
+        );
+        assert_eq!(
+            train.train_batch_size, 2,
+            "the datasets' batch sizes stay there too"
+        );
         let encode = run.preparation.unwrap().runs[2].shell_line();
-        assert!(
-            encode.contains("--shuffle_caption --keep_tokens 1"),
-            "{encode}"
-        );
+        assert!(encode.contains("--variants 8"), "{encode}");
+        assert!(!encode.contains("--shuffle_caption"), "{encode}");
 
-        std::fs::write(&config, toml("\n  [[datasets.subsets]]\n  image_dir = \"other\"\n  keep_tokens = 2\n  random_crop = true\n")).unwrap();
+        std::fs::write(&config, toml("keep_tokens = 1\n", "")).unwrap();
+        let encode = parsed(&flags).unwrap().preparation.unwrap().runs[2].shell_line();
+        assert!(!encode.contains("--variants"), "nothing to vary: {encode}");
+
+        let refused = format!("{subsets}  random_crop = true\n");
+        std::fs::write(&config, toml("", &refused)).unwrap();
         let refusal = parsed(&flags).unwrap_err().to_string();
-        assert!(
-            refusal.contains("`keep_tokens` differs") && refusal.contains("`random_crop`"),
-            "{refusal}"
-        );
+        assert!(refusal.contains("`random_crop`"), "{refusal}");
     }
 
     #[test]

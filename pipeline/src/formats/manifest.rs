@@ -163,6 +163,37 @@ impl Manifest {
         Ok(Some(manifest))
     }
 
+    /// The manifest `tool` wrote for a document `output` was made from: `output`'s own, or the
+    /// one found by following each manifest's `in_json` input back (prepare-dataset's metadata
+    /// behind prepare-latents', for example). A recorded relative path is tried from the
+    /// current folder, then from the folder of the manifest that records it.
+    pub fn upstream(output: &Path, tool: &str) -> Result<Option<(PathBuf, Manifest)>> {
+        let mut document = output.to_path_buf();
+        // A chain of stages is short; the bound only guards against a manifest loop.
+        for _ in 0..8 {
+            let Some(manifest) = Self::read_for(&document)? else {
+                return Ok(None);
+            };
+            if manifest.tool == tool {
+                return Ok(Some((document, manifest)));
+            }
+            let Some(recorded) = (manifest.inputs.iter())
+                .find(|input| input.role == "in_json")
+                .and_then(|input| input.path.as_deref())
+                .map(PathBuf::from)
+            else {
+                return Ok(None);
+            };
+            document = match document.parent() {
+                Some(folder) if recorded.is_relative() && !recorded.exists() => {
+                    folder.join(recorded)
+                }
+                _ => recorded,
+            };
+        }
+        Ok(None)
+    }
+
     /// Checks that the document at `input` may be read as `expected_schema`.
     ///
     /// A file without a manifest (e.g. written by sd-scripts) is accepted; one whose manifest

@@ -14,6 +14,57 @@ use crate::dataset::IMAGE_EXTENSIONS;
 use crate::infra::{fsio, pyjson};
 use crate::{Error, Result};
 
+/// The settings of an entry's subset that apply while training, as prepare-dataset records them
+/// (`lorakit_subset`, schema `lorakit.metadata/v2`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EntrySubset {
+    /// Index of the entry's dataset.
+    pub dataset: usize,
+    /// `flip_aug`.
+    pub flip_aug: bool,
+    /// `shuffle_caption`.
+    pub shuffle_caption: bool,
+    /// `keep_tokens`.
+    pub keep_tokens: usize,
+    /// `caption_separator`.
+    pub caption_separator: String,
+    /// `caption_tag_dropout_rate`.
+    pub caption_tag_dropout_rate: f64,
+    /// `caption_dropout_rate`.
+    pub caption_dropout_rate: f64,
+    /// `caption_dropout_every_n_epochs` (0: never).
+    pub caption_dropout_every_n_epochs: usize,
+}
+
+impl EntrySubset {
+    /// The subset settings of `entry`; `None` for an entry without `lorakit_subset`. A missing
+    /// setting reads as sd-scripts' default.
+    pub fn of(entry: &Map<String, Value>) -> Option<Self> {
+        let subset = entry.get("lorakit_subset")?;
+        let count = |key: &str| subset[key].as_u64().unwrap_or(0) as usize;
+        let rate = |key: &str| subset[key].as_f64().unwrap_or(0.0);
+        Some(EntrySubset {
+            dataset: count("dataset"),
+            flip_aug: subset["flip_aug"] == true,
+            shuffle_caption: subset["shuffle_caption"] == true,
+            keep_tokens: count("keep_tokens"),
+            caption_separator: subset["caption_separator"]
+                .as_str()
+                .unwrap_or(",")
+                .to_string(),
+            caption_tag_dropout_rate: rate("caption_tag_dropout_rate"),
+            caption_dropout_rate: rate("caption_dropout_rate"),
+            caption_dropout_every_n_epochs: count("caption_dropout_every_n_epochs"),
+        })
+    }
+
+    /// Whether captions of the subset change from step to step (shuffle or tag dropout), so
+    /// that training draws cached caption variants.
+    pub fn augments_captions(&self) -> bool {
+        self.shuffle_caption || self.caption_tag_dropout_rate > 0.0
+    }
+}
+
 /// Metadata JSON document: image key → entry object, in file order.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Metadata {

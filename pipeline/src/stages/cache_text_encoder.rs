@@ -25,8 +25,8 @@ use serde_json::{json, Value};
 
 use crate::dataset::shard::{Shard, ShardRecord};
 use crate::formats::manifest::{InputRecord, Manifest};
-use crate::formats::metadata::load_input_metadata;
 use crate::formats::metadata::{ensure_in_dataset, resolve_image};
+use crate::formats::metadata::{load_input_metadata, EntrySubset};
 use crate::formats::model_family::ModelFamily;
 use crate::formats::npz::{store_key, stored_key, NpzReader, NpzWriter};
 use crate::formats::schema::{self, TE_CACHE_V1};
@@ -103,6 +103,8 @@ struct Item {
     key: String,
     cache_path: PathBuf,
     caption: String,
+    /// The entry's own augmentation (its `--dataset_config` subset's), else the command line's.
+    augmentation: Option<CaptionAugmentation>,
     content_key: String,
 }
 
@@ -228,9 +230,15 @@ pub struct LoadedRun {
 }
 
 impl LoadedRun {
-    /// The content key of the cache file of a caption.
-    pub fn entry_key(&self, caption: &str) -> String {
-        self.settings.clone().text("caption", caption).finish()
+    /// The content key of the cache file of a caption, augmented for its variants with
+    /// `augmentation` when the entry has its own (else with the run's, part of its settings).
+    pub fn entry_key(&self, caption: &str, augmentation: Option<&CaptionAugmentation>) -> String {
+        let mut key = self.settings.clone();
+        key.text("caption", caption);
+        if let Some(augmentation) = augmentation {
+            key.text("augmentation", &format!("{augmentation:?}"));
+        }
+        key.finish()
     }
 }
 
@@ -299,10 +307,28 @@ pub fn load_run(options: &TeCacheOptions) -> Result<LoadedRun> {
 /// Runs `cache-text-encoder`.
 pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
     check_options(options)?;
+    let metadata = load_input_metadata(&options.in_json)?;
+    // A config file's subsets bring their own caption settings (sd-scripts applies them per
+    // subset); otherwise the command line's apply to every entry.
+    let per_subset =
+        crate::stages::prepare_dataset::dataset_config_behind(&options.in_json)?.is_some();
+    let subset_augmentation = |entry: &serde_json::Map<String, Value>| {
+        EntrySubset::of(entry)
+            .filter(|_| per_subset)
+            .map(|subset| CaptionAugmentation {
+                shuffle: subset.shuffle_caption,
+                keep_tokens: subset.keep_tokens,
+                tag_dropout_rate: subset.caption_tag_dropout_rate,
+                separator: subset.caption_separator,
+            })
+    };
+    let any_subset_augments = (metadata.iter())
+        .filter_map(|(_, entry)| subset_augmentation(entry))
+        .any(|augmentation| !augmentation.is_identity());
+    check_augmentation(options, per_subset.then_some(any_subset_augments))?;
     if let Some(dir) = &options.cache_dir {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
-    let metadata = load_input_metadata(&options.in_json)?;
     let run = load_run(options)?;
     let family = run.encoders.family;
     tracing::info!(
@@ -346,11 +372,13 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
             without_text += 1;
             String::new()
         });
-        let content_key = run.entry_key(&caption);
+        let augmentation = subset_augmentation(entry);
+        let content_key = run.entry_key(&caption, augmentation.as_ref());
         items.push(Item {
             key: key.clone(),
             cache_path,
             caption,
+            augmentation,
             content_key,
         });
     }
@@ -379,7 +407,8 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
         key: String::new(),
         cache_path: empty_caption_path(&options.in_json, options.cache_dir.as_deref()),
         caption: String::new(),
-        content_key: run.entry_key(""),
+        augmentation: None,
+        content_key: run.entry_key("", None),
     };
     let LoadedRun {
         encoders,
@@ -451,6 +480,37 @@ fn check_options(options: &TeCacheOptions) -> Result<()> {
     if options.batch_size == 0 {
         return Err(Error::Usage("--batch_size must be at least 1".into()));
     }
+    if !(0.0..=1.0).contains(&options.augmentation.tag_dropout_rate) {
+        return Err(Error::Usage(
+            "--caption_tag_dropout_rate must be between 0 and 1".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `--variants` and the augmentation options go together. `subsets_augment` is
+/// `Some` for metadata prepared from a `--dataset_config`: whether any subset shuffles or drops
+/// tags, which then decides alone.
+fn check_augmentation(options: &TeCacheOptions, subsets_augment: Option<bool>) -> Result<()> {
+    let given = !options.augmentation.is_identity() || options.augmentation.keep_tokens > 0;
+    if let Some(subsets_augment) = subsets_augment {
+        if given {
+            return Err(Error::Usage(format!(
+                "{} was prepared from a --dataset_config: each subset's shuffle_caption / \
+                 keep_tokens / caption_tag_dropout_rate apply (set them in the config file); \
+                 leave those options out",
+                options.in_json.display()
+            )));
+        }
+        if options.variants > 0 && !subsets_augment {
+            return Err(Error::Usage(format!(
+                "--variants: no subset of the dataset config behind {} sets shuffle_caption or \
+                 caption_tag_dropout_rate, so every variant would equal the caption; leave it out",
+                options.in_json.display()
+            )));
+        }
+        return Ok(());
+    }
     let augmenting = !options.augmentation.is_identity();
     if options.variants > 0 && !augmenting {
         return Err(Error::Usage(
@@ -460,11 +520,6 @@ fn check_options(options: &TeCacheOptions) -> Result<()> {
     if options.variants == 0 && (augmenting || options.augmentation.keep_tokens > 0) {
         return Err(Error::Usage(
             "--shuffle_caption / --keep_tokens / --caption_tag_dropout_rate only apply to --variants N: a cached output cannot be re-shuffled per step".into(),
-        ));
-    }
-    if !(0.0..=1.0).contains(&options.augmentation.tag_dropout_rate) {
-        return Err(Error::Usage(
-            "--caption_tag_dropout_rate must be between 0 and 1".into(),
         ));
     }
     Ok(())
@@ -571,8 +626,9 @@ fn encode_and_write(
     for item in batch {
         let mut texts = vec![item.caption.clone()];
         let mut rng = rand::rngs::StdRng::seed_from_u64(variant_seed(options.seed, &item.key));
+        let augmentation = item.augmentation.as_ref().unwrap_or(&options.augmentation);
         for _ in 0..variants {
-            texts.push(options.augmentation.apply(&item.caption, &mut rng));
+            texts.push(augmentation.apply(&item.caption, &mut rng));
         }
         match texts
             .iter()

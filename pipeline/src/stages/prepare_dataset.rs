@@ -5,7 +5,7 @@
 //! balancing, `is_reg` and the subset's settings). sd-scripts' fine-tune path reads the file
 //! and ignores `lorakit_subset`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
@@ -134,6 +134,19 @@ fn datasets_json(group: &ResolvedGroup) -> Value {
     Value::Array(datasets)
 }
 
+/// The datasets of a `--dataset_config` behind the metadata `in_json` (prepare-dataset's
+/// manifest parameters, found through the manifests of the stages after it), whose per-subset
+/// settings (`lorakit_subset`) and per-dataset batch sizes apply as sd-scripts applies a config
+/// file's; `None` for metadata from a command-line dataset or another tool.
+pub fn dataset_config_behind(in_json: &Path) -> Result<Option<Value>> {
+    let Some((_, manifest)) = Manifest::upstream(in_json, STAGE)? else {
+        return Ok(None);
+    };
+    Ok(manifest.parameters["dataset_config"]
+        .is_string()
+        .then_some(manifest.parameters))
+}
+
 /// Runs `prepare-dataset`.
 pub fn run(options: &PrepareDatasetOptions) -> Result<Summary> {
     fsio::check_writable(&options.out_json)?;
@@ -197,6 +210,7 @@ pub fn run(options: &PrepareDatasetOptions) -> Result<Summary> {
         "dataset_dirs": dirs_json(&dirs),
         "reg_dataset_dirs": reg_dirs.as_deref().map(dirs_json),
         "tag_frequency": group.tag_frequency(),
+        "sd_scripts_datasets": group.sd_scripts_datasets(),
     });
     let mut manifest = Manifest::new(STAGE, &options.out_json, METADATA_V2, parameters);
     if let DescriptionSource::ConfigFile(file) = &group.source {

@@ -28,8 +28,8 @@ use crate::formats::latent_cache::{
     keyed_path, may_replace, parse_cache_name, read_latent_cache, CacheName, LatentSpec, KEYED_DIR,
 };
 use crate::formats::manifest::{InputRecord, Manifest};
-use crate::formats::metadata::load_input_metadata;
 use crate::formats::metadata::{check_unique_keys, image_key};
+use crate::formats::metadata::{load_input_metadata, EntrySubset};
 use crate::formats::npz::{self, NpzReader, NpzWriter};
 use crate::formats::schema::METADATA_V1;
 use crate::infra::hashing::{self, KeyBuilder};
@@ -105,6 +105,8 @@ struct Planned {
     keyed: PathBuf,
     /// BLAKE3 of the image bytes, recorded in the cache.
     image_hash: String,
+    /// Whether the cache also holds the flipped image's latents.
+    flip_aug: bool,
     content_key: String,
 }
 
@@ -218,13 +220,14 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
     let planned: Vec<Result<(Planned, bool)>> = placed
         .into_par_iter()
         .map(|(image, key, placement)| {
+            let flip_aug = options.flip_aug || managers.flipped.contains(&key);
             plan(
                 options,
                 family.latent_suffix(),
                 &vae_hash,
                 image,
                 key,
-                placement,
+                (placement, flip_aug),
             )
         })
         .collect();
@@ -438,6 +441,8 @@ fn listed_images(
 struct DatasetBuckets {
     managers: Vec<BucketManager>,
     dataset_of: HashMap<String, usize>,
+    /// Keys of the entries whose `--dataset_config` subset sets `flip_aug`.
+    flipped: HashSet<String>,
 }
 
 impl DatasetBuckets {
@@ -446,6 +451,7 @@ impl DatasetBuckets {
         DatasetBuckets {
             managers: vec![manager],
             dataset_of: HashMap::new(),
+            flipped: HashSet::new(),
         }
     }
 
@@ -498,7 +504,13 @@ impl DatasetBuckets {
             managers.push(manager);
         }
         let mut dataset_of = HashMap::new();
+        let mut flipped = HashSet::new();
+        // A config file's subsets flip as they say (sd-scripts applies them per subset).
+        let from_config = manifest.parameters["dataset_config"].is_string();
         for (key, entry) in metadata.iter() {
+            if from_config && EntrySubset::of(entry).is_some_and(|subset| subset.flip_aug) {
+                flipped.insert(key.to_string());
+            }
             let index = entry
                 .get("lorakit_subset")
                 .and_then(|subset| subset["dataset"].as_u64())
@@ -514,6 +526,7 @@ impl DatasetBuckets {
         Ok(DatasetBuckets {
             managers,
             dataset_of,
+            flipped,
         })
     }
 
@@ -645,10 +658,10 @@ fn plan(
     vae_hash: &str,
     image: PathBuf,
     key: String,
-    placement: Placement,
+    (placement, flip_aug): (Placement, bool),
 ) -> Result<(Planned, bool)> {
     let image_hash = hashing::hash_file(&image)?;
-    let content_key = content_key(options, vae_hash, &image_hash, &placement);
+    let content_key = content_key(options, vae_hash, &image_hash, &placement, flip_aug);
     let (sd_scripts, keyed) = cache_locations(
         &image,
         placement.original,
@@ -665,6 +678,7 @@ fn plan(
         sd_scripts,
         keyed,
         image_hash,
+        flip_aug,
         content_key,
     };
     if !options.force {
@@ -689,12 +703,14 @@ fn plan(
 }
 
 /// The content key of the cache file of an image whose bytes hash to `image_hash`, placed in
-/// its bucket as `placement`, encoded by the VAE whose weights hash to `vae_hash`.
+/// its bucket as `placement`, encoded by the VAE whose weights hash to `vae_hash`, with the
+/// flipped image's latents when `flip_aug`.
 pub fn content_key(
     options: &LatentOptions,
     vae_hash: &str,
     image_hash: &str,
     placement: &Placement,
+    flip_aug: bool,
 ) -> String {
     let crop = placement.crop_offset();
     let mut builder = KeyBuilder::new(STAGE, FORMAT_VERSION);
@@ -710,7 +726,7 @@ pub fn content_key(
         )
         .text("decode", options.decode.key_text())
         .text("dtype", options.precision.dtype_name())
-        .text("flip_aug", &options.flip_aug.to_string())
+        .text("flip_aug", &flip_aug.to_string())
         .text("alpha_mask", &options.alpha_mask.to_string())
         .text("seed", &options.seed.to_string());
     builder.finish()
@@ -734,7 +750,7 @@ fn cache_is_current(options: &LatentOptions, item: &Planned) -> Result<bool> {
     let (bw, bh) = item.placement.bucket;
     let spec = LatentSpec {
         bucket: Some((bw as usize, bh as usize)),
-        flip_aug: options.flip_aug,
+        flip_aug: item.flip_aug,
         alpha_mask: options.alpha_mask,
         complete: true,
     };
@@ -803,7 +819,7 @@ fn encode_all(
             if ok_items.is_empty() {
                 continue;
             }
-            match encode_batch(options, encoder, &ok_items, &ok_pixels) {
+            match encode_batch(encoder, &ok_items, &ok_pixels) {
                 Ok(results) => {
                     for (item, result) in ok_items.into_iter().zip(results) {
                         match result {
@@ -888,22 +904,30 @@ fn vae_input(rgb: &[u8], (width, height): (u32, u32), flip: bool) -> Vec<f32> {
 
 /// Encodes one batch and writes each item's cache file; the outer error fails the whole batch.
 fn encode_batch(
-    options: &LatentOptions,
     encoder: &VaeEncoder,
     items: &[Planned],
     pixels: &[Prepared],
 ) -> Result<Vec<Result<()>>> {
     let bucket = items[0].placement.bucket;
     let (bw, bh) = (bucket.0 as usize, bucket.1 as usize);
-    let views = if options.flip_aug { 2 } else { 1 };
-    let mut input = Vec::with_capacity(items.len() * views * 3 * bw * bh);
-    for prepared in pixels {
+    // Each item's views (the image, and its mirror image when it flips), one after another.
+    let views = |item: &Planned| if item.flip_aug { 2 } else { 1 };
+    let first_view: Vec<usize> = (items.iter())
+        .scan(0, |next, item| {
+            let first = *next;
+            *next += views(item);
+            Some(first)
+        })
+        .collect();
+    let total_views: usize = items.iter().map(views).sum();
+    let mut input = Vec::with_capacity(total_views * 3 * bw * bh);
+    for (item, prepared) in items.iter().zip(pixels) {
         input.extend(vae_input(&prepared.rgb, bucket, false));
-        if options.flip_aug {
+        if item.flip_aug {
             input.extend(vae_input(&prepared.rgb, bucket, true));
         }
     }
-    let input = Tensor::from_vec(input, (items.len() * views, 3, bh, bw), &Device::Cpu)
+    let input = Tensor::from_vec(input, (total_views, 3, bh, bw), &Device::Cpu)
         .map_err(|e| Error::Model(e.to_string()))?;
     let posterior = encoder.encode(&input)?;
     let to_vec = |t: &Tensor| -> Result<Vec<f32>> {
@@ -923,8 +947,8 @@ fn encode_batch(
         .map(|(index, (item, prepared))| {
             let mut writer = NpzWriter::new();
             let mut rng = rand::rngs::StdRng::seed_from_u64(sample_seed(&item.content_key));
-            for view in 0..views {
-                let start = (index * views + view) * per_view;
+            for view in 0..views(item) {
+                let start = (first_view[index] + view) * per_view;
                 let mean = &means[start..start + per_view];
                 let std = &stds[start..start + per_view];
                 if mean.iter().chain(std).any(|v| !v.is_finite()) {

@@ -188,6 +188,8 @@ pub struct ResolvedDataset {
     pub num_train_images: usize,
     /// Regularisation images times their folder's repeats, before the balancing.
     pub num_reg_images: usize,
+    /// `resize_interpolation` of the dataset.
+    pub resize_interpolation: Option<String>,
 }
 
 impl ResolvedDataset {
@@ -374,6 +376,74 @@ impl ResolvedGroup {
         }
         Value::Object(merged)
     }
+
+    /// What sd-scripts saves as `ss_datasets` for a `--dataset_config` run (before its
+    /// `json.dumps`): per dataset its batch size, image counts, resolution, bucket settings,
+    /// tag frequency and `bucket_info`, and per subset its caption and augmentation settings
+    /// with the folder (or metadata file) name.
+    pub fn sd_scripts_datasets(&self) -> Value {
+        let base_name = |path: &Path| {
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let datasets = self.datasets.iter().map(|dataset| {
+            let subsets: Vec<Value> = dataset
+                .subsets
+                .iter()
+                .map(|registered| {
+                    let s = &registered.subset;
+                    let mut subset = json!({
+                        "img_count": registered.img_count,
+                        "num_repeats": s.num_repeats,
+                        "color_aug": s.color_aug,
+                        "flip_aug": s.flip_aug,
+                        "random_crop": s.random_crop,
+                        "shuffle_caption": s.shuffle_caption,
+                        "keep_tokens": s.keep_tokens,
+                        "keep_tokens_separator": s.keep_tokens_separator,
+                        "secondary_separator": s.secondary_separator,
+                        "enable_wildcard": s.enable_wildcard,
+                        "caption_prefix": s.caption_prefix,
+                        "caption_suffix": s.caption_suffix,
+                        "resize_interpolation": s.resize_interpolation,
+                    });
+                    if let Some(dir) = &s.image_dir {
+                        subset["image_dir"] = json!(base_name(dir));
+                    }
+                    match &s.source {
+                        SubsetSource::DreamBooth {
+                            class_tokens,
+                            is_reg,
+                            ..
+                        } => {
+                            subset["class_tokens"] = json!(class_tokens);
+                            subset["is_reg"] = json!(is_reg);
+                        }
+                        SubsetSource::FineTuning { metadata_file } => {
+                            subset["metadata_file"] = json!(base_name(metadata_file));
+                        }
+                    }
+                    subset
+                })
+                .collect();
+            json!({
+                "is_dreambooth": dataset.kind == DatasetKind::DreamBooth,
+                "batch_size_per_device": dataset.batch_size,
+                "num_train_images": dataset.num_train_images,
+                "num_reg_images": dataset.num_reg_images,
+                "resolution": [dataset.resolution.0, dataset.resolution.1],
+                "enable_bucket": dataset.enable_bucket,
+                "min_bucket_reso": dataset.bucket_range.map(|r| r.0),
+                "max_bucket_reso": dataset.bucket_range.map(|r| r.1),
+                "tag_frequency": dataset.tag_frequency.to_json(),
+                "bucket_info": dataset.bucket_info.as_ref().map(BucketInfo::to_json),
+                "resize_interpolation": dataset.resize_interpolation,
+                "subsets": subsets,
+            })
+        });
+        Value::Array(datasets.collect())
+    }
 }
 
 /// Resolves every dataset of `description` into images and buckets, as sd-scripts'
@@ -521,6 +591,7 @@ fn resolve_dataset(
         tag_frequency: TagFrequency::default(),
         num_train_images: 0,
         num_reg_images: 0,
+        resize_interpolation: dataset.resize_interpolation.clone(),
     };
     let mut reg_images: Vec<Image> = Vec::new();
     for subset in &dataset.subsets {

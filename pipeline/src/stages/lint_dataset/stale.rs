@@ -228,8 +228,13 @@ fn check_latents(
         let Ok(image_hash) = hashing::hash_file(image) else {
             continue;
         };
-        let expected =
-            prepare_latents::content_key(&latent_options, &vae_hash, &image_hash, &placement);
+        let expected = prepare_latents::content_key(
+            &latent_options,
+            &vae_hash,
+            &image_hash,
+            &placement,
+            latent_options.flip_aug,
+        );
         let (cache, keyed) = prepare_latents::cache_locations(
             image,
             placement.original,
@@ -318,7 +323,7 @@ fn check_text(
         }
         result.checked += 1;
         let caption = training_caption(entry, &settings.caption_separator).unwrap_or_default();
-        if compare(&cache, &run.entry_key(&caption), findings) {
+        if compare(&cache, &run.entry_key(&caption, None), findings) {
             result
                 .stale
                 .push((cache, format!("metadata entry {key:?}")));

@@ -22,7 +22,7 @@ use crate::dataset::shard::Shard;
 use crate::dataset::IMAGE_EXTENSIONS;
 use crate::formats::latent_cache::{find_by_key, read_latent_cache, sd_scripts_caches, LatentSpec};
 use crate::formats::manifest::Manifest;
-use crate::formats::metadata::load_input_metadata;
+use crate::formats::metadata::{load_input_metadata, EntrySubset};
 use crate::formats::model_family::ModelFamily;
 use crate::formats::npz::{stored_key, NpzReader};
 use crate::formats::schema::TE_CACHE_V1;
@@ -64,6 +64,36 @@ pub struct Sample {
     /// The crop `[left, top, right, bottom]` the latent cache records (`crop_ltrb`), when it
     /// does.
     pub crop_ltrb: Option<[f64; 4]>,
+    /// Index of the image's dataset (a `--dataset_config` can describe several).
+    pub dataset: usize,
+    /// The random changes training makes to the sample.
+    pub augment: Augment,
+}
+
+/// The per-step random changes of one sample: the command line's, or with a `--dataset_config`
+/// its subset's.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Augment {
+    /// Flip with probability 0.5 (`flip_aug`).
+    pub flip: bool,
+    /// Train on one of the cached caption variants (`shuffle_caption`, tag dropout).
+    pub caption_variants: bool,
+    /// `caption_dropout_rate`.
+    pub caption_dropout_rate: f64,
+    /// `caption_dropout_every_n_epochs` (0: never).
+    pub caption_dropout_every_n_epochs: usize,
+}
+
+impl Augment {
+    /// The probability of training on the empty caption in `epoch`.
+    pub fn caption_dropout_at(&self, epoch: usize) -> f64 {
+        let every_n = self.caption_dropout_every_n_epochs;
+        if every_n > 0 && epoch % every_n == 0 {
+            1.0
+        } else {
+            self.caption_dropout_rate
+        }
+    }
 }
 
 impl Sample {
@@ -115,18 +145,20 @@ pub struct Batch {
     pub loss_weights: Option<Tensor>,
 }
 
-/// The random choices of one micro-batch's collation.
+/// The seeds of one micro-batch's random choices (none for validation); which samples they
+/// apply to, and with what rates, is each sample's [`Augment`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Draws {
-    /// `--flip_aug`: each sample is flipped with probability 0.5 (its cached flipped latents and
-    /// mirrored mask), drawn from this seed.
+    /// The training epoch (1-based), for `caption_dropout_every_n_epochs`.
+    pub epoch: usize,
+    /// Flips: a flipping sample uses its cached flipped latents (and mirrored mask) with
+    /// probability 0.5.
     pub flip_seed: Option<u64>,
-    /// Caption augmentation: each sample's context is one of its cached caption variants, drawn
-    /// uniformly from this seed.
+    /// Caption augmentation: the context is one of the sample's cached caption variants, drawn
+    /// uniformly.
     pub variant_seed: Option<u64>,
-    /// Caption dropout `(seed, rate)`: each sample trains on the empty caption with probability
-    /// `rate`, drawn from the seed.
-    pub caption_dropout: Option<(u64, f64)>,
+    /// Caption dropout: the sample trains on the empty caption with its dropout probability.
+    pub caption_dropout_seed: Option<u64>,
 }
 
 /// The cached training set, grouped into buckets by latent size.
@@ -146,6 +178,39 @@ pub struct CachedDataset {
     pub empty_context: Option<Tensor>,
     /// The loss weight of regularisation images (`--prior_loss_weight`).
     pub prior_loss_weight: f32,
+    /// The datasets of the `--dataset_config` the metadata was prepared from.
+    pub config: Option<ConfigDatasets>,
+}
+
+/// The datasets of a `--dataset_config` (prepare-dataset's record of them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigDatasets {
+    /// Images per batch of each dataset.
+    pub batch_sizes: Vec<usize>,
+    /// What sd-scripts saves as `ss_datasets` for them.
+    pub sd_scripts_datasets: serde_json::Value,
+}
+
+impl ConfigDatasets {
+    /// Reads prepare-dataset's record (its manifest parameters).
+    fn from_record(in_json: &Path, record: &serde_json::Value) -> Result<Self> {
+        let batch_sizes: Option<Vec<usize>> = record["datasets"].as_array().and_then(|datasets| {
+            (datasets.iter())
+                .map(|d| d["batch_size"].as_u64().map(|n| n as usize))
+                .collect()
+        });
+        match batch_sizes {
+            Some(batch_sizes) if !batch_sizes.is_empty() && !batch_sizes.contains(&0) => Ok(Self {
+                batch_sizes,
+                sd_scripts_datasets: record["sd_scripts_datasets"].clone(),
+            }),
+            _ => Err(Error::bad_file(
+                in_json,
+                "the prepare-dataset manifest behind it records no batch size per dataset; run \
+                 prepare-dataset again",
+            )),
+        }
+    }
 }
 
 impl CachedDataset {
@@ -159,6 +224,9 @@ impl CachedDataset {
         options: CacheOptions,
     ) -> Result<Self> {
         let metadata = load_input_metadata(in_json)?;
+        let config = crate::stages::prepare_dataset::dataset_config_behind(in_json)?
+            .map(|record| ConfigDatasets::from_record(in_json, &record))
+            .transpose()?;
         let latent_keys = Manifest::read_for(in_json)?
             .filter(|manifest| manifest.tool == crate::stages::prepare_latents::STAGE)
             .map(|manifest| manifest.items)
@@ -184,12 +252,31 @@ impl CachedDataset {
                     .get(key)
                     .map(|k| (k.as_str(), text_index.as_path())),
             };
-            match load_sample(key, &base, entry.get("train_resolution"), keys, options) {
+            // A config file's subset settings win over the command line's, as in sd-scripts.
+            let settings = config.as_ref().and_then(|_| EntrySubset::of(entry));
+            let augment = match &settings {
+                Some(subset) => Augment {
+                    flip: subset.flip_aug,
+                    caption_variants: subset.augments_captions(),
+                    caption_dropout_rate: subset.caption_dropout_rate,
+                    caption_dropout_every_n_epochs: subset.caption_dropout_every_n_epochs,
+                },
+                None => options.augment,
+            };
+            match load_sample(
+                key,
+                &base,
+                entry.get("train_resolution"),
+                keys,
+                options,
+                augment,
+            ) {
                 Ok(mut sample) => {
                     let subset = entry.get("lorakit_subset");
                     let subset_repeats = subset.and_then(|s| s["num_repeats"].as_u64());
                     sample.repeats = subset_repeats.map_or(repeats, |n| n as usize);
                     sample.is_reg = subset.is_some_and(|s| s["is_reg"] == true);
+                    sample.dataset = settings.map_or(0, |s| s.dataset);
                     samples.push(sample)
                 }
                 Err(e) => problems.push(e.to_string()),
@@ -236,8 +323,23 @@ impl CachedDataset {
             ));
         }
         let context_dim = widths.keys().next().copied().unwrap_or_default();
+        if let Some(config) = &config {
+            if let Some(sample) = (samples.iter()).find(|s| s.dataset >= config.batch_sizes.len()) {
+                return Err(Error::bad_file(
+                    in_json,
+                    format!(
+                        "entry {:?} names dataset {} of {} in its lorakit_subset; run \
+                         prepare-dataset again",
+                        sample.key,
+                        sample.dataset,
+                        config.batch_sizes.len()
+                    ),
+                ));
+            }
+        }
         let mut dataset = Self::from_samples(samples, repeats, dirs, context_dim)?;
         dataset.prior_loss_weight = options.prior_loss_weight;
+        dataset.config = config;
         Ok(dataset)
     }
 
@@ -261,6 +363,7 @@ impl CachedDataset {
             context_dim,
             empty_context: None,
             prior_loss_weight: 1.0,
+            config: None,
         })
     }
 
@@ -298,6 +401,7 @@ impl CachedDataset {
         let context_dim = self.context_dim;
         let mut train = Self::from_samples(train, self.repeats, self.dirs, context_dim)?;
         train.prior_loss_weight = self.prior_loss_weight;
+        train.config = self.config;
         Ok((
             train,
             Some(Self::from_samples(
@@ -329,11 +433,35 @@ impl CachedDataset {
         members.iter().map(|&i| self.samples[i].repeats).sum()
     }
 
+    /// The groups batches are cut from, with their batch size: each bucket's samples, split
+    /// by dataset when a `--dataset_config` gives each dataset its own batch size (as
+    /// sd-scripts batches each dataset on its own); `batch_size` otherwise.
+    fn batch_groups(&self, batch_size: usize) -> Vec<(Vec<usize>, usize)> {
+        let Some(config) = &self.config else {
+            return (self.buckets.values())
+                .map(|members| (members.clone(), batch_size))
+                .collect();
+        };
+        let mut groups = Vec::new();
+        for members in self.buckets.values() {
+            let mut by_dataset: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+            for &i in members {
+                by_dataset
+                    .entry(self.samples[i].dataset)
+                    .or_default()
+                    .push(i);
+            }
+            for (dataset, members) in by_dataset {
+                groups.push((members, config.batch_sizes[dataset]));
+            }
+        }
+        groups
+    }
+
     /// Number of batches in an epoch.
     pub fn batches_per_epoch(&self, batch_size: usize) -> usize {
-        self.buckets
-            .values()
-            .map(|b| self.bucket_len(b).div_ceil(batch_size))
+        (self.batch_groups(batch_size).iter())
+            .map(|(members, size)| self.bucket_len(members).div_ceil(*size))
             .sum()
     }
 
@@ -342,13 +470,13 @@ impl CachedDataset {
     pub fn epoch_batches(&self, seed: u64, epoch: usize, batch_size: usize) -> Vec<Vec<usize>> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(mix(seed, 0x5eed_da7a, epoch as u64));
         let mut batches = Vec::new();
-        for members in self.buckets.values() {
+        for (members, size) in self.batch_groups(batch_size) {
             let mut items: Vec<usize> = members
                 .iter()
                 .flat_map(|&i| std::iter::repeat_n(i, self.samples[i].repeats))
                 .collect();
             items.shuffle(&mut rng);
-            batches.extend(items.chunks(batch_size).map(|c| c.to_vec()));
+            batches.extend(items.chunks(size).map(|c| c.to_vec()));
         }
         batches.shuffle(&mut rng);
         batches
@@ -359,27 +487,32 @@ impl CachedDataset {
     pub fn collate(&self, batch: &[usize], device: &Device, draws: &Draws) -> Result<Batch> {
         let mut rng = draws.flip_seed.map(rand::rngs::StdRng::seed_from_u64);
         let mut variant_rng = draws.variant_seed.map(rand::rngs::StdRng::seed_from_u64);
-        let mut dropout_rng = (draws.caption_dropout)
-            .map(|(seed, rate)| (rand::rngs::StdRng::seed_from_u64(seed), rate));
+        let mut dropout_rng = draws
+            .caption_dropout_seed
+            .map(rand::rngs::StdRng::seed_from_u64);
         let (mut latents, mut contexts, mut masks) = (Vec::new(), Vec::new(), Vec::new());
         let (mut pools, mut sizes) = (Vec::new(), Vec::new());
         for &i in batch {
             let sample = &self.samples[i];
+            let augment = &sample.augment;
+            let dropout_rate = augment.caption_dropout_at(draws.epoch);
             let dropped = match (&mut dropout_rng, &self.empty_context) {
-                (Some((rng, rate)), Some(empty)) => {
-                    (rng.random::<f64>() < *rate).then(|| empty.clone())
+                (Some(rng), Some(empty)) if dropout_rate > 0.0 => {
+                    (rng.random::<f64>() < dropout_rate).then(|| empty.clone())
                 }
                 _ => None,
             };
             let context = match (dropped, &mut variant_rng, &sample.context_variants) {
                 (Some(empty), _, _) => empty,
-                (None, Some(rng), Some(variants)) => {
+                (None, Some(rng), Some(variants)) if augment.caption_variants => {
                     variants.get(rng.random_range(0..variants.dim(0)?))?
                 }
                 _ => sample.context.clone(),
             };
             let flipped = match (&mut rng, &sample.latents_flipped) {
-                (Some(rng), Some(flipped)) => rng.random_bool(0.5).then_some(flipped),
+                (Some(rng), Some(flipped)) if augment.flip => {
+                    rng.random_bool(0.5).then_some(flipped)
+                }
                 _ => None,
             };
             if let Some(pool2) = &sample.pool2 {
@@ -438,8 +571,9 @@ pub struct CacheOptions {
     pub family: ModelFamily,
     /// `alpha_mask` (`--alpha_mask`).
     pub alpha_mask: bool,
-    /// `latents_flipped` (`--flip_aug`).
-    pub flip_aug: bool,
+    /// The command line's per-step changes, for entries without a config file's subset
+    /// settings; a flipping entry's cache must hold `latents_flipped`.
+    pub augment: Augment,
     /// The loss weight of regularisation entries (`--prior_loss_weight`).
     pub prior_loss_weight: f32,
 }
@@ -587,6 +721,7 @@ fn load_sample(
     train_resolution: Option<&serde_json::Value>,
     keys: CacheKeys,
     options: CacheOptions,
+    augment: Augment,
 ) -> Result<Sample> {
     let suffix = options.family.latent_suffix();
     let latent_path = find_latent_cache(base, keys.latent, suffix).ok_or_else(|| {
@@ -606,7 +741,7 @@ fn load_sample(
         });
     let spec = LatentSpec {
         bucket,
-        flip_aug: options.flip_aug,
+        flip_aug: augment.flip,
         alpha_mask: options.alpha_mask,
         complete: false,
     };
@@ -704,6 +839,8 @@ fn load_sample(
         is_reg: false,
         original_size,
         crop_ltrb,
+        dataset: 0,
+        augment,
     })
 }
 

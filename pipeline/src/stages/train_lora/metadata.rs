@@ -169,7 +169,21 @@ pub fn base_metadata(
             put(&mut m, &format!("modelspec.{key}"), value.clone());
         }
     }
-    put(&mut m, "modelspec.resolution", format!("{width}x{height}"));
+    // A --dataset_config run records the command line's --resolution, or the family's
+    // default, as sd-scripts' model spec does.
+    let spec_resolution = match (&dataset.config, &args.compat.resolution) {
+        (None, _) => format!("{width}x{height}"),
+        (Some(_), Some(given)) => {
+            let (w, h) = crate::dataset::bucket::parse_resolution(given)?;
+            format!("{w}x{h}")
+        }
+        (Some(_), None) => match (family, args.v2 && args.v_parameterization) {
+            (ModelFamily::Sdxl, _) => "1024x1024".into(),
+            (_, true) => "768x768".into(),
+            _ => "512x512".into(),
+        },
+    };
+    put(&mut m, "modelspec.resolution", spec_resolution);
     put(
         &mut m,
         "modelspec.prediction_type",
@@ -375,38 +389,71 @@ pub fn base_metadata(
         py_opt_int(args.validate_every_n_steps),
     );
     put(&mut m, "ss_resize_interpolation", "None".into());
-    put(
-        &mut m,
-        "ss_batch_size_per_device",
-        args.train_batch_size.to_string(),
-    );
-    put(
-        &mut m,
-        "ss_total_batch_size",
-        (args.train_batch_size * accum).to_string(),
-    );
-    put(&mut m, "ss_resolution", format!("({width}, {height})"));
-    put(&mut m, "ss_color_aug", "False".into());
-    put(&mut m, "ss_flip_aug", py_bool(args.flip_aug));
-    put(&mut m, "ss_random_crop", "False".into());
-    put(&mut m, "ss_shuffle_caption", py_bool(args.shuffle_caption));
-    put(
-        &mut m,
-        "ss_keep_tokens",
-        args.keep_tokens.unwrap_or(0).to_string(),
-    );
-    put(&mut m, "ss_enable_bucket", "True".into());
-    put(&mut m, "ss_bucket_no_upscale", py_bool(buckets.no_upscale));
-    put(
-        &mut m,
-        "ss_min_bucket_reso",
-        buckets.min_bucket_reso.to_string(),
-    );
-    put(
-        &mut m,
-        "ss_max_bucket_reso",
-        buckets.max_bucket_reso.to_string(),
-    );
+    match &dataset.config {
+        // sd-scripts records a --dataset_config run's datasets as one JSON document.
+        Some(config) => put(
+            &mut m,
+            "ss_datasets",
+            crate::infra::pyjson::dumps(&config.sd_scripts_datasets),
+        ),
+        None => {
+            put(
+                &mut m,
+                "ss_batch_size_per_device",
+                args.train_batch_size.to_string(),
+            );
+            put(
+                &mut m,
+                "ss_total_batch_size",
+                (args.train_batch_size * accum).to_string(),
+            );
+            put(&mut m, "ss_resolution", format!("({width}, {height})"));
+            put(&mut m, "ss_color_aug", "False".into());
+            put(&mut m, "ss_flip_aug", py_bool(args.flip_aug));
+            put(&mut m, "ss_random_crop", "False".into());
+            put(&mut m, "ss_shuffle_caption", py_bool(args.shuffle_caption));
+            put(
+                &mut m,
+                "ss_keep_tokens",
+                args.keep_tokens.unwrap_or(0).to_string(),
+            );
+            put(&mut m, "ss_enable_bucket", "True".into());
+            put(&mut m, "ss_bucket_no_upscale", py_bool(buckets.no_upscale));
+            put(
+                &mut m,
+                "ss_min_bucket_reso",
+                buckets.min_bucket_reso.to_string(),
+            );
+            put(
+                &mut m,
+                "ss_max_bucket_reso",
+                buckets.max_bucket_reso.to_string(),
+            );
+            put(
+                &mut m,
+                "ss_reg_dataset_dirs",
+                crate::infra::pyjson::dumps(&dataset.dirs.reg_dataset_dirs),
+            );
+            let bucket_counts: serde_json::Map<String, serde_json::Value> = dataset
+                .buckets
+                .iter()
+                .enumerate()
+                .map(|(i, (&(w, h), members))| {
+                    (
+                        i.to_string(),
+                        json!({"resolution": [w, h], "count": dataset.bucket_len(members)}),
+                    )
+                })
+                .collect();
+            put(
+                &mut m,
+                "ss_bucket_info",
+                crate::infra::pyjson::dumps(
+                    &json!({"buckets": bucket_counts, "mean_img_ar_error": mean_aspect_error(dataset)?}),
+                ),
+            );
+        }
+    }
     let dirs = &dataset.dirs;
     put(
         &mut m,
@@ -415,31 +462,8 @@ pub fn base_metadata(
     );
     put(
         &mut m,
-        "ss_reg_dataset_dirs",
-        crate::infra::pyjson::dumps(&dirs.reg_dataset_dirs),
-    );
-    put(
-        &mut m,
         "ss_tag_frequency",
         crate::infra::pyjson::dumps(&dirs.tag_frequency),
-    );
-    let bucket_counts: serde_json::Map<String, serde_json::Value> = dataset
-        .buckets
-        .iter()
-        .enumerate()
-        .map(|(i, (&(w, h), members))| {
-            (
-                i.to_string(),
-                json!({"resolution": [w, h], "count": dataset.bucket_len(members)}),
-            )
-        })
-        .collect();
-    put(
-        &mut m,
-        "ss_bucket_info",
-        crate::infra::pyjson::dumps(
-            &json!({"buckets": bucket_counts, "mean_img_ar_error": mean_aspect_error(dataset)?}),
-        ),
     );
     let model = &args.pretrained_model_name_or_path;
     put(

@@ -316,11 +316,18 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         data::CacheOptions {
             family,
             alpha_mask: args.alpha_mask || args.masked_loss,
-            flip_aug: args.flip_aug,
+            augment: data::Augment {
+                flip: args.flip_aug,
+                caption_variants: args.augments_captions(),
+                caption_dropout_rate: args.caption_dropout_rate.unwrap_or(0.0),
+                caption_dropout_every_n_epochs: args.caption_dropout_every_n_epochs.unwrap_or(0),
+            },
             prior_loss_weight: args.prior_loss_weight as f32,
         },
     )?;
-    if args.augments_captions() {
+    if dataset.config.is_some() {
+        check_subset_caption_variants(args, &dataset, family)?;
+    } else if args.augments_captions() {
         check_caption_variants(args, &dataset)?;
     }
     let sample_keys = dataset
@@ -704,22 +711,12 @@ impl Training<'_> {
         vars: &[candle_core::Var],
     ) -> Result<(f32, Vec<Option<Tensor>>)> {
         let micro_index = ((epoch - 1) * self.plan.batches_per_epoch + bi) as u64;
-        let flip_seed =
-            (self.args.flip_aug).then(|| NoiseRng::flip_stream(self.plan.seed, micro_index));
-        let every_n = self.args.caption_dropout_every_n_epochs.unwrap_or(0);
-        let dropout_rate = if every_n > 0 && epoch % every_n == 0 {
-            1.0
-        } else {
-            self.args.caption_dropout_rate.unwrap_or(0.0)
-        };
+        let seed = self.plan.seed;
         let draws = data::Draws {
-            flip_seed,
-            variant_seed: (self.args.augments_captions())
-                .then(|| NoiseRng::variant_stream(self.plan.seed, micro_index)),
-            caption_dropout: (dropout_rate > 0.0).then(|| {
-                let seed = NoiseRng::caption_dropout_stream(self.plan.seed, micro_index);
-                (seed, dropout_rate)
-            }),
+            epoch,
+            flip_seed: Some(NoiseRng::flip_stream(seed, micro_index)),
+            variant_seed: Some(NoiseRng::variant_stream(seed, micro_index)),
+            caption_dropout_seed: Some(NoiseRng::caption_dropout_stream(seed, micro_index)),
         };
         let collated = self.dataset.collate(batch, self.device, &draws)?;
         self.network
@@ -1095,6 +1092,43 @@ fn check_caption_variants(args: &TrainArgs, dataset: &CachedDataset) -> Result<(
         args.in_json.display(),
         named.join(", ")
     )))
+}
+
+/// With a `--dataset_config`, each subset that shuffles or drops tags trains on caption variants
+/// cache-text-encoder made with that subset's settings (it reads them from the metadata): every
+/// entry of such a subset needs them.
+fn check_subset_caption_variants(
+    args: &TrainArgs,
+    dataset: &CachedDataset,
+    family: ModelFamily,
+) -> Result<()> {
+    let changes_captions = |a: &data::Augment| {
+        a.caption_variants || a.caption_dropout_rate > 0.0 || a.caption_dropout_every_n_epochs > 0
+    };
+    if family == ModelFamily::Sdxl && dataset.samples.iter().any(|s| changes_captions(&s.augment)) {
+        return Err(Error::Usage(
+            "SDXL: caption augmentation (shuffle_caption, caption_tag_dropout_rate) and caption \
+             dropout are not implemented for SDXL yet; the dataset config sets them for some \
+             subsets: train without them"
+                .into(),
+        ));
+    }
+    let without: Vec<&Path> = (dataset.samples.iter())
+        .filter(|s| s.augment.caption_variants && s.context_variants.is_none())
+        .map(|s| s.text_cache.as_path())
+        .collect();
+    match without.first() {
+        None => Ok(()),
+        Some(first) => Err(Error::Usage(format!(
+            "subsets of the dataset config set shuffle_caption or caption_tag_dropout_rate, and \
+             {} of their text-encoder caches hold no caption variants (e.g. {}); run \
+             cache-text-encoder on {} with --variants N (8 is a good start): it takes each \
+             subset's settings from the metadata",
+            without.len(),
+            first.display(),
+            args.in_json.display()
+        ))),
+    }
 }
 
 /// Content key of one cached sample: its metadata key, latents, text-encoder states and (SDXL)
