@@ -176,8 +176,9 @@ fn sdxl_flow_trains_a_lora_with_sd_scripts_sdxl_keys_and_metadata() {
 }
 
 /// An `sdxl_train_network.py`-style command line on DreamBooth folders with the GUI's default
-/// optimizer (AdamW8bit) trains straight from the folders: train-lora prepares the SDXL caches
-/// (`_sdxl.npz`, both text encoders) and writes an SDXL LoRA.
+/// optimizer (AdamW8bit), shuffled captions and caption dropout trains straight from the
+/// folders: train-lora prepares the SDXL caches (`_sdxl.npz`, both text encoders with caption
+/// variants, `pool2` included) and writes an SDXL LoRA.
 #[test]
 fn an_sdxl_dreambooth_command_line_prepares_and_trains() {
     let root = tempfile::tempdir().unwrap();
@@ -212,9 +213,21 @@ fn an_sdxl_dreambooth_command_line_prepares_and_trains() {
             "AdamW8bit",
             "--caption_extension",
             ".txt",
+            "--shuffle_caption",
+            "--keep_tokens",
+            "1",
+            "--caption_dropout_rate",
+            "0.5",
             "--quiet"
         ],
         0,
+    );
+    let text_cache = folder.join("astronaut_te_outputs.npz");
+    let mut reader = lorakit_pipeline::formats::npz::NpzReader::open(&text_cache).unwrap();
+    let (_, shape) = reader.read_f32("variants_pool2").unwrap();
+    assert_eq!(
+        shape[0], 8,
+        "the default 8 caption variants, pool2 included"
     );
     assert!(
         std::fs::read_dir(&folder).unwrap().any(|e| e
@@ -227,6 +240,8 @@ fn an_sdxl_dreambooth_command_line_prepares_and_trains() {
     let lora = LoraFile::read(&out.join("sdxl.safetensors")).unwrap();
     assert_eq!(lora.metadata["ss_base_model_version"], "sdxl_base_v1-0");
     assert!(lora.metadata["ss_optimizer"].contains("AdamW8bit"));
+    assert_eq!(lora.metadata["ss_shuffle_caption"], "True");
+    assert_eq!(lora.metadata["ss_caption_dropout_rate"], "0.5");
     assert!(module_names(&lora)
         .iter()
         .all(|name| name.starts_with("lora_unet_")));

@@ -53,6 +53,8 @@ pub struct Sample {
     pub latents_flipped: Option<Tensor>,
     /// Hidden states of augmented captions `[N, 75n+2, D]` (`cache-text-encoder --variants N`).
     pub context_variants: Option<Tensor>,
+    /// SDXL: the `pool2` of each augmented caption `[N, P]`.
+    pub pool2_variants: Option<Tensor>,
     /// Times the image is seen per epoch: its subset's `num_repeats` (prepare-dataset's
     /// `lorakit_subset`, regularisation images after sd-scripts' balancing), else
     /// `--dataset_repeats`.
@@ -174,12 +176,44 @@ pub struct CachedDataset {
     pub dirs: DatasetDirs,
     /// Width of the text context of every sample.
     pub context_dim: usize,
-    /// The encoded empty caption (caption dropout), `[75n+2, D]`.
-    pub empty_context: Option<Tensor>,
+    /// The encoded empty caption (caption dropout).
+    pub empty_caption: Option<EncodedCaption>,
     /// The loss weight of regularisation images (`--prior_loss_weight`).
     pub prior_loss_weight: f32,
     /// The datasets of the `--dataset_config` the metadata was prepared from.
     pub config: Option<ConfigDatasets>,
+}
+
+/// One caption's text-encoder outputs as training conditions on them.
+#[derive(Debug, Clone)]
+pub struct EncodedCaption {
+    /// Hidden states `[75n+2, D]` (SDXL: both encoders' joined along `D`).
+    pub context: Tensor,
+    /// SDXL: `pool2` `[P]`.
+    pub pool2: Option<Tensor>,
+}
+
+impl EncodedCaption {
+    /// The outputs of a cache file's arrays (`hidden_state`, or SDXL's `hidden_state1`,
+    /// `hidden_state2` and `pool2`) as f32, with a leading variant axis or without.
+    pub fn from_arrays(arrays: &[Tensor]) -> Result<Self> {
+        let arrays = (arrays.iter())
+            .map(|a| a.to_dtype(DType::F32))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(match arrays.as_slice() {
+            [hidden_state1, hidden_state2, pool2] => {
+                let last = hidden_state1.rank() - 1;
+                EncodedCaption {
+                    context: Tensor::cat(&[hidden_state1, hidden_state2], last)?,
+                    pool2: Some(pool2.clone()),
+                }
+            }
+            _ => EncodedCaption {
+                context: arrays[0].clone(),
+                pool2: None,
+            },
+        })
+    }
 }
 
 /// The datasets of a `--dataset_config` (prepare-dataset's record of them).
@@ -361,7 +395,7 @@ impl CachedDataset {
             repeats: repeats.max(1),
             dirs,
             context_dim,
-            empty_context: None,
+            empty_caption: None,
             prior_loss_weight: 1.0,
             config: None,
         })
@@ -496,18 +530,27 @@ impl CachedDataset {
             let sample = &self.samples[i];
             let augment = &sample.augment;
             let dropout_rate = augment.caption_dropout_at(draws.epoch);
-            let dropped = match (&mut dropout_rng, &self.empty_context) {
+            let dropped = match (&mut dropout_rng, &self.empty_caption) {
                 (Some(rng), Some(empty)) if dropout_rate > 0.0 => {
                     (rng.random::<f64>() < dropout_rate).then(|| empty.clone())
                 }
                 _ => None,
             };
-            let context = match (dropped, &mut variant_rng, &sample.context_variants) {
+            let caption = match (dropped, &mut variant_rng, &sample.context_variants) {
                 (Some(empty), _, _) => empty,
                 (None, Some(rng), Some(variants)) if augment.caption_variants => {
-                    variants.get(rng.random_range(0..variants.dim(0)?))?
+                    let index = rng.random_range(0..variants.dim(0)?);
+                    EncodedCaption {
+                        context: variants.get(index)?,
+                        pool2: (sample.pool2_variants.as_ref())
+                            .map(|pools| pools.get(index))
+                            .transpose()?,
+                    }
                 }
-                _ => sample.context.clone(),
+                _ => EncodedCaption {
+                    context: sample.context.clone(),
+                    pool2: sample.pool2.clone(),
+                },
             };
             let flipped = match (&mut rng, &sample.latents_flipped) {
                 (Some(rng), Some(flipped)) if augment.flip => {
@@ -515,12 +558,12 @@ impl CachedDataset {
                 }
                 _ => None,
             };
-            if let Some(pool2) = &sample.pool2 {
-                pools.push(pool2.clone());
+            if let Some(pool2) = caption.pool2 {
+                pools.push(pool2);
                 sizes.push(sample.size_values(flipped.is_some())?);
             }
             latents.push(flipped.unwrap_or(&sample.latents).clone());
-            contexts.push(context);
+            contexts.push(caption.context);
             masks.push(match (&sample.mask, flipped) {
                 (Some(mask), Some(_)) => Some(mirror(mask)?),
                 (mask, None) => mask.clone(),
@@ -807,23 +850,13 @@ fn load_sample(
         _ => ModelFamily::Sd1,
     };
     let cached = read_cache_file(&te_path, &TeCacheSpec::any(cache_family), &Device::Cpu)?;
-    let arrays = (cached.arrays.iter())
-        .map(|a| a.to_dtype(DType::F32))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let (context, pool2, context_variants) = match arrays.as_slice() {
-        [hidden_state1, hidden_state2, pool2] => {
-            // Caption variants of SDXL caches are not read: train-lora refuses caption
-            // augmentation for SDXL.
-            let context = Tensor::cat(&[hidden_state1, hidden_state2], 1)?;
-            (context, Some(pool2.clone()), None)
-        }
-        _ => {
-            let variants = cached
-                .variants
-                .map(|variants| variants[0].to_dtype(DType::F32))
-                .transpose()?;
-            (arrays[0].clone(), None, variants)
-        }
+    let EncodedCaption { context, pool2 } = EncodedCaption::from_arrays(&cached.arrays)?;
+    let variants = (cached.variants.as_deref())
+        .map(EncodedCaption::from_arrays)
+        .transpose()?;
+    let (context_variants, pool2_variants) = match variants {
+        Some(variants) => (Some(variants.context), variants.pool2),
+        None => (None, None),
     };
     Ok(Sample {
         key: key.to_string(),
@@ -833,6 +866,7 @@ fn load_sample(
         mask,
         latents_flipped,
         context_variants,
+        pool2_variants,
         latent_cache: latent_path,
         text_cache: te_path,
         repeats: 1,
@@ -847,6 +881,103 @@ fn load_sample(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An SDXL sample whose plain caption, variants and the empty caption are told apart by
+    /// their `pool2` (1.0, 10.0 + variant, -1.0) and contexts alike.
+    fn sdxl_dataset(augment: Augment) -> CachedDataset {
+        let cpu = &Device::Cpu;
+        let filled = |value: f32, shape: &[usize]| Tensor::full(value, shape, cpu).unwrap();
+        let variants = [10f32, 11.0, 12.0];
+        let stack = |shape: &[usize]| {
+            let each: Vec<Tensor> = variants.iter().map(|&v| filled(v, shape)).collect();
+            Tensor::stack(&each, 0).unwrap()
+        };
+        let sample = Sample {
+            key: "a".into(),
+            latents: filled(0.0, &[4, 2, 2]),
+            context: filled(1.0, &[77, 8]),
+            pool2: Some(filled(1.0, &[4])),
+            latent_cache: "a.npz".into(),
+            text_cache: "a_te_outputs.npz".into(),
+            mask: None,
+            latents_flipped: None,
+            context_variants: Some(stack(&[77, 8])),
+            pool2_variants: Some(stack(&[4])),
+            repeats: 1,
+            is_reg: false,
+            original_size: Some((16, 16)),
+            crop_ltrb: Some([0.0, 0.0, 16.0, 16.0]),
+            dataset: 0,
+            augment,
+        };
+        let mut dataset =
+            CachedDataset::from_samples(vec![sample], 1, DatasetDirs::default(), 8).unwrap();
+        dataset.empty_caption = Some(EncodedCaption {
+            context: filled(-1.0, &[77, 8]),
+            pool2: Some(filled(-1.0, &[4])),
+        });
+        dataset
+    }
+
+    /// The first value of a batch's context and of its pool2 (the vector's first columns).
+    fn drawn(dataset: &CachedDataset, draws: &Draws) -> (f32, f32) {
+        let batch = dataset.collate(&[0], &Device::Cpu, draws).unwrap();
+        let context = batch
+            .context
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0];
+        let pool = batch
+            .vector
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0];
+        (context, pool)
+    }
+
+    #[test]
+    fn sdxl_draws_take_the_pool2_of_the_caption_they_train_on() {
+        let seeds = |seed: u64| Draws {
+            epoch: 1,
+            flip_seed: Some(seed),
+            variant_seed: Some(seed),
+            caption_dropout_seed: Some(seed),
+        };
+        let plain = sdxl_dataset(Augment::default());
+        assert_eq!(
+            drawn(&plain, &seeds(1)),
+            (1.0, 1.0),
+            "no augmentation: the caption"
+        );
+
+        let varied = sdxl_dataset(Augment {
+            caption_variants: true,
+            ..Augment::default()
+        });
+        let picks: std::collections::BTreeSet<i32> = (0..32)
+            .map(|seed| {
+                let (context, pool) = drawn(&varied, &seeds(seed));
+                assert_eq!(context, pool, "context and pool2 of the same variant");
+                context as i32
+            })
+            .collect();
+        assert_eq!(picks, [10, 11, 12].into(), "every variant is drawn");
+        assert_eq!(drawn(&varied, &Draws::default()), (1.0, 1.0), "validation");
+
+        let dropped = sdxl_dataset(Augment {
+            caption_variants: true,
+            caption_dropout_every_n_epochs: 1,
+            ..Augment::default()
+        });
+        assert_eq!(
+            drawn(&dropped, &seeds(3)),
+            (-1.0, -1.0),
+            "the empty caption"
+        );
+    }
 
     #[test]
     fn mirror_reverses_the_width_axis() {

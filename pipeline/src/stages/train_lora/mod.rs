@@ -307,7 +307,7 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
     let checkpoint = Checkpoint::open(&args.pretrained_model_name_or_path)?;
     let family = checkpoint.family();
     if family == ModelFamily::Sdxl {
-        check_sdxl_support(args, &network_options)?;
+        check_sdxl_support(&network_options)?;
     }
     let dataset = CachedDataset::load(
         &args.in_json,
@@ -326,7 +326,7 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         },
     )?;
     if dataset.config.is_some() {
-        check_subset_caption_variants(args, &dataset, family)?;
+        check_subset_caption_variants(args, &dataset)?;
     } else if args.augments_captions() {
         check_caption_variants(args, &dataset)?;
     }
@@ -348,10 +348,10 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
     let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
     let (mut dataset, held_out) =
         dataset.split_validation(args.validation_split, args.validation_seed.unwrap_or(seed))?;
-    if args.caption_dropout_rate.is_some_and(|rate| rate > 0.0)
-        || args.caption_dropout_every_n_epochs.is_some_and(|n| n > 0)
-    {
-        dataset.empty_context = Some(empty_caption(args, &dataset)?);
+    if dataset.samples.iter().any(|s| {
+        s.augment.caption_dropout_rate > 0.0 || s.augment.caption_dropout_every_n_epochs > 0
+    }) {
+        dataset.empty_caption = Some(empty_caption(args, &dataset, family)?);
     }
     let mut unet = load_unet(args, &checkpoint, precision, &device)?;
     if dataset.context_dim != unet.config.context_dim {
@@ -514,21 +514,9 @@ fn load_unet(
     Ok(unet)
 }
 
-/// Refuses, before any work, what train-lora does not implement for SDXL yet: caption
-/// augmentation and caption dropout (they need `pool2` of every variant and of the empty
-/// caption) and per-block network arguments (SDXL numbers its blocks differently).
-fn check_sdxl_support(args: &TrainArgs, network: &NetworkOptions) -> Result<()> {
-    let captions = args.augments_captions()
-        || args.caption_dropout_rate.is_some_and(|rate| rate > 0.0)
-        || args.caption_dropout_every_n_epochs.is_some_and(|n| n > 0);
-    if captions {
-        return Err(Error::Usage(
-            "SDXL: caption augmentation (--shuffle_caption, --keep_tokens, \
-             --caption_tag_dropout_rate) and caption dropout are not implemented for SDXL yet; \
-             train without them"
-                .into(),
-        ));
-    }
+/// Refuses, before any work, what train-lora does not implement for SDXL yet: per-block
+/// network arguments (SDXL numbers its blocks differently).
+fn check_sdxl_support(network: &NetworkOptions) -> Result<()> {
     if network.lora.blocks.is_some() || network.block_lr_weights.is_some() {
         return Err(Error::Usage(
             "SDXL: per-block network arguments (block_dims, block_alphas, conv_block_dims, \
@@ -982,28 +970,36 @@ fn training_key(
 
 /// The encoded empty caption cache-text-encoder stored beside its index (caption dropout); it
 /// must have the shape of the samples' contexts.
-fn empty_caption(args: &TrainArgs, dataset: &CachedDataset) -> Result<Tensor> {
+fn empty_caption(
+    args: &TrainArgs,
+    dataset: &CachedDataset,
+    family: ModelFamily,
+) -> Result<data::EncodedCaption> {
     let path = crate::stages::cache_text_encoder::empty_caption_path(&args.in_json, None);
     if !path.is_file() {
         return Err(Error::Usage(format!(
-            "--caption_dropout_rate / --caption_dropout_every_n_epochs train on the encoded \
-             empty caption, and {} does not exist; run cache-text-encoder on {} (it stores the \
-             empty caption beside its index)",
+            "caption dropout (caption_dropout_rate / caption_dropout_every_n_epochs) trains on \
+             the encoded empty caption, and {} does not exist; run cache-text-encoder on {} (it \
+             stores the empty caption beside its index)",
             path.display(),
             args.in_json.display()
         )));
     }
-    let spec = crate::formats::te_cache::TeCacheSpec::any(ModelFamily::Sd1);
+    let cache_family = match family {
+        ModelFamily::Sdxl => ModelFamily::Sdxl,
+        _ => ModelFamily::Sd1,
+    };
+    let spec = crate::formats::te_cache::TeCacheSpec::any(cache_family);
     let cached = crate::formats::te_cache::read_cache_file(&path, &spec, &Device::Cpu)?;
-    let empty = cached.arrays[0].to_dtype(DType::F32)?;
+    let empty = data::EncodedCaption::from_arrays(&cached.arrays)?;
     let expected = dataset.samples[0].context.dims();
-    if empty.dims() != expected {
+    if empty.context.dims() != expected {
         return Err(Error::bad_file(
             &path,
             format!(
                 "holds an empty caption of shape {:?}, the captions are {expected:?}; re-run \
                  cache-text-encoder with the settings of the captions' caches",
-                empty.dims()
+                empty.context.dims()
             ),
         ));
     }
@@ -1097,22 +1093,7 @@ fn check_caption_variants(args: &TrainArgs, dataset: &CachedDataset) -> Result<(
 /// With a `--dataset_config`, each subset that shuffles or drops tags trains on caption variants
 /// cache-text-encoder made with that subset's settings (it reads them from the metadata): every
 /// entry of such a subset needs them.
-fn check_subset_caption_variants(
-    args: &TrainArgs,
-    dataset: &CachedDataset,
-    family: ModelFamily,
-) -> Result<()> {
-    let changes_captions = |a: &data::Augment| {
-        a.caption_variants || a.caption_dropout_rate > 0.0 || a.caption_dropout_every_n_epochs > 0
-    };
-    if family == ModelFamily::Sdxl && dataset.samples.iter().any(|s| changes_captions(&s.augment)) {
-        return Err(Error::Usage(
-            "SDXL: caption augmentation (shuffle_caption, caption_tag_dropout_rate) and caption \
-             dropout are not implemented for SDXL yet; the dataset config sets them for some \
-             subsets: train without them"
-                .into(),
-        ));
-    }
+fn check_subset_caption_variants(args: &TrainArgs, dataset: &CachedDataset) -> Result<()> {
     let without: Vec<&Path> = (dataset.samples.iter())
         .filter(|s| s.augment.caption_variants && s.context_variants.is_none())
         .map(|s| s.text_cache.as_path())
