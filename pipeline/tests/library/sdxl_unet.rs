@@ -175,6 +175,18 @@ fn golden_modules(variant: &str) -> serde_json::Map<String, serde_json::Value> {
     json["variants"][variant].as_object().unwrap().clone()
 }
 
+/// Per-block ranks, alphas, conv ranks, learning-rate weights and LoRA+ on SDXL's 23 blocks, as
+/// sd-scripts' `networks.lora` builds them (`sdxl_lora_blocks.py`).
+#[test]
+fn sdxl_block_dims_lr_weights_and_loraplus_match_sd_scripts() {
+    let mut unet = sdxl_unet().clone();
+    crate::support::assert_block_network_matches(
+        "golden/sdxl/network_blocks.json",
+        &mut unet,
+        lorakit_pipeline::networks::lora::BlockLayout::Sdxl,
+    );
+}
+
 #[test]
 fn sdxl_lora_modules_match_sd_scripts_for_lierla_and_c3lier() {
     let c3lier = LoraConfig {

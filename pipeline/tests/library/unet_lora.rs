@@ -158,84 +158,12 @@ fn golden_lora_errors(unet: &Unet) -> (f32, f32) {
     (max_abs(&out, &expected), effect)
 }
 
-/// `train-lora`'s options as the command line gives them.
-#[derive(clap::Parser)]
-struct TrainCommand {
-    #[command(flatten)]
-    args: lorakit_pipeline::stages::train_lora::TrainArgs,
-}
-
 #[test]
 fn block_dims_lr_weights_and_loraplus_match_sd_scripts() {
-    use clap::Parser;
-    use lorakit_pipeline::networks::lora::sd_block_index;
-    use lorakit_pipeline::stages::train_lora::network_args::NetworkOptions;
-
-    let text = std::fs::read_to_string(fixtures().join("golden/lora/network_blocks_loraplus.json"))
-        .unwrap();
-    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let mut command: Vec<String> = [
-        "train-lora",
-        "--pretrained_model_name_or_path=m",
-        "--in_json=j",
-        "--output_dir=o",
-        "--network_args",
-    ]
-    .map(String::from)
-    .to_vec();
-    for (key, value) in golden["network_args"].as_object().unwrap() {
-        command.push(format!("{key}={}", value.as_str().unwrap()));
-    }
-    let args = TrainCommand::try_parse_from(&command).unwrap().args;
-    let options = NetworkOptions::from_args(&args).unwrap();
-
     let mut unet = base_unet().clone();
-    let network = LoraNetwork::create(
-        &mut unet as &mut dyn Adaptable,
-        &options.lora,
-        1,
-        &Device::Cpu,
-    )
-    .unwrap();
-    let expected = golden["modules"].as_object().unwrap();
-    let ours: Vec<&str> = network.modules.iter().map(|m| m.name.as_str()).collect();
-    let mut theirs: Vec<&str> = expected.keys().map(String::as_str).collect();
-    let mut sorted = ours.clone();
-    sorted.sort();
-    theirs.sort();
-    assert_eq!(sorted, theirs, "module set");
-
-    let unet_lr = golden["unet_lr"].as_f64().unwrap();
-    for module in &network.modules {
-        let want = &expected[&module.name];
-        let dims = |t: &Tensor| serde_json::json!(t.dims());
-        assert_eq!(
-            dims(module.down.as_tensor()),
-            want["down"],
-            "{}",
-            module.name
-        );
-        assert_eq!(dims(module.up.as_tensor()), want["up"], "{}", module.name);
-        let (value, dtype) = match module.alpha {
-            Alpha::Int(v) => (v as f64, "int64"),
-            Alpha::Float(v) => (v as f64, "float32"),
-        };
-        assert_eq!(value, want["alpha"].as_f64().unwrap(), "{}", module.name);
-        assert_eq!(dtype, want["alpha_dtype"], "{}", module.name);
-        assert_eq!(
-            sd_block_index(&module.name).map(|b| b as i64),
-            want["block"].as_i64(),
-            "{}",
-            module.name
-        );
-        for (part, is_up) in [("lora_down", false), ("lora_up", true)] {
-            let key = format!("{}.{part}.weight", module.name);
-            let want_lr = golden["param_lr"][&key]["lr"].as_f64().unwrap();
-            let lr = unet_lr * options.lr_factor(&module.name, is_up);
-            assert!(
-                (lr - want_lr).abs() <= 1e-12 * want_lr.abs(),
-                "{key}: lr {lr} vs {want_lr}"
-            );
-        }
-    }
+    crate::support::assert_block_network_matches(
+        "golden/lora/network_blocks_loraplus.json",
+        &mut unet,
+        lorakit_pipeline::networks::lora::BlockLayout::Sd,
+    );
 }

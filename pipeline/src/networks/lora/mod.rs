@@ -27,7 +27,7 @@ use dropout::{BranchDraw, NO_DROPOUT_STREAM};
 pub use dropout::{BranchDropout, DropoutRates};
 use file::{serialize_with_hashes, FileModule};
 pub use file::{sha256_hex, LoraFile};
-pub use selection::{sd_block_index, unet_lora_name, BlockDims, LoraConfig, SD_BLOCKS};
+pub use selection::{unet_lora_name, BlockDims, BlockLayout, LoraConfig};
 
 /// Alpha as stored in the file: sd-scripts keeps an integer default alpha as int64
 /// (docs/kohya-compat.md#lora-tensors-and-alpha).

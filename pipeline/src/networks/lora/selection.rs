@@ -33,14 +33,50 @@ impl Default for LoraConfig {
     }
 }
 
-/// Number of UNet blocks of SD1.x/SD2.x for per-block settings
+/// How sd-scripts numbers a UNet's blocks for per-block settings
 /// (docs/kohya-compat.md#per-block-settings).
-pub const SD_BLOCKS: usize = 25;
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockLayout {
+    /// SD1.x/SD2.x: 25 blocks (12 down, the middle block, 12 up).
+    Sd,
+    /// SDXL: 23 blocks (the embeddings, 9 input blocks, 3 middle, 9 output blocks, the out
+    /// layers).
+    Sdxl,
+}
+
+impl BlockLayout {
+    /// Number of blocks: the values `block_dims` and its relatives take.
+    pub fn count(self) -> usize {
+        match self {
+            BlockLayout::Sd => 25,
+            BlockLayout::Sdxl => 23,
+        }
+    }
+
+    /// Values of `down_lr_weight` / `up_lr_weight` and of `mid_lr_weight`.
+    pub fn lr_weights_per_part(self) -> (usize, usize) {
+        match self {
+            BlockLayout::Sd => (12, 1),
+            BlockLayout::Sdxl => (9, 3),
+        }
+    }
+
+    /// The block of a UNet LoRA module name (sd-scripts' `get_block_index`); `None` for
+    /// layers in no block.
+    pub fn index(self, lora_name: &str) -> Option<usize> {
+        match self {
+            BlockLayout::Sd => sd_block_index(lora_name),
+            BlockLayout::Sdxl => sdxl_block_index(lora_name),
+        }
+    }
+}
 
 /// Per-block ranks and alphas of the UNet (`block_dims`, `block_alphas`, `conv_block_dims`,
-/// `conv_block_alphas`), [`SD_BLOCKS`] entries each, indexed by [`sd_block_index`].
+/// `conv_block_alphas`), one entry per block of `layout`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockDims {
+    /// How the blocks are numbered.
+    pub layout: BlockLayout,
     /// Rank of Linear and 1x1 conv layers per block (0: no module).
     pub dims: Vec<usize>,
     /// Alpha of those layers per block.
@@ -71,7 +107,8 @@ impl LoraConfig {
                 dims[2] == 1 && dims[3] == 1
             }
         };
-        let block = sd_block_index(&unet_lora_name(&layer.path));
+        let block = (self.blocks.as_ref())
+            .and_then(|blocks| blocks.layout.index(&unet_lora_name(&layer.path)));
         let (rank, alpha) = match (&self.blocks, block) {
             (Some(blocks), Some(block)) if is_pointwise => {
                 (blocks.dims[block], blocks.alphas[block])
@@ -87,10 +124,10 @@ impl LoraConfig {
     }
 }
 
-/// The SD1.x/SD2.x block (0..[`SD_BLOCKS`]) of a UNet LoRA module name
+/// The SD1.x/SD2.x block (0..25) of a UNet LoRA module name
 /// (docs/kohya-compat.md#per-block-settings): down-block layers are 1..=11, the middle block 12,
 /// up-block layers 13..=24; `None` for other layers.
-pub fn sd_block_index(lora_name: &str) -> Option<usize> {
+fn sd_block_index(lora_name: &str) -> Option<usize> {
     static PATTERN: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
         regex::Regex::new(
             r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_",
@@ -105,12 +142,36 @@ pub fn sd_block_index(lora_name: &str) -> Option<usize> {
             _ => 3 * level + layer,
         };
         let first = if &found[1] == "down" { 1 } else { 13 };
-        Some(first + within).filter(|&b| b < SD_BLOCKS)
+        Some(first + within).filter(|&b| b < BlockLayout::Sd.count())
     } else if lora_name.contains("mid_block_") {
         Some(12)
     } else {
         None
     }
+}
+
+/// The SDXL block (0..23) of a UNet LoRA module name in SGM naming
+/// (docs/kohya-compat.md#per-block-settings): the time and label embeddings 0, `input_blocks_N`
+/// 1 + N, `middle_block_N` 10 + N, `output_blocks_N` 13 + N, the out layers 22.
+fn sdxl_block_index(lora_name: &str) -> Option<usize> {
+    let name = lora_name.strip_prefix("lora_unet_")?;
+    let numbered = |prefix: &str| -> Option<usize> {
+        name.strip_prefix(prefix)?.split('_').next()?.parse().ok()
+    };
+    if name.starts_with("time_embed_") || name.starts_with("label_emb_") {
+        Some(0)
+    } else if let Some(n) = numbered("input_blocks_") {
+        Some(1 + n)
+    } else if let Some(n) = numbered("middle_block_") {
+        Some(10 + n)
+    } else if let Some(n) = numbered("output_blocks_") {
+        Some(13 + n)
+    } else if name.starts_with("out_") {
+        Some(22)
+    } else {
+        None
+    }
+    .filter(|&b| b < BlockLayout::Sdxl.count())
 }
 
 /// kohya key prefix of a UNet layer path.

@@ -33,7 +33,7 @@ use crate::infra::{fsio, interrupt, memory};
 use crate::models::precision::{MixedPrecision, ModelPrecision};
 use crate::models::unet::{self, Unet};
 use crate::models::{Checkpoint, Component, ModelFamily};
-use crate::networks::lora::LoraNetwork;
+use crate::networks::lora::{BlockLayout, LoraNetwork};
 use crate::{Error, Result};
 pub use args::TrainArgs;
 use data::{Batch, CachedDataset};
@@ -296,7 +296,6 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
             )))
         }
     };
-    let network_options = NetworkOptions::from_args(args)?;
     let optimizer_name = optim::optimizer_name(
         &args.optimizer_type,
         args.use_8bit_adam,
@@ -306,9 +305,11 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
 
     let checkpoint = Checkpoint::open(&args.pretrained_model_name_or_path)?;
     let family = checkpoint.family();
-    if family == ModelFamily::Sdxl {
-        check_sdxl_support(&network_options)?;
-    }
+    let block_layout = match family {
+        ModelFamily::Sdxl => BlockLayout::Sdxl,
+        _ => BlockLayout::Sd,
+    };
+    let network_options = NetworkOptions::from_args(args, block_layout)?;
     let dataset = CachedDataset::load(
         &args.in_json,
         args.train_data_dir.as_deref(),
@@ -512,20 +513,6 @@ fn load_unet(
         )));
     }
     Ok(unet)
-}
-
-/// Refuses, before any work, what train-lora does not implement for SDXL yet: per-block
-/// network arguments (SDXL numbers its blocks differently).
-fn check_sdxl_support(network: &NetworkOptions) -> Result<()> {
-    if network.lora.blocks.is_some() || network.block_lr_weights.is_some() {
-        return Err(Error::Usage(
-            "SDXL: per-block network arguments (block_dims, block_alphas, conv_block_dims, \
-             conv_block_alphas, down_lr_weight, mid_lr_weight, up_lr_weight) are not implemented \
-             for SDXL yet; train without them"
-                .into(),
-        ));
-    }
-    Ok(())
 }
 
 /// `--base_weights`: merges each LoRA file into the frozen UNet at its multiplier.

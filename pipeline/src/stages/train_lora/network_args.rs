@@ -2,16 +2,10 @@
 //! `networks.lora` (docs/kohya-compat.md#lora-network): conv ranks, per-block ranks and alphas,
 //! per-block learning-rate weights, rank and module dropout, and LoRA+.
 
-use crate::networks::lora::{
-    sd_block_index, Alpha, BlockDims, DropoutRates, LoraConfig, SD_BLOCKS,
-};
+use crate::networks::lora::{Alpha, BlockDims, BlockLayout, DropoutRates, LoraConfig};
 use crate::{Error, Result};
 
 use super::TrainArgs;
-
-/// Down and up blocks each have this many learning-rate weights (block 0 of the down list is
-/// `conv_in`, which never carries a module).
-const LR_WEIGHTS_PER_SIDE: usize = 12;
 
 /// Everything the network arguments decide.
 #[derive(Debug, Clone)]
@@ -20,15 +14,18 @@ pub struct NetworkOptions {
     pub lora: LoraConfig,
     /// Dropout rates while training.
     pub dropout: DropoutRates,
-    /// Learning-rate weight per UNet block ([`SD_BLOCKS`] entries), when any is given.
+    /// Learning-rate weight per UNet block (one per block of `layout`), when any is given.
     pub block_lr_weights: Option<Vec<f64>>,
+    /// How the UNet's blocks are numbered.
+    pub layout: BlockLayout,
     /// LoRA+: the `lora_up` weights learn this many times faster.
     pub loraplus_ratio: Option<f64>,
 }
 
 impl NetworkOptions {
-    /// Reads the network options of `args` (values of `--network_args` are `key=value` strings).
-    pub fn from_args(args: &TrainArgs) -> Result<Self> {
+    /// Reads the network options of `args` (values of `--network_args` are `key=value` strings)
+    /// for a UNet whose blocks are numbered as `layout`.
+    pub fn from_args(args: &TrainArgs, layout: BlockLayout) -> Result<Self> {
         let mut given = std::collections::BTreeMap::new();
         for arg in &args.network_args {
             let (key, value) = arg.split_once('=').ok_or_else(|| {
@@ -55,9 +52,12 @@ impl NetworkOptions {
             .transpose()?
             .unwrap_or(0.0);
         let block_lr_weights = block_lr_weights(
-            take("down_lr_weight"),
-            take("mid_lr_weight"),
-            take("up_lr_weight"),
+            layout,
+            [
+                take("down_lr_weight"),
+                take("mid_lr_weight"),
+                take("up_lr_weight"),
+            ],
             threshold,
         )?;
         let rate = |key: &str, value: Option<String>| -> Result<f32> {
@@ -89,28 +89,29 @@ impl NetworkOptions {
             )));
         }
 
+        let count = layout.count();
         let blocks = if block_dims.is_some() || block_lr_weights.is_some() {
             let mut blocks = BlockDims {
+                layout,
                 dims: match &block_dims {
-                    Some(v) => block_list("block_dims", v)?,
-                    None => vec![network_dim; SD_BLOCKS],
+                    Some(v) => block_list(layout, "block_dims", v)?,
+                    None => vec![network_dim; count],
                 },
                 alphas: match &block_alphas {
-                    Some(v) => float_alphas("block_alphas", v)?,
-                    None => vec![network_alpha; SD_BLOCKS],
+                    Some(v) => float_alphas(layout, "block_alphas", v)?,
+                    None => vec![network_alpha; count],
                 },
                 conv: match (&conv_block_dims, conv_dim) {
                     (Some(dims), _) => Some((
-                        block_list("conv_block_dims", dims)?,
+                        block_list(layout, "conv_block_dims", dims)?,
                         match &conv_block_alphas {
-                            Some(v) => float_alphas("conv_block_alphas", v)?,
-                            None => vec![Alpha::Float(conv_alpha); SD_BLOCKS],
+                            Some(v) => float_alphas(layout, "conv_block_alphas", v)?,
+                            None => vec![Alpha::Float(conv_alpha); count],
                         },
                     )),
-                    (None, Some(dim)) => Some((
-                        vec![dim; SD_BLOCKS],
-                        vec![Alpha::Float(conv_alpha); SD_BLOCKS],
-                    )),
+                    (None, Some(dim)) => {
+                        Some((vec![dim; count], vec![Alpha::Float(conv_alpha); count]))
+                    }
                     (None, None) => None,
                 },
             };
@@ -137,6 +138,7 @@ impl NetworkOptions {
             },
             dropout,
             block_lr_weights,
+            layout,
             loraplus_ratio: unet_ratio.or(shared_ratio).filter(|&r| r != 0.0),
         })
     }
@@ -144,7 +146,7 @@ impl NetworkOptions {
     /// Learning-rate factor of a module's `lora_down` (`is_up` false) or `lora_up` weight: its
     /// block's weight, times the LoRA+ ratio for `lora_up`. 0 means it is not trained.
     pub fn lr_factor(&self, module_name: &str, is_up: bool) -> f64 {
-        let block = match (&self.block_lr_weights, sd_block_index(module_name)) {
+        let block = match (&self.block_lr_weights, self.layout.index(module_name)) {
             (Some(weights), Some(block)) => weights[block],
             _ => 1.0,
         };
@@ -155,23 +157,24 @@ impl NetworkOptions {
     }
 }
 
-/// The [`SD_BLOCKS`] learning-rate weights from `down_lr_weight`, `mid_lr_weight` and
-/// `up_lr_weight`, or `None` when none is given. Lists are comma-separated (an empty item is 0),
-/// padded with 1.0 or cut to length; down and up also take a preset (`sine`, `cosine`, `linear`,
-/// `reverse_linear`, `zeros`, optionally `+base`). Weights at or below `threshold` become 0.
+/// The learning-rate weights of every block of `layout` from `down_lr_weight`, `mid_lr_weight`
+/// and `up_lr_weight` (`[down, mid, up]`), or `None` when none is given. Lists are
+/// comma-separated (an empty item is 0), padded with 1.0 or cut to length; down and up also take
+/// a preset (`sine`, `cosine`, `linear`, `reverse_linear`, `zeros`, optionally `+base`). Weights
+/// at or below `threshold` become 0. SDXL's first and last blocks (embeddings and out layers)
+/// weigh 1.0, as sd-scripts adds them.
 fn block_lr_weights(
-    down: Option<String>,
-    mid: Option<String>,
-    up: Option<String>,
+    layout: BlockLayout,
+    [down, mid, up]: [Option<String>; 3],
     threshold: f64,
 ) -> Result<Option<Vec<f64>>> {
     if down.is_none() && mid.is_none() && up.is_none() {
         return Ok(None);
     }
-    let side = |key: &str, value: Option<String>, len: usize| -> Result<Vec<f64>> {
+    let part = |key: &str, value: Option<String>, len: usize, presets: bool| -> Result<Vec<f64>> {
         let mut weights = match value {
             None => vec![1.0; len],
-            Some(v) if len > 1 && !v.contains(',') && v.parse::<f64>().is_err() => {
+            Some(v) if presets && !v.contains(',') && v.parse::<f64>().is_err() => {
                 preset(key, &v, len)?
             }
             Some(v) => (v.split(','))
@@ -190,13 +193,18 @@ fn block_lr_weights(
         weights.resize(len, 1.0);
         Ok(weights)
     };
-    let mut weights = side("down_lr_weight", down, LR_WEIGHTS_PER_SIDE)?;
-    weights.extend(side("mid_lr_weight", mid, 1)?);
-    weights.extend(side("up_lr_weight", up, LR_WEIGHTS_PER_SIDE)?);
+    let (side, middle) = layout.lr_weights_per_part();
+    let mut weights = part("down_lr_weight", down, side, true)?;
+    weights.extend(part("mid_lr_weight", mid, middle, false)?);
+    weights.extend(part("up_lr_weight", up, side, true)?);
     for weight in &mut weights {
         if *weight <= threshold {
             *weight = 0.0;
         }
+    }
+    if layout == BlockLayout::Sdxl {
+        weights.insert(0, 1.0);
+        weights.push(1.0);
     }
     Ok(Some(weights))
 }
@@ -227,26 +235,33 @@ fn preset(key: &str, value: &str, len: usize) -> Result<Vec<f64>> {
     Ok(ordered.into_iter().map(|w| w + base).collect())
 }
 
-/// A comma list of exactly [`SD_BLOCKS`] ranks.
-fn block_list(key: &str, value: &str) -> Result<Vec<usize>> {
+/// `count` comma-separated ranks, one per block of `layout`.
+fn block_list(layout: BlockLayout, key: &str, value: &str) -> Result<Vec<usize>> {
     let values = (value.split(','))
         .map(|item| number::<usize>(key, item))
         .collect::<Result<Vec<_>>>()?;
-    exactly_blocks(key, values)
+    exactly_blocks(layout, key, values)
 }
 
-/// A comma list of exactly [`SD_BLOCKS`] float alphas.
-fn float_alphas(key: &str, value: &str) -> Result<Vec<Alpha>> {
+/// Comma-separated alphas, one per block of `layout`.
+fn float_alphas(layout: BlockLayout, key: &str, value: &str) -> Result<Vec<Alpha>> {
     let values = (value.split(','))
         .map(|item| number::<f32>(key, item).map(Alpha::Float))
         .collect::<Result<Vec<_>>>()?;
-    exactly_blocks(key, values)
+    exactly_blocks(layout, key, values)
 }
 
-fn exactly_blocks<T>(key: &str, values: Vec<T>) -> Result<Vec<T>> {
-    if values.len() != SD_BLOCKS {
+/// `values` when there is one per block of `layout`.
+fn exactly_blocks<T>(layout: BlockLayout, key: &str, values: Vec<T>) -> Result<Vec<T>> {
+    let count = layout.count();
+    if values.len() != count {
+        let unet = match layout {
+            BlockLayout::Sd => "SD1.x/SD2.x",
+            BlockLayout::Sdxl => "SDXL",
+        };
         return Err(Error::Usage(format!(
-            "--network_args {key}: needs {SD_BLOCKS} comma-separated values (one per SD UNet block), got {}",
+            "--network_args {key}: needs {count} comma-separated values (one per {unet} UNet \
+             block), got {}",
             values.len()
         )));
     }
@@ -276,48 +291,68 @@ fn probability(name: &str, rate: Option<f32>) -> Result<f32> {
 mod tests {
     use super::*;
 
-    fn weights(down: &str, mid: &str, up: &str, threshold: f64) -> Vec<f64> {
+    fn weights(layout: BlockLayout, down: &str, mid: &str, up: &str, threshold: f64) -> Vec<f64> {
         let given = |v: &str| (!v.is_empty()).then(|| v.to_string());
-        block_lr_weights(given(down), given(mid), given(up), threshold)
+        block_lr_weights(layout, [given(down), given(mid), given(up)], threshold)
             .unwrap()
             .unwrap()
     }
 
     #[test]
     fn lr_weight_lists_are_padded_cut_and_thresholded() {
-        let w = weights("0.5,,2", "3,4", "1,1,1,1,1,1,1,1,1,1,1,1,9,9", 0.0);
-        assert_eq!(w.len(), SD_BLOCKS);
+        let sd = BlockLayout::Sd;
+        let w = weights(sd, "0.5,,2", "3,4", "1,1,1,1,1,1,1,1,1,1,1,1,9,9", 0.0);
+        assert_eq!(w.len(), sd.count());
         assert_eq!(&w[..4], &[0.5, 0.0, 2.0, 1.0]);
         assert_eq!(w[12], 3.0, "mid takes one value");
         assert!(w[13..].iter().all(|&x| x == 1.0), "up cut to 12");
-        let w = weights("", "0.1", "", 0.1);
+        let w = weights(sd, "", "0.1", "", 0.1);
         assert_eq!(w[12], 0.0, "at the threshold becomes 0");
-        assert!(block_lr_weights(None, None, None, 0.0).unwrap().is_none());
+        assert!(block_lr_weights(sd, [None, None, None], 0.0)
+            .unwrap()
+            .is_none());
+
+        let sdxl = BlockLayout::Sdxl;
+        let w = weights(sdxl, "0.5", "3,4", "zeros", 0.0);
+        assert_eq!(w.len(), sdxl.count());
+        assert_eq!((w[0], w[22]), (1.0, 1.0), "embeddings and out layers");
+        assert_eq!(&w[1..3], &[0.5, 1.0]);
+        assert_eq!(&w[10..13], &[3.0, 4.0, 1.0], "mid takes three values");
+        assert!(w[13..22].iter().all(|&x| x == 0.0));
     }
 
     #[test]
     fn lr_weight_presets_follow_the_spec_formulas() {
-        let w = weights("sine", "", "cosine+0.5", 0.0);
+        let w = weights(BlockLayout::Sd, "sine", "", "cosine+0.5", 0.0);
         for i in 0..12 {
             let sine = (std::f64::consts::FRAC_PI_2 * i as f64 / 11.0).sin();
             assert!((w[i] - sine).abs() < 1e-12);
             let cosine = (std::f64::consts::FRAC_PI_2 * (11 - i) as f64 / 11.0).sin() + 0.5;
             assert!((w[13 + i] - cosine).abs() < 1e-12);
         }
-        let w = weights("reverse_linear", "", "linear", 0.0);
+        let w = weights(BlockLayout::Sd, "reverse_linear", "", "linear", 0.0);
         assert_eq!(w[0], 1.0);
         assert_eq!(w[11], 0.0);
         assert_eq!(w[13], 0.0);
         assert_eq!(w[24], 1.0);
-        assert!(block_lr_weights(Some("wave".into()), None, None, 0.0).is_err());
+        assert!(block_lr_weights(BlockLayout::Sd, [Some("wave".into()), None, None], 0.0).is_err());
+        assert!(
+            block_lr_weights(BlockLayout::Sdxl, [None, Some("sine".into()), None], 0.0).is_err(),
+            "mid takes numbers only"
+        );
     }
 
     #[test]
     fn block_lists_need_one_value_per_block() {
-        assert!(block_list("block_dims", "1,2,3").is_err());
+        assert!(block_list(BlockLayout::Sd, "block_dims", "1,2,3").is_err());
         assert_eq!(
-            block_list("block_dims", &["4"; 25].join(",")).unwrap(),
+            block_list(BlockLayout::Sd, "block_dims", &["4"; 25].join(",")).unwrap(),
             vec![4; 25]
+        );
+        assert!(block_list(BlockLayout::Sdxl, "block_dims", &["4"; 25].join(",")).is_err());
+        assert_eq!(
+            block_list(BlockLayout::Sdxl, "block_dims", &["4"; 23].join(",")).unwrap(),
+            vec![4; 23]
         );
         assert!(probability("rank_dropout", Some(1.0)).is_err());
     }
