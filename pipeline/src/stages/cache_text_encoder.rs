@@ -502,6 +502,14 @@ fn check_augmentation(options: &TeCacheOptions, subsets_augment: Option<bool>) -
                 options.in_json.display()
             )));
         }
+        if options.variants == 0 && subsets_augment {
+            tracing::warn!(
+                "subsets of the dataset config behind {} shuffle captions or drop tags: without \
+                 --variants N no caption variants are cached, and train-lora refuses those \
+                 subsets",
+                options.in_json.display()
+            );
+        }
         if options.variants > 0 && !subsets_augment {
             return Err(Error::Usage(format!(
                 "--variants: no subset of the dataset config behind {} sets shuffle_caption or \
