@@ -168,7 +168,6 @@ impl Encoder {
                     &self.encoders.encoders[0],
                     &self.ids_tensor(batch, 0)?,
                     self.clip_skip,
-                    None,
                 )?;
                 vec![("hidden_state", weights(0, hidden)?)]
             }
@@ -180,7 +179,6 @@ impl Encoder {
                     &self.ids_tensor(batch, 0)?,
                     &self.ids_tensor(batch, 1)?,
                     eos,
-                    [None, None],
                 )?;
                 vec![
                     ("hidden_state1", weights(0, out.hidden_state1)?),
