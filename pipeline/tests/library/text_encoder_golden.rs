@@ -578,3 +578,66 @@ fn text_encoder_lora_modules_reproduce_sd_scripts() {
         assert!(diff <= 1e-4, "LoRA text states at {length}: max abs {diff}");
     }
 }
+
+#[test]
+fn text_encoder_lora_gradients_match_torch_autograd() {
+    // tests/fixtures/generate/te_lora.py: sd-scripts' LoRA on the tiny text encoder with random
+    // non-zero modules, a two-chunk caption at clip skip 2, loss sum(hidden * W).
+    let file = "golden/lora/te_lora_grad.npz";
+    let mut loaded = load_text_encoders(
+        &fixtures().join("sd15-tiny/model.safetensors"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let model = &mut loaded.encoders[0];
+    model.set_lora_prefix("lora_te");
+    let input = fixtures().join("golden/lora/te_lora_input.safetensors");
+    let (network, report) = LoraNetwork::load(model, &input, 1.0, &Device::Cpu).unwrap();
+    assert_eq!(report.applied, 72);
+    let (ids, shape) = golden_in(file, "input_ids");
+    assert_eq!(shape, [1, 2, 77]);
+    let ids: Vec<u32> = ids.into_iter().map(|v| v as u32).collect();
+    let ids = Tensor::from_vec(ids, (1, 2, 77), &Device::Cpu).unwrap();
+    let hidden = encode_sd(model, &ids, 2).unwrap();
+    assert_eq!(hidden.dims(), [1, 152, 64]);
+    let diff = max_abs_diff(&hidden, &golden_in(file, "hidden").0);
+    assert!(diff <= 1e-4, "hidden states with the LoRA: max abs {diff}");
+
+    let (weights, _) = golden_in(file, "loss_weights");
+    let weights: Vec<f32> = weights.into_iter().map(|v| v as f32).collect();
+    let weights = Tensor::from_vec(weights, (1, 152, 64), &Device::Cpu).unwrap();
+    let grads = (hidden * weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let mut compared = 0;
+    for module in &network.modules {
+        let recorded = ["layers_0_", "layers_10_"]
+            .iter()
+            .any(|layer| module.name.contains(layer));
+        for (part, var) in [("lora_down", &module.down), ("lora_up", &module.up)] {
+            let grad = grads.get(var.as_tensor());
+            if module.name.contains("layers_11_") {
+                // Clip skip 2 never runs the last layer: no gradient, as in torch.
+                assert!(grad.is_none(), "{} {part}", module.name);
+            }
+            if !recorded {
+                continue;
+            }
+            let expected = golden_in(file, &format!("grad__{}__{part}", module.name)).0;
+            let grad = grad.unwrap_or_else(|| panic!("no gradient for {} {part}", module.name));
+            let scale = expected.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(grad, &expected);
+            assert!(
+                diff <= 1e-4 * scale.max(1.0),
+                "{} {part}: max abs {diff} (largest {scale})",
+                module.name
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 24);
+}
