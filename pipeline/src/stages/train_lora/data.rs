@@ -29,6 +29,7 @@ use crate::formats::schema::TE_CACHE_V1;
 use crate::formats::te_cache::{describe_width, read_cache_file, TeCacheSpec};
 use crate::models::unet::{sdxl_vector, SIZE_VALUES};
 use crate::stages::cache_text_encoder;
+use crate::text::caption_text::{training_caption, CaptionAugmentation, DEFAULT_SEPARATOR};
 use crate::{Error, Result};
 
 /// One training image as cached tensors.
@@ -39,8 +40,12 @@ pub struct Sample {
     /// Unscaled VAE latents `[4, h, w]` (f32, CPU).
     pub latents: Tensor,
     /// Text-encoder hidden states `[75n+2, D]` (f32, CPU); SDXL: `hidden_state1` and
-    /// `hidden_state2` joined along `D`, as sd-scripts joins them.
+    /// `hidden_state2` joined along `D`, as sd-scripts joins them. Empty (`[0, 0]`) when the
+    /// text encoder runs live ([`Sample::caption`]).
     pub context: Tensor,
+    /// The caption text, when the text encoder is trained: encoded live every step (with the
+    /// caption augmentation of [`CachedDataset::augmentation`]) instead of a cached context.
+    pub caption: Option<String>,
     /// SDXL: the cached `pool2` `[P]` (f32, CPU).
     pub pool2: Option<Tensor>,
     /// The latent cache file `latents` was read from (named in messages).
@@ -113,6 +118,12 @@ pub struct Batch {
     /// Per-sample loss weights `[B]` (`--prior_loss_weight` for regularisation images), when the
     /// batch holds one.
     pub loss_weights: Option<Tensor>,
+    /// Live text encoder: each sample's caption after caption dropout and augmentation, to be
+    /// encoded by the trained text encoder (then `context` is empty and `vector` unset).
+    pub captions: Option<Vec<String>>,
+    /// Live text encoder with SDXL: each sample's six size values (the add-embedding input
+    /// besides the live `pool2`).
+    pub sizes: Option<Vec<[i64; SIZE_VALUES]>>,
 }
 
 /// The random choices of one micro-batch's collation.
@@ -146,6 +157,9 @@ pub struct CachedDataset {
     pub empty_context: Option<Tensor>,
     /// The loss weight of regularisation images (`--prior_loss_weight`).
     pub prior_loss_weight: f32,
+    /// Live text encoder: the per-step caption augmentation (`--shuffle_caption`,
+    /// `--keep_tokens`, `--caption_tag_dropout_rate`), drawn from [`Draws::variant_seed`].
+    pub augmentation: Option<CaptionAugmentation>,
 }
 
 impl CachedDataset {
@@ -186,6 +200,11 @@ impl CachedDataset {
             };
             match load_sample(key, &base, entry.get("train_resolution"), keys, options) {
                 Ok(mut sample) => {
+                    if options.live_captions {
+                        // sd-scripts trains an entry without caption or tags on "".
+                        let caption = training_caption(entry, DEFAULT_SEPARATOR);
+                        sample.caption = Some(caption.unwrap_or_default());
+                    }
                     let subset = entry.get("lorakit_subset");
                     let subset_repeats = subset.and_then(|s| s["num_repeats"].as_u64());
                     sample.repeats = subset_repeats.map_or(repeats, |n| n as usize);
@@ -209,7 +228,7 @@ impl CachedDataset {
         }
         let mut widths: BTreeMap<usize, Vec<&Path>> = BTreeMap::new();
         let mut lengths: BTreeMap<usize, Vec<&Path>> = BTreeMap::new();
-        for sample in &samples {
+        for sample in samples.iter().filter(|s| s.caption.is_none()) {
             let (tokens, width) = sample.context.dims2()?;
             widths.entry(width).or_default().push(&sample.text_cache);
             lengths.entry(tokens).or_default().push(&sample.text_cache);
@@ -261,6 +280,7 @@ impl CachedDataset {
             context_dim,
             empty_context: None,
             prior_loss_weight: 1.0,
+            augmentation: None,
         })
     }
 
@@ -363,8 +383,22 @@ impl CachedDataset {
             .map(|(seed, rate)| (rand::rngs::StdRng::seed_from_u64(seed), rate));
         let (mut latents, mut contexts, mut masks) = (Vec::new(), Vec::new(), Vec::new());
         let (mut pools, mut sizes) = (Vec::new(), Vec::new());
+        let (mut captions, mut live_sizes) = (Vec::new(), Vec::new());
         for &i in batch {
             let sample = &self.samples[i];
+            if let Some(caption) = &sample.caption {
+                // sd-scripts' order: caption dropout first (the empty caption), else the tags
+                // shuffled / dropped.
+                let dropped = match &mut dropout_rng {
+                    Some((rng, rate)) => rng.random::<f64>() < *rate,
+                    None => false,
+                };
+                captions.push(match (&self.augmentation, &mut variant_rng) {
+                    _ if dropped => String::new(),
+                    (Some(augmentation), Some(rng)) => augmentation.apply(caption, rng),
+                    _ => caption.clone(),
+                });
+            }
             let dropped = match (&mut dropout_rng, &self.empty_context) {
                 (Some((rng, rate)), Some(empty)) => {
                     (rng.random::<f64>() < *rate).then(|| empty.clone())
@@ -386,6 +420,9 @@ impl CachedDataset {
                 pools.push(pool2.clone());
                 sizes.push(sample.size_values(flipped.is_some())?);
             }
+            if sample.caption.is_some() {
+                live_sizes.push(sample.size_values(flipped.is_some()).ok());
+            }
             latents.push(flipped.unwrap_or(&sample.latents).clone());
             contexts.push(context);
             masks.push(match (&sample.mask, flipped) {
@@ -406,9 +443,16 @@ impl CachedDataset {
         } else {
             Some(sdxl_vector(&Tensor::stack(&pools, 0)?, &sizes)?.to_device(device)?)
         };
+        let live = !captions.is_empty();
+        let context = match live {
+            true => Tensor::zeros((batch.len(), 0, 0), DType::F32, device)?,
+            false => Tensor::stack(&contexts, 0)?.to_device(device)?,
+        };
         Ok(Batch {
             latents: Tensor::stack(&latents, 0)?.to_device(device)?,
-            context: Tensor::stack(&contexts, 0)?.to_device(device)?,
+            context,
+            captions: live.then_some(captions),
+            sizes: live_sizes.into_iter().collect(),
             vector,
             mask: match masks {
                 Some(masks) => Some(Tensor::stack(&masks, 0)?.to_device(device)?),
@@ -438,6 +482,9 @@ pub struct CacheOptions {
     pub family: ModelFamily,
     /// `alpha_mask` (`--alpha_mask`).
     pub alpha_mask: bool,
+    /// The text encoder is trained: read each entry's caption instead of its text-encoder
+    /// cache.
+    pub live_captions: bool,
     /// `latents_flipped` (`--flip_aug`).
     pub flip_aug: bool,
     /// The loss weight of regularisation entries (`--prior_loss_weight`).
@@ -644,6 +691,24 @@ fn load_sample(
         })
         .transpose()?;
     let te_path = PathBuf::from(format!("{}_te_outputs.npz", base.display()));
+    if options.live_captions {
+        return Ok(Sample {
+            key: key.to_string(),
+            latents,
+            context: Tensor::zeros((0, 0), DType::F32, &Device::Cpu)?,
+            caption: None,
+            pool2: None,
+            mask,
+            latents_flipped,
+            context_variants: None,
+            latent_cache: latent_path,
+            text_cache: te_path,
+            repeats: 1,
+            is_reg: false,
+            original_size,
+            crop_ltrb,
+        });
+    }
     if !te_path.is_file() {
         return Err(Error::bad_file(
             &te_path,
@@ -694,6 +759,7 @@ fn load_sample(
         key: key.to_string(),
         latents,
         context,
+        caption: None,
         pool2,
         mask,
         latents_flipped,
