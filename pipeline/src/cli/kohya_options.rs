@@ -129,15 +129,6 @@ pub const KOHYA_OPTIONS: &[KohyaOption] = &[
         Flag,
         NoEffect("the run's settings are in the LoRA's ss_* metadata and the state folders"),
     ),
-    option(
-        "text_encoder_lr",
-        Many,
-        Warn(
-            "the text encoder is not trained here (UNet-only, from cached text-encoder \
-              outputs, as sd-scripts with --network_train_unet_only): the LoRA has no \
-              text-encoder modules",
-        ),
-    ),
     option("sample_prompts", One, Warn(SAMPLES)),
     option("sample_every_n_steps", One, Warn(SAMPLES)),
     option("sample_every_n_epochs", One, Warn(SAMPLES)),
@@ -193,8 +184,8 @@ pub const KOHYA_OPTIONS: &[KohyaOption] = &[
         "network_train_text_encoder_only",
         Flag,
         Refuse(
-            "the text encoder is not trained here (UNet-only LoRA from cached text-encoder \
-                outputs)",
+            "training the text encoder without the UNet is not supported yet: train both \
+                (the default) or the UNet only (--network_train_unet_only)",
         ),
     ),
     option(

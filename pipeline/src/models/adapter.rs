@@ -33,6 +33,9 @@ pub enum Container {
     Downsample,
     /// An `Upsample2D` (C3Lier only).
     Upsample,
+    /// A linear layer of a CLIP text encoder's `CLIPAttention` / `CLIPMLP` (always a target
+    /// when the text encoder is trained).
+    TextEncoder,
     /// Anything else (never adapted).
     Other,
 }
@@ -44,6 +47,9 @@ pub struct AdaptableLayer {
     pub path: String,
     /// The sd-scripts class that contains it.
     pub container: Container,
+    /// The kohya name prefix of the model the layer is in (`lora_unet`, `lora_te`, `lora_te1`,
+    /// `lora_te2`).
+    pub lora_prefix: &'static str,
     op: FrozenOp,
     bias: Option<Tensor>,
     /// The attached trainable adapter (a LoRA module), if any.
@@ -62,10 +68,17 @@ impl AdaptableLayer {
         Self {
             path,
             container,
+            lora_prefix: "lora_unet",
             op: FrozenOp::new(weight, kind),
             bias: bias.map(|b| b.detach()),
             adapter: None,
         }
+    }
+
+    /// The kohya name of a LoRA module on this layer: the prefix, then the path with `_` for
+    /// `.` (e.g. `lora_te_text_model_encoder_layers_0_self_attn_q_proj`).
+    pub fn lora_name(&self) -> String {
+        format!("{}_{}", self.lora_prefix, self.path.replace('.', "_"))
     }
 
     /// The frozen base weight.
@@ -108,8 +121,20 @@ impl AdaptableLayer {
     }
 }
 
-/// Something whose adaptable layers can be visited (the UNet).
+/// Something whose adaptable layers can be visited (the UNet, a text encoder).
 pub trait Adaptable {
     /// Calls `f` on every adaptable layer, in model order.
     fn visit_layers(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer));
+}
+
+/// Several models visited one after the other as one (sd-scripts' network over the text
+/// encoder(s) and the UNet: text-encoder modules first).
+pub struct Joined<'a>(pub Vec<&'a mut dyn Adaptable>);
+
+impl Adaptable for Joined<'_> {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer)) {
+        for model in self.0.iter_mut() {
+            model.visit_layers(f);
+        }
+    }
 }

@@ -10,8 +10,11 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, Linear, VarBuilder};
 
+use crate::models::adapter::{Adaptable, AdaptableLayer, Container};
+use crate::models::frozen::FrozenKind;
+use crate::models::norm::Norm;
 use crate::{Error, Result};
 
 /// Hidden size per attention head in every released SD text encoder.
@@ -126,34 +129,34 @@ fn open_clip_name(hf_name: &str) -> String {
     name.to_string()
 }
 
-/// Changes the output of the transformer's linear layers (a LoRA network, for instance).
-pub trait LinearHook: Sync {
-    /// The output of linear layer `module` (its Hugging Face path, e.g.
-    /// `text_model.encoder.layers.0.self_attn.q_proj`), given its input and its own output.
-    fn adjust(&self, module: &str, input: &Tensor, output: Tensor) -> candle_core::Result<Tensor>;
+/// A frozen linear layer of the transformer, named by its Hugging Face module path (e.g.
+/// `text_model.encoder.layers.0.self_attn.q_proj`) for a LoRA module to attach to.
+fn adaptable(vb: &VarBuilder, weight: Tensor, bias: Tensor) -> AdaptableLayer {
+    AdaptableLayer::new(
+        vb.prefix(),
+        Container::TextEncoder,
+        weight,
+        Some(bias),
+        FrozenKind::Linear,
+    )
 }
 
-/// A linear layer that knows its Hugging Face module path, for [`LinearHook`]s.
-struct NamedLinear {
-    path: String,
-    linear: Linear,
+/// A linear layer `in -> out` with bias at `vb`.
+fn linear(
+    vb: VarBuilder,
+    (inputs, outputs): (usize, usize),
+) -> candle_core::Result<AdaptableLayer> {
+    let weight = vb.get((outputs, inputs), "weight")?;
+    let bias = vb.get(outputs, "bias")?;
+    Ok(adaptable(&vb, weight, bias))
 }
 
-impl NamedLinear {
-    fn forward(&self, x: &Tensor, hook: Option<&dyn LinearHook>) -> candle_core::Result<Tensor> {
-        let output = self.linear.forward(x)?;
-        match hook {
-            Some(hook) => hook.adjust(&self.path, x, output),
-            None => Ok(output),
-        }
-    }
-}
-
-fn named(vb: &VarBuilder, linear: Linear) -> NamedLinear {
-    NamedLinear {
-        path: vb.prefix(),
-        linear,
-    }
+fn layer_norm(vb: VarBuilder, width: usize) -> candle_core::Result<Norm> {
+    Ok(Norm::new(
+        vb.get(width, "weight")?,
+        vb.get(width, "bias")?,
+        LAYER_NORM_EPS,
+    ))
 }
 
 fn model_error(context: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
@@ -161,10 +164,10 @@ fn model_error(context: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
 }
 
 struct Attention {
-    q_proj: NamedLinear,
-    k_proj: NamedLinear,
-    v_proj: NamedLinear,
-    out_proj: NamedLinear,
+    q_proj: AdaptableLayer,
+    k_proj: AdaptableLayer,
+    v_proj: AdaptableLayer,
+    out_proj: AdaptableLayer,
     heads: usize,
     head_dim: usize,
 }
@@ -179,42 +182,29 @@ impl Attention {
         let (q_proj, k_proj, v_proj) = if layout == WeightLayout::OpenClip {
             let weight = vb.get((3 * width, width), "in_proj_weight")?;
             let bias = vb.get(3 * width, "in_proj_bias")?;
-            let part = |i: usize, name: &str| -> candle_core::Result<NamedLinear> {
-                let linear = Linear::new(
+            let part = |i: usize, name: &str| -> candle_core::Result<AdaptableLayer> {
+                Ok(adaptable(
+                    &vb.pp(name),
                     weight.narrow(0, i * width, width)?.contiguous()?,
-                    Some(bias.narrow(0, i * width, width)?.contiguous()?),
-                );
-                Ok(named(&vb.pp(name), linear))
+                    bias.narrow(0, i * width, width)?.contiguous()?,
+                ))
             };
             (part(0, "q_proj")?, part(1, "k_proj")?, part(2, "v_proj")?)
         } else {
-            let proj = |name: &str| -> candle_core::Result<NamedLinear> {
-                Ok(named(
-                    &vb.pp(name),
-                    candle_nn::linear(width, width, vb.pp(name))?,
-                ))
-            };
+            let proj = |name: &str| linear(vb.pp(name), (width, width));
             (proj("q_proj")?, proj("k_proj")?, proj("v_proj")?)
         };
         Ok(Attention {
             q_proj,
             k_proj,
             v_proj,
-            out_proj: named(
-                &vb.pp("out_proj"),
-                candle_nn::linear(width, width, vb.pp("out_proj"))?,
-            ),
+            out_proj: linear(vb.pp("out_proj"), (width, width))?,
             heads: config.num_attention_heads,
             head_dim: width / config.num_attention_heads,
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        causal_mask: &Tensor,
-        hook: Option<&dyn LinearHook>,
-    ) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
         let (batch, len, width) = x.dims3()?;
         let split_heads = |t: Tensor| -> candle_core::Result<Tensor> {
             t.reshape((batch, len, self.heads, self.head_dim))?
@@ -222,30 +212,48 @@ impl Attention {
                 .contiguous()
         };
         let scale = (self.head_dim as f64).powf(-0.5);
-        let q = split_heads((self.q_proj.forward(x, hook)? * scale)?)?;
-        let k = split_heads(self.k_proj.forward(x, hook)?)?;
-        let v = split_heads(self.v_proj.forward(x, hook)?)?;
+        let q = split_heads((self.q_proj.forward(x)? * scale)?)?;
+        let k = split_heads(self.k_proj.forward(x)?)?;
+        let v = split_heads(self.v_proj.forward(x)?)?;
         let dtype = x.dtype();
         let scores = q
             .to_dtype(DType::F32)?
             .matmul(&k.to_dtype(DType::F32)?.t()?)?
             .broadcast_add(causal_mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        // candle's fused softmax has no backward pass: while a LoRA is trained the elementary
+        // one runs (the same values).
+        let probs = if scores.track_op() {
+            candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
         let out = probs
             .matmul(&v.to_dtype(DType::F32)?)?
             .to_dtype(dtype)?
             .transpose(1, 2)?
             .reshape((batch, len, width))?;
-        self.out_proj.forward(&out, hook)
+        self.out_proj.forward(&out)
+    }
+
+    fn visit(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer)) {
+        // Hugging Face's `CLIPAttention` order (sd-scripts' module order).
+        for layer in [
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.q_proj,
+            &mut self.out_proj,
+        ] {
+            f(layer);
+        }
     }
 }
 
 struct EncoderLayer {
-    layer_norm1: LayerNorm,
+    layer_norm1: Norm,
     attention: Attention,
-    layer_norm2: LayerNorm,
-    fc1: NamedLinear,
-    fc2: NamedLinear,
+    layer_norm2: Norm,
+    fc1: AdaptableLayer,
+    fc2: AdaptableLayer,
     activation: ClipActivation,
 }
 
@@ -257,33 +265,22 @@ impl EncoderLayer {
     ) -> candle_core::Result<Self> {
         let width = config.hidden_size;
         Ok(EncoderLayer {
-            layer_norm1: candle_nn::layer_norm(width, LAYER_NORM_EPS, vb.pp("layer_norm1"))?,
+            layer_norm1: layer_norm(vb.pp("layer_norm1"), width)?,
             attention: Attention::load(vb.pp("self_attn"), config, layout)?,
-            layer_norm2: candle_nn::layer_norm(width, LAYER_NORM_EPS, vb.pp("layer_norm2"))?,
-            fc1: named(
-                &vb.pp("mlp.fc1"),
-                candle_nn::linear(width, config.intermediate_size, vb.pp("mlp.fc1"))?,
-            ),
-            fc2: named(
-                &vb.pp("mlp.fc2"),
-                candle_nn::linear(config.intermediate_size, width, vb.pp("mlp.fc2"))?,
-            ),
+            layer_norm2: layer_norm(vb.pp("layer_norm2"), width)?,
+            fc1: linear(vb.pp("mlp.fc1"), (width, config.intermediate_size))?,
+            fc2: linear(vb.pp("mlp.fc2"), (config.intermediate_size, width))?,
             activation: config.activation,
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        causal_mask: &Tensor,
-        hook: Option<&dyn LinearHook>,
-    ) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
         let attended = self
             .attention
-            .forward(&self.layer_norm1.forward(x)?, causal_mask, hook)?;
+            .forward(&self.layer_norm1.layer(x)?, causal_mask)?;
         let x = (x + attended)?;
-        let hidden = self.fc1.forward(&self.layer_norm2.forward(&x)?, hook)?;
-        let mlp = self.fc2.forward(&self.activation.apply(&hidden)?, hook)?;
+        let hidden = self.fc1.forward(&self.layer_norm2.layer(&x)?)?;
+        let mlp = self.fc2.forward(&self.activation.apply(&hidden)?)?;
         x + mlp
     }
 }
@@ -295,8 +292,18 @@ pub struct ClipTextModel {
     token_embedding: Embedding,
     position_embedding: Tensor,
     layers: Vec<EncoderLayer>,
-    final_layer_norm: LayerNorm,
+    final_layer_norm: Norm,
     text_projection: Option<Linear>,
+}
+
+impl Adaptable for ClipTextModel {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer)) {
+        for layer in &mut self.layers {
+            layer.attention.visit(f);
+            f(&mut layer.fc1);
+            f(&mut layer.fc2);
+        }
+    }
 }
 
 impl ClipTextModel {
@@ -323,8 +330,7 @@ impl ClipTextModel {
             let layers = (0..config.num_hidden_layers)
                 .map(|i| EncoderLayer::load(text.pp(format!("encoder.layers.{i}")), config, layout))
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            let final_layer_norm =
-                candle_nn::layer_norm(width, LAYER_NORM_EPS, text.pp("final_layer_norm"))?;
+            let final_layer_norm = layer_norm(text.pp("final_layer_norm"), width)?;
             let text_projection = if with_projection {
                 Some(Linear::new(
                     vb.get((width, width), "text_projection.weight")?,
@@ -350,15 +356,16 @@ impl ClipTextModel {
         &self.config
     }
 
+    /// Sets the kohya prefix of LoRA modules on this encoder's layers: `lora_te` (SD1.x/SD2.x),
+    /// `lora_te1` / `lora_te2` (SDXL's two encoders).
+    pub fn set_lora_prefix(&mut self, prefix: &'static str) {
+        self.visit_layers(&mut |layer| layer.lora_prefix = prefix);
+    }
+
     /// Hidden states of `ids` (`[B, 77]`, u32) after each of `after_layers` transformer layers
     /// (0 = the embeddings), in the order asked; layers past the deepest one asked are not run.
-    /// `hook` (e.g. a LoRA network) adjusts every linear layer's output.
-    pub fn hidden_states(
-        &self,
-        ids: &Tensor,
-        after_layers: &[usize],
-        hook: Option<&dyn LinearHook>,
-    ) -> Result<Vec<Tensor>> {
+    /// LoRA modules attached to the linear layers take part (with their backward pass).
+    pub fn hidden_states(&self, ids: &Tensor, after_layers: &[usize]) -> Result<Vec<Tensor>> {
         let run = || -> candle_core::Result<Vec<Tensor>> {
             let (_, len) = ids.dims2()?;
             let deepest = after_layers.iter().copied().max().unwrap_or(0);
@@ -371,7 +378,7 @@ impl ClipTextModel {
             let mut outputs: Vec<Option<Tensor>> = vec![None; after_layers.len()];
             for depth in 0..=deepest {
                 if depth > 0 {
-                    x = self.layers[depth - 1].forward(&x, &mask, hook)?;
+                    x = self.layers[depth - 1].forward(&x, &mask)?;
                 }
                 for (slot, &wanted) in outputs.iter_mut().zip(after_layers) {
                     if wanted == depth {
@@ -393,7 +400,7 @@ impl ClipTextModel {
     /// Applies the final layer norm.
     pub fn final_layer_norm(&self, hidden: &Tensor) -> Result<Tensor> {
         self.final_layer_norm
-            .forward(hidden)
+            .layer(hidden)
             .map_err(model_error("final layer norm"))
     }
 
@@ -456,12 +463,7 @@ pub fn apply_weights(hidden: &Tensor, body_weights: &Tensor) -> Result<Tensor> {
 
 /// SD1.x/SD2.x conditioning (sd-scripts' `SdTextEncodingStrategy`): for ids `[B, n, 77]`,
 /// `hidden_states[-clip_skip]` with the final layer norm, chunks stitched → `[B, 75n + 2, D]`.
-pub fn encode_sd(
-    model: &ClipTextModel,
-    ids: &Tensor,
-    clip_skip: usize,
-    hook: Option<&dyn LinearHook>,
-) -> Result<Tensor> {
+pub fn encode_sd(model: &ClipTextModel, ids: &Tensor, clip_skip: usize) -> Result<Tensor> {
     let layers = model.config().num_hidden_layers;
     if clip_skip == 0 || clip_skip > layers {
         return Err(Error::Usage(format!(
@@ -473,7 +475,7 @@ pub fn encode_sd(
         .reshape((batch * chunks, len))
         .map_err(model_error("token ids"))?;
     let hidden = model
-        .hidden_states(&flat, &[layers + 1 - clip_skip], hook)?
+        .hidden_states(&flat, &[layers + 1 - clip_skip])?
         .remove(0);
     stitch_chunks(&model.final_layer_norm(&hidden)?, chunks)
 }
@@ -488,15 +490,13 @@ pub struct SdxlConditioning {
     pub pool2: Tensor,
 }
 
-/// Runs both SDXL encoders on ids `[B, n, 77]` (one tensor per tokenizer); `hooks` adjust each
-/// encoder's linear layers.
+/// Runs both SDXL encoders on ids `[B, n, 77]` (one tensor per tokenizer).
 pub fn encode_sdxl(
     encoder1: &ClipTextModel,
     encoder2: &ClipTextModel,
     ids1: &Tensor,
     ids2: &Tensor,
     eos_id: u32,
-    hooks: [Option<&dyn LinearHook>; 2],
 ) -> Result<SdxlConditioning> {
     let (batch, chunks, len) = ids1.dims3().map_err(model_error("token ids"))?;
     let flat1 = ids1
@@ -505,9 +505,9 @@ pub fn encode_sdxl(
     let flat2 = ids2
         .reshape((batch * chunks, len))
         .map_err(model_error("token ids"))?;
-    let hidden1 = encoder1.hidden_states(&flat1, &[11], hooks[0])?.remove(0);
+    let hidden1 = encoder1.hidden_states(&flat1, &[11])?.remove(0);
     let depth2 = encoder2.config().num_hidden_layers;
-    let mut states2 = encoder2.hidden_states(&flat2, &[depth2 - 1, depth2], hooks[1])?;
+    let mut states2 = encoder2.hidden_states(&flat2, &[depth2 - 1, depth2])?;
     let last2 = encoder2.final_layer_norm(&states2.remove(1))?;
     let hidden2 = states2.remove(0);
 

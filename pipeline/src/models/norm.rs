@@ -177,6 +177,65 @@ impl CustomOp1 for AffineNorm {
     }
 }
 
+/// Affine normalisation parameters (GroupNorm or LayerNorm) of a frozen model, with a backward
+/// pass for the activations: the fused [`AffineNorm`] for f32 CPU inputs, elementary candle ops
+/// otherwise.
+#[derive(Debug, Clone)]
+pub(crate) struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl Norm {
+    /// A normalisation with per-channel `weight` and `bias` (detached from any graph).
+    pub(crate) fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self {
+            weight: weight.detach(),
+            bias: bias.detach(),
+            eps,
+        }
+    }
+
+    /// GroupNorm over `[B, C, H, W]` with `groups` groups.
+    pub(crate) fn group(&self, groups: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        if is_f32_cpu(x) {
+            let kind = NormKind::Group { groups };
+            return AffineNorm::new(&self.weight, &self.bias, kind, self.eps)?.forward(x);
+        }
+        let (b, c, h, w) = x.dims4()?;
+        let grouped = x.reshape((b, groups, (c / groups) * h * w))?;
+        let normed = standardise(&grouped, self.eps)?.reshape((b, c, h, w))?;
+        normed
+            .broadcast_mul(&self.weight.to_dtype(x.dtype())?.reshape((c, 1, 1))?)?
+            .broadcast_add(&self.bias.to_dtype(x.dtype())?.reshape((c, 1, 1))?)
+    }
+
+    /// LayerNorm over the last dimension.
+    pub(crate) fn layer(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if is_f32_cpu(x) {
+            return AffineNorm::new(&self.weight, &self.bias, NormKind::Layer, self.eps)?
+                .forward(x);
+        }
+        standardise(x, self.eps)?
+            .broadcast_mul(&self.weight.to_dtype(x.dtype())?)?
+            .broadcast_add(&self.bias.to_dtype(x.dtype())?)
+    }
+}
+
+/// Whether `x` can take the fused f32 CPU kernels.
+fn is_f32_cpu(x: &Tensor) -> bool {
+    x.dtype() == candle_core::DType::F32 && x.device().is_cpu()
+}
+
+/// `(x - mean) / sqrt(var + eps)` over the last dimension (biased variance).
+fn standardise(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let mean = x.mean_keepdim(candle_core::D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+    centred.broadcast_div(&(var + eps)?.sqrt()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,7 @@ use candle_nn::VarBuilder;
 use crate::models::adapter::{Adaptable, AdaptableLayer, Container};
 use crate::models::attention::attention;
 use crate::models::frozen::FrozenKind;
-use crate::models::norm::{AffineNorm, NormKind};
+use crate::models::norm::Norm;
 use crate::models::ModelFamily;
 use crate::{Error, Result};
 
@@ -306,64 +306,12 @@ impl Loader<'_, '_> {
 
     /// A normalisation over `channels`.
     fn norm(&self, path: &str, channels: usize, eps: f64) -> Result<Norm> {
-        Ok(Norm {
-            weight: self
-                .tensor(&format!("{path}.weight"), &[channels])?
-                .detach(),
-            bias: self.tensor(&format!("{path}.bias"), &[channels])?.detach(),
+        Ok(Norm::new(
+            self.tensor(&format!("{path}.weight"), &[channels])?,
+            self.tensor(&format!("{path}.bias"), &[channels])?,
             eps,
-        })
+        ))
     }
-}
-
-/// Affine normalisation parameters shared by GroupNorm and LayerNorm.
-#[derive(Debug, Clone)]
-struct Norm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl Norm {
-    /// GroupNorm over `[B, C, H, W]` with [`NORM_GROUPS`] groups.
-    fn group(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if is_f32_cpu(x) {
-            let kind = NormKind::Group {
-                groups: NORM_GROUPS,
-            };
-            return AffineNorm::new(&self.weight, &self.bias, kind, self.eps)?.forward(x);
-        }
-        let (b, c, h, w) = x.dims4()?;
-        let grouped = x.reshape((b, NORM_GROUPS, (c / NORM_GROUPS) * h * w))?;
-        let normed = standardise(&grouped, self.eps)?.reshape((b, c, h, w))?;
-        normed
-            .broadcast_mul(&self.weight.reshape((c, 1, 1))?)?
-            .broadcast_add(&self.bias.reshape((c, 1, 1))?)
-    }
-
-    /// LayerNorm over the last dimension.
-    fn layer(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if is_f32_cpu(x) {
-            return AffineNorm::new(&self.weight, &self.bias, NormKind::Layer, self.eps)?
-                .forward(x);
-        }
-        standardise(x, self.eps)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
-    }
-}
-
-/// Whether `x` can take the fused f32 CPU kernels.
-fn is_f32_cpu(x: &Tensor) -> bool {
-    x.dtype() == DType::F32 && x.device().is_cpu()
-}
-
-/// `(x - mean) / sqrt(var + eps)` over the last dimension (biased variance).
-fn standardise(x: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centred = x.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    centred.broadcast_div(&(var + eps)?.sqrt()?)
 }
 
 /// `ResnetBlock2D`.
@@ -402,14 +350,18 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor, temb: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.group(x)?.silu()?)?;
+        let h = self
+            .conv1
+            .forward(&self.norm1.group(NORM_GROUPS, x)?.silu()?)?;
         let t = self
             .time_emb_proj
             .forward(&temb.silu()?)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.group(&h)?.silu()?)?;
+        let h = self
+            .conv2
+            .forward(&self.norm2.group(NORM_GROUPS, &h)?.silu()?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
@@ -580,7 +532,7 @@ impl SpatialTransformer {
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let normed = self.norm.group(x)?;
+        let normed = self.norm.group(NORM_GROUPS, x)?;
         let to_tokens = |map: Tensor| map.flatten_from(2)?.transpose(1, 2)?.contiguous();
         let mut tokens = if self.linear_projection {
             self.proj_in.forward(&to_tokens(normed)?)?
@@ -862,7 +814,8 @@ impl Unet {
                 x = conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.group(&x)?.silu()?)
+        self.conv_out
+            .forward(&self.norm_out.group(NORM_GROUPS, &x)?.silu()?)
     }
 }
 

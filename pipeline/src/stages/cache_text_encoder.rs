@@ -114,19 +114,28 @@ struct Encoded {
     ids: Vec<Vec<u32>>,
 }
 
-/// The encoders, tokenizers and settings of one run.
-struct Encoder {
-    encoders: TextEncoders,
-    tokenizers: Vec<ClipTokenizer>,
-    clip_skip: usize,
-    max_len: MaxTokenLength,
-    weighted: bool,
-    stored_dtype: DType,
-    device: Device,
+/// The text encoder(s) and tokenizer(s) of a model with sd-scripts' rules for turning captions
+/// into UNet conditioning (clip skip, 75-token chunks, caption weights, SDXL's two encoders and
+/// `pool2`): what cache-text-encoder stores, and what train-lora computes every step when it
+/// trains the text encoder (with LoRA modules attached to the encoders' layers).
+pub struct CaptionEncoder {
+    /// The loaded encoders.
+    pub encoders: TextEncoders,
+    /// One tokenizer per encoder.
+    pub tokenizers: Vec<ClipTokenizer>,
+    /// The effective `--clip_skip` (SD1.x/SD2.x).
+    pub clip_skip: usize,
+    /// `--max_token_length`.
+    pub max_len: MaxTokenLength,
+    /// `--weighted_captions`.
+    pub weighted: bool,
+    /// Where the ids go.
+    pub device: Device,
 }
 
-impl Encoder {
-    fn tokenize(&self, text: &str) -> Result<Vec<TokenChunks>> {
+impl CaptionEncoder {
+    /// Tokenises `text` with each encoder's tokenizer.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<TokenChunks>> {
         self.tokenizers
             .iter()
             .map(|t| {
@@ -149,8 +158,10 @@ impl Encoder {
             .map_err(|e| Error::Model(format!("token ids: {e}")))
     }
 
-    /// Encodes a batch of tokenised captions; one [`Encoded`] per caption.
-    fn encode(&self, batch: &[&[TokenChunks]]) -> Result<Vec<Encoded>> {
+    /// The conditioning of a batch of tokenised captions, as sd-scripts names it:
+    /// `hidden_state` `[B, 75n+2, D]` (SD1.x/SD2.x), or `hidden_state1`, `hidden_state2` and
+    /// `pool2` (SDXL).
+    pub fn conditioning(&self, batch: &[&[TokenChunks]]) -> Result<Vec<(&'static str, Tensor)>> {
         let weights = |encoder: usize, hidden: Tensor| -> Result<Tensor> {
             if !self.weighted {
                 return Ok(hidden);
@@ -164,13 +175,12 @@ impl Encoder {
                     .map_err(|e| Error::Model(format!("caption weights: {e}")))?;
             apply_weights(&hidden, &weights)
         };
-        let named: Vec<(&'static str, Tensor)> = match self.encoders.family {
+        Ok(match self.encoders.family {
             ModelFamily::Sd1 | ModelFamily::Sd2 => {
                 let hidden = encode_sd(
                     &self.encoders.encoders[0],
                     &self.ids_tensor(batch, 0)?,
                     self.clip_skip,
-                    None,
                 )?;
                 vec![("hidden_state", weights(0, hidden)?)]
             }
@@ -182,7 +192,6 @@ impl Encoder {
                     &self.ids_tensor(batch, 0)?,
                     &self.ids_tensor(batch, 1)?,
                     eos,
-                    [None, None],
                 )?;
                 vec![
                     ("hidden_state1", weights(0, out.hidden_state1)?),
@@ -190,7 +199,27 @@ impl Encoder {
                     ("pool2", out.pool2),
                 ]
             }
-        };
+        })
+    }
+}
+
+/// The caption encoder of one cache-text-encoder run and the dtype its files store.
+struct Encoder {
+    caption: CaptionEncoder,
+    stored_dtype: DType,
+}
+
+impl std::ops::Deref for Encoder {
+    type Target = CaptionEncoder;
+    fn deref(&self) -> &CaptionEncoder {
+        &self.caption
+    }
+}
+
+impl Encoder {
+    /// Encodes a batch of tokenised captions; one [`Encoded`] per caption.
+    fn encode(&self, batch: &[&[TokenChunks]]) -> Result<Vec<Encoded>> {
+        let named = self.caption.conditioning(batch)?;
         let to_store = |t: &Tensor, row: usize| -> candle_core::Result<Tensor> {
             t.get(row)?
                 .to_dtype(self.stored_dtype)?
@@ -419,13 +448,15 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
         ..
     } = run;
     let encoder = Encoder {
-        encoders,
-        tokenizers,
-        clip_skip,
-        max_len: options.max_token_length,
-        weighted: options.weighted_captions,
+        caption: CaptionEncoder {
+            encoders,
+            tokenizers,
+            clip_skip,
+            max_len: options.max_token_length,
+            weighted: options.weighted_captions,
+            device: Device::Cpu,
+        },
         stored_dtype: stored_dtype(options.mixed_precision),
-        device: Device::Cpu,
     };
     let mut truncated = 0usize;
     let progress = Progress::new(TOOL, stale.len(), options.quiet);
@@ -534,23 +565,36 @@ fn check_augmentation(options: &TeCacheOptions, subsets_augment: Option<bool>) -
 }
 
 fn tokenizer_dirs(options: &TeCacheOptions, family: ModelFamily) -> Result<Vec<TokenizerSource>> {
-    let first = tokenizer_source(&options.model, options.tokenizer.as_deref());
+    Ok(tokenizer_sources(
+        &options.model,
+        options.tokenizer.as_deref(),
+        family,
+    ))
+}
+
+/// Where each tokenizer of `model` is read from (`explicit`: a `--tokenizer` folder).
+pub fn tokenizer_sources(
+    model: &Path,
+    explicit: Option<&Path>,
+    family: ModelFamily,
+) -> Vec<TokenizerSource> {
+    let first = tokenizer_source(model, explicit);
     if first == TokenizerSource::BuiltIn {
         tracing::info!(
             "no tokenizer folder with {}: using the built-in CLIP vocabulary (--tokenizer DIR \
              chooses another)",
-            options.model.display()
+            model.display()
         );
     }
     if family != ModelFamily::Sdxl {
-        return Ok(vec![first]);
+        return vec![first];
     }
     // SDXL's second tokenizer has the same vocabulary; diffusers folders ship it as tokenizer_2/.
-    let second = [options.model.join("tokenizer_2")]
+    let second = [model.join("tokenizer_2")]
         .into_iter()
-        .find(|dir| options.tokenizer.is_none() && dir.join("vocab.json").is_file())
+        .find(|dir| explicit.is_none() && dir.join("vocab.json").is_file())
         .map_or_else(|| first.clone(), TokenizerSource::Folder);
-    Ok(vec![first, second])
+    vec![first, second]
 }
 
 /// Where the cache file of metadata entry `key` goes: in `--cache_dir`, else beside its image,

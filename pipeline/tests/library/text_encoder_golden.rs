@@ -10,10 +10,11 @@ use crate::support::fixtures;
 use candle_core::{DType, Device, Tensor};
 use lorakit_pipeline::dataset::shard::Shard;
 use lorakit_pipeline::formats::te_cache::{read_cache_file, TeCacheSpec};
-use lorakit_pipeline::models::clip::{apply_weights, encode_sd, encode_sdxl, LinearHook};
+use lorakit_pipeline::models::clip::{apply_weights, encode_sd, encode_sdxl};
 use lorakit_pipeline::models::precision::MixedPrecision;
 use lorakit_pipeline::models::text_encoders::{load_text_encoders, TextEncoders};
 use lorakit_pipeline::models::ModelFamily;
+use lorakit_pipeline::networks::lora::LoraNetwork;
 use lorakit_pipeline::stages::cache_text_encoder::{cache_text_encoder_outputs, TeCacheOptions};
 use lorakit_pipeline::text::caption_text::CaptionAugmentation;
 use lorakit_pipeline::text::tokenize::{ClipTokenizer, MaxTokenLength, Padding, TokenChunks};
@@ -128,8 +129,7 @@ fn hidden_states_match_sd_scripts() {
                 .unwrap();
             for clip_skip in [1, 2] {
                 let hidden =
-                    encode_sd(&encoders.encoders[0], &ids_tensor(&chunks), clip_skip, None)
-                        .unwrap();
+                    encode_sd(&encoders.encoders[0], &ids_tensor(&chunks), clip_skip).unwrap();
                 let (expected, shape) =
                     golden(&format!("{name}__hidden_{length}_clipskip{clip_skip}"));
                 assert_eq!(hidden.dims()[1..], [shape[0] as usize, shape[1] as usize]);
@@ -155,8 +155,7 @@ fn weighted_hidden_states_match_sd_scripts() {
             .tokenize_weighted(caption, MaxTokenLength::new(length).unwrap())
             .unwrap();
         for clip_skip in [1, 2] {
-            let hidden =
-                encode_sd(&encoders.encoders[0], &ids_tensor(&chunks), clip_skip, None).unwrap();
+            let hidden = encode_sd(&encoders.encoders[0], &ids_tensor(&chunks), clip_skip).unwrap();
             let weights =
                 Tensor::from_vec(chunks.body_weights(), (1, length), &Device::Cpu).unwrap();
             let weighted = apply_weights(&hidden, &weights).unwrap();
@@ -277,7 +276,7 @@ fn sd2_open_clip_layout_loads_to_the_same_encoder() {
     let chunks = tokenizer()
         .tokenize(&captions()["t100"], MaxTokenLength::new(225).unwrap())
         .unwrap();
-    let hidden = encode_sd(&loaded.encoders[0], &ids_tensor(&chunks), 2, None).unwrap();
+    let hidden = encode_sd(&loaded.encoders[0], &ids_tensor(&chunks), 2).unwrap();
     let diff = max_abs_diff(&hidden, &golden("t100__hidden_225_clipskip2").0);
     assert!(diff <= 1e-4, "max abs {diff}");
 }
@@ -319,7 +318,6 @@ fn sdxl_single_file_encodes_both_encoders_and_pools_at_first_eos() {
             &ids,
             &ids,
             tokenizer.eos_id(),
-            [None, None],
         )
         .unwrap();
         let penultimate = golden(&format!("{name}__hidden_{length}_clipskip2")).0;
@@ -539,51 +537,38 @@ fn zero_padding_applies_sd_scripts_chunk_fixups() {
     assert_eq!(long.ids[153], 0);
 }
 
-/// The sd-scripts LoRA forward on the text encoder: `y = W0 x + up(down(x)) * alpha / rank`,
-/// with modules named `lora_te_<HF path with _>`.
-struct GoldenLora(HashMap<String, Tensor>);
-
-impl LinearHook for GoldenLora {
-    fn adjust(&self, module: &str, input: &Tensor, output: Tensor) -> candle_core::Result<Tensor> {
-        let name = format!("lora_te_{}", module.replace('.', "_"));
-        let (Some(down), Some(up), Some(alpha)) = (
-            self.0.get(&format!("{name}.lora_down.weight")),
-            self.0.get(&format!("{name}.lora_up.weight")),
-            self.0.get(&format!("{name}.alpha")),
-        ) else {
-            return Ok(output);
-        };
-        let rank = down.dim(0)? as f64;
-        let alpha = f64::from(alpha.to_dtype(DType::F32)?.to_scalar::<f32>()?);
-        let delta = input
-            .broadcast_matmul(&down.t()?)?
-            .broadcast_matmul(&up.t()?)?;
-        output + (delta * (alpha / rank))?
-    }
-}
-
 #[test]
-fn linear_hook_reproduces_sd_scripts_text_encoder_lora() {
-    let tensors = candle_core::safetensors::load(
-        fixtures().join("golden/lora/trained_lora_dim4_alpha1.safetensors"),
+fn text_encoder_lora_modules_reproduce_sd_scripts() {
+    // The golden LoRA's 72 `lora_te_*` modules, attached by the network loader to a fresh
+    // encoder, against sd-scripts' text states with the LoRA applied.
+    let path = fixtures().join("golden/lora/trained_lora_dim4_alpha1.safetensors");
+    let mut loaded = load_text_encoders(
+        &fixtures().join("sd15-tiny/model.safetensors"),
+        DType::F32,
         &Device::Cpu,
     )
     .unwrap();
-    let lora = GoldenLora(tensors);
-    let model = &encoders().encoders[0];
+    let model = &mut loaded.encoders[0];
+    model.set_lora_prefix("lora_te");
+    let (network, report) = LoraNetwork::load(model, &path, 1.0, &Device::Cpu).unwrap();
+    assert_eq!(report.applied, 72);
+    assert_eq!(network.modules.len(), 72);
+    assert!(network.modules[0]
+        .name
+        .starts_with("lora_te_text_model_encoder_layers_0_"));
     for length in [77, 227] {
         let (ids, shape) = golden_in("golden/unet/unet.npz", &format!("input_ids_{length}"));
         let ids: Vec<u32> = ids.into_iter().map(|v| v as u32).collect();
         let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
         let ids = Tensor::from_vec(ids, dims, &Device::Cpu).unwrap();
-        let base = encode_sd(model, &ids, 1, None).unwrap();
+        let base = encode_sd(&encoders().encoders[0], &ids, 1).unwrap();
         let expected = golden_in(
             "golden/unet/unet.npz",
             &format!("encoder_hidden_states_{length}"),
         )
         .0;
         assert!(max_abs_diff(&base, &expected) <= 1e-4);
-        let with_lora = encode_sd(model, &ids, 1, Some(&lora)).unwrap();
+        let with_lora = encode_sd(model, &ids, 1).unwrap();
         let expected = golden_in(
             "golden/unet/unet.npz",
             &format!("encoder_hidden_states_{length}_lora"),
@@ -592,4 +577,67 @@ fn linear_hook_reproduces_sd_scripts_text_encoder_lora() {
         let diff = max_abs_diff(&with_lora, &expected);
         assert!(diff <= 1e-4, "LoRA text states at {length}: max abs {diff}");
     }
+}
+
+#[test]
+fn text_encoder_lora_gradients_match_torch_autograd() {
+    // tests/fixtures/generate/te_lora.py: sd-scripts' LoRA on the tiny text encoder with random
+    // non-zero modules, a two-chunk caption at clip skip 2, loss sum(hidden * W).
+    let file = "golden/lora/te_lora_grad.npz";
+    let mut loaded = load_text_encoders(
+        &fixtures().join("sd15-tiny/model.safetensors"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let model = &mut loaded.encoders[0];
+    model.set_lora_prefix("lora_te");
+    let input = fixtures().join("golden/lora/te_lora_input.safetensors");
+    let (network, report) = LoraNetwork::load(model, &input, 1.0, &Device::Cpu).unwrap();
+    assert_eq!(report.applied, 72);
+    let (ids, shape) = golden_in(file, "input_ids");
+    assert_eq!(shape, [1, 2, 77]);
+    let ids: Vec<u32> = ids.into_iter().map(|v| v as u32).collect();
+    let ids = Tensor::from_vec(ids, (1, 2, 77), &Device::Cpu).unwrap();
+    let hidden = encode_sd(model, &ids, 2).unwrap();
+    assert_eq!(hidden.dims(), [1, 152, 64]);
+    let diff = max_abs_diff(&hidden, &golden_in(file, "hidden").0);
+    assert!(diff <= 1e-4, "hidden states with the LoRA: max abs {diff}");
+
+    let (weights, _) = golden_in(file, "loss_weights");
+    let weights: Vec<f32> = weights.into_iter().map(|v| v as f32).collect();
+    let weights = Tensor::from_vec(weights, (1, 152, 64), &Device::Cpu).unwrap();
+    let grads = (hidden * weights)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let mut compared = 0;
+    for module in &network.modules {
+        let recorded = ["layers_0_", "layers_10_"]
+            .iter()
+            .any(|layer| module.name.contains(layer));
+        for (part, var) in [("lora_down", &module.down), ("lora_up", &module.up)] {
+            let grad = grads.get(var.as_tensor());
+            if module.name.contains("layers_11_") {
+                // Clip skip 2 never runs the last layer: no gradient, as in torch.
+                assert!(grad.is_none(), "{} {part}", module.name);
+            }
+            if !recorded {
+                continue;
+            }
+            let expected = golden_in(file, &format!("grad__{}__{part}", module.name)).0;
+            let grad = grad.unwrap_or_else(|| panic!("no gradient for {} {part}", module.name));
+            let scale = expected.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let diff = max_abs_diff(grad, &expected);
+            assert!(
+                diff <= 1e-4 * scale.max(1.0),
+                "{} {part}: max abs {diff} (largest {scale})",
+                module.name
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 24);
 }

@@ -232,6 +232,7 @@ fn loss_ctx(schedule: &NoiseSchedule) -> LossContext<'_> {
         weighting: LossWeighting::default(),
         seed: 7,
         dtype: DType::F32,
+        text: None,
     }
 }
 
@@ -249,6 +250,8 @@ fn golden_batch() -> Batch {
         vector: None,
         mask: None,
         loss_weights: None,
+        captions: None,
+        sizes: None,
     }
 }
 

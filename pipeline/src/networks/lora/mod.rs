@@ -264,7 +264,7 @@ impl LoraNetwork {
         let mut modules = Vec::new();
         let mut used = std::collections::HashSet::new();
         try_visit_layers(model, &mut |layer| {
-            let name = unet_lora_name(&layer.path);
+            let name = layer.lora_name();
             if let Some(entry) = file.modules.get(&name) {
                 let module = module_from_file(layer, &name, entry, multiplier, device, path)?;
                 attach(layer, module, &mut modules);
@@ -378,7 +378,7 @@ impl LoraNetwork {
         let mut report = LoadReport::default();
         let mut used = std::collections::HashSet::new();
         try_visit_layers(model, &mut |layer| {
-            let name = unet_lora_name(&layer.path);
+            let name = layer.lora_name();
             if let Some(entry) = file.modules.get(&name) {
                 let module = module_from_file(layer, &name, entry, multiplier, &Device::Cpu, path)?;
                 let delta = module.weight_delta()?.to_device(layer.weight().device())?;
@@ -535,7 +535,7 @@ fn new_module(
         alpha
     };
     Ok(LoraModule {
-        name: unet_lora_name(&layer.path),
+        name: layer.lora_name(),
         down,
         up,
         alpha,

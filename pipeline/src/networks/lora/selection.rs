@@ -93,6 +93,11 @@ impl LoraConfig {
             None => self.conv_dim.is_some(),
         };
         let targeted = match layer.container {
+            // sd-scripts gives every text-encoder module --network_dim / --network_alpha
+            // (block_dims and conv_dim are UNet settings).
+            Container::TextEncoder => {
+                return (self.network_dim > 0).then_some((self.network_dim, self.network_alpha))
+            }
             Container::Transformer => true,
             Container::Resnet | Container::Downsample | Container::Upsample => conv_enabled,
             Container::Other => false,
@@ -107,8 +112,8 @@ impl LoraConfig {
                 dims[2] == 1 && dims[3] == 1
             }
         };
-        let block = (self.blocks.as_ref())
-            .and_then(|blocks| blocks.layout.index(&unet_lora_name(&layer.path)));
+        let block =
+            (self.blocks.as_ref()).and_then(|blocks| blocks.layout.index(&layer.lora_name()));
         let (rank, alpha) = match (&self.blocks, block) {
             (Some(blocks), Some(block)) if is_pointwise => {
                 (blocks.dims[block], blocks.alphas[block])

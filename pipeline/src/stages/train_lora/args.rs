@@ -2,13 +2,15 @@
 
 use std::path::PathBuf;
 
-/// Train a UNet LoRA (kohya `networks.lora` format) for SD1.x/SD2.x/SDXL from cached latents and
-/// cached text-encoder outputs.
+/// Train a LoRA (kohya `networks.lora` format) for SD1.x/SD2.x/SDXL from cached latents.
 ///
-/// Only the UNet is trained: the text encoder never runs (its outputs come from
-/// cache-text-encoder), exactly as sd-scripts behaves with cached text-encoder outputs
-/// (`--network_train_unet_only`). The VAE is never loaded either (latents come from
-/// prepare-latents).
+/// Two modes, decided as sd-scripts decides them. By default the text encoder is trained too
+/// (`lora_te_*` / `lora_te1_*` + `lora_te2_*` modules beside the UNet's): train-lora loads the
+/// text encoder(s) and tokenizes every caption each step, so --shuffle_caption, --keep_tokens,
+/// --caption_tag_dropout_rate and caption dropout are exact. With --network_train_unet_only
+/// (or --cache_text_encoder_outputs) only the UNet is trained, from the text-encoder outputs
+/// cache-text-encoder cached; the text encoder never runs. The VAE is never loaded in either
+/// mode (latents come from prepare-latents).
 #[derive(Debug, Clone, clap::Args)]
 #[command(rename_all = "snake_case")]
 pub struct TrainArgs {
@@ -114,7 +116,8 @@ pub struct TrainArgs {
     /// Multiplier of each --base_weights file (default 1.0 each).
     #[arg(long, num_args = 1..)]
     pub base_weights_multiplier: Vec<f64>,
-    /// Accepted for compatibility: training is always UNet-only here.
+    /// Train the UNet only, from cached text-encoder outputs (cache-text-encoder); without it
+    /// the text encoder is trained too, from the captions (as sd-scripts).
     #[arg(long)]
     pub network_train_unet_only: bool,
     /// Output folder (created if missing).
@@ -223,6 +226,11 @@ pub struct TrainArgs {
     /// UNet learning rate (overrides --learning_rate).
     #[arg(long)]
     pub unet_lr: Option<f64>,
+    /// Text-encoder learning rate (default --learning_rate). Like sd-scripts with
+    /// networks.lora, only the first of several values is used (for both SDXL encoders). 0
+    /// leaves the text encoder as it is. No effect with --network_train_unet_only.
+    #[arg(long, num_args = 0..)]
+    pub text_encoder_lr: Vec<f64>,
     /// AdamW (default), AdamW8bit, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit, Lion, Lion8bit,
     /// PagedLion8bit, SGDNesterov, SGDNesterov8bit or Adafactor (any case).
     #[arg(long, default_value = "")]
@@ -420,6 +428,23 @@ impl TrainArgs {
             || self.keep_tokens.is_some_and(|n| n > 0)
             || self.caption_tag_dropout_rate.is_some_and(|rate| rate > 0.0)
     }
+
+    /// Whether the text encoder is trained (sd-scripts' `is_train_text_encoder`): unless
+    /// `--network_train_unet_only` or `--cache_text_encoder_outputs` is given. Then captions are
+    /// encoded live every step; otherwise the cached text-encoder outputs are read.
+    pub fn trains_text_encoder(&self) -> bool {
+        !self.network_train_unet_only && !self.compat.cache_text_encoder_outputs
+    }
+
+    /// The learning rate of the text-encoder modules: the first `--text_encoder_lr` value, else
+    /// `--learning_rate`. sd-scripts' `networks.lora` has no per-encoder rates, so
+    /// `train_network.py` uses the first value for every encoder (SDXL's two as well).
+    pub fn text_encoder_lr(&self) -> f64 {
+        self.text_encoder_lr
+            .first()
+            .copied()
+            .unwrap_or(self.learning_rate)
+    }
 }
 
 /// Options of sd-scripts' `train_network.py` that have no effect here, accepted so that command
@@ -437,7 +462,8 @@ pub struct CompatArgs {
     /// Latents always come from the caches of prepare-latents.
     #[arg(long)]
     pub cache_latents_to_disk: bool,
-    /// Text-encoder outputs always come from the caches of cache-text-encoder.
+    /// Train the UNet only, from the caches of cache-text-encoder (as
+    /// --network_train_unet_only).
     #[arg(long)]
     pub cache_text_encoder_outputs: bool,
     /// Text-encoder outputs always come from the caches of cache-text-encoder.
@@ -489,12 +515,14 @@ pub struct CompatArgs {
     /// The VAE is never loaded (latents are cached).
     #[arg(long)]
     pub no_half_vae: bool,
-    /// Set by cache-text-encoder --clip_skip when the captions are encoded (passed to it when
-    /// train-lora prepares a dataset).
+    /// The text-encoder layer used: counted from the end (sd-scripts' --clip_skip). Live
+    /// captions are encoded with it when the text encoder is trained; otherwise
+    /// cache-text-encoder --clip_skip set it (passed to it when train-lora prepares a dataset).
     #[arg(long)]
     pub clip_skip: Option<usize>,
-    /// Set by cache-text-encoder --max_token_length (passed to it when train-lora prepares a
-    /// dataset); checked against the caches when given.
+    /// Tokens per caption (75, 150 or 225): used for live captions when the text encoder is
+    /// trained; otherwise set by cache-text-encoder --max_token_length (passed to it when
+    /// train-lora prepares a dataset) and checked against the caches when given.
     #[arg(long)]
     pub max_token_length: Option<usize>,
     /// Memory-mapped weights already keep the resident size low.

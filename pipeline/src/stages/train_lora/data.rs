@@ -29,6 +29,7 @@ use crate::formats::schema::TE_CACHE_V1;
 use crate::formats::te_cache::{describe_width, read_cache_file, TeCacheSpec};
 use crate::models::unet::{sdxl_vector, SIZE_VALUES};
 use crate::stages::cache_text_encoder;
+use crate::text::caption_text::{training_caption, CaptionAugmentation, DEFAULT_SEPARATOR};
 use crate::{Error, Result};
 
 /// One training image as cached tensors.
@@ -39,8 +40,15 @@ pub struct Sample {
     /// Unscaled VAE latents `[4, h, w]` (f32, CPU).
     pub latents: Tensor,
     /// Text-encoder hidden states `[75n+2, D]` (f32, CPU); SDXL: `hidden_state1` and
-    /// `hidden_state2` joined along `D`, as sd-scripts joins them.
+    /// `hidden_state2` joined along `D`, as sd-scripts joins them. Empty (`[0, 0]`) when the
+    /// text encoder runs live ([`Sample::caption`]).
     pub context: Tensor,
+    /// The caption text, when the text encoder is trained: encoded live every step (with the
+    /// caption augmentation of [`CachedDataset::augmentation`]) instead of a cached context.
+    pub caption: Option<String>,
+    /// Live text encoder: the augmentation of the sample's `--dataset_config` subset (else the
+    /// command line's, [`CachedDataset::augmentation`], applies).
+    pub caption_augmentation: Option<CaptionAugmentation>,
     /// SDXL: the cached `pool2` `[P]` (f32, CPU).
     pub pool2: Option<Tensor>,
     /// The latent cache file `latents` was read from (named in messages).
@@ -145,6 +153,12 @@ pub struct Batch {
     /// Per-sample loss weights `[B]` (`--prior_loss_weight` for regularisation images), when the
     /// batch holds one.
     pub loss_weights: Option<Tensor>,
+    /// Live text encoder: each sample's caption after caption dropout and augmentation, to be
+    /// encoded by the trained text encoder (then `context` is empty and `vector` unset).
+    pub captions: Option<Vec<String>>,
+    /// Live text encoder with SDXL: each sample's six size values (the add-embedding input
+    /// besides the live `pool2`).
+    pub sizes: Option<Vec<[i64; SIZE_VALUES]>>,
 }
 
 /// The seeds of one micro-batch's random choices (none for validation); which samples they
@@ -182,6 +196,10 @@ pub struct CachedDataset {
     pub prior_loss_weight: f32,
     /// The datasets of the `--dataset_config` the metadata was prepared from.
     pub config: Option<ConfigDatasets>,
+    /// Live text encoder: the command line's per-step caption augmentation
+    /// (`--shuffle_caption`, `--keep_tokens`, `--caption_tag_dropout_rate`), for samples
+    /// without their own ([`Sample::caption_augmentation`]); drawn from [`Draws::variant_seed`].
+    pub augmentation: Option<CaptionAugmentation>,
 }
 
 /// One caption's text-encoder outputs as training conditions on them.
@@ -306,6 +324,18 @@ impl CachedDataset {
                 augment,
             ) {
                 Ok(mut sample) => {
+                    if options.live_captions {
+                        // sd-scripts trains an entry without caption or tags on "".
+                        let caption = training_caption(entry, DEFAULT_SEPARATOR);
+                        sample.caption = Some(caption.unwrap_or_default());
+                        sample.caption_augmentation =
+                            settings.as_ref().map(|subset| CaptionAugmentation {
+                                shuffle: subset.shuffle_caption,
+                                keep_tokens: subset.keep_tokens,
+                                tag_dropout_rate: subset.caption_tag_dropout_rate,
+                                separator: subset.caption_separator.clone(),
+                            });
+                    }
                     let subset = entry.get("lorakit_subset");
                     let subset_repeats = subset.and_then(|s| s["num_repeats"].as_u64());
                     sample.repeats = subset_repeats.map_or(repeats, |n| n as usize);
@@ -330,7 +360,7 @@ impl CachedDataset {
         }
         let mut widths: BTreeMap<usize, Vec<&Path>> = BTreeMap::new();
         let mut lengths: BTreeMap<usize, Vec<&Path>> = BTreeMap::new();
-        for sample in &samples {
+        for sample in samples.iter().filter(|s| s.caption.is_none()) {
             let (tokens, width) = sample.context.dims2()?;
             widths.entry(width).or_default().push(&sample.text_cache);
             lengths.entry(tokens).or_default().push(&sample.text_cache);
@@ -398,6 +428,7 @@ impl CachedDataset {
             empty_caption: None,
             prior_loss_weight: 1.0,
             config: None,
+            augmentation: None,
         })
     }
 
@@ -526,14 +557,29 @@ impl CachedDataset {
             .map(rand::rngs::StdRng::seed_from_u64);
         let (mut latents, mut contexts, mut masks) = (Vec::new(), Vec::new(), Vec::new());
         let (mut pools, mut sizes) = (Vec::new(), Vec::new());
+        let (mut captions, mut live_sizes) = (Vec::new(), Vec::new());
         for &i in batch {
             let sample = &self.samples[i];
             let augment = &sample.augment;
             let dropout_rate = augment.caption_dropout_at(draws.epoch);
-            let dropped = match (&mut dropout_rng, &self.empty_caption) {
-                (Some(rng), Some(empty)) if dropout_rate > 0.0 => {
-                    (rng.random::<f64>() < dropout_rate).then(|| empty.clone())
-                }
+            // sd-scripts' order: caption dropout first (the empty caption), else the tags
+            // shuffled / dropped.
+            let dropped = match &mut dropout_rng {
+                Some(rng) if dropout_rate > 0.0 => rng.random::<f64>() < dropout_rate,
+                _ => false,
+            };
+            if let Some(caption) = &sample.caption {
+                let augmentation = (sample.caption_augmentation.as_ref())
+                    .or(self.augmentation.as_ref())
+                    .filter(|_| augment.caption_variants);
+                captions.push(match (augmentation, &mut variant_rng) {
+                    _ if dropped => String::new(),
+                    (Some(augmentation), Some(rng)) => augmentation.apply(caption, rng),
+                    _ => caption.clone(),
+                });
+            }
+            let dropped = match &self.empty_caption {
+                Some(empty) if dropped => Some(empty.clone()),
                 _ => None,
             };
             let caption = match (dropped, &mut variant_rng, &sample.context_variants) {
@@ -562,6 +608,9 @@ impl CachedDataset {
                 pools.push(pool2);
                 sizes.push(sample.size_values(flipped.is_some())?);
             }
+            if sample.caption.is_some() {
+                live_sizes.push(sample.size_values(flipped.is_some()).ok());
+            }
             latents.push(flipped.unwrap_or(&sample.latents).clone());
             contexts.push(caption.context);
             masks.push(match (&sample.mask, flipped) {
@@ -582,9 +631,16 @@ impl CachedDataset {
         } else {
             Some(sdxl_vector(&Tensor::stack(&pools, 0)?, &sizes)?.to_device(device)?)
         };
+        let live = !captions.is_empty();
+        let context = match live {
+            true => Tensor::zeros((batch.len(), 0, 0), DType::F32, device)?,
+            false => Tensor::stack(&contexts, 0)?.to_device(device)?,
+        };
         Ok(Batch {
             latents: Tensor::stack(&latents, 0)?.to_device(device)?,
-            context: Tensor::stack(&contexts, 0)?.to_device(device)?,
+            context,
+            captions: live.then_some(captions),
+            sizes: live_sizes.into_iter().collect(),
             vector,
             mask: match masks {
                 Some(masks) => Some(Tensor::stack(&masks, 0)?.to_device(device)?),
@@ -617,6 +673,9 @@ pub struct CacheOptions {
     /// The command line's per-step changes, for entries without a config file's subset
     /// settings; a flipping entry's cache must hold `latents_flipped`.
     pub augment: Augment,
+    /// The text encoder is trained: read each entry's caption instead of its text-encoder
+    /// cache.
+    pub live_captions: bool,
     /// The loss weight of regularisation entries (`--prior_loss_weight`).
     pub prior_loss_weight: f32,
 }
@@ -822,6 +881,28 @@ fn load_sample(
         })
         .transpose()?;
     let te_path = PathBuf::from(format!("{}_te_outputs.npz", base.display()));
+    if options.live_captions {
+        return Ok(Sample {
+            key: key.to_string(),
+            latents,
+            context: Tensor::zeros((0, 0), DType::F32, &Device::Cpu)?,
+            caption: None,
+            caption_augmentation: None,
+            pool2: None,
+            mask,
+            latents_flipped,
+            context_variants: None,
+            pool2_variants: None,
+            latent_cache: latent_path,
+            text_cache: te_path,
+            repeats: 1,
+            is_reg: false,
+            original_size,
+            crop_ltrb,
+            dataset: 0,
+            augment,
+        });
+    }
     if !te_path.is_file() {
         return Err(Error::bad_file(
             &te_path,
@@ -862,6 +943,8 @@ fn load_sample(
         key: key.to_string(),
         latents,
         context,
+        caption: None,
+        caption_augmentation: None,
         pool2,
         mask,
         latents_flipped,
@@ -896,6 +979,8 @@ mod tests {
             key: "a".into(),
             latents: filled(0.0, &[4, 2, 2]),
             context: filled(1.0, &[77, 8]),
+            caption: None,
+            caption_augmentation: None,
             pool2: Some(filled(1.0, &[4])),
             latent_cache: "a.npz".into(),
             text_cache: "a_te_outputs.npz".into(),

@@ -227,7 +227,13 @@ pub fn base_metadata(
     let own_lr = optimizer.sets_own_lr();
     let learning_rate = (!own_lr).then_some(args.learning_rate);
     put(&mut m, "ss_learning_rate", py_opt_f64(learning_rate));
-    put(&mut m, "ss_text_encoder_lr", "None".into());
+    // sd-scripts records the first --text_encoder_lr value (networks.lora has no per-encoder
+    // rates), also when --network_train_unet_only leaves the text encoder untrained.
+    put(
+        &mut m,
+        "ss_text_encoder_lr",
+        py_opt_f64(args.text_encoder_lr.first().copied().filter(|_| !own_lr)),
+    );
     put(
         &mut m,
         "ss_unet_lr",

@@ -4,6 +4,7 @@
 
 pub mod args;
 pub mod data;
+pub mod live_text;
 pub mod loss;
 pub mod lr;
 pub mod metadata;
@@ -30,10 +31,12 @@ use crate::formats::schema::LORA_V1;
 use crate::formats::te_cache::describe_width;
 use crate::infra::report::{Progress, Summary, Throughput};
 use crate::infra::{fsio, interrupt, memory};
+use crate::models::adapter::{Adaptable, Joined};
 use crate::models::precision::{MixedPrecision, ModelPrecision};
 use crate::models::unet::{self, Unet};
 use crate::models::{Checkpoint, Component, ModelFamily};
 use crate::networks::lora::{BlockLayout, LoraNetwork};
+use crate::text::caption_text::CaptionAugmentation;
 use crate::{Error, Result};
 pub use args::TrainArgs;
 use data::{Batch, CachedDataset};
@@ -63,17 +66,29 @@ pub struct LossContext<'a> {
     pub seed: u64,
     /// Compute dtype of the UNet.
     pub dtype: DType,
+    /// The trained text encoder, when batches carry captions instead of cached contexts.
+    pub text: Option<&'a live_text::LiveText>,
 }
 
 /// Loss of one micro-batch of cached latents and text-encoder states (and loss masks); the noise
-/// stream is that of micro-batch `index`. Returns the batch-mean loss (f32 scalar tensor).
+/// stream is that of micro-batch `index`. Returns the batch-mean loss (f32 scalar tensor). A batch
+/// of captions is encoded by the trained text encoder of `ctx` first.
 pub fn micro_batch_loss(
     unet: &Unet,
     ctx: &LossContext,
     batch: &Batch,
     index: u64,
 ) -> Result<Tensor> {
-    let context = &batch.context;
+    let (context, vector) = match (&batch.captions, ctx.text) {
+        (Some(captions), Some(text)) => text.encode(captions, batch.sizes.as_deref())?,
+        (Some(_), None) => {
+            return Err(Error::Model(
+                "a batch of captions needs the trained text encoder".into(),
+            ))
+        }
+        (None, _) => (batch.context.clone(), batch.vector.clone()),
+    };
+    let context = &context;
     let x0 = (&batch.latents * unet.config.family().vae_scale())?;
     let mut rng = NoiseRng::for_micro_batch(ctx.seed, index);
     let noise::NoiseDraw {
@@ -107,8 +122,7 @@ pub fn micro_batch_loss(
             &noisy.to_dtype(ctx.dtype)?,
             &t_tensor,
             &context.to_dtype(ctx.dtype)?,
-            batch
-                .vector
+            vector
                 .as_ref()
                 .map(|v| v.to_dtype(ctx.dtype))
                 .transpose()?
@@ -164,7 +178,8 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
     };
     let plan = &setup.plan;
     let noise_schedule = NoiseSchedule::scaled_linear(args.zero_terminal_snr);
-    let loss_ctx = loss_context(args, &noise_schedule, plan.seed, setup.dtype)?;
+    let mut loss_ctx = loss_context(args, &noise_schedule, plan.seed, setup.dtype)?;
+    loss_ctx.text = setup.text.as_ref();
     let validation = setup.held_out.take().map(|set| {
         Validation::new(
             set,
@@ -250,6 +265,7 @@ struct Setup {
     dataset: CachedDataset,
     held_out: Option<CachedDataset>,
     unet: Unet,
+    text: Option<live_text::LiveText>,
     network: LoraNetwork,
     optimizer: Optimizer,
     optimizer_kind: OptimizerKind,
@@ -310,6 +326,21 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         _ => BlockLayout::Sd,
     };
     let network_options = NetworkOptions::from_args(args, block_layout)?;
+    let live = args.trains_text_encoder();
+    if live {
+        tracing::info!(
+            "training the text encoder and the UNet (sd-scripts' default): the text encoder is \
+             loaded and every step's captions are encoded live (--shuffle_caption, \
+             --keep_tokens, tag and caption dropout are exact); latents come from the latent \
+             caches. --network_train_unet_only trains the UNet only from cached text-encoder \
+             outputs"
+        );
+    } else {
+        tracing::info!(
+            "training the UNet only (--network_train_unet_only / --cache_text_encoder_outputs): \
+             text-encoder outputs and latents come from the caches"
+        );
+    }
     let dataset = CachedDataset::load(
         &args.in_json,
         args.train_data_dir.as_deref(),
@@ -324,19 +355,23 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
                 caption_dropout_every_n_epochs: args.caption_dropout_every_n_epochs.unwrap_or(0),
             },
             prior_loss_weight: args.prior_loss_weight as f32,
+            live_captions: live,
         },
     )?;
-    if dataset.config.is_some() {
-        check_subset_caption_variants(args, &dataset)?;
-    } else if args.augments_captions() {
-        check_caption_variants(args, &dataset)?;
+    // Live captions are encoded every step; cached ones need the caption variants.
+    if !live {
+        if dataset.config.is_some() {
+            check_subset_caption_variants(args, &dataset)?;
+        } else if args.augments_captions() {
+            check_caption_variants(args, &dataset)?;
+        }
     }
     let sample_keys = dataset
         .samples
         .iter()
         .map(|s| Ok((s.key.clone(), sample_key(s)?)))
         .collect::<Result<BTreeMap<String, String>>>()?;
-    if let Some(tokens) = args.compat.max_token_length {
+    if let Some(tokens) = args.compat.max_token_length.filter(|_| !live) {
         let cached = dataset.samples[0].context.dim(0)?;
         if cached != tokens + 2 {
             return Err(Error::Usage(format!(
@@ -349,13 +384,48 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
     let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
     let (mut dataset, held_out) =
         dataset.split_validation(args.validation_split, args.validation_seed.unwrap_or(seed))?;
-    if dataset.samples.iter().any(|s| {
+    let caption_dropout = dataset.samples.iter().any(|s| {
         s.augment.caption_dropout_rate > 0.0 || s.augment.caption_dropout_every_n_epochs > 0
-    }) {
+    });
+    if caption_dropout && !live {
         dataset.empty_caption = Some(empty_caption(args, &dataset, family)?);
     }
+    if live {
+        dataset.augmentation = Some(CaptionAugmentation {
+            shuffle: args.shuffle_caption,
+            keep_tokens: args.keep_tokens.unwrap_or(0),
+            tag_dropout_rate: args.caption_tag_dropout_rate.unwrap_or(0.0),
+            separator: crate::text::caption_text::DEFAULT_SEPARATOR.into(),
+        })
+        .filter(|augmentation| !augmentation.is_identity());
+    }
     let mut unet = load_unet(args, &checkpoint, precision, &device)?;
-    if dataset.context_dim != unet.config.context_dim {
+    let mut text = match live {
+        true => Some(live_text::LiveText::load(
+            &checkpoint,
+            precision.compute,
+            &device,
+            args.compat.clip_skip,
+            args.compat.max_token_length,
+        )?),
+        false => None,
+    };
+    if let Some(text) = &text {
+        let width: usize = (text.encoder.encoders.encoders.iter())
+            .map(|e| e.config().hidden_size)
+            .sum();
+        if width != unet.config.context_dim {
+            return Err(Error::bad_file(
+                &args.pretrained_model_name_or_path,
+                format!(
+                    "the text encoder(s) give width {width}, but the UNet expects {}: the \
+                     checkpoint's parts do not belong together",
+                    unet.config.context_dim
+                ),
+            ));
+        }
+    }
+    if text.is_none() && dataset.context_dim != unet.config.context_dim {
         return Err(Error::bad_file(
             &dataset.samples[0].text_cache,
             format!(
@@ -369,7 +439,8 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
             ),
         ));
     }
-    if let (Some(expected), Some(pool2)) = (unet.config.pool_dim(), &dataset.samples[0].pool2) {
+    let cached_pool2 = dataset.samples[0].pool2.as_ref().filter(|_| text.is_none());
+    if let (Some(expected), Some(pool2)) = (unet.config.pool_dim(), cached_pool2) {
         if pool2.dim(0)? != expected {
             return Err(Error::bad_file(
                 &dataset.samples[0].text_cache,
@@ -385,7 +456,7 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
 
     let plan = plan(args, &dataset, seed);
     let final_path = args.output_dir.join(format!("{}.safetensors", plan.name));
-    let training_key = training_key(args, &checkpoint, &sample_keys)?;
+    let training_key = training_key(args, &checkpoint, &sample_keys, text.as_ref())?;
     if args.resume.is_none() && is_up_to_date(&final_path, &training_key) {
         tracing::info!(
             "{} is up to date: same caches, model and settings as the run that wrote it",
@@ -393,31 +464,63 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         );
         return Ok(None);
     }
-    merge_base_weights(args, &mut unet)?;
     if !(args.dim_from_weights && args.network_weights.is_some()) {
         check_network_fits(&mut unet, &network_options.lora, &optimizer_kind)?;
     }
-    let mut network = match &args.network_weights {
-        Some(path) if args.dim_from_weights => {
-            let (network, report) = LoraNetwork::load(&mut unet, path, 1.0, &device)?;
-            log_loaded(path, &report);
-            network
+    let network = {
+        // sd-scripts' network spans the text encoder(s) (first) and the UNet.
+        let mut models: Vec<&mut dyn Adaptable> = match &mut text {
+            Some(text) => text.models(),
+            None => Vec::new(),
+        };
+        models.push(&mut unet);
+        let mut models = Joined(models);
+        merge_base_weights(args, &mut models, live)?;
+        let mut network = match &args.network_weights {
+            Some(path) if args.dim_from_weights => {
+                let (network, report) = LoraNetwork::load(&mut models, path, 1.0, &device)?;
+                log_loaded(path, &report, live);
+                network
+            }
+            Some(path) => {
+                let mut network =
+                    LoraNetwork::create(&mut models, &network_options.lora, plan.seed, &device)?;
+                let report = network.load_weights(&mut models, path)?;
+                log_loaded(path, &report, live);
+                network
+            }
+            None => LoraNetwork::create(&mut models, &network_options.lora, plan.seed, &device)?,
+        };
+        if network_options.dropout.any() {
+            network.enable_dropout(&mut models, network_options.dropout);
         }
-        Some(path) => {
-            let mut network =
-                LoraNetwork::create(&mut unet, &network_options.lora, plan.seed, &device)?;
-            let report = network.load_weights(&mut unet, path)?;
-            log_loaded(path, &report);
-            network
-        }
-        None => LoraNetwork::create(&mut unet, &network_options.lora, plan.seed, &device)?,
+        network
     };
-    if network_options.dropout.any() {
-        network.enable_dropout(&mut unet, network_options.dropout);
+    if live {
+        let te_modules = (network.modules.iter())
+            .filter(|m| m.name.starts_with("lora_te"))
+            .count();
+        tracing::info!(
+            "{te_modules} text-encoder and {} UNet LoRA modules; text-encoder learning rate {}",
+            network.modules.len() - te_modules,
+            args.text_encoder_lr()
+        );
     }
+    // The text-encoder modules learn at --text_encoder_lr: a factor on the UNet's rate, so the
+    // scheduler scales both alike.
+    let text_encoder_factor = match plan.lr {
+        lr if lr > 0.0 => args.text_encoder_lr() / lr,
+        _ => 0.0,
+    };
     let (vars, lr_factors): (Vec<_>, Vec<_>) = (network.modules.iter())
         .flat_map(|m| [(&m.down, &m.name, false), (&m.up, &m.name, true)])
-        .map(|(var, name, is_up)| (var.clone(), network_options.lr_factor(name, is_up)))
+        .map(|(var, name, is_up)| {
+            let factor = network_options.lr_factor(name, is_up);
+            match name.starts_with("lora_te") {
+                true => (var.clone(), factor * text_encoder_factor),
+                false => (var.clone(), factor),
+            }
+        })
         .filter(|(_, factor)| *factor > 0.0)
         .unzip();
     let group_lrs: Vec<f64> = lr_factors.iter().map(|factor| plan.lr * factor).collect();
@@ -445,6 +548,7 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         dataset,
         held_out,
         unet,
+        text,
         network,
         optimizer,
         optimizer_kind,
@@ -515,17 +619,18 @@ fn load_unet(
     Ok(unet)
 }
 
-/// `--base_weights`: merges each LoRA file into the frozen UNet at its multiplier.
-fn merge_base_weights(args: &TrainArgs, unet: &mut Unet) -> Result<()> {
+/// `--base_weights`: merges each LoRA file into the frozen models at its multiplier (the UNet,
+/// and the text encoder(s) when they are trained).
+fn merge_base_weights(args: &TrainArgs, models: &mut Joined, live: bool) -> Result<()> {
     for (i, path) in args.base_weights.iter().enumerate() {
         let multiplier = args.base_weights_multiplier.get(i).copied().unwrap_or(1.0);
-        let report = LoraNetwork::merge_file(unet, path, multiplier)?;
+        let report = LoraNetwork::merge_file(models, path, multiplier)?;
         tracing::info!(
-            "{}: {} UNet modules merged into the base model at {multiplier}",
+            "{}: {} modules merged into the base model at {multiplier}",
             path.display(),
             report.applied
         );
-        if report.ignored_text_encoder > 0 {
+        if report.ignored_text_encoder > 0 && !live {
             tracing::warn!(
                 "{}: {} text-encoder modules not merged (the text-encoder caches were made without them)",
                 path.display(),
@@ -578,6 +683,7 @@ fn loss_context<'a>(
         },
         seed,
         dtype,
+        text: None,
     })
 }
 
@@ -908,12 +1014,17 @@ fn finish(
 }
 
 /// Reports what `--network_weights` contributed.
-fn log_loaded(path: &Path, report: &crate::networks::lora::LoadReport) {
+fn log_loaded(path: &Path, report: &crate::networks::lora::LoadReport, live: bool) {
     tracing::info!(
-        "{}: {} UNet modules loaded, {} text-encoder modules ignored",
+        "{}: {} modules loaded, {} text-encoder modules ignored{}",
         path.display(),
         report.applied,
-        report.ignored_text_encoder
+        report.ignored_text_encoder,
+        if live {
+            ""
+        } else {
+            " (--network_train_unet_only)"
+        }
     );
     if !report.unknown.is_empty() {
         tracing::warn!(
@@ -932,6 +1043,7 @@ fn training_key(
     args: &TrainArgs,
     checkpoint: &Checkpoint,
     sample_keys: &std::collections::BTreeMap<String, String>,
+    text: Option<&live_text::LiveText>,
 ) -> Result<String> {
     let mut key = crate::infra::hashing::KeyBuilder::new("train-lora", 1);
     let mut relevant = args.clone();
@@ -943,6 +1055,17 @@ fn training_key(
     (relevant.log_with, relevant.logging_dir, relevant.log_prefix) = (None, None, None);
     key.text("arguments", &format!("{relevant:?}"));
     key.text("unet", &checkpoint.component_hash(Component::Unet)?);
+    if let Some(text) = text {
+        let encoder = &text.encoder;
+        key.text("text_encoder", &encoder.encoders.weights_hash);
+        for tokenizer in &encoder.tokenizers {
+            key.text("tokenizer", tokenizer.files_hash());
+        }
+        key.text(
+            "text_settings",
+            &format!("{} {}", encoder.clip_skip, encoder.max_len.tokens()),
+        );
+    }
     if let Some(path) = &args.network_weights {
         key.text("network_weights", &crate::infra::hashing::hash_file(path)?);
     }
@@ -1104,6 +1227,9 @@ fn check_subset_caption_variants(args: &TrainArgs, dataset: &CachedDataset) -> R
 fn sample_key(sample: &data::Sample) -> Result<String> {
     let mut key = crate::infra::hashing::KeyBuilder::new("train-sample", 1);
     key.text("key", &sample.key);
+    if let Some(caption) = &sample.caption {
+        key.text("caption", caption);
+    }
     if sample.pool2.is_some() {
         key.text("sizes", &format!("{:?}", sample.size_values(false)?));
     }

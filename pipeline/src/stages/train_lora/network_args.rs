@@ -18,8 +18,11 @@ pub struct NetworkOptions {
     pub block_lr_weights: Option<Vec<f64>>,
     /// How the UNet's blocks are numbered.
     pub layout: BlockLayout,
-    /// LoRA+: the `lora_up` weights learn this many times faster.
+    /// LoRA+: the UNet's `lora_up` weights learn this many times faster.
     pub loraplus_ratio: Option<f64>,
+    /// LoRA+ of the text-encoder modules (`loraplus_text_encoder_lr_ratio`, else
+    /// `loraplus_lr_ratio`).
+    pub loraplus_text_encoder_ratio: Option<f64>,
 }
 
 impl NetworkOptions {
@@ -73,8 +76,7 @@ impl NetworkOptions {
             |key: &str, value: Option<String>| value.map(|v| number::<f64>(key, &v)).transpose();
         let shared_ratio = ratio("loraplus_lr_ratio", take("loraplus_lr_ratio"))?;
         let unet_ratio = ratio("loraplus_unet_lr_ratio", take("loraplus_unet_lr_ratio"))?;
-        // Accepted for compatibility (recorded in ss_network_args); no text encoder is trained.
-        ratio(
+        let text_encoder_ratio = ratio(
             "loraplus_text_encoder_lr_ratio",
             take("loraplus_text_encoder_lr_ratio"),
         )?;
@@ -140,12 +142,20 @@ impl NetworkOptions {
             block_lr_weights,
             layout,
             loraplus_ratio: unet_ratio.or(shared_ratio).filter(|&r| r != 0.0),
+            loraplus_text_encoder_ratio: text_encoder_ratio.or(shared_ratio).filter(|&r| r != 0.0),
         })
     }
 
     /// Learning-rate factor of a module's `lora_down` (`is_up` false) or `lora_up` weight: its
-    /// block's weight, times the LoRA+ ratio for `lora_up`. 0 means it is not trained.
+    /// block's weight, times the LoRA+ ratio for `lora_up` (for a text-encoder module: 1, times
+    /// the text encoder's LoRA+ ratio). 0 means it is not trained.
     pub fn lr_factor(&self, module_name: &str, is_up: bool) -> f64 {
+        if module_name.starts_with("lora_te") {
+            return match self.loraplus_text_encoder_ratio {
+                Some(ratio) if is_up => ratio,
+                _ => 1.0,
+            };
+        }
         let block = match (&self.block_lr_weights, self.layout.index(module_name)) {
             (Some(weights), Some(block)) => weights[block],
             _ => 1.0,
