@@ -5,6 +5,7 @@ mod support;
 
 mod kohya_datasets;
 mod optimizers;
+mod samplers;
 mod sdxl_unet;
 mod text_encoder_golden;
 mod tiers;
