@@ -3,6 +3,7 @@
 
 mod support;
 
+mod generate_images;
 mod kohya_datasets;
 mod optimizers;
 mod samplers;
