@@ -1,7 +1,7 @@
 //! generate-images against diffusers on the sd15-tiny checkpoint
 //! (golden/generate_images/, tests/fixtures/generate/generate_images.py): the VAE decoder, and
 //! whole StableDiffusionPipeline generations (CFG with negative prompts, a batch, euler / ddim /
-//! euler_a) from the same stored initial noise and per-step noise.
+//! euler_a, a LoRA at multiplier 0.7) from the same stored initial noise and per-step noise.
 
 use candle_core::{DType, Device};
 use lorakit_pipeline::models::checkpoint::Checkpoint;
@@ -34,16 +34,18 @@ fn vae_decoder_matches_diffusers() {
     assert!(error <= DECODE_TOLERANCE, "max abs difference {error}");
 }
 
-fn engine() -> Engine {
+fn engine(networks: Vec<(std::path::PathBuf, f64)>) -> Engine {
     Engine::load(&EngineOptions {
         ckpt: fixtures().join("sd15-tiny/model.safetensors"),
         vae: None,
         tokenizer: None,
-        networks: Vec::new(),
+        networks,
         clip_skip: None,
         prediction: Prediction::Epsilon,
         dtype: DType::F32,
         max_embeddings_multiples: 1,
+        v2: false,
+        require_sdxl: false,
     })
     .unwrap()
 }
@@ -54,9 +56,15 @@ fn whole_generations_match_diffusers_pipeline() {
         &std::fs::read_to_string(fixtures().join("golden/generate_images/cases.json")).unwrap(),
     )
     .unwrap();
-    let engine = engine();
+    let plain = engine(Vec::new());
     for case in cases.as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
+        // A LoRA merged at its multiplier against sd-scripts' networks.lora applied at run time.
+        let with_lora = case.get("lora").map(|path| {
+            let multiplier = case["lora_multiplier"].as_f64().unwrap();
+            engine(vec![(fixtures().join(path.as_str().unwrap()), multiplier)])
+        });
+        let engine = with_lora.as_ref().unwrap_or(&plain);
         let batch = case["batch"].as_u64().unwrap() as usize;
         let prompt = case["prompt"].as_str().unwrap();
         let negative = case["negative_prompt"].as_str().unwrap();

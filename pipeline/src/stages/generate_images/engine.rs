@@ -39,6 +39,10 @@ pub struct EngineOptions {
     pub dtype: DType,
     /// `--max_embeddings_multiples`: up to this many 75-token chunks per prompt (1 to 3).
     pub max_embeddings_multiples: usize,
+    /// `--v2`: the model must be SD2.x.
+    pub v2: bool,
+    /// `--sdxl`: the model must be SDXL.
+    pub require_sdxl: bool,
 }
 
 /// The conditioning of one prompt: the UNet context `[T, D]` and, for SDXL, pool2 `[P]`.
@@ -92,6 +96,20 @@ impl Engine {
         let checkpoint = Checkpoint::open(&options.ckpt)?;
         let encoders = text_encoders_of(&checkpoint, options.dtype, &device)?;
         let family = encoders.family;
+        let model = options.ckpt.display();
+        if options.require_sdxl && family != ModelFamily::Sdxl {
+            return Err(Error::Usage(format!(
+                "--sdxl given, but {model} is an {} model",
+                family.name()
+            )));
+        }
+        if family != ModelFamily::Sdxl && options.v2 != (family == ModelFamily::Sd2) {
+            return Err(Error::Usage(format!(
+                "{model} is an {} model: {} --v2",
+                family.name(),
+                if options.v2 { "remove" } else { "add" }
+            )));
+        }
         let clip_skip = match (family, options.clip_skip) {
             (ModelFamily::Sdxl, Some(_)) => {
                 tracing::warn!("--clip_skip is ignored for SDXL");
