@@ -5,6 +5,7 @@
 use clap::Args;
 pub mod cache_text_encoder;
 pub mod caption_images;
+pub mod generate_images;
 pub mod kohya_options;
 pub mod lint_dataset;
 pub mod prepare_dataset;

@@ -810,8 +810,17 @@ impl Unet {
                 }
             }
             if let Some(conv) = &level.resample {
+                // To the size of the skip connection it meets next (2x, or one less where a
+                // stride-2 convolution rounded an odd size up, as diffusers' `upsample_size`).
                 let (_, _, h, w) = x.dims4()?;
-                x = conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
+                let (h, w) = match skips.last() {
+                    Some(skip) => {
+                        let (_, _, sh, sw) = skip.dims4()?;
+                        (sh, sw)
+                    }
+                    None => (2 * h, 2 * w),
+                };
+                x = conv.forward(&x.upsample_nearest2d(h, w)?)?;
             }
         }
         self.conv_out

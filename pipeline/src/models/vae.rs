@@ -1,6 +1,8 @@
-//! The Stable Diffusion VAE encoder (image -> latent posterior), built on candle.
+//! The Stable Diffusion VAE: encoder (image -> latent posterior) and decoder (latents -> image),
+//! built on candle.
 //!
-//! Tensors are requested by their diffusers names; [`ldm_name`] maps them to original LDM names.
+//! Tensors are requested by their diffusers names; [`ldm_name`] and [`decoder_ldm_name`] map them
+//! to original LDM names.
 //! Channel widths, the number of levels and of ResNet blocks per level are
 //! read from tensor shapes, so the same code runs the narrow test model and a full SD VAE.
 
@@ -449,6 +451,159 @@ impl VaeEncoder {
     }
 }
 
+/// Maps a diffusers VAE decoder tensor name to its original LDM name, for a decoder of `levels`
+/// resolution levels (diffusers numbers the up blocks from the deepest, LDM from the shallowest;
+/// other names are returned unchanged).
+pub fn decoder_ldm_name(name: &str, levels: usize) -> String {
+    let parts: Vec<&str> = name.split('.').collect();
+    let up = |i: &str| -> String {
+        i.parse::<usize>()
+            .ok()
+            .and_then(|i| levels.checked_sub(i + 1))
+            .map_or_else(|| i.to_string(), |v| v.to_string())
+    };
+    let mapped: Vec<String> = match parts.as_slice() {
+        ["decoder", "up_blocks", i, "resnets", j, rest @ ..] => {
+            let mut out = vec![
+                "decoder".into(),
+                "up".into(),
+                up(i),
+                "block".into(),
+                (*j).into(),
+            ];
+            out.extend(rest.iter().map(|p| resnet_part(p)));
+            out
+        }
+        ["decoder", "up_blocks", i, "upsamplers", "0", rest @ ..] => {
+            let mut out = vec!["decoder".into(), "up".into(), up(i), "upsample".into()];
+            out.extend(rest.iter().map(|p| p.to_string()));
+            out
+        }
+        ["decoder", rest @ ..] => {
+            // The middle block and the output norm are named as the encoder's.
+            let as_encoder = format!("encoder.{}", rest.join("."));
+            let mapped = ldm_name(&as_encoder);
+            return match mapped.strip_prefix("encoder.") {
+                Some(tail) if mapped != as_encoder => format!("decoder.{tail}"),
+                _ => name.to_string(),
+            };
+        }
+        _ => return name.to_string(),
+    };
+    mapped.join(".")
+}
+
+/// Number of decoder levels of a VAE with these stored tensor names (LDM or diffusers names).
+fn decoder_levels(names: &[String]) -> usize {
+    let mut levels = std::collections::BTreeSet::new();
+    for name in names {
+        let tail = name
+            .split_once("decoder.up.")
+            .or_else(|| name.split_once("decoder.up_blocks."))
+            .map(|(_, tail)| tail);
+        if let Some(index) = tail.and_then(|t| t.split('.').next()?.parse::<usize>().ok()) {
+            levels.insert(index);
+        }
+    }
+    levels.len()
+}
+
+/// One resolution level of the decoder.
+struct UpLevel {
+    resnets: Vec<ResnetBlock>,
+    upsample: Option<Conv2d>,
+}
+
+/// The VAE decoder with its `post_quant_conv`.
+pub struct VaeDecoder {
+    post_quant_conv: Conv2d,
+    conv_in: Conv2d,
+    mid_first: ResnetBlock,
+    mid_attention: Attention,
+    mid_second: ResnetBlock,
+    levels: Vec<UpLevel>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+    dtype: DType,
+}
+
+impl VaeDecoder {
+    /// Loads the decoder from `checkpoint`'s VAE, computing in `dtype` on `device`.
+    pub fn load(checkpoint: &Checkpoint, dtype: DType, device: &Device) -> Result<Self> {
+        let levels = decoder_levels(&checkpoint.tensor_names(Component::Vae)?);
+        let mapping = move |name: &str| decoder_ldm_name(name, levels);
+        let root = checkpoint.var_builder(Component::Vae, dtype, device, &mapping)?;
+        let vb = root.pp("decoder");
+        let (post_quant_conv, _) = conv(&root, "post_quant_conv", 1, 0)?;
+        let (conv_in, channels) = conv(&vb, "conv_in", 1, 1)?;
+        let mid = vb.pp("mid_block");
+        let (mid_first, _) = ResnetBlock::load(&mid.pp("resnets.0"), channels)?;
+        let mid_attention = Attention::load(&mid.pp("attentions.0"), channels)?;
+        let (mid_second, mut channels) = ResnetBlock::load(&mid.pp("resnets.1"), channels)?;
+        let mut ups = Vec::with_capacity(levels);
+        for i in 0..levels.max(1) {
+            let level_vb = vb.pp(format!("up_blocks.{i}"));
+            let mut resnets = Vec::new();
+            while resnets.is_empty()
+                || level_vb.contains_tensor(&format!("resnets.{}.conv1.weight", resnets.len()))
+            {
+                let (block, out) = ResnetBlock::load(
+                    &level_vb.pp(format!("resnets.{}", resnets.len())),
+                    channels,
+                )?;
+                channels = out;
+                resnets.push(block);
+            }
+            let upsample = if level_vb.contains_tensor("upsamplers.0.conv.weight") {
+                Some(conv(&level_vb, "upsamplers.0.conv", 1, 1)?.0)
+            } else {
+                None
+            };
+            ups.push(UpLevel { resnets, upsample });
+        }
+        let norm_out = GroupNorm::load(&vb.pp("conv_norm_out"), channels)?;
+        let (conv_out, _) = conv(&vb, "conv_out", 1, 1)?;
+        Ok(VaeDecoder {
+            post_quant_conv,
+            conv_in,
+            mid_first,
+            mid_attention,
+            mid_second,
+            levels: ups,
+            norm_out,
+            conv_out,
+            dtype,
+        })
+    }
+
+    /// Decodes latents `[B, 4, h, w]` (already divided by the scaling factor) into images
+    /// `[B, 3, 8h, 8w]` with values around [-1, 1] (f32, not clamped).
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.forward(latents).map_err(candle_error)
+    }
+
+    fn forward(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
+        let z = self
+            .post_quant_conv
+            .forward(&latents.to_dtype(self.dtype)?)?;
+        let mut x = self.conv_in.forward(&z)?;
+        x = self.mid_first.forward(&x)?;
+        x = self.mid_attention.forward(&x)?;
+        x = self.mid_second.forward(&x)?;
+        for level in &self.levels {
+            for block in &level.resnets {
+                x = block.forward(&x)?;
+            }
+            if let Some(upsample) = &level.upsample {
+                let (_, _, h, w) = x.dims4()?;
+                x = upsample.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
+            }
+        }
+        x = self.conv_out.forward(&self.norm_out.forward(&x, true)?)?;
+        x.to_dtype(DType::F32)
+    }
+}
+
 fn candle_error(e: candle_core::Error) -> Error {
     Error::Model(e.to_string())
 }
@@ -500,6 +655,37 @@ mod tests {
             ("quant_conv.weight", "quant_conv.weight"),
         ] {
             assert_eq!(ldm_name(diffusers), ldm);
+        }
+    }
+
+    #[test]
+    fn maps_diffusers_decoder_names_to_ldm() {
+        for (diffusers, ldm) in [
+            (
+                "decoder.up_blocks.0.resnets.2.conv1.weight",
+                "decoder.up.3.block.2.conv1.weight",
+            ),
+            (
+                "decoder.up_blocks.1.resnets.0.conv_shortcut.bias",
+                "decoder.up.2.block.0.nin_shortcut.bias",
+            ),
+            (
+                "decoder.up_blocks.2.upsamplers.0.conv.weight",
+                "decoder.up.1.upsample.conv.weight",
+            ),
+            (
+                "decoder.mid_block.attentions.0.to_q.weight",
+                "decoder.mid.attn_1.q.weight",
+            ),
+            (
+                "decoder.mid_block.resnets.0.norm1.bias",
+                "decoder.mid.block_1.norm1.bias",
+            ),
+            ("decoder.conv_norm_out.weight", "decoder.norm_out.weight"),
+            ("decoder.conv_in.weight", "decoder.conv_in.weight"),
+            ("post_quant_conv.bias", "post_quant_conv.bias"),
+        ] {
+            assert_eq!(decoder_ldm_name(diffusers, 4), ldm);
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod cache_text_encoder;
 pub mod caption_images;
 pub mod clean_captions;
+pub mod generate_images;
 pub mod lint_dataset;
 pub mod merge_shards;
 pub mod merge_sidecars;

@@ -3,8 +3,10 @@
 
 mod support;
 
+mod generate_images;
 mod kohya_datasets;
 mod optimizers;
+mod samplers;
 mod sdxl_unet;
 mod text_encoder_golden;
 mod tiers;

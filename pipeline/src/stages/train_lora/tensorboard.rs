@@ -89,7 +89,7 @@ impl Tracker {
 }
 
 /// Local time as `YYYYmmddHHMMSS` (Python's `time.strftime("%Y%m%d%H%M%S")`).
-fn local_timestamp() -> String {
+pub(crate) fn local_timestamp() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs()) as libc::time_t;
