@@ -12,6 +12,7 @@ mod crash_safety;
 mod fuzz;
 mod latents;
 mod lint;
+mod lora_tools;
 mod make_flow;
 mod metadata;
 mod prepare_dataset;

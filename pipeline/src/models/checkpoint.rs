@@ -503,7 +503,7 @@ fn is_pointwise_variant(stored: &[usize], wanted: &[usize]) -> bool {
 }
 
 /// The LDM prefix of `component` for `family`.
-fn ldm_prefix(family: ModelFamily, component: Component) -> Option<&'static str> {
+pub fn ldm_prefix(family: ModelFamily, component: Component) -> Option<&'static str> {
     match (component, family) {
         (Component::Unet, _) => Some("model.diffusion_model."),
         (Component::Vae, _) => Some("first_stage_model."),

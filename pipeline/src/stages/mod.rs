@@ -11,4 +11,5 @@ pub mod merge_sidecars;
 pub mod prepare_dataset;
 pub mod prepare_latents;
 pub mod tag_images;
+pub mod lora_tools;
 pub mod train_lora;

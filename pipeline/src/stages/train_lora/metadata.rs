@@ -602,7 +602,7 @@ fn mean_aspect_error(dataset: &CachedDataset) -> Result<f64> {
 }
 
 /// `YYYY-MM-DDTHH:MM:SS` (UTC) of a Unix time.
-fn iso_date(unix: f64) -> String {
+pub(crate) fn iso_date(unix: f64) -> String {
     let secs = unix as i64;
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
