@@ -248,7 +248,7 @@ impl Engine {
         };
         match self.family {
             ModelFamily::Sd1 | ModelFamily::Sd2 => {
-                let hidden = encode_sd(&self.encoders.encoders[0], &ids(0)?, self.clip_skip, None)?;
+                let hidden = encode_sd(&self.encoders.encoders[0], &ids(0)?, self.clip_skip)?;
                 let hidden = weighted(0, hidden)?;
                 Ok(Conditioning {
                     context: hidden.squeeze(0).map_err(model_error("context"))?,
@@ -262,7 +262,6 @@ impl Engine {
                     &ids(0)?,
                     &ids(1)?,
                     self.tokenizers[1].eos_id(),
-                    [None, None],
                 )?;
                 let h1 = weighted(0, out.hidden_state1)?;
                 let h2 = weighted(1, out.hidden_state2)?;
