@@ -166,7 +166,7 @@ $(OUT)/lora/$(NAME).safetensors: $(OUT)/meta_lat.json $(OUT)/meta_lat_te_cache.j
 	"$(BIN)/train-lora" --pretrained_model_name_or_path "$(MODEL)" --in_json "$<" \
 		--output_dir "$(OUT)/lora" --output_name $(NAME) --network_dim $(DIM) --network_alpha $(ALPHA) \
 		--learning_rate $(LR) --max_train_steps $(STEPS) --train_batch_size $(BATCH) --seed $(SEED) \
-		$(TRAIN_FLAGS) $(QUIET)
+		--network_train_unet_only $(TRAIN_FLAGS) $(QUIET)
 
 # A kohya layout described as one metadata JSON: DATA with <repeats>_<name> folders (REG for
 # regularisation images), or DATASET_CONFIG=x.toml; `lora` uses it for such a DATA.

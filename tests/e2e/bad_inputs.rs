@@ -274,6 +274,9 @@ fn train_args(
         &out.join("lora"),
         &"--max_train_steps",
         &"1",
+        // The cached text-encoder outputs are among the damaged inputs: the UNet-only mode
+        // reads them.
+        &"--network_train_unet_only",
         &"--quiet",
     ])
 }

@@ -87,6 +87,8 @@ fn train_run(root: &Path, meta: &str, name: &str) -> std::process::Output {
             name,
             "--max_train_steps",
             "1",
+            // These runs check which caches are read, the text-encoder caches among them.
+            "--network_train_unet_only",
             "--quiet"
         ],
     )

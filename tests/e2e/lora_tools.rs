@@ -123,7 +123,16 @@ fn merge_lora_of_two_loras_matches_merge_lora_py() {
     let out = dir.path().join("merged.safetensors");
     run_expect(
         "merge-lora",
-        args!["--save_to", out, "--models", lora_a(), golden("lora_b.safetensors"), "--ratios", "0.7", "-0.4"],
+        args![
+            "--save_to",
+            out,
+            "--models",
+            lora_a(),
+            golden("lora_b.safetensors"),
+            "--ratios",
+            "0.7",
+            "-0.4"
+        ],
         0,
     );
     let (ours, theirs) = (read(&out), read(&golden("merge_ab.safetensors")));
@@ -148,7 +157,10 @@ fn check_checkpoint_merge(ours: &Path, subset: &str, stats_key: &str) {
     let theirs = read(&golden(subset));
     let info = info();
     let stats = info[stats_key]["stats"].as_object().unwrap();
-    assert_eq!(ours.tensors.len(), info[stats_key]["keys"].as_u64().unwrap() as usize);
+    assert_eq!(
+        ours.tensors.len(),
+        info[stats_key]["keys"].as_u64().unwrap() as usize
+    );
     let worst = max_abs_diff(&ours, &theirs, theirs.tensors.keys().cloned());
     assert!(worst <= 1e-5, "max |ours - sd-scripts| = {worst}");
     for (key, expected) in stats {
@@ -162,8 +174,16 @@ fn check_checkpoint_merge(ours: &Path, subset: &str, stats_key: &str) {
             .iter()
             .map(|v| v.as_f64().unwrap())
             .collect();
-        assert!((sum - e[0]).abs() <= 1e-5 * n, "{key}: sum {sum} vs {}", e[0]);
-        assert!((abs - e[1]).abs() <= 1e-5 * n, "{key}: sum|.| {abs} vs {}", e[1]);
+        assert!(
+            (sum - e[0]).abs() <= 1e-5 * n,
+            "{key}: sum {sum} vs {}",
+            e[0]
+        );
+        assert!(
+            (abs - e[1]).abs() <= 1e-5 * n,
+            "{key}: sum|.| {abs} vs {}",
+            e[1]
+        );
     }
     for (key, array) in &ours.tensors {
         if key.starts_with("model.diffusion_model.") {
@@ -289,7 +309,8 @@ fn resize_lora_dynamic_ranks_match_resize_lora_py() {
                     .map(|n| (n.to_string(), v.shape[0] as u64))
             })
             .collect();
-        let want: BTreeMap<String, u64> = serde_json::from_value(expected["ranks"].clone()).unwrap();
+        let want: BTreeMap<String, u64> =
+            serde_json::from_value(expected["ranks"].clone()).unwrap();
         assert_eq!(ranks, want, "{setting}");
         let want_meta: BTreeMap<String, String> =
             serde_json::from_value(expected["metadata"].clone()).unwrap();
@@ -334,10 +355,24 @@ fn extract_lora_matches_extract_lora_from_models_py() {
     let sd15 = fixtures().join("sd15-tiny/model.safetensors");
     run_expect(
         "merge-lora",
-        args!["--sd_model", sd15, "--save_to", tuned, "--models", lora_a(), golden("lora_b.safetensors"), "--ratios", "0.7", "-0.4"],
+        args![
+            "--sd_model",
+            sd15,
+            "--save_to",
+            tuned,
+            "--models",
+            lora_a(),
+            golden("lora_b.safetensors"),
+            "--ratios",
+            "0.7",
+            "-0.4"
+        ],
         0,
     );
-    for (name, extra) in [("extract_q1", vec!["--clamp_quantile", "1.0"]), ("extract_default", vec![])] {
+    for (name, extra) in [
+        ("extract_q1", vec!["--clamp_quantile", "1.0"]),
+        ("extract_default", vec![]),
+    ] {
         let out = dir.path().join(format!("{name}.safetensors"));
         let mut argv: Vec<std::ffi::OsString> = vec![
             "--model_org".into(),
@@ -355,8 +390,15 @@ fn extract_lora_matches_extract_lora_from_models_py() {
         let (ours, theirs) = (read(&out), read(&golden(&format!("{name}.safetensors"))));
         let (worst, module) = worst_relative(&ours, &theirs);
         let tolerance = if name == "extract_q1" { 1e-3 } else { 2e-2 };
-        assert!(worst <= tolerance, "{name} {module}: relative difference {worst}");
-        assert_eq!(ss_metadata(&ours), golden_ss(&info(), &format!("{name}_metadata")), "{name}");
+        assert!(
+            worst <= tolerance,
+            "{name} {module}: relative difference {worst}"
+        );
+        assert_eq!(
+            ss_metadata(&ours),
+            golden_ss(&info(), &format!("{name}_metadata")),
+            "{name}"
+        );
     }
 }
 
@@ -393,7 +435,15 @@ fn lora_tools_refuse_a_checkpoint_with_a_clear_message() {
     assert!(!out.exists());
     let stderr = run_expect(
         "merge-lora",
-        args!["--save_to", out, "--models", lora_a(), "--ratios", "1", "0.5"],
+        args![
+            "--save_to",
+            out,
+            "--models",
+            lora_a(),
+            "--ratios",
+            "1",
+            "0.5"
+        ],
         2,
     );
     assert!(stderr.contains("one ratio per model"), "{stderr}");

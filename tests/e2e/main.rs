@@ -19,5 +19,6 @@ mod prepare_dataset;
 mod sdxl;
 mod sharding;
 mod tag_images;
+mod te_lora;
 mod text_encoder;
 mod train_lora;

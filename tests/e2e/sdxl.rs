@@ -114,6 +114,7 @@ fn sdxl_flow_trains_a_lora_with_sd_scripts_sdxl_keys_and_metadata() {
             "1e-3".into(),
             "--seed".into(),
             "1".into(),
+            "--network_train_unet_only".into(),
             "--quiet".into(),
         ]
         .into();
@@ -242,7 +243,15 @@ fn an_sdxl_dreambooth_command_line_prepares_and_trains() {
     assert!(lora.metadata["ss_optimizer"].contains("AdamW8bit"));
     assert_eq!(lora.metadata["ss_shuffle_caption"], "True");
     assert_eq!(lora.metadata["ss_caption_dropout_rate"], "0.5");
-    assert!(module_names(&lora)
-        .iter()
-        .all(|name| name.starts_with("lora_unet_")));
+    // Without --network_train_unet_only sd-scripts trains both text encoders too.
+    let names = module_names(&lora);
+    for prefix in ["lora_te1_", "lora_te2_", "lora_unet_"] {
+        assert!(
+            names.iter().any(|name| name.starts_with(prefix)),
+            "{prefix}"
+        );
+    }
+    assert!(names.iter().all(|name| name.starts_with("lora_te1_")
+        || name.starts_with("lora_te2_")
+        || name.starts_with("lora_unet_")));
 }

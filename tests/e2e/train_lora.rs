@@ -43,6 +43,7 @@ fn trains_and_writes_a_kohya_lora() {
             "1",
             "--save_precision",
             "fp16",
+            "--network_train_unet_only",
             "--quiet"
         ],
         0,
@@ -92,6 +93,7 @@ fn missing_caches_are_listed_before_training_and_nothing_is_written() {
             data.path(),
             "--output_dir",
             out.path(),
+            "--network_train_unet_only",
             "--quiet"
         ],
         1,
@@ -743,6 +745,7 @@ fn caption_augmentation_trains_on_cached_variants_and_the_cached_empty_caption()
             "1e-3",
             "--seed",
             "5",
+            "--network_train_unet_only",
             "--quiet"
         ];
         let stderr = run_expect("train-lora", &[base, extra].concat(), code);
@@ -934,7 +937,8 @@ fn config_files_are_written_and_read_as_sd_scripts_does() {
     );
     for said in [
         "--torch_compile is accepted and has no effect here: changes only how PyTorch runs",
-        "--text_encoder_lr: the text encoder is not trained here",
+        "training the text encoder and the UNet",
+        "text-encoder learning rate 0.00001",
     ] {
         assert!(stderr.contains(said), "{said}:\n{stderr}");
     }

@@ -523,6 +523,8 @@ fn train_args(data: &Path, out: &Path, extra: &[&str]) -> TrainArgs {
         "2",
         "--seed",
         "42",
+        // These runs check the UNet trainer on cached text-encoder outputs.
+        "--network_train_unet_only",
     ] {
         argv.push(a.into());
     }

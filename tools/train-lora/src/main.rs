@@ -1,16 +1,19 @@
-//! `train-lora`: UNet LoRA training from cached latents and cached text-encoder outputs, as
-//! sd-scripts' `train_network.py --network_module networks.lora --network_train_unet_only`.
+//! `train-lora`: LoRA training from cached latents, as sd-scripts' `train_network.py --network_module
+//! networks.lora`: text encoder and UNet by default, the UNet only (from cached text-encoder
+//! outputs) with `--network_train_unet_only`.
 
 use clap::Parser;
 use lorakit_pipeline::cli::LogArgs;
 use lorakit_pipeline::stages::train_lora::TrainArgs;
 
-/// Train a UNet-only LoRA (kohya format) for SD1.x/SD2.x/SDXL from cached latents and cached
-/// text-encoder outputs. The text encoder and the VAE are never loaded, so only the UNet is
-/// trained (like sd-scripts with cached text-encoder outputs). A kohya dataset
-/// (--train_data_dir, --reg_data_dir, --dataset_config) is first prepared by prepare-dataset,
-/// prepare-latents and cache-text-encoder, run as child processes. Exit codes: 0 ok, 1 fatal
-/// error, 2 usage error.
+/// Train a LoRA (kohya format) for SD1.x/SD2.x/SDXL from cached latents. By default, as
+/// sd-scripts, the text encoder is trained too: it is loaded and every step's captions are
+/// encoded live (exact --shuffle_caption / --keep_tokens / tag and caption dropout). With
+/// --network_train_unet_only (or --cache_text_encoder_outputs) only the UNet is trained, from
+/// cached text-encoder outputs; the text encoder never runs. The VAE is never loaded. A kohya
+/// dataset (--train_data_dir, --reg_data_dir, --dataset_config) is first prepared by
+/// prepare-dataset, prepare-latents and cache-text-encoder, run as child processes. Exit codes:
+/// 0 ok, 1 fatal error, 2 usage error.
 #[derive(Parser)]
 #[command(version, rename_all = "snake_case")]
 struct Args {

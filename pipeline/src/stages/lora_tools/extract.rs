@@ -62,7 +62,13 @@ pub fn quantile(values: &mut [f32], q: f64) -> f32 {
 }
 
 /// The rank-`rank` factors `(up [out, rank], down [rank, cols])` of `diff` (`out x cols`), clamped.
-pub fn factor(diff: &[f32], out: usize, cols: usize, rank: usize, clamp_quantile: f64) -> (Vec<f32>, Vec<f32>) {
+pub fn factor(
+    diff: &[f32],
+    out: usize,
+    cols: usize,
+    rank: usize,
+    clamp_quantile: f64,
+) -> (Vec<f32>, Vec<f32>) {
     let decomposition = svd(matrix(out, cols, diff));
     let have = decomposition.s.len();
     let u = to_row_major(&decomposition.u);
@@ -161,7 +167,8 @@ pub fn run(options: &Options) -> Result<Summary> {
     let mut diffs: BTreeMap<String, (Vec<f32>, Vec<usize>)> = BTreeMap::new();
     let mut te_max = 0f32;
     for (name, slot) in &slots {
-        let (Some((a, shape)), Some((b, shape_t))) = (read_slot(&org, slot), read_slot(&tuned, slot))
+        let (Some((a, shape)), Some((b, shape_t))) =
+            (read_slot(&org, slot), read_slot(&tuned, slot))
         else {
             return Err(Error::bad_file(
                 &options.model_tuned,
@@ -201,7 +208,10 @@ pub fn run(options: &Options) -> Result<Summary> {
         let cols = diff.len() / out_dim;
         let (up, down) = factor(diff, out_dim, cols, rank, options.clamp_quantile);
         let (up_shape, down_shape) = if conv {
-            (vec![out_dim, rank, 1, 1], vec![rank, in_dim, shape[2], shape[3]])
+            (
+                vec![out_dim, rank, 1, 1],
+                vec![rank, in_dim, shape[2], shape[3]],
+            )
         } else {
             (vec![out_dim, rank], vec![rank, in_dim])
         };
@@ -245,7 +255,13 @@ pub fn run(options: &Options) -> Result<Summary> {
         },
     );
     if !options.no_metadata {
-        m.extend(modelspec(family, v_param, true, &title_of(&options.save_to), None));
+        m.extend(modelspec(
+            family,
+            v_param,
+            true,
+            &title_of(&options.save_to),
+            None,
+        ));
     }
     out.write(&options.save_to, true)?;
     tracing::info!("LoRA weights are saved to: {}", options.save_to.display());

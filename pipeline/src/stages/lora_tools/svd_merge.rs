@@ -106,12 +106,17 @@ pub fn run(options: &Options) -> Result<Summary> {
         let cols = sum.len() / out_dim;
         let (up, down) = factor(sum, out_dim, cols, rank, CLAMP_QUANTILE);
         let (up_shape, down_shape) = if conv {
-            (vec![out_dim, rank, 1, 1], vec![rank, in_dim, shape[2], shape[3]])
+            (
+                vec![out_dim, rank, 1, 1],
+                vec![rank, in_dim, shape[2], shape[3]],
+            )
         } else {
             (vec![out_dim, rank], vec![rank, in_dim])
         };
-        out.tensors
-            .insert(format!("{name}.lora_up.weight"), Array::new(up_shape, up, save));
+        out.tensors.insert(
+            format!("{name}.lora_up.weight"),
+            Array::new(up_shape, up, save),
+        );
         out.tensors.insert(
             format!("{name}.lora_down.weight"),
             Array::new(down_shape, down, save),
@@ -152,7 +157,13 @@ pub fn run(options: &Options) -> Result<Summary> {
         };
         let from: Vec<(&Path, &BTreeMap<String, String>)> =
             sources.iter().map(|(p, m)| (p.as_path(), m)).collect();
-        let spec = modelspec(family, is_v2, true, &title_of(&options.save_to), Some(merged_from(&from)));
+        let spec = modelspec(
+            family,
+            is_v2,
+            true,
+            &title_of(&options.save_to),
+            Some(merged_from(&from)),
+        );
         out.metadata.extend(spec);
     }
     out.write(&options.save_to, true)?;

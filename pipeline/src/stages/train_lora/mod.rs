@@ -1301,6 +1301,11 @@ fn check_args(args: &TrainArgs) -> Result<()> {
         ("--learning_rate", Some(args.learning_rate), unbounded),
         ("--unet_lr", args.unet_lr, unbounded),
         (
+            "--text_encoder_lr",
+            args.text_encoder_lr.first().copied(),
+            unbounded,
+        ),
+        (
             "--network_alpha",
             args.network_alpha.map(f64::from),
             unbounded,
