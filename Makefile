@@ -12,6 +12,7 @@
 #             captions from their caption files or folder names; or DATASET_CONFIG=dataset.toml)
 #
 #   make dataset DATA=img REG=reg   a kohya DreamBooth layout as one metadata JSON (prepare-dataset)
+#   make samples PROMPTS=prompts.txt   images of the trained LoRA (generate-images)
 #
 # Stages (one target each): lint tags captions metadata latents te-cache train; `lora` runs them
 # all in order. Every stage target runs its tool, and every tool checks per item, by content key,
@@ -63,7 +64,7 @@ CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)
 SIDECAR_FLAGS := $(if $(OVERWRITE),--overwrite,)
 BUCKET_RANGE := --min_bucket_reso $(MIN_BUCKET) --max_bucket_reso $(MAX_BUCKET) --bucket_reso_steps $(BUCKET_STEP)
 
-.PHONY: all build test fuzz setup demo lora dataset lint tags captions metadata latents te-cache train bench clean-out FORCE
+.PHONY: all build test fuzz setup demo lora dataset lint tags captions metadata latents te-cache train samples bench clean-out FORCE
 
 all: build
 
@@ -167,6 +168,16 @@ $(OUT)/lora/$(NAME).safetensors: $(OUT)/meta_lat.json $(OUT)/meta_lat_te_cache.j
 		--output_dir "$(OUT)/lora" --output_name $(NAME) --network_dim $(DIM) --network_alpha $(ALPHA) \
 		--learning_rate $(LR) --max_train_steps $(STEPS) --train_batch_size $(BATCH) --seed $(SEED) \
 		--network_train_unet_only $(TRAIN_FLAGS) $(QUIET)
+
+# Sample images of a finished LoRA (generate-images): PROMPTS=prompts.txt|.toml|.json, the LoRA
+# $(OUT)/lora/$(NAME).safetensors (or LORA=...), images in $(OUT)/samples; SAMPLE_FLAGS adds flags.
+PROMPTS      ?=
+LORA         ?= $(OUT)/lora/$(NAME).safetensors
+SAMPLE_FLAGS ?= --sampler euler_a --steps 20 --scale 7
+samples: | build
+	$(if $(PROMPTS),,$(error PROMPTS=prompt file is required))
+	"$(BIN)/generate-images" --ckpt "$(MODEL)" --from_file "$(PROMPTS)" --outdir "$(OUT)/samples" \
+		--network_weights "$(LORA)" --seed $(SEED) $(SAMPLE_FLAGS) $(QUIET)
 
 # A kohya layout described as one metadata JSON: DATA with <repeats>_<name> folders (REG for
 # regularisation images), or DATASET_CONFIG=x.toml; `lora` uses it for such a DATA.

@@ -10,6 +10,7 @@ mod coexist;
 mod command_lines;
 mod crash_safety;
 mod fuzz;
+mod generate_images;
 mod latents;
 mod lint;
 mod lora_tools;

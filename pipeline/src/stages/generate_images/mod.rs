@@ -138,7 +138,12 @@ pub fn run(options: &GenerateOptions) -> Result<Summary> {
     }
     let default_sampler = SamplerKind::parse(&options.sampler)?;
     let lines = prompt_lines(options)?;
-    fsio::check_writable(&options.outdir)?;
+    if options.outdir.exists() && !options.outdir.is_dir() {
+        return Err(Error::bad_file(
+            &options.outdir,
+            "--outdir is a file, not a folder: choose another name",
+        ));
+    }
     let engine = Engine::load(&options.engine)?;
     let jobs = plan_jobs(options, &lines, default_sampler, engine.family())?;
     std::fs::create_dir_all(&options.outdir).map_err(|e| Error::io(&options.outdir, e))?;
