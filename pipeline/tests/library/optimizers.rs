@@ -1,7 +1,7 @@
 //! The optimizers against their reference packages (golden/optimizers, made by
 //! tests/fixtures/generate/optimizers.py; tolerances in tests/fixtures/README.md): parameters
-//! after every step, the 8-bit states, Adafactor's own learning rate, Prodigy's and
-//! DAdaptAdam's `d`, and `ss_optimizer`; plus exact save/restore of every optimizer's state.
+//! after every step, the 8-bit states, Adafactor's own learning rate, Prodigy's,
+//! DAdaptAdam's and DAdaptAdamPreprint's `d`, and `ss_optimizer`; plus exact save/restore of every optimizer's state.
 
 use std::collections::HashMap;
 
@@ -221,7 +221,8 @@ fn bitsandbytes_optimizers_follow_the_cuda_kernels() {
     assert!(checked >= 5, "{checked} quantised states compared");
 }
 
-/// torch's SGD, transformers' Adafactor, prodigyopt's Prodigy and dadaptation's DAdaptAdam:
+/// torch's SGD, transformers' Adafactor, prodigyopt's Prodigy, dadaptation's DAdaptAdam and
+/// DAdaptAdamPreprint (sd-scripts' `DAdaptation`):
 /// parameters after every step to 1e-6 of each tensor's largest value, Adafactor's own
 /// learning rate and D-adaptation's `d` to 1e-6 relative.
 #[test]

@@ -1162,7 +1162,7 @@ fn kohya_command_line_options_are_accepted_and_change_nothing() {
 fn every_optimizer_trains_and_resumes_exactly() {
     let data = tempfile::tempdir().unwrap();
     make_caches(data.path());
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 11] = [
         (
             &["--use_8bit_adam", "--optimizer_args", "min_8bit_size=16"],
             "bitsandbytes.optim.adamw.AdamW8bit(min_8bit_size=16)",
@@ -1212,6 +1212,18 @@ fn every_optimizer_trains_and_resumes_exactly() {
         (
             &["--optimizer_type", "DAdaptAdam", "--unet_lr", "1.0"],
             "dadaptation.dadapt_adam.DAdaptAdam",
+        ),
+        (
+            &[
+                "--optimizer_type",
+                "DAdaptation",
+                "--unet_lr",
+                "1.0",
+                "--optimizer_args",
+                "decouple=True",
+                "weight_decay=0.01",
+            ],
+            "dadaptation.experimental.dadapt_adam_preprint.DAdaptAdamPreprint(decouple=True,weight_decay=0.01)",
         ),
     ];
     for (options, ss_optimizer) in cases {

@@ -1,5 +1,6 @@
-//! The learning-rate-free Adam variants sd-scripts offers: prodigyopt's `Prodigy` and
-//! dadaptation's `DAdaptAdam`. Both estimate a distance `d` from sums over every parameter, so
+//! The learning-rate-free Adam variants sd-scripts offers: prodigyopt's `Prodigy`,
+//! dadaptation's `DAdaptAdam` and its `experimental.DAdaptAdamPreprint` (sd-scripts'
+//! `DAdaptation`). Both estimate a distance `d` from sums over every parameter, so
 //! one step first updates every tensor's moments, then `d`, then every parameter. The
 //! arithmetic follows torch's: float32 tensors, float64 Python scalars (cast to float32 where
 //! they scale a tensor), sums read out with `.item()`.
@@ -19,6 +20,8 @@ pub enum Rule {
     Prodigy,
     /// `dadaptation.DAdaptAdam`.
     DAdaptAdam,
+    /// `dadaptation.experimental.DAdaptAdamPreprint`.
+    DAdaptAdamPreprint,
 }
 
 /// The keyword arguments of each optimizer.
@@ -45,6 +48,18 @@ pub const DADAPT_ADAM_KEYS: &[&str] = &[
     "log_every",
     "decouple",
     "use_bias_correction",
+    "d0",
+    "growth_rate",
+    "fsdp_in_use",
+];
+
+/// The keyword arguments of `DAdaptAdamPreprint`.
+pub const DADAPT_ADAM_PREPRINT_KEYS: &[&str] = &[
+    "betas",
+    "eps",
+    "weight_decay",
+    "log_every",
+    "decouple",
     "d0",
     "growth_rate",
     "fsdp_in_use",
@@ -119,7 +134,7 @@ impl Config {
     pub fn state_bytes(&self, len: usize) -> u64 {
         let tensors = match self.rule {
             Rule::Prodigy => 3 + usize::from(self.beta1 > 0.0),
-            Rule::DAdaptAdam => 3,
+            Rule::DAdaptAdam | Rule::DAdaptAdamPreprint => 3,
         };
         (4 * tensors * len) as u64
     }
@@ -132,7 +147,8 @@ pub struct Global {
     pub d: f64,
     /// Prodigy: the largest estimate so far.
     pub d_max: f64,
-    /// Prodigy's `d_numerator`, DAdaptAdam's `numerator_weighted`.
+    /// Prodigy's `d_numerator`, DAdaptAdam's `numerator_weighted`, DAdaptAdamPreprint's
+    /// `gsq_weighted`.
     pub numerator: f64,
     /// Steps taken.
     pub k: u64,
@@ -211,9 +227,9 @@ impl State {
                 vec![0.0; len.div_ceil(config.slice_p)],
                 param.iter().step_by(config.slice_p).copied().collect(),
             ),
-            Rule::DAdaptAdam => (vec![0.0; len], Vec::new()),
+            Rule::DAdaptAdam | Rule::DAdaptAdamPreprint => (vec![0.0; len], Vec::new()),
         };
-        let first = config.rule == Rule::DAdaptAdam || config.beta1 > 0.0;
+        let first = config.rule != Rule::Prodigy || config.beta1 > 0.0;
         Self {
             s,
             p0,
@@ -308,6 +324,9 @@ pub fn step(config: &Config, global: &mut Global, slots: &mut [Slot]) -> bool {
     let sqrt_beta2 = beta2.sqrt();
     let mut numerator_sum = 0.0f64;
     let mut denominator = 0.0f64;
+    // DAdaptAdamPreprint: the sums of `s * s / denom` and `g * g / denom`.
+    let mut sksq_weighted = 0.0f64;
+    let mut g_sq = 0.0f64;
     for slot in slots.iter_mut() {
         let grad = &mut slot.grad;
         let param = &*slot.param;
@@ -370,6 +389,29 @@ pub fn step(config: &Config, global: &mut Global, slots: &mut [Slot]) -> bool {
                     *s = *s * sqrt_beta2 as f32 + g * add;
                 }
             }
+            Rule::DAdaptAdamPreprint => {
+                let eps = config.eps as f32;
+                let add = (dlr * (1.0 - beta1)) as f32;
+                for (m, &g) in state.exp_avg.iter_mut().zip(grad.iter()) {
+                    *m = *m * beta1 as f32 + g * add;
+                }
+                let add = (1.0 - beta2) as f32;
+                for (v, &g) in state.exp_avg_sq.iter_mut().zip(grad.iter()) {
+                    *v = *v * beta2 as f32 + add * (g * g);
+                }
+                let add = (dlr * (1.0 - beta2)) as f32;
+                for (s, &g) in state.s.iter_mut().zip(grad.iter()) {
+                    *s = *s * beta2 as f32 + g * add;
+                }
+                let (mut gg, mut ss) = (0.0f64, 0.0f64);
+                for ((&g, &s), &v) in grad.iter().zip(&state.s).zip(&state.exp_avg_sq) {
+                    let denom = v.sqrt() + eps;
+                    gg += f64::from(g * g / denom);
+                    ss += f64::from(s * s / denom);
+                }
+                g_sq += f64::from(gg as f32);
+                sksq_weighted += f64::from(ss as f32);
+            }
         }
         let l1: f64 = state.s.iter().map(|&s| f64::from(s.abs())).sum();
         denominator += f64::from(l1 as f32);
@@ -399,24 +441,36 @@ pub fn step(config: &Config, global: &mut Global, slots: &mut [Slot]) -> bool {
             }
             global.numerator = numerator;
         }
+        Rule::DAdaptAdamPreprint => {
+            let gsq_weighted = beta2 * global.numerator + g_sq * dlr.powi(2) * (1.0 - beta2);
+            if lr > 0.0 {
+                let d_hat = (sksq_weighted / (1.0 - beta2) - gsq_weighted) / denominator;
+                global.d = global.d.max(d_hat.min(global.d * config.growth_rate));
+            }
+            global.numerator = gsq_weighted;
+        }
     }
     let d = global.d;
     for slot in slots.iter_mut() {
         let state = &*slot.state;
         let eps = match config.rule {
             Rule::Prodigy => (d * config.eps) as f32,
-            Rule::DAdaptAdam => config.eps as f32,
+            Rule::DAdaptAdam | Rule::DAdaptAdamPreprint => config.eps as f32,
         };
         let decay = (-config.weight_decay * dlr) as f32;
         let (step, moment): (f32, &[f32]) = match config.rule {
             Rule::Prodigy if beta1 > 0.0 => (-dlr as f32, state.exp_avg.as_slice()),
             Rule::Prodigy => ((-dlr * d) as f32, slot.grad.as_slice()),
-            Rule::DAdaptAdam => (-1.0, state.exp_avg.as_slice()),
+            Rule::DAdaptAdam | Rule::DAdaptAdamPreprint => (-1.0, state.exp_avg.as_slice()),
         };
+        // The preprint leaves parameters whose group has no learning rate undecayed.
+        let decays = config.weight_decay != 0.0
+            && config.decouple
+            && (config.rule != Rule::DAdaptAdamPreprint || slot.lr > 0.0);
         for i in 0..slot.param.len() {
             let denom = state.exp_avg_sq[i].sqrt() + eps;
             let p = &mut slot.param[i];
-            if config.weight_decay != 0.0 && config.decouple {
+            if decays {
                 *p += decay * *p;
             }
             *p += step * moment[i] / denom;
@@ -443,9 +497,10 @@ pub fn check_learning_rates(rule: Rule, lrs: &[f64]) -> Result<()> {
         let name = match rule {
             Rule::Prodigy => "Prodigy",
             Rule::DAdaptAdam => "DAdaptAdam",
+            Rule::DAdaptAdamPreprint => "DAdaptAdamPreprint",
         };
         return Err(Error::Usage(format!(
-            "{name} needs one learning rate for every LoRA tensor (it stops with \"Setting \
+            "--optimizer_type {name} needs one learning rate for every LoRA tensor (it stops with \"Setting \
              different lr values in different parameter groups is only supported for values of \
              0\"): drop loraplus_lr_ratio and the block learning-rate weights from --network_args"
         )));

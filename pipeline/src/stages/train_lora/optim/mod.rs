@@ -50,7 +50,7 @@ pub enum Algorithm {
     Bnb(bnb::Config),
     /// transformers' `Adafactor`.
     Adafactor(adafactor::Config),
-    /// prodigyopt's `Prodigy` or dadaptation's `DAdaptAdam`.
+    /// prodigyopt's `Prodigy`, dadaptation's `DAdaptAdam` or `DAdaptAdamPreprint`.
     DAdapt(dadapt::Config),
 }
 
@@ -70,7 +70,7 @@ pub struct OptimizerKind {
 /// `--optimizer_type` names (sd-scripts' spelling; matched case-insensitively).
 const NAMES: &str = "AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit, Lion, \
                      Lion8bit, PagedLion8bit, SGDNesterov, SGDNesterov8bit, Adafactor, Prodigy, \
-                     DAdaptAdam";
+                     DAdaptation, DAdaptAdamPreprint, DAdaptAdam";
 
 /// Keyword arguments of `torch.optim.AdamW` (sd-scripts passes `lr` itself).
 const TORCH_ADAMW_KEYS: &[&str] = &[
@@ -304,11 +304,14 @@ impl OptimizerKind {
                 "dadaptation.dadapt_adam.DAdaptAdam",
                 dadapt::DADAPT_ADAM_KEYS,
             ),
-            "dadaptation" | "dadaptadampreprint" | "dadaptadagrad" | "dadaptadan"
-            | "dadaptadanip" | "dadaptlion" | "dadaptsgd" => {
+            "dadaptation" | "dadaptadampreprint" => (
+                "dadaptation.experimental.dadapt_adam_preprint.DAdaptAdamPreprint",
+                dadapt::DADAPT_ADAM_PREPRINT_KEYS,
+            ),
+            "dadaptadagrad" | "dadaptadan" | "dadaptadanip" | "dadaptlion" | "dadaptsgd" => {
                 return Err(Error::Usage(format!(
-                    "--optimizer_type {name} is not implemented; DAdaptAdam and Prodigy are (the \
-                     same learning-rate-free Adam, with --learning_rate 1.0)"
+                    "--optimizer_type {name} is not implemented; DAdaptation, DAdaptAdam and \
+                     Prodigy are (learning-rate-free Adam, with --learning_rate 1.0)"
                 )))
             }
             _ => {
@@ -403,6 +406,10 @@ impl OptimizerKind {
             }
             "dadaptadam" => Algorithm::DAdapt(dadapt::Config::from_kwargs(
                 dadapt::Rule::DAdaptAdam,
+                &read,
+            )?),
+            "dadaptation" | "dadaptadampreprint" => Algorithm::DAdapt(dadapt::Config::from_kwargs(
+                dadapt::Rule::DAdaptAdamPreprint,
                 &read,
             )?),
             bnb_name => {
@@ -932,8 +939,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("True and False"), "{error}");
-        let error = parse("DAdaptation", &[]).unwrap_err().to_string();
+        let error = parse("DAdaptSGD", &[]).unwrap_err().to_string();
         assert!(error.contains("DAdaptAdam"), "{error}");
+        let error = parse("DAdaptation", &["use_bias_correction=True"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("growth_rate"), "{error}");
         assert!(parse("Ranger", &[]).is_err());
     }
 
@@ -966,7 +977,7 @@ mod tests {
 
     #[test]
     fn learning_rate_free_optimizers_refuse_several_learning_rates() {
-        for name in ["Prodigy", "DAdaptAdam"] {
+        for name in ["Prodigy", "DAdaptAdam", "DAdaptation"] {
             let kind = parse(name, &[]).unwrap();
             assert!(kind.check_learning_rates(&[1.0, 1.0, 0.0]).is_ok());
             let error = kind
