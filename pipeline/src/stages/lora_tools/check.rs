@@ -75,7 +75,10 @@ pub fn report(options: &Options) -> Result<Value> {
 pub fn run(options: &Options) -> Result<Summary> {
     let value = report(options)?;
     if options.json {
-        println!("{}", serde_json::to_string_pretty(&value).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        );
         return Ok(Summary::default());
     }
     println!("number of LoRA modules: {}", value["lora_tensors"]);

@@ -62,7 +62,13 @@ pub fn quantile(values: &mut [f32], q: f64) -> f32 {
 }
 
 /// The rank-`rank` factors `(up [out, rank], down [rank, cols])` of `diff` (`out x cols`), clamped.
-pub fn factor(diff: &[f32], out: usize, cols: usize, rank: usize, clamp_quantile: f64) -> (Vec<f32>, Vec<f32>) {
+pub fn factor(
+    diff: &[f32],
+    out: usize,
+    cols: usize,
+    rank: usize,
+    clamp_quantile: f64,
+) -> (Vec<f32>, Vec<f32>) {
     let decomposition = svd(matrix(out, cols, diff));
     let have = decomposition.s.len();
     let u = to_row_major(&decomposition.u);
@@ -76,6 +82,24 @@ pub fn factor(diff: &[f32], out: usize, cols: usize, rank: usize, clamp_quantile
     let mut down = vec![0f32; rank * cols];
     for k in 0..rank.min(have) {
         down[k * cols..(k + 1) * cols].copy_from_slice(&vt[k * cols..(k + 1) * cols]);
+    }
+    // Signs of singular pairs are arbitrary (LAPACK's and nalgebra's differ); flip each pair so
+    // that its largest-magnitude value is positive. The largest value overall is then positive,
+    // so `--clamp_quantile 1.0` clamps nothing, as the best rank-r approximation needs.
+    for k in 0..rank.min(have) {
+        let column = (0..out).map(|o| up[o * rank + k]);
+        let row = down[k * cols..(k + 1) * cols].iter().copied();
+        let peak = column
+            .chain(row)
+            .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+        if peak < 0.0 {
+            for o in 0..out {
+                up[o * rank + k] = -up[o * rank + k];
+            }
+            for v in &mut down[k * cols..(k + 1) * cols] {
+                *v = -*v;
+            }
+        }
     }
     let mut joined: Vec<f32> = up.iter().chain(&down).copied().collect();
     let hi = quantile(&mut joined, clamp_quantile);
@@ -161,7 +185,8 @@ pub fn run(options: &Options) -> Result<Summary> {
     let mut diffs: BTreeMap<String, (Vec<f32>, Vec<usize>)> = BTreeMap::new();
     let mut te_max = 0f32;
     for (name, slot) in &slots {
-        let (Some((a, shape)), Some((b, shape_t))) = (read_slot(&org, slot), read_slot(&tuned, slot))
+        let (Some((a, shape)), Some((b, shape_t))) =
+            (read_slot(&org, slot), read_slot(&tuned, slot))
         else {
             return Err(Error::bad_file(
                 &options.model_tuned,
@@ -201,7 +226,10 @@ pub fn run(options: &Options) -> Result<Summary> {
         let cols = diff.len() / out_dim;
         let (up, down) = factor(diff, out_dim, cols, rank, options.clamp_quantile);
         let (up_shape, down_shape) = if conv {
-            (vec![out_dim, rank, 1, 1], vec![rank, in_dim, shape[2], shape[3]])
+            (
+                vec![out_dim, rank, 1, 1],
+                vec![rank, in_dim, shape[2], shape[3]],
+            )
         } else {
             (vec![out_dim, rank], vec![rank, in_dim])
         };
@@ -245,7 +273,13 @@ pub fn run(options: &Options) -> Result<Summary> {
         },
     );
     if !options.no_metadata {
-        m.extend(modelspec(family, v_param, true, &title_of(&options.save_to), None));
+        m.extend(modelspec(
+            family,
+            v_param,
+            true,
+            &title_of(&options.save_to),
+            None,
+        ));
     }
     out.write(&options.save_to, true)?;
     tracing::info!("LoRA weights are saved to: {}", options.save_to.display());

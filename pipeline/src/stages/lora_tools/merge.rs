@@ -159,7 +159,10 @@ pub fn merge_loras(options: &Options, save: safetensors::Dtype) -> Result<Tensor
         sources.push((path.clone(), lora.metadata.clone()));
     }
     for (name, alpha) in &base_alphas {
-        merged.insert(format!("{name}.alpha"), Array::scalar(*alpha, safetensors::Dtype::F32));
+        merged.insert(
+            format!("{name}.alpha"),
+            Array::scalar(*alpha, safetensors::Dtype::F32),
+        );
         if options.shuffle {
             shuffle_ranks(&mut merged, name);
         }
@@ -219,7 +222,13 @@ pub fn merge_loras(options: &Options, save: safetensors::Dtype) -> Result<Tensor
     })
 }
 
-fn concat(existing: &Array, source: &Array, scaled: Vec<f32>, is_up: bool, path: &Path) -> Result<Array> {
+fn concat(
+    existing: &Array,
+    source: &Array,
+    scaled: Vec<f32>,
+    is_up: bool,
+    path: &Path,
+) -> Result<Array> {
     let mismatch = || {
         Error::bad_file(
             path,
@@ -306,9 +315,14 @@ pub fn merge_into_checkpoint(
     tracing::info!("loading SD model: {}", model.display());
     let mut checkpoint = TensorFile::read(model, "a Stable Diffusion checkpoint")?;
     let is_model_tensor = |key: &str| {
-        ["model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders."]
-            .iter()
-            .any(|p| key.starts_with(p))
+        [
+            "model.diffusion_model.",
+            "first_stage_model.",
+            "cond_stage_model.",
+            "conditioner.embedders.",
+        ]
+        .iter()
+        .any(|p| key.starts_with(p))
     };
     for (key, array) in checkpoint.tensors.iter_mut() {
         if is_model_tensor(key) {
@@ -366,14 +380,19 @@ pub fn merge_into_checkpoint(
         }
     }
     if !options.no_metadata {
-        let mut from: Vec<(&Path, &BTreeMap<String, String>)> =
-            vec![(model, &checkpoint.metadata)];
+        let mut from: Vec<(&Path, &BTreeMap<String, String>)> = vec![(model, &checkpoint.metadata)];
         for (path, lora) in options.models.iter().zip(&loras) {
             from.push((path.as_path(), &lora.metadata));
         }
         let merged = merged_from(&from);
         let v_param = family == ModelFamily::Sd2;
-        let spec = modelspec(family, v_param, false, &title_of(&options.save_to), Some(merged));
+        let spec = modelspec(
+            family,
+            v_param,
+            false,
+            &title_of(&options.save_to),
+            Some(merged),
+        );
         checkpoint.metadata = spec;
     } else {
         checkpoint.metadata.clear();

@@ -86,10 +86,11 @@ pub fn lora_modules(file: &TensorFile, path: &Path) -> Result<BTreeMap<String, M
 
 /// The error for a file without kohya LoRA modules.
 pub fn not_a_lora(file: &TensorFile, path: &Path) -> Error {
-    let lycoris = file
-        .tensors
-        .keys()
-        .any(|k| LYCORIS_SUFFIXES.iter().any(|s| k.ends_with(&format!("{s}.weight")) || k.ends_with(s)));
+    let lycoris = file.tensors.keys().any(|k| {
+        LYCORIS_SUFFIXES
+            .iter()
+            .any(|s| k.ends_with(&format!("{s}.weight")) || k.ends_with(s))
+    });
     let checkpoint = file
         .tensors
         .keys()
@@ -214,7 +215,10 @@ fn safetensors_names(path: &Path) -> Result<std::collections::BTreeSet<String>> 
         .map_err(|e| Error::io(path, e))?;
     let len = u64::from_le_bytes(len) as usize;
     if len > 100_000_000 {
-        return Err(Error::bad_file(path, "not a safetensors file (header too long)"));
+        return Err(Error::bad_file(
+            path,
+            "not a safetensors file (header too long)",
+        ));
     }
     let mut header = vec![0u8; len];
     reader

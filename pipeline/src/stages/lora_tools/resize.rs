@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use super::linalg::{matrix, product_svd, to_row_major};
-use super::tensors::{Array, Precision, TensorFile};
 use super::lora_modules;
+use super::tensors::{Array, Precision, TensorFile};
 use crate::infra::pyjson::float_repr;
 use crate::infra::report::Summary;
 use crate::{Error, Result};
@@ -70,7 +70,10 @@ pub struct RankChoice {
 
 /// Index of the first value `>= target` (torch.searchsorted, left side).
 fn search_sorted(values: &[f64], target: f64) -> usize {
-    values.iter().position(|&v| v >= target).unwrap_or(values.len())
+    values
+        .iter()
+        .position(|&v| v >= target)
+        .unwrap_or(values.len())
 }
 
 fn clamp_index(index: usize, len: usize) -> usize {

@@ -36,6 +36,8 @@ pub struct Options {
     pub save_precision: Option<Precision>,
     /// Write no `modelspec.*` metadata.
     pub no_metadata: bool,
+    /// Quantile the factors are clamped to (sd-scripts: the constant 0.99).
+    pub clamp_quantile: f64,
 }
 
 /// Runs `svd-merge-lora`.
@@ -104,14 +106,19 @@ pub fn run(options: &Options) -> Result<Summary> {
             .min(in_dim)
             .min(out_dim);
         let cols = sum.len() / out_dim;
-        let (up, down) = factor(sum, out_dim, cols, rank, CLAMP_QUANTILE);
+        let (up, down) = factor(sum, out_dim, cols, rank, options.clamp_quantile);
         let (up_shape, down_shape) = if conv {
-            (vec![out_dim, rank, 1, 1], vec![rank, in_dim, shape[2], shape[3]])
+            (
+                vec![out_dim, rank, 1, 1],
+                vec![rank, in_dim, shape[2], shape[3]],
+            )
         } else {
             (vec![out_dim, rank], vec![rank, in_dim])
         };
-        out.tensors
-            .insert(format!("{name}.lora_up.weight"), Array::new(up_shape, up, save));
+        out.tensors.insert(
+            format!("{name}.lora_up.weight"),
+            Array::new(up_shape, up, save),
+        );
         out.tensors.insert(
             format!("{name}.lora_down.weight"),
             Array::new(down_shape, down, save),
@@ -152,7 +159,13 @@ pub fn run(options: &Options) -> Result<Summary> {
         };
         let from: Vec<(&Path, &BTreeMap<String, String>)> =
             sources.iter().map(|(p, m)| (p.as_path(), m)).collect();
-        let spec = modelspec(family, is_v2, true, &title_of(&options.save_to), Some(merged_from(&from)));
+        let spec = modelspec(
+            family,
+            is_v2,
+            true,
+            &title_of(&options.save_to),
+            Some(merged_from(&from)),
+        );
         out.metadata.extend(spec);
     }
     out.write(&options.save_to, true)?;
