@@ -35,6 +35,10 @@ struct Args {
     /// Write no modelspec metadata.
     #[arg(long)]
     no_metadata: bool,
+    /// Quantile of the factors' values they are clamped to (lorakit extension; svd_merge_lora.py
+    /// has the constant 0.99; 1.0 keeps the best rank-r approximation unclamped).
+    #[arg(long, default_value_t = 0.99)]
+    clamp_quantile: f64,
     /// Accepted for compatibility (lorakit computes on the CPU).
     #[arg(long)]
     device: Option<String>,
@@ -54,6 +58,7 @@ fn main() -> std::process::ExitCode {
         precision: args.precision,
         save_precision: args.save_precision,
         no_metadata: args.no_metadata,
+        clamp_quantile: args.clamp_quantile,
     };
     lorakit_pipeline::infra::report::run("svd-merge-lora", || run(&options))
 }

@@ -83,6 +83,24 @@ pub fn factor(
     for k in 0..rank.min(have) {
         down[k * cols..(k + 1) * cols].copy_from_slice(&vt[k * cols..(k + 1) * cols]);
     }
+    // Signs of singular pairs are arbitrary (LAPACK's and nalgebra's differ); flip each pair so
+    // that its largest-magnitude value is positive. The largest value overall is then positive,
+    // so `--clamp_quantile 1.0` clamps nothing, as the best rank-r approximation needs.
+    for k in 0..rank.min(have) {
+        let column = (0..out).map(|o| up[o * rank + k]);
+        let row = down[k * cols..(k + 1) * cols].iter().copied();
+        let peak = column
+            .chain(row)
+            .fold(0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+        if peak < 0.0 {
+            for o in 0..out {
+                up[o * rank + k] = -up[o * rank + k];
+            }
+            for v in &mut down[k * cols..(k + 1) * cols] {
+                *v = -*v;
+            }
+        }
+    }
     let mut joined: Vec<f32> = up.iter().chain(&down).copied().collect();
     let hi = quantile(&mut joined, clamp_quantile);
     let lo = -hi;

@@ -36,6 +36,8 @@ pub struct Options {
     pub save_precision: Option<Precision>,
     /// Write no `modelspec.*` metadata.
     pub no_metadata: bool,
+    /// Quantile the factors are clamped to (sd-scripts: the constant 0.99).
+    pub clamp_quantile: f64,
 }
 
 /// Runs `svd-merge-lora`.
@@ -104,7 +106,7 @@ pub fn run(options: &Options) -> Result<Summary> {
             .min(in_dim)
             .min(out_dim);
         let cols = sum.len() / out_dim;
-        let (up, down) = factor(sum, out_dim, cols, rank, CLAMP_QUANTILE);
+        let (up, down) = factor(sum, out_dim, cols, rank, options.clamp_quantile);
         let (up_shape, down_shape) = if conv {
             (
                 vec![out_dim, rank, 1, 1],
