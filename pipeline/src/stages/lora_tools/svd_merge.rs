@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::extract::factor;
+use super::extract::insert_factors;
 use super::tensors::{check_output, round_to, Array, Precision, TensorFile};
 use super::{delta_of, lora_modules, merged_from, modelspec, title_of};
 use crate::infra::report::Summary;
@@ -99,29 +99,13 @@ pub fn run(options: &Options) -> Result<Summary> {
     }
     let mut out = TensorFile::default();
     for (name, (sum, shape)) in &sums {
-        let conv = shape.len() == 4;
-        let conv3 = conv && shape[2..] != [1, 1];
-        let (out_dim, in_dim) = (shape[0], shape[1]);
-        let rank = if conv3 { conv_rank } else { options.new_rank }
-            .min(in_dim)
-            .min(out_dim);
-        let cols = sum.len() / out_dim;
-        let (up, down) = factor(sum, out_dim, cols, rank, options.clamp_quantile);
-        let (up_shape, down_shape) = if conv {
-            (
-                vec![out_dim, rank, 1, 1],
-                vec![rank, in_dim, shape[2], shape[3]],
-            )
-        } else {
-            (vec![out_dim, rank], vec![rank, in_dim])
-        };
-        out.tensors.insert(
-            format!("{name}.lora_up.weight"),
-            Array::new(up_shape, up, save),
-        );
-        out.tensors.insert(
-            format!("{name}.lora_down.weight"),
-            Array::new(down_shape, down, save),
+        let rank = insert_factors(
+            &mut out,
+            name,
+            (sum, shape),
+            (options.new_rank, conv_rank),
+            options.clamp_quantile,
+            save,
         );
         out.tensors.insert(
             format!("{name}.alpha"),
