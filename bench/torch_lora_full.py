@@ -6,7 +6,8 @@ shapes with AdamW, batch 1, fp32 -- the inner step of train_network.py without i
     SD_PYTHON bench/torch_lora_full.py SD_SCRIPTS UNET.safetensors STEPS RES DIM ALPHA [CONV_DIM CONV_ALPHA]
 
 Prints seconds per step over STEPS steps after a first (warm-up) step, and the peak RSS.
-TORCH_THREADS (default 2) sets torch's intra-op threads.
+TORCH_THREADS (default 2) sets torch's intra-op threads; GRADIENT_CHECKPOINTING=1 turns on the
+UNet's gradient checkpointing as train_network.py's --gradient_checkpointing does.
 """
 
 import os
@@ -32,6 +33,8 @@ def main():
     unet = UNet2DConditionModel(**config)
     unet.load_state_dict(model_util.convert_ldm_unet_checkpoint(False, load_file(unet_path), config))
     unet.requires_grad_(False)
+    if os.environ.get("GRADIENT_CHECKPOINTING"):
+        unet.enable_gradient_checkpointing()
     network = lora.create_network(1.0, dim, alpha, None, [], unet, **conv)
     network.apply_to([], unet, apply_text_encoder=False, apply_unet=True)
     params, _ = network.prepare_optimizer_params(None, 1e-4, 1e-4)
@@ -59,7 +62,8 @@ def main():
     wall = (time.perf_counter() - began) / steps
     cpu = (time.process_time() - cpu_began) / steps
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"pytorch {res}px rank {dim}{' conv ' + conv['conv_dim'] if conv else ''}: "
+    checkpointing = " checkpointing" if os.environ.get("GRADIENT_CHECKPOINTING") else ""
+    print(f"pytorch {res}px rank {dim}{' conv ' + conv['conv_dim'] if conv else ''}{checkpointing}: "
           f"{wall:.2f} s/step wall, {cpu:.2f} CPU s/step, {rss:.0f} MiB peak RSS")
 
 

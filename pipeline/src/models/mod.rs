@@ -13,6 +13,7 @@ pub mod frozen;
 pub(crate) mod kernels;
 pub(crate) mod norm;
 pub mod precision;
+pub mod recompute;
 pub mod samplers;
 pub mod text_encoders;
 pub mod trainable_conv;

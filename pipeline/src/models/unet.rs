@@ -25,6 +25,7 @@ use crate::models::adapter::{Adaptable, AdaptableLayer, Container};
 use crate::models::attention::attention;
 use crate::models::frozen::FrozenKind;
 use crate::models::norm::Norm;
+use crate::models::recompute::{checkpointed, Recomputable};
 use crate::models::ModelFamily;
 use crate::{Error, Result};
 
@@ -369,6 +370,15 @@ impl ResnetBlock {
         shortcut + h
     }
 
+    /// The block, with gradient checkpointing when `checkpoint` is set.
+    fn apply(&self, x: &Tensor, temb: &Tensor, checkpoint: bool) -> candle_core::Result<Tensor> {
+        if checkpoint {
+            checkpointed(self, x, temb)
+        } else {
+            self.forward(x, temb)
+        }
+    }
+
     fn visit(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer)) {
         f(&mut self.conv1);
         f(&mut self.time_emb_proj);
@@ -376,6 +386,12 @@ impl ResnetBlock {
         if let Some(conv) = &mut self.conv_shortcut {
             f(conv);
         }
+    }
+}
+
+impl Recomputable for ResnetBlock {
+    fn run(&self, x: &Tensor, temb: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward(x, temb)
     }
 }
 
@@ -480,6 +496,12 @@ impl TransformerBlock {
     }
 }
 
+impl Recomputable for TransformerBlock {
+    fn run(&self, x: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward(x, context)
+    }
+}
+
 /// How a [`SpatialTransformer`] is built.
 #[derive(Debug, Clone, Copy)]
 struct TransformerShape {
@@ -530,7 +552,8 @@ impl SpatialTransformer {
         })
     }
 
-    fn forward(&self, x: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+    /// The transformer; with `checkpoint`, each transformer block is checkpointed.
+    fn forward(&self, x: &Tensor, context: &Tensor, checkpoint: bool) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let normed = self.norm.group(NORM_GROUPS, x)?;
         let to_tokens = |map: Tensor| map.flatten_from(2)?.transpose(1, 2)?.contiguous();
@@ -540,7 +563,11 @@ impl SpatialTransformer {
             to_tokens(self.proj_in.forward(&normed)?)?
         };
         for block in &self.blocks {
-            tokens = block.forward(&tokens, context)?;
+            tokens = if checkpoint {
+                checkpointed(block, &tokens, context)?
+            } else {
+                block.forward(&tokens, context)?
+            };
         }
         let to_map = |tokens: Tensor| tokens.transpose(1, 2)?.reshape((b, c, h, w));
         let out = if self.linear_projection {
@@ -598,6 +625,9 @@ pub struct Unet {
     up: Vec<Level>,
     norm_out: Norm,
     conv_out: AdaptableLayer,
+    /// Resnets and transformer blocks recompute their activations in the backward pass
+    /// ([`crate::models::recompute`]).
+    gradient_checkpointing: bool,
 }
 
 impl Unet {
@@ -745,7 +775,15 @@ impl Unet {
             mid_resnets,
             mid_attention,
             up,
+            gradient_checkpointing: false,
         })
+    }
+
+    /// Turns gradient checkpointing (`--gradient_checkpointing`) on or off: with it, every
+    /// resnet and transformer block keeps only its input for the backward pass and runs again
+    /// there, as sd-scripts checkpoints them (less memory, one more forward pass of compute).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
     }
 
     /// Predicts noise (or v) for latents `[B, 4, H, W]`, per-sample timesteps `[B]` (any numeric
@@ -781,13 +819,14 @@ impl Unet {
                 ))
             }
         }
+        let checkpoint = self.gradient_checkpointing;
         let mut x = self.conv_in.forward(latents)?;
         let mut skips = vec![x.clone()];
         for level in &self.down {
             for (j, resnet) in level.resnets.iter().enumerate() {
-                x = resnet.forward(&x, &temb)?;
+                x = resnet.apply(&x, &temb, checkpoint)?;
                 if let Some(attn) = level.attentions.get(j) {
-                    x = attn.forward(&x, context)?;
+                    x = attn.forward(&x, context, checkpoint)?;
                 }
                 skips.push(x.clone());
             }
@@ -796,17 +835,17 @@ impl Unet {
                 skips.push(x.clone());
             }
         }
-        x = self.mid_resnets[0].forward(&x, &temb)?;
-        x = self.mid_attention.forward(&x, context)?;
-        x = self.mid_resnets[1].forward(&x, &temb)?;
+        x = self.mid_resnets[0].apply(&x, &temb, checkpoint)?;
+        x = self.mid_attention.forward(&x, context, checkpoint)?;
+        x = self.mid_resnets[1].apply(&x, &temb, checkpoint)?;
         for level in &self.up {
             for (j, resnet) in level.resnets.iter().enumerate() {
                 let skip = skips
                     .pop()
                     .ok_or_else(|| candle_core::Error::Msg("UNet skip stack underflow".into()))?;
-                x = resnet.forward(&Tensor::cat(&[&x, &skip], 1)?, &temb)?;
+                x = resnet.apply(&Tensor::cat(&[&x, &skip], 1)?, &temb, checkpoint)?;
                 if let Some(attn) = level.attentions.get(j) {
-                    x = attn.forward(&x, context)?;
+                    x = attn.forward(&x, context, checkpoint)?;
                 }
             }
             if let Some(conv) = &level.resample {

@@ -269,3 +269,14 @@ fn every_sdxl_c3lier_tensor_gets_a_gradient() {
         }
     }
 }
+
+#[test]
+fn sdxl_gradient_checkpointing_keeps_outputs_and_gradients() {
+    let vector = unet::sdxl_vector(&npz("pool2"), &sizes("a")).unwrap();
+    crate::support::assert_checkpointing_changes_nothing(
+        sdxl_unet(),
+        &npz("latents"),
+        &npz("context_77"),
+        Some(&vector),
+    );
+}

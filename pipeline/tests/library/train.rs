@@ -1287,3 +1287,14 @@ fn every_optimizer_trains_and_resumes_exactly() {
         }
     }
 }
+
+#[test]
+fn gradient_checkpointing_keeps_outputs_and_gradients() {
+    let batch = golden_batch();
+    crate::support::assert_checkpointing_changes_nothing(
+        base_unet(),
+        &batch.latents,
+        &batch.context,
+        None,
+    );
+}

@@ -380,6 +380,11 @@ pub struct TrainArgs {
     /// The same as --fp8_base here (text encoders are not loaded: their outputs are cached).
     #[arg(long)]
     pub fp8_base_unet: bool,
+    /// Keep only each UNet resnet's and transformer block's input for the backward pass and
+    /// run the block again there, as sd-scripts checkpoints them: much less activation memory
+    /// (the larger the images, the more), for about one more forward pass of time per step.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Compute device: cpu, or cuda (needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -478,9 +483,6 @@ pub struct CompatArgs {
     /// Attention always runs on lorakit's own kernel.
     #[arg(long)]
     pub mem_eff_attn: bool,
-    /// Activations are kept; the attention backward already recomputes its scores.
-    #[arg(long)]
-    pub gradient_checkpointing: bool,
     /// The cached data are loaded into memory once.
     #[arg(long)]
     pub persistent_data_loader_workers: bool,

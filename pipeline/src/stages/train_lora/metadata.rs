@@ -260,7 +260,11 @@ pub fn base_metadata(
         plan.batches_per_epoch.to_string(),
     );
     put(&mut m, "ss_num_epochs", plan.num_epochs.to_string());
-    put(&mut m, "ss_gradient_checkpointing", "False".into());
+    put(
+        &mut m,
+        "ss_gradient_checkpointing",
+        py_bool(args.gradient_checkpointing),
+    );
     put(&mut m, "ss_gradient_accumulation_steps", accum.to_string());
     put(&mut m, "ss_max_train_steps", plan.total_steps.to_string());
     put(&mut m, "ss_lr_warmup_steps", args.lr_warmup_steps.clone());

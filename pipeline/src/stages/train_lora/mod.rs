@@ -33,6 +33,7 @@ use crate::infra::report::{Progress, Summary, Throughput};
 use crate::infra::{fsio, interrupt, memory};
 use crate::models::adapter::{Adaptable, Joined};
 use crate::models::precision::{MixedPrecision, ModelPrecision};
+use crate::models::recompute;
 use crate::models::unet::{self, Unet};
 use crate::models::{Checkpoint, Component, ModelFamily};
 use crate::networks::lora::{BlockLayout, LoraNetwork};
@@ -593,7 +594,7 @@ fn load_unet(
 ) -> Result<Unet> {
     let mapping = unet::ldm_mapping(checkpoint.family());
     let vb = checkpoint.var_builder(Component::Unet, precision.compute, device, &mapping)?;
-    let unet = Unet::load(&vb, precision.weights).map_err(|e| {
+    let mut unet = Unet::load(&vb, precision.weights).map_err(|e| {
         Error::bad_file(
             &args.pretrained_model_name_or_path,
             format!("not an SD1.x/SD2.x/SDXL checkpoint with a UNet: {e}"),
@@ -616,6 +617,7 @@ fn load_unet(
             "{model} is an {found} UNet; {fix} --v2"
         )));
     }
+    unet.set_gradient_checkpointing(args.gradient_checkpointing);
     Ok(unet)
 }
 
@@ -819,7 +821,7 @@ impl Training<'_> {
                 sources.join(", ")
             )));
         }
-        let grads = (loss / accum as f64)?.backward()?;
+        let grads = recompute::backward(&(loss / accum as f64)?)?;
         Ok((loss_value, optim::collect_grads(&grads, vars)))
     }
 

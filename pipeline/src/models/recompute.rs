@@ -1,0 +1,165 @@
+//! Gradient checkpointing (`--gradient_checkpointing`): a block's forward pass keeps only its
+//! inputs, and the backward pass runs the block again to rebuild the activations its gradients
+//! need, as `torch.utils.checkpoint` does for sd-scripts.
+//!
+//! [`checkpointed`] runs a block with detached inputs, keeps its output and drops everything in
+//! between, then records one graph node over the inputs whose backward recomputes the block with
+//! gradients. That inner backward yields the gradients of the block's inputs, which go back into
+//! the outer graph, and of the trainable variables inside the block (LoRA weights), which candle's
+//! graph cannot route out of a custom op: they are collected per thread and added to the outer
+//! gradients by [`backward`], which training must use instead of `Tensor::backward`.
+//!
+//! The recomputation repeats the forward pass exactly: the LoRA dropout masks are drawn from the
+//! micro-batch's stream and the module's index, which do not change between the two passes.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, TensorId, Var};
+
+thread_local! {
+    /// Gradients of trainable variables found by recomputations during the current backward pass.
+    static RECOMPUTED: RefCell<HashMap<TensorId, Tensor>> = RefCell::new(HashMap::new());
+}
+
+/// A block that can be run again in the backward pass: a function of its input activations and
+/// one conditioning tensor (the time embedding of a resnet, the text context of a transformer
+/// block). Cloning must be cheap (weights are shared).
+pub trait Recomputable: Clone + Send + Sync + 'static {
+    /// The block's forward pass.
+    fn run(&self, x: &Tensor, condition: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+/// `block.run(x, condition)` with gradient checkpointing: the same value, with the same
+/// gradients, but only the inputs and the output are kept until the backward pass. CPU only;
+/// elsewhere the block runs as usual.
+pub fn checkpointed<B: Recomputable>(
+    block: &B,
+    x: &Tensor,
+    condition: &Tensor,
+) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() {
+        return block.run(x, condition);
+    }
+    // Detaching the result drops the graph of the block, and with it every activation inside.
+    let output = block.run(&x.detach(), &condition.detach())?.detach();
+    // A variable among the node's inputs makes candle record the node even where neither input
+    // tracks gradients, so the variables inside the block are always reached.
+    let anchor = Var::zeros(1, DType::F32, x.device())?;
+    x.apply_op3(
+        condition,
+        anchor.as_tensor(),
+        Recompute {
+            block: block.clone(),
+            output: Mutex::new(Some(output)),
+        },
+    )
+}
+
+/// `loss.backward()`, with the gradients that checkpointed blocks found for their variables added
+/// in.
+pub fn backward(loss: &Tensor) -> candle_core::Result<GradStore> {
+    RECOMPUTED.with(|found| found.borrow_mut().clear());
+    let result = loss.backward();
+    // Taken before any error returns, so nothing is left for the next pass.
+    let found = RECOMPUTED.with(|found| std::mem::take(&mut *found.borrow_mut()));
+    let mut grads = result?;
+    for (id, grad) in found {
+        let total = match grads.get_id(id) {
+            Some(direct) => (direct + grad)?,
+            None => grad,
+        };
+        grads.insert_id(id, total);
+    }
+    Ok(grads)
+}
+
+/// The graph node of a checkpointed block.
+struct Recompute<B> {
+    block: B,
+    /// The block's output, computed before the node was made and handed over by `cpu_fwd`.
+    output: Mutex<Option<Tensor>>,
+}
+
+impl<B: Recomputable> CustomOp3 for Recompute<B> {
+    fn name(&self) -> &'static str {
+        "checkpointed-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let output = (self.output.lock())
+            .map_err(|_| candle_core::Error::Msg("checkpointed block: poisoned lock".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("checkpointed block ran twice".into()))?;
+        let shape = output.shape().clone();
+        let flat = output.flatten_all()?;
+        let storage = match output.dtype() {
+            DType::F32 => CpuStorage::F32(flat.to_vec1()?),
+            DType::F64 => CpuStorage::F64(flat.to_vec1()?),
+            DType::BF16 => CpuStorage::BF16(flat.to_vec1()?),
+            DType::F16 => CpuStorage::F16(flat.to_vec1()?),
+            other => {
+                return Err(candle_core::Error::Msg(format!(
+                    "checkpointed block: unsupported activation dtype {other:?}"
+                )))
+            }
+        };
+        Ok((storage, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        condition: &Tensor,
+        _anchor: &Tensor,
+        _output: &Tensor,
+        grad_output: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Inputs that carry gradients become variables of the recomputed graph.
+        let input = |t: &Tensor| -> candle_core::Result<(Tensor, Option<Var>)> {
+            if t.track_op() {
+                let var = Var::from_tensor(&t.detach())?;
+                Ok((var.as_tensor().clone(), Some(var)))
+            } else {
+                Ok((t.detach(), None))
+            }
+        };
+        let (x_in, x_var) = input(x)?;
+        let (condition_in, condition_var) = input(condition)?;
+        let output = self.block.run(&x_in, &condition_in)?;
+        // d(sum(output * g))/d(output) = g: the outer gradient flows into the block unchanged.
+        let surrogate = (output * grad_output.detach())?.sum_all()?;
+        let variables: Vec<Tensor> = (surrogate.sorted_nodes().into_iter())
+            .filter(|node| node.is_variable())
+            .cloned()
+            .collect();
+        let mut grads = surrogate.backward()?;
+        let mut input_grad =
+            |var: Option<Var>| var.and_then(|v| grads.remove(v.as_tensor()));
+        let (x_grad, condition_grad) = (input_grad(x_var), input_grad(condition_var));
+        RECOMPUTED.with(|found| -> candle_core::Result<()> {
+            let mut found = found.borrow_mut();
+            for variable in &variables {
+                if let Some(grad) = grads.remove(variable) {
+                    let total = match found.remove(&variable.id()) {
+                        Some(earlier) => (earlier + grad)?,
+                        None => grad,
+                    };
+                    found.insert(variable.id(), total);
+                }
+            }
+            Ok(())
+        })?;
+        Ok((x_grad, condition_grad, None))
+    }
+}
