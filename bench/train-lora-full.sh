@@ -91,7 +91,7 @@ run() {
     --output_dir "$WORK/out" --output_name full --network_dim "$DIM" --network_alpha "$DIM" \
     ${NETWORK_ARGS:+--network_args $NETWORK_ARGS} \
     --optimizer_type AdamW --learning_rate 1e-4 --max_train_steps "$steps" --train_batch_size 1 \
-    --seed 1 --mixed_precision "${MIXED_PRECISION:-no}" --save_precision float -q \
+    --seed 1 --mixed_precision "${MIXED_PRECISION:-no}" --save_precision float -q --network_train_unet_only \
     ${GRADIENT_CHECKPOINTING:+--gradient_checkpointing}
   if grep -q "terminated" "$WORK/time.txt"; then
     echo "train-lora was killed (out of memory?): $(cat "$WORK/time.txt")" >&2

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Benchmark of train-lora on a full-size SDXL UNet: sd-scripts' SdxlUNet2DConditionModel (SDXL
+# base's real layout, 2.57 B parameters) with random weights stored as bf16 in a single-file
+# checkpoint (bench/torch_sdxl_lora_full.py make), at RES px (default 1024: 128x128 latents),
+# batch 1, LoRA rank DIM (default 16, alpha = rank) on the default modules, AdamW, in the
+# precision MIXED_PRECISION (default bf16; no: fp32 weights), with --gradient_checkpointing unless
+# GRADIENT_CHECKPOINTING=0, and EXTRA_ARGS (e.g. --fp8_base).
+# Runs 1 and 1 + STEPS training steps; the difference gives seconds per step without start-up.
+# Prints: run, steps, wall s, CPU s (user+sys), peak RSS.
+#
+#   SD_SCRIPTS=... SD_PYTHON=... bench/train-lora-sdxl-full.sh [STEPS] [WORKDIR]
+#       (PROFILE=release|debug, NO_BUILD=1, RES=512, DIM=8, TORCH=1: then the same steps in
+#        PyTorch, sd-scripts' SDXL UNet and networks.lora on the same weights)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STEPS=${1:-1}
+WORK=${2:-$(mktemp -d)}
+PROFILE=${PROFILE:-release}
+[ -n "${NO_BUILD:-}" ] || cargo build -p train-lora $([ "$PROFILE" = release ] && echo --release) -q
+BIN=${CARGO_TARGET_DIR:-target}/$PROFILE/train-lora
+RES=${RES:-1024}
+DIM=${DIM:-16}
+MIXED_PRECISION=${MIXED_PRECISION:-bf16}
+GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-1}
+DATA="$WORK/data-sdxl-$RES"
+UNET="$WORK/unet-sdxl.safetensors"
+mkdir -p "$DATA"
+
+if [ ! -f "$UNET" ]; then
+  "${SD_PYTHON:?set SD_PYTHON to the python that runs sd-scripts}" bench/torch_sdxl_lora_full.py \
+    make "${SD_SCRIPTS:?set SD_SCRIPTS to an sd-scripts checkout}" "$UNET"
+fi
+if [ ! -f "$DATA/meta_lat.json" ]; then
+  "$SD_PYTHON" - "$DATA" "$RES" <<'PY'
+import json, sys
+import numpy as np
+data, res = sys.argv[1], int(sys.argv[2])
+side = res // 8
+rng = np.random.default_rng(1)
+meta = {}
+for i in range(2):
+    np.savez(f"{data}/img{i}_{res:04d}x{res:04d}_sdxl.npz",
+             latents=rng.standard_normal((4, side, side), dtype=np.float32),
+             original_size=np.array([res, res]), crop_ltrb=np.array([0, 0, res, res]))
+    np.savez(f"{data}/img{i}_te_outputs.npz",
+             hidden_state1=rng.standard_normal((77, 768), dtype=np.float32),
+             hidden_state2=rng.standard_normal((77, 1280), dtype=np.float32),
+             pool2=rng.standard_normal((1280,), dtype=np.float32))
+    meta[f"img{i}.png"] = {"caption": "a photo", "train_resolution": [res, res]}
+json.dump(meta, open(f"{data}/meta_lat.json", "w"))
+PY
+fi
+
+run() {
+  local steps=$1
+  rm -rf "$WORK/out"
+  /usr/bin/time -f "%e %U %S %M" -o "$WORK/time.txt" "$BIN" \
+    --pretrained_model_name_or_path "$UNET" \
+    --in_json "$DATA/meta_lat.json" --train_data_dir "$DATA" --resolution "$RES" \
+    --output_dir "$WORK/out" --output_name sdxl --network_dim "$DIM" --network_alpha "$DIM" \
+    --network_train_unet_only --optimizer_type AdamW --learning_rate 1e-4 \
+    --max_train_steps "$steps" --train_batch_size 1 --seed 1 \
+    --mixed_precision "$MIXED_PRECISION" --save_precision float -q \
+    $([ "$GRADIENT_CHECKPOINTING" = 0 ] || echo --gradient_checkpointing) ${EXTRA_ARGS:-}
+  if grep -q "terminated" "$WORK/time.txt"; then
+    echo "train-lora was killed (out of memory?): $(cat "$WORK/time.txt")" >&2
+    exit 1
+  fi
+  read -r secs user sys rss < "$WORK/time.txt"
+  printf "%-6s %3d steps %9.2f s wall %9.2f CPU s %8.0f MiB peak RSS\n" "$2" "$steps" "$secs" \
+    "$(echo "$user + $sys" | bc)" "$((rss / 1024))" >&2
+  echo "$secs"
+}
+
+echo "train-lora sdxl ${RES}px rank $DIM $MIXED_PRECISION checkpointing=$GRADIENT_CHECKPOINTING ${EXTRA_ARGS:-}" >&2
+first=$(run 1 start-up)
+last=$(run $((STEPS + 1)) train)
+echo "seconds per step: $(echo "($last - $first) / $STEPS" | bc -l | cut -c1-6)"
+if [ -n "${TORCH:-}" ]; then
+  MIXED_PRECISION=$MIXED_PRECISION \
+  GRADIENT_CHECKPOINTING=$([ "$GRADIENT_CHECKPOINTING" = 0 ] || echo 1) \
+    "$SD_PYTHON" bench/torch_sdxl_lora_full.py train "$SD_SCRIPTS" "$UNET" "$STEPS" "$RES" "$DIM"
+fi
