@@ -270,3 +270,52 @@ fn text_encoder_training_resumes_bit_for_bit() {
         assert_eq!(x, y, "{name} differs after resuming");
     }
 }
+
+#[test]
+fn text_encoder_only_saves_trained_text_encoder_modules_only() {
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let base = [
+        "--pretrained_model_name_or_path".into(),
+        model().into_os_string(),
+        "--in_json".into(),
+        data.path().join("meta_lat.json").into_os_string(),
+        "--train_data_dir".into(),
+        data.path().as_os_str().to_os_string(),
+        "--output_dir".into(),
+        out.path().as_os_str().to_os_string(),
+        "--network_train_text_encoder_only".into(),
+        "--learning_rate".into(),
+        "1e-3".into(),
+        "--max_train_steps".into(),
+        "2".into(),
+        "--seed".into(),
+        "5".into(),
+        "--gradient_checkpointing".into(),
+    ];
+    let with = |extra: &[&str]| -> Vec<std::ffi::OsString> {
+        base.iter().cloned().chain(extra.iter().map(|s| s.into())).collect()
+    };
+    let refused = with(&["--network_train_unet_only"]);
+    let refused: Vec<&std::ffi::OsStr> = refused.iter().map(|s| s.as_os_str()).collect();
+    let stderr = run_expect("train-lora", &refused, 2);
+    assert!(stderr.contains("give one or the other"), "{stderr}");
+    let run = with(&[]);
+    let run: Vec<&std::ffi::OsStr> = run.iter().map(|s| s.as_os_str()).collect();
+    run_expect("train-lora", &run, 0);
+    let path = out.path().join("last.safetensors");
+    let file = LoraFile::read(&path).unwrap();
+    assert_eq!(file.module_names().count(), 72);
+    assert!(file.module_names().all(|n| n.starts_with("lora_te_")));
+    assert_eq!(file.metadata["ss_gradient_checkpointing"], "True");
+    let change = (text_states(Some(&path)) - text_states(None))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(change > 1e-6, "the text-encoder modules moved ({change})");
+}

@@ -181,14 +181,6 @@ pub const KOHYA_OPTIONS: &[KohyaOption] = &[
         Refuse("custom Python scheduler classes cannot run here: use --lr_scheduler NAME"),
     ),
     option(
-        "network_train_text_encoder_only",
-        Flag,
-        Refuse(
-            "training the text encoder without the UNet is not supported yet: train both \
-                (the default) or the UNet only (--network_train_unet_only)",
-        ),
-    ),
-    option(
         "skip_until_initial_step",
         Flag,
         Refuse("to continue a run use --save_state and --resume, which restore its exact position"),

@@ -120,6 +120,10 @@ pub struct TrainArgs {
     /// the text encoder is trained too, from the captions (as sd-scripts).
     #[arg(long)]
     pub network_train_unet_only: bool,
+    /// Train the text-encoder LoRA only: no UNet modules are made (the saved file has
+    /// `lora_te*` modules only), the frozen UNet still computes the loss (as sd-scripts).
+    #[arg(long)]
+    pub network_train_text_encoder_only: bool,
     /// Output folder (created if missing).
     #[arg(long)]
     pub output_dir: PathBuf,

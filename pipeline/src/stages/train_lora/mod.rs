@@ -328,6 +328,14 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
     };
     let network_options = NetworkOptions::from_args(args, block_layout)?;
     let live = args.trains_text_encoder();
+    if args.network_train_text_encoder_only && !live {
+        return Err(Error::Usage(
+            "--network_train_text_encoder_only trains the text encoder, but \
+             --network_train_unet_only / --cache_text_encoder_outputs leave it untrained: give \
+             one or the other"
+                .into(),
+        ));
+    }
     if live {
         tracing::info!(
             "training the text encoder and the UNet (sd-scripts' default): the text encoder is \
@@ -474,7 +482,9 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
             Some(text) => text.models(),
             None => Vec::new(),
         };
-        models.push(&mut unet);
+        if !args.network_train_text_encoder_only {
+            models.push(&mut unet);
+        }
         let mut models = Joined(models);
         merge_base_weights(args, &mut models, live)?;
         let mut network = match &args.network_weights {
