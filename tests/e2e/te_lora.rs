@@ -295,7 +295,10 @@ fn text_encoder_only_saves_trained_text_encoder_modules_only() {
         "--gradient_checkpointing".into(),
     ];
     let with = |extra: &[&str]| -> Vec<std::ffi::OsString> {
-        base.iter().cloned().chain(extra.iter().map(|s| s.into())).collect()
+        base.iter()
+            .cloned()
+            .chain(extra.iter().map(|s| s.into()))
+            .collect()
     };
     let refused = with(&["--network_train_unet_only"]);
     let refused: Vec<&std::ffi::OsStr> = refused.iter().map(|s| s.as_os_str()).collect();

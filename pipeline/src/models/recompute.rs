@@ -144,8 +144,7 @@ impl<B: Recomputable> CustomOp3 for Recompute<B> {
             .cloned()
             .collect();
         let mut grads = surrogate.backward()?;
-        let mut input_grad =
-            |var: Option<Var>| var.and_then(|v| grads.remove(v.as_tensor()));
+        let mut input_grad = |var: Option<Var>| var.and_then(|v| grads.remove(v.as_tensor()));
         let (x_grad, condition_grad) = (input_grad(x_var), input_grad(condition_var));
         RECOMPUTED.with(|found| -> candle_core::Result<()> {
             let mut found = found.borrow_mut();

@@ -553,7 +553,12 @@ impl SpatialTransformer {
     }
 
     /// The transformer; with `checkpoint`, each transformer block is checkpointed.
-    fn forward(&self, x: &Tensor, context: &Tensor, checkpoint: bool) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        checkpoint: bool,
+    ) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let normed = self.norm.group(NORM_GROUPS, x)?;
         let to_tokens = |map: Tensor| map.flatten_from(2)?.transpose(1, 2)?.contiguous();
@@ -625,9 +630,9 @@ pub struct Unet {
     up: Vec<Level>,
     norm_out: Norm,
     conv_out: AdaptableLayer,
-    /// Resnets and transformer blocks recompute their activations in the backward pass
-    /// ([`crate::models::recompute`]).
-    gradient_checkpointing: bool,
+    /// Resnets and transformer blocks at this many of the highest-resolution levels recompute
+    /// their activations in the backward pass ([`crate::models::recompute`]); 0: none.
+    checkpointed_levels: usize,
 }
 
 impl Unet {
@@ -775,15 +780,18 @@ impl Unet {
             mid_resnets,
             mid_attention,
             up,
-            gradient_checkpointing: false,
+            checkpointed_levels: 0,
         })
     }
 
-    /// Turns gradient checkpointing (`--gradient_checkpointing`) on or off: with it, every
-    /// resnet and transformer block keeps only its input for the backward pass and runs again
-    /// there, as sd-scripts checkpoints them (less memory, one more forward pass of compute).
-    pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.gradient_checkpointing = on;
+    /// Gradient checkpointing (`--gradient_checkpointing`): the resnets and transformer blocks
+    /// of the `levels` highest-resolution levels (down, middle and up blocks at those
+    /// resolutions) keep only their inputs for the backward pass and run again there. 0 turns it
+    /// off; `usize::MAX` checkpoints every block, as sd-scripts does. Every level costs about
+    /// the same compute, but each deeper level holds half the activations of the one above it,
+    /// so the first levels give most of the saving.
+    pub fn set_gradient_checkpointing(&mut self, levels: usize) {
+        self.checkpointed_levels = levels;
     }
 
     /// Predicts noise (or v) for latents `[B, 4, H, W]`, per-sample timesteps `[B]` (any numeric
@@ -819,10 +827,12 @@ impl Unet {
                 ))
             }
         }
-        let checkpoint = self.gradient_checkpointing;
+        let levels = self.down.len();
+        let checkpoint_at = |level: usize| level < self.checkpointed_levels;
         let mut x = self.conv_in.forward(latents)?;
         let mut skips = vec![x.clone()];
-        for level in &self.down {
+        for (i, level) in self.down.iter().enumerate() {
+            let checkpoint = checkpoint_at(i);
             for (j, resnet) in level.resnets.iter().enumerate() {
                 x = resnet.apply(&x, &temb, checkpoint)?;
                 if let Some(attn) = level.attentions.get(j) {
@@ -835,10 +845,12 @@ impl Unet {
                 skips.push(x.clone());
             }
         }
+        let checkpoint = checkpoint_at(levels - 1);
         x = self.mid_resnets[0].apply(&x, &temb, checkpoint)?;
         x = self.mid_attention.forward(&x, context, checkpoint)?;
         x = self.mid_resnets[1].apply(&x, &temb, checkpoint)?;
-        for level in &self.up {
+        for (i, level) in self.up.iter().enumerate() {
+            let checkpoint = checkpoint_at(levels - 1 - i);
             for (j, resnet) in level.resnets.iter().enumerate() {
                 let skip = skips
                     .pop()

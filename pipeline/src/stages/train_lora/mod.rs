@@ -627,7 +627,12 @@ fn load_unet(
             "{model} is an {found} UNet; {fix} --v2"
         )));
     }
-    unet.set_gradient_checkpointing(args.gradient_checkpointing);
+    unet.set_gradient_checkpointing(match args.gradient_checkpointing {
+        false => 0,
+        true => args
+            .gradient_checkpointing_levels
+            .map_or(usize::MAX, |levels| levels as usize),
+    });
     Ok(unet)
 }
 
