@@ -9,7 +9,8 @@
 #
 #   bench/train-lora-full.sh [STEPS] [WORKDIR]     (PROFILE=release|debug, NO_BUILD=1,
 #                                                   NETWORK_ARGS="conv_dim=8 conv_alpha=8": C3Lier,
-#                                                   RES=512, DIM=16, GRADIENT_CHECKPOINTING=1)
+#                                                   RES=512, DIM=16, GRADIENT_CHECKPOINTING=1,
+#                                                   EXTRA_ARGS="--gradient_checkpointing_levels 1")
 # With SD_SCRIPTS and SD_PYTHON set, the same steps then run in PyTorch: sd-scripts' own UNet and
 # networks.lora on the same weights (bench/torch_lora_full.py).
 set -euo pipefail
@@ -92,7 +93,7 @@ run() {
     ${NETWORK_ARGS:+--network_args $NETWORK_ARGS} \
     --optimizer_type AdamW --learning_rate 1e-4 --max_train_steps "$steps" --train_batch_size 1 \
     --seed 1 --mixed_precision "${MIXED_PRECISION:-no}" --save_precision float -q --network_train_unet_only \
-    ${GRADIENT_CHECKPOINTING:+--gradient_checkpointing}
+    ${GRADIENT_CHECKPOINTING:+--gradient_checkpointing} ${EXTRA_ARGS:-}
   if grep -q "terminated" "$WORK/time.txt"; then
     echo "train-lora was killed (out of memory?): $(cat "$WORK/time.txt")" >&2
     exit 1
