@@ -18,6 +18,7 @@ mod make_flow;
 mod metadata;
 mod prepare_dataset;
 mod sdxl;
+mod samples;
 mod sharding;
 mod tag_images;
 mod te_lora;

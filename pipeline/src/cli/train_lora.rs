@@ -130,10 +130,6 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
                     option.name
                 ),
             }),
-            Handling::Warn(what) => notices.push(Notice {
-                warning: true,
-                text: format!("--{}: {what}", option.name),
-            }),
             Handling::Refuse(why) => refused.push(format!("--{}: {why}", option.name)),
         }
     }
