@@ -58,7 +58,7 @@ fn sample_points_write_sd_scripts_names_and_a_contact_sheet() {
     let prompts = data.path().join("prompts.txt");
     std::fs::write(
         &prompts,
-        "# sample prompts\na cat --w 64 --h 64 --s 2 --d 7\na dog --n blurry --w 64 --h 48 --s 2\n",
+        "# sample prompts\na cat --w 64 --h 64 --s 2 --d 7\na dog --n blurry --w 80 --h 64 --s 2\n",
     )
     .unwrap();
     // The text encoder is trained (the default), so the samples use its modules too.
@@ -105,7 +105,7 @@ fn sample_points_write_sd_scripts_names_and_a_contact_sheet() {
         let image = image::open(out.path().join("sample").join(name))
             .unwrap()
             .to_rgb8();
-        let expected = if index == "00" { (64, 64) } else { (64, 48) };
+        let expected = if index == "00" { (64, 64) } else { (80, 64) };
         assert_eq!(image.dimensions(), expected, "{name}");
     }
     let sheet = image::open(out.path().join("sample").join(CONTACT_SHEET))
