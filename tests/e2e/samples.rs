@@ -146,7 +146,10 @@ fn a_failing_sample_run_does_not_stop_training() {
             "{stderr}"
         );
     }
-    assert!(stderr.contains("pndm"), "the child's reason is shown: {stderr}");
+    assert!(
+        stderr.contains("pndm"),
+        "the child's reason is shown: {stderr}"
+    );
     assert!(out.path().join("run.safetensors").is_file());
     assert!(sample_files(out.path()).is_empty());
 }

@@ -680,7 +680,13 @@ fn text_encoder_lora_merged_at_a_multiplier_reproduces_sd_scripts() {
         .map(f64::from)
         .collect();
     let diff = max_abs_diff(&half, &expected);
-    assert!(diff <= 1e-5, "merged at 0.5 against attached at 0.5: max abs {diff}");
+    assert!(
+        diff <= 1e-5,
+        "merged at 0.5 against attached at 0.5: max abs {diff}"
+    );
     let plain = encode_sd(&encoder(None), &ids, 2).unwrap();
-    assert!(max_abs_diff(&plain, &expected) > 1e-2, "the LoRA changes the states");
+    assert!(
+        max_abs_diff(&plain, &expected) > 1e-2,
+        "the LoRA changes the states"
+    );
 }

@@ -50,7 +50,10 @@ impl SamplePoint {
 
 /// The point and prompt index of a sample image named as sd-scripts names them,
 /// `[<output_name>_]<point>_<prompt:02>_<YYYYmmddHHMMSS>[_<seed>].png`; `None` for other files.
-pub fn parse_sample_name(file_name: &str, output_name: Option<&str>) -> Option<(SamplePoint, usize)> {
+pub fn parse_sample_name(
+    file_name: &str,
+    output_name: Option<&str>,
+) -> Option<(SamplePoint, usize)> {
     let mut rest = file_name.strip_suffix(".png")?;
     if let Some(name) = output_name {
         rest = rest.strip_prefix(name)?.strip_prefix('_')?;
@@ -98,7 +101,10 @@ pub fn write(dir: &Path, output_name: Option<&str>) -> Result<()> {
         let image = image::load_from_memory(&bytes)
             .map_err(|e| Error::bad_file(&path, format!("not a PNG: {e}")))?
             .to_rgb8();
-        if let Some((_, text)) = read_png_texts(&bytes).into_iter().find(|(k, _)| k == "prompt") {
+        if let Some((_, text)) = read_png_texts(&bytes)
+            .into_iter()
+            .find(|(k, _)| k == "prompt")
+        {
             prompts.insert(*prompt, text);
         }
         cells.insert((*prompt, *point), image);
@@ -184,8 +190,7 @@ fn fit(image: &RgbImage) -> RgbImage {
 fn label(sheet: &mut RgbImage, texts: &[(String, u32, u32, u32)]) -> Result<()> {
     let failed = |e: &dyn std::fmt::Display| Error::Model(format!("contact sheet text: {e}"));
     let (width, height) = sheet.dimensions();
-    let root =
-        BitMapBackend::with_buffer(sheet.as_mut(), (width, height)).into_drawing_area();
+    let root = BitMapBackend::with_buffer(sheet.as_mut(), (width, height)).into_drawing_area();
     let font = ("sans-serif", 16).into_font().color(&BLACK);
     for (text, x, y, max_width) in texts {
         // About 8 pixels a character at this size.
@@ -218,7 +223,10 @@ mod tests {
             Some((SamplePoint::Step(40), 12))
         );
         assert_eq!(parse("contact_sheet.png", None), None);
-        assert_eq!(parse("other_000040_00_20261204151000.png", Some("mine")), None);
+        assert_eq!(
+            parse("other_000040_00_20261204151000.png", Some("mine")),
+            None
+        );
         assert_eq!(parse("000040_00_2026.png", None), None);
         assert!(SamplePoint::Epoch(0) < SamplePoint::Step(2));
     }
@@ -226,7 +234,8 @@ mod tests {
     #[test]
     fn the_sheet_is_a_grid_of_prompts_by_points() {
         let dir = tempfile::tempdir().unwrap();
-        let image = |shade: u8, w: u32, h: u32| RgbImage::from_pixel(w, h, image::Rgb([shade, 0, 0]));
+        let image =
+            |shade: u8, w: u32, h: u32| RgbImage::from_pixel(w, h, image::Rgb([shade, 0, 0]));
         let write = |name: &str, picture: RgbImage| {
             let texts = [("prompt".to_string(), format!("prompt of {name}"))];
             std::fs::write(dir.path().join(name), encode_png(&picture, &texts).unwrap()).unwrap();
@@ -238,7 +247,9 @@ mod tests {
         write("run_000002_01_20250101000001_5.png", image(99, 32, 64));
         write("unrelated.png", image(40, 8, 8));
         super::write(dir.path(), Some("run")).unwrap();
-        let sheet = image::open(dir.path().join(CONTACT_SHEET)).unwrap().to_rgb8();
+        let sheet = image::open(dir.path().join(CONTACT_SHEET))
+            .unwrap()
+            .to_rgb8();
         assert_eq!(sheet.dimensions(), sheet_size(2, 2));
         let centre = |row: u32, column: u32| {
             let x = GAP + column * (CELL + GAP) + CELL / 2;
@@ -247,7 +258,11 @@ mod tests {
         };
         assert_eq!(centre(0, 0), [10, 0, 0]);
         assert_eq!(centre(0, 1), [20, 0, 0]);
-        assert_eq!(centre(1, 0), EMPTY_CELL.0, "prompt 1 has no image before training");
+        assert_eq!(
+            centre(1, 0),
+            EMPTY_CELL.0,
+            "prompt 1 has no image before training"
+        );
         assert_eq!(centre(1, 1), [30, 0, 0]);
     }
 }

@@ -179,10 +179,8 @@ impl SampleImages {
         if let Err(e) = result {
             tracing::warn!("sample images at step {steps} failed, training goes on: {e}");
         }
-        let sheet = super::contact_sheet::write(
-            &sample_dir(&self.output_dir),
-            self.output_name.as_deref(),
-        );
+        let sheet =
+            super::contact_sheet::write(&sample_dir(&self.output_dir), self.output_name.as_deref());
         if let Err(e) = sheet {
             tracing::warn!("the contact sheet of the sample images was not written: {e}");
         }
