@@ -279,7 +279,11 @@ fn run_line(args: &[String], add_in_json: bool) -> Result<String, String> {
     )
     .unwrap();
     std::fs::write(scratch.path().join("config.toml"), "").unwrap();
-    std::fs::write(scratch.path().join("prompts.txt"), "a cat\n").unwrap();
+    std::fs::write(
+        scratch.path().join("prompts.txt"),
+        "a cat --w 64 --h 64 --s 2\n",
+    )
+    .unwrap();
     let inputs = Inputs {
         data: data.path().to_path_buf(),
         out: out.path().to_path_buf(),

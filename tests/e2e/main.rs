@@ -17,6 +17,7 @@ mod lora_tools;
 mod make_flow;
 mod metadata;
 mod prepare_dataset;
+mod samples;
 mod sdxl;
 mod sharding;
 mod tag_images;

@@ -99,10 +99,11 @@ pub struct GenerateImagesArgs {
     /// Name files im_000001.png, im_000002.png, ... instead of im_<time>_<index>_<seed>.png.
     #[arg(long)]
     pub sequential_file_name: bool,
-    /// Configure samplers as sd-scripts' sample images during training (steps_offset 0,
-    /// clip_sample on for ddim) instead of as gen_img.py.
-    #[arg(long, hide = true)]
-    pub training_samplers: bool,
+    /// train-lora's sample images during training: samplers as sd-scripts configures them
+    /// there (steps_offset 0, clip_sample on for ddim) instead of as gen_img.py, and files named
+    /// `<PREFIX>_<prompt index:02>_<time>[_<seed>].png` as sd-scripts names them.
+    #[arg(long, hide = true, value_name = "PREFIX")]
+    pub training_samples: Option<String>,
 }
 
 impl GenerateImagesArgs {
@@ -163,7 +164,7 @@ impl GenerateImagesArgs {
             batch_size: self.batch_size,
             original_size: (self.original_width, self.original_height),
             sequential_file_name: self.sequential_file_name,
-            training_samplers: self.training_samplers,
+            training_samples: self.training_samples,
             quiet,
         })
     }

@@ -1,7 +1,6 @@
 //! The `train_network.py` / `sdxl_train_network.py` options that train-lora has no flag of its
-//! own for: each is accepted because it only changes how PyTorch runs (listed in `--help`),
-//! accepted with a warning because the run is still what the user asked for except for a side
-//! product, or refused with a message that names the alternative. None dies in the parser
+//! own for: each is accepted because it only changes how PyTorch runs (listed in `--help`), or
+//! refused with a message that names the alternative. None dies in the parser
 //! (docs/kohya-compat.md#command-lines).
 
 use clap::{Arg, ArgAction};
@@ -11,9 +10,6 @@ use clap::{Arg, ArgAction};
 pub enum Handling {
     /// Accepted; it only changes PyTorch speed, memory, distribution or Python logging.
     NoEffect(&'static str),
-    /// Accepted; the LoRA is trained as asked, but this side product is not made (the warning
-    /// says so at the start of the run).
-    Warn(&'static str),
     /// Refused before any work, with this message.
     Refuse(&'static str),
 }
@@ -57,8 +53,6 @@ pub(crate) const IMAGE_AUGMENTATION: &str =
     (--flip_aug is supported)";
 const NO_NETWORK: &str = "train-lora does not upload or download: it has no network access. \
     Upload the saved files yourself (e.g. `huggingface-cli upload`)";
-const SAMPLES: &str = "sample images during training are not made yet: the LoRA trains as \
-    without this option";
 const fn option(name: &'static str, values: Values, handling: Handling) -> KohyaOption {
     KohyaOption {
         name,
@@ -67,7 +61,7 @@ const fn option(name: &'static str, values: Values, handling: Handling) -> Kohya
     }
 }
 
-use Handling::{NoEffect, Refuse, Warn};
+use Handling::{NoEffect, Refuse};
 use Values::{Flag, Many, One};
 
 /// Every option of sd-scripts' `train_network.py` and `sdxl_train_network.py` (at 48d368fa)
@@ -129,11 +123,6 @@ pub const KOHYA_OPTIONS: &[KohyaOption] = &[
         Flag,
         NoEffect("the run's settings are in the LoRA's ss_* metadata and the state folders"),
     ),
-    option("sample_prompts", One, Warn(SAMPLES)),
-    option("sample_every_n_steps", One, Warn(SAMPLES)),
-    option("sample_every_n_epochs", One, Warn(SAMPLES)),
-    option("sample_at_first", Flag, Warn(SAMPLES)),
-    option("sample_sampler", One, Warn(SAMPLES)),
     option("keep_tokens_separator", One, Refuse(CAPTION_AUGMENTATION)),
     option("secondary_separator", One, Refuse(CAPTION_AUGMENTATION)),
     option("enable_wildcard", Flag, Refuse(CAPTION_AUGMENTATION)),
@@ -201,7 +190,6 @@ pub const KOHYA_OPTIONS: &[KohyaOption] = &[
 pub fn clap_arg(option: &KohyaOption) -> Arg {
     let help = match option.handling {
         NoEffect(why) => format!("Accepted, no effect: {why}."),
-        Warn(what) => format!("Accepted with a warning: {what}."),
         Refuse(why) => format!("Refused: {why}."),
     };
     let arg = Arg::new(option.name)

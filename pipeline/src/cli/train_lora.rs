@@ -29,7 +29,7 @@ pub struct Parsed<P> {
     pub args: P,
     /// The explicitly given settings (with `--config_file` and `--resume`: theirs included).
     pub settings: Settings,
-    /// Kohya options accepted without an effect or with a warning, for the run's log.
+    /// Kohya options accepted without an effect, for the run's log.
     pub notices: Vec<Notice>,
     /// Without `--in_json`: the preparation of the command line's kohya dataset.
     pub preparation: Option<Preparation>,
@@ -129,10 +129,6 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
                     "--{} is accepted and has no effect here: {why}",
                     option.name
                 ),
-            }),
-            Handling::Warn(what) => notices.push(Notice {
-                warning: true,
-                text: format!("--{}: {what}", option.name),
             }),
             Handling::Refuse(why) => refused.push(format!("--{}: {why}", option.name)),
         }

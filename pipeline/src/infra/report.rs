@@ -239,6 +239,11 @@ impl Progress {
         self.bar.set_message(status);
     }
 
+    /// Runs `f` with the bar hidden (a child process writing to the same terminal).
+    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.bar.suspend(f)
+    }
+
     /// Removes the bar.
     pub fn finish(&self) {
         self.bar.finish_and_clear();

@@ -641,3 +641,52 @@ fn text_encoder_lora_gradients_match_torch_autograd() {
     }
     assert_eq!(compared, 24);
 }
+
+#[test]
+fn text_encoder_lora_merged_at_a_multiplier_reproduces_sd_scripts() {
+    // generate-images merges a LoRA's `lora_te_*` modules into the text encoder: merged at 1,
+    // the golden LoRA of te_lora.py gives sd-scripts' text states with the LoRA applied; merged
+    // at 0.5, the same states as the modules attached at multiplier 0.5 (the training path).
+    let file = "golden/lora/te_lora_grad.npz";
+    let lora = fixtures().join("golden/lora/te_lora_input.safetensors");
+    let (ids, _) = golden_in(file, "input_ids");
+    let ids: Vec<u32> = ids.into_iter().map(|v| v as u32).collect();
+    let ids = Tensor::from_vec(ids, (1, 2, 77), &Device::Cpu).unwrap();
+    let encoder = |merged: Option<f64>| {
+        let mut loaded = load_text_encoders(
+            &fixtures().join("sd15-tiny/model.safetensors"),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let mut model = loaded.encoders.remove(0);
+        model.set_lora_prefix("lora_te");
+        if let Some(multiplier) = merged {
+            let report = LoraNetwork::merge_file(&mut model, &lora, multiplier).unwrap();
+            assert_eq!((report.applied, report.applied_text_encoder), (72, 72));
+        }
+        model
+    };
+    let merged = encode_sd(&encoder(Some(1.0)), &ids, 2).unwrap();
+    let diff = max_abs_diff(&merged, &golden_in(file, "hidden").0);
+    assert!(diff <= 1e-4, "merged at 1: max abs {diff} from sd-scripts");
+
+    let mut attached = encoder(None);
+    LoraNetwork::load(&mut attached, &lora, 0.5, &Device::Cpu).unwrap();
+    let expected = encode_sd(&attached, &ids, 2).unwrap();
+    let half = encode_sd(&encoder(Some(0.5)), &ids, 2).unwrap();
+    let expected: Vec<f64> = (expected.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let diff = max_abs_diff(&half, &expected);
+    assert!(
+        diff <= 1e-5,
+        "merged at 0.5 against attached at 0.5: max abs {diff}"
+    );
+    let plain = encode_sd(&encoder(None), &ids, 2).unwrap();
+    assert!(
+        max_abs_diff(&plain, &expected) > 1e-2,
+        "the LoRA changes the states"
+    );
+}

@@ -367,8 +367,10 @@ impl LoraNetwork {
         Ok(report)
     }
 
-    /// Merges the UNet modules of the kohya LoRA file `path`, at `multiplier`, into the frozen
-    /// weights of `model` (`--base_weights`); the report counts what was merged and skipped.
+    /// Merges the modules of the kohya LoRA file `path` that `model` has a layer for (UNet, and
+    /// text-encoder ones when `model` includes the text encoders), at `multiplier`, into its
+    /// frozen weights (`--base_weights`, generate-images); the report counts what was merged
+    /// and skipped.
     pub fn merge_file(
         model: &mut dyn Adaptable,
         path: &Path,
@@ -446,8 +448,10 @@ impl LoraNetwork {
 }
 
 impl LoadReport {
-    /// Counts the modules of `file` not in `used`: unknown UNet names and text-encoder modules.
+    /// Counts the text-encoder modules among the `used` ones, and the modules of `file` not in
+    /// `used`: unknown UNet names and text-encoder modules.
     fn count_unused(&mut self, file: &LoraFile, used: &std::collections::HashSet<String>) {
+        self.applied_text_encoder = used.iter().filter(|n| !n.starts_with("lora_unet_")).count();
         for name in file.modules.keys().filter(|n| !used.contains(*n)) {
             if name.starts_with("lora_unet_") {
                 self.unknown.push(name.clone());
@@ -472,9 +476,11 @@ pub struct MaxNormReport {
 /// What [`LoraNetwork::load`] did with the modules of a file.
 #[derive(Debug, Clone, Default)]
 pub struct LoadReport {
-    /// UNet modules applied.
+    /// Modules applied (UNet and text encoder).
     pub applied: usize,
-    /// Text-encoder modules skipped (this tool trains and applies the UNet only).
+    /// Of those, text-encoder modules.
+    pub applied_text_encoder: usize,
+    /// Text-encoder modules skipped (no such layer in the model given, or no text encoder).
     pub ignored_text_encoder: usize,
     /// `lora_unet_*` modules with no matching layer.
     pub unknown: Vec<String>,

@@ -1,11 +1,12 @@
 //! The models of a generation run, loaded once: text encoder(s) with their tokenizers, the UNet
-//! (LoRAs merged at their multipliers), the VAE decoder; and the sampling loop with
-//! classifier-free guidance.
+//! (LoRAs merged into both at their multipliers, text-encoder modules too, as gen_img.py applies
+//! them), the VAE decoder; and the sampling loop with classifier-free guidance.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::models::adapter::{Adaptable, Joined};
 use crate::models::checkpoint::{Checkpoint, Component};
 use crate::models::clip::{apply_weights, encode_sd, encode_sdxl};
 use crate::models::samplers::{NoiseSource, Prediction, Sampler, SamplerConfig};
@@ -14,6 +15,7 @@ use crate::models::unet::{self, sdxl_vector, Unet, SIZE_VALUES};
 use crate::models::vae::VaeDecoder;
 use crate::models::ModelFamily;
 use crate::networks::lora::LoraNetwork;
+use crate::stages::train_lora::live_text::lora_prefixes;
 use crate::text::tokenize::{
     tokenizer_source, ClipTokenizer, MaxTokenLength, TokenChunks, TokenizerSource, CHUNK_BODY,
     CHUNK_LEN,
@@ -94,7 +96,7 @@ impl Engine {
         }
         let device = Device::Cpu;
         let checkpoint = Checkpoint::open(&options.ckpt)?;
-        let encoders = text_encoders_of(&checkpoint, options.dtype, &device)?;
+        let mut encoders = text_encoders_of(&checkpoint, options.dtype, &device)?;
         let family = encoders.family;
         let model = options.ckpt.display();
         if options.require_sdxl && family != ModelFamily::Sdxl {
@@ -137,27 +139,34 @@ impl Engine {
                 format!("not an SD1.x/SD2.x/SDXL checkpoint with a UNet: {e}"),
             )
         })?;
+        for (encoder, prefix) in encoders.encoders.iter_mut().zip(lora_prefixes(family)) {
+            encoder.set_lora_prefix(prefix);
+        }
         for (path, multiplier) in &options.networks {
-            let report = LoraNetwork::merge_file(&mut unet, path, *multiplier)?;
+            let mut models: Vec<&mut dyn Adaptable> = (encoders.encoders.iter_mut())
+                .map(|encoder| encoder as &mut dyn Adaptable)
+                .collect();
+            models.push(&mut unet);
+            let report = LoraNetwork::merge_file(&mut Joined(models), path, *multiplier)?;
             if report.applied == 0 {
                 return Err(Error::bad_file(
                     path,
-                    "no module of this LoRA matches the model's UNet (a LoRA of another model family?)",
+                    "no module of this LoRA matches the model (a LoRA of another model family?)",
                 ));
             }
             tracing::info!(
-                "{}: {} UNet modules merged at multiplier {multiplier}{}",
+                "{}: {} UNet and {} text-encoder modules merged at multiplier {multiplier}",
                 path.display(),
-                report.applied,
-                if report.ignored_text_encoder > 0 {
-                    format!(
-                        "; {} text-encoder modules ignored (lorakit applies UNet modules only)",
-                        report.ignored_text_encoder
-                    )
-                } else {
-                    String::new()
-                }
+                report.applied - report.applied_text_encoder,
+                report.applied_text_encoder,
             );
+            if report.ignored_text_encoder > 0 || !report.unknown.is_empty() {
+                tracing::warn!(
+                    "{}: {} modules match no layer of this model and are not used",
+                    path.display(),
+                    report.ignored_text_encoder + report.unknown.len()
+                );
+            }
         }
         let vae = match &options.vae {
             Some(path) => VaeDecoder::load(&Checkpoint::open(path)?, DType::F32, &device)?,

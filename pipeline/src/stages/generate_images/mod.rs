@@ -54,9 +54,12 @@ pub struct GenerateOptions {
     pub original_size: (Option<usize>, Option<usize>),
     /// `--sequential_file_name`: `im_000001.png`, ... instead of time stamp and seed.
     pub sequential_file_name: bool,
-    /// Configure the samplers as sd-scripts' sample images during training do
-    /// (`get_my_scheduler`) rather than as gen_img.py.
-    pub training_samplers: bool,
+    /// Sample images during training (train-lora's child run), with this file-name prefix:
+    /// samplers configured as sd-scripts' `get_my_scheduler` rather than as gen_img.py, and each
+    /// image named as sd-scripts' `sample_image_inference` names it,
+    /// `{prefix}_{prompt index:02}_{time}[_{seed}].png` (the seed only where the prompt gives
+    /// one; `--f` file names are not used).
+    pub training_samples: Option<String>,
     /// No progress display.
     pub quiet: bool,
 }
@@ -169,10 +172,21 @@ pub fn run(options: &GenerateOptions) -> Result<Summary> {
         steps_done += batch[0].steps;
         let timestamp = crate::stages::train_lora::tensorboard::local_timestamp();
         for (position, (job, image)) in batch.iter().zip(images).enumerate() {
-            let name = match &job.line.filename {
-                Some(name) => name.clone(),
-                None if options.sequential_file_name => format!("im_{:06}.png", job.index + 1),
-                None => format!("im_{timestamp}_{position:03}_{}.png", job.seed),
+            let name = match (&options.training_samples, &job.line.filename) {
+                (Some(prefix), _) => {
+                    let prompt_index = job.index / options.images_per_prompt;
+                    let seed_suffix = if job.line.seeds.is_empty() {
+                        String::new()
+                    } else {
+                        format!("_{}", job.seed)
+                    };
+                    format!("{prefix}_{prompt_index:02}_{timestamp}{seed_suffix}.png")
+                }
+                (None, Some(name)) => name.clone(),
+                (None, None) if options.sequential_file_name => {
+                    format!("im_{:06}.png", job.index + 1)
+                }
+                (None, None) => format!("im_{timestamp}_{position:03}_{}.png", job.seed),
             };
             let path = options.outdir.join(name);
             let texts = png_texts(options, job, engine.family(), &model_name);
@@ -325,7 +339,7 @@ fn generate_batch(
     let shape = [batch.len(), 4, first.height / 8, first.width / 8];
     let noise = draw_batch(&mut streams, &shape)?;
     let prediction = options.engine.prediction;
-    let config = if options.training_samplers {
+    let config = if options.training_samples.is_some() {
         SamplerConfig::training_samples(first.sampler, prediction)
     } else {
         SamplerConfig::gen_img(first.sampler, prediction)

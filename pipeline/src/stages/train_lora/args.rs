@@ -159,6 +159,26 @@ pub struct TrainArgs {
     /// Keep only the step state folders of the last N steps (default: as --save_last_n_steps).
     #[arg(long)]
     pub save_last_n_steps_state: Option<usize>,
+    /// Prompt file of sample images made during training (.txt prompt lines with ` --n --w --h
+    /// --d --l --s --ss` options, .toml `[[prompt.subset]]` tables or .json; as generate-images
+    /// --from_file reads them): at each sample point the current LoRA is saved and
+    /// generate-images renders it into `<output_dir>/sample/`, with a contact sheet.
+    #[arg(long)]
+    pub sample_prompts: Option<PathBuf>,
+    /// Sample images every N optimizer steps (ignored when --sample_every_n_epochs is given,
+    /// as in sd-scripts; 0 turns it off).
+    #[arg(long)]
+    pub sample_every_n_steps: Option<usize>,
+    /// Sample images at the end of every N epochs (0 turns it off).
+    #[arg(long)]
+    pub sample_every_n_epochs: Option<usize>,
+    /// Also sample images before the first step of a fresh run.
+    #[arg(long)]
+    pub sample_at_first: bool,
+    /// Sampler of the sample images (a prompt's `--ss` wins): ddim, lms (k_lms), euler
+    /// (k_euler), euler_a (k_euler_a), heun, dpmsolver, dpmsolver++.
+    #[arg(long, default_value = "ddim")]
+    pub sample_sampler: String,
     /// Save the final state folder (`<name>-state`) even without --save_state.
     #[arg(long)]
     pub save_state_on_train_end: bool,
@@ -520,8 +540,8 @@ pub struct CompatArgs {
     /// Used when train-lora prepares a dataset; with --in_json the captions are cached.
     #[arg(long)]
     pub caption_extension: Option<String>,
-    /// The VAE prepare-latents encodes with when train-lora prepares a dataset; training
-    /// never loads a VAE.
+    /// The VAE prepare-latents encodes with when train-lora prepares a dataset, and
+    /// generate-images decodes sample images with; training never loads a VAE.
     #[arg(long)]
     pub vae: Option<PathBuf>,
     /// The VAE is never loaded (latents are cached).
@@ -530,6 +550,7 @@ pub struct CompatArgs {
     /// The text-encoder layer used: counted from the end (sd-scripts' --clip_skip). Live
     /// captions are encoded with it when the text encoder is trained; otherwise
     /// cache-text-encoder --clip_skip set it (passed to it when train-lora prepares a dataset).
+    /// Sample images are encoded with it too.
     #[arg(long)]
     pub clip_skip: Option<usize>,
     /// Tokens per caption (75, 150 or 225): used for live captions when the text encoder is

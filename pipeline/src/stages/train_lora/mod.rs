@@ -3,6 +3,7 @@
 //! with sd-scripts naming and `ss_*` metadata, and exact resume from a saved state.
 
 pub mod args;
+pub mod contact_sheet;
 pub mod data;
 pub mod live_text;
 pub mod loss;
@@ -13,6 +14,7 @@ pub mod noise;
 pub mod optim;
 pub mod plot;
 pub mod preparation;
+pub mod samples;
 pub mod saving;
 pub mod schedule;
 pub mod settings;
@@ -162,6 +164,7 @@ struct Plan {
 /// Runs `train-lora`: the dataset's [`preparation`] (when the command line names a kohya
 /// dataset), [`prepare`] the run, [`Training::run`] the loop, [`finish`] the files.
 pub fn run(args: &TrainArgs) -> Result<Summary> {
+    let samples = samples::SampleImages::from_args(args)?;
     if let Some(preparation) = &args.preparation {
         if args.no_prepare {
             preparation.check_prepared()?;
@@ -238,6 +241,7 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         loss_ctx: &loss_ctx,
         validation: validation.as_ref(),
         saver: &saver,
+        samples: samples.as_ref(),
         log_path: &log_path,
         tracker: match tensorboard::run_dir(args)? {
             Some(dir) => Some(std::cell::RefCell::new(tensorboard::Tracker::create(&dir)?)),
@@ -716,6 +720,8 @@ struct Training<'a> {
     loss_ctx: &'a LossContext<'a>,
     validation: Option<&'a Validation>,
     saver: &'a saving::Saver<'a>,
+    /// `--sample_prompts`: the sample images made during the run.
+    samples: Option<&'a samples::SampleImages>,
     log_path: &'a Path,
     /// `--log_with tensorboard`: every loss-log line also goes to an event file.
     tracker: Option<std::cell::RefCell<tensorboard::Tracker>>,
@@ -730,6 +736,9 @@ impl Training<'_> {
         interrupt::catch("train-lora").map_err(|e| Error::Model(format!("signal handler: {e}")))?;
         let progress = Progress::new("train-lora steps", self.plan.total_steps, self.args.quiet);
         progress.inc(at.global_step as u64);
+        if at.global_step == 0 {
+            self.sample_images(Some(0), 0, 0, &progress);
+        }
         for epoch in resume_epoch.max(1)..=self.plan.num_epochs {
             let batches =
                 self.dataset
@@ -780,6 +789,7 @@ impl Training<'_> {
                     at.loss_average.value()
                 ));
                 progress.inc(1);
+                self.sample_images(None, at.global_step, epoch - 1, &progress);
                 if self.save_after_step(optimizer, &at, epoch, bi)? {
                     // Last step: the end-of-epoch validation still runs.
                     break;
@@ -790,12 +800,30 @@ impl Training<'_> {
                 }
             }
             self.end_epoch(optimizer, &mut at, epoch)?;
+            self.sample_images(Some(epoch), at.global_step, epoch, &progress);
             if at.global_step >= self.plan.total_steps {
                 break;
             }
         }
         progress.finish();
         Ok(at)
+    }
+
+    /// Sample images when `--sample_prompts` asks for them at this point (`epoch`: the epoch
+    /// just ended, `None` inside one), from the network trained `steps` steps in `epochs_done`
+    /// whole epochs.
+    fn sample_images(
+        &self,
+        epoch: Option<usize>,
+        steps: usize,
+        epochs_done: usize,
+        progress: &Progress,
+    ) {
+        if let Some(samples) = self.samples {
+            samples.make_if_due(epoch, steps, progress, &|path| {
+                self.saver.save_model_at(path, steps, epochs_done)
+            });
+        }
     }
 
     /// The loss of one micro-batch and its gradients (scaled for accumulation).

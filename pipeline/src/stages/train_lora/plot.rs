@@ -34,7 +34,7 @@ pub fn loss_png(losses: &[f32], averages: &[f32], title: &str) -> Result<Vec<u8>
 }
 
 /// Registers the first font of [`FONT_PATHS`] that loads as "sans-serif" (once per process).
-fn sans_serif_registered() -> bool {
+pub(super) fn sans_serif_registered() -> bool {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     *REGISTERED.get_or_init(|| {
         FONT_PATHS.iter().any(|path| {

@@ -107,7 +107,7 @@ impl Preparation {
 }
 
 /// The path of the tool `name` beside the running executable.
-fn sibling_executable(name: &str) -> Result<PathBuf> {
+pub(super) fn sibling_executable(name: &str) -> Result<PathBuf> {
     let me = std::env::current_exe().map_err(|e| Error::io(Path::new("train-lora"), e))?;
     let path = me.with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     if path.is_file() {

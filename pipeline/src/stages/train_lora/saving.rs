@@ -44,6 +44,12 @@ impl Saver<'_> {
     /// Writes `<stem>.safetensors` for a network trained `steps` steps into `epoch` epochs.
     pub fn save_model(&self, stem: &str, steps: usize, epoch: usize) -> Result<PathBuf> {
         let path = self.args.output_dir.join(format!("{stem}.safetensors"));
+        self.save_model_at(&path, steps, epoch)?;
+        Ok(path)
+    }
+
+    /// Writes the network, trained `steps` steps into `epoch` epochs, to `path` (atomically).
+    pub fn save_model_at(&self, path: &Path, steps: usize, epoch: usize) -> Result<()> {
         let mut meta = self.meta_base.clone();
         if !self.args.no_metadata {
             meta.insert(
@@ -53,8 +59,7 @@ impl Saver<'_> {
             meta.insert("ss_steps".into(), steps.to_string());
             meta.insert("ss_epoch".into(), epoch.to_string());
         }
-        self.network.save(&path, self.save_dtype, &meta)?;
-        Ok(path)
+        self.network.save(path, self.save_dtype, &meta)
     }
 
     /// A periodic save: the model file, its state folder with `--save_state`, then removal of

@@ -39,6 +39,11 @@ const MAY_CHANGE_ON_RESUME: &[&str] = &[
     "validate_every_n_steps",
     "validate_every_n_epochs",
     "max_validation_steps",
+    "sample_prompts",
+    "sample_every_n_steps",
+    "sample_every_n_epochs",
+    "sample_at_first",
+    "sample_sampler",
 ];
 
 /// Explicitly given options of a run, by option id.
