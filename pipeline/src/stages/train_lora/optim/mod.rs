@@ -50,7 +50,7 @@ pub enum Algorithm {
     Bnb(bnb::Config),
     /// transformers' `Adafactor`.
     Adafactor(adafactor::Config),
-    /// prodigyopt's `Prodigy`, dadaptation's `DAdaptAdam` or `DAdaptAdamPreprint`.
+    /// prodigyopt's `Prodigy` or one of dadaptation's optimizers.
     DAdapt(dadapt::Config),
 }
 
@@ -70,7 +70,8 @@ pub struct OptimizerKind {
 /// `--optimizer_type` names (sd-scripts' spelling; matched case-insensitively).
 const NAMES: &str = "AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit, Lion, \
                      Lion8bit, PagedLion8bit, SGDNesterov, SGDNesterov8bit, Adafactor, Prodigy, \
-                     DAdaptation, DAdaptAdamPreprint, DAdaptAdam";
+                     DAdaptation, DAdaptAdamPreprint, DAdaptAdam, DAdaptAdaGrad, DAdaptAdan, \
+                     DAdaptAdanIP, DAdaptLion, DAdaptSGD";
 
 /// Keyword arguments of `torch.optim.AdamW` (sd-scripts passes `lr` itself).
 const TORCH_ADAMW_KEYS: &[&str] = &[
@@ -231,6 +232,24 @@ impl Kwargs<'_> {
         }
     }
 
+    /// Three numbers (the Adans' `betas`), each in `[0, 1)`.
+    fn beta_triple(&self, key: &str, default: [f64; 3]) -> Result<[f64; 3]> {
+        let Some(value) = self.get(key) else {
+            return Ok(default);
+        };
+        let numbers: Option<Vec<f64>> = value
+            .as_sequence()
+            .and_then(|items| items.iter().map(Literal::as_f64).collect());
+        match numbers.as_deref() {
+            Some(&[a, b, c]) if [a, b, c].iter().all(|x| (0.0..1.0).contains(x)) => Ok([a, b, c]),
+            _ => Err(self.bad(
+                key,
+                value,
+                "three numbers from 0 up to 1, such as (0.98, 0.92, 0.99)",
+            )),
+        }
+    }
+
     /// Two numbers (`betas`), each in `[0, 1)`.
     fn betas(&self, key: &str, default: (f64, f64)) -> Result<(f64, f64)> {
         let Some(value) = self.get(key) else {
@@ -308,10 +327,27 @@ impl OptimizerKind {
                 "dadaptation.experimental.dadapt_adam_preprint.DAdaptAdamPreprint",
                 dadapt::DADAPT_ADAM_PREPRINT_KEYS,
             ),
-            "dadaptadagrad" | "dadaptadan" | "dadaptadanip" | "dadaptlion" | "dadaptsgd" => {
+            "dadaptadagrad" => (
+                "dadaptation.dadapt_adagrad.DAdaptAdaGrad",
+                dadapt::DADAPT_ADAGRAD_KEYS,
+            ),
+            "dadaptsgd" => ("dadaptation.dadapt_sgd.DAdaptSGD", dadapt::DADAPT_SGD_KEYS),
+            "dadaptlion" => (
+                "dadaptation.dadapt_lion.DAdaptLion",
+                dadapt::DADAPT_LION_KEYS,
+            ),
+            "dadaptadan" => (
+                "dadaptation.dadapt_adan.DAdaptAdan",
+                dadapt::DADAPT_ADAN_KEYS,
+            ),
+            "dadaptadanip" => (
+                "dadaptation.experimental.dadapt_adan_ip.DAdaptAdanIP",
+                dadapt::DADAPT_ADAN_KEYS,
+            ),
+            "ademamix8bit" | "pagedademamix8bit" => {
                 return Err(Error::Usage(format!(
-                    "--optimizer_type {name} is not implemented; DAdaptation, DAdaptAdam and \
-                     Prodigy are (learning-rate-free Adam, with --learning_rate 1.0)"
+                    "--optimizer_type {name}: sd-scripts' get_optimizer has no branch for it (it \
+                     looks for torch.optim.{name} and stops); use AdamW8bit"
                 )))
             }
             _ => {
@@ -410,6 +446,25 @@ impl OptimizerKind {
             )?),
             "dadaptation" | "dadaptadampreprint" => Algorithm::DAdapt(dadapt::Config::from_kwargs(
                 dadapt::Rule::DAdaptAdamPreprint,
+                &read,
+            )?),
+            "dadaptadagrad" => Algorithm::DAdapt(dadapt::Config::from_kwargs(
+                dadapt::Rule::DAdaptAdaGrad,
+                &read,
+            )?),
+            "dadaptsgd" => {
+                Algorithm::DAdapt(dadapt::Config::from_kwargs(dadapt::Rule::DAdaptSgd, &read)?)
+            }
+            "dadaptlion" => Algorithm::DAdapt(dadapt::Config::from_kwargs(
+                dadapt::Rule::DAdaptLion,
+                &read,
+            )?),
+            "dadaptadan" => Algorithm::DAdapt(dadapt::Config::from_kwargs(
+                dadapt::Rule::DAdaptAdan,
+                &read,
+            )?),
+            "dadaptadanip" => Algorithm::DAdapt(dadapt::Config::from_kwargs(
+                dadapt::Rule::DAdaptAdanIp,
                 &read,
             )?),
             bnb_name => {
@@ -556,7 +611,7 @@ enum VarState {
     Bnb(bnb::State),
     /// Adafactor's states, kept in host memory.
     Adafactor(adafactor::State),
-    /// Prodigy's or DAdaptAdam's states, kept in host memory.
+    /// The states of Prodigy or a D-adaptation optimizer, kept in host memory.
     DAdapt(dadapt::State),
 }
 
@@ -567,7 +622,7 @@ pub struct Optimizer {
     vars: Vec<Var>,
     lr_factors: Vec<f64>,
     states: Vec<VarState>,
-    /// Prodigy's or DAdaptAdam's shared estimate.
+    /// The shared estimate of Prodigy or a D-adaptation optimizer.
     estimate: Option<dadapt::Global>,
     /// Updates applied to each variable (a variable without a gradient is not updated, as in
     /// torch, so counts can differ under module dropout).
@@ -673,7 +728,8 @@ impl Optimizer {
         Ok(())
     }
 
-    /// One step of Prodigy or DAdaptAdam over every variable with a gradient at once.
+    /// One step of Prodigy or a D-adaptation optimizer over every variable with a gradient at
+    /// once.
     fn estimating_step(
         &mut self,
         config: dadapt::Config,
@@ -699,15 +755,15 @@ impl Optimizer {
                 grad: std::mem::take(grad),
                 state: states[*i].take().expect("a DAdapt state per variable"),
                 lr: lr * self.lr_factors[*i],
+                updates: self.steps[*i],
             });
         }
         let estimate = self.estimate.as_mut().expect("an estimate for DAdapt");
-        if !dadapt::step(&config, estimate, &mut slots) {
-            return Ok(());
-        }
+        // DAdaptLion moves the parameters even in a step it does not count.
+        let counted = dadapt::step(&config, estimate, &mut slots);
         drop(slots);
         for (i, param, _) in values {
-            self.steps[i] += 1;
+            self.steps[i] += usize::from(counted);
             let tensor = self.vars[i].as_tensor();
             self.vars[i].set(&Tensor::from_vec(param, tensor.shape(), tensor.device())?)?;
         }
@@ -939,8 +995,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("True and False"), "{error}");
-        let error = parse("DAdaptSGD", &[]).unwrap_err().to_string();
-        assert!(error.contains("DAdaptAdam"), "{error}");
+        let error = parse("AdEMAMix8bit", &[]).unwrap_err().to_string();
+        assert!(error.contains("AdamW8bit"), "{error}");
+        let error = parse("DAdaptAdan", &["betas=(0.9,0.9)"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("three numbers"), "{error}");
+        let error = parse("DAdaptLion", &["growth_rate=2"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("d0"), "{error}");
         let error = parse("DAdaptation", &["use_bias_correction=True"])
             .unwrap_err()
             .to_string();
@@ -977,7 +1041,16 @@ mod tests {
 
     #[test]
     fn learning_rate_free_optimizers_refuse_several_learning_rates() {
-        for name in ["Prodigy", "DAdaptAdam", "DAdaptation"] {
+        for name in [
+            "Prodigy",
+            "DAdaptAdam",
+            "DAdaptation",
+            "DAdaptAdaGrad",
+            "DAdaptSGD",
+            "DAdaptLion",
+            "DAdaptAdan",
+            "DAdaptAdanIP",
+        ] {
             let kind = parse(name, &[]).unwrap();
             assert!(kind.check_learning_rates(&[1.0, 1.0, 0.0]).is_ok());
             let error = kind
