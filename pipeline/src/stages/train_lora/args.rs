@@ -233,8 +233,8 @@ pub struct TrainArgs {
     pub text_encoder_lr: Vec<f64>,
     /// AdamW (default), AdamW8bit, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit, Lion, Lion8bit,
     /// PagedLion8bit, SGDNesterov, SGDNesterov8bit, Adafactor, Prodigy, DAdaptation,
-    /// DAdaptAdamPreprint, DAdaptAdam, DAdaptAdaGrad, DAdaptAdan, DAdaptAdanIP, DAdaptLion or
-    /// DAdaptSGD (any case).
+    /// DAdaptAdamPreprint, DAdaptAdam, DAdaptAdaGrad, DAdaptAdan, DAdaptAdanIP, DAdaptLion,
+    /// DAdaptSGD, AdamWScheduleFree, RAdamScheduleFree or SGDScheduleFree (any case).
     #[arg(long, default_value = "")]
     pub optimizer_type: String,
     /// The legacy spelling of `--optimizer_type Lion`.

@@ -8,6 +8,7 @@ pub mod bnb;
 pub mod dadapt;
 pub mod literal;
 pub mod quant;
+pub mod schedulefree;
 
 use std::collections::HashMap;
 
@@ -52,6 +53,8 @@ pub enum Algorithm {
     Adafactor(adafactor::Config),
     /// prodigyopt's `Prodigy` or one of dadaptation's optimizers.
     DAdapt(dadapt::Config),
+    /// A schedule-free optimizer.
+    ScheduleFree(schedulefree::Config),
 }
 
 /// The optimizer a command line asks for: its maths, the class sd-scripts would build and the
@@ -71,7 +74,8 @@ pub struct OptimizerKind {
 const NAMES: &str = "AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit, Lion, \
                      Lion8bit, PagedLion8bit, SGDNesterov, SGDNesterov8bit, Adafactor, Prodigy, \
                      DAdaptation, DAdaptAdamPreprint, DAdaptAdam, DAdaptAdaGrad, DAdaptAdan, \
-                     DAdaptAdanIP, DAdaptLion, DAdaptSGD";
+                     DAdaptAdanIP, DAdaptLion, DAdaptSGD, AdamWScheduleFree, RAdamScheduleFree, \
+                     SGDScheduleFree";
 
 /// Keyword arguments of `torch.optim.AdamW` (sd-scripts passes `lr` itself).
 const TORCH_ADAMW_KEYS: &[&str] = &[
@@ -344,6 +348,18 @@ impl OptimizerKind {
                 "dadaptation.experimental.dadapt_adan_ip.DAdaptAdanIP",
                 dadapt::DADAPT_ADAN_KEYS,
             ),
+            "adamwschedulefree" => (
+                "schedulefree.adamw_schedulefree.AdamWScheduleFree",
+                schedulefree::ADAMW_KEYS,
+            ),
+            "radamschedulefree" => (
+                "schedulefree.radam_schedulefree.RAdamScheduleFree",
+                schedulefree::RADAM_KEYS,
+            ),
+            "sgdschedulefree" => (
+                "schedulefree.sgd_schedulefree.SGDScheduleFree",
+                schedulefree::SGD_KEYS,
+            ),
             "ademamix8bit" | "pagedademamix8bit" => {
                 return Err(Error::Usage(format!(
                     "--optimizer_type {name}: sd-scripts' get_optimizer has no branch for it (it \
@@ -467,6 +483,18 @@ impl OptimizerKind {
                 dadapt::Rule::DAdaptAdanIp,
                 &read,
             )?),
+            "adamwschedulefree" => Algorithm::ScheduleFree(schedulefree::Config::from_kwargs(
+                schedulefree::Rule::AdamW,
+                &read,
+            )?),
+            "radamschedulefree" => Algorithm::ScheduleFree(schedulefree::Config::from_kwargs(
+                schedulefree::Rule::RAdam,
+                &read,
+            )?),
+            "sgdschedulefree" => Algorithm::ScheduleFree(schedulefree::Config::from_kwargs(
+                schedulefree::Rule::Sgd,
+                &read,
+            )?),
             bnb_name => {
                 read.only(
                     "amsgrad",
@@ -536,7 +564,9 @@ impl OptimizerKind {
 
     /// The `--lr_scheduler` to build. Where the optimizer sets its own learning rate,
     /// sd-scripts replaces any scheduler by `adafactor:<lr>` (a constant the optimizer ignores)
-    /// and refuses a warmup; `adafactor` with any other optimizer is refused, as there.
+    /// and refuses a warmup; `adafactor` with any other optimizer is refused, as there. A
+    /// schedule-free optimizer keeps the learning rate constant (sd-scripts' dummy scheduler);
+    /// a warmup there is refused in favour of the optimizer's own `warmup_steps`.
     pub fn scheduler_name<'a>(
         &self,
         lr_scheduler: &'a str,
@@ -558,6 +588,23 @@ impl OptimizerKind {
             }
             return Ok("constant");
         }
+        if matches!(self.algorithm, Algorithm::ScheduleFree(_)) {
+            if warmup_steps > 0 {
+                return Err(Error::Usage(
+                    "--lr_warmup_steps: a schedule-free optimizer takes no scheduler (sd-scripts \
+                     ignores it and keeps --learning_rate); give --optimizer_args warmup_steps=N \
+                     instead"
+                        .into(),
+                ));
+            }
+            if lr_scheduler != "constant" {
+                tracing::warn!(
+                    "a schedule-free optimizer keeps --learning_rate: --lr_scheduler \
+                     {lr_scheduler} is not applied, as in sd-scripts"
+                );
+            }
+            return Ok("constant");
+        }
         if lr_scheduler.starts_with("adafactor") {
             return Err(Error::Usage(format!(
                 "--lr_scheduler {lr_scheduler} goes only with --optimizer_type Adafactor and \
@@ -576,6 +623,7 @@ impl OptimizerKind {
             Algorithm::Bnb(config) => config.state_bytes(len),
             Algorithm::Adafactor(config) => config.state_bytes(len),
             Algorithm::DAdapt(config) => config.state_bytes(len),
+            Algorithm::ScheduleFree(config) => config.state_bytes(len),
         }
     }
 
@@ -613,6 +661,8 @@ enum VarState {
     Adafactor(adafactor::State),
     /// The states of Prodigy or a D-adaptation optimizer, kept in host memory.
     DAdapt(dadapt::State),
+    /// A schedule-free optimizer's states, kept in host memory.
+    ScheduleFree(schedulefree::State),
 }
 
 /// Optimizer state for a list of variables, each with its own learning-rate factor (the
@@ -669,6 +719,9 @@ impl Optimizer {
                     Algorithm::DAdapt(config) => {
                         VarState::DAdapt(dadapt::State::new(config, &host_values(tensor)?))
                     }
+                    Algorithm::ScheduleFree(config) => VarState::ScheduleFree(
+                        schedulefree::State::new(config, &host_values(tensor)?),
+                    ),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -697,6 +750,9 @@ impl Optimizer {
         if let Algorithm::DAdapt(config) = &self.kind.algorithm {
             return self.estimating_step(*config, grads, lr);
         }
+        if let Algorithm::ScheduleFree(config) = &self.kind.algorithm {
+            return self.schedule_free_step(*config, grads, lr);
+        }
         for (i, (var, grad)) in self.vars.iter().zip(grads).enumerate() {
             let Some(grad) = grad else { continue };
             self.steps[i] += 1;
@@ -724,6 +780,56 @@ impl Optimizer {
                 }
                 _ => unreachable!("states are made for the algorithm"),
             }
+        }
+        Ok(())
+    }
+
+    /// One step of a schedule-free optimizer: every parameter group counts the step; the
+    /// variables with a gradient move, and all end at `x` (sd-scripts' `optimizer.eval()`).
+    fn schedule_free_step(
+        &mut self,
+        config: schedulefree::Config,
+        grads: &[Option<Tensor>],
+        lr: f64,
+    ) -> Result<()> {
+        for (i, grad) in grads.iter().enumerate() {
+            let VarState::ScheduleFree(state) = &mut self.states[i] else {
+                unreachable!("states are made for the algorithm")
+            };
+            let tensor = self.vars[i].as_tensor();
+            let mut values = host_values(tensor)?;
+            let grad = grad.as_ref().map(host_values).transpose()?;
+            state.update(
+                &config,
+                &mut values,
+                grad.as_deref(),
+                lr * self.lr_factors[i],
+            );
+            if grad.is_some() {
+                self.steps[i] += 1;
+                self.vars[i].set(&Tensor::from_vec(values, tensor.shape(), tensor.device())?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the parameters where the next forward pass reads them: a schedule-free optimizer
+    /// moves them from `x` back to `y` (sd-scripts' `optimizer.train()`); no change otherwise.
+    pub fn prepare_forward(&mut self) -> Result<()> {
+        let Algorithm::ScheduleFree(config) = &self.kind.algorithm else {
+            return Ok(());
+        };
+        for (var, state) in self.vars.iter().zip(&mut self.states) {
+            let VarState::ScheduleFree(state) = state else {
+                unreachable!("states are made for the algorithm")
+            };
+            if state.in_train_mode() {
+                continue;
+            }
+            let tensor = var.as_tensor();
+            let mut values = host_values(tensor)?;
+            state.to_train(config, &mut values);
+            var.set(&Tensor::from_vec(values, tensor.shape(), tensor.device())?)?;
         }
         Ok(())
     }
@@ -798,6 +904,7 @@ impl Optimizer {
                 VarState::Bnb(state) => out.extend(state.tensors(i)?),
                 VarState::Adafactor(state) => out.extend(state.tensors(i)?),
                 VarState::DAdapt(state) => out.extend(state.tensors(i)?),
+                VarState::ScheduleFree(state) => out.extend(state.tensors(i)?),
             }
         }
         if let Some(estimate) = &self.estimate {
@@ -829,6 +936,7 @@ impl Optimizer {
                 VarState::Bnb(state) => state.restore(i, saved)?,
                 VarState::Adafactor(state) => state.restore(i, saved)?,
                 VarState::DAdapt(state) => state.restore(i, saved)?,
+                VarState::ScheduleFree(state) => state.restore(i, saved)?,
             }
         }
         if let Some(estimate) = &mut self.estimate {
@@ -892,7 +1000,10 @@ fn tensor_step(
             let direction = (&grad + (&buffer * momentum)?)?;
             ((param - (direction * lr)?)?, vec![buffer])
         }
-        Algorithm::Bnb(_) | Algorithm::Adafactor(_) | Algorithm::DAdapt(_) => {
+        Algorithm::Bnb(_)
+        | Algorithm::Adafactor(_)
+        | Algorithm::DAdapt(_)
+        | Algorithm::ScheduleFree(_) => {
             unreachable!("host-memory optimizers have no tensor state")
         }
     })
@@ -1037,6 +1148,19 @@ mod tests {
         assert!(!kind.sets_own_lr());
         assert!(kind.scheduler_name("adafactor", 0).is_err());
         assert_eq!(kind.scheduler_name("cosine", 3).unwrap(), "cosine");
+    }
+
+    #[test]
+    fn schedule_free_optimizers_keep_the_learning_rate_and_refuse_a_warmup() {
+        let kind = parse("SGDScheduleFree", &["warmup_steps=3"]).unwrap();
+        assert_eq!(kind.scheduler_name("cosine", 0).unwrap(), "constant");
+        let error = kind.scheduler_name("constant", 5).unwrap_err().to_string();
+        assert!(error.contains("warmup_steps=N"), "{error}");
+        let error = parse("RAdamScheduleFree", &["warmup_steps=3"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("silent_sgd_phase"), "{error}");
+        assert!(parse("SGDScheduleFree", &["momentum=0"]).is_err());
     }
 
     #[test]
