@@ -1,7 +1,8 @@
 //! The optimizers against their reference packages (golden/optimizers, made by
 //! tests/fixtures/generate/optimizers.py; tolerances in tests/fixtures/README.md): parameters
-//! after every step, the 8-bit states, Adafactor's own learning rate, Prodigy's,
-//! DAdaptAdam's and DAdaptAdamPreprint's `d`, and `ss_optimizer`; plus exact save/restore of every optimizer's state.
+//! after every step, the 8-bit states, Adafactor's own learning rate, the `d` of Prodigy and
+//! the D-adaptation optimizers, and `ss_optimizer`; plus exact save/restore of every
+//! optimizer's state.
 
 use std::collections::HashMap;
 
@@ -97,6 +98,22 @@ fn relative_gap(ours: &[f32], theirs: &[f32]) -> f64 {
         .map(|(a, b)| f64::from((a - b).abs()))
         .fold(0.0, f64::max);
     gap / scale.max(f64::MIN_POSITIVE)
+}
+
+/// How far apart two runs moved a tensor from `init`: the largest difference of the moves,
+/// less 4 float32 steps of the largest value (the rounding of `init + move`), relative to the
+/// largest move of `theirs`. The learning-rate-free optimizers move values by 1e-6 in the
+/// golden's 4 steps, which [`relative_gap`]'s 1e-6 of the largest value cannot resolve.
+fn displacement_gap(ours: &[f32], theirs: &[f32], init: &[f32]) -> f64 {
+    let scale = theirs.iter().fold(0f64, |m, v| m.max(f64::from(v.abs())));
+    let rounding = 4.0 * scale * f64::from(f32::EPSILON);
+    let moved = (theirs.iter().zip(init))
+        .map(|(t, i)| f64::from(t - i).abs())
+        .fold(0.0, f64::max);
+    let gap = (ours.iter().zip(theirs))
+        .map(|(a, b)| f64::from((a - b).abs()))
+        .fold(0.0, f64::max);
+    (gap - rounding).max(0.0) / moved.max(f64::MIN_POSITIVE)
 }
 
 /// What one case's run gave: parameters per step and tensor, `own_lr` and `d` per step.
@@ -221,10 +238,10 @@ fn bitsandbytes_optimizers_follow_the_cuda_kernels() {
     assert!(checked >= 5, "{checked} quantised states compared");
 }
 
-/// torch's SGD, transformers' Adafactor, prodigyopt's Prodigy, dadaptation's DAdaptAdam and
-/// DAdaptAdamPreprint (sd-scripts' `DAdaptation`):
-/// parameters after every step to 1e-6 of each tensor's largest value, Adafactor's own
-/// learning rate and D-adaptation's `d` to 1e-6 relative.
+/// torch's SGD and AdamW, lion-pytorch's Lion, transformers' Adafactor, prodigyopt's Prodigy and
+/// dadaptation's seven optimizers: parameters after every step to 1e-6 of each tensor's largest
+/// value and their moves from the start to 1e-3 of the largest move (beyond float32 rounding),
+/// Adafactor's own learning rate and D-adaptation's `d` to 1e-6 relative.
 #[test]
 fn float32_optimizers_step_as_their_packages() {
     let mut golden = Golden::open();
@@ -240,6 +257,11 @@ fn float32_optimizers_step_as_their_packages() {
                 let theirs = golden.array(&format!("{name}__s{k}__p{j}"));
                 let gap = relative_gap(ours, &theirs);
                 assert!(gap <= 1e-6, "{name} step {k} tensor {j}: {gap:e}");
+                let gap = displacement_gap(ours, &theirs, &golden.array(&format!("init__p{j}")));
+                assert!(
+                    gap <= 1e-3,
+                    "{name} step {k} tensor {j}: moved {gap:e} apart"
+                );
             }
         }
         if let Some(expected) = case.get("own_lrs") {
@@ -258,7 +280,7 @@ fn float32_optimizers_step_as_their_packages() {
         }
         checked += 1;
     }
-    assert!(checked >= 9, "{checked} cases");
+    assert!(checked >= 25, "{checked} cases");
 }
 
 /// Saving the state half-way and restoring it into a fresh optimizer continues bit for bit,

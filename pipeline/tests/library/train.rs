@@ -1162,7 +1162,7 @@ fn kohya_command_line_options_are_accepted_and_change_nothing() {
 fn every_optimizer_trains_and_resumes_exactly() {
     let data = tempfile::tempdir().unwrap();
     make_caches(data.path());
-    let cases: [(&[&str], &str); 11] = [
+    let cases: [(&[&str], &str); 20] = [
         (
             &["--use_8bit_adam", "--optimizer_args", "min_8bit_size=16"],
             "bitsandbytes.optim.adamw.AdamW8bit(min_8bit_size=16)",
@@ -1224,6 +1224,58 @@ fn every_optimizer_trains_and_resumes_exactly() {
                 "weight_decay=0.01",
             ],
             "dadaptation.experimental.dadapt_adam_preprint.DAdaptAdamPreprint(decouple=True,weight_decay=0.01)",
+        ),
+        (&["--use_lion_optimizer"], "lion_pytorch.lion_pytorch.Lion"),
+        (
+            &["--optimizer_type", "DAdaptAdaGrad", "--unet_lr", "1.0"],
+            "dadaptation.dadapt_adagrad.DAdaptAdaGrad",
+        ),
+        (
+            &[
+                "--optimizer_type",
+                "DAdaptSGD",
+                "--unet_lr",
+                "1.0",
+                "--optimizer_args",
+                "momentum=0.9",
+            ],
+            "dadaptation.dadapt_sgd.DAdaptSGD(momentum=0.9)",
+        ),
+        (
+            &["--optimizer_type", "DAdaptLion", "--unet_lr", "1.0"],
+            "dadaptation.dadapt_lion.DAdaptLion",
+        ),
+        (
+            &["--optimizer_type", "DAdaptAdan", "--unet_lr", "1.0"],
+            "dadaptation.dadapt_adan.DAdaptAdan",
+        ),
+        (
+            &["--optimizer_type", "DAdaptAdanIP", "--unet_lr", "1.0"],
+            "dadaptation.experimental.dadapt_adan_ip.DAdaptAdanIP",
+        ),
+        (
+            &["--optimizer_type", "AdamWScheduleFree"],
+            "schedulefree.adamw_schedulefree.AdamWScheduleFree",
+        ),
+        (
+            &[
+                "--optimizer_type",
+                "RAdamScheduleFree",
+                "--optimizer_args",
+                "silent_sgd_phase=False",
+            ],
+            "schedulefree.radam_schedulefree.RAdamScheduleFree(silent_sgd_phase=False)",
+        ),
+        (
+            &[
+                "--optimizer_type",
+                "SGDScheduleFree",
+                "--lr_scheduler",
+                "cosine",
+                "--optimizer_args",
+                "warmup_steps=2",
+            ],
+            "schedulefree.sgd_schedulefree.SGDScheduleFree(warmup_steps=2)",
         ),
     ];
     for (options, ss_optimizer) in cases {

@@ -256,7 +256,9 @@ pub struct TrainArgs {
     #[arg(long, num_args = 0..)]
     pub text_encoder_lr: Vec<f64>,
     /// AdamW (default), AdamW8bit, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit, Lion, Lion8bit,
-    /// PagedLion8bit, SGDNesterov, SGDNesterov8bit or Adafactor (any case).
+    /// PagedLion8bit, SGDNesterov, SGDNesterov8bit, Adafactor, Prodigy, DAdaptation,
+    /// DAdaptAdamPreprint, DAdaptAdam, DAdaptAdaGrad, DAdaptAdan, DAdaptAdanIP, DAdaptLion,
+    /// DAdaptSGD, AdamWScheduleFree, RAdamScheduleFree or SGDScheduleFree (any case).
     #[arg(long, default_value = "")]
     pub optimizer_type: String,
     /// The legacy spelling of `--optimizer_type Lion`.

@@ -757,6 +757,7 @@ impl Training<'_> {
                     progress.finish();
                     return Ok(at);
                 }
+                optimizer.prepare_forward()?;
                 let vars = optimizer.vars();
                 let (loss, grads) = self.micro_batch(epoch, bi, batch, accum, &at, vars)?;
                 match &mut summed {

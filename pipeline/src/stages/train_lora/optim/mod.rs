@@ -8,6 +8,7 @@ pub mod bnb;
 pub mod dadapt;
 pub mod literal;
 pub mod quant;
+pub mod schedulefree;
 
 use std::collections::HashMap;
 
@@ -50,8 +51,10 @@ pub enum Algorithm {
     Bnb(bnb::Config),
     /// transformers' `Adafactor`.
     Adafactor(adafactor::Config),
-    /// prodigyopt's `Prodigy`, dadaptation's `DAdaptAdam` or `DAdaptAdamPreprint`.
+    /// prodigyopt's `Prodigy` or one of dadaptation's optimizers.
     DAdapt(dadapt::Config),
+    /// A schedule-free optimizer.
+    ScheduleFree(schedulefree::Config),
 }
 
 /// The optimizer a command line asks for: its maths, the class sd-scripts would build and the
@@ -70,7 +73,9 @@ pub struct OptimizerKind {
 /// `--optimizer_type` names (sd-scripts' spelling; matched case-insensitively).
 const NAMES: &str = "AdamW, AdamW8bit, PagedAdamW, PagedAdamW8bit, PagedAdamW32bit, Lion, \
                      Lion8bit, PagedLion8bit, SGDNesterov, SGDNesterov8bit, Adafactor, Prodigy, \
-                     DAdaptation, DAdaptAdamPreprint, DAdaptAdam";
+                     DAdaptation, DAdaptAdamPreprint, DAdaptAdam, DAdaptAdaGrad, DAdaptAdan, \
+                     DAdaptAdanIP, DAdaptLion, DAdaptSGD, AdamWScheduleFree, RAdamScheduleFree, \
+                     SGDScheduleFree";
 
 /// Keyword arguments of `torch.optim.AdamW` (sd-scripts passes `lr` itself).
 const TORCH_ADAMW_KEYS: &[&str] = &[
@@ -231,6 +236,24 @@ impl Kwargs<'_> {
         }
     }
 
+    /// Three numbers (the Adans' `betas`), each in `[0, 1)`.
+    fn beta_triple(&self, key: &str, default: [f64; 3]) -> Result<[f64; 3]> {
+        let Some(value) = self.get(key) else {
+            return Ok(default);
+        };
+        let numbers: Option<Vec<f64>> = value
+            .as_sequence()
+            .and_then(|items| items.iter().map(Literal::as_f64).collect());
+        match numbers.as_deref() {
+            Some(&[a, b, c]) if [a, b, c].iter().all(|x| (0.0..1.0).contains(x)) => Ok([a, b, c]),
+            _ => Err(self.bad(
+                key,
+                value,
+                "three numbers from 0 up to 1, such as (0.98, 0.92, 0.99)",
+            )),
+        }
+    }
+
     /// Two numbers (`betas`), each in `[0, 1)`.
     fn betas(&self, key: &str, default: (f64, f64)) -> Result<(f64, f64)> {
         let Some(value) = self.get(key) else {
@@ -308,10 +331,39 @@ impl OptimizerKind {
                 "dadaptation.experimental.dadapt_adam_preprint.DAdaptAdamPreprint",
                 dadapt::DADAPT_ADAM_PREPRINT_KEYS,
             ),
-            "dadaptadagrad" | "dadaptadan" | "dadaptadanip" | "dadaptlion" | "dadaptsgd" => {
+            "dadaptadagrad" => (
+                "dadaptation.dadapt_adagrad.DAdaptAdaGrad",
+                dadapt::DADAPT_ADAGRAD_KEYS,
+            ),
+            "dadaptsgd" => ("dadaptation.dadapt_sgd.DAdaptSGD", dadapt::DADAPT_SGD_KEYS),
+            "dadaptlion" => (
+                "dadaptation.dadapt_lion.DAdaptLion",
+                dadapt::DADAPT_LION_KEYS,
+            ),
+            "dadaptadan" => (
+                "dadaptation.dadapt_adan.DAdaptAdan",
+                dadapt::DADAPT_ADAN_KEYS,
+            ),
+            "dadaptadanip" => (
+                "dadaptation.experimental.dadapt_adan_ip.DAdaptAdanIP",
+                dadapt::DADAPT_ADAN_KEYS,
+            ),
+            "adamwschedulefree" => (
+                "schedulefree.adamw_schedulefree.AdamWScheduleFree",
+                schedulefree::ADAMW_KEYS,
+            ),
+            "radamschedulefree" => (
+                "schedulefree.radam_schedulefree.RAdamScheduleFree",
+                schedulefree::RADAM_KEYS,
+            ),
+            "sgdschedulefree" => (
+                "schedulefree.sgd_schedulefree.SGDScheduleFree",
+                schedulefree::SGD_KEYS,
+            ),
+            "ademamix8bit" | "pagedademamix8bit" => {
                 return Err(Error::Usage(format!(
-                    "--optimizer_type {name} is not implemented; DAdaptation, DAdaptAdam and \
-                     Prodigy are (learning-rate-free Adam, with --learning_rate 1.0)"
+                    "--optimizer_type {name}: sd-scripts' get_optimizer has no branch for it (it \
+                     looks for torch.optim.{name} and stops); use AdamW8bit"
                 )))
             }
             _ => {
@@ -412,6 +464,37 @@ impl OptimizerKind {
                 dadapt::Rule::DAdaptAdamPreprint,
                 &read,
             )?),
+            "dadaptadagrad" => Algorithm::DAdapt(dadapt::Config::from_kwargs(
+                dadapt::Rule::DAdaptAdaGrad,
+                &read,
+            )?),
+            "dadaptsgd" => {
+                Algorithm::DAdapt(dadapt::Config::from_kwargs(dadapt::Rule::DAdaptSgd, &read)?)
+            }
+            "dadaptlion" => Algorithm::DAdapt(dadapt::Config::from_kwargs(
+                dadapt::Rule::DAdaptLion,
+                &read,
+            )?),
+            "dadaptadan" => Algorithm::DAdapt(dadapt::Config::from_kwargs(
+                dadapt::Rule::DAdaptAdan,
+                &read,
+            )?),
+            "dadaptadanip" => Algorithm::DAdapt(dadapt::Config::from_kwargs(
+                dadapt::Rule::DAdaptAdanIp,
+                &read,
+            )?),
+            "adamwschedulefree" => Algorithm::ScheduleFree(schedulefree::Config::from_kwargs(
+                schedulefree::Rule::AdamW,
+                &read,
+            )?),
+            "radamschedulefree" => Algorithm::ScheduleFree(schedulefree::Config::from_kwargs(
+                schedulefree::Rule::RAdam,
+                &read,
+            )?),
+            "sgdschedulefree" => Algorithm::ScheduleFree(schedulefree::Config::from_kwargs(
+                schedulefree::Rule::Sgd,
+                &read,
+            )?),
             bnb_name => {
                 read.only(
                     "amsgrad",
@@ -481,7 +564,9 @@ impl OptimizerKind {
 
     /// The `--lr_scheduler` to build. Where the optimizer sets its own learning rate,
     /// sd-scripts replaces any scheduler by `adafactor:<lr>` (a constant the optimizer ignores)
-    /// and refuses a warmup; `adafactor` with any other optimizer is refused, as there.
+    /// and refuses a warmup; `adafactor` with any other optimizer is refused, as there. A
+    /// schedule-free optimizer keeps the learning rate constant (sd-scripts' dummy scheduler);
+    /// a warmup there is refused in favour of the optimizer's own `warmup_steps`.
     pub fn scheduler_name<'a>(
         &self,
         lr_scheduler: &'a str,
@@ -503,6 +588,23 @@ impl OptimizerKind {
             }
             return Ok("constant");
         }
+        if matches!(self.algorithm, Algorithm::ScheduleFree(_)) {
+            if warmup_steps > 0 {
+                return Err(Error::Usage(
+                    "--lr_warmup_steps: a schedule-free optimizer takes no scheduler (sd-scripts \
+                     ignores it and keeps --learning_rate); give --optimizer_args warmup_steps=N \
+                     instead"
+                        .into(),
+                ));
+            }
+            if lr_scheduler != "constant" {
+                tracing::warn!(
+                    "a schedule-free optimizer keeps --learning_rate: --lr_scheduler \
+                     {lr_scheduler} is not applied, as in sd-scripts"
+                );
+            }
+            return Ok("constant");
+        }
         if lr_scheduler.starts_with("adafactor") {
             return Err(Error::Usage(format!(
                 "--lr_scheduler {lr_scheduler} goes only with --optimizer_type Adafactor and \
@@ -521,6 +623,7 @@ impl OptimizerKind {
             Algorithm::Bnb(config) => config.state_bytes(len),
             Algorithm::Adafactor(config) => config.state_bytes(len),
             Algorithm::DAdapt(config) => config.state_bytes(len),
+            Algorithm::ScheduleFree(config) => config.state_bytes(len),
         }
     }
 
@@ -556,8 +659,10 @@ enum VarState {
     Bnb(bnb::State),
     /// Adafactor's states, kept in host memory.
     Adafactor(adafactor::State),
-    /// Prodigy's or DAdaptAdam's states, kept in host memory.
+    /// The states of Prodigy or a D-adaptation optimizer, kept in host memory.
     DAdapt(dadapt::State),
+    /// A schedule-free optimizer's states, kept in host memory.
+    ScheduleFree(schedulefree::State),
 }
 
 /// Optimizer state for a list of variables, each with its own learning-rate factor (the
@@ -567,7 +672,7 @@ pub struct Optimizer {
     vars: Vec<Var>,
     lr_factors: Vec<f64>,
     states: Vec<VarState>,
-    /// Prodigy's or DAdaptAdam's shared estimate.
+    /// The shared estimate of Prodigy or a D-adaptation optimizer.
     estimate: Option<dadapt::Global>,
     /// Updates applied to each variable (a variable without a gradient is not updated, as in
     /// torch, so counts can differ under module dropout).
@@ -614,6 +719,9 @@ impl Optimizer {
                     Algorithm::DAdapt(config) => {
                         VarState::DAdapt(dadapt::State::new(config, &host_values(tensor)?))
                     }
+                    Algorithm::ScheduleFree(config) => VarState::ScheduleFree(
+                        schedulefree::State::new(config, &host_values(tensor)?),
+                    ),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -641,6 +749,9 @@ impl Optimizer {
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
         if let Algorithm::DAdapt(config) = &self.kind.algorithm {
             return self.estimating_step(*config, grads, lr);
+        }
+        if let Algorithm::ScheduleFree(config) = &self.kind.algorithm {
+            return self.schedule_free_step(*config, grads, lr);
         }
         for (i, (var, grad)) in self.vars.iter().zip(grads).enumerate() {
             let Some(grad) = grad else { continue };
@@ -673,7 +784,58 @@ impl Optimizer {
         Ok(())
     }
 
-    /// One step of Prodigy or DAdaptAdam over every variable with a gradient at once.
+    /// One step of a schedule-free optimizer: every parameter group counts the step; the
+    /// variables with a gradient move, and all end at `x` (sd-scripts' `optimizer.eval()`).
+    fn schedule_free_step(
+        &mut self,
+        config: schedulefree::Config,
+        grads: &[Option<Tensor>],
+        lr: f64,
+    ) -> Result<()> {
+        for (i, grad) in grads.iter().enumerate() {
+            let VarState::ScheduleFree(state) = &mut self.states[i] else {
+                unreachable!("states are made for the algorithm")
+            };
+            let tensor = self.vars[i].as_tensor();
+            let mut values = host_values(tensor)?;
+            let grad = grad.as_ref().map(host_values).transpose()?;
+            state.update(
+                &config,
+                &mut values,
+                grad.as_deref(),
+                lr * self.lr_factors[i],
+            );
+            if grad.is_some() {
+                self.steps[i] += 1;
+                self.vars[i].set(&Tensor::from_vec(values, tensor.shape(), tensor.device())?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the parameters where the next forward pass reads them: a schedule-free optimizer
+    /// moves them from `x` back to `y` (sd-scripts' `optimizer.train()`); no change otherwise.
+    pub fn prepare_forward(&mut self) -> Result<()> {
+        let Algorithm::ScheduleFree(config) = &self.kind.algorithm else {
+            return Ok(());
+        };
+        for (var, state) in self.vars.iter().zip(&mut self.states) {
+            let VarState::ScheduleFree(state) = state else {
+                unreachable!("states are made for the algorithm")
+            };
+            if state.in_train_mode() {
+                continue;
+            }
+            let tensor = var.as_tensor();
+            let mut values = host_values(tensor)?;
+            state.to_train(config, &mut values);
+            var.set(&Tensor::from_vec(values, tensor.shape(), tensor.device())?)?;
+        }
+        Ok(())
+    }
+
+    /// One step of Prodigy or a D-adaptation optimizer over every variable with a gradient at
+    /// once.
     fn estimating_step(
         &mut self,
         config: dadapt::Config,
@@ -699,15 +861,15 @@ impl Optimizer {
                 grad: std::mem::take(grad),
                 state: states[*i].take().expect("a DAdapt state per variable"),
                 lr: lr * self.lr_factors[*i],
+                updates: self.steps[*i],
             });
         }
         let estimate = self.estimate.as_mut().expect("an estimate for DAdapt");
-        if !dadapt::step(&config, estimate, &mut slots) {
-            return Ok(());
-        }
+        // DAdaptLion moves the parameters even in a step it does not count.
+        let counted = dadapt::step(&config, estimate, &mut slots);
         drop(slots);
         for (i, param, _) in values {
-            self.steps[i] += 1;
+            self.steps[i] += usize::from(counted);
             let tensor = self.vars[i].as_tensor();
             self.vars[i].set(&Tensor::from_vec(param, tensor.shape(), tensor.device())?)?;
         }
@@ -742,6 +904,7 @@ impl Optimizer {
                 VarState::Bnb(state) => out.extend(state.tensors(i)?),
                 VarState::Adafactor(state) => out.extend(state.tensors(i)?),
                 VarState::DAdapt(state) => out.extend(state.tensors(i)?),
+                VarState::ScheduleFree(state) => out.extend(state.tensors(i)?),
             }
         }
         if let Some(estimate) = &self.estimate {
@@ -773,6 +936,7 @@ impl Optimizer {
                 VarState::Bnb(state) => state.restore(i, saved)?,
                 VarState::Adafactor(state) => state.restore(i, saved)?,
                 VarState::DAdapt(state) => state.restore(i, saved)?,
+                VarState::ScheduleFree(state) => state.restore(i, saved)?,
             }
         }
         if let Some(estimate) = &mut self.estimate {
@@ -836,7 +1000,10 @@ fn tensor_step(
             let direction = (&grad + (&buffer * momentum)?)?;
             ((param - (direction * lr)?)?, vec![buffer])
         }
-        Algorithm::Bnb(_) | Algorithm::Adafactor(_) | Algorithm::DAdapt(_) => {
+        Algorithm::Bnb(_)
+        | Algorithm::Adafactor(_)
+        | Algorithm::DAdapt(_)
+        | Algorithm::ScheduleFree(_) => {
             unreachable!("host-memory optimizers have no tensor state")
         }
     })
@@ -939,8 +1106,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("True and False"), "{error}");
-        let error = parse("DAdaptSGD", &[]).unwrap_err().to_string();
-        assert!(error.contains("DAdaptAdam"), "{error}");
+        let error = parse("AdEMAMix8bit", &[]).unwrap_err().to_string();
+        assert!(error.contains("AdamW8bit"), "{error}");
+        let error = parse("DAdaptAdan", &["betas=(0.9,0.9)"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("three numbers"), "{error}");
+        let error = parse("DAdaptLion", &["growth_rate=2"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("d0"), "{error}");
         let error = parse("DAdaptation", &["use_bias_correction=True"])
             .unwrap_err()
             .to_string();
@@ -976,8 +1151,30 @@ mod tests {
     }
 
     #[test]
+    fn schedule_free_optimizers_keep_the_learning_rate_and_refuse_a_warmup() {
+        let kind = parse("SGDScheduleFree", &["warmup_steps=3"]).unwrap();
+        assert_eq!(kind.scheduler_name("cosine", 0).unwrap(), "constant");
+        let error = kind.scheduler_name("constant", 5).unwrap_err().to_string();
+        assert!(error.contains("warmup_steps=N"), "{error}");
+        let error = parse("RAdamScheduleFree", &["warmup_steps=3"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("silent_sgd_phase"), "{error}");
+        assert!(parse("SGDScheduleFree", &["momentum=0"]).is_err());
+    }
+
+    #[test]
     fn learning_rate_free_optimizers_refuse_several_learning_rates() {
-        for name in ["Prodigy", "DAdaptAdam", "DAdaptation"] {
+        for name in [
+            "Prodigy",
+            "DAdaptAdam",
+            "DAdaptation",
+            "DAdaptAdaGrad",
+            "DAdaptSGD",
+            "DAdaptLion",
+            "DAdaptAdan",
+            "DAdaptAdanIP",
+        ] {
             let kind = parse(name, &[]).unwrap();
             assert!(kind.check_learning_rates(&[1.0, 1.0, 0.0]).is_ok());
             let error = kind
