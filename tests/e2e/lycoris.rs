@@ -152,6 +152,41 @@ fn lycoris_loha_trains_with_the_text_encoder_and_saves_lycoris_keys() {
         "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
     ));
 
+    // A second run starts from the file.
+    let stderr = run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            out.path(),
+            "--output_name",
+            "again",
+            "--network_module",
+            "lycoris.kohya",
+            "--network_dim",
+            "4",
+            "--network_alpha",
+            "2",
+            "--network_args",
+            "algo=loha",
+            "conv_dim=2",
+            "conv_alpha=1",
+            "--network_weights",
+            &path,
+            "--max_train_steps",
+            "1",
+            "--seed",
+            "5"
+        ],
+        0,
+    );
+    assert!(stderr.contains("354 LyCORIS modules loaded"), "{stderr}");
+
     match reference_python() {
         Some(python) => {
             let output = Command::new(python)
@@ -192,16 +227,18 @@ fn lycoris_options_lorakit_lacks_are_refused_by_name() {
         (&["--network_args", "preset=attn-only"], "preset=attn-only"),
         (&["--scale_weight_norms", "1"], "--scale_weight_norms"),
     ];
+    let (model, meta) = (model(), data.path().join("meta_lat.json"));
+    let (data_dir, out_dir) = (data.path().to_path_buf(), out.path().to_path_buf());
     for (flags, named) in cases {
         let mut args = args![
             "--pretrained_model_name_or_path",
-            model(),
+            model,
             "--in_json",
-            data.path().join("meta_lat.json"),
+            meta,
             "--train_data_dir",
-            data.path(),
+            data_dir,
             "--output_dir",
-            out.path(),
+            out_dir,
             "--network_module",
             "lycoris.kohya"
         ]
@@ -214,17 +251,53 @@ fn lycoris_options_lorakit_lacks_are_refused_by_name() {
         "train-lora",
         args![
             "--pretrained_model_name_or_path",
-            model(),
+            model,
             "--in_json",
-            data.path().join("meta_lat.json"),
+            meta,
             "--train_data_dir",
-            data.path(),
+            data_dir,
             "--output_dir",
-            out.path(),
+            out_dir,
             "--network_module",
             "networks.dylora"
         ],
         2,
     );
     assert!(stderr.contains("lycoris.kohya"), "{stderr}");
+}
+
+#[test]
+fn lora_tools_list_lycoris_weights_and_refuse_to_merge_them_naming_lycoris_merge() {
+    let loha = fixtures().join("golden/lycoris/loha.safetensors");
+    let output = common::run("check-lora", args![loha, "--json"]);
+    assert!(output.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    // Every LoHa factor (4 per module, alpha aside) is listed with its statistics.
+    assert_eq!(report["lora_tensors"], 354 * 4);
+    let tensors = report["tensors"].as_array().unwrap();
+    let conv1 = (tensors.iter())
+        .find(|t| t["key"] == "lora_unet_down_blocks_1_resnets_0_conv1.hada_w1_b")
+        .unwrap();
+    assert_eq!(conv1["shape"], serde_json::json!([2, 288]));
+    assert!(conv1["mean_abs"].as_f64().unwrap() > 0.0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    for (tool, flags) in [
+        (
+            "merge-lora",
+            args!["--save_to", out, "--models", loha, "--ratios", "1"],
+        ),
+        (
+            "resize-lora",
+            args!["--model", loha, "--save_to", out, "--new_rank", "2"],
+        ),
+    ] {
+        let stderr = run_expect(tool, flags, 1);
+        assert!(
+            stderr.contains("a LyCORIS file") && stderr.contains("tools/merge.py"),
+            "{tool}: {stderr}"
+        );
+        assert!(!out.exists());
+    }
 }
