@@ -301,3 +301,80 @@ fn lora_tools_list_lycoris_weights_and_refuse_to_merge_them_naming_lycoris_merge
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn lycoris_lokr_with_rank_and_module_dropout_resumes_bit_for_bit() {
+    // Two steps, then two more from the saved state, against four straight: the LoKr factors,
+    // their optimizer state and the dropout draws continue exactly.
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let (resumed, straight) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (model, meta) = (model(), data.path().join("meta_lat.json"));
+    let data_dir = data.path();
+    let flags: &[&std::ffi::OsStr] = args![
+        "--pretrained_model_name_or_path",
+        model,
+        "--in_json",
+        meta,
+        "--train_data_dir",
+        data_dir,
+        "--output_name",
+        "lokr",
+        "--network_train_unet_only",
+        "--network_module",
+        "lycoris.kohya",
+        "--network_args",
+        "algo=lokr",
+        "rank_dropout=0.3",
+        "module_dropout=0.2",
+        "--train_batch_size",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--seed",
+        "9",
+        "--save_state",
+        "--quiet"
+    ];
+    let (resumed_dir, straight_dir) = (resumed.path(), straight.path());
+    let run = |dir: &Path, steps: &str| {
+        let args: Vec<std::ffi::OsString> = (flags.iter().map(|s| s.to_os_string()))
+            .chain(["--output_dir".into(), dir.into()])
+            .chain(["--max_train_steps".into(), steps.into()])
+            .collect();
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|s| s.as_os_str()).collect();
+        run_expect("train-lora", &args, 0);
+    };
+    run(resumed_dir, "2");
+    run_expect(
+        "train-lora",
+        args![
+            "--resume",
+            "latest",
+            "--output_dir",
+            resumed_dir,
+            "--max_train_steps",
+            "4"
+        ],
+        0,
+    );
+    run(straight_dir, "4");
+    let tensors = |dir: &Path| {
+        candle_core::safetensors::load(dir.join("lokr.safetensors"), &candle_core::Device::Cpu)
+            .unwrap()
+    };
+    let (a, b) = (tensors(resumed_dir), tensors(straight_dir));
+    assert!(a.keys().all(|k| k.starts_with("lora_unet_")));
+    assert!(a.keys().any(|k| k.ends_with(".lokr_w2_b")));
+    assert_eq!(a.len(), b.len());
+    let mut moved = 0;
+    for (name, tensor) in &a {
+        let x: Vec<f32> = tensor.flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = b[name].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(x, y, "{name} differs after resuming");
+        if name.ends_with(".lokr_w2_b") && x.iter().any(|&v| v != 0.0) {
+            moved += 1;
+        }
+    }
+    assert!(moved > 0, "training moved the zero-initialised factors");
+}

@@ -331,11 +331,19 @@ pub fn load(dir: &Path, network: &Network, optimizer: &mut Optimizer) -> Result<
                 .collect();
             let saved: std::collections::BTreeSet<String> = weights.keys().cloned().collect();
             if keys != saved {
+                let differs = |a: &std::collections::BTreeSet<String>, b| {
+                    a.difference(b)
+                        .next()
+                        .cloned()
+                        .unwrap_or_else(|| "nothing".into())
+                };
                 return Err(Error::Usage(format!(
-                    "{} was saved for another LyCORIS network (other algo, dims or modules); \
-                     resume with the --network_dim / --network_alpha / --network_args it was \
-                     saved with",
-                    dir.display()
+                    "{} was saved for another LyCORIS network (other algo, dims or modules: it \
+                     has {}, this run has {}); resume with the --network_dim / --network_alpha / \
+                     --network_args it was saved with",
+                    dir.display(),
+                    differs(&saved, &keys),
+                    differs(&keys, &saved),
                 )));
             }
             network
