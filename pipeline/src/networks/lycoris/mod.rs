@@ -447,8 +447,6 @@ fn new_module(
             let w1_b = var(&[dim, columns], Init::Normal(1.0))?;
             let w2_a = var(&[out_dim, dim], Init::Zeros)?;
             let w2_b = var(&[dim, columns], Init::Normal(1.0))?;
-            // lycoris draws w1_b, w1_a, w2_b in that order; the values differ from torch's
-            // anyway, only the distributions matter.
             (
                 Factors::Loha {
                     w1_a,
