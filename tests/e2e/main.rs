@@ -14,6 +14,7 @@ mod generate_images;
 mod latents;
 mod lint;
 mod lora_tools;
+mod lycoris;
 mod make_flow;
 mod metadata;
 mod prepare_dataset;

@@ -620,7 +620,8 @@ fn explicit_settings(command: &Command, matches: &ArgMatches) -> Settings {
     settings
 }
 
-/// `--long=value` tokens (one per value) and `--flag` tokens that give `settings`.
+/// The tokens that give `settings`: `--long=value` for one value, `--long v1 v2 ...` for several
+/// (one occurrence: given again, an option replaces its values) and `--flag`.
 fn command_line_of(command: &Command, settings: &Settings) -> Vec<OsString> {
     let mut tokens = Vec::new();
     for (id, value) in &settings.values {
@@ -632,10 +633,13 @@ fn command_line_of(command: &Command, settings: &Settings) -> Vec<OsString> {
             continue;
         };
         match value {
+            // One occurrence: given again, an option replaces its values (argparse's way).
+            Value::Array(values) if values.len() == 1 => {
+                tokens.push(format!("--{long}={}", values[0].as_str().unwrap_or_default()).into());
+            }
             Value::Array(values) => {
-                for v in values {
-                    tokens.push(format!("--{long}={}", v.as_str().unwrap_or_default()).into());
-                }
+                tokens.push(format!("--{long}").into());
+                tokens.extend(values.iter().map(|v| v.as_str().unwrap_or_default().into()));
             }
             _ => tokens.push(format!("--{long}").into()),
         }

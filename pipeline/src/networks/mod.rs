@@ -1,3 +1,54 @@
 //! Trainable networks attached to a frozen model's adaptable layers.
 
 pub mod lora;
+pub mod lycoris;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::DType;
+
+use crate::Result;
+use lora::LoraNetwork;
+use lycoris::LycorisNetwork;
+
+/// The network a training run trains: sd-scripts' LoRA (`networks.lora`) or a LyCORIS network
+/// (`lycoris.kohya`).
+#[derive(Debug, Clone)]
+pub enum Network {
+    /// `--network_module networks.lora`.
+    Lora(LoraNetwork),
+    /// `--network_module lycoris.kohya`.
+    Lycoris(LycorisNetwork),
+}
+
+impl Network {
+    /// The module names, in module order.
+    pub fn module_names(&self) -> Vec<&str> {
+        match self {
+            Network::Lora(n) => n.modules.iter().map(|m| m.name.as_str()).collect(),
+            Network::Lycoris(n) => n.modules.iter().map(|m| m.name.as_str()).collect(),
+        }
+    }
+
+    /// Sets the dropout masks' stream for the next forward pass (`None`: no dropout).
+    pub fn set_dropout_stream(&self, stream: Option<u64>) {
+        match self {
+            Network::Lora(n) => n.set_dropout_stream(stream),
+            Network::Lycoris(n) => n.set_dropout_stream(stream),
+        }
+    }
+
+    /// Writes the network's file with `metadata` atomically to `path`.
+    pub fn save(
+        &self,
+        path: &Path,
+        save_dtype: Option<DType>,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        match self {
+            Network::Lora(n) => n.save(path, save_dtype, metadata),
+            Network::Lycoris(n) => n.save(path, save_dtype, metadata),
+        }
+    }
+}

@@ -5,6 +5,7 @@ mod support;
 
 mod generate_images;
 mod kohya_datasets;
+mod lycoris;
 mod optimizers;
 mod samplers;
 mod sdxl_unet;

@@ -41,17 +41,26 @@ pub struct BranchDropout {
 }
 
 /// Stream value meaning "not training": the branch is applied without dropout.
-pub(super) const NO_DROPOUT_STREAM: u64 = 0;
+pub(crate) const NO_DROPOUT_STREAM: u64 = 0;
 
 /// How one forward pass of a branch is perturbed.
-pub(super) struct BranchDraw {
+pub(crate) struct BranchDraw {
     rng: rand::rngs::StdRng,
     rates: DropoutRates,
 }
 
 impl BranchDropout {
+    /// Dropout at `rates` for the module at `index`, drawing from `stream`.
+    pub(crate) fn new(rates: DropoutRates, index: u64, stream: Arc<AtomicU64>) -> Self {
+        Self {
+            rates,
+            index,
+            stream,
+        }
+    }
+
     /// The draws for this forward pass, or `None` when not training.
-    pub(super) fn draw(&self) -> Option<BranchDraw> {
+    pub(crate) fn draw(&self) -> Option<BranchDraw> {
         let stream = self.stream.load(Ordering::Relaxed);
         if stream == NO_DROPOUT_STREAM || !self.rates.any() {
             return None;
@@ -66,8 +75,29 @@ impl BranchDropout {
 
 impl BranchDraw {
     /// True when module dropout skips the branch this time (drawn first, as upstream).
-    pub(super) fn skips_branch(&mut self) -> bool {
+    pub(crate) fn skips_branch(&mut self) -> bool {
         self.rates.module > 0.0 && self.rng.random::<f32>() < self.rates.module
+    }
+
+    /// LyCORIS' rank dropout of a rebuilt weight change: a `[rows, 1, ...]` mask (`rank` axes in
+    /// all) keeping each output row with probability `1 - rank`, unscaled; `None` without rank
+    /// dropout.
+    pub(crate) fn row_mask(
+        &mut self,
+        rows: usize,
+        rank: usize,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let rate = self.rates.rank;
+        if rate <= 0.0 {
+            return Ok(None);
+        }
+        let mask: Vec<f32> = (0..rows)
+            .map(|_| f32::from(self.rng.random::<f32>() > rate))
+            .collect();
+        let mut shape = vec![1; rank];
+        shape[0] = rows;
+        Tensor::from_vec(mask, shape, device).map(Some)
     }
 
     /// `hidden` (the output of `lora_down`, ranks on axis `rank_axis`, samples on axis 0) with

@@ -98,7 +98,7 @@ impl LoraFile {
 }
 
 /// Safetensors bytes of `tensors` with `metadata` plus the two sd-webui hashes.
-pub(super) fn serialize_with_hashes(
+pub(crate) fn serialize_with_hashes(
     tensors: &[(String, Tensor)],
     metadata: &BTreeMap<String, String>,
 ) -> std::result::Result<Vec<u8>, String> {

@@ -23,9 +23,11 @@ use crate::models::adapter::{Adaptable, AdaptableLayer, Container, LayerAdapter}
 use crate::models::frozen::FrozenKind;
 use crate::models::trainable_conv;
 use crate::{Error, Result};
-use dropout::{BranchDraw, NO_DROPOUT_STREAM};
+use dropout::BranchDraw;
+pub(crate) use dropout::NO_DROPOUT_STREAM;
 pub use dropout::{BranchDropout, DropoutRates};
-use file::{serialize_with_hashes, FileModule};
+pub(crate) use file::serialize_with_hashes;
+use file::FileModule;
 pub use file::{sha256_hex, LoraFile};
 pub use selection::{unet_lora_name, BlockDims, BlockLayout, LoraConfig};
 

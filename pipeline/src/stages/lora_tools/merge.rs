@@ -83,7 +83,7 @@ fn read_lora(path: &Path, precision: Precision) -> Result<TensorFile> {
                 path,
                 format!(
                     "tensor {key} is not part of a kohya LoRA module (lora_down/lora_up/alpha); \
-                     LyCORIS files cannot be merged by this tool (merge_lora.py cannot either)"
+                     LyCORIS files cannot be merged by this tool (merge_lora.py cannot either): use lycoris-lora's tools/merge.py"
                 ),
             ));
         }

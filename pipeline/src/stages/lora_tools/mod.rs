@@ -97,7 +97,9 @@ pub fn not_a_lora(file: &TensorFile, path: &Path) -> Error {
         .any(|k| k.starts_with("model.diffusion_model.") || k.starts_with("first_stage_model."));
     let what = if lycoris {
         "a LyCORIS file (LoHa/LoKr/...): this tool handles kohya lora_down/lora_up modules only, \
-         as the sd-scripts script does"
+         as the sd-scripts script does; to merge it into a checkpoint use lycoris-lora's own \
+         merge (tools/merge.py of the LyCORIS repository, lycoris.utils.merge); check-lora \
+         lists its weights"
     } else if checkpoint {
         "a Stable Diffusion checkpoint, not a LoRA: pass the LoRA .safetensors file"
     } else {

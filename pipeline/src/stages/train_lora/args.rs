@@ -82,7 +82,7 @@ pub struct TrainArgs {
     /// Repeats of the dataset per epoch.
     #[arg(long, default_value_t = 1)]
     pub dataset_repeats: usize,
-    /// Must be networks.lora (the only network module).
+    /// networks.lora, or lycoris.kohya for a LyCORIS network (docs/lycoris.md).
     #[arg(long, default_value = "networks.lora")]
     pub network_module: String,
     /// LoRA rank (default 4).
@@ -95,7 +95,8 @@ pub struct TrainArgs {
     /// conv_block_dims, conv_block_alphas, down_lr_weight, mid_lr_weight, up_lr_weight,
     /// block_lr_zero_threshold, rank_dropout, module_dropout, loraplus_lr_ratio,
     /// loraplus_unet_lr_ratio (loraplus_text_encoder_lr_ratio is accepted; no text encoder is
-    /// trained).
+    /// trained). With lycoris.kohya: algo=locon|loha|lokr, conv_dim, conv_alpha, factor,
+    /// decompose_both, rank_dropout, module_dropout.
     #[arg(long, num_args = 1..)]
     pub network_args: Vec<String>,
     /// Dropout probability of the LoRA hidden units while training (sd-scripts'

@@ -39,6 +39,8 @@ use crate::models::recompute;
 use crate::models::unet::{self, Unet};
 use crate::models::{Checkpoint, Component, ModelFamily};
 use crate::networks::lora::{BlockLayout, LoraNetwork};
+use crate::networks::lycoris::LycorisNetwork;
+use crate::networks::Network;
 use crate::text::caption_text::CaptionAugmentation;
 use crate::{Error, Result};
 pub use args::TrainArgs;
@@ -271,7 +273,7 @@ struct Setup {
     held_out: Option<CachedDataset>,
     unet: Unet,
     text: Option<live_text::LiveText>,
-    network: LoraNetwork,
+    network: Network,
     optimizer: Optimizer,
     optimizer_kind: OptimizerKind,
     scheduler: LrScheduler,
@@ -477,7 +479,9 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         );
         return Ok(None);
     }
-    if !(args.dim_from_weights && args.network_weights.is_some()) {
+    if !(args.dim_from_weights && args.network_weights.is_some())
+        && network_options.lycoris.is_none()
+    {
         check_network_fits(&mut unet, &network_options.lora, &optimizer_kind)?;
     }
     let network = {
@@ -491,33 +495,59 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         }
         let mut models = Joined(models);
         merge_base_weights(args, &mut models, live)?;
-        let mut network = match &args.network_weights {
-            Some(path) if args.dim_from_weights => {
-                let (network, report) = LoraNetwork::load(&mut models, path, 1.0, &device)?;
-                log_loaded(path, &report, live);
-                network
+        match &network_options.lycoris {
+            Some(config) => Network::Lycoris(match &args.network_weights {
+                Some(path) if args.dim_from_weights => {
+                    let (network, unknown) = LycorisNetwork::load(&mut models, path, 1.0, &device)?;
+                    log_lycoris_loaded(path, network.modules.len(), &unknown);
+                    network
+                }
+                Some(path) => {
+                    let network = LycorisNetwork::create(&mut models, config, plan.seed, &device)?;
+                    let applied = network.load_weights(path)?;
+                    tracing::info!("{}: {applied} LyCORIS modules loaded", path.display());
+                    network
+                }
+                None => LycorisNetwork::create(&mut models, config, plan.seed, &device)?,
+            }),
+            None => {
+                let mut network = match &args.network_weights {
+                    Some(path) if args.dim_from_weights => {
+                        let (network, report) = LoraNetwork::load(&mut models, path, 1.0, &device)?;
+                        log_loaded(path, &report, live);
+                        network
+                    }
+                    Some(path) => {
+                        let mut network = LoraNetwork::create(
+                            &mut models,
+                            &network_options.lora,
+                            plan.seed,
+                            &device,
+                        )?;
+                        let report = network.load_weights(&mut models, path)?;
+                        log_loaded(path, &report, live);
+                        network
+                    }
+                    None => {
+                        LoraNetwork::create(&mut models, &network_options.lora, plan.seed, &device)?
+                    }
+                };
+                if network_options.dropout.any() {
+                    network.enable_dropout(&mut models, network_options.dropout);
+                }
+                Network::Lora(network)
             }
-            Some(path) => {
-                let mut network =
-                    LoraNetwork::create(&mut models, &network_options.lora, plan.seed, &device)?;
-                let report = network.load_weights(&mut models, path)?;
-                log_loaded(path, &report, live);
-                network
-            }
-            None => LoraNetwork::create(&mut models, &network_options.lora, plan.seed, &device)?,
-        };
-        if network_options.dropout.any() {
-            network.enable_dropout(&mut models, network_options.dropout);
         }
-        network
     };
     if live {
-        let te_modules = (network.modules.iter())
-            .filter(|m| m.name.starts_with("lora_te"))
+        let names = network.module_names();
+        let te_modules = names
+            .iter()
+            .filter(|name| name.starts_with("lora_te"))
             .count();
         tracing::info!(
-            "{te_modules} text-encoder and {} UNet LoRA modules; text-encoder learning rate {}",
-            network.modules.len() - te_modules,
+            "{te_modules} text-encoder and {} UNet modules; text-encoder learning rate {}",
+            names.len() - te_modules,
             args.text_encoder_lr()
         );
     }
@@ -527,13 +557,21 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         lr if lr > 0.0 => args.text_encoder_lr() / lr,
         _ => 0.0,
     };
-    let (vars, lr_factors): (Vec<_>, Vec<_>) = (network.modules.iter())
-        .flat_map(|m| [(&m.down, &m.name, false), (&m.up, &m.name, true)])
+    let trainable: Vec<(candle_core::Var, &str, bool)> = match &network {
+        Network::Lora(network) => (network.modules.iter())
+            .flat_map(|m| [(&m.down, &m.name, false), (&m.up, &m.name, true)])
+            .map(|(var, name, is_up)| (var.clone(), name.as_str(), is_up))
+            .collect(),
+        Network::Lycoris(network) => (network.named_vars().into_iter())
+            .map(|(name, var)| (var, name, false))
+            .collect(),
+    };
+    let (vars, lr_factors): (Vec<_>, Vec<_>) = (trainable.into_iter())
         .map(|(var, name, is_up)| {
             let factor = network_options.lr_factor(name, is_up);
             match name.starts_with("lora_te") {
-                true => (var.clone(), factor * text_encoder_factor),
-                false => (var.clone(), factor),
+                true => (var, factor * text_encoder_factor),
+                false => (var, factor),
             }
         })
         .filter(|(_, factor)| *factor > 0.0)
@@ -715,7 +753,7 @@ struct Training<'a> {
     device: &'a Device,
     dataset: &'a CachedDataset,
     unet: &'a Unet,
-    network: &'a LoraNetwork,
+    network: &'a Network,
     scheduler: &'a LrScheduler,
     loss_ctx: &'a LossContext<'a>,
     validation: Option<&'a Validation>,
@@ -775,7 +813,11 @@ impl Training<'_> {
                     lr = optimizer.own_lr().unwrap_or(lr);
                 }
                 let max_norm = match self.args.scale_weight_norms {
-                    Some(limit) => Some(self.network.apply_max_norm(limit)?),
+                    // check_args refuses --scale_weight_norms for LyCORIS networks.
+                    Some(limit) => match self.network {
+                        Network::Lora(network) => Some(network.apply_max_norm(limit)?),
+                        Network::Lycoris(_) => None,
+                    },
                     None => None,
                 };
                 if !closes_group {
@@ -1059,6 +1101,18 @@ fn finish(
     Ok(summary)
 }
 
+/// Reports what `--network_weights --dim_from_weights` loaded from a LyCORIS file.
+fn log_lycoris_loaded(path: &Path, loaded: usize, unknown: &[String]) {
+    tracing::info!("{}: {loaded} LyCORIS modules loaded", path.display());
+    if let Some(first) = unknown.first() {
+        tracing::warn!(
+            "{}: {} modules (e.g. {first}) have no layer in the trained models",
+            path.display(),
+            unknown.len()
+        );
+    }
+}
+
 /// Reports what `--network_weights` contributed.
 fn log_loaded(path: &Path, report: &crate::networks::lora::LoadReport, live: bool) {
     tracing::info!(
@@ -1305,11 +1359,20 @@ fn is_up_to_date(lora: &Path, training_key: &str) -> bool {
 }
 
 fn check_args(args: &TrainArgs) -> Result<()> {
-    if args.network_module != "networks.lora" {
+    let lycoris = args.network_module == network_args::LYCORIS_MODULE;
+    if args.network_module != "networks.lora" && !lycoris {
         return Err(Error::Usage(format!(
-            "--network_module {}: only networks.lora is supported",
+            "--network_module {}: not supported; networks.lora (LoRA, LoCon as C3Lier) and \
+             lycoris.kohya (algo=locon|loha|lokr) are",
             args.network_module
         )));
+    }
+    if lycoris && args.scale_weight_norms.is_some() {
+        return Err(Error::Usage(
+            "--scale_weight_norms is not supported with lycoris.kohya; it works with \
+             networks.lora"
+                .into(),
+        ));
     }
     if args.save_model_as != "safetensors" {
         return Err(Error::Usage(format!(

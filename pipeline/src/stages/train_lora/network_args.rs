@@ -3,6 +3,7 @@
 //! per-block learning-rate weights, rank and module dropout, and LoRA+.
 
 use crate::networks::lora::{Alpha, BlockDims, BlockLayout, DropoutRates, LoraConfig};
+use crate::networks::lycoris::{Algo, LycorisConfig};
 use crate::{Error, Result};
 
 use super::TrainArgs;
@@ -23,6 +24,8 @@ pub struct NetworkOptions {
     /// LoRA+ of the text-encoder modules (`loraplus_text_encoder_lr_ratio`, else
     /// `loraplus_lr_ratio`).
     pub loraplus_text_encoder_ratio: Option<f64>,
+    /// The LyCORIS network of `--network_module lycoris.kohya` (then `lora` is unused).
+    pub lycoris: Option<LycorisConfig>,
 }
 
 impl NetworkOptions {
@@ -35,6 +38,17 @@ impl NetworkOptions {
                 Error::Usage(format!("--network_args {arg:?}: expected key=value"))
             })?;
             given.insert(key.trim().to_string(), value.trim().to_string());
+        }
+        if args.network_module == LYCORIS_MODULE {
+            return Ok(Self {
+                lora: LoraConfig::default(),
+                dropout: DropoutRates::default(),
+                block_lr_weights: None,
+                layout,
+                loraplus_ratio: None,
+                loraplus_text_encoder_ratio: None,
+                lycoris: Some(lycoris_config(args, given)?),
+            });
         }
         let mut take = |key: &str| given.remove(key);
         let network_dim = args.network_dim.unwrap_or(4);
@@ -143,6 +157,7 @@ impl NetworkOptions {
             layout,
             loraplus_ratio: unet_ratio.or(shared_ratio).filter(|&r| r != 0.0),
             loraplus_text_encoder_ratio: text_encoder_ratio.or(shared_ratio).filter(|&r| r != 0.0),
+            lycoris: None,
         })
     }
 
@@ -165,6 +180,145 @@ impl NetworkOptions {
             _ => block,
         }
     }
+}
+
+/// The `--network_module` of LyCORIS networks.
+pub const LYCORIS_MODULE: &str = "lycoris.kohya";
+
+/// lycoris' `str_bool`: every value but `false` (any case) is true.
+fn lycoris_bool(value: &str) -> bool {
+    !value.eq_ignore_ascii_case("false")
+}
+
+/// The LyCORIS network of `--network_dim`, `--network_alpha` and the `--network_args` `given`
+/// (docs/lycoris.md), read as `lycoris.kohya.create_network` reads them; options it has that this
+/// tool does not implement are refused when they would change anything.
+fn lycoris_config(
+    args: &TrainArgs,
+    mut given: std::collections::BTreeMap<String, String>,
+) -> Result<LycorisConfig> {
+    let mut take = |key: &str| given.remove(key);
+    let algo_name = take("algo").unwrap_or_else(|| "lora".into());
+    let algo = Algo::parse(&algo_name).ok_or_else(|| {
+        Error::Usage(format!(
+            "--network_args algo={algo_name}: not supported; lycoris.kohya's locon (lora), loha \
+             and lokr are"
+        ))
+    })?;
+    let dim = args.network_dim.unwrap_or(4);
+    let alpha = args.network_alpha.unwrap_or(1.0);
+    // lycoris reads `int(value or network_dim)`: an empty value means the default.
+    let conv_dim = match take("conv_dim").filter(|v| !v.is_empty()) {
+        Some(v) => number::<usize>("conv_dim", &v)?,
+        None => dim,
+    };
+    let conv_alpha = match take("conv_alpha").filter(|v| !v.is_empty()) {
+        Some(v) => number::<f32>("conv_alpha", &v)?,
+        None => alpha,
+    };
+    let factor = match take("factor") {
+        Some(v) => number::<i64>("factor", &v)?,
+        None => -1,
+    };
+    let decompose_both =
+        match take("decompose_both") {
+            // lycoris passes the string on as it is: any non-empty value, "False" too, is true.
+            Some(v) if v.eq_ignore_ascii_case("false") => return Err(Error::Usage(
+                "--network_args decompose_both=False: lycoris treats any given value, \"False\" \
+                 too, as true; leave decompose_both out to keep it off"
+                    .into(),
+            )),
+            Some(v) => !v.is_empty(),
+            None => false,
+        };
+    let rate = |key: &str, value: Option<String>| -> Result<f32> {
+        let rate = value.map(|v| number::<f32>(key, &v)).transpose()?;
+        probability(key, rate)
+    };
+    let dropout = DropoutRates {
+        neuron: 0.0,
+        rank: rate("rank_dropout", take("rank_dropout"))?,
+        module: rate("module_dropout", take("module_dropout"))?,
+    };
+    let neuron = rate("dropout", take("dropout"))?;
+    if neuron > 0.0 || args.network_dropout.is_some_and(|d| d > 0.0) {
+        tracing::warn!(
+            "dropout / --network_dropout have no effect with lycoris.kohya (lycoris applies \
+             neither to the rebuilt weight); rank_dropout and module_dropout do"
+        );
+    }
+    if let Some(preset) = take("preset") {
+        if preset != "full" {
+            return Err(Error::Usage(format!(
+                "--network_args preset={preset}: only lycoris' default preset, full, is supported"
+            )));
+        }
+    }
+    const OFF_ONLY: [(&str, &str); 16] = [
+        ("use_tucker", "Tucker decomposition"),
+        ("use_conv_cp", "Tucker decomposition"),
+        ("use_cp", "Tucker decomposition"),
+        ("use_scalar", "the trainable scalar"),
+        ("dora_wd", "DoRA weight decomposition"),
+        ("wd_on_output", "DoRA weight decomposition"),
+        ("train_norm", "training the norm layers"),
+        ("bypass_mode", "the bypass forward pass"),
+        ("rs_lora", "rank-stabilised scaling"),
+        ("full_matrix", "LoKr's full matrices"),
+        (
+            "unbalanced_factorization",
+            "LoKr's unbalanced factorisation",
+        ),
+        ("rank_dropout_scale", "rescaled rank dropout"),
+        ("rescaled", "rescaled modules"),
+        ("train_t5xxl", "T5-XXL training"),
+        ("loraplus_lr_ratio", "LoRA+"),
+        ("loraplus_unet_lr_ratio", "LoRA+"),
+    ];
+    for (key, what) in OFF_ONLY {
+        if let Some(value) = take(key) {
+            let on = match key {
+                // LoRA+ ratios are numbers; wd_on_output only matters with dora_wd.
+                "loraplus_lr_ratio" | "loraplus_unet_lr_ratio" => {
+                    number::<f64>(key, &value)? != 0.0
+                }
+                "wd_on_output" => false,
+                _ => lycoris_bool(&value),
+            };
+            if on {
+                return Err(Error::Usage(format!(
+                    "--network_args {key}={value}: {what} is not supported with lycoris.kohya; \
+                     supported: algo=locon|loha|lokr, conv_dim, conv_alpha, factor, \
+                     decompose_both, rank_dropout, module_dropout, dropout (no effect), \
+                     preset=full"
+                )));
+            }
+        }
+    }
+    if let Some(value) = take("disable_conv_cp") {
+        if !lycoris_bool(&value) {
+            return Err(Error::Usage(format!(
+                "--network_args disable_conv_cp={value}: Tucker decomposition is not supported \
+                 with lycoris.kohya"
+            )));
+        }
+    }
+    if let Some(key) = given.keys().next() {
+        return Err(Error::Usage(format!(
+            "--network_args {key}: not supported with lycoris.kohya (supported: algo, conv_dim, \
+             conv_alpha, factor, decompose_both, rank_dropout, module_dropout, dropout, preset)"
+        )));
+    }
+    Ok(LycorisConfig {
+        algo,
+        dim,
+        alpha,
+        conv_dim,
+        conv_alpha,
+        factor,
+        decompose_both,
+        dropout,
+    })
 }
 
 /// The learning-rate weights of every block of `layout` from `down_lr_weight`, `mid_lr_weight`

@@ -10,7 +10,7 @@ use candle_core::DType;
 use super::optim::Optimizer;
 use super::state;
 use super::TrainArgs;
-use crate::networks::lora::LoraNetwork;
+use crate::networks::Network;
 use crate::{Error, Result};
 
 /// When a periodic save happens.
@@ -27,7 +27,7 @@ pub struct Saver<'a> {
     /// The run's options (output folder, rotation, metadata switches).
     pub args: &'a TrainArgs,
     /// The network being trained.
-    pub network: &'a LoraNetwork,
+    pub network: &'a Network,
     /// `--save_precision`.
     pub save_dtype: Option<DType>,
     /// Metadata shared by every file; steps, epoch and finish time are added per file.

@@ -14,6 +14,7 @@ use candle_core::{Device, Tensor};
 use serde_json::json;
 
 use crate::networks::lora::LoraNetwork;
+use crate::networks::Network;
 use crate::stages::train_lora::loss::LossAverage;
 use crate::stages::train_lora::optim::Optimizer;
 use crate::stages::train_lora::settings::Settings;
@@ -40,7 +41,7 @@ pub struct Progress {
 /// Writes a state folder atomically.
 pub fn save(
     dir: &Path,
-    network: &LoraNetwork,
+    network: &Network,
     optimizer: &Optimizer,
     progress: &Progress,
     settings: &Settings,
@@ -283,7 +284,7 @@ fn describe(modules: &[ModuleShape]) -> String {
 }
 
 /// Restores weights and optimizer moments into `network` / `optimizer`; returns the position.
-pub fn load(dir: &Path, network: &LoraNetwork, optimizer: &mut Optimizer) -> Result<Progress> {
+pub fn load(dir: &Path, network: &Network, optimizer: &mut Optimizer) -> Result<Progress> {
     let (value, global_step) = read_state_json(dir)?;
     let state_path = dir.join(STATE_FILE);
     let model_path = dir.join("model.safetensors");
@@ -296,27 +297,58 @@ pub fn load(dir: &Path, network: &LoraNetwork, optimizer: &mut Optimizer) -> Res
     let weights: HashMap<String, Tensor> =
         candle_core::safetensors::load(&model_path, &Device::Cpu)
             .map_err(|e| corrupt(&model_path, e.to_string()))?;
-    check_same_network(dir, &weights, network)?;
-    for module in &network.modules {
-        for (suffix, var) in [
-            ("lora_down.weight", &module.down),
-            ("lora_up.weight", &module.up),
-        ] {
-            let key = format!("{}.{suffix}", module.name);
-            let tensor = weights
-                .get(&key)
-                .ok_or_else(|| corrupt(&model_path, format!("{key} is missing")))?;
-            if tensor.dims() != var.as_tensor().dims() {
-                return Err(corrupt(
-                    &model_path,
-                    format!(
-                        "{key} has shape {:?}, this run uses {:?}",
-                        tensor.dims(),
-                        var.as_tensor().dims()
-                    ),
-                ));
+    match network {
+        Network::Lora(network) => {
+            check_same_network(dir, &weights, network)?;
+            for module in &network.modules {
+                for (suffix, var) in [
+                    ("lora_down.weight", &module.down),
+                    ("lora_up.weight", &module.up),
+                ] {
+                    let key = format!("{}.{suffix}", module.name);
+                    let tensor = weights
+                        .get(&key)
+                        .ok_or_else(|| corrupt(&model_path, format!("{key} is missing")))?;
+                    if tensor.dims() != var.as_tensor().dims() {
+                        return Err(corrupt(
+                            &model_path,
+                            format!(
+                                "{key} has shape {:?}, this run uses {:?}",
+                                tensor.dims(),
+                                var.as_tensor().dims()
+                            ),
+                        ));
+                    }
+                    var.set(&tensor.to_device(var.as_tensor().device())?)?;
+                }
             }
-            var.set(&tensor.to_device(var.as_tensor().device())?)?;
+        }
+        Network::Lycoris(network) => {
+            // The state's file names exactly this network's tensors.
+            let keys: std::collections::BTreeSet<String> = (network.state_dict(None)?)
+                .into_iter()
+                .map(|(key, _)| key)
+                .collect();
+            let saved: std::collections::BTreeSet<String> = weights.keys().cloned().collect();
+            if keys != saved {
+                let differs = |a: &std::collections::BTreeSet<String>, b| {
+                    a.difference(b)
+                        .next()
+                        .cloned()
+                        .unwrap_or_else(|| "nothing".into())
+                };
+                return Err(Error::Usage(format!(
+                    "{} was saved for another LyCORIS network (other algo, dims or modules: it \
+                     has {}, this run has {}); resume with the --network_dim / --network_alpha / \
+                     --network_args it was saved with",
+                    dir.display(),
+                    differs(&saved, &keys),
+                    differs(&keys, &saved),
+                )));
+            }
+            network
+                .load_weights(&model_path)
+                .map_err(|e| corrupt(&model_path, e.to_string()))?;
         }
     }
     let optimizer_path = dir.join("optimizer.safetensors");

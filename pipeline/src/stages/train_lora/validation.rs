@@ -9,7 +9,7 @@ use super::data::CachedDataset;
 use super::noise::NoiseOptions;
 use super::{micro_batch_loss, LossContext};
 use crate::models::unet::Unet;
-use crate::networks::lora::LoraNetwork;
+use crate::networks::Network;
 use crate::Result;
 
 /// Timesteps per validation batch.
@@ -54,7 +54,7 @@ impl Validation {
     pub fn loss(
         &self,
         unet: &Unet,
-        network: &LoraNetwork,
+        network: &Network,
         training: &LossContext,
         device: &Device,
     ) -> Result<f32> {

@@ -1,0 +1,650 @@
+//! LyCORIS networks as the `lycoris-lora` package's `lycoris.kohya` module builds them for
+//! sd-scripts (`--network_module lycoris.kohya`, docs/lycoris.md): LoCon, LoHa and LoKr modules
+//! with lycoris' tensor names, shapes, initialisation and forward pass, and `.safetensors` save and
+//! load.
+//!
+//! Every module changes its layer's weight by `ΔW · multiplier` and the layer computes
+//! `W0 x + op(x, ΔW · multiplier)` (lycoris' default, non-bypass forward):
+//! * LoCon: `ΔW = up · down · alpha / dim` (`lora_up.weight`, `lora_down.weight`);
+//! * LoHa: `ΔW = (w1_a · w1_b) ⊙ (w2_a · w2_b) · alpha / dim` (`hada_w1_a`, ...);
+//! * LoKr: `ΔW = (w1 ⊗ w2) · alpha / dim`, `w1` = `lokr_w1` or `lokr_w1_a · lokr_w1_b`, `w2` =
+//!   `lokr_w2` or `lokr_w2_a · lokr_w2_b`; with both full matrices alpha is the dim (scale 1).
+
+mod selection;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+
+use crate::models::adapter::{Adaptable, AdaptableLayer, LayerAdapter};
+use crate::models::frozen::FrozenKind;
+use crate::models::trainable_conv;
+use crate::networks::lora::{serialize_with_hashes, BranchDropout, NO_DROPOUT_STREAM};
+use crate::{Error, Result};
+pub use selection::{factorization, Algo, LycorisConfig};
+
+/// The trainable factors of one module.
+#[derive(Debug, Clone)]
+pub enum Factors {
+    /// LoCon (lycoris' LoRA): `lora_down.weight` `[r, in(, k, k)]`, `lora_up.weight`
+    /// `[out, r(, 1, 1)]`.
+    Locon { down: Var, up: Var },
+    /// LoHa: `hada_w1_a` / `hada_w2_a` `[out, r]`, `hada_w1_b` / `hada_w2_b` `[r, in·k·k]`.
+    Loha {
+        w1_a: Var,
+        w1_b: Var,
+        w2_a: Var,
+        w2_b: Var,
+    },
+    /// LoKr: the small Kronecker factor `w1` and the large one `w2`.
+    Lokr { w1: KronFactor, w2: KronFactor },
+}
+
+/// One Kronecker factor of a LoKr module: a full matrix or a rank-r product.
+#[derive(Debug, Clone)]
+pub enum KronFactor {
+    /// `lokr_w1` `[a, c]` or `lokr_w2` `[b, d(, k, k)]`.
+    Full(Var),
+    /// `lokr_wN_a` `[·, r]` and `lokr_wN_b` `[r, ·]`.
+    Product(Var, Var),
+}
+
+impl KronFactor {
+    /// The factor as a matrix (the product for a low-rank one).
+    fn matrix(&self) -> candle_core::Result<Tensor> {
+        match self {
+            KronFactor::Full(w) => Ok(w.as_tensor().clone()),
+            KronFactor::Product(a, b) => a.as_tensor().matmul(b.as_tensor()),
+        }
+    }
+}
+
+/// One LyCORIS module on one layer.
+#[derive(Debug, Clone)]
+pub struct LycorisModule {
+    /// kohya key prefix, e.g. `lora_unet_conv_in`.
+    pub name: String,
+    /// The trainable factors.
+    pub factors: Factors,
+    /// The `alpha` tensor's value (a float, as lycoris stores it).
+    pub alpha: f32,
+    /// `alpha / dim` (1 for a LoKr module of two full matrices).
+    pub scale: f64,
+    /// Multiplier (1.0 in training).
+    pub multiplier: f64,
+    /// The layer's weight shape.
+    shape: Vec<usize>,
+    /// Rank and module dropout while training.
+    dropout: Option<BranchDropout>,
+}
+
+impl LycorisModule {
+    /// The tensors as lycoris names them (after the module name and a dot), in lycoris' order.
+    pub fn named_vars(&self) -> Vec<(&'static str, &Var)> {
+        match &self.factors {
+            Factors::Locon { down, up } => vec![("lora_up.weight", up), ("lora_down.weight", down)],
+            Factors::Loha {
+                w1_a,
+                w1_b,
+                w2_a,
+                w2_b,
+            } => vec![
+                ("hada_w1_a", w1_a),
+                ("hada_w1_b", w1_b),
+                ("hada_w2_a", w2_a),
+                ("hada_w2_b", w2_b),
+            ],
+            Factors::Lokr { w1, w2 } => {
+                let mut vars = Vec::with_capacity(4);
+                match w1 {
+                    KronFactor::Full(w) => vars.push(("lokr_w1", w)),
+                    KronFactor::Product(a, b) => {
+                        vars.extend([("lokr_w1_a", a), ("lokr_w1_b", b)]);
+                    }
+                }
+                match w2 {
+                    KronFactor::Full(w) => vars.push(("lokr_w2", w)),
+                    KronFactor::Product(a, b) => {
+                        vars.extend([("lokr_w2_a", a), ("lokr_w2_b", b)]);
+                    }
+                }
+                vars
+            }
+        }
+    }
+
+    /// The weight change `ΔW · multiplier`, shaped like the layer's weight.
+    pub fn weight_delta(&self) -> candle_core::Result<Tensor> {
+        let delta = match &self.factors {
+            Factors::Locon { down, up } => {
+                let rank = down.dim(0)?;
+                let up = up.as_tensor().reshape(((), rank))?;
+                up.matmul(&down.as_tensor().reshape((rank, ()))?)?
+            }
+            Factors::Loha {
+                w1_a,
+                w1_b,
+                w2_a,
+                w2_b,
+            } => {
+                (w1_a.as_tensor().matmul(w1_b.as_tensor())?
+                    * w2_a.as_tensor().matmul(w2_b.as_tensor())?)?
+            }
+            Factors::Lokr { w1, w2 } => {
+                let w2 = w2.matrix()?;
+                kron(&w1.matrix()?, &w2.reshape((w2.dim(0)?, ()))?)?
+            }
+        };
+        delta
+            .reshape(self.shape.as_slice())?
+            .affine(self.scale * self.multiplier, 0.0)
+    }
+}
+
+/// The Kronecker product of two matrices `[a, c] ⊗ [b, e]` = `[a·b, c·e]`.
+fn kron(left: &Tensor, right: &Tensor) -> candle_core::Result<Tensor> {
+    let (a, c) = left.dims2()?;
+    let (b, e) = right.dims2()?;
+    left.reshape((a, 1, c, 1))?
+        .broadcast_mul(&right.reshape((1, b, 1, e))?)?
+        .reshape((a * b, c * e))
+}
+
+impl LayerAdapter for LycorisModule {
+    fn clone_box(&self) -> Box<dyn LayerAdapter> {
+        Box::new(self.clone())
+    }
+
+    /// `op(x, ΔW · multiplier)` with the layer's own stride and padding, or `None` when module
+    /// dropout skips the module for this forward pass. Rank dropout (lycoris' definition for the
+    /// rebuilt weight) zeroes whole output rows of `ΔW`, without rescaling.
+    fn delta(&self, x: &Tensor, kind: FrozenKind) -> candle_core::Result<Option<Tensor>> {
+        let mut draw = self.dropout.as_ref().and_then(BranchDropout::draw);
+        if draw.as_mut().is_some_and(|d| d.skips_branch()) {
+            return Ok(None);
+        }
+        let mut delta = self.weight_delta()?;
+        if let Some(draw) = &mut draw {
+            if let Some(mask) = draw.row_mask(delta.dim(0)?, delta.rank(), delta.device())? {
+                delta = delta.broadcast_mul(&mask)?;
+            }
+        }
+        let delta = delta.to_dtype(x.dtype())?;
+        let out = match kind {
+            FrozenKind::Linear => x.broadcast_matmul(&delta.t()?)?,
+            FrozenKind::Conv2d { stride, padding } => {
+                trainable_conv::conv2d(x, &delta, stride, padding)?
+            }
+        };
+        Ok(Some(out))
+    }
+}
+
+/// A LyCORIS network attached to a model.
+#[derive(Debug, Clone)]
+pub struct LycorisNetwork {
+    /// Modules in model order.
+    pub modules: Vec<LycorisModule>,
+    /// The micro-batch stream shared by the modules' dropout.
+    dropout_stream: Arc<AtomicU64>,
+}
+
+impl LycorisNetwork {
+    /// Creates and attaches fresh modules, initialised as lycoris initialises them, drawn from a
+    /// seeded RNG.
+    pub fn create(
+        model: &mut dyn Adaptable,
+        config: &LycorisConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let dropout_stream = Arc::new(AtomicU64::new(NO_DROPOUT_STREAM));
+        let mut modules = Vec::new();
+        let mut failure = None;
+        model.visit_layers(&mut |layer| {
+            if failure.is_some() {
+                return;
+            }
+            let Some((dim, alpha)) = config.select(layer) else {
+                return;
+            };
+            match new_module(layer, config, dim, alpha, &mut rng, device) {
+                Ok(mut module) => {
+                    if config.dropout.any() {
+                        module.dropout = Some(BranchDropout::new(
+                            config.dropout,
+                            modules.len() as u64,
+                            dropout_stream.clone(),
+                        ));
+                    }
+                    layer.adapter = Some(Box::new(module.clone()));
+                    modules.push(module);
+                }
+                Err(e) => failure = Some(e),
+            }
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        Ok(Self {
+            modules,
+            dropout_stream,
+        })
+    }
+
+    /// Loads a LyCORIS file (LoCon, LoHa or LoKr modules) and attaches the modules whose names
+    /// the model has; returns the network and the names of the file's modules it has not.
+    pub fn load(
+        model: &mut dyn Adaptable,
+        path: &Path,
+        multiplier: f64,
+        device: &Device,
+    ) -> Result<(Self, Vec<String>)> {
+        let mut file = read_modules(path)?;
+        let mut modules = Vec::new();
+        let mut failure = None;
+        model.visit_layers(&mut |layer| {
+            if failure.is_some() {
+                return;
+            }
+            let name = layer.lora_name();
+            let Some(tensors) = file.remove(&name) else {
+                return;
+            };
+            match module_from_tensors(layer, &name, tensors, multiplier, device, path) {
+                Ok(module) => {
+                    layer.adapter = Some(Box::new(module.clone()));
+                    modules.push(module);
+                }
+                Err(e) => failure = Some(e),
+            }
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let network = Self {
+            modules,
+            dropout_stream: Arc::new(AtomicU64::new(NO_DROPOUT_STREAM)),
+        };
+        Ok((network, file.into_keys().collect()))
+    }
+
+    /// Loads the weights of the LyCORIS file `path` into this network's modules of the same
+    /// names (`--network_weights`): a module the file lacks keeps its initialisation; a tensor
+    /// whose shape differs is an error.
+    pub fn load_weights(&self, path: &Path) -> Result<usize> {
+        let mut file = read_modules(path)?;
+        let mut applied = 0;
+        for module in &self.modules {
+            let Some(tensors) = file.remove(&module.name) else {
+                continue;
+            };
+            for (suffix, var) in module.named_vars() {
+                let tensor = tensors.get(suffix).ok_or_else(|| {
+                    Error::bad_file(
+                        path,
+                        format!(
+                            "module {} has no {suffix}: the file was made with another algo or \
+                             network_args",
+                            module.name
+                        ),
+                    )
+                })?;
+                if tensor.dims() != var.dims() {
+                    return Err(Error::bad_file(
+                        path,
+                        format!(
+                            "{}.{suffix} has shape {:?} in the file but {:?} in this network; \
+                             pass the file's --network_dim / network_args",
+                            module.name,
+                            tensor.dims(),
+                            var.dims()
+                        ),
+                    ));
+                }
+                var.set(&tensor.to_dtype(DType::F32)?.to_device(var.device())?)?;
+            }
+            applied += 1;
+        }
+        Ok(applied)
+    }
+
+    /// Sets the dropout masks' stream for the next forward pass (`None`: no dropout).
+    pub fn set_dropout_stream(&self, stream: Option<u64>) {
+        let value = stream.map_or(NO_DROPOUT_STREAM, |s| s.max(1));
+        self.dropout_stream.store(value, Ordering::Relaxed);
+    }
+
+    /// Every trainable variable with its module name, in module order.
+    pub fn named_vars(&self) -> Vec<(&str, Var)> {
+        (self.modules.iter())
+            .flat_map(|m| {
+                (m.named_vars().into_iter()).map(move |(_, var)| (m.name.as_str(), var.clone()))
+            })
+            .collect()
+    }
+
+    /// The state dict as lycoris saves it: the factors and `alpha` (a 0-d float tensor), in
+    /// `save_dtype` (F32 when `None`).
+    pub fn state_dict(&self, save_dtype: Option<DType>) -> Result<Vec<(String, Tensor)>> {
+        let dtype = save_dtype.unwrap_or(DType::F32);
+        let mut out = Vec::new();
+        for module in &self.modules {
+            out.push((
+                format!("{}.alpha", module.name),
+                Tensor::new(module.alpha, &Device::Cpu)?.to_dtype(dtype)?,
+            ));
+            for (suffix, var) in module.named_vars() {
+                let tensor = var.as_tensor().to_device(&Device::Cpu)?.to_dtype(dtype)?;
+                out.push((format!("{}.{suffix}", module.name), tensor));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the network with `metadata` (plus the sd-webui hashes) atomically to `path`.
+    pub fn save(
+        &self,
+        path: &Path,
+        save_dtype: Option<DType>,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        let tensors = self.state_dict(save_dtype)?;
+        let bytes = serialize_with_hashes(&tensors, metadata).map_err(|e| {
+            Error::Model(format!(
+                "cannot serialise LyCORIS network {}: {e}",
+                path.display()
+            ))
+        })?;
+        crate::infra::fsio::write_atomic(path, &bytes)
+    }
+}
+
+/// `count` values drawn uniformly from `(-bound, bound)`.
+fn uniform(rng: &mut rand::rngs::StdRng, count: usize, bound: f64) -> Vec<f32> {
+    (0..count)
+        .map(|_| rng.random_range(-bound..bound) as f32)
+        .collect()
+}
+
+/// `count` values drawn from a normal distribution of standard deviation `std` (Box-Muller).
+fn normal(rng: &mut rand::rngs::StdRng, count: usize, std: f64) -> Vec<f32> {
+    (0..count)
+        .map(|_| {
+            let u1: f64 = 1.0 - rng.random::<f64>();
+            let u2: f64 = rng.random();
+            ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
+        })
+        .collect()
+}
+
+/// How a fresh tensor is filled (torch's initialisers as lycoris calls them).
+enum Init {
+    /// `kaiming_uniform_(a=sqrt(5))`: uniform in `±1/sqrt(fan_in)`, fan-in = the product of all
+    /// dimensions but the first.
+    Kaiming,
+    /// `normal_(std=…)`.
+    Normal(f64),
+    /// `constant_(0)`.
+    Zeros,
+}
+
+fn new_var(
+    shape: &[usize],
+    init: Init,
+    rng: &mut rand::rngs::StdRng,
+    device: &Device,
+) -> Result<Var> {
+    let count: usize = shape.iter().product();
+    let values = match init {
+        Init::Kaiming => {
+            let fan_in: usize = shape[1..].iter().product();
+            uniform(rng, count, 1.0 / (fan_in as f64).sqrt())
+        }
+        Init::Normal(std) => normal(rng, count, std),
+        Init::Zeros => vec![0.0; count],
+    };
+    Ok(Var::from_tensor(&Tensor::from_vec(values, shape, device)?)?)
+}
+
+/// A fresh module of rank `dim` on `layer`, shaped and initialised as lycoris does.
+fn new_module(
+    layer: &AdaptableLayer,
+    config: &LycorisConfig,
+    dim: usize,
+    alpha: f32,
+    rng: &mut rand::rngs::StdRng,
+    device: &Device,
+) -> Result<LycorisModule> {
+    let shape = layer.weight().dims().to_vec();
+    let (out_dim, in_dim) = (shape[0], shape[1]);
+    let kernel: Vec<usize> = shape[2..].to_vec();
+    let kernel_size: usize = kernel.iter().product();
+    let alpha = if alpha == 0.0 { dim as f32 } else { alpha };
+    let mut var = |shape: &[usize], init: Init| new_var(shape, init, rng, device);
+    let (factors, alpha) = match config.algo {
+        Algo::Locon => {
+            let (down_shape, up_shape) = match layer.kind() {
+                FrozenKind::Linear => (vec![dim, in_dim], vec![out_dim, dim]),
+                FrozenKind::Conv2d { .. } => {
+                    let mut down = vec![dim, in_dim];
+                    down.extend(&kernel);
+                    (down, vec![out_dim, dim, 1, 1])
+                }
+            };
+            let down = var(&down_shape, Init::Kaiming)?;
+            let up = var(&up_shape, Init::Zeros)?;
+            (Factors::Locon { down, up }, alpha)
+        }
+        Algo::Loha => {
+            let columns = in_dim * kernel_size;
+            let w1_a = var(&[out_dim, dim], Init::Normal(0.1))?;
+            let w1_b = var(&[dim, columns], Init::Normal(1.0))?;
+            let w2_a = var(&[out_dim, dim], Init::Zeros)?;
+            let w2_b = var(&[dim, columns], Init::Normal(1.0))?;
+            (
+                Factors::Loha {
+                    w1_a,
+                    w1_b,
+                    w2_a,
+                    w2_b,
+                },
+                alpha,
+            )
+        }
+        Algo::Lokr => {
+            let (in_m, in_n) = factorization(in_dim, config.factor);
+            let (out_l, out_k) = factorization(out_dim, config.factor);
+            let small = (out_l, in_m);
+            let large = (out_k, in_n);
+            let dim_f = dim as f64;
+            let w1_full = !(config.decompose_both && dim_f < small.0.max(small.1) as f64 / 2.0);
+            let w2_full = dim_f >= large.0.max(large.1) as f64 / 2.0;
+            let w2 = if w2_full {
+                let mut w2_shape = vec![large.0, large.1];
+                w2_shape.extend(&kernel);
+                KronFactor::Full(var(&w2_shape, Init::Zeros)?)
+            } else {
+                let a = var(&[large.0, dim], Init::Kaiming)?;
+                let b = var(&[dim, large.1 * kernel_size], Init::Zeros)?;
+                KronFactor::Product(a, b)
+            };
+            let w1 = if w1_full {
+                KronFactor::Full(var(&[small.0, small.1], Init::Kaiming)?)
+            } else {
+                let a = var(&[small.0, dim], Init::Kaiming)?;
+                let b = var(&[dim, small.1], Init::Kaiming)?;
+                KronFactor::Product(a, b)
+            };
+            // Two full matrices: lycoris sets alpha to the dim (scale 1).
+            let alpha = if w1_full && w2_full {
+                dim as f32
+            } else {
+                alpha
+            };
+            (Factors::Lokr { w1, w2 }, alpha)
+        }
+    };
+    Ok(LycorisModule {
+        name: layer.lora_name(),
+        factors,
+        alpha,
+        scale: alpha as f64 / dim as f64,
+        multiplier: 1.0,
+        shape,
+        dropout: None,
+    })
+}
+
+/// The tensors of each module of a LyCORIS file, by module name and then tensor name.
+type FileModules = BTreeMap<String, HashMap<String, Tensor>>;
+
+/// Reads a LyCORIS `.safetensors` file, grouping its tensors by module.
+fn read_modules(path: &Path) -> Result<FileModules> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| Error::bad_file(path, format!("not a readable safetensors file ({e})")))?;
+    let mut modules: FileModules = BTreeMap::new();
+    for (key, tensor) in tensors {
+        let (module, part) = key.split_once('.').ok_or_else(|| {
+            Error::bad_file(
+                path,
+                format!("unexpected key {key}: not a LyCORIS network file"),
+            )
+        })?;
+        modules
+            .entry(module.to_string())
+            .or_default()
+            .insert(part.to_string(), tensor);
+    }
+    Ok(modules)
+}
+
+/// A module from its tensors in a file, on `layer`; the dim is read where lycoris reads it.
+fn module_from_tensors(
+    layer: &AdaptableLayer,
+    name: &str,
+    mut tensors: HashMap<String, Tensor>,
+    multiplier: f64,
+    device: &Device,
+    path: &Path,
+) -> Result<LycorisModule> {
+    let bad = |message: String| Error::bad_file(path, message);
+    for unsupported in [
+        "lora_mid.weight",
+        "hada_t1",
+        "hada_t2",
+        "lokr_t2",
+        "dora_scale",
+    ] {
+        if tensors.contains_key(unsupported) {
+            return Err(bad(format!(
+                "module {name} has {unsupported}: Tucker (use_tucker) and DoRA (dora_wd) modules \
+                 are not supported; LoCon, LoHa and LoKr without them are"
+            )));
+        }
+    }
+    let alpha = match tensors.remove("alpha") {
+        Some(alpha) => Some(alpha.to_dtype(DType::F32)?.to_scalar::<f32>()?),
+        None => None,
+    };
+    let mut take = |part: &str| -> Result<Option<Var>> {
+        match tensors.remove(part) {
+            Some(t) => Ok(Some(Var::from_tensor(
+                &t.to_dtype(DType::F32)?.to_device(device)?,
+            )?)),
+            None => Ok(None),
+        }
+    };
+    let (factors, dim) = if let Some(down) = take("lora_down.weight")? {
+        let up = take("lora_up.weight")?
+            .ok_or_else(|| bad(format!("module {name} has lora_down but no lora_up")))?;
+        let dim = down.dim(0)?;
+        (Factors::Locon { down, up }, dim)
+    } else if let Some(w1_a) = take("hada_w1_a")? {
+        let mut need =
+            |part: &str| take(part)?.ok_or_else(|| bad(format!("LoHa module {name} lacks {part}")));
+        let (w1_b, w2_a, w2_b) = (need("hada_w1_b")?, need("hada_w2_a")?, need("hada_w2_b")?);
+        let dim = w1_b.dim(0)?;
+        (
+            Factors::Loha {
+                w1_a,
+                w1_b,
+                w2_a,
+                w2_b,
+            },
+            dim,
+        )
+    } else {
+        let mut factor = |n: u8| -> Result<Option<KronFactor>> {
+            if let Some(w) = take(&format!("lokr_w{n}"))? {
+                return Ok(Some(KronFactor::Full(w)));
+            }
+            match (
+                take(&format!("lokr_w{n}_a"))?,
+                take(&format!("lokr_w{n}_b"))?,
+            ) {
+                (Some(a), Some(b)) => Ok(Some(KronFactor::Product(a, b))),
+                (None, None) => Ok(None),
+                _ => Err(bad(format!(
+                    "LoKr module {name} has only one of lokr_w{n}_a / _b"
+                ))),
+            }
+        };
+        match (factor(1)?, factor(2)?) {
+            (Some(w1), Some(w2)) => {
+                // lycoris reads the dim from w1_a, else w2_a, else it is 1 (two full matrices).
+                let dim = match (&w1, &w2) {
+                    (KronFactor::Product(a, _), _) | (_, KronFactor::Product(a, _)) => a.dim(1)?,
+                    _ => 1,
+                };
+                (Factors::Lokr { w1, w2 }, dim)
+            }
+            _ => {
+                return Err(bad(format!(
+                    "module {name} is neither LoCon (lora_down/lora_up), LoHa (hada_*) nor LoKr \
+                     (lokr_*)"
+                )))
+            }
+        }
+    };
+    if let Some(part) = tensors.keys().next() {
+        return Err(bad(format!(
+            "module {name} has an unexpected tensor {part}"
+        )));
+    }
+    // lycoris: alpha 0 or missing means the dim; two full LoKr matrices always have scale 1.
+    let both_full = matches!(
+        &factors,
+        Factors::Lokr {
+            w1: KronFactor::Full(_),
+            w2: KronFactor::Full(_)
+        }
+    );
+    let alpha = match alpha {
+        Some(a) if a != 0.0 && !both_full => a,
+        _ => dim as f32,
+    };
+    let module = LycorisModule {
+        name: name.to_string(),
+        factors,
+        alpha,
+        scale: alpha as f64 / dim as f64,
+        multiplier,
+        shape: layer.weight().dims().to_vec(),
+        dropout: None,
+    };
+    let delta_count = module.weight_delta().map(|d| d.elem_count()).unwrap_or(0);
+    if delta_count != layer.weight().elem_count() {
+        return Err(bad(format!(
+            "module {name} does not fit the layer weight {:?}: the file was trained for a \
+             different base model",
+            layer.weight().dims()
+        )));
+    }
+    Ok(module)
+}

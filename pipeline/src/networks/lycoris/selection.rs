@@ -1,0 +1,151 @@
+//! Which layers `lycoris.kohya` gives a module, with what dim and alpha, under its default
+//! `full` preset, and LoKr's factorisation of a dimension.
+
+use crate::models::adapter::{AdaptableLayer, Container};
+use crate::models::frozen::FrozenKind;
+use crate::networks::lora::DropoutRates;
+
+/// The LyCORIS algorithm (`algo=` network argument).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algo {
+    /// `locon` (also lycoris' `lora`): `lora_down` / `lora_up`.
+    Locon,
+    /// `loha`: Hadamard product of two low-rank products.
+    Loha,
+    /// `lokr`: Kronecker product of a small and a (low-rank) large factor.
+    Lokr,
+}
+
+impl Algo {
+    /// The algorithm of an `algo=` value, `None` when not one of these three.
+    pub fn parse(value: &str) -> Option<Self> {
+        match value.to_lowercase().as_str() {
+            "lora" | "locon" => Some(Algo::Locon),
+            "loha" => Some(Algo::Loha),
+            "lokr" => Some(Algo::Lokr),
+            _ => None,
+        }
+    }
+}
+
+/// The settings of a `lycoris.kohya` network.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LycorisConfig {
+    /// The algorithm.
+    pub algo: Algo,
+    /// Dim of Linear and 1x1 conv layers (`--network_dim`, default 4).
+    pub dim: usize,
+    /// Alpha of those (`--network_alpha`, default 1).
+    pub alpha: f32,
+    /// Dim of larger convolutions (`conv_dim`, default the network dim; 0: none).
+    pub conv_dim: usize,
+    /// Alpha of larger convolutions (`conv_alpha`, default the network alpha).
+    pub conv_alpha: f32,
+    /// LoKr's factorisation factor (`factor`, default -1: as square as possible).
+    pub factor: i64,
+    /// LoKr: the small factor is a low-rank product too when the dim is small enough
+    /// (`decompose_both`).
+    pub decompose_both: bool,
+    /// `rank_dropout` and `module_dropout` (the neuron rate is unused: lycoris' `dropout` has no
+    /// effect on the rebuilt weight).
+    pub dropout: DropoutRates,
+}
+
+/// Layers outside the target blocks that the `full` preset adapts (diffusers names; SDXL's
+/// UNet names them otherwise, so there they match nothing, as in lycoris).
+const FULL_UNET_NAMES: [&str; 4] = [
+    "conv_in",
+    "conv_out",
+    "time_embedding.linear_1",
+    "time_embedding.linear_2",
+];
+
+impl LycorisConfig {
+    /// Dim and alpha for a layer, or `None` when it gets no module: every Linear and
+    /// convolution inside `Transformer2DModel`, `ResnetBlock2D`, `Downsample2D`,
+    /// `Upsample2D` and the text encoders' attention and MLP blocks, plus `FULL_UNET_NAMES`;
+    /// a convolution whose kernel is not 1 wide uses `conv_dim` / `conv_alpha`.
+    pub fn select(&self, layer: &AdaptableLayer) -> Option<(usize, f32)> {
+        let targeted = match layer.container {
+            Container::Transformer
+            | Container::Resnet
+            | Container::Downsample
+            | Container::Upsample
+            | Container::TextEncoder => true,
+            Container::Other => FULL_UNET_NAMES.contains(&layer.path.as_str()),
+        };
+        if !targeted {
+            return None;
+        }
+        let pointwise = match layer.kind() {
+            FrozenKind::Linear => true,
+            FrozenKind::Conv2d { .. } => layer.weight().dims()[2] == 1,
+        };
+        let (dim, alpha) = if pointwise && self.dim > 0 {
+            (self.dim, self.alpha)
+        } else if !pointwise && self.conv_dim > 0 {
+            (self.conv_dim, self.conv_alpha)
+        } else {
+            return None;
+        };
+        Some((dim, alpha))
+    }
+}
+
+/// lycoris' `factorization(dimension, factor)`: `(m, n)` with `m · n = dimension`, `m ≤ n`; with
+/// a positive `factor` dividing the dimension, `{factor, dimension / factor}`, otherwise the
+/// most square split whose smaller part is at most `factor` (any when `factor` is negative).
+pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
+    if factor > 0 && dimension % factor as usize == 0 {
+        let m = factor as usize;
+        let n = dimension / m;
+        return (m.min(n), m.max(n));
+    }
+    let limit = if factor < 0 {
+        dimension
+    } else {
+        factor as usize
+    };
+    let (mut m, mut n) = (1, dimension);
+    let length = m + n;
+    while m < n {
+        let mut new_m = m + 1;
+        while dimension % new_m != 0 {
+            new_m += 1;
+        }
+        let new_n = dimension / new_m;
+        if new_m + new_n > length || new_m > limit {
+            break;
+        }
+        (m, n) = (new_m, new_n);
+    }
+    (m.min(n), m.max(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::factorization;
+
+    #[test]
+    fn factorization_matches_lycoris() {
+        // lycoris-lora 3.4.0's `factorization` for factor -1, 2, 4, 8, 16 (its docstring's
+        // table, whose 360 row differs from what the code returns).
+        let table: [(usize, [(usize, usize); 5]); 6] = [
+            (127, [(1, 127), (1, 127), (1, 127), (1, 127), (1, 127)]),
+            (128, [(8, 16), (2, 64), (4, 32), (8, 16), (8, 16)]),
+            (250, [(10, 25), (2, 125), (2, 125), (5, 50), (10, 25)]),
+            (360, [(18, 20), (2, 180), (4, 90), (8, 45), (15, 24)]),
+            (512, [(16, 32), (2, 256), (4, 128), (8, 64), (16, 32)]),
+            (1024, [(32, 32), (2, 512), (4, 256), (8, 128), (16, 64)]),
+        ];
+        for (dimension, expected) in table {
+            for (factor, want) in [-1, 2, 4, 8, 16].into_iter().zip(expected) {
+                assert_eq!(
+                    factorization(dimension, factor),
+                    want,
+                    "{dimension} {factor}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! LyCORIS networks against lycoris-lora's `lycoris.kohya` (tests/fixtures/golden/lycoris, made by
+//! tests/fixtures/generate/lycoris_networks.py): key names, shapes and dtypes, initialisation,
+//! and the forward change of single modules and of the whole UNet.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+use lorakit_pipeline::models::adapter::{Adaptable, Joined, LayerAdapter};
+use lorakit_pipeline::models::frozen::FrozenKind;
+use lorakit_pipeline::models::text_encoders::load_text_encoders;
+use lorakit_pipeline::models::unet::{self, Unet};
+use lorakit_pipeline::models::{Checkpoint, Component};
+use lorakit_pipeline::networks::lora::DropoutRates;
+use lorakit_pipeline::networks::lycoris::{Algo, LycorisConfig, LycorisNetwork};
+
+use crate::support::{fixtures, max_abs, npz_tensor};
+
+fn base_unet() -> &'static Unet {
+    static UNET: OnceLock<Unet> = OnceLock::new();
+    UNET.get_or_init(|| {
+        let path = fixtures().join("sd15-tiny/model.safetensors");
+        let checkpoint = Checkpoint::open(&path).unwrap();
+        let vb = checkpoint
+            .var_builder(Component::Unet, DType::F32, &Device::Cpu, &unet::ldm_name)
+            .unwrap();
+        Unet::load(&vb, DType::F32).unwrap()
+    })
+}
+
+/// The golden cases: name and the config `lycoris.kohya` was given.
+fn cases() -> Vec<(&'static str, LycorisConfig)> {
+    let config = |algo, dim, alpha, conv: Option<(usize, f32)>, factor, decompose_both| {
+        let (conv_dim, conv_alpha) = conv.unwrap_or((dim, alpha));
+        LycorisConfig {
+            algo,
+            dim,
+            alpha,
+            conv_dim,
+            conv_alpha,
+            factor,
+            decompose_both,
+            dropout: DropoutRates::default(),
+        }
+    };
+    vec![
+        (
+            "locon",
+            config(Algo::Locon, 4, 2.0, Some((2, 1.0)), -1, false),
+        ),
+        (
+            "loha",
+            config(Algo::Loha, 4, 2.0, Some((2, 1.0)), -1, false),
+        ),
+        (
+            "lokr",
+            config(Algo::Lokr, 4, 2.0, Some((2, 1.0)), -1, false),
+        ),
+        (
+            "lokr_factor8_both",
+            config(Algo::Lokr, 2, 1.0, None, 8, true),
+        ),
+    ]
+}
+
+fn golden_json(case: &str) -> serde_json::Value {
+    let path = fixtures().join(format!("golden/lycoris/{case}_keys.json"));
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn lycoris_keys_shapes_alphas_and_initialisation_match_lycoris() {
+    for (case, config) in cases() {
+        let golden = golden_json(case);
+        let mut unet = base_unet().clone();
+        let model = fixtures().join("sd15-tiny/model.safetensors");
+        let mut encoders = load_text_encoders(&model, DType::F32, &Device::Cpu).unwrap();
+        let text = &mut encoders.encoders[0];
+        text.set_lora_prefix("lora_te");
+        let mut models = Joined(vec![text as &mut dyn Adaptable, &mut unet]);
+        let network = LycorisNetwork::create(&mut models, &config, 3, &Device::Cpu).unwrap();
+        assert_eq!(
+            network.modules.len() as u64,
+            golden["modules"].as_u64().unwrap(),
+            "{case}"
+        );
+        let state = network.state_dict(None).unwrap();
+        let ours: BTreeMap<String, (Vec<usize>, DType)> = (state.iter())
+            .map(|(k, t)| (k.clone(), (t.dims().to_vec(), t.dtype())))
+            .collect();
+        let theirs: BTreeMap<String, (Vec<usize>, DType)> = (golden["keys"].as_object().unwrap())
+            .iter()
+            .map(|(k, v)| {
+                let shape = (v["shape"].as_array().unwrap().iter())
+                    .map(|d| d.as_u64().unwrap() as usize)
+                    .collect();
+                assert_eq!(v["dtype"], "float32", "{k}");
+                (k.clone(), (shape, DType::F32))
+            })
+            .collect();
+        assert_eq!(ours, theirs, "{case}: keys, shapes and dtypes");
+        for (key, tensor) in &state {
+            if let Some(module) = key.strip_suffix(".alpha") {
+                let want = golden["alphas"][module].as_f64().unwrap();
+                let got = tensor.to_scalar::<f32>().unwrap() as f64;
+                assert_eq!(got, want, "{case}: {key}");
+            }
+        }
+        // Initialisation: per tensor name, the same spread and centre (zeros exactly zero); the
+        // largest values are only reported (a few small tensors decide them).
+        let mut values: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        for (key, tensor) in &state {
+            let part = key.split_once('.').unwrap().1;
+            if part != "alpha" {
+                let flat = tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                values.entry(part.to_string()).or_default().extend(flat);
+            }
+        }
+        for (part, stats) in golden["init"].as_object().unwrap() {
+            let v = &values[part];
+            let n = v.len() as f64;
+            let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+            let std = (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+            let max_abs = v.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+            let (want_std, want_max) = (
+                stats["std"].as_f64().unwrap(),
+                stats["max_abs"].as_f64().unwrap(),
+            );
+            assert_eq!(n as u64, stats["count"].as_u64().unwrap(), "{case} {part}");
+            eprintln!("{case} {part}: std {std:.4} (lycoris {want_std:.4}), max {max_abs:.4} (lycoris {want_max:.4})");
+            if want_std == 0.0 {
+                assert_eq!(max_abs, 0.0, "{case} {part}");
+            } else {
+                assert!(
+                    (std / want_std - 1.0).abs() < 0.05,
+                    "{case} {part}: std {std} vs {want_std}"
+                );
+                assert!(mean.abs() < 0.05 * want_std, "{case} {part}: mean {mean}");
+            }
+        }
+    }
+}
+
+#[test]
+fn lycoris_files_load_and_reproduce_the_module_and_unet_changes_of_lycoris() {
+    let latents = npz_tensor(&fixtures().join("golden/unet/unet.npz"), "latents");
+    let timesteps = npz_tensor(&fixtures().join("golden/unet/unet.npz"), "timesteps");
+    let context = npz_tensor(
+        &fixtures().join("golden/unet/unet.npz"),
+        "encoder_hidden_states_77",
+    );
+    let base = base_unet()
+        .forward(&latents, &timesteps, &context, None)
+        .unwrap();
+    for (case, _) in cases() {
+        let file = fixtures().join(format!("golden/lycoris/{case}.safetensors"));
+        let npz = fixtures().join(format!("golden/lycoris/{case}.npz"));
+        let mut unet = base_unet().clone();
+        let (network, unknown) = LycorisNetwork::load(&mut unet, &file, 1.0, &Device::Cpu).unwrap();
+        assert_eq!(network.modules.len(), 282, "{case}: UNet modules");
+        assert_eq!(
+            unknown.len(),
+            72,
+            "{case}: the text-encoder modules are left"
+        );
+        assert!(unknown.iter().all(|n| n.starts_with("lora_te_")));
+        // Single modules: the adapter's change op(x, ΔW) against lycoris' module(x) - org_forward(x).
+        let names: Vec<String> = {
+            let reader = npyz::npz::NpzArchive::open(&npz).unwrap();
+            reader
+                .array_names()
+                .filter_map(|n| n.strip_prefix("delta__").map(str::to_string))
+                .collect()
+        };
+        let mut checked = 0;
+        for name in names.iter().filter(|n| n.starts_with("lora_unet_")) {
+            let module = network.modules.iter().find(|m| &m.name == name).unwrap();
+            let x = npz_tensor(&npz, &format!("x__{name}"));
+            let want = npz_tensor(&npz, &format!("delta__{name}"));
+            let delta = module.weight_delta().unwrap();
+            let kind = match delta.rank() {
+                2 => FrozenKind::Linear,
+                _ => FrozenKind::Conv2d {
+                    stride: if name.contains("downsamplers") { 2 } else { 1 },
+                    padding: delta.dim(2).unwrap() / 2,
+                },
+            };
+            let got = module.delta(&x, kind).unwrap().unwrap();
+            let err = max_abs(&got, &want);
+            let scale = max_abs(&want, &Tensor::zeros_like(&want).unwrap());
+            eprintln!("{case} {name}: max abs error {err:e} (change up to {scale:.3})");
+            assert!(scale > 1e-3 && err <= 1e-5, "{case} {name}: {err}");
+            checked += 1;
+        }
+        assert!(checked >= 7, "{case}: {checked} modules checked");
+        // The whole UNet: output change with the network against lycoris'.
+        let out = unet.forward(&latents, &timesteps, &context, None).unwrap();
+        let delta = (out - &base).unwrap();
+        let want = npz_tensor(&npz, "unet_delta");
+        let err = max_abs(&delta, &want);
+        let scale = max_abs(&want, &Tensor::zeros_like(&want).unwrap());
+        eprintln!("{case}: UNet output change max abs error {err:e} (change up to {scale:.3})");
+        assert!(err <= 1e-4 * scale.max(1.0), "{case}: {err}");
+    }
+}

@@ -1,0 +1,380 @@
+//! End-to-end tests of `train-lora --network_module lycoris.kohya`: a LoHa trains with the text
+//! encoder and saves exactly the keys lycoris-lora saves for the same network
+//! (golden/lycoris/loha_keys.json), lycoris itself loads the file when the Python reference is
+//! installed, and options lycoris has but lorakit does not implement are refused by name.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::common;
+
+use common::{fixtures, make_training_caches, run_expect};
+
+fn model() -> PathBuf {
+    fixtures().join("sd15-tiny/model.safetensors")
+}
+
+/// Every tensor of a safetensors file (name → shape and dtype) and its metadata.
+fn header(path: &Path) -> (BTreeMap<String, (Vec<u64>, String)>, serde_json::Value) {
+    let bytes = std::fs::read(path).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    let tensors = (header.as_object().unwrap().iter())
+        .filter(|(name, _)| *name != "__metadata__")
+        .map(|(name, info)| {
+            let shape = info["shape"].as_array().unwrap();
+            let shape = shape.iter().map(|d| d.as_u64().unwrap()).collect();
+            (
+                name.clone(),
+                (shape, info["dtype"].as_str().unwrap().into()),
+            )
+        })
+        .collect();
+    (tensors, header["__metadata__"].clone())
+}
+
+/// The Python of the reference environment, when it has lycoris-lora installed
+/// (`LORAKIT_REFERENCE_PYTHON`, else /work/venv-sd/bin/python).
+fn reference_python() -> Option<PathBuf> {
+    let python = std::env::var_os("LORAKIT_REFERENCE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/work/venv-sd/bin/python"));
+    let ok = Command::new(&python)
+        .args(["-c", "import lycoris.kohya, diffusers, transformers"])
+        .current_dir(std::env::temp_dir())
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some(python)
+}
+
+/// Loads `file` with lycoris' own loader on diffusers/transformers models of the tiny
+/// architecture and prints the number of modules it made; fails on any key the network does not
+/// take or lacks.
+const LYCORIS_LOAD: &str = r#"
+import json, sys
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+from lycoris import kohya
+arch = json.load(open(sys.argv[1]))
+unet = UNet2DConditionModel(**arch["unet"])
+te = CLIPTextModel(CLIPTextConfig(**arch["text_encoder"]))
+network, weights = kohya.create_network_from_weights(1.0, sys.argv[2], None, te, unet)
+network.apply_to(te, unet, True, True)
+result = network.load_state_dict(weights, strict=True)
+print("modules", len(network.unet_loras), len(network.text_encoder_loras))
+"#;
+
+#[test]
+fn lycoris_loha_trains_with_the_text_encoder_and_saves_lycoris_keys() {
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let stderr = run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            out.path(),
+            "--output_name",
+            "loha",
+            "--network_module",
+            "lycoris.kohya",
+            "--network_dim",
+            "4",
+            "--network_alpha",
+            "2",
+            "--network_args",
+            "algo=loha",
+            "conv_dim=2",
+            "conv_alpha=1",
+            "--learning_rate",
+            "1e-3",
+            "--max_train_steps",
+            "2",
+            "--train_batch_size",
+            "2",
+            "--seed",
+            "5"
+        ],
+        0,
+    );
+    assert!(stderr.contains("training the text encoder"), "{stderr}");
+    let path = out.path().join("loha.safetensors");
+    let (saved, metadata) = header(&path);
+
+    let golden = fixtures().join("golden/lycoris/loha_keys.json");
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden).unwrap()).unwrap();
+    let expected: BTreeMap<String, (Vec<u64>, String)> = (golden["keys"].as_object().unwrap())
+        .iter()
+        .map(|(name, info)| {
+            let shape = info["shape"].as_array().unwrap();
+            let shape = shape.iter().map(|d| d.as_u64().unwrap()).collect();
+            assert_eq!(info["dtype"], "float32");
+            (name.clone(), (shape, "F32".to_string()))
+        })
+        .collect();
+    assert_eq!(
+        saved, expected,
+        "the saved keys, shapes and dtypes are lycoris'"
+    );
+    assert_eq!(metadata["ss_network_module"], "lycoris.kohya");
+    assert_eq!(metadata["ss_network_dim"], "4");
+    assert_eq!(metadata["ss_network_alpha"], "2.0");
+    let args: serde_json::Value =
+        serde_json::from_str(metadata["ss_network_args"].as_str().unwrap()).unwrap();
+    assert_eq!(args["algo"], "loha");
+    assert_eq!(args["conv_dim"], "2");
+
+    // hada_w2_a starts at zero: trained modules moved.
+    let tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    let moved = |name: &str| {
+        let w = &tensors[&format!("{name}.hada_w2_a")];
+        w.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    };
+    assert!(moved("lora_unet_down_blocks_1_resnets_0_conv1"));
+    assert!(moved(
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
+    ));
+    assert!(moved(
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    ));
+
+    // A second run starts from the file.
+    let stderr = run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            out.path(),
+            "--output_name",
+            "again",
+            "--network_module",
+            "lycoris.kohya",
+            "--network_dim",
+            "4",
+            "--network_alpha",
+            "2",
+            "--network_args",
+            "algo=loha",
+            "conv_dim=2",
+            "conv_alpha=1",
+            "--network_weights",
+            &path,
+            "--max_train_steps",
+            "1",
+            "--seed",
+            "5"
+        ],
+        0,
+    );
+    assert!(stderr.contains("354 LyCORIS modules loaded"), "{stderr}");
+
+    match reference_python() {
+        Some(python) => {
+            let output = Command::new(python)
+                .args(["-c", LYCORIS_LOAD])
+                .arg(fixtures().join("sd15-tiny/arch.json"))
+                .arg(&path)
+                .current_dir(std::env::temp_dir())
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            assert!(
+                output.status.success(),
+                "lycoris cannot load the file: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(stdout.contains("modules 282 72"), "{stdout}");
+        }
+        None => eprintln!("lycoris-lora is not installed: the load in lycoris is skipped"),
+    }
+}
+
+#[test]
+fn lycoris_options_lorakit_lacks_are_refused_by_name() {
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let cases: [(&[&str], &str); 6] = [
+        (&["--network_args", "algo=ia3"], "algo=ia3"),
+        (
+            &["--network_args", "algo=loha", "use_tucker=True"],
+            "use_tucker",
+        ),
+        (&["--network_args", "algo=locon", "dora_wd=True"], "dora_wd"),
+        (
+            &["--network_args", "algo=lokr", "decompose_both=False"],
+            "decompose_both",
+        ),
+        (&["--network_args", "preset=attn-only"], "preset=attn-only"),
+        (&["--scale_weight_norms", "1"], "--scale_weight_norms"),
+    ];
+    let (model, meta) = (model(), data.path().join("meta_lat.json"));
+    let (data_dir, out_dir) = (data.path().to_path_buf(), out.path().to_path_buf());
+    for (flags, named) in cases {
+        let mut args = args![
+            "--pretrained_model_name_or_path",
+            model,
+            "--in_json",
+            meta,
+            "--train_data_dir",
+            data_dir,
+            "--output_dir",
+            out_dir,
+            "--network_module",
+            "lycoris.kohya"
+        ]
+        .to_vec();
+        args.extend(flags.iter().map(std::ffi::OsStr::new));
+        let stderr = run_expect("train-lora", &args, 2);
+        assert!(stderr.contains(named), "{flags:?}: {stderr}");
+    }
+    let stderr = run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model,
+            "--in_json",
+            meta,
+            "--train_data_dir",
+            data_dir,
+            "--output_dir",
+            out_dir,
+            "--network_module",
+            "networks.dylora"
+        ],
+        2,
+    );
+    assert!(stderr.contains("lycoris.kohya"), "{stderr}");
+}
+
+#[test]
+fn lora_tools_list_lycoris_weights_and_refuse_to_merge_them_naming_lycoris_merge() {
+    let loha = fixtures().join("golden/lycoris/loha.safetensors");
+    let output = common::run("check-lora", args![loha, "--json"]);
+    assert!(output.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    // Every LoHa factor (4 per module, alpha aside) is listed with its statistics.
+    assert_eq!(report["lora_tensors"], 354 * 4);
+    let tensors = report["tensors"].as_array().unwrap();
+    let conv1 = (tensors.iter())
+        .find(|t| t["key"] == "lora_unet_down_blocks_1_resnets_0_conv1.hada_w1_b")
+        .unwrap();
+    assert_eq!(conv1["shape"], serde_json::json!([2, 288]));
+    assert!(conv1["mean_abs"].as_f64().unwrap() > 0.0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    for (tool, flags) in [
+        (
+            "merge-lora",
+            args!["--save_to", out, "--models", loha, "--ratios", "1"],
+        ),
+        (
+            "resize-lora",
+            args!["--model", loha, "--save_to", out, "--new_rank", "2"],
+        ),
+    ] {
+        let stderr = run_expect(tool, flags, 1);
+        assert!(
+            stderr.contains("a LyCORIS file") && stderr.contains("tools/merge.py"),
+            "{tool}: {stderr}"
+        );
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn lycoris_lokr_with_rank_and_module_dropout_resumes_bit_for_bit() {
+    // Two steps, then two more from the saved state, against four straight: the LoKr factors,
+    // their optimizer state and the dropout draws continue exactly.
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let (resumed, straight) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (model, meta) = (model(), data.path().join("meta_lat.json"));
+    let data_dir = data.path();
+    let flags: &[&std::ffi::OsStr] = args![
+        "--pretrained_model_name_or_path",
+        model,
+        "--in_json",
+        meta,
+        "--train_data_dir",
+        data_dir,
+        "--output_name",
+        "lokr",
+        "--network_train_unet_only",
+        "--network_module",
+        "lycoris.kohya",
+        "--network_args",
+        "algo=lokr",
+        "rank_dropout=0.3",
+        "module_dropout=0.2",
+        "--train_batch_size",
+        "1",
+        "--learning_rate",
+        "1e-3",
+        "--seed",
+        "9",
+        "--save_state",
+        "--quiet"
+    ];
+    let (resumed_dir, straight_dir) = (resumed.path(), straight.path());
+    let run = |dir: &Path, steps: &str| {
+        let args: Vec<std::ffi::OsString> = (flags.iter().map(|s| s.to_os_string()))
+            .chain(["--output_dir".into(), dir.into()])
+            .chain(["--max_train_steps".into(), steps.into()])
+            .collect();
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|s| s.as_os_str()).collect();
+        run_expect("train-lora", &args, 0);
+    };
+    run(resumed_dir, "2");
+    run_expect(
+        "train-lora",
+        args![
+            "--resume",
+            "latest",
+            "--output_dir",
+            resumed_dir,
+            "--max_train_steps",
+            "4"
+        ],
+        0,
+    );
+    run(straight_dir, "4");
+    let tensors = |dir: &Path| {
+        candle_core::safetensors::load(dir.join("lokr.safetensors"), &candle_core::Device::Cpu)
+            .unwrap()
+    };
+    let (a, b) = (tensors(resumed_dir), tensors(straight_dir));
+    assert!(a.keys().all(|k| k.starts_with("lora_unet_")));
+    assert!(a.keys().any(|k| k.ends_with(".lokr_w2_b")));
+    assert_eq!(a.len(), b.len());
+    let mut moved = 0;
+    for (name, tensor) in &a {
+        let x: Vec<f32> = tensor.flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = b[name].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(x, y, "{name} differs after resuming");
+        if name.ends_with(".lokr_w2_b") && x.iter().any(|&v| v != 0.0) {
+            moved += 1;
+        }
+    }
+    assert!(moved > 0, "training moved the zero-initialised factors");
+}
