@@ -34,12 +34,10 @@ fn header(path: &Path) -> (BTreeMap<String, (Vec<u64>, String)>, serde_json::Val
     (tensors, header["__metadata__"].clone())
 }
 
-/// The Python of the reference environment, when it has lycoris-lora installed
-/// (`LORAKIT_REFERENCE_PYTHON`, else /work/venv-sd/bin/python).
+/// The Python of the reference environment (`LORAKIT_REFERENCE_PYTHON`), when it is set and
+/// has lycoris-lora installed.
 fn reference_python() -> Option<PathBuf> {
-    let python = std::env::var_os("LORAKIT_REFERENCE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/work/venv-sd/bin/python"));
+    let python = PathBuf::from(std::env::var_os("LORAKIT_REFERENCE_PYTHON")?);
     let ok = Command::new(&python)
         .args(["-c", "import lycoris.kohya, diffusers, transformers"])
         .current_dir(std::env::temp_dir())

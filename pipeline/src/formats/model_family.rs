@@ -28,6 +28,15 @@ impl ModelFamily {
         }
     }
 
+    /// The kohya prefixes of the text-encoder LoRA modules, one per encoder (`lora_te`; SDXL:
+    /// `lora_te1`, `lora_te2`).
+    pub fn text_encoder_lora_prefixes(self) -> &'static [&'static str] {
+        match self {
+            ModelFamily::Sdxl => &["lora_te1", "lora_te2"],
+            _ => &["lora_te"],
+        }
+    }
+
     /// Short lowercase name (`sd1`, `sd2`, `sdxl`).
     pub fn name(self) -> &'static str {
         match self {

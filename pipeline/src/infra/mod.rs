@@ -1,6 +1,7 @@
-//! Infrastructure every other tier builds on: errors, atomic file I/O, content hashing,
+//! Infrastructure every other tier builds on: errors, atomic file I/O, content hashing, clock,
 //! Python-style JSON, interrupts, available memory, run reports and progress.
 
+pub mod clock;
 pub mod error;
 pub mod fsio;
 pub mod hashing;

@@ -15,7 +15,6 @@ use crate::models::unet::{self, sdxl_vector, Unet, SIZE_VALUES};
 use crate::models::vae::VaeDecoder;
 use crate::models::ModelFamily;
 use crate::networks::lora::LoraNetwork;
-use crate::stages::train_lora::live_text::lora_prefixes;
 use crate::text::tokenize::{
     tokenizer_source, ClipTokenizer, MaxTokenLength, TokenChunks, TokenizerSource, CHUNK_BODY,
     CHUNK_LEN,
@@ -139,7 +138,11 @@ impl Engine {
                 format!("not an SD1.x/SD2.x/SDXL checkpoint with a UNet: {e}"),
             )
         })?;
-        for (encoder, prefix) in encoders.encoders.iter_mut().zip(lora_prefixes(family)) {
+        for (encoder, prefix) in encoders
+            .encoders
+            .iter_mut()
+            .zip(family.text_encoder_lora_prefixes())
+        {
             encoder.set_lora_prefix(prefix);
         }
         for (path, multiplier) in &options.networks {

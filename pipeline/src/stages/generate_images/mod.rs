@@ -170,7 +170,7 @@ pub fn run(options: &GenerateOptions) -> Result<Summary> {
         let batch = &jobs[start..end];
         let images = generate_batch(options, &engine, batch, &progress)?;
         steps_done += batch[0].steps;
-        let timestamp = crate::stages::train_lora::tensorboard::local_timestamp();
+        let timestamp = crate::infra::clock::local_timestamp();
         for (position, (job, image)) in batch.iter().zip(images).enumerate() {
             let name = match (&options.training_samples, &job.line.filename) {
                 (Some(prefix), _) => {

@@ -20,14 +20,6 @@ pub struct LiveText {
     pub encoder: CaptionEncoder,
 }
 
-/// The kohya prefixes of the text-encoder modules of a family.
-pub fn lora_prefixes(family: ModelFamily) -> &'static [&'static str] {
-    match family {
-        ModelFamily::Sdxl => &["lora_te1", "lora_te2"],
-        _ => &["lora_te"],
-    }
-}
-
 impl LiveText {
     /// Loads the text encoder(s) of `checkpoint` and their tokenizers (from the model's
     /// `tokenizer/` folder, else the built-in CLIP vocabulary); `clip_skip` and
@@ -41,7 +33,11 @@ impl LiveText {
     ) -> Result<Self> {
         let mut encoders = text_encoders_of(checkpoint, dtype, device)?;
         let family = encoders.family;
-        for (encoder, prefix) in encoders.encoders.iter_mut().zip(lora_prefixes(family)) {
+        for (encoder, prefix) in encoders
+            .encoders
+            .iter_mut()
+            .zip(family.text_encoder_lora_prefixes())
+        {
             encoder.set_lora_prefix(prefix);
         }
         let clip_skip = match family {

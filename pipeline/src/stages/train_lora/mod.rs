@@ -1151,6 +1151,11 @@ fn training_key(
     relevant.settings = Default::default();
     relevant.notices = Vec::new();
     relevant.compat = Default::default();
+    // Checkpointing changes memory and time, not what is trained.
+    (
+        relevant.gradient_checkpointing,
+        relevant.gradient_checkpointing_levels,
+    ) = (false, None);
     // Where the run logs does not change what it trains.
     (relevant.log_with, relevant.logging_dir, relevant.log_prefix) = (None, None, None);
     key.text("arguments", &format!("{relevant:?}"));

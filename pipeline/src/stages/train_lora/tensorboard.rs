@@ -59,8 +59,11 @@ pub fn run_dir(args: &TrainArgs) -> Result<Option<PathBuf>> {
         )));
     }
     Ok(Some(
-        dir.join(format!("{prefix}{}", local_timestamp()))
-            .join(args.log_tracker_name.as_deref().unwrap_or("network_train")),
+        dir.join(format!(
+            "{prefix}{}",
+            crate::infra::clock::local_timestamp()
+        ))
+        .join(args.log_tracker_name.as_deref().unwrap_or("network_train")),
     ))
 }
 
@@ -86,26 +89,4 @@ impl Tracker {
             .collect();
         self.writer.scalars(step, &scalars)
     }
-}
-
-/// Local time as `YYYYmmddHHMMSS` (Python's `time.strftime("%Y%m%d%H%M%S")`).
-pub(crate) fn local_timestamp() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs()) as libc::time_t;
-    // SAFETY: `localtime_r` writes only into the `tm` we own.
-    let tm = unsafe {
-        let mut tm: libc::tm = std::mem::zeroed();
-        libc::localtime_r(&now, &mut tm);
-        tm
-    };
-    format!(
-        "{:04}{:02}{:02}{:02}{:02}{:02}",
-        tm.tm_year + 1900,
-        tm.tm_mon + 1,
-        tm.tm_mday,
-        tm.tm_hour,
-        tm.tm_min,
-        tm.tm_sec
-    )
 }
