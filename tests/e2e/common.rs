@@ -173,3 +173,52 @@ pub fn sd_scripts_metadata_differences(
     }
     differences
 }
+
+/// Every tensor of a safetensors file (name → shape and dtype) and its metadata.
+pub fn safetensors_header(
+    path: &Path,
+) -> (
+    std::collections::BTreeMap<String, (Vec<u64>, String)>,
+    serde_json::Value,
+) {
+    let bytes = std::fs::read(path).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    let tensors = (header.as_object().unwrap().iter())
+        .filter(|(name, _)| *name != "__metadata__")
+        .map(|(name, info)| {
+            let shape = info["shape"].as_array().unwrap();
+            let shape = shape.iter().map(|d| d.as_u64().unwrap()).collect();
+            (
+                name.clone(),
+                (shape, info["dtype"].as_str().unwrap().into()),
+            )
+        })
+        .collect();
+    (tensors, header["__metadata__"].clone())
+}
+
+/// The `keys` of a golden key-set JSON (name → shape and torch dtype) as
+/// [`safetensors_header`] gives them, and the whole JSON.
+pub fn golden_keys(
+    path: &Path,
+) -> (
+    std::collections::BTreeMap<String, (Vec<u64>, String)>,
+    serde_json::Value,
+) {
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let keys = (golden["keys"].as_object().unwrap().iter())
+        .map(|(name, info)| {
+            let shape = info["shape"].as_array().unwrap();
+            let shape = shape.iter().map(|d| d.as_u64().unwrap()).collect();
+            let dtype = match info["dtype"].as_str().unwrap() {
+                "float32" => "F32",
+                "int64" => "I64",
+                other => panic!("{name}: unexpected golden dtype {other}"),
+            };
+            (name.clone(), (shape, dtype.to_string()))
+        })
+        .collect();
+    (keys, golden)
+}

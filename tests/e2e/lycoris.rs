@@ -3,7 +3,6 @@
 //! (golden/lycoris/loha_keys.json), lycoris itself loads the file when the Python reference is
 //! installed, and options lycoris has but lorakit does not implement are refused by name.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -13,25 +12,6 @@ use common::{fixtures, make_training_caches, run_expect};
 
 fn model() -> PathBuf {
     fixtures().join("sd15-tiny/model.safetensors")
-}
-
-/// Every tensor of a safetensors file (name → shape and dtype) and its metadata.
-fn header(path: &Path) -> (BTreeMap<String, (Vec<u64>, String)>, serde_json::Value) {
-    let bytes = std::fs::read(path).unwrap();
-    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
-    let tensors = (header.as_object().unwrap().iter())
-        .filter(|(name, _)| *name != "__metadata__")
-        .map(|(name, info)| {
-            let shape = info["shape"].as_array().unwrap();
-            let shape = shape.iter().map(|d| d.as_u64().unwrap()).collect();
-            (
-                name.clone(),
-                (shape, info["dtype"].as_str().unwrap().into()),
-            )
-        })
-        .collect();
-    (tensors, header["__metadata__"].clone())
 }
 
 /// The Python of the reference environment (`LORAKIT_REFERENCE_PYTHON`), when it is set and
@@ -104,20 +84,10 @@ fn lycoris_loha_trains_with_the_text_encoder_and_saves_lycoris_keys() {
     );
     assert!(stderr.contains("training the text encoder"), "{stderr}");
     let path = out.path().join("loha.safetensors");
-    let (saved, metadata) = header(&path);
+    let (saved, metadata) = common::safetensors_header(&path);
 
     let golden = fixtures().join("golden/lycoris/loha_keys.json");
-    let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(golden).unwrap()).unwrap();
-    let expected: BTreeMap<String, (Vec<u64>, String)> = (golden["keys"].as_object().unwrap())
-        .iter()
-        .map(|(name, info)| {
-            let shape = info["shape"].as_array().unwrap();
-            let shape = shape.iter().map(|d| d.as_u64().unwrap()).collect();
-            assert_eq!(info["dtype"], "float32");
-            (name.clone(), (shape, "F32".to_string()))
-        })
-        .collect();
+    let (expected, _) = common::golden_keys(&golden);
     assert_eq!(
         saved, expected,
         "the saved keys, shapes and dtypes are lycoris'"

@@ -2,8 +2,6 @@
 //! `--network_train_unet_only`): a kohya-style command line saves sd-scripts' full key set, and
 //! the text-encoder modules it saves have moved and change the encoder's output.
 
-use std::collections::BTreeMap;
-
 use crate::common;
 
 use candle_core::{DType, Device, Tensor};
@@ -14,23 +12,6 @@ use lorakit_pipeline::networks::lora::{LoraFile, LoraNetwork};
 
 fn model() -> std::path::PathBuf {
     fixtures().join("sd15-tiny/model.safetensors")
-}
-
-/// Every tensor of a safetensors file: name → (shape, dtype).
-fn header(bytes: &[u8]) -> BTreeMap<String, (Vec<u64>, String)> {
-    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
-    (header.as_object().unwrap().iter())
-        .filter(|(name, _)| *name != "__metadata__")
-        .map(|(name, info)| {
-            let shape = info["shape"].as_array().unwrap();
-            let shape = shape.iter().map(|d| d.as_u64().unwrap()).collect();
-            (
-                name.clone(),
-                (shape, info["dtype"].as_str().unwrap().into()),
-            )
-        })
-        .collect()
 }
 
 /// The text states of a fixed caption with the text-encoder modules of `lora` (if any).
@@ -102,24 +83,11 @@ fn kohya_command_line_trains_the_text_encoder_with_sd_scripts_keys() {
     );
     assert!(stderr.contains("training the text encoder"), "{stderr}");
     let path = out.path().join("te.safetensors");
-    let saved = header(&std::fs::read(&path).unwrap());
+    let (saved, _) = common::safetensors_header(&path);
 
     // sd-scripts' keys for the same network (golden/lora/keys_lierla_dim4_alpha1.json).
     let golden = fixtures().join("golden/lora/keys_lierla_dim4_alpha1.json");
-    let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(golden).unwrap()).unwrap();
-    let expected: BTreeMap<String, (Vec<u64>, String)> = (golden["keys"].as_object().unwrap())
-        .iter()
-        .map(|(name, info)| {
-            let shape = info["shape"].as_array().unwrap();
-            let shape = shape.iter().map(|d| d.as_u64().unwrap()).collect();
-            let dtype = match info["dtype"].as_str().unwrap() {
-                "int64" => "I64",
-                _ => "F32",
-            };
-            (name.clone(), (shape, dtype.to_string()))
-        })
-        .collect();
+    let (expected, golden) = common::golden_keys(&golden);
     assert_eq!(golden["n_te_modules"], 72);
     assert_eq!(
         saved, expected,
