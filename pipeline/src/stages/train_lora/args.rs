@@ -413,9 +413,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub gradient_checkpointing: bool,
     /// With --gradient_checkpointing: only the blocks at the N highest-resolution UNet levels
-    /// recompute (default: every level, as sd-scripts). Each level costs about the same extra
-    /// time, but the first holds most of the activations, so 1 keeps about half of the memory
-    /// saving for about a third of the extra time.
+    /// recompute (default: every level, as sd-scripts). Each level has about the same number of
+    /// multiply-adds, but the first holds most of the activations: 1 kept about half of the
+    /// memory saving in the full-size SD1.5 benchmark (docs/train-lora.md).
     #[arg(long, requires = "gradient_checkpointing", value_parser = clap::value_parser!(u32).range(1..))]
     pub gradient_checkpointing_levels: Option<u32>,
     /// Compute device: cpu, or cuda (needs a build with the `cuda` feature).
