@@ -4,12 +4,20 @@
 use candle_core::{DType, Tensor};
 
 use crate::models::frozen::{FrozenKind, FrozenOp};
+use crate::models::low_rank::{linear_with_branch, pointwise_conv_with_branch, LowRankBranch};
 
 /// A trainable change attached to a frozen layer.
 pub trait LayerAdapter: std::any::Any + std::fmt::Debug + Send + Sync {
     /// What the adapter adds to the output of a layer of `kind` for input `x`, or `None` when it
     /// adds nothing this forward pass.
     fn delta(&self, x: &Tensor, kind: FrozenKind) -> candle_core::Result<Option<Tensor>>;
+
+    /// The adapter as a plain low-rank branch for this forward pass, when it is one (a linear or
+    /// pointwise-convolution layer then runs it fused with the frozen product,
+    /// [`linear_with_branch`]).
+    fn low_rank_branch(&self) -> Option<LowRankBranch> {
+        None
+    }
 
     /// A copy behind a new box (adapters share their trainable variables).
     fn clone_box(&self) -> Box<dyn LayerAdapter>;
@@ -51,7 +59,6 @@ pub struct AdaptableLayer {
     /// `lora_te2`).
     pub lora_prefix: &'static str,
     op: FrozenOp,
-    bias: Option<Tensor>,
     /// The attached trainable adapter (a LoRA module), if any.
     pub adapter: Option<Box<dyn LayerAdapter>>,
 }
@@ -69,8 +76,7 @@ impl AdaptableLayer {
             path,
             container,
             lora_prefix: "lora_unet",
-            op: FrozenOp::new(weight, kind),
-            bias: bias.map(|b| b.detach()),
+            op: FrozenOp::new(weight, bias, kind),
             adapter: None,
         }
     }
@@ -96,21 +102,27 @@ impl AdaptableLayer {
         let weight = self.op.weight();
         let merged = (weight.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?
             .to_dtype(weight.dtype())?;
-        self.op = FrozenOp::new(merged, self.op.kind());
+        self.op = FrozenOp::new(merged, self.op.bias().cloned(), self.op.kind());
         Ok(())
     }
 
     /// `W0 x + b`, plus the adapter's change when one is attached.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut y = self.op.forward(x)?;
-        if let Some(bias) = &self.bias {
-            y = match self.op.kind() {
-                FrozenKind::Linear => y.broadcast_add(bias)?,
-                FrozenKind::Conv2d { .. } => {
-                    y.broadcast_add(&bias.reshape((bias.dim(0)?, 1, 1))?)?
-                }
+        if let Some(branch) = self.adapter.as_ref().and_then(|a| a.low_rank_branch()) {
+            let (weight, bias) = (self.op.weight(), self.op.bias());
+            let fused = match self.op.kind() {
+                FrozenKind::Linear => linear_with_branch(x, weight, bias, &branch)?,
+                FrozenKind::Conv2d {
+                    stride: 1,
+                    padding: 0,
+                } => pointwise_conv_with_branch(x, weight, bias, &branch)?,
+                FrozenKind::Conv2d { .. } => None,
             };
+            if let Some(y) = fused {
+                return Ok(y);
+            }
         }
+        let y = self.op.forward(x)?;
         match self.adapter.as_ref().map(|a| a.delta(x, self.op.kind())) {
             Some(delta) => match delta? {
                 Some(delta) => y + delta,

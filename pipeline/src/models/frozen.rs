@@ -39,6 +39,8 @@ pub enum FrozenKind {
 #[derive(Debug, Clone)]
 pub struct FrozenOp {
     weight: Tensor,
+    /// Added inside the op, so the graph keeps no unbiased copy of the output.
+    bias: Option<Tensor>,
     kind: FrozenKind,
     /// For stride-1 convolutions: the kernel with in/out swapped and spatially flipped, so the
     /// input gradient is a plain (fast, im2col) convolution instead of a transposed one.
@@ -51,9 +53,10 @@ pub struct FrozenOp {
 }
 
 impl FrozenOp {
-    /// Wraps `weight` (detached from any graph) for operation `kind`.
-    pub fn new(weight: Tensor, kind: FrozenKind) -> Self {
+    /// Wraps `weight` and `bias` (detached from any graph) for operation `kind`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, kind: FrozenKind) -> Self {
         let weight = weight.detach();
+        let bias = bias.map(|b| b.detach());
         let cpu_conv = match kind {
             FrozenKind::Conv2d { stride, padding } if weight.device().is_cpu() => {
                 Conv2d::im2col(weight.clone(), stride, padding)
@@ -70,6 +73,7 @@ impl FrozenOp {
         };
         Self {
             weight,
+            bias,
             kind,
             backward_kernel,
             cpu_conv,
@@ -79,6 +83,11 @@ impl FrozenOp {
     /// The frozen weight.
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    /// The frozen bias.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
     }
 
     /// The operation kind.
@@ -98,6 +107,18 @@ impl FrozenOp {
 
     /// Plain candle computation of the operation on a graph-free input.
     fn compute(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.compute_unbiased(x)?;
+        match (&self.bias, self.kind) {
+            (None, _) => Ok(y),
+            (Some(bias), FrozenKind::Linear) => y.broadcast_add(bias),
+            (Some(bias), FrozenKind::Conv2d { .. }) => {
+                y.broadcast_add(&bias.reshape((bias.dim(0)?, 1, 1))?)
+            }
+        }
+    }
+
+    /// The product or convolution without the bias.
+    fn compute_unbiased(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self.kind {
             FrozenKind::Linear => {
                 let (rows, inner) = (
@@ -146,33 +167,62 @@ impl FrozenOp {
 /// `x W^T` for an f32 CPU `x` `[rows, in]` and a narrow weight `[out, in]` read in f32 bands of
 /// output rows.
 fn linear_in_bands(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
-    let ((rows, inner), out) = (x.dims2()?, weight.dim(0)?);
+    let ((rows, _), out) = (x.dims2()?, weight.dim(0)?);
     let mut y = vec![0f32; rows * out];
-    with_f32_slice(x, |x| {
-        for_each_f32_band(weight, |first, band| {
-            let lhs = Operand::row_major(x, inner);
-            let rhs = Operand::transposed(band, inner);
-            let shape = (rows, band.len() / inner, inner);
-            gemm_into(&mut y[first..], out, lhs, rhs, shape, false, Threads::Pool);
-        })
-    })??;
+    with_f32_slice(x, |x| linear_into(&mut y, x, rows, weight))??;
     Tensor::from_vec(y, (rows, out), x.device())
+}
+
+/// `y = x W^T` on slices: `x` `[rows, in]`, a CPU weight `[out, in]` (or a pointwise convolution
+/// kernel `[out, in, 1, 1]`) of any stored dtype (read in f32 bands of output rows), `y`
+/// `[rows, out]`.
+pub(crate) fn linear_into(
+    y: &mut [f32],
+    x: &[f32],
+    rows: usize,
+    weight: &Tensor,
+) -> candle_core::Result<()> {
+    let (out, inner) = matrix_dims(weight)?;
+    for_each_f32_band(weight, |first, band| {
+        let lhs = Operand::row_major(x, inner);
+        let rhs = Operand::transposed(band, inner);
+        let shape = (rows, band.len() / inner, inner);
+        gemm_into(&mut y[first..], out, lhs, rhs, shape, false, Threads::Pool);
+    })
 }
 
 /// `dY W` for an f32 CPU `dY` `[rows, out]` and a narrow weight `[out, in]`, summed over f32
 /// bands of the weight's rows.
 fn linear_input_gradient_in_bands(grad: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
-    let ((rows, out), inner) = (grad.dims2()?, weight.dim(1)?);
+    let ((rows, _), inner) = (grad.dims2()?, weight.dim(1)?);
     let mut dx = vec![0f32; rows * inner];
     with_f32_slice(grad, |grad| {
-        for_each_f32_band(weight, |first, band| {
-            let lhs = Operand::row_major(&grad[first..], out);
-            let rhs = Operand::row_major(band, inner);
-            let shape = (rows, inner, band.len() / inner);
-            gemm_into(&mut dx, inner, lhs, rhs, shape, first > 0, Threads::Pool);
-        })
+        linear_input_gradient_into(&mut dx, grad, rows, weight)
     })??;
     Tensor::from_vec(dx, (rows, inner), grad.device())
+}
+
+/// `dx = dY W` on slices: `dY` `[rows, out]`, a CPU weight as in [`linear_into`] (read in f32
+/// bands, their products summed), `dx` `[rows, in]`.
+pub(crate) fn linear_input_gradient_into(
+    dx: &mut [f32],
+    grad: &[f32],
+    rows: usize,
+    weight: &Tensor,
+) -> candle_core::Result<()> {
+    let (out, inner) = matrix_dims(weight)?;
+    for_each_f32_band(weight, |first, band| {
+        let lhs = Operand::row_major(&grad[first..], out);
+        let rhs = Operand::row_major(band, inner);
+        let shape = (rows, inner, band.len() / inner);
+        gemm_into(dx, inner, lhs, rhs, shape, first > 0, Threads::Pool);
+    })
+}
+
+/// A weight's first dimension and the product of the others: its shape as a matrix.
+fn matrix_dims(weight: &Tensor) -> candle_core::Result<(usize, usize)> {
+    let out = weight.dim(0)?;
+    Ok((out, weight.elem_count() / out.max(1)))
 }
 
 /// `[out, in, kh, kw]` -> `[in, out, kh, kw]` flipped in both spatial dimensions.
@@ -326,7 +376,7 @@ mod tests {
         ] {
             let x = Tensor::randn(0f32, 1.0, (2, 5, h, w), &device).unwrap();
             let weight = Tensor::randn(0f32, 0.3, (4, 5, k, k), &device).unwrap();
-            let op = FrozenOp::new(weight.clone(), FrozenKind::Conv2d { stride, padding });
+            let op = FrozenOp::new(weight.clone(), None, FrozenKind::Conv2d { stride, padding });
             assert!(op.cpu_conv.is_some(), "f32 CPU layers use the fast kernels");
 
             let input = Var::from_tensor(&x).unwrap();
@@ -358,7 +408,7 @@ mod tests {
         let device = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (2, 3, 6), &device).unwrap();
         let weight = Tensor::randn(0f32, 0.3, (4, 6), &device).unwrap();
-        let op = FrozenOp::new(weight.clone(), FrozenKind::Linear);
+        let op = FrozenOp::new(weight.clone(), None, FrozenKind::Linear);
         let ours_input = Var::from_tensor(&x).unwrap();
         let reference_input = Var::from_tensor(&x).unwrap();
         let ours = op.forward(ours_input.as_tensor()).unwrap();
@@ -422,7 +472,9 @@ mod tests {
         for (kind, weight_shape, input_shape) in cases {
             let weight = Tensor::randn(0f32, 0.3, weight_shape, &device).unwrap();
             let x = Tensor::randn(0f32, 1.0, input_shape, &device).unwrap();
-            let exact = FrozenOp::new(weight.clone(), kind).forward(&x).unwrap();
+            let exact = FrozenOp::new(weight.clone(), None, kind)
+                .forward(&x)
+                .unwrap();
             for (dtype, rounding) in [
                 (DType::F16, 2e-3),
                 (DType::BF16, 1e-2),
@@ -430,13 +482,13 @@ mod tests {
             ] {
                 let narrow = weight.to_dtype(dtype).unwrap();
                 let widened = narrow.to_dtype(DType::F32).unwrap();
-                let narrow_op = FrozenOp::new(narrow, kind);
+                let narrow_op = FrozenOp::new(narrow, None, kind);
                 assert_eq!(narrow_op.weight().dtype(), dtype, "stored as given");
                 let case = format!("{kind:?} {dtype:?}");
                 let input = Var::from_tensor(&x).unwrap();
                 let y = narrow_op.forward(input.as_tensor()).unwrap();
                 let reference_input = Var::from_tensor(&x).unwrap();
-                let reference = FrozenOp::new(widened, kind)
+                let reference = FrozenOp::new(widened, None, kind)
                     .forward(reference_input.as_tensor())
                     .unwrap();
                 assert_eq!(y.dtype(), DType::F32, "{case}");

@@ -24,13 +24,27 @@ pub(crate) enum NormKind {
     Layer,
 }
 
-/// `y = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]` over rows of the input.
+/// `y = (x - mean) / sqrt(var + eps) * weight[c] + bias[c]` over rows of the input, optionally
+/// followed by SiLU (`y · sigmoid(y)`, as every UNet and VAE resnet applies it; fused, the graph
+/// keeps no normalised copy for the activation).
 #[derive(Debug, Clone)]
 pub(crate) struct AffineNorm {
     weight: Vec<f32>,
     bias: Vec<f32>,
     kind: NormKind,
     eps: f32,
+    silu: bool,
+}
+
+/// `x · sigmoid(x)`.
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// The derivative of [`silu`]: `s (1 + x (1 - s))` with `s = sigmoid(x)`.
+fn silu_derivative(x: f32) -> f32 {
+    let s = 1.0 / (1.0 + (-x).exp());
+    s * (1.0 + x * (1.0 - s))
 }
 
 /// Per-row statistics: the mean and `1 / sqrt(var + eps)`.
@@ -48,6 +62,7 @@ impl AffineNorm {
         bias: &Tensor,
         kind: NormKind,
         eps: f64,
+        silu: bool,
     ) -> candle_core::Result<Self> {
         let as_vec = |t: &Tensor| t.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>();
         Ok(Self {
@@ -55,6 +70,7 @@ impl AffineNorm {
             bias: as_vec(bias)?,
             kind,
             eps: eps as f32,
+            silu,
         })
     }
 
@@ -105,13 +121,17 @@ impl AffineNorm {
                     for (y, &x) in out.iter_mut().zip(row) {
                         *y = (x - mean) * scale + shift;
                     }
+                    if self.silu {
+                        out.iter_mut().for_each(|y| *y = silu(*y));
+                    }
                 }
             });
         output
     }
 
     /// `dx = rstd * (g - mean(g) - x̂ * mean(g * x̂))` with `g = dy * weight` and `x̂` the
-    /// standardised input, per row.
+    /// standardised input, per row (`dy` first times SiLU's derivative at the normalised value
+    /// when the SiLU is fused).
     fn backward_rows(&self, input: &[f32], grad: &[f32], rows: (usize, usize)) -> Vec<f32> {
         let row_len = rows.0;
         let mut grad_input = vec![0f32; input.len()];
@@ -124,10 +144,19 @@ impl AffineNorm {
                 let n = row_len as f32;
                 let mut scaled = Vec::with_capacity(row_len);
                 let first = self.first_channel(r, rows);
-                for (c, dy) in (first..).zip(dy.chunks(rows.1)) {
-                    scaled.extend(dy.iter().map(|&g| g * self.weight[c]));
-                }
                 let standardised: Vec<f32> = row.iter().map(|&x| (x - mean) * rstd).collect();
+                let segments = dy.chunks(rows.1).zip(standardised.chunks(rows.1));
+                for (c, (dy, xhat)) in (first..).zip(segments) {
+                    let (weight, bias) = (self.weight[c], self.bias[c]);
+                    scaled.extend(dy.iter().zip(xhat).map(|(&g, &xhat)| {
+                        let g = if self.silu {
+                            g * silu_derivative(xhat * weight + bias)
+                        } else {
+                            g
+                        };
+                        g * weight
+                    }));
+                }
                 let mean_g = scaled.iter().sum::<f32>() / n;
                 let mean_gx = dot(&scaled, &standardised) / n;
                 for ((out, &g), &xhat) in dx.iter_mut().zip(&scaled).zip(&standardised) {
@@ -199,10 +228,30 @@ impl Norm {
 
     /// GroupNorm over `[B, C, H, W]` with `groups` groups.
     pub(crate) fn group(&self, groups: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.group_then(groups, x, false)
+    }
+
+    /// GroupNorm followed by SiLU.
+    pub(crate) fn group_silu(&self, groups: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.group_then(groups, x, true)
+    }
+
+    /// GroupNorm, then SiLU when `silu` is set.
+    fn group_then(&self, groups: usize, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
         if is_f32_cpu(x) {
             let kind = NormKind::Group { groups };
-            return AffineNorm::new(&self.weight, &self.bias, kind, self.eps)?.forward(x);
+            return AffineNorm::new(&self.weight, &self.bias, kind, self.eps, silu)?.forward(x);
         }
+        let normed = self.group_elementary(groups, x)?;
+        if silu {
+            normed.silu()
+        } else {
+            Ok(normed)
+        }
+    }
+
+    /// GroupNorm from elementary candle ops.
+    fn group_elementary(&self, groups: usize, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let grouped = x.reshape((b, groups, (c / groups) * h * w))?;
         let normed = standardise(&grouped, self.eps)?.reshape((b, c, h, w))?;
@@ -214,7 +263,7 @@ impl Norm {
     /// LayerNorm over the last dimension.
     pub(crate) fn layer(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if is_f32_cpu(x) {
-            return AffineNorm::new(&self.weight, &self.bias, NormKind::Layer, self.eps)?
+            return AffineNorm::new(&self.weight, &self.bias, NormKind::Layer, self.eps, false)?
                 .forward(x);
         }
         standardise(x, self.eps)?
@@ -277,29 +326,37 @@ mod tests {
     #[test]
     fn group_and_layer_norm_match_elementary_ops_with_gradients() {
         let device = Device::Cpu;
-        // GroupNorm [2, 8, 3, 5] with 4 groups; LayerNorm over 6 features of [2, 7, 6].
-        for (dims, groups, kind) in [
-            (vec![2, 8, 3, 5], 4, NormKind::Group { groups: 4 }),
-            (vec![2, 7, 6], 1, NormKind::Layer),
+        // GroupNorm [2, 8, 3, 5] with 4 groups, alone and followed by SiLU; LayerNorm over 6
+        // features of [2, 7, 6].
+        for (dims, groups, kind, silu) in [
+            (vec![2, 8, 3, 5], 4, NormKind::Group { groups: 4 }, false),
+            (vec![2, 8, 3, 5], 4, NormKind::Group { groups: 4 }, true),
+            (vec![2, 7, 6], 1, NormKind::Layer, false),
         ] {
             let channels = if dims.len() == 4 { dims[1] } else { dims[2] };
             let x = (Tensor::randn(0f32, 2.0, dims.as_slice(), &device).unwrap() + 0.7).unwrap();
             let weight = Tensor::randn(1f32, 0.3, channels, &device).unwrap();
             let bias = Tensor::randn(0f32, 0.3, channels, &device).unwrap();
-            let norm = AffineNorm::new(&weight, &bias, kind, 1e-5).unwrap();
+            let norm = AffineNorm::new(&weight, &bias, kind, 1e-5, silu).unwrap();
 
             let ours_input = Var::from_tensor(&x).unwrap();
             let reference_input = Var::from_tensor(&x).unwrap();
             let ours = norm.forward(ours_input.as_tensor()).unwrap();
-            let expected = reference(reference_input.as_tensor(), &weight, &bias, groups);
-            assert!(max_difference(&ours, &expected) < 1e-5, "{dims:?}");
+            let mut expected = reference(reference_input.as_tensor(), &weight, &bias, groups);
+            if silu {
+                expected = expected.silu().unwrap();
+            }
+            assert!(max_difference(&ours, &expected) < 1e-5, "{dims:?} {silu}");
 
             let weights = Tensor::randn(0f32, 1.0, dims.as_slice(), &device).unwrap();
             let [ours_grad] = weighted_sum_gradients(&ours, &weights, [&ours_input]);
             let [expected_grad] = weighted_sum_gradients(&expected, &weights, [&reference_input]);
             assert_eq!(ours_grad.dtype(), DType::F32);
             let difference = max_difference(&ours_grad, &expected_grad);
-            assert!(difference < 1e-5, "{dims:?}: gradient off by {difference}");
+            assert!(
+                difference < 1e-5,
+                "{dims:?} {silu}: gradient off by {difference}"
+            );
         }
     }
 }

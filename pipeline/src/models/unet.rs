@@ -18,12 +18,13 @@
 //! Layer paths ([`AdaptableLayer::path`], which name LoRA modules) are the module names of
 //! sd-scripts' model of the family: diffusers names for SD1/SD2, SGM names for SDXL.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::models::adapter::{Adaptable, AdaptableLayer, Container};
-use crate::models::attention::attention;
+use crate::models::attention::multi_head_attention;
 use crate::models::frozen::FrozenKind;
+use crate::models::geglu::geglu;
 use crate::models::norm::Norm;
 use crate::models::recompute::{checkpointed, Recomputable};
 use crate::models::ModelFamily;
@@ -353,7 +354,7 @@ impl ResnetBlock {
     fn forward(&self, x: &Tensor, temb: &Tensor) -> candle_core::Result<Tensor> {
         let h = self
             .conv1
-            .forward(&self.norm1.group(NORM_GROUPS, x)?.silu()?)?;
+            .forward(&self.norm1.group_silu(NORM_GROUPS, x)?)?;
         let t = self
             .time_emb_proj
             .forward(&temb.silu()?)?
@@ -362,7 +363,7 @@ impl ResnetBlock {
         let h = h.broadcast_add(&t)?;
         let h = self
             .conv2
-            .forward(&self.norm2.group(NORM_GROUPS, &h)?.silu()?)?;
+            .forward(&self.norm2.group_silu(NORM_GROUPS, &h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
@@ -421,23 +422,12 @@ impl Attention {
 
     fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let context = context.unwrap_or(x);
-        let (b, n, c) = x.dims3()?;
-        let head_dim = c / self.heads;
-        let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            let len = t.dim(1)?;
-            t.reshape((b, len, self.heads, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b * self.heads, len, head_dim))
-        };
-        let q = split(self.to_q.forward(x)?)?;
-        let k = split(self.to_k.forward(context)?)?;
-        let v = split(self.to_v.forward(context)?)?;
-        let out = attention(&q, &k, &v, 1.0 / (head_dim as f64).sqrt())?;
-        let out = out
-            .reshape((b, self.heads, n, head_dim))?
-            .transpose(1, 2)?
-            .reshape((b, n, c))?;
+        let head_dim = x.dim(2)? / self.heads;
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let out = multi_head_attention(&q, &k, &v, self.heads, scale)?;
         self.to_out.forward(&out)
     }
 
@@ -482,10 +472,7 @@ impl TransformerBlock {
         let x = (self.attn1.forward(&self.norm1.layer(x)?, None)? + x)?;
         let x = (self.attn2.forward(&self.norm2.layer(&x)?, Some(context))? + &x)?;
         let projected = self.ff_in.forward(&self.norm3.layer(&x)?)?;
-        let half = projected.dim(D::Minus1)? / 2;
-        let hidden = projected.narrow(D::Minus1, 0, half)?;
-        let gate = projected.narrow(D::Minus1, half, half)?.gelu_erf()?;
-        self.ff_out.forward(&(hidden * gate)?)? + x
+        self.ff_out.forward(&geglu(&projected)?)? + x
     }
 
     fn visit(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer)) {
@@ -875,7 +862,7 @@ impl Unet {
             }
         }
         self.conv_out
-            .forward(&self.norm_out.group(NORM_GROUPS, &x)?.silu()?)
+            .forward(&self.norm_out.group_silu(NORM_GROUPS, &x)?)
     }
 }
 

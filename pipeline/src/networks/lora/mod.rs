@@ -21,6 +21,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::models::adapter::{Adaptable, AdaptableLayer, Container, LayerAdapter};
 use crate::models::frozen::FrozenKind;
+use crate::models::low_rank::LowRankBranch;
 use crate::models::trainable_conv;
 use crate::{Error, Result};
 use dropout::BranchDraw;
@@ -101,6 +102,19 @@ impl LayerAdapter for LoraModule {
 
     /// The LoRA branch `up(down(x)) * scale` for a layer of `kind`, or `None` when module
     /// dropout skips it for this forward pass.
+    fn low_rank_branch(&self) -> Option<LowRankBranch> {
+        let drops = self
+            .dropout
+            .as_ref()
+            .and_then(BranchDropout::draw)
+            .is_some();
+        (!drops).then(|| LowRankBranch {
+            down: self.down.as_tensor().clone(),
+            up: self.up.as_tensor().clone(),
+            scale: self.scale(),
+        })
+    }
+
     fn delta(&self, x: &Tensor, kind: FrozenKind) -> candle_core::Result<Option<Tensor>> {
         let mut draw = self.dropout.as_ref().and_then(BranchDropout::draw);
         if draw.as_mut().is_some_and(BranchDraw::skips_branch) {

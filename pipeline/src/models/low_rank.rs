@@ -1,0 +1,531 @@
+//! A frozen linear layer (or pointwise convolution) and its trainable low-rank branch as one
+//! operation: `y = x W^T + b + scale · (x D^T) U^T` (W frozen, D = `lora_down`, U = `lora_up`).
+//!
+//! Composed of separate candle ops, the graph keeps the frozen product, its biased copy, the
+//! branch's output and its scaled copy until the backward pass: four tensors of the layer's
+//! output size per adapted layer, most of a transformer block's activation memory. As one custom
+//! op only `x` and the two factors are kept, the output is written once, and the branch's small
+//! hidden `x D^T` is recomputed in the backward pass. f32 activations on the CPU; the frozen
+//! weight may be stored narrower ([`super::frozen`] reads it in f32 bands).
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+
+use super::frozen::{dense, linear_input_gradient_into, linear_into};
+use super::kernels::{f32_elements, gemm_into, with_f32_slice, Operand, Threads};
+
+/// A plain low-rank branch `scale · up(down(x))` of a linear layer (a LoRA module without
+/// dropout this pass).
+#[derive(Debug, Clone)]
+pub struct LowRankBranch {
+    /// `[rank, in]`.
+    pub down: Tensor,
+    /// `[out, rank]`.
+    pub up: Tensor,
+    /// The branch's scale (multiplier · alpha / rank).
+    pub scale: f64,
+}
+
+/// `x W^T + b + branch(x)` as one op, or `None` where it does not apply (activations or factors
+/// not f32 on the CPU, factors not 2-D), in which case the caller composes the ops itself.
+pub(crate) fn linear_with_branch(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    branch: &LowRankBranch,
+) -> candle_core::Result<Option<Tensor>> {
+    if !fused_applies(x, weight, bias, branch) || branch.down.rank() != 2 {
+        return Ok(None);
+    }
+    let inner = x.dim(candle_core::D::Minus1)?;
+    let mut out_dims = x.dims().to_vec();
+    *out_dims
+        .last_mut()
+        .expect("linear input has a last dimension") = weight.dim(0)?;
+    let op = FusedLowRankLinear::new(weight, bias, branch, ActivationLayout::Rows);
+    let rows = dense(x)?.reshape((x.elem_count() / inner, inner))?;
+    let y = rows.apply_op3(&dense(&branch.down)?, &dense(&branch.up)?, op)?;
+    Ok(Some(y.reshape(out_dims)?))
+}
+
+/// The 1x1 convolution `[B, C, H, W]` with weight `[out, C, 1, 1]`, its bias and a branch of
+/// 1x1 factors as one op (the same product per pixel), or `None` where it does not apply.
+pub(crate) fn pointwise_conv_with_branch(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    branch: &LowRankBranch,
+) -> candle_core::Result<Option<Tensor>> {
+    let pointwise = |t: &Tensor| t.rank() == 4 && t.dims()[2..] == [1, 1];
+    let applies = fused_applies(x, weight, bias, branch)
+        && x.rank() == 4
+        && pointwise(weight)
+        && pointwise(&branch.down)
+        && pointwise(&branch.up);
+    if !applies {
+        return Ok(None);
+    }
+    let as_matrix = |t: &Tensor| dense(&t.flatten_from(1)?);
+    let op = FusedLowRankLinear::new(weight, bias, branch, ActivationLayout::ChannelsFirst);
+    let y = dense(x)?.apply_op3(&as_matrix(&branch.down)?, &as_matrix(&branch.up)?, op)?;
+    Ok(Some(y))
+}
+
+/// Whether the fused op can run: f32 activations and factors on the CPU, a CPU weight.
+fn fused_applies(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    branch: &LowRankBranch,
+) -> bool {
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    f32_cpu(x)
+        && f32_cpu(&branch.down)
+        && f32_cpu(&branch.up)
+        && weight.device().is_cpu()
+        && bias.is_none_or(f32_cpu)
+}
+
+/// How the op's activations are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ActivationLayout {
+    /// `[rows, features]`.
+    Rows,
+    /// `[B, C, H, W]`: each pixel is a row; transposed to rows and back inside the op.
+    ChannelsFirst,
+}
+
+#[derive(Debug, Clone)]
+struct FusedLowRankLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    scale: f32,
+    layout: ActivationLayout,
+}
+
+/// `[B, C, P]` -> `[B·P, C]`.
+fn channels_last(x: &[f32], channels: usize, pixels: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for (image, out) in x
+        .chunks(channels * pixels)
+        .zip(out.chunks_mut(channels * pixels))
+    {
+        for (c, plane) in image.chunks(pixels).enumerate() {
+            for (p, &value) in plane.iter().enumerate() {
+                out[p * channels + c] = value;
+            }
+        }
+    }
+    out
+}
+
+/// `[B·P, C]` -> `[B, C, P]`.
+fn channels_first(x: &[f32], channels: usize, pixels: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for (rows, image) in x
+        .chunks(channels * pixels)
+        .zip(out.chunks_mut(channels * pixels))
+    {
+        for (p, row) in rows.chunks(channels).enumerate() {
+            for (c, &value) in row.iter().enumerate() {
+                image[c * pixels + p] = value;
+            }
+        }
+    }
+    out
+}
+
+/// The sizes of one product: `rows` activations of width `inner`, `out` outputs, `rank`, and
+/// for channels-first activations the pixels per image.
+#[derive(Clone, Copy)]
+struct Sizes {
+    rows: usize,
+    inner: usize,
+    out: usize,
+    rank: usize,
+    pixels: usize,
+}
+
+impl Sizes {
+    fn of(
+        x: &Shape,
+        down: &Shape,
+        up: &Shape,
+        layout: ActivationLayout,
+    ) -> candle_core::Result<Self> {
+        let (rows, inner, pixels) = match layout {
+            ActivationLayout::Rows => {
+                let (rows, inner) = x.dims2()?;
+                (rows, inner, 1)
+            }
+            ActivationLayout::ChannelsFirst => {
+                let (batch, channels, height, width) = x.dims4()?;
+                (batch * height * width, channels, height * width)
+            }
+        };
+        let (rank, down_inner) = down.dims2()?;
+        let (out, up_rank) = up.dims2()?;
+        if down_inner != inner || up_rank != rank {
+            candle_core::bail!(
+                "low-rank branch {:?} / {:?} does not fit input {:?}",
+                down.dims(),
+                up.dims(),
+                x.dims()
+            )
+        }
+        Ok(Sizes {
+            rows,
+            inner,
+            out,
+            rank,
+            pixels,
+        })
+    }
+
+    /// `x D^T`, `[rows, rank]`.
+    fn hidden(&self, x: &[f32], down: &[f32]) -> Vec<f32> {
+        let mut hidden = vec![0f32; self.rows * self.rank];
+        let (lhs, rhs) = (
+            Operand::row_major(x, self.inner),
+            Operand::transposed(down, self.inner),
+        );
+        let shape = (self.rows, self.rank, self.inner);
+        gemm_into(
+            &mut hidden,
+            self.rank,
+            lhs,
+            rhs,
+            shape,
+            false,
+            Threads::Pool,
+        );
+        hidden
+    }
+}
+
+impl FusedLowRankLinear {
+    fn new(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        branch: &LowRankBranch,
+        layout: ActivationLayout,
+    ) -> Self {
+        FusedLowRankLinear {
+            weight: weight.clone(),
+            bias: bias.cloned(),
+            scale: branch.scale as f32,
+            layout,
+        }
+    }
+
+    /// Activations in this op's layout as rows.
+    fn to_rows(&self, x: Vec<f32>, width: usize, s: Sizes) -> Vec<f32> {
+        match self.layout {
+            ActivationLayout::Rows => x,
+            ActivationLayout::ChannelsFirst => channels_last(&x, width, s.pixels),
+        }
+    }
+
+    /// Rows back in this op's layout.
+    fn from_rows(&self, rows: Vec<f32>, width: usize, s: Sizes) -> Vec<f32> {
+        match self.layout {
+            ActivationLayout::Rows => rows,
+            ActivationLayout::ChannelsFirst => channels_first(&rows, width, s.pixels),
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &[f32],
+        down: &[f32],
+        up: &[f32],
+        s: Sizes,
+    ) -> candle_core::Result<Vec<f32>> {
+        let mut y = vec![0f32; s.rows * s.out];
+        linear_into(&mut y, x, s.rows, &self.weight)?;
+        if let Some(bias) = &self.bias {
+            with_f32_slice(bias, |bias| {
+                for row in y.chunks_mut(s.out) {
+                    row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
+                }
+            })?;
+        }
+        let mut hidden = s.hidden(x, down);
+        hidden.iter_mut().for_each(|h| *h *= self.scale);
+        let (lhs, rhs) = (
+            Operand::row_major(&hidden, s.rank),
+            Operand::transposed(up, s.rank),
+        );
+        gemm_into(
+            &mut y,
+            s.out,
+            lhs,
+            rhs,
+            (s.rows, s.out, s.rank),
+            true,
+            Threads::Pool,
+        );
+        Ok(y)
+    }
+
+    /// The gradients of `x`, `down` and `up` for the output gradient `grad`.
+    fn backward(
+        &self,
+        x: &[f32],
+        down: &[f32],
+        up: &[f32],
+        grad: &[f32],
+        s: Sizes,
+    ) -> candle_core::Result<[Vec<f32>; 3]> {
+        // g = scale · dY U, [rows, rank]: the gradient reaching the hidden.
+        let mut hidden_grad = vec![0f32; s.rows * s.rank];
+        let (lhs, rhs) = (
+            Operand::row_major(grad, s.out),
+            Operand::row_major(up, s.rank),
+        );
+        let shape = (s.rows, s.rank, s.out);
+        gemm_into(
+            &mut hidden_grad,
+            s.rank,
+            lhs,
+            rhs,
+            shape,
+            false,
+            Threads::Pool,
+        );
+        hidden_grad.iter_mut().for_each(|g| *g *= self.scale);
+
+        // dX = dY W + g D.
+        let mut x_grad = vec![0f32; s.rows * s.inner];
+        linear_input_gradient_into(&mut x_grad, grad, s.rows, &self.weight)?;
+        let (lhs, rhs) = (
+            Operand::row_major(&hidden_grad, s.rank),
+            Operand::row_major(down, s.inner),
+        );
+        let shape = (s.rows, s.inner, s.rank);
+        gemm_into(&mut x_grad, s.inner, lhs, rhs, shape, true, Threads::Pool);
+
+        // dD = g^T X, [rank, in].
+        let mut down_grad = vec![0f32; s.rank * s.inner];
+        let (lhs, rhs) = (
+            Operand::row_major(&hidden_grad, s.rank).t(),
+            Operand::row_major(x, s.inner),
+        );
+        let shape = (s.rank, s.inner, s.rows);
+        gemm_into(
+            &mut down_grad,
+            s.inner,
+            lhs,
+            rhs,
+            shape,
+            false,
+            Threads::Pool,
+        );
+
+        // dU = scale · dY^T (X D^T), [out, rank].
+        let mut hidden = s.hidden(x, down);
+        hidden.iter_mut().for_each(|h| *h *= self.scale);
+        let mut up_grad = vec![0f32; s.out * s.rank];
+        let (lhs, rhs) = (
+            Operand::row_major(grad, s.out).t(),
+            Operand::row_major(&hidden, s.rank),
+        );
+        let shape = (s.out, s.rank, s.rows);
+        gemm_into(&mut up_grad, s.rank, lhs, rhs, shape, false, Threads::Pool);
+        Ok([x_grad, down_grad, up_grad])
+    }
+}
+
+/// The f32 elements of a graph-free CPU tensor (a copy only when it is not contiguous).
+fn f32_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+impl CustomOp3 for FusedLowRankLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear-with-low-rank-branch"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let sizes = Sizes::of(l1.shape(), l2.shape(), l3.shape(), self.layout)?;
+        let (Some(x), Some(down), Some(up)) = (
+            f32_elements(s1, l1),
+            f32_elements(s2, l2),
+            f32_elements(s3, l3),
+        ) else {
+            candle_core::bail!("low-rank linear: expected contiguous f32 inputs")
+        };
+        let shape = match self.layout {
+            ActivationLayout::Rows => Shape::from((sizes.rows, sizes.out)),
+            ActivationLayout::ChannelsFirst => {
+                let mut dims = l1.shape().dims().to_vec();
+                dims[1] = sizes.out;
+                Shape::from(dims)
+            }
+        };
+        let y = match self.layout {
+            ActivationLayout::Rows => self.forward(x, down, up, sizes)?,
+            ActivationLayout::ChannelsFirst => {
+                let rows = self.to_rows(x.to_vec(), sizes.inner, sizes);
+                let y = self.forward(&rows, down, up, sizes)?;
+                self.from_rows(y, sizes.out, sizes)
+            }
+        };
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        down: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let sizes = Sizes::of(x.shape(), down.shape(), up.shape(), self.layout)?;
+        let [x_values, down_values, up_values, grad] =
+            [x, down, up, grad_res].map(|t| f32_values(&t.detach()));
+        let x_rows = self.to_rows(x_values?, sizes.inner, sizes);
+        let grad_rows = self.to_rows(grad?, sizes.out, sizes);
+        let [x_grad, down_grad, up_grad] =
+            self.backward(&x_rows, &down_values?, &up_values?, &grad_rows, sizes)?;
+        let x_grad = self.from_rows(x_grad, sizes.inner, sizes);
+        let device = x.device();
+        Ok((
+            Some(Tensor::from_vec(x_grad, x.shape(), device)?),
+            Some(Tensor::from_vec(down_grad, down.shape(), device)?),
+            Some(Tensor::from_vec(up_grad, up.shape(), device)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::infra::test_support::{relative_difference, weighted_sum_gradients};
+    use crate::models::frozen::{FrozenKind, FrozenOp};
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn matches_the_composed_ops_with_gradients() {
+        // The fused op against the frozen op, a bias add and the branch written as candle ops,
+        // for f32 and bf16 weights, a 3-D input and an output wide enough for several bands.
+        let device = Device::Cpu;
+        for (out, inner, rank, dtype) in [
+            (7, 5, 3, DType::F32),
+            (7, 5, 3, DType::BF16),
+            (1100, 4096, 4, DType::BF16),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, inner), &device).unwrap();
+            let weight = Tensor::randn(0f32, 0.3, (out, inner), &device)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let bias = Tensor::randn(0f32, 1.0, out, &device).unwrap();
+            let down = Var::randn(0f32, 0.3, (rank, inner), &device).unwrap();
+            let up = Var::randn(0f32, 0.3, (out, rank), &device).unwrap();
+            let scale = 0.75;
+            let branch = LowRankBranch {
+                down: down.as_tensor().clone(),
+                up: up.as_tensor().clone(),
+                scale,
+            };
+            let input = Var::from_tensor(&x).unwrap();
+            let fused = linear_with_branch(input.as_tensor(), &weight, Some(&bias), &branch)
+                .unwrap()
+                .expect("f32 CPU activations take the fused op");
+
+            let reference_input = Var::from_tensor(&x).unwrap();
+            let frozen = FrozenOp::new(weight.clone(), None, FrozenKind::Linear);
+            let reference = (frozen.forward(reference_input.as_tensor()).unwrap())
+                .broadcast_add(&bias)
+                .unwrap()
+                + (reference_input.as_tensor())
+                    .broadcast_matmul(&down.as_tensor().t().unwrap())
+                    .unwrap()
+                    .broadcast_matmul(&up.as_tensor().t().unwrap())
+                    .unwrap()
+                    .affine(scale, 0.0)
+                    .unwrap();
+            let reference = reference.unwrap();
+            let case = format!("{out}x{inner} rank {rank} {dtype:?}");
+            assert_eq!(fused.dims(), reference.dims(), "{case}");
+            let off = relative_difference(&fused, &reference);
+            assert!(off < 1e-5, "{case}: output {off}");
+
+            let loss_weights = Tensor::randn(0f32, 1.0, fused.shape(), &device).unwrap();
+            let ours = weighted_sum_gradients(&fused, &loss_weights, [&input, &down, &up]);
+            let theirs =
+                weighted_sum_gradients(&reference, &loss_weights, [&reference_input, &down, &up]);
+            for (name, (a, b)) in ["x", "down", "up"].iter().zip(ours.iter().zip(&theirs)) {
+                let off = relative_difference(a, b);
+                assert!(off < 1e-5, "{case}: gradient of {name} off by {off}");
+            }
+        }
+    }
+
+    #[test]
+    fn pointwise_convolution_matches_the_composed_ops_with_gradients() {
+        let device = Device::Cpu;
+        let (out, channels, rank) = (6, 5, 2);
+        let x = Tensor::randn(0f32, 1.0, (2, channels, 3, 4), &device).unwrap();
+        let weight = Tensor::randn(0f32, 0.3, (out, channels, 1, 1), &device).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, out, &device).unwrap();
+        let down = Var::randn(0f32, 0.3, (rank, channels, 1, 1), &device).unwrap();
+        let up = Var::randn(0f32, 0.3, (out, rank, 1, 1), &device).unwrap();
+        let scale = 1.5;
+        let branch = LowRankBranch {
+            down: down.as_tensor().clone(),
+            up: up.as_tensor().clone(),
+            scale,
+        };
+        let input = Var::from_tensor(&x).unwrap();
+        let fused = pointwise_conv_with_branch(input.as_tensor(), &weight, Some(&bias), &branch)
+            .unwrap()
+            .expect("f32 CPU activations take the fused op");
+        let reference_input = Var::from_tensor(&x).unwrap();
+        let conv = |x: &Tensor, w: &Tensor| x.conv2d(w, 0, 1, 1, 1).unwrap();
+        let reference = (conv(reference_input.as_tensor(), &weight)
+            .broadcast_add(&bias.reshape((out, 1, 1)).unwrap())
+            .unwrap()
+            + conv(
+                &conv(reference_input.as_tensor(), down.as_tensor()),
+                up.as_tensor(),
+            )
+            .affine(scale, 0.0)
+            .unwrap())
+        .unwrap();
+        assert_eq!(fused.dims(), reference.dims());
+        assert!(relative_difference(&fused, &reference) < 1e-5);
+        let loss_weights = Tensor::randn(0f32, 1.0, fused.shape(), &device).unwrap();
+        let ours = weighted_sum_gradients(&fused, &loss_weights, [&input, &down, &up]);
+        let theirs =
+            weighted_sum_gradients(&reference, &loss_weights, [&reference_input, &down, &up]);
+        for (name, (a, b)) in ["x", "down", "up"].iter().zip(ours.iter().zip(&theirs)) {
+            let off = relative_difference(a, b);
+            assert!(off < 1e-5, "gradient of {name} off by {off}");
+        }
+    }
+
+    #[test]
+    fn other_dtypes_and_devices_fall_back_to_the_composed_ops() {
+        let device = Device::Cpu;
+        let x = Tensor::zeros((2, 4), DType::F16, &device).unwrap();
+        let branch = LowRankBranch {
+            down: Tensor::zeros((1, 4), DType::F32, &device).unwrap(),
+            up: Tensor::zeros((3, 1), DType::F32, &device).unwrap(),
+            scale: 1.0,
+        };
+        let weight = Tensor::zeros((3, 4), DType::F32, &device).unwrap();
+        assert!(linear_with_branch(&x, &weight, None, &branch)
+            .unwrap()
+            .is_none());
+    }
+}
