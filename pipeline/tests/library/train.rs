@@ -367,12 +367,13 @@ fn frozen_ops_pass_finite_difference_checks() {
             .unwrap()
     };
     finite_difference(
-        &FrozenOp::new(rand(&[5, 6]), FrozenKind::Linear),
+        &FrozenOp::new(rand(&[5, 6]), None, FrozenKind::Linear),
         &rand(&[2, 3, 6]),
     );
     finite_difference(
         &FrozenOp::new(
             rand(&[4, 3, 3, 3]),
+            None,
             FrozenKind::Conv2d {
                 stride: 1,
                 padding: 1,
@@ -383,6 +384,7 @@ fn frozen_ops_pass_finite_difference_checks() {
     finite_difference(
         &FrozenOp::new(
             rand(&[4, 3, 3, 3]),
+            None,
             FrozenKind::Conv2d {
                 stride: 2,
                 padding: 1,
@@ -393,6 +395,7 @@ fn frozen_ops_pass_finite_difference_checks() {
     finite_difference(
         &FrozenOp::new(
             rand(&[4, 3, 3, 3]),
+            None,
             FrozenKind::Conv2d {
                 stride: 2,
                 padding: 1,
