@@ -218,7 +218,7 @@ impl FusedLowRankLinear {
     }
 
     /// Activations in this op's layout as rows.
-    fn to_rows(&self, x: Vec<f32>, width: usize, s: Sizes) -> Vec<f32> {
+    fn layout_to_rows(&self, x: Vec<f32>, width: usize, s: Sizes) -> Vec<f32> {
         match self.layout {
             ActivationLayout::Rows => x,
             ActivationLayout::ChannelsFirst => channels_last(&x, width, s.pixels),
@@ -226,7 +226,7 @@ impl FusedLowRankLinear {
     }
 
     /// Rows back in this op's layout.
-    fn from_rows(&self, rows: Vec<f32>, width: usize, s: Sizes) -> Vec<f32> {
+    fn rows_to_layout(&self, rows: Vec<f32>, width: usize, s: Sizes) -> Vec<f32> {
         match self.layout {
             ActivationLayout::Rows => rows,
             ActivationLayout::ChannelsFirst => channels_first(&rows, width, s.pixels),
@@ -373,9 +373,9 @@ impl CustomOp3 for FusedLowRankLinear {
         let y = match self.layout {
             ActivationLayout::Rows => self.forward(x, down, up, sizes)?,
             ActivationLayout::ChannelsFirst => {
-                let rows = self.to_rows(x.to_vec(), sizes.inner, sizes);
+                let rows = self.layout_to_rows(x.to_vec(), sizes.inner, sizes);
                 let y = self.forward(&rows, down, up, sizes)?;
-                self.from_rows(y, sizes.out, sizes)
+                self.rows_to_layout(y, sizes.out, sizes)
             }
         };
         Ok((CpuStorage::F32(y), shape))
@@ -392,11 +392,11 @@ impl CustomOp3 for FusedLowRankLinear {
         let sizes = Sizes::of(x.shape(), down.shape(), up.shape(), self.layout)?;
         let [x_values, down_values, up_values, grad] =
             [x, down, up, grad_res].map(|t| f32_values(&t.detach()));
-        let x_rows = self.to_rows(x_values?, sizes.inner, sizes);
-        let grad_rows = self.to_rows(grad?, sizes.out, sizes);
+        let x_rows = self.layout_to_rows(x_values?, sizes.inner, sizes);
+        let grad_rows = self.layout_to_rows(grad?, sizes.out, sizes);
         let [x_grad, down_grad, up_grad] =
             self.backward(&x_rows, &down_values?, &up_values?, &grad_rows, sizes)?;
-        let x_grad = self.from_rows(x_grad, sizes.inner, sizes);
+        let x_grad = self.rows_to_layout(x_grad, sizes.inner, sizes);
         let device = x.device();
         Ok((
             Some(Tensor::from_vec(x_grad, x.shape(), device)?),
