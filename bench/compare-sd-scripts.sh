@@ -23,9 +23,12 @@
 #                 train_network.py encodes them when the text-encoder output is not cached.
 #   train         the tiny SD1 fixture on 8 fixture photos in a DreamBooth folder (1_sks photo),
 #                 256-px buckets, batch 2, rank 8 / alpha 4, AdamW, TRAIN_STEPS (20) steps, 1 thread,
-#                 LierLa and C3Lier (conv_dim=2 conv_alpha=0.5): our prepare-latents,
-#                 cache-text-encoder and train-lora, then train_network.py with the same settings
-#                 (bench/sd_scripts_train.py; it caches the latents in memory within its run).
+#                 TRAIN_NETS (default "lierla c3lier te"): LierLa and C3Lier (conv_dim=2
+#                 conv_alpha=0.5) UNet-only, and "te": LierLa on the UNet and the text encoder
+#                 (--unet_lr 1e-4 --text_encoder_lr 5e-5, captions encoded live on both sides);
+#                 our prepare-latents, cache-text-encoder and train-lora, then train_network.py
+#                 with the same settings (bench/sd_scripts_train.py; it caches the latents in
+#                 memory within its run).
 # Wall times include process start-up and model loading on both sides.
 # Environment: WORK (scratch folder, default a new temp folder), PROFILE (release), TAG_SIZES
 # ("20 2000"), N_META (100000), N_TINY (512), N_FULL (64).
@@ -240,11 +243,12 @@ stage_train() {
   local common=(--pretrained_model_name_or_path "$model" --network_module networks.lora
     --network_dim 8 --network_alpha 4 --optimizer_type AdamW --learning_rate 1e-4
     --max_train_steps "$steps" --train_batch_size 2 --seed 42 --mixed_precision no
-    --save_precision float --network_train_unet_only --save_model_as safetensors)
+    --save_precision float --save_model_as safetensors)
   local net label
-  for net in lierla c3lier; do
-    local args=()
-    [ "$net" = c3lier ] && args=(--network_args conv_dim=2 conv_alpha=0.5)
+  for net in ${TRAIN_NETS:-lierla c3lier te}; do
+    local args=(--network_train_unet_only)
+    [ "$net" = c3lier ] && args+=(--network_args conv_dim=2 conv_alpha=0.5)
+    [ "$net" = te ] && args=(--unet_lr 1e-4 --text_encoder_lr 5e-5)
     label="lorakit train-lora $net ($steps steps)"
     measure "$label" "$steps" env RAYON_NUM_THREADS=1 "$BIN/train-lora" "${common[@]}" "${args[@]}" \
       --in_json "$work/meta_lat.json" --output_dir "$work/out-lorakit-$net" --output_name lora
