@@ -15,6 +15,7 @@ use candle_nn::{Embedding, Linear, VarBuilder};
 use crate::models::adapter::{Adaptable, AdaptableLayer, Container};
 use crate::models::frozen::FrozenKind;
 use crate::models::norm::Norm;
+use crate::models::recompute::{checkpointed, Recomputable};
 use crate::{Error, Result};
 
 /// Hidden size per attention head in every released SD text encoder.
@@ -163,6 +164,7 @@ fn model_error(context: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
     move |e| Error::Model(format!("{context}: {e}"))
 }
 
+#[derive(Clone)]
 struct Attention {
     q_proj: AdaptableLayer,
     k_proj: AdaptableLayer,
@@ -248,6 +250,7 @@ impl Attention {
     }
 }
 
+#[derive(Clone)]
 struct EncoderLayer {
     layer_norm1: Norm,
     attention: Attention,
@@ -285,6 +288,12 @@ impl EncoderLayer {
     }
 }
 
+impl Recomputable for EncoderLayer {
+    fn run(&self, x: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward(x, causal_mask)
+    }
+}
+
 /// A CLIP text transformer (Hugging Face `CLIPTextModel`, optionally with the
 /// `text_projection` of `CLIPTextModelWithProjection`).
 pub struct ClipTextModel {
@@ -294,6 +303,8 @@ pub struct ClipTextModel {
     layers: Vec<EncoderLayer>,
     final_layer_norm: Norm,
     text_projection: Option<Linear>,
+    /// Whether each transformer layer runs with gradient checkpointing.
+    gradient_checkpointing: bool,
 }
 
 impl Adaptable for ClipTextModel {
@@ -346,6 +357,7 @@ impl ClipTextModel {
                 layers,
                 final_layer_norm,
                 text_projection,
+                gradient_checkpointing: false,
             })
         };
         load().map_err(model_error("loading the CLIP text encoder"))
@@ -360,6 +372,13 @@ impl ClipTextModel {
     /// `lora_te1` / `lora_te2` (SDXL's two encoders).
     pub fn set_lora_prefix(&mut self, prefix: &'static str) {
         self.visit_layers(&mut |layer| layer.lora_prefix = prefix);
+    }
+
+    /// Turns gradient checkpointing of the transformer layers on or off (`--gradient_checkpointing`
+    /// while the text encoder is trained, as sd-scripts checkpoints it): each layer keeps only
+    /// its input and runs again in the backward pass ([`checkpointed`]).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
     }
 
     /// Hidden states of `ids` (`[B, 77]`, u32) after each of `after_layers` transformer layers
@@ -378,7 +397,12 @@ impl ClipTextModel {
             let mut outputs: Vec<Option<Tensor>> = vec![None; after_layers.len()];
             for depth in 0..=deepest {
                 if depth > 0 {
-                    x = self.layers[depth - 1].forward(&x, &mask)?;
+                    let layer = &self.layers[depth - 1];
+                    x = if self.gradient_checkpointing {
+                        checkpointed(layer, &x, &mask)?
+                    } else {
+                        layer.forward(&x, &mask)?
+                    };
                 }
                 for (slot, &wanted) in outputs.iter_mut().zip(after_layers) {
                     if wanted == depth {

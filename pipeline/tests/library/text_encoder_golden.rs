@@ -12,6 +12,7 @@ use lorakit_pipeline::dataset::shard::Shard;
 use lorakit_pipeline::formats::te_cache::{read_cache_file, TeCacheSpec};
 use lorakit_pipeline::models::clip::{apply_weights, encode_sd, encode_sdxl};
 use lorakit_pipeline::models::precision::MixedPrecision;
+use lorakit_pipeline::models::recompute;
 use lorakit_pipeline::models::text_encoders::{load_text_encoders, TextEncoders};
 use lorakit_pipeline::models::ModelFamily;
 use lorakit_pipeline::networks::lora::LoraNetwork;
@@ -580,7 +581,7 @@ fn text_encoder_lora_modules_reproduce_sd_scripts() {
 }
 
 #[test]
-fn text_encoder_lora_gradients_match_torch_autograd() {
+fn text_encoder_lora_gradients_match_torch_autograd_with_and_without_checkpointing() {
     // tests/fixtures/generate/te_lora.py: sd-scripts' LoRA on the tiny text encoder with random
     // non-zero modules, a two-chunk caption at clip skip 2, loss sum(hidden * W).
     let file = "golden/lora/te_lora_grad.npz";
@@ -599,47 +600,46 @@ fn text_encoder_lora_gradients_match_torch_autograd() {
     assert_eq!(shape, [1, 2, 77]);
     let ids: Vec<u32> = ids.into_iter().map(|v| v as u32).collect();
     let ids = Tensor::from_vec(ids, (1, 2, 77), &Device::Cpu).unwrap();
-    let hidden = encode_sd(model, &ids, 2).unwrap();
-    assert_eq!(hidden.dims(), [1, 152, 64]);
-    let diff = max_abs_diff(&hidden, &golden_in(file, "hidden").0);
-    assert!(diff <= 1e-4, "hidden states with the LoRA: max abs {diff}");
+    // Without and with gradient checkpointing of the encoder layers: the same golden.
+    for checkpointing in [false, true] {
+        model.set_gradient_checkpointing(checkpointing);
+        let hidden = encode_sd(model, &ids, 2).unwrap();
+        assert_eq!(hidden.dims(), [1, 152, 64]);
+        let diff = max_abs_diff(&hidden, &golden_in(file, "hidden").0);
+        assert!(diff <= 1e-4, "hidden states with the LoRA: max abs {diff}");
 
-    let (weights, _) = golden_in(file, "loss_weights");
-    let weights: Vec<f32> = weights.into_iter().map(|v| v as f32).collect();
-    let weights = Tensor::from_vec(weights, (1, 152, 64), &Device::Cpu).unwrap();
-    let grads = (hidden * weights)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let mut compared = 0;
-    for module in &network.modules {
-        let recorded = ["layers_0_", "layers_10_"]
-            .iter()
-            .any(|layer| module.name.contains(layer));
-        for (part, var) in [("lora_down", &module.down), ("lora_up", &module.up)] {
-            let grad = grads.get(var.as_tensor());
-            if module.name.contains("layers_11_") {
-                // Clip skip 2 never runs the last layer: no gradient, as in torch.
-                assert!(grad.is_none(), "{} {part}", module.name);
+        let (weights, _) = golden_in(file, "loss_weights");
+        let weights: Vec<f32> = weights.into_iter().map(|v| v as f32).collect();
+        let weights = Tensor::from_vec(weights, (1, 152, 64), &Device::Cpu).unwrap();
+        let grads = recompute::backward(&(hidden * weights).unwrap().sum_all().unwrap()).unwrap();
+        let mut compared = 0;
+        for module in &network.modules {
+            let recorded = ["layers_0_", "layers_10_"]
+                .iter()
+                .any(|layer| module.name.contains(layer));
+            for (part, var) in [("lora_down", &module.down), ("lora_up", &module.up)] {
+                let grad = grads.get(var.as_tensor());
+                if module.name.contains("layers_11_") {
+                    // Clip skip 2 never runs the last layer: no gradient, as in torch.
+                    assert!(grad.is_none(), "{} {part}", module.name);
+                }
+                if !recorded {
+                    continue;
+                }
+                let expected = golden_in(file, &format!("grad__{}__{part}", module.name)).0;
+                let grad = grad.unwrap_or_else(|| panic!("no gradient for {} {part}", module.name));
+                let scale = expected.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                let diff = max_abs_diff(grad, &expected);
+                assert!(
+                    diff <= 1e-4 * scale.max(1.0),
+                    "{} {part} (checkpointing {checkpointing}): max abs {diff} (largest {scale})",
+                    module.name
+                );
+                compared += 1;
             }
-            if !recorded {
-                continue;
-            }
-            let expected = golden_in(file, &format!("grad__{}__{part}", module.name)).0;
-            let grad = grad.unwrap_or_else(|| panic!("no gradient for {} {part}", module.name));
-            let scale = expected.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-            let diff = max_abs_diff(grad, &expected);
-            assert!(
-                diff <= 1e-4 * scale.max(1.0),
-                "{} {part}: max abs {diff} (largest {scale})",
-                module.name
-            );
-            compared += 1;
         }
+        assert_eq!(compared, 24);
     }
-    assert_eq!(compared, 24);
 }
 
 #[test]

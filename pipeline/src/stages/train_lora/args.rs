@@ -407,9 +407,10 @@ pub struct TrainArgs {
     /// The same as --fp8_base here (text encoders are not loaded: their outputs are cached).
     #[arg(long)]
     pub fp8_base_unet: bool,
-    /// Keep only each UNet resnet's and transformer block's input for the backward pass and
-    /// run the block again there, as sd-scripts checkpoints them: much less activation memory
-    /// (the larger the images, the more), for about one more forward pass of time per step.
+    /// Keep only each UNet resnet's and transformer block's input (and, when the text encoder is
+    /// trained, each text-encoder layer's) for the backward pass and run the block again there,
+    /// as sd-scripts checkpoints them: much less activation memory (the larger the images, the
+    /// more), for about one more forward pass of time per step.
     #[arg(long)]
     pub gradient_checkpointing: bool,
     /// With --gradient_checkpointing: only the blocks at the N highest-resolution UNet levels

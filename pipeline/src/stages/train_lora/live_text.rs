@@ -75,6 +75,13 @@ impl LiveText {
             .collect()
     }
 
+    /// Turns gradient checkpointing of every encoder's transformer layers on or off.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        for encoder in &mut self.encoder.encoders.encoders {
+            encoder.set_gradient_checkpointing(on);
+        }
+    }
+
     /// The family of the loaded encoders.
     pub fn family(&self) -> ModelFamily {
         self.encoder.encoders.family

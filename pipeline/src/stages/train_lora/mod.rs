@@ -425,6 +425,9 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         )?),
         false => None,
     };
+    if let Some(text) = &mut text {
+        text.set_gradient_checkpointing(args.gradient_checkpointing);
+    }
     if let Some(text) = &text {
         let width: usize = (text.encoder.encoders.encoders.iter())
             .map(|e| e.config().hidden_size)
