@@ -128,14 +128,6 @@ pub const KOHYA_OPTIONS: &[KohyaOption] = &[
     option("enable_wildcard", Flag, Refuse(CAPTION_AUGMENTATION)),
     option("token_warmup_min", One, Refuse(CAPTION_AUGMENTATION)),
     option("token_warmup_step", One, Refuse(CAPTION_AUGMENTATION)),
-    option(
-        "weighted_captions",
-        Flag,
-        Refuse(
-            "weighted captions are encoded when caching: use cache-text-encoder \
-                --weighted_captions, and leave it out here",
-        ),
-    ),
     option("color_aug", Flag, Refuse(IMAGE_AUGMENTATION)),
     option("random_crop", Flag, Refuse(IMAGE_AUGMENTATION)),
     option("face_crop_aug_range", One, Refuse(IMAGE_AUGMENTATION)),

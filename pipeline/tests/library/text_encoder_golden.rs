@@ -10,6 +10,7 @@ use crate::support::fixtures;
 use candle_core::{DType, Device, Tensor};
 use lorakit_pipeline::dataset::shard::Shard;
 use lorakit_pipeline::formats::te_cache::{read_cache_file, TeCacheSpec};
+use lorakit_pipeline::models::checkpoint::Checkpoint;
 use lorakit_pipeline::models::clip::{apply_weights, encode_sd, encode_sdxl};
 use lorakit_pipeline::models::precision::MixedPrecision;
 use lorakit_pipeline::models::recompute;
@@ -17,6 +18,7 @@ use lorakit_pipeline::models::text_encoders::{load_text_encoders, TextEncoders};
 use lorakit_pipeline::models::ModelFamily;
 use lorakit_pipeline::networks::lora::LoraNetwork;
 use lorakit_pipeline::stages::cache_text_encoder::{cache_text_encoder_outputs, TeCacheOptions};
+use lorakit_pipeline::stages::train_lora::live_text::LiveText;
 use lorakit_pipeline::text::caption_text::CaptionAugmentation;
 use lorakit_pipeline::text::tokenize::{ClipTokenizer, MaxTokenLength, Padding, TokenChunks};
 
@@ -170,6 +172,21 @@ fn weighted_hidden_states_match_sd_scripts() {
             );
         }
     }
+}
+
+#[test]
+fn live_weighted_captions_match_sd_scripts() {
+    // train-lora --weighted_captions while training the text encoder: the live conditioning of
+    // a weighted caption equals sd-scripts' weighted hidden states (clip skip 1, 75 tokens).
+    let path = fixtures().join("sd15-tiny/model.safetensors");
+    let checkpoint = Checkpoint::open(&path).unwrap();
+    let text = LiveText::load(&checkpoint, DType::F32, &Device::Cpu, None, None, true).unwrap();
+    let caption = captions()["weighted"].clone();
+    let (context, vector) = text.encode(&[caption], None).unwrap();
+    assert!(vector.is_none());
+    let (expected, _) = golden("weighted__weighted_hidden_75_clipskip1");
+    let diff = max_abs_diff(&context, &expected);
+    assert!(diff <= 1e-4, "live weighted caption: max abs {diff}");
 }
 
 /// The tiny SD1 text encoder's tensors under their Hugging Face names.

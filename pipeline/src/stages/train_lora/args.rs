@@ -62,6 +62,12 @@ pub struct TrainArgs {
     /// with the same --shuffle_caption / --keep_tokens / --caption_tag_dropout_rate).
     #[arg(long)]
     pub shuffle_caption: bool,
+    /// A1111 attention syntax in captions (`(word:1.2)`, `[word]`, `\(`), weighting the text
+    /// encoder's hidden states as sd-scripts does, when the text encoder is trained (captions
+    /// encoded live). With cached text-encoder outputs the weighting is made when caching
+    /// (cache-text-encoder --weighted_captions), so it is refused here then.
+    #[arg(long)]
+    pub weighted_captions: bool,
     /// Tags kept in front when shuffling (from the caption variants, as --shuffle_caption).
     #[arg(long)]
     pub keep_tokens: Option<usize>,

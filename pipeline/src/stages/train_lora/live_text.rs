@@ -23,13 +23,15 @@ pub struct LiveText {
 impl LiveText {
     /// Loads the text encoder(s) of `checkpoint` and their tokenizers (from the model's
     /// `tokenizer/` folder, else the built-in CLIP vocabulary); `clip_skip` and
-    /// `max_token_length` are sd-scripts' options (SDXL ignores clip skip, as sd-scripts).
+    /// `max_token_length` are sd-scripts' options (SDXL ignores clip skip, as sd-scripts);
+    /// `weighted` reads the A1111 attention syntax (`--weighted_captions`).
     pub fn load(
         checkpoint: &Checkpoint,
         dtype: DType,
         device: &Device,
         clip_skip: Option<usize>,
         max_token_length: Option<usize>,
+        weighted: bool,
     ) -> Result<Self> {
         let mut encoders = text_encoders_of(checkpoint, dtype, device)?;
         let family = encoders.family;
@@ -62,7 +64,7 @@ impl LiveText {
                 tokenizers,
                 clip_skip,
                 max_len: MaxTokenLength::new(max_token_length.unwrap_or(75))?,
-                weighted: false,
+                weighted,
                 device: device.clone(),
             },
         })

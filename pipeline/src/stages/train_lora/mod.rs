@@ -334,6 +334,14 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
     };
     let network_options = NetworkOptions::from_args(args, block_layout)?;
     let live = args.trains_text_encoder();
+    if args.weighted_captions && !live {
+        return Err(Error::Usage(
+            "--weighted_captions: with --network_train_unet_only / --cache_text_encoder_outputs \
+             the captions are encoded when caching: use cache-text-encoder --weighted_captions, \
+             and leave it out here"
+                .into(),
+        ));
+    }
     if args.network_train_text_encoder_only && !live {
         return Err(Error::Usage(
             "--network_train_text_encoder_only trains the text encoder, but \
@@ -422,6 +430,7 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
             &device,
             args.compat.clip_skip,
             args.compat.max_token_length,
+            args.weighted_captions,
         )?),
         false => None,
     };
