@@ -222,3 +222,15 @@ pub fn golden_keys(
         .collect();
     (keys, golden)
 }
+
+/// The Python of the reference environment (`LORAKIT_REFERENCE_PYTHON`), when it is set and can
+/// import `modules` (a comma-separated import list).
+pub fn reference_python(modules: &str) -> Option<PathBuf> {
+    let python = PathBuf::from(std::env::var_os("LORAKIT_REFERENCE_PYTHON")?);
+    let ok = Command::new(&python)
+        .args(["-c", &format!("import {modules}")])
+        .current_dir(std::env::temp_dir())
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some(python)
+}

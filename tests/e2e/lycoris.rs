@@ -14,18 +14,6 @@ fn model() -> PathBuf {
     fixtures().join("sd15-tiny/model.safetensors")
 }
 
-/// The Python of the reference environment (`LORAKIT_REFERENCE_PYTHON`), when it is set and
-/// has lycoris-lora installed.
-fn reference_python() -> Option<PathBuf> {
-    let python = PathBuf::from(std::env::var_os("LORAKIT_REFERENCE_PYTHON")?);
-    let ok = Command::new(&python)
-        .args(["-c", "import lycoris.kohya, diffusers, transformers"])
-        .current_dir(std::env::temp_dir())
-        .output()
-        .is_ok_and(|o| o.status.success());
-    ok.then_some(python)
-}
-
 /// Loads `file` with lycoris' own loader on diffusers/transformers models of the tiny
 /// architecture and prints the number of modules it made; fails on any key the network does not
 /// take or lacks.
@@ -155,7 +143,7 @@ fn lycoris_loha_trains_with_the_text_encoder_and_saves_lycoris_keys() {
     );
     assert!(stderr.contains("354 LyCORIS modules loaded"), "{stderr}");
 
-    match reference_python() {
+    match common::reference_python("lycoris.kohya, diffusers, transformers") {
         Some(python) => {
             let output = Command::new(python)
                 .args(["-c", LYCORIS_LOAD])

@@ -35,6 +35,24 @@ fn text_states(lora: Option<&std::path::Path>) -> Tensor {
     encode_sd(encoder, &ids, 2).unwrap()
 }
 
+/// Loads `file` strictly with sd-scripts' `networks.lora` (its `create_network_from_weights`,
+/// `apply_to` and `load_state_dict(strict=True)`) on diffusers/transformers models of the tiny
+/// architecture, and prints the number of UNet and text-encoder modules it made.
+const SD_SCRIPTS_LOAD: &str = r#"
+import json, sys
+sys.path.insert(0, sys.argv[3])
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+from networks import lora
+arch = json.load(open(sys.argv[1]))
+unet = UNet2DConditionModel(**arch["unet"])
+te = CLIPTextModel(CLIPTextConfig(**arch["text_encoder"]))
+network, weights = lora.create_network_from_weights(1.0, sys.argv[2], None, te, unet, for_inference=True)
+network.apply_to(te, unet, True, True)
+network.load_state_dict(weights, strict=True)
+print("modules", len(network.unet_loras), len(network.text_encoder_loras))
+"#;
+
 #[test]
 fn kohya_command_line_trains_the_text_encoder_with_sd_scripts_keys() {
     let data = tempfile::tempdir().unwrap();
@@ -130,6 +148,32 @@ fn kohya_command_line_trains_the_text_encoder_with_sd_scripts_keys() {
         change > 1e-6,
         "the trained LoRA changes the text states ({change})"
     );
+
+    // sd-scripts loads the file strictly (with LORAKIT_REFERENCE_PYTHON and
+    // LORAKIT_SD_SCRIPTS, an sd-scripts checkout, set).
+    let python = common::reference_python("diffusers, transformers, torch");
+    match (python, std::env::var_os("LORAKIT_SD_SCRIPTS")) {
+        (Some(python), Some(sd_scripts)) => {
+            let output = std::process::Command::new(python)
+                .args(["-c", SD_SCRIPTS_LOAD])
+                .arg(fixtures().join("sd15-tiny/arch.json"))
+                .arg(&path)
+                .arg(sd_scripts)
+                .current_dir(std::env::temp_dir())
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            assert!(
+                output.status.success(),
+                "sd-scripts cannot load the file: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(stdout.contains("modules 192 72"), "{stdout}");
+        }
+        _ => {
+            eprintln!("no reference Python / sd-scripts: the strict load in sd-scripts is skipped")
+        }
+    }
 }
 
 #[test]
