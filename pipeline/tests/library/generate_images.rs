@@ -1,7 +1,8 @@
 //! generate-images against diffusers on the sd15-tiny checkpoint
 //! (golden/generate_images/, tests/fixtures/generate/generate_images.py): the VAE decoder, and
 //! whole StableDiffusionPipeline generations (CFG with negative prompts, a batch, euler / ddim /
-//! euler_a, a LoRA at multiplier 0.7) from the same stored initial noise and per-step noise.
+//! euler_a / pndm / dpmsingle, v-prediction with euler and dpm_2_a, a LoRA at multiplier 0.7)
+//! from the same stored initial noise and per-step noise.
 
 use candle_core::{DType, Device};
 use lorakit_pipeline::models::checkpoint::Checkpoint;
@@ -78,6 +79,11 @@ fn whole_generations_match_diffusers_pipeline() {
             .collect();
         let noise = npz_tensor(&golden(), &format!("{name}.noise"));
         let kind = SamplerKind::parse(case["sampler"].as_str().unwrap()).unwrap();
+        let prediction = match case.get("prediction").and_then(|p| p.as_str()) {
+            None | Some("epsilon") => Prediction::Epsilon,
+            Some("v_prediction") => Prediction::V,
+            Some(other) => panic!("{name}: prediction {other}"),
+        };
         let step_noise = kind
             .is_ancestral()
             .then(|| npz_tensor(&golden(), &format!("{name}.step_noise")));
@@ -97,7 +103,7 @@ fn whole_generations_match_diffusers_pipeline() {
             .sample(
                 &requests,
                 &noise,
-                SamplerConfig::gen_img(kind, Prediction::Epsilon),
+                SamplerConfig::gen_img(kind, prediction),
                 case["steps"].as_u64().unwrap() as usize,
                 case["scale"].as_f64().unwrap(),
                 None,
