@@ -985,7 +985,7 @@ fn pndm_timesteps(steps: usize, ratio: usize, offset: usize) -> Vec<f64> {
 /// diffusers forces on with a final sigma of zero): pairs of a first- and a second-order step,
 /// the last step first order.
 fn singlestep_orders(steps: usize) -> Vec<usize> {
-    let mut orders: Vec<usize> = if steps % 2 == 0 {
+    let mut orders: Vec<usize> = if steps.is_multiple_of(2) {
         (0..steps - 2).map(|i| 1 + i % 2).chain([1, 1]).collect()
     } else {
         (0..steps - 1).map(|i| 1 + i % 2).chain([1]).collect()
