@@ -399,7 +399,7 @@ impl Sampler {
                 if steps < PNDM_RUNGE_KUTTA_STEPS {
                     return Err(Error::Usage(format!(
                         "pndm needs at least {PNDM_RUNGE_KUTTA_STEPS} sampling steps (its \
-                         Runge-Kutta start takes 4), not {steps}"
+                         Runge-Kutta start spans the 4 largest timesteps), not {steps}"
                     )));
                 }
                 let ratio = TRAIN_TIMESTEPS / steps;
@@ -942,10 +942,10 @@ impl Sampler {
     }
 }
 
-/// PNDM's Runge-Kutta start: 4 steps (`pndm_order`) ...
+/// PNDM's Runge-Kutta start spans its 4 largest timesteps (`pndm_order`): three Runge-Kutta
+/// steps between them ...
 const PNDM_RUNGE_KUTTA_STEPS: usize = 4;
-/// ... of which the first 3 take 4 model evaluations each and the last one leads into the
-/// linear multistep part.
+/// ... of 4 model evaluations each, before the linear multistep part.
 const PNDM_RUNGE_KUTTA_EVALUATIONS: usize = 12;
 
 /// PNDMScheduler's `set_timesteps` with `skip_prk_steps=False` and "leading" spacing: the
