@@ -123,7 +123,7 @@ fn a_failing_sample_run_does_not_stop_training() {
     make_training_caches(data.path());
     let out = tempfile::tempdir().unwrap();
     let prompts = data.path().join("prompts.txt");
-    // generate-images refuses pndm, so every sample run fails.
+    // pndm needs at least 4 steps, so generate-images refuses every sample run.
     std::fs::write(&prompts, "a cat --w 64 --h 64 --s 2 --ss pndm\n").unwrap();
     let stderr = train(
         data.path(),
@@ -177,7 +177,7 @@ fn an_unknown_sample_sampler_is_refused_before_training() {
             "--sample_prompts",
             prompts,
             "--sample_sampler",
-            "pndm"
+            "k_dpm_3"
         ],
         2,
     );

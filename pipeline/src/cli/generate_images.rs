@@ -36,8 +36,9 @@ pub struct GenerateImagesArgs {
     /// Sampling steps.
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
-    /// Sampler: ddim, lms (k_lms), euler (k_euler), euler_a (k_euler_a), heun, dpmsolver,
-    /// dpmsolver++.
+    /// Sampler: ddim, pndm (at least 4 steps), lms (k_lms), euler (k_euler), euler_a
+    /// (k_euler_a), heun, dpm_2 (k_dpm_2), dpm_2_a (k_dpm_2_a), dpmsolver, dpmsolver++,
+    /// dpmsingle.
     #[arg(long, default_value = "ddim")]
     pub sampler: String,
     /// Classifier-free guidance scale (1 or less: no guidance).

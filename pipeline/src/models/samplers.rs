@@ -41,41 +41,46 @@ pub enum SamplerKind {
     DpmSolver,
     /// `dpmsolver++`: `DPMSolverMultistepScheduler(algorithm_type="dpmsolver++")`, order 2.
     DpmSolverPlusPlus,
+    /// `pndm`: `PNDMScheduler` with its defaults (`skip_prk_steps=False`: four Runge-Kutta
+    /// steps of four model evaluations start it, then the fourth-order linear multistep).
+    Pndm,
+    /// `dpmsingle`: `DPMSolverSinglestepScheduler` with its defaults (dpmsolver++, order 2,
+    /// midpoint, lower order at the end).
+    DpmSingle,
+    /// `dpm_2` / `k_dpm_2`: `KDPM2DiscreteScheduler` (two model evaluations per step but the
+    /// last).
+    Dpm2,
+    /// `dpm_2_a` / `k_dpm_2_a`: `KDPM2AncestralDiscreteScheduler`.
+    Dpm2Ancestral,
 }
 
-/// Every name sd-scripts accepts, with the kind it maps to (`None`: accepted by sd-scripts but
-/// not implemented here yet).
-const NAMES: &[(&str, Option<SamplerKind>)] = &[
-    ("ddim", Some(SamplerKind::Ddim)),
-    ("pndm", None),
-    ("lms", Some(SamplerKind::Lms)),
-    ("k_lms", Some(SamplerKind::Lms)),
-    ("euler", Some(SamplerKind::Euler)),
-    ("k_euler", Some(SamplerKind::Euler)),
-    ("euler_a", Some(SamplerKind::EulerAncestral)),
-    ("k_euler_a", Some(SamplerKind::EulerAncestral)),
-    ("dpmsolver", Some(SamplerKind::DpmSolver)),
-    ("dpmsolver++", Some(SamplerKind::DpmSolverPlusPlus)),
-    ("dpmsingle", None),
-    ("heun", Some(SamplerKind::Heun)),
-    ("dpm_2", None),
-    ("k_dpm_2", None),
-    ("dpm_2_a", None),
-    ("k_dpm_2_a", None),
+/// Every name sd-scripts accepts, with the kind it maps to.
+const NAMES: &[(&str, SamplerKind)] = &[
+    ("ddim", SamplerKind::Ddim),
+    ("pndm", SamplerKind::Pndm),
+    ("lms", SamplerKind::Lms),
+    ("k_lms", SamplerKind::Lms),
+    ("euler", SamplerKind::Euler),
+    ("k_euler", SamplerKind::Euler),
+    ("euler_a", SamplerKind::EulerAncestral),
+    ("k_euler_a", SamplerKind::EulerAncestral),
+    ("dpmsolver", SamplerKind::DpmSolver),
+    ("dpmsolver++", SamplerKind::DpmSolverPlusPlus),
+    ("dpmsingle", SamplerKind::DpmSingle),
+    ("heun", SamplerKind::Heun),
+    ("dpm_2", SamplerKind::Dpm2),
+    ("k_dpm_2", SamplerKind::Dpm2),
+    ("dpm_2_a", SamplerKind::Dpm2Ancestral),
+    ("k_dpm_2_a", SamplerKind::Dpm2Ancestral),
 ];
 
 impl SamplerKind {
-    /// Parses a sampler name as sd-scripts spells it (case-insensitive); unknown names and the
-    /// names not implemented yet are refused, naming the accepted ones.
+    /// Parses a sampler name as sd-scripts spells it (case-insensitive); unknown names are
+    /// refused, naming the accepted ones.
     pub fn parse(name: &str) -> Result<Self> {
         let lower = name.to_ascii_lowercase();
         match NAMES.iter().find(|(n, _)| *n == lower) {
-            Some((_, Some(kind))) => Ok(*kind),
-            Some((_, None)) => Err(Error::Usage(format!(
-                "sampler `{name}` is an sd-scripts sampler that lorakit does not implement yet; \
-                 use one of: {}",
-                Self::accepted().join(", ")
-            ))),
+            Some((_, kind)) => Ok(*kind),
             None => Err(Error::Usage(format!(
                 "unknown sampler `{name}`; use one of: {}",
                 Self::accepted().join(", ")
@@ -85,11 +90,7 @@ impl SamplerKind {
 
     /// The names [`SamplerKind::parse`] accepts.
     pub fn accepted() -> Vec<&'static str> {
-        NAMES
-            .iter()
-            .filter(|(_, kind)| kind.is_some())
-            .map(|(name, _)| *name)
-            .collect()
+        NAMES.iter().map(|(name, _)| *name).collect()
     }
 
     /// The canonical (sd-scripts) name.
@@ -102,6 +103,10 @@ impl SamplerKind {
             SamplerKind::Heun => "heun",
             SamplerKind::DpmSolver => "dpmsolver",
             SamplerKind::DpmSolverPlusPlus => "dpmsolver++",
+            SamplerKind::Pndm => "pndm",
+            SamplerKind::DpmSingle => "dpmsingle",
+            SamplerKind::Dpm2 => "dpm_2",
+            SamplerKind::Dpm2Ancestral => "dpm_2_a",
         }
     }
 
@@ -116,12 +121,19 @@ impl SamplerKind {
             SamplerKind::DpmSolver | SamplerKind::DpmSolverPlusPlus => {
                 "DPMSolverMultistepScheduler"
             }
+            SamplerKind::Pndm => "PNDMScheduler",
+            SamplerKind::DpmSingle => "DPMSolverSinglestepScheduler",
+            SamplerKind::Dpm2 => "KDPM2DiscreteScheduler",
+            SamplerKind::Dpm2Ancestral => "KDPM2AncestralDiscreteScheduler",
         }
     }
 
     /// Whether a step draws fresh noise.
     pub fn is_ancestral(self) -> bool {
-        matches!(self, SamplerKind::EulerAncestral)
+        matches!(
+            self,
+            SamplerKind::EulerAncestral | SamplerKind::Dpm2Ancestral
+        )
     }
 }
 
@@ -142,7 +154,7 @@ pub struct SamplerConfig {
     pub kind: SamplerKind,
     /// Epsilon or v prediction.
     pub prediction: Prediction,
-    /// Added to "leading"-spaced timesteps (DDIM): gen_img sets 1, sample images during
+    /// Added to "leading"-spaced timesteps (DDIM, PNDM): gen_img sets 1, sample images during
     /// training keep diffusers' default 0.
     pub steps_offset: usize,
     /// Clamp the predicted x0 to [-1, 1] (DDIM): gen_img sets false, training's samples true.
@@ -200,12 +212,18 @@ pub fn alphas_cumprod() -> Vec<f32> {
 /// State of the multistep and two-stage samplers.
 #[derive(Debug, Default)]
 struct History {
-    /// LMS derivatives, oldest first; DPM-Solver converted model outputs, oldest first.
+    /// LMS derivatives, oldest first; DPM-Solver converted model outputs, oldest first; PNDM
+    /// model outputs at the start of each step (`ets`), oldest first.
     outputs: Vec<Tensor>,
     /// DPM-Solver: number of steps taken at lower order.
     lower_order_nums: usize,
     /// Heun: derivative, dt and sample of the first stage.
     heun: Option<(Tensor, f64, Tensor)>,
+    /// The sample the current multi-evaluation step starts from: KDPM2's first stage, the first
+    /// step of a DPM-Solver singlestep pair, PNDM's Runge-Kutta step.
+    stage_sample: Option<Tensor>,
+    /// PNDM: the weighted sum of the Runge-Kutta step's model outputs so far.
+    runge_kutta_sum: Option<Tensor>,
 }
 
 /// A configured sampler for one generation (`set_timesteps` done).
@@ -215,8 +233,17 @@ pub struct Sampler {
     alphas_cumprod: Vec<f32>,
     /// Timesteps given to the model, one per model evaluation.
     timesteps: Vec<f64>,
-    /// Sigma schedule (Karras-style samplers and DPM-Solver), with the final 0.
+    /// Sigma schedule (Karras-style samplers and DPM-Solver), with the final 0; KDPM2 holds it
+    /// expanded as diffusers does (every sigma after the first twice, the final 0 three times).
     sigmas: Vec<f64>,
+    /// KDPM2: the sigma of the midpoint stage, expanded as `sigmas`.
+    sigmas_interpol: Vec<f64>,
+    /// KDPM2 ancestral: the fresh-noise level and the level the step moves to before adding
+    /// it, expanded as `sigmas`.
+    sigmas_up: Vec<f64>,
+    sigmas_down: Vec<f64>,
+    /// DPM-Solver singlestep: the solver order of each step.
+    orders: Vec<usize>,
     /// DDIM: the gap between consecutive timesteps.
     step_ratio: usize,
     step_index: usize,
@@ -293,6 +320,10 @@ impl Sampler {
             alphas_cumprod,
             timesteps: Vec::new(),
             sigmas: Vec::new(),
+            sigmas_interpol: Vec::new(),
+            sigmas_up: Vec::new(),
+            sigmas_down: Vec::new(),
+            orders: Vec::new(),
             step_ratio: 0,
             step_index: 0,
             history: History::default(),
@@ -338,7 +369,7 @@ impl Sampler {
                     sampler.sigmas = sigmas;
                 }
             }
-            SamplerKind::DpmSolver | SamplerKind::DpmSolverPlusPlus => {
+            SamplerKind::DpmSolver | SamplerKind::DpmSolverPlusPlus | SamplerKind::DpmSingle => {
                 // "linspace" over steps + 1 points, rounded to integers, the last dropped.
                 let timesteps: Vec<f64> = linspace(0.0, last, steps + 1)
                     .into_iter()
@@ -350,9 +381,9 @@ impl Sampler {
                     .iter()
                     .map(|&t| f32_round(interp(t, &sigma_table)))
                     .collect();
-                // dpmsolver++: final_sigmas_type "zero". dpmsolver: diffusers 0.32 refuses
-                // "zero" for it (sd-scripts' scheduler then fails to build), so it gets the
-                // "sigma_min" that diffusers asks for.
+                // dpmsolver++ and dpmsingle: final_sigmas_type "zero". dpmsolver: diffusers 0.32
+                // refuses "zero" for it (sd-scripts' scheduler then fails to build), so it gets
+                // the "sigma_min" that diffusers asks for.
                 sigmas.push(if config.kind == SamplerKind::DpmSolver {
                     sigma_table[0]
                 } else {
@@ -360,9 +391,111 @@ impl Sampler {
                 });
                 sampler.timesteps = timesteps;
                 sampler.sigmas = sigmas;
+                if config.kind == SamplerKind::DpmSingle {
+                    sampler.orders = singlestep_orders(steps);
+                }
+            }
+            SamplerKind::Pndm => {
+                if steps < PNDM_RUNGE_KUTTA_STEPS {
+                    return Err(Error::Usage(format!(
+                        "pndm needs at least {PNDM_RUNGE_KUTTA_STEPS} sampling steps (its \
+                         Runge-Kutta start spans the 4 largest timesteps), not {steps}"
+                    )));
+                }
+                let ratio = TRAIN_TIMESTEPS / steps;
+                sampler.step_ratio = ratio;
+                sampler.timesteps = pndm_timesteps(steps, ratio, config.steps_offset);
+            }
+            SamplerKind::Dpm2 | SamplerKind::Dpm2Ancestral => {
+                sampler.set_kdpm2_schedule(steps, &sigma_table);
             }
         }
         Ok(sampler)
+    }
+
+    /// KDPM2 and its ancestral variant: diffusers' float32 `linspace` timesteps, the sigma
+    /// tables expanded to one entry per model evaluation, and the midpoint timesteps found by
+    /// interpolating log-sigma over the training timesteps.
+    fn set_kdpm2_schedule(&mut self, steps: usize, sigma_table: &[f64]) {
+        let last = (TRAIN_TIMESTEPS - 1) as f64;
+        let timesteps: Vec<f64> = linspace(0.0, last, steps)
+            .into_iter()
+            .rev()
+            .map(f32_round)
+            .collect();
+        // s_0 .. s_{n-1} and the final 0.
+        let mut sigmas: Vec<f64> = timesteps
+            .iter()
+            .map(|&t| f32_round(interp(t, sigma_table)))
+            .collect();
+        sigmas.push(0.0);
+        let log_sigmas: Vec<f64> = sigma_table
+            .iter()
+            .map(|&s| f64::from((s as f32).ln()))
+            .collect();
+        let n = steps;
+        // diffusers computes these tables in float32 torch ops; `down` cancels badly near the end
+        // of the schedule, so the same float32 arithmetic is used here.
+        let s32: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
+        // The midpoint sigma: exp(lerp(log a, log b, 0.5)) as torch's lerp computes it at 0.5.
+        let log_midpoint = |a: f32, b: f32| -> f64 {
+            let (la, lb) = (a.ln(), b.ln());
+            f64::from((lb - (lb - la) * 0.5).exp())
+        };
+        let interpol: Vec<f64>;
+        let mut stage_timesteps: Vec<f64>;
+        if self.config.kind == SamplerKind::Dpm2 {
+            // si_k between s_k and s_{k-1} (si_0 is never used).
+            interpol = (0..=n)
+                .map(|k| {
+                    if k == 0 {
+                        0.0
+                    } else {
+                        log_midpoint(s32[k], s32[k - 1])
+                    }
+                })
+                .collect();
+            stage_timesteps = vec![timesteps[0]];
+            for k in 1..n {
+                stage_timesteps.push(sigma_to_t(interpol[k], &log_sigmas));
+                stage_timesteps.push(timesteps[k]);
+            }
+        } else {
+            let mut up = Vec::with_capacity(n + 1);
+            let mut down = Vec::with_capacity(n + 1);
+            for k in 0..=n {
+                if k == n {
+                    // diffusers' last up is 0/0 (NaN) and never used; its last down is 0.
+                    up.push(0.0);
+                    down.push(0.0);
+                    continue;
+                }
+                let (s, next) = (s32[k], s32[k + 1]);
+                let u = (next * next * (s * s - next * next) / (s * s)).sqrt();
+                up.push(f64::from(u));
+                down.push(f64::from((next * next - u * u).sqrt()));
+            }
+            // si_k between s_k and down_k; the last two are 0.
+            interpol = (0..=n)
+                .map(|k| {
+                    if k + 2 > n {
+                        0.0
+                    } else {
+                        log_midpoint(s32[k], down[k] as f32)
+                    }
+                })
+                .collect();
+            stage_timesteps = vec![timesteps[0]];
+            for k in 1..n {
+                stage_timesteps.push(sigma_to_t(interpol[k - 1], &log_sigmas));
+                stage_timesteps.push(timesteps[k]);
+            }
+            self.sigmas_up = expand(&up);
+            self.sigmas_down = expand(&down);
+        }
+        self.sigmas = expand(&sigmas);
+        self.sigmas_interpol = expand(&interpol);
+        self.timesteps = stage_timesteps.into_iter().map(f32_round).collect();
     }
 
     /// The configuration.
@@ -375,7 +508,8 @@ impl Sampler {
         &self.timesteps
     }
 
-    /// The sigma schedule (with its final 0) of the sigma-space samplers; empty for DDIM.
+    /// The sigma schedule (with its final 0) of the sigma-space samplers, as diffusers'
+    /// `scheduler.sigmas`; empty for DDIM and PNDM.
     pub fn sigmas(&self) -> &[f64] {
         &self.sigmas
     }
@@ -383,7 +517,11 @@ impl Sampler {
     /// The factor the initial standard-normal latents are multiplied by.
     pub fn init_noise_sigma(&self) -> f64 {
         match self.config.kind {
-            SamplerKind::Ddim | SamplerKind::DpmSolver | SamplerKind::DpmSolverPlusPlus => 1.0,
+            SamplerKind::Ddim
+            | SamplerKind::Pndm
+            | SamplerKind::DpmSolver
+            | SamplerKind::DpmSolverPlusPlus
+            | SamplerKind::DpmSingle => 1.0,
             // "linspace" spacing: the largest sigma itself.
             _ => self.sigmas.iter().copied().fold(0.0, f64::max),
         }
@@ -397,8 +535,19 @@ impl Sampler {
     /// The model input for the current step (diffusers' `scale_model_input`).
     pub fn scale_model_input(&self, sample: &Tensor) -> Result<Tensor> {
         match self.config.kind {
-            SamplerKind::Ddim | SamplerKind::DpmSolver | SamplerKind::DpmSolverPlusPlus => {
-                Ok(sample.clone())
+            SamplerKind::Ddim
+            | SamplerKind::Pndm
+            | SamplerKind::DpmSolver
+            | SamplerKind::DpmSolverPlusPlus
+            | SamplerKind::DpmSingle => Ok(sample.clone()),
+            SamplerKind::Dpm2 | SamplerKind::Dpm2Ancestral => {
+                let i = self.step_index;
+                let sigma = match (&self.history.stage_sample, self.config.kind) {
+                    (None, _) => self.current_sigma()?,
+                    (Some(_), SamplerKind::Dpm2) => self.sigmas_interpol[i],
+                    (Some(_), _) => self.sigmas_interpol[i - 1],
+                };
+                scale(sample, 1.0 / (sigma * sigma + 1.0).sqrt())
             }
             _ => {
                 let sigma = self.current_sigma()?;
@@ -467,6 +616,9 @@ impl Sampler {
             SamplerKind::DpmSolver | SamplerKind::DpmSolverPlusPlus => {
                 self.dpm_solver(output, sample)?
             }
+            SamplerKind::DpmSingle => self.dpm_singlestep(output, sample)?,
+            SamplerKind::Pndm => self.pndm(output, sample)?,
+            SamplerKind::Dpm2 | SamplerKind::Dpm2Ancestral => self.kdpm2(output, sample, noise)?,
         };
         self.step_index += 1;
         Ok(next)
@@ -554,24 +706,8 @@ impl Sampler {
     fn dpm_solver(&mut self, output: &Tensor, sample: &Tensor) -> Result<Tensor> {
         let i = self.step_index;
         let plus_plus = self.config.kind == SamplerKind::DpmSolverPlusPlus;
-        let alpha_sigma = |sigma: f64| {
-            let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-            (alpha, sigma * alpha)
-        };
-        let lambda = |sigma: f64| {
-            let (alpha, s) = alpha_sigma(sigma);
-            alpha.ln() - s.ln()
-        };
-        // convert_model_output: x0 (dpmsolver++) or eps (dpmsolver).
         let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[i]);
-        let converted = match (plus_plus, self.config.prediction) {
-            (true, Prediction::Epsilon) => {
-                combine(1.0 / alpha_s0, sample, -sigma_s0 / alpha_s0, output)?
-            }
-            (true, Prediction::V) => combine(alpha_s0, sample, -sigma_s0, output)?,
-            (false, Prediction::Epsilon) => output.clone(),
-            (false, Prediction::V) => combine(alpha_s0, output, sigma_s0, sample)?,
-        };
+        let converted = self.dpm_convert(output, sample, plus_plus)?;
         self.history.outputs.push(converted);
         if self.history.outputs.len() > 2 {
             self.history.outputs.remove(0);
@@ -617,6 +753,284 @@ impl Sampler {
         }
         Ok(next)
     }
+
+    /// DPM-Solver's `convert_model_output` at the current sigma: x0 (dpmsolver++) or eps
+    /// (dpmsolver).
+    fn dpm_convert(&self, output: &Tensor, sample: &Tensor, plus_plus: bool) -> Result<Tensor> {
+        let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[self.step_index]);
+        match (plus_plus, self.config.prediction) {
+            (true, Prediction::Epsilon) => {
+                combine(1.0 / alpha_s0, sample, -sigma_s0 / alpha_s0, output)
+            }
+            (true, Prediction::V) => combine(alpha_s0, sample, -sigma_s0, output),
+            (false, Prediction::Epsilon) => Ok(output.clone()),
+            (false, Prediction::V) => combine(alpha_s0, output, sigma_s0, sample),
+        }
+    }
+
+    /// DPM-Solver++ singlestep, order 2: a first-order step to the next sigma, then a second
+    /// step from the same start to the sigma after, using both model outputs (midpoint).
+    fn dpm_singlestep(&mut self, output: &Tensor, sample: &Tensor) -> Result<Tensor> {
+        let i = self.step_index;
+        let converted = self.dpm_convert(output, sample, true)?;
+        self.history.outputs.push(converted);
+        if self.history.outputs.len() > 2 {
+            self.history.outputs.remove(0);
+        }
+        let order = self.orders[i].min(self.history.outputs.len());
+        if order == 1 {
+            self.history.stage_sample = Some(sample.clone());
+        }
+        let start =
+            self.history.stage_sample.as_ref().ok_or_else(|| {
+                Error::Model("dpmsingle: second-order step without a start".into())
+            })?;
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
+        let m0 = &self.history.outputs[self.history.outputs.len() - 1];
+        if order == 1 {
+            let h = lambda(self.sigmas[i + 1]) - lambda(self.sigmas[i]);
+            let (_, sigma_s) = alpha_sigma(self.sigmas[i]);
+            return combine(sigma_t / sigma_s, start, -alpha_t * ((-h).exp() - 1.0), m0);
+        }
+        let m1 = &self.history.outputs[self.history.outputs.len() - 2];
+        let (_, sigma_s1) = alpha_sigma(self.sigmas[i - 1]);
+        let lambda_s1 = lambda(self.sigmas[i - 1]);
+        let h = lambda(self.sigmas[i + 1]) - lambda_s1;
+        let r0 = (lambda(self.sigmas[i]) - lambda_s1) / h;
+        let c = -alpha_t * ((-h).exp() - 1.0);
+        // D0 = m1, D1 = (m0 - m1) / r0.
+        let d1 = scale(&(m0 - m1).map_err(model_error)?, 1.0 / r0)?;
+        let base = combine(sigma_t / sigma_s1, start, c, m1)?;
+        combine(1.0, &base, 0.5 * c, &d1)
+    }
+
+    /// PNDM: the first 12 evaluations are four-stage Runge-Kutta steps (`step_prk`), the rest
+    /// fourth-order linear multistep (`step_plms`), both through `_get_prev_sample`.
+    fn pndm(&mut self, output: &Tensor, sample: &Tensor) -> Result<Tensor> {
+        let i = self.step_index;
+        let t = self.timesteps[i] as i64;
+        if i < PNDM_RUNGE_KUTTA_EVALUATIONS {
+            let half = (self.step_ratio / 2) as i64;
+            let previous = if i % 2 == 1 { t } else { t - half };
+            let start_t = self.timesteps[i / 4 * 4] as i64;
+            let combined = match i % 4 {
+                0 => {
+                    self.history.runge_kutta_sum = Some(scale(output, 1.0 / 6.0)?);
+                    self.history.outputs.push(output.clone());
+                    self.history.stage_sample = Some(sample.clone());
+                    output.clone()
+                }
+                3 => {
+                    let sum = self.history.runge_kutta_sum.take().ok_or_else(|| {
+                        Error::Model("pndm: Runge-Kutta step without its start".into())
+                    })?;
+                    combine(1.0, &sum, 1.0 / 6.0, output)?
+                }
+                _ => {
+                    let sum = self.history.runge_kutta_sum.as_ref().ok_or_else(|| {
+                        Error::Model("pndm: Runge-Kutta step without its start".into())
+                    })?;
+                    self.history.runge_kutta_sum = Some(combine(1.0, sum, 1.0 / 3.0, output)?);
+                    output.clone()
+                }
+            };
+            let start =
+                self.history.stage_sample.clone().ok_or_else(|| {
+                    Error::Model("pndm: Runge-Kutta step without its start".into())
+                })?;
+            return self.pndm_previous(&start, start_t, previous, &combined);
+        }
+        let previous = t - self.step_ratio as i64;
+        let ets = &mut self.history.outputs;
+        if ets.len() > 3 {
+            ets.drain(..ets.len() - 3);
+        }
+        ets.push(output.clone());
+        let [e4, e3, e2, e1] = match ets.as_slice() {
+            [a, b, c, d] => [a, b, c, d],
+            _ => {
+                return Err(Error::Model(
+                    "pndm: multistep without its Runge-Kutta start".into(),
+                ))
+            }
+        };
+        // (55 e1 - 59 e2 + 37 e3 - 9 e4) / 24
+        let combined = combine(55.0 / 24.0, e1, -59.0 / 24.0, e2)?;
+        let combined = combine(1.0, &combined, 37.0 / 24.0, e3)?;
+        let combined = combine(1.0, &combined, -9.0 / 24.0, e4)?;
+        self.pndm_previous(sample, t, previous, &combined)
+    }
+
+    /// PNDM's `_get_prev_sample`: from timestep `t` to `previous` (abar of timestep 0 below 0).
+    fn pndm_previous(
+        &self,
+        sample: &Tensor,
+        t: i64,
+        previous: i64,
+        output: &Tensor,
+    ) -> Result<Tensor> {
+        let abar = |t: i64| -> Result<f64> {
+            let index = t.max(0) as usize;
+            self.alphas_cumprod
+                .get(index)
+                .map(|&a| f64::from(a))
+                .ok_or_else(|| Error::Usage(format!("pndm: timestep {t} is past the schedule")))
+        };
+        let alpha_t = abar(t)?;
+        let alpha_prev = abar(previous)?;
+        let beta_t = 1.0 - alpha_t;
+        let eps = match self.config.prediction {
+            Prediction::Epsilon => output.clone(),
+            Prediction::V => combine(alpha_t.sqrt(), output, beta_t.sqrt(), sample)?,
+        };
+        let sample_coefficient = (alpha_prev / alpha_t).sqrt();
+        let denominator =
+            alpha_t * (1.0 - alpha_prev).sqrt() + (alpha_t * beta_t * alpha_prev).sqrt();
+        combine(
+            sample_coefficient,
+            sample,
+            -(alpha_prev - alpha_t) / denominator,
+            &eps,
+        )
+    }
+
+    /// KDPM2 (and its ancestral variant): a first stage moves to the midpoint sigma, a second
+    /// stage evaluates the model there and moves the first stage's sample on with that
+    /// derivative (ancestral: to `sigma_down`, then adds `sigma_up` of fresh noise).
+    fn kdpm2(
+        &mut self,
+        output: &Tensor,
+        sample: &Tensor,
+        noise: &mut NoiseSource<'_>,
+    ) -> Result<Tensor> {
+        let i = self.step_index;
+        let ancestral = self.config.kind == SamplerKind::Dpm2Ancestral;
+        match self.history.stage_sample.take() {
+            None => {
+                let sigma = self.sigmas[i];
+                let to = if ancestral {
+                    self.sigmas_interpol[i]
+                } else {
+                    self.sigmas_interpol[i + 1]
+                };
+                let x0 = self.x0_sigma(output, sample, sigma)?;
+                self.history.stage_sample = Some(sample.clone());
+                self.euler_move(sample, &x0, sigma, to)
+            }
+            Some(start) => {
+                let (sigma, interpol) = if ancestral {
+                    (self.sigmas[i - 1], self.sigmas_interpol[i - 1])
+                } else {
+                    (self.sigmas[i - 1], self.sigmas_interpol[i])
+                };
+                let to = if ancestral {
+                    self.sigmas_down[i - 1]
+                } else {
+                    self.sigmas[i]
+                };
+                let x0 = self.x0_sigma(output, sample, interpol)?;
+                let derivative = scale(&(sample - &x0).map_err(model_error)?, 1.0 / interpol)?;
+                let moved = combine(1.0, &start, to - sigma, &derivative)?;
+                if ancestral {
+                    let fresh = noise(sample.dims())?;
+                    combine(1.0, &moved, self.sigmas_up[i - 1], &fresh)
+                } else {
+                    Ok(moved)
+                }
+            }
+        }
+    }
+}
+
+/// PNDM's Runge-Kutta start spans its 4 largest timesteps (`pndm_order`): three Runge-Kutta
+/// steps between them ...
+const PNDM_RUNGE_KUTTA_STEPS: usize = 4;
+/// ... of 4 model evaluations each, before the linear multistep part.
+const PNDM_RUNGE_KUTTA_EVALUATIONS: usize = 12;
+
+/// PNDMScheduler's `set_timesteps` with `skip_prk_steps=False` and "leading" spacing: the
+/// Runge-Kutta timesteps of the 4 largest steps (each with its midpoint `ratio / 2` above the
+/// next), then the remaining steps from the largest down.
+fn pndm_timesteps(steps: usize, ratio: usize, offset: usize) -> Vec<f64> {
+    let base: Vec<usize> = (0..steps).map(|i| i * ratio + offset).collect();
+    let half = ratio / 2;
+    let [a, b, c, d] = [
+        base[steps - 4],
+        base[steps - 3],
+        base[steps - 2],
+        base[steps - 1],
+    ];
+    let runge_kutta = [
+        d,
+        c + half,
+        c + half,
+        c,
+        c,
+        b + half,
+        b + half,
+        b,
+        b,
+        a + half,
+        a + half,
+        a,
+    ];
+    runge_kutta
+        .into_iter()
+        .chain(base[..steps - 3].iter().rev().copied())
+        .map(|t| t as f64)
+        .collect()
+}
+
+/// DPMSolverSinglestepScheduler's order list for order 2 with `lower_order_final` (which
+/// diffusers forces on with a final sigma of zero): pairs of a first- and a second-order step,
+/// the last step first order.
+fn singlestep_orders(steps: usize) -> Vec<usize> {
+    let mut orders: Vec<usize> = if steps.is_multiple_of(2) {
+        (0..steps - 2).map(|i| 1 + i % 2).chain([1, 1]).collect()
+    } else {
+        (0..steps - 1).map(|i| 1 + i % 2).chain([1]).collect()
+    };
+    if let Some(last) = orders.last_mut() {
+        *last = 1;
+    }
+    orders
+}
+
+/// Every entry after the first twice and the last once more (diffusers' KDPM2 tables:
+/// `cat([x[:1], x[1:].repeat_interleave(2), x[-1:]])`).
+fn expand(values: &[f64]) -> Vec<f64> {
+    let mut expanded = vec![values[0]];
+    for &v in &values[1..] {
+        expanded.extend([v, v]);
+    }
+    expanded.push(values[values.len() - 1]);
+    expanded
+}
+
+/// diffusers' `_sigma_to_t`: the training timestep of `sigma`, interpolating linearly in
+/// log-sigma between the two neighbouring entries of `log_sigmas` (ascending).
+fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    let low = log_sigmas
+        .iter()
+        .rposition(|&l| log_sigma - l >= 0.0)
+        .unwrap_or(0)
+        .min(log_sigmas.len() - 2);
+    let (low_value, high_value) = (log_sigmas[low], log_sigmas[low + 1]);
+    let w = ((low_value - log_sigma) / (low_value - high_value)).clamp(0.0, 1.0);
+    low as f64 + w
+}
+
+/// DPM-Solver's `(alpha_t, sigma_t)` of a sigma (`alpha = 1 / sqrt(sigma^2 + 1)`).
+fn alpha_sigma(sigma: f64) -> (f64, f64) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha, sigma * alpha)
+}
+
+/// DPM-Solver's half log-SNR `lambda = log(alpha) - log(sigma)`.
+fn lambda(sigma: f64) -> f64 {
+    let (alpha, s) = alpha_sigma(sigma);
+    alpha.ln() - s.ln()
 }
 
 /// Whether the sampler's last sigma is not zero (`dpmsolver`, see [`Sampler::new`]).
@@ -657,8 +1071,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unknown_and_unimplemented_names_are_refused_naming_the_accepted_ones() {
-        for name in ["foo", "dpm_2_a"] {
+    fn unknown_names_are_refused_naming_the_accepted_ones() {
+        for name in ["foo", "k_dpm_3"] {
             let message = SamplerKind::parse(name).unwrap_err().to_string();
             for accepted in ["ddim", "euler_a", "dpmsolver++", "heun", "k_lms"] {
                 assert!(message.contains(accepted), "{name}: {message}");
@@ -684,6 +1098,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(train.timesteps(), [750.0, 500.0, 250.0, 0.0]);
+    }
+
+    #[test]
+    fn pndm_refuses_fewer_steps_than_its_runge_kutta_start() {
+        let config = SamplerConfig::gen_img(SamplerKind::Pndm, Prediction::Epsilon);
+        let message = Sampler::new(config, 3).unwrap_err().to_string();
+        assert!(message.contains("at least 4"), "{message}");
+        // 12 Runge-Kutta evaluations, then one per remaining step.
+        assert_eq!(Sampler::new(config, 20).unwrap().timesteps().len(), 29);
+    }
+
+    #[test]
+    fn dpmsingle_pairs_first_and_second_order_steps_and_ends_at_first_order() {
+        assert_eq!(singlestep_orders(1), [1]);
+        assert_eq!(singlestep_orders(4), [1, 2, 1, 1]);
+        assert_eq!(singlestep_orders(5), [1, 2, 1, 2, 1]);
     }
 
     #[test]

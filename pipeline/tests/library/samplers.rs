@@ -9,6 +9,10 @@ use crate::support::{fixtures, max_abs, npz_tensor};
 
 /// Final latents (values of order 1) within this of diffusers'.
 const LATENT_TOLERANCE: f32 = 1e-4;
+/// dpm_2_a in 2 steps: its one second stage evaluates at sigma 0.029 and moves the sample from
+/// sigma 14.6, so float32 rounding of that start (about 1e-6 of 14.6) is divided by 0.029 on
+/// both sides (2.3e-4 measured); held to the 1e-3.
+const ILL_CONDITIONED_CASE: (&str, f32) = ("dpm_2_a_epsilon_gen_2", 1e-3);
 
 fn cases(npz: &mut NpzReader) -> Vec<String> {
     let mut names: Vec<String> = npz
@@ -28,7 +32,17 @@ fn samplers_match_diffusers_schedulers() {
     let c = npz_tensor(&path, "c");
     let step_noise = npz_tensor(&path, "step_noise");
     let names = cases(&mut npz);
-    assert!(names.len() >= 20, "{names:?}");
+    assert!(names.len() >= 38, "{names:?}");
+    // Every sampler sd-scripts accepts has cases.
+    for kind in SamplerKind::accepted() {
+        let canonical = SamplerKind::parse(kind).unwrap().name();
+        assert!(
+            names
+                .iter()
+                .any(|n| n.starts_with(&format!("{canonical}_"))),
+            "no case for {canonical}"
+        );
+    }
     for case in names {
         // <sampler>_<prediction>_<gen|train>_<steps>
         let parts: Vec<&str> = case.rsplitn(4, '_').collect();
@@ -91,8 +105,13 @@ fn samplers_match_diffusers_schedulers() {
         let first_error = max_abs(&first.unwrap(), &expected_first);
         let expected = npz_tensor(&path, &format!("{case}.latents"));
         let error = max_abs(&latents, &expected);
+        let tolerance = if case == ILL_CONDITIONED_CASE.0 {
+            ILL_CONDITIONED_CASE.1
+        } else {
+            LATENT_TOLERANCE
+        };
         assert!(
-            first_error <= LATENT_TOLERANCE && error <= LATENT_TOLERANCE,
+            first_error <= tolerance && error <= tolerance,
             "{case}: max abs difference {first_error} after one step, {error} at the end"
         );
     }

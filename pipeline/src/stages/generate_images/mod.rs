@@ -129,6 +129,10 @@ fn a1111_sampler(kind: SamplerKind) -> &'static str {
         SamplerKind::Heun => "Heun",
         SamplerKind::DpmSolver => "DPM-Solver 2M",
         SamplerKind::DpmSolverPlusPlus => "DPM++ 2M",
+        SamplerKind::Pndm => "PLMS",
+        SamplerKind::DpmSingle => "DPM++ 2S",
+        SamplerKind::Dpm2 => "DPM2",
+        SamplerKind::Dpm2Ancestral => "DPM2 a",
     }
 }
 

@@ -182,8 +182,9 @@ pub struct TrainArgs {
     /// Also sample images before the first step of a fresh run.
     #[arg(long)]
     pub sample_at_first: bool,
-    /// Sampler of the sample images (a prompt's `--ss` wins): ddim, lms (k_lms), euler
-    /// (k_euler), euler_a (k_euler_a), heun, dpmsolver, dpmsolver++.
+    /// Sampler of the sample images (a prompt's `--ss` wins): ddim, pndm, lms (k_lms), euler
+    /// (k_euler), euler_a (k_euler_a), heun, dpm_2 (k_dpm_2), dpm_2_a (k_dpm_2_a), dpmsolver,
+    /// dpmsolver++, dpmsingle.
     #[arg(long, default_value = "ddim")]
     pub sample_sampler: String,
     /// Save the final state folder (`<name>-state`) even without --save_state.
