@@ -1,5 +1,6 @@
 //! Trainable networks attached to a frozen model's adaptable layers.
 
+pub mod dylora;
 pub mod lora;
 pub mod lycoris;
 
@@ -9,15 +10,18 @@ use std::path::Path;
 use candle_core::DType;
 
 use crate::Result;
+use dylora::DyloraNetwork;
 use lora::LoraNetwork;
 use lycoris::LycorisNetwork;
 
-/// The network a training run trains: sd-scripts' LoRA (`networks.lora`) or a LyCORIS network
-/// (`lycoris.kohya`).
+/// The network a training run trains: sd-scripts' LoRA (`networks.lora`) or DyLoRA
+/// (`networks.dylora`), or a LyCORIS network (`lycoris.kohya`).
 #[derive(Debug, Clone)]
 pub enum Network {
     /// `--network_module networks.lora`.
     Lora(LoraNetwork),
+    /// `--network_module networks.dylora`.
+    Dylora(DyloraNetwork),
     /// `--network_module lycoris.kohya`.
     Lycoris(LycorisNetwork),
 }
@@ -27,14 +31,17 @@ impl Network {
     pub fn module_names(&self) -> Vec<&str> {
         match self {
             Network::Lora(n) => n.modules.iter().map(|m| m.name.as_str()).collect(),
+            Network::Dylora(n) => n.modules.iter().map(|m| m.name.as_str()).collect(),
             Network::Lycoris(n) => n.modules.iter().map(|m| m.name.as_str()).collect(),
         }
     }
 
-    /// Sets the dropout masks' stream for the next forward pass (`None`: no dropout).
+    /// Sets the stream of the next forward pass's dropout masks and DyLoRA rank draws (`None`:
+    /// not training: no dropout, DyLoRA at full rank).
     pub fn set_dropout_stream(&self, stream: Option<u64>) {
         match self {
             Network::Lora(n) => n.set_dropout_stream(stream),
+            Network::Dylora(n) => n.set_stream(stream),
             Network::Lycoris(n) => n.set_dropout_stream(stream),
         }
     }
@@ -48,6 +55,7 @@ impl Network {
     ) -> Result<()> {
         match self {
             Network::Lora(n) => n.save(path, save_dtype, metadata),
+            Network::Dylora(n) => n.save(path, save_dtype, metadata),
             Network::Lycoris(n) => n.save(path, save_dtype, metadata),
         }
     }
