@@ -215,23 +215,6 @@ fn lycoris_options_lorakit_lacks_are_refused_by_name() {
         let stderr = run_expect("train-lora", &args, 2);
         assert!(stderr.contains(named), "{flags:?}: {stderr}");
     }
-    let stderr = run_expect(
-        "train-lora",
-        args![
-            "--pretrained_model_name_or_path",
-            model,
-            "--in_json",
-            meta,
-            "--train_data_dir",
-            data_dir,
-            "--output_dir",
-            out_dir,
-            "--network_module",
-            "networks.dylora"
-        ],
-        2,
-    );
-    assert!(stderr.contains("lycoris.kohya"), "{stderr}");
 }
 
 #[test]
