@@ -1,7 +1,7 @@
 //! End-to-end tests of `train-lora --network_module networks.dylora`: a DyLoRA trains with the
 //! text encoder and saves exactly the keys sd-scripts' DyLoRA saves for the same network
 //! (golden/dylora/dylora_keys.json), only whole `unit` blocks of ranks move, a second run loads
-//! the file, a resumed run equals a straight one bit for bit, and what DyLoRA lacks is refused.
+//! the file, resize-lora reduces it, a resumed run equals a straight one bit for bit, and what DyLoRA lacks is refused.
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
@@ -116,6 +116,17 @@ fn dylora_trains_with_the_text_encoder_saves_sd_scripts_keys_and_moves_whole_uni
     ]);
     let stderr = train(data.path(), out.path(), &again, 0);
     assert!(stderr.contains("350 DyLoRA modules loaded"), "{stderr}");
+
+    // The file is a LoRA file to the LoRA tools.
+    let resized = out.path().join("resized.safetensors");
+    run_expect(
+        "resize-lora",
+        args!["--model", path, "--save_to", resized, "--new_rank", "2"],
+        0,
+    );
+    let (keys, _) = common::safetensors_header(&resized);
+    let down = &keys["lora_unet_down_blocks_1_resnets_0_conv1.lora_down.weight"];
+    assert_eq!(down.0, [2, 32, 3, 3]);
 }
 
 #[test]
