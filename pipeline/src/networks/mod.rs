@@ -9,10 +9,24 @@ use std::path::Path;
 
 use candle_core::DType;
 
+use crate::models::adapter::Adaptable;
 use crate::Result;
 use dylora::DyloraNetwork;
 use lora::LoraNetwork;
 use lycoris::LycorisNetwork;
+
+/// Merges the network file `path` into `model`'s frozen weights at `multiplier` (generate-images,
+/// `--base_weights`): a kohya LoRA or DyLoRA file, or a LyCORIS file (LoCon, LoHa, LoKr).
+pub fn merge_file(
+    model: &mut dyn Adaptable,
+    path: &Path,
+    multiplier: f64,
+) -> Result<lora::LoadReport> {
+    match lycoris::is_lycoris_file(path)? {
+        true => LycorisNetwork::merge_file(model, path, multiplier),
+        false => LoraNetwork::merge_file(model, path, multiplier),
+    }
+}
 
 /// The network a training run trains: sd-scripts' LoRA (`networks.lora`) or DyLoRA
 /// (`networks.dylora`), or a LyCORIS network (`lycoris.kohya`).

@@ -720,7 +720,7 @@ fn load_unet(
 fn merge_base_weights(args: &TrainArgs, models: &mut Joined, live: bool) -> Result<()> {
     for (i, path) in args.base_weights.iter().enumerate() {
         let multiplier = args.base_weights_multiplier.get(i).copied().unwrap_or(1.0);
-        let report = LoraNetwork::merge_file(models, path, multiplier)?;
+        let report = crate::networks::merge_file(models, path, multiplier)?;
         tracing::info!(
             "{}: {} modules merged into the base model at {multiplier}",
             path.display(),
