@@ -112,8 +112,9 @@ pub struct TrainArgs {
     /// Build the network from the --network_weights file's modules, ranks and alphas instead.
     #[arg(long)]
     pub dim_from_weights: bool,
-    /// LoRA files merged into the base UNet before training (their text-encoder modules are not:
-    /// the text-encoder caches come from cache-text-encoder).
+    /// LoRA files (kohya LoRA or DyLoRA, or LyCORIS LoCon/LoHa/LoKr) merged into the base UNet
+    /// before training (their text-encoder modules only when the text encoder runs live: cached
+    /// text-encoder outputs were made without them).
     #[arg(long, num_args = 1..)]
     pub base_weights: Vec<PathBuf>,
     /// Multiplier of each --base_weights file (default 1.0 each).
