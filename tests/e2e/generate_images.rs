@@ -218,3 +218,36 @@ fn unknown_samplers_and_missing_prompts_are_usage_errors() {
     assert!(stderr.contains("--prompt"), "{stderr}");
     assert!(!out.exists());
 }
+
+#[test]
+fn a_loha_file_merges_like_a_lora() {
+    // A LyCORIS LoHa (lycoris-lora's file): at multiplier 0 the image equals no network, at 1 it
+    // changes. That the merged LoHa changes the UNet as lycoris' forward does is checked in
+    // pipeline/tests/library/lycoris.rs.
+    let dir = tempfile::tempdir().unwrap();
+    let flags = [
+        "--prompt",
+        "a red house",
+        "--W",
+        "64",
+        "--H",
+        "64",
+        "--steps",
+        "3",
+        "--seed",
+        "9",
+        "--sampler",
+        "euler",
+    ];
+    let plain = generate(&dir.path().join("plain"), &sd15(), &flags);
+    let loha = fixtures().join("golden/lycoris/loha.safetensors");
+    let loha = loha.to_str().unwrap();
+    let mut zero = flags.to_vec();
+    zero.extend(["--network_weights", loha, "--network_mul", "0"]);
+    let zero = generate(&dir.path().join("zero"), &sd15(), &zero);
+    let mut full = flags.to_vec();
+    full.extend(["--network_weights", loha]);
+    let full = generate(&dir.path().join("full"), &sd15(), &full);
+    assert_eq!(pixels(&plain[0]), pixels(&zero[0]));
+    assert_ne!(pixels(&plain[0]), pixels(&full[0]));
+}

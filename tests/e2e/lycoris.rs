@@ -203,23 +203,6 @@ fn lycoris_options_lorakit_lacks_are_refused_by_name() {
         let stderr = run_expect("train-lora", &args, 2);
         assert!(stderr.contains(named), "{flags:?}: {stderr}");
     }
-    let stderr = run_expect(
-        "train-lora",
-        args![
-            "--pretrained_model_name_or_path",
-            model,
-            "--in_json",
-            meta,
-            "--train_data_dir",
-            data_dir,
-            "--output_dir",
-            out_dir,
-            "--network_module",
-            "networks.dylora"
-        ],
-        2,
-    );
-    assert!(stderr.contains("lycoris.kohya"), "{stderr}");
 }
 
 #[test]
@@ -333,4 +316,38 @@ fn lycoris_lokr_with_rank_and_module_dropout_resumes_bit_for_bit() {
         }
     }
     assert!(moved > 0, "training moved the zero-initialised factors");
+}
+
+#[test]
+fn a_loha_file_is_merged_as_base_weights() {
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let loha = fixtures().join("golden/lycoris/loha.safetensors");
+    let stderr = run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            out.path(),
+            "--base_weights",
+            loha,
+            "--base_weights_multiplier",
+            "0.5",
+            "--max_train_steps",
+            "1",
+            "--seed",
+            "5"
+        ],
+        0,
+    );
+    assert!(
+        stderr.contains("354 modules merged into the base model at 0.5"),
+        "{stderr}"
+    );
 }

@@ -9,6 +9,7 @@ mod caption;
 mod coexist;
 mod command_lines;
 mod crash_safety;
+mod dylora;
 mod fuzz;
 mod generate_images;
 mod latents;

@@ -58,7 +58,8 @@ pub struct GenerateImagesArgs {
     /// Images per UNet call (images of one batch share size, steps, scale and sampler).
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
-    /// LoRA files (kohya format) merged into the UNet.
+    /// LoRA files (kohya LoRA or DyLoRA, or LyCORIS LoCon/LoHa/LoKr) merged into the UNet and
+    /// text encoder.
     #[arg(long, num_args = 1..)]
     pub network_weights: Vec<PathBuf>,
     /// Multiplier of each --network_weights file (default 1; one value applies to all).

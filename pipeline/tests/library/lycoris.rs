@@ -203,3 +203,36 @@ fn lycoris_files_load_and_reproduce_the_module_and_unet_changes_of_lycoris() {
         assert!(err <= 1e-4 * scale.max(1.0), "{case}: {err}");
     }
 }
+
+#[test]
+fn lycoris_files_merged_into_the_weights_change_the_unet_as_lycoris_forward() {
+    // What generate-images and --base_weights do with a LyCORIS file: ΔW merged into the frozen
+    // weights gives the UNet output change of lycoris' own forward pass.
+    let golden = fixtures().join("golden/unet/unet.npz");
+    let latents = npz_tensor(&golden, "latents");
+    let timesteps = npz_tensor(&golden, "timesteps");
+    let context = npz_tensor(&golden, "encoder_hidden_states_77");
+    let base = base_unet()
+        .forward(&latents, &timesteps, &context, None)
+        .unwrap();
+    for (case, _) in cases() {
+        let file = fixtures().join(format!("golden/lycoris/{case}.safetensors"));
+        let mut unet = base_unet().clone();
+        let report = lorakit_pipeline::networks::merge_file(&mut unet, &file, 1.0).unwrap();
+        assert_eq!(report.applied, 282, "{case}");
+        assert_eq!(report.ignored_text_encoder, 72, "{case}");
+        let mut attached = 0;
+        unet.visit_layers(&mut |layer| attached += usize::from(layer.adapter.is_some()));
+        assert_eq!(attached, 0, "{case}: merged, not attached");
+        let out = unet.forward(&latents, &timesteps, &context, None).unwrap();
+        let delta = (out - &base).unwrap();
+        let npz = fixtures().join(format!("golden/lycoris/{case}.npz"));
+        let want = npz_tensor(&npz, "unet_delta");
+        let err = max_abs(&delta, &want);
+        let scale = max_abs(&want, &Tensor::zeros_like(&want).unwrap());
+        eprintln!(
+            "{case} merged: UNet output change max abs error {err:e} (change up to {scale:.3})"
+        );
+        assert!(err <= 1e-4 * scale.max(1.0), "{case}: {err}");
+    }
+}

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod dylora;
 mod generate_images;
 mod kohya_datasets;
 mod lycoris;

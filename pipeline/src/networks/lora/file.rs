@@ -12,10 +12,10 @@ use crate::{Error, Result};
 
 /// One module as read from a file.
 #[derive(Debug, Clone)]
-pub(super) struct FileModule {
-    pub(super) down: Tensor,
-    pub(super) up: Tensor,
-    pub(super) alpha: Option<Alpha>,
+pub(crate) struct FileModule {
+    pub(crate) down: Tensor,
+    pub(crate) up: Tensor,
+    pub(crate) alpha: Option<Alpha>,
 }
 
 /// `lora_down`, `lora_up` and alpha of one module while a file is read.
@@ -24,7 +24,7 @@ type PartialModule = (Option<Tensor>, Option<Tensor>, Option<Alpha>);
 /// The modules and metadata of a kohya LoRA `.safetensors` file.
 #[derive(Debug, Clone)]
 pub struct LoraFile {
-    pub(super) modules: BTreeMap<String, FileModule>,
+    pub(crate) modules: BTreeMap<String, FileModule>,
     /// Header `__metadata__`.
     pub metadata: HashMap<String, String>,
 }

@@ -28,7 +28,7 @@ use dropout::BranchDraw;
 pub(crate) use dropout::NO_DROPOUT_STREAM;
 pub use dropout::{BranchDropout, DropoutRates};
 pub(crate) use file::serialize_with_hashes;
-use file::FileModule;
+pub(crate) use file::FileModule;
 pub use file::{sha256_hex, LoraFile};
 pub use selection::{unet_lora_name, BlockDims, BlockLayout, LoraConfig};
 
@@ -120,50 +120,64 @@ impl LayerAdapter for LoraModule {
         if draw.as_mut().is_some_and(BranchDraw::skips_branch) {
             return Ok(None);
         }
-        let down = &self.down.as_tensor().to_dtype(x.dtype())?;
-        let up = &self.up.as_tensor().to_dtype(x.dtype())?;
         let mut extra_scale = 1.0;
-        let mut dropout = |hidden: Tensor, rank_axis: usize| match &mut draw {
-            Some(draw) => {
-                let (hidden, factor) = draw.apply(hidden, rank_axis)?;
-                extra_scale = factor;
-                Ok::<_, candle_core::Error>(hidden)
-            }
-            None => Ok(hidden),
-        };
-        let out = match kind {
-            FrozenKind::Linear => {
-                let hidden = x.broadcast_matmul(&down.t()?)?;
-                let rank_axis = hidden.rank() - 1;
-                dropout(hidden, rank_axis)?.broadcast_matmul(&up.t()?)?
-            }
-            FrozenKind::Conv2d { stride, padding } => {
-                // The hidden `[N, r, OH·OW]`: a 1x1 convolution is a product over channels,
-                // `[r, C] · [C, H·W]` per image; larger kernels run on the im2col kernels of
-                // `trainable_conv`. The up-projection is 1x1, another product. Written so, the
-                // backward pass never goes through candle's (slow) transposed convolution.
-                let (batch, channels, height, width) = x.dims4()?;
-                let rank = down.dim(0)?;
-                let pointwise = (down.dim(2)?, down.dim(3)?, stride, padding) == (1, 1, 1, 0);
-                let (hidden, (out_h, out_w)) = if pointwise {
-                    let pixels = x.reshape((batch, channels, height * width))?;
-                    let down = down.reshape((rank, channels))?;
-                    (down.broadcast_matmul(&pixels)?, (height, width))
-                } else {
-                    let hidden = trainable_conv::conv2d(x, down, stride, padding)?;
-                    let (_, _, out_h, out_w) = hidden.dims4()?;
-                    (hidden.flatten_from(2)?, (out_h, out_w))
-                };
-                let up = up.reshape((up.dim(0)?, rank))?;
-                up.broadcast_matmul(&dropout(hidden, 1)?)?.reshape((
-                    batch,
-                    up.dim(0)?,
-                    out_h,
-                    out_w,
-                ))?
-            }
-        };
+        let out = low_rank_branch(
+            x,
+            self.down.as_tensor(),
+            self.up.as_tensor(),
+            kind,
+            &mut |hidden, rank_axis| match &mut draw {
+                Some(draw) => {
+                    let (hidden, factor) = draw.apply(hidden, rank_axis)?;
+                    extra_scale = factor;
+                    Ok(hidden)
+                }
+                None => Ok(hidden),
+            },
+        )?;
         Ok(Some(out.affine(self.scale() * extra_scale, 0.0)?))
+    }
+}
+
+/// The unscaled low-rank branch `up(down(x))` for a layer of `kind`, with `down` `[r, in(, k, k)]`
+/// and `up` `[out, r(, 1, 1)]` (cast to `x`'s dtype); `hidden` may change the down projection's
+/// output (ranks on the axis it is given, samples on axis 0) before the up projection.
+pub(crate) fn low_rank_branch(
+    x: &Tensor,
+    down: &Tensor,
+    up: &Tensor,
+    kind: FrozenKind,
+    hidden: &mut dyn FnMut(Tensor, usize) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let down = &down.to_dtype(x.dtype())?;
+    let up = &up.to_dtype(x.dtype())?;
+    match kind {
+        FrozenKind::Linear => {
+            let projected = x.broadcast_matmul(&down.t()?)?;
+            let rank_axis = projected.rank() - 1;
+            hidden(projected, rank_axis)?.broadcast_matmul(&up.t()?)
+        }
+        FrozenKind::Conv2d { stride, padding } => {
+            // The hidden `[N, r, OH·OW]`: a 1x1 convolution is a product over channels,
+            // `[r, C] · [C, H·W]` per image; larger kernels run on the im2col kernels of
+            // `trainable_conv`. The up-projection is 1x1, another product. Written so, the
+            // backward pass never goes through candle's (slow) transposed convolution.
+            let (batch, channels, height, width) = x.dims4()?;
+            let rank = down.dim(0)?;
+            let pointwise = (down.dim(2)?, down.dim(3)?, stride, padding) == (1, 1, 1, 0);
+            let (projected, (out_h, out_w)) = if pointwise {
+                let pixels = x.reshape((batch, channels, height * width))?;
+                let down = down.reshape((rank, channels))?;
+                (down.broadcast_matmul(&pixels)?, (height, width))
+            } else {
+                let projected = trainable_conv::conv2d(x, down, stride, padding)?;
+                let (_, _, out_h, out_w) = projected.dims4()?;
+                (projected.flatten_from(2)?, (out_h, out_w))
+            };
+            let up = up.reshape((up.dim(0)?, rank))?;
+            up.broadcast_matmul(&hidden(projected, 1)?)?
+                .reshape((batch, up.dim(0)?, out_h, out_w))
+        }
     }
 }
 
@@ -189,6 +203,14 @@ pub struct LoraNetwork {
 }
 
 impl LoraNetwork {
+    /// The network of `modules`, without dropout.
+    pub(crate) fn from_modules(modules: Vec<LoraModule>) -> Self {
+        Self {
+            modules,
+            dropout_stream: Arc::default(),
+        }
+    }
+
     /// Turns on dropout at `rates` for every module (in `model` too).
     pub fn enable_dropout(&mut self, model: &mut dyn Adaptable, rates: DropoutRates) {
         let make = |index: usize| BranchDropout {
@@ -503,7 +525,7 @@ pub struct LoadReport {
 }
 
 /// Calls `f` on the layers of `model` in order until one call fails, and returns that error.
-fn try_visit_layers(
+pub(crate) fn try_visit_layers(
     model: &mut dyn Adaptable,
     f: &mut dyn FnMut(&mut AdaptableLayer) -> Result<()>,
 ) -> Result<()> {
@@ -523,7 +545,10 @@ fn attach(layer: &mut AdaptableLayer, module: LoraModule, modules: &mut Vec<Lora
 }
 
 /// The down and up weight shapes of a rank-`rank` module on `layer`, and the down fan-in.
-fn module_shapes(layer: &AdaptableLayer, rank: usize) -> (Vec<usize>, Vec<usize>, usize) {
+pub(crate) fn module_shapes(
+    layer: &AdaptableLayer,
+    rank: usize,
+) -> (Vec<usize>, Vec<usize>, usize) {
     let dims = layer.weight().dims();
     match layer.kind() {
         FrozenKind::Linear => (vec![rank, dims[1]], vec![dims[0], rank], dims[1]),
@@ -566,7 +591,9 @@ fn new_module(
     })
 }
 
-fn module_from_file(
+/// The module `name` of a LoRA file as a module for `layer` (2-D weights of a 1x1 conv are
+/// accepted); an error names the file when its shapes do not fit the layer.
+pub(crate) fn module_from_file(
     layer: &AdaptableLayer,
     name: &str,
     entry: &FileModule,

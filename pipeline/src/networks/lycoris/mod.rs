@@ -23,7 +23,7 @@ use rand::{Rng, SeedableRng};
 use crate::models::adapter::{Adaptable, AdaptableLayer, LayerAdapter};
 use crate::models::frozen::FrozenKind;
 use crate::models::trainable_conv;
-use crate::networks::lora::{serialize_with_hashes, BranchDropout, NO_DROPOUT_STREAM};
+use crate::networks::lora::{serialize_with_hashes, BranchDropout, LoadReport, NO_DROPOUT_STREAM};
 use crate::{Error, Result};
 pub use selection::{factorization, Algo, LycorisConfig};
 
@@ -274,6 +274,51 @@ impl LycorisNetwork {
         Ok((network, file.into_keys().collect()))
     }
 
+    /// Merges the modules of the LyCORIS file `path` that `model` has a layer for into its frozen
+    /// weights, each as `ΔW · multiplier` (generate-images, `--base_weights`); the report counts
+    /// what was merged and what the model has no layer for.
+    pub fn merge_file(
+        model: &mut dyn Adaptable,
+        path: &Path,
+        multiplier: f64,
+    ) -> Result<LoadReport> {
+        let mut file = read_modules(path)?;
+        let mut report = LoadReport::default();
+        let mut failure = None;
+        model.visit_layers(&mut |layer| {
+            if failure.is_some() {
+                return;
+            }
+            let name = layer.lora_name();
+            let Some(tensors) = file.remove(&name) else {
+                return;
+            };
+            let merged = module_from_tensors(layer, &name, tensors, multiplier, &Device::Cpu, path)
+                .and_then(|module| Ok(module.weight_delta()?))
+                .and_then(|delta| Ok(delta.to_device(layer.weight().device())?))
+                .and_then(|delta| Ok(layer.merge_into_weight(&delta)?));
+            match merged {
+                Ok(()) => {
+                    report.applied += 1;
+                    if !name.starts_with("lora_unet_") {
+                        report.applied_text_encoder += 1;
+                    }
+                }
+                Err(e) => failure = Some(e),
+            }
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        for name in file.into_keys() {
+            match name.starts_with("lora_unet_") {
+                true => report.unknown.push(name),
+                false => report.ignored_text_encoder += 1,
+            }
+        }
+        Ok(report)
+    }
+
     /// Loads the weights of the LyCORIS file `path` into this network's modules of the same
     /// names (`--network_weights`): a module the file lacks keeps its initialisation; a tensor
     /// whose shape differs is an error.
@@ -522,6 +567,22 @@ fn read_modules(path: &Path) -> Result<FileModules> {
             .insert(part.to_string(), tensor);
     }
     Ok(modules)
+}
+
+/// True when the safetensors file `path` holds LyCORIS modules (LoHa or LoKr factors, or
+/// lycoris' Tucker / DoRA tensors) rather than kohya `lora_down` / `lora_up` ones only.
+pub fn is_lycoris_file(path: &Path) -> Result<bool> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::bad_file(path, format!("not a safetensors file ({e})")))?;
+    let lycoris_part = |part: &str| {
+        part.starts_with("hada_")
+            || part.starts_with("lokr_")
+            || matches!(part, "dora_scale" | "lora_mid.weight")
+    };
+    Ok((header.tensors().keys())
+        .filter_map(|key| key.split_once('.'))
+        .any(|(_, part)| lycoris_part(part)))
 }
 
 /// A module from its tensors in a file, on `layer`; the dim is read where lycoris reads it.

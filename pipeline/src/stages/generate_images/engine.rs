@@ -14,7 +14,6 @@ use crate::models::text_encoders::{paddings, text_encoders_of, TextEncoders};
 use crate::models::unet::{self, sdxl_vector, Unet, SIZE_VALUES};
 use crate::models::vae::VaeDecoder;
 use crate::models::ModelFamily;
-use crate::networks::lora::LoraNetwork;
 use crate::text::tokenize::{
     tokenizer_source, ClipTokenizer, MaxTokenLength, TokenChunks, TokenizerSource, CHUNK_BODY,
     CHUNK_LEN,
@@ -150,7 +149,7 @@ impl Engine {
                 .map(|encoder| encoder as &mut dyn Adaptable)
                 .collect();
             models.push(&mut unet);
-            let report = LoraNetwork::merge_file(&mut Joined(models), path, *multiplier)?;
+            let report = crate::networks::merge_file(&mut Joined(models), path, *multiplier)?;
             if report.applied == 0 {
                 return Err(Error::bad_file(
                     path,

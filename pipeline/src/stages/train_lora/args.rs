@@ -88,7 +88,8 @@ pub struct TrainArgs {
     /// Repeats of the dataset per epoch.
     #[arg(long, default_value_t = 1)]
     pub dataset_repeats: usize,
-    /// networks.lora, or lycoris.kohya for a LyCORIS network (docs/lycoris.md).
+    /// networks.lora, networks.dylora for DyLoRA (docs/dylora.md), or lycoris.kohya for a LyCORIS
+    /// network (docs/lycoris.md).
     #[arg(long, default_value = "networks.lora")]
     pub network_module: String,
     /// LoRA rank (default 4).
@@ -102,7 +103,8 @@ pub struct TrainArgs {
     /// block_lr_zero_threshold, rank_dropout, module_dropout, loraplus_lr_ratio,
     /// loraplus_unet_lr_ratio (loraplus_text_encoder_lr_ratio is accepted; no text encoder is
     /// trained). With lycoris.kohya: algo=locon|loha|lokr, conv_dim, conv_alpha, factor,
-    /// decompose_both, rank_dropout, module_dropout.
+    /// decompose_both, rank_dropout, module_dropout. With networks.dylora: conv_dim (equal to
+    /// --network_dim), unit, the loraplus ratios.
     #[arg(long, num_args = 1..)]
     pub network_args: Vec<String>,
     /// Dropout probability of the LoRA hidden units while training (sd-scripts'
@@ -116,8 +118,9 @@ pub struct TrainArgs {
     /// Build the network from the --network_weights file's modules, ranks and alphas instead.
     #[arg(long)]
     pub dim_from_weights: bool,
-    /// LoRA files merged into the base UNet before training (their text-encoder modules are not:
-    /// the text-encoder caches come from cache-text-encoder).
+    /// LoRA files (kohya LoRA or DyLoRA, or LyCORIS LoCon/LoHa/LoKr) merged into the base UNet
+    /// before training (their text-encoder modules only when the text encoder runs live: cached
+    /// text-encoder outputs were made without them).
     #[arg(long, num_args = 1..)]
     pub base_weights: Vec<PathBuf>,
     /// Multiplier of each --base_weights file (default 1.0 each).

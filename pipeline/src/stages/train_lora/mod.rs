@@ -38,6 +38,7 @@ use crate::models::precision::{MixedPrecision, ModelPrecision};
 use crate::models::recompute;
 use crate::models::unet::{self, Unet};
 use crate::models::{Checkpoint, Component, ModelFamily};
+use crate::networks::dylora::DyloraNetwork;
 use crate::networks::lora::{BlockLayout, LoraNetwork};
 use crate::networks::lycoris::LycorisNetwork;
 use crate::networks::Network;
@@ -493,8 +494,17 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
     }
     if !(args.dim_from_weights && args.network_weights.is_some())
         && network_options.lycoris.is_none()
+        && network_options.dylora_unit.is_none()
     {
         check_network_fits(&mut unet, &network_options.lora, &optimizer_kind)?;
+    }
+    let two_text_encoders = (text.as_ref()).is_some_and(|t| t.encoder.encoders.encoders.len() > 1);
+    if network_options.dylora_unit.is_some() && two_text_encoders {
+        return Err(Error::Usage(
+            "networks.dylora names the modules of both SDXL text encoders lora_te_*, so they \
+             collide; train the UNet only (--network_train_unet_only) or use networks.lora"
+                .into(),
+        ));
     }
     let network = {
         // sd-scripts' network spans the text encoder(s) (first) and the UNet.
@@ -507,11 +517,37 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         }
         let mut models = Joined(models);
         merge_base_weights(args, &mut models, live)?;
-        match &network_options.lycoris {
-            Some(config) => Network::Lycoris(match &args.network_weights {
+        match (&network_options.lycoris, network_options.dylora_unit) {
+            (_, Some(unit)) => Network::Dylora(match &args.network_weights {
+                Some(path) if args.dim_from_weights => {
+                    let (network, unknown) = DyloraNetwork::load(&mut models, path, unit, &device)?;
+                    log_modules_loaded(path, "DyLoRA", network.modules.len(), &unknown);
+                    network
+                }
+                Some(path) => {
+                    let network = DyloraNetwork::create(
+                        &mut models,
+                        &network_options.lora,
+                        unit,
+                        plan.seed,
+                        &device,
+                    )?;
+                    let applied = network.load_weights(path, false)?;
+                    tracing::info!("{}: {applied} DyLoRA modules loaded", path.display());
+                    network
+                }
+                None => DyloraNetwork::create(
+                    &mut models,
+                    &network_options.lora,
+                    unit,
+                    plan.seed,
+                    &device,
+                )?,
+            }),
+            (Some(config), None) => Network::Lycoris(match &args.network_weights {
                 Some(path) if args.dim_from_weights => {
                     let (network, unknown) = LycorisNetwork::load(&mut models, path, 1.0, &device)?;
-                    log_lycoris_loaded(path, network.modules.len(), &unknown);
+                    log_modules_loaded(path, "LyCORIS", network.modules.len(), &unknown);
                     network
                 }
                 Some(path) => {
@@ -522,7 +558,7 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
                 }
                 None => LycorisNetwork::create(&mut models, config, plan.seed, &device)?,
             }),
-            None => {
+            (None, None) => {
                 let mut network = match &args.network_weights {
                     Some(path) if args.dim_from_weights => {
                         let (network, report) = LoraNetwork::load(&mut models, path, 1.0, &device)?;
@@ -574,6 +610,7 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
             .flat_map(|m| [(&m.down, &m.name, false), (&m.up, &m.name, true)])
             .map(|(var, name, is_up)| (var.clone(), name.as_str(), is_up))
             .collect(),
+        Network::Dylora(network) => network.named_vars(),
         Network::Lycoris(network) => (network.named_vars().into_iter())
             .map(|(name, var)| (var, name, false))
             .collect(),
@@ -695,7 +732,7 @@ fn load_unet(
 fn merge_base_weights(args: &TrainArgs, models: &mut Joined, live: bool) -> Result<()> {
     for (i, path) in args.base_weights.iter().enumerate() {
         let multiplier = args.base_weights_multiplier.get(i).copied().unwrap_or(1.0);
-        let report = LoraNetwork::merge_file(models, path, multiplier)?;
+        let report = crate::networks::merge_file(models, path, multiplier)?;
         tracing::info!(
             "{}: {} modules merged into the base model at {multiplier}",
             path.display(),
@@ -828,7 +865,7 @@ impl Training<'_> {
                     // check_args refuses --scale_weight_norms for LyCORIS networks.
                     Some(limit) => match self.network {
                         Network::Lora(network) => Some(network.apply_max_norm(limit)?),
-                        Network::Lycoris(_) => None,
+                        Network::Dylora(_) | Network::Lycoris(_) => None,
                     },
                     None => None,
                 };
@@ -1113,9 +1150,9 @@ fn finish(
     Ok(summary)
 }
 
-/// Reports what `--network_weights --dim_from_weights` loaded from a LyCORIS file.
-fn log_lycoris_loaded(path: &Path, loaded: usize, unknown: &[String]) {
-    tracing::info!("{}: {loaded} LyCORIS modules loaded", path.display());
+/// Reports what `--network_weights --dim_from_weights` loaded from a DyLoRA or LyCORIS file.
+fn log_modules_loaded(path: &Path, kind: &str, loaded: usize, unknown: &[String]) {
+    tracing::info!("{}: {loaded} {kind} modules loaded", path.display());
     if let Some(first) = unknown.first() {
         tracing::warn!(
             "{}: {} modules (e.g. {first}) have no layer in the trained models",
@@ -1376,20 +1413,22 @@ fn is_up_to_date(lora: &Path, training_key: &str) -> bool {
 }
 
 fn check_args(args: &TrainArgs) -> Result<()> {
-    let lycoris = args.network_module == network_args::LYCORIS_MODULE;
-    if args.network_module != "networks.lora" && !lycoris {
+    let module = args.network_module.as_str();
+    let known = [
+        "networks.lora",
+        network_args::DYLORA_MODULE,
+        network_args::LYCORIS_MODULE,
+    ];
+    if !known.contains(&module) {
         return Err(Error::Usage(format!(
-            "--network_module {}: not supported; networks.lora (LoRA, LoCon as C3Lier) and \
-             lycoris.kohya (algo=locon|loha|lokr) are",
-            args.network_module
+            "--network_module {module}: not supported; networks.lora (LoRA, LoCon as C3Lier), \
+             networks.dylora (DyLoRA) and lycoris.kohya (algo=locon|loha|lokr) are"
         )));
     }
-    if lycoris && args.scale_weight_norms.is_some() {
-        return Err(Error::Usage(
-            "--scale_weight_norms is not supported with lycoris.kohya; it works with \
-             networks.lora"
-                .into(),
-        ));
+    if module != "networks.lora" && args.scale_weight_norms.is_some() {
+        return Err(Error::Usage(format!(
+            "--scale_weight_norms is not supported with {module}; it works with networks.lora"
+        )));
     }
     if args.save_model_as != "safetensors" {
         return Err(Error::Usage(format!(

@@ -26,6 +26,9 @@ pub struct NetworkOptions {
     pub loraplus_text_encoder_ratio: Option<f64>,
     /// The LyCORIS network of `--network_module lycoris.kohya` (then `lora` is unused).
     pub lycoris: Option<LycorisConfig>,
+    /// `--network_module networks.dylora`: the ranks trained together (`unit`); `lora` then
+    /// holds the dim, the alpha and whether convolutions get modules.
+    pub dylora_unit: Option<usize>,
 }
 
 impl NetworkOptions {
@@ -48,7 +51,11 @@ impl NetworkOptions {
                 loraplus_ratio: None,
                 loraplus_text_encoder_ratio: None,
                 lycoris: Some(lycoris_config(args, given)?),
+                dylora_unit: None,
             });
+        }
+        if args.network_module == DYLORA_MODULE {
+            return dylora_options(args, given, layout);
         }
         let mut take = |key: &str| given.remove(key);
         let network_dim = args.network_dim.unwrap_or(4);
@@ -158,6 +165,7 @@ impl NetworkOptions {
             loraplus_ratio: unet_ratio.or(shared_ratio).filter(|&r| r != 0.0),
             loraplus_text_encoder_ratio: text_encoder_ratio.or(shared_ratio).filter(|&r| r != 0.0),
             lycoris: None,
+            dylora_unit: None,
         })
     }
 
@@ -180,6 +188,83 @@ impl NetworkOptions {
             _ => block,
         }
     }
+}
+
+/// The `--network_module` of sd-scripts' DyLoRA.
+pub const DYLORA_MODULE: &str = "networks.dylora";
+
+/// The options of `networks.dylora`, read as its `create_network` reads them: `conv_dim` (equal to
+/// the network dim) adds the convolutions, `unit` (default 1) and the LoRA+ ratios. Every module
+/// takes `--network_alpha`, so a `conv_alpha` other than it is refused (sd-scripts would ignore
+/// it), and so are the arguments and dropouts DyLoRA does not have.
+fn dylora_options(
+    args: &TrainArgs,
+    mut given: std::collections::BTreeMap<String, String>,
+    layout: BlockLayout,
+) -> Result<NetworkOptions> {
+    let mut take = |key: &str| given.remove(key);
+    let network_dim = args.network_dim.unwrap_or(4);
+    let network_alpha = args.network_alpha.map_or(Alpha::Int(1), Alpha::Float);
+    let conv_dim = take("conv_dim")
+        .map(|v| number::<usize>("conv_dim", &v))
+        .transpose()?;
+    if conv_dim.is_some_and(|dim| dim != network_dim) {
+        return Err(Error::Usage(format!(
+            "--network_args conv_dim: networks.dylora needs conv_dim equal to --network_dim              ({network_dim}), as sd-scripts asserts"
+        )));
+    }
+    if let Some(value) = take("conv_alpha") {
+        if number::<f64>("conv_alpha", &value)? != network_alpha.value() {
+            return Err(Error::Usage(format!(
+                "--network_args conv_alpha={value}: networks.dylora gives every module                  --network_alpha ({}) and ignores conv_alpha; leave it out or set --network_alpha",
+                network_alpha.value()
+            )));
+        }
+    }
+    let unit = take("unit")
+        .map(|v| number::<usize>("unit", &v))
+        .transpose()?
+        .unwrap_or(1);
+    if unit == 0 || network_dim % unit != 0 {
+        return Err(Error::Usage(format!(
+            "--network_args unit={unit}: must divide --network_dim ({network_dim})"
+        )));
+    }
+    let ratio =
+        |key: &str, value: Option<String>| value.map(|v| number::<f64>(key, &v)).transpose();
+    let shared_ratio = ratio("loraplus_lr_ratio", take("loraplus_lr_ratio"))?;
+    let unet_ratio = ratio("loraplus_unet_lr_ratio", take("loraplus_unet_lr_ratio"))?;
+    let text_encoder_ratio = ratio(
+        "loraplus_text_encoder_lr_ratio",
+        take("loraplus_text_encoder_lr_ratio"),
+    )?;
+    if let Some(key) = given.keys().next() {
+        return Err(Error::Usage(format!(
+            "--network_args {key}: not supported by networks.dylora (it reads conv_dim,              conv_alpha, unit and the loraplus ratios); networks.lora has the other arguments"
+        )));
+    }
+    if args.network_dropout.is_some_and(|p| p > 0.0) {
+        return Err(Error::Usage(
+            "--network_dropout: networks.dylora has no dropout (sd-scripts ignores it); leave it              out, or use networks.lora"
+                .into(),
+        ));
+    }
+    Ok(NetworkOptions {
+        lora: LoraConfig {
+            network_dim,
+            network_alpha,
+            conv_dim,
+            conv_alpha: network_alpha.value() as f32,
+            blocks: None,
+        },
+        dropout: DropoutRates::default(),
+        block_lr_weights: None,
+        layout,
+        loraplus_ratio: unet_ratio.or(shared_ratio).filter(|&r| r != 0.0),
+        loraplus_text_encoder_ratio: text_encoder_ratio.or(shared_ratio).filter(|&r| r != 0.0),
+        lycoris: None,
+        dylora_unit: Some(unit),
+    })
 }
 
 /// The `--network_module` of LyCORIS networks.

@@ -323,6 +323,15 @@ pub fn load(dir: &Path, network: &Network, optimizer: &mut Optimizer) -> Result<
                 }
             }
         }
+        Network::Dylora(network) => {
+            network.load_weights(&model_path, true).map_err(|e| {
+                Error::Usage(format!(
+                    "{} was saved for another DyLoRA network ({e}); resume with the \
+                     --network_dim / --network_alpha / --network_args it was saved with",
+                    dir.display()
+                ))
+            })?;
+        }
         Network::Lycoris(network) => {
             // The state's file names exactly this network's tensors.
             let keys: std::collections::BTreeSet<String> = (network.state_dict(None)?)
