@@ -22,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use crate::models::adapter::{Adaptable, LayerAdapter};
 use crate::models::frozen::FrozenKind;
 use crate::networks::lora::{
-    low_rank_branch, module_from_file, module_shapes, try_visit_layers, Alpha, LoraConfig,
+    module_from_file, module_shapes, try_visit_layers, unscaled_branch, Alpha, LoraConfig,
     LoraFile, LoraModule, LoraNetwork, NO_DROPOUT_STREAM,
 };
 use crate::{Error, Result};
@@ -106,7 +106,7 @@ impl DyloraModule {
         let up = gather(&self.up_columns, 1)?.reshape(self.up_shape.as_slice())?;
         let factor = trained.map_or(1.0, |b| (rank as f64 / (b + self.unit) as f64).sqrt());
         let scale = self.alpha.value() / rank as f64 * factor;
-        low_rank_branch(x, &down, &up, kind, &mut |hidden, _| Ok(hidden))?.affine(scale, 0.0)
+        unscaled_branch(x, &down, &up, kind, &mut |hidden, _| Ok(hidden))?.affine(scale, 0.0)
     }
 }
 

@@ -100,8 +100,7 @@ impl LayerAdapter for LoraModule {
         Box::new(self.clone())
     }
 
-    /// The LoRA branch `up(down(x)) * scale` for a layer of `kind`, or `None` when module
-    /// dropout skips it for this forward pass.
+    /// The plain branch when no dropout applies this forward pass (then the layer fuses it).
     fn low_rank_branch(&self) -> Option<LowRankBranch> {
         let drops = self
             .dropout
@@ -115,13 +114,15 @@ impl LayerAdapter for LoraModule {
         })
     }
 
+    /// The LoRA branch `up(down(x)) * scale` for a layer of `kind`, or `None` when module
+    /// dropout skips it for this forward pass.
     fn delta(&self, x: &Tensor, kind: FrozenKind) -> candle_core::Result<Option<Tensor>> {
         let mut draw = self.dropout.as_ref().and_then(BranchDropout::draw);
         if draw.as_mut().is_some_and(BranchDraw::skips_branch) {
             return Ok(None);
         }
         let mut extra_scale = 1.0;
-        let out = low_rank_branch(
+        let out = unscaled_branch(
             x,
             self.down.as_tensor(),
             self.up.as_tensor(),
@@ -142,7 +143,7 @@ impl LayerAdapter for LoraModule {
 /// The unscaled low-rank branch `up(down(x))` for a layer of `kind`, with `down` `[r, in(, k, k)]`
 /// and `up` `[out, r(, 1, 1)]` (cast to `x`'s dtype); `hidden` may change the down projection's
 /// output (ranks on the axis it is given, samples on axis 0) before the up projection.
-pub(crate) fn low_rank_branch(
+pub(crate) fn unscaled_branch(
     x: &Tensor,
     down: &Tensor,
     up: &Tensor,
