@@ -957,3 +957,81 @@ fn config_files_are_written_and_read_as_sd_scripts_does() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_torch_scheduler_class_runs_with_its_rates_and_refuses_a_warmup() {
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str], code: i32| {
+        let mut argv: Vec<std::ffi::OsString> = vec![
+            "--pretrained_model_name_or_path".into(),
+            model().into(),
+            "--in_json".into(),
+            data.path().join("meta_lat.json").into(),
+            "--train_data_dir".into(),
+            data.path().into(),
+            "--output_dir".into(),
+            out.path().into(),
+        ];
+        let fixed = [
+            "--output_name",
+            "sched",
+            "--max_train_steps",
+            "3",
+            "--learning_rate",
+            "1e-3",
+            "--network_train_unet_only",
+            "--quiet",
+        ];
+        argv.extend(fixed.iter().chain(extra).map(std::ffi::OsString::from));
+        let argv: Vec<&std::ffi::OsStr> = argv.iter().map(|a| a.as_os_str()).collect();
+        run_expect("train-lora", &argv, code)
+    };
+    // As corpus line 11 writes it (`--option=value`).
+    let stderr = run(
+        &[
+            "--lr_scheduler_type=CosineAnnealingLR",
+            "--lr_scheduler_args=T_max=4",
+            "--lr_warmup_steps",
+            "1",
+        ],
+        2,
+    );
+    assert!(
+        stderr.contains("--lr_warmup_steps: --lr_scheduler_type CosineAnnealingLR takes no warmup"),
+        "{stderr}"
+    );
+    run(
+        &[
+            "--lr_scheduler_type=torch.optim.lr_scheduler.CosineAnnealingLR",
+            "--lr_scheduler_args",
+            "T_max=4",
+            "eta_min=1e-5",
+        ],
+        0,
+    );
+    let file = LoraFile::read(&out.path().join("sched.safetensors")).unwrap();
+    assert_eq!(
+        file.metadata["ss_lr_scheduler"], "constant",
+        "as sd-scripts writes it"
+    );
+    let log = std::fs::read_to_string(out.path().join("sched_loss.jsonl")).unwrap();
+    let lrs: Vec<f64> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["lr"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(lrs.len(), 3);
+    for (s, lr) in lrs.iter().enumerate() {
+        let torch =
+            1e-5 + (1e-3 - 1e-5) * (1.0 + (std::f64::consts::PI * s as f64 / 4.0).cos()) / 2.0;
+        assert!(
+            (lr - torch).abs() <= 1e-6 * torch,
+            "step {s}: {lr} vs {torch}"
+        );
+    }
+}

@@ -157,11 +157,6 @@ pub const KOHYA_OPTIONS: &[KohyaOption] = &[
     option("resume_from_huggingface", Flag, Refuse(NO_NETWORK)),
     option("async_upload", Flag, Refuse(NO_NETWORK)),
     option(
-        "lr_scheduler_type",
-        One,
-        Refuse("custom Python scheduler classes cannot run here: use --lr_scheduler NAME"),
-    ),
-    option(
         "skip_until_initial_step",
         Flag,
         Refuse("to continue a run use --save_state and --resume, which restore its exact position"),

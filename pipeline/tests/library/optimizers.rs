@@ -132,7 +132,7 @@ fn run(golden: &mut Golden, case: &serde_json::Value) -> Run {
     let mut estimates = Vec::new();
     for (k, lr) in lrs.iter().enumerate().take(golden.steps()) {
         let grads = grads_of_step(golden, k);
-        optimizer.step(&grads, *lr).unwrap();
+        optimizer.step(&grads, *lr, 0.0).unwrap();
         params.push(optimizer.vars().iter().map(values).collect());
         own_lrs.extend(optimizer.own_lr());
         let state = optimizer.state_tensors().unwrap();
@@ -295,7 +295,9 @@ fn restored_states_continue_bit_for_bit() {
         let mut first = optimizer_for(&mut golden, &case);
         let half = golden.steps() / 2;
         for (k, lr) in lrs.iter().enumerate().take(half) {
-            first.step(&grads_of_step(&mut golden, k), *lr).unwrap();
+            first
+                .step(&grads_of_step(&mut golden, k), *lr, 0.0)
+                .unwrap();
         }
         let saved: HashMap<String, Tensor> = first.state_tensors().unwrap().into_iter().collect();
         let mut second = optimizer_for(&mut golden, &case);
@@ -305,7 +307,9 @@ fn restored_states_continue_bit_for_bit() {
         second.restore_state(&saved).unwrap();
         second.steps = first.steps.clone();
         for (k, lr) in lrs.iter().enumerate().take(golden.steps()).skip(half) {
-            second.step(&grads_of_step(&mut golden, k), *lr).unwrap();
+            second
+                .step(&grads_of_step(&mut golden, k), *lr, 0.0)
+                .unwrap();
         }
         for (j, var) in second.vars().iter().enumerate() {
             assert_eq!(

@@ -185,13 +185,151 @@ fn lr_schedulers_match_sd_scripts_step_by_step() {
         let scheduler = LrScheduler::new(name, params.clone()).unwrap();
         for (s, expected) in case["multipliers"].as_array().unwrap().iter().enumerate() {
             let expected = expected.as_f64().unwrap();
-            let ours = scheduler.multiplier(s);
+            let rate = scheduler.rate(s);
+            assert_eq!(rate.offset, 0.0, "{name}: a multiple of the group's rate");
+            let ours = rate.scale;
             assert!(
                 (ours - expected).abs() <= 1e-12 + 1e-9 * expected.abs(),
                 "{name} {params:?} step {s}: {ours} vs {expected}"
             );
         }
     }
+}
+
+#[test]
+fn torch_lr_scheduler_classes_match_torch_under_sd_scripts_step_by_step() {
+    let text = std::fs::read_to_string(fixtures().join("golden/lr_schedules.json")).unwrap();
+    let golden: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let total = golden["torch_max_train_steps"].as_u64().unwrap() as usize;
+    let initial: Vec<f64> = (golden["torch_group_lrs"].as_array().unwrap().iter())
+        .map(|lr| lr.as_f64().unwrap())
+        .collect();
+    let mut worst: f64 = 0.0;
+    let cases = golden["torch_cases"].as_array().unwrap();
+    assert!(cases.len() >= 16);
+    for case in cases {
+        let class = case["lr_scheduler_type"].as_str().unwrap();
+        let args: Vec<String> = (case["lr_scheduler_args"].as_array().unwrap().iter())
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect();
+        let scheduler = LrScheduler::torch(class, &args, total).unwrap();
+        let steps = case["group_lrs"].as_array().unwrap();
+        assert_eq!(steps.len(), total);
+        for (s, lrs) in steps.iter().enumerate() {
+            let rate = scheduler.rate(s);
+            for (group, expected) in lrs.as_array().unwrap().iter().enumerate() {
+                let expected = expected.as_f64().unwrap();
+                let ours = rate.of(initial[group]);
+                let error = (ours - expected).abs() / expected.abs().max(1e-12);
+                worst = worst.max(error);
+                assert!(
+                    error <= 1e-6,
+                    "{class} {args:?} step {s} group {group}: {ours} vs torch {expected}"
+                );
+            }
+        }
+    }
+    eprintln!("torch schedulers: worst relative error {worst:.2e}");
+}
+
+#[test]
+fn torch_lr_scheduler_classes_and_arguments_are_refused_by_name() {
+    let refusal = |class: &str, args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        LrScheduler::torch(class, &args, 30)
+            .unwrap_err()
+            .to_string()
+    };
+    let error = refusal("CosineAnnealing", &["T_max=30"]);
+    assert!(
+        error.contains("--lr_scheduler_type CosineAnnealing is not supported")
+            && error.contains("CosineAnnealingWarmRestarts, LinearLR")
+            && error.contains("--lr_scheduler NAME"),
+        "{error}"
+    );
+    let error = refusal("LambdaLR", &[]);
+    assert!(error.contains("Python function"), "{error}");
+    let error = refusal("transformers.optimization.AdafactorSchedule", &[]);
+    assert!(
+        error.contains("only torch.optim.lr_scheduler's classes"),
+        "{error}"
+    );
+    let error = refusal("CosineAnnealingLR", &["T_max=30", "eta=0.1"]);
+    assert!(
+        error.contains("--lr_scheduler_args eta: not an argument of CosineAnnealingLR")
+            && error.contains("takes T_max, eta_min, last_epoch, verbose"),
+        "{error}"
+    );
+    let error = refusal("CosineAnnealingLR", &[]);
+    assert!(
+        error.contains("CosineAnnealingLR needs T_max=") && error.contains("takes T_max, eta_min"),
+        "{error}"
+    );
+    let error = refusal("StepLR", &["step_size=7.5"]);
+    assert!(
+        error.contains("step_size=7.5: StepLR takes a whole number"),
+        "{error}"
+    );
+    let error = refusal("MultiStepLR", &["milestones=10"]);
+    assert!(error.contains("a list of step numbers"), "{error}");
+    let error = refusal("CosineAnnealingLR", &["T_max=30", "last_epoch=5"]);
+    assert!(error.contains("last_epoch=-1"), "{error}");
+    let error = refusal("OneCycleLR", &["max_lr=1e-3", "total_steps=30"]);
+    assert!(error.contains("cycle_momentum=False"), "{error}");
+    let error = refusal("OneCycleLR", &["max_lr=1e-3", "cycle_momentum=False"]);
+    assert!(error.contains("total_steps=N"), "{error}");
+    let error = refusal("LinearLR", &["start_factor=0"]);
+    assert!(error.contains("a number above 0 up to 1"), "{error}");
+    let error = refusal("ExponentialLR", &["gamma=0.9 0.8"]);
+    assert!(error.contains("not a Python literal"), "{error}");
+}
+
+#[test]
+fn torch_lr_scheduler_arguments_are_python_literals() {
+    let rates = |class: &str, args: &[&str]| -> Vec<f64> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let scheduler = LrScheduler::torch(class, &args, 12).unwrap();
+        (0..12).map(|s| scheduler.rate(s).of(1.0)).collect()
+    };
+    // A list, a tuple, a bare tuple, spaces: the same milestones.
+    let list = rates("MultiStepLR", &["milestones=[3, 6]", "gamma=0.5"]);
+    assert_eq!(
+        list,
+        rates("MultiStepLR", &["milestones=(3,6)", "gamma=5e-1"])
+    );
+    assert_eq!(list, rates("MultiStepLR", &["milestones=3,6", "gamma=.5"]));
+    assert_eq!(list[2..4], [1.0, 0.5]);
+    // The module path sd-scripts imports from, and ints where torch takes floats.
+    assert_eq!(
+        rates("CosineAnnealingLR", &["T_max=10", "eta_min=0"]),
+        rates(
+            "torch.optim.lr_scheduler.CosineAnnealingLR",
+            &["T_max=10.0"]
+        )
+    );
+    // Strings in either quote, True / False, and a later key=value replacing an earlier one.
+    let linear = rates(
+        "OneCycleLR",
+        &[
+            "max_lr=1",
+            "total_steps=12",
+            "cycle_momentum=False",
+            "anneal_strategy='linear'",
+        ],
+    );
+    let again = rates(
+        "OneCycleLR",
+        &[
+            "max_lr=2",
+            "max_lr=1",
+            "total_steps=12",
+            "cycle_momentum=False",
+            "three_phase=False",
+            "anneal_strategy=\"linear\"",
+        ],
+    );
+    assert_eq!(linear, again);
+    assert!((linear[0] - 1.0 / 25.0).abs() < 1e-15, "{linear:?}");
 }
 
 #[test]
@@ -301,7 +439,7 @@ fn gradients_reach_every_lora_tensor_and_never_the_frozen_weights() {
                 );
             }
         }
-        optimizer.step(&grads, 1e-3).unwrap();
+        optimizer.step(&grads, 1e-3, 0.0).unwrap();
     }
     let after: Vec<Vec<f32>> = frozen.iter().map(vec_f32).collect();
     assert!(before == after, "base weights changed");
@@ -696,7 +834,7 @@ fn training_on_one_batch_decreases_the_loss() {
         let loss = micro_batch_loss(&unet, &ctx, &batch, 0).unwrap();
         history.push(loss.to_scalar::<f32>().unwrap());
         let grads = collect_grads(&loss.backward().unwrap(), &vars);
-        optimizer.step(&grads, 1e-2).unwrap();
+        optimizer.step(&grads, 1e-2, 0.0).unwrap();
     }
     assert!(
         history[7] < history[0] * 0.98,

@@ -304,7 +304,14 @@ pub struct TrainArgs {
     /// Final LR ratio of cosine_with_min_lr (required) and warmup_stable_decay (default 0).
     #[arg(long)]
     pub lr_scheduler_min_lr_ratio: Option<f64>,
-    /// Scheduler arguments key=value: step_rules="1:100,0.1:200,0.01" of piecewise_constant.
+    /// A torch.optim.lr_scheduler class instead of --lr_scheduler (bare or with its module):
+    /// CosineAnnealingLR, CosineAnnealingWarmRestarts, LinearLR, StepLR, MultiStepLR,
+    /// ExponentialLR, ConstantLR, PolynomialLR, OneCycleLR (with cycle_momentum=False).
+    #[arg(long, default_value = "")]
+    pub lr_scheduler_type: String,
+    /// Scheduler arguments key=value, each value a Python literal: the class's arguments with
+    /// --lr_scheduler_type (T_max=30, milestones=[10,20]), or step_rules="1:100,0.1:200,0.01"
+    /// of piecewise_constant.
     #[arg(long, num_args = 1..)]
     pub lr_scheduler_args: Vec<String>,
     /// Power of the polynomial scheduler.

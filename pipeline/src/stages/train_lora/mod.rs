@@ -629,20 +629,46 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
     optimizer_kind.check_learning_rates(&group_lrs)?;
     let optimizer = Optimizer::new(optimizer_kind.clone(), vars, lr_factors)?;
     let warmup = lr::resolve_steps("--lr_warmup_steps", &args.lr_warmup_steps, plan.total_steps)?;
-    let scheduler = LrScheduler::new(
-        optimizer_kind.scheduler_name(&args.lr_scheduler, warmup)?,
-        ScheduleParams {
-            total: plan.total_steps,
-            warmup,
-            decay: lr::resolve_steps("--lr_decay_steps", &args.lr_decay_steps, plan.total_steps)?,
-            base_lr: plan.lr,
-            cycles: args.lr_scheduler_num_cycles,
-            power: args.lr_scheduler_power,
-            timescale: args.lr_scheduler_timescale,
-            min_lr_ratio: args.lr_scheduler_min_lr_ratio,
-            scheduler_args: args.lr_scheduler_args.clone(),
-        },
-    )?;
+    let requested = match args.lr_scheduler_type.as_str() {
+        "" => args.lr_scheduler.as_str(),
+        class => class,
+    };
+    let replaced = optimizer_kind.replaces_scheduler(requested, warmup)?;
+    let scheduler = if args.lr_scheduler_type.is_empty() || replaced {
+        if !args.lr_scheduler_type.is_empty() {
+            // Checked all the same, so that a mistake is not found only with another optimizer.
+            LrScheduler::torch(requested, &args.lr_scheduler_args, 1)?;
+        }
+        LrScheduler::new(
+            if replaced { "constant" } else { requested },
+            ScheduleParams {
+                total: plan.total_steps,
+                warmup,
+                decay: lr::resolve_steps(
+                    "--lr_decay_steps",
+                    &args.lr_decay_steps,
+                    plan.total_steps,
+                )?,
+                base_lr: plan.lr,
+                cycles: args.lr_scheduler_num_cycles,
+                power: args.lr_scheduler_power,
+                timescale: args.lr_scheduler_timescale,
+                min_lr_ratio: args.lr_scheduler_min_lr_ratio,
+                scheduler_args: match args.lr_scheduler_type.is_empty() {
+                    true => args.lr_scheduler_args.clone(),
+                    false => Vec::new(),
+                },
+            },
+        )?
+    } else {
+        if warmup > 0 {
+            return Err(Error::Usage(format!(
+                "--lr_warmup_steps: --lr_scheduler_type {requested} takes no warmup (sd-scripts \
+                 refuses it too); drop it, or warm up with --lr_scheduler_type LinearLR"
+            )));
+        }
+        LrScheduler::torch(requested, &args.lr_scheduler_args, plan.total_steps)?
+    };
     Ok(Some(Setup {
         device,
         dtype: precision.compute,
@@ -854,11 +880,12 @@ impl Training<'_> {
                 group_losses.push(loss);
                 at.loss_average.record(epoch, bi, loss);
                 let closes_group = (bi + 1) % accum == 0 || bi + 1 == batches.len();
-                let mut lr = self.plan.lr * self.scheduler.multiplier(at.global_step);
+                let rate = self.scheduler.rate(at.global_step);
+                let mut lr = rate.of(self.plan.lr);
                 if closes_group {
                     let mut grads = summed.take().expect("gradients of this group");
                     optim::clip_grad_norm(&mut grads, self.args.max_grad_norm)?;
-                    optimizer.step(&grads, lr)?;
+                    optimizer.step(&grads, self.plan.lr * rate.scale, rate.offset)?;
                     lr = optimizer.own_lr().unwrap_or(lr);
                 }
                 let max_norm = match self.args.scale_weight_norms {

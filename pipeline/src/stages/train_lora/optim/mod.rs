@@ -158,16 +158,17 @@ pub fn optimizer_name(optimizer_type: &str, use_8bit_adam: bool, use_lion: bool)
     }
 }
 
-/// `--optimizer_args` as sd-scripts reads them: `key=value`, the value a Python literal.
-pub fn parse_kwargs(args: &[String]) -> Result<Vec<(String, Literal)>> {
+/// `--optimizer_args` / `--lr_scheduler_args` (named by `flag`) as sd-scripts reads them:
+/// `key=value`, the value a Python literal.
+pub fn parse_kwargs(flag: &str, args: &[String]) -> Result<Vec<(String, Literal)>> {
     let mut kwargs: Vec<(String, Literal)> = Vec::new();
     for arg in args {
         let (key, value) = arg
             .split_once('=')
-            .ok_or_else(|| Error::Usage(format!("--optimizer_args {arg:?}: expected key=value")))?;
+            .ok_or_else(|| Error::Usage(format!("{flag} {arg:?}: expected key=value")))?;
         let value = Literal::parse(value).map_err(|e| {
             Error::Usage(format!(
-                "--optimizer_args {arg:?}: the value is not a Python literal ({e})"
+                "{flag} {arg:?}: the value is not a Python literal ({e})"
             ))
         })?;
         let key = key.trim().to_string();
@@ -179,25 +180,28 @@ pub fn parse_kwargs(args: &[String]) -> Result<Vec<(String, Literal)>> {
     Ok(kwargs)
 }
 
-/// Reads typed values out of the keyword arguments of one optimizer.
-struct Kwargs<'a> {
-    optimizer: &'a str,
-    given: &'a [(String, Literal)],
+/// Reads typed values out of the keyword arguments of one optimizer or scheduler class.
+pub(crate) struct Kwargs<'a> {
+    /// The option they came from (`--optimizer_args`).
+    pub flag: &'a str,
+    /// The class that takes them.
+    pub owner: &'a str,
+    pub given: &'a [(String, Literal)],
 }
 
 impl Kwargs<'_> {
-    fn get(&self, key: &str) -> Option<&Literal> {
+    pub fn get(&self, key: &str) -> Option<&Literal> {
         self.given.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
-    fn bad(&self, key: &str, value: &Literal, wanted: &str) -> Error {
+    pub fn bad(&self, key: &str, value: &Literal, wanted: &str) -> Error {
         Error::Usage(format!(
-            "--optimizer_args {key}={value}: {} takes {wanted} for {key}",
-            self.optimizer
+            "{} {key}={value}: {} takes {wanted} for {key}",
+            self.flag, self.owner
         ))
     }
 
-    fn number(&self, key: &str, default: f64) -> Result<f64> {
+    pub fn number(&self, key: &str, default: f64) -> Result<f64> {
         match self.get(key) {
             None => Ok(default),
             Some(v) => v.as_f64().ok_or_else(|| self.bad(key, v, "a number")),
@@ -205,7 +209,7 @@ impl Kwargs<'_> {
     }
 
     /// A number that must lie in `range`.
-    fn number_in(&self, key: &str, default: f64, range: std::ops::Range<f64>) -> Result<f64> {
+    pub fn number_in(&self, key: &str, default: f64, range: std::ops::Range<f64>) -> Result<f64> {
         let value = self.number(key, default)?;
         if range.contains(&value) {
             Ok(value)
@@ -218,7 +222,7 @@ impl Kwargs<'_> {
         }
     }
 
-    fn optional_number(&self, key: &str) -> Result<Option<f64>> {
+    pub fn optional_number(&self, key: &str) -> Result<Option<f64>> {
         match self.get(key) {
             None | Some(Literal::None) => Ok(None),
             Some(v) => v
@@ -228,7 +232,7 @@ impl Kwargs<'_> {
         }
     }
 
-    fn flag(&self, key: &str, default: bool) -> Result<bool> {
+    pub fn flag(&self, key: &str, default: bool) -> Result<bool> {
         match self.get(key) {
             None => Ok(default),
             Some(v @ (Literal::Bool(_) | Literal::Int(_) | Literal::None)) => Ok(v.truthy()),
@@ -279,14 +283,14 @@ impl Kwargs<'_> {
     }
 
     /// A value that only has one setting here (`amsgrad=False`): anything else is refused.
-    fn only(&self, key: &str, allowed: &Literal, why: &str) -> Result<()> {
+    pub fn only(&self, key: &str, allowed: &Literal, why: &str) -> Result<()> {
         match self.get(key) {
             Some(v)
                 if v != allowed && !(v.as_f64().is_some() && v.as_f64() == allowed.as_f64()) =>
             {
                 Err(Error::Usage(format!(
-                    "--optimizer_args {key}={v}: {why}; {} here takes only {key}={allowed}",
-                    self.optimizer
+                    "{} {key}={v}: {why}; {} here takes only {key}={allowed}",
+                    self.flag, self.owner
                 )))
             }
             _ => Ok(()),
@@ -298,7 +302,7 @@ impl OptimizerKind {
     /// Parses `--optimizer_type` (case-insensitive, empty = AdamW) and `--optimizer_args`,
     /// refusing keys the optimizer does not take with the list of those it does.
     pub fn parse(name: &str, args: &[String]) -> Result<Self> {
-        let mut kwargs = parse_kwargs(args)?;
+        let mut kwargs = parse_kwargs("--optimizer_args", args)?;
         let lower = if name.is_empty() {
             "adamw".to_string()
         } else {
@@ -392,7 +396,8 @@ impl OptimizerKind {
             )));
         }
         let read = Kwargs {
-            optimizer: class,
+            flag: "--optimizer_args",
+            owner: class,
             given: &kwargs,
         };
         let weight_decay = |default| read.number_in("weight_decay", default, 0.0..f64::INFINITY);
@@ -562,21 +567,18 @@ impl OptimizerKind {
         matches!(&self.algorithm, Algorithm::Adafactor(config) if config.relative_step)
     }
 
-    /// The `--lr_scheduler` to build. Where the optimizer sets its own learning rate,
-    /// sd-scripts replaces any scheduler by `adafactor:<lr>` (a constant the optimizer ignores)
-    /// and refuses a warmup; `adafactor` with any other optimizer is refused, as there. A
-    /// schedule-free optimizer keeps the learning rate constant (sd-scripts' dummy scheduler);
-    /// a warmup there is refused in favour of the optimizer's own `warmup_steps`.
-    pub fn scheduler_name<'a>(
-        &self,
-        lr_scheduler: &'a str,
-        warmup_steps: usize,
-    ) -> Result<&'a str> {
+    /// Whether the optimizer replaces the `requested` scheduler (`--lr_scheduler` or
+    /// `--lr_scheduler_type`) by a constant rate. Where the optimizer sets its own learning
+    /// rate, sd-scripts replaces any scheduler by `adafactor:<lr>` (a constant the optimizer
+    /// ignores) and refuses a warmup; `adafactor` with any other optimizer is refused, as there.
+    /// A schedule-free optimizer keeps the learning rate constant (sd-scripts' dummy
+    /// scheduler); a warmup there is refused in favour of the optimizer's own `warmup_steps`.
+    pub fn replaces_scheduler(&self, requested: &str, warmup_steps: usize) -> Result<bool> {
         if self.sets_own_lr() {
-            if lr_scheduler != "adafactor" {
+            if requested != "adafactor" {
                 tracing::info!(
                     "Adafactor with relative_step=True sets its own learning rate: \
-                     --lr_scheduler {lr_scheduler} is replaced by adafactor, as in sd-scripts"
+                     {requested} is replaced by adafactor, as in sd-scripts"
                 );
             }
             if warmup_steps > 0 {
@@ -586,7 +588,7 @@ impl OptimizerKind {
                         .into(),
                 ));
             }
-            return Ok("constant");
+            return Ok(true);
         }
         if matches!(self.algorithm, Algorithm::ScheduleFree(_)) {
             if warmup_steps > 0 {
@@ -597,21 +599,21 @@ impl OptimizerKind {
                         .into(),
                 ));
             }
-            if lr_scheduler != "constant" {
+            if requested != "constant" {
                 tracing::warn!(
-                    "a schedule-free optimizer keeps --learning_rate: --lr_scheduler \
-                     {lr_scheduler} is not applied, as in sd-scripts"
+                    "a schedule-free optimizer keeps --learning_rate: the scheduler \
+                     {requested} is not applied, as in sd-scripts"
                 );
             }
-            return Ok("constant");
+            return Ok(true);
         }
-        if lr_scheduler.starts_with("adafactor") {
+        if requested.starts_with("adafactor") {
             return Err(Error::Usage(format!(
-                "--lr_scheduler {lr_scheduler} goes only with --optimizer_type Adafactor and \
+                "--lr_scheduler {requested} goes only with --optimizer_type Adafactor and \
                  relative_step=True (its default); choose another scheduler"
             )));
         }
-        Ok(lr_scheduler)
+        Ok(false)
     }
 
     /// Bytes of optimizer state for a tensor of `len` values.
@@ -744,20 +746,22 @@ impl Optimizer {
         &self.vars
     }
 
-    /// Applies one update with base learning rate `lr` (times each variable's factor) and the
-    /// (already clipped) gradients; a variable without a gradient is left as it is.
-    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+    /// Applies one update with the (already clipped) gradients, each variable at learning rate
+    /// `lr` × its factor + `offset` (the part of a torch scheduler's rate that is not a multiple
+    /// of the group's own, see [`crate::stages::train_lora::lr::GroupRate`]); a variable without
+    /// a gradient is left as it is.
+    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64, offset: f64) -> Result<()> {
         if let Algorithm::DAdapt(config) = &self.kind.algorithm {
-            return self.estimating_step(*config, grads, lr);
+            return self.estimating_step(*config, grads, lr, offset);
         }
         if let Algorithm::ScheduleFree(config) = &self.kind.algorithm {
-            return self.schedule_free_step(*config, grads, lr);
+            return self.schedule_free_step(*config, grads, lr, offset);
         }
         for (i, (var, grad)) in self.vars.iter().zip(grads).enumerate() {
             let Some(grad) = grad else { continue };
             self.steps[i] += 1;
             let step = self.steps[i];
-            let lr = lr * self.lr_factors[i];
+            let lr = lr * self.lr_factors[i] + offset;
             let param = var.as_tensor();
             match (&self.kind.algorithm, &mut self.states[i]) {
                 (algorithm, VarState::Tensors(moments)) => {
@@ -791,6 +795,7 @@ impl Optimizer {
         config: schedulefree::Config,
         grads: &[Option<Tensor>],
         lr: f64,
+        offset: f64,
     ) -> Result<()> {
         for (i, grad) in grads.iter().enumerate() {
             let VarState::ScheduleFree(state) = &mut self.states[i] else {
@@ -803,7 +808,7 @@ impl Optimizer {
                 &config,
                 &mut values,
                 grad.as_deref(),
-                lr * self.lr_factors[i],
+                lr * self.lr_factors[i] + offset,
             );
             if grad.is_some() {
                 self.steps[i] += 1;
@@ -841,6 +846,7 @@ impl Optimizer {
         config: dadapt::Config,
         grads: &[Option<Tensor>],
         lr: f64,
+        offset: f64,
     ) -> Result<()> {
         let mut values: Vec<(usize, Vec<f32>, Vec<f32>)> = Vec::new();
         for (i, (var, grad)) in self.vars.iter().zip(grads).enumerate() {
@@ -860,7 +866,7 @@ impl Optimizer {
                 param: param.as_mut_slice(),
                 grad: std::mem::take(grad),
                 state: states[*i].take().expect("a DAdapt state per variable"),
-                lr: lr * self.lr_factors[*i],
+                lr: lr * self.lr_factors[*i] + offset,
                 updates: self.steps[*i],
             });
         }
@@ -1140,21 +1146,24 @@ mod tests {
             kind.description(),
             "transformers.optimization.Adafactor(relative_step=True)"
         );
-        assert_eq!(kind.scheduler_name("cosine", 0).unwrap(), "constant");
-        assert!(kind.scheduler_name("constant", 5).is_err());
+        assert!(kind.replaces_scheduler("cosine", 0).unwrap());
+        assert!(kind.replaces_scheduler("constant", 5).is_err());
         let kind = parse("Adafactor", &["relative_step=False", "warmup_init=True"]).unwrap();
         assert!(kind.sets_own_lr(), "warmup_init forces relative_step on");
         let kind = parse("Adafactor", &["relative_step=False"]).unwrap();
         assert!(!kind.sets_own_lr());
-        assert!(kind.scheduler_name("adafactor", 0).is_err());
-        assert_eq!(kind.scheduler_name("cosine", 3).unwrap(), "cosine");
+        assert!(kind.replaces_scheduler("adafactor", 0).is_err());
+        assert!(!kind.replaces_scheduler("cosine", 3).unwrap());
     }
 
     #[test]
     fn schedule_free_optimizers_keep_the_learning_rate_and_refuse_a_warmup() {
         let kind = parse("SGDScheduleFree", &["warmup_steps=3"]).unwrap();
-        assert_eq!(kind.scheduler_name("cosine", 0).unwrap(), "constant");
-        let error = kind.scheduler_name("constant", 5).unwrap_err().to_string();
+        assert!(kind.replaces_scheduler("cosine", 0).unwrap());
+        let error = kind
+            .replaces_scheduler("constant", 5)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("warmup_steps=N"), "{error}");
         let error = parse("RAdamScheduleFree", &["warmup_steps=3"])
             .unwrap_err()

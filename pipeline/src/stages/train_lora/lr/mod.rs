@@ -1,10 +1,37 @@
 //! Learning-rate schedulers (`--lr_scheduler`, docs/kohya-compat.md#learning-rate-schedulers): the
 //! multiplier of each parameter group's learning rate after `s` optimizer steps, as sd-scripts
-//! builds them from transformers and diffusers.
+//! builds them from transformers and diffusers; and torch's own classes by
+//! `--lr_scheduler_type` ([`torch`]).
+
+pub mod torch;
 
 use std::f64::consts::PI;
 
 use crate::{Error, Result};
+use torch::TorchScheduler;
+
+/// A parameter group's learning rate at one step: `scale` × the group's initial rate +
+/// `offset` (torch's `eta_min` and `OneCycleLR` give rates that are not multiples of it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupRate {
+    pub scale: f64,
+    pub offset: f64,
+}
+
+impl GroupRate {
+    /// The rate of a group that starts at `initial`.
+    pub fn of(&self, initial: f64) -> f64 {
+        self.scale * initial + self.offset
+    }
+
+    /// This rate multiplied by `factor`.
+    fn times(self, factor: f64) -> Self {
+        Self {
+            scale: self.scale * factor,
+            offset: self.offset * factor,
+        }
+    }
+}
 
 /// Everything a schedule depends on besides its name.
 #[derive(Debug, Clone, Default)]
@@ -46,9 +73,20 @@ enum Shape {
 
 /// A learning-rate scheduler.
 #[derive(Debug, Clone)]
-pub struct LrScheduler {
-    shape: Shape,
-    params: ScheduleParams,
+pub struct LrScheduler(Rule);
+
+#[derive(Debug, Clone)]
+enum Rule {
+    /// `--lr_scheduler NAME`: a multiplier of every group's rate.
+    Named {
+        shape: Shape,
+        params: ScheduleParams,
+    },
+    /// `--lr_scheduler_type Class`, with its rates for each step of the run worked out once.
+    Torch {
+        scheduler: TorchScheduler,
+        rates: Vec<GroupRate>,
+    },
 }
 
 /// Scheduler names accepted by `--lr_scheduler`.
@@ -117,59 +155,80 @@ impl LrScheduler {
                 params.warmup, params.decay, params.total
             )));
         }
-        Ok(Self { shape, params })
+        Ok(Self(Rule::Named { shape, params }))
     }
 
-    /// LR multiplier at scheduler step `s` (0-based count of completed optimizer steps).
-    pub fn multiplier(&self, s: usize) -> f64 {
-        let p = &self.params;
-        let (s_f, w, t) = (s as f64, p.warmup as f64, p.total as f64);
-        let warming = s < p.warmup;
-        let ramp = s_f / w.max(1.0);
-        let progress = (s_f - w) / (t - w).max(1.0);
-        let half_cosine = |x: f64| 0.5 * (1.0 + (PI * x).cos());
-        match &self.shape {
-            Shape::Constant => 1.0,
-            Shape::PiecewiseConstant { rules, last } => rules
-                .iter()
-                .find(|(until, _)| s < *until)
-                .map_or(*last, |(_, value)| *value),
-            _ if warming => match self.shape {
-                Shape::WarmupStableDecay { min_ratio } => min_ratio + (1.0 - min_ratio) * ramp,
-                _ => ramp,
+    /// Builds `--lr_scheduler_type class` with `--lr_scheduler_args` for a run of `total`
+    /// optimizer steps (see [`TorchScheduler::parse`]).
+    pub fn torch(class: &str, args: &[String], total: usize) -> Result<Self> {
+        let scheduler = TorchScheduler::parse(class, args)?;
+        let rates = scheduler.trajectory(total + 1);
+        Ok(Self(Rule::Torch { scheduler, rates }))
+    }
+
+    /// Each group's rate at scheduler step `s` (0-based count of completed optimizer steps).
+    pub fn rate(&self, s: usize) -> GroupRate {
+        match &self.0 {
+            Rule::Named { shape, params } => GroupRate {
+                scale: multiplier(shape, params, s),
+                offset: 0.0,
             },
-            Shape::ConstantWithWarmup => 1.0,
-            Shape::Linear => ((t - s_f) / (t - w).max(1.0)).max(0.0),
-            Shape::Cosine => half_cosine(progress).max(0.0),
-            Shape::CosineWithRestarts => {
-                if progress >= 1.0 {
-                    0.0
-                } else {
-                    half_cosine((p.cycles * progress) % 1.0).max(0.0)
-                }
+            Rule::Torch { scheduler, rates } => match rates.get(s) {
+                Some(rate) => *rate,
+                None => scheduler.trajectory(s + 1)[s],
+            },
+        }
+    }
+}
+
+/// The multiplier of a named schedule at scheduler step `s`.
+fn multiplier(shape: &Shape, p: &ScheduleParams, s: usize) -> f64 {
+    let (s_f, w, t) = (s as f64, p.warmup as f64, p.total as f64);
+    let warming = s < p.warmup;
+    let ramp = s_f / w.max(1.0);
+    let progress = (s_f - w) / (t - w).max(1.0);
+    let half_cosine = |x: f64| 0.5 * (1.0 + (PI * x).cos());
+    match shape {
+        Shape::Constant => 1.0,
+        Shape::PiecewiseConstant { rules, last } => rules
+            .iter()
+            .find(|(until, _)| s < *until)
+            .map_or(*last, |(_, value)| *value),
+        _ if warming => match *shape {
+            Shape::WarmupStableDecay { min_ratio } => min_ratio + (1.0 - min_ratio) * ramp,
+            _ => ramp,
+        },
+        Shape::ConstantWithWarmup => 1.0,
+        Shape::Linear => ((t - s_f) / (t - w).max(1.0)).max(0.0),
+        Shape::Cosine => half_cosine(progress).max(0.0),
+        Shape::CosineWithRestarts => {
+            if progress >= 1.0 {
+                0.0
+            } else {
+                half_cosine((p.cycles * progress) % 1.0).max(0.0)
             }
-            Shape::Polynomial => {
-                let end = 1e-7;
-                if s > p.total {
-                    end / p.base_lr
-                } else {
-                    ((p.base_lr - end) * (1.0 - progress).powf(p.power) + end) / p.base_lr
-                }
+        }
+        Shape::Polynomial => {
+            let end = 1e-7;
+            if s > p.total {
+                end / p.base_lr
+            } else {
+                ((p.base_lr - end) * (1.0 - progress).powf(p.power) + end) / p.base_lr
             }
-            Shape::InverseSqrt { timescale } => 1.0 / ((s_f + timescale - w) / timescale).sqrt(),
-            Shape::CosineWithMinLr { min_ratio } => {
-                (half_cosine(p.cycles * progress) * (1.0 - min_ratio) + min_ratio).max(0.0)
-            }
-            Shape::WarmupStableDecay { min_ratio } => {
-                let stable = p.total - p.warmup - p.decay;
-                if s < p.warmup + stable {
-                    1.0
-                } else if s < p.total {
-                    let into_decay = (s - p.warmup - stable) as f64 / (p.decay as f64).max(1.0);
-                    (half_cosine(p.cycles * into_decay) * (1.0 - min_ratio) + min_ratio).max(0.0)
-                } else {
-                    *min_ratio
-                }
+        }
+        Shape::InverseSqrt { timescale } => 1.0 / ((s_f + timescale - w) / timescale).sqrt(),
+        Shape::CosineWithMinLr { min_ratio } => {
+            (half_cosine(p.cycles * progress) * (1.0 - min_ratio) + min_ratio).max(0.0)
+        }
+        Shape::WarmupStableDecay { min_ratio } => {
+            let stable = p.total - p.warmup - p.decay;
+            if s < p.warmup + stable {
+                1.0
+            } else if s < p.total {
+                let into_decay = (s - p.warmup - stable) as f64 / (p.decay as f64).max(1.0);
+                (half_cosine(p.cycles * into_decay) * (1.0 - min_ratio) + min_ratio).max(0.0)
+            } else {
+                *min_ratio
             }
         }
     }
