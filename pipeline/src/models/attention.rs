@@ -121,6 +121,36 @@ impl TokenMajor {
     }
 }
 
+/// The token-major layouts of one call's q, k, v and output, and the head-major sizes of the
+/// kernel between split and merge.
+struct CallLayouts {
+    q: TokenMajor,
+    k: TokenMajor,
+    v: TokenMajor,
+    out: TokenMajor,
+    sizes: Sizes,
+}
+
+impl CallLayouts {
+    fn of(heads: usize, q: &Shape, k: &Shape, v: &Shape) -> candle_core::Result<Self> {
+        let q = TokenMajor::of(q, heads)?;
+        let k = TokenMajor::of(k, heads)?;
+        let v = TokenMajor::of(v, heads)?;
+        let sizes = Sizes::of(&q.head_major(), &k.head_major(), &v.head_major())?;
+        let out = TokenMajor {
+            depth: v.depth,
+            ..q
+        };
+        Ok(CallLayouts {
+            q,
+            k,
+            v,
+            out,
+            sizes,
+        })
+    }
+}
+
 impl CustomOp3 for TokenMajorAttention {
     fn name(&self) -> &'static str {
         "token-major-attention"
@@ -142,25 +172,19 @@ impl CustomOp3 for TokenMajorAttention {
         ) else {
             candle_core::bail!("attention: expected contiguous f32 inputs")
         };
-        let q_layout = TokenMajor::of(l1.shape(), self.heads)?;
-        let k_layout = TokenMajor::of(l2.shape(), self.heads)?;
-        let v_layout = TokenMajor::of(l3.shape(), self.heads)?;
-        let sizes = Sizes::of(
-            &q_layout.head_major(),
-            &k_layout.head_major(),
-            &v_layout.head_major(),
-        )?;
+        let layouts = CallLayouts::of(self.heads, l1.shape(), l2.shape(), l3.shape())?;
         let out = self.inner.forward_f32(
-            &q_layout.split(q),
-            &k_layout.split(k),
-            &v_layout.split(v),
-            sizes,
+            &layouts.q.split(q),
+            &layouts.k.split(k),
+            &layouts.v.split(v),
+            layouts.sizes,
         );
-        let out_layout = TokenMajor {
-            depth: v_layout.depth,
-            ..q_layout
-        };
-        let shape = Shape::from((q_layout.batch, q_layout.tokens, self.heads * v_layout.depth));
+        let out_layout = layouts.out;
+        let shape = Shape::from((
+            out_layout.batch,
+            out_layout.tokens,
+            out_layout.heads * out_layout.depth,
+        ));
         Ok((CpuStorage::F32(out_layout.merge(&out)), shape))
     }
 
@@ -172,48 +196,35 @@ impl CustomOp3 for TokenMajorAttention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [q_layout, k_layout, v_layout] = [
-            TokenMajor::of(q.shape(), self.heads)?,
-            TokenMajor::of(k.shape(), self.heads)?,
-            TokenMajor::of(v.shape(), self.heads)?,
-        ];
-        let out_layout = TokenMajor {
-            depth: v_layout.depth,
-            ..q_layout
-        };
+        let layouts = CallLayouts::of(self.heads, q.shape(), k.shape(), v.shape())?;
         let values = |t: &Tensor| {
             f32_vec(&t.detach()).ok_or_else(|| {
                 candle_core::Error::Msg("attention: expected f32 CPU tensors".into())
             })
         };
-        let sizes = Sizes::of(
-            &q_layout.head_major(),
-            &k_layout.head_major(),
-            &v_layout.head_major(),
-        )?;
         let (grad_q, grad_k, grad_v) = self.inner.backward_f32(
             (
-                &q_layout.split(&values(q)?),
-                &k_layout.split(&values(k)?),
-                &v_layout.split(&values(v)?),
+                &layouts.q.split(&values(q)?),
+                &layouts.k.split(&values(k)?),
+                &layouts.v.split(&values(v)?),
             ),
-            &out_layout.split(&values(grad)?),
-            sizes,
+            &layouts.out.split(&values(grad)?),
+            layouts.sizes,
         );
         let device = q.device();
         Ok((
             Some(Tensor::from_vec(
-                q_layout.merge(&grad_q),
+                layouts.q.merge(&grad_q),
                 q.shape(),
                 device,
             )?),
             Some(Tensor::from_vec(
-                k_layout.merge(&grad_k),
+                layouts.k.merge(&grad_k),
                 k.shape(),
                 device,
             )?),
             Some(Tensor::from_vec(
-                v_layout.merge(&grad_v),
+                layouts.v.merge(&grad_v),
                 v.shape(),
                 device,
             )?),
