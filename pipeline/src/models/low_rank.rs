@@ -413,6 +413,27 @@ mod tests {
     use crate::models::frozen::{FrozenKind, FrozenOp};
     use candle_core::{Device, Var};
 
+    /// `fused` equals `reference` within 1e-5, and so do the gradients of a weighted sum of
+    /// each with respect to its input (`x` for `fused`, `reference_x` for `reference`) and the
+    /// shared factors.
+    fn assert_same_values_and_gradients(
+        case: &str,
+        fused: &Tensor,
+        reference: &Tensor,
+        [x, reference_x, down, up]: [&Var; 4],
+    ) {
+        assert_eq!(fused.dims(), reference.dims(), "{case}");
+        let off = relative_difference(fused, reference);
+        assert!(off < 1e-5, "{case}: output {off}");
+        let loss_weights = Tensor::randn(0f32, 1.0, fused.shape(), fused.device()).unwrap();
+        let ours = weighted_sum_gradients(fused, &loss_weights, [x, down, up]);
+        let theirs = weighted_sum_gradients(reference, &loss_weights, [reference_x, down, up]);
+        for (name, (a, b)) in ["x", "down", "up"].iter().zip(ours.iter().zip(&theirs)) {
+            let off = relative_difference(a, b);
+            assert!(off < 1e-5, "{case}: gradient of {name} off by {off}");
+        }
+    }
+
     #[test]
     fn matches_the_composed_ops_with_gradients() {
         // The fused op against the frozen op, a bias add and the branch written as candle ops,
@@ -456,18 +477,8 @@ mod tests {
                     .unwrap();
             let reference = reference.unwrap();
             let case = format!("{out}x{inner} rank {rank} {dtype:?}");
-            assert_eq!(fused.dims(), reference.dims(), "{case}");
-            let off = relative_difference(&fused, &reference);
-            assert!(off < 1e-5, "{case}: output {off}");
-
-            let loss_weights = Tensor::randn(0f32, 1.0, fused.shape(), &device).unwrap();
-            let ours = weighted_sum_gradients(&fused, &loss_weights, [&input, &down, &up]);
-            let theirs =
-                weighted_sum_gradients(&reference, &loss_weights, [&reference_input, &down, &up]);
-            for (name, (a, b)) in ["x", "down", "up"].iter().zip(ours.iter().zip(&theirs)) {
-                let off = relative_difference(a, b);
-                assert!(off < 1e-5, "{case}: gradient of {name} off by {off}");
-            }
+            let inputs = [&input, &reference_input, &down, &up];
+            assert_same_values_and_gradients(&case, &fused, &reference, inputs);
         }
     }
 
@@ -502,16 +513,8 @@ mod tests {
             .affine(scale, 0.0)
             .unwrap())
         .unwrap();
-        assert_eq!(fused.dims(), reference.dims());
-        assert!(relative_difference(&fused, &reference) < 1e-5);
-        let loss_weights = Tensor::randn(0f32, 1.0, fused.shape(), &device).unwrap();
-        let ours = weighted_sum_gradients(&fused, &loss_weights, [&input, &down, &up]);
-        let theirs =
-            weighted_sum_gradients(&reference, &loss_weights, [&reference_input, &down, &up]);
-        for (name, (a, b)) in ["x", "down", "up"].iter().zip(ours.iter().zip(&theirs)) {
-            let off = relative_difference(a, b);
-            assert!(off < 1e-5, "gradient of {name} off by {off}");
-        }
+        let inputs = [&input, &reference_input, &down, &up];
+        assert_same_values_and_gradients("pointwise", &fused, &reference, inputs);
     }
 
     #[test]
