@@ -234,3 +234,25 @@ pub fn reference_python(modules: &str) -> Option<PathBuf> {
         .is_ok_and(|o| o.status.success());
     ok.then_some(python)
 }
+
+/// Runs the Python `script` (`python -c`) with `args` in the temporary folder, asserts that it
+/// succeeded (naming `what` could not load the file) and returns its standard output.
+pub fn run_reference_script(
+    python: &Path,
+    script: &str,
+    args: &[&std::ffi::OsStr],
+    what: &str,
+) -> String {
+    let output = Command::new(python)
+        .args(["-c", script])
+        .args(args)
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{what} cannot load the file: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}

@@ -4,7 +4,6 @@
 //! installed, and options lycoris has but lorakit does not implement are refused by name.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use crate::common;
 
@@ -145,19 +144,9 @@ fn lycoris_loha_trains_with_the_text_encoder_and_saves_lycoris_keys() {
 
     match common::reference_python("lycoris.kohya, diffusers, transformers") {
         Some(python) => {
-            let output = Command::new(python)
-                .args(["-c", LYCORIS_LOAD])
-                .arg(fixtures().join("sd15-tiny/arch.json"))
-                .arg(&path)
-                .current_dir(std::env::temp_dir())
-                .output()
-                .unwrap();
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            assert!(
-                output.status.success(),
-                "lycoris cannot load the file: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
+            let arch = fixtures().join("sd15-tiny/arch.json");
+            let stdout =
+                common::run_reference_script(&python, LYCORIS_LOAD, args![arch, path], "lycoris");
             assert!(stdout.contains("modules 282 72"), "{stdout}");
         }
         None => eprintln!("lycoris-lora is not installed: the load in lycoris is skipped"),

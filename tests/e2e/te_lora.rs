@@ -154,20 +154,9 @@ fn kohya_command_line_trains_the_text_encoder_with_sd_scripts_keys() {
     let python = common::reference_python("diffusers, transformers, torch");
     match (python, std::env::var_os("LORAKIT_SD_SCRIPTS")) {
         (Some(python), Some(sd_scripts)) => {
-            let output = std::process::Command::new(python)
-                .args(["-c", SD_SCRIPTS_LOAD])
-                .arg(fixtures().join("sd15-tiny/arch.json"))
-                .arg(&path)
-                .arg(sd_scripts)
-                .current_dir(std::env::temp_dir())
-                .output()
-                .unwrap();
-            let stdout = String::from_utf8_lossy(&output.stdout);
-            assert!(
-                output.status.success(),
-                "sd-scripts cannot load the file: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
+            let arch = fixtures().join("sd15-tiny/arch.json");
+            let args = args![arch, path, sd_scripts];
+            let stdout = common::run_reference_script(&python, SD_SCRIPTS_LOAD, args, "sd-scripts");
             assert!(stdout.contains("modules 192 72"), "{stdout}");
         }
         _ => {
