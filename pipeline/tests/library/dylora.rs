@@ -3,8 +3,6 @@
 //! change of single modules at fixed trained ranks and which ranks get gradients; and the whole
 //! UNet's change at full rank.
 
-use std::collections::BTreeMap;
-
 use candle_core::{DType, Device, Tensor};
 use lorakit_pipeline::models::adapter::{Adaptable, Joined};
 use lorakit_pipeline::models::frozen::FrozenKind;
@@ -14,7 +12,7 @@ use lorakit_pipeline::models::{Checkpoint, Component};
 use lorakit_pipeline::networks::dylora::DyloraNetwork;
 use lorakit_pipeline::networks::lora::{Alpha, LoraConfig};
 
-use crate::support::{fixtures, max_abs, npz_tensor};
+use crate::support::{fixtures, golden_key_shapes, max_abs, npz_tensor, state_key_shapes};
 
 const UNIT: usize = 2;
 
@@ -60,19 +58,8 @@ fn dylora_keys_shapes_and_alphas_match_sd_scripts() {
         .count();
     assert_eq!(te as u64, golden["text_encoder_modules"].as_u64().unwrap());
     let state = network.state_dict(None).unwrap();
-    let ours: BTreeMap<String, (Vec<usize>, DType)> = (state.iter())
-        .map(|(k, t)| (k.clone(), (t.dims().to_vec(), t.dtype())))
-        .collect();
-    let theirs: BTreeMap<String, (Vec<usize>, DType)> = (golden["keys"].as_object().unwrap())
-        .iter()
-        .map(|(k, v)| {
-            let shape = (v["shape"].as_array().unwrap().iter())
-                .map(|d| d.as_u64().unwrap() as usize)
-                .collect();
-            assert_eq!(v["dtype"], "float32", "{k}");
-            (k.clone(), (shape, DType::F32))
-        })
-        .collect();
+    let ours = state_key_shapes(&state);
+    let theirs = golden_key_shapes(&golden["keys"]);
     assert_eq!(ours, theirs, "keys, shapes and dtypes");
     for (key, tensor) in &state {
         if let Some(module) = key.strip_suffix(".alpha") {

@@ -14,7 +14,7 @@ use lorakit_pipeline::models::{Checkpoint, Component};
 use lorakit_pipeline::networks::lora::DropoutRates;
 use lorakit_pipeline::networks::lycoris::{Algo, LycorisConfig, LycorisNetwork};
 
-use crate::support::{fixtures, max_abs, npz_tensor};
+use crate::support::{fixtures, golden_key_shapes, max_abs, npz_tensor, state_key_shapes};
 
 fn base_unet() -> &'static Unet {
     static UNET: OnceLock<Unet> = OnceLock::new();
@@ -85,19 +85,8 @@ fn lycoris_keys_shapes_alphas_and_initialisation_match_lycoris() {
             "{case}"
         );
         let state = network.state_dict(None).unwrap();
-        let ours: BTreeMap<String, (Vec<usize>, DType)> = (state.iter())
-            .map(|(k, t)| (k.clone(), (t.dims().to_vec(), t.dtype())))
-            .collect();
-        let theirs: BTreeMap<String, (Vec<usize>, DType)> = (golden["keys"].as_object().unwrap())
-            .iter()
-            .map(|(k, v)| {
-                let shape = (v["shape"].as_array().unwrap().iter())
-                    .map(|d| d.as_u64().unwrap() as usize)
-                    .collect();
-                assert_eq!(v["dtype"], "float32", "{k}");
-                (k.clone(), (shape, DType::F32))
-            })
-            .collect();
+        let ours = state_key_shapes(&state);
+        let theirs = golden_key_shapes(&golden["keys"]);
         assert_eq!(ours, theirs, "{case}: keys, shapes and dtypes");
         for (key, tensor) in &state {
             if let Some(module) = key.strip_suffix(".alpha") {

@@ -210,3 +210,27 @@ fn compare_gradients(grads: &[Option<Tensor>], plain_grads: &[Option<Tensor>]) {
         );
     }
 }
+
+/// A state dict's keys with their shapes and dtypes.
+pub type KeyShapes = std::collections::BTreeMap<String, (Vec<usize>, candle_core::DType)>;
+
+/// The keys, shapes and dtypes of a network's saved tensors.
+pub fn state_key_shapes(state: &[(String, Tensor)]) -> KeyShapes {
+    (state.iter())
+        .map(|(k, t)| (k.clone(), (t.dims().to_vec(), t.dtype())))
+        .collect()
+}
+
+/// The keys and shapes of a golden's `keys` object (`{key: {shape, dtype}}`), every dtype
+/// asserted float32.
+pub fn golden_key_shapes(keys: &serde_json::Value) -> KeyShapes {
+    (keys.as_object().unwrap().iter())
+        .map(|(k, v)| {
+            let shape = (v["shape"].as_array().unwrap().iter())
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            assert_eq!(v["dtype"], "float32", "{k}");
+            (k.clone(), (shape, candle_core::DType::F32))
+        })
+        .collect()
+}
