@@ -106,6 +106,14 @@ impl AdaptableLayer {
         Ok(())
     }
 
+    /// Runs a 3x3 stride-1 convolution's forward pass in the Winograd domain from now on
+    /// ([`FrozenOp::with_winograd_forward`]); other layers are unchanged. A later
+    /// [`Self::merge_into_weight`] goes back to the plain convolution.
+    pub fn use_winograd_forward(&mut self) -> candle_core::Result<()> {
+        self.op = self.op.clone().with_winograd_forward()?;
+        Ok(())
+    }
+
     /// `W0 x + b`, plus the adapter's change when one is attached.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if let Some(branch) = self.adapter.as_ref().and_then(|a| a.low_rank_branch()) {

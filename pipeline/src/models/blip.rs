@@ -15,6 +15,7 @@ use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::{blip, blip_text};
 use serde_json::Value;
 
+use crate::models::checkpoint::load_and_release;
 use crate::{infra::hashing, Error, Result};
 
 /// Side length of the square image the vision tower takes (sd-scripts' `image_size`).
@@ -705,7 +706,7 @@ fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>>
     file.tensors()
         .into_iter()
         .map(|(name, _)| {
-            let tensor = file.load(&name, device).map_err(unreadable)?;
+            let tensor = load_and_release(&file, &name, device).map_err(unreadable)?;
             Ok((name, tensor))
         })
         .collect()

@@ -599,7 +599,7 @@ fn safetensors_in(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Loads one stored tensor (a copy in memory), then lets go of the file pages it was read from.
-fn load_and_release(
+pub(crate) fn load_and_release(
     tensors: &MmapedSafetensors,
     name: &str,
     device: &Device,

@@ -45,7 +45,7 @@ impl ClipActivation {
     fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             ClipActivation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
-            ClipActivation::Gelu => x.gelu_erf(),
+            ClipActivation::Gelu => crate::models::kernels::gelu_erf(x),
         }
     }
 }

@@ -33,7 +33,7 @@ pub struct Conv2d {
 
 impl Conv2d {
     /// A convolution from an `[O, C, k, k]` weight and `[O]` bias; 3x3/stride 1/padding 1
-    /// layers keep a Winograd-transformed copy of the weight (16/9 of its size) to run faster.
+    /// layers keep a Winograd-transformed copy of the weight (4x its f32 size) to run faster.
     pub fn new(
         weight: Tensor,
         bias: Tensor,

@@ -50,6 +50,11 @@ pub struct FrozenOp {
     /// convolution and transposed convolution, and no transformed or flipped copy of the weight:
     /// at SD1.5 size such copies would add gigabytes).
     cpu_conv: Option<Arc<Conv2d>>,
+    /// For 3x3 stride-1 CPU convolutions set up for inference
+    /// ([`Self::with_winograd_forward`]): the Winograd convolution of [`super::winograd`], used
+    /// for the forward pass (4x fewer multiplications, a transformed kernel 4x the weight's f32
+    /// size); the input gradient still runs through `cpu_conv`.
+    winograd_conv: Option<Arc<Conv2d>>,
 }
 
 impl FrozenOp {
@@ -77,7 +82,27 @@ impl FrozenOp {
             kind,
             backward_kernel,
             cpu_conv,
+            winograd_conv: None,
         }
+    }
+
+    /// This operation with its forward pass in the Winograd domain when it is a 3x3, stride-1,
+    /// padding-1 convolution on the CPU (unchanged otherwise). For inference: the transformed
+    /// kernel costs 4x the weight's f32 size in memory.
+    pub fn with_winograd_forward(mut self) -> candle_core::Result<Self> {
+        let winograd = self.kind
+            == FrozenKind::Conv2d {
+                stride: 1,
+                padding: 1,
+            }
+            && self.weight.device().is_cpu()
+            && self.weight.rank() == 4
+            && self.weight.dims()[2..] == [3, 3];
+        if winograd {
+            let bias = Tensor::zeros(self.weight.dim(0)?, DType::F32, self.weight.device())?;
+            self.winograd_conv = Some(Arc::new(Conv2d::new(self.weight.clone(), bias, 1, 1)?));
+        }
+        Ok(self)
     }
 
     /// The frozen weight.
@@ -137,7 +162,7 @@ impl FrozenOp {
                 };
                 y.reshape(out_dims)
             }
-            FrozenKind::Conv2d { stride, padding } => match self.fast_conv(x) {
+            FrozenKind::Conv2d { stride, padding } => match self.forward_conv(x) {
                 Some(conv) => conv.forward(x),
                 None => x.conv2d(&self.weight_in(x.dtype())?, padding, stride, 1, 1),
             },
@@ -155,6 +180,13 @@ impl FrozenOp {
     fn fast_conv(&self, x: &Tensor) -> Option<&Conv2d> {
         let applies = x.dtype() == DType::F32 && x.device().is_cpu();
         self.cpu_conv.as_deref().filter(|_| applies)
+    }
+
+    /// The f32 CPU convolution of the forward pass, when one applies to `x`.
+    fn forward_conv(&self, x: &Tensor) -> Option<&Conv2d> {
+        let winograd = self.winograd_conv.as_deref();
+        let applies = x.dtype() == DType::F32 && x.device().is_cpu();
+        winograd.filter(|_| applies).or_else(|| self.fast_conv(x))
     }
 
     /// Runs [`Self::compute`] on a storage handed over by candle and returns the result storage.
@@ -399,6 +431,20 @@ mod tests {
             assert!(
                 difference < 1e-5,
                 "{case}: input gradient off by {difference}"
+            );
+
+            // The inference set-up: Winograd forward for 3x3 stride-1 layers only, same values,
+            // and the input gradient still exact.
+            let winograd = op.clone().with_winograd_forward().unwrap();
+            let transformed = (k, stride, padding) == (3, 1, 1);
+            assert_eq!(winograd.winograd_conv.is_some(), transformed, "{case}");
+            let input = Var::from_tensor(&x).unwrap();
+            let fast = winograd.forward(input.as_tensor()).unwrap();
+            assert!(relative_difference(&fast, &reference) < 1e-5, "{case}");
+            let [fast_grad] = weighted_sum_gradients(&fast, &weights, [&input]);
+            assert!(
+                relative_difference(&fast_grad, &reference_grad) < 1e-5,
+                "{case}"
             );
         }
     }

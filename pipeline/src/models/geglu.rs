@@ -7,6 +7,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
 
 use super::frozen::{dense, into_storage, tensor_from_storage};
+use super::kernels::gelu_erf;
 
 /// `h · gelu(g)` for `projected = [h, g]` split on the last dimension.
 pub fn geglu(projected: &Tensor) -> candle_core::Result<Tensor> {
@@ -42,7 +43,7 @@ impl CustomOp1 for Geglu {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let projected = tensor_from_storage(candle_core::Storage::Cpu(storage.clone()), layout)?;
         let (hidden, gate) = halves(&projected)?;
-        match into_storage((hidden * gate.gelu_erf()?)?)? {
+        match into_storage((hidden * gelu_erf(&gate)?)?)? {
             (candle_core::Storage::Cpu(s), shape) => Ok((s, shape)),
             _ => candle_core::bail!("geglu: device changed"),
         }

@@ -781,6 +781,25 @@ impl Unet {
         self.checkpointed_levels = levels;
     }
 
+    /// Runs the 3x3 stride-1 convolutions with at most `max_channels` output channels (the
+    /// high-resolution levels, where most convolution work is) in the Winograd domain, for
+    /// inference: 4x fewer multiplications there, for transformed kernels of 4x those layers'
+    /// f32 weight size in memory (about 1.1 GB at SD1.5 size for 640 channels). Call it after
+    /// every LoRA has been merged.
+    pub fn use_winograd_forward(&mut self, max_channels: usize) -> Result<()> {
+        let mut failure = None;
+        self.visit_layers(&mut |layer| {
+            let wanted = layer.weight().dim(0).is_ok_and(|out| out <= max_channels);
+            if wanted && failure.is_none() {
+                failure = layer.use_winograd_forward().err();
+            }
+        });
+        match failure {
+            Some(e) => Err(Error::Model(format!("Winograd convolutions: {e}"))),
+            None => Ok(()),
+        }
+    }
+
     /// Predicts noise (or v) for latents `[B, 4, H, W]`, per-sample timesteps `[B]` (any numeric
     /// dtype) and text context `[B, T, context_dim]`. SDXL UNets also take the add-embedding
     /// input `vector` `[B, add_embedding_dim]` ([`sdxl_vector`]); other UNets take `None`.

@@ -20,6 +20,12 @@ use crate::text::tokenize::{
 };
 use crate::{Error, Result};
 
+/// The UNet's 3x3 convolutions with at most this many output channels (the two
+/// highest-resolution levels of SD1.x, SD2.x and SDXL) run in the Winograd domain when
+/// generating in float32: 4x fewer multiplications where most of the convolution work is, for
+/// about 1.1 GB of transformed kernels at SD1.5 size.
+const WINOGRAD_MAX_CHANNELS: usize = 640;
+
 /// What to load.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
@@ -169,6 +175,9 @@ impl Engine {
                     report.ignored_text_encoder + report.unknown.len()
                 );
             }
+        }
+        if options.dtype == DType::F32 {
+            unet.use_winograd_forward(WINOGRAD_MAX_CHANNELS)?;
         }
         let vae = match &options.vae {
             Some(path) => VaeDecoder::load(&Checkpoint::open(path)?, DType::F32, &device)?,
