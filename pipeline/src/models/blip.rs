@@ -15,7 +15,11 @@ use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use candle_transformers::models::{blip, blip_text};
 use serde_json::Value;
 
+use crate::models::attention::multi_head_attention;
 use crate::models::checkpoint::load_and_release;
+use crate::models::frozen::{FrozenKind, FrozenOp};
+use crate::models::kernels::gelu_erf;
+use crate::models::norm::Norm;
 use crate::{infra::hashing, Error, Result};
 
 /// Side length of the square image the vision tower takes (sd-scripts' `image_size`).
@@ -222,6 +226,111 @@ impl BlipConfig {
 /// Maps a candle error to a model error that says what was being done.
 fn model_error(context: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
     move |e| Error::Model(format!("{context}: {e}"))
+}
+
+/// One transformer layer of the BLIP vision tower (pre-LayerNorm ViT block).
+struct VisionLayer {
+    layer_norm1: Norm,
+    qkv: FrozenOp,
+    projection: FrozenOp,
+    layer_norm2: Norm,
+    fc1: FrozenOp,
+    fc2: FrozenOp,
+}
+
+/// The BLIP vision tower (transformers' `BlipVisionModel`) on lorakit's kernels: frozen-weight
+/// products with the bias inside, token-major multi-head attention with the chunked softmax,
+/// fused LayerNorm and the vectorised erf GELU.
+struct VisionTower {
+    patch_embedding: FrozenOp,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<VisionLayer>,
+    post_layernorm: Norm,
+    heads: usize,
+    activation: candle_nn::Activation,
+}
+
+impl VisionTower {
+    /// Loads `vision_model.*` tensors (Hugging Face names) from `vb`.
+    fn new(cfg: &blip::VisionConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let width = cfg.hidden_size;
+        let linear = |vb: VarBuilder, inputs: usize, outputs: usize| {
+            Ok::<_, candle_core::Error>(FrozenOp::new(
+                vb.get((outputs, inputs), "weight")?,
+                Some(vb.get(outputs, "bias")?),
+                FrozenKind::Linear,
+            ))
+        };
+        let norm = |vb: VarBuilder| {
+            Ok::<_, candle_core::Error>(Norm::new(
+                vb.get(width, "weight")?,
+                vb.get(width, "bias")?,
+                cfg.layer_norm_eps,
+            ))
+        };
+        let embeddings = vb.pp("embeddings");
+        let patch = cfg.patch_size;
+        let positions = (cfg.image_size / patch).pow(2) + 1;
+        let patch_embedding = FrozenOp::new(
+            embeddings.get((width, 3, patch, patch), "patch_embedding.weight")?,
+            Some(embeddings.get(width, "patch_embedding.bias")?),
+            FrozenKind::Conv2d {
+                stride: patch,
+                padding: 0,
+            },
+        );
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let layer = vb.pp(format!("encoder.layers.{i}"));
+                Ok(VisionLayer {
+                    layer_norm1: norm(layer.pp("layer_norm1"))?,
+                    qkv: linear(layer.pp("self_attn.qkv"), width, 3 * width)?,
+                    projection: linear(layer.pp("self_attn.projection"), width, width)?,
+                    layer_norm2: norm(layer.pp("layer_norm2"))?,
+                    fc1: linear(layer.pp("mlp.fc1"), width, cfg.intermediate_size)?,
+                    fc2: linear(layer.pp("mlp.fc2"), cfg.intermediate_size, width)?,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(VisionTower {
+            patch_embedding,
+            class_embedding: embeddings.get((1, 1, width), "class_embedding")?,
+            position_embedding: embeddings.get((1, positions, width), "position_embedding")?,
+            layers,
+            post_layernorm: norm(vb.pp("post_layernorm"))?,
+            heads: cfg.num_attention_heads,
+            activation: cfg.hidden_act,
+        })
+    }
+
+    /// Image embeddings `[B, patches + 1, width]` of pixels `[B, 3, size, size]`.
+    fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let batch = pixels.dim(0)?;
+        let patches = self
+            .patch_embedding
+            .forward(pixels)?
+            .flatten_from(2)?
+            .transpose(1, 2)?;
+        let width = self.class_embedding.dim(2)?;
+        let class = self.class_embedding.broadcast_as((batch, 1, width))?;
+        let mut x = Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.position_embedding)?;
+        let scale = ((width / self.heads) as f64).powf(-0.5);
+        for layer in &self.layers {
+            let qkv = layer.qkv.forward(&layer.layer_norm1.layer(&x)?)?;
+            let part = |i: usize| qkv.narrow(2, i * width, width);
+            let attended =
+                multi_head_attention(&part(0)?, &part(1)?, &part(2)?, self.heads, scale)?;
+            x = (x + layer.projection.forward(&attended)?)?;
+            let hidden = layer.fc1.forward(&layer.layer_norm2.layer(&x)?)?;
+            let hidden = match self.activation {
+                candle_nn::Activation::Gelu => gelu_erf(&hidden)?,
+                other => hidden.apply(&other)?,
+            };
+            x = (x + layer.fc2.forward(&hidden)?)?;
+        }
+        self.post_layernorm.layer(&x)
+    }
 }
 
 /// One attention block of the BERT decoder (self- or cross-attention), with its output
@@ -447,7 +556,7 @@ impl DecoderCache {
 
 /// A loaded BLIP captioner: vision tower, text decoder, tokenizer and special ids.
 pub struct BlipCaptioner {
-    vision: blip::VisionModel,
+    vision: VisionTower,
     decoder: TextDecoder,
     tokenizer: tokenizers::Tokenizer,
     config: BlipConfig,
@@ -482,12 +591,8 @@ impl BlipCaptioner {
                 format!("does not match config.json as a BlipForConditionalGeneration: {e}"),
             )
         };
-        // candle builds its vision tower only as part of the whole model; the tensors are
-        // shared, so keeping the tower and dropping the rest costs nothing.
-        let vision = blip::BlipForConditionalGeneration::new(&config.model, vb.clone())
-            .map_err(bad_weights)?
-            .vision_model()
-            .clone();
+        let vision = VisionTower::new(&config.model.vision_config, vb.pp("vision_model"))
+            .map_err(bad_weights)?;
         let decoder = TextDecoder::new(&config.model.text_config, vb.pp("text_decoder"))
             .map_err(bad_weights)?;
         let tokenizer = tokenizers::Tokenizer::from_file(&files.tokenizer).map_err(|e| {
