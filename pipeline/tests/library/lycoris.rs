@@ -1,6 +1,7 @@
 //! LyCORIS networks against lycoris-lora's `lycoris.kohya` (tests/fixtures/golden/lycoris, made by
 //! tests/fixtures/generate/lycoris_networks.py): key names, shapes and dtypes, initialisation,
-//! and the forward change of single modules and of the whole UNet.
+//! the forward change of single modules and of the whole UNet, DoRA's gradients, the presets' and
+//! the SDXL fixture's key sets.
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -41,7 +42,12 @@ fn cases() -> Vec<(&'static str, LycorisConfig)> {
             factor,
             decompose_both,
             dropout: DropoutRates::default(),
+            weight_decompose: false,
         }
+    };
+    let dora = |algo| LycorisConfig {
+        weight_decompose: true,
+        ..config(algo, 4, 2.0, Some((2, 1.0)), -1, false)
     };
     vec![
         (
@@ -60,6 +66,9 @@ fn cases() -> Vec<(&'static str, LycorisConfig)> {
             "lokr_factor8_both",
             config(Algo::Lokr, 2, 1.0, None, 8, true),
         ),
+        ("locon_dora", dora(Algo::Locon)),
+        ("loha_dora", dora(Algo::Loha)),
+        ("lokr_dora", dora(Algo::Lokr)),
     ]
 }
 
@@ -116,6 +125,17 @@ fn lycoris_keys_shapes_alphas_and_initialisation_match_lycoris() {
                 stats["max_abs"].as_f64().unwrap(),
             );
             assert_eq!(n as u64, stats["count"].as_u64().unwrap(), "{case} {part}");
+            if part == "dora_scale" {
+                // The norms of the frozen weight's rows: the same values, not only the same spread.
+                for (stat, got) in [("mean", mean), ("std", std), ("max_abs", max_abs)] {
+                    let want = stats[stat].as_f64().unwrap();
+                    assert!(
+                        (got / want - 1.0).abs() < 1e-4,
+                        "{case} {part} {stat}: {got} vs {want}"
+                    );
+                }
+                continue;
+            }
             eprintln!("{case} {part}: std {std:.4} (lycoris {want_std:.4}), max {max_abs:.4} (lycoris {want_max:.4})");
             if want_std == 0.0 {
                 assert_eq!(max_abs, 0.0, "{case} {part}");
@@ -223,5 +243,70 @@ fn lycoris_files_merged_into_the_weights_change_the_unet_as_lycoris_forward() {
             "{case} merged: UNet output change max abs error {err:e} (change up to {scale:.3})"
         );
         assert!(err <= 1e-4 * scale.max(1.0), "{case}: {err}");
+        // DoRA at multiplier 0.5: lycoris scales the norm ratio, not ΔW.
+        if case.ends_with("_dora") {
+            let mut unet = base_unet().clone();
+            lorakit_pipeline::networks::merge_file(&mut unet, &file, 0.5).unwrap();
+            let out = unet.forward(&latents, &timesteps, &context, None).unwrap();
+            let delta = (out - &base).unwrap();
+            let want = npz_tensor(&npz, "unet_delta_m05");
+            let err = max_abs(&delta, &want);
+            let scale = max_abs(&want, &Tensor::zeros_like(&want).unwrap());
+            eprintln!("{case} merged at 0.5: max abs error {err:e} (change up to {scale:.3})");
+            assert!(err <= 1e-4 * scale.max(1.0), "{case} at 0.5: {err}");
+        }
+    }
+}
+
+#[test]
+fn dora_gradients_match_torch_autograd() {
+    // The gradients of sum(change · grad_out) for each parameter of single DoRA modules (a
+    // Linear, 1x1, 3x3 and strided convolutions), against lycoris' module under torch autograd.
+    for case in ["locon_dora", "loha_dora", "lokr_dora"] {
+        let file = fixtures().join(format!("golden/lycoris/{case}.safetensors"));
+        let npz = fixtures().join(format!("golden/lycoris/{case}.npz"));
+        let mut unet = base_unet().clone();
+        let (network, _) = LycorisNetwork::load(&mut unet, &file, 1.0, &Device::Cpu).unwrap();
+        let names: Vec<String> = npyz::npz::NpzArchive::open(&npz)
+            .unwrap()
+            .array_names()
+            .filter_map(|n| n.strip_prefix("grad_out__").map(str::to_string))
+            .filter(|n| n.starts_with("lora_unet_"))
+            .collect();
+        let mut checked = 0;
+        for name in &names {
+            let module = network.modules.iter().find(|m| &m.name == name).unwrap();
+            let grad_out = npz_tensor(&npz, &format!("grad_out__{name}"));
+            let x = npz_tensor(&npz, &format!("x__{name}"));
+            let kind = match module.weight_delta().unwrap().rank() {
+                2 => FrozenKind::Linear,
+                _ => FrozenKind::Conv2d {
+                    stride: if name.contains("downsamplers") { 2 } else { 1 },
+                    padding: module.weight_delta().unwrap().dim(2).unwrap() / 2,
+                },
+            };
+            let change = module.delta(&x, kind).unwrap().unwrap();
+            let grads = (change * grad_out)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (part, var) in module.named_vars() {
+                let want = npz_tensor(&npz, &format!("grad__{name}__{part}"));
+                let got = grads.get(var.as_tensor()).unwrap();
+                let err = max_abs(got, &want);
+                let scale = max_abs(&want, &Tensor::zeros_like(&want).unwrap());
+                eprintln!(
+                    "{case} {name} {part}: gradient max abs error {err:e} (up to {scale:.3e})"
+                );
+                assert!(
+                    err <= 1e-4 * scale.max(1e-3),
+                    "{case} {name} {part}: {err} of {scale}"
+                );
+            }
+            checked += 1;
+        }
+        assert!(checked >= 7, "{case}: {checked} modules checked");
     }
 }

@@ -9,6 +9,10 @@
 //! * LoHa: `ΔW = (w1_a · w1_b) ⊙ (w2_a · w2_b) · alpha / dim` (`hada_w1_a`, ...);
 //! * LoKr: `ΔW = (w1 ⊗ w2) · alpha / dim`, `w1` = `lokr_w1` or `lokr_w1_a · lokr_w1_b`, `w2` =
 //!   `lokr_w2` or `lokr_w2_a · lokr_w2_b`; with both full matrices alpha is the dim (scale 1).
+//!
+//! With DoRA (`dora_wd`, a `dora_scale` tensor) the layer's weight becomes
+//! `(W0 + ΔW) · s` instead, `s = dora_scale / (‖W0 + ΔW‖ + eps)` per output row, and the
+//! multiplier `m` scales `s` to `m · (s − 1) + 1` (see [`WeightDecompose`]).
 
 mod selection;
 
@@ -63,6 +67,55 @@ impl KronFactor {
     }
 }
 
+/// DoRA's weight decomposition of one module (lycoris' `weight_decompose`, `dora_wd=True`, with
+/// its default `wd_on_output=True`): the changed weight `W0 + ΔW` is rescaled so that each output
+/// row's norm is the trained `dora_scale`.
+#[derive(Debug, Clone)]
+pub struct WeightDecompose {
+    /// `dora_scale` `[out, 1(, 1, 1)]`, initialised to the norms of the rows of `W0`.
+    pub scale: Var,
+    /// The layer's frozen weight `W0`.
+    base: Tensor,
+}
+
+impl WeightDecompose {
+    /// The decomposition of `layer`'s weight with fresh norms (lycoris' initialisation).
+    fn new(layer: &AdaptableLayer, device: &Device) -> Result<Self> {
+        let base = layer.weight().to_device(device)?;
+        let norms = row_norms(&base.to_dtype(DType::F32)?)?;
+        Ok(Self {
+            scale: Var::from_tensor(&norms)?,
+            base,
+        })
+    }
+
+    /// The weight change `(W0 + diff) · s − W0`, `s = dora_scale / (‖W0 + diff‖ + eps)` per
+    /// output row (eps: float32's machine epsilon), with `s` replaced by
+    /// `multiplier · (s − 1) + 1` when the multiplier is not 1.
+    fn delta(&self, diff: &Tensor, multiplier: f64) -> candle_core::Result<Tensor> {
+        let base = self.base.to_dtype(DType::F32)?;
+        let weight = (&base + diff.to_dtype(DType::F32)?)?;
+        let norms = (row_norms(&weight)? + f32::EPSILON as f64)?;
+        let mut scale = self.scale.as_tensor().div(&norms)?;
+        if multiplier != 1.0 {
+            scale = scale.affine(multiplier, 1.0 - multiplier)?;
+        }
+        weight.broadcast_mul(&scale)? - base
+    }
+}
+
+/// The Euclidean norm of each output row of a weight, shaped `[out, 1(, 1, 1)]`.
+fn row_norms(weight: &Tensor) -> candle_core::Result<Tensor> {
+    let mut shape = vec![1; weight.rank()];
+    shape[0] = weight.dim(0)?;
+    (weight
+        .reshape((shape[0], ()))?
+        .sqr()?
+        .sum_keepdim(1)?
+        .sqrt()?)
+    .reshape(shape)
+}
+
 /// One LyCORIS module on one layer.
 #[derive(Debug, Clone)]
 pub struct LycorisModule {
@@ -76,6 +129,8 @@ pub struct LycorisModule {
     pub scale: f64,
     /// Multiplier (1.0 in training).
     pub multiplier: f64,
+    /// DoRA's weight decomposition (`dora_wd`), if any.
+    pub dora: Option<WeightDecompose>,
     /// The layer's weight shape.
     shape: Vec<usize>,
     /// Rank and module dropout while training.
@@ -85,6 +140,15 @@ pub struct LycorisModule {
 impl LycorisModule {
     /// The tensors as lycoris names them (after the module name and a dot), in lycoris' order.
     pub fn named_vars(&self) -> Vec<(&'static str, &Var)> {
+        let mut vars = self.factor_vars();
+        if let Some(dora) = &self.dora {
+            vars.push(("dora_scale", &dora.scale));
+        }
+        vars
+    }
+
+    /// The factors' tensors as lycoris names them, in lycoris' order.
+    fn factor_vars(&self) -> Vec<(&'static str, &Var)> {
         match &self.factors {
             Factors::Locon { down, up } => vec![("lora_up.weight", up), ("lora_down.weight", down)],
             Factors::Loha {
@@ -117,8 +181,23 @@ impl LycorisModule {
         }
     }
 
-    /// The weight change `ΔW · multiplier`, shaped like the layer's weight.
+    /// The change of the layer's weight at this module's multiplier, shaped like the weight:
+    /// `ΔW · multiplier`, or DoRA's rescaled change.
     pub fn weight_delta(&self) -> candle_core::Result<Tensor> {
+        self.scaled_delta(self.factor_delta()?)
+    }
+
+    /// The weight change at the multiplier from `ΔW` (`diff`): `ΔW · multiplier`, or with DoRA
+    /// the decomposed weight's change.
+    fn scaled_delta(&self, diff: Tensor) -> candle_core::Result<Tensor> {
+        match &self.dora {
+            None => diff.affine(self.multiplier, 0.0),
+            Some(dora) => dora.delta(&diff, self.multiplier),
+        }
+    }
+
+    /// `ΔW` of the factors (`· alpha / dim`, no multiplier), shaped like the layer's weight.
+    fn factor_delta(&self) -> candle_core::Result<Tensor> {
         let delta = match &self.factors {
             Factors::Locon { down, up } => {
                 let rank = down.dim(0)?;
@@ -141,7 +220,7 @@ impl LycorisModule {
         };
         delta
             .reshape(self.shape.as_slice())?
-            .affine(self.scale * self.multiplier, 0.0)
+            .affine(self.scale, 0.0)
     }
 }
 
@@ -161,19 +240,20 @@ impl LayerAdapter for LycorisModule {
 
     /// `op(x, ΔW · multiplier)` with the layer's own stride and padding, or `None` when module
     /// dropout skips the module for this forward pass. Rank dropout (lycoris' definition for the
-    /// rebuilt weight) zeroes whole output rows of `ΔW`, without rescaling.
+    /// rebuilt weight) zeroes whole output rows of `ΔW` (before DoRA's decomposition), without
+    /// rescaling.
     fn delta(&self, x: &Tensor, kind: FrozenKind) -> candle_core::Result<Option<Tensor>> {
         let mut draw = self.dropout.as_ref().and_then(BranchDropout::draw);
         if draw.as_mut().is_some_and(|d| d.skips_branch()) {
             return Ok(None);
         }
-        let mut delta = self.weight_delta()?;
+        let mut diff = self.factor_delta()?;
         if let Some(draw) = &mut draw {
-            if let Some(mask) = draw.row_mask(delta.dim(0)?, delta.rank(), delta.device())? {
-                delta = delta.broadcast_mul(&mask)?;
+            if let Some(mask) = draw.row_mask(diff.dim(0)?, diff.rank(), diff.device())? {
+                diff = diff.broadcast_mul(&mask)?;
             }
         }
-        let delta = delta.to_dtype(x.dtype())?;
+        let delta = self.scaled_delta(diff)?.to_dtype(x.dtype())?;
         let out = match kind {
             FrozenKind::Linear => x.broadcast_matmul(&delta.t()?)?,
             FrozenKind::Conv2d { stride, padding } => {
@@ -535,12 +615,17 @@ fn new_module(
             (Factors::Lokr { w1, w2 }, alpha)
         }
     };
+    let dora = match config.weight_decompose {
+        true => Some(WeightDecompose::new(layer, device)?),
+        false => None,
+    };
     Ok(LycorisModule {
         name: layer.lora_name(),
         factors,
         alpha,
         scale: alpha as f64 / dim as f64,
         multiplier: 1.0,
+        dora,
         shape,
         dropout: None,
     })
@@ -595,20 +680,33 @@ fn module_from_tensors(
     path: &Path,
 ) -> Result<LycorisModule> {
     let bad = |message: String| Error::bad_file(path, message);
-    for unsupported in [
-        "lora_mid.weight",
-        "hada_t1",
-        "hada_t2",
-        "lokr_t2",
-        "dora_scale",
-    ] {
+    for unsupported in ["lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2"] {
         if tensors.contains_key(unsupported) {
             return Err(bad(format!(
-                "module {name} has {unsupported}: Tucker (use_tucker) and DoRA (dora_wd) modules \
-                 are not supported; LoCon, LoHa and LoKr without them are"
+                "module {name} has {unsupported}: Tucker (use_tucker) modules are not supported; \
+                 LoCon, LoHa and LoKr without it are"
             )));
         }
     }
+    let dora = match tensors.remove("dora_scale") {
+        Some(norms) => {
+            let weight = layer.weight();
+            let mut shape = vec![1; weight.rank()];
+            shape[0] = weight.dim(0)?;
+            if norms.dims() != shape.as_slice() {
+                return Err(bad(format!(
+                    "module {name}: dora_scale has shape {:?}, not {shape:?} (one norm per output \
+                     row, lycoris' default wd_on_output=True); other layouts are not supported",
+                    norms.dims()
+                )));
+            }
+            Some(WeightDecompose {
+                scale: Var::from_tensor(&norms.to_dtype(DType::F32)?.to_device(device)?)?,
+                base: weight.to_device(device)?,
+            })
+        }
+        None => None,
+    };
     let alpha = match tensors.remove("alpha") {
         Some(alpha) => Some(alpha.to_dtype(DType::F32)?.to_scalar::<f32>()?),
         None => None,
@@ -696,10 +794,11 @@ fn module_from_tensors(
         alpha,
         scale: alpha as f64 / dim as f64,
         multiplier,
+        dora,
         shape: layer.weight().dims().to_vec(),
         dropout: None,
     };
-    let delta_count = module.weight_delta().map(|d| d.elem_count()).unwrap_or(0);
+    let delta_count = module.factor_delta().map(|d| d.elem_count()).unwrap_or(0);
     if delta_count != layer.weight().elem_count() {
         return Err(bad(format!(
             "module {name} does not fit the layer weight {:?}: the file was trained for a \

@@ -49,6 +49,8 @@ pub struct LycorisConfig {
     /// `rank_dropout` and `module_dropout` (the neuron rate is unused: lycoris' `dropout` has no
     /// effect on the rebuilt weight).
     pub dropout: DropoutRates,
+    /// DoRA's weight decomposition on every module (`dora_wd`).
+    pub weight_decompose: bool,
 }
 
 /// Layers outside the target blocks that the `full` preset adapts (diffusers names; SDXL's

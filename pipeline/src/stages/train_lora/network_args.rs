@@ -332,6 +332,15 @@ fn lycoris_config(
              neither to the rebuilt weight); rank_dropout and module_dropout do"
         );
     }
+    let weight_decompose = take("dora_wd").is_some_and(|v| lycoris_bool(&v));
+    if let Some(value) = take("wd_on_output") {
+        if weight_decompose && !lycoris_bool(&value) {
+            return Err(Error::Usage(format!(
+                "--network_args wd_on_output={value}: DoRA's decomposition by input column is not \
+                 supported; leave wd_on_output out (lycoris' default, by output row)"
+            )));
+        }
+    }
     if let Some(preset) = take("preset") {
         if preset != "full" {
             return Err(Error::Usage(format!(
@@ -339,13 +348,11 @@ fn lycoris_config(
             )));
         }
     }
-    const OFF_ONLY: [(&str, &str); 16] = [
+    const OFF_ONLY: [(&str, &str); 14] = [
         ("use_tucker", "Tucker decomposition"),
         ("use_conv_cp", "Tucker decomposition"),
         ("use_cp", "Tucker decomposition"),
         ("use_scalar", "the trainable scalar"),
-        ("dora_wd", "DoRA weight decomposition"),
-        ("wd_on_output", "DoRA weight decomposition"),
         ("train_norm", "training the norm layers"),
         ("bypass_mode", "the bypass forward pass"),
         ("rs_lora", "rank-stabilised scaling"),
@@ -363,19 +370,18 @@ fn lycoris_config(
     for (key, what) in OFF_ONLY {
         if let Some(value) = take(key) {
             let on = match key {
-                // LoRA+ ratios are numbers; wd_on_output only matters with dora_wd.
+                // LoRA+ ratios are numbers.
                 "loraplus_lr_ratio" | "loraplus_unet_lr_ratio" => {
                     number::<f64>(key, &value)? != 0.0
                 }
-                "wd_on_output" => false,
                 _ => lycoris_bool(&value),
             };
             if on {
                 return Err(Error::Usage(format!(
                     "--network_args {key}={value}: {what} is not supported with lycoris.kohya; \
                      supported: algo=locon|loha|lokr, conv_dim, conv_alpha, factor, \
-                     decompose_both, rank_dropout, module_dropout, dropout (no effect), \
-                     preset=full"
+                     decompose_both, dora_wd, rank_dropout, module_dropout, dropout (no effect), \
+                     preset"
                 )));
             }
         }
@@ -391,7 +397,8 @@ fn lycoris_config(
     if let Some(key) = given.keys().next() {
         return Err(Error::Usage(format!(
             "--network_args {key}: not supported with lycoris.kohya (supported: algo, conv_dim, \
-             conv_alpha, factor, decompose_both, rank_dropout, module_dropout, dropout, preset)"
+             conv_alpha, factor, decompose_both, dora_wd, rank_dropout, module_dropout, dropout, \
+             preset)"
         )));
     }
     Ok(LycorisConfig {
@@ -403,6 +410,7 @@ fn lycoris_config(
         factor,
         decompose_both,
         dropout,
+        weight_decompose,
     })
 }
 
