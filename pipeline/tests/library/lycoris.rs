@@ -13,7 +13,7 @@ use lorakit_pipeline::models::text_encoders::load_text_encoders;
 use lorakit_pipeline::models::unet::{self, Unet};
 use lorakit_pipeline::models::{Checkpoint, Component};
 use lorakit_pipeline::networks::lora::DropoutRates;
-use lorakit_pipeline::networks::lycoris::{Algo, LycorisConfig, LycorisNetwork};
+use lorakit_pipeline::networks::lycoris::{Algo, LycorisConfig, LycorisNetwork, Preset};
 
 use crate::support::{fixtures, golden_key_shapes, max_abs, npz_tensor, state_key_shapes};
 
@@ -43,6 +43,7 @@ fn cases() -> Vec<(&'static str, LycorisConfig)> {
             decompose_both,
             dropout: DropoutRates::default(),
             weight_decompose: false,
+            preset: Preset::builtin("full").unwrap(),
         }
     };
     let dora = |algo| LycorisConfig {
@@ -308,5 +309,120 @@ fn dora_gradients_match_torch_autograd() {
             checked += 1;
         }
         assert!(checked >= 7, "{case}: {checked} modules checked");
+    }
+}
+
+/// The state dict of a fresh `config` network on the SD1.5 fixture's text encoder and UNet.
+fn fresh_sd15_state(config: &LycorisConfig) -> Vec<(String, Tensor)> {
+    let mut unet = base_unet().clone();
+    let model = fixtures().join("sd15-tiny/model.safetensors");
+    let mut encoders = load_text_encoders(&model, DType::F32, &Device::Cpu).unwrap();
+    let text = &mut encoders.encoders[0];
+    text.set_lora_prefix("lora_te");
+    let mut models = Joined(vec![text as &mut dyn Adaptable, &mut unet]);
+    let network = LycorisNetwork::create(&mut models, config, 3, &Device::Cpu).unwrap();
+    network.state_dict(None).unwrap()
+}
+
+#[test]
+fn lycoris_presets_select_the_layers_lycoris_selects() {
+    // LoCon dim 4 / alpha 2 under the built-in presets and a preset file (golden/lycoris/
+    // preset.toml: target classes, a class excluded by a matching name, names and regexes).
+    let locon = |preset: Preset, conv_dim| LycorisConfig {
+        algo: Algo::Locon,
+        dim: 4,
+        alpha: 2.0,
+        conv_dim,
+        conv_alpha: 2.0,
+        factor: -1,
+        decompose_both: false,
+        dropout: DropoutRates::default(),
+        weight_decompose: false,
+        preset,
+    };
+    let preset_file = fixtures().join("golden/lycoris/preset.toml");
+    let cases = [
+        ("preset_attn_mlp", Preset::builtin("attn-mlp").unwrap(), 4),
+        ("preset_attn_only", Preset::builtin("attn-only").unwrap(), 4),
+        (
+            "preset_unet_transformer_only",
+            Preset::builtin("unet-transformer-only").unwrap(),
+            4,
+        ),
+        ("preset_full_lin", Preset::builtin("full-lin").unwrap(), 4),
+        ("preset_unet_only", Preset::builtin("unet-only").unwrap(), 4),
+        (
+            "preset_unet_convblock_only",
+            Preset::builtin("unet-convblock-only").unwrap(),
+            4,
+        ),
+        ("preset_file", Preset::from_file(&preset_file).unwrap(), 2),
+    ];
+    for (case, preset, conv_dim) in cases {
+        let golden = golden_json(case);
+        let state = fresh_sd15_state(&locon(preset, conv_dim));
+        let modules = state.iter().filter(|(k, _)| k.ends_with(".alpha")).count();
+        assert_eq!(
+            modules as u64,
+            golden["modules"].as_u64().unwrap(),
+            "{case}"
+        );
+        assert_eq!(
+            state_key_shapes(&state),
+            golden_key_shapes(&golden["keys"]),
+            "{case}: keys, shapes and dtypes"
+        );
+    }
+}
+
+#[test]
+fn lycoris_locon_on_the_sdxl_fixture_has_lycoris_keys() {
+    // Both text encoders (lora_te1 / lora_te2) and the SDXL UNet, whose conv_in / time_embed
+    // layers have other names than the full preset lists, so they get no module.
+    let model = fixtures().join("sdxl-tiny/model.safetensors");
+    let checkpoint = Checkpoint::open(&model).unwrap();
+    let mapping = unet::ldm_mapping(checkpoint.family());
+    let vb = checkpoint
+        .var_builder(Component::Unet, DType::F32, &Device::Cpu, &mapping)
+        .unwrap();
+    let mut unet = Unet::load(&vb, DType::F32).unwrap();
+    let mut encoders = load_text_encoders(&model, DType::F32, &Device::Cpu).unwrap();
+    let family = encoders.family;
+    let mut models: Vec<&mut dyn Adaptable> = Vec::new();
+    for (encoder, prefix) in (encoders.encoders.iter_mut()).zip(family.text_encoder_lora_prefixes())
+    {
+        encoder.set_lora_prefix(prefix);
+        models.push(encoder);
+    }
+    models.push(&mut unet);
+    let config = LycorisConfig {
+        algo: Algo::Locon,
+        dim: 4,
+        alpha: 2.0,
+        conv_dim: 2,
+        conv_alpha: 1.0,
+        factor: -1,
+        decompose_both: false,
+        dropout: DropoutRates::default(),
+        weight_decompose: false,
+        preset: Preset::builtin("full").unwrap(),
+    };
+    let network = LycorisNetwork::create(&mut Joined(models), &config, 3, &Device::Cpu).unwrap();
+    let golden = golden_json("sdxl_locon");
+    assert_eq!(
+        network.modules.len() as u64,
+        golden["modules"].as_u64().unwrap()
+    );
+    let state = network.state_dict(None).unwrap();
+    assert_eq!(
+        state_key_shapes(&state),
+        golden_key_shapes(&golden["keys"]),
+        "keys, shapes and dtypes"
+    );
+    for (key, tensor) in &state {
+        if let Some(module) = key.strip_suffix(".alpha") {
+            let want = golden["alphas"][module].as_f64().unwrap();
+            assert_eq!(tensor.to_scalar::<f32>().unwrap() as f64, want, "{key}");
+        }
     }
 }

@@ -14,6 +14,7 @@
 //! `(W0 + ΔW) · s` instead, `s = dora_scale / (‖W0 + ΔW‖ + eps)` per output row, and the
 //! multiplier `m` scales `s` to `m · (s − 1) + 1` (see [`WeightDecompose`]).
 
+mod preset;
 mod selection;
 
 use std::collections::{BTreeMap, HashMap};
@@ -29,6 +30,7 @@ use crate::models::frozen::FrozenKind;
 use crate::models::trainable_conv;
 use crate::networks::lora::{serialize_with_hashes, BranchDropout, LoadReport, NO_DROPOUT_STREAM};
 use crate::{Error, Result};
+pub use preset::{containers, Preset};
 pub use selection::{factorization, Algo, LycorisConfig};
 
 /// The trainable factors of one module.
@@ -290,8 +292,13 @@ impl LycorisNetwork {
             if failure.is_some() {
                 return;
             }
-            let Some((dim, alpha)) = config.select(layer) else {
-                return;
+            let (dim, alpha) = match config.select(layer) {
+                Ok(Some(selected)) => selected,
+                Ok(None) => return,
+                Err(e) => {
+                    failure = Some(e);
+                    return;
+                }
             };
             match new_module(layer, config, dim, alpha, &mut rng, device) {
                 Ok(mut module) => {

@@ -3,7 +3,7 @@
 //! per-block learning-rate weights, rank and module dropout, and LoRA+.
 
 use crate::networks::lora::{Alpha, BlockDims, BlockLayout, DropoutRates, LoraConfig};
-use crate::networks::lycoris::{Algo, LycorisConfig};
+use crate::networks::lycoris::{Algo, LycorisConfig, Preset};
 use crate::{Error, Result};
 
 use super::TrainArgs;
@@ -341,13 +341,29 @@ fn lycoris_config(
             )));
         }
     }
-    if let Some(preset) = take("preset") {
-        if preset != "full" {
-            return Err(Error::Usage(format!(
-                "--network_args preset={preset}: only lycoris' default preset, full, is supported"
-            )));
-        }
-    }
+    let preset = match take("preset") {
+        None => Preset::builtin("full").expect("the full preset"),
+        Some(name) => match Preset::builtin(&name) {
+            Some(preset) => preset,
+            None if name == "ia3" => {
+                return Err(Error::Usage(
+                    "--network_args preset=ia3: per-layer (IA)^3 options are not supported; \
+                     the other built-in presets and preset files are"
+                        .into(),
+                ))
+            }
+            None if std::path::Path::new(&name).is_file() => {
+                Preset::from_file(std::path::Path::new(&name))?
+            }
+            None => {
+                return Err(Error::Usage(format!(
+                    "--network_args preset={name}: neither one of lycoris' presets (full, \
+                     full-lin, attn-mlp, attn-only, unet-only, unet-transformer-only, \
+                     unet-convblock-only) nor a preset TOML file"
+                )))
+            }
+        },
+    };
     const OFF_ONLY: [(&str, &str); 14] = [
         ("use_tucker", "Tucker decomposition"),
         ("use_conv_cp", "Tucker decomposition"),
@@ -411,6 +427,7 @@ fn lycoris_config(
         decompose_both,
         dropout,
         weight_decompose,
+        preset,
     })
 }
 
