@@ -42,9 +42,14 @@ fn cases() -> Vec<(&'static str, LycorisConfig)> {
             factor,
             decompose_both,
             dropout: DropoutRates::default(),
+            use_tucker: false,
             weight_decompose: false,
             preset: Preset::builtin("full").unwrap(),
         }
+    };
+    let tucker = |algo| LycorisConfig {
+        use_tucker: true,
+        ..config(algo, 4, 2.0, Some((2, 1.0)), -1, false)
     };
     let dora = |algo| LycorisConfig {
         weight_decompose: true,
@@ -70,6 +75,9 @@ fn cases() -> Vec<(&'static str, LycorisConfig)> {
         ("locon_dora", dora(Algo::Locon)),
         ("loha_dora", dora(Algo::Loha)),
         ("lokr_dora", dora(Algo::Lokr)),
+        ("locon_tucker", tucker(Algo::Locon)),
+        ("loha_tucker", tucker(Algo::Loha)),
+        ("lokr_tucker", tucker(Algo::Lokr)),
     ]
 }
 
@@ -337,6 +345,7 @@ fn lycoris_presets_select_the_layers_lycoris_selects() {
         factor: -1,
         decompose_both: false,
         dropout: DropoutRates::default(),
+        use_tucker: false,
         weight_decompose: false,
         preset,
     };
@@ -404,6 +413,7 @@ fn lycoris_locon_on_the_sdxl_fixture_has_lycoris_keys() {
         factor: -1,
         decompose_both: false,
         dropout: DropoutRates::default(),
+        use_tucker: false,
         weight_decompose: false,
         preset: Preset::builtin("full").unwrap(),
     };

@@ -10,6 +10,11 @@
 //! * LoKr: `ΔW = (w1 ⊗ w2) · alpha / dim`, `w1` = `lokr_w1` or `lokr_w1_a · lokr_w1_b`, `w2` =
 //!   `lokr_w2` or `lokr_w2_a · lokr_w2_b`; with both full matrices alpha is the dim (scale 1).
 //!
+//! With Tucker decomposition (`use_tucker`, convolutions larger than 1x1) the rank-r products
+//! become `rebuild(t, a, b)[p, q, k, l] = Σ_ij t[i, j, k, l] · a[i, p] · b[j, q]` with a core
+//! `t` `[r, r, k, k]`: LoCon `lora_mid.weight` (`a` = `lora_upᵀ`, `b` = `lora_down`), LoHa
+//! `hada_t1` / `hada_t2`, LoKr `lokr_t2` (for `w2`).
+//!
 //! With DoRA (`dora_wd`, a `dora_scale` tensor) the layer's weight becomes
 //! `(W0 + ΔW) · s` instead, `s = dora_scale / (‖W0 + ΔW‖ + eps)` per output row, and the
 //! multiplier `m` scales `s` to `m · (s − 1) + 1` (see [`WeightDecompose`]).
@@ -37,14 +42,22 @@ pub use selection::{factorization, Algo, LycorisConfig};
 #[derive(Debug, Clone)]
 pub enum Factors {
     /// LoCon (lycoris' LoRA): `lora_down.weight` `[r, in(, k, k)]`, `lora_up.weight`
-    /// `[out, r(, 1, 1)]`.
-    Locon { down: Var, up: Var },
-    /// LoHa: `hada_w1_a` / `hada_w2_a` `[out, r]`, `hada_w1_b` / `hada_w2_b` `[r, in·k·k]`.
+    /// `[out, r(, 1, 1)]`; with Tucker `lora_down.weight` `[r, in, 1, 1]` and the core
+    /// `lora_mid.weight` `[r, r, k, k]`.
+    Locon {
+        down: Var,
+        up: Var,
+        mid: Option<Var>,
+    },
+    /// LoHa: `hada_w1_a` / `hada_w2_a` `[out, r]`, `hada_w1_b` / `hada_w2_b` `[r, in·k·k]`; with
+    /// Tucker `hada_wN_a` `[r, out]`, `hada_wN_b` `[r, in]` and the cores `hada_t1` / `hada_t2`
+    /// `[r, r, k, k]`.
     Loha {
         w1_a: Var,
         w1_b: Var,
         w2_a: Var,
         w2_b: Var,
+        tucker: Option<(Var, Var)>,
     },
     /// LoKr: the small Kronecker factor `w1` and the large one `w2`.
     Lokr { w1: KronFactor, w2: KronFactor },
@@ -57,6 +70,8 @@ pub enum KronFactor {
     Full(Var),
     /// `lokr_wN_a` `[·, r]` and `lokr_wN_b` `[r, ·]`.
     Product(Var, Var),
+    /// `lokr_t2` `[r, r, k, k]`, `lokr_w2_a` `[r, b]`, `lokr_w2_b` `[r, d]` (Tucker, `w2` only).
+    Tucker(Var, Var, Var),
 }
 
 impl KronFactor {
@@ -65,8 +80,22 @@ impl KronFactor {
         match self {
             KronFactor::Full(w) => Ok(w.as_tensor().clone()),
             KronFactor::Product(a, b) => a.as_tensor().matmul(b.as_tensor()),
+            KronFactor::Tucker(t, a, b) => rebuild_tucker(t, a.as_tensor(), b.as_tensor()),
         }
     }
+}
+
+/// lycoris' `rebuild_tucker`: `Σ_ij t[i, j, k, l] · a[i, p] · b[j, q]`, shaped `[p, q, k, l]`.
+fn rebuild_tucker(t: &Tensor, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let (rank_i, rank_j, kh, kw) = t.dims4()?;
+    let (p, q) = (a.dim(1)?, b.dim(1)?);
+    // [p, i] · [i, j·k·l] → [p, j, k·l] → [p, k·l, j] · [j, q] → [p, k·l, q] → [p, q, k, l].
+    let left = a.t()?.matmul(&t.reshape((rank_i, ()))?)?;
+    let left = (left.reshape((p, rank_j, kh * kw))?.transpose(1, 2)?).contiguous()?;
+    let out = left.reshape((p * kh * kw, rank_j))?.matmul(b)?;
+    (out.reshape((p, kh * kw, q))?.transpose(1, 2)?)
+        .contiguous()?
+        .reshape((p, q, kh, kw))
 }
 
 /// DoRA's weight decomposition of one module (lycoris' `weight_decompose`, `dora_wd=True`, with
@@ -152,23 +181,34 @@ impl LycorisModule {
     /// The factors' tensors as lycoris names them, in lycoris' order.
     fn factor_vars(&self) -> Vec<(&'static str, &Var)> {
         match &self.factors {
-            Factors::Locon { down, up } => vec![("lora_up.weight", up), ("lora_down.weight", down)],
+            Factors::Locon { down, up, mid } => {
+                let mut vars = vec![("lora_up.weight", up), ("lora_down.weight", down)];
+                vars.extend(mid.iter().map(|m| ("lora_mid.weight", m)));
+                vars
+            }
             Factors::Loha {
                 w1_a,
                 w1_b,
                 w2_a,
                 w2_b,
-            } => vec![
-                ("hada_w1_a", w1_a),
-                ("hada_w1_b", w1_b),
-                ("hada_w2_a", w2_a),
-                ("hada_w2_b", w2_b),
-            ],
+                tucker,
+            } => {
+                let mut vars = vec![
+                    ("hada_w1_a", w1_a),
+                    ("hada_w1_b", w1_b),
+                    ("hada_w2_a", w2_a),
+                    ("hada_w2_b", w2_b),
+                ];
+                if let Some((t1, t2)) = tucker {
+                    vars.extend([("hada_t1", t1), ("hada_t2", t2)]);
+                }
+                vars
+            }
             Factors::Lokr { w1, w2 } => {
                 let mut vars = Vec::with_capacity(4);
                 match w1 {
                     KronFactor::Full(w) => vars.push(("lokr_w1", w)),
-                    KronFactor::Product(a, b) => {
+                    KronFactor::Product(a, b) | KronFactor::Tucker(_, a, b) => {
                         vars.extend([("lokr_w1_a", a), ("lokr_w1_b", b)]);
                     }
                 }
@@ -176,6 +216,9 @@ impl LycorisModule {
                     KronFactor::Full(w) => vars.push(("lokr_w2", w)),
                     KronFactor::Product(a, b) => {
                         vars.extend([("lokr_w2_a", a), ("lokr_w2_b", b)]);
+                    }
+                    KronFactor::Tucker(t, a, b) => {
+                        vars.extend([("lokr_w2_a", a), ("lokr_w2_b", b), ("lokr_t2", t)]);
                     }
                 }
                 vars
@@ -201,19 +244,30 @@ impl LycorisModule {
     /// `ΔW` of the factors (`· alpha / dim`, no multiplier), shaped like the layer's weight.
     fn factor_delta(&self) -> candle_core::Result<Tensor> {
         let delta = match &self.factors {
-            Factors::Locon { down, up } => {
+            Factors::Locon { down, up, mid } => {
                 let rank = down.dim(0)?;
                 let up = up.as_tensor().reshape(((), rank))?;
-                up.matmul(&down.as_tensor().reshape((rank, ()))?)?
+                let down = down.as_tensor().reshape((rank, ()))?;
+                match mid {
+                    None => up.matmul(&down)?,
+                    Some(mid) => rebuild_tucker(mid, &up.t()?, &down)?,
+                }
             }
             Factors::Loha {
                 w1_a,
                 w1_b,
                 w2_a,
                 w2_b,
+                tucker,
             } => {
-                (w1_a.as_tensor().matmul(w1_b.as_tensor())?
-                    * w2_a.as_tensor().matmul(w2_b.as_tensor())?)?
+                let (w1_a, w1_b) = (w1_a.as_tensor(), w1_b.as_tensor());
+                let (w2_a, w2_b) = (w2_a.as_tensor(), w2_b.as_tensor());
+                match tucker {
+                    None => (w1_a.matmul(w1_b)? * w2_a.matmul(w2_b)?)?,
+                    Some((t1, t2)) => {
+                        (rebuild_tucker(t1, w1_a, w1_b)? * rebuild_tucker(t2, w2_a, w2_b)?)?
+                    }
+                }
             }
             Factors::Lokr { w1, w2 } => {
                 let w2 = w2.matrix()?;
@@ -559,10 +613,16 @@ fn new_module(
     let kernel_size: usize = kernel.iter().product();
     let alpha = if alpha == 0.0 { dim as f32 } else { alpha };
     let mut var = |shape: &[usize], init: Init| new_var(shape, init, rng, device);
+    // Tucker only for kernels larger than 1x1, as lycoris.
+    let tucker = config.use_tucker && kernel_size > 1;
+    let core = [vec![dim, dim], kernel.clone()].concat();
     let (factors, alpha) = match config.algo {
         Algo::Locon => {
             let (down_shape, up_shape) = match layer.kind() {
                 FrozenKind::Linear => (vec![dim, in_dim], vec![out_dim, dim]),
+                FrozenKind::Conv2d { .. } if tucker => {
+                    (vec![dim, in_dim, 1, 1], vec![out_dim, dim, 1, 1])
+                }
                 FrozenKind::Conv2d { .. } => {
                     let mut down = vec![dim, in_dim];
                     down.extend(&kernel);
@@ -570,21 +630,36 @@ fn new_module(
                 }
             };
             let down = var(&down_shape, Init::Kaiming)?;
+            let mid = match tucker {
+                true => Some(var(&core, Init::Kaiming)?),
+                false => None,
+            };
             let up = var(&up_shape, Init::Zeros)?;
-            (Factors::Locon { down, up }, alpha)
+            (Factors::Locon { down, up, mid }, alpha)
         }
         Algo::Loha => {
-            let columns = in_dim * kernel_size;
-            let w1_a = var(&[out_dim, dim], Init::Normal(0.1))?;
-            let w1_b = var(&[dim, columns], Init::Normal(1.0))?;
-            let w2_a = var(&[out_dim, dim], Init::Zeros)?;
-            let w2_b = var(&[dim, columns], Init::Normal(1.0))?;
+            let (a_shape, b_shape) = match tucker {
+                true => ([dim, out_dim], [dim, in_dim]),
+                false => ([out_dim, dim], [dim, in_dim * kernel_size]),
+            };
+            let tucker = match tucker {
+                true => Some((
+                    var(&core, Init::Normal(0.1))?,
+                    var(&core, Init::Normal(0.1))?,
+                )),
+                false => None,
+            };
+            let w1_a = var(&a_shape, Init::Normal(0.1))?;
+            let w1_b = var(&b_shape, Init::Normal(1.0))?;
+            let w2_a = var(&a_shape, Init::Zeros)?;
+            let w2_b = var(&b_shape, Init::Normal(1.0))?;
             (
                 Factors::Loha {
                     w1_a,
                     w1_b,
                     w2_a,
                     w2_b,
+                    tucker,
                 },
                 alpha,
             )
@@ -601,6 +676,11 @@ fn new_module(
                 let mut w2_shape = vec![large.0, large.1];
                 w2_shape.extend(&kernel);
                 KronFactor::Full(var(&w2_shape, Init::Zeros)?)
+            } else if tucker {
+                let t = var(&core, Init::Kaiming)?;
+                let a = var(&[dim, large.0], Init::Kaiming)?;
+                let b = var(&[dim, large.1], Init::Zeros)?;
+                KronFactor::Tucker(t, a, b)
             } else {
                 let a = var(&[large.0, dim], Init::Kaiming)?;
                 let b = var(&[dim, large.1 * kernel_size], Init::Zeros)?;
@@ -687,14 +767,6 @@ fn module_from_tensors(
     path: &Path,
 ) -> Result<LycorisModule> {
     let bad = |message: String| Error::bad_file(path, message);
-    for unsupported in ["lora_mid.weight", "hada_t1", "hada_t2", "lokr_t2"] {
-        if tensors.contains_key(unsupported) {
-            return Err(bad(format!(
-                "module {name} has {unsupported}: Tucker (use_tucker) modules are not supported; \
-                 LoCon, LoHa and LoKr without it are"
-            )));
-        }
-    }
     let dora = match tensors.remove("dora_scale") {
         Some(norms) => {
             let weight = layer.weight();
@@ -729,12 +801,17 @@ fn module_from_tensors(
     let (factors, dim) = if let Some(down) = take("lora_down.weight")? {
         let up = take("lora_up.weight")?
             .ok_or_else(|| bad(format!("module {name} has lora_down but no lora_up")))?;
+        let mid = take("lora_mid.weight")?;
         let dim = down.dim(0)?;
-        (Factors::Locon { down, up }, dim)
+        (Factors::Locon { down, up, mid }, dim)
     } else if let Some(w1_a) = take("hada_w1_a")? {
         let mut need =
             |part: &str| take(part)?.ok_or_else(|| bad(format!("LoHa module {name} lacks {part}")));
         let (w1_b, w2_a, w2_b) = (need("hada_w1_b")?, need("hada_w2_a")?, need("hada_w2_b")?);
+        let tucker = match need("hada_t1") {
+            Ok(t1) => Some((t1, need("hada_t2")?)),
+            Err(_) => None,
+        };
         let dim = w1_b.dim(0)?;
         (
             Factors::Loha {
@@ -742,6 +819,7 @@ fn module_from_tensors(
                 w1_b,
                 w2_a,
                 w2_b,
+                tucker,
             },
             dim,
         )
@@ -750,11 +828,18 @@ fn module_from_tensors(
             if let Some(w) = take(&format!("lokr_w{n}"))? {
                 return Ok(Some(KronFactor::Full(w)));
             }
+            let core = match n {
+                2 => take("lokr_t2")?,
+                _ => None,
+            };
             match (
                 take(&format!("lokr_w{n}_a"))?,
                 take(&format!("lokr_w{n}_b"))?,
             ) {
-                (Some(a), Some(b)) => Ok(Some(KronFactor::Product(a, b))),
+                (Some(a), Some(b)) => Ok(Some(match core {
+                    Some(t) => KronFactor::Tucker(t, a, b),
+                    None => KronFactor::Product(a, b),
+                })),
                 (None, None) => Ok(None),
                 _ => Err(bad(format!(
                     "LoKr module {name} has only one of lokr_w{n}_a / _b"
@@ -763,9 +848,11 @@ fn module_from_tensors(
         };
         match (factor(1)?, factor(2)?) {
             (Some(w1), Some(w2)) => {
-                // lycoris reads the dim from w1_a, else w2_a, else it is 1 (two full matrices).
+                // lycoris reads the dim from w1_a, else w2_a, else it is 1 (two full matrices);
+                // a Tucker core is [dim, dim, k, k].
                 let dim = match (&w1, &w2) {
                     (KronFactor::Product(a, _), _) | (_, KronFactor::Product(a, _)) => a.dim(1)?,
+                    (_, KronFactor::Tucker(t, _, _)) => t.dim(0)?,
                     _ => 1,
                 };
                 (Factors::Lokr { w1, w2 }, dim)

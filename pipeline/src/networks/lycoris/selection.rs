@@ -51,6 +51,8 @@ pub struct LycorisConfig {
     /// `rank_dropout` and `module_dropout` (the neuron rate is unused: lycoris' `dropout` has no
     /// effect on the rebuilt weight).
     pub dropout: DropoutRates,
+    /// Tucker decomposition of convolutions larger than 1x1 (`use_tucker`).
+    pub use_tucker: bool,
     /// DoRA's weight decomposition on every module (`dora_wd`).
     pub weight_decompose: bool,
     /// Which layers get a module (`preset`, default `full`).

@@ -364,10 +364,17 @@ fn lycoris_config(
             }
         },
     };
-    const OFF_ONLY: [(&str, &str); 14] = [
-        ("use_tucker", "Tucker decomposition"),
-        ("use_conv_cp", "Tucker decomposition"),
-        ("use_cp", "Tucker decomposition"),
+    let use_tucker = take("use_tucker").is_some_and(|v| lycoris_bool(&v));
+    for key in ["use_cp", "use_conv_cp", "disable_conv_cp"] {
+        if take(key).is_some() {
+            // lycoris copies these deprecated names' values onto use_tucker and then reads them
+            // with Python truthiness, so their meaning depends on the order and spelling.
+            return Err(Error::Usage(format!(
+                "--network_args {key}: lycoris' deprecated name; give use_tucker=True instead"
+            )));
+        }
+    }
+    const OFF_ONLY: [(&str, &str); 11] = [
         ("use_scalar", "the trainable scalar"),
         ("train_norm", "training the norm layers"),
         ("bypass_mode", "the bypass forward pass"),
@@ -396,24 +403,16 @@ fn lycoris_config(
                 return Err(Error::Usage(format!(
                     "--network_args {key}={value}: {what} is not supported with lycoris.kohya; \
                      supported: algo=locon|loha|lokr, conv_dim, conv_alpha, factor, \
-                     decompose_both, dora_wd, rank_dropout, module_dropout, dropout (no effect), \
+                     decompose_both, use_tucker, dora_wd, rank_dropout, module_dropout, dropout (no effect), \
                      preset"
                 )));
             }
         }
     }
-    if let Some(value) = take("disable_conv_cp") {
-        if !lycoris_bool(&value) {
-            return Err(Error::Usage(format!(
-                "--network_args disable_conv_cp={value}: Tucker decomposition is not supported \
-                 with lycoris.kohya"
-            )));
-        }
-    }
     if let Some(key) = given.keys().next() {
         return Err(Error::Usage(format!(
             "--network_args {key}: not supported with lycoris.kohya (supported: algo, conv_dim, \
-             conv_alpha, factor, decompose_both, dora_wd, rank_dropout, module_dropout, dropout, \
+             conv_alpha, factor, decompose_both, use_tucker, dora_wd, rank_dropout, module_dropout, dropout, \
              preset)"
         )));
     }
@@ -426,6 +425,7 @@ fn lycoris_config(
         factor,
         decompose_both,
         dropout,
+        use_tucker,
         weight_decompose,
         preset,
     })
