@@ -243,10 +243,7 @@ fn lycoris_options_lorakit_lacks_are_refused_by_name() {
     let out = tempfile::tempdir().unwrap();
     let cases: [(&[&str], &str); 7] = [
         (&["--network_args", "algo=ia3"], "algo=ia3"),
-        (
-            &["--network_args", "algo=loha", "use_tucker=True"],
-            "use_tucker",
-        ),
+        (&["--network_args", "algo=loha", "use_cp=True"], "use_cp"),
         (
             &["--network_args", "dora_wd=True", "wd_on_output=False"],
             "wd_on_output",

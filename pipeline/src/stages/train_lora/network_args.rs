@@ -285,9 +285,14 @@ fn lycoris_config(
     let mut take = |key: &str| given.remove(key);
     let algo_name = take("algo").unwrap_or_else(|| "lora".into());
     let algo = Algo::parse(&algo_name).ok_or_else(|| {
+        let why = match algo_name.to_lowercase().as_str() {
+            // lycoris-lora 3.4.0's module table lacks ia3: lycoris.kohya stops with KeyError.
+            "ia3" => "lycoris-lora 3.4.0's lycoris.kohya cannot build it either (KeyError 'ia3')",
+            _ => "not supported",
+        };
         Error::Usage(format!(
-            "--network_args algo={algo_name}: not supported; lycoris.kohya's locon (lora), loha \
-             and lokr are"
+            "--network_args algo={algo_name}: {why}; lycoris.kohya's locon (lora), loha and lokr \
+             are supported"
         ))
     })?;
     let dim = args.network_dim.unwrap_or(4);
