@@ -385,3 +385,70 @@ pub fn containers(layer: &AdaptableLayer) -> Vec<(String, &'static str)> {
     out.push((path.to_string(), leaf));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Preset;
+
+    fn preset_file(text: &str) -> crate::Result<Preset> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("preset.toml");
+        std::fs::write(&path, text).unwrap();
+        Preset::from_file(&path)
+    }
+
+    #[test]
+    fn a_key_left_out_keeps_the_full_presets_value() {
+        let preset =
+            preset_file("enable_conv = false\nunet_target_module = [\"CrossAttention\"]\n")
+                .unwrap();
+        let full = Preset::builtin("full").unwrap();
+        assert!(!preset.enable_conv);
+        assert_eq!(preset.unet_target_module, ["CrossAttention"]);
+        assert_eq!(preset.unet_target_name, full.unet_target_name);
+        assert_eq!(
+            preset.text_encoder_target_module,
+            full.text_encoder_target_module
+        );
+    }
+
+    #[test]
+    fn keys_and_classes_lorakit_does_not_apply_are_refused() {
+        for (text, named) in [
+            ("target_module = [\"ResnetBlock2D\"]", "unet_target_module"),
+            (
+                "[module_algo_map.CrossAttention]\nalgo = \"lokr\"",
+                "module_algo_map",
+            ),
+            (
+                "unet_target_module = [\"CrossAttnDownBlock2D\"]",
+                "CrossAttnDownBlock2D",
+            ),
+            ("unet_target_name = [\"(\"]", "target name ("),
+            ("dim = 4", "unknown preset key dim"),
+        ] {
+            let message = preset_file(text).unwrap_err().to_string();
+            assert!(message.contains(named), "{text}: {message}");
+        }
+        // An empty map changes nothing and is accepted.
+        assert!(preset_file("[name_algo_map]\n").is_ok());
+    }
+
+    #[test]
+    fn names_match_as_python_re_match_or_fnmatch() {
+        let mut preset = Preset::builtin("full").unwrap();
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // re.match: anchored at the start only.
+        assert!(preset.names_match(&names(&["down_blocks\\.0"]), "down_blocks.0.resnets.1"));
+        assert!(!preset.names_match(&names(&["resnets"]), "down_blocks.0.resnets.1"));
+        // fnmatch: the whole name, with *, ? and [...].
+        preset.use_fnmatch = true;
+        assert!(preset.names_match(&names(&["*.resnets.[01]"]), "down_blocks.0.resnets.1"));
+        assert!(!preset.names_match(&names(&["*.resnets.[!01]"]), "down_blocks.0.resnets.1"));
+        assert!(!preset.names_match(&names(&["down_blocks"]), "down_blocks.0.resnets.1"));
+        assert!(preset.names_match(
+            &names(&["down_blocks.?.resnets.1"]),
+            "down_blocks.0.resnets.1"
+        ));
+    }
+}
