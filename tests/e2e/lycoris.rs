@@ -295,22 +295,26 @@ fn lora_tools_list_lycoris_weights_and_refuse_to_merge_them_naming_lycoris_merge
 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.safetensors");
-    for (tool, flags) in [
-        (
-            "merge-lora",
-            args!["--save_to", out, "--models", loha, "--ratios", "1"],
-        ),
-        (
-            "resize-lora",
-            args!["--model", loha, "--save_to", out, "--new_rank", "2"],
-        ),
-    ] {
-        let stderr = run_expect(tool, flags, 1);
-        assert!(
-            stderr.contains("a LyCORIS file") && stderr.contains("tools/merge.py"),
-            "{tool}: {stderr}"
-        );
-        assert!(!out.exists());
+    // LoCon files with DoRA or Tucker tensors too: up · down alone is not their change.
+    for name in ["loha", "locon_dora", "locon_tucker"] {
+        let file = fixtures().join(format!("golden/lycoris/{name}.safetensors"));
+        for (tool, flags) in [
+            (
+                "merge-lora",
+                args!["--save_to", out, "--models", file, "--ratios", "1"],
+            ),
+            (
+                "resize-lora",
+                args!["--model", file, "--save_to", out, "--new_rank", "2"],
+            ),
+        ] {
+            let stderr = run_expect(tool, flags, 1);
+            assert!(
+                stderr.contains("a LyCORIS") && stderr.contains("tools/merge.py"),
+                "{name} {tool}: {stderr}"
+            );
+            assert!(!out.exists());
+        }
     }
 }
 
