@@ -35,7 +35,7 @@ use crate::models::frozen::FrozenKind;
 use crate::models::trainable_conv;
 use crate::networks::lora::{serialize_with_hashes, BranchDropout, LoadReport, NO_DROPOUT_STREAM};
 use crate::{Error, Result};
-pub use preset::{containers, Preset};
+pub use preset::Preset;
 pub use selection::{factorization, Algo, LycorisConfig};
 
 /// The trainable factors of one module.

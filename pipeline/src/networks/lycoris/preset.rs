@@ -317,7 +317,7 @@ impl Preset {
 /// name, class): e.g. `down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k` lies in
 /// `Transformer2DModel`, `BasicTransformerBlock` and `CrossAttention` and is a `Linear`.
 /// Block-level classes (`CrossAttnDownBlock2D`, `CLIPEncoder`, ...) are not located.
-pub fn containers(layer: &AdaptableLayer) -> Vec<(String, &'static str)> {
+fn containers(layer: &AdaptableLayer) -> Vec<(String, &'static str)> {
     let path = layer.path.as_str();
     let before = |marker: &str| path.find(marker).map(|i| path[..i].to_string());
     let parent = |levels: usize| {
