@@ -1,7 +1,8 @@
-//! End-to-end tests of `train-lora --network_module lycoris.kohya`: a LoHa trains with the text
-//! encoder and saves exactly the keys lycoris-lora saves for the same network
-//! (golden/lycoris/loha_keys.json), lycoris itself loads the file when the Python reference is
-//! installed, and options lycoris has but lorakit does not implement are refused by name.
+//! End-to-end tests of `train-lora --network_module lycoris.kohya`: a LoHa and a LoCon with DoRA
+//! train with the text encoder and save exactly the keys lycoris-lora saves for the same network
+//! (golden/lycoris/loha_keys.json, locon_dora_keys.json), lycoris itself loads the files when the
+//! Python reference is installed, runs resume bit for bit, and options lycoris has but lorakit
+//! does not implement are refused by name.
 
 use std::path::{Path, PathBuf};
 
@@ -142,6 +143,12 @@ fn lycoris_loha_trains_with_the_text_encoder_and_saves_lycoris_keys() {
     );
     assert!(stderr.contains("354 LyCORIS modules loaded"), "{stderr}");
 
+    assert_lycoris_loads(&path);
+}
+
+/// lycoris' own loader takes `path` strictly (282 UNet and 72 text-encoder modules), when the
+/// reference Python has lycoris-lora.
+fn assert_lycoris_loads(path: &Path) {
     match common::reference_python("lycoris.kohya, diffusers, transformers") {
         Some(python) => {
             let arch = fixtures().join("sd15-tiny/arch.json");
@@ -154,22 +161,99 @@ fn lycoris_loha_trains_with_the_text_encoder_and_saves_lycoris_keys() {
 }
 
 #[test]
+fn a_locon_with_dora_trains_and_saves_lycoris_keys() {
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            out.path(),
+            "--output_name",
+            "dora",
+            "--network_module",
+            "lycoris.kohya",
+            "--network_dim",
+            "4",
+            "--network_alpha",
+            "2",
+            "--network_args",
+            "algo=locon",
+            "conv_dim=2",
+            "conv_alpha=1",
+            "dora_wd=True",
+            "--learning_rate",
+            "1e-3",
+            "--max_train_steps",
+            "2",
+            "--train_batch_size",
+            "2",
+            "--seed",
+            "5"
+        ],
+        0,
+    );
+    let path = out.path().join("dora.safetensors");
+    let (saved, metadata) = common::safetensors_header(&path);
+    let (expected, _) =
+        common::golden_keys(&fixtures().join("golden/lycoris/locon_dora_keys.json"));
+    assert_eq!(
+        saved, expected,
+        "the saved keys, shapes and dtypes are lycoris'"
+    );
+    let args: serde_json::Value =
+        serde_json::from_str(metadata["ss_network_args"].as_str().unwrap()).unwrap();
+    assert_eq!(args["dora_wd"], "True");
+    // lora_up starts at zero and dora_scale at the frozen rows' norms: both moved.
+    let trained = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    let module = "lora_unet_down_blocks_1_resnets_0_conv1";
+    let up = &trained[&format!("{module}.lora_up.weight")];
+    assert!(
+        up.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    );
+    let golden = candle_core::safetensors::load(
+        fixtures().join("golden/lycoris/locon_dora.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        trained[&format!("{module}.dora_scale")].dims(),
+        golden[&format!("{module}.dora_scale")].dims()
+    );
+    assert_lycoris_loads(&path);
+}
+
+#[test]
 fn lycoris_options_lorakit_lacks_are_refused_by_name() {
     let data = tempfile::tempdir().unwrap();
     make_training_caches(data.path());
     let out = tempfile::tempdir().unwrap();
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--network_args", "algo=ia3"], "algo=ia3"),
+        (&["--network_args", "algo=loha", "use_cp=True"], "use_cp"),
         (
-            &["--network_args", "algo=loha", "use_tucker=True"],
-            "use_tucker",
+            &["--network_args", "dora_wd=True", "wd_on_output=False"],
+            "wd_on_output",
         ),
-        (&["--network_args", "algo=locon", "dora_wd=True"], "dora_wd"),
         (
             &["--network_args", "algo=lokr", "decompose_both=False"],
             "decompose_both",
         ),
-        (&["--network_args", "preset=attn-only"], "preset=attn-only"),
+        (&["--network_args", "preset=ia3"], "preset=ia3"),
+        (&["--network_args", "preset=attn"], "preset=attn"),
         (&["--scale_weight_norms", "1"], "--scale_weight_norms"),
     ];
     let (model, meta) = (model(), data.path().join("meta_lat.json"));
@@ -211,35 +295,50 @@ fn lora_tools_list_lycoris_weights_and_refuse_to_merge_them_naming_lycoris_merge
 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.safetensors");
-    for (tool, flags) in [
-        (
-            "merge-lora",
-            args!["--save_to", out, "--models", loha, "--ratios", "1"],
-        ),
-        (
-            "resize-lora",
-            args!["--model", loha, "--save_to", out, "--new_rank", "2"],
-        ),
-    ] {
-        let stderr = run_expect(tool, flags, 1);
-        assert!(
-            stderr.contains("a LyCORIS file") && stderr.contains("tools/merge.py"),
-            "{tool}: {stderr}"
-        );
-        assert!(!out.exists());
+    // LoCon files with DoRA or Tucker tensors too: up · down alone is not their change.
+    for name in ["loha", "locon_dora", "locon_tucker"] {
+        let file = fixtures().join(format!("golden/lycoris/{name}.safetensors"));
+        for (tool, flags) in [
+            (
+                "merge-lora",
+                args!["--save_to", out, "--models", file, "--ratios", "1"],
+            ),
+            (
+                "resize-lora",
+                args!["--model", file, "--save_to", out, "--new_rank", "2"],
+            ),
+        ] {
+            let stderr = run_expect(tool, flags, 1);
+            assert!(
+                stderr.contains("a LyCORIS") && stderr.contains("tools/merge.py"),
+                "{name} {tool}: {stderr}"
+            );
+            assert!(!out.exists());
+        }
     }
 }
 
 #[test]
 fn lycoris_lokr_with_rank_and_module_dropout_resumes_bit_for_bit() {
-    // Two steps, then two more from the saved state, against four straight: the LoKr factors,
-    // their optimizer state and the dropout draws continue exactly.
+    // The LoKr factors, their optimizer state and the dropout draws continue exactly.
+    let args = ["algo=lokr", "rank_dropout=0.3", "module_dropout=0.2"];
+    assert_resumes_bit_for_bit(&args, ".lokr_w2_b");
+}
+
+#[test]
+fn lycoris_locon_with_dora_resumes_bit_for_bit() {
+    assert_resumes_bit_for_bit(&["algo=locon", "dora_wd=True"], ".lora_up.weight");
+}
+
+/// Two steps with `network_args`, then two more from the saved state, against four straight:
+/// every saved tensor equal, and the zero-initialised tensors ending in `moved` moved.
+fn assert_resumes_bit_for_bit(network_args: &[&str], moved_suffix: &str) {
     let data = tempfile::tempdir().unwrap();
     make_training_caches(data.path());
     let (resumed, straight) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (model, meta) = (model(), data.path().join("meta_lat.json"));
     let data_dir = data.path();
-    let flags: &[&std::ffi::OsStr] = args![
+    let mut flags: Vec<&std::ffi::OsStr> = args![
         "--pretrained_model_name_or_path",
         model,
         "--in_json",
@@ -247,14 +346,10 @@ fn lycoris_lokr_with_rank_and_module_dropout_resumes_bit_for_bit() {
         "--train_data_dir",
         data_dir,
         "--output_name",
-        "lokr",
+        "lycoris",
         "--network_train_unet_only",
         "--network_module",
         "lycoris.kohya",
-        "--network_args",
-        "algo=lokr",
-        "rank_dropout=0.3",
-        "module_dropout=0.2",
         "--train_batch_size",
         "1",
         "--learning_rate",
@@ -262,8 +357,11 @@ fn lycoris_lokr_with_rank_and_module_dropout_resumes_bit_for_bit() {
         "--seed",
         "9",
         "--save_state",
-        "--quiet"
-    ];
+        "--quiet",
+        "--network_args"
+    ]
+    .to_vec();
+    flags.extend(network_args.iter().map(std::ffi::OsStr::new));
     let (resumed_dir, straight_dir) = (resumed.path(), straight.path());
     let run = |dir: &Path, steps: &str| {
         let args: Vec<std::ffi::OsString> = (flags.iter().map(|s| s.to_os_string()))
@@ -288,19 +386,19 @@ fn lycoris_lokr_with_rank_and_module_dropout_resumes_bit_for_bit() {
     );
     run(straight_dir, "4");
     let tensors = |dir: &Path| {
-        candle_core::safetensors::load(dir.join("lokr.safetensors"), &candle_core::Device::Cpu)
+        candle_core::safetensors::load(dir.join("lycoris.safetensors"), &candle_core::Device::Cpu)
             .unwrap()
     };
     let (a, b) = (tensors(resumed_dir), tensors(straight_dir));
     assert!(a.keys().all(|k| k.starts_with("lora_unet_")));
-    assert!(a.keys().any(|k| k.ends_with(".lokr_w2_b")));
+    assert!(a.keys().any(|k| k.ends_with(moved_suffix)));
     assert_eq!(a.len(), b.len());
     let mut moved = 0;
     for (name, tensor) in &a {
         let x: Vec<f32> = tensor.flatten_all().unwrap().to_vec1().unwrap();
         let y: Vec<f32> = b[name].flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(x, y, "{name} differs after resuming");
-        if name.ends_with(".lokr_w2_b") && x.iter().any(|&v| v != 0.0) {
+        if name.ends_with(moved_suffix) && x.iter().any(|&v| v != 0.0) {
             moved += 1;
         }
     }
@@ -308,35 +406,37 @@ fn lycoris_lokr_with_rank_and_module_dropout_resumes_bit_for_bit() {
 }
 
 #[test]
-fn a_loha_file_is_merged_as_base_weights() {
+fn loha_and_dora_files_are_merged_as_base_weights() {
     let data = tempfile::tempdir().unwrap();
     make_training_caches(data.path());
     let out = tempfile::tempdir().unwrap();
-    let loha = fixtures().join("golden/lycoris/loha.safetensors");
-    let stderr = run_expect(
-        "train-lora",
-        args![
-            "--pretrained_model_name_or_path",
-            model(),
-            "--in_json",
-            data.path().join("meta_lat.json"),
-            "--train_data_dir",
-            data.path(),
-            "--output_dir",
-            out.path(),
-            "--base_weights",
-            loha,
-            "--base_weights_multiplier",
-            "0.5",
-            "--max_train_steps",
-            "1",
-            "--seed",
-            "5"
-        ],
-        0,
-    );
-    assert!(
-        stderr.contains("354 modules merged into the base model at 0.5"),
-        "{stderr}"
-    );
+    for file in ["loha", "locon_dora"] {
+        let weights = fixtures().join(format!("golden/lycoris/{file}.safetensors"));
+        let stderr = run_expect(
+            "train-lora",
+            args![
+                "--pretrained_model_name_or_path",
+                model(),
+                "--in_json",
+                data.path().join("meta_lat.json"),
+                "--train_data_dir",
+                data.path(),
+                "--output_dir",
+                out.path(),
+                "--base_weights",
+                weights,
+                "--base_weights_multiplier",
+                "0.5",
+                "--max_train_steps",
+                "1",
+                "--seed",
+                "5"
+            ],
+            0,
+        );
+        assert!(
+            stderr.contains("354 modules merged into the base model at 0.5"),
+            "{file}: {stderr}"
+        );
+    }
 }

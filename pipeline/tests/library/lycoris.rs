@@ -1,6 +1,7 @@
 //! LyCORIS networks against lycoris-lora's `lycoris.kohya` (tests/fixtures/golden/lycoris, made by
 //! tests/fixtures/generate/lycoris_networks.py): key names, shapes and dtypes, initialisation,
-//! and the forward change of single modules and of the whole UNet.
+//! the forward change of single modules and of the whole UNet, DoRA's gradients, the presets' and
+//! the SDXL fixture's key sets.
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -12,7 +13,7 @@ use lorakit_pipeline::models::text_encoders::load_text_encoders;
 use lorakit_pipeline::models::unet::{self, Unet};
 use lorakit_pipeline::models::{Checkpoint, Component};
 use lorakit_pipeline::networks::lora::DropoutRates;
-use lorakit_pipeline::networks::lycoris::{Algo, LycorisConfig, LycorisNetwork};
+use lorakit_pipeline::networks::lycoris::{Algo, LycorisConfig, LycorisNetwork, Preset};
 
 use crate::support::{fixtures, golden_key_shapes, max_abs, npz_tensor, state_key_shapes};
 
@@ -41,7 +42,18 @@ fn cases() -> Vec<(&'static str, LycorisConfig)> {
             factor,
             decompose_both,
             dropout: DropoutRates::default(),
+            use_tucker: false,
+            weight_decompose: false,
+            preset: Preset::builtin("full").unwrap(),
         }
+    };
+    let tucker = |algo| LycorisConfig {
+        use_tucker: true,
+        ..config(algo, 4, 2.0, Some((2, 1.0)), -1, false)
+    };
+    let dora = |algo| LycorisConfig {
+        weight_decompose: true,
+        ..config(algo, 4, 2.0, Some((2, 1.0)), -1, false)
     };
     vec![
         (
@@ -60,6 +72,12 @@ fn cases() -> Vec<(&'static str, LycorisConfig)> {
             "lokr_factor8_both",
             config(Algo::Lokr, 2, 1.0, None, 8, true),
         ),
+        ("locon_dora", dora(Algo::Locon)),
+        ("loha_dora", dora(Algo::Loha)),
+        ("lokr_dora", dora(Algo::Lokr)),
+        ("locon_tucker", tucker(Algo::Locon)),
+        ("loha_tucker", tucker(Algo::Loha)),
+        ("lokr_tucker", tucker(Algo::Lokr)),
     ]
 }
 
@@ -116,6 +134,17 @@ fn lycoris_keys_shapes_alphas_and_initialisation_match_lycoris() {
                 stats["max_abs"].as_f64().unwrap(),
             );
             assert_eq!(n as u64, stats["count"].as_u64().unwrap(), "{case} {part}");
+            if part == "dora_scale" {
+                // The norms of the frozen weight's rows: the same values, not only the same spread.
+                for (stat, got) in [("mean", mean), ("std", std), ("max_abs", max_abs)] {
+                    let want = stats[stat].as_f64().unwrap();
+                    assert!(
+                        (got / want - 1.0).abs() < 1e-4,
+                        "{case} {part} {stat}: {got} vs {want}"
+                    );
+                }
+                continue;
+            }
             eprintln!("{case} {part}: std {std:.4} (lycoris {want_std:.4}), max {max_abs:.4} (lycoris {want_max:.4})");
             if want_std == 0.0 {
                 assert_eq!(max_abs, 0.0, "{case} {part}");
@@ -223,5 +252,187 @@ fn lycoris_files_merged_into_the_weights_change_the_unet_as_lycoris_forward() {
             "{case} merged: UNet output change max abs error {err:e} (change up to {scale:.3})"
         );
         assert!(err <= 1e-4 * scale.max(1.0), "{case}: {err}");
+        // DoRA at multiplier 0.5: lycoris scales the norm ratio, not ΔW.
+        if case.ends_with("_dora") {
+            let mut unet = base_unet().clone();
+            lorakit_pipeline::networks::merge_file(&mut unet, &file, 0.5).unwrap();
+            let out = unet.forward(&latents, &timesteps, &context, None).unwrap();
+            let delta = (out - &base).unwrap();
+            let want = npz_tensor(&npz, "unet_delta_m05");
+            let err = max_abs(&delta, &want);
+            let scale = max_abs(&want, &Tensor::zeros_like(&want).unwrap());
+            eprintln!("{case} merged at 0.5: max abs error {err:e} (change up to {scale:.3})");
+            assert!(err <= 1e-4 * scale.max(1.0), "{case} at 0.5: {err}");
+        }
+    }
+}
+
+#[test]
+fn dora_gradients_match_torch_autograd() {
+    // The gradients of sum(change · grad_out) for each parameter of single DoRA modules (a
+    // Linear, 1x1, 3x3 and strided convolutions), against lycoris' module under torch autograd.
+    for case in ["locon_dora", "loha_dora", "lokr_dora"] {
+        let file = fixtures().join(format!("golden/lycoris/{case}.safetensors"));
+        let npz = fixtures().join(format!("golden/lycoris/{case}.npz"));
+        let mut unet = base_unet().clone();
+        let (network, _) = LycorisNetwork::load(&mut unet, &file, 1.0, &Device::Cpu).unwrap();
+        let names: Vec<String> = npyz::npz::NpzArchive::open(&npz)
+            .unwrap()
+            .array_names()
+            .filter_map(|n| n.strip_prefix("grad_out__").map(str::to_string))
+            .filter(|n| n.starts_with("lora_unet_"))
+            .collect();
+        let mut checked = 0;
+        for name in &names {
+            let module = network.modules.iter().find(|m| &m.name == name).unwrap();
+            let grad_out = npz_tensor(&npz, &format!("grad_out__{name}"));
+            let x = npz_tensor(&npz, &format!("x__{name}"));
+            let kind = match module.weight_delta().unwrap().rank() {
+                2 => FrozenKind::Linear,
+                _ => FrozenKind::Conv2d {
+                    stride: if name.contains("downsamplers") { 2 } else { 1 },
+                    padding: module.weight_delta().unwrap().dim(2).unwrap() / 2,
+                },
+            };
+            let change = module.delta(&x, kind).unwrap().unwrap();
+            let grads = (change * grad_out)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (part, var) in module.named_vars() {
+                let want = npz_tensor(&npz, &format!("grad__{name}__{part}"));
+                let got = grads.get(var.as_tensor()).unwrap();
+                let err = max_abs(got, &want);
+                let scale = max_abs(&want, &Tensor::zeros_like(&want).unwrap());
+                eprintln!(
+                    "{case} {name} {part}: gradient max abs error {err:e} (up to {scale:.3e})"
+                );
+                assert!(
+                    err <= 1e-4 * scale.max(1e-3),
+                    "{case} {name} {part}: {err} of {scale}"
+                );
+            }
+            checked += 1;
+        }
+        assert!(checked >= 7, "{case}: {checked} modules checked");
+    }
+}
+
+/// The state dict of a fresh `config` network on the SD1.5 fixture's text encoder and UNet.
+fn fresh_sd15_state(config: &LycorisConfig) -> Vec<(String, Tensor)> {
+    let mut unet = base_unet().clone();
+    let model = fixtures().join("sd15-tiny/model.safetensors");
+    let mut encoders = load_text_encoders(&model, DType::F32, &Device::Cpu).unwrap();
+    let text = &mut encoders.encoders[0];
+    text.set_lora_prefix("lora_te");
+    let mut models = Joined(vec![text as &mut dyn Adaptable, &mut unet]);
+    let network = LycorisNetwork::create(&mut models, config, 3, &Device::Cpu).unwrap();
+    network.state_dict(None).unwrap()
+}
+
+#[test]
+fn lycoris_presets_select_the_layers_lycoris_selects() {
+    // LoCon dim 4 / alpha 2 under the built-in presets and a preset file (golden/lycoris/
+    // preset.toml: target classes, a class excluded by a matching name, names and regexes).
+    let locon = |preset: Preset, conv_dim| LycorisConfig {
+        algo: Algo::Locon,
+        dim: 4,
+        alpha: 2.0,
+        conv_dim,
+        conv_alpha: 2.0,
+        factor: -1,
+        decompose_both: false,
+        dropout: DropoutRates::default(),
+        use_tucker: false,
+        weight_decompose: false,
+        preset,
+    };
+    let preset_file = fixtures().join("golden/lycoris/preset.toml");
+    let cases = [
+        ("preset_attn_mlp", Preset::builtin("attn-mlp").unwrap(), 4),
+        ("preset_attn_only", Preset::builtin("attn-only").unwrap(), 4),
+        (
+            "preset_unet_transformer_only",
+            Preset::builtin("unet-transformer-only").unwrap(),
+            4,
+        ),
+        ("preset_full_lin", Preset::builtin("full-lin").unwrap(), 4),
+        ("preset_unet_only", Preset::builtin("unet-only").unwrap(), 4),
+        (
+            "preset_unet_convblock_only",
+            Preset::builtin("unet-convblock-only").unwrap(),
+            4,
+        ),
+        ("preset_file", Preset::from_file(&preset_file).unwrap(), 2),
+    ];
+    for (case, preset, conv_dim) in cases {
+        let golden = golden_json(case);
+        let state = fresh_sd15_state(&locon(preset, conv_dim));
+        let modules = state.iter().filter(|(k, _)| k.ends_with(".alpha")).count();
+        assert_eq!(
+            modules as u64,
+            golden["modules"].as_u64().unwrap(),
+            "{case}"
+        );
+        assert_eq!(
+            state_key_shapes(&state),
+            golden_key_shapes(&golden["keys"]),
+            "{case}: keys, shapes and dtypes"
+        );
+    }
+}
+
+#[test]
+fn lycoris_locon_on_the_sdxl_fixture_has_lycoris_keys() {
+    // Both text encoders (lora_te1 / lora_te2) and the SDXL UNet, whose conv_in / time_embed
+    // layers have other names than the full preset lists, so they get no module.
+    let model = fixtures().join("sdxl-tiny/model.safetensors");
+    let checkpoint = Checkpoint::open(&model).unwrap();
+    let mapping = unet::ldm_mapping(checkpoint.family());
+    let vb = checkpoint
+        .var_builder(Component::Unet, DType::F32, &Device::Cpu, &mapping)
+        .unwrap();
+    let mut unet = Unet::load(&vb, DType::F32).unwrap();
+    let mut encoders = load_text_encoders(&model, DType::F32, &Device::Cpu).unwrap();
+    let family = encoders.family;
+    let mut models: Vec<&mut dyn Adaptable> = Vec::new();
+    for (encoder, prefix) in (encoders.encoders.iter_mut()).zip(family.text_encoder_lora_prefixes())
+    {
+        encoder.set_lora_prefix(prefix);
+        models.push(encoder);
+    }
+    models.push(&mut unet);
+    let config = LycorisConfig {
+        algo: Algo::Locon,
+        dim: 4,
+        alpha: 2.0,
+        conv_dim: 2,
+        conv_alpha: 1.0,
+        factor: -1,
+        decompose_both: false,
+        dropout: DropoutRates::default(),
+        use_tucker: false,
+        weight_decompose: false,
+        preset: Preset::builtin("full").unwrap(),
+    };
+    let network = LycorisNetwork::create(&mut Joined(models), &config, 3, &Device::Cpu).unwrap();
+    let golden = golden_json("sdxl_locon");
+    assert_eq!(
+        network.modules.len() as u64,
+        golden["modules"].as_u64().unwrap()
+    );
+    let state = network.state_dict(None).unwrap();
+    assert_eq!(
+        state_key_shapes(&state),
+        golden_key_shapes(&golden["keys"]),
+        "keys, shapes and dtypes"
+    );
+    for (key, tensor) in &state {
+        if let Some(module) = key.strip_suffix(".alpha") {
+            let want = golden["alphas"][module].as_f64().unwrap();
+            assert_eq!(tensor.to_scalar::<f32>().unwrap() as f64, want, "{key}");
+        }
     }
 }

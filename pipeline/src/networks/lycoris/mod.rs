@@ -9,7 +9,17 @@
 //! * LoHa: `ΔW = (w1_a · w1_b) ⊙ (w2_a · w2_b) · alpha / dim` (`hada_w1_a`, ...);
 //! * LoKr: `ΔW = (w1 ⊗ w2) · alpha / dim`, `w1` = `lokr_w1` or `lokr_w1_a · lokr_w1_b`, `w2` =
 //!   `lokr_w2` or `lokr_w2_a · lokr_w2_b`; with both full matrices alpha is the dim (scale 1).
+//!
+//! With Tucker decomposition (`use_tucker`, convolutions larger than 1x1) the rank-r products
+//! become `rebuild(t, a, b)[p, q, k, l] = Σ_ij t[i, j, k, l] · a[i, p] · b[j, q]` with a core
+//! `t` `[r, r, k, k]`: LoCon `lora_mid.weight` (`a` = `lora_upᵀ`, `b` = `lora_down`), LoHa
+//! `hada_t1` / `hada_t2`, LoKr `lokr_t2` (for `w2`).
+//!
+//! With DoRA (`dora_wd`, a `dora_scale` tensor) the layer's weight becomes
+//! `(W0 + ΔW) · s` instead, `s = dora_scale / (‖W0 + ΔW‖ + eps)` per output row, and the
+//! multiplier `m` scales `s` to `m · (s − 1) + 1` (see [`WeightDecompose`]).
 
+mod preset;
 mod selection;
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,20 +35,29 @@ use crate::models::frozen::FrozenKind;
 use crate::models::trainable_conv;
 use crate::networks::lora::{serialize_with_hashes, BranchDropout, LoadReport, NO_DROPOUT_STREAM};
 use crate::{Error, Result};
+pub use preset::Preset;
 pub use selection::{factorization, Algo, LycorisConfig};
 
 /// The trainable factors of one module.
 #[derive(Debug, Clone)]
 pub enum Factors {
     /// LoCon (lycoris' LoRA): `lora_down.weight` `[r, in(, k, k)]`, `lora_up.weight`
-    /// `[out, r(, 1, 1)]`.
-    Locon { down: Var, up: Var },
-    /// LoHa: `hada_w1_a` / `hada_w2_a` `[out, r]`, `hada_w1_b` / `hada_w2_b` `[r, in·k·k]`.
+    /// `[out, r(, 1, 1)]`; with Tucker `lora_down.weight` `[r, in, 1, 1]` and the core
+    /// `lora_mid.weight` `[r, r, k, k]`.
+    Locon {
+        down: Var,
+        up: Var,
+        mid: Option<Var>,
+    },
+    /// LoHa: `hada_w1_a` / `hada_w2_a` `[out, r]`, `hada_w1_b` / `hada_w2_b` `[r, in·k·k]`; with
+    /// Tucker `hada_wN_a` `[r, out]`, `hada_wN_b` `[r, in]` and the cores `hada_t1` / `hada_t2`
+    /// `[r, r, k, k]`.
     Loha {
         w1_a: Var,
         w1_b: Var,
         w2_a: Var,
         w2_b: Var,
+        tucker: Option<(Var, Var)>,
     },
     /// LoKr: the small Kronecker factor `w1` and the large one `w2`.
     Lokr { w1: KronFactor, w2: KronFactor },
@@ -51,6 +70,8 @@ pub enum KronFactor {
     Full(Var),
     /// `lokr_wN_a` `[·, r]` and `lokr_wN_b` `[r, ·]`.
     Product(Var, Var),
+    /// `lokr_t2` `[r, r, k, k]`, `lokr_w2_a` `[r, b]`, `lokr_w2_b` `[r, d]` (Tucker, `w2` only).
+    Tucker(Var, Var, Var),
 }
 
 impl KronFactor {
@@ -59,8 +80,71 @@ impl KronFactor {
         match self {
             KronFactor::Full(w) => Ok(w.as_tensor().clone()),
             KronFactor::Product(a, b) => a.as_tensor().matmul(b.as_tensor()),
+            KronFactor::Tucker(t, a, b) => rebuild_tucker(t, a.as_tensor(), b.as_tensor()),
         }
     }
+}
+
+/// lycoris' `rebuild_tucker`: `Σ_ij t[i, j, k, l] · a[i, p] · b[j, q]`, shaped `[p, q, k, l]`.
+fn rebuild_tucker(t: &Tensor, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let (rank_i, rank_j, kh, kw) = t.dims4()?;
+    let (p, q) = (a.dim(1)?, b.dim(1)?);
+    // [p, i] · [i, j·k·l] → [p, j, k·l] → [p, k·l, j] · [j, q] → [p, k·l, q] → [p, q, k, l].
+    let left = a.t()?.matmul(&t.reshape((rank_i, ()))?)?;
+    let left = (left.reshape((p, rank_j, kh * kw))?.transpose(1, 2)?).contiguous()?;
+    let out = left.reshape((p * kh * kw, rank_j))?.matmul(b)?;
+    (out.reshape((p, kh * kw, q))?.transpose(1, 2)?)
+        .contiguous()?
+        .reshape((p, q, kh, kw))
+}
+
+/// DoRA's weight decomposition of one module (lycoris' `weight_decompose`, `dora_wd=True`, with
+/// its default `wd_on_output=True`): the changed weight `W0 + ΔW` is rescaled so that each output
+/// row's norm is the trained `dora_scale`.
+#[derive(Debug, Clone)]
+pub struct WeightDecompose {
+    /// `dora_scale` `[out, 1(, 1, 1)]`, initialised to the norms of the rows of `W0`.
+    pub scale: Var,
+    /// The layer's frozen weight `W0`.
+    base: Tensor,
+}
+
+impl WeightDecompose {
+    /// The decomposition of `layer`'s weight with fresh norms (lycoris' initialisation).
+    fn new(layer: &AdaptableLayer, device: &Device) -> Result<Self> {
+        let base = layer.weight().to_device(device)?;
+        let norms = row_norms(&base.to_dtype(DType::F32)?)?;
+        Ok(Self {
+            scale: Var::from_tensor(&norms)?,
+            base,
+        })
+    }
+
+    /// The weight change `(W0 + diff) · s − W0`, `s = dora_scale / (‖W0 + diff‖ + eps)` per
+    /// output row (eps: float32's machine epsilon), with `s` replaced by
+    /// `multiplier · (s − 1) + 1` when the multiplier is not 1.
+    fn delta(&self, diff: &Tensor, multiplier: f64) -> candle_core::Result<Tensor> {
+        let base = self.base.to_dtype(DType::F32)?;
+        let weight = (&base + diff.to_dtype(DType::F32)?)?;
+        let norms = (row_norms(&weight)? + f32::EPSILON as f64)?;
+        let mut scale = self.scale.as_tensor().div(&norms)?;
+        if multiplier != 1.0 {
+            scale = scale.affine(multiplier, 1.0 - multiplier)?;
+        }
+        weight.broadcast_mul(&scale)? - base
+    }
+}
+
+/// The Euclidean norm of each output row of a weight, shaped `[out, 1(, 1, 1)]`.
+fn row_norms(weight: &Tensor) -> candle_core::Result<Tensor> {
+    let mut shape = vec![1; weight.rank()];
+    shape[0] = weight.dim(0)?;
+    (weight
+        .reshape((shape[0], ()))?
+        .sqr()?
+        .sum_keepdim(1)?
+        .sqrt()?)
+    .reshape(shape)
 }
 
 /// One LyCORIS module on one layer.
@@ -76,6 +160,8 @@ pub struct LycorisModule {
     pub scale: f64,
     /// Multiplier (1.0 in training).
     pub multiplier: f64,
+    /// DoRA's weight decomposition (`dora_wd`), if any.
+    pub dora: Option<WeightDecompose>,
     /// The layer's weight shape.
     shape: Vec<usize>,
     /// Rank and module dropout while training.
@@ -85,24 +171,44 @@ pub struct LycorisModule {
 impl LycorisModule {
     /// The tensors as lycoris names them (after the module name and a dot), in lycoris' order.
     pub fn named_vars(&self) -> Vec<(&'static str, &Var)> {
+        let mut vars = self.factor_vars();
+        if let Some(dora) = &self.dora {
+            vars.push(("dora_scale", &dora.scale));
+        }
+        vars
+    }
+
+    /// The factors' tensors as lycoris names them, in lycoris' order.
+    fn factor_vars(&self) -> Vec<(&'static str, &Var)> {
         match &self.factors {
-            Factors::Locon { down, up } => vec![("lora_up.weight", up), ("lora_down.weight", down)],
+            Factors::Locon { down, up, mid } => {
+                let mut vars = vec![("lora_up.weight", up), ("lora_down.weight", down)];
+                vars.extend(mid.iter().map(|m| ("lora_mid.weight", m)));
+                vars
+            }
             Factors::Loha {
                 w1_a,
                 w1_b,
                 w2_a,
                 w2_b,
-            } => vec![
-                ("hada_w1_a", w1_a),
-                ("hada_w1_b", w1_b),
-                ("hada_w2_a", w2_a),
-                ("hada_w2_b", w2_b),
-            ],
+                tucker,
+            } => {
+                let mut vars = vec![
+                    ("hada_w1_a", w1_a),
+                    ("hada_w1_b", w1_b),
+                    ("hada_w2_a", w2_a),
+                    ("hada_w2_b", w2_b),
+                ];
+                if let Some((t1, t2)) = tucker {
+                    vars.extend([("hada_t1", t1), ("hada_t2", t2)]);
+                }
+                vars
+            }
             Factors::Lokr { w1, w2 } => {
                 let mut vars = Vec::with_capacity(4);
                 match w1 {
                     KronFactor::Full(w) => vars.push(("lokr_w1", w)),
-                    KronFactor::Product(a, b) => {
+                    KronFactor::Product(a, b) | KronFactor::Tucker(_, a, b) => {
                         vars.extend([("lokr_w1_a", a), ("lokr_w1_b", b)]);
                     }
                 }
@@ -111,28 +217,57 @@ impl LycorisModule {
                     KronFactor::Product(a, b) => {
                         vars.extend([("lokr_w2_a", a), ("lokr_w2_b", b)]);
                     }
+                    KronFactor::Tucker(t, a, b) => {
+                        vars.extend([("lokr_w2_a", a), ("lokr_w2_b", b), ("lokr_t2", t)]);
+                    }
                 }
                 vars
             }
         }
     }
 
-    /// The weight change `ΔW · multiplier`, shaped like the layer's weight.
+    /// The change of the layer's weight at this module's multiplier, shaped like the weight:
+    /// `ΔW · multiplier`, or DoRA's rescaled change.
     pub fn weight_delta(&self) -> candle_core::Result<Tensor> {
+        self.scaled_delta(self.factor_delta()?)
+    }
+
+    /// The weight change at the multiplier from `ΔW` (`diff`): `ΔW · multiplier`, or with DoRA
+    /// the decomposed weight's change.
+    fn scaled_delta(&self, diff: Tensor) -> candle_core::Result<Tensor> {
+        match &self.dora {
+            None => diff.affine(self.multiplier, 0.0),
+            Some(dora) => dora.delta(&diff, self.multiplier),
+        }
+    }
+
+    /// `ΔW` of the factors (`· alpha / dim`, no multiplier), shaped like the layer's weight.
+    fn factor_delta(&self) -> candle_core::Result<Tensor> {
         let delta = match &self.factors {
-            Factors::Locon { down, up } => {
+            Factors::Locon { down, up, mid } => {
                 let rank = down.dim(0)?;
                 let up = up.as_tensor().reshape(((), rank))?;
-                up.matmul(&down.as_tensor().reshape((rank, ()))?)?
+                let down = down.as_tensor().reshape((rank, ()))?;
+                match mid {
+                    None => up.matmul(&down)?,
+                    Some(mid) => rebuild_tucker(mid, &up.t()?, &down)?,
+                }
             }
             Factors::Loha {
                 w1_a,
                 w1_b,
                 w2_a,
                 w2_b,
+                tucker,
             } => {
-                (w1_a.as_tensor().matmul(w1_b.as_tensor())?
-                    * w2_a.as_tensor().matmul(w2_b.as_tensor())?)?
+                let (w1_a, w1_b) = (w1_a.as_tensor(), w1_b.as_tensor());
+                let (w2_a, w2_b) = (w2_a.as_tensor(), w2_b.as_tensor());
+                match tucker {
+                    None => (w1_a.matmul(w1_b)? * w2_a.matmul(w2_b)?)?,
+                    Some((t1, t2)) => {
+                        (rebuild_tucker(t1, w1_a, w1_b)? * rebuild_tucker(t2, w2_a, w2_b)?)?
+                    }
+                }
             }
             Factors::Lokr { w1, w2 } => {
                 let w2 = w2.matrix()?;
@@ -141,7 +276,7 @@ impl LycorisModule {
         };
         delta
             .reshape(self.shape.as_slice())?
-            .affine(self.scale * self.multiplier, 0.0)
+            .affine(self.scale, 0.0)
     }
 }
 
@@ -161,19 +296,20 @@ impl LayerAdapter for LycorisModule {
 
     /// `op(x, ΔW · multiplier)` with the layer's own stride and padding, or `None` when module
     /// dropout skips the module for this forward pass. Rank dropout (lycoris' definition for the
-    /// rebuilt weight) zeroes whole output rows of `ΔW`, without rescaling.
+    /// rebuilt weight) zeroes whole output rows of `ΔW` (before DoRA's decomposition), without
+    /// rescaling.
     fn delta(&self, x: &Tensor, kind: FrozenKind) -> candle_core::Result<Option<Tensor>> {
         let mut draw = self.dropout.as_ref().and_then(BranchDropout::draw);
         if draw.as_mut().is_some_and(|d| d.skips_branch()) {
             return Ok(None);
         }
-        let mut delta = self.weight_delta()?;
+        let mut diff = self.factor_delta()?;
         if let Some(draw) = &mut draw {
-            if let Some(mask) = draw.row_mask(delta.dim(0)?, delta.rank(), delta.device())? {
-                delta = delta.broadcast_mul(&mask)?;
+            if let Some(mask) = draw.row_mask(diff.dim(0)?, diff.rank(), diff.device())? {
+                diff = diff.broadcast_mul(&mask)?;
             }
         }
-        let delta = delta.to_dtype(x.dtype())?;
+        let delta = self.scaled_delta(diff)?.to_dtype(x.dtype())?;
         let out = match kind {
             FrozenKind::Linear => x.broadcast_matmul(&delta.t()?)?,
             FrozenKind::Conv2d { stride, padding } => {
@@ -210,8 +346,13 @@ impl LycorisNetwork {
             if failure.is_some() {
                 return;
             }
-            let Some((dim, alpha)) = config.select(layer) else {
-                return;
+            let (dim, alpha) = match config.select(layer) {
+                Ok(Some(selected)) => selected,
+                Ok(None) => return,
+                Err(e) => {
+                    failure = Some(e);
+                    return;
+                }
             };
             match new_module(layer, config, dim, alpha, &mut rng, device) {
                 Ok(mut module) => {
@@ -472,10 +613,16 @@ fn new_module(
     let kernel_size: usize = kernel.iter().product();
     let alpha = if alpha == 0.0 { dim as f32 } else { alpha };
     let mut var = |shape: &[usize], init: Init| new_var(shape, init, rng, device);
+    // Tucker only for kernels larger than 1x1, as lycoris.
+    let tucker = config.use_tucker && kernel_size > 1;
+    let core = [vec![dim, dim], kernel.clone()].concat();
     let (factors, alpha) = match config.algo {
         Algo::Locon => {
             let (down_shape, up_shape) = match layer.kind() {
                 FrozenKind::Linear => (vec![dim, in_dim], vec![out_dim, dim]),
+                FrozenKind::Conv2d { .. } if tucker => {
+                    (vec![dim, in_dim, 1, 1], vec![out_dim, dim, 1, 1])
+                }
                 FrozenKind::Conv2d { .. } => {
                     let mut down = vec![dim, in_dim];
                     down.extend(&kernel);
@@ -483,21 +630,36 @@ fn new_module(
                 }
             };
             let down = var(&down_shape, Init::Kaiming)?;
+            let mid = match tucker {
+                true => Some(var(&core, Init::Kaiming)?),
+                false => None,
+            };
             let up = var(&up_shape, Init::Zeros)?;
-            (Factors::Locon { down, up }, alpha)
+            (Factors::Locon { down, up, mid }, alpha)
         }
         Algo::Loha => {
-            let columns = in_dim * kernel_size;
-            let w1_a = var(&[out_dim, dim], Init::Normal(0.1))?;
-            let w1_b = var(&[dim, columns], Init::Normal(1.0))?;
-            let w2_a = var(&[out_dim, dim], Init::Zeros)?;
-            let w2_b = var(&[dim, columns], Init::Normal(1.0))?;
+            let (a_shape, b_shape) = match tucker {
+                true => ([dim, out_dim], [dim, in_dim]),
+                false => ([out_dim, dim], [dim, in_dim * kernel_size]),
+            };
+            let tucker = match tucker {
+                true => Some((
+                    var(&core, Init::Normal(0.1))?,
+                    var(&core, Init::Normal(0.1))?,
+                )),
+                false => None,
+            };
+            let w1_a = var(&a_shape, Init::Normal(0.1))?;
+            let w1_b = var(&b_shape, Init::Normal(1.0))?;
+            let w2_a = var(&a_shape, Init::Zeros)?;
+            let w2_b = var(&b_shape, Init::Normal(1.0))?;
             (
                 Factors::Loha {
                     w1_a,
                     w1_b,
                     w2_a,
                     w2_b,
+                    tucker,
                 },
                 alpha,
             )
@@ -514,6 +676,11 @@ fn new_module(
                 let mut w2_shape = vec![large.0, large.1];
                 w2_shape.extend(&kernel);
                 KronFactor::Full(var(&w2_shape, Init::Zeros)?)
+            } else if tucker {
+                let t = var(&core, Init::Kaiming)?;
+                let a = var(&[dim, large.0], Init::Kaiming)?;
+                let b = var(&[dim, large.1], Init::Zeros)?;
+                KronFactor::Tucker(t, a, b)
             } else {
                 let a = var(&[large.0, dim], Init::Kaiming)?;
                 let b = var(&[dim, large.1 * kernel_size], Init::Zeros)?;
@@ -535,12 +702,17 @@ fn new_module(
             (Factors::Lokr { w1, w2 }, alpha)
         }
     };
+    let dora = match config.weight_decompose {
+        true => Some(WeightDecompose::new(layer, device)?),
+        false => None,
+    };
     Ok(LycorisModule {
         name: layer.lora_name(),
         factors,
         alpha,
         scale: alpha as f64 / dim as f64,
         multiplier: 1.0,
+        dora,
         shape,
         dropout: None,
     })
@@ -595,20 +767,25 @@ fn module_from_tensors(
     path: &Path,
 ) -> Result<LycorisModule> {
     let bad = |message: String| Error::bad_file(path, message);
-    for unsupported in [
-        "lora_mid.weight",
-        "hada_t1",
-        "hada_t2",
-        "lokr_t2",
-        "dora_scale",
-    ] {
-        if tensors.contains_key(unsupported) {
-            return Err(bad(format!(
-                "module {name} has {unsupported}: Tucker (use_tucker) and DoRA (dora_wd) modules \
-                 are not supported; LoCon, LoHa and LoKr without them are"
-            )));
+    let dora = match tensors.remove("dora_scale") {
+        Some(norms) => {
+            let weight = layer.weight();
+            let mut shape = vec![1; weight.rank()];
+            shape[0] = weight.dim(0)?;
+            if norms.dims() != shape.as_slice() {
+                return Err(bad(format!(
+                    "module {name}: dora_scale has shape {:?}, not {shape:?} (one norm per output \
+                     row, lycoris' default wd_on_output=True); other layouts are not supported",
+                    norms.dims()
+                )));
+            }
+            Some(WeightDecompose {
+                scale: Var::from_tensor(&norms.to_dtype(DType::F32)?.to_device(device)?)?,
+                base: weight.to_device(device)?,
+            })
         }
-    }
+        None => None,
+    };
     let alpha = match tensors.remove("alpha") {
         Some(alpha) => Some(alpha.to_dtype(DType::F32)?.to_scalar::<f32>()?),
         None => None,
@@ -624,12 +801,17 @@ fn module_from_tensors(
     let (factors, dim) = if let Some(down) = take("lora_down.weight")? {
         let up = take("lora_up.weight")?
             .ok_or_else(|| bad(format!("module {name} has lora_down but no lora_up")))?;
+        let mid = take("lora_mid.weight")?;
         let dim = down.dim(0)?;
-        (Factors::Locon { down, up }, dim)
+        (Factors::Locon { down, up, mid }, dim)
     } else if let Some(w1_a) = take("hada_w1_a")? {
         let mut need =
             |part: &str| take(part)?.ok_or_else(|| bad(format!("LoHa module {name} lacks {part}")));
         let (w1_b, w2_a, w2_b) = (need("hada_w1_b")?, need("hada_w2_a")?, need("hada_w2_b")?);
+        let tucker = match need("hada_t1") {
+            Ok(t1) => Some((t1, need("hada_t2")?)),
+            Err(_) => None,
+        };
         let dim = w1_b.dim(0)?;
         (
             Factors::Loha {
@@ -637,6 +819,7 @@ fn module_from_tensors(
                 w1_b,
                 w2_a,
                 w2_b,
+                tucker,
             },
             dim,
         )
@@ -645,11 +828,18 @@ fn module_from_tensors(
             if let Some(w) = take(&format!("lokr_w{n}"))? {
                 return Ok(Some(KronFactor::Full(w)));
             }
+            let core = match n {
+                2 => take("lokr_t2")?,
+                _ => None,
+            };
             match (
                 take(&format!("lokr_w{n}_a"))?,
                 take(&format!("lokr_w{n}_b"))?,
             ) {
-                (Some(a), Some(b)) => Ok(Some(KronFactor::Product(a, b))),
+                (Some(a), Some(b)) => Ok(Some(match core {
+                    Some(t) => KronFactor::Tucker(t, a, b),
+                    None => KronFactor::Product(a, b),
+                })),
                 (None, None) => Ok(None),
                 _ => Err(bad(format!(
                     "LoKr module {name} has only one of lokr_w{n}_a / _b"
@@ -658,9 +848,11 @@ fn module_from_tensors(
         };
         match (factor(1)?, factor(2)?) {
             (Some(w1), Some(w2)) => {
-                // lycoris reads the dim from w1_a, else w2_a, else it is 1 (two full matrices).
+                // lycoris reads the dim from w1_a, else w2_a, else it is 1 (two full matrices);
+                // a Tucker core is [dim, dim, k, k].
                 let dim = match (&w1, &w2) {
                     (KronFactor::Product(a, _), _) | (_, KronFactor::Product(a, _)) => a.dim(1)?,
+                    (_, KronFactor::Tucker(t, _, _)) => t.dim(0)?,
                     _ => 1,
                 };
                 (Factors::Lokr { w1, w2 }, dim)
@@ -696,10 +888,11 @@ fn module_from_tensors(
         alpha,
         scale: alpha as f64 / dim as f64,
         multiplier,
+        dora,
         shape: layer.weight().dims().to_vec(),
         dropout: None,
     };
-    let delta_count = module.weight_delta().map(|d| d.elem_count()).unwrap_or(0);
+    let delta_count = module.factor_delta().map(|d| d.elem_count()).unwrap_or(0);
     if delta_count != layer.weight().elem_count() {
         return Err(bad(format!(
             "module {name} does not fit the layer weight {:?}: the file was trained for a \

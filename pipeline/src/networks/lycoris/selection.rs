@@ -1,9 +1,11 @@
-//! Which layers `lycoris.kohya` gives a module, with what dim and alpha, under its default
-//! `full` preset, and LoKr's factorisation of a dimension.
+//! Which layers `lycoris.kohya` gives a module, with what dim and alpha, under a preset, and
+//! LoKr's factorisation of a dimension.
 
-use crate::models::adapter::{AdaptableLayer, Container};
+use super::preset::Preset;
+use crate::models::adapter::AdaptableLayer;
 use crate::models::frozen::FrozenKind;
 use crate::networks::lora::DropoutRates;
+use crate::{Error, Result};
 
 /// The LyCORIS algorithm (`algo=` network argument).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,46 +51,46 @@ pub struct LycorisConfig {
     /// `rank_dropout` and `module_dropout` (the neuron rate is unused: lycoris' `dropout` has no
     /// effect on the rebuilt weight).
     pub dropout: DropoutRates,
+    /// Tucker decomposition of convolutions larger than 1x1 (`use_tucker`).
+    pub use_tucker: bool,
+    /// DoRA's weight decomposition on every module (`dora_wd`).
+    pub weight_decompose: bool,
+    /// Which layers get a module (`preset`, default `full`).
+    pub preset: Preset,
 }
 
-/// Layers outside the target blocks that the `full` preset adapts (diffusers names; SDXL's
-/// UNet names them otherwise, so there they match nothing, as in lycoris).
-const FULL_UNET_NAMES: [&str; 4] = [
-    "conv_in",
-    "conv_out",
-    "time_embedding.linear_1",
-    "time_embedding.linear_2",
-];
-
 impl LycorisConfig {
-    /// Dim and alpha for a layer, or `None` when it gets no module: every Linear and
-    /// convolution inside `Transformer2DModel`, `ResnetBlock2D`, `Downsample2D`,
-    /// `Upsample2D` and the text encoders' attention and MLP blocks, plus `FULL_UNET_NAMES`;
-    /// a convolution whose kernel is not 1 wide uses `conv_dim` / `conv_alpha`.
-    pub fn select(&self, layer: &AdaptableLayer) -> Option<(usize, f32)> {
-        let targeted = match layer.container {
-            Container::Transformer
-            | Container::Resnet
-            | Container::Downsample
-            | Container::Upsample
-            | Container::TextEncoder => true,
-            Container::Other => FULL_UNET_NAMES.contains(&layer.path.as_str()),
-        };
-        if !targeted {
-            return None;
+    /// Dim and alpha for a layer, or `None` when the preset gives it no module; a convolution
+    /// whose kernel is not 1 wide uses `conv_dim` / `conv_alpha` (none when the preset disables
+    /// convolutions). A layer the preset selects twice is an error, as in lycoris.
+    pub fn select(&self, layer: &AdaptableLayer) -> Result<Option<(usize, f32)>> {
+        match self.preset.selections(layer) {
+            0 => return Ok(None),
+            1 => {}
+            _ => {
+                return Err(Error::Usage(format!(
+                    "the preset selects {} twice (by two target classes, or by a class and its \
+                     name); lycoris stops with \"duplicated lora name\"",
+                    layer.lora_name()
+                )))
+            }
         }
         let pointwise = match layer.kind() {
             FrozenKind::Linear => true,
             FrozenKind::Conv2d { .. } => layer.weight().dims()[2] == 1,
         };
-        let (dim, alpha) = if pointwise && self.dim > 0 {
-            (self.dim, self.alpha)
-        } else if !pointwise && self.conv_dim > 0 {
-            (self.conv_dim, self.conv_alpha)
+        let conv_dim = if self.preset.enable_conv {
+            self.conv_dim
         } else {
-            return None;
+            0
         };
-        Some((dim, alpha))
+        Ok(if pointwise && self.dim > 0 {
+            Some((self.dim, self.alpha))
+        } else if !pointwise && conv_dim > 0 {
+            Some((conv_dim, self.conv_alpha))
+        } else {
+            None
+        })
     }
 }
 

@@ -21,7 +21,7 @@ use crate::{Error, Result};
 use tensors::TensorFile;
 
 /// LyCORIS tensor-name endings (lycoris-lora's LoHa, LoKr, (IA)^3, full, DoRA and norm modules).
-pub const LYCORIS_SUFFIXES: [&str; 16] = [
+pub const LYCORIS_SUFFIXES: [&str; 17] = [
     ".hada_w1_a",
     ".hada_w1_b",
     ".hada_w2_a",
@@ -36,6 +36,7 @@ pub const LYCORIS_SUFFIXES: [&str; 16] = [
     ".lokr_w2_b",
     ".lokr_t2",
     ".dora_scale",
+    ".lora_mid",
     ".diff",
     ".on_input",
 ];
@@ -56,6 +57,21 @@ pub struct ModuleKeys {
 /// The kohya LoRA modules (`lora_down`/`lora_up`/`alpha`) of `file`, by name; a file with none
 /// is refused with a message saying what it seems to be instead.
 pub fn lora_modules(file: &TensorFile, path: &Path) -> Result<BTreeMap<String, ModuleKeys>> {
+    // A LoCon module with DoRA's norms or a Tucker core is more than up · down: the sd-scripts
+    // scripts would drop those tensors and write a wrong result.
+    let extended = (file.tensors.keys())
+        .find(|k| k.ends_with(".dora_scale") || k.ends_with(".lora_mid.weight"));
+    if let Some(key) = extended {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "{key}: a LyCORIS LoCon file with DoRA (dora_scale) or Tucker (lora_mid) tensors; \
+                 this tool handles plain lora_down/lora_up modules only; to merge it into a \
+                 checkpoint use lycoris-lora's own merge (tools/merge.py of the LyCORIS \
+                 repository); check-lora lists its weights"
+            ),
+        ));
+    }
     let mut modules = BTreeMap::new();
     for key in file.tensors.keys() {
         if let Some(name) = key.strip_suffix(".lora_down.weight") {

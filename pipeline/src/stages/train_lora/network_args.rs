@@ -3,7 +3,7 @@
 //! per-block learning-rate weights, rank and module dropout, and LoRA+.
 
 use crate::networks::lora::{Alpha, BlockDims, BlockLayout, DropoutRates, LoraConfig};
-use crate::networks::lycoris::{Algo, LycorisConfig};
+use crate::networks::lycoris::{Algo, LycorisConfig, Preset};
 use crate::{Error, Result};
 
 use super::TrainArgs;
@@ -285,9 +285,14 @@ fn lycoris_config(
     let mut take = |key: &str| given.remove(key);
     let algo_name = take("algo").unwrap_or_else(|| "lora".into());
     let algo = Algo::parse(&algo_name).ok_or_else(|| {
+        let why = match algo_name.to_lowercase().as_str() {
+            // lycoris-lora 3.4.0's module table lacks ia3: lycoris.kohya stops with KeyError.
+            "ia3" => "lycoris-lora 3.4.0's lycoris.kohya cannot build it either (KeyError 'ia3')",
+            _ => "not supported",
+        };
         Error::Usage(format!(
-            "--network_args algo={algo_name}: not supported; lycoris.kohya's locon (lora), loha \
-             and lokr are"
+            "--network_args algo={algo_name}: {why}; lycoris.kohya's locon (lora), loha and lokr \
+             are supported"
         ))
     })?;
     let dim = args.network_dim.unwrap_or(4);
@@ -332,20 +337,50 @@ fn lycoris_config(
              neither to the rebuilt weight); rank_dropout and module_dropout do"
         );
     }
-    if let Some(preset) = take("preset") {
-        if preset != "full" {
+    let weight_decompose = take("dora_wd").is_some_and(|v| lycoris_bool(&v));
+    if let Some(value) = take("wd_on_output") {
+        if weight_decompose && !lycoris_bool(&value) {
             return Err(Error::Usage(format!(
-                "--network_args preset={preset}: only lycoris' default preset, full, is supported"
+                "--network_args wd_on_output={value}: DoRA's decomposition by input column is not \
+                 supported; leave wd_on_output out (lycoris' default, by output row)"
             )));
         }
     }
-    const OFF_ONLY: [(&str, &str); 16] = [
-        ("use_tucker", "Tucker decomposition"),
-        ("use_conv_cp", "Tucker decomposition"),
-        ("use_cp", "Tucker decomposition"),
+    let preset = match take("preset") {
+        None => Preset::builtin("full").expect("the full preset"),
+        Some(name) => match Preset::builtin(&name) {
+            Some(preset) => preset,
+            None if name == "ia3" => {
+                return Err(Error::Usage(
+                    "--network_args preset=ia3: per-layer (IA)^3 options are not supported; \
+                     the other built-in presets and preset files are"
+                        .into(),
+                ))
+            }
+            None if std::path::Path::new(&name).is_file() => {
+                Preset::from_file(std::path::Path::new(&name))?
+            }
+            None => {
+                return Err(Error::Usage(format!(
+                    "--network_args preset={name}: neither one of lycoris' presets (full, \
+                     full-lin, attn-mlp, attn-only, unet-only, unet-transformer-only, \
+                     unet-convblock-only) nor a preset TOML file"
+                )))
+            }
+        },
+    };
+    let use_tucker = take("use_tucker").is_some_and(|v| lycoris_bool(&v));
+    for key in ["use_cp", "use_conv_cp", "disable_conv_cp"] {
+        if take(key).is_some() {
+            // lycoris copies these deprecated names' values onto use_tucker and then reads them
+            // with Python truthiness, so their meaning depends on the order and spelling.
+            return Err(Error::Usage(format!(
+                "--network_args {key}: lycoris' deprecated name; give use_tucker=True instead"
+            )));
+        }
+    }
+    const OFF_ONLY: [(&str, &str); 11] = [
         ("use_scalar", "the trainable scalar"),
-        ("dora_wd", "DoRA weight decomposition"),
-        ("wd_on_output", "DoRA weight decomposition"),
         ("train_norm", "training the norm layers"),
         ("bypass_mode", "the bypass forward pass"),
         ("rs_lora", "rank-stabilised scaling"),
@@ -363,35 +398,27 @@ fn lycoris_config(
     for (key, what) in OFF_ONLY {
         if let Some(value) = take(key) {
             let on = match key {
-                // LoRA+ ratios are numbers; wd_on_output only matters with dora_wd.
+                // LoRA+ ratios are numbers.
                 "loraplus_lr_ratio" | "loraplus_unet_lr_ratio" => {
                     number::<f64>(key, &value)? != 0.0
                 }
-                "wd_on_output" => false,
                 _ => lycoris_bool(&value),
             };
             if on {
                 return Err(Error::Usage(format!(
                     "--network_args {key}={value}: {what} is not supported with lycoris.kohya; \
                      supported: algo=locon|loha|lokr, conv_dim, conv_alpha, factor, \
-                     decompose_both, rank_dropout, module_dropout, dropout (no effect), \
-                     preset=full"
+                     decompose_both, use_tucker, dora_wd, rank_dropout, module_dropout, dropout (no effect), \
+                     preset"
                 )));
             }
-        }
-    }
-    if let Some(value) = take("disable_conv_cp") {
-        if !lycoris_bool(&value) {
-            return Err(Error::Usage(format!(
-                "--network_args disable_conv_cp={value}: Tucker decomposition is not supported \
-                 with lycoris.kohya"
-            )));
         }
     }
     if let Some(key) = given.keys().next() {
         return Err(Error::Usage(format!(
             "--network_args {key}: not supported with lycoris.kohya (supported: algo, conv_dim, \
-             conv_alpha, factor, decompose_both, rank_dropout, module_dropout, dropout, preset)"
+             conv_alpha, factor, decompose_both, use_tucker, dora_wd, rank_dropout, module_dropout, dropout, \
+             preset)"
         )));
     }
     Ok(LycorisConfig {
@@ -403,6 +430,9 @@ fn lycoris_config(
         factor,
         decompose_both,
         dropout,
+        use_tucker,
+        weight_decompose,
+        preset,
     })
 }
 

@@ -1,0 +1,454 @@
+//! lycoris' presets (`preset=` network argument): which layers of the UNet and the text encoders
+//! get a module, by the class of a containing sd-scripts module or by the layer's name, as
+//! lycoris-lora 3.4.0's `LycorisNetworkKohya` selects them.
+
+use std::path::Path;
+
+use regex::Regex;
+
+use crate::models::adapter::{AdaptableLayer, Container};
+use crate::models::frozen::FrozenKind;
+use crate::{Error, Result};
+
+/// The sd-scripts classes lorakit locates around a layer (see [`containers`]); a preset may name
+/// these.
+const MODELLED_CLASSES: [&str; 13] = [
+    "Transformer2DModel",
+    "BasicTransformerBlock",
+    "CrossAttention",
+    "FeedForward",
+    "GEGLU",
+    "ResnetBlock2D",
+    "Downsample2D",
+    "Upsample2D",
+    "CLIPEncoderLayer",
+    "CLIPAttention",
+    "CLIPMLP",
+    "Linear",
+    "Conv2d",
+];
+
+/// Classes lycoris' built-in presets list that no module of the SD1/SD2/SDXL models of sd-scripts
+/// (with transformers 4.54) has: they select nothing here, as in lycoris.
+const ABSENT_CLASSES: [&str; 20] = [
+    "HunYuanDiTBlock",
+    "DoubleStreamBlock",
+    "SingleStreamBlock",
+    "SingleDiTBlock",
+    "MMDoubleStreamBlock",
+    "MMSingleStreamBlock",
+    "WanAttentionBlock",
+    "HunyuanVideoTransformerBlock",
+    "HunyuanVideoSingleTransformerBlock",
+    "JointTransformerBlock",
+    "FinalLayer",
+    "QwenImageTransformerBlock",
+    "SelfAttention",
+    "CLIPSdpaAttention",
+    "MT5Block",
+    "BertLayer",
+    "Gemma2Attention",
+    "Gemma2FlashAttention2",
+    "Gemma2SdpaAttention",
+    "Gemma2MLP",
+];
+
+/// Other text-encoder classes of lycoris' `attn-only` preset that SD models lack.
+const ABSENT_TEXT_CLASSES: [&str; 2] = ["BertAttention", "MT5LayerSelfAttention"];
+
+/// A lycoris preset as `lycoris.kohya` applies it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preset {
+    /// Convolutions larger than 1x1 get modules (`enable_conv`; false sets `conv_dim` to 0).
+    pub enable_conv: bool,
+    /// UNet classes whose Linear and convolution layers get modules (`unet_target_module`).
+    pub unet_target_module: Vec<String>,
+    /// UNet layer names (exact, or a regex matched at the start of the name; with
+    /// `use_fnmatch` a glob) that get a module themselves (`unet_target_name`).
+    pub unet_target_name: Vec<String>,
+    /// The text encoders' counterparts (`text_encoder_target_module`).
+    pub text_encoder_target_module: Vec<String>,
+    /// `text_encoder_target_name`.
+    pub text_encoder_target_name: Vec<String>,
+    /// Names are globs (Python's `fnmatch`) instead of regexes (`use_fnmatch`).
+    pub use_fnmatch: bool,
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// The UNet classes of lycoris' `full` preset that follow `Transformer2DModel` in its list.
+const OTHER_TRANSFORMERS: [&str; 12] = [
+    "HunYuanDiTBlock",
+    "DoubleStreamBlock",
+    "SingleStreamBlock",
+    "SingleDiTBlock",
+    "MMDoubleStreamBlock",
+    "MMSingleStreamBlock",
+    "WanAttentionBlock",
+    "HunyuanVideoTransformerBlock",
+    "HunyuanVideoSingleTransformerBlock",
+    "JointTransformerBlock",
+    "FinalLayer",
+    "QwenImageTransformerBlock",
+];
+
+impl Preset {
+    /// The built-in presets of lycoris-lora 3.4.0 that lorakit implements: `full` (the default),
+    /// `full-lin`, `attn-mlp`, `attn-only`, `unet-only`, `unet-transformer-only` and
+    /// `unet-convblock-only`.
+    pub fn builtin(name: &str) -> Option<Self> {
+        let transformers = || {
+            let mut list = vec!["Transformer2DModel".to_string()];
+            list.extend(strings(&OTHER_TRANSFORMERS));
+            list
+        };
+        let full_unet = || {
+            let mut list = transformers();
+            list.splice(
+                1..1,
+                strings(&["ResnetBlock2D", "Downsample2D", "Upsample2D"]),
+            );
+            list
+        };
+        let full_names = || {
+            strings(&[
+                "conv_in",
+                "conv_out",
+                "time_embedding.linear_1",
+                "time_embedding.linear_2",
+            ])
+        };
+        let full_text = || {
+            strings(&[
+                "CLIPAttention",
+                "CLIPSdpaAttention",
+                "CLIPMLP",
+                "MT5Block",
+                "BertLayer",
+                "Gemma2Attention",
+                "Gemma2FlashAttention2",
+                "Gemma2SdpaAttention",
+                "Gemma2MLP",
+            ])
+        };
+        let preset = |enable_conv, unet_module, unet_name, text_module| Preset {
+            enable_conv,
+            unet_target_module: unet_module,
+            unet_target_name: unet_name,
+            text_encoder_target_module: text_module,
+            text_encoder_target_name: Vec::new(),
+            use_fnmatch: false,
+        };
+        Some(match name {
+            "full" => preset(true, full_unet(), full_names(), full_text()),
+            "full-lin" => {
+                let mut unet = transformers();
+                unet.insert(1, "ResnetBlock2D".into());
+                let names = strings(&["time_embedding.linear_1", "time_embedding.linear_2"]);
+                preset(false, unet, names, full_text())
+            }
+            "attn-mlp" => preset(false, transformers(), Vec::new(), full_text()),
+            "attn-only" => {
+                let mut text = strings(&["CLIPAttention", "CLIPSdpaAttention"]);
+                text.extend(strings(&ABSENT_TEXT_CLASSES));
+                text.extend(strings(&[
+                    "Gemma2Attention",
+                    "Gemma2FlashAttention2",
+                    "Gemma2SdpaAttention",
+                ]));
+                let unet = strings(&["CrossAttention", "SelfAttention"]);
+                preset(false, unet, Vec::new(), text)
+            }
+            "unet-only" => preset(true, full_unet(), full_names(), Vec::new()),
+            "unet-transformer-only" => preset(false, transformers(), Vec::new(), Vec::new()),
+            "unet-convblock-only" => {
+                let unet = strings(&["ResnetBlock2D", "Downsample2D", "Upsample2D"]);
+                preset(true, unet, strings(&["conv_in", "conv_out"]), Vec::new())
+            }
+            _ => return None,
+        })
+    }
+
+    /// A preset TOML file as lycoris-lora 3.4.0 reads it for `lycoris.kohya`: `enable_conv`,
+    /// `unet_target_module`, `unet_target_name`, `text_encoder_target_module`,
+    /// `text_encoder_target_name` and `use_fnmatch`; a key left out keeps the `full` preset's
+    /// value. Keys `lycoris.kohya` ignores (`target_module`, `target_name`, `exclude_name`,
+    /// `lora_prefix`), per-module algorithms (`module_algo_map`, `name_algo_map`), unknown keys
+    /// and classes lorakit does not locate are refused.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e| Error::bad_file(path, format!("not a TOML preset ({e})")))?;
+        let bad = |message: String| Error::bad_file(path, message);
+        let mut preset = Self::builtin("full").expect("the full preset");
+        for (key, value) in &table {
+            let list = || -> Result<Vec<String>> {
+                let items = value
+                    .as_array()
+                    .ok_or_else(|| bad(format!("{key} must be a list of strings")))?;
+                (items.iter())
+                    .map(|item| {
+                        (item.as_str().map(str::to_string))
+                            .ok_or_else(|| bad(format!("{key} must be a list of strings")))
+                    })
+                    .collect()
+            };
+            let flag =
+                || (value.as_bool()).ok_or_else(|| bad(format!("{key} must be true or false")));
+            match key.as_str() {
+                "enable_conv" => preset.enable_conv = flag()?,
+                "use_fnmatch" => preset.use_fnmatch = flag()?,
+                "unet_target_module" => preset.unet_target_module = list()?,
+                "unet_target_name" => preset.unet_target_name = list()?,
+                "text_encoder_target_module" => preset.text_encoder_target_module = list()?,
+                "text_encoder_target_name" => preset.text_encoder_target_name = list()?,
+                "module_algo_map" | "name_algo_map" => {
+                    let empty = value.as_table().is_some_and(|t| t.is_empty());
+                    if !empty {
+                        return Err(bad(format!(
+                            "{key}: per-module algorithms and options are not supported; give \
+                             one algo= for the whole network"
+                        )));
+                    }
+                }
+                "target_module" | "target_name" | "exclude_name" | "lora_prefix" => {
+                    return Err(bad(format!(
+                        "{key}: lycoris.kohya ignores this key; use unet_target_module, \
+                         unet_target_name, text_encoder_target_module and \
+                         text_encoder_target_name"
+                    )))
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "unknown preset key {key} (lycoris.kohya reads enable_conv, \
+                         unet_target_module, unet_target_name, text_encoder_target_module, \
+                         text_encoder_target_name and use_fnmatch)"
+                    )))
+                }
+            }
+        }
+        let modules = preset.unet_target_module.iter();
+        for class in modules.chain(&preset.text_encoder_target_module) {
+            let known = MODELLED_CLASSES.contains(&class.as_str())
+                || ABSENT_CLASSES.contains(&class.as_str())
+                || ABSENT_TEXT_CLASSES.contains(&class.as_str());
+            if !known {
+                return Err(bad(format!(
+                    "target module class {class} is not one lorakit locates; it knows {}",
+                    MODELLED_CLASSES.join(", ")
+                )));
+            }
+        }
+        let names = preset.unet_target_name.iter();
+        for name in names.chain(&preset.text_encoder_target_name) {
+            preset
+                .pattern(name)
+                .map_err(|e| bad(format!("target name {name}: {e}")))?;
+        }
+        Ok(preset)
+    }
+
+    /// A target name as a regex: Python's `re.match` (anchored at the start), or with
+    /// `use_fnmatch` a whole-name glob (`*`, `?`, `[...]`).
+    fn pattern(&self, name: &str) -> std::result::Result<Regex, regex::Error> {
+        if !self.use_fnmatch {
+            return Regex::new(&format!("^(?:{name})"));
+        }
+        let mut out = String::from("^(?s:");
+        let mut chars = name.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '*' => out.push_str(".*"),
+                '?' => out.push('.'),
+                '[' => {
+                    let mut class = String::from("[");
+                    if chars.peek() == Some(&'!') {
+                        chars.next();
+                        class.push('^');
+                    }
+                    for c in chars.by_ref() {
+                        if c == ']' {
+                            break;
+                        }
+                        if c == '\\' || c == '[' {
+                            class.push('\\');
+                        }
+                        class.push(c);
+                    }
+                    class.push(']');
+                    out.push_str(&class);
+                }
+                c => out.push_str(&regex::escape(&c.to_string())),
+            }
+        }
+        out.push_str(")$");
+        Regex::new(&out)
+    }
+
+    /// True when `name` is one of `names` or matches one as a pattern.
+    fn names_match(&self, names: &[String], name: &str) -> bool {
+        (names.iter()).any(|t| t == name || self.pattern(t).is_ok_and(|re| re.is_match(name)))
+    }
+
+    /// How many times lycoris would create a module for `layer`: once for each containing
+    /// target class whose module name matches no target name, and once when the layer's own
+    /// name matches one (more than once is lycoris' "duplicated lora name" error).
+    pub fn selections(&self, layer: &AdaptableLayer) -> usize {
+        let (modules, names) = match layer.lora_prefix {
+            "lora_unet" => (&self.unet_target_module, &self.unet_target_name),
+            _ => (
+                &self.text_encoder_target_module,
+                &self.text_encoder_target_name,
+            ),
+        };
+        let by_class = (containers(layer).into_iter())
+            .filter(|(path, class)| {
+                modules.iter().any(|m| m == class) && !self.names_match(names, path)
+            })
+            .count();
+        by_class + usize::from(self.names_match(names, &layer.path))
+    }
+}
+
+/// The sd-scripts modules that contain `layer` (itself included), outermost first, as (module
+/// name, class): e.g. `down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k` lies in
+/// `Transformer2DModel`, `BasicTransformerBlock` and `CrossAttention` and is a `Linear`.
+/// Block-level classes (`CrossAttnDownBlock2D`, `CLIPEncoder`, ...) are not located.
+fn containers(layer: &AdaptableLayer) -> Vec<(String, &'static str)> {
+    let path = layer.path.as_str();
+    let before = |marker: &str| path.find(marker).map(|i| path[..i].to_string());
+    let parent = |levels: usize| {
+        let parts: Vec<&str> = path.split('.').collect();
+        parts[..parts.len().saturating_sub(levels)].join(".")
+    };
+    let mut out = Vec::new();
+    match layer.container {
+        Container::Transformer => {
+            let root = [".transformer_blocks.", ".proj_in", ".proj_out"]
+                .iter()
+                .filter_map(|m| before(m))
+                .min_by_key(|r| r.len());
+            if let Some(root) = root {
+                out.push((root.clone(), "Transformer2DModel"));
+            }
+            if let Some(i) = path.find(".transformer_blocks.") {
+                let after = &path[i + ".transformer_blocks.".len()..];
+                let index = after.split('.').next().unwrap_or("");
+                let block = format!("{}.transformer_blocks.{index}", &path[..i]);
+                out.push((block.clone(), "BasicTransformerBlock"));
+                for (part, class) in [
+                    ("attn1", "CrossAttention"),
+                    ("attn2", "CrossAttention"),
+                    ("ff", "FeedForward"),
+                ] {
+                    let inner = format!("{block}.{part}");
+                    if path.starts_with(&format!("{inner}.")) {
+                        if path.starts_with(&format!("{inner}.net.0.")) {
+                            out.push((inner.clone(), class));
+                            out.push((format!("{inner}.net.0"), "GEGLU"));
+                        } else {
+                            out.push((inner, class));
+                        }
+                    }
+                }
+            }
+        }
+        Container::Resnet => {
+            // SDXL's ResNet layers sit one level deeper (`in_layers.2`, `emb_layers.1`, ...).
+            let parts: Vec<&str> = path.split('.').collect();
+            let nested = parts.len() >= 2 && parts[parts.len() - 2].ends_with("_layers");
+            out.push((parent(if nested { 2 } else { 1 }), "ResnetBlock2D"));
+        }
+        Container::Downsample => out.push((parent(1), "Downsample2D")),
+        Container::Upsample => out.push((parent(1), "Upsample2D")),
+        Container::TextEncoder => {
+            if let Some(i) = path.find(".layers.") {
+                let after = &path[i + ".layers.".len()..];
+                let index = after.split('.').next().unwrap_or("");
+                out.push((format!("{}.layers.{index}", &path[..i]), "CLIPEncoderLayer"));
+            }
+            if let Some(root) = before(".self_attn.") {
+                out.push((format!("{root}.self_attn"), "CLIPAttention"));
+            } else if let Some(root) = before(".mlp.") {
+                out.push((format!("{root}.mlp"), "CLIPMLP"));
+            }
+        }
+        Container::Other => {}
+    }
+    let leaf = match layer.kind() {
+        FrozenKind::Linear => "Linear",
+        FrozenKind::Conv2d { .. } => "Conv2d",
+    };
+    out.push((path.to_string(), leaf));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Preset;
+
+    fn preset_file(text: &str) -> crate::Result<Preset> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("preset.toml");
+        std::fs::write(&path, text).unwrap();
+        Preset::from_file(&path)
+    }
+
+    #[test]
+    fn a_key_left_out_keeps_the_full_presets_value() {
+        let preset =
+            preset_file("enable_conv = false\nunet_target_module = [\"CrossAttention\"]\n")
+                .unwrap();
+        let full = Preset::builtin("full").unwrap();
+        assert!(!preset.enable_conv);
+        assert_eq!(preset.unet_target_module, ["CrossAttention"]);
+        assert_eq!(preset.unet_target_name, full.unet_target_name);
+        assert_eq!(
+            preset.text_encoder_target_module,
+            full.text_encoder_target_module
+        );
+    }
+
+    #[test]
+    fn keys_and_classes_lorakit_does_not_apply_are_refused() {
+        for (text, named) in [
+            ("target_module = [\"ResnetBlock2D\"]", "unet_target_module"),
+            (
+                "[module_algo_map.CrossAttention]\nalgo = \"lokr\"",
+                "module_algo_map",
+            ),
+            (
+                "unet_target_module = [\"CrossAttnDownBlock2D\"]",
+                "CrossAttnDownBlock2D",
+            ),
+            ("unet_target_name = [\"(\"]", "target name ("),
+            ("dim = 4", "unknown preset key dim"),
+        ] {
+            let message = preset_file(text).unwrap_err().to_string();
+            assert!(message.contains(named), "{text}: {message}");
+        }
+        // An empty map changes nothing and is accepted.
+        assert!(preset_file("[name_algo_map]\n").is_ok());
+    }
+
+    #[test]
+    fn names_match_as_python_re_match_or_fnmatch() {
+        let mut preset = Preset::builtin("full").unwrap();
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // re.match: anchored at the start only.
+        assert!(preset.names_match(&names(&["down_blocks\\.0"]), "down_blocks.0.resnets.1"));
+        assert!(!preset.names_match(&names(&["resnets"]), "down_blocks.0.resnets.1"));
+        // fnmatch: the whole name, with *, ? and [...].
+        preset.use_fnmatch = true;
+        assert!(preset.names_match(&names(&["*.resnets.[01]"]), "down_blocks.0.resnets.1"));
+        assert!(!preset.names_match(&names(&["*.resnets.[!01]"]), "down_blocks.0.resnets.1"));
+        assert!(!preset.names_match(&names(&["down_blocks"]), "down_blocks.0.resnets.1"));
+        assert!(preset.names_match(
+            &names(&["down_blocks.?.resnets.1"]),
+            "down_blocks.0.resnets.1"
+        ));
+    }
+}
