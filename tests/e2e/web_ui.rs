@@ -147,12 +147,23 @@ fn the_page_lints_a_dataset_runs_a_training_and_lists_the_lora_in_a_real_browser
     let status = Command::new("node")
         .arg(repo().join("tests/e2e/web_ui/browser.mjs"))
         .args([&server.address])
-        .args([&img, &model_dir.join("model.safetensors"), &out, &prompts, &shots])
+        .args([
+            &img,
+            &model_dir.join("model.safetensors"),
+            &out,
+            &prompts,
+            &shots,
+        ])
         .env("PLAYWRIGHT_CORE", &playwright)
         .env("CHROMIUM", &chromium)
         .status()
-        .expect("node runs (make setup installs Node.js' playwright-core; Node.js itself is needed)");
-    assert!(status.success(), "the browser test failed (see its output above)");
+        .expect(
+            "node runs (make setup installs Node.js' playwright-core; Node.js itself is needed)",
+        );
+    assert!(
+        status.success(),
+        "the browser test failed (see its output above)"
+    );
     // The caption edited in the page was written.
     let edited = std::fs::read_to_string(img.join("1_tiny/astronaut.caption")).unwrap();
     assert_eq!(edited, "an astronaut, edited in the page");
@@ -162,7 +173,11 @@ fn the_page_lints_a_dataset_runs_a_training_and_lists_the_lora_in_a_real_browser
     let table: toml::Table = text.parse().unwrap();
     assert_eq!(table["max_train_steps"].as_integer(), Some(4), "{text}");
     assert_eq!(table["network_dim"].as_integer(), Some(4), "{text}");
-    assert_eq!(table["network_train_unet_only"].as_bool(), Some(true), "{text}");
+    assert_eq!(
+        table["network_train_unet_only"].as_bool(),
+        Some(true),
+        "{text}"
+    );
     assert!(out.join("webui.safetensors").is_file());
     assert!(out.join("webui_loss.jsonl").is_file());
     assert!(out.join("sample/contact_sheet.png").is_file());
@@ -186,7 +201,13 @@ fn post(server: &Server, path: &str, body: &serde_json::Value) -> String {
 /// Reads the live events until one satisfies `done`; returns it.
 fn wait_for_event(server: &Server, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let token = server.address.split("token=").nth(1).unwrap();
-    let host = server.address.strip_prefix("http://").unwrap().split('/').next().unwrap();
+    let host = server
+        .address
+        .strip_prefix("http://")
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
     let mut stream = std::net::TcpStream::connect(host).unwrap();
     stream
         .set_read_timeout(Some(std::time::Duration::from_secs(180)))
@@ -215,6 +236,8 @@ fn stop_saves_a_resumable_state_and_resume_finishes_the_run() {
     let out = root.path().join("out");
     let model_dir = fixtures().join("sd15-tiny");
     let server = start_server(&[root.path(), &model_dir]);
+    let prompts = root.path().join("prompts.txt");
+    std::fs::write(&prompts, "an astronaut --w 128 --h 128 --s 4 --d 1\n").unwrap();
     let options = serde_json::json!({ "options": {
         "pretrained_model_name_or_path": model_dir.join("model.safetensors"),
         "train_data_dir": img,
@@ -226,29 +249,49 @@ fn stop_saves_a_resumable_state_and_resume_finishes_the_run() {
         "network_train_unet_only": "true",
         "train_batch_size": "1",
         "max_train_steps": STOP_RUN_STEPS.to_string(),
+        "sample_prompts": prompts,
+        "sample_at_first": "true",
     }});
     let started = post(&server, "/api/run/start", &options);
     assert!(started.starts_with("HTTP/1.1 200"), "{started}");
-    // The first progress line of the training loop comes after 5 s of training.
-    wait_for_event(&server, |e| e["progress"]["label"] == "train-lora steps");
+    // The step-0 samples are made inside the training loop, where SIGINT is caught: Stop then
+    // ends the run after its first step, whatever the machine's speed.
+    let sampling = |e: &serde_json::Value| {
+        e["log"].as_array().is_some_and(|lines| {
+            lines.iter().any(|l| {
+                l.as_str()
+                    .unwrap_or_default()
+                    .contains("sample images at step 0")
+            })
+        })
+    };
+    wait_for_event(&server, sampling);
     let stopped = post(&server, "/api/run/stop", &serde_json::json!({}));
     assert!(stopped.starts_with("HTTP/1.1 200"), "{stopped}");
-    let end = wait_for_event(&server, |e| e["running"] == false && !e["exit_code"].is_null());
+    let end = wait_for_event(&server, |e| {
+        e["running"] == false && !e["exit_code"].is_null()
+    });
     assert_eq!(end["exit_code"], 130, "{end}");
     let states: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.ends_with("-state"))
         .collect();
-    assert_eq!(states.len(), 1, "{states:?}");
+    assert_eq!(states, ["long-step00000001-state"]);
     assert!(!out.join("long.safetensors").exists());
     let resumed = post(&server, "/api/run/resume", &serde_json::json!({}));
     assert!(resumed.starts_with("HTTP/1.1 200"), "{resumed}");
-    let end = wait_for_event(&server, |e| e["running"] == false && !e["exit_code"].is_null());
+    let end = wait_for_event(&server, |e| {
+        e["running"] == false && !e["exit_code"].is_null()
+    });
     assert_eq!(end["exit_code"], 0, "{end}");
     let log = std::fs::read_to_string(out.join("long_loss.jsonl")).unwrap();
-    assert_eq!(log.lines().count(), STOP_RUN_STEPS, "one loss line per step across the stop");
+    assert_eq!(
+        log.lines().count(),
+        STOP_RUN_STEPS,
+        "one loss line per step across the stop"
+    );
 }
 
-/// Steps of the stopped run: more than 5 s of training on the tiny model.
-const STOP_RUN_STEPS: usize = 400;
+/// Steps of the stopped and resumed run.
+const STOP_RUN_STEPS: usize = 6;

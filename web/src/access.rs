@@ -191,10 +191,14 @@ mod tests {
         std::fs::write(root.path().join("data/a.caption"), "x").unwrap();
         std::fs::write(outside.path().join("secret.txt"), "s").unwrap();
         let folders = Folders::new(&[root.path().join("data")]).unwrap();
-        let inside = folders.resolve(&root.path().join("data/a.caption")).unwrap();
+        let inside = folders
+            .resolve(&root.path().join("data/a.caption"))
+            .unwrap();
         assert!(inside.ends_with("data/a.caption"));
         // A new file inside is fine; its parent must exist.
-        assert!(folders.resolve(&root.path().join("data/new.caption")).is_ok());
+        assert!(folders
+            .resolve(&root.path().join("data/new.caption"))
+            .is_ok());
         let tricks = [
             root.path().join("data/../data/../../etc/passwd"),
             root.path().join("data/.."),
@@ -204,7 +208,11 @@ mod tests {
             PathBuf::from("/"),
         ];
         for path in tricks {
-            assert!(folders.resolve(&path).is_err(), "{} allowed", path.display());
+            assert!(
+                folders.resolve(&path).is_err(),
+                "{} allowed",
+                path.display()
+            );
         }
         std::os::unix::fs::symlink(outside.path(), root.path().join("data/link")).unwrap();
         let through_link = root.path().join("data/link/secret.txt");

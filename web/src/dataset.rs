@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use lorakit_pipeline::cli::lint_dataset::LintDatasetArgs;
 use lorakit_pipeline::dataset::kohya::config::parse_folder_name;
+use lorakit_pipeline::dataset::kohya::register::TagFrequency;
 use lorakit_pipeline::dataset::{list_images, read_text, relative_name, sidecar_path};
 use lorakit_pipeline::formats::metadata::resolve_image;
 use lorakit_pipeline::infra::fsio;
@@ -69,8 +70,10 @@ pub struct DatasetView {
     pub layout: &'static str,
     /// The images with their captions, sorted by path.
     pub images: Vec<ImageEntry>,
-    /// lint-dataset's report of the folder.
+    /// lint-dataset's report of the folder (its tag frequencies count the tag files).
     pub lint: LintReport,
+    /// The captions' tags per folder, as sd-scripts records them in `ss_tag_frequency`.
+    pub caption_tags: Value,
 }
 
 /// The lint-dataset command line the view runs, parsed by the tool's own flags.
@@ -120,7 +123,9 @@ pub fn view(query: &DatasetQuery) -> Result<DatasetView> {
     let mut entries = Vec::new();
     for image in images {
         let caption_file = sidecar_path(&image, &query.caption_extension);
-        let from_metadata = metadata.as_ref().and_then(|m| caption_in(m, &image, &query.dir));
+        let from_metadata = metadata
+            .as_ref()
+            .and_then(|m| caption_in(m, &image, &query.dir));
         let caption = match from_metadata {
             Some(caption) => caption,
             None if caption_file.is_file() => read_text(&caption_file)?,
@@ -143,10 +148,17 @@ pub fn view(query: &DatasetQuery) -> Result<DatasetView> {
             caption_file,
         });
     }
+    let mut caption_tags = TagFrequency::default();
+    let folder_name = query.dir.file_name().unwrap_or_default().to_string_lossy();
+    for entry in &entries {
+        let folder = entry.subset.as_deref().unwrap_or(&folder_name);
+        caption_tags.add(folder, &[entry.caption.as_str()]);
+    }
     Ok(DatasetView {
         layout,
         images: entries,
         lint: report,
+        caption_tags: caption_tags.to_json(),
     })
 }
 
@@ -197,10 +209,11 @@ pub fn write_caption(path: &Path, text: &str, caption_extension: &str) -> Result
     }
     let stem = &name[..name.len() - caption_extension.len()];
     let folder = path.parent().unwrap_or(Path::new("."));
-    let has_image = list_images(folder, false)?
-        .images
-        .iter()
-        .any(|image| image.file_stem().is_some_and(|s| s.to_string_lossy() == stem));
+    let has_image = list_images(folder, false)?.images.iter().any(|image| {
+        image
+            .file_stem()
+            .is_some_and(|s| s.to_string_lossy() == stem)
+    });
     if !has_image {
         return Err(Error::Usage(format!(
             "{}: no image named {stem}.* beside it; captions are written next to their image",
@@ -264,5 +277,9 @@ mod tests {
         assert_eq!(view.images[0].caption, "a cat");
         assert_eq!(view.lint.images, 1);
         assert_eq!(view.lint.bucket_occupancy.len(), 1);
+        assert_eq!(
+            view.caption_tags,
+            serde_json::json!({"3_cat": {"a cat": 1}})
+        );
     }
 }

@@ -227,10 +227,11 @@ async fn browse(State(app): State<AppState>, Query(query): Query<PathQuery>) -> 
         }
         if path.is_dir() {
             folders.push(path);
-        } else if path
-            .extension()
-            .is_some_and(|x| ["json", "toml", "txt", "safetensors"].iter().any(|e| x == *e))
-        {
+        } else if path.extension().is_some_and(|x| {
+            ["json", "toml", "txt", "safetensors"]
+                .iter()
+                .any(|e| x == *e)
+        }) {
             files.push(path);
         }
     }
@@ -240,16 +241,26 @@ async fn browse(State(app): State<AppState>, Query(query): Query<PathQuery>) -> 
         .parent()
         .filter(|p| app.folders.resolve(p).is_ok())
         .map(Path::to_path_buf);
-    Ok(Json(json!({ "dir": dir, "parent": parent, "folders": folders, "files": files })).into_response())
+    Ok(
+        Json(json!({ "dir": dir, "parent": parent, "folders": folders, "files": files }))
+            .into_response(),
+    )
 }
 
 /// A file inside the folders (images, plots, logs).
 async fn file(State(app): State<AppState>, Query(query): Query<PathQuery>) -> Reply {
     let path = allowed(&app, &query.path.ok_or_else(|| bad_request("give ?path="))?)?;
     if !path.is_file() {
-        return Err((StatusCode::NOT_FOUND, format!("{}: no such file", path.display())));
+        return Err((
+            StatusCode::NOT_FOUND,
+            format!("{}: no such file", path.display()),
+        ));
     }
-    let kind = match path.extension().and_then(|x| x.to_str()).unwrap_or_default() {
+    let kind = match path
+        .extension()
+        .and_then(|x| x.to_str())
+        .unwrap_or_default()
+    {
         "png" => "image/png",
         "jpg" | "jpeg" => "image/jpeg",
         "webp" => "image/webp",
@@ -486,7 +497,12 @@ mod tests {
         request.body(Body::empty()).unwrap()
     }
 
-    fn post(uri: &str, body: serde_json::Value, token: Option<&str>, origin: &str) -> Request<Body> {
+    fn post(
+        uri: &str,
+        body: serde_json::Value,
+        token: Option<&str>,
+        origin: &str,
+    ) -> Request<Body> {
         let mut request = Request::post(uri)
             .header(header::HOST, "127.0.0.1:9")
             .header(header::ORIGIN, origin)
@@ -518,11 +534,18 @@ mod tests {
             .unwrap();
         assert_eq!(response.status(), StatusCode::SEE_OTHER);
         let cookie = response.headers()[header::SET_COOKIE].to_str().unwrap();
-        assert!(cookie.contains(TOKEN) && cookie.contains("SameSite=Strict") && cookie.contains("HttpOnly"));
+        assert!(
+            cookie.contains(TOKEN)
+                && cookie.contains("SameSite=Strict")
+                && cookie.contains("HttpOnly")
+        );
         assert_eq!(response.headers()[header::LOCATION], "/");
         let (status, body) = send(&router, get("/", Some(TOKEN))).await;
         assert_eq!(status, StatusCode::OK);
-        assert!(body.contains(TOKEN), "the page carries the token for its own requests");
+        assert!(
+            body.contains(TOKEN),
+            "the page carries the token for its own requests"
+        );
     }
 
     #[tokio::test]
@@ -536,7 +559,12 @@ mod tests {
         let local = "http://127.0.0.1:9";
         let refused = [
             post("/api/caption", body.clone(), None, local),
-            post("/api/caption", body.clone(), Some(TOKEN), "http://evil.example"),
+            post(
+                "/api/caption",
+                body.clone(),
+                Some(TOKEN),
+                "http://evil.example",
+            ),
             post("/api/caption", body.clone(), Some("bad"), local),
         ];
         for request in refused {
@@ -569,7 +597,11 @@ mod tests {
             assert!(body.contains("outside the folders"), "{body}");
         }
         let write = json!({ "path": root.path().join("secret.caption"), "text": "x" });
-        let (status, _) = send(&router, post("/api/caption", write, Some(TOKEN), "http://127.0.0.1:9")).await;
+        let (status, _) = send(
+            &router,
+            post("/api/caption", write, Some(TOKEN), "http://127.0.0.1:9"),
+        )
+        .await;
         assert_eq!(status, StatusCode::FORBIDDEN);
         assert!(!root.path().join("secret.caption").exists());
     }

@@ -251,7 +251,12 @@ fn follow(stream: impl Read, live: &Mutex<Live>) {
 
 /// The loss in a train-lora progress status (`loss 0.1234 avg ...`).
 fn status_loss(status: &str) -> Option<f64> {
-    status.strip_prefix("loss ")?.split(' ').next()?.parse().ok()
+    status
+        .strip_prefix("loss ")?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The loss log, samples and contact sheet of the run's output folder (only files written

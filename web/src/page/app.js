@@ -113,8 +113,16 @@ async function loadDataset() {
       el("span", { class: "bar-label", text: `${b.width}×${b.height}` }),
       el("span", { class: "bar", style: `width:${(200 * b.images) / most}px` }),
       ` ${b.images}`)));
-  $("tags").replaceChildren(...lint.tag_frequency.slice(0, 40).map((t) =>
-    el("span", { class: "tag", text: `${t.tag} (${t.count})` })));
+  // Caption tags per folder (sd-scripts' ss_tag_frequency), then the tag files' counts.
+  const tags = [];
+  for (const [folder, counts] of Object.entries(view.caption_tags)) {
+    const sorted = Object.entries(counts).sort((a, b) => b[1] - a[1]).slice(0, 40);
+    tags.push(el("div", { class: "tag-folder", text: `captions in ${folder}:` }),
+      ...sorted.map(([tag, count]) => el("span", { class: "tag", text: `${tag} (${count})` })));
+  }
+  if (lint.tag_frequency.length) tags.push(el("div", { class: "tag-folder", text: "tag files:" }));
+  tags.push(...lint.tag_frequency.slice(0, 40).map((t) => el("span", { class: "tag", text: `${t.tag} (${t.count})` })));
+  $("tags").replaceChildren(...tags);
   $("grid").replaceChildren(...view.images.map((image) => imageCard(image, view.layout)));
 }
 
