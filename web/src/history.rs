@@ -156,3 +156,50 @@ pub fn merge_into(models: &[PathBuf], ratios: &[f32], save_to: &Path) -> Result<
     })?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn golden(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/golden/lora_tools")
+            .join(name)
+    }
+
+    #[test]
+    fn a_folder_lists_its_loras_and_the_actions_write_new_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, ab) = (
+            dir.path().join("b.safetensors"),
+            dir.path().join("ab.safetensors"),
+        );
+        std::fs::copy(golden("lora_b.safetensors"), &b).unwrap();
+        std::fs::copy(golden("merge_ab.safetensors"), &ab).unwrap();
+        std::fs::write(dir.path().join("b_loss.png"), b"png").unwrap();
+        std::fs::create_dir(dir.path().join("b-step00000002-state")).unwrap();
+        let found = history(dir.path()).unwrap();
+        assert_eq!(found.loras.len(), 2);
+        assert_eq!(found.states.len(), 1);
+        for lora in &found.loras {
+            assert_eq!(
+                lora.metadata["ss_network_dim"],
+                "4",
+                "{}",
+                lora.path.display()
+            );
+            assert!(lora.metadata.keys().all(|k| k.starts_with("ss_")));
+            let plot = lora.path == b;
+            assert_eq!(lora.loss_plot.is_some(), plot);
+        }
+        let resized = resize_to(&b, 2).unwrap();
+        assert_eq!(resized, dir.path().join("b_rank2.safetensors"));
+        assert_eq!(
+            inspect(&resized).unwrap()["metadata"]["ss_network_dim"],
+            "2"
+        );
+        let merged = dir.path().join("merged.safetensors");
+        merge_into(&[b, ab], &[1.0, 0.5], &merged).unwrap();
+        assert_eq!(history(dir.path()).unwrap().loras.len(), 4);
+    }
+}
