@@ -1,7 +1,8 @@
 # lorakit: dataset-to-LoRA build.
 #
 #   make demo     run the whole flow on the bundled example (examples/tiny-dataset, tiny models)
-#   make test     install the ONNX Runtime library, build everything and run all tests
+#   make test     install the ONNX Runtime library and the browser test's Chromium, build everything
+#                 and run all tests
 #   make fuzz     the hostile-input property tests with more cases (FUZZ_CASES=500, FUZZ_SEED=n;
 #                 make test runs 16 cases per property from a fixed seed)
 #   make bench    every stage's benchmark in one table (bench/all.sh; QUICK=1: tiny models only,
@@ -64,7 +65,7 @@ CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)
 SIDECAR_FLAGS := $(if $(OVERWRITE),--overwrite,)
 BUCKET_RANGE := --min_bucket_reso $(MIN_BUCKET) --max_bucket_reso $(MAX_BUCKET) --bucket_reso_steps $(BUCKET_STEP)
 
-.PHONY: all build test fuzz setup demo lora dataset lint tags captions metadata latents te-cache train samples bench clean-out FORCE
+.PHONY: all build test fuzz setup setup-onnxruntime demo lora dataset lint tags captions metadata latents te-cache train samples bench clean-out FORCE
 
 all: build
 
@@ -77,8 +78,13 @@ bench:
 	QUICK=$(QUICK) BIN_DIR=$(BIN_DIR) bench/all.sh
 
 # ONNX Runtime shared library for tag-images, from the PyPI wheel into .local/onnxruntime/
-# (no root, no system package; a no-op once installed).
-setup:
+# (no root, no system package), and the web-ui browser test's Chromium (Debian package) and
+# playwright-core (npm, into .local/playwright/); each a no-op once installed.
+setup: setup-onnxruntime
+	@scripts/setup-browser.sh
+
+# The ONNX Runtime library alone (what the demo and the tag stage need).
+setup-onnxruntime:
 	@scripts/setup-onnxruntime.sh
 
 test: setup
@@ -87,13 +93,13 @@ test: setup
 
 FUZZ_CASES ?= 500
 FUZZ_SEED  ?= $(shell date +%s)
-fuzz: setup
+fuzz: setup-onnxruntime
 	$(CARGO) build --workspace --bins
 	LORAKIT_FUZZ_CASES=$(FUZZ_CASES) LORAKIT_FUZZ_SEED=$(FUZZ_SEED) \
 	  $(CARGO) test -p lorakit-tests --test e2e fuzz:: -- --nocapture
 
 # The demo copies the bundled example into $(OUT)/dataset so the repository stays untouched.
-demo: setup build
+demo: setup-onnxruntime build
 	@if [ ! -d "$(OUT)/dataset" ]; then mkdir -p "$(OUT)/dataset" && cp "$(EXAMPLE)"/*.png "$(EXAMPLE)"/*.caption "$(OUT)/dataset/"; fi
 	@$(MAKE) -f $(firstword $(MAKEFILE_LIST)) --no-print-directory lora OUT="$(OUT)" DATA="$(OUT)/dataset"
 	@echo
@@ -123,7 +129,7 @@ $(OUT)/lint.json: FORCE | build
 # WD14 tags (.txt next to each image) from $(TAGGER_DIR)/<TAGGER with / as _>/ (model.onnx +
 # selected_tags.csv, sd-scripts' layout).
 tags: $(OUT)/.tags
-$(OUT)/.tags: $(OUT)/lint.json FORCE | setup
+$(OUT)/.tags: $(OUT)/lint.json FORCE | setup-onnxruntime
 	$(call need_model,TAGGER_DIR)
 	"$(BIN)/tag-images" "$(DATA)" --model_dir "$(TAGGER_DIR)" --repo_id "$(TAGGER)" \
 		--caption_extension $(TAG_EXT) $(TAG_FLAGS) $(SIDECAR_FLAGS) $(QUIET)

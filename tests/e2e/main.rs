@@ -26,3 +26,4 @@ mod tag_images;
 mod te_lora;
 mod text_encoder;
 mod train_lora;
+mod web_ui;

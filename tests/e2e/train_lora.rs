@@ -1035,3 +1035,42 @@ fn a_torch_scheduler_class_runs_with_its_rates_and_refuses_a_warmup() {
         );
     }
 }
+
+/// `--output_config` also writes a command line whose dataset is kohya folders (no `--in_json`:
+/// train-lora would prepare them), and writes nothing else; `--config_file` reads it back.
+#[test]
+fn a_kohya_folder_command_line_is_written_as_a_config_file() {
+    let work = tempfile::tempdir().unwrap();
+    let img = work.path().join("img");
+    crate::common::copy_dir(&fixtures().join("images"), &img.join("2_cat"));
+    let config = work.path().join("kohya.toml");
+    let out = work.path().join("out");
+    let stderr = run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--train_data_dir",
+            img,
+            "--output_dir",
+            out,
+            "--resolution",
+            "256,256",
+            "--max_train_steps",
+            "2",
+            "--output_config",
+            "--config_file",
+            config
+        ],
+        0,
+    );
+    assert!(stderr.contains("wrote the settings"), "{stderr}");
+    assert!(
+        !out.exists(),
+        "--output_config prepared or trained something"
+    );
+    let table: toml::Table = std::fs::read_to_string(&config).unwrap().parse().unwrap();
+    assert_eq!(table["max_train_steps"].as_integer(), Some(2));
+    assert_eq!(table["train_data_dir"].as_str(), img.to_str());
+    assert!(!table.contains_key("in_json"));
+}

@@ -47,11 +47,13 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
     let mut restored = Vec::new();
     let mut preparation = None;
     let mut early_notices = Vec::new();
+    let mut writes_config = false;
     if let Ok(probe) = command
         .clone()
         .ignore_errors(true)
         .try_get_matches_from(&argv)
     {
+        writes_config = probe.get_flag("output_config");
         let mut given = explicit_settings(&command, &probe);
         let config = probe.try_get_one::<PathBuf>("config_file").ok().flatten();
         if let Some(config) = config.filter(|_| !probe.get_flag("output_config")) {
@@ -115,8 +117,15 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
             preparation = Some(planned);
         }
     }
-    let matches = command
-        .clone()
+    // `--output_config` records a kohya dataset's folders as given: no metadata is planned, so
+    // `--in_json` is not required there.
+    let matches_command = match writes_config {
+        true => command
+            .clone()
+            .mut_arg("in_json", |arg| arg.required(false)),
+        false => command.clone(),
+    };
+    let matches = matches_command
         .try_get_matches_from(&full)
         .unwrap_or_else(|e| e.exit());
     let mut notices = early_notices;
@@ -149,7 +158,6 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
     if !refused.is_empty() {
         return Err(Error::Usage(refused.join("\n")));
     }
-    let args = P::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let mut settings = explicit_settings(&command, &matches);
     settings.restored = restored;
     if matches.get_flag("output_config") {
@@ -166,6 +174,7 @@ pub fn parse<P: CommandFactory + FromArgMatches>(
         );
         std::process::exit(0);
     }
+    let args = P::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     Ok(Parsed {
         args,
         settings,

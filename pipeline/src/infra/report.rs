@@ -264,6 +264,47 @@ fn plain_line(label: &str, done: u64, total: u64, rate: f64, status: &str) -> St
     )
 }
 
+/// A progress line read back ([`plain_line`]'s format), for programs that watch a tool's stderr.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlainProgress {
+    /// What is counted, e.g. `train-lora steps`.
+    pub label: String,
+    /// Items finished.
+    pub done: u64,
+    /// Items planned.
+    pub total: u64,
+    /// The rate as printed (`2.0/s`, `20.0 s each`).
+    pub rate: String,
+    /// Seconds left, as estimated by the tool.
+    pub eta_seconds: u64,
+    /// The status after the estimate (e.g. `loss 0.1234 avg 0.1300 lr 1.00e-4`), or empty.
+    pub status: String,
+}
+
+impl PlainProgress {
+    /// Reads a line printed by a tool's progress when stderr is not a terminal; `None` for any
+    /// other line.
+    pub fn parse(line: &str) -> Option<Self> {
+        let (label, rest) = line.split_once(": ")?;
+        let (counts, rest) = rest.split_once(" (")?;
+        let (done, total) = counts.split_once('/')?;
+        let inner = rest.strip_suffix(')')?;
+        let (rate, rest) = inner.split_once(", ETA ")?;
+        let (eta, status) = match rest.split_once(" s, ") {
+            Some((eta, status)) => (eta, status),
+            None => (rest.strip_suffix(" s")?, ""),
+        };
+        Some(PlainProgress {
+            label: label.to_string(),
+            done: done.parse().ok()?,
+            total: total.parse().ok()?,
+            rate: rate.to_string(),
+            eta_seconds: eta.parse().ok()?,
+            status: status.to_string(),
+        })
+    }
+}
+
 /// A rate rounded for reading: `12/s`, `3.4/s`, `0.27/s`, or seconds per item when slower.
 fn rate_text(per_second: f64) -> String {
     match per_second {
@@ -295,6 +336,27 @@ mod tests {
             plain_line("images", 1, 2, 0.5, ""),
             "images: 1/2 (0.50/s, ETA 2 s)"
         );
+    }
+
+    #[test]
+    fn plain_lines_read_back() {
+        let line = plain_line("train-lora steps", 10, 40, 2.0, "loss 0.1234 avg 0.1300");
+        let parsed = PlainProgress::parse(&line).unwrap();
+        assert_eq!(
+            parsed,
+            PlainProgress {
+                label: "train-lora steps".into(),
+                done: 10,
+                total: 40,
+                rate: "2.0/s".into(),
+                eta_seconds: 15,
+                status: "loss 0.1234 avg 0.1300".into(),
+            }
+        );
+        let bare = PlainProgress::parse(&plain_line("images", 1, 2, 0.05, "")).unwrap();
+        assert_eq!((bare.rate.as_str(), bare.eta_seconds), ("20.0 s each", 20));
+        assert_eq!(bare.status, "");
+        assert_eq!(PlainProgress::parse("wrote 3 files: ok"), None);
     }
 
     #[test]
