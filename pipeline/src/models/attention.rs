@@ -9,6 +9,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Stor
 use rayon::prelude::*;
 
 use crate::models::frozen::{dense, into_storage, tensor_from_storage};
+use crate::models::kernel_choice::cpu_kernels;
 use crate::models::kernels::{dot, f32_elements, gemm_into, softmax_rows, Operand, Threads};
 
 /// Score elements of one (batch, head) pair computed at a time by the f32 CPU kernel, per thread.
@@ -33,7 +34,7 @@ pub fn multi_head_attention(
     heads: usize,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
-    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && cpu_kernels(t.device());
     if f32_cpu(q) && f32_cpu(k) && f32_cpu(v) {
         let op = TokenMajorAttention {
             heads,
@@ -429,7 +430,7 @@ impl ChunkedAttention {
 
 /// A copy of the elements of an f32 CPU tensor, if it is one.
 fn f32_vec(x: &Tensor) -> Option<Vec<f32>> {
-    let usable = x.dtype() == DType::F32 && x.device().is_cpu();
+    let usable = x.dtype() == DType::F32 && cpu_kernels(x.device());
     usable
         .then(|| x.flatten_all().and_then(|flat| flat.to_vec1::<f32>()).ok())
         .flatten()
@@ -454,7 +455,12 @@ impl CustomOp3 for ChunkedAttention {
             f32_elements(s2, l2),
             f32_elements(s3, l3),
         );
-        if let (Some(q), Some(k), Some(v)) = elements {
+        if let (Some(q), Some(k), Some(v), true) = (
+            elements.0,
+            elements.1,
+            elements.2,
+            cpu_kernels(&candle_core::Device::Cpu),
+        ) {
             let sizes = Sizes::of(l1.shape(), l2.shape(), l3.shape())?;
             let out = self.forward_f32(q, k, v, sizes);
             let shape = Shape::from((sizes.groups, sizes.queries, sizes.value_depth));

@@ -19,6 +19,7 @@ use candle_core::{
 };
 
 use super::conv::Conv2d;
+use super::kernel_choice::cpu_kernels;
 use super::kernels::{for_each_f32_band, gemm_into, with_f32_slice, Operand, Threads};
 
 /// The operation applied with a frozen weight.
@@ -58,7 +59,7 @@ impl FrozenOp {
         let weight = weight.detach();
         let bias = bias.map(|b| b.detach());
         let cpu_conv = match kind {
-            FrozenKind::Conv2d { stride, padding } if weight.device().is_cpu() => {
+            FrozenKind::Conv2d { stride, padding } if cpu_kernels(weight.device()) => {
                 Conv2d::im2col(weight.clone(), stride, padding)
                     .ok()
                     .map(Arc::new)
@@ -147,13 +148,13 @@ impl FrozenOp {
     /// Whether a linear product with `x` reads a narrow CPU weight in f32 bands
     /// ([`for_each_f32_band`]) rather than widening it whole.
     fn widens_in_bands(&self, x: &Tensor) -> bool {
-        let narrow = self.weight.dtype() != DType::F32 && self.weight.device().is_cpu();
-        narrow && x.dtype() == DType::F32 && x.device().is_cpu()
+        let narrow = self.weight.dtype() != DType::F32 && cpu_kernels(self.weight.device());
+        narrow && x.dtype() == DType::F32 && cpu_kernels(x.device())
     }
 
     /// The f32 CPU convolution, when it applies to `x`.
     fn fast_conv(&self, x: &Tensor) -> Option<&Conv2d> {
-        let applies = x.dtype() == DType::F32 && x.device().is_cpu();
+        let applies = x.dtype() == DType::F32 && cpu_kernels(x.device());
         self.cpu_conv.as_deref().filter(|_| applies)
     }
 
