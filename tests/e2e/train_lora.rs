@@ -1035,3 +1035,28 @@ fn a_torch_scheduler_class_runs_with_its_rates_and_refuses_a_warmup() {
         );
     }
 }
+
+#[test]
+fn device_cuda_in_a_build_without_the_feature_is_refused_naming_it() {
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let stderr = run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            out.path(),
+            "--device",
+            "cuda"
+        ],
+        2,
+    );
+    assert!(stderr.contains("--features cuda"), "{stderr}");
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+}

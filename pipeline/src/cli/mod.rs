@@ -126,7 +126,11 @@ impl ShardArgs {
                 let (shard, source) =
                     Shard::from_scheduler(|name| std::env::var(name).ok(), self.shard_count)
                         .map_err(crate::Error::Usage)?;
-                tracing::info!("--shard auto: shard {}/{} ({source})", shard.index, shard.count);
+                tracing::info!(
+                    "--shard auto: shard {}/{} ({source})",
+                    shard.index,
+                    shard.count
+                );
                 Ok(shard)
             }
         }

@@ -256,10 +256,12 @@ impl Shard {
             }
             return Ok((Shard { index, count }, "Kubernetes Indexed Job"));
         }
-        Err("--shard auto needs a scheduler's task index: SLURM_ARRAY_TASK_ID with \
+        Err(
+            "--shard auto needs a scheduler's task index: SLURM_ARRAY_TASK_ID with \
              SLURM_ARRAY_TASK_COUNT (a Slurm job array), or JOB_COMPLETION_INDEX with \
              --shard_count N (a Kubernetes Indexed Job); neither is set, so give --shard i/n"
-            .to_string())
+                .to_string(),
+        )
     }
 }
 
@@ -379,13 +381,17 @@ mod tests {
             )
         };
         assert_eq!(slurm_count(Some(3)), Ok(Shard { index: 0, count: 3 }));
-        assert!(slurm_count(Some(4)).unwrap_err().contains("SLURM_ARRAY_TASK_COUNT=3"));
+        assert!(slurm_count(Some(4))
+            .unwrap_err()
+            .contains("SLURM_ARRAY_TASK_COUNT=3"));
 
         let job = |index: &str, count| scheduled(&[("JOB_COMPLETION_INDEX", index)], count);
         assert_eq!(job("2", Some(3)), Ok(Shard { index: 2, count: 3 }));
         assert!(job("2", None).unwrap_err().contains("--shard_count"));
         assert!(job("3", Some(3)).unwrap_err().contains("not below"));
-        assert!(job("x", Some(3)).unwrap_err().contains("JOB_COMPLETION_INDEX"));
+        assert!(job("x", Some(3))
+            .unwrap_err()
+            .contains("JOB_COMPLETION_INDEX"));
 
         let none = scheduled(&[], Some(3)).unwrap_err();
         assert!(
