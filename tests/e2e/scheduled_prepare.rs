@@ -189,9 +189,10 @@ fn kubernetes_jobs() -> Vec<(String, Option<u64>, u64)> {
             let indexed = field(document, "completionMode:").as_deref() == Some("Indexed");
             let completions = field(document, "completions:").map(|n| n.parse().unwrap());
             assert_eq!(indexed, completions.is_some(), "{step}");
-            let shards = field(document, "- {name: SHARDS, value:")
-                .and_then(|rest| rest.strip_suffix('}').map(|v| v.trim().trim_matches('"')))
-                .expect("SHARDS")
+            let shards = field(document, "- {name: SHARDS, value:").expect("SHARDS");
+            let shards = (shards.strip_suffix('}').expect("{name: SHARDS, value: N}"))
+                .trim()
+                .trim_matches('"')
                 .parse()
                 .unwrap();
             (step, completions, shards)
