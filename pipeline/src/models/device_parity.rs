@@ -18,6 +18,9 @@ use super::trainable_conv;
 use crate::infra::test_support::relative_difference;
 use crate::networks::lora::{Alpha, LoraModule};
 
+/// An op under test: its inputs (variables on one device) to its output.
+type Op<'a> = &'a dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>;
+
 /// The device the generic paths are checked on: `LORAKIT_TEST_DEVICE=cuda` (a build with
 /// `--features candle-cuda`), else the CPU.
 fn test_device() -> Device {
@@ -52,7 +55,7 @@ fn on_cpu(t: &Tensor) -> Tensor {
 /// gradients of `sum(output · loss_weights)` for every input, as f32 CPU tensors. The backward
 /// pass is [`backward`], so checkpointed blocks report their variables too.
 fn output_and_gradients(
-    op: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    op: Op,
     inputs: &[Tensor],
     loss_weights: Option<&Tensor>,
     device: &Device,
@@ -94,7 +97,7 @@ fn assert_generic_matches_kernels(
     dtype: DType,
     tolerance: f32,
     differentiable: bool,
-    op: &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+    op: Op,
 ) {
     let (probe, _) = output_and_gradients(op, inputs, None, &Device::Cpu, DType::F32);
     let loss_weights = differentiable.then(|| random(probe.dims(), 1.0));
@@ -165,48 +168,35 @@ fn lora_layers_match_on_the_generic_path() {
     // The fused low-rank op (linear and pointwise layers) against the frozen op plus the
     // composed branch that every other device runs, and a 3x3 conv LoRA whose down-projection
     // is the trainable convolution. Inputs: x, lora_down, lora_up.
-    let cases: [(
-        &str,
-        FrozenKind,
-        Vec<usize>,
-        Vec<usize>,
-        Vec<usize>,
-        Vec<usize>,
-    ); 3] = [
+    // Shapes: the frozen weight, x, lora_down, lora_up.
+    let pointwise = FrozenKind::Conv2d {
+        stride: 1,
+        padding: 0,
+    };
+    let strided = FrozenKind::Conv2d {
+        stride: 2,
+        padding: 1,
+    };
+    let cases: [(&str, FrozenKind, [&[usize]; 4]); 3] = [
         (
             "linear",
             FrozenKind::Linear,
-            vec![12, 10],
-            vec![2, 3, 10],
-            vec![4, 10],
-            vec![12, 4],
+            [&[12, 10], &[2, 3, 10], &[4, 10], &[12, 4]],
         ),
         (
             "pointwise conv",
-            FrozenKind::Conv2d {
-                stride: 1,
-                padding: 0,
-            },
-            vec![6, 5, 1, 1],
-            vec![2, 5, 3, 4],
-            vec![2, 5, 1, 1],
-            vec![6, 2, 1, 1],
+            pointwise,
+            [&[6, 5, 1, 1], &[2, 5, 3, 4], &[2, 5, 1, 1], &[6, 2, 1, 1]],
         ),
         (
             "3x3 conv",
-            FrozenKind::Conv2d {
-                stride: 2,
-                padding: 1,
-            },
-            vec![6, 5, 3, 3],
-            vec![2, 5, 7, 7],
-            vec![2, 5, 3, 3],
-            vec![6, 2, 1, 1],
+            strided,
+            [&[6, 5, 3, 3], &[2, 5, 7, 7], &[2, 5, 3, 3], &[6, 2, 1, 1]],
         ),
     ];
-    for (name, kind, weight_shape, x_shape, down_shape, up_shape) in cases {
+    for (name, kind, [weight_shape, x_shape, down_shape, up_shape]) in cases {
         for weight_dtype in [DType::F32, DType::BF16] {
-            let weight = moved(&random(&weight_shape, 0.3), &Device::Cpu, weight_dtype);
+            let weight = moved(&random(weight_shape, 0.3), &Device::Cpu, weight_dtype);
             let bias = random(&weight_shape[..1], 1.0);
             let layer = |t: &[Tensor]| {
                 let device = t[0].device();
@@ -228,9 +218,9 @@ fn lora_layers_match_on_the_generic_path() {
                 layer.forward(&t[0])
             };
             let inputs = [
-                random(&x_shape, 1.0),
-                random(&down_shape, 0.3),
-                random(&up_shape, 0.3),
+                random(x_shape, 1.0),
+                random(down_shape, 0.3),
+                random(up_shape, 0.3),
             ];
             let case = format!("{name} LoRA, {weight_dtype:?} weight");
             assert_generic_matches_kernels(&case, &inputs, DType::F32, F32_TOLERANCE, true, &layer);
@@ -320,11 +310,7 @@ fn norms_and_geglu_match_on_the_generic_path() {
     let layer = |t: &[Tensor]| norm(&t[0])?.layer(&t[0]);
     let image = [random(&[2, 8, 5, 6], 2.0)];
     let tokens = [random(&[2, 7, 8], 2.0)];
-    let cases: [(
-        &str,
-        &[Tensor],
-        &dyn Fn(&[Tensor]) -> candle_core::Result<Tensor>,
-    ); 4] = [
+    let cases: [(&str, &[Tensor], Op); 4] = [
         ("group norm", &image, &group),
         ("group norm + SiLU", &image, &group_silu),
         ("layer norm", &tokens, &layer),
