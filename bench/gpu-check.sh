@@ -22,7 +22,7 @@
 #      CUDARC_CUDA_VERSION are set for candle's kernels and cudarc.
 #   2. cargo build --release --features cuda (train-lora) and the parity test executable.
 #   3. LORAKIT_TEST_DEVICE=cuda: every custom op's device-generic path on the GPU against its CPU
-#      kernel, forward and gradients, f32 and bf16 (pipeline/src/models/device_parity.rs).
+#      kernel, forward and gradients, f32 and bf16 (the device_parity tests in pipeline/src).
 #   4. Rows, each with s/step and the peak of nvidia-smi's used memory minus the idle level:
 #      SD1.5 512² LoRA step (bench/train-lora-full.sh: the full-size UNet layout, random
 #      weights, rank 16, bf16), SDXL 1024² LoRA step (bench/train-lora-sdxl-full.sh, with

@@ -246,11 +246,14 @@ impl ChunkedAttention {
         (CHUNK_ELEMENTS / (groups * keys).max(1)).max(1)
     }
 
+    /// The softmax runs in f32 whatever the activations' dtype, as PyTorch's attention does: in
+    /// bf16 the row sum over hundreds of keys loses several percent.
     fn probabilities(&self, q_chunk: &Tensor, k: &Tensor) -> candle_core::Result<Tensor> {
-        let scores = (q_chunk.matmul(&k.t()?)? * self.scale)?;
+        let scores = (q_chunk.matmul(&k.t()?)?.to_dtype(DType::F32)? * self.scale)?;
         let max = scores.max_keepdim(D::Minus1)?;
         let e = scores.broadcast_sub(&max)?.exp()?;
-        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+            .to_dtype(q_chunk.dtype())
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
@@ -529,7 +532,9 @@ impl CustomOp3 for ChunkedAttention {
             let p = self.probabilities(&q_chunk, &k)?;
             grad_v = (grad_v + p.t()?.matmul(&g_chunk)?)?;
             let grad_p = g_chunk.matmul(&v.t()?)?;
-            let row_dot = (&grad_p * &p)?.sum_keepdim(D::Minus1)?;
+            let row_dot = (grad_p.to_dtype(DType::F32)? * p.to_dtype(DType::F32)?)?
+                .sum_keepdim(D::Minus1)?
+                .to_dtype(p.dtype())?;
             let grad_scores = (p * grad_p.broadcast_sub(&row_dot)?)?;
             grad_q.push((grad_scores.matmul(&k)? * self.scale)?);
             grad_k = (grad_k + (grad_scores.t()?.matmul(&q_chunk)? * self.scale)?)?;

@@ -10,7 +10,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod conv;
 #[cfg(test)]
-mod device_parity;
+pub(crate) mod device_parity;
 pub mod frozen;
 pub mod geglu;
 pub(crate) mod kernel_choice;
