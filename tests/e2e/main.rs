@@ -20,6 +20,7 @@ mod make_flow;
 mod metadata;
 mod prepare_dataset;
 mod samples;
+mod scheduled_prepare;
 mod sdxl;
 mod sharding;
 mod tag_images;

@@ -76,7 +76,7 @@ fn setup() -> Setup {
 }
 
 /// Every file under `dir` (relative path -> bytes).
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+pub(crate) fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut files = BTreeMap::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(folder) = pending.pop() {
@@ -94,7 +94,7 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 }
 
 /// Deletes every file under `dir` that is not in `keep`.
-fn restore(dir: &Path, keep: &BTreeMap<PathBuf, Vec<u8>>) {
+pub(crate) fn restore(dir: &Path, keep: &BTreeMap<PathBuf, Vec<u8>>) {
     for path in snapshot(dir).keys() {
         if !keep.contains_key(path) {
             std::fs::remove_file(dir.join(path)).unwrap();
@@ -272,7 +272,7 @@ fn assert_incomplete_set_refused(output: &Path, parts: &[PathBuf]) {
 /// run's bytes `expected`: the same arrays, exact except the model outputs, which may differ by
 /// float rounding because the shards batch other items together (matrix products then sum in
 /// another order).
-fn assert_caches_match(path: &Path, expected: &[u8]) {
+pub(crate) fn assert_caches_match(path: &Path, expected: &[u8]) {
     let reference = path.with_extension("unsharded.npz");
     std::fs::write(&reference, expected).unwrap();
     let mut ours = NpzReader::open(path).unwrap();

@@ -1074,3 +1074,28 @@ fn a_kohya_folder_command_line_is_written_as_a_config_file() {
     assert_eq!(table["train_data_dir"].as_str(), img.to_str());
     assert!(!table.contains_key("in_json"));
 }
+
+#[test]
+fn device_cuda_in_a_build_without_the_feature_is_refused_naming_it() {
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let stderr = run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            out.path(),
+            "--device",
+            "cuda"
+        ],
+        2,
+    );
+    assert!(stderr.contains("--features cuda"), "{stderr}");
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+}

@@ -99,7 +99,7 @@ impl CacheTextEncoderArgs {
             variants: self.variants,
             seed: self.seed,
             prune: self.prune,
-            shard: self.shard.shard,
+            shard: self.shard.resolve()?,
             quiet,
         };
         Ok(options)

@@ -95,7 +95,7 @@ impl CaptionImagesArgs {
             force: self.force,
             overwrite: self.overwrite,
             decode: self.image.options()?,
-            shard: self.shard.shard,
+            shard: self.shard.resolve()?,
             quiet,
         };
         Ok(options)

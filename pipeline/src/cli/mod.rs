@@ -94,14 +94,47 @@ impl MergeArgs {
     }
 }
 
-/// `--shard i/n` for per-image stages (see [`crate::dataset::shard`]).
+/// `--shard i/n` or `--shard auto` for per-image stages (see [`crate::dataset::shard`]).
 #[derive(Debug, Clone, Args)]
 #[command(rename_all = "snake_case")]
 pub struct ShardArgs {
     /// Process only shard i of n (0-based, e.g. 0/3); items are assigned by a hash of their
-    /// path, stable across machines. Join the shard outputs with `merge-shards`.
+    /// path, stable across machines. Join the shard outputs with `merge-shards`. auto: the
+    /// part of a Slurm job array (SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT) or of a
+    /// Kubernetes Indexed Job (JOB_COMPLETION_INDEX of --shard_count).
     #[arg(long, default_value = "0/1")]
-    pub shard: crate::dataset::shard::Shard,
+    pub shard: crate::dataset::shard::ShardChoice,
+    /// With --shard auto: the number of parts (a Kubernetes Indexed Job's completions; under
+    /// Slurm it must equal SLURM_ARRAY_TASK_COUNT).
+    #[arg(long)]
+    pub shard_count: Option<u64>,
+}
+
+impl ShardArgs {
+    /// The part to process: the one given, or the scheduler's (from the environment).
+    pub fn resolve(&self) -> crate::Result<crate::dataset::shard::Shard> {
+        use crate::dataset::shard::{Shard, ShardChoice};
+        match self.shard {
+            ShardChoice::Given(shard) => match self.shard_count {
+                None => Ok(shard),
+                Some(_) => Err(crate::Error::Usage(
+                    "--shard_count goes with --shard auto; --shard i/n names the count itself"
+                        .into(),
+                )),
+            },
+            ShardChoice::Auto => {
+                let (shard, source) =
+                    Shard::from_scheduler(|name| std::env::var(name).ok(), self.shard_count)
+                        .map_err(crate::Error::Usage)?;
+                tracing::info!(
+                    "--shard auto: shard {}/{} ({source})",
+                    shard.index,
+                    shard.count
+                );
+                Ok(shard)
+            }
+        }
+    }
 }
 
 /// The bucket flags shared by `prepare-latents` and `lint-dataset` (sd-scripts spellings).

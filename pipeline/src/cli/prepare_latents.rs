@@ -108,7 +108,7 @@ impl PrepareLatentsArgs {
             cache_dir: self.cache_dir,
             force: self.force,
             prune: self.prune,
-            shard: self.shard.shard,
+            shard: self.shard.resolve()?,
             quiet,
         };
         Ok(options)

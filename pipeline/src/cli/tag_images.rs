@@ -220,7 +220,7 @@ impl TagImagesArgs {
             ort_lib: self.ort_lib,
             threads: self.threads,
             decode: self.image.options()?,
-            shard: self.shard.shard,
+            shard: self.shard.resolve()?,
             quiet,
         })
     }

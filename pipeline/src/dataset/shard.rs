@@ -15,6 +15,9 @@
 //! [`crate::stages::merge_shards::merge_shard_outputs`] joins them. Each shard's manifest
 //! records a [`ShardRecord`] (which part, and which items the whole run was split over), so the
 //! join can check it got every part of one run.
+//!
+//! `--shard auto` takes the part from the scheduler that started the process
+//! ([`Shard::from_scheduler`]): a Slurm job array or a Kubernetes Indexed Job.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -163,6 +166,105 @@ impl Shard {
     }
 }
 
+/// What `--shard` names: one part given as `i/n`, or `auto`, the part a scheduler assigns
+/// ([`Shard::from_scheduler`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardChoice {
+    /// `--shard i/n`.
+    Given(Shard),
+    /// `--shard auto`.
+    Auto,
+}
+
+impl FromStr for ShardChoice {
+    type Err = String;
+
+    fn from_str(text: &str) -> std::result::Result<Self, Self::Err> {
+        if text.trim() == "auto" {
+            return Ok(ShardChoice::Auto);
+        }
+        text.parse().map(ShardChoice::Given).map_err(|message| {
+            format!("{message}, or auto (from a Slurm job array or a Kubernetes Indexed Job)")
+        })
+    }
+}
+
+impl Shard {
+    /// The part of `--shard auto`, read from the scheduler's environment (`var` looks a
+    /// variable up):
+    /// * a Slurm job array: shard `(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) /
+    ///   SLURM_ARRAY_TASK_STEP` of `SLURM_ARRAY_TASK_COUNT`, so `--array=1-3` works as well
+    ///   as `0-2`; an array with gaps (`--array=0,4,5`) is refused. `shard_count`, when given,
+    ///   must equal the array's size.
+    /// * a Kubernetes Indexed Job: shard `JOB_COMPLETION_INDEX` of `shard_count` (the Job's
+    ///   `completions`, which the pod's environment does not hold), which is then required.
+    ///
+    /// Also returns where the part came from, for the log.
+    pub fn from_scheduler(
+        var: impl Fn(&str) -> Option<String>,
+        shard_count: Option<u64>,
+    ) -> std::result::Result<(Shard, &'static str), String> {
+        let number = |name: &str| -> std::result::Result<Option<u64>, String> {
+            match var(name) {
+                None => Ok(None),
+                Some(text) => text.trim().parse().map(Some).map_err(|_| {
+                    format!("--shard auto: {name}={text:?} is not a non-negative integer")
+                }),
+            }
+        };
+        if let Some(id) = number("SLURM_ARRAY_TASK_ID")? {
+            let count = number("SLURM_ARRAY_TASK_COUNT")?.ok_or(
+                "--shard auto: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not",
+            )?;
+            let min = number("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+            let step = number("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1).max(1);
+            let max = number("SLURM_ARRAY_TASK_MAX")?;
+            let regular = count > 0
+                && id >= min
+                && (id - min) % step == 0
+                && (id - min) / step < count
+                && max.is_none_or(|max| max == min + (count - 1) * step);
+            if !regular {
+                return Err(format!(
+                    "--shard auto: the Slurm array (task {id}, {count} tasks from {min}{}) has \
+                     gaps; submit a range such as --array=0-{}, or give --shard i/n",
+                    max.map(|max| format!(" to {max}")).unwrap_or_default(),
+                    count.saturating_sub(1)
+                ));
+            }
+            if let Some(given) = shard_count.filter(|&given| given != count) {
+                return Err(format!(
+                    "--shard_count {given} disagrees with the Slurm array's \
+                     SLURM_ARRAY_TASK_COUNT={count}; leave --shard_count out under Slurm"
+                ));
+            }
+            let shard = Shard {
+                index: (id - min) / step,
+                count,
+            };
+            return Ok((shard, "Slurm job array"));
+        }
+        if let Some(index) = number("JOB_COMPLETION_INDEX")? {
+            let count = shard_count.ok_or(
+                "--shard auto in a Kubernetes Indexed Job needs --shard_count N (the Job's \
+                 completions)",
+            )?;
+            if index >= count {
+                return Err(format!(
+                    "--shard auto: JOB_COMPLETION_INDEX={index} is not below --shard_count {count}"
+                ));
+            }
+            return Ok((Shard { index, count }, "Kubernetes Indexed Job"));
+        }
+        Err(
+            "--shard auto needs a scheduler's task index: SLURM_ARRAY_TASK_ID with \
+             SLURM_ARRAY_TASK_COUNT (a Slurm job array), or JOB_COMPLETION_INDEX with \
+             --shard_count N (a Kubernetes Indexed Job); neither is set, so give --shard i/n"
+                .to_string(),
+        )
+    }
+}
+
 impl FromStr for Shard {
     type Err = String;
 
@@ -235,8 +337,77 @@ mod tests {
         );
     }
 
+    /// [`Shard::from_scheduler`] over the variables `vars`.
+    fn scheduled(
+        vars: &[(&str, &str)],
+        shard_count: Option<u64>,
+    ) -> std::result::Result<Shard, String> {
+        let lookup = |name: &str| {
+            vars.iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| value.to_string())
+        };
+        Shard::from_scheduler(lookup, shard_count).map(|(shard, _)| shard)
+    }
+
+    #[test]
+    fn auto_reads_slurm_arrays_and_indexed_jobs() {
+        let slurm = |id: &str, min: &str, step: &str, max: &str| {
+            scheduled(
+                &[
+                    ("SLURM_ARRAY_TASK_ID", id),
+                    ("SLURM_ARRAY_TASK_COUNT", "3"),
+                    ("SLURM_ARRAY_TASK_MIN", min),
+                    ("SLURM_ARRAY_TASK_STEP", step),
+                    ("SLURM_ARRAY_TASK_MAX", max),
+                ],
+                None,
+            )
+        };
+        // --array=0-2, --array=1-3 and --array=2-6:2 all give parts 0..3.
+        assert_eq!(slurm("1", "0", "1", "2"), Ok(Shard { index: 1, count: 3 }));
+        assert_eq!(slurm("3", "1", "1", "3"), Ok(Shard { index: 2, count: 3 }));
+        assert_eq!(slurm("4", "2", "2", "6"), Ok(Shard { index: 1, count: 3 }));
+        // --array=0,4,5: gaps.
+        let gaps = slurm("4", "0", "1", "5").unwrap_err();
+        assert!(gaps.contains("--array=0-2"), "{gaps}");
+        let slurm_count = |count| {
+            scheduled(
+                &[
+                    ("SLURM_ARRAY_TASK_ID", "0"),
+                    ("SLURM_ARRAY_TASK_COUNT", "3"),
+                ],
+                count,
+            )
+        };
+        assert_eq!(slurm_count(Some(3)), Ok(Shard { index: 0, count: 3 }));
+        assert!(slurm_count(Some(4))
+            .unwrap_err()
+            .contains("SLURM_ARRAY_TASK_COUNT=3"));
+
+        let job = |index: &str, count| scheduled(&[("JOB_COMPLETION_INDEX", index)], count);
+        assert_eq!(job("2", Some(3)), Ok(Shard { index: 2, count: 3 }));
+        assert!(job("2", None).unwrap_err().contains("--shard_count"));
+        assert!(job("3", Some(3)).unwrap_err().contains("not below"));
+        assert!(job("x", Some(3))
+            .unwrap_err()
+            .contains("JOB_COMPLETION_INDEX"));
+
+        let none = scheduled(&[], Some(3)).unwrap_err();
+        assert!(
+            none.contains("SLURM_ARRAY_TASK_ID") && none.contains("JOB_COMPLETION_INDEX"),
+            "{none}"
+        );
+    }
+
     #[test]
     fn parsing() {
+        assert_eq!("auto".parse::<ShardChoice>(), Ok(ShardChoice::Auto));
+        assert_eq!(
+            "1/2".parse::<ShardChoice>(),
+            Ok(ShardChoice::Given(Shard { index: 1, count: 2 }))
+        );
+        assert!("x".parse::<ShardChoice>().unwrap_err().contains("auto"));
         assert_eq!(
             "2/5".parse::<Shard>().unwrap(),
             Shard { index: 2, count: 5 }

@@ -5,10 +5,13 @@
 //! recomputes each chunk. Peak memory for the scores drops from `heads x N x N` per layer for the
 //! whole forward pass to one chunk at a time, which is what makes training at 64x64 latents fit.
 
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, D,
+};
 use rayon::prelude::*;
 
 use crate::models::frozen::{dense, into_storage, tensor_from_storage};
+use crate::models::kernel_choice::cpu_kernels;
 use crate::models::kernels::{dot, f32_elements, gemm_into, softmax_rows, Operand, Threads};
 
 /// Score elements of one (batch, head) pair computed at a time by the f32 CPU kernel, per thread.
@@ -33,7 +36,7 @@ pub fn multi_head_attention(
     heads: usize,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
-    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && cpu_kernels(t.device());
     if f32_cpu(q) && f32_cpu(k) && f32_cpu(v) {
         let op = TokenMajorAttention {
             heads,
@@ -243,11 +246,14 @@ impl ChunkedAttention {
         (CHUNK_ELEMENTS / (groups * keys).max(1)).max(1)
     }
 
+    /// The softmax runs in f32 whatever the activations' dtype, as PyTorch's attention does: in
+    /// bf16 the row sum over hundreds of keys loses several percent.
     fn probabilities(&self, q_chunk: &Tensor, k: &Tensor) -> candle_core::Result<Tensor> {
-        let scores = (q_chunk.matmul(&k.t()?)? * self.scale)?;
+        let scores = (q_chunk.matmul(&k.t()?)?.to_dtype(DType::F32)? * self.scale)?;
         let max = scores.max_keepdim(D::Minus1)?;
         let e = scores.broadcast_sub(&max)?.exp()?;
-        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+            .to_dtype(q_chunk.dtype())
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
@@ -429,7 +435,7 @@ impl ChunkedAttention {
 
 /// A copy of the elements of an f32 CPU tensor, if it is one.
 fn f32_vec(x: &Tensor) -> Option<Vec<f32>> {
-    let usable = x.dtype() == DType::F32 && x.device().is_cpu();
+    let usable = x.dtype() == DType::F32 && cpu_kernels(x.device());
     usable
         .then(|| x.flatten_all().and_then(|flat| flat.to_vec1::<f32>()).ok())
         .flatten()
@@ -454,7 +460,8 @@ impl CustomOp3 for ChunkedAttention {
             f32_elements(s2, l2),
             f32_elements(s3, l3),
         );
-        if let (Some(q), Some(k), Some(v)) = elements {
+        // Forced onto the generic path, the CPU runs the candle-op version below.
+        if let ((Some(q), Some(k), Some(v)), true) = (elements, cpu_kernels(&Device::Cpu)) {
             let sizes = Sizes::of(l1.shape(), l2.shape(), l3.shape())?;
             let out = self.forward_f32(q, k, v, sizes);
             let shape = Shape::from((sizes.groups, sizes.queries, sizes.value_depth));
@@ -525,7 +532,9 @@ impl CustomOp3 for ChunkedAttention {
             let p = self.probabilities(&q_chunk, &k)?;
             grad_v = (grad_v + p.t()?.matmul(&g_chunk)?)?;
             let grad_p = g_chunk.matmul(&v.t()?)?;
-            let row_dot = (&grad_p * &p)?.sum_keepdim(D::Minus1)?;
+            let row_dot = (grad_p.to_dtype(DType::F32)? * p.to_dtype(DType::F32)?)?
+                .sum_keepdim(D::Minus1)?
+                .to_dtype(p.dtype())?;
             let grad_scores = (p * grad_p.broadcast_sub(&row_dot)?)?;
             grad_q.push((grad_scores.matmul(&k)? * self.scale)?);
             grad_k = (grad_k + (grad_scores.t()?.matmul(&q_chunk)? * self.scale)?)?;

@@ -11,6 +11,7 @@
 use candle_core::{DType, Module, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::kernel_choice::cpu_kernels;
 use super::kernels::{for_each_f32_band, gemm_into, with_f32_slice, Operand, Threads};
 use super::winograd::Winograd;
 
@@ -41,7 +42,7 @@ impl Conv2d {
         padding: usize,
     ) -> candle_core::Result<Self> {
         let (out_channels, in_channels, kh, _) = weight.dims4()?;
-        let method = if (kh, stride, padding) == (3, 1, 1) {
+        let method = if (kh, stride, padding) == (3, 1, 1) && cpu_kernels(weight.device()) {
             let matrix: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
             Method::Winograd(Winograd::new(&matrix, out_channels, in_channels))
         } else {
@@ -403,7 +404,7 @@ fn fill_row(
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if x.dtype() == DType::F32 {
+        if x.dtype() == DType::F32 && cpu_kernels(x.device()) {
             return self.forward_f32(x);
         }
         let out = x.conv2d(

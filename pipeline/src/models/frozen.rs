@@ -19,6 +19,7 @@ use candle_core::{
 };
 
 use super::conv::Conv2d;
+use super::kernel_choice::cpu_kernels;
 use super::kernels::{for_each_f32_band, gemm_into, with_f32_slice, Operand, Threads};
 
 /// The operation applied with a frozen weight.
@@ -63,7 +64,7 @@ impl FrozenOp {
         let weight = weight.detach();
         let bias = bias.map(|b| b.detach());
         let cpu_conv = match kind {
-            FrozenKind::Conv2d { stride, padding } if weight.device().is_cpu() => {
+            FrozenKind::Conv2d { stride, padding } if cpu_kernels(weight.device()) => {
                 Conv2d::im2col(weight.clone(), stride, padding)
                     .ok()
                     .map(Arc::new)
@@ -95,7 +96,7 @@ impl FrozenOp {
                 stride: 1,
                 padding: 1,
             }
-            && self.weight.device().is_cpu()
+            && cpu_kernels(self.weight.device())
             && self.weight.rank() == 4
             && self.weight.dims()[2..] == [3, 3];
         if winograd {
@@ -172,20 +173,20 @@ impl FrozenOp {
     /// Whether a linear product with `x` reads a narrow CPU weight in f32 bands
     /// ([`for_each_f32_band`]) rather than widening it whole.
     fn widens_in_bands(&self, x: &Tensor) -> bool {
-        let narrow = self.weight.dtype() != DType::F32 && self.weight.device().is_cpu();
-        narrow && x.dtype() == DType::F32 && x.device().is_cpu()
+        let narrow = self.weight.dtype() != DType::F32 && cpu_kernels(self.weight.device());
+        narrow && x.dtype() == DType::F32 && cpu_kernels(x.device())
     }
 
     /// The f32 CPU convolution, when it applies to `x`.
     fn fast_conv(&self, x: &Tensor) -> Option<&Conv2d> {
-        let applies = x.dtype() == DType::F32 && x.device().is_cpu();
+        let applies = x.dtype() == DType::F32 && cpu_kernels(x.device());
         self.cpu_conv.as_deref().filter(|_| applies)
     }
 
     /// The f32 CPU convolution of the forward pass, when one applies to `x`.
     fn forward_conv(&self, x: &Tensor) -> Option<&Conv2d> {
         let winograd = self.winograd_conv.as_deref();
-        let applies = x.dtype() == DType::F32 && x.device().is_cpu();
+        let applies = x.dtype() == DType::F32 && cpu_kernels(x.device());
         winograd.filter(|_| applies).or_else(|| self.fast_conv(x))
     }
 

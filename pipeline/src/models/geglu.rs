@@ -7,11 +7,12 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
 
 use super::frozen::{dense, into_storage, tensor_from_storage};
+use super::kernel_choice::cpu_kernels;
 use super::kernels::gelu_erf;
 
 /// `h · gelu(g)` for `projected = [h, g]` split on the last dimension.
 pub fn geglu(projected: &Tensor) -> candle_core::Result<Tensor> {
-    if projected.device().is_cpu() {
+    if cpu_kernels(projected.device()) {
         dense(projected)?.apply_op1(Geglu)
     } else {
         let (hidden, gate) = halves(projected)?;

@@ -379,7 +379,8 @@ fn gelu_erf_approx(x: f32) -> f32 {
 /// Exact (erf) GELU of `x`: the vectorised kernel for an f32 CPU tensor outside any graph,
 /// candle's `gelu_erf` otherwise (it has the backward pass).
 pub(crate) fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
-    if x.dtype() != candle_core::DType::F32 || !x.device().is_cpu() || x.track_op() {
+    let kernel = x.dtype() == candle_core::DType::F32 && super::kernel_choice::cpu_kernels(x.device());
+    if !kernel || x.track_op() {
         return x.gelu_erf();
     }
     let mut values = x.flatten_all()?.to_vec1::<f32>()?;

@@ -11,6 +11,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::frozen::{dense, linear_input_gradient_into, linear_into};
+use super::kernel_choice::cpu_kernels;
 use super::kernels::{f32_elements, gemm_into, with_f32_slice, Operand, Threads};
 
 /// A plain low-rank branch `scale · up(down(x))` of a linear layer (a LoRA module without
@@ -77,11 +78,11 @@ fn fused_applies(
     bias: Option<&Tensor>,
     branch: &LowRankBranch,
 ) -> bool {
-    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && cpu_kernels(t.device());
     f32_cpu(x)
         && f32_cpu(&branch.down)
         && f32_cpu(&branch.up)
-        && weight.device().is_cpu()
+        && cpu_kernels(weight.device())
         && bias.is_none_or(f32_cpu)
 }
 

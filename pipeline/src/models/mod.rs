@@ -9,8 +9,11 @@ pub mod blip;
 pub mod checkpoint;
 pub mod clip;
 pub mod conv;
+#[cfg(test)]
+pub(crate) mod device_parity;
 pub mod frozen;
 pub mod geglu;
+pub(crate) mod kernel_choice;
 pub(crate) mod kernels;
 pub mod low_rank;
 pub(crate) mod norm;

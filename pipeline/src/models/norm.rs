@@ -274,7 +274,7 @@ impl Norm {
 
 /// Whether `x` can take the fused f32 CPU kernels.
 fn is_f32_cpu(x: &Tensor) -> bool {
-    x.dtype() == candle_core::DType::F32 && x.device().is_cpu()
+    x.dtype() == candle_core::DType::F32 && crate::models::kernel_choice::cpu_kernels(x.device())
 }
 
 /// `(x - mean) / sqrt(var + eps)` over the last dimension (biased variance).

@@ -17,7 +17,11 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, TensorId, Var};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, TensorId, Var,
+};
+
+use super::frozen::into_storage;
 
 thread_local! {
     /// Gradients of trainable variables found by recomputations during the current backward pass.
@@ -33,16 +37,13 @@ pub trait Recomputable: Clone + Send + Sync + 'static {
 }
 
 /// `block.run(x, condition)` with gradient checkpointing: the same value, with the same
-/// gradients, but only the inputs and the output are kept until the backward pass. CPU only;
-/// elsewhere the block runs as usual.
+/// gradients, but only the inputs and the output are kept until the backward pass (on every
+/// device: the node's forward pass only hands over the output the block computed).
 pub fn checkpointed<B: Recomputable>(
     block: &B,
     x: &Tensor,
     condition: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() {
-        return block.run(x, condition);
-    }
     // Detaching the result drops the graph of the block, and with it every activation inside.
     let output = block.run(&x.detach(), &condition.detach())?.detach();
     // A variable among the node's inputs makes candle record the node even where neither input
@@ -83,6 +84,17 @@ struct Recompute<B> {
     output: Mutex<Option<Tensor>>,
 }
 
+impl<B> Recompute<B> {
+    /// The storage of the output computed before the node was made (once).
+    fn take_output(&self) -> candle_core::Result<(Storage, Shape)> {
+        let output = (self.output.lock())
+            .map_err(|_| candle_core::Error::Msg("checkpointed block: poisoned lock".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("checkpointed block ran twice".into()))?;
+        into_storage(output)
+    }
+}
+
 impl<B: Recomputable> CustomOp3 for Recompute<B> {
     fn name(&self) -> &'static str {
         "checkpointed-block"
@@ -97,24 +109,25 @@ impl<B: Recomputable> CustomOp3 for Recompute<B> {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let output = (self.output.lock())
-            .map_err(|_| candle_core::Error::Msg("checkpointed block: poisoned lock".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("checkpointed block ran twice".into()))?;
-        let shape = output.shape().clone();
-        let flat = output.flatten_all()?;
-        let storage = match output.dtype() {
-            DType::F32 => CpuStorage::F32(flat.to_vec1()?),
-            DType::F64 => CpuStorage::F64(flat.to_vec1()?),
-            DType::BF16 => CpuStorage::BF16(flat.to_vec1()?),
-            DType::F16 => CpuStorage::F16(flat.to_vec1()?),
-            other => {
-                return Err(candle_core::Error::Msg(format!(
-                    "checkpointed block: unsupported activation dtype {other:?}"
-                )))
-            }
-        };
-        Ok((storage, shape))
+        match self.take_output()? {
+            (Storage::Cpu(storage), shape) => Ok((storage, shape)),
+            _ => candle_core::bail!("checkpointed block: the output is not on the CPU"),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        match self.take_output()? {
+            (Storage::Cuda(storage), shape) => Ok((storage, shape)),
+            _ => candle_core::bail!("checkpointed block: the output is not on the CUDA device"),
+        }
     }
 
     fn bwd(

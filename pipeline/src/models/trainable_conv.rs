@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 
 use super::conv::Conv2d;
 use super::frozen::{dense, tensor_from_storage};
+use super::kernel_choice::cpu_kernels;
 use super::kernels::f32_elements;
 
 /// `x` convolved with `weight` (`[O, C, k, k]`, no bias), differentiable in both. f32 CPU tensors
@@ -24,7 +25,7 @@ pub fn conv2d(
 ) -> candle_core::Result<Tensor> {
     let on_kernels = [x, weight]
         .iter()
-        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu());
+        .all(|t| t.dtype() == DType::F32 && cpu_kernels(t.device()));
     if !on_kernels {
         return x.conv2d(weight, padding, stride, 1, 1);
     }

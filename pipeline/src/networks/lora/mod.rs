@@ -6,6 +6,8 @@
 //! (docs/kohya-compat.md#lora-module-selection) and names it `lora_unet_<diffusers path with '_'>`
 //! (docs/kohya-compat.md#lora-key-names).
 
+#[cfg(test)]
+mod device_parity;
 mod dropout;
 mod file;
 mod selection;
