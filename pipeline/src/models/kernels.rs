@@ -379,7 +379,8 @@ fn gelu_erf_approx(x: f32) -> f32 {
 /// Exact (erf) GELU of `x`: the vectorised kernel for an f32 CPU tensor outside any graph,
 /// candle's `gelu_erf` otherwise (it has the backward pass).
 pub(crate) fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
-    let kernel = x.dtype() == candle_core::DType::F32 && super::kernel_choice::cpu_kernels(x.device());
+    let kernel =
+        x.dtype() == candle_core::DType::F32 && super::kernel_choice::cpu_kernels(x.device());
     if !kernel || x.track_op() {
         return x.gelu_erf();
     }
