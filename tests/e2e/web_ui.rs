@@ -51,14 +51,15 @@ fn start_server(folders: &[&Path]) -> Server {
     Server { child, address }
 }
 
+/// The `host:port` of a printed `http://host:port/...` address.
+fn host_of(address: &str) -> &str {
+    let rest = address.strip_prefix("http://").unwrap();
+    rest.split('/').next().unwrap()
+}
+
 /// One HTTP/1.1 request to `address`'s host; returns the status line and body.
 fn http(address: &str, request: &str) -> String {
-    let host = address
-        .strip_prefix("http://")
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap();
+    let host = host_of(address);
     let mut stream = std::net::TcpStream::connect(host).unwrap();
     let text = request.replace("{host}", host);
     stream.write_all(text.as_bytes()).unwrap();
@@ -201,13 +202,7 @@ fn post(server: &Server, path: &str, body: &serde_json::Value) -> String {
 /// Reads the live events until one satisfies `done`; returns it.
 fn wait_for_event(server: &Server, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let token = server.address.split("token=").nth(1).unwrap();
-    let host = server
-        .address
-        .strip_prefix("http://")
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap();
+    let host = host_of(&server.address);
     let mut stream = std::net::TcpStream::connect(host).unwrap();
     stream
         .set_read_timeout(Some(std::time::Duration::from_secs(180)))

@@ -784,7 +784,7 @@ impl Unet {
     /// Runs the 3x3 stride-1 convolutions with at most `max_channels` output channels (the
     /// high-resolution levels, where most convolution work is) in the Winograd domain, for
     /// inference: 4x fewer multiplications there, for transformed kernels of 4x those layers'
-    /// f32 weight size in memory (about 1.1 GB at SD1.5 size for 640 channels). Call it after
+    /// f32 weight size in memory (about 1 GB at SD1.5 size for 640 channels). Call it after
     /// every LoRA has been merged.
     pub fn use_winograd_forward(&mut self, max_channels: usize) -> Result<()> {
         let mut failure = None;

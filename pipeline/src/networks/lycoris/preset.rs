@@ -29,20 +29,9 @@ const MODELLED_CLASSES: [&str; 13] = [
 ];
 
 /// Classes lycoris' built-in presets list that no module of the SD1/SD2/SDXL models of sd-scripts
-/// (with transformers 4.54) has: they select nothing here, as in lycoris.
-const ABSENT_CLASSES: [&str; 20] = [
-    "HunYuanDiTBlock",
-    "DoubleStreamBlock",
-    "SingleStreamBlock",
-    "SingleDiTBlock",
-    "MMDoubleStreamBlock",
-    "MMSingleStreamBlock",
-    "WanAttentionBlock",
-    "HunyuanVideoTransformerBlock",
-    "HunyuanVideoSingleTransformerBlock",
-    "JointTransformerBlock",
-    "FinalLayer",
-    "QwenImageTransformerBlock",
+/// (with transformers 4.54) has, besides [`OTHER_TRANSFORMERS`]: they select nothing here, as in
+/// lycoris.
+const ABSENT_CLASSES: [&str; 8] = [
     "SelfAttention",
     "CLIPSdpaAttention",
     "MT5Block",
@@ -233,6 +222,7 @@ impl Preset {
         let modules = preset.unet_target_module.iter();
         for class in modules.chain(&preset.text_encoder_target_module) {
             let known = MODELLED_CLASSES.contains(&class.as_str())
+                || OTHER_TRANSFORMERS.contains(&class.as_str())
                 || ABSENT_CLASSES.contains(&class.as_str())
                 || ABSENT_TEXT_CLASSES.contains(&class.as_str());
             if !known {

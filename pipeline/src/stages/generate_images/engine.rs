@@ -23,7 +23,7 @@ use crate::{Error, Result};
 /// The UNet's 3x3 convolutions with at most this many output channels (the two
 /// highest-resolution levels of SD1.x, SD2.x and SDXL) run in the Winograd domain when
 /// generating in float32: 4x fewer multiplications where most of the convolution work is, for
-/// about 1.1 GB of transformed kernels at SD1.5 size.
+/// about 1 GB of transformed kernels at SD1.5 size.
 const WINOGRAD_MAX_CHANNELS: usize = 640;
 
 /// What to load.
