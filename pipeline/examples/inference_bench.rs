@@ -103,7 +103,8 @@ fn bench(dir: &Path, row: &Row) -> Result<(usize, f64, usize), Failure> {
     let cpu = Device::Cpu;
     let (items, (per_item, repeats)) = match *row {
         Row::Clip { encoder, batch } => {
-            let encoders = load_text_encoders(&sdxl, DType::F32, &cpu)?;
+            let mut encoders = load_text_encoders(&sdxl, DType::F32, &cpu)?;
+            encoders.use_inference_layout()?;
             let model = &encoders.encoders[encoder];
             let ids = token_ids(batch)?;
             let layers = model.config().num_hidden_layers;

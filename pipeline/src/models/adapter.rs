@@ -114,6 +114,14 @@ impl AdaptableLayer {
         Ok(())
     }
 
+    /// Stores a linear layer's weight transposed from now on
+    /// ([`FrozenOp::with_inference_layout`]): faster products with few rows; other layers are
+    /// unchanged. A later [`Self::merge_into_weight`] goes back to the plain layout.
+    pub fn use_inference_layout(&mut self) -> candle_core::Result<()> {
+        self.op = self.op.clone().with_inference_layout()?;
+        Ok(())
+    }
+
     /// `W0 x + b`, plus the adapter's change when one is attached.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if let Some(branch) = self.adapter.as_ref().and_then(|a| a.low_rank_branch()) {
@@ -145,6 +153,18 @@ impl AdaptableLayer {
 pub trait Adaptable {
     /// Calls `f` on every adaptable layer, in model order.
     fn visit_layers(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer));
+
+    /// Stores every linear layer's weight transposed, for inference
+    /// ([`AdaptableLayer::use_inference_layout`]). Call it after every LoRA has been merged.
+    fn use_inference_layout(&mut self) -> candle_core::Result<()> {
+        let mut outcome = Ok(());
+        self.visit_layers(&mut |layer| {
+            if outcome.is_ok() {
+                outcome = layer.use_inference_layout();
+            }
+        });
+        outcome
+    }
 }
 
 /// Several models visited one after the other as one (sd-scripts' network over the text

@@ -20,7 +20,9 @@ use candle_core::{
 
 use super::conv::Conv2d;
 use super::kernel_choice::cpu_kernels;
-use super::kernels::{for_each_f32_band, gemm_into, with_f32_slice, Operand, Threads};
+use super::kernels::{
+    for_each_f32_band, gemm_into, transpose_matrix, with_f32_slice, Operand, Threads,
+};
 
 /// The operation applied with a frozen weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +58,12 @@ pub struct FrozenOp {
     /// for the forward pass (4x fewer multiplications, a transformed kernel 4x the weight's f32
     /// size); the input gradient still runs through `cpu_conv`.
     winograd_conv: Option<Arc<Conv2d>>,
+    /// For CPU linear layers set up for inference ([`Self::with_inference_layout`]): the weight
+    /// stored transposed, `[in, out]` and contiguous; `weight` is then a view of this storage.
+    /// The matrix-product kernels read a row-major right-hand side without repacking it, which
+    /// makes products with few rows (a text encoder's 77 tokens, one decoding step) about 1.5x
+    /// faster; the memory is the same.
+    weight_in_out: Option<Tensor>,
 }
 
 impl FrozenOp {
@@ -84,7 +92,24 @@ impl FrozenOp {
             backward_kernel,
             cpu_conv,
             winograd_conv: None,
+            weight_in_out: None,
         }
+    }
+
+    /// This operation with its weight stored transposed when it is a CPU linear layer
+    /// (unchanged otherwise): faster products with few rows, for inference. Both passes keep
+    /// working; [`Self::weight`] stays `[out, in]` (a strided view).
+    pub fn with_inference_layout(mut self) -> candle_core::Result<Self> {
+        if self.kind == FrozenKind::Linear
+            && self.weight.rank() == 2
+            && cpu_kernels(self.weight.device())
+            && self.weight_in_out.is_none()
+        {
+            let in_out = transpose_matrix(&self.weight)?;
+            self.weight = in_out.t()?;
+            self.weight_in_out = Some(in_out);
+        }
+        Ok(self)
     }
 
     /// This operation with its forward pass in the Winograd domain when it is a 3x3, stride-1,
@@ -106,7 +131,8 @@ impl FrozenOp {
         Ok(self)
     }
 
-    /// The frozen weight.
+    /// The frozen weight (`[out, in, ...]`; a strided view after
+    /// [`Self::with_inference_layout`]).
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
@@ -156,7 +182,9 @@ impl FrozenOp {
                     .last_mut()
                     .expect("linear input has a last dimension") = self.weight.dim(0)?;
                 let x = x.reshape((rows, inner))?;
-                let y = if self.widens_in_bands(&x) {
+                let y = if let Some(in_out) = self.in_out_weight_for(&x) {
+                    linear_in_out(&x, in_out)?
+                } else if self.widens_in_bands(&x) {
                     linear_in_bands(&x, &self.weight)?
                 } else {
                     x.matmul(&self.weight_in(x.dtype())?.t()?)?
@@ -168,6 +196,13 @@ impl FrozenOp {
                 None => x.conv2d(&self.weight_in(x.dtype())?, padding, stride, 1, 1),
             },
         }
+    }
+
+    /// The transposed weight of [`Self::with_inference_layout`], when products with `x` (an
+    /// activation or gradient) use it.
+    fn in_out_weight_for(&self, x: &Tensor) -> Option<&Tensor> {
+        let applies = x.dtype() == DType::F32 && cpu_kernels(x.device());
+        self.weight_in_out.as_ref().filter(|_| applies)
     }
 
     /// Whether a linear product with `x` reads a narrow CPU weight in f32 bands
@@ -250,6 +285,46 @@ pub(crate) fn linear_input_gradient_into(
         let shape = (rows, inner, band.len() / inner);
         gemm_into(dx, inner, lhs, rhs, shape, first > 0, Threads::Pool);
     })
+}
+
+/// `x W^T` for an f32 CPU `x` `[rows, in]` and a CPU weight stored transposed, `[in, out]` (of
+/// any stored dtype, read in f32 bands of input rows whose products are summed).
+fn linear_in_out(x: &Tensor, in_out: &Tensor) -> candle_core::Result<Tensor> {
+    let ((rows, inner), out) = (x.dims2()?, in_out.dim(1)?);
+    let mut y = vec![0f32; rows * out];
+    with_f32_slice(x, |x| {
+        for_each_f32_band(in_out, |first, band| {
+            let lhs = Operand::row_major(&x[first..], inner);
+            let rhs = Operand::row_major(band, out);
+            let shape = (rows, out, band.len() / out);
+            gemm_into(&mut y, out, lhs, rhs, shape, first > 0, Threads::Pool);
+        })
+    })??;
+    Tensor::from_vec(y, (rows, out), x.device())
+}
+
+/// `dY W` for an f32 CPU `dY` `[rows, out]` and a weight stored transposed as in
+/// [`linear_in_out`] (each band of input rows gives its own columns of the result).
+fn linear_input_gradient_in_out(grad: &Tensor, in_out: &Tensor) -> candle_core::Result<Tensor> {
+    let ((rows, out), inner) = (grad.dims2()?, in_out.dim(0)?);
+    let mut dx = vec![0f32; rows * inner];
+    with_f32_slice(grad, |grad| {
+        for_each_f32_band(in_out, |first, band| {
+            let lhs = Operand::row_major(grad, out);
+            let rhs = Operand::transposed(band, out);
+            let shape = (rows, band.len() / out, out);
+            gemm_into(
+                &mut dx[first..],
+                inner,
+                lhs,
+                rhs,
+                shape,
+                false,
+                Threads::Pool,
+            );
+        })
+    })??;
+    Tensor::from_vec(dx, (rows, inner), grad.device())
 }
 
 /// A weight's first dimension and the product of the others: its shape as a matrix.
@@ -360,7 +435,9 @@ impl CustomOp1 for FrozenOp {
                 let out = grad_res.dim(candle_core::D::Minus1)?;
                 let rows = grad_res.elem_count() / out;
                 let grad = grad_res.reshape((rows, out))?;
-                let grad = if self.widens_in_bands(&grad) {
+                let grad = if let Some(in_out) = self.in_out_weight_for(&grad) {
+                    linear_input_gradient_in_out(&grad, in_out)?
+                } else if self.widens_in_bands(&grad) {
                     linear_input_gradient_in_bands(&grad, &self.weight)?
                 } else {
                     grad.matmul(&self.weight_in(grad.dtype())?)?
@@ -471,6 +548,41 @@ mod tests {
         let ours_grad = grad_of(ours, &ours_input);
         let reference_grad = grad_of(reference, &reference_input);
         assert!(relative_difference(&ours_grad, &reference_grad) < 1e-6);
+    }
+
+    #[test]
+    fn inference_layout_gives_the_same_products_and_gradients() {
+        // Stored transposed, a linear layer's output and input gradient equal the plain layout's
+        // up to summation order, for f32 and narrow weights (several widened bands at 1100 rows).
+        let device = Device::Cpu;
+        for (weight_shape, input_shape) in [
+            (vec![6, 5], vec![2, 3, 5]),
+            (vec![300, 1100], vec![77, 1100]),
+        ] {
+            let weight = Tensor::randn(0f32, 0.3, weight_shape, &device).unwrap();
+            let x = Tensor::randn(0f32, 1.0, input_shape, &device).unwrap();
+            for dtype in [DType::F32, DType::BF16] {
+                let weight = weight.to_dtype(dtype).unwrap();
+                let bias = Tensor::randn(0f32, 1.0, weight.dim(0).unwrap(), &device).unwrap();
+                let plain = FrozenOp::new(weight.clone(), Some(bias.clone()), FrozenKind::Linear);
+                let inference = plain.clone().with_inference_layout().unwrap();
+                assert!(inference.weight_in_out.is_some(), "{dtype:?}");
+                assert_eq!(inference.weight().dims(), weight.dims());
+                let run = |op: &FrozenOp| {
+                    let input = Var::from_tensor(&x).unwrap();
+                    let y = op.forward(input.as_tensor()).unwrap();
+                    let loss_weights = Tensor::ones(y.shape(), DType::F32, &device).unwrap();
+                    let [grad] = weighted_sum_gradients(&y, &loss_weights, [&input]);
+                    (y, grad)
+                };
+                let ((y, grad), (y_plain, grad_plain)) = (run(&inference), run(&plain));
+                assert!(relative_difference(&y, &y_plain) < 1e-6, "{dtype:?} output");
+                assert!(
+                    relative_difference(&grad, &grad_plain) < 1e-6,
+                    "{dtype:?} gradient"
+                );
+            }
+        }
     }
 
     #[test]

@@ -37,6 +37,66 @@ pub(crate) fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> cand
     }
 }
 
+/// Side of the square tiles [`transpose_matrix`] copies (a tile of f32 fits in L1).
+const TRANSPOSE_TILE: usize = 32;
+
+/// The transpose of a 2-D CPU tensor as a new contiguous tensor of the same dtype, copied in
+/// cache-sized tiles on the rayon pool (candle's strided copy walks one element at a time, which
+/// takes seconds for a full-size model's weights).
+pub(crate) fn transpose_matrix(matrix: &Tensor) -> candle_core::Result<Tensor> {
+    let (rows, cols) = matrix.dims2()?;
+    let matrix = matrix.contiguous()?;
+    let (storage, layout) = matrix.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("expected a CPU matrix");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("expected a contiguous matrix");
+    };
+    let device = matrix.device();
+    match cpu {
+        CpuStorage::F32(data) => transposed_tensor(&data[start..end], rows, cols, device),
+        CpuStorage::F16(data) => transposed_tensor(&data[start..end], rows, cols, device),
+        CpuStorage::BF16(data) => transposed_tensor(&data[start..end], rows, cols, device),
+        CpuStorage::F8E4M3(data) => transposed_tensor(&data[start..end], rows, cols, device),
+        _ => matrix.t()?.contiguous(),
+    }
+}
+
+/// The `[cols, rows]` tensor holding the transpose of the row-major `[rows, cols]` `data`.
+fn transposed_tensor<T: candle_core::WithDType>(
+    data: &[T],
+    rows: usize,
+    cols: usize,
+    device: &candle_core::Device,
+) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(transpose_tiles(data, rows, cols), (cols, rows), device)
+}
+
+/// The row-major `[cols, rows]` transpose of the row-major `[rows, cols]` `data`.
+fn transpose_tiles<T: Copy + Send + Sync>(data: &[T], rows: usize, cols: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    let Some(&fill) = data.first() else {
+        return Vec::new();
+    };
+    let mut out = vec![fill; rows * cols];
+    out.par_chunks_mut(TRANSPOSE_TILE * rows)
+        .enumerate()
+        .for_each(|(block, out_rows)| {
+            let first_col = block * TRANSPOSE_TILE;
+            let width = out_rows.len() / rows;
+            for row_start in (0..rows).step_by(TRANSPOSE_TILE) {
+                for row in row_start..(row_start + TRANSPOSE_TILE).min(rows) {
+                    let source = &data[row * cols + first_col..][..width];
+                    for (c, &value) in source.iter().enumerate() {
+                        out_rows[c * rows + row] = value;
+                    }
+                }
+            }
+        });
+    out
+}
+
 /// Calls `f(first_row, band)` over the rows of a contiguous CPU weight seen as a row-major
 /// `[rows, cols]` matrix (`rows` = its first dimension), with `band` the f32 values of rows
 /// `first_row..first_row + band.len() / cols`. An f32 weight comes as one band without a copy;
@@ -462,6 +522,31 @@ mod tests {
             let sum: f64 = exps.iter().sum();
             for (e, &got) in exps.iter().zip(got_row) {
                 assert!((e / sum - got as f64).abs() < 1e-7, "{} vs {got}", e / sum);
+            }
+        }
+    }
+
+    #[test]
+    fn tiled_transpose_equals_candles() {
+        let device = candle_core::Device::Cpu;
+        for (rows, cols) in [(45, 70), (1, 5), (100, 33), (64, 64)] {
+            let matrix = Tensor::randn(0f32, 1.0, (rows, cols), &device).unwrap();
+            for dtype in [candle_core::DType::F32, candle_core::DType::BF16] {
+                let matrix = matrix.to_dtype(dtype).unwrap();
+                let ours = transpose_matrix(&matrix).unwrap();
+                let reference = matrix.t().unwrap().contiguous().unwrap();
+                assert_eq!(ours.dims(), [cols, rows]);
+                assert_eq!(ours.dtype(), dtype);
+                let difference = (ours.to_dtype(candle_core::DType::F32).unwrap()
+                    - reference.to_dtype(candle_core::DType::F32).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+                assert_eq!(difference, 0.0, "{rows}x{cols} {dtype:?}");
             }
         }
     }

@@ -27,7 +27,7 @@ pub struct LowRankBranch {
 }
 
 /// `x W^T + b + branch(x)` as one op, or `None` where it does not apply (activations or factors
-/// not f32 on the CPU, factors not 2-D), in which case the caller composes the ops itself.
+/// not f32 on the CPU, factors not 2-D, a weight viewed in another layout), in which case the caller composes the ops itself.
 pub(crate) fn linear_with_branch(
     x: &Tensor,
     weight: &Tensor,
@@ -83,6 +83,7 @@ fn fused_applies(
         && f32_cpu(&branch.down)
         && f32_cpu(&branch.up)
         && cpu_kernels(weight.device())
+        && weight.is_contiguous()
         && bias.is_none_or(f32_cpu)
 }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
+use super::adapter::Adaptable;
 use super::checkpoint::{Checkpoint, Component, ModelFamily};
 use super::clip::{infer_config, ldm_name, read_config_hints, ClipTextModel, WeightLayout};
 use crate::text::tokenize::Padding;
@@ -23,6 +24,19 @@ pub struct TextEncoders {
     /// Hash of the text-encoder tensors only (names, dtypes, shapes, data), so a cache keyed
     /// on it survives UNet/VAE changes of the same file.
     pub weights_hash: String,
+}
+
+impl TextEncoders {
+    /// Stores every linear weight transposed, for encoding only
+    /// ([`Adaptable::use_inference_layout`]).
+    pub fn use_inference_layout(&mut self) -> Result<()> {
+        for encoder in self.encoders.iter_mut() {
+            encoder
+                .use_inference_layout()
+                .map_err(|e| Error::Model(format!("text encoder inference layout: {e}")))?;
+        }
+        Ok(())
+    }
 }
 
 /// Padding of each encoder's tokenizer (docs/kohya-compat.md#tokenizer-padding).

@@ -277,7 +277,8 @@ pub fn load_run(options: &TeCacheOptions) -> Result<LoadedRun> {
     check_options(options)?;
     let device = Device::Cpu;
     let dtype = options.mixed_precision.compute_dtype(&device);
-    let encoders = load_text_encoders(&options.model, dtype, &device)?;
+    let mut encoders = load_text_encoders(&options.model, dtype, &device)?;
+    encoders.use_inference_layout()?;
     let family = encoders.family;
     if options.require_sdxl && family != ModelFamily::Sdxl {
         return Err(Error::Usage(format!(

@@ -179,6 +179,11 @@ impl Engine {
         if options.dtype == DType::F32 {
             unet.use_winograd_forward(WINOGRAD_MAX_CHANNELS)?;
         }
+        let layout = |e: candle_core::Error| Error::Model(format!("inference layout: {e}"));
+        unet.use_inference_layout().map_err(layout)?;
+        for encoder in encoders.encoders.iter_mut() {
+            encoder.use_inference_layout().map_err(layout)?;
+        }
         let vae = match &options.vae {
             Some(path) => VaeDecoder::load(&Checkpoint::open(path)?, DType::F32, &device)?,
             None => VaeDecoder::load(&checkpoint, DType::F32, &device)?,
