@@ -22,7 +22,11 @@ const CHUNK_ELEMENTS: usize = 1 << 22;
 
 /// `softmax(q k^T * scale) v` for `q` `[G, Nq, d]`, `k`/`v` `[G, Nk, d]` (G = batch x heads).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
-    dense(q)?.apply_op3(&dense(k)?, &dense(v)?, ChunkedAttention { scale })
+    let op = ChunkedAttention {
+        scale,
+        causal: false,
+    };
+    dense(q)?.apply_op3(&dense(k)?, &dense(v)?, op)
 }
 
 /// Multi-head attention on token-major tensors: `q` `[B, Nq, H·d]`, `k` `[B, Nk, H·d]`, `v`
@@ -36,12 +40,50 @@ pub fn multi_head_attention(
     heads: usize,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
+    token_major_attention(
+        q,
+        k,
+        v,
+        heads,
+        ChunkedAttention {
+            scale,
+            causal: false,
+        },
+    )
+}
+
+/// [`multi_head_attention`] of a sequence with itself where each query sees only the keys at or
+/// before its own position (a text encoder's causal mask): masked scores take no part in the
+/// softmax and get probability 0.
+pub fn causal_multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    token_major_attention(
+        q,
+        k,
+        v,
+        heads,
+        ChunkedAttention {
+            scale,
+            causal: true,
+        },
+    )
+}
+
+fn token_major_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    inner: ChunkedAttention,
+) -> candle_core::Result<Tensor> {
     let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && cpu_kernels(t.device());
     if f32_cpu(q) && f32_cpu(k) && f32_cpu(v) {
-        let op = TokenMajorAttention {
-            heads,
-            inner: ChunkedAttention { scale },
-        };
+        let op = TokenMajorAttention { heads, inner };
         return dense(q)?.apply_op3(&dense(k)?, &dense(v)?, op);
     }
     let (b, nq, _) = q.dims3()?;
@@ -52,7 +94,7 @@ pub fn multi_head_attention(
             .contiguous()?
             .reshape((b * heads, len, width / heads))
     };
-    let out = attention(&split(q)?, &split(k)?, &split(v)?, scale)?;
+    let out = dense(&split(q)?)?.apply_op3(&split(k)?, &split(v)?, inner)?;
     let value_depth = out.dim(2)?;
     out.reshape((b, heads, nq, value_depth))?
         .transpose(1, 2)?
@@ -238,6 +280,8 @@ impl CustomOp3 for TokenMajorAttention {
 #[derive(Debug, Clone, Copy)]
 struct ChunkedAttention {
     scale: f64,
+    /// Query `i` sees keys `0..=i` only (self-attention).
+    causal: bool,
 }
 
 impl ChunkedAttention {
@@ -248,8 +292,20 @@ impl ChunkedAttention {
 
     /// The softmax runs in f32 whatever the activations' dtype, as PyTorch's attention does: in
     /// bf16 the row sum over hundreds of keys loses several percent.
-    fn probabilities(&self, q_chunk: &Tensor, k: &Tensor) -> candle_core::Result<Tensor> {
-        let scores = (q_chunk.matmul(&k.t()?)?.to_dtype(DType::F32)? * self.scale)?;
+    fn probabilities(
+        &self,
+        q_chunk: &Tensor,
+        k: &Tensor,
+        first_query: usize,
+    ) -> candle_core::Result<Tensor> {
+        let mut scores = (q_chunk.matmul(&k.t()?)?.to_dtype(DType::F32)? * self.scale)?;
+        if self.causal {
+            let (len, keys) = (q_chunk.dim(1)?, k.dim(1)?);
+            let mask: Vec<f32> = (first_query..first_query + len)
+                .flat_map(|i| (0..keys).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            scores = scores.broadcast_add(&Tensor::from_vec(mask, (len, keys), k.device())?)?;
+        }
         let max = scores.max_keepdim(D::Minus1)?;
         let e = scores.broadcast_sub(&max)?.exp()?;
         e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
@@ -263,7 +319,7 @@ impl ChunkedAttention {
         let mut start = 0;
         while start < queries {
             let len = rows.min(queries - start);
-            let p = self.probabilities(&q.narrow(1, start, len)?, k)?;
+            let p = self.probabilities(&q.narrow(1, start, len)?, k, start)?;
             outputs.push(p.matmul(v)?);
             start += len;
         }
@@ -324,13 +380,30 @@ impl Sizes {
 /// products by `gemm` on the task's thread and the softmax in place, so no score matrix outlives
 /// its chunk and no elementwise pass allocates.
 impl ChunkedAttention {
-    /// Writes `softmax(q_rows kᵀ · scale)` for `len` query rows into `p` (`[len, keys]`).
-    fn probabilities_f32(&self, p: &mut [f32], q_rows: &[f32], k: &[f32], len: usize, s: Sizes) {
+    /// Writes `softmax(q_rows kᵀ · scale)` for the `len` query rows from `first` on into `p`
+    /// (`[len, keys]`); causal rows end in zeros.
+    fn probabilities_f32(
+        &self,
+        p: &mut [f32],
+        q_rows: &[f32],
+        k: &[f32],
+        first: usize,
+        len: usize,
+        s: Sizes,
+    ) {
         let q_rows = Operand::row_major(q_rows, s.depth);
         let k_t = Operand::transposed(k, s.depth);
         let shape = (len, s.keys, s.depth);
         gemm_into(p, s.keys, q_rows, k_t, shape, false, Threads::Current);
-        softmax_rows(p, s.keys, self.scale as f32);
+        if !self.causal {
+            softmax_rows(p, s.keys, self.scale as f32);
+            return;
+        }
+        for (i, row) in (first..).zip(p.chunks_mut(s.keys)) {
+            let (seen, masked) = row.split_at_mut((i + 1).min(s.keys));
+            softmax_rows(seen, seen.len(), self.scale as f32);
+            masked.fill(0.0);
+        }
     }
 
     fn forward_f32(&self, q: &[f32], k: &[f32], v: &[f32], s: Sizes) -> Vec<f32> {
@@ -347,7 +420,7 @@ impl ChunkedAttention {
                 let mut scores = vec![0f32; s.rows_per_chunk() * s.keys];
                 for (start, len) in s.chunks() {
                     let p = &mut scores[..len * s.keys];
-                    self.probabilities_f32(p, &q[start * s.depth..], k, len, s);
+                    self.probabilities_f32(p, &q[start * s.depth..], k, start, len, s);
                     let (p, v) = (
                         Operand::row_major(p, s.keys),
                         Operand::row_major(v, s.value_depth),
@@ -394,7 +467,7 @@ impl ChunkedAttention {
                     let ds = &mut grad_scores[..len * s.keys];
                     let q_rows = &q[start * s.depth..(start + len) * s.depth];
                     let go_rows = &grad_out[start * s.value_depth..(start + len) * s.value_depth];
-                    self.probabilities_f32(p, q_rows, k, len, s);
+                    self.probabilities_f32(p, q_rows, k, start, len, s);
                     let go = Operand::row_major(go_rows, s.value_depth);
                     let (m, n, inner) = (s.keys, s.value_depth, len);
                     let p_t = Operand::transposed(p, s.keys);
@@ -529,7 +602,7 @@ impl CustomOp3 for ChunkedAttention {
             let len = rows.min(queries - start);
             let q_chunk = q.narrow(1, start, len)?;
             let g_chunk = grad.narrow(1, start, len)?;
-            let p = self.probabilities(&q_chunk, &k)?;
+            let p = self.probabilities(&q_chunk, &k, start)?;
             grad_v = (grad_v + p.t()?.matmul(&g_chunk)?)?;
             let grad_p = g_chunk.matmul(&v.t()?)?;
             let row_dot = (grad_p.to_dtype(DType::F32)? * p.to_dtype(DType::F32)?)?
@@ -590,6 +663,71 @@ mod tests {
                 );
                 assert!(difference < 1e-5, "gradient off by {difference}");
             }
+        }
+    }
+
+    #[test]
+    fn causal_attention_matches_plain_attention_with_a_mask() {
+        // 300 tokens span several chunks of the kernel; the reference adds the text encoders'
+        // additive mask (f32::MIN above the diagonal) before a plain softmax.
+        let device = Device::Cpu;
+        let (batch, heads, tokens, depth) = (2, 2, 300, 4);
+        let make = || {
+            let t = Tensor::randn(0f32, 1.5, (batch, tokens, heads * depth), &device).unwrap();
+            Var::from_tensor(&t).unwrap()
+        };
+        let (q, k, v) = (make(), make(), make());
+        let scale = 0.5;
+        let ours =
+            causal_multi_head_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, scale)
+                .unwrap();
+        let split = |t: &Tensor| {
+            t.reshape((batch, tokens, heads, depth))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((batch * heads, tokens, depth))
+                .unwrap()
+        };
+        let mask: Vec<f32> = (0..tokens)
+            .flat_map(|i| (0..tokens).map(move |j| if j > i { f32::MIN } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (tokens, tokens), &device).unwrap();
+        let scores = (split(q.as_tensor())
+            .matmul(&split(k.as_tensor()).t().unwrap())
+            .unwrap()
+            * scale)
+            .unwrap()
+            .broadcast_add(&mask)
+            .unwrap();
+        let p = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+        let expected = p
+            .matmul(&split(v.as_tensor()))
+            .unwrap()
+            .reshape((batch, heads, tokens, depth))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((batch, tokens, heads * depth))
+            .unwrap();
+        assert!(relative_difference(&ours, &expected) < 1e-5);
+        let unmasked =
+            multi_head_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, scale)
+                .unwrap();
+        assert!(
+            relative_difference(&unmasked, &expected) > 1e-2,
+            "the mask matters"
+        );
+        let weights = Tensor::randn(0f32, 1.0, ours.shape(), &device).unwrap();
+        let loss = |y: &Tensor| (y * &weights).unwrap().sum_all().unwrap();
+        let ours_grads = loss(&ours).backward().unwrap();
+        let expected_grads = loss(&expected).backward().unwrap();
+        for input in [&q, &k, &v] {
+            let difference = relative_difference(
+                ours_grads.get(input.as_tensor()).unwrap(),
+                expected_grads.get(input.as_tensor()).unwrap(),
+            );
+            assert!(difference < 1e-5, "gradient off by {difference}");
         }
     }
 

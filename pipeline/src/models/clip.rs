@@ -9,10 +9,11 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_core::{DType, IndexOp, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
 use crate::models::adapter::{Adaptable, AdaptableLayer, Container};
+use crate::models::attention::causal_multi_head_attention;
 use crate::models::frozen::FrozenKind;
 use crate::models::norm::Norm;
 use crate::models::recompute::{checkpointed, Recomputable};
@@ -44,7 +45,7 @@ impl ClipActivation {
 
     fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            ClipActivation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            ClipActivation::QuickGelu => crate::models::kernels::quick_gelu(x),
             ClipActivation::Gelu => crate::models::kernels::gelu_erf(x),
         }
     }
@@ -206,34 +207,13 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
-        let (batch, len, width) = x.dims3()?;
-        let split_heads = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((batch, len, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+    /// Causal self-attention (each token sees itself and the tokens before it).
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let scale = (self.head_dim as f64).powf(-0.5);
-        let q = split_heads((self.q_proj.forward(x)? * scale)?)?;
-        let k = split_heads(self.k_proj.forward(x)?)?;
-        let v = split_heads(self.v_proj.forward(x)?)?;
-        let dtype = x.dtype();
-        let scores = q
-            .to_dtype(DType::F32)?
-            .matmul(&k.to_dtype(DType::F32)?.t()?)?
-            .broadcast_add(causal_mask)?;
-        // candle's fused softmax has no backward pass: while a LoRA is trained the elementary
-        // one runs (the same values).
-        let probs = if scores.track_op() {
-            candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        };
-        let out = probs
-            .matmul(&v.to_dtype(DType::F32)?)?
-            .to_dtype(dtype)?
-            .transpose(1, 2)?
-            .reshape((batch, len, width))?;
+        let q = self.q_proj.forward(x)?;
+        let k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
+        let out = causal_multi_head_attention(&q, &k, &v, self.heads, scale)?;
         self.out_proj.forward(&out)
     }
 
@@ -277,10 +257,8 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
-        let attended = self
-            .attention
-            .forward(&self.layer_norm1.layer(x)?, causal_mask)?;
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let attended = self.attention.forward(&self.layer_norm1.layer(x)?)?;
         let x = (x + attended)?;
         let hidden = self.fc1.forward(&self.layer_norm2.layer(&x)?)?;
         let mlp = self.fc2.forward(&self.activation.apply(&hidden)?)?;
@@ -289,8 +267,9 @@ impl EncoderLayer {
 }
 
 impl Recomputable for EncoderLayer {
-    fn run(&self, x: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward(x, causal_mask)
+    /// A CLIP layer has no conditioning: the slot holds an empty tensor.
+    fn run(&self, x: &Tensor, _no_condition: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward(x)
     }
 }
 
@@ -393,15 +372,15 @@ impl ClipTextModel {
                 .token_embedding
                 .forward(ids)?
                 .broadcast_add(&positions)?;
-            let mask = causal_mask(len, ids.device())?;
+            let no_condition = Tensor::zeros(0, DType::F32, ids.device())?;
             let mut outputs: Vec<Option<Tensor>> = vec![None; after_layers.len()];
             for depth in 0..=deepest {
                 if depth > 0 {
                     let layer = &self.layers[depth - 1];
                     x = if self.gradient_checkpointing {
-                        checkpointed(layer, &x, &mask)?
+                        checkpointed(layer, &x, &no_condition)?
                     } else {
-                        layer.forward(&x, &mask)?
+                        layer.forward(&x)?
                     };
                 }
                 for (slot, &wanted) in outputs.iter_mut().zip(after_layers) {
@@ -438,14 +417,6 @@ impl ClipTextModel {
             .forward(pooled)
             .map_err(model_error("text projection"))
     }
-}
-
-/// The additive causal mask `[len, len]`: 0 on and below the diagonal, very negative above.
-fn causal_mask(len: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let values: Vec<f32> = (0..len)
-        .flat_map(|i| (0..len).map(move |j| if j > i { f32::MIN } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(values, (len, len), device)
 }
 
 /// Rebuilds one sequence per caption from its chunks' hidden states, as sd-scripts does:
@@ -672,7 +643,7 @@ mod tests {
         let values: Vec<f32> = (0..4)
             .flat_map(|row| (0..4).map(move |p| (100 * row + p) as f32))
             .collect();
-        let hidden = Tensor::from_vec(values, (4, 4, 1), &Device::Cpu).unwrap();
+        let hidden = Tensor::from_vec(values, (4, 4, 1), &candle_core::Device::Cpu).unwrap();
         let stitched = stitch_chunks(&hidden, 2).unwrap();
         let rows: Vec<Vec<f32>> = stitched.squeeze(2).unwrap().to_vec2().unwrap();
         assert_eq!(rows[0], [0., 1., 2., 101., 102., 103.]);

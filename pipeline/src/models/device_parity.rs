@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::attention::{attention, multi_head_attention};
+use super::attention::{attention, causal_multi_head_attention, multi_head_attention};
 use super::conv::Conv2d;
 use super::frozen::{FrozenKind, FrozenOp};
 use super::geglu::geglu;
@@ -225,6 +225,21 @@ fn attention_matches_on_the_generic_path() {
         random(&[2, 9, 24], 1.0),
     ];
     assert_generic_matches_kernels("multi-head", &inputs, DType::F32, F32_TOLERANCE, true, &op);
+    let causal = |t: &[Tensor]| causal_multi_head_attention(&t[0], &t[1], &t[2], heads, 0.25);
+    let self_attention = [
+        random(&[2, 300, 32], 1.0),
+        random(&[2, 300, 32], 1.0),
+        random(&[2, 300, 32], 1.0),
+    ];
+    let case = "causal multi-head";
+    assert_generic_matches_kernels(
+        case,
+        &self_attention,
+        DType::F32,
+        F32_TOLERANCE,
+        true,
+        &causal,
+    );
     assert_generic_matches_kernels(
         "multi-head",
         &inputs,

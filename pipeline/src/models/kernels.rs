@@ -431,6 +431,28 @@ pub(crate) fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
     Tensor::from_vec(values, x.shape(), x.device())
 }
 
+/// OpenAI CLIP's quick GELU, `x σ(1.702 x)`: the vectorised kernel (split over the rayon pool)
+/// for an f32 CPU tensor outside any graph, candle's ops otherwise (they have the backward pass).
+pub(crate) fn quick_gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    let kernel =
+        x.dtype() == candle_core::DType::F32 && super::kernel_choice::cpu_kernels(x.device());
+    if !kernel || x.track_op() {
+        return x * candle_nn::ops::sigmoid(&(x * 1.702)?)?;
+    }
+    use rayon::prelude::*;
+    let mut values = x.flatten_all()?.to_vec1::<f32>()?;
+    values
+        .par_chunks_mut(GELU_CHUNK)
+        .for_each(|chunk| map_in_place(chunk, quick_gelu_approx));
+    Tensor::from_vec(values, x.shape(), x.device())
+}
+
+/// `x / (1 + e^(-1.702 x))` with [`exp_approx`] (whose clamp keeps both tails finite).
+#[inline(always)]
+fn quick_gelu_approx(x: f32) -> f32 {
+    x / (1.0 + exp_approx(-1.702 * x))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -523,6 +545,33 @@ mod tests {
             for (e, &got) in exps.iter().zip(got_row) {
                 assert!((e / sum - got as f64).abs() < 1e-7, "{} vs {got}", e / sum);
             }
+        }
+    }
+
+    #[test]
+    fn quick_gelu_matches_candles_sigmoid_form() {
+        let inputs: Vec<f32> = (0..20_001)
+            .map(|i| -60.0 + 120.0 * i as f32 / 20_000.0)
+            .collect();
+        let x = Tensor::new(inputs.as_slice(), &candle_core::Device::Cpu).unwrap();
+        let ours = quick_gelu(&x).unwrap().to_vec1::<f32>().unwrap();
+        let candle = (&x * candle_nn::ops::sigmoid(&(&x * 1.702).unwrap()).unwrap())
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let mut portable = inputs.clone();
+        map_lanes(&mut portable, quick_gelu_approx);
+        for ((&x, &fast), (&reference, &portable)) in
+            inputs.iter().zip(&ours).zip(candle.iter().zip(&portable))
+        {
+            assert!(
+                (fast - reference).abs() <= 1e-6 * x.abs().max(1.0),
+                "quick_gelu({x}) = {fast}, candle {reference}"
+            );
+            assert_eq!(
+                fast, portable,
+                "quick_gelu({x}): SIMD and portable loops differ"
+            );
         }
     }
 
