@@ -10,6 +10,7 @@ use crate::support::fixtures;
 use candle_core::{DType, Device, Tensor};
 use lorakit_pipeline::dataset::shard::Shard;
 use lorakit_pipeline::formats::te_cache::{read_cache_file, TeCacheSpec};
+use lorakit_pipeline::models::adapter::Joined;
 use lorakit_pipeline::models::checkpoint::Checkpoint;
 use lorakit_pipeline::models::clip::{apply_weights, encode_sd, encode_sdxl};
 use lorakit_pipeline::models::precision::MixedPrecision;
@@ -204,12 +205,13 @@ fn hf_tensors() -> HashMap<String, Tensor> {
         .collect()
 }
 
-/// The same weights in OpenCLIP layout (fused q/k/v), under `prefix`, with `extra_layer`
-/// appended as a copy of the last one (SD2 files carry a 24th layer the model drops).
+/// The same weights in OpenCLIP layout (fused q/k/v), under `prefix`, as `resblocks` resblocks:
+/// resblock N takes the weights of layer N mod the layer count (SD2 files carry one more layer
+/// than the model runs; tests/fixtures/generate/sd2_te_lora.py builds its 24 the same way).
 fn open_clip_tensors(
     hf: &HashMap<String, Tensor>,
     prefix: &str,
-    extra_layer: bool,
+    resblocks: usize,
 ) -> HashMap<String, Tensor> {
     let mut out = HashMap::new();
     let layers = (0..)
@@ -237,9 +239,8 @@ fn open_clip_tensors(
             &hf[&format!("text_model.final_layer_norm.{suffix}")],
         );
     }
-    let copies = if extra_layer { layers + 1 } else { layers };
-    for target in 0..copies {
-        let source = target.min(layers - 1);
+    for target in 0..resblocks {
+        let source = target % layers;
         let src = |name: &str| hf[&format!("text_model.encoder.layers.{source}.{name}")].clone();
         let dst = format!("transformer.resblocks.{target}.");
         for suffix in ["weight", "bias"] {
@@ -267,10 +268,17 @@ fn open_clip_tensors(
     out
 }
 
-fn write_model(dir: &Path, tensors: &HashMap<String, Tensor>, sections: &[&str]) -> PathBuf {
+/// Saves `tensors` as `dir/model.safetensors` with an `arch.json` giving each of `sections` the
+/// tiny encoder's 4 heads and the activation `hidden_act`.
+fn write_model(
+    dir: &Path,
+    tensors: &HashMap<String, Tensor>,
+    sections: &[&str],
+    hidden_act: &str,
+) -> PathBuf {
     let path = dir.join("model.safetensors");
     candle_core::safetensors::save(tensors, &path).unwrap();
-    let hints = serde_json::json!({"num_attention_heads": 4, "hidden_act": "quick_gelu"});
+    let hints = serde_json::json!({"num_attention_heads": 4, "hidden_act": hidden_act});
     let arch: serde_json::Map<String, serde_json::Value> = sections
         .iter()
         .map(|s| (s.to_string(), hints.clone()))
@@ -282,8 +290,8 @@ fn write_model(dir: &Path, tensors: &HashMap<String, Tensor>, sections: &[&str])
 #[test]
 fn sd2_open_clip_layout_loads_to_the_same_encoder() {
     let dir = tempfile::tempdir().unwrap();
-    let tensors = open_clip_tensors(&hf_tensors(), "cond_stage_model.model.", true);
-    let model = write_model(dir.path(), &tensors, &["text_encoder"]);
+    let tensors = open_clip_tensors(&hf_tensors(), "cond_stage_model.model.", 13);
+    let model = write_model(dir.path(), &tensors, &["text_encoder"], "quick_gelu");
     let loaded = load_text_encoders(&model, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(loaded.family, ModelFamily::Sd2);
     assert_eq!(
@@ -303,7 +311,7 @@ fn sd2_open_clip_layout_loads_to_the_same_encoder() {
 fn sdxl_single_file_encodes_both_encoders_and_pools_at_first_eos() {
     let dir = tempfile::tempdir().unwrap();
     let hf = hf_tensors();
-    let mut tensors = open_clip_tensors(&hf, "conditioner.embedders.1.model.", false);
+    let mut tensors = open_clip_tensors(&hf, "conditioner.embedders.1.model.", 12);
     for (name, t) in &hf {
         tensors.insert(
             format!("conditioner.embedders.0.transformer.{name}"),
@@ -320,7 +328,12 @@ fn sdxl_single_file_encodes_both_encoders_and_pools_at_first_eos() {
         "conditioner.embedders.1.model.text_projection".into(),
         projection.clone(),
     );
-    let model = write_model(dir.path(), &tensors, &["text_encoder", "text_encoder_2"]);
+    let model = write_model(
+        dir.path(),
+        &tensors,
+        &["text_encoder", "text_encoder_2"],
+        "quick_gelu",
+    );
     let loaded = load_text_encoders(&model, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(loaded.family, ModelFamily::Sdxl);
 
@@ -706,4 +719,173 @@ fn text_encoder_lora_merged_at_a_multiplier_reproduces_sd_scripts() {
         max_abs_diff(&plain, &expected) > 1e-2,
         "the LoRA changes the states"
     );
+}
+
+#[test]
+fn sdxl_text_encoder_lora_gradients_match_torch_autograd() {
+    // tests/fixtures/generate/sdxl_lora_grads.py (text_encoder part): sd-scripts' lora_te1_* and
+    // lora_te2_* modules with random weights on the tiny SDXL's two encoders, two captions at
+    // --max_token_length 150, loss sum(context * W) + sum(pool2 * P) with the context joined
+    // from both encoders as the trainer joins it. Encoded through train-lora's own live path.
+    let file = "golden/sdxl/te_lora_grads.npz";
+    let checkpoint = Checkpoint::open(&fixtures().join("sdxl-tiny/model.safetensors")).unwrap();
+    let mut live = LiveText::load(
+        &checkpoint,
+        DType::F32,
+        &Device::Cpu,
+        None,
+        Some(150),
+        false,
+    )
+    .unwrap();
+    let input = fixtures().join("golden/sdxl/te_lora_grads.safetensors");
+    let (network, report) =
+        LoraNetwork::load(&mut Joined(live.models()), &input, 1.0, &Device::Cpu).unwrap();
+    assert_eq!((report.applied, report.unknown.len()), (96, 0));
+    let names = captions();
+    let captions = [names["t100"].clone(), names["short"].clone()];
+    for (index, caption) in captions.iter().enumerate() {
+        let tokens = live.encoder.tokenize(caption).unwrap();
+        for (encoder, chunks) in tokens.iter().enumerate() {
+            let (expected, shape) = golden_in(file, &format!("ids{}", encoder + 1));
+            assert_eq!(shape, [2, 2, 77]);
+            let ids: Vec<f64> = chunks.ids.iter().map(|&i| f64::from(i)).collect();
+            let row = &expected[index * 154..(index + 1) * 154];
+            assert_eq!(ids, row, "caption {index}, tokenizer {}", encoder + 1);
+        }
+    }
+    let sizes = [[128, 192, 0, 0, 128, 192]; 2];
+    let weights = |name: &str, dims: &[usize]| {
+        let values: Vec<f32> = golden_in(file, name).0.iter().map(|&v| v as f32).collect();
+        Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
+    };
+    let context_weights = weights("context_weights", &[2, 152, 96]);
+    let pool2_weights = weights("pool2_weights", &[2, 64]);
+    for checkpointing in [false, true] {
+        live.set_gradient_checkpointing(checkpointing);
+        let (context, vector) = live.encode(&captions, Some(&sizes)).unwrap();
+        let pool2 = vector.unwrap().narrow(1, 0, 64).unwrap();
+        let diff = max_abs_diff(&context, &golden_in(file, "context").0);
+        assert!(diff <= 1e-4, "context with the LoRA: max abs {diff}");
+        let diff = max_abs_diff(&pool2, &golden_in(file, "pool2").0);
+        assert!(diff <= 1e-4, "pool2 with the LoRA: max abs {diff}");
+        let loss = ((context * &context_weights).unwrap().sum_all().unwrap()
+            + (pool2 * &pool2_weights).unwrap().sum_all().unwrap())
+        .unwrap();
+        let expected_loss = golden_in(file, "loss").0[0];
+        let value = f64::from(loss.to_scalar::<f32>().unwrap());
+        assert!((value - expected_loss).abs() <= 1e-5 * expected_loss.abs());
+
+        let grads = recompute::backward(&loss).unwrap();
+        let (mut compared, mut worst) = (0, 0.0f64);
+        for module in &network.modules {
+            for (part, var) in [("lora_down", &module.down), ("lora_up", &module.up)] {
+                let grad = grads.get(var.as_tensor());
+                if module
+                    .name
+                    .starts_with("lora_te1_text_model_encoder_layers_11_")
+                {
+                    // Hidden state 11 of encoder 1 never runs its last layer: no gradient, as
+                    // in torch (the golden stores none).
+                    assert!(grad.is_none(), "{} {part}", module.name);
+                    continue;
+                }
+                let expected = golden_in(file, &format!("grad.{}.{part}.weight", module.name)).0;
+                let grad = grad.unwrap_or_else(|| panic!("no gradient for {} {part}", module.name));
+                let scale = expected.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                let relative = max_abs_diff(grad, &expected) / scale;
+                assert!(
+                    relative <= 1e-4,
+                    "{} {part} (checkpointing {checkpointing}): max abs error {relative} of the \
+                     largest gradient {scale}",
+                    module.name
+                );
+                worst = worst.max(relative);
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 180);
+        eprintln!("checkpointing {checkpointing}: worst relative gradient error {worst:.2e}");
+    }
+}
+
+#[test]
+fn sd2_text_encoder_lora_gradients_match_torch_autograd() {
+    // tests/fixtures/generate/sd2_te_lora.py: sd-scripts' lora_te_* modules with random weights on
+    // a tiny SD2 text encoder (24 OpenCLIP resblocks in SD2's single-file layout, built here as
+    // there, gelu; sd-scripts runs 23 of them), two captions at --max_token_length 150 with
+    // SD2's zero padding, the final-normed last layer, loss sum(hidden * W). Encoded through
+    // train-lora's own live path, with and without gradient checkpointing.
+    let file = "golden/lora/sd2_te_lora_grad.npz";
+    let dir = tempfile::tempdir().unwrap();
+    let tensors = open_clip_tensors(&hf_tensors(), "cond_stage_model.model.", 24);
+    let model = write_model(dir.path(), &tensors, &["text_encoder"], "gelu");
+    let checkpoint = Checkpoint::open(&model).unwrap();
+    let mut live = LiveText::load(
+        &checkpoint,
+        DType::F32,
+        &Device::Cpu,
+        None,
+        Some(150),
+        false,
+    )
+    .unwrap();
+    assert_eq!(live.family(), ModelFamily::Sd2);
+    assert_eq!(
+        live.encoder.encoders.encoders[0].config().num_hidden_layers,
+        23
+    );
+    let input = fixtures().join("golden/lora/sd2_te_lora_input.safetensors");
+    let (network, report) =
+        LoraNetwork::load(&mut Joined(live.models()), &input, 1.0, &Device::Cpu).unwrap();
+    assert_eq!((report.applied, report.unknown.len()), (138, 0));
+    let names = captions();
+    let captions = [names["t100"].clone(), names["short"].clone()];
+    let (expected_ids, shape) = golden_in(file, "input_ids");
+    assert_eq!(shape, [2, 2, 77]);
+    for (index, caption) in captions.iter().enumerate() {
+        let tokens = live.encoder.tokenize(caption).unwrap();
+        let ids: Vec<f64> = tokens[0].ids.iter().map(|&i| f64::from(i)).collect();
+        assert_eq!(
+            ids,
+            &expected_ids[index * 154..(index + 1) * 154],
+            "caption {index}"
+        );
+    }
+    let (weights, _) = golden_in(file, "loss_weights");
+    let weights: Vec<f32> = weights.into_iter().map(|v| v as f32).collect();
+    let weights = Tensor::from_vec(weights, (2, 152, 64), &Device::Cpu).unwrap();
+    for checkpointing in [false, true] {
+        live.set_gradient_checkpointing(checkpointing);
+        let (hidden, vector) = live.encode(&captions, None).unwrap();
+        assert!(vector.is_none());
+        let diff = max_abs_diff(&hidden, &golden_in(file, "hidden").0);
+        assert!(diff <= 1e-4, "hidden states with the LoRA: max abs {diff}");
+        let loss = (hidden * &weights).unwrap().sum_all().unwrap();
+        let expected_loss = golden_in(file, "loss").0[0];
+        let value = f64::from(loss.to_scalar::<f32>().unwrap());
+        assert!((value - expected_loss).abs() <= 1e-5 * expected_loss.abs());
+
+        let grads = recompute::backward(&loss).unwrap();
+        let (mut compared, mut worst) = (0, 0.0f64);
+        for module in &network.modules {
+            for (part, var) in [("lora_down", &module.down), ("lora_up", &module.up)] {
+                let expected = golden_in(file, &format!("grad.{}.{part}.weight", module.name)).0;
+                let grad = (grads.get(var.as_tensor()))
+                    .unwrap_or_else(|| panic!("no gradient for {} {part}", module.name));
+                let scale = expected.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                let relative = max_abs_diff(grad, &expected) / scale;
+                assert!(
+                    relative <= 1e-4,
+                    "{} {part} (checkpointing {checkpointing}): max abs error {relative} of the \
+                     largest gradient {scale}",
+                    module.name
+                );
+                worst = worst.max(relative);
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 276);
+        eprintln!("checkpointing {checkpointing}: worst relative gradient error {worst:.2e}");
+    }
 }
