@@ -21,6 +21,7 @@ mod metadata;
 mod prepare_dataset;
 mod samples;
 mod scheduled_prepare;
+mod sd2;
 mod sdxl;
 mod sharding;
 mod tag_images;

@@ -184,3 +184,85 @@ fn an_unknown_sample_sampler_is_refused_before_training() {
     assert!(stderr.contains("--sample_sampler"), "{stderr}");
     assert!(!out.path().join("last.safetensors").exists());
 }
+
+#[test]
+fn a_resumed_run_samples_at_its_start_and_continues_the_step_names() {
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let prompts = data.path().join("prompts.txt");
+    std::fs::write(&prompts, "a cat --w 64 --h 64 --s 2 --d 7\n").unwrap();
+    let prompts = prompts.to_str().unwrap();
+    // One step per epoch (2 images, batch 2); the first run stops after step 2 with a state.
+    train(
+        data.path(),
+        out.path(),
+        &[
+            "--network_train_unet_only",
+            "--max_train_steps",
+            "2",
+            "--save_state",
+            "--sample_prompts",
+            prompts,
+            "--sample_every_n_steps",
+            "2",
+            "--sample_at_first",
+            "--sample_sampler",
+            "euler",
+        ],
+    );
+    let pixels = |name: &str| {
+        image::open(out.path().join("sample").join(name))
+            .unwrap()
+            .to_rgb8()
+            .into_raw()
+    };
+    let start_of = |names: &[String], point: &str| -> Option<String> {
+        (names.iter())
+            .filter(|n| n.starts_with(&format!("run_{point}_00_")) && n.ends_with("_7.png"))
+            .max()
+            .cloned()
+    };
+    let first = sample_files(out.path());
+    let fresh_start = pixels(&start_of(&first, "e000000").expect("a start sample"));
+    let resumed_stderr = run_expect(
+        "train-lora",
+        args![
+            "--resume",
+            "latest",
+            "--output_dir",
+            out.path(),
+            "--max_train_steps",
+            "4"
+        ],
+        0,
+    );
+    assert!(
+        !resumed_stderr.contains("training goes on"),
+        "{resumed_stderr}"
+    );
+    let names = sample_files(out.path());
+    let count = |point: &str| {
+        (names.iter())
+            .filter(|n| n.starts_with(&format!("run_{point}_00_")))
+            .count()
+    };
+    // sd-scripts samples `--sample_at_first` at the start of a resumed run too (as e000000;
+    // two files, or one if both runs started within the same second); the step points go on
+    // from the resumed step: 2 in the first run, 4 after resuming.
+    let starts = count("e000000");
+    assert!((1..=2).contains(&starts), "{names:?}");
+    assert_eq!((count("000002"), count("000004")), (1, 1), "{names:?}");
+    assert_eq!(names.len(), starts + 2 + 1, "{names:?}");
+    // The resumed run starts from the LoRA of step 2: its start sample has step 2's pixels,
+    // which differ from the untrained start's.
+    let step2 = pixels(&start_of(&names, "000002").unwrap());
+    assert_ne!(fresh_start, step2, "2 steps did not change the LoRA");
+    assert_eq!(pixels(&start_of(&names, "e000000").unwrap()), step2);
+    assert_ne!(pixels(&start_of(&names, "000004").unwrap()), step2);
+    // The sheet: one prompt, the points start (the newest e000000), step 2 and step 4.
+    let sheet = image::open(out.path().join("sample").join(CONTACT_SHEET))
+        .unwrap()
+        .to_rgb8();
+    assert_eq!(sheet.dimensions(), sheet_size(1, 3));
+}

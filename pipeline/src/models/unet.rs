@@ -75,7 +75,7 @@ pub struct UnetConfig {
 }
 
 impl UnetConfig {
-    /// Whether this is the SD2 layout (64-channel heads, context 1024).
+    /// Whether this is the SD2 layout (64-channel heads, linear projections, no add-embedding).
     pub fn is_sd2(&self) -> bool {
         matches!(self.heads, Heads::Width(_)) && !self.is_sdxl()
     }
@@ -980,8 +980,9 @@ fn detect_config(l: &Loader) -> Result<UnetConfig> {
     } else {
         None
     };
-    // Head sizes are not stored: SD2 and SDXL use 64-channel heads, SD1 8 heads.
-    let heads = if context_dim == 1024 || add_embedding_dim.is_some() {
+    // Head sizes are not stored: SD2 and SDXL use 64-channel heads, SD1 8 heads. SD2 is told
+    // by its linear projections (SD1's are 1x1 convolutions) or its 1024-wide context.
+    let heads = if context_dim == 1024 || linear_projection || add_embedding_dim.is_some() {
         Heads::Width(64)
     } else {
         Heads::Count(8)

@@ -1,9 +1,10 @@
-//! generate-images against diffusers on the sd15-tiny and sdxl-tiny checkpoints
+//! generate-images against diffusers on the sd15-tiny, sd2-tiny and sdxl-tiny checkpoints
 //! (golden/generate_images/, tests/fixtures/generate/generate_images.py): the VAE decoder,
 //! whole StableDiffusionPipeline generations (CFG with negative prompts, a batch, euler / ddim /
 //! euler_a / pndm / dpmsingle, v-prediction with euler and dpm_2_a, a LoRA at multiplier 0.7)
 //! from the same stored initial noise and per-step noise, and whole StableDiffusionXLPipeline
-//! generations with size conditioning (original size and crop) and CFG.
+//! generations with size conditioning (original size and crop) and CFG, and v-prediction
+//! generations on the sd2-tiny checkpoint (tests/fixtures/generate/sd2_tiny.py).
 
 use candle_core::{DType, Device};
 use lorakit_pipeline::models::checkpoint::Checkpoint;
@@ -37,9 +38,14 @@ fn vae_decoder_matches_diffusers() {
 }
 
 fn engine(checkpoint: &str, networks: Vec<(std::path::PathBuf, f64)>) -> Engine {
+    engine_with(checkpoint, networks, false)
+}
+
+/// The engine of a fixture checkpoint; `v2` as generate-images' `--v2`.
+fn engine_with(checkpoint: &str, networks: Vec<(std::path::PathBuf, f64)>, v2: bool) -> Engine {
     Engine::load(&EngineOptions {
         ckpt: fixtures().join(checkpoint),
-        // sd15-tiny's folder holds the CLIP vocabulary; the SDXL golden uses it too.
+        // sd15-tiny's folder holds the CLIP vocabulary; the SD2 and SDXL goldens use it too.
         tokenizer: Some(fixtures().join("sd15-tiny/tokenizer")),
         vae: None,
         networks,
@@ -47,7 +53,7 @@ fn engine(checkpoint: &str, networks: Vec<(std::path::PathBuf, f64)>) -> Engine 
         prediction: Prediction::Epsilon,
         dtype: DType::F32,
         max_embeddings_multiples: 1,
-        v2: false,
+        v2,
         require_sdxl: false,
     })
     .unwrap()
@@ -157,5 +163,19 @@ fn sdxl_generations_with_size_conditioning_match_diffusers_pipeline() {
     assert_eq!(cases.len(), 2);
     for case in cases {
         check_case(&sdxl, &golden, &case);
+    }
+}
+
+#[test]
+fn sd2_v_prediction_generations_match_diffusers_pipeline() {
+    // sd2-tiny: SD2's layout (OpenCLIP text encoder read to its penultimate layer, linear
+    // projections, 64-channel heads) generating as `--v2 --v_parameterization`.
+    let sd2 = engine_with("sd2-tiny/model.safetensors", Vec::new(), true);
+    let golden = fixtures().join("golden/generate_images/sd2_tiny.npz");
+    let cases = cases("sd2_cases.json");
+    assert_eq!(cases.len(), 3);
+    for case in cases {
+        assert_eq!(case["prediction"], "v_prediction");
+        check_case(&sd2, &golden, &case);
     }
 }

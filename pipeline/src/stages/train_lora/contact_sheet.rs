@@ -31,7 +31,7 @@ const EMPTY_CELL: image::Rgb<u8> = image::Rgb([224, 224, 224]);
 /// first; sd-scripts never mixes epoch and step points otherwise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SamplePoint {
-    /// At the end of an epoch (`e<epoch:06>`; epoch 0: before the first step).
+    /// At the end of an epoch (`e<epoch:06>`; epoch 0: the start of a run, resumed or not).
     Epoch(usize),
     /// After a step (`<steps:06>`).
     Step(usize),
@@ -41,7 +41,7 @@ impl SamplePoint {
     /// The column title.
     fn title(self) -> String {
         match self {
-            SamplePoint::Epoch(0) => "before training".to_string(),
+            SamplePoint::Epoch(0) => "start".to_string(),
             SamplePoint::Epoch(epoch) => format!("epoch {epoch}"),
             SamplePoint::Step(step) => format!("step {step}"),
         }
@@ -261,7 +261,7 @@ mod tests {
         assert_eq!(
             centre(1, 0),
             EMPTY_CELL.0,
-            "prompt 1 has no image before training"
+            "prompt 1 has no image at the start"
         );
         assert_eq!(centre(1, 1), [30, 0, 0]);
     }

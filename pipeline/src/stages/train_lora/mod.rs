@@ -849,8 +849,14 @@ impl Training<'_> {
         interrupt::catch("train-lora").map_err(|e| Error::Model(format!("signal handler: {e}")))?;
         let progress = Progress::new("train-lora steps", self.plan.total_steps, self.args.quiet);
         progress.inc(at.global_step as u64);
-        if at.global_step == 0 {
-            self.sample_images(Some(0), 0, 0, &progress);
+        // sd-scripts samples `--sample_at_first` as point `e000000` at the start of every run,
+        // a resumed one included (its step counter restarts at 0 there); the LoRA is the one
+        // the run starts from.
+        if let Some(samples) = self.samples {
+            let epochs_done = resume_epoch.saturating_sub(1);
+            samples.make_if_due(Some(0), 0, &progress, &|path| {
+                self.saver.save_model_at(path, at.global_step, epochs_done)
+            });
         }
         for epoch in resume_epoch.max(1)..=self.plan.num_epochs {
             let batches =
