@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use candle_transformers::models::{blip, blip_text};
 use serde_json::Value;
 
@@ -255,13 +255,6 @@ impl VisionTower {
     /// Loads `vision_model.*` tensors (Hugging Face names) from `vb`.
     fn new(cfg: &blip::VisionConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let width = cfg.hidden_size;
-        let linear = |vb: VarBuilder, inputs: usize, outputs: usize| {
-            Ok::<_, candle_core::Error>(FrozenOp::new(
-                vb.get((outputs, inputs), "weight")?,
-                Some(vb.get(outputs, "bias")?),
-                FrozenKind::Linear,
-            ))
-        };
         let norm = |vb: VarBuilder| {
             Ok::<_, candle_core::Error>(Norm::new(
                 vb.get(width, "weight")?,
@@ -285,11 +278,11 @@ impl VisionTower {
                 let layer = vb.pp(format!("encoder.layers.{i}"));
                 Ok(VisionLayer {
                     layer_norm1: norm(layer.pp("layer_norm1"))?,
-                    qkv: linear(layer.pp("self_attn.qkv"), width, 3 * width)?,
-                    projection: linear(layer.pp("self_attn.projection"), width, width)?,
+                    qkv: inference_linear(layer.pp("self_attn.qkv"), width, 3 * width)?,
+                    projection: inference_linear(layer.pp("self_attn.projection"), width, width)?,
                     layer_norm2: norm(layer.pp("layer_norm2"))?,
-                    fc1: linear(layer.pp("mlp.fc1"), width, cfg.intermediate_size)?,
-                    fc2: linear(layer.pp("mlp.fc2"), cfg.intermediate_size, width)?,
+                    fc1: inference_linear(layer.pp("mlp.fc1"), width, cfg.intermediate_size)?,
+                    fc2: inference_linear(layer.pp("mlp.fc2"), cfg.intermediate_size, width)?,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -333,13 +326,28 @@ impl VisionTower {
     }
 }
 
+/// A frozen linear layer (`weight` `[outputs, inputs]` and `bias` under `vb`) stored for
+/// inference ([`FrozenOp::with_inference_layout`]).
+fn inference_linear(
+    vb: VarBuilder,
+    inputs: usize,
+    outputs: usize,
+) -> candle_core::Result<FrozenOp> {
+    FrozenOp::new(
+        vb.get((outputs, inputs), "weight")?,
+        Some(vb.get(outputs, "bias")?),
+        FrozenKind::Linear,
+    )
+    .with_inference_layout()
+}
+
 /// One attention block of the BERT decoder (self- or cross-attention), with its output
 /// projection and post-LayerNorm.
 struct DecoderAttention {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    output: Linear,
+    query: FrozenOp,
+    key: FrozenOp,
+    value: FrozenOp,
+    output: FrozenOp,
     norm: LayerNorm,
     heads: usize,
     head_dim: usize,
@@ -349,10 +357,10 @@ impl DecoderAttention {
     fn new(cfg: &blip_text::Config, key_width: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         let width = cfg.hidden_size;
         Ok(DecoderAttention {
-            query: candle_nn::linear(width, width, vb.pp("self.query"))?,
-            key: candle_nn::linear(key_width, width, vb.pp("self.key"))?,
-            value: candle_nn::linear(key_width, width, vb.pp("self.value"))?,
-            output: candle_nn::linear(width, width, vb.pp("output.dense"))?,
+            query: inference_linear(vb.pp("self.query"), width, width)?,
+            key: inference_linear(vb.pp("self.key"), key_width, width)?,
+            value: inference_linear(vb.pp("self.value"), key_width, width)?,
+            output: inference_linear(vb.pp("output.dense"), width, width)?,
             norm: candle_nn::layer_norm(width, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
             heads: cfg.num_attention_heads,
             head_dim: width / cfg.num_attention_heads,
@@ -403,8 +411,8 @@ impl DecoderAttention {
 struct DecoderLayer {
     self_attention: DecoderAttention,
     cross_attention: DecoderAttention,
-    intermediate: Linear,
-    output: Linear,
+    intermediate: FrozenOp,
+    output: FrozenOp,
     output_norm: LayerNorm,
     activation: candle_nn::Activation,
 }
@@ -418,15 +426,15 @@ impl DecoderLayer {
                 cfg.encoder_hidden_size,
                 vb.pp("crossattention"),
             )?,
-            intermediate: candle_nn::linear(
-                cfg.hidden_size,
-                cfg.intermediate_size,
+            intermediate: inference_linear(
                 vb.pp("intermediate.dense"),
+                cfg.hidden_size,
+                cfg.intermediate_size,
             )?,
-            output: candle_nn::linear(
+            output: inference_linear(
+                vb.pp("output.dense"),
                 cfg.intermediate_size,
                 cfg.hidden_size,
-                vb.pp("output.dense"),
             )?,
             output_norm: candle_nn::layer_norm(
                 cfg.hidden_size,
@@ -444,10 +452,10 @@ struct TextDecoder {
     position_embeddings: Embedding,
     embedding_norm: LayerNorm,
     layers: Vec<DecoderLayer>,
-    head_dense: Linear,
+    head_dense: FrozenOp,
     head_norm: LayerNorm,
     head_activation: candle_nn::Activation,
-    lm_head: Linear,
+    lm_head: FrozenOp,
     max_positions: usize,
 }
 
@@ -476,17 +484,19 @@ impl TextDecoder {
                 bert.pp("embeddings.LayerNorm"),
             )?,
             layers,
-            head_dense: candle_nn::linear(width, width, head.pp("transform.dense"))?,
+            head_dense: inference_linear(head.pp("transform.dense"), width, width)?,
             head_norm: candle_nn::layer_norm(
                 width,
                 cfg.layer_norm_eps,
                 head.pp("transform.LayerNorm"),
             )?,
             head_activation: cfg.hidden_act,
-            lm_head: Linear::new(
+            lm_head: FrozenOp::new(
                 head.get((cfg.vocab_size, width), "decoder.weight")?,
                 Some(head.get(cfg.vocab_size, "bias")?),
-            ),
+                FrozenKind::Linear,
+            )
+            .with_inference_layout()?,
             max_positions: cfg.max_position_embeddings,
         })
     }
@@ -743,8 +753,8 @@ impl BlipCaptioner {
                 xs = layer
                     .cross_attention
                     .attend(&xs, image_keys, image_values, None)?;
-                let hidden = xs.apply(&layer.intermediate)?.apply(&layer.activation)?;
-                xs = (hidden.apply(&layer.output)? + &xs)?.apply(&layer.output_norm)?;
+                let hidden = layer.intermediate.forward(&xs)?.apply(&layer.activation)?;
+                xs = (layer.output.forward(&hidden)? + &xs)?.apply(&layer.output_norm)?;
             }
             Ok((xs, updated))
         };
@@ -757,11 +767,11 @@ impl BlipCaptioner {
     /// Applies the LM head to hidden states `[B, T, width]`: logits `[B, T, vocab]`.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let head = || -> candle_core::Result<Tensor> {
-            hidden
-                .apply(&self.decoder.head_dense)?
+            let transformed = self.decoder.head_dense.forward(hidden)?;
+            let normed = transformed
                 .apply(&self.decoder.head_activation)?
-                .apply(&self.decoder.head_norm)?
-                .apply(&self.decoder.lm_head)
+                .apply(&self.decoder.head_norm)?;
+            self.decoder.lm_head.forward(&normed)
         };
         head().map_err(model_error("running the BLIP LM head"))
     }

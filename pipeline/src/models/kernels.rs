@@ -230,6 +230,10 @@ pub(crate) fn gemm_into(
         Operand::row_major(dst, dst_stride).covers(m, n),
         "output too small"
     );
+    if m <= SMALL_PRODUCT_ROWS && rhs.col_stride == 1 {
+        small_rows_product(dst, dst_stride, lhs, rhs, (m, n, k), accumulate, threads);
+        return;
+    }
     let pool = rayon::current_num_threads();
     let parallelism = if threads == Threads::Pool && pool > 1 {
         gemm::Parallelism::Rayon(pool)
@@ -260,6 +264,88 @@ pub(crate) fn gemm_into(
             false,
             parallelism,
         );
+    }
+}
+
+/// Most rows of a product that [`small_rows_product`] computes (one decoding step of a few
+/// beams): there the `gemm` crate's packing costs far more than the arithmetic.
+const SMALL_PRODUCT_ROWS: usize = 4;
+/// Columns per task of [`small_rows_product`] (a few rows of this width stay in L1).
+const SMALL_PRODUCT_COLUMNS: usize = 512;
+
+/// [`gemm_into`] for at most [`SMALL_PRODUCT_ROWS`] rows and a row-major `rhs`: each result row
+/// is the sum of `rhs`'s rows weighted by the row of `lhs`, built by vectorised multiply-adds
+/// over blocks of columns (split over the rayon pool with [`Threads::Pool`]), so `rhs` is read
+/// once, as it lies.
+fn small_rows_product(
+    dst: &mut [f32],
+    dst_stride: usize,
+    lhs: Operand,
+    rhs: Operand,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    threads: Threads,
+) {
+    use rayon::prelude::*;
+    let block = |first: usize| -> Vec<f32> {
+        let width = SMALL_PRODUCT_COLUMNS.min(n - first);
+        let mut rows = vec![0f32; m * width];
+        for inner in 0..k {
+            let rhs_row = &rhs.data[inner * rhs.row_stride + first..][..width];
+            for (row, out) in rows.chunks_exact_mut(width).enumerate() {
+                let weight = lhs.data[row * lhs.row_stride + inner * lhs.col_stride];
+                multiply_add(out, weight, rhs_row);
+            }
+        }
+        rows
+    };
+    let firsts = (0..n).step_by(SMALL_PRODUCT_COLUMNS);
+    let blocks: Vec<Vec<f32>> = if threads == Threads::Pool && n > SMALL_PRODUCT_COLUMNS {
+        firsts
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(block)
+            .collect()
+    } else {
+        firsts.map(block).collect()
+    };
+    for (index, rows) in blocks.iter().enumerate() {
+        let first = index * SMALL_PRODUCT_COLUMNS;
+        let width = rows.len() / m.max(1);
+        for (row, values) in rows.chunks_exact(width.max(1)).enumerate().take(m) {
+            let out = &mut dst[row * dst_stride + first..][..width];
+            if accumulate {
+                out.iter_mut().zip(values).for_each(|(o, v)| *o += v);
+            } else {
+                out.copy_from_slice(values);
+            }
+        }
+    }
+}
+
+/// `out += weight · values`, compiled for AVX2 + FMA when the CPU has them.
+#[inline(always)]
+fn multiply_add(out: &mut [f32], weight: f32, values: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports the features this copy of the loop is compiled for.
+        unsafe { multiply_add_avx2(out, weight, values) };
+        return;
+    }
+    multiply_add_lanes(out, weight, values);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn multiply_add_avx2(out: &mut [f32], weight: f32, values: &[f32]) {
+    multiply_add_lanes(out, weight, values);
+}
+
+/// The portable loop of [`multiply_add`].
+#[inline(always)]
+fn multiply_add_lanes(out: &mut [f32], weight: f32, values: &[f32]) {
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = weight.mul_add(v, *o);
     }
 }
 
@@ -596,6 +682,39 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
                 assert_eq!(difference, 0.0, "{rows}x{cols} {dtype:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn few_row_products_match_the_gemm_kernels() {
+        // 1 to 4 rows against a row-major right-hand side wider than one column block, with a
+        // strided left side and output, overwritten and accumulated.
+        let (k, n) = (70, 1100);
+        let rhs: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        for m in 1..=SMALL_PRODUCT_ROWS {
+            let lhs: Vec<f32> = (0..m * (k + 3))
+                .map(|i| ((i * 13) % 29) as f32 / 14.0 - 1.0)
+                .collect();
+            let expected: Vec<f32> = (0..m * n)
+                .map(|i| {
+                    (0..k)
+                        .map(|j| lhs[(i / n) * (k + 3) + j] * rhs[j * n + i % n])
+                        .sum()
+                })
+                .collect();
+            for threads in [Threads::Pool, Threads::Current] {
+                let mut out = vec![1.0f32; m * (n + 5)];
+                let (a, b) = (Operand::row_major(&lhs, k + 3), Operand::row_major(&rhs, n));
+                gemm_into(&mut out, n + 5, a, b, (m, n, k), false, threads);
+                gemm_into(&mut out, n + 5, a, b, (m, n, k), true, threads);
+                for (i, &value) in expected.iter().enumerate() {
+                    let got = out[(i / n) * (n + 5) + i % n];
+                    assert!((got - 2.0 * value).abs() < 1e-4, "{m} rows, element {i}");
+                }
+                assert_eq!(out[n], 1.0, "padding between output rows untouched");
             }
         }
     }
