@@ -132,10 +132,8 @@ def run(out, row):
     if kind == "clip":
         from transformers import CLIPTextModel
 
-        # Both encoders are loaded, as lorakit loads an SDXL model's pair (the row runs one).
-        models = {name: CLIPTextModel.from_pretrained(os.path.join(sdxl, name)).eval()
-                  for name in ("text_encoder", "text_encoder_2")}
-        model = models[a]
+        # The row's encoder alone, as lorakit's side loads it.
+        model = CLIPTextModel.from_pretrained(os.path.join(sdxl, a)).eval()
         tokens = ids(b)
         per_item, repeats = timed(lambda: model(tokens, output_hidden_states=True), b)
     elif kind.startswith("vae"):

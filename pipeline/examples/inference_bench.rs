@@ -103,9 +103,13 @@ fn bench(dir: &Path, row: &Row) -> Result<(usize, f64, usize), Failure> {
     let cpu = Device::Cpu;
     let (items, (per_item, repeats)) = match *row {
         Row::Clip { encoder, batch } => {
-            let mut encoders = load_text_encoders(&sdxl, DType::F32, &cpu)?;
+            // The row's encoder alone, as a standalone `CLIPTextModel` file (an SD1 model holds
+            // only CLIP-L; an SDXL run loads both).
+            let folder = ["text_encoder", "text_encoder_2"][encoder];
+            let file = sdxl.join(folder).join("model.safetensors");
+            let mut encoders = load_text_encoders(&file, DType::F32, &cpu)?;
             encoders.use_inference_layout()?;
-            let model = &encoders.encoders[encoder];
+            let model = &encoders.encoders[0];
             let ids = token_ids(batch)?;
             let layers = model.config().num_hidden_layers;
             let all: Vec<usize> = (0..=layers).collect();
