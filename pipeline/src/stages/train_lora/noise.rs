@@ -249,6 +249,36 @@ mod tests {
     }
 
     #[test]
+    fn recorded_noise_is_taken_per_micro_batch_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("noise.npz");
+        let mut writer = crate::formats::npz::NpzWriter::new();
+        for i in 0..2 {
+            let noise = (0..8).map(|v| (v + 10 * i) as f32).collect();
+            writer.add_f32(&format!("noise_{i}"), noise, &[2, 1, 2, 2]).unwrap();
+            writer.add_i64(&format!("timesteps_{i}"), vec![i, 999], &[2]).unwrap();
+        }
+        writer.write(&path).unwrap();
+        let recorded = RecordedNoise::read(&path).unwrap();
+        let x0 = Tensor::zeros((2, 1, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let draw = recorded.draw(1, &x0).unwrap();
+        assert_eq!(draw.timesteps, vec![1, 999]);
+        assert_eq!(values(&draw.eps)[..3], [10.0, 11.0, 12.0]);
+        assert_eq!(values(&draw.input_eps), values(&draw.eps));
+        let message = |e: crate::Error| e.to_string();
+        assert!(message(recorded.draw(2, &x0).err().unwrap()).contains("holds 2"));
+        let other = Tensor::zeros((1, 1, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(message(recorded.draw(0, &other).err().unwrap()).contains("[2, 1, 2, 2]"));
+
+        let mut writer = crate::formats::npz::NpzWriter::new();
+        writer.add_f32("noise_0", vec![0.0; 2], &[1, 1, 1, 2]).unwrap();
+        writer.add_i64("timesteps_0", vec![1000], &[1]).unwrap();
+        writer.write(&path).unwrap();
+        let error = RecordedNoise::read(&path).err().unwrap();
+        assert!(message(error).contains("outside 0..1000"));
+    }
+
+    #[test]
     fn input_perturbation_changes_only_what_the_unet_sees() {
         let x0 = Tensor::zeros((2, 4, 32, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
         let plain_options = NoiseOptions {
