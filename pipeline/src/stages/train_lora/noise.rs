@@ -255,8 +255,12 @@ mod tests {
         let mut writer = crate::formats::npz::NpzWriter::new();
         for i in 0..2 {
             let noise = (0..8).map(|v| (v + 10 * i) as f32).collect();
-            writer.add_f32(&format!("noise_{i}"), noise, &[2, 1, 2, 2]).unwrap();
-            writer.add_i64(&format!("timesteps_{i}"), vec![i, 999], &[2]).unwrap();
+            writer
+                .add_f32(&format!("noise_{i}"), noise, &[2, 1, 2, 2])
+                .unwrap();
+            writer
+                .add_i64(&format!("timesteps_{i}"), vec![i, 999], &[2])
+                .unwrap();
         }
         writer.write(&path).unwrap();
         let recorded = RecordedNoise::read(&path).unwrap();
@@ -271,7 +275,9 @@ mod tests {
         assert!(message(recorded.draw(0, &other).err().unwrap()).contains("[2, 1, 2, 2]"));
 
         let mut writer = crate::formats::npz::NpzWriter::new();
-        writer.add_f32("noise_0", vec![0.0; 2], &[1, 1, 1, 2]).unwrap();
+        writer
+            .add_f32("noise_0", vec![0.0; 2], &[1, 1, 1, 2])
+            .unwrap();
         writer.add_i64("timesteps_0", vec![1000], &[1]).unwrap();
         writer.write(&path).unwrap();
         let error = RecordedNoise::read(&path).err().unwrap();
