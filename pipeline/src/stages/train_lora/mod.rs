@@ -79,8 +79,8 @@ pub struct LossContext<'a> {
 }
 
 /// Loss of one micro-batch of cached latents and text-encoder states (and loss masks); the noise
-/// stream (or recorded draw) is that of micro-batch `index`. Returns the batch-mean loss (f32 scalar tensor). A batch
-/// of captions is encoded by the trained text encoder of `ctx` first.
+/// stream (or recorded draw) is that of micro-batch `index`. Returns the batch-mean loss (f32
+/// scalar tensor). A batch of captions is encoded by the trained text encoder of `ctx` first.
 pub fn micro_batch_loss(
     unet: &Unet,
     ctx: &LossContext,
@@ -193,12 +193,12 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
     };
     let plan = &setup.plan;
     let noise_schedule = NoiseSchedule::scaled_linear(args.zero_terminal_snr);
+    let mut loss_ctx = loss_context(args, &noise_schedule, plan.seed, setup.dtype)?;
     let recorded = args
         .recorded_noise
         .as_deref()
         .map(RecordedNoise::read)
         .transpose()?;
-    let mut loss_ctx = loss_context(args, &noise_schedule, plan.seed, setup.dtype)?;
     loss_ctx.text = setup.text.as_ref();
     loss_ctx.recorded = recorded.as_ref();
     let validation = setup.held_out.take().map(|set| {
