@@ -1099,3 +1099,39 @@ fn device_cuda_in_a_build_without_the_feature_is_refused_naming_it() {
     assert!(stderr.contains("--features cuda"), "{stderr}");
     assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
 }
+
+/// `--recorded_noise` holds the final noise: options that would change it are refused by name.
+#[test]
+fn recorded_noise_is_refused_with_the_options_that_change_the_noise() {
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let stderr = run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            out.path(),
+            "--network_train_unet_only",
+            "--recorded_noise",
+            fixtures().join("golden/sdxl_train_run/noise.npz"),
+            "--noise_offset",
+            "0.1",
+            "--quiet"
+        ],
+        2,
+    );
+    assert!(
+        stderr.contains("--noise_offset with --recorded_noise"),
+        "{stderr}"
+    );
+    assert!(
+        !out.path().join("last.safetensors").exists(),
+        "nothing trained"
+    );
+}

@@ -371,6 +371,7 @@ fn loss_ctx(schedule: &NoiseSchedule) -> LossContext<'_> {
         seed: 7,
         dtype: DType::F32,
         text: None,
+        recorded: None,
     }
 }
 

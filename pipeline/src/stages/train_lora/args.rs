@@ -442,6 +442,13 @@ pub struct TrainArgs {
     /// Write the loss log as JSON lines here (default `<output_dir>/<name>_loss.jsonl`).
     #[arg(long)]
     pub loss_log: Option<PathBuf>,
+    /// Take each micro-batch's noise and timesteps from this `.npz` (`noise_<i>`, `timesteps_<i>`
+    /// for micro-batch i, counted from 0 over the whole run) instead of drawing them: for
+    /// comparing a run step by step with one recorded from sd-scripts
+    /// (tests/fixtures/generate/sdxl_train_run.py). Not with the options that change the noise
+    /// or the timestep range (the recorded noise is final).
+    #[arg(long)]
+    pub recorded_noise: Option<PathBuf>,
     /// Also write loss, average loss, learning rate and validation loss as TensorBoard events
     /// under `<logging_dir>/<log_prefix><YYYYmmddHHMMSS>/network_train` (implied by
     /// --logging_dir). Only `tensorboard`: wandb needs the network.

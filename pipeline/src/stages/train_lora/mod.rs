@@ -49,7 +49,7 @@ use data::{Batch, CachedDataset};
 use loss::LossFunction;
 use lr::{LrScheduler, ScheduleParams};
 use network_args::NetworkOptions;
-use noise::{NoiseOptions, NoiseRng};
+use noise::{NoiseOptions, NoiseRng, RecordedNoise};
 use optim::{Optimizer, OptimizerKind};
 use saving::SavePoint;
 use schedule::{LossWeighting, NoiseSchedule};
@@ -74,11 +74,13 @@ pub struct LossContext<'a> {
     pub dtype: DType,
     /// The trained text encoder, when batches carry captions instead of cached contexts.
     pub text: Option<&'a live_text::LiveText>,
+    /// Noise and timesteps read from a file instead of drawn (`--recorded_noise`).
+    pub recorded: Option<&'a RecordedNoise>,
 }
 
 /// Loss of one micro-batch of cached latents and text-encoder states (and loss masks); the noise
-/// stream is that of micro-batch `index`. Returns the batch-mean loss (f32 scalar tensor). A batch
-/// of captions is encoded by the trained text encoder of `ctx` first.
+/// stream (or recorded draw) is that of micro-batch `index`. Returns the batch-mean loss (f32
+/// scalar tensor). A batch of captions is encoded by the trained text encoder of `ctx` first.
 pub fn micro_batch_loss(
     unet: &Unet,
     ctx: &LossContext,
@@ -96,12 +98,18 @@ pub fn micro_batch_loss(
     };
     let context = &context;
     let x0 = (&batch.latents * unet.config.family().vae_scale())?;
-    let mut rng = NoiseRng::for_micro_batch(ctx.seed, index);
     let noise::NoiseDraw {
         eps,
         input_eps,
         timesteps,
-    } = noise::draw(&mut rng, &x0, &ctx.noise)?;
+    } = match ctx.recorded {
+        Some(recorded) => recorded.draw(index, &x0)?,
+        None => noise::draw(
+            &mut NoiseRng::for_micro_batch(ctx.seed, index),
+            &x0,
+            &ctx.noise,
+        )?,
+    };
     let device = x0.device();
     let b = timesteps.len();
     let (mut a, mut s) = (Vec::with_capacity(b), Vec::with_capacity(b));
@@ -186,7 +194,13 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
     let plan = &setup.plan;
     let noise_schedule = NoiseSchedule::scaled_linear(args.zero_terminal_snr);
     let mut loss_ctx = loss_context(args, &noise_schedule, plan.seed, setup.dtype)?;
+    let recorded = args
+        .recorded_noise
+        .as_deref()
+        .map(RecordedNoise::read)
+        .transpose()?;
     loss_ctx.text = setup.text.as_ref();
+    loss_ctx.recorded = recorded.as_ref();
     let validation = setup.held_out.take().map(|set| {
         Validation::new(
             set,
@@ -789,6 +803,23 @@ fn loss_context<'a>(
     seed: u64,
     dtype: DType,
 ) -> Result<LossContext<'a>> {
+    if args.recorded_noise.is_some() {
+        let changes_noise = [
+            ("--noise_offset", args.noise_offset.is_some()),
+            (
+                "--multires_noise_iterations",
+                args.multires_noise_iterations.is_some(),
+            ),
+            ("--ip_noise_gamma", args.ip_noise_gamma.is_some()),
+            ("--min_timestep", args.min_timestep.is_some()),
+            ("--max_timestep", args.max_timestep.is_some()),
+        ];
+        if let Some((option, _)) = changes_noise.iter().find(|(_, given)| *given) {
+            return Err(Error::Usage(format!(
+                "{option} with --recorded_noise: the recorded noise and timesteps are final; record them from a run with {option} instead"
+            )));
+        }
+    }
     Ok(LossContext {
         schedule,
         noise: NoiseOptions {
@@ -818,6 +849,7 @@ fn loss_context<'a>(
         seed,
         dtype,
         text: None,
+        recorded: None,
     })
 }
 

@@ -1,13 +1,17 @@
 //! Seeded noise and timesteps (docs/kohya-compat.md#noise-and-timesteps) from a Rust RNG, so runs
 //! are reproducible and resumable: every micro-batch draws from its own stream
-//! `(seed, micro-batch index)`.
+//! `(seed, micro-batch index)`; or recorded ones read from a file ([`RecordedNoise`]).
+
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::formats::npz::NpzReader;
 use crate::stages::train_lora::data::mix;
-use crate::Result;
+use crate::stages::train_lora::schedule::TRAIN_TIMESTEPS;
+use crate::{Error, Result};
 
 /// Noise options of `train_network.py`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -167,12 +171,117 @@ pub fn draw(rng: &mut NoiseRng, x0: &Tensor, options: &NoiseOptions) -> Result<N
     })
 }
 
+/// Noise and timesteps recorded from another run (`--recorded_noise`): micro-batch `i` takes
+/// `noise_<i>` (float32, the latents' shape) and `timesteps_<i>` (int64, one per sample) of an
+/// `.npz`, as `tests/fixtures/generate/sdxl_train_run.py` records them from sd-scripts.
+pub struct RecordedNoise {
+    path: PathBuf,
+    /// Per micro-batch: the noise, its shape, the timesteps.
+    draws: Vec<(Vec<f32>, Vec<usize>, Vec<usize>)>,
+}
+
+impl RecordedNoise {
+    /// Reads every `noise_<i>` / `timesteps_<i>` pair of `path`, `i` = 0, 1, … without gaps.
+    pub fn read(path: &Path) -> Result<Self> {
+        let mut npz = NpzReader::open(path)?;
+        let mut draws = Vec::new();
+        while npz.contains(&format!("noise_{}", draws.len())) {
+            let i = draws.len();
+            let (noise, shape) = npz.read_f32(&format!("noise_{i}"))?;
+            let (timesteps, _) = npz.read_i64(&format!("timesteps_{i}"))?;
+            let timesteps = (timesteps.iter())
+                .map(|&t| usize::try_from(t).ok().filter(|&t| t < TRAIN_TIMESTEPS))
+                .collect::<Option<Vec<usize>>>()
+                .ok_or_else(|| {
+                    Error::bad_file(path, format!("timesteps_{i}: outside 0..{TRAIN_TIMESTEPS}"))
+                })?;
+            draws.push((noise, shape, timesteps));
+        }
+        if draws.is_empty() {
+            return Err(Error::bad_file(
+                path,
+                "no noise_0 array: not a recorded-noise file",
+            ));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            draws,
+        })
+    }
+
+    /// The recorded draw of micro-batch `index` for scaled latents `x0`, checked against their
+    /// shape.
+    pub fn draw(&self, index: u64, x0: &Tensor) -> Result<NoiseDraw> {
+        let (noise, shape, timesteps) = self.draws.get(index as usize).ok_or_else(|| {
+            Error::bad_file(
+                &self.path,
+                format!(
+                    "micro-batch {index} has no recorded noise: the file holds {} (use at most that many steps)",
+                    self.draws.len()
+                ),
+            )
+        })?;
+        if shape.as_slice() != x0.dims() || timesteps.len() != shape[0] {
+            return Err(Error::bad_file(
+                &self.path,
+                format!(
+                    "micro-batch {index}: recorded noise {shape:?} with {} timesteps, the batch's latents are {:?}",
+                    timesteps.len(),
+                    x0.dims()
+                ),
+            ));
+        }
+        let eps = Tensor::from_vec(noise.clone(), shape.as_slice(), x0.device())?;
+        Ok(NoiseDraw {
+            input_eps: eps.clone(),
+            eps,
+            timesteps: timesteps.clone(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn values(t: &Tensor) -> Vec<f32> {
         t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    #[test]
+    fn recorded_noise_is_taken_per_micro_batch_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("noise.npz");
+        let mut writer = crate::formats::npz::NpzWriter::new();
+        for i in 0..2 {
+            let noise = (0..8).map(|v| (v + 10 * i) as f32).collect();
+            writer
+                .add_f32(&format!("noise_{i}"), noise, &[2, 1, 2, 2])
+                .unwrap();
+            writer
+                .add_i64(&format!("timesteps_{i}"), vec![i, 999], &[2])
+                .unwrap();
+        }
+        writer.write(&path).unwrap();
+        let recorded = RecordedNoise::read(&path).unwrap();
+        let x0 = Tensor::zeros((2, 1, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let draw = recorded.draw(1, &x0).unwrap();
+        assert_eq!(draw.timesteps, vec![1, 999]);
+        assert_eq!(values(&draw.eps)[..3], [10.0, 11.0, 12.0]);
+        assert_eq!(values(&draw.input_eps), values(&draw.eps));
+        let message = |e: crate::Error| e.to_string();
+        assert!(message(recorded.draw(2, &x0).err().unwrap()).contains("holds 2"));
+        let other = Tensor::zeros((1, 1, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(message(recorded.draw(0, &other).err().unwrap()).contains("[2, 1, 2, 2]"));
+
+        let mut writer = crate::formats::npz::NpzWriter::new();
+        writer
+            .add_f32("noise_0", vec![0.0; 2], &[1, 1, 1, 2])
+            .unwrap();
+        writer.add_i64("timesteps_0", vec![1000], &[1]).unwrap();
+        writer.write(&path).unwrap();
+        let error = RecordedNoise::read(&path).err().unwrap();
+        assert!(message(error).contains("outside 0..1000"));
     }
 
     #[test]

@@ -71,6 +71,7 @@ impl Validation {
                         ..training.noise
                     },
                     seed: self.seed,
+                    recorded: None,
                     ..*training
                 };
                 let index = (b * self.timesteps.len() + j) as u64;
