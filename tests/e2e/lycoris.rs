@@ -330,6 +330,12 @@ fn lycoris_locon_with_dora_resumes_bit_for_bit() {
     assert_resumes_bit_for_bit(&["algo=locon", "dora_wd=True"], ".lora_up.weight");
 }
 
+#[test]
+fn lycoris_loha_with_use_scalar_resumes_bit_for_bit() {
+    // The state keeps the scalar apart; the file's hada_w1_a holds it multiplied in (0 at first).
+    assert_resumes_bit_for_bit(&["algo=loha", "use_scalar=True"], ".hada_w1_a");
+}
+
 /// Two steps with `network_args`, then two more from the saved state, against four straight:
 /// every saved tensor equal, and the zero-initialised tensors ending in `moved` moved.
 fn assert_resumes_bit_for_bit(network_args: &[&str], moved_suffix: &str) {

@@ -291,8 +291,8 @@ fn lycoris_config(
             _ => "not supported",
         };
         Error::Usage(format!(
-            "--network_args algo={algo_name}: {why}; lycoris.kohya's locon (lora), loha and lokr \
-             are supported"
+            "--network_args algo={algo_name}: {why}; lycoris.kohya's locon (lora), loha, lokr and \
+             full are supported"
         ))
     })?;
     let dim = args.network_dim.unwrap_or(4);
@@ -379,8 +379,24 @@ fn lycoris_config(
             )));
         }
     }
-    const OFF_ONLY: [(&str, &str); 11] = [
-        ("use_scalar", "the trainable scalar"),
+    let use_scalar = take("use_scalar").is_some_and(|v| lycoris_bool(&v));
+    if algo == Algo::Full {
+        // lycoris' full module takes these arguments and does nothing with them (rank dropout
+        // would fail: it has no rank).
+        let ignored = [
+            ("dora_wd", weight_decompose),
+            ("use_scalar", use_scalar),
+            ("use_tucker", use_tucker),
+            ("rank_dropout", dropout.rank > 0.0),
+        ];
+        if let Some((key, _)) = ignored.iter().find(|(_, on)| *on) {
+            return Err(Error::Usage(format!(
+                "--network_args algo=full {key}: lycoris' full module has no {key}; train the \
+                 whole weights without it, or use algo=locon|loha|lokr"
+            )));
+        }
+    }
+    const OFF_ONLY: [(&str, &str); 10] = [
         ("train_norm", "training the norm layers"),
         ("bypass_mode", "the bypass forward pass"),
         ("rs_lora", "rank-stabilised scaling"),
@@ -407,9 +423,9 @@ fn lycoris_config(
             if on {
                 return Err(Error::Usage(format!(
                     "--network_args {key}={value}: {what} is not supported with lycoris.kohya; \
-                     supported: algo=locon|loha|lokr, conv_dim, conv_alpha, factor, \
-                     decompose_both, use_tucker, dora_wd, rank_dropout, module_dropout, dropout (no effect), \
-                     preset"
+                     supported: algo=locon|loha|lokr|full, conv_dim, conv_alpha, factor, \
+                     decompose_both, use_tucker, dora_wd, use_scalar, rank_dropout, module_dropout, \
+                     dropout (no effect), preset"
                 )));
             }
         }
@@ -417,8 +433,8 @@ fn lycoris_config(
     if let Some(key) = given.keys().next() {
         return Err(Error::Usage(format!(
             "--network_args {key}: not supported with lycoris.kohya (supported: algo, conv_dim, \
-             conv_alpha, factor, decompose_both, use_tucker, dora_wd, rank_dropout, module_dropout, dropout, \
-             preset)"
+             conv_alpha, factor, decompose_both, use_tucker, dora_wd, use_scalar, rank_dropout, \
+             module_dropout, dropout, preset)"
         )));
     }
     Ok(LycorisConfig {
@@ -432,6 +448,7 @@ fn lycoris_config(
         dropout,
         use_tucker,
         weight_decompose,
+        use_scalar,
         preset,
     })
 }
