@@ -446,3 +446,104 @@ fn loha_and_dora_files_are_merged_as_base_weights() {
         );
     }
 }
+
+#[test]
+fn lycoris_full_trains_saves_diff_resumes_and_merges_as_base_weights() {
+    // algo=full with the attn-mlp preset and the text encoder: lycoris' keys (diff, diff_b).
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            out.path(),
+            "--output_name",
+            "full",
+            "--network_module",
+            "lycoris.kohya",
+            "--network_args",
+            "algo=full",
+            "preset=attn-mlp",
+            "--learning_rate",
+            "1e-4",
+            "--max_train_steps",
+            "1",
+            "--seed",
+            "5"
+        ],
+        0,
+    );
+    let path = out.path().join("full.safetensors");
+    let (saved, _) = common::safetensors_header(&path);
+    let (expected, _) = common::golden_keys(&fixtures().join("golden/lycoris/full_keys.json"));
+    assert_eq!(
+        saved, expected,
+        "the saved keys, shapes and dtypes are lycoris'"
+    );
+    // Options lycoris' full module would ignore are refused.
+    let stderr = run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            out.path(),
+            "--network_module",
+            "lycoris.kohya",
+            "--network_args",
+            "algo=full",
+            "dora_wd=True"
+        ],
+        2,
+    );
+    assert!(stderr.contains("algo=full dora_wd"), "{stderr}");
+    // The golden file as base weights: every UNet and text-encoder module merged.
+    let golden = fixtures().join("golden/lycoris/full.safetensors");
+    let stderr = run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            out.path(),
+            "--base_weights",
+            golden,
+            "--base_weights_multiplier",
+            "0.5",
+            "--max_train_steps",
+            "1",
+            "--seed",
+            "5"
+        ],
+        0,
+    );
+    assert!(
+        stderr.contains("264 modules merged into the base model at 0.5"),
+        "{stderr}"
+    );
+    // merge-lora and resize-lora refuse it, naming lycoris' merge.
+    let merged = out.path().join("merged.safetensors");
+    let stderr = run_expect(
+        "merge-lora",
+        args!["--save_to", merged, "--models", golden, "--ratios", "1"],
+        1,
+    );
+    assert!(stderr.contains("tools/merge.py"), "{stderr}");
+    assert!(!merged.exists());
+    assert_resumes_bit_for_bit(&["algo=full", "preset=attn-mlp"], ".diff");
+}
