@@ -245,8 +245,8 @@ fn lycoris_options_lorakit_lacks_are_refused_by_name() {
         (&["--network_args", "algo=ia3"], "algo=ia3"),
         (&["--network_args", "algo=loha", "use_cp=True"], "use_cp"),
         (
-            &["--network_args", "dora_wd=True", "wd_on_output=False"],
-            "wd_on_output",
+            &["--network_args", "algo=full", "rank_dropout=0.1"],
+            "algo=full rank_dropout",
         ),
         (
             &["--network_args", "algo=lokr", "decompose_both=False"],
@@ -328,6 +328,12 @@ fn lycoris_lokr_with_rank_and_module_dropout_resumes_bit_for_bit() {
 #[test]
 fn lycoris_locon_with_dora_resumes_bit_for_bit() {
     assert_resumes_bit_for_bit(&["algo=locon", "dora_wd=True"], ".lora_up.weight");
+}
+
+#[test]
+fn lycoris_dora_by_input_column_resumes_bit_for_bit() {
+    let args = ["algo=locon", "dora_wd=True", "wd_on_output=False"];
+    assert_resumes_bit_for_bit(&args, ".lora_up.weight");
 }
 
 #[test]

@@ -44,6 +44,7 @@ fn cases() -> Vec<(&'static str, LycorisConfig)> {
             dropout: DropoutRates::default(),
             use_tucker: false,
             weight_decompose: false,
+            wd_on_output: true,
             use_scalar: false,
             preset: Preset::builtin("full").unwrap(),
         }
@@ -55,6 +56,10 @@ fn cases() -> Vec<(&'static str, LycorisConfig)> {
     let dora = |algo| LycorisConfig {
         weight_decompose: true,
         ..config(algo, 4, 2.0, Some((2, 1.0)), -1, false)
+    };
+    let dora_in = |algo| LycorisConfig {
+        wd_on_output: false,
+        ..dora(algo)
     };
     let scalar = |algo| LycorisConfig {
         use_scalar: true,
@@ -83,6 +88,8 @@ fn cases() -> Vec<(&'static str, LycorisConfig)> {
         ("locon_tucker", tucker(Algo::Locon)),
         ("loha_tucker", tucker(Algo::Loha)),
         ("lokr_tucker", tucker(Algo::Lokr)),
+        ("locon_dora_in", dora_in(Algo::Locon)),
+        ("loha_dora_in", dora_in(Algo::Loha)),
         ("locon_scalar", scalar(Algo::Locon)),
         ("loha_scalar", scalar(Algo::Loha)),
         ("lokr_scalar", scalar(Algo::Lokr)),
@@ -261,7 +268,7 @@ fn lycoris_files_merged_into_the_weights_change_the_unet_as_lycoris_forward() {
         );
         assert!(err <= 1e-4 * scale.max(1.0), "{case}: {err}");
         // DoRA at multiplier 0.5: lycoris scales the norm ratio, not ΔW.
-        if case.ends_with("_dora") {
+        if case.contains("_dora") {
             let mut unet = base_unet().clone();
             lorakit_pipeline::networks::merge_file(&mut unet, &file, 0.5).unwrap();
             let out = unet.forward(&latents, &timesteps, &context, None).unwrap();
@@ -279,7 +286,13 @@ fn lycoris_files_merged_into_the_weights_change_the_unet_as_lycoris_forward() {
 fn dora_gradients_match_torch_autograd() {
     // The gradients of sum(change · grad_out) for each parameter of single DoRA modules (a
     // Linear, 1x1, 3x3 and strided convolutions), against lycoris' module under torch autograd.
-    for case in ["locon_dora", "loha_dora", "lokr_dora"] {
+    for case in [
+        "locon_dora",
+        "loha_dora",
+        "lokr_dora",
+        "locon_dora_in",
+        "loha_dora_in",
+    ] {
         let file = fixtures().join(format!("golden/lycoris/{case}.safetensors"));
         let npz = fixtures().join(format!("golden/lycoris/{case}.npz"));
         let mut unet = base_unet().clone();
@@ -355,6 +368,7 @@ fn lycoris_presets_select_the_layers_lycoris_selects() {
         dropout: DropoutRates::default(),
         use_tucker: false,
         weight_decompose: false,
+        wd_on_output: true,
         use_scalar: false,
         preset,
     };
@@ -424,6 +438,7 @@ fn lycoris_locon_on_the_sdxl_fixture_has_lycoris_keys() {
         dropout: DropoutRates::default(),
         use_tucker: false,
         weight_decompose: false,
+        wd_on_output: true,
         use_scalar: false,
         preset: Preset::builtin("full").unwrap(),
     };
@@ -480,14 +495,23 @@ fn use_scalar_initialises_multiplies_and_saves_as_lycoris() {
         let mut values: BTreeMap<&str, Vec<f32>> = BTreeMap::new();
         for module in &network.modules {
             for (part, var) in module.named_vars() {
-                let flat = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let flat = var
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
                 values.entry(part).or_default().extend(flat);
             }
         }
         let want_parts: Vec<&str> = (golden["param_init"].as_object().unwrap().keys())
             .map(String::as_str)
             .collect();
-        assert_eq!(values.keys().copied().collect::<Vec<_>>(), want_parts, "{case}");
+        assert_eq!(
+            values.keys().copied().collect::<Vec<_>>(),
+            want_parts,
+            "{case}"
+        );
         for (part, stats) in golden["param_init"].as_object().unwrap() {
             let v = &values[part.as_str()];
             let n = v.len() as f64;
@@ -568,6 +592,7 @@ fn full_modules_save_diff_and_change_the_unet_as_lycoris_merges_them() {
         dropout: DropoutRates::default(),
         use_tucker: false,
         weight_decompose: false,
+        wd_on_output: true,
         use_scalar: false,
         preset: Preset::builtin("attn-mlp").unwrap(),
     };
@@ -630,8 +655,11 @@ fn full_modules_save_diff_and_change_the_unet_as_lycoris_merges_them() {
     let mut merged_unet = base_unet().clone();
     let report = lorakit_pipeline::networks::merge_file(&mut merged_unet, &file, 1.0).unwrap();
     assert_eq!(report.applied, network.modules.len());
-    let merged =
-        (merged_unet.forward(&latents, &timesteps, &context, None).unwrap() - &base).unwrap();
+    let merged = (merged_unet
+        .forward(&latents, &timesteps, &context, None)
+        .unwrap()
+        - &base)
+        .unwrap();
     for (how, delta) in [("attached", attached), ("merged", merged)] {
         let err = max_abs(&delta, &want);
         eprintln!("full {how}: UNet output change max abs error {err:e} (change up to {scale:.3})");

@@ -110,40 +110,54 @@ fn rebuild_tucker(t: &Tensor, a: &Tensor, b: &Tensor) -> candle_core::Result<Ten
         .reshape((p, q, kh, kw))
 }
 
-/// DoRA's weight decomposition of one module (lycoris' `weight_decompose`, `dora_wd=True`, with
-/// its default `wd_on_output=True`): the changed weight `W0 + ΔW` is rescaled so that each output
-/// row's norm is the trained `dora_scale`.
+/// DoRA's weight decomposition of one module (lycoris' `weight_decompose`, `dora_wd=True`): the
+/// changed weight `W0 + ΔW` is rescaled so that each output row's norm (lycoris' default
+/// `wd_on_output=True`), or each input column's (`wd_on_output=False`), is the trained
+/// `dora_scale`.
 #[derive(Debug, Clone)]
 pub struct WeightDecompose {
-    /// `dora_scale` `[out, 1(, 1, 1)]`, initialised to the norms of the rows of `W0`.
+    /// `dora_scale`, `[out, 1(, 1, 1)]` or by input column `[1, in(, 1, 1)]`, initialised to the
+    /// norms of `W0`.
     pub scale: Var,
     /// The layer's frozen weight `W0`.
     base: Tensor,
+    /// Norms of output rows (`wd_on_output=True`) or of input columns.
+    on_output: bool,
 }
 
 impl WeightDecompose {
     /// The decomposition of `layer`'s weight with fresh norms (lycoris' initialisation).
-    fn new(layer: &AdaptableLayer, device: &Device) -> Result<Self> {
+    fn new(layer: &AdaptableLayer, on_output: bool, device: &Device) -> Result<Self> {
         let base = layer.weight().to_device(device)?;
-        let norms = row_norms(&base.to_dtype(DType::F32)?)?;
+        let norms = weight_norms(&base.to_dtype(DType::F32)?, on_output)?;
         Ok(Self {
             scale: Var::from_tensor(&norms)?,
             base,
+            on_output,
         })
     }
 
     /// The weight change `(W0 + diff) · s − W0`, `s = dora_scale / (‖W0 + diff‖ + eps)` per
-    /// output row (eps: float32's machine epsilon), with `s` replaced by
+    /// output row or input column (eps: float32's machine epsilon), with `s` replaced by
     /// `multiplier · (s − 1) + 1` when the multiplier is not 1.
     fn delta(&self, diff: &Tensor, multiplier: f64) -> candle_core::Result<Tensor> {
         let base = self.base.to_dtype(DType::F32)?;
         let weight = (&base + diff.to_dtype(DType::F32)?)?;
-        let norms = (row_norms(&weight)? + f32::EPSILON as f64)?;
+        let norms = (weight_norms(&weight, self.on_output)? + f32::EPSILON as f64)?;
         let mut scale = self.scale.as_tensor().div(&norms)?;
         if multiplier != 1.0 {
             scale = scale.affine(multiplier, 1.0 - multiplier)?;
         }
         weight.broadcast_mul(&scale)? - base
+    }
+}
+
+/// The Euclidean norms of a weight's output rows, `[out, 1(, 1, 1)]`, or of its input columns,
+/// `[1, in(, 1, 1)]`.
+fn weight_norms(weight: &Tensor, on_output: bool) -> candle_core::Result<Tensor> {
+    match on_output {
+        true => row_norms(weight),
+        false => row_norms(&weight.transpose(0, 1)?.contiguous()?)?.transpose(0, 1),
     }
 }
 
@@ -871,7 +885,7 @@ fn new_module(
         }
     };
     let dora = match config.weight_decompose {
-        true => Some(WeightDecompose::new(layer, device)?),
+        true => Some(WeightDecompose::new(layer, config.wd_on_output, device)?),
         false => None,
     };
     let scalar = match config.use_scalar && config.algo != Algo::Full {
@@ -1044,18 +1058,28 @@ fn module_from_tensors(
     let dora = match tensors.remove("dora_scale") {
         Some(norms) => {
             let weight = layer.weight();
-            let mut shape = vec![1; weight.rank()];
-            shape[0] = weight.dim(0)?;
-            if norms.dims() != shape.as_slice() {
+            let layout = |axis: usize| -> Result<Vec<usize>> {
+                let mut shape = vec![1; weight.rank()];
+                shape[axis] = weight.dim(axis)?;
+                Ok(shape)
+            };
+            let (by_row, by_column) = (layout(0)?, layout(1)?);
+            let on_output = if norms.dims() == by_row.as_slice() {
+                true
+            } else if norms.dims() == by_column.as_slice() {
+                false
+            } else {
                 return Err(bad(format!(
-                    "module {name}: dora_scale has shape {:?}, not {shape:?} (one norm per output \
-                     row, lycoris' default wd_on_output=True); other layouts are not supported",
+                    "module {name}: dora_scale has shape {:?}, neither {by_row:?} (per output \
+                     row, wd_on_output=True) nor {by_column:?} (per input column): the file was \
+                     trained for a different base model",
                     norms.dims()
                 )));
-            }
+            };
             Some(WeightDecompose {
                 scale: Var::from_tensor(&norms.to_dtype(DType::F32)?.to_device(device)?)?,
                 base: weight.to_device(device)?,
+                on_output,
             })
         }
         None => None,

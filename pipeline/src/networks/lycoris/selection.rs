@@ -59,6 +59,8 @@ pub struct LycorisConfig {
     pub use_tucker: bool,
     /// DoRA's weight decomposition on every module (`dora_wd`).
     pub weight_decompose: bool,
+    /// DoRA's norms per output row (`wd_on_output`, default true) or per input column.
+    pub wd_on_output: bool,
     /// A trainable scalar on every module's change, initialised to 0, with the factor that is
     /// otherwise zero drawn at random instead (`use_scalar`).
     pub use_scalar: bool,

@@ -338,14 +338,7 @@ fn lycoris_config(
         );
     }
     let weight_decompose = take("dora_wd").is_some_and(|v| lycoris_bool(&v));
-    if let Some(value) = take("wd_on_output") {
-        if weight_decompose && !lycoris_bool(&value) {
-            return Err(Error::Usage(format!(
-                "--network_args wd_on_output={value}: DoRA's decomposition by input column is not \
-                 supported; leave wd_on_output out (lycoris' default, by output row)"
-            )));
-        }
-    }
+    let wd_on_output = take("wd_on_output").is_none_or(|v| lycoris_bool(&v));
     let preset = match take("preset") {
         None => Preset::builtin("full").expect("the full preset"),
         Some(name) => match Preset::builtin(&name) {
@@ -424,7 +417,7 @@ fn lycoris_config(
                 return Err(Error::Usage(format!(
                     "--network_args {key}={value}: {what} is not supported with lycoris.kohya; \
                      supported: algo=locon|loha|lokr|full, conv_dim, conv_alpha, factor, \
-                     decompose_both, use_tucker, dora_wd, use_scalar, rank_dropout, module_dropout, \
+                     decompose_both, use_tucker, dora_wd, wd_on_output, use_scalar, rank_dropout, module_dropout, \
                      dropout (no effect), preset"
                 )));
             }
@@ -433,7 +426,7 @@ fn lycoris_config(
     if let Some(key) = given.keys().next() {
         return Err(Error::Usage(format!(
             "--network_args {key}: not supported with lycoris.kohya (supported: algo, conv_dim, \
-             conv_alpha, factor, decompose_both, use_tucker, dora_wd, use_scalar, rank_dropout, \
+             conv_alpha, factor, decompose_both, use_tucker, dora_wd, wd_on_output, use_scalar, rank_dropout, \
              module_dropout, dropout, preset)"
         )));
     }
@@ -448,6 +441,7 @@ fn lycoris_config(
         dropout,
         use_tucker,
         weight_decompose,
+        wd_on_output,
         use_scalar,
         preset,
     })
