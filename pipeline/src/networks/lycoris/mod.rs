@@ -9,6 +9,10 @@
 //! * LoHa: `ΔW = (w1_a · w1_b) ⊙ (w2_a · w2_b) · alpha / dim` (`hada_w1_a`, ...);
 //! * LoKr: `ΔW = (w1 ⊗ w2) · alpha / dim`, `w1` = `lokr_w1` or `lokr_w1_a · lokr_w1_b`, `w2` =
 //!   `lokr_w2` or `lokr_w2_a · lokr_w2_b`; with both full matrices alpha is the dim (scale 1).
+//! * full: the trained weight minus the frozen one (`diff`), and the bias likewise (`diff_b`).
+//!
+//! With `use_scalar` a trainable scalar multiplies `ΔW`; the file holds it multiplied into the
+//! first factor.
 //!
 //! With Tucker decomposition (`use_tucker`, convolutions larger than 1x1) the rank-r products
 //! become `rebuild(t, a, b)[p, q, k, l] = Σ_ij t[i, j, k, l] · a[i, p] · b[j, q]` with a core
@@ -16,7 +20,8 @@
 //! `hada_t1` / `hada_t2`, LoKr `lokr_t2` (for `w2`).
 //!
 //! With DoRA (`dora_wd`, a `dora_scale` tensor) the layer's weight becomes
-//! `(W0 + ΔW) · s` instead, `s = dora_scale / (‖W0 + ΔW‖ + eps)` per output row, and the
+//! `(W0 + ΔW) · s` instead, `s = dora_scale / (‖W0 + ΔW‖ + eps)` per output row (or per input
+//! column with `wd_on_output=False`), and the
 //! multiplier `m` scales `s` to `m · (s − 1) + 1` (see [`WeightDecompose`]).
 
 mod preset;
