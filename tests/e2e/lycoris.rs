@@ -245,8 +245,8 @@ fn lycoris_options_lorakit_lacks_are_refused_by_name() {
         (&["--network_args", "algo=ia3"], "algo=ia3"),
         (&["--network_args", "algo=loha", "use_cp=True"], "use_cp"),
         (
-            &["--network_args", "dora_wd=True", "wd_on_output=False"],
-            "wd_on_output",
+            &["--network_args", "algo=full", "rank_dropout=0.1"],
+            "algo=full rank_dropout",
         ),
         (
             &["--network_args", "algo=lokr", "decompose_both=False"],
@@ -328,6 +328,18 @@ fn lycoris_lokr_with_rank_and_module_dropout_resumes_bit_for_bit() {
 #[test]
 fn lycoris_locon_with_dora_resumes_bit_for_bit() {
     assert_resumes_bit_for_bit(&["algo=locon", "dora_wd=True"], ".lora_up.weight");
+}
+
+#[test]
+fn lycoris_dora_by_input_column_resumes_bit_for_bit() {
+    let args = ["algo=locon", "dora_wd=True", "wd_on_output=False"];
+    assert_resumes_bit_for_bit(&args, ".lora_up.weight");
+}
+
+#[test]
+fn lycoris_loha_with_use_scalar_resumes_bit_for_bit() {
+    // The state keeps the scalar apart; the file's hada_w1_a holds it multiplied in (0 at first).
+    assert_resumes_bit_for_bit(&["algo=loha", "use_scalar=True"], ".hada_w1_a");
 }
 
 /// Two steps with `network_args`, then two more from the saved state, against four straight:
@@ -439,4 +451,105 @@ fn loha_and_dora_files_are_merged_as_base_weights() {
             "{file}: {stderr}"
         );
     }
+}
+
+#[test]
+fn lycoris_full_trains_saves_diff_resumes_and_merges_as_base_weights() {
+    // algo=full with the attn-mlp preset and the text encoder: lycoris' keys (diff, diff_b).
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            out.path(),
+            "--output_name",
+            "full",
+            "--network_module",
+            "lycoris.kohya",
+            "--network_args",
+            "algo=full",
+            "preset=attn-mlp",
+            "--learning_rate",
+            "1e-4",
+            "--max_train_steps",
+            "1",
+            "--seed",
+            "5"
+        ],
+        0,
+    );
+    let path = out.path().join("full.safetensors");
+    let (saved, _) = common::safetensors_header(&path);
+    let (expected, _) = common::golden_keys(&fixtures().join("golden/lycoris/full_keys.json"));
+    assert_eq!(
+        saved, expected,
+        "the saved keys, shapes and dtypes are lycoris'"
+    );
+    // Options lycoris' full module would ignore are refused.
+    let stderr = run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            out.path(),
+            "--network_module",
+            "lycoris.kohya",
+            "--network_args",
+            "algo=full",
+            "dora_wd=True"
+        ],
+        2,
+    );
+    assert!(stderr.contains("algo=full dora_wd"), "{stderr}");
+    // The golden file as base weights: every UNet and text-encoder module merged.
+    let golden = fixtures().join("golden/lycoris/full.safetensors");
+    let stderr = run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            out.path(),
+            "--base_weights",
+            golden,
+            "--base_weights_multiplier",
+            "0.5",
+            "--max_train_steps",
+            "1",
+            "--seed",
+            "5"
+        ],
+        0,
+    );
+    assert!(
+        stderr.contains("264 modules merged into the base model at 0.5"),
+        "{stderr}"
+    );
+    // merge-lora and resize-lora refuse it, naming lycoris' merge.
+    let merged = out.path().join("merged.safetensors");
+    let stderr = run_expect(
+        "merge-lora",
+        args!["--save_to", merged, "--models", golden, "--ratios", "1"],
+        1,
+    );
+    assert!(stderr.contains("tools/merge.py"), "{stderr}");
+    assert!(!merged.exists());
+    assert_resumes_bit_for_bit(&["algo=full", "preset=attn-mlp"], ".diff");
 }

@@ -92,6 +92,11 @@ impl AdaptableLayer {
         self.op.weight()
     }
 
+    /// The frozen bias, if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.op.bias()
+    }
+
     /// Linear or convolution (with stride and padding).
     pub fn kind(&self) -> FrozenKind {
         self.op.kind()
@@ -103,6 +108,19 @@ impl AdaptableLayer {
         let merged = (weight.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?
             .to_dtype(weight.dtype())?;
         self.op = FrozenOp::new(merged, self.op.bias().cloned(), self.op.kind());
+        Ok(())
+    }
+
+    /// Adds `delta` (one value per output channel) to the frozen bias; a layer without a bias
+    /// gets `delta` as its bias.
+    pub fn merge_into_bias(&mut self, delta: &Tensor) -> candle_core::Result<()> {
+        let weight = self.op.weight().clone();
+        let bias = match self.op.bias() {
+            Some(bias) => (bias.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?
+                .to_dtype(bias.dtype())?,
+            None => delta.to_dtype(weight.dtype())?,
+        };
+        self.op = FrozenOp::new(weight, Some(bias), self.op.kind());
         Ok(())
     }
 

@@ -44,6 +44,8 @@ fn cases() -> Vec<(&'static str, LycorisConfig)> {
             dropout: DropoutRates::default(),
             use_tucker: false,
             weight_decompose: false,
+            wd_on_output: true,
+            use_scalar: false,
             preset: Preset::builtin("full").unwrap(),
         }
     };
@@ -53,6 +55,14 @@ fn cases() -> Vec<(&'static str, LycorisConfig)> {
     };
     let dora = |algo| LycorisConfig {
         weight_decompose: true,
+        ..config(algo, 4, 2.0, Some((2, 1.0)), -1, false)
+    };
+    let dora_in = |algo| LycorisConfig {
+        wd_on_output: false,
+        ..dora(algo)
+    };
+    let scalar = |algo| LycorisConfig {
+        use_scalar: true,
         ..config(algo, 4, 2.0, Some((2, 1.0)), -1, false)
     };
     vec![
@@ -78,6 +88,11 @@ fn cases() -> Vec<(&'static str, LycorisConfig)> {
         ("locon_tucker", tucker(Algo::Locon)),
         ("loha_tucker", tucker(Algo::Loha)),
         ("lokr_tucker", tucker(Algo::Lokr)),
+        ("locon_dora_in", dora_in(Algo::Locon)),
+        ("loha_dora_in", dora_in(Algo::Loha)),
+        ("locon_scalar", scalar(Algo::Locon)),
+        ("loha_scalar", scalar(Algo::Loha)),
+        ("lokr_scalar", scalar(Algo::Lokr)),
     ]
 }
 
@@ -253,7 +268,7 @@ fn lycoris_files_merged_into_the_weights_change_the_unet_as_lycoris_forward() {
         );
         assert!(err <= 1e-4 * scale.max(1.0), "{case}: {err}");
         // DoRA at multiplier 0.5: lycoris scales the norm ratio, not ΔW.
-        if case.ends_with("_dora") {
+        if case.contains("_dora") {
             let mut unet = base_unet().clone();
             lorakit_pipeline::networks::merge_file(&mut unet, &file, 0.5).unwrap();
             let out = unet.forward(&latents, &timesteps, &context, None).unwrap();
@@ -271,7 +286,13 @@ fn lycoris_files_merged_into_the_weights_change_the_unet_as_lycoris_forward() {
 fn dora_gradients_match_torch_autograd() {
     // The gradients of sum(change · grad_out) for each parameter of single DoRA modules (a
     // Linear, 1x1, 3x3 and strided convolutions), against lycoris' module under torch autograd.
-    for case in ["locon_dora", "loha_dora", "lokr_dora"] {
+    for case in [
+        "locon_dora",
+        "loha_dora",
+        "lokr_dora",
+        "locon_dora_in",
+        "loha_dora_in",
+    ] {
         let file = fixtures().join(format!("golden/lycoris/{case}.safetensors"));
         let npz = fixtures().join(format!("golden/lycoris/{case}.npz"));
         let mut unet = base_unet().clone();
@@ -347,6 +368,8 @@ fn lycoris_presets_select_the_layers_lycoris_selects() {
         dropout: DropoutRates::default(),
         use_tucker: false,
         weight_decompose: false,
+        wd_on_output: true,
+        use_scalar: false,
         preset,
     };
     let preset_file = fixtures().join("golden/lycoris/preset.toml");
@@ -415,6 +438,8 @@ fn lycoris_locon_on_the_sdxl_fixture_has_lycoris_keys() {
         dropout: DropoutRates::default(),
         use_tucker: false,
         weight_decompose: false,
+        wd_on_output: true,
+        use_scalar: false,
         preset: Preset::builtin("full").unwrap(),
     };
     let network = LycorisNetwork::create(&mut Joined(models), &config, 3, &Device::Cpu).unwrap();
@@ -434,5 +459,210 @@ fn lycoris_locon_on_the_sdxl_fixture_has_lycoris_keys() {
             let want = golden["alphas"][module].as_f64().unwrap();
             assert_eq!(tensor.to_scalar::<f32>().unwrap() as f64, want, "{key}");
         }
+    }
+}
+
+/// The layer kind of a golden module, from its weight change's rank and name.
+fn golden_kind(name: &str, delta: &Tensor) -> FrozenKind {
+    match delta.rank() {
+        2 => FrozenKind::Linear,
+        _ => FrozenKind::Conv2d {
+            stride: if name.contains("downsamplers") { 2 } else { 1 },
+            padding: delta.dim(2).unwrap() / 2,
+        },
+    }
+}
+
+#[test]
+fn use_scalar_initialises_multiplies_and_saves_as_lycoris() {
+    for (case, algo) in [
+        ("locon_scalar", Algo::Locon),
+        ("loha_scalar", Algo::Loha),
+        ("lokr_scalar", Algo::Lokr),
+    ] {
+        let config = cases().into_iter().find(|(c, _)| *c == case).unwrap().1;
+        assert_eq!((config.algo, config.use_scalar), (algo, true));
+        let golden = golden_json(case);
+        // The trainable tensors of a fresh network (the file's are multiplied by the scalar 0):
+        // the factor that is otherwise zero is drawn, the scalar is exactly 0.
+        let mut unet = base_unet().clone();
+        let model = fixtures().join("sd15-tiny/model.safetensors");
+        let mut encoders = load_text_encoders(&model, DType::F32, &Device::Cpu).unwrap();
+        let text = &mut encoders.encoders[0];
+        text.set_lora_prefix("lora_te");
+        let mut models = Joined(vec![text as &mut dyn Adaptable, &mut unet]);
+        let network = LycorisNetwork::create(&mut models, &config, 3, &Device::Cpu).unwrap();
+        let mut values: BTreeMap<&str, Vec<f32>> = BTreeMap::new();
+        for module in &network.modules {
+            for (part, var) in module.named_vars() {
+                let flat = var
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                values.entry(part).or_default().extend(flat);
+            }
+        }
+        let want_parts: Vec<&str> = (golden["param_init"].as_object().unwrap().keys())
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            values.keys().copied().collect::<Vec<_>>(),
+            want_parts,
+            "{case}"
+        );
+        for (part, stats) in golden["param_init"].as_object().unwrap() {
+            let v = &values[part.as_str()];
+            let n = v.len() as f64;
+            assert_eq!(n as u64, stats["count"].as_u64().unwrap(), "{case} {part}");
+            let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+            let std = (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+            let want_std = stats["std"].as_f64().unwrap();
+            eprintln!("{case} {part}: std {std:.4} (lycoris {want_std:.4})");
+            if want_std == 0.0 {
+                let want_max = stats["max_abs"].as_f64().unwrap();
+                let max_abs = v.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+                assert_eq!(max_abs, want_max, "{case} {part}");
+            } else {
+                assert!((std / want_std - 1.0).abs() < 0.05, "{case} {part}: {std}");
+                assert!(mean.abs() < 0.05 * want_std, "{case} {part}: mean {mean}");
+            }
+        }
+        // lycoris' trained tensors (scalar apart) set into lorakit's modules: the same change,
+        // and the same saved tensors (the scalar multiplied into the first factor).
+        let npz = fixtures().join(format!("golden/lycoris/{case}.npz"));
+        let file = fixtures().join(format!("golden/lycoris/{case}.safetensors"));
+        let saved = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+        let mut unet = base_unet().clone();
+        let network = LycorisNetwork::create(&mut unet, &config, 3, &Device::Cpu).unwrap();
+        let names: Vec<String> = npyz::npz::NpzArchive::open(&npz)
+            .unwrap()
+            .array_names()
+            .filter_map(|n| n.strip_prefix("delta__").map(str::to_string))
+            .filter(|n| n.starts_with("lora_unet_"))
+            .collect();
+        for name in &names {
+            let module = network.modules.iter().find(|m| &m.name == name).unwrap();
+            for (part, var) in module.named_vars() {
+                var.set(&npz_tensor(&npz, &format!("param__{name}__{part}")))
+                    .unwrap();
+            }
+            let want = npz_tensor(&npz, &format!("delta__{name}"));
+            let x = npz_tensor(&npz, &format!("x__{name}"));
+            let kind = golden_kind(name, &module.weight_delta().unwrap());
+            let got = module.delta(&x, kind).unwrap().unwrap();
+            let err = max_abs(&got, &want);
+            eprintln!("{case} {name}: max abs error {err:e}");
+            assert!(err <= 1e-5, "{case} {name}: {err}");
+        }
+        let state = network.state_dict(None).unwrap();
+        let mut compared = 0;
+        for (key, tensor) in &state {
+            let module = key.split_once('.').unwrap().0;
+            if names.iter().any(|n| n == module) {
+                let err = max_abs(tensor, &saved[key]);
+                assert!(err <= 1e-6, "{case} {key}: {err}");
+                compared += 1;
+            }
+        }
+        assert!(compared >= 3 * names.len(), "{case}: {compared} tensors");
+        assert!(!state.iter().any(|(k, _)| k.ends_with(".scalar")));
+    }
+}
+
+#[test]
+fn full_modules_save_diff_and_change_the_unet_as_lycoris_merges_them() {
+    // algo=full with the attn-mlp preset. lycoris 3.4.0's own forward pass of a full module
+    // fails (its apply_to deletes the layer's weight, recorded in the golden); the changes come
+    // from its get_merged_weight.
+    let golden = golden_json("full");
+    assert!(golden["forward_error"]
+        .as_str()
+        .unwrap()
+        .contains("has no attribute 'weight'"));
+    let config = LycorisConfig {
+        algo: Algo::Full,
+        dim: 4,
+        alpha: 2.0,
+        conv_dim: 4,
+        conv_alpha: 2.0,
+        factor: -1,
+        decompose_both: false,
+        dropout: DropoutRates::default(),
+        use_tucker: false,
+        weight_decompose: false,
+        wd_on_output: true,
+        use_scalar: false,
+        preset: Preset::builtin("attn-mlp").unwrap(),
+    };
+    // A fresh network: lycoris' keys (diff, diff_b; no alpha), all zero.
+    let state = fresh_sd15_state(&config);
+    assert_eq!(
+        state_key_shapes(&state),
+        golden_key_shapes(&golden["keys"]),
+        "keys, shapes and dtypes"
+    );
+    for (key, tensor) in &state {
+        let zero = Tensor::zeros_like(tensor).unwrap();
+        assert_eq!(max_abs(tensor, &zero), 0.0, "{key}");
+    }
+    // lycoris' file: single modules and the whole UNet, attached and merged.
+    let file = fixtures().join("golden/lycoris/full.safetensors");
+    let npz = fixtures().join("golden/lycoris/full.npz");
+    let unet_golden = fixtures().join("golden/unet/unet.npz");
+    let latents = npz_tensor(&unet_golden, "latents");
+    let timesteps = npz_tensor(&unet_golden, "timesteps");
+    let context = npz_tensor(&unet_golden, "encoder_hidden_states_77");
+    let base = base_unet()
+        .forward(&latents, &timesteps, &context, None)
+        .unwrap();
+    let mut unet = base_unet().clone();
+    let (network, unknown) = LycorisNetwork::load(&mut unet, &file, 1.0, &Device::Cpu).unwrap();
+    let te_modules = unknown.len();
+    assert!(unknown.iter().all(|n| n.starts_with("lora_te_")));
+    assert_eq!(
+        network.modules.len() + te_modules,
+        golden["modules"].as_u64().unwrap() as usize
+    );
+    let names: Vec<String> = npyz::npz::NpzArchive::open(&npz)
+        .unwrap()
+        .array_names()
+        .filter_map(|n| n.strip_prefix("delta__").map(str::to_string))
+        .filter(|n| n.starts_with("lora_unet_"))
+        .collect();
+    assert_eq!(names.len(), 3);
+    for name in &names {
+        let module = network.modules.iter().find(|m| &m.name == name).unwrap();
+        let x = npz_tensor(&npz, &format!("x__{name}"));
+        let want = npz_tensor(&npz, &format!("delta__{name}"));
+        let kind = golden_kind(name, &module.weight_delta().unwrap());
+        let got = module.delta(&x, kind).unwrap().unwrap();
+        let err = max_abs(&got, &want);
+        let scale = max_abs(&want, &Tensor::zeros_like(&want).unwrap());
+        eprintln!("full {name}: max abs error {err:e} (change up to {scale:.3})");
+        assert!(scale > 1e-3 && err <= 1e-5, "{name}: {err}");
+    }
+    // The saved tensors are the file's.
+    let saved = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    for (key, tensor) in network.state_dict(None).unwrap() {
+        let err = max_abs(&tensor, &saved[&key]);
+        assert!(err <= 1e-6, "{key}: {err}");
+    }
+    let want = npz_tensor(&npz, "unet_delta");
+    let scale = max_abs(&want, &Tensor::zeros_like(&want).unwrap());
+    let attached = (unet.forward(&latents, &timesteps, &context, None).unwrap() - &base).unwrap();
+    let mut merged_unet = base_unet().clone();
+    let report = lorakit_pipeline::networks::merge_file(&mut merged_unet, &file, 1.0).unwrap();
+    assert_eq!(report.applied, network.modules.len());
+    let merged = (merged_unet
+        .forward(&latents, &timesteps, &context, None)
+        .unwrap()
+        - &base)
+        .unwrap();
+    for (how, delta) in [("attached", attached), ("merged", merged)] {
+        let err = max_abs(&delta, &want);
+        eprintln!("full {how}: UNet output change max abs error {err:e} (change up to {scale:.3})");
+        assert!(err <= 1e-4 * scale.max(1.0), "{how}: {err}");
     }
 }

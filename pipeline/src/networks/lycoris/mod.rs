@@ -9,6 +9,10 @@
 //! * LoHa: `ΔW = (w1_a · w1_b) ⊙ (w2_a · w2_b) · alpha / dim` (`hada_w1_a`, ...);
 //! * LoKr: `ΔW = (w1 ⊗ w2) · alpha / dim`, `w1` = `lokr_w1` or `lokr_w1_a · lokr_w1_b`, `w2` =
 //!   `lokr_w2` or `lokr_w2_a · lokr_w2_b`; with both full matrices alpha is the dim (scale 1).
+//! * full: the trained weight minus the frozen one (`diff`), and the bias likewise (`diff_b`).
+//!
+//! With `use_scalar` a trainable scalar multiplies `ΔW`; the file holds it multiplied into the
+//! first factor.
 //!
 //! With Tucker decomposition (`use_tucker`, convolutions larger than 1x1) the rank-r products
 //! become `rebuild(t, a, b)[p, q, k, l] = Σ_ij t[i, j, k, l] · a[i, p] · b[j, q]` with a core
@@ -16,7 +20,8 @@
 //! `hada_t1` / `hada_t2`, LoKr `lokr_t2` (for `w2`).
 //!
 //! With DoRA (`dora_wd`, a `dora_scale` tensor) the layer's weight becomes
-//! `(W0 + ΔW) · s` instead, `s = dora_scale / (‖W0 + ΔW‖ + eps)` per output row, and the
+//! `(W0 + ΔW) · s` instead, `s = dora_scale / (‖W0 + ΔW‖ + eps)` per output row (or per input
+//! column with `wd_on_output=False`), and the
 //! multiplier `m` scales `s` to `m · (s − 1) + 1` (see [`WeightDecompose`]).
 
 mod preset;
@@ -61,6 +66,18 @@ pub enum Factors {
     },
     /// LoKr: the small Kronecker factor `w1` and the large one `w2`.
     Lokr { w1: KronFactor, w2: KronFactor },
+    /// Full (`algo=full`): the whole weight and bias, trained from the frozen ones; the file
+    /// holds their differences `diff` and `diff_b`.
+    Full {
+        /// The trained weight (`weight` in lycoris), starting at the frozen weight.
+        weight: Var,
+        /// The frozen weight.
+        base: Tensor,
+        /// The trained bias, if the layer has one or the file has `diff_b`.
+        bias: Option<Var>,
+        /// The frozen bias.
+        base_bias: Option<Tensor>,
+    },
 }
 
 /// One Kronecker factor of a LoKr module: a full matrix or a rank-r product.
@@ -98,40 +115,54 @@ fn rebuild_tucker(t: &Tensor, a: &Tensor, b: &Tensor) -> candle_core::Result<Ten
         .reshape((p, q, kh, kw))
 }
 
-/// DoRA's weight decomposition of one module (lycoris' `weight_decompose`, `dora_wd=True`, with
-/// its default `wd_on_output=True`): the changed weight `W0 + ΔW` is rescaled so that each output
-/// row's norm is the trained `dora_scale`.
+/// DoRA's weight decomposition of one module (lycoris' `weight_decompose`, `dora_wd=True`): the
+/// changed weight `W0 + ΔW` is rescaled so that each output row's norm (lycoris' default
+/// `wd_on_output=True`), or each input column's (`wd_on_output=False`), is the trained
+/// `dora_scale`.
 #[derive(Debug, Clone)]
 pub struct WeightDecompose {
-    /// `dora_scale` `[out, 1(, 1, 1)]`, initialised to the norms of the rows of `W0`.
+    /// `dora_scale`, `[out, 1(, 1, 1)]` or by input column `[1, in(, 1, 1)]`, initialised to the
+    /// norms of `W0`.
     pub scale: Var,
     /// The layer's frozen weight `W0`.
     base: Tensor,
+    /// Norms of output rows (`wd_on_output=True`) or of input columns.
+    on_output: bool,
 }
 
 impl WeightDecompose {
     /// The decomposition of `layer`'s weight with fresh norms (lycoris' initialisation).
-    fn new(layer: &AdaptableLayer, device: &Device) -> Result<Self> {
+    fn new(layer: &AdaptableLayer, on_output: bool, device: &Device) -> Result<Self> {
         let base = layer.weight().to_device(device)?;
-        let norms = row_norms(&base.to_dtype(DType::F32)?)?;
+        let norms = weight_norms(&base.to_dtype(DType::F32)?, on_output)?;
         Ok(Self {
             scale: Var::from_tensor(&norms)?,
             base,
+            on_output,
         })
     }
 
     /// The weight change `(W0 + diff) · s − W0`, `s = dora_scale / (‖W0 + diff‖ + eps)` per
-    /// output row (eps: float32's machine epsilon), with `s` replaced by
+    /// output row or input column (eps: float32's machine epsilon), with `s` replaced by
     /// `multiplier · (s − 1) + 1` when the multiplier is not 1.
     fn delta(&self, diff: &Tensor, multiplier: f64) -> candle_core::Result<Tensor> {
         let base = self.base.to_dtype(DType::F32)?;
         let weight = (&base + diff.to_dtype(DType::F32)?)?;
-        let norms = (row_norms(&weight)? + f32::EPSILON as f64)?;
+        let norms = (weight_norms(&weight, self.on_output)? + f32::EPSILON as f64)?;
         let mut scale = self.scale.as_tensor().div(&norms)?;
         if multiplier != 1.0 {
             scale = scale.affine(multiplier, 1.0 - multiplier)?;
         }
         weight.broadcast_mul(&scale)? - base
+    }
+}
+
+/// The Euclidean norms of a weight's output rows, `[out, 1(, 1, 1)]`, or of its input columns,
+/// `[1, in(, 1, 1)]`.
+fn weight_norms(weight: &Tensor, on_output: bool) -> candle_core::Result<Tensor> {
+    match on_output {
+        true => row_norms(weight),
+        false => row_norms(&weight.transpose(0, 1)?.contiguous()?)?.transpose(0, 1),
     }
 }
 
@@ -162,6 +193,10 @@ pub struct LycorisModule {
     pub multiplier: f64,
     /// DoRA's weight decomposition (`dora_wd`), if any.
     pub dora: Option<WeightDecompose>,
+    /// `use_scalar`'s trainable 0-d scalar on `ΔW`, if any. The saved file holds no scalar:
+    /// lycoris multiplies it into the first factor (`lora_up`, `hada_w1_a`, `lokr_w1` or
+    /// `lokr_w1_a`).
+    pub scalar: Option<Var>,
     /// The layer's weight shape.
     shape: Vec<usize>,
     /// Rank and module dropout while training.
@@ -169,13 +204,38 @@ pub struct LycorisModule {
 }
 
 impl LycorisModule {
-    /// The tensors as lycoris names them (after the module name and a dot), in lycoris' order.
+    /// The trainable tensors as lycoris names them (after the module name and a dot), in
+    /// lycoris' order; `use_scalar`'s `scalar` last.
     pub fn named_vars(&self) -> Vec<(&'static str, &Var)> {
         let mut vars = self.factor_vars();
         if let Some(dora) = &self.dora {
             vars.push(("dora_scale", &dora.scale));
         }
+        if let Some(scalar) = &self.scalar {
+            vars.push(("scalar", scalar));
+        }
         vars
+    }
+
+    /// The tensors lycoris saves, by name: the factors and `dora_scale`, with `use_scalar`'s
+    /// scalar multiplied into the first factor (lycoris' `custom_state_dict`).
+    fn saved_tensors(&self) -> candle_core::Result<Vec<(&'static str, Tensor)>> {
+        if let Factors::Full { .. } = &self.factors {
+            let mut out = vec![("diff", self.factor_delta()?)];
+            out.extend(self.bias_diff()?.map(|b| ("diff_b", b)));
+            return Ok(out);
+        }
+        let mut out = Vec::new();
+        for (index, (suffix, var)) in self.named_vars().into_iter().enumerate() {
+            match (&self.scalar, index) {
+                (Some(_), _) if suffix == "scalar" => {}
+                (Some(scalar), 0) => {
+                    out.push((suffix, var.as_tensor().broadcast_mul(scalar.as_tensor())?))
+                }
+                _ => out.push((suffix, var.as_tensor().clone())),
+            }
+        }
+        Ok(out)
     }
 
     /// The factors' tensors as lycoris names them, in lycoris' order.
@@ -223,7 +283,36 @@ impl LycorisModule {
                 }
                 vars
             }
+            Factors::Full { weight, bias, .. } => {
+                let mut vars = vec![("weight", weight)];
+                vars.extend(bias.iter().map(|b| ("bias", b)));
+                vars
+            }
         }
+    }
+
+    /// The change of the bias at this module's multiplier (`algo=full` only).
+    pub fn bias_delta(&self) -> candle_core::Result<Option<Tensor>> {
+        (self.bias_diff()?)
+            .map(|diff| diff.affine(self.multiplier, 0.0))
+            .transpose()
+    }
+
+    /// The trained bias minus the frozen one (`diff_b`; `algo=full` only).
+    fn bias_diff(&self) -> candle_core::Result<Option<Tensor>> {
+        let Factors::Full {
+            bias: Some(bias),
+            base_bias,
+            ..
+        } = &self.factors
+        else {
+            return Ok(None);
+        };
+        let diff = match base_bias {
+            Some(base) => (bias.as_tensor() - base.to_dtype(DType::F32)?)?,
+            None => bias.as_tensor().clone(),
+        };
+        Ok(Some(diff))
     }
 
     /// The change of the layer's weight at this module's multiplier, shaped like the weight:
@@ -273,10 +362,15 @@ impl LycorisModule {
                 let w2 = w2.matrix()?;
                 kron(&w1.matrix()?, &w2.reshape((w2.dim(0)?, ()))?)?
             }
+            Factors::Full { weight, base, .. } => {
+                (weight.as_tensor() - base.to_dtype(DType::F32)?)?
+            }
         };
-        delta
-            .reshape(self.shape.as_slice())?
-            .affine(self.scale, 0.0)
+        let delta = (delta.reshape(self.shape.as_slice())?).affine(self.scale, 0.0)?;
+        match &self.scalar {
+            Some(scalar) => delta.broadcast_mul(scalar.as_tensor()),
+            None => Ok(delta),
+        }
     }
 }
 
@@ -316,7 +410,17 @@ impl LayerAdapter for LycorisModule {
                 trainable_conv::conv2d(x, &delta, stride, padding)?
             }
         };
-        Ok(Some(out))
+        match self.bias_delta()? {
+            None => Ok(Some(out)),
+            Some(bias) => {
+                let bias = bias.to_dtype(x.dtype())?;
+                let bias = match kind {
+                    FrozenKind::Linear => bias,
+                    FrozenKind::Conv2d { .. } => bias.reshape(((), 1, 1))?,
+                };
+                Ok(Some(out.broadcast_add(&bias)?))
+            }
+        }
     }
 }
 
@@ -435,9 +539,15 @@ impl LycorisNetwork {
                 return;
             };
             let merged = module_from_tensors(layer, &name, tensors, multiplier, &Device::Cpu, path)
-                .and_then(|module| Ok(module.weight_delta()?))
-                .and_then(|delta| Ok(delta.to_device(layer.weight().device())?))
-                .and_then(|delta| Ok(layer.merge_into_weight(&delta)?));
+                .and_then(|module| Ok((module.weight_delta()?, module.bias_delta()?)))
+                .and_then(|(delta, bias)| {
+                    let device = layer.weight().device().clone();
+                    layer.merge_into_weight(&delta.to_device(&device)?)?;
+                    if let Some(bias) = bias {
+                        layer.merge_into_bias(&bias.to_device(&device)?)?;
+                    }
+                    Ok(())
+                });
             match merged {
                 Ok(()) => {
                     report.applied += 1;
@@ -470,7 +580,26 @@ impl LycorisNetwork {
             let Some(tensors) = file.remove(&module.name) else {
                 continue;
             };
+            if let Factors::Full { .. } = &module.factors {
+                if tensors.contains_key("diff") {
+                    // A saved file: the frozen weight and bias plus the differences.
+                    let file_module = module_from_tensors_for(module, tensors, path)?;
+                    for ((_, var), (_, value)) in
+                        (module.named_vars().into_iter()).zip(file_module.named_vars())
+                    {
+                        var.set(&value.as_tensor().to_device(var.device())?)?;
+                    }
+                    applied += 1;
+                    continue;
+                }
+            }
             for (suffix, var) in module.named_vars() {
+                if suffix == "scalar" && !tensors.contains_key(suffix) {
+                    // A saved file holds the scalar multiplied into a factor: lycoris sets it
+                    // to 1 after loading.
+                    var.set(&Tensor::ones((), DType::F32, var.device())?)?;
+                    continue;
+                }
                 let tensor = tensors.get(suffix).ok_or_else(|| {
                     Error::bad_file(
                         path,
@@ -516,17 +645,37 @@ impl LycorisNetwork {
     }
 
     /// The state dict as lycoris saves it: the factors and `alpha` (a 0-d float tensor), in
-    /// `save_dtype` (F32 when `None`).
+    /// `save_dtype` (F32 when `None`); `use_scalar`'s scalar multiplied into the first factor.
     pub fn state_dict(&self, save_dtype: Option<DType>) -> Result<Vec<(String, Tensor)>> {
+        self.tensors(save_dtype, false)
+    }
+
+    /// The state dict of a `--save_state` folder: as [`Self::state_dict`] in F32, with the
+    /// trainable tensors as they are (`use_scalar`'s `scalar` apart), so a resumed run
+    /// continues bit for bit.
+    pub fn training_state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        self.tensors(None, true)
+    }
+
+    fn tensors(&self, save_dtype: Option<DType>, raw: bool) -> Result<Vec<(String, Tensor)>> {
         let dtype = save_dtype.unwrap_or(DType::F32);
         let mut out = Vec::new();
         for module in &self.modules {
-            out.push((
-                format!("{}.alpha", module.name),
-                Tensor::new(module.alpha, &Device::Cpu)?.to_dtype(dtype)?,
-            ));
-            for (suffix, var) in module.named_vars() {
-                let tensor = var.as_tensor().to_device(&Device::Cpu)?.to_dtype(dtype)?;
+            // lycoris' full module saves no alpha.
+            if !matches!(module.factors, Factors::Full { .. }) {
+                out.push((
+                    format!("{}.alpha", module.name),
+                    Tensor::new(module.alpha, &Device::Cpu)?.to_dtype(dtype)?,
+                ));
+            }
+            let tensors = match raw {
+                true => (module.named_vars().into_iter())
+                    .map(|(suffix, var)| (suffix, var.as_tensor().clone()))
+                    .collect(),
+                false => module.saved_tensors()?,
+            };
+            for (suffix, tensor) in tensors {
+                let tensor = tensor.to_device(&Device::Cpu)?.to_dtype(dtype)?;
                 out.push((format!("{}.{suffix}", module.name), tensor));
             }
         }
@@ -540,15 +689,28 @@ impl LycorisNetwork {
         save_dtype: Option<DType>,
         metadata: &BTreeMap<String, String>,
     ) -> Result<()> {
-        let tensors = self.state_dict(save_dtype)?;
-        let bytes = serialize_with_hashes(&tensors, metadata).map_err(|e| {
-            Error::Model(format!(
-                "cannot serialise LyCORIS network {}: {e}",
-                path.display()
-            ))
-        })?;
-        crate::infra::fsio::write_atomic(path, &bytes)
+        write_tensors(path, &self.state_dict(save_dtype)?, metadata)
     }
+
+    /// Writes [`Self::training_state_dict`] atomically to `path` (a `--save_state` folder).
+    pub fn save_training_state(&self, path: &Path) -> Result<()> {
+        write_tensors(path, &self.training_state_dict()?, &BTreeMap::new())
+    }
+}
+
+/// Writes `tensors` with `metadata` (plus the sd-webui hashes) atomically to `path`.
+fn write_tensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let bytes = serialize_with_hashes(tensors, metadata).map_err(|e| {
+        Error::Model(format!(
+            "cannot serialise LyCORIS network {}: {e}",
+            path.display()
+        ))
+    })?;
+    crate::infra::fsio::write_atomic(path, &bytes)
 }
 
 /// `count` values drawn uniformly from `(-bound, bound)`.
@@ -616,6 +778,12 @@ fn new_module(
     // Tucker only for kernels larger than 1x1, as lycoris.
     let tucker = config.use_tucker && kernel_size > 1;
     let core = [vec![dim, dim], kernel.clone()].concat();
+    // LoCon's `lora_up` and LoKr's `w2` / `w2_b` start at zero, or Kaiming-uniform with
+    // `use_scalar` (whose scalar starts at zero instead).
+    let otherwise_zero = || match config.use_scalar {
+        true => Init::Kaiming,
+        false => Init::Zeros,
+    };
     let (factors, alpha) = match config.algo {
         Algo::Locon => {
             let (down_shape, up_shape) = match layer.kind() {
@@ -634,7 +802,7 @@ fn new_module(
                 true => Some(var(&core, Init::Kaiming)?),
                 false => None,
             };
-            let up = var(&up_shape, Init::Zeros)?;
+            let up = var(&up_shape, otherwise_zero())?;
             (Factors::Locon { down, up, mid }, alpha)
         }
         Algo::Loha => {
@@ -651,7 +819,13 @@ fn new_module(
             };
             let w1_a = var(&a_shape, Init::Normal(0.1))?;
             let w1_b = var(&b_shape, Init::Normal(1.0))?;
-            let w2_a = var(&a_shape, Init::Zeros)?;
+            let w2_a = var(
+                &a_shape,
+                match config.use_scalar {
+                    true => Init::Normal(0.1),
+                    false => Init::Zeros,
+                },
+            )?;
             let w2_b = var(&b_shape, Init::Normal(1.0))?;
             (
                 Factors::Loha {
@@ -675,15 +849,15 @@ fn new_module(
             let w2 = if w2_full {
                 let mut w2_shape = vec![large.0, large.1];
                 w2_shape.extend(&kernel);
-                KronFactor::Full(var(&w2_shape, Init::Zeros)?)
+                KronFactor::Full(var(&w2_shape, otherwise_zero())?)
             } else if tucker {
                 let t = var(&core, Init::Kaiming)?;
                 let a = var(&[dim, large.0], Init::Kaiming)?;
-                let b = var(&[dim, large.1], Init::Zeros)?;
+                let b = var(&[dim, large.1], otherwise_zero())?;
                 KronFactor::Tucker(t, a, b)
             } else {
                 let a = var(&[large.0, dim], Init::Kaiming)?;
-                let b = var(&[dim, large.1 * kernel_size], Init::Zeros)?;
+                let b = var(&[dim, large.1 * kernel_size], otherwise_zero())?;
                 KronFactor::Product(a, b)
             };
             let w1 = if w1_full {
@@ -701,9 +875,26 @@ fn new_module(
             };
             (Factors::Lokr { w1, w2 }, alpha)
         }
+        Algo::Full => {
+            // The trained weight and bias start at the frozen ones; no alpha is saved.
+            let base = layer.weight().to_device(device)?;
+            let base_bias = layer.bias().map(|b| b.to_device(device)).transpose()?;
+            let trained = |t: &Tensor| Var::from_tensor(&t.to_dtype(DType::F32)?);
+            let factors = Factors::Full {
+                weight: trained(&base)?,
+                bias: base_bias.as_ref().map(trained).transpose()?,
+                base,
+                base_bias,
+            };
+            (factors, dim as f32)
+        }
     };
     let dora = match config.weight_decompose {
-        true => Some(WeightDecompose::new(layer, device)?),
+        true => Some(WeightDecompose::new(layer, config.wd_on_output, device)?),
+        false => None,
+    };
+    let scalar = match config.use_scalar && config.algo != Algo::Full {
+        true => Some(Var::from_tensor(&Tensor::zeros((), DType::F32, device)?)?),
         false => None,
     };
     Ok(LycorisModule {
@@ -713,6 +904,7 @@ fn new_module(
         scale: alpha as f64 / dim as f64,
         multiplier: 1.0,
         dora,
+        scalar,
         shape,
         dropout: None,
     })
@@ -750,11 +942,105 @@ pub fn is_lycoris_file(path: &Path) -> Result<bool> {
     let lycoris_part = |part: &str| {
         part.starts_with("hada_")
             || part.starts_with("lokr_")
-            || matches!(part, "dora_scale" | "lora_mid.weight")
+            || matches!(part, "dora_scale" | "lora_mid.weight" | "diff" | "diff_b")
     };
     Ok((header.tensors().keys())
         .filter_map(|key| key.split_once('.'))
         .any(|(_, part)| lycoris_part(part)))
+}
+
+/// The full module of a file's `diff` / `diff_b` on the layer of `module` (an `algo=full`
+/// module), which must have the same tensors.
+fn module_from_tensors_for(
+    module: &LycorisModule,
+    tensors: HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<LycorisModule> {
+    let Factors::Full {
+        base, base_bias, ..
+    } = &module.factors
+    else {
+        unreachable!("called for full modules only");
+    };
+    let loaded = full_from_tensors(&module.name, base, base_bias.as_ref(), tensors, path)?;
+    let parts = |m: &LycorisModule| -> Vec<(&'static str, Vec<usize>)> {
+        (m.named_vars().into_iter())
+            .map(|(part, var)| (part, var.dims().to_vec()))
+            .collect()
+    };
+    if parts(&loaded) != parts(module) {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "module {} has {:?} in the file but {:?} in this network",
+                module.name,
+                parts(&loaded),
+                parts(module)
+            ),
+        ));
+    }
+    Ok(loaded)
+}
+
+/// An `algo=full` module from a file's `diff` (and `diff_b`) on a layer of weight `base` and
+/// bias `base_bias`.
+fn full_from_tensors(
+    name: &str,
+    base: &Tensor,
+    base_bias: Option<&Tensor>,
+    mut tensors: HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<LycorisModule> {
+    let bad = |message: String| Error::bad_file(path, message);
+    let diff = tensors.remove("diff").expect("a full module's diff");
+    if diff.dims() != base.dims() {
+        return Err(bad(format!(
+            "module {name}: diff has shape {:?}, the layer weight {:?}: the file was trained for \
+             a different base model",
+            diff.dims(),
+            base.dims()
+        )));
+    }
+    let device = base.device();
+    let weight = (base.to_dtype(DType::F32)? + diff.to_dtype(DType::F32)?.to_device(device)?)?;
+    let bias = match tensors.remove("diff_b") {
+        Some(diff_b) => {
+            let diff_b = diff_b.to_dtype(DType::F32)?.to_device(device)?;
+            if diff_b.dims() != [base.dim(0)?] {
+                return Err(bad(format!(
+                    "module {name}: diff_b has shape {:?}, not [{}]",
+                    diff_b.dims(),
+                    base.dim(0)?
+                )));
+            }
+            Some(Var::from_tensor(&match base_bias {
+                Some(b) => (b.to_dtype(DType::F32)? + diff_b)?,
+                None => diff_b,
+            })?)
+        }
+        None => None,
+    };
+    if let Some(part) = tensors.keys().next() {
+        return Err(bad(format!(
+            "module {name} has diff (algo=full) and an unexpected tensor {part}"
+        )));
+    }
+    Ok(LycorisModule {
+        name: name.to_string(),
+        factors: Factors::Full {
+            weight: Var::from_tensor(&weight)?,
+            base: base.clone(),
+            bias,
+            base_bias: base_bias.cloned(),
+        },
+        alpha: 1.0,
+        scale: 1.0,
+        multiplier: 1.0,
+        dora: None,
+        scalar: None,
+        shape: base.dims().to_vec(),
+        dropout: None,
+    })
 }
 
 /// A module from its tensors in a file, on `layer`; the dim is read where lycoris reads it.
@@ -767,21 +1053,38 @@ fn module_from_tensors(
     path: &Path,
 ) -> Result<LycorisModule> {
     let bad = |message: String| Error::bad_file(path, message);
+    if tensors.contains_key("diff") {
+        let base = layer.weight().to_device(device)?;
+        let base_bias = layer.bias().map(|b| b.to_device(device)).transpose()?;
+        let mut module = full_from_tensors(name, &base, base_bias.as_ref(), tensors, path)?;
+        module.multiplier = multiplier;
+        return Ok(module);
+    }
     let dora = match tensors.remove("dora_scale") {
         Some(norms) => {
             let weight = layer.weight();
-            let mut shape = vec![1; weight.rank()];
-            shape[0] = weight.dim(0)?;
-            if norms.dims() != shape.as_slice() {
+            let layout = |axis: usize| -> Result<Vec<usize>> {
+                let mut shape = vec![1; weight.rank()];
+                shape[axis] = weight.dim(axis)?;
+                Ok(shape)
+            };
+            let (by_row, by_column) = (layout(0)?, layout(1)?);
+            let on_output = if norms.dims() == by_row.as_slice() {
+                true
+            } else if norms.dims() == by_column.as_slice() {
+                false
+            } else {
                 return Err(bad(format!(
-                    "module {name}: dora_scale has shape {:?}, not {shape:?} (one norm per output \
-                     row, lycoris' default wd_on_output=True); other layouts are not supported",
+                    "module {name}: dora_scale has shape {:?}, neither {by_row:?} (per output \
+                     row, wd_on_output=True) nor {by_column:?} (per input column): the file was \
+                     trained for a different base model",
                     norms.dims()
                 )));
-            }
+            };
             Some(WeightDecompose {
                 scale: Var::from_tensor(&norms.to_dtype(DType::F32)?.to_device(device)?)?,
                 base: weight.to_device(device)?,
+                on_output,
             })
         }
         None => None,
@@ -889,6 +1192,7 @@ fn module_from_tensors(
         scale: alpha as f64 / dim as f64,
         multiplier,
         dora,
+        scalar: None,
         shape: layer.weight().dims().to_vec(),
         dropout: None,
     };

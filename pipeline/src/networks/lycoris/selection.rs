@@ -16,15 +16,19 @@ pub enum Algo {
     Loha,
     /// `lokr`: Kronecker product of a small and a (low-rank) large factor.
     Lokr,
+    /// `full`: the whole weight and bias trained, saved as their differences (`diff`,
+    /// `diff_b`).
+    Full,
 }
 
 impl Algo {
-    /// The algorithm of an `algo=` value, `None` when not one of these three.
+    /// The algorithm of an `algo=` value, `None` when not one of these.
     pub fn parse(value: &str) -> Option<Self> {
         match value.to_lowercase().as_str() {
             "lora" | "locon" => Some(Algo::Locon),
             "loha" => Some(Algo::Loha),
             "lokr" => Some(Algo::Lokr),
+            "full" => Some(Algo::Full),
             _ => None,
         }
     }
@@ -55,6 +59,11 @@ pub struct LycorisConfig {
     pub use_tucker: bool,
     /// DoRA's weight decomposition on every module (`dora_wd`).
     pub weight_decompose: bool,
+    /// DoRA's norms per output row (`wd_on_output`, default true) or per input column.
+    pub wd_on_output: bool,
+    /// A trainable scalar on every module's change, initialised to 0, with the factor that is
+    /// otherwise zero drawn at random instead (`use_scalar`).
+    pub use_scalar: bool,
     /// Which layers get a module (`preset`, default `full`).
     pub preset: Preset,
 }

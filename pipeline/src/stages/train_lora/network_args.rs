@@ -291,8 +291,8 @@ fn lycoris_config(
             _ => "not supported",
         };
         Error::Usage(format!(
-            "--network_args algo={algo_name}: {why}; lycoris.kohya's locon (lora), loha and lokr \
-             are supported"
+            "--network_args algo={algo_name}: {why}; lycoris.kohya's locon (lora), loha, lokr and \
+             full are supported"
         ))
     })?;
     let dim = args.network_dim.unwrap_or(4);
@@ -338,14 +338,7 @@ fn lycoris_config(
         );
     }
     let weight_decompose = take("dora_wd").is_some_and(|v| lycoris_bool(&v));
-    if let Some(value) = take("wd_on_output") {
-        if weight_decompose && !lycoris_bool(&value) {
-            return Err(Error::Usage(format!(
-                "--network_args wd_on_output={value}: DoRA's decomposition by input column is not \
-                 supported; leave wd_on_output out (lycoris' default, by output row)"
-            )));
-        }
-    }
+    let wd_on_output = take("wd_on_output").is_none_or(|v| lycoris_bool(&v));
     let preset = match take("preset") {
         None => Preset::builtin("full").expect("the full preset"),
         Some(name) => match Preset::builtin(&name) {
@@ -379,8 +372,24 @@ fn lycoris_config(
             )));
         }
     }
-    const OFF_ONLY: [(&str, &str); 11] = [
-        ("use_scalar", "the trainable scalar"),
+    let use_scalar = take("use_scalar").is_some_and(|v| lycoris_bool(&v));
+    if algo == Algo::Full {
+        // lycoris' full module takes these arguments and does nothing with them (rank dropout
+        // would fail: it has no rank).
+        let ignored = [
+            ("dora_wd", weight_decompose),
+            ("use_scalar", use_scalar),
+            ("use_tucker", use_tucker),
+            ("rank_dropout", dropout.rank > 0.0),
+        ];
+        if let Some((key, _)) = ignored.iter().find(|(_, on)| *on) {
+            return Err(Error::Usage(format!(
+                "--network_args algo=full {key}: lycoris' full module has no {key}; train the \
+                 whole weights without it, or use algo=locon|loha|lokr"
+            )));
+        }
+    }
+    const OFF_ONLY: [(&str, &str); 10] = [
         ("train_norm", "training the norm layers"),
         ("bypass_mode", "the bypass forward pass"),
         ("rs_lora", "rank-stabilised scaling"),
@@ -407,9 +416,9 @@ fn lycoris_config(
             if on {
                 return Err(Error::Usage(format!(
                     "--network_args {key}={value}: {what} is not supported with lycoris.kohya; \
-                     supported: algo=locon|loha|lokr, conv_dim, conv_alpha, factor, \
-                     decompose_both, use_tucker, dora_wd, rank_dropout, module_dropout, dropout (no effect), \
-                     preset"
+                     supported: algo=locon|loha|lokr|full, conv_dim, conv_alpha, factor, \
+                     decompose_both, use_tucker, dora_wd, wd_on_output, use_scalar, rank_dropout, module_dropout, \
+                     dropout (no effect), preset"
                 )));
             }
         }
@@ -417,8 +426,8 @@ fn lycoris_config(
     if let Some(key) = given.keys().next() {
         return Err(Error::Usage(format!(
             "--network_args {key}: not supported with lycoris.kohya (supported: algo, conv_dim, \
-             conv_alpha, factor, decompose_both, use_tucker, dora_wd, rank_dropout, module_dropout, dropout, \
-             preset)"
+             conv_alpha, factor, decompose_both, use_tucker, dora_wd, wd_on_output, use_scalar, rank_dropout, \
+             module_dropout, dropout, preset)"
         )));
     }
     Ok(LycorisConfig {
@@ -432,6 +441,8 @@ fn lycoris_config(
         dropout,
         use_tucker,
         weight_decompose,
+        wd_on_output,
+        use_scalar,
         preset,
     })
 }

@@ -51,11 +51,12 @@ pub fn save(
         std::fs::remove_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
     }
     std::fs::create_dir_all(&staging).map_err(|e| Error::io(&staging, e))?;
-    network.save(
-        &staging.join("model.safetensors"),
-        None,
-        &Default::default(),
-    )?;
+    let model_path = staging.join("model.safetensors");
+    match network {
+        // lycoris' file multiplies use_scalar's scalar into a factor; the state keeps both.
+        Network::Lycoris(network) => network.save_training_state(&model_path)?,
+        _ => network.save(&model_path, None, &Default::default())?,
+    }
     let moments = optimizer.state_tensors()?;
     let bytes = safetensors::serialize(moments.iter().map(|(n, t)| (n.as_str(), t)), None)
         .map_err(|e| Error::Model(format!("cannot serialise optimizer state: {e}")))?;
@@ -334,7 +335,7 @@ pub fn load(dir: &Path, network: &Network, optimizer: &mut Optimizer) -> Result<
         }
         Network::Lycoris(network) => {
             // The state's file names exactly this network's tensors.
-            let keys: std::collections::BTreeSet<String> = (network.state_dict(None)?)
+            let keys: std::collections::BTreeSet<String> = (network.training_state_dict()?)
                 .into_iter()
                 .map(|(key, _)| key)
                 .collect();
