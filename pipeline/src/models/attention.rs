@@ -639,7 +639,7 @@ mod tests {
         // Self-attention long enough to span several chunks, and cross-attention with a short
         // context and a different value width.
         let device = Device::Cpu;
-        for (groups, queries, keys, depth, value_depth) in [(3, 500, 300, 8, 8), (2, 40, 7, 5, 3)] {
+        for (groups, queries, keys, depth, value_depth) in [(2, 2000, 300, 8, 8), (2, 40, 7, 5, 3)] {
             let scale = 1.0 / (depth as f64).sqrt();
             let make = |rows, cols| {
                 Var::from_tensor(&Tensor::randn(0f32, 1.5, (groups, rows, cols), &device).unwrap())
@@ -670,10 +670,10 @@ mod tests {
 
     #[test]
     fn causal_attention_matches_plain_attention_with_a_mask() {
-        // 300 tokens span several chunks of the kernel; the reference adds the text encoders'
+        // 1100 tokens span several chunks of the kernel; the reference adds the text encoders'
         // additive mask (f32::MIN above the diagonal) before a plain softmax.
         let device = Device::Cpu;
-        let (batch, heads, tokens, depth) = (2, 2, 300, 4);
+        let (batch, heads, tokens, depth) = (2, 2, 1100, 4);
         let make = || {
             let t = Tensor::randn(0f32, 1.5, (batch, tokens, heads * depth), &device).unwrap();
             Var::from_tensor(&t).unwrap()
