@@ -172,8 +172,6 @@ fn bench(dir: &Path, row: &Row) -> Result<(usize, f64, usize), Failure> {
 }
 
 fn main() -> Result<(), Failure> {
-    // As every tool's `main` does.
-    lorakit_pipeline::infra::memory::reuse_freed_memory();
     let mut args = std::env::args().skip(1);
     let (Some(dir), Some(name)) = (args.next(), args.next()) else {
         return Err("usage: inference_bench DIR ROW (rows as in bench/torch_inference.py)".into());

@@ -100,11 +100,9 @@ pub fn set_quiet(quiet: bool) {
     QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Runs a stage body (with freed memory kept for reuse, [`super::memory::reuse_freed_memory`])
-/// and prints its report: the `main` of every tool.
+/// Runs a stage body and prints its report: the `main` of every tool.
 pub fn run(tool: &str, body: impl FnOnce() -> crate::Result<Summary>) -> std::process::ExitCode {
     let started = Instant::now();
-    super::memory::reuse_freed_memory();
     finish(tool, started, body())
 }
 
