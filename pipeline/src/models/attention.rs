@@ -639,7 +639,8 @@ mod tests {
         // Self-attention long enough to span several chunks, and cross-attention with a short
         // context and a different value width.
         let device = Device::Cpu;
-        for (groups, queries, keys, depth, value_depth) in [(2, 2000, 300, 8, 8), (2, 40, 7, 5, 3)] {
+        for (groups, queries, keys, depth, value_depth) in [(2, 2000, 300, 8, 8), (2, 40, 7, 5, 3)]
+        {
             let scale = 1.0 / (depth as f64).sqrt();
             let make = |rows, cols| {
                 Var::from_tensor(&Tensor::randn(0f32, 1.5, (groups, rows, cols), &device).unwrap())

@@ -18,7 +18,8 @@ use serde_json::Value;
 use crate::models::attention::multi_head_attention;
 use crate::models::checkpoint::load_and_release;
 use crate::models::frozen::{FrozenKind, FrozenOp};
-use crate::models::kernels::gelu_erf;
+use crate::models::kernel_choice::cpu_kernels;
+use crate::models::kernels::{gelu_erf, transpose_matrix};
 use crate::models::norm::Norm;
 use crate::{infra::hashing, Error, Result};
 
@@ -821,10 +822,22 @@ fn load_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>>
     file.tensors()
         .into_iter()
         .map(|(name, _)| {
-            let tensor = load_and_release(&file, &name, device).map_err(unreadable)?;
+            let mut tensor = load_and_release(&file, &name, device).map_err(unreadable)?;
+            if is_linear_weight(&name, &tensor) && cpu_kernels(device) {
+                // Transposed now, one tensor at a time, so that the inference layout of the
+                // frozen products never holds a second copy of the model.
+                tensor = transpose_matrix(&tensor)
+                    .and_then(|in_out| in_out.t())
+                    .map_err(unreadable)?;
+            }
             Ok((name, tensor))
         })
         .collect()
+}
+
+/// Whether `name` is the weight of a linear layer (2-D, and not an embedding table).
+fn is_linear_weight(name: &str, tensor: &Tensor) -> bool {
+    name.ends_with(".weight") && !name.contains("embedding") && tensor.rank() == 2
 }
 
 /// Tokenises [`PROMPT`] with the special tokens, puts `bos` first and drops the final `[SEP]`.

@@ -105,7 +105,13 @@ impl FrozenOp {
             && cpu_kernels(self.weight.device())
             && self.weight_in_out.is_none()
         {
-            let in_out = transpose_matrix(&self.weight)?;
+            // A weight loaded as a view of transposed storage is used as it lies.
+            let viewed = self.weight.t()?;
+            let in_out = if viewed.is_contiguous() && viewed.layout().start_offset() == 0 {
+                viewed
+            } else {
+                transpose_matrix(&self.weight)?
+            };
             self.weight = in_out.t()?;
             self.weight_in_out = Some(in_out);
         }
