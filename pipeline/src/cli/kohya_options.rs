@@ -89,7 +89,6 @@ pub const KOHYA_OPTIONS: &[KohyaOption] = &[
     option("highvram", Flag, NoEffect(PYTORCH)),
     option("torch_compile", Flag, NoEffect(PYTORCH)),
     option("dynamo_backend", One, NoEffect(PYTORCH)),
-    option("ddp_timeout", One, NoEffect(PYTORCH)),
     option("ddp_gradient_as_bucket_view", Flag, NoEffect(PYTORCH)),
     option("ddp_static_graph", Flag, NoEffect(PYTORCH)),
     option("deepspeed", Flag, NoEffect(PYTORCH)),

@@ -40,6 +40,9 @@ pub enum Error {
     /// The run was stopped by a signal after saving what it had (the message says where).
     #[error("{0}")]
     Interrupted(String),
+    /// Another rank of a data-parallel run failed, left or could not be reached.
+    #[error("{0}")]
+    Group(String),
 }
 
 impl Error {
@@ -48,9 +51,10 @@ impl Error {
         match self {
             Error::Io { source, .. } => source.to_string(),
             Error::BadFile { message, .. } | Error::Schema { message, .. } => message.clone(),
-            Error::Usage(message) | Error::Model(message) | Error::Interrupted(message) => {
-                message.clone()
-            }
+            Error::Usage(message)
+            | Error::Model(message)
+            | Error::Interrupted(message)
+            | Error::Group(message) => message.clone(),
         }
     }
 
@@ -84,7 +88,7 @@ impl Error {
             Error::Io { path, .. } | Error::BadFile { path, .. } | Error::Schema { path, .. } => {
                 Some(path)
             }
-            Error::Usage(_) | Error::Model(_) | Error::Interrupted(_) => None,
+            Error::Usage(_) | Error::Model(_) | Error::Interrupted(_) | Error::Group(_) => None,
         }
     }
 }

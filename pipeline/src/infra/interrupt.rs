@@ -16,6 +16,9 @@ static INSTALLED: OnceLock<()> = OnceLock::new();
 /// current step finishes, then the run saves); a second one exits with [`EXIT_INTERRUPTED`].
 /// `tool` names the program in those messages. Calling it again changes nothing.
 pub fn catch(tool: &'static str) -> std::io::Result<()> {
+    // Ranks of a data-parallel run in one process (threads) install one handler between them.
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _installing = INSTALLING.lock().unwrap_or_else(|e| e.into_inner());
     if INSTALLED.get().is_some() {
         return Ok(());
     }

@@ -1,7 +1,8 @@
 //! Infrastructure every other tier builds on: errors, atomic file I/O, content hashing, clock,
-//! Python-style JSON, interrupts, available memory, run reports and progress.
+//! Python-style JSON, interrupts, available memory, run reports and progress, and the ranks of a data-parallel run.
 
 pub mod clock;
+pub mod collective;
 pub mod error;
 pub mod fsio;
 pub mod hashing;

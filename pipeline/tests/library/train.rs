@@ -1492,3 +1492,84 @@ fn gradient_checkpointing_keeps_outputs_and_gradients() {
         None,
     );
 }
+
+/// The tensors of a safetensors file, by name, as raw bytes.
+fn tensor_bytes(path: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    file.tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.data().to_vec()))
+        .collect()
+}
+
+/// Two ranks (threads standing in for processes) with batch size 1 train what one process
+/// trains accumulating two batches per step: the same batches and noise, gradients summed in
+/// the same order, so the saved LoRA is equal bit for bit; rank 1 writes nothing. With three
+/// ranks on four batches, the last round wraps around and the run still completes its steps.
+#[test]
+fn data_parallel_ranks_train_what_one_process_accumulates() {
+    use lorakit_pipeline::infra::collective::{Collective, ThreadGroup};
+    use lorakit_pipeline::stages::train_lora::run_in_group;
+    let data = tempfile::tempdir().unwrap();
+    make_caches(data.path());
+    let common = ["--max_train_steps", "4", "--train_batch_size", "1"];
+    let single = trained(
+        data.path(),
+        &[&common[..], &["--gradient_accumulation_steps", "2"]].concat(),
+    );
+    let run_ranks = |size: usize| {
+        let out = tempfile::tempdir().unwrap();
+        let args = train_args(data.path(), out.path(), &common);
+        let threads: Vec<_> = ThreadGroup::new(size, std::time::Duration::from_secs(600))
+            .into_iter()
+            .map(|group| {
+                let args = args.clone();
+                std::thread::spawn(move || {
+                    let summary = run_in_group(&args, &group);
+                    (group.rank(), summary)
+                })
+            })
+            .collect();
+        for thread in threads {
+            let (rank, summary) = thread.join().unwrap();
+            assert_eq!(summary.unwrap().done, 1, "rank {rank}");
+        }
+        out
+    };
+    let parallel = run_ranks(2);
+    let name = "tiny.safetensors";
+    let (ours, theirs) = (
+        tensor_bytes(&parallel.path().join(name)),
+        tensor_bytes(&single.path().join(name)),
+    );
+    assert_eq!(ours.len(), theirs.len());
+    for (key, bytes) in &theirs {
+        assert!(ours[key] == *bytes, "{key} differs from the single process");
+    }
+    let (ours, theirs) = (
+        losses(&parallel.path().join("tiny_loss.jsonl")),
+        losses(&single.path().join("tiny_loss.jsonl")),
+    );
+    assert_eq!(ours.len(), 4);
+    for (a, b) in ours.iter().zip(&theirs) {
+        assert!((a - b).abs() <= 1e-6 * b.abs(), "loss {a} vs {b}");
+    }
+    let listing = |dir: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(listing(parallel.path()), listing(single.path()));
+    let metadata = LoraFile::read(&parallel.path().join(name))
+        .unwrap()
+        .metadata;
+    assert_eq!(metadata["ss_total_batch_size"], "2");
+    assert_eq!(metadata["ss_num_batches_per_epoch"], "2");
+
+    let three = run_ranks(3);
+    assert_eq!(losses(&three.path().join("tiny_loss.jsonl")).len(), 4);
+}

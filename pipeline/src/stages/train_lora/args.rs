@@ -436,9 +436,14 @@ pub struct TrainArgs {
     /// memory saving in the full-size SD1.5 benchmark (docs/train-lora.md).
     #[arg(long, requires = "gradient_checkpointing", value_parser = clap::value_parser!(u32).range(1..))]
     pub gradient_checkpointing_levels: Option<u32>,
-    /// Compute device: cpu, or cuda (needs a build with the `cuda` feature).
+    /// Compute device: cpu, or cuda (needs a build with the `cuda` feature; a data-parallel
+    /// rank uses the GPU of its LOCAL_RANK).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Data-parallel runs (launched with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set, as
+    /// torchrun does): minutes a rank waits for the others before failing (default 30).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ddp_timeout: Option<u64>,
     /// Write the loss log as JSON lines here (default `<output_dir>/<name>_loss.jsonl`).
     #[arg(long)]
     pub loss_log: Option<PathBuf>,

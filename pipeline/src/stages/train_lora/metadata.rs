@@ -21,8 +21,10 @@ pub struct PlanInfo {
     pub total_steps: usize,
     /// Computed number of epochs.
     pub num_epochs: usize,
-    /// Batches per epoch.
+    /// Batches per epoch and rank (sd-scripts: the prepared data loader's length).
     pub batches_per_epoch: usize,
+    /// Ranks training together (accelerate's `num_processes`).
+    pub world_size: usize,
     /// Seed used.
     pub seed: u64,
     /// Images held out for validation.
@@ -415,7 +417,7 @@ pub fn base_metadata(
             put(
                 &mut m,
                 "ss_total_batch_size",
-                (args.train_batch_size * accum).to_string(),
+                (args.train_batch_size * plan.world_size * accum).to_string(),
             );
             put(&mut m, "ss_resolution", format!("({width}, {height})"));
             put(&mut m, "ss_color_aug", "False".into());

@@ -1,10 +1,12 @@
 //! LoRA training loop (`train_network.py` semantics, docs/kohya-compat.md#training): cached data,
 //! seeded noise, loss weighting, AdamW/Lion, LR schedulers, gradient accumulation, periodic saves
-//! with sd-scripts naming and `ss_*` metadata, and exact resume from a saved state.
+//! with sd-scripts naming and `ss_*` metadata, exact resume from a saved state, and
+//! [`data_parallel`] runs over several ranks.
 
 pub mod args;
 pub mod contact_sheet;
 pub mod data;
+pub mod data_parallel;
 pub mod live_text;
 pub mod loss;
 pub mod lr;
@@ -31,6 +33,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::formats::manifest::Manifest;
 use crate::formats::schema::LORA_V1;
 use crate::formats::te_cache::describe_width;
+use crate::infra::collective::{self, Collective, Patience, SingleProcess, TcpGroup};
 use crate::infra::report::{Progress, Summary, Throughput};
 use crate::infra::{fsio, interrupt, memory};
 use crate::models::adapter::{Adaptable, Joined};
@@ -166,26 +169,45 @@ struct Plan {
     name: String,
     total_steps: usize,
     num_epochs: usize,
-    batches_per_epoch: usize,
+    /// Batches each rank trains on per epoch ([`data_parallel::rounds`]).
+    rounds_per_epoch: usize,
     seed: u64,
+    /// Ranks training together.
+    world_size: usize,
     lr: f64,
     save_every_n_epochs: Option<usize>,
 }
 
-/// Runs `train-lora`: the dataset's [`preparation`] (when the command line names a kohya
-/// dataset), [`prepare`] the run, [`Training::run`] the loop, [`finish`] the files.
+/// Runs `train-lora` as one rank of the data-parallel group a launcher describes in the
+/// environment (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), or alone without one.
 pub fn run(args: &TrainArgs) -> Result<Summary> {
-    let samples = samples::SampleImages::from_args(args)?;
+    let timeout = std::time::Duration::from_secs(60 * args.ddp_timeout.unwrap_or(30));
+    match TcpGroup::from_env(timeout)? {
+        Some(group) => run_in_group(args, &group),
+        None => run_in_group(args, &SingleProcess),
+    }
+}
+
+/// Runs `train-lora` as one rank of `group`: the dataset's [`preparation`] (when the command
+/// line names a kohya dataset), [`prepare`] the run, [`Training::run`] the loop, [`finish`] the
+/// files. Only rank 0 prepares the dataset and writes files.
+pub fn run_in_group(args: &TrainArgs, group: &dyn Collective) -> Result<Summary> {
+    let main = collective::is_main(group);
+    let samples = samples::SampleImages::from_args(args)?.filter(|_| main);
     if let Some(preparation) = &args.preparation {
         if args.no_prepare {
             preparation.check_prepared()?;
-        } else {
+        } else if main {
             preparation.run(args.quiet)?;
+            collective::barrier(group, Patience::Unlimited)?;
+        } else {
+            collective::barrier(group, Patience::Unlimited)?;
+            preparation.check_prepared()?;
         }
     }
     let started = Instant::now();
     let started_unix = unix_time();
-    let Some(mut setup) = prepare(args)? else {
+    let Some(mut setup) = prepare(args, group)? else {
         return Ok(Summary {
             up_to_date: 1,
             ..Summary::default()
@@ -210,11 +232,18 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
             &loss_ctx.noise,
         )
     });
-    std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
+    if main {
+        std::fs::create_dir_all(&args.output_dir).map_err(|e| Error::io(&args.output_dir, e))?;
+    }
     let mut start = state::Progress::default();
     if let Some(resume) = &args.resume {
         let dir = state::resolve_resume(resume, Some(&args.output_dir))?;
-        start = state::load(&dir, &setup.network, &mut setup.optimizer)?;
+        start = state::load(
+            &dir,
+            &setup.network,
+            &mut setup.optimizer,
+            group.world_size(),
+        )?;
         tracing::info!(
             "resumed from {} at step {}",
             dir.display(),
@@ -260,13 +289,26 @@ pub fn run(args: &TrainArgs) -> Result<Summary> {
         saver: &saver,
         samples: samples.as_ref(),
         log_path: &log_path,
-        tracker: match tensorboard::run_dir(args)? {
+        tracker: match tensorboard::run_dir(args)?.filter(|_| main) {
             Some(dir) => Some(std::cell::RefCell::new(tensorboard::Tracker::create(&dir)?)),
             None => None,
         },
+        group,
     };
     let first_step = start.global_step;
     let end = training.run(&mut setup.optimizer, start)?;
+    if !main {
+        tracing::info!(
+            "rank {} of {}: {} steps trained; rank 0 wrote the files",
+            group.rank(),
+            group.world_size(),
+            end.global_step - first_step
+        );
+        return Ok(Summary {
+            done: 1,
+            ..Summary::default()
+        });
+    }
     saver.save_model(&plan.name, end.global_step, plan.num_epochs)?;
     let summary = Summary {
         done: 1,
@@ -300,7 +342,7 @@ struct Setup {
 
 /// Checks the arguments, loads the caches and the UNet, merges `--base_weights`, builds the
 /// network, optimizer and scheduler. `None` when the LoRA is already up to date.
-fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
+fn prepare(args: &TrainArgs, group: &dyn Collective) -> Result<Option<Setup>> {
     for notice in &args.notices {
         if notice.warning {
             tracing::warn!("{}", notice.text);
@@ -309,11 +351,13 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         }
     }
     check_args(args)?;
-    check_outputs_writable(args)?;
+    if collective::is_main(group) {
+        check_outputs_writable(args)?;
+    }
     crate::models::keep_freed_memory();
     let device = match args.device.as_str() {
         "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).map_err(|e| {
+        "cuda" => Device::new_cuda(collective::local_rank()).map_err(|e| {
             Error::Usage(format!("--device cuda: {e} (build with --features cuda)"))
         })?,
         other => return Err(Error::Usage(format!("--device {other}: use cpu or cuda"))),
@@ -419,7 +463,14 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
             )));
         }
     }
-    let seed = args.seed.unwrap_or_else(|| rand::random::<u32>() as u64);
+    // Every rank trains with rank 0's seed, drawn when --seed is not given.
+    let seed = collective::broadcast_from_main(
+        group,
+        args.seed
+            .unwrap_or_else(|| rand::random::<u32>() as u64)
+            .to_le_bytes(),
+    )?;
+    let seed = u64::from_le_bytes(seed);
     let (mut dataset, held_out) =
         dataset.split_validation(args.validation_split, args.validation_seed.unwrap_or(seed))?;
     let caption_dropout = dataset.samples.iter().any(|s| {
@@ -496,10 +547,28 @@ fn prepare(args: &TrainArgs) -> Result<Option<Setup>> {
         }
     }
 
-    let plan = plan(args, &dataset, seed);
+    let plan = plan(args, &dataset, seed, group.world_size());
     let final_path = args.output_dir.join(format!("{}.safetensors", plan.name));
-    let training_key = training_key(args, &checkpoint, &sample_keys, text.as_ref())?;
-    if args.resume.is_none() && is_up_to_date(&final_path, &training_key) {
+    let training_key = training_key(
+        args,
+        &checkpoint,
+        &sample_keys,
+        text.as_ref(),
+        group.world_size(),
+    )?;
+    let up_to_date = args.resume.is_none() && is_up_to_date(&final_path, &training_key);
+    let fingerprint = crate::infra::hashing::KeyBuilder::new("train-lora ranks", 1)
+        .text("training", &training_key)
+        .text("up_to_date", &up_to_date.to_string())
+        .finish();
+    collective::check_agreement(
+        group,
+        "their command lines, datasets, models or outputs",
+        fingerprint.as_bytes()[..8]
+            .try_into()
+            .expect("a key of 8 bytes or more"),
+    )?;
+    if up_to_date {
         tracing::info!(
             "{} is up to date: same caches, model and settings as the run that wrote it",
             final_path.display()
@@ -870,9 +939,16 @@ struct Training<'a> {
     log_path: &'a Path,
     /// `--log_with tensorboard`: every loss-log line also goes to an event file.
     tracker: Option<std::cell::RefCell<tensorboard::Tracker>>,
+    /// The ranks training together; rank 0 validates, samples and saves.
+    group: &'a dyn Collective,
 }
 
 impl Training<'_> {
+    /// Whether this rank writes the run's files (and validates).
+    fn is_main(&self) -> bool {
+        collective::is_main(self.group)
+    }
+
     /// Trains from `start` (a fresh run or a resumed state) to the planned number of steps;
     /// returns where it ended, with the whole loss log.
     fn run(&self, optimizer: &mut Optimizer, start: state::Progress) -> Result<state::Progress> {
@@ -890,10 +966,12 @@ impl Training<'_> {
                 self.saver.save_model_at(path, at.global_step, epochs_done)
             });
         }
+        let (rank, world_size) = (self.group.rank(), self.group.world_size());
         for epoch in resume_epoch.max(1)..=self.plan.num_epochs {
             let batches =
                 self.dataset
                     .epoch_batches(self.plan.seed, epoch, self.args.train_batch_size);
+            let rounds = data_parallel::rank_batches(batches.len(), rank, world_size);
             let skip = if epoch == resume_epoch {
                 resume_batches
             } else {
@@ -902,7 +980,7 @@ impl Training<'_> {
             let accum = self.args.gradient_accumulation_steps.max(1);
             let mut summed: Option<Vec<Option<Tensor>>> = None;
             let mut group_losses = Vec::new();
-            for (bi, batch) in batches.iter().enumerate().skip(skip) {
+            for (round, &position) in rounds.iter().enumerate().skip(skip) {
                 if at.global_step >= self.plan.total_steps {
                     // Resumed from the final state (killed before the LoRA was written).
                     progress.finish();
@@ -910,18 +988,23 @@ impl Training<'_> {
                 }
                 optimizer.prepare_forward()?;
                 let vars = optimizer.vars();
-                let (loss, grads) = self.micro_batch(epoch, bi, batch, accum, &at, vars)?;
+                let (loss, grads) =
+                    self.micro_batch(epoch, round, &batches[position], accum, &at, vars)?;
                 match &mut summed {
                     None => summed = Some(grads),
                     Some(sum) => optim::accumulate(sum, grads)?,
                 }
                 group_losses.push(loss);
-                at.loss_average.record(epoch, bi, loss);
-                let closes_group = (bi + 1) % accum == 0 || bi + 1 == batches.len();
+                let closes_group = (round + 1) % accum == 0 || round + 1 == rounds.len();
                 let rate = self.scheduler.rate(at.global_step);
                 let mut lr = rate.of(self.plan.lr);
                 if closes_group {
                     let mut grads = summed.take().expect("gradients of this group");
+                    data_parallel::reduce_step(self.group, vars, &mut grads, &mut group_losses)?;
+                    let first_round = round + 1 - group_losses.len();
+                    for (offset, &loss) in group_losses.iter().enumerate() {
+                        at.loss_average.record(epoch, first_round + offset, loss);
+                    }
                     optim::clip_grad_norm(&mut grads, self.args.max_grad_norm)?;
                     optimizer.step(&grads, self.plan.lr * rate.scale, rate.offset)?;
                     lr = optimizer.own_lr().unwrap_or(lr);
@@ -947,13 +1030,13 @@ impl Training<'_> {
                 ));
                 progress.inc(1);
                 self.sample_images(None, at.global_step, epoch - 1, &progress);
-                if self.save_after_step(optimizer, &at, epoch, bi)? {
+                if self.save_after_step(optimizer, &at, epoch, round)? {
                     // Last step: the end-of-epoch validation still runs.
                     break;
                 }
-                if interrupt::requested() {
+                if data_parallel::any_rank(self.group, interrupt::requested())? {
                     progress.finish();
-                    return Err(self.save_interrupted(optimizer, &at, epoch, bi)?);
+                    return Err(self.save_interrupted(optimizer, &at, epoch, round)?);
                 }
             }
             self.end_epoch(optimizer, &mut at, epoch)?;
@@ -983,17 +1066,20 @@ impl Training<'_> {
         }
     }
 
-    /// The loss of one micro-batch and its gradients (scaled for accumulation).
+    /// The loss of this rank's micro-batch of `round` and its gradients (divided by the
+    /// accumulation steps and ranks, so the gradients of one step add up to their mean).
     fn micro_batch(
         &self,
         epoch: usize,
-        bi: usize,
+        round: usize,
         batch: &[usize],
         accum: usize,
         at: &state::Progress,
         vars: &[candle_core::Var],
     ) -> Result<(f32, Vec<Option<Tensor>>)> {
-        let micro_index = ((epoch - 1) * self.plan.batches_per_epoch + bi) as u64;
+        let (rank, world_size) = (self.group.rank(), self.group.world_size());
+        let rounds = self.plan.rounds_per_epoch;
+        let micro_index = data_parallel::micro_index(epoch, round, rounds, rank, world_size);
         let seed = self.plan.seed;
         let draws = data::Draws {
             epoch,
@@ -1007,7 +1093,9 @@ impl Training<'_> {
         let loss = micro_batch_loss(self.unet, self.loss_ctx, &collated, micro_index)?;
         let loss_value = loss.to_scalar::<f32>()?;
         if !loss_value.is_finite() {
-            write_log(self.log_path, &at.log_lines)?;
+            if self.is_main() {
+                write_log(self.log_path, &at.log_lines)?;
+            }
             let sources: Vec<String> = (batch.iter())
                 .map(|&i| &self.dataset.samples[i])
                 .map(|s| {
@@ -1021,7 +1109,7 @@ impl Training<'_> {
                 sources.join(", ")
             )));
         }
-        let grads = recompute::backward(&(loss / accum as f64)?)?;
+        let grads = recompute::backward(&(loss / (accum * world_size) as f64)?)?;
         Ok((loss_value, optim::collect_grads(&grads, vars)))
     }
 
@@ -1041,7 +1129,7 @@ impl Training<'_> {
             .args
             .validate_every_n_steps
             .is_some_and(|n| n > 0 && step % n == 0);
-        if let Some(validation) = self.validation.filter(|_| validate_now) {
+        if let Some(validation) = self.validation.filter(|_| validate_now && self.is_main()) {
             let value = validation.loss(self.unet, self.network, self.loss_ctx, self.device)?;
             line["validation_loss"] = value.into();
             line["validation_divergence"] = (value - average).into();
@@ -1072,13 +1160,17 @@ impl Training<'_> {
         optimizer: &Optimizer,
         at: &state::Progress,
         epoch: usize,
-        bi: usize,
+        round: usize,
     ) -> Result<bool> {
         let step = at.global_step;
+        if !self.is_main() {
+            return Ok(step >= self.plan.total_steps);
+        }
         // Built only when a state is saved: the log grows with every step.
         let position = || state::Progress {
             epoch,
-            batches_done_in_epoch: bi + 1,
+            batches_done_in_epoch: round + 1,
+            world_size: self.plan.world_size,
             global_step: step,
             log_lines: at.log_lines.clone(),
             loss_average: at.loss_average.clone(),
@@ -1108,15 +1200,22 @@ impl Training<'_> {
         optimizer: &Optimizer,
         at: &state::Progress,
         epoch: usize,
-        bi: usize,
+        round: usize,
     ) -> Result<Error> {
         let step = at.global_step;
+        if !self.is_main() {
+            return Ok(Error::Interrupted(format!(
+                "rank {} stopped after step {step} with the others; rank 0 saved the state",
+                self.group.rank()
+            )));
+        }
         let stem = self.saver.stem(SavePoint::Step(step));
         let model = self.saver.save_model(&stem, step, epoch - 1)?;
         let dir = self.args.output_dir.join(format!("{stem}-state"));
         let position = state::Progress {
             epoch,
-            batches_done_in_epoch: bi + 1,
+            batches_done_in_epoch: round + 1,
+            world_size: self.plan.world_size,
             global_step: step,
             log_lines: at.log_lines.clone(),
             loss_average: at.loss_average.clone(),
@@ -1146,6 +1245,9 @@ impl Training<'_> {
         at: &mut state::Progress,
         epoch: usize,
     ) -> Result<()> {
+        if !self.is_main() {
+            return Ok(());
+        }
         let validate_epoch = self
             .args
             .validate_every_n_epochs
@@ -1165,6 +1267,7 @@ impl Training<'_> {
                 let position = state::Progress {
                     epoch: epoch + 1,
                     batches_done_in_epoch: 0,
+                    world_size: self.plan.world_size,
                     global_step: at.global_step,
                     log_lines: at.log_lines.clone(),
                     loss_average: at.loss_average.clone(),
@@ -1258,8 +1361,13 @@ fn training_key(
     checkpoint: &Checkpoint,
     sample_keys: &std::collections::BTreeMap<String, String>,
     text: Option<&live_text::LiveText>,
+    world_size: usize,
 ) -> Result<String> {
     let mut key = crate::infra::hashing::KeyBuilder::new("train-lora", 1);
+    // Several ranks train other batches per step than one process does.
+    if world_size > 1 {
+        key.text("world_size", &world_size.to_string());
+    }
     let mut relevant = args.clone();
     relevant.quiet = false;
     relevant.settings = Default::default();
@@ -1693,9 +1801,10 @@ fn check_network_fits(
     }
 }
 
-fn plan(args: &TrainArgs, dataset: &CachedDataset, seed: u64) -> Plan {
+fn plan(args: &TrainArgs, dataset: &CachedDataset, seed: u64, world_size: usize) -> Plan {
     let batches_per_epoch = dataset.batches_per_epoch(args.train_batch_size);
-    let steps_per_epoch = batches_per_epoch
+    let rounds_per_epoch = data_parallel::rounds(batches_per_epoch, world_size);
+    let steps_per_epoch = rounds_per_epoch
         .div_ceil(args.gradient_accumulation_steps.max(1))
         .max(1);
     let total_steps = match args.max_train_epochs {
@@ -1707,8 +1816,9 @@ fn plan(args: &TrainArgs, dataset: &CachedDataset, seed: u64) -> Plan {
         name: (args.output_name.clone()).unwrap_or_else(|| DEFAULT_OUTPUT_NAME.into()),
         total_steps,
         num_epochs,
-        batches_per_epoch,
+        rounds_per_epoch,
         seed,
+        world_size,
         lr: args.unet_lr.unwrap_or(args.learning_rate),
         save_every_n_epochs: match args.save_n_epoch_ratio {
             Some(ratio) if ratio > 0 => Some((num_epochs / ratio).max(1)),
@@ -1721,7 +1831,8 @@ fn plan_info(plan: &Plan, validation_images: usize) -> metadata::PlanInfo {
     metadata::PlanInfo {
         total_steps: plan.total_steps,
         num_epochs: plan.num_epochs,
-        batches_per_epoch: plan.batches_per_epoch,
+        batches_per_epoch: plan.rounds_per_epoch,
+        world_size: plan.world_size,
         seed: plan.seed,
         validation_images,
     }

@@ -28,8 +28,10 @@ const STATE_FILE: &str = "train_state.json";
 pub struct Progress {
     /// 1-based epoch to continue in.
     pub epoch: usize,
-    /// Batches of that epoch already consumed.
+    /// Batches of that epoch already consumed (by each rank, in a data-parallel run).
     pub batches_done_in_epoch: usize,
+    /// Ranks of the run that saved the state: a state resumes with as many.
+    pub world_size: usize,
     /// Optimizer steps done.
     pub global_step: usize,
     /// JSON lines of the loss log so far.
@@ -65,6 +67,7 @@ pub fn save(
         "current_epoch": progress.epoch,
         "current_step": progress.global_step,
         "lorakit_batches_done_in_epoch": progress.batches_done_in_epoch,
+        "lorakit_world_size": progress.world_size,
         "lorakit_optimizer_steps": optimizer.steps,
         "lorakit_loss_log": progress.log_lines,
         "lorakit_loss_window": progress.loss_average.slots,
@@ -285,9 +288,23 @@ fn describe(modules: &[ModuleShape]) -> String {
 }
 
 /// Restores weights and optimizer moments into `network` / `optimizer`; returns the position.
-pub fn load(dir: &Path, network: &Network, optimizer: &mut Optimizer) -> Result<Progress> {
+/// A run of `world_size` ranks resumes only a state saved by as many ranks.
+pub fn load(
+    dir: &Path,
+    network: &Network,
+    optimizer: &mut Optimizer,
+    world_size: usize,
+) -> Result<Progress> {
     let (value, global_step) = read_state_json(dir)?;
     let state_path = dir.join(STATE_FILE);
+    // States saved before data-parallel runs existed come from one process.
+    let saved_world_size = value["lorakit_world_size"].as_u64().unwrap_or(1) as usize;
+    if saved_world_size != world_size {
+        return Err(Error::Usage(format!(
+            "{}: saved by a run of {saved_world_size} ranks; resume it with WORLD_SIZE={saved_world_size} (this run has {world_size}), or start a new run",
+            dir.display()
+        )));
+    }
     let model_path = dir.join("model.safetensors");
     let corrupt = |path: &Path, e: String| {
         Error::bad_file(
@@ -391,6 +408,7 @@ pub fn load(dir: &Path, network: &Network, optimizer: &mut Optimizer) -> Result<
         epoch,
         batches_done_in_epoch: value["lorakit_batches_done_in_epoch"].as_u64().unwrap_or(0)
             as usize,
+        world_size,
         global_step,
         log_lines: value["lorakit_loss_log"]
             .as_array()
