@@ -9,6 +9,7 @@ mod caption;
 mod coexist;
 mod command_lines;
 mod crash_safety;
+mod data_parallel;
 mod dylora;
 mod fuzz;
 mod generate_images;
