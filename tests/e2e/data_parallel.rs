@@ -167,3 +167,75 @@ fn torchrun_launches_the_ranks() {
         tensor_data(&reference)
     );
 }
+
+/// Ctrl-C on rank 1 stops both ranks after the same step; rank 0 saves a state, and the two
+/// ranks resumed from it finish with the LoRA of an uninterrupted single process.
+#[test]
+fn an_interrupt_on_any_rank_saves_a_state_both_resume_from() {
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let long = |out: &Path, extra: &[&str]| {
+        let mut args = command_line(data.path(), out, extra);
+        args.retain(|a| a != "--save_state" && a != "--quiet");
+        let steps = args.iter().position(|a| a == "--max_train_steps").unwrap();
+        args[steps + 1] = "20".into();
+        args
+    };
+    let reference = tempfile::tempdir().unwrap();
+    let refs = long(reference.path(), &["--gradient_accumulation_steps", "2"]);
+    let refs: Vec<&std::ffi::OsStr> = refs.iter().map(|a| a.as_os_str()).collect();
+    common::run_expect("train-lora", &refs, 0);
+
+    let out = tempfile::tempdir().unwrap();
+    let args = long(out.path(), &["--verbose"]);
+    let port = free_port();
+    let main = start_rank(0, 2, port, &args);
+    let stderr_path = out.path().join("rank1.stderr");
+    let member = Command::new(tool("train-lora"))
+        .args(&args)
+        .envs([
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+        ])
+        .env("MASTER_PORT", port.to_string())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !std::fs::read_to_string(&stderr_path)
+        .unwrap_or_default()
+        .contains("step 2:")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // SAFETY: sends a signal to our own child process.
+    unsafe { libc::kill(member.id() as i32, libc::SIGINT) };
+    let (main, member) = (finished(main), finished(member));
+    let member_stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    assert_eq!(main.0, 130, "rank 0: {}", main.1);
+    assert_eq!(member.0, 130, "rank 1: {member_stderr}");
+    assert!(main.1.contains("--resume"), "{}", main.1);
+    std::fs::remove_file(&stderr_path).unwrap();
+    assert!(!out.path().join("dp.safetensors").exists());
+
+    let mut resumed = long(out.path(), &[]);
+    resumed.extend(["--resume".into(), "latest".into()]);
+    let port = free_port();
+    let (main, member) = (
+        start_rank(0, 2, port, &resumed),
+        start_rank(1, 2, port, &resumed),
+    );
+    let (main, member) = (finished(main), finished(member));
+    assert_eq!(main.0, 0, "rank 0: {}", main.1);
+    assert_eq!(member.0, 0, "rank 1: {}", member.1);
+    assert_eq!(
+        tensor_data(&out.path().join("dp.safetensors")),
+        tensor_data(&reference.path().join("dp.safetensors")),
+        "interrupted and resumed ranks differ from one uninterrupted process"
+    );
+}
