@@ -9,7 +9,8 @@
 # PyTorch side also prints the seconds of its pipeline call.
 #
 #   SD_SCRIPTS=... SD_PYTHON=... bench/generate-images-full.sh [WORKDIR]
-#       (PROFILE=release|debug, NO_BUILD=1, SIZE=512, STEPS=20, SCALE=7, SIDE=both|lorakit|torch)
+#       (PROFILE=release|debug, NO_BUILD=1, SIZE=512, STEPS=20, SCALE=7, SIDE=both|lorakit|torch,
+#        FEATURES=cuda with EXTRA_ARGS="--device cuda": generate-images on the GPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-$(mktemp -d)}
@@ -21,7 +22,8 @@ SIDE=${SIDE:-both}
 THREADS=${THREADS:-$(nproc)}
 : "${SD_SCRIPTS:?set SD_SCRIPTS to an sd-scripts checkout}"
 : "${SD_PYTHON:?set SD_PYTHON to a Python with torch, diffusers, transformers}"
-[ -n "${NO_BUILD:-}" ] || cargo build -p generate-images $([ "$PROFILE" = release ] && echo --release) -q
+[ -n "${NO_BUILD:-}" ] || cargo build -p generate-images $([ "$PROFILE" = release ] && echo --release) -q \
+  ${FEATURES:+--features "$FEATURES"}
 BIN=${CARGO_TARGET_DIR:-target}/$PROFILE/generate-images
 CKPT="$WORK/sd15-full.safetensors"
 mkdir -p "$WORK"
@@ -46,7 +48,7 @@ if [ "$SIDE" != torch ]; then
   rm -rf "$WORK/out"
   run "generate-images ($PROFILE)" "$BIN" --ckpt "$CKPT" --outdir "$WORK/out" \
     --prompt "a photo of a cat --n lowres" --W "$SIZE" --H "$SIZE" --steps "$STEPS" \
-    --sampler euler --scale "$SCALE" --seed 1 --quiet
+    --sampler euler --scale "$SCALE" --seed 1 --quiet ${EXTRA_ARGS:-}
 fi
 if [ "$SIDE" != lorakit ]; then
   run "diffusers StableDiffusionPipeline ($THREADS threads)" env OMP_NUM_THREADS="$THREADS" \

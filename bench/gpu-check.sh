@@ -26,9 +26,11 @@
 #   4. Rows, each with s/step and the peak of nvidia-smi's used memory minus the idle level:
 #      SD1.5 512² LoRA step (bench/train-lora-full.sh: the full-size UNet layout, random
 #      weights, rank 16, bf16), SDXL 1024² LoRA step (bench/train-lora-sdxl-full.sh, with
-#      SD_SCRIPTS). VAE encode 512², text encoding batch 32 and generation 512²/20 steps are
-#      listed as not measured: prepare-latents, cache-text-encoder and generate-images have no
-#      --device yet. sd-scripts / diffusers rows are not run here (no diffusers on the machine).
+#      SD_SCRIPTS), VAE encode 512² and CLIP-L text encoding at batch 32 (the inference_bench
+#      example with BENCH_DEVICE=cuda on bench/torch_inference.py's weights; needs python3 with
+#      diffusers and transformers, else skipped), generation 512²/20 euler steps, CFG 7
+#      (bench/generate-images-full.sh with --device cuda, with SD_SCRIPTS). sd-scripts /
+#      diffusers rows are not run here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-$(mktemp -d)}
@@ -76,6 +78,8 @@ echo "nvcc $major.$minor ($CUDA_HOME), compute capability $CUDA_COMPUTE_CAP"
 # 2. Build.
 if [ -z "${NO_BUILD:-}" ]; then
   cargo build --release -q -p train-lora --features cuda
+  cargo build --release -q -p generate-images --features cuda
+  cargo build --release -q -p lorakit-pipeline --example inference_bench --features candle-cuda
   TEST_BIN=$(cargo test --release -q -p lorakit-pipeline --lib --features candle-cuda --no-run \
     --message-format=json 2>/dev/null | sed -n 's/.*"executable":"\([^"]*lorakit_pipeline[^"]*\)".*/\1/p' | tail -1)
 fi
@@ -117,9 +121,22 @@ if [ -n "${SD_SCRIPTS:-}" ]; then
 else
   row "SDXL 1024² LoRA step" "skipped" "SD_SCRIPTS unset"
 fi
-for missing in "VAE encode 512²" "text encoding, batch 32" "generation 512², 20 steps"; do
-  row "$missing" "not run" "no --device"
-done
+if python3 -c "import diffusers, transformers" 2>/dev/null; then
+  [ -f "$WORK/inference/blip/config.json" ] || python3 bench/torch_inference.py make "$WORK/inference"
+  for bench_row in vae-encode-512 clip-l-b32; do
+    with_gpu_peak env BENCH_DEVICE=cuda target/release/examples/inference_bench "$WORK/inference" "$bench_row"
+    row "$bench_row (s/item)" "$(sed -n 's/.*"seconds_per_item": *\([0-9.e+-]*\).*/\1/p' "$WORK/out.txt")" "$PEAK_MIB MiB"
+  done
+else
+  row "VAE encode 512², CLIP-L batch 32" "skipped" "no diffusers"
+fi
+if [ -n "${SD_SCRIPTS:-}" ]; then
+  with_gpu_peak env NO_BUILD=1 SIDE=lorakit SD_PYTHON=python3 EXTRA_ARGS="--device cuda" \
+    bench/generate-images-full.sh "$WORK/generate"
+  row "generation 512², 20 steps (wall s)" "$(sed -n 's/.*wall \([0-9.]*\) s.*/\1/p' "$WORK/out.txt")" "$PEAK_MIB MiB"
+else
+  row "generation 512², 20 steps" "skipped" "SD_SCRIPTS unset"
+fi
 
 echo
 echo "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), lorakit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"

@@ -24,7 +24,9 @@ ROWS=("$@")
   vae-encode-512 vae-encode-1024 vae-decode-512 vae-decode-1024)
 : "${SD_PYTHON:?set SD_PYTHON to a Python with torch, diffusers and transformers}"
 THREADS=${THREADS:-$(nproc)}
-[ -n "${NO_BUILD:-}" ] || cargo build -q --release -p lorakit-pipeline --example inference_bench
+# FEATURES=candle-cuda with BENCH_DEVICE=cuda: the lorakit side on the GPU (bench/gpu-check.sh).
+[ -n "${NO_BUILD:-}" ] || cargo build -q --release -p lorakit-pipeline --example inference_bench \
+  ${FEATURES:+--features "$FEATURES"}
 BIN=${CARGO_TARGET_DIR:-target}/release/examples/inference_bench
 mkdir -p "$WORK"
 if [ ! -f "$WORK/blip/tokenizer.json" ]; then

@@ -6,6 +6,8 @@
 //! Prints one JSON line: `{"row", "items", "seconds_per_item", "repeats"}`. The row runs once to
 //! warm up, then `REPEATS` times (env, default 2); model loading is not timed. Rows and inputs
 //! are those of `bench/torch_inference.py` (same token ids, same pixel and latent ramps).
+//! `BENCH_DEVICE=cuda` runs the CLIP and VAE rows on the GPU (a build with `--features
+//! candle-cuda`); each timed call then ends by waiting for the GPU.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -67,7 +69,7 @@ fn token_ids(batch: usize) -> candle_core::Result<Tensor> {
         ids.extend((0..body).map(|j| ((b * 7919 + j * 104729) % 49000 + 200) as u32));
         ids.extend(std::iter::repeat_n(49407u32, 77 - 1 - body));
     }
-    Tensor::from_vec(ids, (batch, 77), &Device::Cpu)
+    Tensor::from_vec(ids, (batch, 77), &bench_device()?)
 }
 
 /// Values in [-1, 1] over `shape`, as `torch_inference.ramp` makes them.
@@ -76,7 +78,15 @@ fn ramp(shape: &[usize]) -> candle_core::Result<Tensor> {
     let values: Vec<f32> = (0..n)
         .map(|i| ((i as f64 * 0.618033988749895) % 2.0 - 1.0) as f32)
         .collect();
-    Tensor::from_vec(values, shape, &Device::Cpu)
+    Tensor::from_vec(values, shape, &bench_device()?)
+}
+
+/// `BENCH_DEVICE`: cpu (default) or cuda.
+fn bench_device() -> candle_core::Result<Device> {
+    match std::env::var("BENCH_DEVICE").as_deref() {
+        Ok("cuda") => Device::new_cuda(0),
+        _ => Ok(Device::Cpu),
+    }
 }
 
 /// Mean seconds per item of `run` (one warm-up call, then `REPEATS` timed calls of `items`).
@@ -89,18 +99,21 @@ fn timed(
         .and_then(|r| r.parse().ok())
         .unwrap_or(2)
         .max(1);
+    let device = bench_device()?;
     run()?;
+    device.synchronize()?;
     let start = Instant::now();
     for _ in 0..repeats {
         run()?;
     }
+    device.synchronize()?;
     let seconds = start.elapsed().as_secs_f64() / repeats as f64;
     Ok((seconds / items as f64, repeats))
 }
 
 fn bench(dir: &Path, row: &Row) -> Result<(usize, f64, usize), Failure> {
     let sdxl = dir.join("sdxl");
-    let cpu = Device::Cpu;
+    let cpu = bench_device()?;
     let (items, (per_item, repeats)) = match *row {
         Row::Clip { encoder, batch } => {
             // The row's encoder alone, as a standalone `CLIPTextModel` file (an SD1 model holds

@@ -197,7 +197,7 @@ fn prompt_files_and_sdxl_with_size_conditioning() {
 }
 
 #[test]
-fn unknown_samplers_and_missing_prompts_are_usage_errors() {
+fn unknown_samplers_missing_prompts_and_an_unbuilt_device_are_usage_errors() {
     let dir = tempfile::tempdir().unwrap();
     let model = sd15();
     let out = dir.path().join("out");
@@ -216,6 +216,11 @@ fn unknown_samplers_and_missing_prompts_are_usage_errors() {
     }
     let stderr = run_expect("generate-images", &base, 2);
     assert!(stderr.contains("--prompt"), "{stderr}");
+    // --device cuda in a build without the feature names it.
+    let mut args = base.to_vec();
+    args.extend([os("--prompt"), os("x"), os("--device"), os("cuda")]);
+    let stderr = run_expect("generate-images", &args, 2);
+    assert!(stderr.contains("--features cuda"), "{stderr}");
     assert!(!out.exists());
 }
 

@@ -499,3 +499,27 @@ fn caches_with_the_right_key_but_bad_arrays_are_re_encoded() {
     let stderr = run_expect("prepare-latents", &args, 0);
     assert!(stderr.contains("0 done, 2 up to date"), "{stderr}");
 }
+
+/// `--device cuda` in a build without the feature is a usage error naming it; no cache and no
+/// metadata are written.
+#[test]
+fn device_cuda_in_a_build_without_the_feature_is_refused_naming_it() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::copy(
+        fixtures().join("images/astronaut.png"),
+        data.join("photo.png"),
+    )
+    .unwrap();
+    let (in_json, out_json) = (root.path().join("in.json"), root.path().join("out.json"));
+    std::fs::write(&in_json, r#"{"photo": {"caption": "a"}}"#).unwrap();
+    let stderr = run_expect(
+        "prepare-latents",
+        args![data, in_json, out_json, model(), "--device", "cuda"],
+        2,
+    );
+    assert!(stderr.contains("--features cuda"), "{stderr}");
+    assert!(!out_json.exists());
+    assert_eq!(std::fs::read_dir(&data).unwrap().count(), 1);
+}

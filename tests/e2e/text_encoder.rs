@@ -532,3 +532,20 @@ fn keys_leading_outside_the_dataset_are_refused() {
     let written: Vec<_> = std::fs::read_dir(&outside).unwrap().collect();
     assert_eq!(written.len(), 2, "a cache written outside the dataset");
 }
+
+/// `--device cuda` in a build without the feature is a usage error naming it; nothing is
+/// written.
+#[test]
+fn device_cuda_in_a_build_without_the_feature_is_refused_naming_it() {
+    let root = tempfile::tempdir().unwrap();
+    let (meta, cache) = (root.path().join("meta.json"), root.path().join("cache"));
+    std::fs::create_dir(&cache).unwrap();
+    write_metadata(&meta, &golden_captions());
+    let stderr = run_expect(
+        "cache-text-encoder",
+        args![meta, model(), "--cache_dir", cache, "--device", "cuda"],
+        2,
+    );
+    assert!(stderr.contains("--features cuda"), "{stderr}");
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 0);
+}

@@ -3,6 +3,7 @@
 use crate::cli::ShardArgs;
 use crate::infra::report::Summary;
 use crate::models::precision::MixedPrecision;
+use crate::models::ComputeDevice;
 use crate::stages::cache_text_encoder::TeCacheOptions;
 use crate::text::caption_text::{CaptionAugmentation, DEFAULT_SEPARATOR};
 use crate::text::tokenize::MaxTokenLength;
@@ -42,6 +43,10 @@ pub struct CacheTextEncoderArgs {
     /// float16 (as sd-scripts), bf16 as float32.
     #[arg(long, default_value = "no")]
     pub mixed_precision: String,
+    /// Where the text encoders run: cpu, or cuda (a build with the `cuda` feature; the GPU
+    /// computes in the --mixed_precision dtype).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: ComputeDevice,
     /// Refuse models that are not SDXL (the family is detected from the weights anyway).
     #[arg(long)]
     pub sdxl: bool,
@@ -87,6 +92,7 @@ impl CacheTextEncoderArgs {
             max_token_length: MaxTokenLength::new(self.max_token_length)?,
             batch_size: self.batch_size,
             mixed_precision: MixedPrecision::parse(&self.mixed_precision)?,
+            device: self.device,
             require_sdxl: self.sdxl,
             weighted_captions: self.weighted_captions,
             augmentation: CaptionAugmentation {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use crate::infra::report::Summary;
 use crate::models::precision::MixedPrecision;
 use crate::models::samplers::{Prediction, SamplerKind};
+use crate::models::ComputeDevice;
 use crate::stages::generate_images::engine::EngineOptions;
 use crate::stages::generate_images::GenerateOptions;
 use crate::{Error, Result};
@@ -98,6 +99,9 @@ pub struct GenerateImagesArgs {
     /// Run the UNet and text encoder in bfloat16.
     #[arg(long)]
     pub bf16: bool,
+    /// Where the models run: cpu, or cuda (a build with the `cuda` feature).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: ComputeDevice,
     /// Name files im_000001.png, im_000002.png, ... instead of im_<time>_<index>_<seed>.png.
     #[arg(long)]
     pub sequential_file_name: bool,
@@ -151,6 +155,7 @@ impl GenerateImagesArgs {
                 max_embeddings_multiples: self.max_embeddings_multiples,
                 v2: self.v2,
                 require_sdxl: self.sdxl,
+                device: self.device,
             },
             outdir: self.outdir,
             prompt: self.prompt,

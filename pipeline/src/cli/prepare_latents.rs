@@ -3,6 +3,7 @@
 use crate::cli::{BucketArgs, ImageArgs, ShardArgs};
 use crate::infra::report::Summary;
 use crate::models::precision::MixedPrecision;
+use crate::models::ComputeDevice;
 use crate::stages::prepare_latents::LatentOptions;
 use crate::Result;
 use std::path::PathBuf;
@@ -36,11 +37,14 @@ pub struct PrepareLatentsArgs {
     pub max_resolution: String,
     #[command(flatten)]
     pub buckets: BucketArgs,
-    /// no, fp16 or bf16: accepted for sd-scripts command lines; the VAE runs on the CPU and
-    /// computes in float32 whatever the value.
+    /// no, fp16 or bf16: accepted for sd-scripts command lines; on the CPU the VAE computes in
+    /// float32 whatever the value, on a GPU in this dtype.
     #[arg(long, default_value = "no")]
     pub mixed_precision: String,
-    /// Accepted for sd-scripts command lines: the VAE always computes in float32 here.
+    /// Where the VAE runs: cpu, or cuda (a build with the `cuda` feature).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: ComputeDevice,
+    /// The VAE computes in float32 whatever --mixed_precision says (on the CPU it always does).
     #[arg(long)]
     pub no_half_vae: bool,
     /// Metadata keys are full image paths.
@@ -96,6 +100,7 @@ impl PrepareLatentsArgs {
             buckets: self.buckets.settings(&self.max_resolution)?,
             batch_size: self.batch_size,
             precision,
+            device: self.device,
             full_path: self.full_path,
             flip_aug: self.flip_aug,
             alpha_mask: self

@@ -8,6 +8,8 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use candle_core::Tensor;
+
 use crate::infra::error::{Error, Result};
 
 /// How long a rank waits for the others in one collective call.
@@ -29,6 +31,14 @@ pub trait Collective: Send + Sync {
     /// order starting from rank 0's values, so that every rank receives the same bits. Every
     /// rank must pass the same number of values.
     fn all_reduce_sum(&self, values: &mut [f32], patience: Patience) -> Result<()>;
+
+    /// [`Collective::all_reduce_sum`] of a 1-D f32 tensor, returned on its device. By default
+    /// the values travel through host memory; a group that reduces on the device overrides it.
+    fn all_reduce_tensor_sum(&self, tensor: &Tensor) -> Result<Tensor> {
+        let mut values = tensor.to_vec1::<f32>()?;
+        self.all_reduce_sum(&mut values, Patience::Timeout)?;
+        Ok(Tensor::from_vec(values, tensor.dims(), tensor.device())?)
+    }
 }
 
 /// Whether this rank writes the run's files.

@@ -16,6 +16,8 @@ pub mod geglu;
 pub(crate) mod kernel_choice;
 pub(crate) mod kernels;
 pub mod low_rank;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub(crate) mod norm;
 pub mod precision;
 pub mod recompute;
@@ -27,6 +29,28 @@ pub mod vae;
 pub mod winograd;
 
 pub use checkpoint::{Checkpoint, Component, ModelFamily};
+
+/// `--device`: where a tool's models compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ComputeDevice {
+    /// The CPU kernels.
+    #[default]
+    Cpu,
+    /// An NVIDIA GPU through candle's CUDA backend (a build with the `cuda` feature).
+    Cuda,
+}
+
+impl ComputeDevice {
+    /// The candle device: the CPU, or GPU `ordinal`.
+    pub fn open(self, ordinal: usize) -> crate::Result<candle_core::Device> {
+        match self {
+            ComputeDevice::Cpu => Ok(candle_core::Device::Cpu),
+            ComputeDevice::Cuda => candle_core::Device::new_cuda(ordinal).map_err(|e| {
+                crate::Error::Usage(format!("--device cuda: {e} (build with --features cuda)"))
+            }),
+        }
+    }
+}
 
 /// Makes the C allocator keep freed memory for reuse instead of handing large blocks back to the
 /// system. Networks allocate and free activations of up to hundreds of MB per layer; with glibc's

@@ -353,6 +353,7 @@ pub struct VaeEncoder {
     quant_conv: Conv2d,
     latent_channels: usize,
     dtype: DType,
+    device: Device,
 }
 
 impl VaeEncoder {
@@ -409,6 +410,7 @@ impl VaeEncoder {
             quant_conv,
             latent_channels: moments / 2,
             dtype,
+            device: device.clone(),
         })
     }
 
@@ -417,13 +419,15 @@ impl VaeEncoder {
         self.latent_channels
     }
 
-    /// Encodes `images` ([B, 3, H, W], values in [-1, 1]) into the latent posterior (f32).
+    /// Encodes `images` ([B, 3, H, W], values in [-1, 1], on any device) into the latent
+    /// posterior (f32, on the encoder's device).
     pub fn encode(&self, images: &Tensor) -> Result<Posterior> {
         self.forward(images).map_err(candle_error)
     }
 
     fn forward(&self, images: &Tensor) -> candle_core::Result<Posterior> {
-        let mut x = self.conv_in.forward(&images.to_dtype(self.dtype)?)?;
+        let images = images.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let mut x = self.conv_in.forward(&images)?;
         for level in &self.levels {
             for block in &level.resnets {
                 x = block.forward(&x)?;

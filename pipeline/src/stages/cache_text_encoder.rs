@@ -36,6 +36,7 @@ use crate::infra::report::{Progress, Summary};
 use crate::models::clip::{apply_weights, encode_sd, encode_sdxl};
 use crate::models::precision::MixedPrecision;
 use crate::models::text_encoders::{load_text_encoders, paddings, TextEncoders};
+use crate::models::ComputeDevice;
 use crate::text::caption_text::{training_caption, CaptionAugmentation};
 use crate::text::tokenize::{
     tokenizer_source, ClipTokenizer, MaxTokenLength, TokenChunks, TokenizerSource, CHUNK_LEN,
@@ -78,6 +79,8 @@ pub struct TeCacheOptions {
     pub batch_size: usize,
     /// `--mixed_precision`.
     pub mixed_precision: MixedPrecision,
+    /// `--device`: where the encoders run.
+    pub device: ComputeDevice,
     /// `--sdxl`: refuse models that are not SDXL.
     pub require_sdxl: bool,
     /// `--weighted_captions`: A1111 attention syntax.
@@ -254,6 +257,8 @@ pub struct LoadedRun {
     pub clip_skip: usize,
     /// Every parameter that changes the cache files' content.
     pub parameters: Value,
+    /// Where the encoders run.
+    pub device: Device,
     /// The content key so far; [`LoadedRun::entry_key`] adds the caption.
     settings: KeyBuilder,
 }
@@ -275,7 +280,7 @@ impl LoadedRun {
 /// settings; what `cache-text-encoder` does before encoding (and `lint-dataset` to find stale caches).
 pub fn load_run(options: &TeCacheOptions) -> Result<LoadedRun> {
     check_options(options)?;
-    let device = Device::Cpu;
+    let device = options.device.open(0)?;
     let dtype = options.mixed_precision.compute_dtype(&device);
     let mut encoders = load_text_encoders(&options.model, dtype, &device)?;
     encoders.use_inference_layout()?;
@@ -325,6 +330,7 @@ pub fn load_run(options: &TeCacheOptions) -> Result<LoadedRun> {
         .text("tokenizer", &tokenizer_hash)
         .text("parameters", &parameters.to_string());
     Ok(LoadedRun {
+        device,
         encoders,
         tokenizers,
         tokenizer_dirs,
@@ -446,6 +452,7 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
         tokenizer_dirs,
         clip_skip,
         parameters,
+        device,
         ..
     } = run;
     let encoder = Encoder {
@@ -455,7 +462,7 @@ pub fn cache_text_encoder_outputs(options: &TeCacheOptions) -> Result<Summary> {
             clip_skip,
             max_len: options.max_token_length,
             weighted: options.weighted_captions,
-            device: Device::Cpu,
+            device,
         },
         stored_dtype: stored_dtype(options.mixed_precision),
     };

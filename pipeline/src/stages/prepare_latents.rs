@@ -37,7 +37,7 @@ use crate::infra::report::{Progress, Summary};
 use crate::models::keep_freed_memory;
 use crate::models::precision::MixedPrecision;
 use crate::models::vae::VaeEncoder;
-use crate::models::{Checkpoint, Component, ModelFamily};
+use crate::models::{Checkpoint, Component, ComputeDevice, ModelFamily};
 use crate::{Error, Result};
 
 /// Tool and content-key stage name.
@@ -64,6 +64,8 @@ pub struct LatentOptions {
     pub batch_size: usize,
     /// VAE precision.
     pub precision: MixedPrecision,
+    /// `--device`: where the VAE runs.
+    pub device: ComputeDevice,
     /// Metadata keys are full image paths.
     pub full_path: bool,
     /// Also cache latents of the horizontally flipped image.
@@ -251,7 +253,7 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
     );
     if !to_encode.is_empty() {
         keep_freed_memory();
-        let device = Device::Cpu;
+        let device = options.device.open(0)?;
         let dtype = options.precision.compute_dtype(&device);
         let encoder = VaeEncoder::load(&vae_source, dtype, &device)?;
         let encoded = encode_all(options, &encoder, to_encode, &mut summary);

@@ -55,6 +55,7 @@ fn engine_with(checkpoint: &str, networks: Vec<(std::path::PathBuf, f64)>, v2: b
         max_embeddings_multiples: 1,
         v2,
         require_sdxl: false,
+        device: lorakit_pipeline::models::ComputeDevice::Cpu,
     })
     .unwrap()
 }

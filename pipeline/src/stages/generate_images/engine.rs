@@ -13,7 +13,7 @@ use crate::models::samplers::{NoiseSource, Prediction, Sampler, SamplerConfig};
 use crate::models::text_encoders::{paddings, text_encoders_of, TextEncoders};
 use crate::models::unet::{self, sdxl_vector, Unet, SIZE_VALUES};
 use crate::models::vae::VaeDecoder;
-use crate::models::ModelFamily;
+use crate::models::{ComputeDevice, ModelFamily};
 use crate::text::tokenize::{
     tokenizer_source, ClipTokenizer, MaxTokenLength, TokenChunks, TokenizerSource, CHUNK_BODY,
     CHUNK_LEN,
@@ -49,6 +49,8 @@ pub struct EngineOptions {
     pub v2: bool,
     /// `--sdxl`: the model must be SDXL.
     pub require_sdxl: bool,
+    /// `--device`: where the models run.
+    pub device: ComputeDevice,
 }
 
 /// The conditioning of one prompt: the UNet context `[T, D]` and, for SDXL, pool2 `[P]`.
@@ -98,7 +100,7 @@ impl Engine {
                 options.max_embeddings_multiples
             )));
         }
-        let device = Device::Cpu;
+        let device = options.device.open(0)?;
         let checkpoint = Checkpoint::open(&options.ckpt)?;
         let mut encoders = text_encoders_of(&checkpoint, options.dtype, &device)?;
         let family = encoders.family;
@@ -301,7 +303,8 @@ impl Engine {
         }
     }
 
-    /// Runs the sampler from `noise` (`[B, 4, h, w]` standard normal) to the final latents,
+    /// Runs the sampler from `noise` (`[B, 4, h, w]` standard normal, on any device; so is
+    /// `step_noise`) to the final latents (on the engine's device),
     /// with classifier-free guidance at `scale` (none when `scale` is 1 or less, as diffusers).
     /// `negative_scale` adds gen_img's third branch with the negative prompt at that scale, the
     /// unconditional branch then being the empty prompt (`empty`).
@@ -356,7 +359,12 @@ impl Engine {
             _ => None,
         };
         let copies = branches.len();
-        let mut latents = (noise * sampler.init_noise_sigma()).map_err(model_error("noise"))?;
+        let mut latents = (noise.to_device(&self.device))
+            .and_then(|noise| noise * sampler.init_noise_sigma())
+            .map_err(model_error("noise"))?;
+        let mut step_noise = |shape: &[usize]| -> Result<Tensor> {
+            (step_noise(shape)?.to_device(&self.device)).map_err(model_error("noise"))
+        };
         let timesteps = sampler.timesteps().to_vec();
         for (index, &t) in timesteps.iter().enumerate() {
             let input = sampler.scale_model_input(&latents)?;
@@ -387,7 +395,7 @@ impl Engine {
             } else {
                 output
             };
-            latents = sampler.step(&output, &latents, step_noise)?;
+            latents = sampler.step(&output, &latents, &mut step_noise)?;
             on_step(index + 1, timesteps.len());
         }
         Ok(latents)

@@ -438,8 +438,8 @@ pub struct TrainArgs {
     pub gradient_checkpointing_levels: Option<u32>,
     /// Compute device: cpu, or cuda (needs a build with the `cuda` feature; a data-parallel
     /// rank uses the GPU of its LOCAL_RANK).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: crate::models::ComputeDevice,
     /// Data-parallel runs (launched with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set, as
     /// torchrun does): minutes a rank waits for the others before failing (default 30).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]

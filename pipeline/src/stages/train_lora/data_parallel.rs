@@ -6,7 +6,7 @@
 //! A run of N ranks with gradient accumulation A trains the same batches per step, with the same
 //! noise, as one process with accumulation N·A; with A = 1 the gradients are equal bit for bit.
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::infra::collective::{Collective, Patience};
 use crate::Result;
@@ -53,31 +53,41 @@ pub fn reduce_step(
     if world_size == 1 {
         return Ok(());
     }
-    let mut values: Vec<f32> = losses.to_vec();
-    values.extend(grads.iter().map(|g| if g.is_some() { 1.0 } else { 0.0 }));
+    let device = match vars.first() {
+        Some(var) => var.device().clone(),
+        None => return Ok(()),
+    };
+    // One flat buffer: the losses, which gradients are present, then every gradient (zeros
+    // where absent), reduced in one call.
+    let presence: Vec<f32> = (grads.iter())
+        .map(|g| if g.is_some() { 1.0 } else { 0.0 })
+        .collect();
+    let mut parts = vec![
+        Tensor::new(&*losses, &device)?,
+        Tensor::new(presence.as_slice(), &device)?,
+    ];
     for (var, grad) in vars.iter().zip(grads.iter()) {
-        match grad {
-            Some(grad) => values.extend(
-                grad.to_dtype(candle_core::DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
-            ),
-            None => values.extend(std::iter::repeat_n(0.0, var.elem_count())),
-        }
+        parts.push(match grad {
+            Some(grad) => grad.to_dtype(DType::F32)?.flatten_all()?,
+            None => Tensor::zeros(var.elem_count(), DType::F32, &device)?,
+        });
     }
-    group.all_reduce_sum(&mut values, Patience::Timeout)?;
-    for (loss, sum) in losses.iter_mut().zip(&values) {
+    let summed = group.all_reduce_tensor_sum(&Tensor::cat(&parts, 0)?)?;
+    let head = summed
+        .narrow(0, 0, losses.len() + grads.len())?
+        .to_vec1::<f32>()?;
+    for (loss, sum) in losses.iter_mut().zip(&head) {
         *loss = sum / world_size as f32;
     }
-    let (present, mut flat) = values[losses.len()..].split_at(grads.len());
-    for ((var, grad), &present) in vars.iter().zip(grads.iter_mut()).zip(present) {
-        let (own, rest) = flat.split_at(var.elem_count());
-        flat = rest;
+    let mut offset = head.len();
+    for ((var, grad), &present) in vars.iter().zip(grads.iter_mut()).zip(&head[losses.len()..]) {
+        let count = var.elem_count();
         if present > 0.0 {
             let dtype = grad.as_ref().map_or(var.dtype(), Tensor::dtype);
-            let summed = Tensor::from_slice(own, var.shape(), var.device())?.to_dtype(dtype)?;
-            *grad = Some(summed);
+            let sum = summed.narrow(0, offset, count)?.reshape(var.shape())?;
+            *grad = Some(sum.to_dtype(dtype)?);
         }
+        offset += count;
     }
     Ok(())
 }
@@ -93,7 +103,7 @@ pub fn any_rank(group: &dyn Collective, asks: bool) -> Result<bool> {
 mod tests {
     use super::*;
     use crate::infra::collective::ThreadGroup;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
     use std::time::Duration;
 
     #[test]

@@ -182,10 +182,16 @@ struct Plan {
 /// environment (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`), or alone without one.
 pub fn run(args: &TrainArgs) -> Result<Summary> {
     let timeout = std::time::Duration::from_secs(60 * args.ddp_timeout.unwrap_or(30));
-    match TcpGroup::from_env(timeout)? {
-        Some(group) => run_in_group(args, &group),
-        None => run_in_group(args, &SingleProcess),
+    let Some(group) = TcpGroup::from_env(timeout)? else {
+        return run_in_group(args, &SingleProcess);
+    };
+    // GPUs sum their gradients over NCCL when the build has it; else through host memory.
+    #[cfg(feature = "nccl")]
+    if args.device == crate::models::ComputeDevice::Cuda {
+        let device = args.device.open(collective::local_rank())?;
+        return run_in_group(args, &crate::models::nccl::NcclGroup::new(group, &device)?);
     }
+    run_in_group(args, &group)
 }
 
 /// Runs `train-lora` as one rank of `group`: the dataset's [`preparation`] (when the command
@@ -355,13 +361,7 @@ fn prepare(args: &TrainArgs, group: &dyn Collective) -> Result<Option<Setup>> {
         check_outputs_writable(args)?;
     }
     crate::models::keep_freed_memory();
-    let device = match args.device.as_str() {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(collective::local_rank()).map_err(|e| {
-            Error::Usage(format!("--device cuda: {e} (build with --features cuda)"))
-        })?,
-        other => return Err(Error::Usage(format!("--device {other}: use cpu or cuda"))),
-    };
+    let device = args.device.open(collective::local_rank())?;
     let precision = model_precision(args, &device)?;
     // Without --save_precision sd-scripts saves the network as it is in memory: the training
     // dtype under --full_fp16/--full_bf16 (here the LoRA trains in fp32 and is cast on saving).
