@@ -160,7 +160,14 @@ impl FrozenOp {
 
     /// Applies the frozen operation to `x` (any layout; the result is contiguous).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        dense(x)?.apply_op1(self.clone())
+        let x = dense(x)?;
+        if x.track_op() {
+            x.apply_op1(self.clone())
+        } else {
+            // No gradient to pass back (inference, or layers before any trained one): computed
+            // directly, without the copies of input and output a custom op costs.
+            self.compute(&x)
+        }
     }
 
     /// Plain candle computation of the operation on a graph-free input.

@@ -12,8 +12,12 @@ use super::kernels::gelu_erf;
 
 /// `h · gelu(g)` for `projected = [h, g]` split on the last dimension.
 pub fn geglu(projected: &Tensor) -> candle_core::Result<Tensor> {
-    if cpu_kernels(projected.device()) {
+    if cpu_kernels(projected.device()) && projected.track_op() {
         dense(projected)?.apply_op1(Geglu)
+    } else if cpu_kernels(projected.device()) {
+        // No gradient: the op's forward without its input and output copies.
+        let (hidden, gate) = halves(projected)?;
+        hidden * gelu_erf(&gate)?
     } else {
         let (hidden, gate) = halves(projected)?;
         hidden * gate.gelu_erf()?

@@ -451,6 +451,7 @@ fn stage_options(root: &Path, model: PathBuf) -> TeCacheOptions {
         max_token_length: MaxTokenLength::default(),
         batch_size: 4,
         mixed_precision: MixedPrecision::No,
+        device: lorakit_pipeline::models::ComputeDevice::Cpu,
         require_sdxl: false,
         weighted_captions: false,
         caption_separator: ",".into(),
