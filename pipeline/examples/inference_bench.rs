@@ -190,6 +190,8 @@ fn main() -> Result<(), Failure> {
         return Err("usage: inference_bench DIR ROW (rows as in bench/torch_inference.py)".into());
     };
     let row = Row::parse(&name).ok_or_else(|| format!("unknown row {name}"))?;
+    // As the tools that run these models do.
+    lorakit_pipeline::models::keep_freed_memory();
     let (items, per_item, repeats) = bench(&PathBuf::from(dir), &row)?;
     println!(
         "{}",
