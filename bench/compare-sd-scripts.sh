@@ -28,7 +28,10 @@
 #                 (--unet_lr 1e-4 --text_encoder_lr 5e-5, captions encoded live on both sides);
 #                 our prepare-latents, cache-text-encoder and train-lora, then train_network.py
 #                 with the same settings (bench/sd_scripts_train.py; it caches the latents in
-#                 memory within its run).
+#                 memory within its run). TRAIN_MODEL (a single-file SD1 checkpoint with a
+#                 tokenizer/ folder beside it, e.g. bench/torch_generate_full.py's full-size one),
+#                 TRAIN_RES (256), TRAIN_IMAGES (8), TRAIN_BATCH (2) and TRAIN_THREADS (1) change
+#                 the run.
 # Wall times include process start-up and model loading on both sides.
 # Environment: WORK (scratch folder, default a new temp folder), PROFILE (release), TAG_SIZES
 # ("20 2000"), N_META (100000), N_TINY (512), N_FULL (64).
@@ -225,24 +228,27 @@ PY
 
 stage_train() {
   local work="$WORK/train" steps=${TRAIN_STEPS:-20}
+  local model=${TRAIN_MODEL:-$FIX/sd15-tiny/model.safetensors} res=${TRAIN_RES:-256}
+  local images=${TRAIN_IMAGES:-8} batch=${TRAIN_BATCH:-2} threads=${TRAIN_THREADS:-1}
+  local buckets=(--min_bucket_reso $((res / 2)) --max_bucket_reso $((res * 2)))
   rm -rf "$work" && mkdir -p "$work/img/1_sks photo" "$work/tokenizer_cache"
   local photo
-  for photo in $(ls "$FIX"/images/*.png | head -n 8); do cp "$photo" "$work/img/1_sks photo/"; done
+  for photo in $(ls "$FIX"/images/*.png | head -n "$images"); do cp "$photo" "$work/img/1_sks photo/"; done
   cp -r "$FIX/sd15-tiny/tokenizer" "$work/tokenizer_cache/openai_clip-vit-large-patch14"
   cargo build -q -p prepare-dataset -p prepare-latents -p cache-text-encoder -p train-lora \
     $([ "$PROFILE" = release ] && echo --release)
-  local model="$FIX/sd15-tiny/model.safetensors"
   # Ours: describe the folder, cache latents and text states (each once), then train from caches.
-  "$BIN/prepare-dataset" --train_data_dir "$work/img" --resolution 256 --enable_bucket \
-    --min_bucket_reso 128 --max_bucket_reso 512 --train_batch_size 2 --out_json "$work/meta.json" -q
-  measure "lorakit prepare-latents" 8 "$BIN/prepare-latents" "$work/img" "$work/meta.json" \
-    "$work/meta_lat.json" "$model" --max_resolution 256 --min_bucket_reso 128 --max_bucket_reso 512 \
+  "$BIN/prepare-dataset" --train_data_dir "$work/img" --resolution "$res" --enable_bucket \
+    "${buckets[@]}" --train_batch_size "$batch" --out_json "$work/meta.json" -q
+  measure "lorakit prepare-latents" "$images" "$BIN/prepare-latents" "$work/img" "$work/meta.json" \
+    "$work/meta_lat.json" "$model" --max_resolution "$res" "${buckets[@]}" \
     --full_path --batch_size 4
-  measure "lorakit cache-text-encoder" 8 "$BIN/cache-text-encoder" "$work/meta_lat.json" "$model" --full_path
-  # The training settings both sides share: 8 photos, 256-px buckets, batch 2, AdamW, 1 thread.
+  measure "lorakit cache-text-encoder" "$images" "$BIN/cache-text-encoder" "$work/meta_lat.json" "$model" --full_path
+  # The training settings both sides share (by default 8 photos, 256-px buckets, batch 2, AdamW,
+  # 1 thread).
   local common=(--pretrained_model_name_or_path "$model" --network_module networks.lora
     --network_dim 8 --network_alpha 4 --optimizer_type AdamW --learning_rate 1e-4
-    --max_train_steps "$steps" --train_batch_size 2 --seed 42 --mixed_precision no
+    --max_train_steps "$steps" --train_batch_size "$batch" --seed 42 --mixed_precision no
     --save_precision float --save_model_as safetensors)
   local net label
   for net in ${TRAIN_NETS:-lierla c3lier te}; do
@@ -250,12 +256,12 @@ stage_train() {
     [ "$net" = c3lier ] && args+=(--network_args conv_dim=2 conv_alpha=0.5)
     [ "$net" = te ] && args=(--unet_lr 1e-4 --text_encoder_lr 5e-5)
     label="lorakit train-lora $net ($steps steps)"
-    measure "$label" "$steps" env RAYON_NUM_THREADS=1 "$BIN/train-lora" "${common[@]}" "${args[@]}" \
+    measure "$label" "$steps" env RAYON_NUM_THREADS="$threads" "$BIN/train-lora" "${common[@]}" "${args[@]}" \
       --in_json "$work/meta_lat.json" --output_dir "$work/out-lorakit-$net" --output_name lora
     label="sd-scripts train_network $net ($steps steps)"
-    measure "$label" "$steps" env OMP_NUM_THREADS=1 TORCH_THREADS=1 "${SD_RUN[@]}" "$(pwd)/bench/sd_scripts_train.py" \
-      "$SD_SCRIPTS" "${common[@]}" "${args[@]}" --train_data_dir "$work/img" --resolution 256 \
-      --enable_bucket --min_bucket_reso 128 --max_bucket_reso 512 --cache_latents \
+    measure "$label" "$steps" env OMP_NUM_THREADS="$threads" TORCH_THREADS="$threads" "${SD_RUN[@]}" "$(pwd)/bench/sd_scripts_train.py" \
+      "$SD_SCRIPTS" "${common[@]}" "${args[@]}" --train_data_dir "$work/img" --resolution "$res" \
+      --enable_bucket "${buckets[@]}" --cache_latents \
       --max_data_loader_n_workers 0 --tokenizer_cache_dir "$work/tokenizer_cache" \
       --output_dir "$work/out-sd-scripts-$net" --output_name lora
     grep "train seconds" "$WORK/${label// /_}.out" | sed 's/^/    /' || true
