@@ -31,7 +31,7 @@
 #                 memory within its run). TRAIN_MODEL (a single-file SD1 checkpoint with a
 #                 tokenizer/ folder beside it, e.g. bench/torch_generate_full.py's full-size one),
 #                 TRAIN_RES (256), TRAIN_IMAGES (8), TRAIN_BATCH (2) and TRAIN_THREADS (1) change
-#                 the run.
+#                 the run (with TRAIN_MODEL, sd-scripts loads it without the tiny-width patch).
 # Wall times include process start-up and model loading on both sides.
 # Environment: WORK (scratch folder, default a new temp folder), PROFILE (release), TAG_SIZES
 # ("20 2000"), N_META (100000), N_TINY (512), N_FULL (64).
@@ -259,7 +259,8 @@ stage_train() {
     measure "$label" "$steps" env RAYON_NUM_THREADS="$threads" "$BIN/train-lora" "${common[@]}" "${args[@]}" \
       --in_json "$work/meta_lat.json" --output_dir "$work/out-lorakit-$net" --output_name lora
     label="sd-scripts train_network $net ($steps steps)"
-    measure "$label" "$steps" env OMP_NUM_THREADS="$threads" TORCH_THREADS="$threads" "${SD_RUN[@]}" "$(pwd)/bench/sd_scripts_train.py" \
+    measure "$label" "$steps" env OMP_NUM_THREADS="$threads" TORCH_THREADS="$threads" \
+      LORAKIT_FULL_SIZE=$([ -n "${TRAIN_MODEL:-}" ] && echo 1 || echo 0) "${SD_RUN[@]}" "$(pwd)/bench/sd_scripts_train.py" \
       "$SD_SCRIPTS" "${common[@]}" "${args[@]}" --train_data_dir "$work/img" --resolution "$res" \
       --enable_bucket "${buckets[@]}" --cache_latents \
       --max_data_loader_n_workers 0 --tokenizer_cache_dir "$work/tokenizer_cache" \

@@ -1,6 +1,7 @@
-"""Runs sd-scripts' train_network.py in this process, exactly as its __main__ does, on the tiny
-fixture checkpoint: sd-scripts' SD1 loader has the SD1.5 widths hard-coded, so they are first set
-from sd15-tiny/arch.json (the same patch the sd_scripts_runs golden generator applies).
+"""Runs sd-scripts' train_network.py in this process, exactly as its __main__ does. On the tiny
+fixture checkpoint sd-scripts' SD1 loader needs its widths: its SD1.5 widths are hard-coded, so
+they are first set from sd15-tiny/arch.json (the same patch the sd_scripts_runs golden generator
+applies). A full-size checkpoint (LORAKIT_FULL_SIZE=1) runs unpatched.
 
     SD_PYTHON bench/sd_scripts_train.py SD_SCRIPTS_CHECKOUT [train_network.py arguments...]
 
@@ -27,8 +28,9 @@ def main():
     torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "1")))
     from sd_scripts_runs import patch_tiny_model
 
-    with open(os.path.join(FIXTURES, "sd15-tiny", "arch.json"), encoding="utf-8") as f:
-        patch_tiny_model(json.load(f))
+    if os.environ.get("LORAKIT_FULL_SIZE") != "1":
+        with open(os.path.join(FIXTURES, "sd15-tiny", "arch.json"), encoding="utf-8") as f:
+            patch_tiny_model(json.load(f))
     import train_network
     from library import train_util
 
