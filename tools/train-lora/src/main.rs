@@ -12,8 +12,10 @@ use lorakit_pipeline::stages::train_lora::TrainArgs;
 /// --network_train_unet_only (or --cache_text_encoder_outputs) only the UNet is trained, from
 /// cached text-encoder outputs; the text encoder never runs. The VAE is never loaded. A kohya
 /// dataset (--train_data_dir, --reg_data_dir, --dataset_config) is first prepared by
-/// prepare-dataset, prepare-latents and cache-text-encoder, run as child processes. Exit codes:
-/// 0 ok, 1 fatal error, 2 usage error.
+/// prepare-dataset, prepare-latents and cache-text-encoder, run as child processes. Several
+/// processes train one LoRA data-parallel when launched with RANK, WORLD_SIZE, MASTER_ADDR and
+/// MASTER_PORT set (as `torchrun --no-python` does); rank 0 writes the files. Exit codes: 0 ok,
+/// 1 fatal error, 2 usage error.
 #[derive(Parser)]
 #[command(version, rename_all = "snake_case")]
 struct Args {
