@@ -132,6 +132,16 @@ fn a_lora_at_multiplier_zero_equals_no_lora_and_changes_the_image_otherwise() {
         parameters.contains("<lora:trained_lora_dim4_alpha1:1>"),
         "{parameters}"
     );
+    // A1111's LoRA hash: 12 hex digits of the SHA-256 of the tensor data (after the header).
+    let bytes = std::fs::read(lora).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let lora_hash = &sha256_hex(&bytes[8 + header_len..])[..12];
+    assert!(
+        parameters.ends_with(&format!(
+            ", Lora hashes: \"trained_lora_dim4_alpha1: {lora_hash}\""
+        )),
+        "{parameters}"
+    );
 }
 
 #[test]
@@ -160,10 +170,20 @@ fn png_text_chunks_carry_the_settings_and_a1111_parameters() {
     assert_eq!(texts["steps"], "3");
     assert_eq!(texts["scale"], "5.5");
     assert_eq!(texts["sampler"], "ddim");
+    // A1111's short model hash: the first 10 hex digits of the checkpoint file's SHA-256.
+    let model_hash = &sha256_hex(&std::fs::read(sd15()).unwrap())[..10];
     assert_eq!(
         texts["parameters"],
-        "a (cat:1.2)\nNegative prompt: lowres\nSteps: 3, Sampler: DDIM, CFG scale: 5.5, Seed: 4, Size: 72x64, Model: model"
+        format!("a (cat:1.2)\nNegative prompt: lowres\nSteps: 3, Sampler: DDIM, CFG scale: 5.5, Seed: 4, Size: 72x64, Model hash: {model_hash}, Model: model")
     );
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[test]

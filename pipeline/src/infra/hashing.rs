@@ -51,6 +51,29 @@ pub fn hash_file(path: &Path) -> Result<String> {
     Ok(hasher.finalize().to_hex().to_string())
 }
 
+/// Lower-case hex SHA-256 of a file's bytes from `offset` on (streamed in 4 MiB reads).
+pub fn sha256_file_from(path: &Path, offset: u64) -> Result<String> {
+    use sha2::Digest;
+    use std::io::{Read, Seek};
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    file.seek(std::io::SeekFrom::Start(offset))
+        .map_err(|e| Error::io(path, e))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buffer = vec![0u8; 4 << 20];
+    loop {
+        let read = file.read(&mut buffer).map_err(|e| Error::io(path, e))?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
 /// The hash `compute` returns for the files `files`, memoised on disk (`weights-hashes.json` in
 /// `$LORAKIT_CACHE_DIR`, `$XDG_CACHE_HOME/lorakit` or `~/.cache/lorakit`) under
 /// their canonical paths, sizes and modification times plus `label`, so large model files are

@@ -163,6 +163,7 @@ pub fn run(options: &GenerateOptions) -> Result<Summary> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let hashes = InfotextHashes::of(options)?;
     let mut steps_done = 0;
     let mut start = 0;
     while start < jobs.len() {
@@ -193,7 +194,7 @@ pub fn run(options: &GenerateOptions) -> Result<Summary> {
                 (None, None) => format!("im_{timestamp}_{position:03}_{}.png", job.seed),
             };
             let path = options.outdir.join(name);
-            let texts = png_texts(options, job, engine.family(), &model_name);
+            let texts = png_texts(options, job, engine.family(), &model_name, &hashes);
             fsio::write_atomic(&path, &png::encode_png(&image, &texts)?)?;
             tracing::debug!("wrote {}", path.display());
             summary.done += 1;
@@ -363,12 +364,65 @@ fn generate_batch(
     engine::to_rgb8(&engine.decode(&latents)?)
 }
 
+/// The file hashes AUTOMATIC1111 writes into `parameters`, so that its PNG Info and model sites
+/// find the checkpoint and LoRAs; computed once per run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InfotextHashes {
+    /// `Model hash`: the first 10 hex digits of the checkpoint file's SHA-256 (A1111's short
+    /// hash); none for a diffusers folder, which A1111 does not load.
+    pub model: Option<String>,
+    /// `Lora hashes`: each `--network_weights` file's name (its stem without `:` and `,`, as
+    /// A1111 writes names) and the first 12 hex digits of the SHA-256 of its tensor data
+    /// (sd-scripts' `sshs_model_hash`, taken from the metadata when present, as A1111 does).
+    pub loras: Vec<(String, String)>,
+}
+
+impl InfotextHashes {
+    /// The hashes of `options`' checkpoint (memoised per file, it can be gigabytes) and networks.
+    pub fn of(options: &GenerateOptions) -> Result<Self> {
+        let ckpt = &options.engine.ckpt;
+        let model = if ckpt.is_file() {
+            let hash = crate::infra::hashing::memoised(&[ckpt.clone()], "sha256", || {
+                crate::infra::hashing::sha256_file_from(ckpt, 0)
+            })?;
+            Some(hash[..10].to_string())
+        } else {
+            None
+        };
+        let loras = (options.engine.networks.iter())
+            .map(|(path, _)| {
+                let name = (path.file_stem())
+                    .map(|s| s.to_string_lossy().replace([':', ','], ""))
+                    .unwrap_or_default();
+                Ok((name, safetensors_data_hash(path)?[..12].to_string()))
+            })
+            .collect::<Result<_>>()?;
+        Ok(InfotextHashes { model, loras })
+    }
+}
+
+/// sd-scripts' `sshs_model_hash` of a `.safetensors` file: from its metadata, else the SHA-256
+/// of the bytes after the header.
+fn safetensors_data_hash(path: &std::path::Path) -> Result<String> {
+    let bytes = crate::infra::fsio::read(path)?;
+    let (header_len, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::bad_file(path, format!("not a safetensors file ({e})")))?;
+    let recorded = (header.metadata().as_ref())
+        .and_then(|m| m.get("sshs_model_hash"))
+        .filter(|h| h.len() >= 12 && h.chars().all(|c| c.is_ascii_hexdigit()));
+    Ok(match recorded {
+        Some(hash) => hash.to_lowercase(),
+        None => crate::networks::lora::sha256_hex(&bytes[8 + header_len..]),
+    })
+}
+
 /// The PNG text chunks of an image: gen_img's keys and an A1111-style `parameters`.
 fn png_texts(
     options: &GenerateOptions,
     job: &Job,
     family: ModelFamily,
     model: &str,
+    hashes: &InfotextHashes,
 ) -> Vec<(String, String)> {
     let negative = job.line.negative_prompt.clone().unwrap_or_default();
     let negative_scale = job.line.negative_scale.or(options.negative_scale);
@@ -387,8 +441,11 @@ fn png_texts(
     if !negative.is_empty() {
         parameters.push_str(&format!("\nNegative prompt: {negative}"));
     }
+    let model_hash = (hashes.model.as_ref())
+        .map(|hash| format!("Model hash: {hash}, "))
+        .unwrap_or_default();
     parameters.push_str(&format!(
-        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {model}",
+        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, {model_hash}Model: {model}",
         job.steps,
         a1111_sampler(job.sampler),
         job.scale,
@@ -435,6 +492,13 @@ fn png_texts(
         .collect();
     if !loras.is_empty() {
         parameters.push_str(&format!(", Networks: {}", loras.join(" ")));
+    }
+    if !hashes.loras.is_empty() {
+        let listed: Vec<String> = (hashes.loras.iter())
+            .map(|(name, hash)| format!("{name}: {hash}"))
+            .collect();
+        // A1111 quotes a value holding `:` or `,`.
+        parameters.push_str(&format!(", Lora hashes: \"{}\"", listed.join(", ")));
     }
     texts.push(("parameters".to_string(), parameters));
     texts
