@@ -46,6 +46,7 @@ fn cases() -> Vec<(&'static str, LycorisConfig)> {
             weight_decompose: false,
             wd_on_output: true,
             use_scalar: false,
+            block_size: 4,
             preset: Preset::builtin("full").unwrap(),
         }
     };
@@ -101,9 +102,22 @@ fn golden_json(case: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// `algo=dylora` as the golden was made: dim 4 / alpha 2, conv_dim 4 / conv_alpha 1, blocks of
+/// 2 ranks.
+fn dylora_config() -> LycorisConfig {
+    let locon = &cases()[0].1;
+    LycorisConfig {
+        algo: Algo::Dylora,
+        conv_dim: 4,
+        conv_alpha: 1.0,
+        block_size: 2,
+        ..locon.clone()
+    }
+}
+
 #[test]
 fn lycoris_keys_shapes_alphas_and_initialisation_match_lycoris() {
-    for (case, config) in cases() {
+    for (case, config) in cases().into_iter().chain([("dylora", dylora_config())]) {
         let golden = golden_json(case);
         let mut unet = base_unet().clone();
         let model = fixtures().join("sd15-tiny/model.safetensors");
@@ -370,6 +384,7 @@ fn lycoris_presets_select_the_layers_lycoris_selects() {
         weight_decompose: false,
         wd_on_output: true,
         use_scalar: false,
+        block_size: 4,
         preset,
     };
     let preset_file = fixtures().join("golden/lycoris/preset.toml");
@@ -408,6 +423,112 @@ fn lycoris_presets_select_the_layers_lycoris_selects() {
 }
 
 #[test]
+fn algo_maps_give_each_module_lycoris_algorithm_and_options() {
+    // golden/lycoris/algo_map.toml: module_algo_map entries for a target class, nested classes
+    // (one with options only, inheriting the enclosing algorithm) and Conv2d, and name_algo_map
+    // entries by name and by pattern; LoCon dim 4 / alpha 2, conv 2 / 1 otherwise.
+    let preset = Preset::from_file(&fixtures().join("golden/lycoris/algo_map.toml")).unwrap();
+    let config = LycorisConfig {
+        conv_dim: 2,
+        conv_alpha: 1.0,
+        preset,
+        ..cases()[0].1.clone()
+    };
+    let golden = golden_json("algo_map");
+    let state = fresh_sd15_state(&config);
+    assert_eq!(
+        state_key_shapes(&state),
+        golden_key_shapes(&golden["keys"]),
+        "keys, shapes and dtypes"
+    );
+    let mut alphas = 0;
+    for (key, tensor) in &state {
+        if let Some(module) = key.strip_suffix(".alpha") {
+            let want = golden["alphas"][module].as_f64().unwrap();
+            assert_eq!(tensor.to_scalar::<f32>().unwrap() as f64, want, "{key}");
+            alphas += 1;
+        }
+    }
+    assert_eq!(alphas as u64, golden["modules"].as_u64().unwrap());
+    // Every algorithm of the map is there, DoRA's norms included.
+    for part in [".hada_w1_a", ".lokr_w1", ".lora_mid.weight", ".dora_scale"] {
+        assert!(state.iter().any(|(k, _)| k.ends_with(part)), "{part}");
+    }
+}
+
+#[test]
+fn dylora_blocks_change_the_layer_as_lycoris_truncated_ranks() {
+    // The golden file (lycoris' dylora network, random factors) loads into a fresh network
+    // block by block and saves back the same tensors. While training, a module uses its first k
+    // blocks (k drawn per forward pass): lycoris' `get_diff_weight(rank=(k-1)·s)` with its
+    // scale alpha / k, where lorakit scales by alpha / (k·s), the scale a loader applies to the
+    // whole file at k = all blocks. Only block k gets a gradient.
+    let config = dylora_config();
+    let file = fixtures().join("golden/lycoris/dylora.safetensors");
+    let npz = fixtures().join("golden/lycoris/dylora.npz");
+    let mut unet = base_unet().clone();
+    let model = fixtures().join("sd15-tiny/model.safetensors");
+    let mut encoders = load_text_encoders(&model, DType::F32, &Device::Cpu).unwrap();
+    let text = &mut encoders.encoders[0];
+    text.set_lora_prefix("lora_te");
+    let mut models = Joined(vec![text as &mut dyn Adaptable, &mut unet]);
+    let network = LycorisNetwork::create(&mut models, &config, 3, &Device::Cpu).unwrap();
+    assert_eq!(network.load_weights(&file).unwrap(), 354);
+    let saved = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    for (key, tensor) in network.state_dict(None).unwrap() {
+        assert_eq!(max_abs(&tensor, &saved[&key]), 0.0, "{key}");
+    }
+    let block_size = config.block_size;
+    let names: Vec<String> = (npyz::npz::NpzArchive::open(&npz).unwrap().array_names())
+        .filter_map(|n| n.strip_prefix("x__").map(str::to_string))
+        .collect();
+    assert_eq!(names.len(), 9, "modules with golden inputs");
+    for name in &names {
+        let module = network.modules.iter().find(|m| &m.name == name).unwrap();
+        let x = npz_tensor(&npz, &format!("x__{name}"));
+        let lycoris: Vec<Tensor> = (0..2)
+            .map(|k| npz_tensor(&npz, &format!("delta__{name}__{}", k * block_size)))
+            .collect();
+        let kind = golden_kind(name, &module.weight_delta().unwrap());
+        let mut seen = [false; 2];
+        for stream in 1..=12u64 {
+            network.set_dropout_stream(Some(stream));
+            let got = module.delta(&x, kind).unwrap().unwrap();
+            let got = got.affine(block_size as f64, 0.0).unwrap();
+            let (blocks, err) = (lycoris.iter().enumerate())
+                .map(|(k, want)| (k + 1, max_abs(&got, want)))
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .unwrap();
+            let scale = max_abs(
+                &lycoris[blocks - 1],
+                &lycoris[blocks - 1].zeros_like().unwrap(),
+            );
+            assert!(
+                scale > 1e-3 && err <= 1e-5 * scale.max(1.0),
+                "{name} stream {stream}: {err}"
+            );
+            seen[blocks - 1] = true;
+            // The gradient reaches the last block used, and only it.
+            let grads = got.sum_all().unwrap().backward().unwrap();
+            for (part, var) in module.named_vars() {
+                let block: usize = part.rsplit('.').next().unwrap().parse().unwrap();
+                assert_eq!(
+                    grads.get(var.as_tensor()).is_some(),
+                    block + 1 == blocks,
+                    "{name} {part} with {blocks} blocks"
+                );
+            }
+        }
+        assert_eq!(seen, [true, true], "{name}: both block counts drawn");
+        // Outside training: every block, at alpha / dim.
+        network.set_dropout_stream(None);
+        let got = module.delta(&x, kind).unwrap().unwrap();
+        let err = max_abs(&got.affine(block_size as f64, 0.0).unwrap(), &lycoris[1]);
+        assert!(err <= 1e-5, "{name} at full rank: {err}");
+    }
+}
+
+#[test]
 fn lycoris_locon_on_the_sdxl_fixture_has_lycoris_keys() {
     // Both text encoders (lora_te1 / lora_te2) and the SDXL UNet, whose conv_in / time_embed
     // layers have other names than the full preset lists, so they get no module.
@@ -440,6 +561,7 @@ fn lycoris_locon_on_the_sdxl_fixture_has_lycoris_keys() {
         weight_decompose: false,
         wd_on_output: true,
         use_scalar: false,
+        block_size: 4,
         preset: Preset::builtin("full").unwrap(),
     };
     let network = LycorisNetwork::create(&mut Joined(models), &config, 3, &Device::Cpu).unwrap();
@@ -492,7 +614,7 @@ fn use_scalar_initialises_multiplies_and_saves_as_lycoris() {
         text.set_lora_prefix("lora_te");
         let mut models = Joined(vec![text as &mut dyn Adaptable, &mut unet]);
         let network = LycorisNetwork::create(&mut models, &config, 3, &Device::Cpu).unwrap();
-        let mut values: BTreeMap<&str, Vec<f32>> = BTreeMap::new();
+        let mut values: BTreeMap<String, Vec<f32>> = BTreeMap::new();
         for module in &network.modules {
             for (part, var) in module.named_vars() {
                 let flat = var
@@ -501,14 +623,14 @@ fn use_scalar_initialises_multiplies_and_saves_as_lycoris() {
                     .unwrap()
                     .to_vec1::<f32>()
                     .unwrap();
-                values.entry(part).or_default().extend(flat);
+                values.entry(part.into_owned()).or_default().extend(flat);
             }
         }
         let want_parts: Vec<&str> = (golden["param_init"].as_object().unwrap().keys())
             .map(String::as_str)
             .collect();
         assert_eq!(
-            values.keys().copied().collect::<Vec<_>>(),
+            values.keys().map(String::as_str).collect::<Vec<_>>(),
             want_parts,
             "{case}"
         );
@@ -594,6 +716,7 @@ fn full_modules_save_diff_and_change_the_unet_as_lycoris_merges_them() {
         weight_decompose: false,
         wd_on_output: true,
         use_scalar: false,
+        block_size: 4,
         preset: Preset::builtin("attn-mlp").unwrap(),
     };
     // A fresh network: lycoris' keys (diff, diff_b; no alpha), all zero.

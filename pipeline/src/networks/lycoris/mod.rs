@@ -10,6 +10,9 @@
 //! * LoKr: `ΔW = (w1 ⊗ w2) · alpha / dim`, `w1` = `lokr_w1` or `lokr_w1_a · lokr_w1_b`, `w2` =
 //!   `lokr_w2` or `lokr_w2_a · lokr_w2_b`; with both full matrices alpha is the dim (scale 1).
 //! * full: the trained weight minus the frozen one (`diff`), and the bias likewise (`diff_b`).
+//! * dylora: `ΔW = up[:, ..k·s] · down[..k·s] · alpha / (k·s)` over the first `k` blocks of
+//!   `s = block_size` ranks, `k` drawn per forward pass while training (only block `k` is
+//!   trained), all blocks otherwise; saved as one `lora_up.weight` / `lora_down.weight`.
 //!
 //! With `use_scalar` a trainable scalar multiplies `ΔW`; the file holds it multiplied into the
 //! first factor.
@@ -27,6 +30,7 @@
 mod preset;
 mod selection;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,7 +44,7 @@ use crate::models::frozen::FrozenKind;
 use crate::models::trainable_conv;
 use crate::networks::lora::{serialize_with_hashes, BranchDropout, LoadReport, NO_DROPOUT_STREAM};
 use crate::{Error, Result};
-pub use preset::Preset;
+pub use preset::{ModuleOverride, Preset};
 pub use selection::{factorization, Algo, LycorisConfig};
 
 /// The trainable factors of one module.
@@ -78,6 +82,37 @@ pub enum Factors {
         /// The frozen bias.
         base_bias: Option<Tensor>,
     },
+    /// DyLoRA (`algo=dylora`): `lora_up` and `lora_down` as blocks of `block_size` ranks,
+    /// `up_list.N` `[out, block_size]` and `down_list.N` `[block_size, in·k·k]`.
+    Dylora {
+        ups: Vec<Var>,
+        downs: Vec<Var>,
+        block_size: usize,
+        /// The draws of how many blocks a training forward pass uses.
+        draws: BlockDraws,
+    },
+}
+
+/// The per-forward-pass draws of a dylora module: how many of its blocks a training step uses
+/// (lycoris draws with Python's `random.randint`; lorakit from a generator keyed by the
+/// micro-batch stream and the module's position, so a resumed run draws the same).
+#[derive(Debug, Clone)]
+pub struct BlockDraws {
+    index: u64,
+    stream: Arc<AtomicU64>,
+}
+
+impl BlockDraws {
+    /// How many of `count` blocks this forward pass uses: all outside training, else 1 to
+    /// `count`, uniformly.
+    fn blocks(&self, count: usize) -> usize {
+        let stream = self.stream.load(Ordering::Relaxed);
+        if stream == NO_DROPOUT_STREAM || count <= 1 {
+            return count;
+        }
+        let seed = stream ^ (self.index + 1).wrapping_mul(0xA24B_AED4_963E_E407);
+        rand::rngs::StdRng::seed_from_u64(seed).random_range(0..count) + 1
+    }
 }
 
 /// One Kronecker factor of a LoKr module: a full matrix or a rank-r product.
@@ -206,24 +241,40 @@ pub struct LycorisModule {
 impl LycorisModule {
     /// The trainable tensors as lycoris names them (after the module name and a dot), in
     /// lycoris' order; `use_scalar`'s `scalar` last.
-    pub fn named_vars(&self) -> Vec<(&'static str, &Var)> {
+    pub fn named_vars(&self) -> Vec<(Cow<'static, str>, &Var)> {
         let mut vars = self.factor_vars();
         if let Some(dora) = &self.dora {
-            vars.push(("dora_scale", &dora.scale));
+            vars.push(("dora_scale".into(), &dora.scale));
         }
         if let Some(scalar) = &self.scalar {
-            vars.push(("scalar", scalar));
+            vars.push(("scalar".into(), scalar));
         }
         vars
     }
 
     /// The tensors lycoris saves, by name: the factors and `dora_scale`, with `use_scalar`'s
     /// scalar multiplied into the first factor (lycoris' `custom_state_dict`).
-    fn saved_tensors(&self) -> candle_core::Result<Vec<(&'static str, Tensor)>> {
-        if let Factors::Full { .. } = &self.factors {
-            let mut out = vec![("diff", self.factor_delta()?)];
-            out.extend(self.bias_diff()?.map(|b| ("diff_b", b)));
-            return Ok(out);
+    fn saved_tensors(&self) -> candle_core::Result<Vec<(Cow<'static, str>, Tensor)>> {
+        match &self.factors {
+            Factors::Full { .. } => {
+                let mut out = vec![("diff".into(), self.factor_delta()?)];
+                out.extend(self.bias_diff()?.map(|b| ("diff_b".into(), b)));
+                return Ok(out);
+            }
+            Factors::Dylora { ups, downs, .. } => {
+                // lycoris' custom_state_dict: the blocks concatenated; `lora_up` stays
+                // `[out, dim]` for convolutions too.
+                let up = Tensor::cat(&ups.iter().map(|v| v.as_tensor()).collect::<Vec<_>>(), 1)?;
+                let down =
+                    Tensor::cat(&downs.iter().map(|v| v.as_tensor()).collect::<Vec<_>>(), 0)?;
+                let mut down_shape = vec![down.dim(0)?];
+                down_shape.extend(&self.shape[1..]);
+                return Ok(vec![
+                    ("lora_up.weight".into(), up),
+                    ("lora_down.weight".into(), down.reshape(down_shape)?),
+                ]);
+            }
+            _ => {}
         }
         let mut out = Vec::new();
         for (index, (suffix, var)) in self.named_vars().into_iter().enumerate() {
@@ -239,8 +290,8 @@ impl LycorisModule {
     }
 
     /// The factors' tensors as lycoris names them, in lycoris' order.
-    fn factor_vars(&self) -> Vec<(&'static str, &Var)> {
-        match &self.factors {
+    fn factor_vars(&self) -> Vec<(Cow<'static, str>, &Var)> {
+        let vars: Vec<(&'static str, &Var)> = match &self.factors {
             Factors::Locon { down, up, mid } => {
                 let mut vars = vec![("lora_up.weight", up), ("lora_down.weight", down)];
                 vars.extend(mid.iter().map(|m| ("lora_mid.weight", m)));
@@ -288,7 +339,16 @@ impl LycorisModule {
                 vars.extend(bias.iter().map(|b| ("bias", b)));
                 vars
             }
-        }
+            Factors::Dylora { ups, downs, .. } => {
+                // lycoris' parameter names: `up_list.N`, then `down_list.N`.
+                let ups = (ups.iter().enumerate()).map(|(i, v)| (format!("up_list.{i}"), v));
+                let downs = (downs.iter().enumerate()).map(|(i, v)| (format!("down_list.{i}"), v));
+                return ups.chain(downs).map(|(n, v)| (Cow::Owned(n), v)).collect();
+            }
+        };
+        vars.into_iter()
+            .map(|(n, v)| (Cow::Borrowed(n), v))
+            .collect()
     }
 
     /// The change of the bias at this module's multiplier (`algo=full` only).
@@ -364,6 +424,30 @@ impl LycorisModule {
             }
             Factors::Full { weight, base, .. } => {
                 (weight.as_tensor() - base.to_dtype(DType::F32)?)?
+            }
+            Factors::Dylora {
+                ups,
+                downs,
+                block_size,
+                draws,
+            } => {
+                // The first `used` blocks; only the last of them is trained (lycoris takes the
+                // others' `.data`). Scaled to `alpha / (used · block_size)`: `self.scale` is
+                // `alpha / dim`.
+                let used = draws.blocks(ups.len());
+                let blocks = |list: &[Var]| -> Vec<Tensor> {
+                    (list[..used].iter().enumerate())
+                        .map(|(i, v)| match i + 1 < used {
+                            true => v.as_tensor().detach(),
+                            false => v.as_tensor().clone(),
+                        })
+                        .collect()
+                };
+                let up = Tensor::cat(&blocks(ups), 1)?;
+                let down = Tensor::cat(&blocks(downs), 0)?;
+                let rank = ups.len() * block_size;
+                up.matmul(&down)?
+                    .affine(rank as f64 / (used * block_size) as f64, 0.0)?
             }
         };
         let delta = (delta.reshape(self.shape.as_slice())?).affine(self.scale, 0.0)?;
@@ -450,7 +534,7 @@ impl LycorisNetwork {
             if failure.is_some() {
                 return;
             }
-            let (dim, alpha) = match config.select(layer) {
+            let (config, dim, alpha) = match config.module_config(layer) {
                 Ok(Some(selected)) => selected,
                 Ok(None) => return,
                 Err(e) => {
@@ -458,7 +542,11 @@ impl LycorisNetwork {
                     return;
                 }
             };
-            match new_module(layer, config, dim, alpha, &mut rng, device) {
+            let draws = BlockDraws {
+                index: modules.len() as u64,
+                stream: dropout_stream.clone(),
+            };
+            match new_module(layer, &config, dim, alpha, draws, &mut rng, device) {
                 Ok(mut module) => {
                     if config.dropout.any() {
                         module.dropout = Some(BranchDropout::new(
@@ -572,7 +660,8 @@ impl LycorisNetwork {
 
     /// Loads the weights of the LyCORIS file `path` into this network's modules of the same
     /// names (`--network_weights`): a module the file lacks keeps its initialisation; a tensor
-    /// whose shape differs is an error.
+    /// whose shape differs is an error. A dylora module takes a saved file's `lora_up` /
+    /// `lora_down` split into its blocks (lycoris' dylora module loads nothing).
     pub fn load_weights(&self, path: &Path) -> Result<usize> {
         let mut file = read_modules(path)?;
         let mut applied = 0;
@@ -580,6 +669,49 @@ impl LycorisNetwork {
             let Some(tensors) = file.remove(&module.name) else {
                 continue;
             };
+            if let Factors::Dylora {
+                ups,
+                downs,
+                block_size,
+                ..
+            } = &module.factors
+            {
+                if let (Some(up), Some(down)) = (
+                    tensors.get("lora_up.weight"),
+                    tensors.get("lora_down.weight"),
+                ) {
+                    let rank = ups.len() * block_size;
+                    let (out, fan) = (ups[0].dim(0)?, downs[0].dim(1)?);
+                    if up.elem_count() != out * rank || down.elem_count() != rank * fan {
+                        return Err(Error::bad_file(
+                            path,
+                            format!(
+                                "{}: lora_up {:?} / lora_down {:?} do not fit this network's \
+                                 dim {rank}; pass the file's --network_dim / conv_dim",
+                                module.name,
+                                up.dims(),
+                                down.dims()
+                            ),
+                        ));
+                    }
+                    let up = up.to_dtype(DType::F32)?.reshape((out, rank))?;
+                    let down = down.to_dtype(DType::F32)?.reshape((rank, fan))?;
+                    for (i, (up_block, down_block)) in ups.iter().zip(downs).enumerate() {
+                        let start = i * block_size;
+                        up_block.set(
+                            &up.narrow(1, start, *block_size)?
+                                .to_device(up_block.device())?,
+                        )?;
+                        down_block.set(
+                            &down
+                                .narrow(0, start, *block_size)?
+                                .to_device(down_block.device())?,
+                        )?;
+                    }
+                    applied += 1;
+                    continue;
+                }
+            }
             if let Factors::Full { .. } = &module.factors {
                 if tensors.contains_key("diff") {
                     // A saved file: the frozen weight and bias plus the differences.
@@ -594,13 +726,13 @@ impl LycorisNetwork {
                 }
             }
             for (suffix, var) in module.named_vars() {
-                if suffix == "scalar" && !tensors.contains_key(suffix) {
+                if suffix == "scalar" && !tensors.contains_key("scalar") {
                     // A saved file holds the scalar multiplied into a factor: lycoris sets it
                     // to 1 after loading.
                     var.set(&Tensor::ones((), DType::F32, var.device())?)?;
                     continue;
                 }
-                let tensor = tensors.get(suffix).ok_or_else(|| {
+                let tensor = tensors.get(suffix.as_ref()).ok_or_else(|| {
                     Error::bad_file(
                         path,
                         format!(
@@ -760,12 +892,14 @@ fn new_var(
     Ok(Var::from_tensor(&Tensor::from_vec(values, shape, device)?)?)
 }
 
-/// A fresh module of rank `dim` on `layer`, shaped and initialised as lycoris does.
+/// A fresh module of rank `dim` on `layer`, shaped and initialised as lycoris does; a dylora
+/// module draws its blocks with `draws`.
 fn new_module(
     layer: &AdaptableLayer,
     config: &LycorisConfig,
     dim: usize,
     alpha: f32,
+    draws: BlockDraws,
     rng: &mut rand::rngs::StdRng,
     device: &Device,
 ) -> Result<LycorisModule> {
@@ -888,6 +1022,25 @@ fn new_module(
             };
             (factors, dim as f32)
         }
+        Algo::Dylora => {
+            // lycoris fills the down blocks (Kaiming-uniform over `in·k·k`), then zeroes the up
+            // blocks.
+            let (block_size, blocks) = (config.block_size, dim / config.block_size);
+            let fan_in = in_dim * kernel_size;
+            let downs = (0..blocks)
+                .map(|_| var(&[block_size, fan_in], Init::Kaiming))
+                .collect::<Result<Vec<_>>>()?;
+            let ups = (0..blocks)
+                .map(|_| var(&[out_dim, block_size], Init::Zeros))
+                .collect::<Result<Vec<_>>>()?;
+            let factors = Factors::Dylora {
+                ups,
+                downs,
+                block_size,
+                draws,
+            };
+            (factors, alpha)
+        }
     };
     let dora = match config.weight_decompose {
         true => Some(WeightDecompose::new(layer, config.wd_on_output, device)?),
@@ -963,7 +1116,7 @@ fn module_from_tensors_for(
         unreachable!("called for full modules only");
     };
     let loaded = full_from_tensors(&module.name, base, base_bias.as_ref(), tensors, path)?;
-    let parts = |m: &LycorisModule| -> Vec<(&'static str, Vec<usize>)> {
+    let parts = |m: &LycorisModule| -> Vec<(Cow<'static, str>, Vec<usize>)> {
         (m.named_vars().into_iter())
             .map(|(part, var)| (part, var.dims().to_vec()))
             .collect()

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use regex::Regex;
 
+use super::selection::Algo;
 use crate::models::adapter::{AdaptableLayer, Container};
 use crate::models::frozen::FrozenKind;
 use crate::{Error, Result};
@@ -61,6 +62,108 @@ pub struct Preset {
     pub text_encoder_target_name: Vec<String>,
     /// Names are globs (Python's `fnmatch`) instead of regexes (`use_fnmatch`).
     pub use_fnmatch: bool,
+    /// Per-class algorithm and options (`module_algo_map`), in file order.
+    pub module_algo_map: Vec<(String, ModuleOverride)>,
+    /// Per-name algorithm and options (`name_algo_map`: a name, or a pattern as the target
+    /// names are), in file order.
+    pub name_algo_map: Vec<(String, ModuleOverride)>,
+}
+
+/// One entry of a preset's `module_algo_map` or `name_algo_map`: an algorithm and options for
+/// the modules it covers. An option left out takes the network's value; lycoris passes the
+/// entry's options to the module in place of the network's (`dim` and `alpha` of 0 mean "not
+/// given", as lycoris reads them with `or`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModuleOverride {
+    /// `algo`; left out, the enclosing entry's algorithm, else the network's.
+    pub algo: Option<Algo>,
+    /// `dim`: the rank of every layer it covers, convolutions larger than 1x1 included.
+    pub dim: Option<usize>,
+    /// `alpha`.
+    pub alpha: Option<f32>,
+    /// `factor` (LoKr).
+    pub factor: Option<i64>,
+    /// `use_tucker`.
+    pub use_tucker: Option<bool>,
+    /// `use_scalar`.
+    pub use_scalar: Option<bool>,
+    /// `decompose_both` (LoKr).
+    pub decompose_both: Option<bool>,
+    /// `weight_decompose` (DoRA; `dora_wd` in the network arguments).
+    pub weight_decompose: Option<bool>,
+    /// `wd_on_out` (DoRA's norms per output row; `wd_on_output` in the network arguments).
+    pub wd_on_output: Option<bool>,
+    /// `block_size` (`algo=dylora`).
+    pub block_size: Option<usize>,
+}
+
+/// The options a `module_algo_map` / `name_algo_map` entry may set.
+const OVERRIDE_OPTIONS: &str = "algo, dim, alpha, factor, use_tucker, use_scalar, \
+                                decompose_both, weight_decompose, wd_on_out, block_size";
+
+impl ModuleOverride {
+    /// The entry `key` of the map `map` (a TOML table of options).
+    fn parse(map: &str, key: &str, value: &toml::Value) -> std::result::Result<Self, String> {
+        let table = value
+            .as_table()
+            .ok_or_else(|| format!("{map}.{key} must be a table of options"))?;
+        let mut entry = ModuleOverride::default();
+        for (option, value) in table {
+            let what = |kind: &str| format!("{map}.{key}.{option} must be {kind}");
+            let flag = || value.as_bool().ok_or_else(|| what("true or false"));
+            let count = || {
+                (value.as_integer())
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| what("a whole number"))
+            };
+            match option.as_str() {
+                "algo" => {
+                    let name = value.as_str().ok_or_else(|| what("a string"))?;
+                    entry.algo = Some(Algo::parse(name).ok_or_else(|| {
+                        format!(
+                            "{map}.{key}.algo = {name:?}: lorakit trains locon (lora), loha, \
+                             lokr, full and dylora"
+                        )
+                    })?);
+                }
+                "dim" => entry.dim = Some(count()?),
+                "alpha" => {
+                    let alpha = (value.as_float())
+                        .or_else(|| value.as_integer().map(|n| n as f64))
+                        .ok_or_else(|| what("a number"))?;
+                    entry.alpha = Some(alpha as f32);
+                }
+                "factor" => {
+                    entry.factor = Some(value.as_integer().ok_or_else(|| what("a whole number"))?)
+                }
+                "use_tucker" => entry.use_tucker = Some(flag()?),
+                "use_scalar" => entry.use_scalar = Some(flag()?),
+                "decompose_both" => entry.decompose_both = Some(flag()?),
+                "weight_decompose" => entry.weight_decompose = Some(flag()?),
+                "wd_on_out" => entry.wd_on_output = Some(flag()?),
+                "block_size" => entry.block_size = Some(count()?.max(1)),
+                _ => {
+                    return Err(format!(
+                        "{map}.{key}: option {option} is not one lorakit applies per module \
+                         (it applies {OVERRIDE_OPTIONS})"
+                    ))
+                }
+            }
+        }
+        Ok(entry)
+    }
+}
+
+/// What a preset says about one layer: how many times lycoris selects it (more than once is an
+/// error), and, when once, the per-module algorithm and options that apply to it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LayerSelection<'a> {
+    /// How many times the layer is selected.
+    pub count: usize,
+    /// The algorithm of the map entries that cover it (`None`: the network's).
+    pub algo: Option<Algo>,
+    /// The options of the map entry that covers it, if any.
+    pub options: Option<&'a ModuleOverride>,
 }
 
 fn strings(items: &[&str]) -> Vec<String> {
@@ -129,6 +232,8 @@ impl Preset {
             text_encoder_target_module: text_module,
             text_encoder_target_name: Vec::new(),
             use_fnmatch: false,
+            module_algo_map: Vec::new(),
+            name_algo_map: Vec::new(),
         };
         Some(match name {
             "full" => preset(true, full_unet(), full_names(), full_text()),
@@ -162,10 +267,10 @@ impl Preset {
 
     /// A preset TOML file as lycoris-lora 3.4.0 reads it for `lycoris.kohya`: `enable_conv`,
     /// `unet_target_module`, `unet_target_name`, `text_encoder_target_module`,
-    /// `text_encoder_target_name` and `use_fnmatch`; a key left out keeps the `full` preset's
-    /// value. Keys `lycoris.kohya` ignores (`target_module`, `target_name`, `exclude_name`,
-    /// `lora_prefix`), per-module algorithms (`module_algo_map`, `name_algo_map`), unknown keys
-    /// and classes lorakit does not locate are refused.
+    /// `text_encoder_target_name`, `use_fnmatch` and the per-module algorithms
+    /// `module_algo_map` / `name_algo_map`; a key left out keeps the `full` preset's value. Keys
+    /// `lycoris.kohya` ignores (`target_module`, `target_name`, `exclude_name`, `lora_prefix`),
+    /// unknown keys and options, and classes lorakit does not locate are refused.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let table: toml::Table = text
@@ -195,12 +300,17 @@ impl Preset {
                 "text_encoder_target_module" => preset.text_encoder_target_module = list()?,
                 "text_encoder_target_name" => preset.text_encoder_target_name = list()?,
                 "module_algo_map" | "name_algo_map" => {
-                    let empty = value.as_table().is_some_and(|t| t.is_empty());
-                    if !empty {
-                        return Err(bad(format!(
-                            "{key}: per-module algorithms and options are not supported; give \
-                             one algo= for the whole network"
-                        )));
+                    let table = (value.as_table())
+                        .ok_or_else(|| bad(format!("{key} must be a table of tables")))?;
+                    let entries = (table.iter())
+                        .map(|(name, options)| {
+                            let entry = ModuleOverride::parse(key, name, options).map_err(&bad)?;
+                            Ok((name.clone(), entry))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    match key.as_str() {
+                        "module_algo_map" => preset.module_algo_map = entries,
+                        _ => preset.name_algo_map = entries,
                     }
                 }
                 "target_module" | "target_name" | "exclude_name" | "lora_prefix" => {
@@ -214,13 +324,18 @@ impl Preset {
                     return Err(bad(format!(
                         "unknown preset key {key} (lycoris.kohya reads enable_conv, \
                          unet_target_module, unet_target_name, text_encoder_target_module, \
-                         text_encoder_target_name and use_fnmatch)"
+                         text_encoder_target_name, use_fnmatch, module_algo_map and \
+                         name_algo_map)"
                     )))
                 }
             }
         }
         let modules = preset.unet_target_module.iter();
-        for class in modules.chain(&preset.text_encoder_target_module) {
+        let mapped = preset.module_algo_map.iter().map(|(class, _)| class);
+        for class in modules
+            .chain(&preset.text_encoder_target_module)
+            .chain(mapped)
+        {
             let known = MODELLED_CLASSES.contains(&class.as_str())
                 || OTHER_TRANSFORMERS.contains(&class.as_str())
                 || ABSENT_CLASSES.contains(&class.as_str())
@@ -233,7 +348,8 @@ impl Preset {
             }
         }
         let names = preset.unet_target_name.iter();
-        for name in names.chain(&preset.text_encoder_target_name) {
+        let mapped = preset.name_algo_map.iter().map(|(name, _)| name);
+        for name in names.chain(&preset.text_encoder_target_name).chain(mapped) {
             preset
                 .pattern(name)
                 .map_err(|e| bad(format!("target name {name}: {e}")))?;
@@ -283,10 +399,14 @@ impl Preset {
         (names.iter()).any(|t| t == name || self.pattern(t).is_ok_and(|re| re.is_match(name)))
     }
 
-    /// How many times lycoris would create a module for `layer`: once for each containing
-    /// target class whose module name matches no target name, and once when the layer's own
-    /// name matches one (more than once is lycoris' "duplicated lora name" error).
-    pub fn selections(&self, layer: &AdaptableLayer) -> usize {
+    /// How lycoris selects `layer`: once for each containing target class whose module name
+    /// matches no target name, and once when the layer's own name matches one (more than once
+    /// is lycoris' "duplicated lora name" error). A layer selected through a target class takes
+    /// the `module_algo_map` entry of the innermost mapped class from the target down to the
+    /// layer itself, whose algorithm, when it names none, is the next mapped class's outwards;
+    /// a layer selected by name takes its `name_algo_map` entry (the exact name, else the first
+    /// matching pattern), else its own class's `module_algo_map` entry.
+    pub fn select(&self, layer: &AdaptableLayer) -> LayerSelection<'_> {
         let (modules, names) = match layer.lora_prefix {
             "lora_unet" => (&self.unet_target_module, &self.unet_target_name),
             _ => (
@@ -294,12 +414,61 @@ impl Preset {
                 &self.text_encoder_target_name,
             ),
         };
-        let by_class = (containers(layer).into_iter())
-            .filter(|(path, class)| {
+        let chain = containers(layer);
+        let targets: Vec<usize> = (chain.iter().enumerate())
+            .filter(|(_, (path, class))| {
                 modules.iter().any(|m| m == class) && !self.names_match(names, path)
             })
-            .count();
-        by_class + usize::from(self.names_match(names, &layer.path))
+            .map(|(index, _)| index)
+            .collect();
+        let by_name = self.names_match(names, &layer.path);
+        let count = targets.len() + usize::from(by_name);
+        if count != 1 {
+            return LayerSelection {
+                count,
+                ..LayerSelection::default()
+            };
+        }
+        let mut selection = LayerSelection {
+            count,
+            ..LayerSelection::default()
+        };
+        match targets.first() {
+            Some(&target) => {
+                for (_, class) in &chain[target..] {
+                    if let Some(entry) = self.class_entry(class) {
+                        selection.algo = entry.algo.or(selection.algo);
+                        selection.options = Some(entry);
+                    }
+                }
+            }
+            None => {
+                let own_class = chain.last().map_or("", |(_, class)| *class);
+                let entry = (self.name_entry(&layer.path)).or_else(|| self.class_entry(own_class));
+                selection.algo = entry.and_then(|e| e.algo);
+                selection.options = entry;
+            }
+        }
+        selection
+    }
+
+    /// The `module_algo_map` entry of a class.
+    fn class_entry(&self, class: &str) -> Option<&ModuleOverride> {
+        (self.module_algo_map.iter())
+            .find(|(name, _)| name == class)
+            .map(|(_, entry)| entry)
+    }
+
+    /// The `name_algo_map` entry of a layer name: the exact name, else the first key (in file
+    /// order) that matches it as a pattern.
+    fn name_entry(&self, name: &str) -> Option<&ModuleOverride> {
+        let map = &self.name_algo_map;
+        (map.iter().find(|(key, _)| key == name))
+            .or_else(|| {
+                map.iter()
+                    .find(|(key, _)| self.pattern(key).is_ok_and(|re| re.is_match(name)))
+            })
+            .map(|(_, entry)| entry)
     }
 }
 
@@ -407,9 +576,18 @@ mod tests {
         for (text, named) in [
             ("target_module = [\"ResnetBlock2D\"]", "unet_target_module"),
             (
-                "[module_algo_map.CrossAttention]\nalgo = \"lokr\"",
-                "module_algo_map",
+                "[module_algo_map.CrossAttention]\nalgo = \"glora\"",
+                "module_algo_map.CrossAttention.algo",
             ),
+            (
+                "[module_algo_map.CrossAttention]\ntrain_on_input = true",
+                "option train_on_input",
+            ),
+            (
+                "[module_algo_map.Attention]\nalgo = \"lokr\"",
+                "class Attention",
+            ),
+            ("[name_algo_map.\"(\"]\nalgo = \"lokr\"", "target name ("),
             (
                 "unet_target_module = [\"CrossAttnDownBlock2D\"]",
                 "CrossAttnDownBlock2D",
@@ -422,6 +600,32 @@ mod tests {
         }
         // An empty map changes nothing and is accepted.
         assert!(preset_file("[name_algo_map]\n").is_ok());
+    }
+
+    #[test]
+    fn algo_map_entries_keep_their_options_and_file_order() {
+        let preset = preset_file(
+            "[name_algo_map.\"b.*\"]\nalgo = \"loha\"\n[name_algo_map.\"a.*\"]\ndim = 8\n\
+             [module_algo_map.Linear]\nalgo = \"lokr\"\nfactor = 4\nalpha = 1\n\
+             weight_decompose = true\n",
+        )
+        .unwrap();
+        let names: Vec<&str> = (preset.name_algo_map.iter())
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(names, ["b.*", "a.*"]);
+        assert_eq!(preset.name_algo_map[1].1.dim, Some(8));
+        assert_eq!(preset.name_algo_map[1].1.algo, None);
+        let linear = &preset.module_algo_map[0].1;
+        assert_eq!(linear.algo, Some(super::Algo::Lokr));
+        assert_eq!(linear.factor, Some(4));
+        assert_eq!(linear.alpha, Some(1.0));
+        assert_eq!(linear.weight_decompose, Some(true));
+        assert_eq!(
+            preset.name_entry("bat").unwrap().algo,
+            Some(super::Algo::Loha)
+        );
+        assert!(preset.name_entry("cat").is_none());
     }
 
     #[test]

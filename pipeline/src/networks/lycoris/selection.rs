@@ -19,6 +19,9 @@ pub enum Algo {
     /// `full`: the whole weight and bias trained, saved as their differences (`diff`,
     /// `diff_b`).
     Full,
+    /// `dylora`: `lora_down` / `lora_up` in blocks of `block_size` ranks; each training step
+    /// uses the first blocks up to a drawn one and trains that one.
+    Dylora,
 }
 
 impl Algo {
@@ -29,6 +32,7 @@ impl Algo {
             "loha" => Some(Algo::Loha),
             "lokr" => Some(Algo::Lokr),
             "full" => Some(Algo::Full),
+            "dylora" => Some(Algo::Dylora),
             _ => None,
         }
     }
@@ -64,16 +68,24 @@ pub struct LycorisConfig {
     /// A trainable scalar on every module's change, initialised to 0, with the factor that is
     /// otherwise zero drawn at random instead (`use_scalar`).
     pub use_scalar: bool,
-    /// Which layers get a module (`preset`, default `full`).
+    /// `algo=dylora`'s ranks per block (`block_size`, default 4); the dims must be multiples.
+    pub block_size: usize,
+    /// Which layers get a module (`preset`, default `full`), with the preset's per-module
+    /// algorithms and options.
     pub preset: Preset,
 }
 
 impl LycorisConfig {
-    /// Dim and alpha for a layer, or `None` when the preset gives it no module; a convolution
-    /// whose kernel is not 1 wide uses `conv_dim` / `conv_alpha` (none when the preset disables
-    /// convolutions). A layer the preset selects twice is an error, as in lycoris.
-    pub fn select(&self, layer: &AdaptableLayer) -> Result<Option<(usize, f32)>> {
-        match self.preset.selections(layer) {
+    /// The settings of `layer`'s module: this network's, with the preset's per-module algorithm
+    /// and options for the layer applied, and the module's dim and alpha; `None` when it gets
+    /// no module. Linear and 1x1 layers take the network dim and alpha (none when the dim is
+    /// 0); larger convolutions `conv_dim` / `conv_alpha` (none when 0 or the preset disables
+    /// convolutions). A per-module `dim` / `alpha` replaces either, and gives a larger
+    /// convolution a module even without `conv_dim`, as lycoris' `create_single_module` reads
+    /// them. A layer the preset selects twice is an error, as in lycoris.
+    pub fn module_config(&self, layer: &AdaptableLayer) -> Result<Option<(Self, usize, f32)>> {
+        let selection = self.preset.select(layer);
+        match selection.count {
             0 => return Ok(None),
             1 => {}
             _ => {
@@ -84,6 +96,9 @@ impl LycorisConfig {
                 )))
             }
         }
+        let entry = selection.options.cloned().unwrap_or_default();
+        let wanted_dim = entry.dim.filter(|&d| d > 0);
+        let wanted_alpha = entry.alpha.filter(|&a| a != 0.0);
         let pointwise = match layer.kind() {
             FrozenKind::Linear => true,
             FrozenKind::Conv2d { .. } => layer.weight().dims()[2] == 1,
@@ -93,13 +108,75 @@ impl LycorisConfig {
         } else {
             0
         };
-        Ok(if pointwise && self.dim > 0 {
-            Some((self.dim, self.alpha))
-        } else if !pointwise && conv_dim > 0 {
-            Some((conv_dim, self.conv_alpha))
+        let (dim, alpha) = if pointwise && self.dim > 0 {
+            (
+                wanted_dim.unwrap_or(self.dim),
+                wanted_alpha.unwrap_or(self.alpha),
+            )
+        } else if layer.kind() != FrozenKind::Linear && (conv_dim > 0 || wanted_dim.is_some()) {
+            (
+                wanted_dim.unwrap_or(conv_dim),
+                wanted_alpha.unwrap_or(self.conv_alpha),
+            )
         } else {
-            None
-        })
+            return Ok(None);
+        };
+        let config = LycorisConfig {
+            algo: selection.algo.unwrap_or(self.algo),
+            factor: entry.factor.unwrap_or(self.factor),
+            decompose_both: entry.decompose_both.unwrap_or(self.decompose_both),
+            use_tucker: entry.use_tucker.unwrap_or(self.use_tucker),
+            weight_decompose: entry.weight_decompose.unwrap_or(self.weight_decompose),
+            wd_on_output: entry.wd_on_output.unwrap_or(self.wd_on_output),
+            use_scalar: entry.use_scalar.unwrap_or(self.use_scalar),
+            block_size: entry.block_size.unwrap_or(self.block_size),
+            ..self.clone()
+        };
+        config.check_module(&layer.lora_name(), dim)?;
+        Ok(Some((config, dim, alpha)))
+    }
+
+    /// Refuses a module (`module`: its name, or the arguments that set it) whose settings
+    /// lycoris cannot build or would ignore: `algo=full` with
+    /// DoRA, `use_scalar`, Tucker or rank dropout (its full module has none of them), and a
+    /// dylora dim that is not a multiple of `block_size`.
+    pub fn check_module(&self, module: &str, dim: usize) -> Result<()> {
+        if self.algo == Algo::Full {
+            let ignored = [
+                ("dora_wd", self.weight_decompose),
+                ("use_scalar", self.use_scalar),
+                ("use_tucker", self.use_tucker),
+                ("rank_dropout", self.dropout.rank > 0.0),
+            ];
+            if let Some((key, _)) = ignored.iter().find(|(_, on)| *on) {
+                return Err(Error::Usage(format!(
+                    "{module} algo=full {key}: lycoris' full module has no {key}; train the \
+                     whole weights without it, or use algo=locon|loha|lokr"
+                )));
+            }
+        }
+        if self.algo == Algo::Dylora {
+            let ignored = [
+                ("dora_wd", self.weight_decompose),
+                ("use_scalar", self.use_scalar),
+                ("use_tucker", self.use_tucker),
+                ("rank_dropout", self.dropout.rank > 0.0),
+            ];
+            if let Some((key, _)) = ignored.iter().find(|(_, on)| *on) {
+                return Err(Error::Usage(format!(
+                    "{module} algo=dylora {key}: lycoris' dylora module ignores {key}; leave it \
+                     out, or use algo=locon|loha|lokr"
+                )));
+            }
+            if dim % self.block_size != 0 {
+                return Err(Error::Usage(format!(
+                    "{module} algo=dylora: dim {dim} is not a multiple of block_size {} \
+                     (lycoris stops: \"lora_dim must be a multiple of block_size\")",
+                    self.block_size
+                )));
+            }
+        }
+        Ok(())
     }
 }
 

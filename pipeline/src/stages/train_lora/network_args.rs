@@ -291,8 +291,8 @@ fn lycoris_config(
             _ => "not supported",
         };
         Error::Usage(format!(
-            "--network_args algo={algo_name}: {why}; lycoris.kohya's locon (lora), loha, lokr and \
-             full are supported"
+            "--network_args algo={algo_name}: {why}; lycoris.kohya's locon (lora), loha, lokr, \
+             full and dylora are supported"
         ))
     })?;
     let dim = args.network_dim.unwrap_or(4);
@@ -373,22 +373,11 @@ fn lycoris_config(
         }
     }
     let use_scalar = take("use_scalar").is_some_and(|v| lycoris_bool(&v));
-    if algo == Algo::Full {
-        // lycoris' full module takes these arguments and does nothing with them (rank dropout
-        // would fail: it has no rank).
-        let ignored = [
-            ("dora_wd", weight_decompose),
-            ("use_scalar", use_scalar),
-            ("use_tucker", use_tucker),
-            ("rank_dropout", dropout.rank > 0.0),
-        ];
-        if let Some((key, _)) = ignored.iter().find(|(_, on)| *on) {
-            return Err(Error::Usage(format!(
-                "--network_args algo=full {key}: lycoris' full module has no {key}; train the \
-                 whole weights without it, or use algo=locon|loha|lokr"
-            )));
-        }
-    }
+    // lycoris reads `int(value or 4)`.
+    let block_size = match take("block_size").filter(|v| !v.is_empty()) {
+        Some(v) => number::<usize>("block_size", &v)?.max(1),
+        None => 4,
+    };
     const OFF_ONLY: [(&str, &str); 10] = [
         ("train_norm", "training the norm layers"),
         ("bypass_mode", "the bypass forward pass"),
@@ -416,9 +405,9 @@ fn lycoris_config(
             if on {
                 return Err(Error::Usage(format!(
                     "--network_args {key}={value}: {what} is not supported with lycoris.kohya; \
-                     supported: algo=locon|loha|lokr|full, conv_dim, conv_alpha, factor, \
-                     decompose_both, use_tucker, dora_wd, wd_on_output, use_scalar, rank_dropout, module_dropout, \
-                     dropout (no effect), preset"
+                     supported: algo=locon|loha|lokr|full|dylora, conv_dim, conv_alpha, \
+                     factor, decompose_both, use_tucker, dora_wd, wd_on_output, use_scalar, \
+                     block_size, rank_dropout, module_dropout, dropout (no effect), preset"
                 )));
             }
         }
@@ -426,11 +415,11 @@ fn lycoris_config(
     if let Some(key) = given.keys().next() {
         return Err(Error::Usage(format!(
             "--network_args {key}: not supported with lycoris.kohya (supported: algo, conv_dim, \
-             conv_alpha, factor, decompose_both, use_tucker, dora_wd, wd_on_output, use_scalar, rank_dropout, \
-             module_dropout, dropout, preset)"
+             conv_alpha, factor, decompose_both, use_tucker, dora_wd, wd_on_output, use_scalar, \
+             block_size, rank_dropout, module_dropout, dropout, preset)"
         )));
     }
-    Ok(LycorisConfig {
+    let config = LycorisConfig {
         algo,
         dim,
         alpha,
@@ -443,8 +432,14 @@ fn lycoris_config(
         weight_decompose,
         wd_on_output,
         use_scalar,
+        block_size,
         preset,
-    })
+    };
+    config.check_module("--network_args", dim)?;
+    if config.preset.enable_conv {
+        config.check_module("--network_args conv_dim", conv_dim)?;
+    }
+    Ok(config)
 }
 
 /// The learning-rate weights of every block of `layout` from `down_lr_weight`, `mid_lr_weight`
