@@ -553,3 +553,174 @@ fn lycoris_full_trains_saves_diff_resumes_and_merges_as_base_weights() {
     assert!(!merged.exists());
     assert_resumes_bit_for_bit(&["algo=full", "preset=attn-mlp"], ".diff");
 }
+
+#[test]
+fn lycoris_dylora_trains_saves_lycoris_keys_resumes_and_merges_as_base_weights() {
+    // algo=dylora with the text encoder: lycoris' keys (blocks saved as one lora_up / lora_down,
+    // lora_up [out, dim] for convolutions too), ss_network_args as given.
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let (model, meta, data_dir) = (model(), data.path().join("meta_lat.json"), data.path());
+    let out_dir = out.path();
+    let base: Vec<&std::ffi::OsStr> = args![
+        "--pretrained_model_name_or_path",
+        model,
+        "--in_json",
+        meta,
+        "--train_data_dir",
+        data_dir,
+        "--output_dir",
+        out_dir,
+        "--network_module",
+        "lycoris.kohya",
+        "--network_dim",
+        "4",
+        "--network_alpha",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--train_batch_size",
+        "2",
+        "--seed",
+        "5"
+    ]
+    .to_vec();
+    let with = |extra: &[&str]| -> Vec<std::ffi::OsString> {
+        (base.iter().map(|s| s.to_os_string()))
+            .chain(extra.iter().map(|s| s.into()))
+            .collect()
+    };
+    let train = |extra: &[&str], code: i32| {
+        let args = with(extra);
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|s| s.as_os_str()).collect();
+        run_expect("train-lora", &args, code)
+    };
+    let network = [
+        "--network_args",
+        "algo=dylora",
+        "conv_dim=4",
+        "conv_alpha=1",
+        "block_size=2",
+    ];
+    let mut first = network.to_vec();
+    first.extend(["--output_name", "dylora", "--max_train_steps", "2"]);
+    train(&first, 0);
+    let path = out.path().join("dylora.safetensors");
+    let (saved, metadata) = common::safetensors_header(&path);
+    let (expected, _) = common::golden_keys(&fixtures().join("golden/lycoris/dylora_keys.json"));
+    assert_eq!(
+        saved, expected,
+        "the saved keys, shapes and dtypes are lycoris'"
+    );
+    let args: serde_json::Value =
+        serde_json::from_str(metadata["ss_network_args"].as_str().unwrap()).unwrap();
+    assert_eq!(args["algo"], "dylora");
+    assert_eq!(args["block_size"], "2");
+    // lora_up starts at zero: some block of each trained module moved.
+    let tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    for module in [
+        "lora_unet_down_blocks_1_resnets_0_conv1",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+    ] {
+        let up = &tensors[&format!("{module}.lora_up.weight")];
+        let moved = up.abs().unwrap().max_all().unwrap();
+        assert!(moved.to_scalar::<f32>().unwrap() > 0.0, "{module}");
+    }
+    // A second run starts from the file: every module takes its blocks.
+    let mut second = network.to_vec();
+    second.extend([
+        "--network_weights",
+        path.to_str().unwrap(),
+        "--max_train_steps",
+        "1",
+    ]);
+    let stderr = train(&second, 0);
+    assert!(stderr.contains("354 LyCORIS modules loaded"), "{stderr}");
+    // The file as base weights (a LoRA layout to every reader): all modules merged.
+    let stderr = train(
+        &[
+            "--base_weights",
+            path.to_str().unwrap(),
+            "--base_weights_multiplier",
+            "0.5",
+            "--max_train_steps",
+            "1",
+        ],
+        0,
+    );
+    assert!(
+        stderr.contains("354 modules merged into the base model at 0.5"),
+        "{stderr}"
+    );
+    // A dim that is not a multiple of block_size, and options lycoris' dylora ignores.
+    for (extra, named) in [
+        (
+            &["--network_args", "algo=dylora", "block_size=3"][..],
+            "block_size 3",
+        ),
+        (
+            &["--network_args", "algo=dylora", "dora_wd=True"][..],
+            "algo=dylora dora_wd",
+        ),
+    ] {
+        let stderr = train(extra, 2);
+        assert!(stderr.contains(named), "{extra:?}: {stderr}");
+    }
+    assert_resumes_bit_for_bit(
+        &["algo=dylora", "conv_dim=4", "block_size=2"],
+        ".lora_up.weight",
+    );
+}
+
+#[test]
+fn a_preset_with_algo_maps_trains_each_module_with_its_algorithm() {
+    // golden/lycoris/algo_map.toml: LoHa, LoKr (DoRA on the text encoder's MLPs) and Tucker
+    // LoCon modules by class and by name, as lycoris builds them.
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let preset = fixtures().join("golden/lycoris/algo_map.toml");
+    let preset_arg = format!("preset={}", preset.display());
+    run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model(),
+            "--in_json",
+            data.path().join("meta_lat.json"),
+            "--train_data_dir",
+            data.path(),
+            "--output_dir",
+            out.path(),
+            "--output_name",
+            "mapped",
+            "--network_module",
+            "lycoris.kohya",
+            "--network_dim",
+            "4",
+            "--network_alpha",
+            "2",
+            "--network_args",
+            "algo=locon",
+            "conv_dim=2",
+            "conv_alpha=1",
+            preset_arg,
+            "--learning_rate",
+            "1e-3",
+            "--max_train_steps",
+            "1",
+            "--seed",
+            "5"
+        ],
+        0,
+    );
+    let path = out.path().join("mapped.safetensors");
+    let (saved, _) = common::safetensors_header(&path);
+    let (expected, _) = common::golden_keys(&fixtures().join("golden/lycoris/algo_map_keys.json"));
+    assert_eq!(
+        saved, expected,
+        "the saved keys, shapes and dtypes are lycoris'"
+    );
+    assert_lycoris_loads(&path);
+}
