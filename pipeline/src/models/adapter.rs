@@ -5,6 +5,7 @@ use candle_core::{DType, Tensor};
 
 use crate::models::frozen::{FrozenKind, FrozenOp};
 use crate::models::low_rank::{linear_with_branch, pointwise_conv_with_branch, LowRankBranch};
+use crate::models::norm::Norm;
 
 /// A trainable change attached to a frozen layer.
 pub trait LayerAdapter: std::any::Any + std::fmt::Debug + Send + Sync {
@@ -167,10 +168,145 @@ impl AdaptableLayer {
     }
 }
 
+/// A trainable change of a normalisation layer's weight and bias (lycoris' `train_norm`).
+pub trait NormAdapter: std::any::Any + std::fmt::Debug + Send + Sync {
+    /// The changes `(Δweight, Δbias)` (one value per channel) for this forward pass, or `None`
+    /// when the adapter adds nothing this time.
+    fn changes(&self) -> candle_core::Result<Option<(Tensor, Tensor)>>;
+
+    /// A copy behind a new box (adapters share their trainable variables).
+    fn clone_box(&self) -> Box<dyn NormAdapter>;
+}
+
+impl Clone for Box<dyn NormAdapter> {
+    fn clone(&self) -> Self {
+        self.clone_box()
+    }
+}
+
+/// What a normalisation layer computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormType {
+    /// `GroupNorm` over `[B, C, H, W]` with this many groups.
+    Group {
+        /// Number of channel groups.
+        groups: usize,
+    },
+    /// `LayerNorm` over the last dimension.
+    Layer,
+}
+
+/// A frozen GroupNorm or LayerNorm that may carry a trainable change of its weight and bias.
+#[derive(Debug, Clone)]
+pub struct AdaptableNorm {
+    /// Diffusers-style path of the layer, e.g. `down_blocks.0.resnets.0.norm1`.
+    pub path: String,
+    /// The sd-scripts class that contains it.
+    pub container: Container,
+    /// The kohya name prefix of the model the layer is in.
+    pub lora_prefix: &'static str,
+    norm: Norm,
+    kind: NormType,
+    /// The attached trainable change, if any.
+    pub adapter: Option<Box<dyn NormAdapter>>,
+}
+
+impl AdaptableNorm {
+    /// A frozen normalisation layer.
+    pub(crate) fn new(path: String, container: Container, norm: Norm, kind: NormType) -> Self {
+        Self {
+            path,
+            container,
+            lora_prefix: "lora_unet",
+            norm,
+            kind,
+            adapter: None,
+        }
+    }
+
+    /// The kohya name of a module on this layer (as [`AdaptableLayer::lora_name`]).
+    pub fn lora_name(&self) -> String {
+        format!("{}_{}", self.lora_prefix, self.path.replace('.', "_"))
+    }
+
+    /// GroupNorm or LayerNorm.
+    pub fn kind(&self) -> NormType {
+        self.kind
+    }
+
+    /// The number of channels (of the weight and the bias).
+    pub fn channels(&self) -> usize {
+        self.norm.weight().elem_count()
+    }
+
+    /// Adds `weight` and `bias` (one value per channel) to the frozen weight and bias.
+    pub fn merge(&mut self, weight: &Tensor, bias: &Tensor) -> candle_core::Result<()> {
+        let add = |base: &Tensor, delta: &Tensor| -> candle_core::Result<Tensor> {
+            (base.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?.reshape(base.shape())?)?
+                .to_dtype(base.dtype())
+        };
+        let eps = self.norm.eps();
+        self.norm = Norm::new(
+            add(self.norm.weight(), weight)?,
+            add(self.norm.bias(), bias)?,
+            eps,
+        );
+        Ok(())
+    }
+
+    /// The normalisation of `x`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply(x, false)
+    }
+
+    /// The normalisation of `x` followed by SiLU (fused when no adapter changes it).
+    pub fn forward_silu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, silu: bool) -> candle_core::Result<Tensor> {
+        let changes = match &self.adapter {
+            Some(adapter) => adapter.changes()?,
+            None => None,
+        };
+        let Some((weight_change, bias_change)) = changes else {
+            let y = match self.kind {
+                NormType::Group { groups } if silu => return self.norm.group_silu(groups, x),
+                NormType::Group { groups } => self.norm.group(groups, x)?,
+                NormType::Layer => self.norm.layer(x)?,
+            };
+            return if silu { y.silu() } else { Ok(y) };
+        };
+        // The normalised input times the changed weight, plus the changed bias.
+        let unit = self.norm.unit()?;
+        let (standardised, shape) = match self.kind {
+            NormType::Group { groups } => (unit.group(groups, x)?, vec![self.channels(), 1, 1]),
+            NormType::Layer => (unit.layer(x)?, vec![self.channels()]),
+        };
+        let changed = |base: &Tensor, change: Tensor| -> candle_core::Result<Tensor> {
+            (base.to_dtype(DType::F32)? + change.to_dtype(DType::F32)?)?
+                .to_dtype(x.dtype())?
+                .reshape(shape.as_slice())
+        };
+        let weight = changed(self.norm.weight(), weight_change)?;
+        let bias = changed(self.norm.bias(), bias_change)?;
+        let y = standardised.broadcast_mul(&weight)?.broadcast_add(&bias)?;
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
+    }
+}
+
 /// Something whose adaptable layers can be visited (the UNet, a text encoder).
 pub trait Adaptable {
     /// Calls `f` on every adaptable layer, in model order.
     fn visit_layers(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer));
+
+    /// Calls `f` on every normalisation layer that can take a trainable change, in model order
+    /// (none by default).
+    fn visit_norms(&mut self, _f: &mut dyn FnMut(&mut AdaptableNorm)) {}
 
     /// Stores every linear layer's weight transposed, for inference
     /// ([`AdaptableLayer::use_inference_layout`]). Call it after every LoRA has been merged.
@@ -193,6 +329,12 @@ impl Adaptable for Joined<'_> {
     fn visit_layers(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer)) {
         for model in self.0.iter_mut() {
             model.visit_layers(f);
+        }
+    }
+
+    fn visit_norms(&mut self, f: &mut dyn FnMut(&mut AdaptableNorm)) {
+        for model in self.0.iter_mut() {
+            model.visit_norms(f);
         }
     }
 }

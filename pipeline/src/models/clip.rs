@@ -12,7 +12,7 @@ use std::path::Path;
 use candle_core::{DType, IndexOp, Module, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
-use crate::models::adapter::{Adaptable, AdaptableLayer, Container};
+use crate::models::adapter::{Adaptable, AdaptableLayer, AdaptableNorm, Container, NormType};
 use crate::models::attention::causal_multi_head_attention;
 use crate::models::frozen::FrozenKind;
 use crate::models::norm::Norm;
@@ -161,6 +161,19 @@ fn layer_norm(vb: VarBuilder, width: usize) -> candle_core::Result<Norm> {
     ))
 }
 
+/// A layer norm of an encoder layer, named by its Hugging Face module path, that can take a
+/// trainable change.
+fn adaptable_layer_norm(vb: VarBuilder, width: usize) -> candle_core::Result<AdaptableNorm> {
+    let path = vb.prefix();
+    let norm = layer_norm(vb, width)?;
+    Ok(AdaptableNorm::new(
+        path,
+        Container::TextEncoder,
+        norm,
+        NormType::Layer,
+    ))
+}
+
 fn model_error(context: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
     move |e| Error::Model(format!("{context}: {e}"))
 }
@@ -232,9 +245,9 @@ impl Attention {
 
 #[derive(Clone)]
 struct EncoderLayer {
-    layer_norm1: Norm,
+    layer_norm1: AdaptableNorm,
     attention: Attention,
-    layer_norm2: Norm,
+    layer_norm2: AdaptableNorm,
     fc1: AdaptableLayer,
     fc2: AdaptableLayer,
     activation: ClipActivation,
@@ -248,9 +261,9 @@ impl EncoderLayer {
     ) -> candle_core::Result<Self> {
         let width = config.hidden_size;
         Ok(EncoderLayer {
-            layer_norm1: layer_norm(vb.pp("layer_norm1"), width)?,
+            layer_norm1: adaptable_layer_norm(vb.pp("layer_norm1"), width)?,
             attention: Attention::load(vb.pp("self_attn"), config, layout)?,
-            layer_norm2: layer_norm(vb.pp("layer_norm2"), width)?,
+            layer_norm2: adaptable_layer_norm(vb.pp("layer_norm2"), width)?,
             fc1: linear(vb.pp("mlp.fc1"), (width, config.intermediate_size))?,
             fc2: linear(vb.pp("mlp.fc2"), (config.intermediate_size, width))?,
             activation: config.activation,
@@ -258,9 +271,9 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let attended = self.attention.forward(&self.layer_norm1.layer(x)?)?;
+        let attended = self.attention.forward(&self.layer_norm1.forward(x)?)?;
         let x = (x + attended)?;
-        let hidden = self.fc1.forward(&self.layer_norm2.layer(&x)?)?;
+        let hidden = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
         let mlp = self.fc2.forward(&self.activation.apply(&hidden)?)?;
         x + mlp
     }
@@ -292,6 +305,13 @@ impl Adaptable for ClipTextModel {
             layer.attention.visit(f);
             f(&mut layer.fc1);
             f(&mut layer.fc2);
+        }
+    }
+
+    fn visit_norms(&mut self, f: &mut dyn FnMut(&mut AdaptableNorm)) {
+        for layer in &mut self.layers {
+            f(&mut layer.layer_norm1);
+            f(&mut layer.layer_norm2);
         }
     }
 }
@@ -351,6 +371,7 @@ impl ClipTextModel {
     /// `lora_te1` / `lora_te2` (SDXL's two encoders).
     pub fn set_lora_prefix(&mut self, prefix: &'static str) {
         self.visit_layers(&mut |layer| layer.lora_prefix = prefix);
+        self.visit_norms(&mut |norm| norm.lora_prefix = prefix);
     }
 
     /// Turns gradient checkpointing of the transformer layers on or off (`--gradient_checkpointing`

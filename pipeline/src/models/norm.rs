@@ -226,6 +226,30 @@ impl Norm {
         }
     }
 
+    /// The per-channel weight.
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The per-channel bias.
+    pub(crate) fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// The variance epsilon.
+    pub(crate) fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    /// The same normalisation without its affine transform (weight 1, bias 0).
+    pub(crate) fn unit(&self) -> candle_core::Result<Self> {
+        Ok(Self::new(
+            self.weight.ones_like()?,
+            self.bias.zeros_like()?,
+            self.eps,
+        ))
+    }
+
     /// GroupNorm over `[B, C, H, W]` with `groups` groups.
     pub(crate) fn group(&self, groups: usize, x: &Tensor) -> candle_core::Result<Tensor> {
         self.group_then(groups, x, false)

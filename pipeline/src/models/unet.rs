@@ -21,7 +21,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::models::adapter::{Adaptable, AdaptableLayer, Container};
+use crate::models::adapter::{Adaptable, AdaptableLayer, AdaptableNorm, Container, NormType};
 use crate::models::attention::multi_head_attention;
 use crate::models::frozen::FrozenKind;
 use crate::models::geglu::geglu;
@@ -306,6 +306,38 @@ impl Loader<'_, '_> {
         self.layer(path, container, kind, &[out_ch, in_ch, 3, 3], true)
     }
 
+    /// A normalisation over `channels` of `kind` that can take a trainable change.
+    fn adaptable_norm(
+        &self,
+        path: &str,
+        container: Container,
+        channels: usize,
+        eps: f64,
+        kind: NormType,
+    ) -> Result<AdaptableNorm> {
+        let norm = self.norm(path, channels, eps)?;
+        Ok(AdaptableNorm::new(
+            (self.module_path)(path),
+            container,
+            norm,
+            kind,
+        ))
+    }
+
+    /// A GroupNorm (of [`NORM_GROUPS`] groups) over `channels` that can take a trainable change.
+    fn group_norm(
+        &self,
+        path: &str,
+        container: Container,
+        channels: usize,
+        eps: f64,
+    ) -> Result<AdaptableNorm> {
+        let kind = NormType::Group {
+            groups: NORM_GROUPS,
+        };
+        self.adaptable_norm(path, container, channels, eps, kind)
+    }
+
     /// A normalisation over `channels`.
     fn norm(&self, path: &str, channels: usize, eps: f64) -> Result<Norm> {
         Ok(Norm::new(
@@ -319,10 +351,10 @@ impl Loader<'_, '_> {
 /// `ResnetBlock2D`.
 #[derive(Debug, Clone)]
 struct ResnetBlock {
-    norm1: Norm,
+    norm1: AdaptableNorm,
     conv1: AdaptableLayer,
     time_emb_proj: AdaptableLayer,
-    norm2: Norm,
+    norm2: AdaptableNorm,
     conv2: AdaptableLayer,
     conv_shortcut: Option<AdaptableLayer>,
 }
@@ -332,10 +364,10 @@ impl ResnetBlock {
     fn load(l: &Loader, path: &str, in_ch: usize, out_ch: usize, temb: usize) -> Result<Self> {
         let c = Container::Resnet;
         Ok(Self {
-            norm1: l.norm(&format!("{path}.norm1"), in_ch, 1e-5)?,
+            norm1: l.group_norm(&format!("{path}.norm1"), c, in_ch, 1e-5)?,
             conv1: l.conv3(&format!("{path}.conv1"), c, 1, (in_ch, out_ch))?,
             time_emb_proj: l.linear(&format!("{path}.time_emb_proj"), c, (temb, out_ch), true)?,
-            norm2: l.norm(&format!("{path}.norm2"), out_ch, 1e-5)?,
+            norm2: l.group_norm(&format!("{path}.norm2"), c, out_ch, 1e-5)?,
             conv2: l.conv3(&format!("{path}.conv2"), c, 1, (out_ch, out_ch))?,
             conv_shortcut: if in_ch != out_ch {
                 Some(l.layer(
@@ -352,18 +384,14 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor, temb: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self
-            .conv1
-            .forward(&self.norm1.group_silu(NORM_GROUPS, x)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let t = self
             .time_emb_proj
             .forward(&temb.silu()?)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self
-            .conv2
-            .forward(&self.norm2.group_silu(NORM_GROUPS, &h)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
@@ -387,6 +415,11 @@ impl ResnetBlock {
         if let Some(conv) = &mut self.conv_shortcut {
             f(conv);
         }
+    }
+
+    fn visit_norms(&mut self, f: &mut dyn FnMut(&mut AdaptableNorm)) {
+        f(&mut self.norm1);
+        f(&mut self.norm2);
     }
 }
 
@@ -442,11 +475,11 @@ impl Attention {
 /// `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward.
 #[derive(Debug, Clone)]
 struct TransformerBlock {
-    norm1: Norm,
+    norm1: AdaptableNorm,
     attn1: Attention,
-    norm2: Norm,
+    norm2: AdaptableNorm,
     attn2: Attention,
-    norm3: Norm,
+    norm3: AdaptableNorm,
     ff_in: AdaptableLayer,
     ff_out: AdaptableLayer,
 }
@@ -458,20 +491,23 @@ impl TransformerBlock {
         let t = Container::Transformer;
         let c = channels;
         Ok(Self {
-            norm1: l.norm(&format!("{path}.norm1"), c, 1e-5)?,
+            norm1: l.adaptable_norm(&format!("{path}.norm1"), t, c, 1e-5, NormType::Layer)?,
             attn1: Attention::load(l, &format!("{path}.attn1"), heads, c, c)?,
-            norm2: l.norm(&format!("{path}.norm2"), c, 1e-5)?,
+            norm2: l.adaptable_norm(&format!("{path}.norm2"), t, c, 1e-5, NormType::Layer)?,
             attn2: Attention::load(l, &format!("{path}.attn2"), heads, c, context)?,
-            norm3: l.norm(&format!("{path}.norm3"), c, 1e-5)?,
+            norm3: l.adaptable_norm(&format!("{path}.norm3"), t, c, 1e-5, NormType::Layer)?,
             ff_in: l.linear(&format!("{path}.ff.net.0.proj"), t, (c, 8 * c), true)?,
             ff_out: l.linear(&format!("{path}.ff.net.2"), t, (4 * c, c), true)?,
         })
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.layer(x)?, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.layer(&x)?, Some(context))? + &x)?;
-        let projected = self.ff_in.forward(&self.norm3.layer(&x)?)?;
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, Some(context))?
+            + &x)?;
+        let projected = self.ff_in.forward(&self.norm3.forward(&x)?)?;
         self.ff_out.forward(&geglu(&projected)?)? + x
     }
 
@@ -480,6 +516,12 @@ impl TransformerBlock {
         self.attn2.visit(f);
         f(&mut self.ff_in);
         f(&mut self.ff_out);
+    }
+
+    fn visit_norms(&mut self, f: &mut dyn FnMut(&mut AdaptableNorm)) {
+        f(&mut self.norm1);
+        f(&mut self.norm2);
+        f(&mut self.norm3);
     }
 }
 
@@ -502,7 +544,7 @@ struct TransformerShape {
 /// `Transformer2DModel`: GroupNorm, `proj_in`, `depth` transformer blocks, `proj_out`.
 #[derive(Debug, Clone)]
 struct SpatialTransformer {
-    norm: Norm,
+    norm: AdaptableNorm,
     proj_in: AdaptableLayer,
     blocks: Vec<TransformerBlock>,
     proj_out: AdaptableLayer,
@@ -531,7 +573,7 @@ impl SpatialTransformer {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            norm: l.norm(&format!("{path}.norm"), c, 1e-6)?,
+            norm: l.group_norm(&format!("{path}.norm"), t, c, 1e-6)?,
             proj_in: projection("proj_in")?,
             blocks,
             proj_out: projection("proj_out")?,
@@ -547,7 +589,7 @@ impl SpatialTransformer {
         checkpoint: bool,
     ) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let normed = self.norm.group(NORM_GROUPS, x)?;
+        let normed = self.norm.forward(x)?;
         let to_tokens = |map: Tensor| map.flatten_from(2)?.transpose(1, 2)?.contiguous();
         let mut tokens = if self.linear_projection {
             self.proj_in.forward(&to_tokens(normed)?)?
@@ -577,6 +619,13 @@ impl SpatialTransformer {
         }
         f(&mut self.proj_out);
     }
+
+    fn visit_norms(&mut self, f: &mut dyn FnMut(&mut AdaptableNorm)) {
+        f(&mut self.norm);
+        for block in &mut self.blocks {
+            block.visit_norms(f);
+        }
+    }
 }
 
 /// One down or up level.
@@ -597,6 +646,15 @@ impl Level {
         }
         if let Some(conv) = &mut self.resample {
             f(conv);
+        }
+    }
+
+    fn visit_norms(&mut self, f: &mut dyn FnMut(&mut AdaptableNorm)) {
+        for (i, resnet) in self.resnets.iter_mut().enumerate() {
+            resnet.visit_norms(f);
+            if let Some(attn) = self.attentions.get_mut(i) {
+                attn.visit_norms(f);
+            }
         }
     }
 }
@@ -904,6 +962,18 @@ impl Adaptable for Unet {
             level.visit(f);
         }
         f(&mut self.conv_out);
+    }
+
+    fn visit_norms(&mut self, f: &mut dyn FnMut(&mut AdaptableNorm)) {
+        for level in &mut self.down {
+            level.visit_norms(f);
+        }
+        self.mid_resnets[0].visit_norms(f);
+        self.mid_attention.visit_norms(f);
+        self.mid_resnets[1].visit_norms(f);
+        for level in &mut self.up {
+            level.visit_norms(f);
+        }
     }
 }
 

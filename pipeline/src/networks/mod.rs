@@ -46,7 +46,9 @@ impl Network {
         match self {
             Network::Lora(n) => n.modules.iter().map(|m| m.name.as_str()).collect(),
             Network::Dylora(n) => n.modules.iter().map(|m| m.name.as_str()).collect(),
-            Network::Lycoris(n) => n.modules.iter().map(|m| m.name.as_str()).collect(),
+            Network::Lycoris(n) => (n.modules.iter().map(|m| m.name.as_str()))
+                .chain(n.norms.iter().map(|m| m.name.as_str()))
+                .collect(),
         }
     }
 

@@ -47,6 +47,7 @@ fn cases() -> Vec<(&'static str, LycorisConfig)> {
             wd_on_output: true,
             use_scalar: false,
             block_size: 4,
+            train_norm: false,
             preset: Preset::builtin("full").unwrap(),
         }
     };
@@ -117,7 +118,12 @@ fn dylora_config() -> LycorisConfig {
 
 #[test]
 fn lycoris_keys_shapes_alphas_and_initialisation_match_lycoris() {
-    for (case, config) in cases().into_iter().chain([("dylora", dylora_config())]) {
+    let norm = LycorisConfig {
+        train_norm: true,
+        ..cases()[0].1.clone()
+    };
+    let extra = [("dylora", dylora_config()), ("locon_norm", norm)];
+    for (case, config) in cases().into_iter().chain(extra) {
         let golden = golden_json(case);
         let mut unet = base_unet().clone();
         let model = fixtures().join("sd15-tiny/model.safetensors");
@@ -127,7 +133,7 @@ fn lycoris_keys_shapes_alphas_and_initialisation_match_lycoris() {
         let mut models = Joined(vec![text as &mut dyn Adaptable, &mut unet]);
         let network = LycorisNetwork::create(&mut models, &config, 3, &Device::Cpu).unwrap();
         assert_eq!(
-            network.modules.len() as u64,
+            (network.modules.len() + network.norms.len()) as u64,
             golden["modules"].as_u64().unwrap(),
             "{case}"
         );
@@ -385,6 +391,7 @@ fn lycoris_presets_select_the_layers_lycoris_selects() {
         wd_on_output: true,
         use_scalar: false,
         block_size: 4,
+        train_norm: false,
         preset,
     };
     let preset_file = fixtures().join("golden/lycoris/preset.toml");
@@ -529,6 +536,94 @@ fn dylora_blocks_change_the_layer_as_lycoris_truncated_ranks() {
 }
 
 #[test]
+fn norm_modules_change_the_norms_and_the_unet_as_lycoris() {
+    // golden/lycoris/locon_norm: LoCon with train_norm (w_norm / b_norm on every GroupNorm and
+    // LayerNorm inside the target classes), random factors.
+    let file = fixtures().join("golden/lycoris/locon_norm.safetensors");
+    let npz = fixtures().join("golden/lycoris/locon_norm.npz");
+    let unet_npz = fixtures().join("golden/unet/unet.npz");
+    let latents = npz_tensor(&unet_npz, "latents");
+    let timesteps = npz_tensor(&unet_npz, "timesteps");
+    let context = npz_tensor(&unet_npz, "encoder_hidden_states_77");
+    let base = base_unet()
+        .forward(&latents, &timesteps, &context, None)
+        .unwrap();
+    let want = npz_tensor(&npz, "unet_delta");
+    let scale = max_abs(&want, &want.zeros_like().unwrap());
+    let mut unet = base_unet().clone();
+    let (network, unknown) = LycorisNetwork::load(&mut unet, &file, 1.0, &Device::Cpu).unwrap();
+    assert_eq!((network.modules.len(), network.norms.len()), (282, 108));
+    assert_eq!(unknown.len(), 72, "the text-encoder modules are left");
+    // Single norm layers: the output with the module minus without, against lycoris'.
+    let names: Vec<String> = (npyz::npz::NpzArchive::open(&npz).unwrap().array_names())
+        .filter_map(|n| n.strip_prefix("x__").map(str::to_string))
+        .collect();
+    assert_eq!(names.len(), 4);
+    let mut checked = 0;
+    unet.visit_norms(&mut |norm| {
+        let name = norm.lora_name();
+        if !names.contains(&name) {
+            return;
+        }
+        let x = candle_core::Var::from_tensor(&npz_tensor(&npz, &format!("x__{name}"))).unwrap();
+        let with = norm.forward(x.as_tensor()).unwrap();
+        let mut plain = norm.clone();
+        plain.adapter = None;
+        let got = (with - plain.forward(x.as_tensor()).unwrap()).unwrap();
+        let want = npz_tensor(&npz, &format!("delta__{name}"));
+        let err = max_abs(&got, &want);
+        eprintln!("{name}: max abs error {err:e}");
+        assert!(err <= 1e-5, "{name}: {err}");
+        // Gradients of sum(delta * grad_out) against torch autograd.
+        let grad_out = npz_tensor(&npz, &format!("grad_out__{name}"));
+        let grads = (got * grad_out)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let module = network.norms.iter().find(|m| m.name == name).unwrap();
+        for (part, tensor) in [
+            ("w_norm", module.weight.as_tensor()),
+            ("b_norm", module.bias.as_tensor()),
+            ("x", x.as_tensor()),
+        ] {
+            let want = npz_tensor(&npz, &format!("grad__{name}__{part}"));
+            let got = grads.get(tensor).unwrap();
+            let err = max_abs(got, &want);
+            let scale = max_abs(&want, &want.zeros_like().unwrap());
+            eprintln!("{name} {part}: gradient max abs error {err:e} (up to {scale:.3})");
+            assert!(err <= 1e-4 * scale.max(1.0), "{name} {part}: {err}");
+        }
+        checked += 1;
+    });
+    assert_eq!(checked, 4);
+    // The whole UNet, attached and merged.
+    let attached = (unet.forward(&latents, &timesteps, &context, None).unwrap() - &base).unwrap();
+    let err = max_abs(&attached, &want);
+    eprintln!("attached: UNet output change max abs error {err:e} (change up to {scale:.3})");
+    assert!(scale > 1e-2 && err <= 1e-4 * scale.max(1.0), "{err}");
+    let mut merged = base_unet().clone();
+    let report = LycorisNetwork::merge_file(&mut merged, &file, 1.0).unwrap();
+    assert_eq!(report.applied, 282 + 108);
+    let merged = (merged
+        .forward(&latents, &timesteps, &context, None)
+        .unwrap()
+        - &base)
+        .unwrap();
+    let err = max_abs(&merged, &want);
+    eprintln!("merged: UNet output change max abs error {err:e}");
+    assert!(err <= 1e-4 * scale.max(1.0), "{err}");
+    // Saving gives the file's tensors back.
+    let saved = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let state = network.state_dict(None).unwrap();
+    assert_eq!(state.len(), saved.len() - 72 * 3);
+    for (key, tensor) in state {
+        assert!(max_abs(&tensor, &saved[&key]) <= 1e-6, "{key}");
+    }
+}
+
+#[test]
 fn lycoris_locon_on_the_sdxl_fixture_has_lycoris_keys() {
     // Both text encoders (lora_te1 / lora_te2) and the SDXL UNet, whose conv_in / time_embed
     // layers have other names than the full preset lists, so they get no module.
@@ -562,24 +657,34 @@ fn lycoris_locon_on_the_sdxl_fixture_has_lycoris_keys() {
         wd_on_output: true,
         use_scalar: false,
         block_size: 4,
+        train_norm: false,
         preset: Preset::builtin("full").unwrap(),
     };
-    let network = LycorisNetwork::create(&mut Joined(models), &config, 3, &Device::Cpu).unwrap();
-    let golden = golden_json("sdxl_locon");
-    assert_eq!(
-        network.modules.len() as u64,
-        golden["modules"].as_u64().unwrap()
-    );
-    let state = network.state_dict(None).unwrap();
-    assert_eq!(
-        state_key_shapes(&state),
-        golden_key_shapes(&golden["keys"]),
-        "keys, shapes and dtypes"
-    );
-    for (key, tensor) in &state {
-        if let Some(module) = key.strip_suffix(".alpha") {
-            let want = golden["alphas"][module].as_f64().unwrap();
-            assert_eq!(tensor.to_scalar::<f32>().unwrap() as f64, want, "{key}");
+    let mut models = Joined(models);
+    // Plain, and with train_norm (the SDXL UNet's norms under sd-scripts' SDXL names).
+    for (case, train_norm) in [("sdxl_locon", false), ("sdxl_locon_norm", true)] {
+        let config = LycorisConfig {
+            train_norm,
+            ..config.clone()
+        };
+        let network = LycorisNetwork::create(&mut models, &config, 3, &Device::Cpu).unwrap();
+        let golden = golden_json(case);
+        assert_eq!(
+            (network.modules.len() + network.norms.len()) as u64,
+            golden["modules"].as_u64().unwrap(),
+            "{case}"
+        );
+        let state = network.state_dict(None).unwrap();
+        assert_eq!(
+            state_key_shapes(&state),
+            golden_key_shapes(&golden["keys"]),
+            "{case}: keys, shapes and dtypes"
+        );
+        for (key, tensor) in &state {
+            if let Some(module) = key.strip_suffix(".alpha") {
+                let want = golden["alphas"][module].as_f64().unwrap();
+                assert_eq!(tensor.to_scalar::<f32>().unwrap() as f64, want, "{key}");
+            }
         }
     }
 }
@@ -717,6 +822,7 @@ fn full_modules_save_diff_and_change_the_unet_as_lycoris_merges_them() {
         wd_on_output: true,
         use_scalar: false,
         block_size: 4,
+        train_norm: false,
         preset: Preset::builtin("attn-mlp").unwrap(),
     };
     // A fresh network: lycoris' keys (diff, diff_b; no alpha), all zero.

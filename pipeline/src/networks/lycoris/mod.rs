@@ -39,7 +39,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
-use crate::models::adapter::{Adaptable, AdaptableLayer, LayerAdapter};
+use crate::models::adapter::{Adaptable, AdaptableLayer, AdaptableNorm, LayerAdapter, NormAdapter};
 use crate::models::frozen::FrozenKind;
 use crate::models::trainable_conv;
 use crate::networks::lora::{serialize_with_hashes, BranchDropout, LoadReport, NO_DROPOUT_STREAM};
@@ -508,11 +508,123 @@ impl LayerAdapter for LycorisModule {
     }
 }
 
+/// A trainable change of a normalisation layer's weight and bias (lycoris' `NormModule`,
+/// `train_norm`): `w_norm` and `b_norm`, zero at first. The layer normalises with
+/// `weight + w_norm · multiplier` and `bias + b_norm · multiplier`.
+#[derive(Debug, Clone)]
+pub struct NormModule {
+    /// kohya key prefix, e.g. `lora_unet_down_blocks_0_resnets_0_norm1`.
+    pub name: String,
+    /// `w_norm`, one value per channel.
+    pub weight: Var,
+    /// `b_norm`, one value per channel.
+    pub bias: Var,
+    /// Multiplier (1.0 in training).
+    pub multiplier: f64,
+    /// Rank (channel) and module dropout while training.
+    dropout: Option<BranchDropout>,
+}
+
+impl NormModule {
+    /// A fresh module (zeros) on `norm`.
+    fn new(norm: &AdaptableNorm, device: &Device) -> Result<Self> {
+        let zeros = || Var::zeros(norm.channels(), DType::F32, device);
+        Ok(Self {
+            name: norm.lora_name(),
+            weight: zeros()?,
+            bias: zeros()?,
+            multiplier: 1.0,
+            dropout: None,
+        })
+    }
+
+    /// The module of a file's `w_norm` / `b_norm` on `norm`.
+    fn from_tensors(
+        norm: &AdaptableNorm,
+        mut tensors: HashMap<String, Tensor>,
+        multiplier: f64,
+        device: &Device,
+        path: &Path,
+    ) -> Result<Self> {
+        let name = norm.lora_name();
+        let mut take = |part: &str| -> Result<Var> {
+            let tensor = tensors.remove(part).ok_or_else(|| {
+                Error::bad_file(path, format!("norm module {name} has no {part}"))
+            })?;
+            if tensor.elem_count() != norm.channels() {
+                return Err(Error::bad_file(
+                    path,
+                    format!(
+                        "{name}.{part} has {} values but the layer {} channels: the file was \
+                         trained for a different base model",
+                        tensor.elem_count(),
+                        norm.channels()
+                    ),
+                ));
+            }
+            let tensor = tensor
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_device(device)?;
+            Ok(Var::from_tensor(&tensor)?)
+        };
+        let (weight, bias) = (take("w_norm")?, take("b_norm")?);
+        Ok(Self {
+            name: name.clone(),
+            weight,
+            bias,
+            multiplier,
+            dropout: None,
+        })
+    }
+
+    /// The trainable tensors as lycoris names them.
+    fn named_vars(&self) -> [(&'static str, &Var); 2] {
+        [("w_norm", &self.weight), ("b_norm", &self.bias)]
+    }
+
+    /// The changes at the multiplier, without dropout.
+    fn scaled(&self) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((
+            self.weight.as_tensor().affine(self.multiplier, 0.0)?,
+            self.bias.as_tensor().affine(self.multiplier, 0.0)?,
+        ))
+    }
+}
+
+impl NormAdapter for NormModule {
+    /// `(w_norm, b_norm) · multiplier`, or nothing when module dropout skips the module this
+    /// forward pass; rank dropout zeroes each channel's change with its probability, unscaled.
+    /// (lycoris' own mask keeps a channel with the dropout probability instead, the reverse of
+    /// what its other modules do; lorakit drops it with that probability.)
+    fn changes(&self) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        let mut draw = self.dropout.as_ref().and_then(BranchDropout::draw);
+        if draw.as_mut().is_some_and(|d| d.skips_branch()) {
+            return Ok(None);
+        }
+        let (mut weight, mut bias) = self.scaled()?;
+        if let Some(draw) = &mut draw {
+            let channels = weight.elem_count();
+            if let Some(mask) = draw.row_mask(channels, 1, weight.device())? {
+                weight = weight.broadcast_mul(&mask)?;
+                bias = bias.broadcast_mul(&mask)?;
+            }
+        }
+        Ok(Some((weight, bias)))
+    }
+
+    fn clone_box(&self) -> Box<dyn NormAdapter> {
+        Box::new(self.clone())
+    }
+}
+
 /// A LyCORIS network attached to a model.
 #[derive(Debug, Clone)]
 pub struct LycorisNetwork {
     /// Modules in model order.
     pub modules: Vec<LycorisModule>,
+    /// Norm modules (`train_norm`) in model order.
+    pub norms: Vec<NormModule>,
     /// The micro-batch stream shared by the modules' dropout.
     dropout_stream: Arc<AtomicU64>,
 }
@@ -564,8 +676,39 @@ impl LycorisNetwork {
         if let Some(e) = failure {
             return Err(e);
         }
+        let mut norms = Vec::new();
+        model.visit_norms(&mut |norm| {
+            if failure.is_some() {
+                return;
+            }
+            let module = config
+                .selects_norm(norm)
+                .and_then(|selected| match selected {
+                    true => NormModule::new(norm, device).map(Some),
+                    false => Ok(None),
+                });
+            match module {
+                Ok(Some(mut module)) => {
+                    if config.dropout.any() {
+                        module.dropout = Some(BranchDropout::new(
+                            config.dropout,
+                            (modules.len() + norms.len()) as u64,
+                            dropout_stream.clone(),
+                        ));
+                    }
+                    norm.adapter = Some(Box::new(module.clone()));
+                    norms.push(module);
+                }
+                Ok(None) => {}
+                Err(e) => failure = Some(e),
+            }
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
         Ok(Self {
             modules,
+            norms,
             dropout_stream,
         })
     }
@@ -600,8 +743,28 @@ impl LycorisNetwork {
         if let Some(e) = failure {
             return Err(e);
         }
+        let mut norms = Vec::new();
+        model.visit_norms(&mut |norm| {
+            if failure.is_some() {
+                return;
+            }
+            let Some(tensors) = file.remove(&norm.lora_name()) else {
+                return;
+            };
+            match NormModule::from_tensors(norm, tensors, multiplier, device, path) {
+                Ok(module) => {
+                    norm.adapter = Some(Box::new(module.clone()));
+                    norms.push(module);
+                }
+                Err(e) => failure = Some(e),
+            }
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
         let network = Self {
             modules,
+            norms,
             dropout_stream: Arc::new(AtomicU64::new(NO_DROPOUT_STREAM)),
         };
         Ok((network, file.into_keys().collect()))
@@ -618,6 +781,29 @@ impl LycorisNetwork {
         let mut file = read_modules(path)?;
         let mut report = LoadReport::default();
         let mut failure = None;
+        model.visit_norms(&mut |norm| {
+            if failure.is_some() {
+                return;
+            }
+            let name = norm.lora_name();
+            let Some(tensors) = file.remove(&name) else {
+                return;
+            };
+            let merged = NormModule::from_tensors(norm, tensors, multiplier, &Device::Cpu, path)
+                .and_then(|module| {
+                    let (weight, bias) = module.scaled()?;
+                    Ok(norm.merge(&weight, &bias)?)
+                });
+            match merged {
+                Ok(()) => {
+                    report.applied += 1;
+                    if !name.starts_with("lora_unet_") {
+                        report.applied_text_encoder += 1;
+                    }
+                }
+                Err(e) => failure = Some(e),
+            }
+        });
         model.visit_layers(&mut |layer| {
             if failure.is_some() {
                 return;
@@ -758,6 +944,30 @@ impl LycorisNetwork {
             }
             applied += 1;
         }
+        for module in &self.norms {
+            let Some(tensors) = file.remove(&module.name) else {
+                continue;
+            };
+            for (part, var) in module.named_vars() {
+                let tensor = tensors.get(part).ok_or_else(|| {
+                    Error::bad_file(path, format!("norm module {} has no {part}", module.name))
+                })?;
+                if tensor.elem_count() != var.elem_count() {
+                    return Err(Error::bad_file(
+                        path,
+                        format!(
+                            "{}.{part} has {} values in the file but {} in this network",
+                            module.name,
+                            tensor.elem_count(),
+                            var.elem_count()
+                        ),
+                    ));
+                }
+                let tensor = tensor.to_dtype(DType::F32)?.flatten_all()?;
+                var.set(&tensor.to_device(var.device())?)?;
+            }
+            applied += 1;
+        }
         Ok(applied)
     }
 
@@ -769,11 +979,13 @@ impl LycorisNetwork {
 
     /// Every trainable variable with its module name, in module order.
     pub fn named_vars(&self) -> Vec<(&str, Var)> {
-        (self.modules.iter())
-            .flat_map(|m| {
-                (m.named_vars().into_iter()).map(move |(_, var)| (m.name.as_str(), var.clone()))
-            })
-            .collect()
+        let modules = (self.modules.iter()).flat_map(|m| {
+            (m.named_vars().into_iter()).map(move |(_, var)| (m.name.as_str(), var.clone()))
+        });
+        let norms = (self.norms.iter()).flat_map(|m| {
+            (m.named_vars().into_iter()).map(move |(_, var)| (m.name.as_str(), var.clone()))
+        });
+        modules.chain(norms).collect()
     }
 
     /// The state dict as lycoris saves it: the factors and `alpha` (a 0-d float tensor), in
@@ -809,6 +1021,13 @@ impl LycorisNetwork {
             for (suffix, tensor) in tensors {
                 let tensor = tensor.to_device(&Device::Cpu)?.to_dtype(dtype)?;
                 out.push((format!("{}.{suffix}", module.name), tensor));
+            }
+        }
+        // lycoris' norm module saves no alpha.
+        for module in &self.norms {
+            for (part, var) in module.named_vars() {
+                let tensor = var.as_tensor().to_device(&Device::Cpu)?.to_dtype(dtype)?;
+                out.push((format!("{}.{part}", module.name), tensor));
             }
         }
         Ok(out)
@@ -1087,7 +1306,8 @@ fn read_modules(path: &Path) -> Result<FileModules> {
 }
 
 /// True when the safetensors file `path` holds LyCORIS modules (LoHa or LoKr factors, or
-/// lycoris' Tucker / DoRA tensors) rather than kohya `lora_down` / `lora_up` ones only.
+/// lycoris' Tucker / DoRA / full / norm tensors) rather than kohya `lora_down` / `lora_up` ones
+/// only.
 pub fn is_lycoris_file(path: &Path) -> Result<bool> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
@@ -1095,7 +1315,10 @@ pub fn is_lycoris_file(path: &Path) -> Result<bool> {
     let lycoris_part = |part: &str| {
         part.starts_with("hada_")
             || part.starts_with("lokr_")
-            || matches!(part, "dora_scale" | "lora_mid.weight" | "diff" | "diff_b")
+            || matches!(
+                part,
+                "dora_scale" | "lora_mid.weight" | "diff" | "diff_b" | "w_norm" | "b_norm"
+            )
     };
     Ok((header.tensors().keys())
         .filter_map(|key| key.split_once('.'))

@@ -7,13 +7,13 @@ use std::path::Path;
 use regex::Regex;
 
 use super::selection::Algo;
-use crate::models::adapter::{AdaptableLayer, Container};
+use crate::models::adapter::{AdaptableLayer, AdaptableNorm, Container, NormType};
 use crate::models::frozen::FrozenKind;
 use crate::{Error, Result};
 
 /// The sd-scripts classes lorakit locates around a layer (see [`containers`]); a preset may name
 /// these.
-const MODELLED_CLASSES: [&str; 13] = [
+const MODELLED_CLASSES: [&str; 15] = [
     "Transformer2DModel",
     "BasicTransformerBlock",
     "CrossAttention",
@@ -27,6 +27,8 @@ const MODELLED_CLASSES: [&str; 13] = [
     "CLIPMLP",
     "Linear",
     "Conv2d",
+    "GroupNorm",
+    "LayerNorm",
 ];
 
 /// Classes lycoris' built-in presets list that no module of the SD1/SD2/SDXL models of sd-scripts
@@ -151,6 +153,48 @@ impl ModuleOverride {
             }
         }
         Ok(entry)
+    }
+}
+
+/// A layer as a preset sees it: its path, the model it is in, the sd-scripts class around it and
+/// its own class.
+#[derive(Debug, Clone, Copy)]
+pub struct Site<'a> {
+    /// Diffusers-style path, e.g. `down_blocks.0.resnets.0.conv1`.
+    pub path: &'a str,
+    /// The sd-scripts class that contains it.
+    pub container: Container,
+    /// The kohya prefix of its model (`lora_unet`, `lora_te`, ...).
+    pub lora_prefix: &'a str,
+    /// Its own class: `Linear`, `Conv2d`, `GroupNorm` or `LayerNorm`.
+    pub class: &'static str,
+}
+
+impl<'a> Site<'a> {
+    /// A linear or convolution layer.
+    pub fn of_layer(layer: &'a AdaptableLayer) -> Self {
+        Self {
+            path: &layer.path,
+            container: layer.container,
+            lora_prefix: layer.lora_prefix,
+            class: match layer.kind() {
+                FrozenKind::Linear => "Linear",
+                FrozenKind::Conv2d { .. } => "Conv2d",
+            },
+        }
+    }
+
+    /// A normalisation layer.
+    pub fn of_norm(norm: &'a AdaptableNorm) -> Self {
+        Self {
+            path: &norm.path,
+            container: norm.container,
+            lora_prefix: norm.lora_prefix,
+            class: match norm.kind() {
+                NormType::Group { .. } => "GroupNorm",
+                NormType::Layer => "LayerNorm",
+            },
+        }
     }
 }
 
@@ -406,22 +450,22 @@ impl Preset {
     /// layer itself, whose algorithm, when it names none, is the next mapped class's outwards;
     /// a layer selected by name takes its `name_algo_map` entry (the exact name, else the first
     /// matching pattern), else its own class's `module_algo_map` entry.
-    pub fn select(&self, layer: &AdaptableLayer) -> LayerSelection<'_> {
-        let (modules, names) = match layer.lora_prefix {
+    pub fn select(&self, site: &Site) -> LayerSelection<'_> {
+        let (modules, names) = match site.lora_prefix {
             "lora_unet" => (&self.unet_target_module, &self.unet_target_name),
             _ => (
                 &self.text_encoder_target_module,
                 &self.text_encoder_target_name,
             ),
         };
-        let chain = containers(layer);
+        let chain = containers(site);
         let targets: Vec<usize> = (chain.iter().enumerate())
             .filter(|(_, (path, class))| {
                 modules.iter().any(|m| m == class) && !self.names_match(names, path)
             })
             .map(|(index, _)| index)
             .collect();
-        let by_name = self.names_match(names, &layer.path);
+        let by_name = self.names_match(names, site.path);
         let count = targets.len() + usize::from(by_name);
         if count != 1 {
             return LayerSelection {
@@ -444,7 +488,7 @@ impl Preset {
             }
             None => {
                 let own_class = chain.last().map_or("", |(_, class)| *class);
-                let entry = (self.name_entry(&layer.path)).or_else(|| self.class_entry(own_class));
+                let entry = (self.name_entry(site.path)).or_else(|| self.class_entry(own_class));
                 selection.algo = entry.and_then(|e| e.algo);
                 selection.options = entry;
             }
@@ -472,23 +516,25 @@ impl Preset {
     }
 }
 
-/// The sd-scripts modules that contain `layer` (itself included), outermost first, as (module
+/// The sd-scripts modules that contain a layer (itself included), outermost first, as (module
 /// name, class): e.g. `down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k` lies in
 /// `Transformer2DModel`, `BasicTransformerBlock` and `CrossAttention` and is a `Linear`.
 /// Block-level classes (`CrossAttnDownBlock2D`, `CLIPEncoder`, ...) are not located.
-fn containers(layer: &AdaptableLayer) -> Vec<(String, &'static str)> {
-    let path = layer.path.as_str();
+fn containers(site: &Site) -> Vec<(String, &'static str)> {
+    let path = site.path;
     let before = |marker: &str| path.find(marker).map(|i| path[..i].to_string());
     let parent = |levels: usize| {
         let parts: Vec<&str> = path.split('.').collect();
         parts[..parts.len().saturating_sub(levels)].join(".")
     };
     let mut out = Vec::new();
-    match layer.container {
+    match site.container {
         Container::Transformer => {
+            // The transformer's own GroupNorm is its `norm`.
             let root = [".transformer_blocks.", ".proj_in", ".proj_out"]
                 .iter()
                 .filter_map(|m| before(m))
+                .chain(path.strip_suffix(".norm").map(str::to_string))
                 .min_by_key(|r| r.len());
             if let Some(root) = root {
                 out.push((root.clone(), "Transformer2DModel"));
@@ -537,11 +583,7 @@ fn containers(layer: &AdaptableLayer) -> Vec<(String, &'static str)> {
         }
         Container::Other => {}
     }
-    let leaf = match layer.kind() {
-        FrozenKind::Linear => "Linear",
-        FrozenKind::Conv2d { .. } => "Conv2d",
-    };
-    out.push((path.to_string(), leaf));
+    out.push((path.to_string(), site.class));
     out
 }
 

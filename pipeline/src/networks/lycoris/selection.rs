@@ -1,8 +1,8 @@
 //! Which layers `lycoris.kohya` gives a module, with what dim and alpha, under a preset, and
 //! LoKr's factorisation of a dimension.
 
-use super::preset::Preset;
-use crate::models::adapter::AdaptableLayer;
+use super::preset::{Preset, Site};
+use crate::models::adapter::{AdaptableLayer, AdaptableNorm};
 use crate::models::frozen::FrozenKind;
 use crate::networks::lora::DropoutRates;
 use crate::{Error, Result};
@@ -70,6 +70,9 @@ pub struct LycorisConfig {
     pub use_scalar: bool,
     /// `algo=dylora`'s ranks per block (`block_size`, default 4); the dims must be multiples.
     pub block_size: usize,
+    /// Normalisation layers inside the targets get a trainable change of their weight and bias
+    /// (`train_norm`).
+    pub train_norm: bool,
     /// Which layers get a module (`preset`, default `full`), with the preset's per-module
     /// algorithms and options.
     pub preset: Preset,
@@ -84,7 +87,7 @@ impl LycorisConfig {
     /// convolution a module even without `conv_dim`, as lycoris' `create_single_module` reads
     /// them. A layer the preset selects twice is an error, as in lycoris.
     pub fn module_config(&self, layer: &AdaptableLayer) -> Result<Option<(Self, usize, f32)>> {
-        let selection = self.preset.select(layer);
+        let selection = self.preset.select(&Site::of_layer(layer));
         match selection.count {
             0 => return Ok(None),
             1 => {}
@@ -134,6 +137,22 @@ impl LycorisConfig {
         };
         config.check_module(&layer.lora_name(), dim)?;
         Ok(Some((config, dim, alpha)))
+    }
+
+    /// Whether `norm` gets a norm module (`train_norm`): when the preset selects it, as lycoris
+    /// gives every `GroupNorm` / `LayerNorm` it reaches a `NormModule` whatever the algorithm.
+    pub fn selects_norm(&self, norm: &AdaptableNorm) -> Result<bool> {
+        if !self.train_norm {
+            return Ok(false);
+        }
+        match self.preset.select(&Site::of_norm(norm)).count {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(Error::Usage(format!(
+                "the preset selects {} twice; lycoris stops with \"duplicated lora name\"",
+                norm.lora_name()
+            ))),
+        }
     }
 
     /// Refuses a module (`module`: its name, or the arguments that set it) whose settings

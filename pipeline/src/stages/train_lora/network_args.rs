@@ -378,8 +378,8 @@ fn lycoris_config(
         Some(v) => number::<usize>("block_size", &v)?.max(1),
         None => 4,
     };
-    const OFF_ONLY: [(&str, &str); 10] = [
-        ("train_norm", "training the norm layers"),
+    let train_norm = take("train_norm").is_some_and(|v| lycoris_bool(&v));
+    const OFF_ONLY: [(&str, &str); 9] = [
         ("bypass_mode", "the bypass forward pass"),
         ("rs_lora", "rank-stabilised scaling"),
         ("full_matrix", "LoKr's full matrices"),
@@ -407,7 +407,8 @@ fn lycoris_config(
                     "--network_args {key}={value}: {what} is not supported with lycoris.kohya; \
                      supported: algo=locon|loha|lokr|full|dylora, conv_dim, conv_alpha, \
                      factor, decompose_both, use_tucker, dora_wd, wd_on_output, use_scalar, \
-                     block_size, rank_dropout, module_dropout, dropout (no effect), preset"
+                     block_size, train_norm, rank_dropout, module_dropout, dropout (no effect), \
+                     preset"
                 )));
             }
         }
@@ -416,7 +417,7 @@ fn lycoris_config(
         return Err(Error::Usage(format!(
             "--network_args {key}: not supported with lycoris.kohya (supported: algo, conv_dim, \
              conv_alpha, factor, decompose_both, use_tucker, dora_wd, wd_on_output, use_scalar, \
-             block_size, rank_dropout, module_dropout, dropout, preset)"
+             block_size, train_norm, rank_dropout, module_dropout, dropout, preset)"
         )));
     }
     let config = LycorisConfig {
@@ -433,6 +434,7 @@ fn lycoris_config(
         wd_on_output,
         use_scalar,
         block_size,
+        train_norm,
         preset,
     };
     config.check_module("--network_args", dim)?;
