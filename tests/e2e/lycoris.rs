@@ -149,12 +149,21 @@ fn lycoris_loha_trains_with_the_text_encoder_and_saves_lycoris_keys() {
 /// lycoris' own loader takes `path` strictly (282 UNet and 72 text-encoder modules), when the
 /// reference Python has lycoris-lora.
 fn assert_lycoris_loads(path: &Path) {
+    assert_lycoris_loads_modules(path, 282, 72);
+}
+
+/// lycoris' own loader takes `path` strictly, making `unet` UNet and `text` text-encoder
+/// modules, when the reference Python has lycoris-lora.
+fn assert_lycoris_loads_modules(path: &Path, unet: usize, text: usize) {
     match common::reference_python("lycoris.kohya, diffusers, transformers") {
         Some(python) => {
             let arch = fixtures().join("sd15-tiny/arch.json");
             let stdout =
                 common::run_reference_script(&python, LYCORIS_LOAD, args![arch, path], "lycoris");
-            assert!(stdout.contains("modules 282 72"), "{stdout}");
+            assert!(
+                stdout.contains(&format!("modules {unet} {text}")),
+                "{stdout}"
+            );
         }
         None => eprintln!("lycoris-lora is not installed: the load in lycoris is skipped"),
     }
@@ -723,4 +732,110 @@ fn a_preset_with_algo_maps_trains_each_module_with_its_algorithm() {
         "the saved keys, shapes and dtypes are lycoris'"
     );
     assert_lycoris_loads(&path);
+}
+
+#[test]
+fn lycoris_train_norm_trains_the_norms_resumes_and_merges_as_base_weights() {
+    // LoCon with train_norm and the text encoder: lycoris' keys (w_norm / b_norm on the UNet's
+    // 108 GroupNorm and LayerNorm layers inside the targets).
+    let data = tempfile::tempdir().unwrap();
+    make_training_caches(data.path());
+    let out = tempfile::tempdir().unwrap();
+    let (model, meta, data_dir, out_dir) = (
+        model(),
+        data.path().join("meta_lat.json"),
+        data.path(),
+        out.path(),
+    );
+    run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model,
+            "--in_json",
+            meta,
+            "--train_data_dir",
+            data_dir,
+            "--output_dir",
+            out_dir,
+            "--output_name",
+            "norm",
+            "--network_module",
+            "lycoris.kohya",
+            "--network_dim",
+            "4",
+            "--network_alpha",
+            "2",
+            "--network_args",
+            "algo=locon",
+            "conv_dim=2",
+            "conv_alpha=1",
+            "train_norm=True",
+            "--learning_rate",
+            "1e-3",
+            "--max_train_steps",
+            "2",
+            "--seed",
+            "5"
+        ],
+        0,
+    );
+    let path = out_dir.join("norm.safetensors");
+    let (saved, _) = common::safetensors_header(&path);
+    let (expected, _) =
+        common::golden_keys(&fixtures().join("golden/lycoris/locon_norm_keys.json"));
+    assert_eq!(
+        saved, expected,
+        "the saved keys, shapes and dtypes are lycoris'"
+    );
+    // w_norm and b_norm start at zero: they moved.
+    let tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+    for part in ["w_norm", "b_norm"] {
+        let key = format!("lora_unet_down_blocks_1_resnets_0_norm1.{part}");
+        let moved = tensors[&key].abs().unwrap().max_all().unwrap();
+        assert!(moved.to_scalar::<f32>().unwrap() > 0.0, "{key}");
+    }
+    assert_lycoris_loads_modules(&path, 390, 72);
+    // check-lora lists the norm weights; merge-lora refuses the file, naming them.
+    let output = common::run("check-lora", args![path, "--json"]);
+    assert!(output.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["lora_tensors"], 354 * 2 + 108 * 2);
+    let merged = out_dir.join("merged.safetensors");
+    let stderr = run_expect(
+        "merge-lora",
+        args!["--save_to", merged, "--models", path, "--ratios", "1"],
+        1,
+    );
+    assert!(stderr.contains("w_norm"), "{stderr}");
+    assert!(!merged.exists());
+    // The golden file as base weights: every module, norms included, merged.
+    let golden = fixtures().join("golden/lycoris/locon_norm.safetensors");
+    let stderr = run_expect(
+        "train-lora",
+        args![
+            "--pretrained_model_name_or_path",
+            model,
+            "--in_json",
+            meta,
+            "--train_data_dir",
+            data_dir,
+            "--output_dir",
+            out_dir,
+            "--base_weights",
+            golden,
+            "--base_weights_multiplier",
+            "0.5",
+            "--max_train_steps",
+            "1",
+            "--seed",
+            "5"
+        ],
+        0,
+    );
+    assert!(
+        stderr.contains("462 modules merged into the base model at 0.5"),
+        "{stderr}"
+    );
+    assert_resumes_bit_for_bit(&["train_norm=True", "rank_dropout=0.3"], ".w_norm");
 }

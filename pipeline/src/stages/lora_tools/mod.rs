@@ -21,7 +21,7 @@ use crate::{Error, Result};
 use tensors::TensorFile;
 
 /// LyCORIS tensor-name endings (lycoris-lora's LoHa, LoKr, (IA)^3, full, DoRA and norm modules).
-pub const LYCORIS_SUFFIXES: [&str; 17] = [
+pub const LYCORIS_SUFFIXES: [&str; 20] = [
     ".hada_w1_a",
     ".hada_w1_b",
     ".hada_w2_a",
@@ -38,7 +38,10 @@ pub const LYCORIS_SUFFIXES: [&str; 17] = [
     ".dora_scale",
     ".lora_mid",
     ".diff",
+    ".diff_b",
     ".on_input",
+    ".w_norm",
+    ".b_norm",
 ];
 
 /// The tensors of one kohya LoRA module in a file.
@@ -57,18 +60,23 @@ pub struct ModuleKeys {
 /// The kohya LoRA modules (`lora_down`/`lora_up`/`alpha`) of `file`, by name; a file with none
 /// is refused with a message saying what it seems to be instead.
 pub fn lora_modules(file: &TensorFile, path: &Path) -> Result<BTreeMap<String, ModuleKeys>> {
-    // A LoCon module with DoRA's norms or a Tucker core is more than up · down: the sd-scripts
-    // scripts would drop those tensors and write a wrong result.
-    let extended = (file.tensors.keys())
-        .find(|k| k.ends_with(".dora_scale") || k.ends_with(".lora_mid.weight"));
+    // A LoCon module with DoRA's norms or a Tucker core is more than up · down, and norm
+    // modules (train_norm) are no product at all: the sd-scripts scripts would drop those
+    // tensors and write a wrong result.
+    let extended = (file.tensors.keys()).find(|k| {
+        [".dora_scale", ".lora_mid.weight", ".w_norm", ".b_norm"]
+            .iter()
+            .any(|suffix| k.ends_with(suffix))
+    });
     if let Some(key) = extended {
         return Err(Error::bad_file(
             path,
             format!(
-                "{key}: a LyCORIS LoCon file with DoRA (dora_scale) or Tucker (lora_mid) tensors; \
-                 this tool handles plain lora_down/lora_up modules only; to merge it into a \
-                 checkpoint use lycoris-lora's own merge (tools/merge.py of the LyCORIS \
-                 repository); check-lora lists its weights"
+                "{key}: a LyCORIS LoCon file with DoRA (dora_scale), Tucker (lora_mid) or norm \
+                 (w_norm / b_norm, train_norm) tensors; this tool handles plain \
+                 lora_down/lora_up modules only; to merge it into a checkpoint use \
+                 lycoris-lora's own merge (tools/merge.py of the LyCORIS repository); \
+                 check-lora lists its weights"
             ),
         ));
     }
