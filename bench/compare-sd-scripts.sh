@@ -6,7 +6,8 @@
 #
 #   SD_SCRIPTS=~/sd-scripts SD_PYTHON=~/sd-scripts/venv/bin/python bench/compare-sd-scripts.sh [STAGE...]
 #
-# Stages (default: all): tag, caption, metadata, text-encoder, train.
+# Stages (default: tag, caption, metadata, text-encoder): tag, caption, metadata, text-encoder,
+# train, lora-tools.
 #   tag           bench/tag-images.sh on 20 and 2,000 copies of the fixture photos (tiny WD14 tagger,
 #                 batch 8), then sd-scripts finetune/tag_images_by_wd14_tagger.py --onnx on the same
 #                 folders, and the ONNX session alone on batches of the same shape (the floor).
@@ -32,6 +33,12 @@
 #                 tokenizer/ folder beside it, e.g. bench/torch_generate_full.py's full-size one),
 #                 TRAIN_RES (256), TRAIN_IMAGES (8), TRAIN_BATCH (2) and TRAIN_THREADS (1) change
 #                 the run (with TRAIN_MODEL, sd-scripts loads it without the tiny-width patch).
+#   lora-tools    a full-size SD1.5 LierLa LoRA at rank 128 (bench/sd_scripts_full_lora.py:
+#                 sd-scripts' networks.lora on its SD1.5 UNet and CLIP ViT-L/14 shapes, 264
+#                 modules, random float16 factors) resized by our resize-lora and by sd-scripts'
+#                 networks/resize_lora.py (--device cpu), --save_precision fp16: to rank 32, and
+#                 dynamically (--dynamic_method sv_fro --dynamic_param 0.9); the ranks each chose
+#                 and the resized modules' products are compared.
 # Wall times include process start-up and model loading on both sides.
 # Environment: WORK (scratch folder, default a new temp folder), PROFILE (release), TAG_SIZES
 # ("20 2000"), N_META (100000), N_TINY (512), N_FULL (64).
@@ -269,6 +276,45 @@ stage_train() {
   done
 }
 
+stage_lora_tools() {
+  local work="$WORK/lora-tools" input
+  mkdir -p "$work"
+  input="$work/full128.safetensors"
+  [ -f "$input" ] || "${SD_RUN[@]}" "$(pwd)/bench/sd_scripts_full_lora.py" "$input" 128 > "$work/input.out" 2>&1
+  [ -n "${NO_BUILD:-}" ] || cargo build -p resize-lora $([ "$PROFILE" = release ] && echo --release) -q
+  local resize=(--model "$input" --save_precision fp16)
+  local fixed=(--new_rank 32) dynamic=(--new_rank 128 --dynamic_method sv_fro --dynamic_param 0.9)
+  measure "lorakit resize-lora 128 to 32" 264 "$BIN/resize-lora" "${resize[@]}" "${fixed[@]}" \
+    --save_to "$work/lorakit-32.safetensors"
+  measure "sd-scripts resize_lora.py 128 to 32" 264 "${SD_RUN[@]}" networks/resize_lora.py \
+    "${resize[@]}" "${fixed[@]}" --device cpu --save_to "$work/sd-scripts-32.safetensors"
+  measure "lorakit resize-lora sv_fro 0.9" 264 "$BIN/resize-lora" "${resize[@]}" "${dynamic[@]}" \
+    --save_to "$work/lorakit-fro.safetensors"
+  measure "sd-scripts resize_lora.py sv_fro 0.9" 264 "${SD_RUN[@]}" networks/resize_lora.py \
+    "${resize[@]}" "${dynamic[@]}" --device cpu --save_to "$work/sd-scripts-fro.safetensors"
+  "$SD_PYTHON" - "$work" <<'PY'
+import sys
+from safetensors.torch import load_file
+work = sys.argv[1]
+for case in ("32", "fro"):
+    ours = load_file(f"{work}/lorakit-{case}.safetensors")
+    theirs = load_file(f"{work}/sd-scripts-{case}.safetensors")
+    names = sorted(k[: -len(".lora_down.weight")] for k in theirs if k.endswith(".lora_down.weight"))
+    same_rank, worst = 0, 0.0
+    for name in names:
+        down, up = (f"{name}.lora_down.weight", f"{name}.lora_up.weight")
+        same_rank += ours[down].shape[0] == theirs[down].shape[0]
+        if ours[down].shape[0] != theirs[down].shape[0]:
+            continue
+        product = lambda sd: (sd[up].float().flatten(1) @ sd[down].float().flatten(1)) * (
+            sd[f"{name}.alpha"].float() / sd[down].shape[0])
+        a, b = product(ours), product(theirs)
+        worst = max(worst, float((a - b).norm() / b.norm()))
+    print(f"    {case}: ranks equal in {same_rank} of {len(names)} modules; "
+          f"largest relative difference of up.down.scale: {worst:.2e}")
+PY
+}
+
 for stage in "${STAGES[@]}"; do
   echo "== $stage"
   case "$stage" in
@@ -277,6 +323,7 @@ for stage in "${STAGES[@]}"; do
     metadata) stage_metadata ;;
     text-encoder) stage_text_encoder ;;
     train) stage_train ;;
-    *) echo "error: unknown stage $stage (tag, caption, metadata, text-encoder, train)" >&2; exit 2 ;;
+    lora-tools) stage_lora_tools ;;
+    *) echo "error: unknown stage $stage (tag, caption, metadata, text-encoder, train, lora-tools)" >&2; exit 2 ;;
   esac
 done
