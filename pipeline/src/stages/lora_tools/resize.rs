@@ -10,6 +10,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use rayon::prelude::*;
+
 use super::linalg::{matrix, product_svd, to_row_major};
 use super::lora_modules;
 use super::tensors::{Array, Precision, TensorFile};
@@ -160,51 +162,58 @@ pub fn run(options: &Options) -> Result<Summary> {
     let mut last_alpha = None::<f32>;
     let mut report = String::from("\n");
     let mut fro_list = Vec::new();
-    for (name, keys) in &modules {
-        let down = &lora.tensors[&keys.down];
-        let up = &lora.tensors[&keys.up];
-        let conv = down.shape.len() == 4;
-        let old_rank = down.shape[0];
-        max_old_rank = max_old_rank.max(old_rank);
-        let scale = keys
-            .alpha
-            .as_ref()
-            .map_or(1.0, |k| lora.tensors[k].item() / old_rank as f32);
-        let out_size = up.shape[0];
-        let cols = down.data.len() / old_rank.max(1);
-        let svd = product_svd(
-            matrix(out_size, old_rank, &up.data),
-            matrix(old_rank, cols, &down.data),
-        );
-        let mut s = svd.s.clone();
-        s.resize(out_size.min(cols), 0.0);
-        let target = if conv { conv_rank } else { options.new_rank };
-        let choice = rank_resize(&s, target, options.dynamic_method, param, scale);
-        let r = choice.new_rank;
-        let have = svd.s.len();
-        let mut new_up = vec![0f32; out_size * r];
-        let mut new_down = vec![0f32; r * cols];
-        let u = to_row_major(&svd.u);
-        let vt = to_row_major(&svd.vt);
-        for o in 0..out_size {
-            for k in 0..r.min(have) {
-                new_up[o * r + k] = (u[o * have + k] as f64 * svd.s[k]) as f32;
+    // Each module's decomposition on its own thread; the file is assembled in module order.
+    let resized: Vec<(&String, &super::ModuleKeys, Array, Array, RankChoice, usize)> = modules
+        .par_iter()
+        .map(|(name, keys)| {
+            let down = &lora.tensors[&keys.down];
+            let up = &lora.tensors[&keys.up];
+            let conv = down.shape.len() == 4;
+            let old_rank = down.shape[0];
+            let scale = keys
+                .alpha
+                .as_ref()
+                .map_or(1.0, |k| lora.tensors[k].item() / old_rank as f32);
+            let out_size = up.shape[0];
+            let cols = down.data.len() / old_rank.max(1);
+            let svd = product_svd(
+                matrix(out_size, old_rank, &up.data),
+                matrix(old_rank, cols, &down.data),
+            );
+            let mut s = svd.s.clone();
+            s.resize(out_size.min(cols), 0.0);
+            let target = if conv { conv_rank } else { options.new_rank };
+            let choice = rank_resize(&s, target, options.dynamic_method, param, scale);
+            let r = choice.new_rank;
+            let have = svd.s.len();
+            let mut new_up = vec![0f32; out_size * r];
+            let mut new_down = vec![0f32; r * cols];
+            let u = to_row_major(&svd.u);
+            let vt = to_row_major(&svd.vt);
+            for o in 0..out_size {
+                for k in 0..r.min(have) {
+                    new_up[o * r + k] = (u[o * have + k] as f64 * svd.s[k]) as f32;
+                }
             }
-        }
-        for k in 0..r.min(have) {
-            new_down[k * cols..(k + 1) * cols].copy_from_slice(&vt[k * cols..(k + 1) * cols]);
-        }
-        let mut down_shape = down.shape.clone();
-        down_shape[0] = r;
-        let up_shape = if conv {
-            vec![out_size, r, 1, 1]
-        } else {
-            vec![out_size, r]
-        };
-        out.tensors
-            .insert(keys.down.clone(), Array::new(down_shape, new_down, save));
-        out.tensors
-            .insert(keys.up.clone(), Array::new(up_shape, new_up, save));
+            for k in 0..r.min(have) {
+                new_down[k * cols..(k + 1) * cols].copy_from_slice(&vt[k * cols..(k + 1) * cols]);
+            }
+            let mut down_shape = down.shape.clone();
+            down_shape[0] = r;
+            let up_shape = if conv {
+                vec![out_size, r, 1, 1]
+            } else {
+                vec![out_size, r]
+            };
+            let down = Array::new(down_shape, new_down, save);
+            let up = Array::new(up_shape, new_up, save);
+            (name, keys, down, up, choice, old_rank)
+        })
+        .collect();
+    for (name, keys, down, up, choice, old_rank) in resized {
+        max_old_rank = max_old_rank.max(old_rank);
+        out.tensors.insert(keys.down.clone(), down);
+        out.tensors.insert(keys.up.clone(), up);
         out.tensors.insert(
             format!("{name}.alpha"),
             Array::scalar(choice.new_alpha, save),
