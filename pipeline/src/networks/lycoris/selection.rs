@@ -187,7 +187,7 @@ impl LycorisConfig {
                      out, or use algo=locon|loha|lokr"
                 )));
             }
-            if dim % self.block_size != 0 {
+            if !dim.is_multiple_of(self.block_size) {
                 return Err(Error::Usage(format!(
                     "{module} algo=dylora: dim {dim} is not a multiple of block_size {} \
                      (lycoris stops: \"lora_dim must be a multiple of block_size\")",
