@@ -10,6 +10,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
+use rayon::prelude::*;
+
 use super::linalg::{matrix, svd, to_row_major};
 use super::tensors::{check_output, Array, Precision, TensorFile};
 use super::{modelspec, module_slots, py_bool, text_encoder_names, title_of, WeightSlot};
@@ -61,42 +63,47 @@ pub fn quantile(values: &mut [f32], q: f64) -> f32 {
     (values[lo] as f64 + (values[hi] as f64 - values[lo] as f64) * frac) as f32
 }
 
-/// Factors the weight change `diff` of module `name` (weight shape `shape`) and inserts its
-/// `lora_up` / `lora_down` weights into `out`, at `ranks.0` (Linear and 1x1 conv) or `ranks.1`
-/// (3x3 conv), at most the smaller side; returns the rank used (the caller writes the alpha).
+/// Factors each module's weight change (`(diff, weight shape)` by module name), a module per
+/// thread, and inserts its `lora_up` / `lora_down` weights into `out`, at `ranks.0` (Linear and
+/// 1x1 conv) or `ranks.1` (3x3 conv), at most the smaller side; returns each module's rank (the
+/// caller writes the alphas), in name order.
 pub fn insert_factors(
     out: &mut TensorFile,
-    name: &str,
-    (diff, shape): (&[f32], &[usize]),
+    modules: &BTreeMap<String, (Vec<f32>, Vec<usize>)>,
     (rank, conv_rank): (usize, usize),
     clamp_quantile: f64,
     save: safetensors::Dtype,
-) -> usize {
-    let conv = shape.len() == 4;
-    let conv3 = conv && shape[2..] != [1, 1];
-    let (out_dim, in_dim) = (shape[0], shape[1]);
-    let rank = if conv3 { conv_rank } else { rank }
-        .min(in_dim)
-        .min(out_dim);
-    let cols = diff.len() / out_dim;
-    let (up, down) = factor(diff, out_dim, cols, rank, clamp_quantile);
-    let (up_shape, down_shape) = if conv {
-        (
-            vec![out_dim, rank, 1, 1],
-            vec![rank, in_dim, shape[2], shape[3]],
-        )
-    } else {
-        (vec![out_dim, rank], vec![rank, in_dim])
-    };
-    out.tensors.insert(
-        format!("{name}.lora_up.weight"),
-        Array::new(up_shape, up, save),
-    );
-    out.tensors.insert(
-        format!("{name}.lora_down.weight"),
-        Array::new(down_shape, down, save),
-    );
-    rank
+) -> Vec<(String, usize)> {
+    let factored: Vec<(&String, usize, Array, Array)> = modules
+        .par_iter()
+        .map(|(name, (diff, shape))| {
+            let conv = shape.len() == 4;
+            let conv3 = conv && shape[2..] != [1, 1];
+            let (out_dim, in_dim) = (shape[0], shape[1]);
+            let rank = if conv3 { conv_rank } else { rank }
+                .min(in_dim)
+                .min(out_dim);
+            let cols = diff.len() / out_dim;
+            let (up, down) = factor(diff, out_dim, cols, rank, clamp_quantile);
+            let (up_shape, down_shape) = if conv {
+                (
+                    vec![out_dim, rank, 1, 1],
+                    vec![rank, in_dim, shape[2], shape[3]],
+                )
+            } else {
+                (vec![out_dim, rank], vec![rank, in_dim])
+            };
+            let up = Array::new(up_shape, up, save);
+            (name, rank, up, Array::new(down_shape, down, save))
+        })
+        .collect();
+    (factored.into_iter())
+        .map(|(name, rank, up, down)| {
+            out.tensors.insert(format!("{name}.lora_up.weight"), up);
+            out.tensors.insert(format!("{name}.lora_down.weight"), down);
+            (name.clone(), rank)
+        })
+        .collect()
 }
 
 /// The rank-`rank` factors `(up [out, rank], down [rank, cols])` of `diff` (`out x cols`), clamped.
@@ -250,16 +257,15 @@ pub fn run(options: &Options) -> Result<Summary> {
         diffs.retain(|name, _| !name.starts_with("lora_te"));
     }
     let mut out = TensorFile::default();
-    for (name, (diff, shape)) in &diffs {
-        let conv_rank = options.conv_dim.unwrap_or(options.dim);
-        let rank = insert_factors(
-            &mut out,
-            name,
-            (diff, shape),
-            (options.dim, conv_rank),
-            options.clamp_quantile,
-            save,
-        );
+    let conv_rank = options.conv_dim.unwrap_or(options.dim);
+    let ranks = insert_factors(
+        &mut out,
+        &diffs,
+        (options.dim, conv_rank),
+        options.clamp_quantile,
+        save,
+    );
+    for (name, rank) in ranks {
         out.tensors
             .insert(format!("{name}.alpha"), Array::scalar(rank as f32, save));
     }

@@ -98,15 +98,14 @@ pub fn run(options: &Options) -> Result<Summary> {
         sources.push((path.clone(), lora.metadata));
     }
     let mut out = TensorFile::default();
-    for (name, (sum, shape)) in &sums {
-        let rank = insert_factors(
-            &mut out,
-            name,
-            (sum, shape),
-            (options.new_rank, conv_rank),
-            options.clamp_quantile,
-            save,
-        );
+    let ranks = insert_factors(
+        &mut out,
+        &sums,
+        (options.new_rank, conv_rank),
+        options.clamp_quantile,
+        save,
+    );
+    for (name, rank) in ranks {
         out.tensors.insert(
             format!("{name}.alpha"),
             Array::new(Vec::new(), vec![rank as f32], safetensors::Dtype::I64),
