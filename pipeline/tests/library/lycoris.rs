@@ -395,6 +395,8 @@ fn lycoris_presets_select_the_layers_lycoris_selects() {
         preset,
     };
     let preset_file = fixtures().join("golden/lycoris/preset.toml");
+    // With train_norm, whole CLIP encoder layers as targets: their layer norms get modules.
+    let norm_te_file = fixtures().join("golden/lycoris/norm_te.toml");
     let cases = [
         ("preset_attn_mlp", Preset::builtin("attn-mlp").unwrap(), 4),
         ("preset_attn_only", Preset::builtin("attn-only").unwrap(), 4),
@@ -411,11 +413,18 @@ fn lycoris_presets_select_the_layers_lycoris_selects() {
             4,
         ),
         ("preset_file", Preset::from_file(&preset_file).unwrap(), 2),
+        ("norm_te", Preset::from_file(&norm_te_file).unwrap(), 4),
     ];
     for (case, preset, conv_dim) in cases {
         let golden = golden_json(case);
-        let state = fresh_sd15_state(&locon(preset, conv_dim));
-        let modules = state.iter().filter(|(k, _)| k.ends_with(".alpha")).count();
+        let config = LycorisConfig {
+            train_norm: case == "norm_te",
+            ..locon(preset, conv_dim)
+        };
+        let state = fresh_sd15_state(&config);
+        let modules = (state.iter().map(|(k, _)| k.split_once('.').unwrap().0))
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
         assert_eq!(
             modules as u64,
             golden["modules"].as_u64().unwrap(),
