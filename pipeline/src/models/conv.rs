@@ -11,6 +11,7 @@
 use candle_core::{DType, Module, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::bf16_products::{product, with_narrow_weight, Side};
 use super::kernel_choice::cpu_kernels;
 use super::kernels::{for_each_f32_band, gemm_into, with_f32_slice, Operand, Threads};
 use super::winograd::Winograd;
@@ -137,6 +138,20 @@ impl Conv2d {
         }
         self.for_each_column_band(input, sizes, (out_h, out_w), |b, first, columns, col| {
             let dst = &mut output[b * out_channels * plane_out + first..];
+            let bf16 = with_narrow_weight(matrix, |w| {
+                let (lhs, rhs) = (Side::row_major(w, rows), Side::F32(col));
+                product(
+                    dst,
+                    plane_out,
+                    lhs,
+                    rhs,
+                    (out_channels, columns, rows),
+                    true,
+                )
+            });
+            if bf16.is_some() {
+                return Ok(());
+            }
             for_each_f32_band(matrix, |o, band| {
                 let shape = (band.len() / rows, columns, rows);
                 matmul_accumulate(&mut dst[o * plane_out..], plane_out, band, col, shape);
@@ -229,20 +244,35 @@ impl Conv2d {
             {
                 // columns [C·k·k, OH·OW] = Wᵀ [C·k·k, O] · dY [O, OH·OW], summed over bands
                 // of output channels; Wᵀ is read in place.
-                for_each_f32_band(&self.weight, |first, band| {
-                    let transposed = Operand::transposed(band, rows);
-                    let gradient = Operand::row_major(&image_grad[first * plane_out..], plane_out);
-                    let shape = (rows, plane_out, band.len() / rows);
-                    gemm_into(
+                let bf16 = with_narrow_weight(&self.weight, |w| {
+                    let gradient = Side::F32(Operand::row_major(image_grad, plane_out));
+                    let shape = (rows, plane_out, out_channels);
+                    product(
                         &mut columns,
                         plane_out,
-                        transposed,
+                        Side::transposed(w, rows),
                         gradient,
                         shape,
-                        first > 0,
-                        Threads::Pool,
-                    );
-                })?;
+                        false,
+                    )
+                });
+                if bf16.is_none() {
+                    for_each_f32_band(&self.weight, |first, band| {
+                        let transposed = Operand::transposed(band, rows);
+                        let gradient =
+                            Operand::row_major(&image_grad[first * plane_out..], plane_out);
+                        let shape = (rows, plane_out, band.len() / rows);
+                        gemm_into(
+                            &mut columns,
+                            plane_out,
+                            transposed,
+                            gradient,
+                            shape,
+                            first > 0,
+                            Threads::Pool,
+                        );
+                    })?;
+                }
                 input_grad
                     .par_chunks_mut(height * width)
                     .zip(columns.par_chunks(k * k * plane_out))

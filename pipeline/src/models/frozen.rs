@@ -9,7 +9,9 @@
 //!
 //! The weight may be stored in a narrower dtype than the activations (float16, bfloat16 or float8
 //! under `--mixed_precision` / `--fp8_base`, see [`super::precision`]): each forward and backward
-//! pass widens it to the activation dtype for the duration of that one product.
+//! pass widens it to the activation dtype for the duration of that one product, or, for bfloat16
+//! and float8 weights on CPUs with AVX512-BF16, multiplies it with the activations rounded to
+//! bfloat16 ([`super::bf16_products`]).
 
 use std::sync::Arc;
 
@@ -18,6 +20,7 @@ use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, DType, Layout, Module, Shape, Storage, Tensor,
 };
 
+use super::bf16_products::{product, with_narrow_weight, Side};
 use super::conv::Conv2d;
 use super::kernel_choice::cpu_kernels;
 use super::kernels::{
@@ -264,6 +267,20 @@ pub(crate) fn linear_into(
     weight: &Tensor,
 ) -> candle_core::Result<()> {
     let (out, inner) = matrix_dims(weight)?;
+    let bf16 = with_narrow_weight(weight, |w| {
+        let lhs = Side::F32(Operand::row_major(x, inner));
+        product(
+            y,
+            out,
+            lhs,
+            Side::transposed(w, inner),
+            (rows, out, inner),
+            false,
+        )
+    });
+    if bf16.is_some() {
+        return Ok(());
+    }
     for_each_f32_band(weight, |first, band| {
         let lhs = Operand::row_major(x, inner);
         let rhs = Operand::transposed(band, inner);
@@ -292,6 +309,20 @@ pub(crate) fn linear_input_gradient_into(
     weight: &Tensor,
 ) -> candle_core::Result<()> {
     let (out, inner) = matrix_dims(weight)?;
+    let bf16 = with_narrow_weight(weight, |w| {
+        let lhs = Side::F32(Operand::row_major(grad, out));
+        product(
+            dx,
+            inner,
+            lhs,
+            Side::row_major(w, inner),
+            (rows, inner, out),
+            false,
+        )
+    });
+    if bf16.is_some() {
+        return Ok(());
+    }
     for_each_f32_band(weight, |first, band| {
         let lhs = Operand::row_major(&grad[first..], out);
         let rhs = Operand::row_major(band, inner);
@@ -306,6 +337,20 @@ fn linear_in_out(x: &Tensor, in_out: &Tensor) -> candle_core::Result<Tensor> {
     let ((rows, inner), out) = (x.dims2()?, in_out.dim(1)?);
     let mut y = vec![0f32; rows * out];
     with_f32_slice(x, |x| {
+        let bf16 = with_narrow_weight(in_out, |w| {
+            let lhs = Side::F32(Operand::row_major(x, inner));
+            product(
+                &mut y,
+                out,
+                lhs,
+                Side::row_major(w, out),
+                (rows, out, inner),
+                false,
+            )
+        });
+        if bf16.is_some() {
+            return Ok(());
+        }
         for_each_f32_band(in_out, |first, band| {
             let lhs = Operand::row_major(&x[first..], inner);
             let rhs = Operand::row_major(band, out);
@@ -322,6 +367,20 @@ fn linear_input_gradient_in_out(grad: &Tensor, in_out: &Tensor) -> candle_core::
     let ((rows, out), inner) = (grad.dims2()?, in_out.dim(0)?);
     let mut dx = vec![0f32; rows * inner];
     with_f32_slice(grad, |grad| {
+        let bf16 = with_narrow_weight(in_out, |w| {
+            let lhs = Side::F32(Operand::row_major(grad, out));
+            product(
+                &mut dx,
+                inner,
+                lhs,
+                Side::transposed(w, out),
+                (rows, inner, out),
+                false,
+            )
+        });
+        if bf16.is_some() {
+            return Ok(());
+        }
         for_each_f32_band(in_out, |first, band| {
             let lhs = Operand::row_major(grad, out);
             let rhs = Operand::transposed(band, out);
@@ -600,10 +659,12 @@ mod tests {
 
     #[test]
     fn narrow_weights_are_widened_inside_the_op() {
-        // A weight stored as f16, bf16 or f8 gives what the same rounded values give as f32
-        // (activations stay f32) up to summation order (banded products against candle's one
-        // matrix product), and lands within the dtype's rounding of the f32 weight. The last two
-        // layers are wide enough to be widened in several bands.
+        // A weight stored as f16, bf16 or f8 gives what the same rounded values give as f32 up
+        // to summation order (banded products against candle's one matrix product), and lands
+        // within the dtype's rounding of the f32 weight. The last two layers are wide enough to
+        // be widened in several bands. With AVX512-BF16, bf16 and f8 weights multiply
+        // bfloat16-rounded activations and output gradients (as PyTorch's autocast does): the
+        // reference is fed the same rounded values.
         let device = Device::Cpu;
         let cases = [
             (
@@ -657,9 +718,18 @@ mod tests {
                 let narrow_op = FrozenOp::new(narrow, None, kind);
                 assert_eq!(narrow_op.weight().dtype(), dtype, "stored as given");
                 let case = format!("{kind:?} {dtype:?}");
+                let in_bf16 = dtype != DType::F16 && crate::models::bf16_products::available();
+                let as_multiplied = |t: &Tensor| match in_bf16 {
+                    true => t
+                        .to_dtype(DType::BF16)
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap(),
+                    false => t.clone(),
+                };
                 let input = Var::from_tensor(&x).unwrap();
                 let y = narrow_op.forward(input.as_tensor()).unwrap();
-                let reference_input = Var::from_tensor(&x).unwrap();
+                let reference_input = Var::from_tensor(&as_multiplied(&x)).unwrap();
                 let reference = FrozenOp::new(widened, None, kind)
                     .forward(reference_input.as_tensor())
                     .unwrap();
@@ -668,8 +738,11 @@ mod tests {
                 assert!(y_off < 1e-5, "{case}: output {y_off}");
                 let loss_weights = Tensor::randn(0f32, 1.0, y.shape(), &device).unwrap();
                 let [grad] = weighted_sum_gradients(&y, &loss_weights, [&input]);
-                let [reference_grad] =
-                    weighted_sum_gradients(&reference, &loss_weights, [&reference_input]);
+                let [reference_grad] = weighted_sum_gradients(
+                    &reference,
+                    &as_multiplied(&loss_weights),
+                    [&reference_input],
+                );
                 let grad_off = relative_difference(&grad, &reference_grad);
                 assert!(grad_off < 1e-5, "{case}: gradient {grad_off}");
                 let off = relative_difference(&y, &exact);

@@ -187,6 +187,11 @@ impl<'a> Operand<'a> {
         }
     }
 
+    /// The elements, the distance between rows and the distance between columns.
+    pub(crate) fn parts(self) -> (&'a [f32], usize, usize) {
+        (self.data, self.row_stride, self.col_stride)
+    }
+
     /// This matrix transposed (no copy).
     pub(crate) fn t(self) -> Self {
         Operand {

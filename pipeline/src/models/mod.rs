@@ -5,6 +5,7 @@
 
 pub mod adapter;
 pub mod attention;
+pub(crate) mod bf16_products;
 pub mod blip;
 pub mod checkpoint;
 pub mod clip;

@@ -4,7 +4,10 @@
 //! (half the memory) and widened to float32 one layer at a time inside the kernels, while
 //! activations, gradients and trainable parameters stay float32. candle's CPU backend has no fast
 //! half-precision matrix product (and none at all for bfloat16), so computing in the half dtype
-//! would be many times slower or fail. On CUDA the half dtype is also the compute dtype.
+//! would be many times slower or fail. The one exception: on CPUs with AVX512-BF16, products with
+//! bfloat16 and float8 weights round their f32 operand to bfloat16 and sum in f32
+//! ([`super::bf16_products`]), as PyTorch's autocast does. On CUDA the half dtype is also the
+//! compute dtype.
 
 use candle_core::{DType, Device};
 

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::{Alpha, LoraModule};
 use crate::models::adapter::{AdaptableLayer, Container};
-use crate::models::device_parity::{assert_generic_matches_kernels, moved, random, F32_TOLERANCE};
+use crate::models::device_parity::{assert_generic_matches_kernels, f32_tolerance, moved, random};
 use crate::models::frozen::FrozenKind;
 
 #[test]
@@ -69,7 +69,8 @@ fn lora_layers_match_on_the_generic_path() {
                 random(up_shape, 0.3),
             ];
             let case = format!("{name} LoRA, {weight_dtype:?} weight");
-            assert_generic_matches_kernels(&case, &inputs, DType::F32, F32_TOLERANCE, true, &layer);
+            let tolerance = f32_tolerance(weight_dtype);
+            assert_generic_matches_kernels(&case, &inputs, DType::F32, tolerance, true, &layer);
         }
     }
 }

@@ -1,0 +1,585 @@
+//! Matrix products of bfloat16 inputs with float32 sums, on CPUs with AVX512-BF16.
+//!
+//! `vdpbf16ps` adds two bfloat16 products to each of sixteen f32 sums per instruction: twice the
+//! multiply-adds of an f32 FMA. Frozen weights stored as bfloat16 or float8 (`--mixed_precision
+//! bf16`, `--fp8_base`) multiply this way: their values are exact in bfloat16, and the f32 side
+//! (activations, output gradients) is rounded to bfloat16, to nearest even, as PyTorch's autocast
+//! rounds the inputs of its bfloat16 matrix products. Both operands are packed into pairs along
+//! the summed dimension, so any strides work; the sums stay f32 throughout.
+
+use candle_core::{CpuStorage, DType, Storage, Tensor};
+use half::bf16;
+use rayon::prelude::*;
+
+use super::kernels::Operand;
+
+/// Rows of the result per kernel call.
+const TILE_ROWS: usize = 12;
+/// Columns of the result per kernel call (two vectors of sixteen lanes).
+const TILE_COLUMNS: usize = 32;
+/// Pairs of the summed dimension per pass over a tile (a tile's packed inputs stay in L1).
+const PAIRS_PER_PASS: usize = 128;
+/// Column tiles sharing one pass over the row tiles (their packed inputs stay in L2).
+const COLUMN_TILES_PER_GROUP: usize = 8;
+
+/// The environment variable that, set to `0`, keeps every product in f32 (narrow weights
+/// widened, activations unrounded), as on CPUs without AVX512-BF16.
+pub(crate) const DISABLE_VARIABLE: &str = "LORAKIT_BF16_PRODUCTS";
+
+/// Whether narrow weights multiply in bfloat16 in this process: the CPU has AVX512-BF16 and
+/// [`DISABLE_VARIABLE`] is not `0`.
+pub(crate) fn available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let disabled = std::env::var(DISABLE_VARIABLE).is_ok_and(|v| v.trim() == "0");
+        !disabled && cpu_has_bf16_pairs()
+    })
+}
+
+/// Whether this CPU has the AVX512-BF16 instructions the products need.
+fn cpu_has_bf16_pairs() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The elements of a weight stored as bfloat16 or float8.
+#[derive(Clone, Copy)]
+pub(crate) enum NarrowElements<'a> {
+    /// bfloat16 values.
+    Bf16(&'a [bf16]),
+    /// float8 e4m3 values (exact in bfloat16).
+    F8(&'a [float8::F8E4M3]),
+}
+
+/// One side of a product: f32 values (rounded to bfloat16 when packed) or a narrow weight, with
+/// element `(i, j)` at `i * row_stride + j * col_stride`.
+#[derive(Clone, Copy)]
+pub(crate) enum Side<'a> {
+    /// An f32 matrix.
+    F32(Operand<'a>),
+    /// A narrow weight's elements seen as a matrix.
+    Narrow {
+        /// The elements.
+        elements: NarrowElements<'a>,
+        /// Distance between rows.
+        row_stride: usize,
+        /// Distance between columns.
+        col_stride: usize,
+    },
+}
+
+impl<'a> Side<'a> {
+    /// The row-major matrix of a narrow weight whose rows are `row_stride` apart.
+    pub(crate) fn row_major(elements: NarrowElements<'a>, row_stride: usize) -> Self {
+        Side::Narrow {
+            elements,
+            row_stride,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of the row-major narrow matrix whose rows are `row_stride` apart.
+    pub(crate) fn transposed(elements: NarrowElements<'a>, row_stride: usize) -> Self {
+        Side::Narrow {
+            elements,
+            row_stride: 1,
+            col_stride: row_stride,
+        }
+    }
+}
+
+/// Runs `f` on the elements of `weight` when products with it run in bfloat16 here: a
+/// contiguous bfloat16 or float8 CPU tensor, on a CPU with AVX512-BF16. `None` otherwise.
+pub(crate) fn with_narrow_weight<R>(
+    weight: &Tensor,
+    f: impl FnOnce(NarrowElements) -> R,
+) -> Option<R> {
+    if !matches!(weight.dtype(), DType::BF16 | DType::F8E4M3) || !available() {
+        return None;
+    }
+    let (storage, layout) = weight.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return None;
+    };
+    let (start, end) = layout.contiguous_offsets()?;
+    match cpu {
+        CpuStorage::BF16(data) => Some(f(NarrowElements::Bf16(&data[start..end]))),
+        CpuStorage::F8E4M3(data) => Some(f(NarrowElements::F8(&data[start..end]))),
+        _ => None,
+    }
+}
+
+/// `dst = lhs · rhs`, or `dst += lhs · rhs` when `accumulate`, for `lhs` `[m, k]`, `rhs`
+/// `[k, n]` and a row-major `dst` `[m, n]` whose rows are `dst_stride` apart, with bfloat16
+/// inputs and f32 sums, split over the rayon pool. Call only where [`available`] holds.
+pub(crate) fn product(
+    dst: &mut [f32],
+    dst_stride: usize,
+    lhs: Side,
+    rhs: Side,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) {
+    assert!(available(), "bfloat16 products need AVX512-BF16");
+    assert!(
+        m == 0 || n == 0 || dst.len() > (m - 1) * dst_stride + n - 1,
+        "output too small"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst.chunks_mut(dst_stride)
+                .take(m)
+                .for_each(|row| row[..n].fill(0.0));
+        }
+        return;
+    }
+    let pairs = k.div_ceil(2);
+    // Rows of lhs as tiles of TILE_ROWS rows, columns of rhs as tiles of TILE_COLUMNS columns,
+    // each stored pair by pair: `[tile][pair][lane]`, a lane holding two bfloat16 values.
+    let lhs_tiles = pack(lhs, (m, k), false, TILE_ROWS);
+    let rhs_tiles = pack(rhs, (n, k), true, TILE_COLUMNS);
+    let (row_tiles, column_tiles) = (m.div_ceil(TILE_ROWS), n.div_ceil(TILE_COLUMNS));
+    let parts = rayon::current_num_threads().max(1);
+    let output = OutputTiles {
+        dst: dst.as_mut_ptr(),
+        stride: dst_stride,
+        rows: m,
+        columns: n,
+    };
+    // Threads take disjoint ranges of the more numerous tiles.
+    let split_columns = column_tiles >= row_tiles;
+    let tiles_to_split = if split_columns {
+        column_tiles
+    } else {
+        row_tiles
+    };
+    let per_part = tiles_to_split.div_ceil(parts);
+    (0..tiles_to_split.div_ceil(per_part))
+        .into_par_iter()
+        .for_each(|part| {
+            let range = part * per_part..((part + 1) * per_part).min(tiles_to_split);
+            let (rows, columns) = if split_columns {
+                (0..row_tiles, range)
+            } else {
+                (range, 0..column_tiles)
+            };
+            let output = &output;
+            for first_pair in (0..pairs).step_by(PAIRS_PER_PASS) {
+                let pass = PAIRS_PER_PASS.min(pairs - first_pair);
+                let load = accumulate || first_pair > 0;
+                for group in columns.clone().step_by(COLUMN_TILES_PER_GROUP) {
+                    let group = group..(group + COLUMN_TILES_PER_GROUP).min(columns.end);
+                    for row_tile in rows.clone() {
+                        let a = &lhs_tiles[(row_tile * pairs + first_pair) * TILE_ROWS..];
+                        for column_tile in group.clone() {
+                            let b = &rhs_tiles[(column_tile * pairs + first_pair) * TILE_COLUMNS..];
+                            // SAFETY: each part writes only its own tiles of `dst`, inside the
+                            // bounds asserted above; `available()` holds.
+                            unsafe { output.update(row_tile, column_tile, a, b, pass, load) };
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// The output matrix of [`product`], written tile by tile from several threads.
+struct OutputTiles {
+    dst: *mut f32,
+    stride: usize,
+    rows: usize,
+    columns: usize,
+}
+
+// SAFETY: the threads of `product` write disjoint tiles.
+unsafe impl Sync for OutputTiles {}
+
+impl OutputTiles {
+    /// Adds the products of `pairs` packed pairs to one tile (or sets it, unless `load`).
+    ///
+    /// # Safety
+    /// No other thread may touch this tile meanwhile, and AVX512-BF16 must be available.
+    unsafe fn update(
+        &self,
+        row_tile: usize,
+        column_tile: usize,
+        a: &[u32],
+        b: &[u32],
+        pairs: usize,
+        load: bool,
+    ) {
+        assert!(a.len() >= pairs * TILE_ROWS && b.len() >= pairs * TILE_COLUMNS);
+        let (row, column) = (row_tile * TILE_ROWS, column_tile * TILE_COLUMNS);
+        let (rows, columns) = (
+            TILE_ROWS.min(self.rows - row),
+            TILE_COLUMNS.min(self.columns - column),
+        );
+        let corner = self.dst.add(row * self.stride + column);
+        if (rows, columns) == (TILE_ROWS, TILE_COLUMNS) {
+            kernel(a.as_ptr(), b.as_ptr(), pairs, corner, self.stride, load);
+            return;
+        }
+        // An edge tile goes through a full-size buffer.
+        let mut tile = [0f32; TILE_ROWS * TILE_COLUMNS];
+        if load {
+            for r in 0..rows {
+                std::ptr::copy_nonoverlapping(
+                    corner.add(r * self.stride),
+                    tile.as_mut_ptr().add(r * TILE_COLUMNS),
+                    columns,
+                );
+            }
+        }
+        kernel(
+            a.as_ptr(),
+            b.as_ptr(),
+            pairs,
+            tile.as_mut_ptr(),
+            TILE_COLUMNS,
+            true,
+        );
+        for r in 0..rows {
+            std::ptr::copy_nonoverlapping(
+                tile.as_ptr().add(r * TILE_COLUMNS),
+                corner.add(r * self.stride),
+                columns,
+            );
+        }
+    }
+}
+
+/// The tile kernel: `c[r][j] (+)= Σ_p a[p][r] · b[p][j]` over `pairs` packed pairs, for the
+/// `TILE_ROWS x TILE_COLUMNS` tile at `c` (rows `c_stride` apart), held in 24 vector registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn kernel(
+    a: *const u32,
+    b: *const u32,
+    pairs: usize,
+    c: *mut f32,
+    c_stride: usize,
+    load: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut sums = [[_mm512_setzero_ps(); 2]; TILE_ROWS];
+    if load {
+        for (r, row) in sums.iter_mut().enumerate() {
+            row[0] = _mm512_loadu_ps(c.add(r * c_stride));
+            row[1] = _mm512_loadu_ps(c.add(r * c_stride + 16));
+        }
+    }
+    for p in 0..pairs {
+        let b_low: __m512bh =
+            std::mem::transmute(_mm512_loadu_si512(b.add(p * TILE_COLUMNS).cast()));
+        let b_high: __m512bh =
+            std::mem::transmute(_mm512_loadu_si512(b.add(p * TILE_COLUMNS + 16).cast()));
+        for (r, row) in sums.iter_mut().enumerate() {
+            let pair: __m512bh =
+                std::mem::transmute(_mm512_set1_epi32(*a.add(p * TILE_ROWS + r) as i32));
+            row[0] = _mm512_dpbf16_ps(row[0], pair, b_low);
+            row[1] = _mm512_dpbf16_ps(row[1], pair, b_high);
+        }
+    }
+    for (r, row) in sums.iter().enumerate() {
+        _mm512_storeu_ps(c.add(r * c_stride), row[0]);
+        _mm512_storeu_ps(c.add(r * c_stride + 16), row[1]);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel(_: *const u32, _: *const u32, _: usize, _: *mut f32, _: usize, _: bool) {
+    unreachable!("bfloat16 products need AVX512-BF16")
+}
+
+/// The bfloat16 bits of `x` rounded to nearest even (NaN stays NaN), branch-free so that the
+/// packing loops vectorise.
+#[inline(always)]
+fn f32_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    let quiet_nan = (bits >> 16) | 0x40;
+    (if x.is_nan() { quiet_nan } else { rounded }) as u16
+}
+
+/// The bfloat16 bits of a float8 e4m3 value (exact: its f32 has 16 zero low bits).
+#[inline(always)]
+fn f8_bits(x: float8::F8E4M3) -> u16 {
+    (x.to_f32().to_bits() >> 16) as u16
+}
+
+/// Packs the `lines` lines of `side` (its rows, or its columns when `by_columns`), each `len`
+/// long, into tiles of `tile` lines: `[tile][pair][lane]`, lane `l` of pair `p` holding elements
+/// `2p` and `2p + 1` of line `tile * t + l` (zeros past the ends).
+fn pack(side: Side, (lines, len): (usize, usize), by_columns: bool, tile: usize) -> Vec<u32> {
+    let shape = (lines, len);
+    match side {
+        Side::F32(operand) => {
+            let (data, row_stride, col_stride) = operand.parts();
+            let strides = (row_stride, col_stride);
+            pack_from(data, f32_bits, strides, shape, by_columns, tile)
+        }
+        Side::Narrow {
+            elements,
+            row_stride,
+            col_stride,
+        } => {
+            let strides = (row_stride, col_stride);
+            match elements {
+                NarrowElements::Bf16(data) => {
+                    pack_from(data, bf16::to_bits, strides, shape, by_columns, tile)
+                }
+                NarrowElements::F8(data) => {
+                    pack_from(data, f8_bits, strides, shape, by_columns, tile)
+                }
+            }
+        }
+    }
+}
+
+/// [`pack`] for one element type, `bits` giving an element's bfloat16 bits. Lines that lie
+/// side by side in memory are packed a pair of elements across all lanes at a time, other lines
+/// one line at a time, so that reads stay sequential either way.
+fn pack_from<T: Copy + Sync>(
+    data: &[T],
+    bits: impl Fn(T) -> u16 + Sync + Copy,
+    (row_stride, col_stride): (usize, usize),
+    (lines, len): (usize, usize),
+    by_columns: bool,
+    tile: usize,
+) -> Vec<u32> {
+    let (line_stride, step) = if by_columns {
+        (col_stride, row_stride)
+    } else {
+        (row_stride, col_stride)
+    };
+    let pair = move |low: T, high: T| bits(low) as u32 | (bits(high) as u32) << 16;
+    let pairs = len.div_ceil(2);
+    let mut packed = vec![0u32; lines.div_ceil(tile) * pairs * tile];
+    packed
+        .par_chunks_mut(pairs * tile)
+        .enumerate()
+        .for_each(|(t, panel)| {
+            let first = t * tile;
+            let lanes = tile.min(lines - first);
+            if line_stride == 1 {
+                for (p, out) in panel.chunks_exact_mut(tile).enumerate() {
+                    let out = &mut out[..lanes];
+                    let low = &data[first + 2 * p * step..][..lanes];
+                    if 2 * p + 1 < len {
+                        let high = &data[first + (2 * p + 1) * step..][..lanes];
+                        for ((o, &l), &h) in out.iter_mut().zip(low).zip(high) {
+                            *o = pair(l, h);
+                        }
+                    } else {
+                        for (o, &l) in out.iter_mut().zip(low) {
+                            *o = bits(l) as u32;
+                        }
+                    }
+                }
+            } else {
+                for lane in 0..lanes {
+                    let start = (first + lane) * line_stride;
+                    for p in 0..len / 2 {
+                        let at = start + 2 * p * step;
+                        panel[p * tile + lane] = pair(data[at], data[at + step]);
+                    }
+                    if len % 2 == 1 {
+                        panel[(pairs - 1) * tile + lane] =
+                            bits(data[start + (len - 1) * step]) as u32;
+                    }
+                }
+            }
+        });
+    packed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// f64 products of the bfloat16-rounded inputs.
+    fn reference(lhs: &[f32], rhs: &[f32], (m, n, k): (usize, usize, usize)) -> Vec<f64> {
+        let round = |x: f32| bf16::from_f32(x).to_f32() as f64;
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                out[i * n + j] = (0..k)
+                    .map(|p| round(lhs[i * k + p]) * round(rhs[p * n + j]))
+                    .sum();
+            }
+        }
+        out
+    }
+
+    fn values(count: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed;
+        (0..count)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn products_equal_the_sums_of_the_rounded_inputs_for_every_side_and_stride() {
+        if !available() {
+            eprintln!("no AVX512-BF16 on this CPU: the f32 kernels are used instead");
+            assert!(with_narrow_weight(
+                &Tensor::zeros(4, DType::BF16, &candle_core::Device::Cpu).unwrap(),
+                |_| ()
+            )
+            .is_none());
+            return;
+        }
+        // Full tiles, edges in every dimension, an odd summed length, several passes.
+        for (m, n, k) in [(24, 64, 256), (13, 33, 7), (1, 5, 1), (30, 70, 301)] {
+            let lhs = values(m * k, 1);
+            let rhs = values(k * n, 2);
+            let expected = reference(&lhs, &rhs, (m, n, k));
+            let scale = expected.iter().fold(0f64, |a, v| a.max(v.abs()));
+            let check = |got: &[f32], stride: usize, base: f32, case: &str| {
+                for i in 0..m {
+                    for j in 0..n {
+                        let off =
+                            (got[i * stride + j] as f64 - base as f64 - expected[i * n + j]).abs();
+                        assert!(
+                            off <= 2e-6 * scale * (k as f64).sqrt(),
+                            "{case} {m}x{n}x{k} ({i},{j}): {off}"
+                        );
+                    }
+                }
+            };
+            // f32 on both sides, row-major and transposed storage.
+            let rhs_t: Vec<f32> = (0..n * k).map(|x| rhs[(x % k) * n + x / k]).collect();
+            for (right, case) in [
+                (Operand::row_major(&rhs, n), "row-major"),
+                (Operand::transposed(&rhs_t, k), "transposed"),
+            ] {
+                let stride = n + 3;
+                let mut dst = vec![0.5f32; m * stride];
+                product(
+                    &mut dst,
+                    stride,
+                    Side::F32(Operand::row_major(&lhs, k)),
+                    Side::F32(right),
+                    (m, n, k),
+                    true,
+                );
+                check(&dst, stride, 0.5, case);
+                product(
+                    &mut dst,
+                    stride,
+                    Side::F32(Operand::row_major(&lhs, k)),
+                    Side::F32(right),
+                    (m, n, k),
+                    false,
+                );
+                check(&dst, stride, 0.0, case);
+            }
+            // A bfloat16 weight on either side, stored as [n, k] (rhs transposed) or [m, k].
+            let rhs_bf16: Vec<bf16> = rhs_t.iter().map(|&x| bf16::from_f32(x)).collect();
+            let mut dst = vec![0f32; m * n];
+            let weight = Side::transposed(NarrowElements::Bf16(&rhs_bf16), k);
+            product(
+                &mut dst,
+                n,
+                Side::F32(Operand::row_major(&lhs, k)),
+                weight,
+                (m, n, k),
+                false,
+            );
+            check(&dst, n, 0.0, "bf16 rhs");
+            let lhs_bf16: Vec<bf16> = lhs.iter().map(|&x| bf16::from_f32(x)).collect();
+            let weight = Side::row_major(NarrowElements::Bf16(&lhs_bf16), k);
+            product(
+                &mut dst,
+                n,
+                weight,
+                Side::F32(Operand::row_major(&rhs, n)),
+                (m, n, k),
+                false,
+            );
+            check(&dst, n, 0.0, "bf16 lhs");
+            let lhs_t: Vec<bf16> = (0..m * k).map(|x| lhs_bf16[(x % m) * k + x / m]).collect();
+            let weight = Side::transposed(NarrowElements::Bf16(&lhs_t), m);
+            product(
+                &mut dst,
+                n,
+                weight,
+                Side::F32(Operand::row_major(&rhs, n)),
+                (m, n, k),
+                false,
+            );
+            check(&dst, n, 0.0, "bf16 lhs stored transposed");
+        }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even_as_the_half_crate() {
+        let special = [
+            0.0,
+            -0.0,
+            1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MAX,
+            1e-40,
+        ];
+        let ties = [f32::from_bits(0x3f80_8000), f32::from_bits(0x3f81_8000)];
+        for x in special
+            .into_iter()
+            .chain(ties)
+            .chain(values(10_000, 5).iter().map(|v| v * 1e3))
+        {
+            let expected = bf16::from_f32(x);
+            let got = bf16::from_bits(f32_bits(x));
+            assert!(
+                got == expected || (got.is_nan() && expected.is_nan()),
+                "{x}: {got} vs {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn float8_weights_enter_exactly() {
+        if !available() {
+            return;
+        }
+        let (m, n, k) = (5, 40, 19);
+        let lhs = values(m * k, 3);
+        let weight: Vec<float8::F8E4M3> = values(n * k, 4)
+            .iter()
+            .map(|&x| float8::F8E4M3::from_f32(x))
+            .collect();
+        let widened: Vec<f32> = (0..k * n)
+            .map(|x| weight[(x % n) * k + x / n].to_f32())
+            .collect();
+        let expected = reference(&lhs, &widened, (m, n, k));
+        let mut dst = vec![0f32; m * n];
+        let side = Side::transposed(NarrowElements::F8(&weight), k);
+        product(
+            &mut dst,
+            n,
+            Side::F32(Operand::row_major(&lhs, k)),
+            side,
+            (m, n, k),
+            false,
+        );
+        for (got, want) in dst.iter().zip(&expected) {
+            assert!((*got as f64 - want).abs() < 1e-5, "{got} {want}");
+        }
+    }
+}
