@@ -68,8 +68,14 @@ def train(unet_path, steps, res, dim):
         vector = torch.randn(1, 2816, generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, 1000, (1,), generator=generator)
+        noisy = latents + noise
+        if checkpointing:
+            # As train_network.py does: the SDXL UNet checkpoints with use_reentrant=True, which
+            # runs no backward through a block none of whose inputs requires a gradient.
+            noisy.requires_grad_(True)
+            context.requires_grad_(True)
         with autocast():
-            prediction = unet(latents + noise, timesteps, context, vector)
+            prediction = unet(noisy, timesteps, context, vector)
         loss = torch.nn.functional.mse_loss(prediction.float(), noise)
         loss.backward()
         optimizer.step()

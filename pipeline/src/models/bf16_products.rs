@@ -40,7 +40,9 @@ pub(crate) fn available() -> bool {
 fn cpu_has_bf16_pairs() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -143,10 +145,14 @@ pub(crate) fn product(
         return;
     }
     let pairs = k.div_ceil(2);
-    // Rows of lhs as tiles of TILE_ROWS rows, columns of rhs as tiles of TILE_COLUMNS columns,
-    // each stored pair by pair: `[tile][pair][lane]`, a lane holding two bfloat16 values.
-    let lhs_tiles = pack(lhs, (m, k), false, TILE_ROWS);
-    let rhs_tiles = pack(rhs, (n, k), true, TILE_COLUMNS);
+    // Columns of rhs as tiles of TILE_COLUMNS columns stored pair by pair, `[tile][pair][lane]`,
+    // a lane holding two bfloat16 values; rows of lhs the same way, or, when its rows are
+    // contiguous, as bfloat16 rows (the kernel reads pairs from either). The buffers are reused
+    // from call to call (taken out of the thread-local meanwhile, so a product run by another
+    // pool task on this thread makes its own).
+    let (mut lhs_tiles, mut rhs_tiles) = PACKED.take();
+    let lhs_layout = pack_lhs(lhs, (m, k), &mut lhs_tiles);
+    pack(rhs, (n, k), true, TILE_COLUMNS, &mut rhs_tiles);
     let (row_tiles, column_tiles) = (m.div_ceil(TILE_ROWS), n.div_ceil(TILE_COLUMNS));
     let parts = rayon::current_num_threads().max(1);
     let output = OutputTiles {
@@ -179,17 +185,28 @@ pub(crate) fn product(
                 for group in columns.clone().step_by(COLUMN_TILES_PER_GROUP) {
                     let group = group..(group + COLUMN_TILES_PER_GROUP).min(columns.end);
                     for row_tile in rows.clone() {
-                        let a = &lhs_tiles[(row_tile * pairs + first_pair) * TILE_ROWS..];
+                        let a = &lhs_tiles[row_tile * lhs_layout.tile_stride
+                            + first_pair * lhs_layout.pair_step..];
                         for column_tile in group.clone() {
                             let b = &rhs_tiles[(column_tile * pairs + first_pair) * TILE_COLUMNS..];
                             // SAFETY: each part writes only its own tiles of `dst`, inside the
                             // bounds asserted above; `available()` holds.
-                            unsafe { output.update(row_tile, column_tile, a, b, pass, load) };
+                            unsafe {
+                                let a = (a, lhs_layout.pair_step, lhs_layout.lane_step);
+                                output.update(row_tile, column_tile, a, b, pass, load)
+                            };
                         }
                     }
                 }
             }
         });
+    PACKED.set((lhs_tiles, rhs_tiles));
+}
+
+thread_local! {
+    /// The packed operands of [`product`], kept for the next call on this thread.
+    static PACKED: std::cell::Cell<(Vec<u32>, Vec<u32>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
 /// The output matrix of [`product`], written tile by tile from several threads.
@@ -212,12 +229,14 @@ impl OutputTiles {
         &self,
         row_tile: usize,
         column_tile: usize,
-        a: &[u32],
+        (a, pair_step, lane_step): (&[u32], usize, usize),
         b: &[u32],
         pairs: usize,
         load: bool,
     ) {
-        assert!(a.len() >= pairs * TILE_ROWS && b.len() >= pairs * TILE_COLUMNS);
+        let a_end = (pairs - 1) * pair_step + (TILE_ROWS - 1) * lane_step + 1;
+        assert!(a.len() >= a_end && b.len() >= pairs * TILE_COLUMNS);
+        let a = (a.as_ptr(), pair_step, lane_step);
         let (row, column) = (row_tile * TILE_ROWS, column_tile * TILE_COLUMNS);
         let (rows, columns) = (
             TILE_ROWS.min(self.rows - row),
@@ -225,7 +244,7 @@ impl OutputTiles {
         );
         let corner = self.dst.add(row * self.stride + column);
         if (rows, columns) == (TILE_ROWS, TILE_COLUMNS) {
-            kernel(a.as_ptr(), b.as_ptr(), pairs, corner, self.stride, load);
+            kernel(a, b.as_ptr(), pairs, corner, self.stride, load);
             return;
         }
         // An edge tile goes through a full-size buffer.
@@ -239,14 +258,7 @@ impl OutputTiles {
                 );
             }
         }
-        kernel(
-            a.as_ptr(),
-            b.as_ptr(),
-            pairs,
-            tile.as_mut_ptr(),
-            TILE_COLUMNS,
-            true,
-        );
+        kernel(a, b.as_ptr(), pairs, tile.as_mut_ptr(), TILE_COLUMNS, true);
         for r in 0..rows {
             std::ptr::copy_nonoverlapping(
                 tile.as_ptr().add(r * TILE_COLUMNS),
@@ -258,11 +270,12 @@ impl OutputTiles {
 }
 
 /// The tile kernel: `c[r][j] (+)= Σ_p a[p][r] · b[p][j]` over `pairs` packed pairs, for the
-/// `TILE_ROWS x TILE_COLUMNS` tile at `c` (rows `c_stride` apart), held in 24 vector registers.
+/// `TILE_ROWS x TILE_COLUMNS` tile at `c` (rows `c_stride` apart), held in 24 vector registers;
+/// pair `p` of row `r` of `a` lies at `p * pair_step + r * lane_step`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn kernel(
-    a: *const u32,
+    (a, pair_step, lane_step): (*const u32, usize, usize),
     b: *const u32,
     pairs: usize,
     c: *mut f32,
@@ -283,8 +296,9 @@ unsafe fn kernel(
         let b_high: __m512bh =
             std::mem::transmute(_mm512_loadu_si512(b.add(p * TILE_COLUMNS + 16).cast()));
         for (r, row) in sums.iter_mut().enumerate() {
-            let pair: __m512bh =
-                std::mem::transmute(_mm512_set1_epi32(*a.add(p * TILE_ROWS + r) as i32));
+            let pair: __m512bh = std::mem::transmute(_mm512_set1_epi32(
+                *a.add(p * pair_step + r * lane_step) as i32,
+            ));
             row[0] = _mm512_dpbf16_ps(row[0], pair, b_low);
             row[1] = _mm512_dpbf16_ps(row[1], pair, b_high);
         }
@@ -296,7 +310,14 @@ unsafe fn kernel(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel(_: *const u32, _: *const u32, _: usize, _: *mut f32, _: usize, _: bool) {
+unsafe fn kernel(
+    _: (*const u32, usize, usize),
+    _: *const u32,
+    _: usize,
+    _: *mut f32,
+    _: usize,
+    _: bool,
+) {
     unreachable!("bfloat16 products need AVX512-BF16")
 }
 
@@ -316,16 +337,106 @@ fn f8_bits(x: float8::F8E4M3) -> u16 {
     (x.to_f32().to_bits() >> 16) as u16
 }
 
+/// Where [`product`]'s kernel finds pair `p` of row `r` of row tile `t` of the packed lhs:
+/// `t * tile_stride + p * pair_step + r * lane_step`.
+struct LhsLayout {
+    tile_stride: usize,
+    pair_step: usize,
+    lane_step: usize,
+}
+
+/// Packs the `[m, k]` lhs into `packed`: as bfloat16 rows (pairs side by side, converted a row
+/// at a time) when its rows are contiguous, else as the tiles of [`pack`].
+fn pack_lhs(lhs: Side, (m, k): (usize, usize), packed: &mut Vec<u32>) -> LhsLayout {
+    let pairs = k.div_ceil(2);
+    let rows = m.div_ceil(TILE_ROWS) * TILE_ROWS;
+    let rows_of = |row_stride: usize, col_stride: usize| (col_stride == 1).then_some(row_stride);
+    let contiguous_rows = match lhs {
+        Side::F32(operand) => {
+            let (data, row_stride, col_stride) = operand.parts();
+            rows_of(row_stride, col_stride).map(|stride| {
+                convert_rows(data, f32_bits, (stride, m, k), rows, packed);
+            })
+        }
+        Side::Narrow {
+            elements,
+            row_stride,
+            col_stride,
+        } => rows_of(row_stride, col_stride).map(|stride| match elements {
+            NarrowElements::Bf16(data) => {
+                convert_rows(data, bf16::to_bits, (stride, m, k), rows, packed)
+            }
+            NarrowElements::F8(data) => convert_rows(data, f8_bits, (stride, m, k), rows, packed),
+        }),
+    };
+    match contiguous_rows {
+        Some(()) => LhsLayout {
+            tile_stride: TILE_ROWS * pairs,
+            pair_step: 1,
+            lane_step: pairs,
+        },
+        None => {
+            pack(lhs, (m, k), false, TILE_ROWS, packed);
+            LhsLayout {
+                tile_stride: pairs * TILE_ROWS,
+                pair_step: TILE_ROWS,
+                lane_step: 1,
+            }
+        }
+    }
+}
+
+/// Converts the `lines` rows (`row_stride` apart, `len` long) of `data` into `padded_lines`
+/// rows of `len.div_ceil(2)` bfloat16 pairs in `packed`, the rows past `lines` zero.
+fn convert_rows<T: Copy + Sync>(
+    data: &[T],
+    bits: impl Fn(T) -> u16 + Sync + Copy,
+    (row_stride, lines, len): (usize, usize, usize),
+    padded_lines: usize,
+    packed: &mut Vec<u32>,
+) {
+    let pairs = len.div_ceil(2);
+    packed.resize(padded_lines * pairs, 0);
+    packed
+        .par_chunks_mut(pairs)
+        .enumerate()
+        .for_each(|(line, out)| match line < lines {
+            // SAFETY: `product` runs only where `available()` holds, which checks these features.
+            true => unsafe { convert_row(&data[line * row_stride..][..len], out, bits) },
+            false => out.fill(0),
+        });
+}
+
+/// One row of [`convert_rows`], compiled for AVX-512 so that the conversion vectorises.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
+unsafe fn convert_row<T: Copy>(source: &[T], out: &mut [u32], bits: impl Fn(T) -> u16) {
+    let pair = |low: T, high: T| bits(low) as u32 | (bits(high) as u32) << 16;
+    let whole = source.chunks_exact(2);
+    let last = whole.remainder().first().copied();
+    for (o, two) in out.iter_mut().zip(whole) {
+        *o = pair(two[0], two[1]);
+    }
+    if let Some(last) = last {
+        out[source.len() / 2] = bits(last) as u32;
+    }
+}
+
 /// Packs the `lines` lines of `side` (its rows, or its columns when `by_columns`), each `len`
-/// long, into tiles of `tile` lines: `[tile][pair][lane]`, lane `l` of pair `p` holding elements
-/// `2p` and `2p + 1` of line `tile * t + l` (zeros past the ends).
-fn pack(side: Side, (lines, len): (usize, usize), by_columns: bool, tile: usize) -> Vec<u32> {
+/// long, into `packed` as tiles of `tile` lines: `[tile][pair][lane]`, lane `l` of pair `p`
+/// holding elements `2p` and `2p + 1` of line `tile * t + l` (zeros past the ends).
+fn pack(
+    side: Side,
+    (lines, len): (usize, usize),
+    by_columns: bool,
+    tile: usize,
+    packed: &mut Vec<u32>,
+) {
     let shape = (lines, len);
     match side {
         Side::F32(operand) => {
             let (data, row_stride, col_stride) = operand.parts();
             let strides = (row_stride, col_stride);
-            pack_from(data, f32_bits, strides, shape, by_columns, tile)
+            pack_from(data, f32_bits, strides, shape, (by_columns, tile), packed)
         }
         Side::Narrow {
             elements,
@@ -334,11 +445,16 @@ fn pack(side: Side, (lines, len): (usize, usize), by_columns: bool, tile: usize)
         } => {
             let strides = (row_stride, col_stride);
             match elements {
-                NarrowElements::Bf16(data) => {
-                    pack_from(data, bf16::to_bits, strides, shape, by_columns, tile)
-                }
+                NarrowElements::Bf16(data) => pack_from(
+                    data,
+                    bf16::to_bits,
+                    strides,
+                    shape,
+                    (by_columns, tile),
+                    packed,
+                ),
                 NarrowElements::F8(data) => {
-                    pack_from(data, f8_bits, strides, shape, by_columns, tile)
+                    pack_from(data, f8_bits, strides, shape, (by_columns, tile), packed)
                 }
             }
         }
@@ -353,9 +469,9 @@ fn pack_from<T: Copy + Sync>(
     bits: impl Fn(T) -> u16 + Sync + Copy,
     (row_stride, col_stride): (usize, usize),
     (lines, len): (usize, usize),
-    by_columns: bool,
-    tile: usize,
-) -> Vec<u32> {
+    (by_columns, tile): (bool, usize),
+    packed: &mut Vec<u32>,
+) {
     let (line_stride, step) = if by_columns {
         (col_stride, row_stride)
     } else {
@@ -363,43 +479,71 @@ fn pack_from<T: Copy + Sync>(
     };
     let pair = move |low: T, high: T| bits(low) as u32 | (bits(high) as u32) << 16;
     let pairs = len.div_ceil(2);
-    let mut packed = vec![0u32; lines.div_ceil(tile) * pairs * tile];
+    packed.resize(lines.div_ceil(tile) * pairs * tile, 0);
     packed
         .par_chunks_mut(pairs * tile)
         .enumerate()
-        .for_each(|(t, panel)| {
-            let first = t * tile;
-            let lanes = tile.min(lines - first);
-            if line_stride == 1 {
-                for (p, out) in panel.chunks_exact_mut(tile).enumerate() {
-                    let out = &mut out[..lanes];
-                    let low = &data[first + 2 * p * step..][..lanes];
-                    if 2 * p + 1 < len {
-                        let high = &data[first + (2 * p + 1) * step..][..lanes];
-                        for ((o, &l), &h) in out.iter_mut().zip(low).zip(high) {
-                            *o = pair(l, h);
-                        }
-                    } else {
-                        for (o, &l) in out.iter_mut().zip(low) {
-                            *o = bits(l) as u32;
-                        }
-                    }
+        // SAFETY: `product` runs only where `available()` holds, which checks these features.
+        .for_each(|(t, panel)| unsafe {
+            fill_panel(
+                data,
+                pair,
+                (line_stride, step),
+                (lines, len),
+                (t, tile),
+                panel,
+            )
+        });
+}
+
+/// Tile `t` of [`pack_from`] into `panel`, compiled for AVX-512 so that the loops vectorise.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
+unsafe fn fill_panel<T: Copy>(
+    data: &[T],
+    pair: impl Fn(T, T) -> u32,
+    (line_stride, step): (usize, usize),
+    (lines, len): (usize, usize),
+    (t, tile): (usize, usize),
+    panel: &mut [u32],
+) {
+    let pairs = len.div_ceil(2);
+    // An odd length's last element alone, its partner zero.
+    let single = |x: T| pair(x, x) & 0xffff;
+    let first = t * tile;
+    let lanes = tile.min(lines - first);
+    if lanes < tile {
+        // The lanes past the last line (the buffer holds an earlier call's values).
+        panel
+            .chunks_exact_mut(tile)
+            .for_each(|pair| pair[lanes..].fill(0));
+    }
+    if line_stride == 1 {
+        for (p, out) in panel.chunks_exact_mut(tile).enumerate() {
+            let out = &mut out[..lanes];
+            let low = &data[first + 2 * p * step..][..lanes];
+            if 2 * p + 1 < len {
+                let high = &data[first + (2 * p + 1) * step..][..lanes];
+                for ((o, &l), &h) in out.iter_mut().zip(low).zip(high) {
+                    *o = pair(l, h);
                 }
             } else {
-                for lane in 0..lanes {
-                    let start = (first + lane) * line_stride;
-                    for p in 0..len / 2 {
-                        let at = start + 2 * p * step;
-                        panel[p * tile + lane] = pair(data[at], data[at + step]);
-                    }
-                    if len % 2 == 1 {
-                        panel[(pairs - 1) * tile + lane] =
-                            bits(data[start + (len - 1) * step]) as u32;
-                    }
+                for (o, &l) in out.iter_mut().zip(low) {
+                    *o = single(l);
                 }
             }
-        });
-    packed
+        }
+    } else {
+        for lane in 0..lanes {
+            let start = (first + lane) * line_stride;
+            for p in 0..len / 2 {
+                let at = start + 2 * p * step;
+                panel[p * tile + lane] = pair(data[at], data[at + step]);
+            }
+            if len % 2 == 1 {
+                panel[(pairs - 1) * tile + lane] = single(data[start + (len - 1) * step]);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
