@@ -331,10 +331,17 @@ fn f32_bits(x: f32) -> u16 {
     (if x.is_nan() { quiet_nan } else { rounded }) as u16
 }
 
-/// The bfloat16 bits of a float8 e4m3 value (exact: its f32 has 16 zero low bits).
+/// The bfloat16 bits of a float8 e4m3 value (exact: its f32 has 16 zero low bits), from a
+/// table of all 256 values.
 #[inline(always)]
 fn f8_bits(x: float8::F8E4M3) -> u16 {
-    (x.to_f32().to_bits() >> 16) as u16
+    static TABLE: std::sync::OnceLock<[u16; 256]> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        std::array::from_fn(|b| {
+            (float8::F8E4M3::from_bits(b as u8).to_f32().to_bits() >> 16) as u16
+        })
+    });
+    table[x.to_bits() as usize]
 }
 
 /// Where [`product`]'s kernel finds pair `p` of row `r` of row tile `t` of the packed lhs:
