@@ -639,41 +639,38 @@ mod tests {
                 );
                 check(&dst, stride, 0.0, case);
             }
-            // A bfloat16 weight on either side, stored as [n, k] (rhs transposed) or [m, k].
+            // A bfloat16 weight on either side: stored as [n, k] (rhs transposed), [m, k], or
+            // [k, m] (lhs transposed). Each product starts from NaN, so one that leaves its
+            // output unwritten fails.
             let rhs_bf16: Vec<bf16> = rhs_t.iter().map(|&x| bf16::from_f32(x)).collect();
-            let mut dst = vec![0f32; m * n];
-            let weight = Side::transposed(NarrowElements::Bf16(&rhs_bf16), k);
-            product(
-                &mut dst,
-                n,
-                Side::F32(Operand::row_major(&lhs, k)),
-                weight,
-                (m, n, k),
-                false,
-            );
-            check(&dst, n, 0.0, "bf16 rhs");
             let lhs_bf16: Vec<bf16> = lhs.iter().map(|&x| bf16::from_f32(x)).collect();
-            let weight = Side::row_major(NarrowElements::Bf16(&lhs_bf16), k);
-            product(
-                &mut dst,
-                n,
-                weight,
-                Side::F32(Operand::row_major(&rhs, n)),
-                (m, n, k),
-                false,
-            );
-            check(&dst, n, 0.0, "bf16 lhs");
             let lhs_t: Vec<bf16> = (0..m * k).map(|x| lhs_bf16[(x % m) * k + x / m]).collect();
-            let weight = Side::transposed(NarrowElements::Bf16(&lhs_t), m);
-            product(
-                &mut dst,
-                n,
-                weight,
+            let (f32_lhs, f32_rhs) = (
+                Side::F32(Operand::row_major(&lhs, k)),
                 Side::F32(Operand::row_major(&rhs, n)),
-                (m, n, k),
-                false,
             );
-            check(&dst, n, 0.0, "bf16 lhs stored transposed");
+            let cases = [
+                (
+                    f32_lhs,
+                    Side::transposed(NarrowElements::Bf16(&rhs_bf16), k),
+                    "bf16 rhs",
+                ),
+                (
+                    Side::row_major(NarrowElements::Bf16(&lhs_bf16), k),
+                    f32_rhs,
+                    "bf16 lhs",
+                ),
+                (
+                    Side::transposed(NarrowElements::Bf16(&lhs_t), m),
+                    f32_rhs,
+                    "bf16 lhs stored transposed",
+                ),
+            ];
+            for (left, right, case) in cases {
+                let mut dst = vec![f32::NAN; m * n];
+                product(&mut dst, n, left, right, (m, n, k), false);
+                check(&dst, n, 0.0, case);
+            }
         }
     }
 
@@ -707,6 +704,8 @@ mod tests {
     #[test]
     fn float8_weights_enter_exactly() {
         if !available() {
+            let weight = Tensor::zeros(4, DType::F8E4M3, &candle_core::Device::Cpu).unwrap();
+            assert!(with_narrow_weight(&weight, |_| ()).is_none());
             return;
         }
         let (m, n, k) = (5, 40, 19);
@@ -719,7 +718,7 @@ mod tests {
             .map(|x| weight[(x % n) * k + x / n].to_f32())
             .collect();
         let expected = reference(&lhs, &widened, (m, n, k));
-        let mut dst = vec![0f32; m * n];
+        let mut dst = vec![f32::NAN; m * n];
         let side = Side::transposed(NarrowElements::F8(&weight), k);
         product(
             &mut dst,
