@@ -39,15 +39,31 @@ pub fn os(parts: &[&dyn AsRef<std::ffi::OsStr>]) -> Vec<std::ffi::OsString> {
 
 /// Runs a tool with arguments and returns its output.
 pub fn run(name: &str, args: &[&std::ffi::OsStr]) -> Output {
+    run_with_env(name, args, &[])
+}
+
+/// Runs a tool with arguments and the environment variables `env` set.
+pub fn run_with_env(name: &str, args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> Output {
     Command::new(tool(name))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("tool starts")
 }
 
 /// Runs a tool and asserts its exit code, returning stderr as text.
 pub fn run_expect(name: &str, args: &[&std::ffi::OsStr], code: i32) -> String {
-    let output = run(name, args);
+    run_expect_with_env(name, args, &[], code)
+}
+
+/// [`run_expect`] with the environment variables `env` set.
+pub fn run_expect_with_env(
+    name: &str,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+    code: i32,
+) -> String {
+    let output = run_with_env(name, args, env);
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert_eq!(
         output.status.code(),

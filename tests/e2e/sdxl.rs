@@ -5,7 +5,7 @@ use crate::common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fixtures, run_expect, tool};
+use common::{fixtures, run_expect, run_expect_with_env};
 use lorakit_pipeline::networks::lora::LoraFile;
 
 fn model() -> PathBuf {
@@ -452,13 +452,8 @@ fn replay_sd_scripts_run(
     let train = |extra: &[&str]| {
         let mut command = command.clone();
         command.extend(extra.iter().map(Into::into));
-        let output = std::process::Command::new(tool("train-lora"))
-            .args(&command)
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(output.status.success(), "train-lora {command:?}\n{stderr}");
+        let command: Vec<&std::ffi::OsStr> = command.iter().map(|a| a.as_os_str()).collect();
+        run_expect_with_env("train-lora", &command, env, 0);
     };
     train(&[]);
     let cache = work.path().join("img/2_sks cat/chelsea_0451x0300_sdxl.npz");
