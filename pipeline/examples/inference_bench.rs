@@ -191,7 +191,7 @@ fn main() -> Result<(), Failure> {
     };
     let row = Row::parse(&name).ok_or_else(|| format!("unknown row {name}"))?;
     // As the tools that run these models do.
-    lorakit_pipeline::models::keep_freed_memory();
+    lorakit_pipeline::models::tune_process_for_models();
     let (items, per_item, repeats) = bench(&PathBuf::from(dir), &row)?;
     println!(
         "{}",

@@ -540,9 +540,30 @@ unsafe fn fill_panel<T: Copy>(
             }
         }
     } else {
+        // Lines whose elements are side by side: blocks of BLOCK lines x BLOCK pairs are
+        // converted row by row and transposed in registers; the rest one element pair at a time.
+        let block_pairs = if step == 1 && cfg!(target_arch = "x86_64") {
+            len / 2 / BLOCK * BLOCK
+        } else {
+            0
+        };
+        let block_lanes = lanes / BLOCK * BLOCK;
+        for lane0 in (0..block_lanes).step_by(BLOCK) {
+            for p0 in (0..block_pairs).step_by(BLOCK) {
+                let mut block = [[0u32; BLOCK]; BLOCK];
+                for (i, row) in block.iter_mut().enumerate() {
+                    let source = &data[(first + lane0 + i) * line_stride + 2 * p0..][..2 * BLOCK];
+                    for (o, two) in row.iter_mut().zip(source.chunks_exact(2)) {
+                        *o = pair(two[0], two[1]);
+                    }
+                }
+                transpose_block(&block, &mut panel[p0 * tile + lane0..], tile);
+            }
+        }
         for lane in 0..lanes {
             let start = (first + lane) * line_stride;
-            for p in 0..len / 2 {
+            let done = if lane < block_lanes { block_pairs } else { 0 };
+            for p in done..len / 2 {
                 let at = start + 2 * p * step;
                 panel[p * tile + lane] = pair(data[at], data[at + step]);
             }
@@ -551,6 +572,66 @@ unsafe fn fill_panel<T: Copy>(
             }
         }
     }
+}
+
+/// Lines and pairs of one block transposed in registers by [`fill_panel`].
+const BLOCK: usize = 16;
+
+/// Stores the transpose of `block` (pairs of BLOCK lines) into `panel`: pair `p` of line `l`
+/// goes to `panel[p * tile + l]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_block(block: &[[u32; BLOCK]; BLOCK], panel: &mut [u32], tile: usize) {
+    use std::arch::x86_64::*;
+    assert!(panel.len() >= (BLOCK - 1) * tile + BLOCK);
+    let rows: [__m512i; BLOCK] =
+        std::array::from_fn(|i| _mm512_loadu_si512(block[i].as_ptr().cast()));
+    // Within each 128-bit lane: pairs of rows interleaved by 32 bits, then by 64 bits, which
+    // leaves in lane q of `quads[4 * g + c]` column 4q + c of rows 4g..4g + 4.
+    let pairs: [__m512i; BLOCK] = std::array::from_fn(|i| {
+        let (a, b) = (rows[i & !1], rows[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_epi32(a, b)
+        } else {
+            _mm512_unpackhi_epi32(a, b)
+        }
+    });
+    let quads: [__m512i; BLOCK] = std::array::from_fn(|i| {
+        let (g, c) = (i / 4, i % 4);
+        let (a, b) = (pairs[4 * g + c / 2], pairs[4 * g + c / 2 + 2]);
+        if c % 2 == 0 {
+            _mm512_unpacklo_epi64(a, b)
+        } else {
+            _mm512_unpackhi_epi64(a, b)
+        }
+    });
+    // Then the 128-bit lanes: column 4q + c gathers lane q of quads[c], [4 + c], [8 + c], [12 + c].
+    for c in 0..4 {
+        let (p, q, r, s) = (quads[c], quads[4 + c], quads[8 + c], quads[12 + c]);
+        let low = (
+            _mm512_shuffle_i32x4::<0x44>(p, q),
+            _mm512_shuffle_i32x4::<0x44>(r, s),
+        );
+        let high = (
+            _mm512_shuffle_i32x4::<0xee>(p, q),
+            _mm512_shuffle_i32x4::<0xee>(r, s),
+        );
+        let columns = [
+            _mm512_shuffle_i32x4::<0x88>(low.0, low.1),
+            _mm512_shuffle_i32x4::<0xdd>(low.0, low.1),
+            _mm512_shuffle_i32x4::<0x88>(high.0, high.1),
+            _mm512_shuffle_i32x4::<0xdd>(high.0, high.1),
+        ];
+        for (quarter, column) in columns.into_iter().enumerate() {
+            let pair = 4 * quarter + c;
+            _mm512_storeu_si512(panel.as_mut_ptr().add(pair * tile).cast(), column);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn transpose_block(_: &[[u32; BLOCK]; BLOCK], _: &mut [u32], _: usize) {
+    unreachable!("blocks are transposed only on x86_64")
 }
 
 #[cfg(test)]
@@ -708,7 +789,7 @@ mod tests {
             assert!(with_narrow_weight(&weight, |_| ()).is_none());
             return;
         }
-        let (m, n, k) = (5, 40, 19);
+        let (m, n, k) = (5, 40, 51);
         let lhs = values(m * k, 3);
         let weight: Vec<float8::F8E4M3> = values(n * k, 4)
             .iter()

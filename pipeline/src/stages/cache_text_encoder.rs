@@ -280,7 +280,7 @@ impl LoadedRun {
 /// settings; what `cache-text-encoder` does before encoding (and `lint-dataset` to find stale caches).
 pub fn load_run(options: &TeCacheOptions) -> Result<LoadedRun> {
     check_options(options)?;
-    crate::models::keep_freed_memory();
+    crate::models::tune_process_for_models();
     let device = options.device.open(0)?;
     let dtype = options.mixed_precision.compute_dtype(&device);
     let mut encoders = load_text_encoders(&options.model, dtype, &device)?;

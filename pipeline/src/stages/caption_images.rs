@@ -629,7 +629,7 @@ pub fn run(options: &CaptionOptions) -> Result<Summary> {
     }
     if !pending.is_empty() {
         let started = std::time::Instant::now();
-        crate::models::keep_freed_memory();
+        crate::models::tune_process_for_models();
         let model = BlipCaptioner::load(&files, &Device::Cpu)?;
         tracing::debug!("model loaded in {:.2} s", started.elapsed().as_secs_f64());
         let progress = Progress::new("caption-images", pending.len(), options.quiet);

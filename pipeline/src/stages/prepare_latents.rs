@@ -34,8 +34,8 @@ use crate::formats::npz::{self, NpzReader, NpzWriter};
 use crate::formats::schema::METADATA_V1;
 use crate::infra::hashing::{self, KeyBuilder};
 use crate::infra::report::{Progress, Summary};
-use crate::models::keep_freed_memory;
 use crate::models::precision::MixedPrecision;
+use crate::models::tune_process_for_models;
 use crate::models::vae::VaeEncoder;
 use crate::models::{Checkpoint, Component, ComputeDevice, ModelFamily};
 use crate::{Error, Result};
@@ -252,7 +252,7 @@ pub fn prepare_latents(options: &LatentOptions) -> Result<Summary> {
         to_encode.len()
     );
     if !to_encode.is_empty() {
-        keep_freed_memory();
+        tune_process_for_models();
         let device = options.device.open(0)?;
         let dtype = options.precision.compute_dtype(&device);
         let encoder = VaeEncoder::load(&vae_source, dtype, &device)?;

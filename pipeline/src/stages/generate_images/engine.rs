@@ -100,7 +100,7 @@ impl Engine {
                 options.max_embeddings_multiples
             )));
         }
-        crate::models::keep_freed_memory();
+        crate::models::tune_process_for_models();
         let device = options.device.open(0)?;
         let checkpoint = Checkpoint::open(&options.ckpt)?;
         let mut encoders = text_encoders_of(&checkpoint, options.dtype, &device)?;
