@@ -12,7 +12,9 @@ use rayon::prelude::*;
 
 use crate::models::frozen::{dense, into_storage, tensor_from_storage};
 use crate::models::kernel_choice::cpu_kernels;
-use crate::models::kernels::{dot, f32_elements, gemm_into, softmax_rows, Operand, Threads};
+use crate::models::kernels::{
+    dot, f32_elements, gemm_into, softmax_rows, zeroed, Operand, Threads,
+};
 
 /// Score elements of one (batch, head) pair computed at a time by the f32 CPU kernel, per thread
 /// (1 MiB: at 4096 keys, 64 query rows per product; with 16 rows the products ran at well under
@@ -139,31 +141,35 @@ impl TokenMajor {
         Shape::from((self.batch * self.heads, self.tokens, self.depth))
     }
 
-    /// `[B, N, H·d]` -> `[B·H, N, d]`.
+    /// `[B, N, H·d]` -> `[B·H, N, d]`, a head per rayon task.
     fn split(&self, x: &[f32]) -> Vec<f32> {
         let (n, h, d) = (self.tokens, self.heads, self.depth);
-        let mut out = vec![0f32; x.len()];
-        for (bh, group) in out.chunks_mut(n * d).enumerate() {
-            let (b, head) = (bh / h, bh % h);
-            for (i, row) in group.chunks_mut(d).enumerate() {
-                let start = (b * n + i) * h * d + head * d;
-                row.copy_from_slice(&x[start..start + d]);
-            }
-        }
+        let mut out = zeroed(x.len());
+        out.par_chunks_mut(n * d)
+            .enumerate()
+            .for_each(|(bh, group)| {
+                let (b, head) = (bh / h, bh % h);
+                for (i, row) in group.chunks_mut(d).enumerate() {
+                    let start = (b * n + i) * h * d + head * d;
+                    row.copy_from_slice(&x[start..start + d]);
+                }
+            });
         out
     }
 
-    /// `[B·H, N, d]` -> `[B, N, H·d]`.
+    /// `[B·H, N, d]` -> `[B, N, H·d]`, a token per rayon task.
     fn merge(&self, x: &[f32]) -> Vec<f32> {
         let (n, h, d) = (self.tokens, self.heads, self.depth);
-        let mut out = vec![0f32; x.len()];
-        for (bh, group) in x.chunks(n * d).enumerate() {
-            let (b, head) = (bh / h, bh % h);
-            for (i, row) in group.chunks(d).enumerate() {
-                let start = (b * n + i) * h * d + head * d;
-                out[start..start + d].copy_from_slice(row);
-            }
-        }
+        let mut out = zeroed(x.len());
+        out.par_chunks_mut(h * d)
+            .enumerate()
+            .for_each(|(token, row)| {
+                let (b, i) = (token / n, token % n);
+                for (head, part) in row.chunks_mut(d).enumerate() {
+                    let start = ((b * h + head) * n + i) * d;
+                    part.copy_from_slice(&x[start..start + d]);
+                }
+            });
         out
     }
 }
@@ -409,7 +415,7 @@ impl ChunkedAttention {
     }
 
     fn forward_f32(&self, q: &[f32], k: &[f32], v: &[f32], s: Sizes) -> Vec<f32> {
-        let mut out = vec![0f32; s.groups * s.queries * s.value_depth];
+        let mut out = zeroed(s.groups * s.queries * s.value_depth);
         if out.is_empty() {
             return out;
         }
@@ -444,9 +450,9 @@ impl ChunkedAttention {
         grad_out: &[f32],
         s: Sizes,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let mut grad_q = vec![0f32; s.groups * s.queries * s.depth];
-        let mut grad_k = vec![0f32; s.groups * s.keys * s.depth];
-        let mut grad_v = vec![0f32; s.groups * s.keys * s.value_depth];
+        let mut grad_q = zeroed(s.groups * s.queries * s.depth);
+        let mut grad_k = zeroed(s.groups * s.keys * s.depth);
+        let mut grad_v = zeroed(s.groups * s.keys * s.value_depth);
         if grad_q.is_empty() || grad_k.is_empty() || grad_v.is_empty() {
             return (grad_q, grad_k, grad_v);
         }

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::bf16_products::{product, with_narrow_weight, Side};
 use super::kernel_choice::cpu_kernels;
-use super::kernels::{for_each_f32_band, gemm_into, with_f32_slice, Operand, Threads};
+use super::kernels::{for_each_f32_band, gemm_into, with_f32_slice, zeroed, Operand, Threads};
 use super::winograd::Winograd;
 
 /// Floats of column matrix built per band (bounds the extra memory to ~64 MiB).
@@ -120,7 +120,7 @@ impl Conv2d {
         let rows = channels * self.kernel * self.kernel;
         let (plane_in, plane_out) = (height * width, out_h * out_w);
         let shape = Shape::from((batch, out_channels, out_h, out_w));
-        let mut output = vec![0f32; batch * out_channels * plane_out];
+        let mut output = zeroed(batch * out_channels * plane_out);
         let matrix = match &self.method {
             Method::Winograd(winograd) => {
                 for (image, out_image) in input
@@ -180,7 +180,7 @@ impl Conv2d {
         let mut col = if pointwise {
             Vec::new()
         } else {
-            vec![0f32; rows * band_rows * out_w]
+            zeroed(rows * band_rows * out_w)
         };
         for (b, image) in input.chunks(channels * plane_in).enumerate() {
             let mut y0 = 0;
@@ -236,8 +236,8 @@ impl Conv2d {
         let rows = channels * k * k;
         let plane_out = out_h * out_w;
         let grad_input = with_f32_slice(grad_output, |grad| {
-            let mut grad_input = vec![0f32; batch * channels * height * width];
-            let mut columns = vec![0f32; rows * plane_out];
+            let mut grad_input = zeroed(batch * channels * height * width);
+            let mut columns = zeroed(rows * plane_out);
             for (image_grad, input_grad) in grad
                 .chunks(out_channels * plane_out)
                 .zip(grad_input.chunks_mut(channels * height * width))
@@ -321,7 +321,7 @@ impl Conv2d {
         }
         let rows = channels * self.kernel * self.kernel;
         let plane_out = out_h * out_w;
-        let mut gradient = vec![0f32; out_channels * rows];
+        let mut gradient = zeroed(out_channels * rows);
         with_f32_slice(input, |input| {
             with_f32_slice(grad_output, |grad| {
                 self.for_each_column_band(input, sizes, (out_h, out_w), |b, first, columns, col| {

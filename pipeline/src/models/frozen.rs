@@ -19,12 +19,14 @@ use candle_core::op::BackpropOp;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, DType, Layout, Module, Shape, Storage, Tensor,
 };
+use rayon::prelude::*;
 
 use super::bf16_products::{product, with_narrow_weight, Side};
 use super::conv::Conv2d;
 use super::kernel_choice::cpu_kernels;
 use super::kernels::{
-    for_each_f32_band, gemm_into, transpose_matrix, with_f32_slice, Operand, Threads,
+    f32_elements, for_each_f32_band, gemm_into, transpose_matrix, with_f32_slice, zeroed, Operand,
+    Threads,
 };
 
 /// The operation applied with a frozen weight.
@@ -241,6 +243,62 @@ impl FrozenOp {
         winograd.filter(|_| applies).or_else(|| self.fast_conv(x))
     }
 
+    /// The forward pass straight on candle's f32 CPU storage, the result written into a new
+    /// storage: without the copies of input and output that [`Self::run_on`] makes. For the f32
+    /// CPU convolutions and linear layers with narrow weights (the paths [`Self::compute`] takes
+    /// for them, bias added in place); `None` for other operations.
+    fn forward_on_elements(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<Option<(CpuStorage, Shape)>> {
+        let Some(x) = f32_elements(storage, layout) else {
+            return Ok(None);
+        };
+        let dims = layout.dims();
+        let bias = match &self.bias {
+            Some(bias) => Some(bias.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let (mut y, shape, plane) = match self.kind {
+            FrozenKind::Linear => {
+                let narrow = self.weight.dtype() != DType::F32;
+                if !narrow || self.weight_in_out.is_some() || !cpu_kernels(self.weight.device()) {
+                    return Ok(None);
+                }
+                let inner = *dims.last().unwrap_or(&0);
+                let (rows, out) = (x.len() / inner.max(1), self.weight.dim(0)?);
+                let mut y = zeroed(rows * out);
+                linear_into(&mut y, x, rows, &self.weight)?;
+                let mut out_dims = dims.to_vec();
+                *out_dims
+                    .last_mut()
+                    .expect("linear input has a last dimension") = out;
+                (y, Shape::from(out_dims), 1)
+            }
+            FrozenKind::Conv2d { .. } => {
+                let conv = self.winograd_conv.as_deref().or(self.cpu_conv.as_deref());
+                let Some(conv) = conv.filter(|_| cpu_kernels(self.weight.device())) else {
+                    return Ok(None);
+                };
+                let sizes = layout.shape().dims4()?;
+                let (y, shape) = conv.forward_elements(x, sizes)?;
+                let (_, _, height, width) = shape.dims4()?;
+                (y, shape, height * width)
+            }
+        };
+        if let Some(bias) = bias {
+            // Linear rows hold one value per output; convolution planes one channel each.
+            let per_row = bias.len() * plane;
+            y.par_chunks_mut(per_row).for_each(|row| {
+                for (values, b) in row.chunks_mut(plane).zip(&bias) {
+                    values.iter_mut().for_each(|v| *v += b);
+                }
+            });
+        }
+        Ok(Some((CpuStorage::F32(y), shape)))
+    }
+
     /// Runs [`Self::compute`] on a storage handed over by candle and returns the result storage.
     fn run_on(&self, storage: Storage, layout: &Layout) -> candle_core::Result<(Storage, Shape)> {
         let x = tensor_from_storage(storage, layout)?;
@@ -252,7 +310,7 @@ impl FrozenOp {
 /// output rows.
 fn linear_in_bands(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
     let ((rows, _), out) = (x.dims2()?, weight.dim(0)?);
-    let mut y = vec![0f32; rows * out];
+    let mut y = zeroed(rows * out);
     with_f32_slice(x, |x| linear_into(&mut y, x, rows, weight))??;
     Tensor::from_vec(y, (rows, out), x.device())
 }
@@ -293,7 +351,7 @@ pub(crate) fn linear_into(
 /// bands of the weight's rows.
 fn linear_input_gradient_in_bands(grad: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
     let ((rows, _), inner) = (grad.dims2()?, weight.dim(1)?);
-    let mut dx = vec![0f32; rows * inner];
+    let mut dx = zeroed(rows * inner);
     with_f32_slice(grad, |grad| {
         linear_input_gradient_into(&mut dx, grad, rows, weight)
     })??;
@@ -335,7 +393,7 @@ pub(crate) fn linear_input_gradient_into(
 /// any stored dtype, read in f32 bands of input rows whose products are summed).
 fn linear_in_out(x: &Tensor, in_out: &Tensor) -> candle_core::Result<Tensor> {
     let ((rows, inner), out) = (x.dims2()?, in_out.dim(1)?);
-    let mut y = vec![0f32; rows * out];
+    let mut y = zeroed(rows * out);
     with_f32_slice(x, |x| {
         let bf16 = with_narrow_weight(in_out, |w| {
             let lhs = Side::F32(Operand::row_major(x, inner));
@@ -365,7 +423,7 @@ fn linear_in_out(x: &Tensor, in_out: &Tensor) -> candle_core::Result<Tensor> {
 /// [`linear_in_out`] (each band of input rows gives its own columns of the result).
 fn linear_input_gradient_in_out(grad: &Tensor, in_out: &Tensor) -> candle_core::Result<Tensor> {
     let ((rows, out), inner) = (grad.dims2()?, in_out.dim(0)?);
-    let mut dx = vec![0f32; rows * inner];
+    let mut dx = zeroed(rows * inner);
     with_f32_slice(grad, |grad| {
         let bf16 = with_narrow_weight(in_out, |w| {
             let lhs = Side::F32(Operand::row_major(grad, out));
@@ -472,6 +530,9 @@ impl CustomOp1 for FrozenOp {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if let Some(done) = self.forward_on_elements(storage, layout)? {
+            return Ok(done);
+        }
         match self.run_on(Storage::Cpu(storage.clone()), layout)? {
             (Storage::Cpu(s), shape) => Ok((s, shape)),
             _ => candle_core::bail!("frozen op: device changed during the forward pass"),

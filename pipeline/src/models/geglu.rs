@@ -4,20 +4,26 @@
 //! As elementary candle ops the graph keeps `gelu(g)` as well as the product until the backward
 //! pass; as one op it keeps only the projection, and the backward pass recomputes the gate.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 
-use super::frozen::{dense, into_storage, tensor_from_storage};
+use super::frozen::dense;
 use super::kernel_choice::cpu_kernels;
-use super::kernels::gelu_erf;
+use super::kernels::{
+    f32_elements, gated_gelu_erf_gradient_rows, gated_gelu_erf_rows, with_f32_slice,
+};
 
 /// `h · gelu(g)` for `projected = [h, g]` split on the last dimension.
 pub fn geglu(projected: &Tensor) -> candle_core::Result<Tensor> {
-    if cpu_kernels(projected.device()) && projected.track_op() {
+    let fused = cpu_kernels(projected.device()) && projected.dtype() == DType::F32;
+    if fused && projected.track_op() {
         dense(projected)?.apply_op1(Geglu)
-    } else if cpu_kernels(projected.device()) {
-        // No gradient: the op's forward without its input and output copies.
-        let (hidden, gate) = halves(projected)?;
-        hidden * gelu_erf(&gate)?
+    } else if fused {
+        // No gradient: the op's forward without a graph node.
+        let width = projected.dim(D::Minus1)?;
+        let rows = with_f32_slice(projected, |p| gated_gelu_erf_rows(p, width))?;
+        let mut dims = projected.dims().to_vec();
+        *dims.last_mut().expect("geglu input has a last dimension") /= 2;
+        Tensor::from_vec(rows, dims, projected.device())
     } else {
         let (hidden, gate) = halves(projected)?;
         hidden * gate.gelu_erf()?
@@ -46,12 +52,16 @@ impl CustomOp1 for Geglu {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let projected = tensor_from_storage(candle_core::Storage::Cpu(storage.clone()), layout)?;
-        let (hidden, gate) = halves(&projected)?;
-        match into_storage((hidden * gelu_erf(&gate)?)?)? {
-            (candle_core::Storage::Cpu(s), shape) => Ok((s, shape)),
-            _ => candle_core::bail!("geglu: device changed"),
-        }
+        let Some(projected) = f32_elements(storage, layout) else {
+            candle_core::bail!("geglu: expected a contiguous f32 input")
+        };
+        let mut dims = layout.dims().to_vec();
+        let Some(width) = dims.last_mut() else {
+            candle_core::bail!("geglu: expected an input with a last dimension")
+        };
+        let rows = gated_gelu_erf_rows(projected, *width);
+        *width /= 2;
+        Ok((CpuStorage::F32(rows), Shape::from(dims)))
     }
 
     /// `d hidden = dy · gelu(g)`, `d g = dy · h · gelu'(g)` with
@@ -62,6 +72,19 @@ impl CustomOp1 for Geglu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
+        if projected.dtype() == DType::F32 && cpu_kernels(projected.device()) {
+            let width = projected.dim(D::Minus1)?;
+            let rows = with_f32_slice(projected, |projected| {
+                with_f32_slice(grad, |grad| {
+                    gated_gelu_erf_gradient_rows(projected, grad, width)
+                })
+            })??;
+            return Ok(Some(Tensor::from_vec(
+                rows,
+                projected.shape(),
+                projected.device(),
+            )?));
+        }
         let (hidden, gate) = halves(&projected.detach())?;
         let grad = grad.detach();
         let cdf = ((gate.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()? + 1.0)? * 0.5)?;
@@ -93,6 +116,11 @@ mod tests {
         let reference = (hidden * gate.gelu_erf().unwrap()).unwrap();
         assert_eq!(ours.dims(), &[2, 5, 4]);
         assert!(relative_difference(&ours, &reference) < 1e-6);
+        // Without a graph the same values come out of the direct path.
+        let plain = geglu(&x).unwrap();
+        assert!(!plain.track_op());
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(values(&plain), values(&ours));
         let weights = Tensor::randn(0f32, 1.0, ours.shape(), &device).unwrap();
         let [ours_grad] = weighted_sum_gradients(&ours, &weights, [&ours_input]);
         let [reference_grad] = weighted_sum_gradients(&reference, &weights, [&reference_input]);

@@ -4,6 +4,7 @@
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
 
 /// Floats per widened weight band (16 MiB): few enough bands that each product is wide enough
 /// for the kernels' speed, small enough that no weight is widened whole.
@@ -17,6 +18,28 @@ thread_local! {
 }
 /// Fewest rows per widened band (narrower products run below the kernels' speed).
 const MIN_BAND_ROWS: usize = 32;
+
+/// Floats zeroed per parallel task by [`zeroed`].
+const ZERO_CHUNK: usize = 1 << 16;
+
+/// `vec![0f32; len]`, zeroed by the rayon pool when it is large: layer outputs are megabytes
+/// and, with freed memory kept for reuse, the allocator zeroes them on the calling thread alone.
+pub(crate) fn zeroed(len: usize) -> Vec<f32> {
+    if len <= ZERO_CHUNK {
+        return vec![0f32; len];
+    }
+    let mut buffer = Vec::with_capacity(len);
+    buffer.spare_capacity_mut()[..len]
+        .par_chunks_mut(ZERO_CHUNK)
+        .for_each(|chunk| {
+            chunk.iter_mut().for_each(|x| {
+                x.write(0.0);
+            })
+        });
+    // SAFETY: the first `len` elements were written above.
+    unsafe { buffer.set_len(len) };
+    buffer
+}
 
 /// The elements of a contiguous f32 CPU storage, if it is one.
 pub(crate) fn f32_elements<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> {
@@ -75,7 +98,6 @@ fn transposed_tensor<T: candle_core::WithDType>(
 
 /// The row-major `[cols, rows]` transpose of the row-major `[rows, cols]` `data`.
 fn transpose_tiles<T: Copy + Send + Sync>(data: &[T], rows: usize, cols: usize) -> Vec<T> {
-    use rayon::prelude::*;
     let Some(&fill) = data.first() else {
         return Vec::new();
     };
@@ -142,7 +164,6 @@ fn widened_bands<T: Sync>(
     mut f: impl FnMut(usize, &[f32]),
     widen: impl Fn(&[T], &mut [f32]) + Sync,
 ) {
-    use rayon::prelude::*;
     // Taken out of the thread-local for the loop: a product that runs other pool tasks on this
     // thread meanwhile finds an empty buffer and makes its own.
     let mut buffer = BAND_BUFFER.take();
@@ -291,7 +312,6 @@ fn small_rows_product(
     accumulate: bool,
     threads: Threads,
 ) {
-    use rayon::prelude::*;
     let block = |first: usize| -> Vec<f32> {
         let width = SMALL_PRODUCT_COLUMNS.min(n - first);
         let mut rows = vec![0f32; m * width];
@@ -473,20 +493,35 @@ fn exp_approx(x: f32) -> f32 {
 /// Exact (erf) GELU, `x Φ(x)`, of every element in place, split over the rayon pool; within
 /// 4e-7 · max(|x|, 1) of the exact value. Uses AVX2 + FMA when the CPU has them.
 pub(crate) fn gelu_erf_in_place(values: &mut [f32]) {
-    use rayon::prelude::*;
     values
         .par_chunks_mut(GELU_CHUNK)
         .for_each(|chunk| map_in_place(chunk, gelu_erf_approx));
 }
 
+/// GEGLU on the elements of rows `[h, g]` of `width` (two halves): the rows `h · gelu(g)`,
+/// `gelu` as [`gelu_erf_in_place`], rows split over the rayon pool.
+pub(crate) fn gated_gelu_erf_rows(projected: &[f32], width: usize) -> Vec<f32> {
+    let half = width / 2;
+    let mut out = zeroed(projected.len() / 2);
+    out.par_chunks_mut(half)
+        .zip(projected.par_chunks(width))
+        .for_each(|(out, row)| {
+            let (hidden, gate) = row.split_at(half);
+            out.copy_from_slice(gate);
+            map_in_place(out, gelu_erf_approx);
+            out.iter_mut().zip(hidden).for_each(|(o, h)| *o = h * *o);
+        });
+    out
+}
+
 /// Elements per parallel task of [`gelu_erf_in_place`].
 const GELU_CHUNK: usize = 1 << 14;
 
-/// `x Φ(x) = x (1 - erfc(x / √2) / 2)`, with `erfc(|z|)` from the Chebyshev fit of Numerical
+/// `Φ(x) = 1 - erfc(x / √2) / 2`, with `erfc(|z|)` from the Chebyshev fit of Numerical
 /// Recipes (`t e^(-z² + P(t))`, `t = 1 / (1 + |z| / 2)`, relative error below 1.2e-7) and
 /// `erfc(-z) = 2 - erfc(z)`. Branch-free so that loops over it vectorise.
 #[inline(always)]
-fn gelu_erf_approx(x: f32) -> f32 {
+fn normal_cdf_approx(x: f32) -> f32 {
     const COEFFICIENTS: [f32; 10] = [
         -1.265_512_2,
         1.000_023_7,
@@ -506,7 +541,64 @@ fn gelu_erf_approx(x: f32) -> f32 {
         p = p * t + c;
     }
     let half_erfc = 0.5 * t * exp_approx(p - z * z);
-    x * if x >= 0.0 { 1.0 - half_erfc } else { half_erfc }
+    if x >= 0.0 {
+        1.0 - half_erfc
+    } else {
+        half_erfc
+    }
+}
+
+/// `x Φ(x)`, the exact (erf) GELU through [`normal_cdf_approx`].
+#[inline(always)]
+fn gelu_erf_approx(x: f32) -> f32 {
+    x * normal_cdf_approx(x)
+}
+
+/// GEGLU's gradient on one row: `[dy · gelu(g), dy · h · gelu'(g)]` into `out` for the row
+/// `[h, g]` of `projected`, with `gelu'(g) = Φ(g) + g φ(g)` (normal CDF and density).
+#[inline(always)]
+fn gated_gelu_gradient_row(out: &mut [f32], projected: &[f32], dy: &[f32]) {
+    const DENSITY_SCALE: f32 = 0.398_942_3; // 1 / √(2π)
+    let (hidden, gate) = projected.split_at(dy.len());
+    let (hidden_grad, gate_grad) = out.split_at_mut(dy.len());
+    let rows = hidden_grad.iter_mut().zip(gate_grad.iter_mut());
+    for (((hidden_grad, gate_grad), (&h, &g)), &dy) in rows.zip(hidden.iter().zip(gate)).zip(dy) {
+        let cdf = normal_cdf_approx(g);
+        let density = exp_approx(-0.5 * g * g) * DENSITY_SCALE;
+        *hidden_grad = dy * (g * cdf);
+        *gate_grad = dy * h * (cdf + g * density);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gated_gelu_gradient_row_avx2(out: &mut [f32], projected: &[f32], dy: &[f32]) {
+    gated_gelu_gradient_row(out, projected, dy);
+}
+
+/// The gradient of [`gated_gelu_erf_rows`] for its input rows `projected` (`width` wide) and
+/// the output gradient rows `grad` (`width / 2` wide), rows split over the rayon pool.
+pub(crate) fn gated_gelu_erf_gradient_rows(
+    projected: &[f32],
+    grad: &[f32],
+    width: usize,
+) -> Vec<f32> {
+    let mut out = zeroed(projected.len());
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    out.par_chunks_mut(width)
+        .zip(projected.par_chunks(width))
+        .zip(grad.par_chunks(width / 2))
+        .for_each(|((out, row), dy)| {
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU supports the features this copy of the loop is compiled for.
+                unsafe { gated_gelu_gradient_row_avx2(out, row, dy) };
+                return;
+            }
+            gated_gelu_gradient_row(out, row, dy);
+        });
+    out
 }
 
 /// Exact (erf) GELU of `x`: the vectorised kernel for an f32 CPU tensor outside any graph,
@@ -530,7 +622,6 @@ pub(crate) fn quick_gelu(x: &Tensor) -> candle_core::Result<Tensor> {
     if !kernel || x.track_op() {
         return x * candle_nn::ops::sigmoid(&(x * 1.702)?)?;
     }
-    use rayon::prelude::*;
     let mut values = x.flatten_all()?.to_vec1::<f32>()?;
     values
         .par_chunks_mut(GELU_CHUNK)

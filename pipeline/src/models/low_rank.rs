@@ -9,10 +9,11 @@
 //! weight may be stored narrower ([`super::frozen`] reads it in f32 bands).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 use super::frozen::{dense, linear_input_gradient_into, linear_into};
 use super::kernel_choice::cpu_kernels;
-use super::kernels::{f32_elements, gemm_into, with_f32_slice, Operand, Threads};
+use super::kernels::{f32_elements, gemm_into, with_f32_slice, zeroed, Operand, Threads};
 
 /// A plain low-rank branch `scale · up(down(x))` of a linear layer (a LoRA module without
 /// dropout this pass).
@@ -106,7 +107,7 @@ struct FusedLowRankLinear {
 
 /// `[B, C, P]` -> `[B·P, C]`.
 fn channels_last(x: &[f32], channels: usize, pixels: usize) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
+    let mut out = zeroed(x.len());
     for (image, out) in x
         .chunks(channels * pixels)
         .zip(out.chunks_mut(channels * pixels))
@@ -122,7 +123,7 @@ fn channels_last(x: &[f32], channels: usize, pixels: usize) -> Vec<f32> {
 
 /// `[B·P, C]` -> `[B, C, P]`.
 fn channels_first(x: &[f32], channels: usize, pixels: usize) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
+    let mut out = zeroed(x.len());
     for (rows, image) in x
         .chunks(channels * pixels)
         .zip(out.chunks_mut(channels * pixels))
@@ -185,7 +186,7 @@ impl Sizes {
 
     /// `x D^T`, `[rows, rank]`.
     fn hidden(&self, x: &[f32], down: &[f32]) -> Vec<f32> {
-        let mut hidden = vec![0f32; self.rows * self.rank];
+        let mut hidden = zeroed(self.rows * self.rank);
         let (lhs, rhs) = (
             Operand::row_major(x, self.inner),
             Operand::transposed(down, self.inner),
@@ -242,13 +243,13 @@ impl FusedLowRankLinear {
         up: &[f32],
         s: Sizes,
     ) -> candle_core::Result<Vec<f32>> {
-        let mut y = vec![0f32; s.rows * s.out];
+        let mut y = zeroed(s.rows * s.out);
         linear_into(&mut y, x, s.rows, &self.weight)?;
         if let Some(bias) = &self.bias {
             with_f32_slice(bias, |bias| {
-                for row in y.chunks_mut(s.out) {
+                y.par_chunks_mut(s.out).for_each(|row| {
                     row.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
-                }
+                })
             })?;
         }
         let mut hidden = s.hidden(x, down);
@@ -279,7 +280,7 @@ impl FusedLowRankLinear {
         s: Sizes,
     ) -> candle_core::Result<[Vec<f32>; 3]> {
         // g = scale · dY U, [rows, rank]: the gradient reaching the hidden.
-        let mut hidden_grad = vec![0f32; s.rows * s.rank];
+        let mut hidden_grad = zeroed(s.rows * s.rank);
         let (lhs, rhs) = (
             Operand::row_major(grad, s.out),
             Operand::row_major(up, s.rank),
@@ -297,7 +298,7 @@ impl FusedLowRankLinear {
         hidden_grad.iter_mut().for_each(|g| *g *= self.scale);
 
         // dX = dY W + g D.
-        let mut x_grad = vec![0f32; s.rows * s.inner];
+        let mut x_grad = zeroed(s.rows * s.inner);
         linear_input_gradient_into(&mut x_grad, grad, s.rows, &self.weight)?;
         let (lhs, rhs) = (
             Operand::row_major(&hidden_grad, s.rank),
@@ -307,7 +308,7 @@ impl FusedLowRankLinear {
         gemm_into(&mut x_grad, s.inner, lhs, rhs, shape, true, Threads::Pool);
 
         // dD = g^T X, [rank, in].
-        let mut down_grad = vec![0f32; s.rank * s.inner];
+        let mut down_grad = zeroed(s.rank * s.inner);
         let (lhs, rhs) = (
             Operand::row_major(&hidden_grad, s.rank).t(),
             Operand::row_major(x, s.inner),
@@ -326,7 +327,7 @@ impl FusedLowRankLinear {
         // dU = scale · dY^T (X D^T), [out, rank].
         let mut hidden = s.hidden(x, down);
         hidden.iter_mut().for_each(|h| *h *= self.scale);
-        let mut up_grad = vec![0f32; s.out * s.rank];
+        let mut up_grad = zeroed(s.out * s.rank);
         let (lhs, rhs) = (
             Operand::row_major(grad, s.out).t(),
             Operand::row_major(&hidden, s.rank),
