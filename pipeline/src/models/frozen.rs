@@ -256,17 +256,15 @@ impl FrozenOp {
             return Ok(None);
         };
         let dims = layout.dims();
-        let bias = match &self.bias {
-            Some(bias) => Some(bias.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-            None => None,
-        };
         let (mut y, shape, plane) = match self.kind {
             FrozenKind::Linear => {
                 let narrow = self.weight.dtype() != DType::F32;
-                if !narrow || self.weight_in_out.is_some() || !cpu_kernels(self.weight.device()) {
+                let cpu = cpu_kernels(self.weight.device());
+                let (Some(&inner), true, None, true) =
+                    (dims.last(), narrow, &self.weight_in_out, cpu)
+                else {
                     return Ok(None);
-                }
-                let inner = *dims.last().unwrap_or(&0);
+                };
                 let (rows, out) = (x.len() / inner.max(1), self.weight.dim(0)?);
                 let mut y = zeroed(rows * out);
                 linear_into(&mut y, x, rows, &self.weight)?;
@@ -287,7 +285,8 @@ impl FrozenOp {
                 (y, shape, height * width)
             }
         };
-        if let Some(bias) = bias {
+        if let Some(bias) = &self.bias {
+            let bias = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             // Linear rows hold one value per output; convolution planes one channel each.
             let per_row = bias.len() * plane;
             y.par_chunks_mut(per_row).for_each(|row| {
@@ -720,8 +719,8 @@ mod tests {
 
     #[test]
     fn narrow_weights_are_widened_inside_the_op() {
-        // A weight stored as f16, bf16 or f8 gives what the same rounded values give as f32 up
-        // to summation order (banded products against candle's one matrix product), and lands
+        // A weight stored as f16, bf16 or f8 (with an f32 bias) gives what the same rounded
+        // values give as f32 up to summation order (banded products against candle's one matrix product), and lands
         // within the dtype's rounding of the f32 weight. The last two layers are wide enough to
         // be widened in several bands. With AVX512-BF16, bf16 and f8 weights multiply
         // bfloat16-rounded activations and output gradients (as PyTorch's autocast does): the
@@ -765,8 +764,9 @@ mod tests {
         ];
         for (kind, weight_shape, input_shape) in cases {
             let weight = Tensor::randn(0f32, 0.3, weight_shape, &device).unwrap();
+            let bias = Some(Tensor::randn(0f32, 1.0, weight.dim(0).unwrap(), &device).unwrap());
             let x = Tensor::randn(0f32, 1.0, input_shape, &device).unwrap();
-            let exact = FrozenOp::new(weight.clone(), None, kind)
+            let exact = FrozenOp::new(weight.clone(), bias.clone(), kind)
                 .forward(&x)
                 .unwrap();
             for (dtype, rounding) in [
@@ -776,7 +776,7 @@ mod tests {
             ] {
                 let narrow = weight.to_dtype(dtype).unwrap();
                 let widened = narrow.to_dtype(DType::F32).unwrap();
-                let narrow_op = FrozenOp::new(narrow, None, kind);
+                let narrow_op = FrozenOp::new(narrow, bias.clone(), kind);
                 assert_eq!(narrow_op.weight().dtype(), dtype, "stored as given");
                 let case = format!("{kind:?} {dtype:?}");
                 let in_bf16 = dtype != DType::F16 && crate::models::bf16_products::available();
@@ -791,7 +791,7 @@ mod tests {
                 let input = Var::from_tensor(&x).unwrap();
                 let y = narrow_op.forward(input.as_tensor()).unwrap();
                 let reference_input = Var::from_tensor(&as_multiplied(&x)).unwrap();
-                let reference = FrozenOp::new(widened, None, kind)
+                let reference = FrozenOp::new(widened, bias.clone(), kind)
                     .forward(reference_input.as_tensor())
                     .unwrap();
                 assert_eq!(y.dtype(), DType::F32, "{case}");
