@@ -63,8 +63,7 @@ impl ComputeDevice {
 /// - candle's element-wise worker threads spin 200 times instead of 25,000 waiting for the next
 ///   operation before they sleep: during the matrix products, which run on the rayon pool, that
 ///   spinning took a core's time from them (a tenth of a full-size SDXL training step's CPU
-///   time). The user's own
-///   `CANDLE_BARRIER_POOL_SPIN_LIMIT` is kept.
+///   time). The user's own `CANDLE_BARRIER_POOL_SPIN_LIMIT` is kept.
 pub fn tune_process_for_models() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `mallopt` only changes allocator parameters; memory already mapped is still
