@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use crate::models::frozen::{dense, into_storage, tensor_from_storage};
 use crate::models::kernel_choice::cpu_kernels;
 use crate::models::kernels::{
-    dot, f32_elements, gemm_into, softmax_rows, zeroed, Operand, Threads,
+    dot, f32_elements, gemm_into, softmax_rows, with_f32_slices, zeroed, Operand, Threads,
 };
 
 /// Score elements of one (batch, head) pair computed at a time by the f32 CPU kernel, per thread
@@ -250,20 +250,18 @@ impl CustomOp3 for TokenMajorAttention {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let layouts = CallLayouts::of(self.heads, q.shape(), k.shape(), v.shape())?;
-        let values = |t: &Tensor| {
-            f32_vec(&t.detach()).ok_or_else(|| {
-                candle_core::Error::Msg("attention: expected f32 CPU tensors".into())
-            })
-        };
-        let (grad_q, grad_k, grad_v) = self.inner.backward_f32(
-            (
-                &layouts.q.split(&values(q)?),
-                &layouts.k.split(&values(k)?),
-                &layouts.v.split(&values(v)?),
-            ),
-            &layouts.out.split(&values(grad)?),
-            layouts.sizes,
-        );
+        let inputs = [q, k, v, grad].map(Tensor::detach);
+        let (grad_q, grad_k, grad_v) = with_f32_slices(inputs.each_ref(), |[q, k, v, grad]| {
+            self.inner.backward_f32(
+                (
+                    &layouts.q.split(q),
+                    &layouts.k.split(k),
+                    &layouts.v.split(v),
+                ),
+                &layouts.out.split(grad),
+                layouts.sizes,
+            )
+        })?;
         let device = q.device();
         Ok((
             Some(Tensor::from_vec(
@@ -514,14 +512,6 @@ impl ChunkedAttention {
     }
 }
 
-/// A copy of the elements of an f32 CPU tensor, if it is one.
-fn f32_vec(x: &Tensor) -> Option<Vec<f32>> {
-    let usable = x.dtype() == DType::F32 && cpu_kernels(x.device());
-    usable
-        .then(|| x.flatten_all().and_then(|flat| flat.to_vec1::<f32>()).ok())
-        .flatten()
-}
-
 impl CustomOp3 for ChunkedAttention {
     fn name(&self) -> &'static str {
         "chunked-attention"
@@ -589,10 +579,13 @@ impl CustomOp3 for ChunkedAttention {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        let elements = (f32_vec(&q), f32_vec(&k), f32_vec(&v), f32_vec(grad));
-        if let (Some(qs), Some(ks), Some(vs), Some(grads)) = elements {
+        let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && cpu_kernels(t.device());
+        if [&q, &k, &v, grad].into_iter().all(f32_cpu) {
             let sizes = Sizes::of(q.shape(), k.shape(), v.shape())?;
-            let (grad_q, grad_k, grad_v) = self.backward_f32((&qs, &ks, &vs), &grads, sizes);
+            let (grad_q, grad_k, grad_v) =
+                with_f32_slices([&q, &k, &v, &grad.detach()], |[qs, ks, vs, grads]| {
+                    self.backward_f32((qs, ks, vs), grads, sizes)
+                })?;
             let device = q.device();
             return Ok((
                 Some(Tensor::from_vec(grad_q, q.shape(), device)?),

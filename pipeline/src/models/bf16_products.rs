@@ -403,8 +403,7 @@ fn convert_rows<T: Copy + Sync>(
     packed: &mut Vec<u32>,
 ) {
     let pairs = len.div_ceil(2);
-    packed.resize(padded_lines * pairs, 0);
-    packed
+    sized(packed, padded_lines * pairs)
         .par_chunks_mut(pairs)
         .enumerate()
         .for_each(|(line, out)| match line < lines {
@@ -412,6 +411,16 @@ fn convert_rows<T: Copy + Sync>(
             true => unsafe { convert_row(&data[line * row_stride..][..len], out, bits) },
             false => out.fill(0),
         });
+}
+
+/// The first `len` elements of `buffer`, grown (never shrunk) to hold them. The packing writes
+/// every element it hands out, so the buffer is zeroed only where it grows: a product smaller
+/// than an earlier one on this thread fills nothing serially.
+fn sized(buffer: &mut Vec<u32>, len: usize) -> &mut [u32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0);
+    }
+    &mut buffer[..len]
 }
 
 /// One row of [`convert_rows`], compiled for AVX-512 so that the conversion vectorises.
@@ -486,8 +495,7 @@ fn pack_from<T: Copy + Sync>(
     };
     let pair = move |low: T, high: T| bits(low) as u32 | (bits(high) as u32) << 16;
     let pairs = len.div_ceil(2);
-    packed.resize(lines.div_ceil(tile) * pairs * tile, 0);
-    packed
+    sized(packed, lines.div_ceil(tile) * pairs * tile)
         .par_chunks_mut(pairs * tile)
         .enumerate()
         // SAFETY: `product` runs only where `available()` holds, which checks these features.

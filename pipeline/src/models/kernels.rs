@@ -49,15 +49,33 @@ pub(crate) fn f32_elements<'a>(storage: &'a CpuStorage, layout: &Layout) -> Opti
 
 /// Runs `f` on the elements of an f32 CPU tensor, without a copy when it is contiguous.
 pub(crate) fn with_f32_slice<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let x = x.contiguous()?;
-    let (storage, layout) = x.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("expected a CPU tensor");
-    };
-    match f32_elements(cpu, layout) {
-        Some(data) => Ok(f(data)),
-        None => candle_core::bail!("expected a contiguous f32 tensor"),
+    with_f32_slices([x], |[x]| f(x))
+}
+
+/// Runs `f` on the elements of several f32 CPU tensors, without copies of contiguous ones (a
+/// custom op's backward pass reads its saved inputs and the output gradient this way).
+pub(crate) fn with_f32_slices<const N: usize, R>(
+    xs: [&Tensor; N],
+    f: impl FnOnce([&[f32]; N]) -> R,
+) -> candle_core::Result<R> {
+    let xs = xs.map(|x| x.contiguous());
+    let mut tensors = Vec::with_capacity(N);
+    for x in xs {
+        tensors.push(x?);
     }
+    let guards: Vec<_> = tensors.iter().map(|x| x.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(N);
+    for (storage, layout) in &guards {
+        let Storage::Cpu(cpu) = &**storage else {
+            candle_core::bail!("expected a CPU tensor");
+        };
+        match f32_elements(cpu, layout) {
+            Some(data) => slices.push(data),
+            None => candle_core::bail!("expected a contiguous f32 tensor"),
+        }
+    }
+    let slices: [&[f32]; N] = slices.try_into().expect("one slice per tensor");
+    Ok(f(slices))
 }
 
 /// Side of the square tiles [`transpose_matrix`] copies (a tile of f32 fits in L1).
@@ -352,7 +370,7 @@ fn small_rows_product(
 #[inline(always)]
 fn multiply_add(out: &mut [f32], weight: f32, values: &[f32]) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+    if avx2_fma() {
         // SAFETY: the CPU supports the features this copy of the loop is compiled for.
         unsafe { multiply_add_avx2(out, weight, values) };
         return;
@@ -391,22 +409,50 @@ pub(crate) fn softmax_rows(scores: &mut [f32], row_len: usize, scale: f32) {
 
 /// `Σ a_i b_i` accumulated in eight lanes (so the compiler can vectorise it).
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    sum_of_pairs(a, b, |x, y| x * y)
+}
+
+/// `Σ f(a_i, b_i)` accumulated in eight lanes (so the compiler can vectorise it).
+#[inline(always)]
+pub(crate) fn sum_of_pairs(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
     let mut lanes = [0f32; LANES];
     let (a_body, a_tail) = a.split_at(a.len() - a.len() % LANES);
     for (a8, b8) in a_body.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
         for lane in 0..LANES {
-            lanes[lane] += a8[lane] * b8[lane];
+            lanes[lane] += f(a8[lane], b8[lane]);
         }
     }
     let tail: f32 = a_tail
         .iter()
         .zip(&b[a_body.len()..])
-        .map(|(x, y)| x * y)
+        .map(|(&x, &y)| f(x, y))
         .sum();
     lanes.iter().sum::<f32>() + tail
 }
 
 const LANES: usize = 8;
+
+/// `Σ f(x)` over `values`, accumulated in eight lanes (so the compiler can vectorise it).
+#[inline(always)]
+pub(crate) fn sum_of(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for lane in 0..LANES {
+            lanes[lane] += f(chunk[lane]);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Whether the CPU has AVX2 and FMA, for which the vectorised loops here have a compiled copy.
+pub(crate) fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
 
 /// Folds `values` with `f` in eight independent lanes, then folds the lanes.
 fn lane_fold(values: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
@@ -433,7 +479,7 @@ pub(crate) fn exp_in_place(values: &mut [f32]) {
 #[inline(always)]
 fn map_in_place(values: &mut [f32], f: impl Fn(f32) -> f32 + Copy) {
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+    if avx2_fma() {
         // SAFETY: the CPU supports the features this copy of the loop is compiled for.
         unsafe { map_in_place_avx2(values, f) };
         return;
@@ -465,7 +511,7 @@ fn map_lanes(values: &mut [f32], f: impl Fn(f32) -> f32 + Copy) {
 /// Cephes-style `expf`: `x = n ln2 + r` with `|r| <= ln2 / 2`, a degree-6 polynomial for `e^r`,
 /// and `2^n` built in the exponent bits. Branch-free so that loops over it vectorise.
 #[inline(always)]
-fn exp_approx(x: f32) -> f32 {
+pub(crate) fn exp_approx(x: f32) -> f32 {
     // Adding 1.5 * 2^23 rounds to an integer held in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     const LN2_HIGH: f32 = 0.693_359_4;
@@ -585,7 +631,7 @@ pub(crate) fn gated_gelu_erf_gradient_rows(
 ) -> Vec<f32> {
     let mut out = zeroed(projected.len());
     #[cfg(target_arch = "x86_64")]
-    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    let avx2 = avx2_fma();
     out.par_chunks_mut(width)
         .zip(projected.par_chunks(width))
         .zip(grad.par_chunks(width / 2))

@@ -8,12 +8,16 @@
 //! hidden `x D^T` is recomputed in the backward pass. f32 activations on the CPU; the frozen
 //! weight may be stored narrower ([`super::frozen`] reads it in f32 bands).
 
+use std::borrow::Cow;
+
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::frozen::{dense, linear_input_gradient_into, linear_into};
 use super::kernel_choice::cpu_kernels;
-use super::kernels::{f32_elements, gemm_into, with_f32_slice, zeroed, Operand, Threads};
+use super::kernels::{
+    f32_elements, gemm_into, with_f32_slice, with_f32_slices, zeroed, Operand, Threads,
+};
 
 /// A plain low-rank branch `scale · up(down(x))` of a linear layer (a LoRA module without
 /// dropout this pass).
@@ -220,11 +224,11 @@ impl FusedLowRankLinear {
         }
     }
 
-    /// Activations in this op's layout as rows.
-    fn layout_to_rows(&self, x: Vec<f32>, width: usize, s: Sizes) -> Vec<f32> {
+    /// Activations in this op's layout as rows (borrowed when they are rows already).
+    fn layout_to_rows<'a>(&self, x: &'a [f32], width: usize, s: Sizes) -> Cow<'a, [f32]> {
         match self.layout {
-            ActivationLayout::Rows => x,
-            ActivationLayout::ChannelsFirst => channels_last(&x, width, s.pixels),
+            ActivationLayout::Rows => Cow::Borrowed(x),
+            ActivationLayout::ChannelsFirst => Cow::Owned(channels_last(x, width, s.pixels)),
         }
     }
 
@@ -338,11 +342,6 @@ impl FusedLowRankLinear {
     }
 }
 
-/// The f32 elements of a graph-free CPU tensor (a copy only when it is not contiguous).
-fn f32_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
-}
-
 impl CustomOp3 for FusedLowRankLinear {
     fn name(&self) -> &'static str {
         "frozen-linear-with-low-rank-branch"
@@ -373,15 +372,12 @@ impl CustomOp3 for FusedLowRankLinear {
                 Shape::from(dims)
             }
         };
-        let y = match self.layout {
-            ActivationLayout::Rows => self.forward(x, down, up, sizes)?,
-            ActivationLayout::ChannelsFirst => {
-                let rows = self.layout_to_rows(x.to_vec(), sizes.inner, sizes);
-                let y = self.forward(&rows, down, up, sizes)?;
-                self.rows_to_layout(y, sizes.out, sizes)
-            }
-        };
-        Ok((CpuStorage::F32(y), shape))
+        let rows = self.layout_to_rows(x, sizes.inner, sizes);
+        let y = self.forward(&rows, down, up, sizes)?;
+        Ok((
+            CpuStorage::F32(self.rows_to_layout(y, sizes.out, sizes)),
+            shape,
+        ))
     }
 
     fn bwd(
@@ -393,12 +389,15 @@ impl CustomOp3 for FusedLowRankLinear {
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let sizes = Sizes::of(x.shape(), down.shape(), up.shape(), self.layout)?;
-        let [x_values, down_values, up_values, grad] =
-            [x, down, up, grad_res].map(|t| f32_values(&t.detach()));
-        let x_rows = self.layout_to_rows(x_values?, sizes.inner, sizes);
-        let grad_rows = self.layout_to_rows(grad?, sizes.out, sizes);
-        let [x_grad, down_grad, up_grad] =
-            self.backward(&x_rows, &down_values?, &up_values?, &grad_rows, sizes)?;
+        let inputs = [x, down, up, grad_res].map(Tensor::detach);
+        let [x_grad, down_grad, up_grad] = with_f32_slices(
+            inputs.each_ref(),
+            |[x_values, down_values, up_values, grad]| {
+                let x_rows = self.layout_to_rows(x_values, sizes.inner, sizes);
+                let grad_rows = self.layout_to_rows(grad, sizes.out, sizes);
+                self.backward(&x_rows, down_values, up_values, &grad_rows, sizes)
+            },
+        )??;
         let x_grad = self.rows_to_layout(x_grad, sizes.inner, sizes);
         let device = x.device();
         Ok((

@@ -9,7 +9,9 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::models::kernels::{dot, f32_elements, with_f32_slice};
+use crate::models::kernels::{
+    avx2_fma, exp_approx, f32_elements, sum_of, sum_of_pairs, with_f32_slice, zeroed,
+};
 
 /// Which elements form one normalised row.
 #[derive(Debug, Clone, Copy)]
@@ -37,22 +39,89 @@ pub(crate) struct AffineNorm {
 }
 
 /// `x · sigmoid(x)`.
+#[inline(always)]
 fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
+    x / (1.0 + exp_approx(-x))
 }
 
 /// The derivative of [`silu`]: `s (1 + x (1 - s))` with `s = sigmoid(x)`.
+#[inline(always)]
 fn silu_derivative(x: f32) -> f32 {
-    let s = 1.0 / (1.0 + (-x).exp());
+    let s = 1.0 / (1.0 + exp_approx(-x));
     s * (1.0 + x * (1.0 - s))
 }
 
 /// Per-row statistics: the mean and `1 / sqrt(var + eps)`.
+#[inline(always)]
 fn statistics(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len().max(1) as f32;
-    let mean = row.iter().sum::<f32>() / n;
-    let var = row.iter().map(|&x| (x - mean) * (x - mean)).sum::<f32>() / n;
+    let mean = sum_of(row, |x| x) / n;
+    let var = sum_of(row, |x| (x - mean) * (x - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// The per-channel parameters of one row: the row runs through consecutive channels from
+/// `first`, `per_channel` elements each.
+#[derive(Clone, Copy)]
+struct RowChannels<'a> {
+    weight: &'a [f32],
+    bias: &'a [f32],
+    first: usize,
+    per_channel: usize,
+    eps: f32,
+    silu: bool,
+}
+
+/// One row of [`AffineNorm::forward_rows`].
+#[inline(always)]
+fn forward_row(out: &mut [f32], row: &[f32], p: RowChannels) {
+    let (mean, rstd) = statistics(row, p.eps);
+    let segments = out.chunks_mut(p.per_channel).zip(row.chunks(p.per_channel));
+    for (c, (out, row)) in (p.first..).zip(segments) {
+        let (scale, shift) = (rstd * p.weight[c], p.bias[c]);
+        for (y, &x) in out.iter_mut().zip(row) {
+            *y = (x - mean) * scale + shift;
+        }
+        if p.silu {
+            out.iter_mut().for_each(|y| *y = silu(*y));
+        }
+    }
+}
+
+/// One row of [`AffineNorm::backward_rows`].
+#[inline(always)]
+fn backward_row(dx: &mut [f32], row: &[f32], dy: &[f32], p: RowChannels) {
+    let (mean, rstd) = statistics(row, p.eps);
+    let n = row.len() as f32;
+    // dx holds g = dy · weight (times SiLU's derivative) until the last loop.
+    let segments = dx.chunks_mut(p.per_channel).zip(row.chunks(p.per_channel));
+    for (c, ((g, row), dy)) in (p.first..).zip(segments.zip(dy.chunks(p.per_channel))) {
+        let (weight, bias) = (p.weight[c], p.bias[c]);
+        for ((g, &x), &dy) in g.iter_mut().zip(row).zip(dy) {
+            let derivative = match p.silu {
+                true => silu_derivative((x - mean) * rstd * weight + bias),
+                false => 1.0,
+            };
+            *g = dy * derivative * weight;
+        }
+    }
+    let mean_g = sum_of(dx, |g| g) / n;
+    let mean_gx = sum_of_pairs(dx, row, |g, x| g * (x - mean) * rstd) / n;
+    for (g, &x) in dx.iter_mut().zip(row) {
+        *g = rstd * (*g - mean_g - (x - mean) * rstd * mean_gx);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn forward_row_avx2(out: &mut [f32], row: &[f32], p: RowChannels) {
+    forward_row(out, row, p)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn backward_row_avx2(dx: &mut [f32], row: &[f32], dy: &[f32], p: RowChannels) {
+    backward_row(dx, row, dy, p)
 }
 
 impl AffineNorm {
@@ -105,26 +174,36 @@ impl AffineNorm {
         crate::models::frozen::dense(x)?.apply_op1(self.clone())
     }
 
+    /// The parameters of row `r`.
+    fn row_channels(&self, r: usize, rows: (usize, usize)) -> RowChannels<'_> {
+        RowChannels {
+            weight: &self.weight,
+            bias: &self.bias,
+            first: self.first_channel(r, rows),
+            per_channel: rows.1,
+            eps: self.eps,
+            silu: self.silu,
+        }
+    }
+
     fn forward_rows(&self, input: &[f32], rows: (usize, usize)) -> Vec<f32> {
         let row_len = rows.0;
-        let mut output = vec![0f32; input.len()];
+        let mut output = zeroed(input.len());
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = avx2_fma();
         output
             .par_chunks_mut(row_len)
             .zip(input.par_chunks(row_len))
             .enumerate()
             .for_each(|(r, (out, row))| {
-                let (mean, rstd) = statistics(row, self.eps);
-                let first = self.first_channel(r, rows);
-                let segments = out.chunks_mut(rows.1).zip(row.chunks(rows.1));
-                for (c, (out, row)) in (first..).zip(segments) {
-                    let (scale, shift) = (rstd * self.weight[c], self.bias[c]);
-                    for (y, &x) in out.iter_mut().zip(row) {
-                        *y = (x - mean) * scale + shift;
-                    }
-                    if self.silu {
-                        out.iter_mut().for_each(|y| *y = silu(*y));
-                    }
+                let p = self.row_channels(r, rows);
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: the CPU supports the features this copy of the loop is compiled for.
+                    unsafe { forward_row_avx2(out, row, p) };
+                    return;
                 }
+                forward_row(out, row, p);
             });
         output
     }
@@ -134,34 +213,22 @@ impl AffineNorm {
     /// when the SiLU is fused).
     fn backward_rows(&self, input: &[f32], grad: &[f32], rows: (usize, usize)) -> Vec<f32> {
         let row_len = rows.0;
-        let mut grad_input = vec![0f32; input.len()];
+        let mut grad_input = zeroed(input.len());
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = avx2_fma();
         grad_input
             .par_chunks_mut(row_len)
             .zip(input.par_chunks(row_len).zip(grad.par_chunks(row_len)))
             .enumerate()
             .for_each(|(r, (dx, (row, dy)))| {
-                let (mean, rstd) = statistics(row, self.eps);
-                let n = row_len as f32;
-                let mut scaled = Vec::with_capacity(row_len);
-                let first = self.first_channel(r, rows);
-                let standardised: Vec<f32> = row.iter().map(|&x| (x - mean) * rstd).collect();
-                let segments = dy.chunks(rows.1).zip(standardised.chunks(rows.1));
-                for (c, (dy, xhat)) in (first..).zip(segments) {
-                    let (weight, bias) = (self.weight[c], self.bias[c]);
-                    scaled.extend(dy.iter().zip(xhat).map(|(&g, &xhat)| {
-                        let g = if self.silu {
-                            g * silu_derivative(xhat * weight + bias)
-                        } else {
-                            g
-                        };
-                        g * weight
-                    }));
+                let p = self.row_channels(r, rows);
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: the CPU supports the features this copy of the loop is compiled for.
+                    unsafe { backward_row_avx2(dx, row, dy, p) };
+                    return;
                 }
-                let mean_g = scaled.iter().sum::<f32>() / n;
-                let mean_gx = dot(&scaled, &standardised) / n;
-                for ((out, &g), &xhat) in dx.iter_mut().zip(&scaled).zip(&standardised) {
-                    *out = rstd * (g - mean_g - xhat * mean_gx);
-                }
+                backward_row(dx, row, dy, p);
             });
         grad_input
     }
@@ -351,11 +418,12 @@ mod tests {
     fn group_and_layer_norm_match_elementary_ops_with_gradients() {
         let device = Device::Cpu;
         // GroupNorm [2, 8, 3, 5] with 4 groups, alone and followed by SiLU; LayerNorm over 6
-        // features of [2, 7, 6].
+        // and 37 features (shorter and longer than the kernels' lanes).
         for (dims, groups, kind, silu) in [
             (vec![2, 8, 3, 5], 4, NormKind::Group { groups: 4 }, false),
             (vec![2, 8, 3, 5], 4, NormKind::Group { groups: 4 }, true),
             (vec![2, 7, 6], 1, NormKind::Layer, false),
+            (vec![2, 5, 37], 1, NormKind::Layer, false),
         ] {
             let channels = if dims.len() == 4 { dims[1] } else { dims[2] };
             let x = (Tensor::randn(0f32, 2.0, dims.as_slice(), &device).unwrap() + 0.7).unwrap();
