@@ -10,6 +10,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use crate::models::bf16_products::{self, Side};
 use crate::models::frozen::{dense, into_storage, tensor_from_storage};
 use crate::models::kernel_choice::cpu_kernels;
 use crate::models::kernels::{
@@ -24,11 +25,33 @@ const CPU_CHUNK_ELEMENTS: usize = 1 << 18;
 /// Score elements computed per chunk (query rows are grouped to stay near this size).
 const CHUNK_ELEMENTS: usize = 1 << 22;
 
+/// How the f32 CPU kernel multiplies its matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Products {
+    /// In f32.
+    F32,
+    /// With bfloat16 inputs and f32 sums ([`bf16_products`]), as PyTorch's autocast runs the
+    /// attention of a model whose weights are bf16.
+    Bfloat16,
+}
+
+impl Products {
+    /// [`Products::Bfloat16`] where products with `weight` (a layer of the same model) run in
+    /// bfloat16 on this CPU, [`Products::F32`] otherwise.
+    pub fn matching(weight: &Tensor) -> Self {
+        match bf16_products::with_narrow_weight(weight, |_| ()) {
+            Some(()) => Products::Bfloat16,
+            None => Products::F32,
+        }
+    }
+}
+
 /// `softmax(q k^T * scale) v` for `q` `[G, Nq, d]`, `k`/`v` `[G, Nk, d]` (G = batch x heads).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     let op = ChunkedAttention {
         scale,
         causal: false,
+        products: Products::F32,
     };
     dense(q)?.apply_op3(&dense(k)?, &dense(v)?, op)
 }
@@ -36,13 +59,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core:
 /// Multi-head attention on token-major tensors: `q` `[B, Nq, H·d]`, `k` `[B, Nk, H·d]`, `v`
 /// `[B, Nk, H·dv]` (heads side by side in the last dimension, as the projections produce them),
 /// returning `[B, Nq, H·dv]`. On the CPU the heads are split and merged inside one op, so the
-/// graph keeps no head-major copies of q, k, v or the output.
+/// graph keeps no head-major copies of q, k, v or the output; f32 activations multiply as
+/// `products` says.
 pub fn multi_head_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     heads: usize,
     scale: f64,
+    products: Products,
 ) -> candle_core::Result<Tensor> {
     token_major_attention(
         q,
@@ -52,6 +77,7 @@ pub fn multi_head_attention(
         ChunkedAttention {
             scale,
             causal: false,
+            products,
         },
     )
 }
@@ -74,6 +100,7 @@ pub fn causal_multi_head_attention(
         ChunkedAttention {
             scale,
             causal: true,
+            products: Products::F32,
         },
     )
 }
@@ -288,6 +315,8 @@ struct ChunkedAttention {
     scale: f64,
     /// Query `i` sees keys `0..=i` only (self-attention).
     causal: bool,
+    /// How the f32 CPU kernel multiplies.
+    products: Products,
 }
 
 impl ChunkedAttention {
@@ -386,6 +415,34 @@ impl Sizes {
 /// products by `gemm` on the task's thread and the softmax in place, so no score matrix outlives
 /// its chunk and no elementwise pass allocates.
 impl ChunkedAttention {
+    /// `dst = lhs · rhs` (or `+=` when `accumulate`) as [`Self::products`] says: f32 on the
+    /// calling thread, or bfloat16 split over the pool.
+    fn multiply(
+        &self,
+        dst: &mut [f32],
+        dst_stride: usize,
+        lhs: Operand,
+        rhs: Operand,
+        shape: (usize, usize, usize),
+        accumulate: bool,
+    ) {
+        match self.products {
+            Products::Bfloat16 => {
+                let (lhs, rhs) = (Side::F32(lhs), Side::F32(rhs));
+                bf16_products::product(dst, dst_stride, lhs, rhs, shape, accumulate)
+            }
+            Products::F32 => gemm_into(
+                dst,
+                dst_stride,
+                lhs,
+                rhs,
+                shape,
+                accumulate,
+                Threads::Current,
+            ),
+        }
+    }
+
     /// Writes `softmax(q_rows kᵀ · scale)` for the `len` query rows from `first` on into `p`
     /// (`[len, keys]`); causal rows end in zeros.
     fn probabilities_f32(
@@ -400,7 +457,7 @@ impl ChunkedAttention {
         let q_rows = Operand::row_major(q_rows, s.depth);
         let k_t = Operand::transposed(k, s.depth);
         let shape = (len, s.keys, s.depth);
-        gemm_into(p, s.keys, q_rows, k_t, shape, false, Threads::Current);
+        self.multiply(p, s.keys, q_rows, k_t, shape, false);
         if !self.causal {
             softmax_rows(p, s.keys, self.scale as f32);
             return;
@@ -433,7 +490,7 @@ impl ChunkedAttention {
                     );
                     let dst = &mut out[start * s.value_depth..];
                     let shape = (len, s.value_depth, s.keys);
-                    gemm_into(dst, s.value_depth, p, v, shape, false, Threads::Current);
+                    self.multiply(dst, s.value_depth, p, v, shape, false);
                 }
             });
         out
@@ -477,10 +534,10 @@ impl ChunkedAttention {
                     let go = Operand::row_major(go_rows, s.value_depth);
                     let (m, n, inner) = (s.keys, s.value_depth, len);
                     let p_t = Operand::transposed(p, s.keys);
-                    gemm_into(grad_v, n, p_t, go, (m, n, inner), true, Threads::Current);
+                    self.multiply(grad_v, n, p_t, go, (m, n, inner), true);
                     let v_t = Operand::transposed(v, s.value_depth);
                     let shape = (len, s.keys, s.value_depth);
-                    gemm_into(ds, s.keys, go, v_t, shape, false, Threads::Current);
+                    self.multiply(ds, s.keys, go, v_t, shape, false);
                     for (p_row, ds_row) in p.chunks(s.keys).zip(ds.chunks_mut(s.keys)) {
                         let row_dot = dot(p_row, ds_row);
                         for (value, &prob) in ds_row.iter_mut().zip(p_row) {
@@ -494,18 +551,10 @@ impl ChunkedAttention {
                     let dst = &mut grad_q[start * s.depth..];
                     let shape = (len, s.depth, s.keys);
                     let k_rows = Operand::row_major(k, s.depth);
-                    gemm_into(
-                        dst,
-                        s.depth,
-                        ds_rows,
-                        k_rows,
-                        shape,
-                        false,
-                        Threads::Current,
-                    );
+                    self.multiply(dst, s.depth, ds_rows, k_rows, shape, false);
                     let q_rows = Operand::row_major(q_rows, s.depth);
                     let shape = (s.keys, s.depth, len);
-                    gemm_into(grad_k, s.depth, ds_t, q_rows, shape, true, Threads::Current);
+                    self.multiply(grad_k, s.depth, ds_t, q_rows, shape, true);
                 }
             });
         (grad_q, grad_k, grad_v)
@@ -713,9 +762,15 @@ mod tests {
             .reshape((batch, tokens, heads * depth))
             .unwrap();
         assert!(relative_difference(&ours, &expected) < 1e-5);
-        let unmasked =
-            multi_head_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, scale)
-                .unwrap();
+        let unmasked = multi_head_attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            heads,
+            scale,
+            Products::F32,
+        )
+        .unwrap();
         assert!(
             relative_difference(&unmasked, &expected) > 1e-2,
             "the mask matters"
@@ -749,8 +804,15 @@ mod tests {
             make(keys, heads * value_depth),
         );
         let scale = 0.4;
-        let ours = multi_head_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, scale)
-            .unwrap();
+        let ours = multi_head_attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            heads,
+            scale,
+            Products::F32,
+        )
+        .unwrap();
         let split = |t: &Tensor| {
             let (_, len, width) = t.dims3().unwrap();
             t.reshape((batch, len, heads, width / heads))
@@ -783,6 +845,82 @@ mod tests {
                 expected_grads.get(input.as_tensor()).unwrap(),
             );
             assert!(difference < 1e-5, "gradient off by {difference}");
+        }
+    }
+
+    #[test]
+    fn bfloat16_products_round_the_inputs_of_each_product() {
+        if !bf16_products::available() {
+            eprintln!("no AVX512-BF16 on this CPU: attention multiplies in f32");
+            return;
+        }
+        let device = Device::Cpu;
+        let (heads, queries, keys, depth) = (2, 70, 40, 32);
+        let make = |rows| {
+            let t = Tensor::randn(0f32, 1.0, (1, rows, heads * depth), &device).unwrap();
+            Var::from_tensor(&t).unwrap()
+        };
+        let (q, k, v) = (make(queries), make(keys), make(keys));
+        let scale = 1.0 / (depth as f64).sqrt();
+        let run = |products| {
+            multi_head_attention(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                heads,
+                scale,
+                products,
+            )
+            .unwrap()
+        };
+        let (ours, f32_out) = (run(Products::Bfloat16), run(Products::F32));
+        // The same attention with every product's inputs rounded to bfloat16: q and k for the
+        // scores, the probabilities and v for the output.
+        let rounded = |t: &Tensor| {
+            t.to_dtype(DType::BF16)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let split = |t: &Tensor| {
+            let (_, len, width) = t.dims3().unwrap();
+            t.reshape((len, heads, width / heads))
+                .unwrap()
+                .transpose(0, 1)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (q_h, k_h, v_h) = (
+            split(&rounded(q.as_tensor())),
+            split(&rounded(k.as_tensor())),
+            split(&rounded(v.as_tensor())),
+        );
+        let scores = (q_h.matmul(&k_h.t().unwrap()).unwrap() * scale).unwrap();
+        let p = rounded(&candle_nn::ops::softmax(&scores, D::Minus1).unwrap());
+        let expected = p
+            .matmul(&v_h)
+            .unwrap()
+            .transpose(0, 1)
+            .unwrap()
+            .reshape((1, queries, heads * depth))
+            .unwrap();
+        let off = relative_difference(&ours, &expected);
+        let f32_off = relative_difference(&f32_out, &expected);
+        assert!(off < 1e-4 && f32_off > 10.0 * off, "{off} {f32_off}");
+        // Gradients stay within bfloat16 precision of the f32 attention's.
+        let weights = Tensor::randn(0f32, 1.0, ours.shape(), &device).unwrap();
+        let loss = |y: &Tensor| (y * &weights).unwrap().sum_all().unwrap();
+        let (ours_grads, f32_grads) = (
+            loss(&ours).backward().unwrap(),
+            loss(&f32_out).backward().unwrap(),
+        );
+        for input in [&q, &k, &v] {
+            let difference = relative_difference(
+                ours_grads.get(input.as_tensor()).unwrap(),
+                f32_grads.get(input.as_tensor()).unwrap(),
+            );
+            assert!(difference < 1e-2, "gradient off by {difference}");
         }
     }
 }

@@ -15,7 +15,7 @@ use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use candle_transformers::models::{blip, blip_text};
 use serde_json::Value;
 
-use crate::models::attention::multi_head_attention;
+use crate::models::attention::{multi_head_attention, Products};
 use crate::models::checkpoint::load_and_release;
 use crate::models::frozen::{FrozenKind, FrozenOp};
 use crate::models::kernel_choice::cpu_kernels;
@@ -313,8 +313,14 @@ impl VisionTower {
         for layer in &self.layers {
             let qkv = layer.qkv.forward(&layer.layer_norm1.layer(&x)?)?;
             let part = |i: usize| qkv.narrow(2, i * width, width);
-            let attended =
-                multi_head_attention(&part(0)?, &part(1)?, &part(2)?, self.heads, scale)?;
+            let attended = multi_head_attention(
+                &part(0)?,
+                &part(1)?,
+                &part(2)?,
+                self.heads,
+                scale,
+                Products::F32,
+            )?;
             x = (x + layer.projection.forward(&attended)?)?;
             let hidden = layer.fc1.forward(&layer.layer_norm2.layer(&x)?)?;
             let hidden = match self.activation {

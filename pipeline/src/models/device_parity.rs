@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::attention::{attention, causal_multi_head_attention, multi_head_attention};
+use super::attention::{attention, causal_multi_head_attention, multi_head_attention, Products};
 use super::conv::Conv2d;
 use super::frozen::{FrozenKind, FrozenOp};
 use super::geglu::geglu;
@@ -232,7 +232,7 @@ fn attention_matches_on_the_generic_path() {
         assert_generic_matches_kernels(&case, &inputs, DType::BF16, BF16_TOLERANCE, true, &op);
     }
     let heads = 4;
-    let op = |t: &[Tensor]| multi_head_attention(&t[0], &t[1], &t[2], heads, 0.25);
+    let op = |t: &[Tensor]| multi_head_attention(&t[0], &t[1], &t[2], heads, 0.25, Products::F32);
     let inputs = [
         random(&[2, 50, 32], 1.0),
         random(&[2, 9, 32], 1.0),

@@ -18,7 +18,8 @@ use std::sync::Mutex;
 
 use candle_core::backprop::GradStore;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, TensorId, Var,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor, TensorId,
+    Var,
 };
 
 use super::frozen::into_storage;
@@ -150,8 +151,8 @@ impl<B: Recomputable> CustomOp3 for Recompute<B> {
         let (x_in, x_var) = input(x)?;
         let (condition_in, condition_var) = input(condition)?;
         let output = self.block.run(&x_in, &condition_in)?;
-        // d(sum(output * g))/d(output) = g: the outer gradient flows into the block unchanged.
-        let surrogate = (output * grad_output.detach())?.sum_all()?;
+        // The outer gradient flows into the block unchanged.
+        let surrogate = output.apply_op1(GradientSeed::new(grad_output, output.device())?)?;
         let variables: Vec<Tensor> = (surrogate.sorted_nodes().into_iter())
             .filter(|node| node.is_variable())
             .cloned()
@@ -173,5 +174,57 @@ impl<B: Recomputable> CustomOp3 for Recompute<B> {
             Ok(())
         })?;
         Ok((x_grad, condition_grad, None))
+    }
+}
+
+/// The root of a recomputed block's graph: a scalar node over the block's output whose backward
+/// pass hands the outer gradient `g` to the output as it is. It stands for `sum(output · g)`
+/// without computing the product and the sum, whose backward would cost several more passes over
+/// the output. Its value (zero) is never used.
+struct GradientSeed {
+    gradient: Tensor,
+    value: Mutex<Option<Tensor>>,
+}
+
+impl GradientSeed {
+    fn new(gradient: &Tensor, device: &candle_core::Device) -> candle_core::Result<Self> {
+        Ok(GradientSeed {
+            gradient: gradient.detach(),
+            value: Mutex::new(Some(Tensor::zeros((), DType::F32, device)?)),
+        })
+    }
+
+    /// The storage of the node's value (once).
+    fn take_value(&self) -> candle_core::Result<(Storage, Shape)> {
+        let value = (self.value.lock())
+            .map_err(|_| candle_core::Error::Msg("gradient seed: poisoned lock".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("gradient seed ran twice".into()))?;
+        into_storage(value)
+    }
+}
+
+impl CustomOp1 for GradientSeed {
+    fn name(&self) -> &'static str {
+        "gradient-seed"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        match self.take_value()? {
+            (Storage::Cpu(storage), shape) => Ok((storage, shape)),
+            _ => candle_core::bail!("gradient seed: the value is not on the CPU"),
+        }
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        match self.take_value()? {
+            (Storage::Cuda(storage), shape) => Ok((storage, shape)),
+            _ => candle_core::bail!("gradient seed: the value is not on the CUDA device"),
+        }
+    }
+
+    /// The node is the root of the backward pass, so its own gradient is 1.
+    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.gradient.clone()))
     }
 }

@@ -22,7 +22,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::models::adapter::{Adaptable, AdaptableLayer, AdaptableNorm, Container, NormType};
-use crate::models::attention::multi_head_attention;
+use crate::models::attention::{multi_head_attention, Products};
 use crate::models::frozen::FrozenKind;
 use crate::models::geglu::geglu;
 use crate::models::norm::Norm;
@@ -460,7 +460,8 @@ impl Attention {
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let out = multi_head_attention(&q, &k, &v, self.heads, scale)?;
+        let products = Products::matching(self.to_q.weight());
+        let out = multi_head_attention(&q, &k, &v, self.heads, scale, products)?;
         self.to_out.forward(&out)
     }
 
