@@ -5,8 +5,10 @@
 # batch 1, LoRA rank DIM (default 16, alpha = rank) on the default modules, AdamW, in the
 # precision MIXED_PRECISION (default bf16; no: fp32 weights), with --gradient_checkpointing unless
 # GRADIENT_CHECKPOINTING=0, and EXTRA_ARGS (e.g. --fp8_base).
-# Runs 1 and 1 + STEPS training steps; the difference gives seconds per step without start-up.
-# Prints: run, steps, wall s, CPU s (user+sys), peak RSS.
+# Runs 1 and 1 + STEPS training steps. Prints per run: steps, wall s, CPU s (user+sys), peak
+# RSS; then seconds per step two ways: the difference of the two runs (CPU time too), and from
+# the longer run's progress lines (steps 2 to 1 + STEPS, so start-up and the first step are left
+# out whatever they cost, as the PyTorch side measures after a warm-up step).
 #
 #   SD_SCRIPTS=... SD_PYTHON=... bench/train-lora-sdxl-full.sh [STEPS] [WORKDIR]
 #       (PROFILE=release|debug, NO_BUILD=1, RES=512, DIM=8, TORCH=1: then the same steps in
@@ -60,22 +62,33 @@ run() {
     --output_dir "$WORK/out" --output_name sdxl --network_dim "$DIM" --network_alpha "$DIM" \
     --network_train_unet_only --optimizer_type AdamW --learning_rate 1e-4 \
     --max_train_steps "$steps" --train_batch_size 1 --seed 1 \
-    --mixed_precision "$MIXED_PRECISION" --save_precision float -q \
-    $([ "$GRADIENT_CHECKPOINTING" = 0 ] || echo --gradient_checkpointing) ${EXTRA_ARGS:-}
+    --mixed_precision "$MIXED_PRECISION" --save_precision float \
+    $([ "$GRADIENT_CHECKPOINTING" = 0 ] || echo --gradient_checkpointing) ${EXTRA_ARGS:-} \
+    2> "$WORK/progress.txt"
   if grep -q "terminated" "$WORK/time.txt"; then
     echo "train-lora was killed (out of memory?): $(cat "$WORK/time.txt")" >&2
     exit 1
   fi
   read -r secs user sys rss < "$WORK/time.txt"
+  local cpu
+  cpu=$(echo "$user + $sys" | bc)
   printf "%-6s %3d steps %9.2f s wall %9.2f CPU s %8.0f MiB peak RSS\n" "$2" "$steps" "$secs" \
-    "$(echo "$user + $sys" | bc)" "$((rss / 1024))" >&2
-  echo "$secs"
+    "$cpu" "$((rss / 1024))" >&2
+  echo "$secs $cpu"
+}
+
+# Seconds per step after the first, from the progress lines `steps: n/N (x s each, ...)`, whose
+# rate is the average since the first step began: (N x_N - x_1) / (N - 1).
+steady_seconds_per_step() {
+  tr '\r' '\n' < "$WORK/progress.txt" | sed -n 's/.*steps: \([0-9]*\)\/[0-9]* (\([0-9.]*\) s each.*/\1 \2/p' |
+    awk 'NR == 1 { x1 = $2 } { n = $1; xn = $2 } END { if (n > 1) printf "%.2f", (n * xn - x1) / (n - 1) }'
 }
 
 echo "train-lora sdxl ${RES}px rank $DIM $MIXED_PRECISION checkpointing=$GRADIENT_CHECKPOINTING ${EXTRA_ARGS:-}" >&2
-first=$(run 1 start-up)
-last=$(run $((STEPS + 1)) train)
-echo "seconds per step: $(echo "($last - $first) / $STEPS" | bc -l | cut -c1-6)"
+read -r first first_cpu <<< "$(run 1 start-up)"
+read -r last last_cpu <<< "$(run $((STEPS + 1)) train)"
+echo "seconds per step (difference of the runs): $(echo "($last - $first) / $STEPS" | bc -l | cut -c1-6) wall, $(echo "($last_cpu - $first_cpu) / $STEPS" | bc -l | cut -c1-6) CPU"
+echo "seconds per step (progress of steps 2-$((STEPS + 1))): $(steady_seconds_per_step) wall"
 if [ -n "${TORCH:-}" ]; then
   MIXED_PRECISION=$MIXED_PRECISION \
   GRADIENT_CHECKPOINTING=$([ "$GRADIENT_CHECKPOINTING" = 0 ] || echo 1) \
