@@ -55,7 +55,7 @@ pub fn checkpointed<B: Recomputable>(
         anchor.as_tensor(),
         Recompute {
             block: block.clone(),
-            output: Mutex::new(Some(output)),
+            output: HandedOver::new("checkpointed block", output),
         },
     )
 }
@@ -78,22 +78,54 @@ pub fn backward(loss: &Tensor) -> candle_core::Result<GradStore> {
     Ok(grads)
 }
 
+/// A node's value computed before the node was made, handed to candle by the node's forward
+/// pass (once).
+struct HandedOver {
+    /// The node, for messages.
+    node: &'static str,
+    value: Mutex<Option<Tensor>>,
+}
+
+impl HandedOver {
+    fn new(node: &'static str, value: Tensor) -> Self {
+        HandedOver {
+            node,
+            value: Mutex::new(Some(value)),
+        }
+    }
+
+    /// The value's storage.
+    fn take(&self) -> candle_core::Result<(Storage, Shape)> {
+        let node = self.node;
+        let value = (self.value.lock())
+            .map_err(|_| candle_core::Error::Msg(format!("{node}: poisoned lock")))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{node} ran twice")))?;
+        into_storage(value)
+    }
+
+    /// The value's storage, on the CPU.
+    fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+        match self.take()? {
+            (Storage::Cpu(storage), shape) => Ok((storage, shape)),
+            _ => candle_core::bail!("{}: the value is not on the CPU", self.node),
+        }
+    }
+
+    /// The value's storage, on the CUDA device.
+    fn cuda(&self) -> candle_core::Result<(CudaStorage, Shape)> {
+        match self.take()? {
+            (Storage::Cuda(storage), shape) => Ok((storage, shape)),
+            _ => candle_core::bail!("{}: the value is not on the CUDA device", self.node),
+        }
+    }
+}
+
 /// The graph node of a checkpointed block.
 struct Recompute<B> {
     block: B,
-    /// The block's output, computed before the node was made and handed over by `cpu_fwd`.
-    output: Mutex<Option<Tensor>>,
-}
-
-impl<B> Recompute<B> {
-    /// The storage of the output computed before the node was made (once).
-    fn take_output(&self) -> candle_core::Result<(Storage, Shape)> {
-        let output = (self.output.lock())
-            .map_err(|_| candle_core::Error::Msg("checkpointed block: poisoned lock".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("checkpointed block ran twice".into()))?;
-        into_storage(output)
-    }
+    /// The block's output, computed before the node was made.
+    output: HandedOver,
 }
 
 impl<B: Recomputable> CustomOp3 for Recompute<B> {
@@ -110,10 +142,7 @@ impl<B: Recomputable> CustomOp3 for Recompute<B> {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match self.take_output()? {
-            (Storage::Cpu(storage), shape) => Ok((storage, shape)),
-            _ => candle_core::bail!("checkpointed block: the output is not on the CPU"),
-        }
+        self.output.cpu()
     }
 
     fn cuda_fwd(
@@ -125,10 +154,7 @@ impl<B: Recomputable> CustomOp3 for Recompute<B> {
         _: &CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        match self.take_output()? {
-            (Storage::Cuda(storage), shape) => Ok((storage, shape)),
-            _ => candle_core::bail!("checkpointed block: the output is not on the CUDA device"),
-        }
+        self.output.cuda()
     }
 
     fn bwd(
@@ -183,24 +209,16 @@ impl<B: Recomputable> CustomOp3 for Recompute<B> {
 /// the output. Its value (zero) is never used.
 struct GradientSeed {
     gradient: Tensor,
-    value: Mutex<Option<Tensor>>,
+    value: HandedOver,
 }
 
 impl GradientSeed {
     fn new(gradient: &Tensor, device: &candle_core::Device) -> candle_core::Result<Self> {
+        let value = Tensor::zeros((), DType::F32, device)?;
         Ok(GradientSeed {
             gradient: gradient.detach(),
-            value: Mutex::new(Some(Tensor::zeros((), DType::F32, device)?)),
+            value: HandedOver::new("gradient seed", value),
         })
-    }
-
-    /// The storage of the node's value (once).
-    fn take_value(&self) -> candle_core::Result<(Storage, Shape)> {
-        let value = (self.value.lock())
-            .map_err(|_| candle_core::Error::Msg("gradient seed: poisoned lock".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("gradient seed ran twice".into()))?;
-        into_storage(value)
     }
 }
 
@@ -210,17 +228,11 @@ impl CustomOp1 for GradientSeed {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        match self.take_value()? {
-            (Storage::Cpu(storage), shape) => Ok((storage, shape)),
-            _ => candle_core::bail!("gradient seed: the value is not on the CPU"),
-        }
+        self.value.cpu()
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        match self.take_value()? {
-            (Storage::Cuda(storage), shape) => Ok((storage, shape)),
-            _ => candle_core::bail!("gradient seed: the value is not on the CUDA device"),
-        }
+        self.value.cuda()
     }
 
     /// The node is the root of the backward pass, so its own gradient is 1.
