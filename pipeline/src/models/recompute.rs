@@ -45,8 +45,14 @@ pub fn checkpointed<B: Recomputable>(
     x: &Tensor,
     condition: &Tensor,
 ) -> candle_core::Result<Tensor> {
+    let output = block.run(&x.detach(), &condition.detach())?;
+    if !output.track_op() && !x.track_op() && !condition.track_op() {
+        // Nothing inside trains and no gradient goes back to the inputs (the blocks before the
+        // first trained module): no node, so the backward pass does not run the block again.
+        return Ok(output);
+    }
     // Detaching the result drops the graph of the block, and with it every activation inside.
-    let output = block.run(&x.detach(), &condition.detach())?.detach();
+    let output = output.detach();
     // A variable among the node's inputs makes candle record the node even where neither input
     // tracks gradients, so the variables inside the block are always reached.
     let anchor = Var::zeros(1, DType::F32, x.device())?;
@@ -238,5 +244,49 @@ impl CustomOp1 for GradientSeed {
     /// The node is the root of the backward pass, so its own gradient is 1.
     fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(self.gradient.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// `x · scale + condition`, its scale trainable or fixed.
+    #[derive(Clone)]
+    struct Scaled {
+        scale: Tensor,
+    }
+
+    impl Recomputable for Scaled {
+        fn run(&self, x: &Tensor, condition: &Tensor) -> candle_core::Result<Tensor> {
+            x.broadcast_mul(&self.scale)? + condition
+        }
+    }
+
+    #[test]
+    fn a_block_with_nothing_to_train_on_untracked_inputs_makes_no_node() {
+        let device = Device::Cpu;
+        let x = Tensor::new(&[1f32, 2.0, 3.0], &device).unwrap();
+        let condition = Tensor::new(&[0.5f32, 0.5, 0.5], &device).unwrap();
+        let fixed = Scaled {
+            scale: Tensor::new(&[2f32], &device).unwrap(),
+        };
+        let output = checkpointed(&fixed, &x, &condition).unwrap();
+        assert!(!output.track_op(), "nothing to recompute: no node");
+        assert_eq!(output.to_vec1::<f32>().unwrap(), [2.5, 4.5, 6.5]);
+
+        // A trainable scale inside the same block on the same inputs still gets its gradient,
+        // found by recomputing the block: d(sum(x · s + c))/ds = sum(x).
+        let scale = Var::new(&[2f32], &device).unwrap();
+        let trained = Scaled {
+            scale: scale.as_tensor().clone(),
+        };
+        let output = checkpointed(&trained, &x, &condition).unwrap();
+        assert!(output.track_op());
+        assert_eq!(output.to_vec1::<f32>().unwrap(), [2.5, 4.5, 6.5]);
+        let grads = backward(&output.sum_all().unwrap()).unwrap();
+        let grad = grads.get(scale.as_tensor()).expect("the scale's gradient");
+        assert_eq!(grad.to_vec1::<f32>().unwrap(), [6.0]);
     }
 }
