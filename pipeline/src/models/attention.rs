@@ -673,6 +673,12 @@ mod tests {
     use crate::infra::test_support::relative_difference;
     use candle_core::{Device, Var};
 
+    /// [`multi_head_attention`] of token-major variables.
+    fn heads_of(qkv: [&Var; 3], heads: usize, scale: f64, products: Products) -> Tensor {
+        let [q, k, v] = qkv.map(Var::as_tensor);
+        multi_head_attention(q, k, v, heads, scale, products).unwrap()
+    }
+
     /// Plain candle ops, differentiated by candle's autograd.
     fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
         let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
@@ -762,15 +768,7 @@ mod tests {
             .reshape((batch, tokens, heads * depth))
             .unwrap();
         assert!(relative_difference(&ours, &expected) < 1e-5);
-        let unmasked = multi_head_attention(
-            q.as_tensor(),
-            k.as_tensor(),
-            v.as_tensor(),
-            heads,
-            scale,
-            Products::F32,
-        )
-        .unwrap();
+        let unmasked = heads_of([&q, &k, &v], heads, scale, Products::F32);
         assert!(
             relative_difference(&unmasked, &expected) > 1e-2,
             "the mask matters"
@@ -804,15 +802,7 @@ mod tests {
             make(keys, heads * value_depth),
         );
         let scale = 0.4;
-        let ours = multi_head_attention(
-            q.as_tensor(),
-            k.as_tensor(),
-            v.as_tensor(),
-            heads,
-            scale,
-            Products::F32,
-        )
-        .unwrap();
+        let ours = heads_of([&q, &k, &v], heads, scale, Products::F32);
         let split = |t: &Tensor| {
             let (_, len, width) = t.dims3().unwrap();
             t.reshape((batch, len, heads, width / heads))
@@ -867,17 +857,7 @@ mod tests {
         };
         let (q, k, v) = (make(queries, 0.1), make(keys, 0.2), make(keys, 0.3));
         let scale = 1.0 / (depth as f64).sqrt();
-        let run = |products| {
-            multi_head_attention(
-                q.as_tensor(),
-                k.as_tensor(),
-                v.as_tensor(),
-                heads,
-                scale,
-                products,
-            )
-            .unwrap()
-        };
+        let run = |products| heads_of([&q, &k, &v], heads, scale, products);
         let (ours, f32_out) = (run(Products::Bfloat16), run(Products::F32));
         // The same attention with every product's inputs rounded to bfloat16: q and k for the
         // scores, the probabilities and v for the output.

@@ -7,7 +7,8 @@
 //! gradients. That inner backward yields the gradients of the block's inputs, which go back into
 //! the outer graph, and of the trainable variables inside the block (LoRA weights), which candle's
 //! graph cannot route out of a custom op: they are collected per thread and added to the outer
-//! gradients by [`backward`], which training must use instead of `Tensor::backward`.
+//! gradients by [`backward`], which training must use instead of `Tensor::backward`. A block
+//! with nothing to train whose inputs carry no gradient gets no node: nothing to recompute.
 //!
 //! The recomputation repeats the forward pass exactly: the LoRA dropout masks are drawn from the
 //! micro-batch's stream and the module's index, which do not change between the two passes.
