@@ -274,7 +274,8 @@ impl FusedLowRankLinear {
         Ok(y)
     }
 
-    /// The gradients of `x`, `down` and `up` for the output gradient `grad`.
+    /// The gradients of `x` (when `input_gradient` is set), `down` and `up` for the output
+    /// gradient `grad`.
     fn backward(
         &self,
         x: &[f32],
@@ -282,7 +283,8 @@ impl FusedLowRankLinear {
         up: &[f32],
         grad: &[f32],
         s: Sizes,
-    ) -> candle_core::Result<[Vec<f32>; 3]> {
+        input_gradient: bool,
+    ) -> candle_core::Result<(Option<Vec<f32>>, [Vec<f32>; 2])> {
         // g = scale · dY U, [rows, rank]: the gradient reaching the hidden.
         let mut hidden_grad = zeroed(s.rows * s.rank);
         let (lhs, rhs) = (
@@ -302,14 +304,19 @@ impl FusedLowRankLinear {
         hidden_grad.iter_mut().for_each(|g| *g *= self.scale);
 
         // dX = dY W + g D.
-        let mut x_grad = zeroed(s.rows * s.inner);
-        linear_input_gradient_into(&mut x_grad, grad, s.rows, &self.weight)?;
-        let (lhs, rhs) = (
-            Operand::row_major(&hidden_grad, s.rank),
-            Operand::row_major(down, s.inner),
-        );
-        let shape = (s.rows, s.inner, s.rank);
-        gemm_into(&mut x_grad, s.inner, lhs, rhs, shape, true, Threads::Pool);
+        let x_grad = if input_gradient {
+            let mut x_grad = zeroed(s.rows * s.inner);
+            linear_input_gradient_into(&mut x_grad, grad, s.rows, &self.weight)?;
+            let (lhs, rhs) = (
+                Operand::row_major(&hidden_grad, s.rank),
+                Operand::row_major(down, s.inner),
+            );
+            let shape = (s.rows, s.inner, s.rank);
+            gemm_into(&mut x_grad, s.inner, lhs, rhs, shape, true, Threads::Pool);
+            Some(x_grad)
+        } else {
+            None
+        };
 
         // dD = g^T X, [rank, in].
         let mut down_grad = zeroed(s.rank * s.inner);
@@ -338,7 +345,7 @@ impl FusedLowRankLinear {
         );
         let shape = (s.out, s.rank, s.rows);
         gemm_into(&mut up_grad, s.rank, lhs, rhs, shape, false, Threads::Pool);
-        Ok([x_grad, down_grad, up_grad])
+        Ok((x_grad, [down_grad, up_grad]))
     }
 }
 
@@ -389,19 +396,34 @@ impl CustomOp3 for FusedLowRankLinear {
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let sizes = Sizes::of(x.shape(), down.shape(), up.shape(), self.layout)?;
+        // An input that carries no gradient (the text context of a cross-attention key or
+        // value) is spared the product through the frozen weight.
+        let input_gradient = x.track_op();
         let inputs = [x, down, up, grad_res].map(Tensor::detach);
-        let [x_grad, down_grad, up_grad] = with_f32_slices(
+        let (x_grad, [down_grad, up_grad]) = with_f32_slices(
             inputs.each_ref(),
             |[x_values, down_values, up_values, grad]| {
                 let x_rows = self.layout_to_rows(x_values, sizes.inner, sizes);
                 let grad_rows = self.layout_to_rows(grad, sizes.out, sizes);
-                self.backward(&x_rows, down_values, up_values, &grad_rows, sizes)
+                self.backward(
+                    &x_rows,
+                    down_values,
+                    up_values,
+                    &grad_rows,
+                    sizes,
+                    input_gradient,
+                )
             },
         )??;
-        let x_grad = self.rows_to_layout(x_grad, sizes.inner, sizes);
         let device = x.device();
+        let x_grad = x_grad
+            .map(|rows| {
+                let values = self.rows_to_layout(rows, sizes.inner, sizes);
+                Tensor::from_vec(values, x.shape(), device)
+            })
+            .transpose()?;
         Ok((
-            Some(Tensor::from_vec(x_grad, x.shape(), device)?),
+            x_grad,
             Some(Tensor::from_vec(down_grad, down.shape(), device)?),
             Some(Tensor::from_vec(up_grad, up.shape(), device)?),
         ))
@@ -517,6 +539,43 @@ mod tests {
         .unwrap();
         let inputs = [&input, &reference_input, &down, &up];
         assert_same_values_and_gradients("pointwise", &fused, &reference, inputs);
+    }
+
+    #[test]
+    fn an_input_without_gradient_still_trains_the_factors() {
+        // A cross-attention key on the text context: the context carries no gradient, the
+        // factors get the same gradients as with a tracked input.
+        let device = Device::Cpu;
+        let (out, inner, rank) = (6, 5, 2);
+        let context = Tensor::randn(0f32, 1.0, (4, inner), &device).unwrap();
+        let weight = Tensor::randn(0f32, 0.3, (out, inner), &device).unwrap();
+        let down = Var::randn(0f32, 0.3, (rank, inner), &device).unwrap();
+        let up = Var::randn(0f32, 0.3, (out, rank), &device).unwrap();
+        let branch = LowRankBranch {
+            down: down.as_tensor().clone(),
+            up: up.as_tensor().clone(),
+            scale: 0.5,
+        };
+        let loss_weights = Tensor::randn(0f32, 1.0, (4, out), &device).unwrap();
+        let key = |x: &Tensor| {
+            let y = linear_with_branch(x, &weight, None, &branch)
+                .unwrap()
+                .unwrap();
+            (y * &loss_weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let tracked = Var::from_tensor(&context).unwrap();
+        let (plain, with_input) = (key(&context), key(tracked.as_tensor()));
+        assert!(with_input.get(tracked.as_tensor()).is_some());
+        assert!(plain.get(&context).is_none(), "no gradient for the context");
+        for factor in [&down, &up] {
+            let (a, b) = (plain.get(factor).unwrap(), with_input.get(factor).unwrap());
+            assert_eq!(relative_difference(a, b), 0.0);
+        }
     }
 
     #[test]

@@ -77,5 +77,21 @@ pub fn tune_process_for_models() {
     }
 }
 
+/// [`tune_process_for_models`] for training, and candle's element-wise operations run on the
+/// calling thread alone (`CANDLE_NUM_THREADS=1`, unless the user set it). A training step's
+/// matrix products keep the rayon pool busy; between them the backward pass's gradient sums, on
+/// candle's own worker thread as well, made that thread, the pool's and the caller's wait on
+/// each other: a full-size SDXL step at 512² took 18.8 and 19.2 s that way, 18.2 and 18.1 s with
+/// one thread.
+pub fn tune_process_for_training() {
+    tune_process_for_models();
+    if std::env::var_os(CANDLE_THREADS_VARIABLE).is_none() {
+        std::env::set_var(CANDLE_THREADS_VARIABLE, "1");
+    }
+}
+
 /// How many times candle's idle worker threads spin before they sleep.
 const SPIN_LIMIT_VARIABLE: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+
+/// How many threads candle's element-wise operations use (the caller included).
+const CANDLE_THREADS_VARIABLE: &str = "CANDLE_NUM_THREADS";

@@ -360,7 +360,7 @@ fn prepare(args: &TrainArgs, group: &dyn Collective) -> Result<Option<Setup>> {
     if collective::is_main(group) {
         check_outputs_writable(args)?;
     }
-    crate::models::tune_process_for_models();
+    crate::models::tune_process_for_training();
     let device = args.device.open(collective::local_rank())?;
     let precision = model_precision(args, &device)?;
     // Without --save_precision sd-scripts saves the network as it is in memory: the training
