@@ -42,15 +42,11 @@ pub(crate) fn linear_with_branch(
     if !fused_applies(x, weight, bias, branch) || branch.down.rank() != 2 {
         return Ok(None);
     }
-    let inner = x.dim(candle_core::D::Minus1)?;
-    let mut out_dims = x.dims().to_vec();
-    *out_dims
-        .last_mut()
-        .expect("linear input has a last dimension") = weight.dim(0)?;
+    // The op takes the leading dimensions as rows itself: reshapes around it would be graph
+    // nodes whose gradients the backward pass copies and sums once more.
     let op = FusedLowRankLinear::new(weight, bias, branch, ActivationLayout::Rows);
-    let rows = dense(x)?.reshape((x.elem_count() / inner, inner))?;
-    let y = rows.apply_op3(&dense(&branch.down)?, &dense(&branch.up)?, op)?;
-    Ok(Some(y.reshape(out_dims)?))
+    let y = dense(x)?.apply_op3(&dense(&branch.down)?, &dense(&branch.up)?, op)?;
+    Ok(Some(y))
 }
 
 /// The 1x1 convolution `[B, C, H, W]` with weight `[out, C, 1, 1]`, its bias and a branch of
@@ -95,7 +91,7 @@ fn fused_applies(
 /// How the op's activations are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ActivationLayout {
-    /// `[rows, features]`.
+    /// `[..., features]`: every leading index is a row.
     Rows,
     /// `[B, C, H, W]`: each pixel is a row; transposed to rows and back inside the op.
     ChannelsFirst,
@@ -161,8 +157,10 @@ impl Sizes {
     ) -> candle_core::Result<Self> {
         let (rows, inner, pixels) = match layout {
             ActivationLayout::Rows => {
-                let (rows, inner) = x.dims2()?;
-                (rows, inner, 1)
+                let Some(&inner) = x.dims().last().filter(|_| x.rank() >= 2) else {
+                    candle_core::bail!("low-rank linear: input {:?} has no rows", x.dims())
+                };
+                (x.elem_count() / inner.max(1), inner, 1)
             }
             ActivationLayout::ChannelsFirst => {
                 let (batch, channels, height, width) = x.dims4()?;
@@ -371,14 +369,12 @@ impl CustomOp3 for FusedLowRankLinear {
         ) else {
             candle_core::bail!("low-rank linear: expected contiguous f32 inputs")
         };
-        let shape = match self.layout {
-            ActivationLayout::Rows => Shape::from((sizes.rows, sizes.out)),
-            ActivationLayout::ChannelsFirst => {
-                let mut dims = l1.shape().dims().to_vec();
-                dims[1] = sizes.out;
-                Shape::from(dims)
-            }
-        };
+        let mut dims = l1.shape().dims().to_vec();
+        match self.layout {
+            ActivationLayout::Rows => *dims.last_mut().expect("rows have a width") = sizes.out,
+            ActivationLayout::ChannelsFirst => dims[1] = sizes.out,
+        }
+        let shape = Shape::from(dims);
         let rows = self.layout_to_rows(x, sizes.inner, sizes);
         let y = self.forward(&rows, down, up, sizes)?;
         Ok((
