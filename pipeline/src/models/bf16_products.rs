@@ -131,19 +131,58 @@ pub(crate) fn product(
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
 ) {
-    assert!(available(), "bfloat16 products need AVX512-BF16");
     assert!(
         m == 0 || n == 0 || dst.len() > (m - 1) * dst_stride + n - 1,
         "output too small"
     );
+    // SAFETY: `dst` holds the output, as asserted.
+    unsafe {
+        write_product(
+            dst.as_mut_ptr(),
+            dst_stride,
+            lhs,
+            rhs,
+            (m, n, k),
+            accumulate,
+        )
+    }
+}
+
+/// `lhs · rhs` as a new row-major `[m, n]` matrix, as [`product`] computes it. The product
+/// sets every element, so the buffer is not zeroed first.
+pub(crate) fn product_new(lhs: Side, rhs: Side, (m, n, k): (usize, usize, usize)) -> Vec<f32> {
+    let mut dst = Vec::with_capacity(m * n);
+    // SAFETY: the capacity holds the output; a product that does not accumulate writes every
+    // element of it and reads none (the tests start such products from NaN).
+    unsafe {
+        write_product(dst.as_mut_ptr(), n, lhs, rhs, (m, n, k), false);
+        dst.set_len(m * n);
+    }
+    dst
+}
+
+/// [`product`] on the output at `dst`.
+///
+/// # Safety
+/// `dst` must be valid for writes (and reads when `accumulate`) of the `m` rows of `n` elements
+/// `dst_stride` apart, and no other thread may access them meanwhile.
+unsafe fn write_product(
+    dst: *mut f32,
+    dst_stride: usize,
+    lhs: Side,
+    rhs: Side,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) {
+    assert!(available(), "bfloat16 products need AVX512-BF16");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            dst.chunks_mut(dst_stride)
-                .take(m)
-                .for_each(|row| row[..n].fill(0.0));
+            for row in 0..m {
+                dst.add(row * dst_stride).write_bytes(0, n);
+            }
         }
         return;
     }
@@ -159,7 +198,7 @@ pub(crate) fn product(
     let (row_tiles, column_tiles) = (m.div_ceil(TILE_ROWS), n.div_ceil(TILE_COLUMNS));
     let parts = rayon::current_num_threads().max(1);
     let output = OutputTiles {
-        dst: dst.as_mut_ptr(),
+        dst,
         stride: dst_stride,
         rows: m,
         columns: n,

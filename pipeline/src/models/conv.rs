@@ -13,7 +13,9 @@ use rayon::prelude::*;
 
 use super::bf16_products::{product, with_narrow_weight, Side};
 use super::kernel_choice::cpu_kernels;
-use super::kernels::{for_each_f32_band, gemm_into, with_f32_slice, zeroed, Operand, Threads};
+use super::kernels::{
+    filled_in_chunks, for_each_f32_band, gemm_into, with_f32_slice, zeroed, Operand, Threads,
+};
 use super::winograd::Winograd;
 
 /// Floats of column matrix built per band (bounds the extra memory to ~64 MiB).
@@ -120,9 +122,10 @@ impl Conv2d {
         let rows = channels * self.kernel * self.kernel;
         let (plane_in, plane_out) = (height * width, out_h * out_w);
         let shape = Shape::from((batch, out_channels, out_h, out_w));
-        let mut output = zeroed(batch * out_channels * plane_out);
+        let len = batch * out_channels * plane_out;
         let matrix = match &self.method {
             Method::Winograd(winograd) => {
+                let mut output = zeroed(len);
                 for (image, out_image) in input
                     .chunks(channels * plane_in)
                     .zip(output.chunks_mut(out_channels * plane_out))
@@ -133,9 +136,9 @@ impl Conv2d {
             }
             Method::Im2col => &self.weight,
         };
-        for (o, plane) in output.chunks_mut(plane_out).enumerate() {
-            plane.fill(self.bias_values[o % out_channels]);
-        }
+        // Each output plane starts from its channel's bias; the products add onto it.
+        let bias = |plane: usize| self.bias_values[plane % out_channels];
+        let mut output = filled_in_chunks(len, plane_out, bias);
         self.for_each_column_band(input, sizes, (out_h, out_w), |b, first, columns, col| {
             let dst = &mut output[b * out_channels * plane_out + first..];
             let bf16 = with_narrow_weight(matrix, |w| {

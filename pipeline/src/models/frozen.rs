@@ -21,7 +21,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::bf16_products::{product, with_narrow_weight, Side};
+use super::bf16_products::{product_new, with_narrow_weight, Side};
 use super::conv::Conv2d;
 use super::kernel_choice::cpu_kernels;
 use super::kernels::{
@@ -266,8 +266,7 @@ impl FrozenOp {
                     return Ok(None);
                 };
                 let (rows, out) = (x.len() / inner.max(1), self.weight.dim(0)?);
-                let mut y = zeroed(rows * out);
-                linear_into(&mut y, x, rows, &self.weight)?;
+                let y = linear(x, rows, &self.weight)?;
                 let mut out_dims = dims.to_vec();
                 *out_dims
                     .last_mut()
@@ -309,111 +308,85 @@ impl FrozenOp {
 /// output rows.
 fn linear_in_bands(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
     let ((rows, _), out) = (x.dims2()?, weight.dim(0)?);
-    let mut y = zeroed(rows * out);
-    with_f32_slice(x, |x| linear_into(&mut y, x, rows, weight))??;
+    let y = with_f32_slice(x, |x| linear(x, rows, weight))??;
     Tensor::from_vec(y, (rows, out), x.device())
 }
 
-/// `y = x W^T` on slices: `x` `[rows, in]`, a CPU weight `[out, in]` (or a pointwise convolution
-/// kernel `[out, in, 1, 1]`) of any stored dtype (read in f32 bands of output rows), `y`
-/// `[rows, out]`.
-pub(crate) fn linear_into(
-    y: &mut [f32],
-    x: &[f32],
-    rows: usize,
-    weight: &Tensor,
-) -> candle_core::Result<()> {
+/// `x W^T` on slices: `x` `[rows, in]`, a CPU weight `[out, in]` (or a pointwise convolution
+/// kernel `[out, in, 1, 1]`) of any stored dtype (read in f32 bands of output rows); the result
+/// is `[rows, out]`.
+pub(crate) fn linear(x: &[f32], rows: usize, weight: &Tensor) -> candle_core::Result<Vec<f32>> {
     let (out, inner) = matrix_dims(weight)?;
     let bf16 = with_narrow_weight(weight, |w| {
         let lhs = Side::F32(Operand::row_major(x, inner));
-        product(
-            y,
-            out,
-            lhs,
-            Side::transposed(w, inner),
-            (rows, out, inner),
-            false,
-        )
+        product_new(lhs, Side::transposed(w, inner), (rows, out, inner))
     });
-    if bf16.is_some() {
-        return Ok(());
+    if let Some(y) = bf16 {
+        return Ok(y);
     }
+    let mut y = zeroed(rows * out);
     for_each_f32_band(weight, |first, band| {
         let lhs = Operand::row_major(x, inner);
         let rhs = Operand::transposed(band, inner);
         let shape = (rows, band.len() / inner, inner);
         gemm_into(&mut y[first..], out, lhs, rhs, shape, false, Threads::Pool);
-    })
+    })?;
+    Ok(y)
 }
 
 /// `dY W` for an f32 CPU `dY` `[rows, out]` and a narrow weight `[out, in]`, summed over f32
 /// bands of the weight's rows.
 fn linear_input_gradient_in_bands(grad: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
     let ((rows, _), inner) = (grad.dims2()?, weight.dim(1)?);
-    let mut dx = zeroed(rows * inner);
-    with_f32_slice(grad, |grad| {
-        linear_input_gradient_into(&mut dx, grad, rows, weight)
-    })??;
+    let dx = with_f32_slice(grad, |grad| linear_input_gradient(grad, rows, weight))??;
     Tensor::from_vec(dx, (rows, inner), grad.device())
 }
 
-/// `dx = dY W` on slices: `dY` `[rows, out]`, a CPU weight as in [`linear_into`] (read in f32
-/// bands, their products summed), `dx` `[rows, in]`.
-pub(crate) fn linear_input_gradient_into(
-    dx: &mut [f32],
+/// `dY W` on slices: `dY` `[rows, out]`, a CPU weight as in [`linear`] (read in f32 bands,
+/// their products summed); the result is `[rows, in]`.
+pub(crate) fn linear_input_gradient(
     grad: &[f32],
     rows: usize,
     weight: &Tensor,
-) -> candle_core::Result<()> {
+) -> candle_core::Result<Vec<f32>> {
     let (out, inner) = matrix_dims(weight)?;
     let bf16 = with_narrow_weight(weight, |w| {
         let lhs = Side::F32(Operand::row_major(grad, out));
-        product(
-            dx,
-            inner,
-            lhs,
-            Side::row_major(w, inner),
-            (rows, inner, out),
-            false,
-        )
+        product_new(lhs, Side::row_major(w, inner), (rows, inner, out))
     });
-    if bf16.is_some() {
-        return Ok(());
+    if let Some(dx) = bf16 {
+        return Ok(dx);
     }
+    let mut dx = zeroed(rows * inner);
     for_each_f32_band(weight, |first, band| {
         let lhs = Operand::row_major(&grad[first..], out);
         let rhs = Operand::row_major(band, inner);
         let shape = (rows, inner, band.len() / inner);
-        gemm_into(dx, inner, lhs, rhs, shape, first > 0, Threads::Pool);
-    })
+        gemm_into(&mut dx, inner, lhs, rhs, shape, first > 0, Threads::Pool);
+    })?;
+    Ok(dx)
 }
 
 /// `x W^T` for an f32 CPU `x` `[rows, in]` and a CPU weight stored transposed, `[in, out]` (of
 /// any stored dtype, read in f32 bands of input rows whose products are summed).
 fn linear_in_out(x: &Tensor, in_out: &Tensor) -> candle_core::Result<Tensor> {
     let ((rows, inner), out) = (x.dims2()?, in_out.dim(1)?);
-    let mut y = zeroed(rows * out);
-    with_f32_slice(x, |x| {
+    let y = with_f32_slice(x, |x| {
         let bf16 = with_narrow_weight(in_out, |w| {
             let lhs = Side::F32(Operand::row_major(x, inner));
-            product(
-                &mut y,
-                out,
-                lhs,
-                Side::row_major(w, out),
-                (rows, out, inner),
-                false,
-            )
+            product_new(lhs, Side::row_major(w, out), (rows, out, inner))
         });
-        if bf16.is_some() {
-            return Ok(());
+        if let Some(y) = bf16 {
+            return Ok(y);
         }
+        let mut y = zeroed(rows * out);
         for_each_f32_band(in_out, |first, band| {
             let lhs = Operand::row_major(&x[first..], inner);
             let rhs = Operand::row_major(band, out);
             let shape = (rows, out, band.len() / out);
             gemm_into(&mut y, out, lhs, rhs, shape, first > 0, Threads::Pool);
-        })
+        })?;
+        Ok::<_, candle_core::Error>(y)
     })??;
     Tensor::from_vec(y, (rows, out), x.device())
 }
@@ -422,22 +395,15 @@ fn linear_in_out(x: &Tensor, in_out: &Tensor) -> candle_core::Result<Tensor> {
 /// [`linear_in_out`] (each band of input rows gives its own columns of the result).
 fn linear_input_gradient_in_out(grad: &Tensor, in_out: &Tensor) -> candle_core::Result<Tensor> {
     let ((rows, out), inner) = (grad.dims2()?, in_out.dim(0)?);
-    let mut dx = zeroed(rows * inner);
-    with_f32_slice(grad, |grad| {
+    let dx = with_f32_slice(grad, |grad| {
         let bf16 = with_narrow_weight(in_out, |w| {
             let lhs = Side::F32(Operand::row_major(grad, out));
-            product(
-                &mut dx,
-                inner,
-                lhs,
-                Side::transposed(w, out),
-                (rows, inner, out),
-                false,
-            )
+            product_new(lhs, Side::transposed(w, out), (rows, inner, out))
         });
-        if bf16.is_some() {
-            return Ok(());
+        if let Some(dx) = bf16 {
+            return Ok(dx);
         }
+        let mut dx = zeroed(rows * inner);
         for_each_f32_band(in_out, |first, band| {
             let lhs = Operand::row_major(grad, out);
             let rhs = Operand::transposed(band, out);
@@ -451,7 +417,8 @@ fn linear_input_gradient_in_out(grad: &Tensor, in_out: &Tensor) -> candle_core::
                 false,
                 Threads::Pool,
             );
-        })
+        })?;
+        Ok::<_, candle_core::Error>(dx)
     })??;
     Tensor::from_vec(dx, (rows, inner), grad.device())
 }

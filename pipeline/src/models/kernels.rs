@@ -28,12 +28,24 @@ pub(crate) fn zeroed(len: usize) -> Vec<f32> {
     if len <= ZERO_CHUNK {
         return vec![0f32; len];
     }
+    filled_in_chunks(len, ZERO_CHUNK, |_| 0.0)
+}
+
+/// `len` floats in chunks of `chunk` (the last may be shorter), chunk `i` holding `value(i)`
+/// throughout, written by the rayon pool a chunk per task.
+pub(crate) fn filled_in_chunks(
+    len: usize,
+    chunk: usize,
+    value: impl Fn(usize) -> f32 + Sync,
+) -> Vec<f32> {
     let mut buffer = Vec::with_capacity(len);
     buffer.spare_capacity_mut()[..len]
-        .par_chunks_mut(ZERO_CHUNK)
-        .for_each(|chunk| {
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, chunk)| {
+            let value = value(i);
             chunk.iter_mut().for_each(|x| {
-                x.write(0.0);
+                x.write(value);
             })
         });
     // SAFETY: the first `len` elements were written above.

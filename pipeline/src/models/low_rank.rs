@@ -13,7 +13,7 @@ use std::borrow::Cow;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::frozen::{dense, linear_input_gradient_into, linear_into};
+use super::frozen::{dense, linear, linear_input_gradient};
 use super::kernel_choice::cpu_kernels;
 use super::kernels::{
     f32_elements, gemm_into, with_f32_slice, with_f32_slices, zeroed, Operand, Threads,
@@ -245,8 +245,7 @@ impl FusedLowRankLinear {
         up: &[f32],
         s: Sizes,
     ) -> candle_core::Result<Vec<f32>> {
-        let mut y = zeroed(s.rows * s.out);
-        linear_into(&mut y, x, s.rows, &self.weight)?;
+        let mut y = linear(x, s.rows, &self.weight)?;
         if let Some(bias) = &self.bias {
             with_f32_slice(bias, |bias| {
                 y.par_chunks_mut(s.out).for_each(|row| {
@@ -303,8 +302,7 @@ impl FusedLowRankLinear {
 
         // dX = dY W + g D.
         let x_grad = if input_gradient {
-            let mut x_grad = zeroed(s.rows * s.inner);
-            linear_input_gradient_into(&mut x_grad, grad, s.rows, &self.weight)?;
+            let mut x_grad = linear_input_gradient(grad, s.rows, &self.weight)?;
             let (lhs, rhs) = (
                 Operand::row_major(&hidden_grad, s.rank),
                 Operand::row_major(down, s.inner),
