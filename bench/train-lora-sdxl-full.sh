@@ -6,9 +6,11 @@
 # precision MIXED_PRECISION (default bf16; no: fp32 weights), with --gradient_checkpointing unless
 # GRADIENT_CHECKPOINTING=0, and EXTRA_ARGS (e.g. --fp8_base).
 # Runs 1 and 1 + STEPS training steps. Prints per run: steps, wall s, CPU s (user+sys), peak
-# RSS; then seconds per step two ways: the difference of the two runs (CPU time too), and from
+# RSS; then seconds per step three ways: the difference of the two runs (CPU time too); from
 # the longer run's progress lines (steps 2 to 1 + STEPS, so start-up and the first step are left
-# out whatever they cost, as the PyTorch side measures after a warm-up step).
+# out whatever they cost, as the PyTorch side measures after a warm-up step); and from the longer
+# run's process times read from /proc at its first and last progress line (wall and CPU, steps
+# 2 to 1 + STEPS).
 #
 #   SD_SCRIPTS=... SD_PYTHON=... bench/train-lora-sdxl-full.sh [STEPS] [WORKDIR]
 #       (PROFILE=release|debug, NO_BUILD=1, RES=512, DIM=8, TORCH=1: then the same steps in
@@ -53,6 +55,33 @@ json.dump(meta, open(f"{data}/meta_lat.json", "w"))
 PY
 fi
 
+# Polls the trainer (the child of /usr/bin/time, process $1) every 0.2 s until it exits, and
+# writes to $WORK/steady.txt its CPU seconds (user + system, from /proc) and wall seconds from
+# the first progress line `steps: 1/N` to `steps: N/N`, i.e. over steps 2 to N, as the PyTorch
+# side measures after its warm-up step (to within a poll). One awk per poll reads both files.
+watch_steady_cpu() {
+  local timer=$1 steps=$2 trainer="" first_cpu="" first_wall="" step cpu
+  local ticks
+  ticks=$(getconf CLK_TCK)
+  rm -f "$WORK/steady.txt"
+  while kill -0 "$timer" 2> /dev/null; do
+    sleep 0.2
+    [ -n "$trainer" ] || trainer=$(pgrep -P "$timer" || true)
+    [ -n "$trainer" ] || continue
+    read -r step cpu < <(awk -v RS='[\r\n]' -v stat="/proc/$trainer/stat" '
+      match($0, /steps: [0-9]+\//) { step = substr($0, RSTART + 7, RLENGTH - 8) }
+      END { if ((getline line < stat) > 0) { split(line, f, " "); print step + 0, f[14] + f[15] } }
+    ' "$WORK/progress.txt") || continue
+    if [ -z "$first_cpu" ] && [ "$step" = 1 ]; then
+      first_cpu=$cpu first_wall=$EPOCHREALTIME
+    elif [ -n "$first_cpu" ] && [ "$step" = "$steps" ] && [ "$steps" -gt 1 ]; then
+      echo "$(echo "($cpu - $first_cpu) / $ticks" | bc -l) $(echo "$EPOCHREALTIME - $first_wall" | bc -l)" \
+        > "$WORK/steady.txt"
+      return
+    fi
+  done
+}
+
 run() {
   local steps=$1
   rm -rf "$WORK/out"
@@ -64,9 +93,16 @@ run() {
     --max_train_steps "$steps" --train_batch_size 1 --seed 1 \
     --mixed_precision "$MIXED_PRECISION" --save_precision float \
     $([ "$GRADIENT_CHECKPOINTING" = 0 ] || echo --gradient_checkpointing) ${EXTRA_ARGS:-} \
-    2> "$WORK/progress.txt"
+    2> "$WORK/progress.txt" &
+  local timer=$! status=0
+  watch_steady_cpu "$timer" "$steps"
+  wait "$timer" || status=$?
   if grep -q "terminated" "$WORK/time.txt"; then
     echo "train-lora was killed (out of memory?): $(cat "$WORK/time.txt")" >&2
+    exit 1
+  fi
+  if [ "$status" != 0 ]; then
+    echo "train-lora failed (exit $status): see $WORK/progress.txt" >&2
     exit 1
   fi
   read -r secs user sys rss < "$WORK/time.txt"
@@ -89,6 +125,10 @@ read -r first first_cpu <<< "$(run 1 start-up)"
 read -r last last_cpu <<< "$(run $((STEPS + 1)) train)"
 echo "seconds per step (difference of the runs): $(echo "($last - $first) / $STEPS" | bc -l | cut -c1-6) wall, $(echo "($last_cpu - $first_cpu) / $STEPS" | bc -l | cut -c1-6) CPU"
 echo "seconds per step (progress of steps 2-$((STEPS + 1))): $(steady_seconds_per_step) wall"
+if [ -f "$WORK/steady.txt" ]; then
+  read -r steady_cpu steady_wall < "$WORK/steady.txt"
+  echo "seconds per step (process times over steps 2-$((STEPS + 1))): $(echo "$steady_wall / $STEPS" | bc -l | cut -c1-6) wall, $(echo "$steady_cpu / $STEPS" | bc -l | cut -c1-6) CPU"
+fi
 if [ -n "${TORCH:-}" ]; then
   MIXED_PRECISION=$MIXED_PRECISION \
   GRADIENT_CHECKPOINTING=$([ "$GRADIENT_CHECKPOINTING" = 0 ] || echo 1) \
