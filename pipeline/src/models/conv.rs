@@ -123,19 +123,17 @@ impl Conv2d {
         let (plane_in, plane_out) = (height * width, out_h * out_w);
         let shape = Shape::from((batch, out_channels, out_h, out_w));
         let len = batch * out_channels * plane_out;
-        let matrix = match &self.method {
-            Method::Winograd(winograd) => {
-                let mut output = zeroed(len);
-                for (image, out_image) in input
-                    .chunks(channels * plane_in)
-                    .zip(output.chunks_mut(out_channels * plane_out))
-                {
-                    winograd.forward(image, out_image, &self.bias_values, (height, width));
-                }
-                return Ok((output, shape));
+        if let Method::Winograd(winograd) = &self.method {
+            let mut output = zeroed(len);
+            for (image, out_image) in input
+                .chunks(channels * plane_in)
+                .zip(output.chunks_mut(out_channels * plane_out))
+            {
+                winograd.forward(image, out_image, &self.bias_values, (height, width));
             }
-            Method::Im2col => &self.weight,
-        };
+            return Ok((output, shape));
+        }
+        let matrix = &self.weight;
         // Each output plane starts from its channel's bias; the products add onto it.
         let bias = |plane: usize| self.bias_values[plane % out_channels];
         let mut output = filled_in_chunks(len, plane_out, bias);

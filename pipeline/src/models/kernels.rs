@@ -32,7 +32,7 @@ pub(crate) fn zeroed(len: usize) -> Vec<f32> {
 }
 
 /// `len` floats in chunks of `chunk` (the last may be shorter), chunk `i` holding `value(i)`
-/// throughout, written by the rayon pool a chunk per task.
+/// throughout, written by the rayon pool.
 pub(crate) fn filled_in_chunks(
     len: usize,
     chunk: usize,
