@@ -26,7 +26,7 @@ ROWS=("$@")
 THREADS=${THREADS:-$(nproc)}
 # FEATURES=candle-cuda with BENCH_DEVICE=cuda: the lorakit side on the GPU (bench/gpu-check.sh).
 [ -n "${NO_BUILD:-}" ] || cargo build -q --release -p lorakit-pipeline --example inference_bench \
-  ${FEATURES:+--features "$FEATURES"}
+  --example cpu_peak ${FEATURES:+--features "$FEATURES"}
 BIN=${CARGO_TARGET_DIR:-target}/release/examples/inference_bench
 mkdir -p "$WORK"
 if [ ! -f "$WORK/blip/tokenizer.json" ]; then
@@ -39,6 +39,8 @@ seconds() { sed -n 's/.*"seconds_per_item": *\([0-9.e+-]*\).*/\1/p' | tail -1; }
 # Runs a command under /usr/bin/time: its JSON line on stdout, its peak RSS (MiB) in $WORK/rss.
 measured() { /usr/bin/time -f "%M" -o "$WORK/rss.kib" "$@" 2>/dev/null; echo $(( $(tail -1 "$WORK/rss.kib") / 1024 )) > "$WORK/rss"; }
 
+echo "machine ceilings: $("${CARGO_TARGET_DIR:-target}/release/examples/cpu_peak" "$THREADS")"
+echo
 echo "| row | lorakit s/item | PyTorch s/item | lorakit / PyTorch | lorakit peak RSS | PyTorch peak RSS |"
 echo "|---|---|---|---|---|---|"
 for row in "${ROWS[@]}"; do

@@ -291,48 +291,121 @@ pub(crate) fn gemm_into(
         return;
     }
     let pool = rayon::current_num_threads();
-    let parallelism = if threads == Threads::Pool && pool > 1 {
-        gemm::Parallelism::Rayon(pool)
+    if threads == Threads::Current || pool == 1 {
+        // SAFETY: the assertions above keep every accessed element inside the three slices, and
+        // `dst` is borrowed mutably so it cannot alias `lhs` or `rhs`.
+        unsafe {
+            gemm_raw(
+                dst.as_mut_ptr(),
+                dst_stride,
+                lhs,
+                rhs,
+                (m, n, k),
+                accumulate,
+                None,
+            )
+        };
+    } else if m <= COLUMN_SPLIT_ROWS && n >= pool * COLUMN_SPLIT_MIN_COLUMNS {
+        // Few rows: one band of columns per thread, each a product on its own, so that every
+        // thread packs only its own part of `rhs` (the `gemm` crate's own split has each thread
+        // pack all of it, which costs more than the arithmetic here).
+        let band = n.div_ceil(pool).next_multiple_of(16);
+        let dst_address = dst.as_mut_ptr() as usize;
+        (0..n.div_ceil(band)).into_par_iter().for_each(|part| {
+            let first = part * band;
+            let columns = band.min(n - first);
+            let rhs_band = Operand {
+                data: &rhs.data[first * rhs.col_stride..],
+                ..rhs
+            };
+            // SAFETY: as above; the bands write disjoint columns of `dst`, whose address is
+            // passed as an integer only to cross into the pool's threads.
+            unsafe {
+                gemm_raw(
+                    (dst_address as *mut f32).add(first),
+                    dst_stride,
+                    lhs,
+                    rhs_band,
+                    (m, columns, k),
+                    accumulate,
+                    None,
+                )
+            };
+        });
     } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the assertions above keep every accessed element inside the three slices, and
-    // `dst` is borrowed mutably so it cannot alias `lhs` or `rhs`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_stride as isize,
-            accumulate,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+        // SAFETY: as in the first arm.
+        unsafe {
+            gemm_raw(
+                dst.as_mut_ptr(),
+                dst_stride,
+                lhs,
+                rhs,
+                (m, n, k),
+                accumulate,
+                Some(pool),
+            )
+        };
     }
+}
+
+/// Most rows of a product that [`gemm_into`] splits into bands of columns itself.
+const COLUMN_SPLIT_ROWS: usize = 128;
+/// Fewest columns per thread of a product that [`gemm_into`] splits into bands of columns.
+const COLUMN_SPLIT_MIN_COLUMNS: usize = 256;
+
+/// The `gemm` crate's product `dst = lhs · rhs` (`dst +=` when `accumulate`) for a row-major
+/// `dst` whose rows are `dst_stride` apart, on `threads` rayon threads or the calling one.
+///
+/// # Safety
+/// `dst` must be valid for writes of the `m` x `n` matrix, `lhs` and `rhs` must cover their
+/// `m` x `k` and `k` x `n` matrices, and no other thread may access those `dst` elements.
+unsafe fn gemm_raw(
+    dst: *mut f32,
+    dst_stride: usize,
+    lhs: Operand,
+    rhs: Operand,
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    threads: Option<usize>,
+) {
+    let parallelism = match threads {
+        Some(pool) => gemm::Parallelism::Rayon(pool),
+        None => gemm::Parallelism::None,
+    };
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_stride as isize,
+        accumulate,
+        lhs.data.as_ptr(),
+        lhs.col_stride as isize,
+        lhs.row_stride as isize,
+        rhs.data.as_ptr(),
+        rhs.col_stride as isize,
+        rhs.row_stride as isize,
+        if accumulate { 1.0 } else { 0.0 },
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    );
 }
 
 /// Most rows of a product that [`small_rows_product`] computes (one decoding step of a few
 /// beams): there the `gemm` crate's packing costs far more than the arithmetic.
 const SMALL_PRODUCT_ROWS: usize = 4;
-/// Columns per task of [`small_rows_product`] (a few rows of this width stay in L1).
-const SMALL_PRODUCT_COLUMNS: usize = 512;
+/// Fewest rows of the right-hand side per task of [`small_rows_product`].
+const SMALL_PRODUCT_INNER_ROWS: usize = 64;
 
-/// [`gemm_into`] for at most [`SMALL_PRODUCT_ROWS`] rows and a row-major `rhs`: each result row
-/// is the sum of `rhs`'s rows weighted by the row of `lhs`, built by vectorised multiply-adds
-/// over blocks of columns (split over the rayon pool with [`Threads::Pool`]), so `rhs` is read
-/// once, as it lies.
+/// [`gemm_into`] for at most [`SMALL_PRODUCT_ROWS`] rows and a row-major `rhs`. The product is
+/// bound by reading `rhs` once from memory, so `rhs` is read as it lies: each task (split over
+/// the rayon pool with [`Threads::Pool`]) takes a contiguous band of `rhs`'s rows and sums them,
+/// four at a time and weighted by the matching entries of `lhs`, into its own partial result;
+/// the partial results are then added up.
 fn small_rows_product(
     dst: &mut [f32],
     dst_stride: usize,
@@ -342,38 +415,53 @@ fn small_rows_product(
     accumulate: bool,
     threads: Threads,
 ) {
-    let block = |first: usize| -> Vec<f32> {
-        let width = SMALL_PRODUCT_COLUMNS.min(n - first);
-        let mut rows = vec![0f32; m * width];
-        for inner in 0..k {
-            let rhs_row = &rhs.data[inner * rhs.row_stride + first..][..width];
-            for (row, out) in rows.chunks_exact_mut(width).enumerate() {
-                let weight = lhs.data[row * lhs.row_stride + inner * lhs.col_stride];
-                multiply_add(out, weight, rhs_row);
+    let weight = |row: usize, inner: usize| lhs.data[row * lhs.row_stride + inner * lhs.col_stride];
+    let rhs_row = |inner: usize| &rhs.data[inner * rhs.row_stride..][..n];
+    let tasks = match threads {
+        Threads::Pool => (2 * rayon::current_num_threads())
+            .min(k / SMALL_PRODUCT_INNER_ROWS)
+            .max(1),
+        Threads::Current => 1,
+    };
+    let band = k.div_ceil(tasks).max(1);
+    let partial = |first: usize| -> Vec<f32> {
+        let last = (first + band).min(k);
+        let mut rows = vec![0f32; m * n];
+        let mut inner = first;
+        while inner + 4 <= last {
+            let values = [0, 1, 2, 3].map(|j| rhs_row(inner + j));
+            for (row, out) in rows.chunks_exact_mut(n).enumerate() {
+                let weights = [0, 1, 2, 3].map(|j| weight(row, inner + j));
+                multiply_add_four(out, weights, values);
+            }
+            inner += 4;
+        }
+        for inner in inner..last {
+            for (row, out) in rows.chunks_exact_mut(n).enumerate() {
+                multiply_add(out, weight(row, inner), rhs_row(inner));
             }
         }
         rows
     };
-    let firsts = (0..n).step_by(SMALL_PRODUCT_COLUMNS);
-    let blocks: Vec<Vec<f32>> = if threads == Threads::Pool && n > SMALL_PRODUCT_COLUMNS {
+    let firsts = (0..k.max(1)).step_by(band);
+    let partials: Vec<Vec<f32>> = if tasks > 1 {
         firsts
             .collect::<Vec<_>>()
             .into_par_iter()
-            .map(block)
+            .map(partial)
             .collect()
     } else {
-        firsts.map(block).collect()
+        firsts.map(partial).collect()
     };
-    for (index, rows) in blocks.iter().enumerate() {
-        let first = index * SMALL_PRODUCT_COLUMNS;
-        let width = rows.len() / m.max(1);
-        for (row, values) in rows.chunks_exact(width.max(1)).enumerate().take(m) {
-            let out = &mut dst[row * dst_stride + first..][..width];
-            if accumulate {
-                out.iter_mut().zip(values).for_each(|(o, v)| *o += v);
-            } else {
-                out.copy_from_slice(values);
-            }
+    for row in 0..m {
+        let out = &mut dst[row * dst_stride..][..n];
+        if !accumulate {
+            out.fill(0.0);
+        }
+        for rows in &partials {
+            out.iter_mut()
+                .zip(&rows[row * n..][..n])
+                .for_each(|(o, v)| *o += v);
         }
     }
 }
@@ -401,6 +489,37 @@ unsafe fn multiply_add_avx2(out: &mut [f32], weight: f32, values: &[f32]) {
 fn multiply_add_lanes(out: &mut [f32], weight: f32, values: &[f32]) {
     for (o, &v) in out.iter_mut().zip(values) {
         *o = weight.mul_add(v, *o);
+    }
+}
+
+/// `out += Σ weights[j] · values[j]` over four rows of values (`out` is read and written once
+/// for four rows), compiled for AVX2 + FMA when the CPU has them.
+#[inline(always)]
+fn multiply_add_four(out: &mut [f32], weights: [f32; 4], values: [&[f32]; 4]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: the CPU supports the features this copy of the loop is compiled for.
+        unsafe { multiply_add_four_avx2(out, weights, values) };
+        return;
+    }
+    multiply_add_four_lanes(out, weights, values);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn multiply_add_four_avx2(out: &mut [f32], weights: [f32; 4], values: [&[f32]; 4]) {
+    multiply_add_four_lanes(out, weights, values);
+}
+
+/// The portable loop of [`multiply_add_four`].
+#[inline(always)]
+fn multiply_add_four_lanes(out: &mut [f32], weights: [f32; 4], values: [&[f32]; 4]) {
+    let [w0, w1, w2, w3] = weights;
+    let n = out.len();
+    let [v0, v1, v2, v3] = values.map(|v| &v[..n]);
+    for i in 0..n {
+        let sum = w0.mul_add(v0[i], w1.mul_add(v1[i], out[i]));
+        out[i] = w2.mul_add(v2[i], w3.mul_add(v3[i], sum));
     }
 }
 
@@ -842,9 +961,10 @@ mod tests {
 
     #[test]
     fn few_row_products_match_the_gemm_kernels() {
-        // 1 to 4 rows against a row-major right-hand side wider than one column block, with a
-        // strided left side and output, overwritten and accumulated.
-        let (k, n) = (70, 1100);
+        // 1 to 4 rows against a row-major right-hand side of several bands of rows (with a tail
+        // that is not a multiple of four), with a strided left side and output, overwritten and
+        // accumulated.
+        let (k, n) = (302, 1100);
         let rhs: Vec<f32> = (0..k * n)
             .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
             .collect();
@@ -869,6 +989,39 @@ mod tests {
                     assert!((got - 2.0 * value).abs() < 1e-4, "{m} rows, element {i}");
                 }
                 assert_eq!(out[n], 1.0, "padding between output rows untouched");
+            }
+        }
+    }
+
+    #[test]
+    fn products_of_few_rows_split_by_columns_match_the_sums() {
+        // 20 rows (split into bands of columns over the pool), a strided output, the right
+        // side row-major and transposed, overwritten and accumulated.
+        let (m, n, k) = (20, 1100, 37);
+        let lhs: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 13) % 29) as f32 / 14.0 - 1.0)
+            .collect();
+        let rhs: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let rhs_t: Vec<f32> = (0..n * k).map(|i| rhs[(i % k) * n + i / k]).collect();
+        let expected = |row: usize, col: usize| -> f32 {
+            (0..k).map(|j| lhs[row * k + j] * rhs[j * n + col]).sum()
+        };
+        let a = Operand::row_major(&lhs, k);
+        for b in [Operand::row_major(&rhs, n), Operand::transposed(&rhs_t, k)] {
+            for threads in [Threads::Pool, Threads::Current] {
+                let mut out = vec![1.0f32; m * (n + 3)];
+                gemm_into(&mut out, n + 3, a, b, (m, n, k), false, threads);
+                gemm_into(&mut out, n + 3, a, b, (m, n, k), true, threads);
+                for row in 0..m {
+                    for col in 0..n {
+                        let got = out[row * (n + 3) + col];
+                        let want = 2.0 * expected(row, col);
+                        assert!((got - want).abs() < 1e-4, "element ({row}, {col})");
+                    }
+                    assert_eq!(out[row * (n + 3) + n], 1.0, "padding untouched");
+                }
             }
         }
     }
