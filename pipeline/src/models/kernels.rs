@@ -291,7 +291,9 @@ pub(crate) fn gemm_into(
         return;
     }
     let pool = rayon::current_num_threads();
-    if threads == Threads::Current || pool == 1 {
+    let parallel = threads == Threads::Pool && pool > 1;
+    if !parallel || m > COLUMN_SPLIT_ROWS || n < pool * COLUMN_SPLIT_MIN_COLUMNS {
+        let threads = parallel.then_some(pool);
         // SAFETY: the assertions above keep every accessed element inside the three slices, and
         // `dst` is borrowed mutably so it cannot alias `lhs` or `rhs`.
         unsafe {
@@ -302,50 +304,28 @@ pub(crate) fn gemm_into(
                 rhs,
                 (m, n, k),
                 accumulate,
-                None,
+                threads,
             )
         };
-    } else if m <= COLUMN_SPLIT_ROWS && n >= pool * COLUMN_SPLIT_MIN_COLUMNS {
-        // Few rows: one band of columns per thread, each a product on its own, so that every
-        // thread packs only its own part of `rhs` (the `gemm` crate's own split has each thread
-        // pack all of it, which costs more than the arithmetic here).
-        let band = n.div_ceil(pool).next_multiple_of(16);
-        let dst_address = dst.as_mut_ptr() as usize;
-        (0..n.div_ceil(band)).into_par_iter().for_each(|part| {
-            let first = part * band;
-            let columns = band.min(n - first);
-            let rhs_band = Operand {
-                data: &rhs.data[first * rhs.col_stride..],
-                ..rhs
-            };
-            // SAFETY: as above; the bands write disjoint columns of `dst`, whose address is
-            // passed as an integer only to cross into the pool's threads.
-            unsafe {
-                gemm_raw(
-                    (dst_address as *mut f32).add(first),
-                    dst_stride,
-                    lhs,
-                    rhs_band,
-                    (m, columns, k),
-                    accumulate,
-                    None,
-                )
-            };
-        });
-    } else {
-        // SAFETY: as in the first arm.
-        unsafe {
-            gemm_raw(
-                dst.as_mut_ptr(),
-                dst_stride,
-                lhs,
-                rhs,
-                (m, n, k),
-                accumulate,
-                Some(pool),
-            )
-        };
+        return;
     }
+    // Few rows: one band of columns per thread, each a product on its own, so that every thread
+    // packs only its own part of `rhs` (the `gemm` crate's own split has each thread pack all of
+    // it, which costs more than the arithmetic here).
+    let band = n.div_ceil(pool).next_multiple_of(16);
+    let dst_address = dst.as_mut_ptr() as usize;
+    (0..n.div_ceil(band)).into_par_iter().for_each(|part| {
+        let first = part * band;
+        let rhs_band = Operand {
+            data: &rhs.data[first * rhs.col_stride..],
+            ..rhs
+        };
+        let shape = (m, band.min(n - first), k);
+        // SAFETY: as above; the bands write disjoint columns of `dst`, whose address is passed
+        // as an integer only to cross into the pool's threads.
+        let dst = unsafe { (dst_address as *mut f32).add(first) };
+        unsafe { gemm_raw(dst, dst_stride, lhs, rhs_band, shape, accumulate, None) };
+    });
 }
 
 /// Most rows of a product that [`gemm_into`] splits into bands of columns itself.
@@ -438,7 +418,9 @@ fn small_rows_product(
         }
         for inner in inner..last {
             for (row, out) in rows.chunks_exact_mut(n).enumerate() {
-                multiply_add(out, weight(row, inner), rhs_row(inner));
+                // The last (at most three) rows of a band.
+                let w = weight(row, inner);
+                (out.iter_mut().zip(rhs_row(inner))).for_each(|(o, v)| *o += w * v);
             }
         }
         rows
@@ -463,32 +445,6 @@ fn small_rows_product(
                 .zip(&rows[row * n..][..n])
                 .for_each(|(o, v)| *o += v);
         }
-    }
-}
-
-/// `out += weight · values`, compiled for AVX2 + FMA when the CPU has them.
-#[inline(always)]
-fn multiply_add(out: &mut [f32], weight: f32, values: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx2_fma() {
-        // SAFETY: the CPU supports the features this copy of the loop is compiled for.
-        unsafe { multiply_add_avx2(out, weight, values) };
-        return;
-    }
-    multiply_add_lanes(out, weight, values);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn multiply_add_avx2(out: &mut [f32], weight: f32, values: &[f32]) {
-    multiply_add_lanes(out, weight, values);
-}
-
-/// The portable loop of [`multiply_add`].
-#[inline(always)]
-fn multiply_add_lanes(out: &mut [f32], weight: f32, values: &[f32]) {
-    for (o, &v) in out.iter_mut().zip(values) {
-        *o = weight.mul_add(v, *o);
     }
 }
 
