@@ -380,12 +380,17 @@ unsafe fn gemm_raw(
 const SMALL_PRODUCT_ROWS: usize = 4;
 /// Fewest rows of the right-hand side per task of [`small_rows_product`].
 const SMALL_PRODUCT_INNER_ROWS: usize = 64;
+/// Fewest elements of the right-hand side for which [`small_rows_product`] splits the work
+/// (below this, starting the tasks costs more than the arithmetic).
+const SMALL_PRODUCT_SPLIT_ELEMENTS: usize = 1 << 16;
 
 /// [`gemm_into`] for at most [`SMALL_PRODUCT_ROWS`] rows and a row-major `rhs`. The product is
 /// bound by reading `rhs` once from memory, so `rhs` is read as it lies: each task (split over
 /// the rayon pool with [`Threads::Pool`]) takes a contiguous band of `rhs`'s rows and sums them,
 /// four at a time and weighted by the matching entries of `lhs`, into its own partial result;
-/// the partial results are then added up.
+/// the partial results are then added up. Within a task every element is one chain of
+/// multiply-adds in the order of `rhs`'s rows, so an undivided product sums exactly as one
+/// multiply-add per row would.
 fn small_rows_product(
     dst: &mut [f32],
     dst_stride: usize,
@@ -398,10 +403,12 @@ fn small_rows_product(
     let weight = |row: usize, inner: usize| lhs.data[row * lhs.row_stride + inner * lhs.col_stride];
     let rhs_row = |inner: usize| &rhs.data[inner * rhs.row_stride..][..n];
     let tasks = match threads {
-        Threads::Pool => (2 * rayon::current_num_threads())
-            .min(k / SMALL_PRODUCT_INNER_ROWS)
-            .max(1),
-        Threads::Current => 1,
+        Threads::Pool if k * n >= SMALL_PRODUCT_SPLIT_ELEMENTS => {
+            (2 * rayon::current_num_threads())
+                .min(k / SMALL_PRODUCT_INNER_ROWS)
+                .max(1)
+        }
+        _ => 1,
     };
     let band = k.div_ceil(tasks).max(1);
     let partial = |first: usize| -> Vec<f32> {
@@ -420,7 +427,7 @@ fn small_rows_product(
             for (row, out) in rows.chunks_exact_mut(n).enumerate() {
                 // The last (at most three) rows of a band.
                 let w = weight(row, inner);
-                (out.iter_mut().zip(rhs_row(inner))).for_each(|(o, v)| *o += w * v);
+                (out.iter_mut().zip(rhs_row(inner))).for_each(|(o, v)| *o = w.mul_add(*v, *o));
             }
         }
         rows
@@ -474,8 +481,9 @@ fn multiply_add_four_lanes(out: &mut [f32], weights: [f32; 4], values: [&[f32]; 
     let n = out.len();
     let [v0, v1, v2, v3] = values.map(|v| &v[..n]);
     for i in 0..n {
-        let sum = w0.mul_add(v0[i], w1.mul_add(v1[i], out[i]));
-        out[i] = w2.mul_add(v2[i], w3.mul_add(v3[i], sum));
+        // In order of the rows, as one multiply-add per row would sum them.
+        let sum = w1.mul_add(v1[i], w0.mul_add(v0[i], out[i]));
+        out[i] = w3.mul_add(v3[i], w2.mul_add(v2[i], sum));
     }
 }
 
