@@ -270,7 +270,9 @@ pub(crate) enum Threads {
 }
 
 /// `dst = lhs · rhs`, or `dst += lhs · rhs` when `accumulate`, for `lhs` `[m, k]`, `rhs`
-/// `[k, n]` and a row-major `dst` `[m, n]` whose rows are `dst_stride` apart.
+/// `[k, n]` and a row-major `dst` `[m, n]` whose rows are `dst_stride` apart. The result does
+/// not depend on the number of threads (data-parallel ranks that split the cores between them
+/// train exactly what one process trains).
 pub(crate) fn gemm_into(
     dst: &mut [f32],
     dst_stride: usize,
@@ -292,7 +294,7 @@ pub(crate) fn gemm_into(
     }
     let pool = rayon::current_num_threads();
     let parallel = threads == Threads::Pool && pool > 1;
-    if !parallel || m > COLUMN_SPLIT_ROWS || n < pool * COLUMN_SPLIT_MIN_COLUMNS {
+    if m > COLUMN_SPLIT_ROWS || n < 2 * COLUMN_BAND {
         let threads = parallel.then_some(pool);
         // SAFETY: the assertions above keep every accessed element inside the three slices, and
         // `dst` is borrowed mutably so it cannot alias `lhs` or `rhs`.
@@ -309,12 +311,13 @@ pub(crate) fn gemm_into(
         };
         return;
     }
-    // Few rows: one band of columns per thread, each a product on its own, so that every thread
-    // packs only its own part of `rhs` (the `gemm` crate's own split has each thread pack all of
-    // it, which costs more than the arithmetic here).
-    let band = n.div_ceil(pool).next_multiple_of(16);
+    // Few rows: bands of columns, each a single-threaded product of its own, so that a thread
+    // packs only its own bands of `rhs` (the `gemm` crate's own split has each thread pack all of
+    // it, which costs more than the arithmetic here). The bands are the same whatever the
+    // number of threads.
+    let band = COLUMN_BAND;
     let dst_address = dst.as_mut_ptr() as usize;
-    (0..n.div_ceil(band)).into_par_iter().for_each(|part| {
+    let product = |part: usize| {
         let first = part * band;
         let rhs_band = Operand {
             data: &rhs.data[first * rhs.col_stride..],
@@ -325,13 +328,18 @@ pub(crate) fn gemm_into(
         // as an integer only to cross into the pool's threads.
         let dst = unsafe { (dst_address as *mut f32).add(first) };
         unsafe { gemm_raw(dst, dst_stride, lhs, rhs_band, shape, accumulate, None) };
-    });
+    };
+    if parallel {
+        (0..n.div_ceil(band)).into_par_iter().for_each(product);
+    } else {
+        (0..n.div_ceil(band)).for_each(product);
+    }
 }
 
 /// Most rows of a product that [`gemm_into`] splits into bands of columns itself.
 const COLUMN_SPLIT_ROWS: usize = 128;
-/// Fewest columns per thread of a product that [`gemm_into`] splits into bands of columns.
-const COLUMN_SPLIT_MIN_COLUMNS: usize = 256;
+/// Columns of a band of a product that [`gemm_into`] splits into bands of columns.
+const COLUMN_BAND: usize = 192;
 
 /// The `gemm` crate's product `dst = lhs · rhs` (`dst +=` when `accumulate`) for a row-major
 /// `dst` whose rows are `dst_stride` apart, on `threads` rayon threads or the calling one.
@@ -378,8 +386,8 @@ unsafe fn gemm_raw(
 /// Most rows of a product that [`small_rows_product`] computes (one decoding step of a few
 /// beams): there the `gemm` crate's packing costs far more than the arithmetic.
 const SMALL_PRODUCT_ROWS: usize = 4;
-/// Fewest rows of the right-hand side per task of [`small_rows_product`].
-const SMALL_PRODUCT_INNER_ROWS: usize = 64;
+/// Rows of the right-hand side per task of [`small_rows_product`].
+const SMALL_PRODUCT_BAND_ROWS: usize = 128;
 /// Fewest elements of the right-hand side for which [`small_rows_product`] splits the work
 /// (below this, starting the tasks costs more than the arithmetic).
 const SMALL_PRODUCT_SPLIT_ELEMENTS: usize = 1 << 16;
@@ -388,9 +396,9 @@ const SMALL_PRODUCT_SPLIT_ELEMENTS: usize = 1 << 16;
 /// bound by reading `rhs` once from memory, so `rhs` is read as it lies: each task (split over
 /// the rayon pool with [`Threads::Pool`]) takes a contiguous band of `rhs`'s rows and sums them,
 /// four at a time and weighted by the matching entries of `lhs`, into its own partial result;
-/// the partial results are then added up. Within a task every element is one chain of
+/// the partial results are then added up, in order. Within a task every element is one chain of
 /// multiply-adds in the order of `rhs`'s rows, so an undivided product sums exactly as one
-/// multiply-add per row would.
+/// multiply-add per row would. The bands are the same whatever the number of threads.
 fn small_rows_product(
     dst: &mut [f32],
     dst_stride: usize,
@@ -402,15 +410,10 @@ fn small_rows_product(
 ) {
     let weight = |row: usize, inner: usize| lhs.data[row * lhs.row_stride + inner * lhs.col_stride];
     let rhs_row = |inner: usize| &rhs.data[inner * rhs.row_stride..][..n];
-    let tasks = match threads {
-        Threads::Pool if k * n >= SMALL_PRODUCT_SPLIT_ELEMENTS => {
-            (2 * rayon::current_num_threads())
-                .min(k / SMALL_PRODUCT_INNER_ROWS)
-                .max(1)
-        }
-        _ => 1,
+    let band = match k * n >= SMALL_PRODUCT_SPLIT_ELEMENTS {
+        true => SMALL_PRODUCT_BAND_ROWS,
+        false => k.max(1),
     };
-    let band = k.div_ceil(tasks).max(1);
     let partial = |first: usize| -> Vec<f32> {
         let last = (first + band).min(k);
         let mut rows = vec![0f32; m * n];
@@ -433,7 +436,7 @@ fn small_rows_product(
         rows
     };
     let firsts = (0..k.max(1)).step_by(band);
-    let partials: Vec<Vec<f32>> = if tasks > 1 {
+    let partials: Vec<Vec<f32>> = if threads == Threads::Pool && band < k {
         firsts
             .collect::<Vec<_>>()
             .into_par_iter()
@@ -943,7 +946,7 @@ mod tests {
                         .sum()
                 })
                 .collect();
-            for threads in [Threads::Pool, Threads::Current] {
+            let outputs = [Threads::Pool, Threads::Current].map(|threads| {
                 let mut out = vec![1.0f32; m * (n + 5)];
                 let (a, b) = (Operand::row_major(&lhs, k + 3), Operand::row_major(&rhs, n));
                 gemm_into(&mut out, n + 5, a, b, (m, n, k), false, threads);
@@ -953,14 +956,19 @@ mod tests {
                     assert!((got - 2.0 * value).abs() < 1e-4, "{m} rows, element {i}");
                 }
                 assert_eq!(out[n], 1.0, "padding between output rows untouched");
-            }
+                out
+            });
+            assert!(
+                outputs[0] == outputs[1],
+                "{m} rows: the same sums on any number of threads"
+            );
         }
     }
 
     #[test]
     fn products_of_few_rows_split_by_columns_match_the_sums() {
-        // 20 rows (split into bands of columns over the pool), a strided output, the right
-        // side row-major and transposed, overwritten and accumulated.
+        // 20 rows (split into bands of columns, over the pool or not), a strided output, the
+        // right side row-major and transposed, overwritten and accumulated.
         let (m, n, k) = (20, 1100, 37);
         let lhs: Vec<f32> = (0..m * k)
             .map(|i| ((i * 13) % 29) as f32 / 14.0 - 1.0)
@@ -974,7 +982,7 @@ mod tests {
         };
         let a = Operand::row_major(&lhs, k);
         for b in [Operand::row_major(&rhs, n), Operand::transposed(&rhs_t, k)] {
-            for threads in [Threads::Pool, Threads::Current] {
+            let outputs = [Threads::Pool, Threads::Current].map(|threads| {
                 let mut out = vec![1.0f32; m * (n + 3)];
                 gemm_into(&mut out, n + 3, a, b, (m, n, k), false, threads);
                 gemm_into(&mut out, n + 3, a, b, (m, n, k), true, threads);
@@ -986,7 +994,12 @@ mod tests {
                     }
                     assert_eq!(out[row * (n + 3) + n], 1.0, "padding untouched");
                 }
-            }
+                out
+            });
+            assert!(
+                outputs[0] == outputs[1],
+                "the same sums on any number of threads"
+            );
         }
     }
 
