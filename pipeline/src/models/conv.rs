@@ -54,6 +54,25 @@ impl Conv2d {
         Self::with_method(weight, bias, stride, padding, method)
     }
 
+    /// [`Self::new`] for a layer used in few, large passes (a VAE's): a 3x3/stride 1/padding 1
+    /// layer transforms its weight into the Winograd domain at the start of each forward pass
+    /// and drops the transform at its end, so it keeps no more than the weight in memory. The
+    /// results are those of [`Self::new`], bit for bit.
+    pub fn transforming_per_pass(
+        weight: Tensor,
+        bias: Tensor,
+        stride: usize,
+        padding: usize,
+    ) -> candle_core::Result<Self> {
+        let (_, _, kh, _) = weight.dims4()?;
+        let method = if (kh, stride, padding) == (3, 1, 1) && cpu_kernels(weight.device()) {
+            Method::WinogradPerPass
+        } else {
+            Method::Im2col
+        };
+        Self::with_method(weight, bias, stride, padding, method)
+    }
+
     /// A convolution without bias that multiplies with the weight tensor itself (im2col for
     /// every shape): no copy of the weights, and both gradients work for every layer.
     pub fn im2col(weight: Tensor, stride: usize, padding: usize) -> candle_core::Result<Self> {
@@ -123,7 +142,19 @@ impl Conv2d {
         let (plane_in, plane_out) = (height * width, out_h * out_w);
         let shape = Shape::from((batch, out_channels, out_h, out_w));
         let len = batch * out_channels * plane_out;
-        if let Method::Winograd(winograd) = &self.method {
+        let transformed_here;
+        let winograd = match &self.method {
+            Method::Winograd(winograd) => Some(winograd),
+            Method::WinogradPerPass => {
+                let weight = self.weight.to_dtype(DType::F32)?;
+                transformed_here = with_f32_slice(&weight, |weight| {
+                    Winograd::new(weight, out_channels, channels)
+                })?;
+                Some(&transformed_here)
+            }
+            Method::Im2col => None,
+        };
+        if let Some(winograd) = winograd {
             let mut output = zeroed(len);
             for (image, out_image) in input
                 .chunks(channels * plane_in)
@@ -377,8 +408,10 @@ fn scatter_columns(
 /// How a layer's f32 forward pass multiplies.
 #[derive(Clone, Debug)]
 enum Method {
-    /// Winograd F(4x4, 3x3) (3x3 kernel, stride 1, padding 1).
+    /// Winograd F(4x4, 3x3) (3x3 kernel, stride 1, padding 1), the transformed kernels kept.
     Winograd(Winograd),
+    /// Winograd as above, the kernels transformed at the start of each forward pass.
+    WinogradPerPass,
     /// Banded im2col with the weight tensor as a row-major `[O, C·k·k]` matrix.
     Im2col,
 }
@@ -511,5 +544,24 @@ mod tests {
         assert!(error < 1e-4, "{error}");
         let error = relative_error((1, 128, 128), (3, 1, 1), (130, 129));
         assert!(error < 5e-5, "{error}");
+    }
+
+    #[test]
+    fn kernels_transformed_per_pass_give_the_kept_kernels_outputs_bit_for_bit() {
+        let device = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 7, 11, 9), &device).unwrap();
+        let weight = Tensor::randn(0f32, 0.1, (5, 7, 3, 3), &device).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 5, &device).unwrap();
+        for (stride, padding) in [(1, 1), (2, 1)] {
+            let output = |layer: Conv2d| -> Vec<f32> {
+                let y = layer.forward(&x).unwrap();
+                y.flatten_all().unwrap().to_vec1().unwrap()
+            };
+            let (w, b) = (weight.clone(), bias.clone());
+            let kept = output(Conv2d::new(w.clone(), b.clone(), stride, padding).unwrap());
+            let per_pass = output(Conv2d::transforming_per_pass(w, b, stride, padding).unwrap());
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&kept), bits(&per_pass), "stride {stride}");
+        }
     }
 }

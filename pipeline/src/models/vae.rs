@@ -230,7 +230,8 @@ fn conv(vb: &VarBuilder, name: &str, stride: usize, padding: usize) -> Result<(C
     let bias = vb
         .get(dims[0], &format!("{name}.bias"))
         .map_err(candle_error)?;
-    let layer = Conv2d::new(weight, bias, stride, padding).map_err(candle_error)?;
+    let layer =
+        Conv2d::transforming_per_pass(weight, bias, stride, padding).map_err(candle_error)?;
     Ok((layer, dims[0]))
 }
 

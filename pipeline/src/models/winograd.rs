@@ -53,24 +53,40 @@ impl<T> SharedPtr<T> {
 }
 
 impl Winograd {
-    /// Transforms a row-major `[O, C, 3, 3]` weight.
+    /// Transforms a row-major `[O, C, 3, 3]` weight. Each output channel's kernels are
+    /// transformed together, tap by tap across the input channels (so the loops vectorise), and
+    /// written straight into their rows of the 36 point blocks: the only memory this takes is
+    /// the transformed kernels themselves.
     pub fn new(weight: &[f32], out_channels: usize, in_channels: usize) -> Self {
         assert_eq!(weight.len(), out_channels * in_channels * 9, "weight size");
         let pair_count = out_channels * in_channels;
-        let mut per_pair = vec![0f32; pair_count * POINTS];
-        per_pair
-            .par_chunks_mut(POINTS)
-            .zip(weight.par_chunks(9))
-            .for_each(|(points, g)| transform_kernel(g, points));
-        let mut kernels = vec![0f32; POINTS * pair_count];
-        kernels
-            .par_chunks_mut(pair_count)
-            .enumerate()
-            .for_each(|(point, block)| {
-                for (value, points) in block.iter_mut().zip(per_pair.chunks_exact(POINTS)) {
-                    *value = points[point];
-                }
-            });
+        let mut kernels = Vec::<f32>::with_capacity(POINTS * pair_count);
+        let dst = SharedPtr(kernels.as_mut_ptr());
+        if in_channels > 0 {
+            weight
+                .par_chunks(in_channels * 9)
+                .enumerate()
+                .for_each_init(
+                    || KernelScratch::new(in_channels),
+                    |scratch, (out_channel, kernels_of_channel)| {
+                        scratch.transform(kernels_of_channel);
+                        for (point, values) in scratch.points.chunks_exact(in_channels).enumerate() {
+                            // SAFETY: row `out_channel` of point block `point` lies inside the
+                            // capacity and is written by this task alone.
+                            unsafe {
+                                let at = point * pair_count + out_channel * in_channels;
+                                std::ptr::copy_nonoverlapping(
+                                    values.as_ptr(),
+                                    dst.get().add(at),
+                                    in_channels,
+                                );
+                            }
+                        }
+                    },
+                );
+        }
+        // SAFETY: the tasks above wrote every row of every point block.
+        unsafe { kernels.set_len(POINTS * pair_count) };
         Winograd {
             kernels,
             out_channels,
@@ -164,19 +180,76 @@ impl Winograd {
     }
 }
 
-/// `G g G^T` of one 3x3 kernel `g` (row-major) into its 36 `points`, computed in f64.
-fn transform_kernel(g: &[f32], points: &mut [f32]) {
-    let mut half = [[0f64; 3]; PATCH];
-    for (row, coefficients) in half.iter_mut().zip(&KERNEL_TRANSFORM) {
-        for (j, value) in row.iter_mut().enumerate() {
-            *value = (0..3)
-                .map(|k| coefficients[k] * f64::from(g[k * 3 + j]))
-                .sum();
+/// Work planes of the kernel transform for one output channel: `G g G^T` of each of its
+/// `channels` 3x3 kernels `g`, computed in f64, one plane per tap or point across the channels.
+struct KernelScratch {
+    /// The 9 taps, `[tap][channel]`.
+    taps: Vec<f64>,
+    /// `G g`, `[6][3][channel]`.
+    half: Vec<f64>,
+    /// `G g G^T` in f32, `[point][channel]`.
+    points: Vec<f32>,
+    channels: usize,
+}
+
+impl KernelScratch {
+    fn new(channels: usize) -> Self {
+        KernelScratch {
+            taps: vec![0.0; 9 * channels],
+            half: vec![0.0; PATCH * 3 * channels],
+            points: vec![0.0; POINTS * channels],
+            channels,
         }
     }
-    for (i, row) in half.iter().enumerate() {
-        for (j, coefficients) in KERNEL_TRANSFORM.iter().enumerate() {
-            points[i * PATCH + j] = (0..3).map(|k| row[k] * coefficients[k]).sum::<f64>() as f32;
+
+    /// Transforms the row-major `[channels, 3, 3]` kernels `g` into [`Self::points`], with the
+    /// copy of the loops compiled for AVX-512 when the CPU has it (the same operations in the
+    /// same order, so the same results bit for bit).
+    fn transform(&mut self, g: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::kernels::avx512() {
+            // SAFETY: the CPU supports the features this copy is compiled for.
+            unsafe { self.transform_avx512(g) };
+            return;
+        }
+        self.transform_portable(g);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn transform_avx512(&mut self, g: &[f32]) {
+        self.transform_portable(g);
+    }
+
+    #[inline(always)]
+    fn transform_portable(&mut self, g: &[f32]) {
+        let n = self.channels;
+        for (tap, plane) in self.taps.chunks_exact_mut(n).enumerate() {
+            for (value, kernel) in plane.iter_mut().zip(g.chunks_exact(9)) {
+                *value = f64::from(kernel[tap]);
+            }
+        }
+        let tap = |k: usize, j: usize| &self.taps[(k * 3 + j) * n..][..n];
+        for (a, coefficients) in KERNEL_TRANSFORM.iter().enumerate() {
+            for j in 0..3 {
+                let out = &mut self.half[(a * 3 + j) * n..][..n];
+                let (g0, g1, g2) = (tap(0, j), tap(1, j), tap(2, j));
+                for c in 0..n {
+                    out[c] = coefficients[0] * g0[c] + coefficients[1] * g1[c]
+                        + coefficients[2] * g2[c];
+                }
+            }
+        }
+        for a in 0..PATCH {
+            let row = |j: usize| &self.half[(a * 3 + j) * n..][..n];
+            let (h0, h1, h2) = (row(0), row(1), row(2));
+            for (b, coefficients) in KERNEL_TRANSFORM.iter().enumerate() {
+                let out = &mut self.points[(a * PATCH + b) * n..][..n];
+                for c in 0..n {
+                    out[c] = (h0[c] * coefficients[0] + h1[c] * coefficients[1]
+                        + h2[c] * coefficients[2]) as f32;
+                }
+            }
         }
     }
 }
