@@ -125,11 +125,12 @@ impl AdaptableLayer {
         Ok(())
     }
 
-    /// Runs a 3x3 stride-1 convolution's forward pass in the Winograd domain from now on
-    /// ([`FrozenOp::with_winograd_forward`]); other layers are unchanged. A later
-    /// [`Self::merge_into_weight`] goes back to the plain convolution.
-    pub fn use_winograd_forward(&mut self) -> candle_core::Result<()> {
-        self.op = self.op.clone().with_winograd_forward()?;
+    /// Runs a 3x3 stride-1 convolution's forward pass in the Winograd domain from now on, its
+    /// transformed kernels kept or made per pass ([`FrozenOp::with_winograd_forward`]); other
+    /// layers are unchanged. A later [`Self::merge_into_weight`] goes back to the plain
+    /// convolution.
+    pub fn use_winograd_forward(&mut self, kept_kernels: bool) -> candle_core::Result<()> {
+        self.op = self.op.clone().with_winograd_forward(kept_kernels)?;
         Ok(())
     }
 

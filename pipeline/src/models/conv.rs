@@ -16,7 +16,13 @@ use super::kernel_choice::cpu_kernels;
 use super::kernels::{
     filled_in_chunks, for_each_f32_band, gemm_into, with_f32_slice, zeroed, Operand, Threads,
 };
-use super::winograd::Winograd;
+use super::winograd::{tile_count, Winograd};
+
+/// Fewest Winograd tiles (4x4 output blocks, all images of a pass together) for which a layer
+/// of [`Conv2d::transforming_per_pass`] transforms its kernels rather than running im2col.
+/// Measured on 1280-channel layers, batch 2: at 16x16 (32 tiles) the Winograd pass with its
+/// transform took 65 ms against im2col's 81, at 8x8 (8 tiles) 56 ms against 22.
+pub const MIN_TILES_PER_PASS: usize = 32;
 
 /// Floats of column matrix built per band (bounds the extra memory to ~64 MiB).
 const BAND_BUDGET: usize = 16 << 20;
@@ -54,10 +60,13 @@ impl Conv2d {
         Self::with_method(weight, bias, stride, padding, method)
     }
 
-    /// [`Self::new`] for a layer used in few, large passes (a VAE's): a 3x3/stride 1/padding 1
-    /// layer transforms its weight into the Winograd domain at the start of each forward pass
-    /// and drops the transform at its end, so it keeps no more than the weight in memory. The
-    /// results are those of [`Self::new`], bit for bit.
+    /// [`Self::new`] without the resident transformed copy: a 3x3/stride 1/padding 1 layer
+    /// transforms its weight into the Winograd domain at the start of each forward pass and
+    /// drops the transform at its end, so it keeps no more than the weight in memory. The
+    /// transform costs about as much as the products of [`MIN_TILES_PER_PASS`] tiles, so a pass
+    /// over fewer tiles (all images together) runs im2col instead; the others give the results
+    /// of [`Self::new`] bit for bit. For layers used in large passes (a VAE's) or whose kept
+    /// transform would cost too much memory (a UNet's 1280-channel layers).
     pub fn transforming_per_pass(
         weight: Tensor,
         bias: Tensor,
@@ -139,29 +148,25 @@ impl Conv2d {
         }
         let out_channels = self.out_channels();
         let rows = channels * self.kernel * self.kernel;
-        let (plane_in, plane_out) = (height * width, out_h * out_w);
+        let plane_out = out_h * out_w;
         let shape = Shape::from((batch, out_channels, out_h, out_w));
         let len = batch * out_channels * plane_out;
         let transformed_here;
         let winograd = match &self.method {
             Method::Winograd(winograd) => Some(winograd),
-            Method::WinogradPerPass => {
+            Method::WinogradPerPass if batch * tile_count(height, width) >= MIN_TILES_PER_PASS => {
                 let weight = self.weight.to_dtype(DType::F32)?;
                 transformed_here = with_f32_slice(&weight, |weight| {
                     Winograd::new(weight, out_channels, channels)
                 })?;
                 Some(&transformed_here)
             }
-            Method::Im2col => None,
+            Method::WinogradPerPass | Method::Im2col => None,
         };
         if let Some(winograd) = winograd {
             let mut output = zeroed(len);
-            for (image, out_image) in input
-                .chunks(channels * plane_in)
-                .zip(output.chunks_mut(out_channels * plane_out))
-            {
-                winograd.forward(image, out_image, &self.bias_values, (height, width));
-            }
+            let bias = &self.bias_values;
+            winograd.forward(input, &mut output, bias, (batch, height, width));
             return Ok((output, shape));
         }
         let matrix = &self.weight;
@@ -547,21 +552,28 @@ mod tests {
     }
 
     #[test]
-    fn kernels_transformed_per_pass_give_the_kept_kernels_outputs_bit_for_bit() {
+    fn kernels_transformed_per_pass_give_the_kept_kernels_outputs_or_im2col_bit_for_bit() {
         let device = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (2, 7, 11, 9), &device).unwrap();
         let weight = Tensor::randn(0f32, 0.1, (5, 7, 3, 3), &device).unwrap();
         let bias = Tensor::randn(0f32, 1.0, 5, &device).unwrap();
-        for (stride, padding) in [(1, 1), (2, 1)] {
-            let output = |layer: Conv2d| -> Vec<f32> {
-                let y = layer.forward(&x).unwrap();
-                y.flatten_all().unwrap().to_vec1().unwrap()
-            };
-            let (w, b) = (weight.clone(), bias.clone());
-            let kept = output(Conv2d::new(w.clone(), b.clone(), stride, padding).unwrap());
-            let per_pass = output(Conv2d::transforming_per_pass(w, b, stride, padding).unwrap());
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&kept), bits(&per_pass), "stride {stride}");
-        }
+        let bits = |layer: Conv2d, x: &Tensor| -> Vec<u32> {
+            let y = layer.forward(x).unwrap().flatten_all().unwrap();
+            y.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+        };
+        let (w, b) = (weight, bias);
+        // 2 images of 6x6 tiles: enough tiles for the per-pass transform.
+        let many = Tensor::randn(0f32, 1.0, (2, 7, 23, 21), &device).unwrap();
+        // 1 image of 2x2 tiles: im2col.
+        let few = Tensor::randn(0f32, 1.0, (1, 7, 8, 8), &device).unwrap();
+        assert!(2 * tile_count(23, 21) >= MIN_TILES_PER_PASS);
+        assert!(tile_count(8, 8) < MIN_TILES_PER_PASS);
+        let per_pass = || Conv2d::transforming_per_pass(w.clone(), b.clone(), 1, 1).unwrap();
+        let kept = Conv2d::new(w.clone(), b.clone(), 1, 1).unwrap();
+        assert_eq!(bits(per_pass(), &many), bits(kept, &many));
+        let im2col = Conv2d::with_method(w.clone(), b.clone(), 1, 1, Method::Im2col).unwrap();
+        assert_eq!(bits(per_pass(), &few), bits(im2col, &few));
+        // Other shapes are im2col layers either way.
+        let plain = Conv2d::transforming_per_pass(w.clone(), b.clone(), 2, 1).unwrap();
+        assert!(matches!(plain.method, Method::Im2col));
     }
 }

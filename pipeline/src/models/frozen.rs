@@ -124,9 +124,11 @@ impl FrozenOp {
     }
 
     /// This operation with its forward pass in the Winograd domain when it is a 3x3, stride-1,
-    /// padding-1 convolution on the CPU (unchanged otherwise). For inference: the transformed
-    /// kernel costs 4x the weight's f32 size in memory.
-    pub fn with_winograd_forward(mut self) -> candle_core::Result<Self> {
+    /// padding-1 convolution on the CPU (unchanged otherwise), for inference. With
+    /// `kept_kernels` the transformed kernels stay in memory (4x the weight's f32 size);
+    /// without, each forward pass transforms them and drops them
+    /// ([`Conv2d::transforming_per_pass`]).
+    pub fn with_winograd_forward(mut self, kept_kernels: bool) -> candle_core::Result<Self> {
         let winograd = self.kind
             == FrozenKind::Conv2d {
                 stride: 1,
@@ -137,7 +139,12 @@ impl FrozenOp {
             && self.weight.dims()[2..] == [3, 3];
         if winograd {
             let bias = Tensor::zeros(self.weight.dim(0)?, DType::F32, self.weight.device())?;
-            self.winograd_conv = Some(Arc::new(Conv2d::new(self.weight.clone(), bias, 1, 1)?));
+            let weight = self.weight.clone();
+            let conv = match kept_kernels {
+                true => Conv2d::new(weight, bias, 1, 1)?,
+                false => Conv2d::transforming_per_pass(weight, bias, 1, 1)?,
+            };
+            self.winograd_conv = Some(Arc::new(conv));
         }
         Ok(self)
     }
@@ -612,17 +619,19 @@ mod tests {
 
             // The inference set-up: Winograd forward for 3x3 stride-1 layers only, same values,
             // and the input gradient still exact.
-            let winograd = op.clone().with_winograd_forward().unwrap();
-            let transformed = (k, stride, padding) == (3, 1, 1);
-            assert_eq!(winograd.winograd_conv.is_some(), transformed, "{case}");
-            let input = Var::from_tensor(&x).unwrap();
-            let fast = winograd.forward(input.as_tensor()).unwrap();
-            assert!(relative_difference(&fast, &reference) < 1e-5, "{case}");
-            let [fast_grad] = weighted_sum_gradients(&fast, &weights, [&input]);
-            assert!(
-                relative_difference(&fast_grad, &reference_grad) < 1e-5,
-                "{case}"
-            );
+            for kept_kernels in [true, false] {
+                let winograd = op.clone().with_winograd_forward(kept_kernels).unwrap();
+                let transformed = (k, stride, padding) == (3, 1, 1);
+                assert_eq!(winograd.winograd_conv.is_some(), transformed, "{case}");
+                let input = Var::from_tensor(&x).unwrap();
+                let fast = winograd.forward(input.as_tensor()).unwrap();
+                assert!(relative_difference(&fast, &reference) < 1e-5, "{case}");
+                let [fast_grad] = weighted_sum_gradients(&fast, &weights, [&input]);
+                assert!(
+                    relative_difference(&fast_grad, &reference_grad) < 1e-5,
+                    "{case}"
+                );
+            }
         }
     }
 

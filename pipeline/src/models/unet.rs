@@ -840,17 +840,19 @@ impl Unet {
         self.checkpointed_levels = levels;
     }
 
-    /// Runs the 3x3 stride-1 convolutions with at most `max_channels` output channels (the
-    /// high-resolution levels, where most convolution work is) in the Winograd domain, for
-    /// inference: 4x fewer multiplications there, for transformed kernels of 4x those layers'
-    /// f32 weight size in memory (about 1 GB at SD1.5 size for 640 channels). Call it after
-    /// every LoRA has been merged.
-    pub fn use_winograd_forward(&mut self, max_channels: usize) -> Result<()> {
+    /// Runs the 3x3 stride-1 convolutions in the Winograd domain, for inference: 4x fewer
+    /// multiplications. Those with at most `max_kept_channels` output channels (the
+    /// high-resolution levels, where most convolution work is) keep their transformed kernels,
+    /// 4x their f32 weight size in memory (about 1 GB at SD1.5 size for 640 channels); the
+    /// wider ones transform them at each pass over enough tiles and run im2col otherwise
+    /// ([`crate::models::conv::Conv2d::transforming_per_pass`]). Call it after every LoRA has
+    /// been merged.
+    pub fn use_winograd_forward(&mut self, max_kept_channels: usize) -> Result<()> {
         let mut failure = None;
         self.visit_layers(&mut |layer| {
-            let wanted = layer.weight().dim(0).is_ok_and(|out| out <= max_channels);
-            if wanted && failure.is_none() {
-                failure = layer.use_winograd_forward().err();
+            let kept = layer.weight().dim(0).is_ok_and(|out| out <= max_kept_channels);
+            if failure.is_none() {
+                failure = layer.use_winograd_forward(kept).err();
             }
         });
         match failure {

@@ -28,6 +28,11 @@ const KERNEL_TRANSFORM: [[f64; 3]; PATCH] = [
     [0.0, 0.0, 1.0],
 ];
 
+/// The tiles (4x4 output blocks) of one `height` x `width` image.
+pub fn tile_count(height: usize, width: usize) -> usize {
+    height.div_ceil(BLOCK) * width.div_ceil(BLOCK)
+}
+
 /// A 3x3 convolution (stride 1, zero padding 1) with its kernels in the transform domain.
 #[derive(Clone, Debug)]
 pub struct Winograd {
@@ -67,19 +72,21 @@ impl Winograd {
                 .par_chunks(in_channels * 9)
                 .enumerate()
                 .for_each_init(
-                    || KernelScratch::new(in_channels),
+                    KernelScratch::new,
                     |scratch, (out_channel, kernels_of_channel)| {
-                        scratch.transform(kernels_of_channel);
-                        for (point, values) in scratch.points.chunks_exact(in_channels).enumerate() {
-                            // SAFETY: row `out_channel` of point block `point` lies inside the
-                            // capacity and is written by this task alone.
-                            unsafe {
-                                let at = point * pair_count + out_channel * in_channels;
-                                std::ptr::copy_nonoverlapping(
-                                    values.as_ptr(),
-                                    dst.get().add(at),
-                                    in_channels,
-                                );
+                        let chunks = kernels_of_channel.chunks(KERNEL_CHUNK * 9);
+                        for (chunk, g) in chunks.enumerate() {
+                            let len = scratch.transform(g);
+                            let first = out_channel * in_channels + chunk * KERNEL_CHUNK;
+                            for (point, values) in
+                                scratch.points.chunks_exact(KERNEL_CHUNK).enumerate()
+                            {
+                                // SAFETY: these `len` values of row `out_channel` of point block
+                                // `point` lie inside the capacity and are written by this task alone.
+                                unsafe {
+                                    let at = dst.get().add(point * pair_count + first);
+                                    std::ptr::copy_nonoverlapping(values.as_ptr(), at, len);
+                                }
                             }
                         }
                     },
@@ -94,50 +101,69 @@ impl Winograd {
         }
     }
 
-    /// Writes `conv(input) + bias` for one image: `input` `[C, H, W]`, `output` `[O, H, W]`.
-    pub fn forward(&self, input: &[f32], output: &mut [f32], bias: &[f32], size: (usize, usize)) {
-        let (height, width) = size;
+    /// Writes `conv(input) + bias` for a batch: `input` `[B, C, H, W]`, `output` `[B, O, H, W]`.
+    /// The tiles of all images go through the same 36 products, so a small image (a UNet's
+    /// deepest levels) still makes products wide enough for the kernels' speed.
+    pub fn forward(
+        &self,
+        input: &[f32],
+        output: &mut [f32],
+        bias: &[f32],
+        (batch, height, width): (usize, usize, usize),
+    ) {
         let (channels, out_channels) = (self.in_channels, self.out_channels);
-        assert_eq!(input.len(), channels * height * width, "input size");
-        assert_eq!(output.len(), out_channels * height * width, "output size");
+        let plane = height * width;
+        assert_eq!(input.len(), batch * channels * plane, "input size");
+        assert_eq!(output.len(), batch * out_channels * plane, "output size");
         assert_eq!(bias.len(), out_channels, "bias size");
+        let size = (height, width);
         let tiles_x = width.div_ceil(BLOCK);
         let tiles_y = height.div_ceil(BLOCK);
+        // Tile rows of every image in turn: row `g` is tile row `g % tiles_y` of image
+        // `g / tiles_y`.
+        let all_rows = batch * tiles_y;
+        if all_rows == 0 || tiles_x == 0 {
+            return;
+        }
         let per_tile_row = POINTS * (channels + out_channels) * tiles_x;
-        let band_rows = (BAND_BUDGET / per_tile_row).clamp(1, tiles_y);
+        let band_rows = (BAND_BUDGET / per_tile_row).clamp(1, all_rows);
         let mut transformed = vec![0f32; channels * POINTS * band_rows * tiles_x];
         let mut products = vec![0f32; out_channels * POINTS * band_rows * tiles_x];
         let mut first_row = 0;
-        while first_row < tiles_y {
-            let rows = band_rows.min(tiles_y - first_row);
+        while first_row < all_rows {
+            let rows = band_rows.min(all_rows - first_row);
             let tiles = rows * tiles_x;
             let transformed = &mut transformed[..channels * POINTS * tiles];
             let products = &mut products[..out_channels * POINTS * tiles];
             transformed
                 .par_chunks_mut(POINTS * tiles)
-                .zip(input.par_chunks(height * width))
+                .enumerate()
                 .for_each_init(
                     || InputScratch::new(tiles_x),
-                    |scratch, (dst, plane)| {
+                    |scratch, (channel, dst)| {
                         for row in 0..rows {
-                            scratch.transform(plane, size, first_row + row, dst, row * tiles_x);
+                            let (image, tile_row) =
+                                ((first_row + row) / tiles_y, (first_row + row) % tiles_y);
+                            let source = &input[(image * channels + channel) * plane..][..plane];
+                            scratch.transform(source, size, tile_row, dst, row * tiles_x);
                         }
                     },
                 );
             self.multiply(transformed, products, tiles);
-            products
-                .par_chunks(POINTS * tiles)
-                .zip(output.par_chunks_mut(height * width))
-                .zip(bias.par_iter())
-                .for_each_init(
-                    || OutputScratch::new(tiles_x),
-                    |scratch, ((src, plane), &bias)| {
-                        for row in 0..rows {
-                            let tile_row = (src, row * tiles_x, tiles);
-                            scratch.transform(tile_row, plane, size, first_row + row, bias);
-                        }
-                    },
-                );
+            output.par_chunks_mut(plane).enumerate().for_each_init(
+                || OutputScratch::new(tiles_x),
+                |scratch, (index, target)| {
+                    let (image, out_channel) = (index / out_channels, index % out_channels);
+                    let source = &products[out_channel * POINTS * tiles..][..POINTS * tiles];
+                    let image_rows = image * tiles_y..(image + 1) * tiles_y;
+                    let band = first_row..first_row + rows;
+                    for row in image_rows.start.max(band.start)..image_rows.end.min(band.end) {
+                        let tile_row = (source, (row - first_row) * tiles_x, tiles);
+                        let bias = bias[out_channel];
+                        scratch.transform(tile_row, target, size, row - image_rows.start, bias);
+                    }
+                },
+            );
             first_row += rows;
         }
     }
@@ -180,77 +206,84 @@ impl Winograd {
     }
 }
 
-/// Work planes of the kernel transform for one output channel: `G g G^T` of each of its
-/// `channels` 3x3 kernels `g`, computed in f64, one plane per tap or point across the channels.
+/// Input channels whose kernels [`KernelScratch`] transforms at a time (its planes, 45 KiB,
+/// stay in the first cache levels; whole rows of 1280 channels made the transform 4x slower).
+const KERNEL_CHUNK: usize = 64;
+
+/// Work planes of the kernel transform: `G g G^T` of up to [`KERNEL_CHUNK`] 3x3 kernels `g`,
+/// computed in f64, one plane per tap or point across the kernels.
 struct KernelScratch {
-    /// The 9 taps, `[tap][channel]`.
-    taps: Vec<f64>,
-    /// `G g`, `[6][3][channel]`.
-    half: Vec<f64>,
-    /// `G g G^T` in f32, `[point][channel]`.
+    /// The 9 taps, `[tap][kernel]`.
+    taps: [[f64; KERNEL_CHUNK]; 9],
+    /// `G g`, `[6 x 3][kernel]`.
+    half: [[f64; KERNEL_CHUNK]; PATCH * 3],
+    /// `G g G^T` in f32, `[point][kernel]`.
     points: Vec<f32>,
-    channels: usize,
 }
 
 impl KernelScratch {
-    fn new(channels: usize) -> Self {
+    fn new() -> Self {
         KernelScratch {
-            taps: vec![0.0; 9 * channels],
-            half: vec![0.0; PATCH * 3 * channels],
-            points: vec![0.0; POINTS * channels],
-            channels,
+            taps: [[0.0; KERNEL_CHUNK]; 9],
+            half: [[0.0; KERNEL_CHUNK]; PATCH * 3],
+            points: vec![0.0; POINTS * KERNEL_CHUNK],
         }
     }
 
-    /// Transforms the row-major `[channels, 3, 3]` kernels `g` into [`Self::points`], with the
-    /// copy of the loops compiled for AVX-512 when the CPU has it (the same operations in the
-    /// same order, so the same results bit for bit).
-    fn transform(&mut self, g: &[f32]) {
+    /// Transforms the row-major `[n, 3, 3]` kernels `g` (`n` at most [`KERNEL_CHUNK`]) into the
+    /// first `n` values of each point's row of [`Self::points`] and returns `n`, with the copy
+    /// of the loops compiled for AVX-512 when the CPU has it (the same operations in the same
+    /// order, so the same results bit for bit).
+    fn transform(&mut self, g: &[f32]) -> usize {
         #[cfg(target_arch = "x86_64")]
         if super::kernels::avx512() {
             // SAFETY: the CPU supports the features this copy is compiled for.
-            unsafe { self.transform_avx512(g) };
-            return;
+            return unsafe { self.transform_avx512(g) };
         }
-        self.transform_portable(g);
+        self.transform_portable(g)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn transform_avx512(&mut self, g: &[f32]) {
-        self.transform_portable(g);
+    unsafe fn transform_avx512(&mut self, g: &[f32]) -> usize {
+        self.transform_portable(g)
     }
 
     #[inline(always)]
-    fn transform_portable(&mut self, g: &[f32]) {
-        let n = self.channels;
-        for (tap, plane) in self.taps.chunks_exact_mut(n).enumerate() {
+    fn transform_portable(&mut self, g: &[f32]) -> usize {
+        let n = g.len() / 9;
+        assert!(n <= KERNEL_CHUNK && g.len() == n * 9, "kernel chunk");
+        for (tap, plane) in self.taps.iter_mut().enumerate() {
             for (value, kernel) in plane.iter_mut().zip(g.chunks_exact(9)) {
                 *value = f64::from(kernel[tap]);
             }
         }
-        let tap = |k: usize, j: usize| &self.taps[(k * 3 + j) * n..][..n];
         for (a, coefficients) in KERNEL_TRANSFORM.iter().enumerate() {
             for j in 0..3 {
-                let out = &mut self.half[(a * 3 + j) * n..][..n];
-                let (g0, g1, g2) = (tap(0, j), tap(1, j), tap(2, j));
+                let (g0, g1, g2) = (&self.taps[j], &self.taps[3 + j], &self.taps[6 + j]);
+                let out = &mut self.half[a * 3 + j];
                 for c in 0..n {
-                    out[c] = coefficients[0] * g0[c] + coefficients[1] * g1[c]
-                        + coefficients[2] * g2[c];
+                    out[c] =
+                        coefficients[0] * g0[c] + coefficients[1] * g1[c] + coefficients[2] * g2[c];
                 }
             }
         }
         for a in 0..PATCH {
-            let row = |j: usize| &self.half[(a * 3 + j) * n..][..n];
-            let (h0, h1, h2) = (row(0), row(1), row(2));
+            let (h0, h1, h2) = (
+                &self.half[a * 3],
+                &self.half[a * 3 + 1],
+                &self.half[a * 3 + 2],
+            );
             for (b, coefficients) in KERNEL_TRANSFORM.iter().enumerate() {
-                let out = &mut self.points[(a * PATCH + b) * n..][..n];
+                let out = &mut self.points[(a * PATCH + b) * KERNEL_CHUNK..][..n];
                 for c in 0..n {
-                    out[c] = (h0[c] * coefficients[0] + h1[c] * coefficients[1]
+                    out[c] = (h0[c] * coefficients[0]
+                        + h1[c] * coefficients[1]
                         + h2[c] * coefficients[2]) as f32;
                 }
             }
         }
+        n
     }
 }
 

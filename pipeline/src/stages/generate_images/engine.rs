@@ -20,11 +20,11 @@ use crate::text::tokenize::{
 };
 use crate::{Error, Result};
 
-/// The UNet's 3x3 convolutions with at most this many output channels (the two
-/// highest-resolution levels of SD1.x, SD2.x and SDXL) run in the Winograd domain when
-/// generating in float32: 4x fewer multiplications where most of the convolution work is, for
-/// about 1 GB of transformed kernels at SD1.5 size.
-const WINOGRAD_MAX_CHANNELS: usize = 640;
+/// When generating in float32 the UNet's 3x3 convolutions run in the Winograd domain (4x fewer
+/// multiplications). Those with at most this many output channels (the two highest-resolution
+/// levels of SD1.x, SD2.x and SDXL, where most of the convolution work is) keep their
+/// transformed kernels, about 1 GB at SD1.5 size; the wider ones transform theirs at each pass.
+const WINOGRAD_MAX_KEPT_CHANNELS: usize = 640;
 
 /// What to load.
 #[derive(Debug, Clone)]
@@ -180,7 +180,7 @@ impl Engine {
             }
         }
         if options.dtype == DType::F32 {
-            unet.use_winograd_forward(WINOGRAD_MAX_CHANNELS)?;
+            unet.use_winograd_forward(WINOGRAD_MAX_KEPT_CHANNELS)?;
         }
         let layout = |e: candle_core::Error| Error::Model(format!("inference layout: {e}"));
         unet.use_inference_layout().map_err(layout)?;
