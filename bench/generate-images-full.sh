@@ -8,14 +8,24 @@
 # Prints per side: wall s (process, model loading included), CPU s (user+sys), peak RSS; the
 # PyTorch side also prints the seconds of its pipeline call.
 #
+# MODEL=sdxl does the same on a full-size SDXL diffusers folder (SDXL base's layout, random
+# weights, fp16; made once by bench/torch_generate_sdxl_full.py) at SIZE² (default 1024), against
+# diffusers' StableDiffusionXLPipeline.
+#
 #   SD_SCRIPTS=... SD_PYTHON=... bench/generate-images-full.sh [WORKDIR]
-#       (PROFILE=release|debug, NO_BUILD=1, SIZE=512, STEPS=20, SCALE=7, SIDE=both|lorakit|torch,
+#       (PROFILE=release|debug, NO_BUILD=1, MODEL=sd15|sdxl, SIZE=512 (sdxl: 1024), STEPS=20,
+#        SCALE=7, SIDE=both|lorakit|torch,
 #        FEATURES=cuda with EXTRA_ARGS="--device cuda": generate-images on the GPU)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-$(mktemp -d)}
 PROFILE=${PROFILE:-release}
-SIZE=${SIZE:-512}
+MODEL=${MODEL:-sd15}
+case "$MODEL" in
+  sd15) SIZE=${SIZE:-512} ;;
+  sdxl) SIZE=${SIZE:-1024} ;;
+  *) echo "error: MODEL is sd15 or sdxl, not $MODEL" >&2; exit 2 ;;
+esac
 STEPS=${STEPS:-20}
 SCALE=${SCALE:-7}
 SIDE=${SIDE:-both}
@@ -25,13 +35,17 @@ THREADS=${THREADS:-$(nproc)}
 [ -n "${NO_BUILD:-}" ] || cargo build -p generate-images $([ "$PROFILE" = release ] && echo --release) -q \
   ${FEATURES:+--features "$FEATURES"}
 BIN=${CARGO_TARGET_DIR:-target}/$PROFILE/generate-images
-CKPT="$WORK/sd15-full.safetensors"
 mkdir -p "$WORK"
-if [ ! -f "$CKPT" ]; then
-  "$SD_PYTHON" bench/torch_generate_full.py make "$CKPT" "$SD_SCRIPTS"
+if [ "$MODEL" = sdxl ]; then
+  CKPT="$WORK/sdxl-full"
+  [ -f "$CKPT/unet/config.json" ] ||
+    "$SD_PYTHON" bench/torch_generate_sdxl_full.py make "$CKPT" tests/fixtures/sd15-tiny/tokenizer
+else
+  CKPT="$WORK/sd15-full.safetensors"
+  [ -f "$CKPT" ] || "$SD_PYTHON" bench/torch_generate_full.py make "$CKPT" "$SD_SCRIPTS"
+  # generate-images finds the CLIP vocabulary in a `tokenizer` folder beside the checkpoint.
+  [ -d "$WORK/tokenizer" ] || cp -r tests/fixtures/sd15-tiny/tokenizer "$WORK/tokenizer"
 fi
-# generate-images finds the CLIP vocabulary in a `tokenizer` folder beside the checkpoint.
-[ -d "$WORK/tokenizer" ] || cp -r tests/fixtures/sd15-tiny/tokenizer "$WORK/tokenizer"
 
 run() {
   local label=$1; shift
@@ -51,6 +65,10 @@ if [ "$SIDE" != torch ]; then
     --sampler euler --scale "$SCALE" --seed 1 --quiet ${EXTRA_ARGS:-}
 fi
 if [ "$SIDE" != lorakit ]; then
-  run "diffusers StableDiffusionPipeline ($THREADS threads)" env OMP_NUM_THREADS="$THREADS" \
-    "$SD_PYTHON" bench/torch_generate_full.py run "$CKPT" "$WORK/tokenizer" "$SIZE" "$STEPS" "$SCALE"
+  if [ "$MODEL" = sdxl ]; then
+    torch_side=(bench/torch_generate_sdxl_full.py run "$CKPT" "$SIZE" "$STEPS" "$SCALE")
+  else
+    torch_side=(bench/torch_generate_full.py run "$CKPT" "$WORK/tokenizer" "$SIZE" "$STEPS" "$SCALE")
+  fi
+  run "diffusers ($THREADS threads)" env OMP_NUM_THREADS="$THREADS" "$SD_PYTHON" "${torch_side[@]}"
 fi

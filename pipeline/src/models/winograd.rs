@@ -81,8 +81,9 @@ impl Winograd {
                             for (point, values) in
                                 scratch.points.chunks_exact(KERNEL_CHUNK).enumerate()
                             {
-                                // SAFETY: these `len` values of row `out_channel` of point block
-                                // `point` lie inside the capacity and are written by this task alone.
+                                // SAFETY: these `len` values of row `out_channel` of point
+                                // block `point` lie inside the capacity and are written by this
+                                // task alone.
                                 unsafe {
                                     let at = dst.get().add(point * pair_count + first);
                                     std::ptr::copy_nonoverlapping(values.as_ptr(), at, len);
