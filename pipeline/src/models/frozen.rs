@@ -60,8 +60,8 @@ pub struct FrozenOp {
     cpu_conv: Option<Arc<Conv2d>>,
     /// For 3x3 stride-1 CPU convolutions set up for inference
     /// ([`Self::with_winograd_forward`]): the Winograd convolution of [`super::winograd`], used
-    /// for the forward pass (4x fewer multiplications, a transformed kernel 4x the weight's f32
-    /// size); the input gradient still runs through `cpu_conv`.
+    /// for the forward pass (4x fewer multiplications; a transformed kernel 4x the weight's f32
+    /// size, kept or made per pass); the input gradient still runs through `cpu_conv`.
     winograd_conv: Option<Arc<Conv2d>>,
     /// For CPU linear layers set up for inference ([`Self::with_inference_layout`]): the weight
     /// stored transposed, `[in, out]` and contiguous; `weight` is then a view of this storage.
