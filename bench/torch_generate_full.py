@@ -39,7 +39,7 @@ def make(out, sd_scripts):
 
 @torch.no_grad()
 def run(ckpt, tokenizer_dir, size, steps, scale):
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
         convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint,
@@ -73,14 +73,25 @@ def run(ckpt, tokenizer_dir, size, steps, scale):
     state.pop("text_model.embeddings.position_ids", None)
     text_encoder.load_state_dict(state, strict=False)
     del checkpoint, state
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
-    )
     pipe = StableDiffusionPipeline(
         vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
-        unet=unet.eval(), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        unet=unet.eval(), scheduler=euler_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
+    timed_image(pipe, size, steps, scale)
+
+
+def euler_scheduler():
+    """EulerDiscreteScheduler as gen_img.py configures it."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
+    )
+
+
+def timed_image(pipe, size, steps, scale):
+    """Makes the benchmark's image with `pipe` and prints the seconds of the pipeline call."""
     pipe.set_progress_bar_config(disable=True)
     start = time.time()
     pipe(

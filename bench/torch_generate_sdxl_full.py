@@ -17,9 +17,10 @@
 import os
 import shutil
 import sys
-import time
 
 import torch
+
+from torch_generate_full import euler_scheduler, timed_image
 
 UNET_CONFIG = dict(
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
@@ -30,14 +31,6 @@ UNET_CONFIG = dict(
     cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
 )
-
-
-def scheduler():
-    from diffusers import EulerDiscreteScheduler
-
-    return EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
-    )
 
 
 def make(out, tokenizer_dir):
@@ -69,7 +62,7 @@ def make(out, tokenizer_dir):
     unet.to(torch.float16).save_pretrained(f"{out}/unet")
     for name in ("tokenizer", "tokenizer_2"):
         shutil.copytree(tokenizer_dir, f"{out}/{name}", dirs_exist_ok=True)
-    scheduler().save_pretrained(f"{out}/scheduler")
+    euler_scheduler().save_pretrained(f"{out}/scheduler")
 
 
 @torch.no_grad()
@@ -85,15 +78,9 @@ def run(out, size, steps, scale):
         tokenizer=CLIPTokenizer.from_pretrained(f"{out}/tokenizer"),
         tokenizer_2=CLIPTokenizer.from_pretrained(f"{out}/tokenizer_2"),
         unet=UNet2DConditionModel.from_pretrained(f"{out}/unet", **f32).eval(),
-        scheduler=scheduler(),
+        scheduler=euler_scheduler(),
     )
-    pipe.set_progress_bar_config(disable=True)
-    start = time.time()
-    pipe(
-        "a photo of a cat", negative_prompt="lowres", height=size, width=size, num_inference_steps=steps,
-        guidance_scale=scale, generator=torch.Generator().manual_seed(1), output_type="np",
-    )
-    print(f"pipeline call {time.time() - start:.1f} s")
+    timed_image(pipe, size, steps, scale)
 
 
 if __name__ == "__main__":

@@ -50,12 +50,9 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> candle_core::Result<Self> {
-        let (out_channels, in_channels, kh, _) = weight.dims4()?;
-        let method = if (kh, stride, padding) == (3, 1, 1) && cpu_kernels(weight.device()) {
-            let matrix: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            Method::Winograd(Winograd::new(&matrix, out_channels, in_channels))
-        } else {
-            Method::Im2col
+        let method = match winograd_applies(&weight, stride, padding)? {
+            true => Method::Winograd(transformed(&weight)?),
+            false => Method::Im2col,
         };
         Self::with_method(weight, bias, stride, padding, method)
     }
@@ -73,11 +70,9 @@ impl Conv2d {
         stride: usize,
         padding: usize,
     ) -> candle_core::Result<Self> {
-        let (_, _, kh, _) = weight.dims4()?;
-        let method = if (kh, stride, padding) == (3, 1, 1) && cpu_kernels(weight.device()) {
-            Method::WinogradPerPass
-        } else {
-            Method::Im2col
+        let method = match winograd_applies(&weight, stride, padding)? {
+            true => Method::WinogradPerPass,
+            false => Method::Im2col,
         };
         Self::with_method(weight, bias, stride, padding, method)
     }
@@ -155,10 +150,7 @@ impl Conv2d {
         let winograd = match &self.method {
             Method::Winograd(winograd) => Some(winograd),
             Method::WinogradPerPass if batch * tile_count(height, width) >= MIN_TILES_PER_PASS => {
-                let weight = self.weight.to_dtype(DType::F32)?;
-                transformed_here = with_f32_slice(&weight, |weight| {
-                    Winograd::new(weight, out_channels, channels)
-                })?;
+                transformed_here = transformed(&self.weight)?;
                 Some(&transformed_here)
             }
             Method::WinogradPerPass | Method::Im2col => None,
@@ -410,6 +402,22 @@ fn scatter_columns(
     }
 }
 
+/// Whether a layer with this `[O, C, k, k]` weight, stride and padding runs in the Winograd
+/// domain: a 3x3, stride-1, padding-1 convolution on the CPU.
+fn winograd_applies(weight: &Tensor, stride: usize, padding: usize) -> candle_core::Result<bool> {
+    let (_, _, kh, _) = weight.dims4()?;
+    Ok((kh, stride, padding) == (3, 1, 1) && cpu_kernels(weight.device()))
+}
+
+/// The Winograd-domain kernels of an `[O, C, 3, 3]` weight of any float dtype.
+fn transformed(weight: &Tensor) -> candle_core::Result<Winograd> {
+    let (out_channels, in_channels, _, _) = weight.dims4()?;
+    let weight = weight.to_dtype(DType::F32)?;
+    with_f32_slice(&weight, |weight| {
+        Winograd::new(weight, out_channels, in_channels)
+    })
+}
+
 /// How a layer's f32 forward pass multiplies.
 #[derive(Clone, Debug)]
 enum Method {
@@ -558,22 +566,27 @@ mod tests {
         let bias = Tensor::randn(0f32, 1.0, 5, &device).unwrap();
         let bits = |layer: Conv2d, x: &Tensor| -> Vec<u32> {
             let y = layer.forward(x).unwrap().flatten_all().unwrap();
-            y.to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+            y.to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
         };
-        let (w, b) = (weight, bias);
         // 2 images of 6x6 tiles: enough tiles for the per-pass transform.
         let many = Tensor::randn(0f32, 1.0, (2, 7, 23, 21), &device).unwrap();
         // 1 image of 2x2 tiles: im2col.
         let few = Tensor::randn(0f32, 1.0, (1, 7, 8, 8), &device).unwrap();
         assert!(2 * tile_count(23, 21) >= MIN_TILES_PER_PASS);
         assert!(tile_count(8, 8) < MIN_TILES_PER_PASS);
-        let per_pass = || Conv2d::transforming_per_pass(w.clone(), b.clone(), 1, 1).unwrap();
-        let kept = Conv2d::new(w.clone(), b.clone(), 1, 1).unwrap();
+        let per_pass =
+            || Conv2d::transforming_per_pass(weight.clone(), bias.clone(), 1, 1).unwrap();
+        let kept = Conv2d::new(weight.clone(), bias.clone(), 1, 1).unwrap();
         assert_eq!(bits(per_pass(), &many), bits(kept, &many));
-        let im2col = Conv2d::with_method(w.clone(), b.clone(), 1, 1, Method::Im2col).unwrap();
+        let im2col =
+            Conv2d::with_method(weight.clone(), bias.clone(), 1, 1, Method::Im2col).unwrap();
         assert_eq!(bits(per_pass(), &few), bits(im2col, &few));
         // Other shapes are im2col layers either way.
-        let plain = Conv2d::transforming_per_pass(w.clone(), b.clone(), 2, 1).unwrap();
+        let plain = Conv2d::transforming_per_pass(weight.clone(), bias.clone(), 2, 1).unwrap();
         assert!(matches!(plain.method, Method::Im2col));
     }
 }

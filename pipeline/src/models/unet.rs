@@ -850,7 +850,10 @@ impl Unet {
     pub fn use_winograd_forward(&mut self, max_kept_channels: usize) -> Result<()> {
         let mut failure = None;
         self.visit_layers(&mut |layer| {
-            let kept = layer.weight().dim(0).is_ok_and(|out| out <= max_kept_channels);
+            let kept = layer
+                .weight()
+                .dim(0)
+                .is_ok_and(|out| out <= max_kept_channels);
             if failure.is_none() {
                 failure = layer.use_winograd_forward(kept).err();
             }

@@ -78,9 +78,7 @@ impl Winograd {
                         for (chunk, g) in chunks.enumerate() {
                             let len = scratch.transform(g);
                             let first = out_channel * in_channels + chunk * KERNEL_CHUNK;
-                            for (point, values) in
-                                scratch.points.chunks_exact(KERNEL_CHUNK).enumerate()
-                            {
+                            for (point, values) in scratch.points.iter().enumerate() {
                                 // SAFETY: these `len` values of row `out_channel` of point
                                 // block `point` lie inside the capacity and are written by this
                                 // task alone.
@@ -219,7 +217,7 @@ struct KernelScratch {
     /// `G g`, `[6 x 3][kernel]`.
     half: [[f64; KERNEL_CHUNK]; PATCH * 3],
     /// `G g G^T` in f32, `[point][kernel]`.
-    points: Vec<f32>,
+    points: [[f32; KERNEL_CHUNK]; POINTS],
 }
 
 impl KernelScratch {
@@ -227,7 +225,7 @@ impl KernelScratch {
         KernelScratch {
             taps: [[0.0; KERNEL_CHUNK]; 9],
             half: [[0.0; KERNEL_CHUNK]; PATCH * 3],
-            points: vec![0.0; POINTS * KERNEL_CHUNK],
+            points: [[0.0; KERNEL_CHUNK]; POINTS],
         }
     }
 
@@ -276,7 +274,7 @@ impl KernelScratch {
                 &self.half[a * 3 + 2],
             );
             for (b, coefficients) in KERNEL_TRANSFORM.iter().enumerate() {
-                let out = &mut self.points[(a * PATCH + b) * KERNEL_CHUNK..][..n];
+                let out = &mut self.points[a * PATCH + b][..n];
                 for c in 0..n {
                     out[c] = (h0[c] * coefficients[0]
                         + h1[c] * coefficients[1]
