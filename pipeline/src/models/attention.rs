@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use crate::models::bf16_products::{self, Side};
 use crate::models::frozen::{dense, into_storage, tensor_from_storage};
+use crate::models::fused_attention::{self, Rows};
 use crate::models::kernel_choice::cpu_kernels;
 use crate::models::kernels::{
     dot, f32_elements, gemm_into, softmax_rows, with_f32_slices, zeroed, Operand, Threads,
@@ -168,6 +169,18 @@ impl TokenMajor {
         Shape::from((self.batch * self.heads, self.tokens, self.depth))
     }
 
+    /// The rows of each (batch, head) group where they lie in `x`.
+    fn rows<'a>(&self, x: &'a [f32]) -> Rows<'a> {
+        let width = self.heads * self.depth;
+        Rows {
+            data: x,
+            heads: self.heads,
+            batch_stride: self.tokens * width,
+            head_stride: self.depth,
+            row_stride: width,
+        }
+    }
+
     /// `[B, N, H·d]` -> `[B·H, N, d]`, a head per rayon task.
     fn split(&self, x: &[f32]) -> Vec<f32> {
         let (n, h, d) = (self.tokens, self.heads, self.depth);
@@ -253,12 +266,20 @@ impl CustomOp3 for TokenMajorAttention {
             candle_core::bail!("attention: expected contiguous f32 inputs")
         };
         let layouts = CallLayouts::of(self.heads, l1.shape(), l2.shape(), l3.shape())?;
-        let out = self.inner.forward_f32(
-            &layouts.q.split(q),
-            &layouts.k.split(k),
-            &layouts.v.split(v),
-            layouts.sizes,
-        );
+        let out = if self.inner.fused() {
+            let s = layouts.sizes;
+            let mut out = zeroed(s.groups * s.queries * s.value_depth);
+            let (q, k, v) = (layouts.q.rows(q), layouts.k.rows(k), layouts.v.rows(v));
+            fused_attention::forward(q, k, v, s.fused(), self.inner.scale as f32, &mut out);
+            out
+        } else {
+            self.inner.forward_f32(
+                &layouts.q.split(q),
+                &layouts.k.split(k),
+                &layouts.v.split(v),
+                layouts.sizes,
+            )
+        };
         let out_layout = layouts.out;
         let shape = Shape::from((
             out_layout.batch,
@@ -320,6 +341,12 @@ struct ChunkedAttention {
 }
 
 impl ChunkedAttention {
+    /// Whether the f32 CPU forward pass runs as [`fused_attention`] (f32 products, no mask, a
+    /// CPU with AVX-512F).
+    fn fused(&self) -> bool {
+        self.products == Products::F32 && !self.causal && fused_attention::available()
+    }
+
     /// Query rows per chunk.
     fn rows(&self, groups: usize, keys: usize) -> usize {
         (CHUNK_ELEMENTS / (groups * keys).max(1)).max(1)
@@ -398,6 +425,16 @@ impl Sizes {
         })
     }
 
+    fn fused(&self) -> fused_attention::Sizes {
+        fused_attention::Sizes {
+            groups: self.groups,
+            queries: self.queries,
+            keys: self.keys,
+            depth: self.depth,
+            value_depth: self.value_depth,
+        }
+    }
+
     fn rows_per_chunk(&self) -> usize {
         (CPU_CHUNK_ELEMENTS / self.keys.max(1)).clamp(1, self.queries.max(1))
     }
@@ -472,6 +509,15 @@ impl ChunkedAttention {
     fn forward_f32(&self, q: &[f32], k: &[f32], v: &[f32], s: Sizes) -> Vec<f32> {
         let mut out = zeroed(s.groups * s.queries * s.value_depth);
         if out.is_empty() {
+            return out;
+        }
+        if self.fused() {
+            let (q, k, v) = (
+                Rows::head_major(q, s.queries, s.depth),
+                Rows::head_major(k, s.keys, s.depth),
+                Rows::head_major(v, s.keys, s.value_depth),
+            );
+            fused_attention::forward(q, k, v, s.fused(), self.scale as f32, &mut out);
             return out;
         }
         out.par_chunks_mut(s.queries * s.value_depth)

@@ -13,6 +13,7 @@ pub mod conv;
 #[cfg(test)]
 pub(crate) mod device_parity;
 pub mod frozen;
+pub(crate) mod fused_attention;
 pub mod geglu;
 pub(crate) mod kernel_choice;
 pub(crate) mod kernels;
