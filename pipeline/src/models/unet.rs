@@ -384,14 +384,23 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor, temb: &Tensor) -> candle_core::Result<Tensor> {
+        self.finish(&self.second_conv_input(x, temb)?, x)
+    }
+
+    /// The block up to its second convolution: that convolution's input.
+    fn second_conv_input(&self, x: &Tensor, temb: &Tensor) -> candle_core::Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let t = self
             .time_emb_proj
             .forward(&temb.silu()?)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+        self.norm2.forward_silu(&h.broadcast_add(&t)?)
+    }
+
+    /// The second convolution of `h` plus the shortcut of the block's input `x`.
+    fn finish(&self, h: &Tensor, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.conv2.forward(h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
@@ -399,12 +408,13 @@ impl ResnetBlock {
         shortcut + h
     }
 
-    /// The block, with gradient checkpointing when `checkpoint` is set.
+    /// The block, with gradient checkpointing when `checkpoint` is set. The second convolution
+    /// and the shortcut are left out of the recomputed part, whose output is the convolution's
+    /// input (kept until the backward pass), so the backward pass does not run them again.
     fn apply(&self, x: &Tensor, temb: &Tensor, checkpoint: bool) -> candle_core::Result<Tensor> {
-        if checkpoint {
-            checkpointed(self, x, temb)
-        } else {
-            self.forward(x, temb)
+        match checkpoint {
+            true => self.finish(&checkpointed(self, x, temb)?, x),
+            false => self.forward(x, temb),
         }
     }
 
@@ -423,9 +433,10 @@ impl ResnetBlock {
     }
 }
 
+/// Recomputes [`ResnetBlock::second_conv_input`] (see [`ResnetBlock::apply`]).
 impl Recomputable for ResnetBlock {
     fn run(&self, x: &Tensor, temb: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward(x, temb)
+        self.second_conv_input(x, temb)
     }
 }
 
@@ -453,7 +464,8 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    /// The attention before its output projection `to_out`: the heads' outputs side by side.
+    fn attend(&self, x: &Tensor, context: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let context = context.unwrap_or(x);
         let head_dim = x.dim(2)? / self.heads;
         let q = self.to_q.forward(x)?;
@@ -461,8 +473,7 @@ impl Attention {
         let v = self.to_v.forward(context)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
         let products = Products::matching(self.to_q.weight());
-        let out = multi_head_attention(&q, &k, &v, self.heads, scale, products)?;
-        self.to_out.forward(&out)
+        multi_head_attention(&q, &k, &v, self.heads, scale, products)
     }
 
     fn visit(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer)) {
@@ -502,14 +513,47 @@ impl TransformerBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self
-            .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
-            + &x)?;
-        let projected = self.ff_in.forward(&self.norm3.forward(&x)?)?;
-        self.ff_out.forward(&geglu(&projected)?)? + x
+    /// The block; with `checkpoint`, each of its three residual parts is checkpointed up to its
+    /// output projection. The projection runs outside the recomputed part and keeps its input
+    /// (a tensor of the block's width, four times that for the feed-forward) until the backward
+    /// pass, which so does not run it again: about a third of the block's multiply-adds.
+    fn forward(
+        &self,
+        x: &Tensor,
+        context: &Tensor,
+        checkpoint: bool,
+    ) -> candle_core::Result<Tensor> {
+        let mut x = x.clone();
+        for part in [Part::SelfAttention, Part::CrossAttention, Part::FeedForward] {
+            let inner = if checkpoint {
+                let part = BlockPart {
+                    block: self.clone(),
+                    part,
+                };
+                checkpointed(&part, &x, context)?
+            } else {
+                self.inner(part, &x, context)?
+            };
+            x = (self.output_projection(part).forward(&inner)? + x)?;
+        }
+        Ok(x)
+    }
+
+    /// The residual part `part` of the block up to its output projection.
+    fn inner(&self, part: Part, x: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+        match part {
+            Part::SelfAttention => self.attn1.attend(&self.norm1.forward(x)?, None),
+            Part::CrossAttention => self.attn2.attend(&self.norm2.forward(x)?, Some(context)),
+            Part::FeedForward => geglu(&self.ff_in.forward(&self.norm3.forward(x)?)?),
+        }
+    }
+
+    fn output_projection(&self, part: Part) -> &AdaptableLayer {
+        match part {
+            Part::SelfAttention => &self.attn1.to_out,
+            Part::CrossAttention => &self.attn2.to_out,
+            Part::FeedForward => &self.ff_out,
+        }
     }
 
     fn visit(&mut self, f: &mut dyn FnMut(&mut AdaptableLayer)) {
@@ -526,9 +570,25 @@ impl TransformerBlock {
     }
 }
 
-impl Recomputable for TransformerBlock {
+/// The residual parts of a [`TransformerBlock`], each added to the stream it reads.
+#[derive(Debug, Clone, Copy)]
+enum Part {
+    SelfAttention,
+    CrossAttention,
+    FeedForward,
+}
+
+/// One residual part of a transformer block, recomputed in the backward pass up to its output
+/// projection (see [`TransformerBlock::forward`]).
+#[derive(Debug, Clone)]
+struct BlockPart {
+    block: TransformerBlock,
+    part: Part,
+}
+
+impl Recomputable for BlockPart {
     fn run(&self, x: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward(x, context)
+        self.block.inner(self.part, x, context)
     }
 }
 
@@ -598,11 +658,7 @@ impl SpatialTransformer {
             to_tokens(self.proj_in.forward(&normed)?)?
         };
         for block in &self.blocks {
-            tokens = if checkpoint {
-                checkpointed(block, &tokens, context)?
-            } else {
-                block.forward(&tokens, context)?
-            };
+            tokens = block.forward(&tokens, context, checkpoint)?;
         }
         let to_map = |tokens: Tensor| tokens.transpose(1, 2)?.reshape((b, c, h, w));
         let out = if self.linear_projection {
