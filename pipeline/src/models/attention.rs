@@ -5,7 +5,7 @@
 //! recomputes each chunk. Peak memory for the scores drops from `heads x N x N` per layer for the
 //! whole forward pass to one chunk at a time, which is what makes training at 64x64 latents fit.
 //! On a CPU with AVX-512F the f32 forward pass without a mask runs as one kernel instead
-//! ([`fused_attention`]).
+//! (`models::fused_attention`).
 
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, D,
