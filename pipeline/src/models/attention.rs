@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::models::bf16_products::{self, Side};
 use crate::models::frozen::{dense, into_storage, tensor_from_storage};
-use crate::models::fused_attention::{self, Rows};
+use crate::models::fused_attention::{self, Rows, Sizes};
 use crate::models::kernel_choice::cpu_kernels;
 use crate::models::kernels::{
     dot, f32_elements, gemm_into, softmax_rows, with_f32_slices, zeroed, Operand, Threads,
@@ -272,7 +272,7 @@ impl CustomOp3 for TokenMajorAttention {
             let s = layouts.sizes;
             let mut out = zeroed(s.groups * s.queries * s.value_depth);
             let (q, k, v) = (layouts.q.rows(q), layouts.k.rows(k), layouts.v.rows(v));
-            fused_attention::forward(q, k, v, s.fused(), self.inner.scale as f32, &mut out);
+            fused_attention::forward(q, k, v, s, self.inner.scale as f32, &mut out);
             out
         } else {
             self.inner.forward_f32(
@@ -399,17 +399,7 @@ impl ChunkedAttention {
     }
 }
 
-/// Sizes of one attention call over `groups` independent (batch, head) pairs, each with
-/// `queries` x `depth` queries, `keys` x `depth` keys and `keys` x `value_depth` values.
-#[derive(Debug, Clone, Copy)]
-struct Sizes {
-    groups: usize,
-    queries: usize,
-    keys: usize,
-    depth: usize,
-    value_depth: usize,
-}
-
+/// [`Sizes`] as the chunked kernel reads and splits them.
 impl Sizes {
     fn of(q: &Shape, k: &Shape, v: &Shape) -> candle_core::Result<Self> {
         let (groups, queries, depth) = q.dims3()?;
@@ -425,16 +415,6 @@ impl Sizes {
             depth,
             value_depth,
         })
-    }
-
-    fn fused(&self) -> fused_attention::Sizes {
-        fused_attention::Sizes {
-            groups: self.groups,
-            queries: self.queries,
-            keys: self.keys,
-            depth: self.depth,
-            value_depth: self.value_depth,
-        }
     }
 
     fn rows_per_chunk(&self) -> usize {
@@ -519,7 +499,7 @@ impl ChunkedAttention {
                 Rows::head_major(k, s.keys, s.depth),
                 Rows::head_major(v, s.keys, s.value_depth),
             );
-            fused_attention::forward(q, k, v, s.fused(), self.scale as f32, &mut out);
+            fused_attention::forward(q, k, v, s, self.scale as f32, &mut out);
             return out;
         }
         out.par_chunks_mut(s.queries * s.value_depth)

@@ -68,8 +68,8 @@ impl<'a> Rows<'a> {
     }
 }
 
-/// The sizes of one call: `groups` (batch, head) pairs of `queries` queries and `keys` keys of
-/// `depth` elements, and values of `value_depth`.
+/// Sizes of one attention call over `groups` independent (batch, head) pairs, each with
+/// `queries` x `depth` queries, `keys` x `depth` keys and `keys` x `value_depth` values.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Sizes {
     pub groups: usize,
